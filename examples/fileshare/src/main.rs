@@ -1,0 +1,2 @@
+//! The `share` binary.
+fn main() {}

@@ -1,0 +1,1 @@
+//! Named virtual channels over one byte stream.
