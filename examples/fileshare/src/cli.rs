@@ -1,0 +1,299 @@
+//! Command-line interface: `share hub ...` runs the hub, `share --name NAME ...` runs a client.
+//!
+//! The article's Go-style single-dash long flags (`-name alice`, `-root=/tmp`) are accepted by
+//! rewriting them to `--name` before clap parses (see [`normalize_args`]).
+
+use std::collections::HashSet;
+use std::ffi::OsString;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, CommandFactory, Parser, Subcommand};
+
+/// The default hub address, used by both `share hub` and clients.
+pub(crate) const DEFAULT_ADDR: &str = "127.0.0.1:8765";
+
+/// Share files between peers through a hub, over one connection per peer.
+#[derive(Debug, Parser)]
+#[command(
+    name = "share",
+    version,
+    args_conflicts_with_subcommands = true,
+    subcommand_negates_reqs = true,
+    after_help = "Examples:\n  share hub                          start a hub on 127.0.0.1:8765\n  \
+                  share --name alice --root ~/pub    join it as alice, exporting ~/pub\n  \
+                  share -name bob 127.0.0.1:8765     the article's Go-style flags work too\n\n\
+                  In the REPL type `help` for the commands."
+)]
+pub(crate) struct Cli {
+    /// Run the hub instead of a client.
+    #[command(subcommand)]
+    pub(crate) command: Option<Command>,
+    /// Client options (when no subcommand is given).
+    #[command(flatten)]
+    pub(crate) client: ClientArgs,
+}
+
+/// Subcommands.
+#[derive(Debug, Subcommand)]
+pub(crate) enum Command {
+    /// Run the hub that peers connect to.
+    Hub(HubArgs),
+}
+
+/// Options of `share hub`.
+#[derive(Debug, Args)]
+pub(crate) struct HubArgs {
+    /// Address to listen on. Use 0.0.0.0:8765 to accept peers on all interfaces (then also use
+    /// --token and TLS: the link is otherwise plaintext and unauthenticated).
+    #[arg(long, value_name = "ADDR", default_value = DEFAULT_ADDR)]
+    pub(crate) listen: String,
+    /// Shared secret every peer must present before anything else.
+    #[arg(
+        long,
+        env = "SHARE_TOKEN",
+        hide_env_values = true,
+        value_name = "SECRET"
+    )]
+    pub(crate) token: Option<String>,
+    /// PEM certificate chain: serve TLS (needs --tls-key).
+    #[arg(long, value_name = "FILE", requires = "tls_key")]
+    pub(crate) tls_cert: Option<PathBuf>,
+    /// PEM private key for --tls-cert.
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    pub(crate) tls_key: Option<PathBuf>,
+    /// PEM CA certificates: require peers to present a client certificate signed by one of them
+    /// (mutual TLS; needs --tls-cert).
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    pub(crate) tls_client_ca: Option<PathBuf>,
+    /// Most reads the hub forwards to one peer at a time; further reads wait briefly, then fail
+    /// with a "busy" error.
+    #[arg(long, value_name = "N", default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..=1024))]
+    pub(crate) max_reads_per_peer: u32,
+    /// Seconds of silence after which a peer's connection is declared dead.
+    #[arg(long, value_name = "SECS", default_value = "15", value_parser = parse_secs)]
+    pub(crate) keepalive: Duration,
+}
+
+/// Options of a client (`share --name NAME [ADDR]`).
+#[derive(Debug, Args)]
+pub(crate) struct ClientArgs {
+    /// Name to publish under (unique among connected peers; at most 64 bytes, no whitespace or
+    /// control characters).
+    #[arg(long, required = true)]
+    pub(crate) name: Option<String>,
+    /// Directory to export read-only to the other peers.
+    #[arg(long, value_name = "DIR", default_value = ".")]
+    pub(crate) root: PathBuf,
+    /// Hub address (host:port).
+    #[arg(value_name = "ADDR", default_value = DEFAULT_ADDR)]
+    pub(crate) addr: String,
+    /// Shared secret the hub requires.
+    #[arg(
+        long,
+        env = "SHARE_TOKEN",
+        hide_env_values = true,
+        value_name = "SECRET"
+    )]
+    pub(crate) token: Option<String>,
+    /// PEM CA certificates to verify the hub with: connect over TLS.
+    #[arg(long, value_name = "FILE")]
+    pub(crate) tls_ca: Option<PathBuf>,
+    /// PEM client certificate chain for mutual TLS (needs --tls-ca and --tls-key).
+    #[arg(long, value_name = "FILE", requires_all = ["tls_key", "tls_ca"])]
+    pub(crate) tls_cert: Option<PathBuf>,
+    /// PEM private key for --tls-cert.
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    pub(crate) tls_key: Option<PathBuf>,
+    /// Name to verify in the hub's certificate (default: the host part of ADDR).
+    #[arg(long, value_name = "NAME", requires = "tls_ca")]
+    pub(crate) tls_server_name: Option<String>,
+    /// No REPL: stay connected and export until killed.
+    #[arg(long)]
+    pub(crate) serve: bool,
+    /// Seconds of silence after which the hub connection is declared dead.
+    #[arg(long, value_name = "SECS", default_value = "15", value_parser = parse_secs)]
+    pub(crate) keepalive: Duration,
+}
+
+fn parse_secs(s: &str) -> Result<Duration, String> {
+    let secs: f64 = s
+        .parse()
+        .map_err(|_| format!("{s:?} is not a number of seconds"))?;
+    if !(0.1..=3600.0).contains(&secs) {
+        return Err(format!("{s} seconds is out of range (0.1 to 3600)"));
+    }
+    Ok(Duration::from_secs_f64(secs))
+}
+
+/// Every long option name of the command and its subcommands (without the dashes).
+fn long_names() -> HashSet<String> {
+    fn walk(cmd: &clap::Command, out: &mut HashSet<String>) {
+        for arg in cmd.get_arguments() {
+            if let Some(l) = arg.get_long() {
+                out.insert(l.to_owned());
+            }
+        }
+        for sub in cmd.get_subcommands() {
+            walk(sub, out);
+        }
+    }
+    let mut out = HashSet::from(["help".to_owned(), "version".to_owned()]);
+    walk(&Cli::command(), &mut out);
+    out
+}
+
+/// Rewrites Go-style `-name value` / `-name=value` to `--name ...` for every known long option,
+/// up to a `--` terminator. Short flags (`-h`, `-V`) and unknown words are left alone.
+pub(crate) fn normalize_args(args: impl IntoIterator<Item = OsString>) -> Vec<OsString> {
+    let longs = long_names();
+    let mut out = Vec::new();
+    let mut rewriting = true;
+    for (i, arg) in args.into_iter().enumerate() {
+        if i == 0 || !rewriting {
+            out.push(arg);
+            continue;
+        }
+        if arg == "--" {
+            rewriting = false;
+            out.push(arg);
+            continue;
+        }
+        let rewritten = arg.to_str().and_then(|s| {
+            let rest = s.strip_prefix('-')?;
+            if rest.starts_with('-') || rest.len() < 2 {
+                return None;
+            }
+            let key = rest.split('=').next().unwrap_or(rest);
+            longs.contains(key).then(|| OsString::from(format!("-{s}")))
+        });
+        out.push(rewritten.unwrap_or(arg));
+    }
+    out
+}
+
+/// Parses the process arguments (after Go-style rewriting); exits with clap's message on error.
+pub(crate) fn parse() -> Cli {
+    Cli::parse_from(normalize_args(std::env::args_os()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse_words(words: &[&str]) -> Result<Cli, clap::Error> {
+        Cli::try_parse_from(normalize_args(words.iter().map(OsString::from)))
+    }
+
+    #[test]
+    fn the_cli_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn go_style_flags_are_rewritten_to_double_dash() {
+        let got = normalize_args(
+            [
+                "share",
+                "-name",
+                "alice",
+                "-root=/tmp",
+                "-h",
+                "-x",
+                "--",
+                "-name",
+            ]
+            .into_iter()
+            .map(OsString::from),
+        );
+        let want: Vec<OsString> = [
+            "share",
+            "--name",
+            "alice",
+            "--root=/tmp",
+            "-h",
+            "-x",
+            "--",
+            "-name",
+        ]
+        .into_iter()
+        .map(OsString::from)
+        .collect();
+        assert_eq!(got, want);
+    }
+
+    #[test]
+    fn a_client_parses_the_articles_command_line() {
+        let cli = parse_words(&["share", "-name", "second-client", "localhost:8765"]).unwrap();
+        assert!(cli.command.is_none());
+        assert_eq!(cli.client.name.as_deref(), Some("second-client"));
+        assert_eq!(cli.client.addr, "localhost:8765");
+        assert_eq!(cli.client.root, PathBuf::from("."));
+    }
+
+    #[test]
+    fn a_client_defaults_to_the_loopback_hub() {
+        let cli = parse_words(&["share", "--name", "alice", "--root", "/srv"]).unwrap();
+        assert_eq!(cli.client.addr, DEFAULT_ADDR);
+        assert_eq!(cli.client.root, PathBuf::from("/srv"));
+        assert!(!cli.client.serve);
+    }
+
+    #[test]
+    fn a_client_without_a_name_is_an_error() {
+        let err = parse_words(&["share"]).unwrap_err();
+        assert_eq!(err.kind(), clap::error::ErrorKind::MissingRequiredArgument);
+    }
+
+    #[test]
+    fn the_hub_defaults_to_loopback_and_accepts_tls_options() {
+        let cli = parse_words(&["share", "hub"]).unwrap();
+        let Some(Command::Hub(h)) = cli.command else {
+            panic!("expected hub")
+        };
+        assert_eq!(h.listen, DEFAULT_ADDR);
+        assert_eq!(h.max_reads_per_peer, 8);
+        let cli = parse_words(&[
+            "share",
+            "hub",
+            "-listen",
+            "0.0.0.0:9000",
+            "--tls-cert",
+            "c.pem",
+            "--tls-key",
+            "k.pem",
+            "--tls-client-ca",
+            "ca.pem",
+            "--keepalive",
+            "1.5",
+        ])
+        .unwrap();
+        let Some(Command::Hub(h)) = cli.command else {
+            panic!("expected hub")
+        };
+        assert_eq!(h.listen, "0.0.0.0:9000");
+        assert_eq!(h.tls_client_ca, Some(PathBuf::from("ca.pem")));
+        assert_eq!(h.keepalive, Duration::from_millis(1500));
+    }
+
+    #[test]
+    fn a_tls_key_without_a_certificate_is_an_error() {
+        assert!(parse_words(&["share", "hub", "--tls-key", "k.pem"]).is_err());
+        assert!(parse_words(&["share", "--name", "a", "--tls-cert", "c.pem"]).is_err());
+    }
+
+    #[test]
+    fn the_hub_help_says_how_to_listen_on_all_interfaces() {
+        let mut cmd = Cli::command();
+        let hub = cmd.find_subcommand_mut("hub").unwrap();
+        let help = hub.render_long_help().to_string();
+        assert!(help.contains("0.0.0.0:8765"), "{help}");
+    }
+
+    #[test]
+    fn keepalive_out_of_range_is_refused() {
+        assert!(parse_secs("0").is_err());
+        assert!(parse_secs("soon").is_err());
+        assert_eq!(parse_secs("2").unwrap(), Duration::from_secs(2));
+    }
+}
