@@ -1,1 +1,3 @@
+//! netchan-rpc benchmarks against raw TCP (see docs/performance.md).
+
 fn main() {}

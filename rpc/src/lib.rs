@@ -1,1 +1,77 @@
-//! RPC over any conn.
+//! RPC over any conn: `netchan-rpc` runs request/response and
+//! server-streaming calls over any Tokio `AsyncRead + AsyncWrite` — a
+//! netchan-mux channel, a `TcpStream`, a `UnixStream`, an in-memory duplex —
+//! in the spirit of Go's `net/rpc` `ServeConn`/`NewClient`, with what gRPC
+//! users rely on: [`Status`] codes, deadlines that travel with the call,
+//! cancellation when the caller drops the call, metadata, flow-controlled
+//! server streaming and typed services ([`service!`]).
+//!
+//! One conn carries calls in one direction: a [`Server`] serves it, a
+//! [`Client`] calls over it. For both peers to serve and call on one link,
+//! open two channels on a mux session (see `examples/bidirectional.rs`).
+//!
+//! ```
+//! use netchan_rpc::{CallOptions, Client, Code, Server, Status};
+//! use std::time::Duration;
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() {
+//! let (client_io, server_io) = tokio::io::duplex(64 << 10);
+//!
+//! let mut server = Server::new();
+//! server.register("Greeter.hello", |ctx, name: String| async move {
+//!     if ctx.metadata().get("token") != Some("s3cret") {
+//!         return Err(Status::unauthenticated("bad token"));
+//!     }
+//!     Ok(format!("hello, {name}"))
+//! });
+//! tokio::spawn(async move { server.serve(server_io).await });
+//!
+//! let client = Client::new(client_io);
+//! let opts = CallOptions::default()
+//!     .timeout(Duration::from_secs(5))
+//!     .metadata("token", "s3cret");
+//! let reply: String = client.call_with("Greeter.hello", "ada", opts).await.unwrap();
+//! assert_eq!(reply, "hello, ada");
+//!
+//! let err = client.call::<_, String>("Greeter.bye", "ada").await.unwrap_err();
+//! assert_eq!(err.code(), Code::Unimplemented);
+//! # }
+//! ```
+//!
+//! # Layout
+//!
+//! - `wire` — preamble, frame layout and the envelope [`Header`](wire) kinds.
+//! - `codec` — the only module that knows the codec (bincode 2 via serde).
+//! - `transport` — the batching outbox, its writer task and the frame reader.
+//! - `client` — [`Client`], [`CallOptions`], the in-flight map and reader.
+//! - `stream` — [`ResponseStream`], the client side of streaming calls.
+//! - `server` — [`Server`], per-conn dispatch and per-call tasks.
+//! - `service` — [`ServiceDef`] and the [`service!`] macro.
+//! - `context`, `status`, `metadata`, `config`, `error` — the small types.
+//!
+//! The wire format is documented byte for byte in `docs/protocol.md`, Part 2.
+
+mod client;
+mod codec;
+mod config;
+mod context;
+mod error;
+mod metadata;
+mod server;
+mod service;
+mod status;
+mod stream;
+mod transport;
+mod wire;
+
+pub use client::{CallOptions, Client};
+pub use codec::CodecError;
+pub use config::{Config, MAX_MESSAGE_SIZE_CAP, MIN_MESSAGE_SIZE};
+pub use context::Context;
+pub use error::Error;
+pub use metadata::Metadata;
+pub use server::Server;
+pub use service::ServiceDef;
+pub use status::{Code, Status};
+pub use stream::{ItemStream, ResponseStream, StreamReturn};

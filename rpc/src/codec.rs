@@ -1,0 +1,126 @@
+//! Serialization: the only module that knows the wire codec is bincode.
+//!
+//! Everything on the wire that is not the raw length prefix or the preamble
+//! goes through [`encode`] and [`decode`]: the envelope headers and the
+//! payloads (user requests, responses and stream items). Swapping the codec
+//! means rewriting this file (and Part 2 of `docs/protocol.md`).
+//!
+//! The format is bincode 2's `standard()` configuration (little-endian,
+//! variable-length integers) driven through serde, with a fixed decode
+//! limit: a length field inside a message claiming more than
+//! [`DECODE_LIMIT`] bytes is an error before anything is allocated.
+
+use std::io;
+
+use serde::{de::DeserializeOwned, Serialize};
+
+/// Upper bound on the bytes one decode may claim (read plus allocate). It is
+/// four times [`MAX_MESSAGE_SIZE_CAP`](crate::config::MAX_MESSAGE_SIZE_CAP)
+/// because bincode claims `len * size_of::<T>()` up front for a `Vec<T>`,
+/// which exceeds the encoded size when elements are varint-compressed.
+pub(crate) const DECODE_LIMIT: usize = 256 << 20;
+
+fn config() -> impl bincode::config::Config {
+    bincode::config::standard().with_limit::<DECODE_LIMIT>()
+}
+
+/// A value could not be encoded or decoded.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum CodecError {
+    /// Encoding `what` failed (a `Serialize` impl errored, or the writer
+    /// refused more bytes because the message grew past its limit).
+    #[error("could not encode {what}")]
+    Encode {
+        /// What was being encoded ("request", "response", "envelope", ...).
+        what: &'static str,
+        /// The codec's error.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    /// Decoding `what` failed: truncated, invalid or over-limit data.
+    #[error("could not decode {what}")]
+    Decode {
+        /// What was being decoded.
+        what: &'static str,
+        /// The codec's error.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    /// `what` decoded but left unread bytes: the peer used another type.
+    #[error("{what} has {extra} trailing bytes after a complete value")]
+    TrailingBytes {
+        /// What was being decoded.
+        what: &'static str,
+        /// Unread bytes.
+        extra: usize,
+    },
+}
+
+/// Appends the encoding of `value` to `out`.
+pub(crate) fn encode<T, W>(out: &mut W, value: &T, what: &'static str) -> Result<(), CodecError>
+where
+    T: Serialize + ?Sized,
+    W: io::Write,
+{
+    bincode::serde::encode_into_std_write(value, out, config())
+        .map(|_| ())
+        .map_err(|e| CodecError::Encode {
+            what,
+            source: Box::new(e),
+        })
+}
+
+/// Decodes one value from the front of `bytes`, returning it and the number
+/// of bytes it used.
+pub(crate) fn decode_prefix<T: DeserializeOwned>(
+    bytes: &[u8],
+    what: &'static str,
+) -> Result<(T, usize), CodecError> {
+    bincode::serde::decode_from_slice(bytes, config()).map_err(|e| CodecError::Decode {
+        what,
+        source: Box::new(e),
+    })
+}
+
+/// Decodes one value that must span all of `bytes`.
+pub(crate) fn decode<T: DeserializeOwned>(
+    bytes: &[u8],
+    what: &'static str,
+) -> Result<T, CodecError> {
+    let (value, used) = decode_prefix(bytes, what)?;
+    if used != bytes.len() {
+        return Err(CodecError::TrailingBytes {
+            what,
+            extra: bytes.len() - used,
+        });
+    }
+    Ok(value)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_huge_length_field_is_a_clean_error_not_an_allocation() {
+        // varint tag 253 = u64 follows: claims 2^60 bytes of string.
+        let mut bytes = vec![253u8];
+        bytes.extend_from_slice(&(1u64 << 60).to_le_bytes());
+        let err = decode::<String>(&bytes, "string").unwrap_err();
+        assert!(matches!(err, CodecError::Decode { .. }), "{err:?}");
+        let err = decode::<Vec<u64>>(&bytes, "vec").unwrap_err();
+        assert!(matches!(err, CodecError::Decode { .. }), "{err:?}");
+    }
+
+    #[test]
+    fn trailing_bytes_are_reported() {
+        let mut buf = Vec::new();
+        encode(&mut buf, &7u32, "n").unwrap();
+        buf.push(0);
+        assert!(matches!(
+            decode::<u32>(&buf, "n"),
+            Err(CodecError::TrailingBytes { extra: 1, .. })
+        ));
+    }
+}

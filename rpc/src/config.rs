@@ -1,0 +1,100 @@
+//! [`Config`]: limits and timeouts for one side of an rpc conn.
+
+use std::time::Duration;
+
+/// The largest `max_message_size` this crate accepts; larger values are
+/// clamped. Decoding uses a fixed allocation limit derived from it (see
+/// `codec`), so a lying length field can never claim more memory than that.
+pub const MAX_MESSAGE_SIZE_CAP: usize = 64 << 20;
+
+/// The smallest `max_message_size` honoured (smaller values are raised to
+/// it), so an error status always fits in a message.
+pub const MIN_MESSAGE_SIZE: usize = 512;
+
+/// Settings for a [`Client`](crate::Client) or a [`Server`](crate::Server).
+///
+/// Build with `Config::default()` and the chained setters:
+/// `Config::default().max_in_flight(64).handshake_timeout(Duration::from_secs(2))`.
+#[derive(Clone, Debug)]
+#[non_exhaustive]
+pub struct Config {
+    /// Largest encoded message (one frame: envelope plus payload) sent or
+    /// accepted. Sending a larger one fails that call with
+    /// `ResourceExhausted` before anything is written; receiving a larger
+    /// length prefix ends the conn before any buffer is allocated. Values
+    /// above [`MAX_MESSAGE_SIZE_CAP`] are clamped to it, values below
+    /// [`MIN_MESSAGE_SIZE`] raised to it. Default: 16 MiB.
+    pub max_message_size: usize,
+    /// Server side: most calls one conn may have running at once; a request
+    /// beyond it is answered `ResourceExhausted` without running a handler.
+    /// Default: 1024.
+    pub max_in_flight: usize,
+    /// How long to wait for the peer's preamble when a conn starts.
+    /// Default: 10 s.
+    pub handshake_timeout: Duration,
+    /// Server-streaming flow control: how many items the client lets the
+    /// server send ahead of consumption (the initial credit). The client
+    /// grants more as it consumes; at most this many items are ever
+    /// buffered per stream. Clamped to at least 1. Default: 16.
+    pub stream_window: u32,
+    /// Bytes of encoded frames queued for the writer before senders wait
+    /// (one message is always admitted into an empty queue, whatever its
+    /// size). Default: 256 KiB.
+    pub write_queue_bytes: usize,
+}
+
+impl Default for Config {
+    fn default() -> Config {
+        Config {
+            max_message_size: 16 << 20,
+            max_in_flight: 1024,
+            handshake_timeout: Duration::from_secs(10),
+            stream_window: 16,
+            write_queue_bytes: 256 << 10,
+        }
+    }
+}
+
+impl Config {
+    /// Sets [`Config::max_message_size`] (default 16 MiB, clamped to
+    /// [`MAX_MESSAGE_SIZE_CAP`]).
+    pub fn max_message_size(mut self, bytes: usize) -> Config {
+        self.max_message_size = bytes;
+        self
+    }
+
+    /// Sets [`Config::max_in_flight`] (default 1024).
+    pub fn max_in_flight(mut self, calls: usize) -> Config {
+        self.max_in_flight = calls;
+        self
+    }
+
+    /// Sets [`Config::handshake_timeout`] (default 10 s).
+    pub fn handshake_timeout(mut self, timeout: Duration) -> Config {
+        self.handshake_timeout = timeout;
+        self
+    }
+
+    /// Sets [`Config::stream_window`] (default 16).
+    pub fn stream_window(mut self, items: u32) -> Config {
+        self.stream_window = items;
+        self
+    }
+
+    /// Sets [`Config::write_queue_bytes`] (default 256 KiB).
+    pub fn write_queue_bytes(mut self, bytes: usize) -> Config {
+        self.write_queue_bytes = bytes;
+        self
+    }
+
+    /// `max_message_size` after clamping.
+    pub(crate) fn message_limit(&self) -> usize {
+        self.max_message_size
+            .clamp(MIN_MESSAGE_SIZE, MAX_MESSAGE_SIZE_CAP)
+    }
+
+    /// `stream_window` after clamping.
+    pub(crate) fn window(&self) -> u32 {
+        self.stream_window.max(1)
+    }
+}

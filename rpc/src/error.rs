@@ -1,0 +1,92 @@
+//! [`Error`]: why an rpc conn failed (transport and protocol errors).
+
+use std::{io, time::Duration};
+
+use crate::{codec::CodecError, Status};
+
+/// A transport or protocol failure of one conn.
+///
+/// [`Server::serve`](crate::Server::serve) returns it; a [`Client`](crate::Client)
+/// reports it to its callers as a [`Status`] with code `Unavailable` (or
+/// `ResourceExhausted` / `Internal` for a message it refused to send).
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// Reading or writing the conn failed.
+    #[error("i/o error on rpc conn")]
+    Io(#[from] io::Error),
+    /// The peer's first bytes were not the netchan-rpc preamble.
+    #[error("peer is not speaking netchan-rpc (preamble bytes {got:02x?})")]
+    BadPreamble {
+        /// The bytes received instead.
+        got: Vec<u8>,
+    },
+    /// The peer speaks another version of the protocol.
+    #[error("rpc protocol version mismatch: we speak {ours}, the peer speaks {theirs}")]
+    VersionMismatch {
+        /// Our version.
+        ours: u8,
+        /// The peer's version.
+        theirs: u8,
+    },
+    /// The peer sent no preamble in time.
+    #[error("peer sent no rpc preamble within {after:?}")]
+    HandshakeTimeout {
+        /// The configured wait.
+        after: Duration,
+    },
+    /// The peer announced a frame longer than the maximum message size; the
+    /// conn ends before any buffer for it is allocated.
+    #[error("peer announced a {len}-byte frame, over the {max}-byte limit")]
+    FrameTooLarge {
+        /// The announced length.
+        len: u64,
+        /// The configured maximum.
+        max: usize,
+    },
+    /// A message we were asked to send is larger than the maximum message
+    /// size; nothing was written.
+    #[error("message exceeds the {max}-byte limit; refused before sending")]
+    MessageTooLarge {
+        /// The configured maximum.
+        max: usize,
+    },
+    /// The peer sent a frame that does not decode.
+    #[error("malformed frame from peer")]
+    Malformed(#[source] CodecError),
+    /// A message could not be encoded.
+    #[error("could not encode message")]
+    Encode(#[source] CodecError),
+    /// The peer sent a well-formed frame that breaks the protocol.
+    #[error("protocol violation by peer: {reason}")]
+    Protocol {
+        /// What was wrong.
+        reason: String,
+    },
+    /// The conn is closed.
+    #[error("rpc conn is closed")]
+    Closed,
+}
+
+impl Error {
+    /// The status a caller sees when its call fails because of this error.
+    pub(crate) fn to_status(&self) -> Status {
+        match self {
+            Error::MessageTooLarge { .. } => Status::resource_exhausted(self.to_string()),
+            Error::Encode(e) => Status::internal(format!("{self}: {e}")),
+            _ => Status::unavailable(chain(self)),
+        }
+    }
+}
+
+/// `err` and its sources joined with ": ".
+pub(crate) fn chain(err: &dyn std::error::Error) -> String {
+    let mut s = err.to_string();
+    let mut cur = err.source();
+    while let Some(e) = cur {
+        s.push_str(": ");
+        s.push_str(&e.to_string());
+        cur = e.source();
+    }
+    s
+}

@@ -1,0 +1,399 @@
+//! Frame I/O shared by clients and servers: the batching [`Outbox`] and its
+//! writer task, and the [`FrameReader`].
+//!
+//! Every sender on a conn appends its encoded frame to one shared buffer
+//! under a short lock; a single writer task swaps the whole buffer out and
+//! writes it with one `write_all`, so frames queued while a write is in
+//! progress go out together in the next one (few syscalls under load). The
+//! two buffers are swapped back and forth and keep their capacity, so the
+//! steady state allocates nothing.
+
+use std::{
+    io::{self, Write},
+    pin::pin,
+    sync::{Mutex, MutexGuard},
+};
+
+use bytes::{Buf, Bytes, BytesMut};
+use tokio::{
+    io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt},
+    sync::Notify,
+};
+
+use crate::{
+    codec::CodecError,
+    wire::{LEN_PREFIX, PREAMBLE, VERSION},
+    Config, Error,
+};
+
+/// Frames queued for the writer.
+pub(crate) struct Outbox {
+    state: Mutex<OutState>,
+    /// Wakes the writer (one waiter; `notify_one` keeps a permit, so a push
+    /// between the writer's check and its wait is not lost).
+    wake_writer: Notify,
+    /// Wakes senders waiting for room (all of them, after each swap).
+    room: Notify,
+    high_water: usize,
+    max_message: usize,
+}
+
+struct OutState {
+    buf: Vec<u8>,
+    closed: bool,
+}
+
+/// The encoder's view of the outbox buffer: an `io::Write` that refuses to
+/// grow one message past the maximum message size, so an oversize message is
+/// detected while encoding, before it is fully materialised.
+pub(crate) struct FrameWriter<'a> {
+    buf: &'a mut Vec<u8>,
+    limit_end: usize,
+    overflowed: bool,
+}
+
+impl Write for FrameWriter<'_> {
+    fn write(&mut self, data: &[u8]) -> io::Result<usize> {
+        self.write_all(data)?;
+        Ok(data.len())
+    }
+
+    fn write_all(&mut self, data: &[u8]) -> io::Result<()> {
+        if self.buf.len() + data.len() > self.limit_end {
+            self.overflowed = true;
+            return Err(io::Error::other("message exceeds the maximum message size"));
+        }
+        self.buf.extend_from_slice(data);
+        Ok(())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Truncates the buffer back to `start` unless disarmed: a frame whose
+/// encoding failed or panicked never reaches the wire half-written.
+struct Rollback<'a> {
+    buf: &'a mut Vec<u8>,
+    start: usize,
+    armed: bool,
+}
+
+impl Drop for Rollback<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            self.buf.truncate(self.start);
+        }
+    }
+}
+
+impl Outbox {
+    pub(crate) fn new(config: &Config) -> Outbox {
+        Outbox {
+            state: Mutex::new(OutState {
+                buf: Vec::new(),
+                closed: false,
+            }),
+            wake_writer: Notify::new(),
+            room: Notify::new(),
+            high_water: config.write_queue_bytes.max(1),
+            max_message: config.message_limit(),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, OutState> {
+        // A panic while holding the lock leaves the buffer consistent (see
+        // `Rollback`), so a poisoned lock is safe to keep using.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Queues one frame whose body `encode` writes, waiting while the queue
+    /// is above its high-water mark. Fails with `MessageTooLarge` (nothing
+    /// queued), `Encode`, or `Closed`.
+    ///
+    /// Cancel-safe: the frame is queued entirely or not at all.
+    pub(crate) async fn push<F>(&self, encode: F) -> Result<(), Error>
+    where
+        F: FnOnce(&mut FrameWriter<'_>) -> Result<(), CodecError>,
+    {
+        let mut encode = Some(encode);
+        loop {
+            let mut room = pin!(self.room.notified());
+            room.as_mut().enable();
+            if let Some(res) = self.append(&mut encode, true) {
+                return res;
+            }
+            room.await;
+        }
+    }
+
+    /// Queues one frame now, ignoring the high-water mark. For small control
+    /// frames (cancel, credit) sent from places that cannot wait, such as
+    /// `Drop`; each call sends at most a bounded number of them.
+    pub(crate) fn push_now<F>(&self, encode: F) -> Result<(), Error>
+    where
+        F: FnOnce(&mut FrameWriter<'_>) -> Result<(), CodecError>,
+    {
+        self.append(&mut Some(encode), false)
+            .unwrap_or(Err(Error::Closed))
+    }
+
+    fn append<F>(&self, encode: &mut Option<F>, wait_for_room: bool) -> Option<Result<(), Error>>
+    where
+        F: FnOnce(&mut FrameWriter<'_>) -> Result<(), CodecError>,
+    {
+        let mut st = self.lock();
+        if st.closed {
+            return Some(Err(Error::Closed));
+        }
+        if wait_for_room && !st.buf.is_empty() && st.buf.len() >= self.high_water {
+            return None;
+        }
+        let encode = encode.take()?;
+        let start = st.buf.len();
+        let was_empty = start == 0;
+        let mut rb = Rollback {
+            buf: &mut st.buf,
+            start,
+            armed: true,
+        };
+        rb.buf.extend_from_slice(&[0; LEN_PREFIX]);
+        let body_start = start + LEN_PREFIX;
+        let mut w = FrameWriter {
+            limit_end: body_start + self.max_message,
+            buf: rb.buf,
+            overflowed: false,
+        };
+        let res = encode(&mut w);
+        let overflowed = w.overflowed;
+        match res {
+            Ok(()) => {}
+            Err(_) if overflowed => {
+                return Some(Err(Error::MessageTooLarge {
+                    max: self.max_message,
+                }))
+            }
+            Err(e) => return Some(Err(Error::Encode(e))),
+        }
+        let len = rb.buf.len() - body_start;
+        // Fits in u32: max_message is capped far below 4 GiB.
+        rb.buf[start..body_start].copy_from_slice(&(len as u32).to_be_bytes());
+        rb.armed = false;
+        drop(rb);
+        drop(st);
+        if was_empty {
+            self.wake_writer.notify_one();
+        }
+        Some(Ok(()))
+    }
+
+    /// Refuses further frames; the writer sends what is queued, shuts the
+    /// write side down and ends. Waiting senders fail with `Closed`.
+    pub(crate) fn close(&self) {
+        self.lock().closed = true;
+        self.wake_writer.notify_one();
+        self.room.notify_waiters();
+    }
+
+    /// The writer: sends the preamble, then batches until closed. Returns
+    /// `Ok` after a graceful close. Not cancel-safe (a cancelled write may
+    /// leave a partial frame on the wire), so cancel it only when the conn
+    /// is being abandoned anyway.
+    pub(crate) async fn run_writer<W>(&self, io: &mut W) -> Result<(), Error>
+    where
+        W: AsyncWrite + Unpin,
+    {
+        io.write_all(&PREAMBLE).await?;
+        io.flush().await?;
+        let mut spare: Vec<u8> = Vec::new();
+        loop {
+            let closed = {
+                let mut st = self.lock();
+                if !st.buf.is_empty() {
+                    std::mem::swap(&mut st.buf, &mut spare);
+                }
+                st.closed
+            };
+            if spare.is_empty() {
+                if closed {
+                    // Best effort: the peer may already be gone.
+                    let _ = io.shutdown().await;
+                    return Ok(());
+                }
+                self.wake_writer.notified().await;
+                continue;
+            }
+            self.room.notify_waiters();
+            io.write_all(&spare).await?;
+            io.flush().await?;
+            spare.clear();
+            // Keep the buffer across batches (no fresh allocations, no page
+            // faults) unless one huge message inflated it.
+            if spare.capacity() > 4 * self.high_water.max(self.max_message / 4) {
+                spare.shrink_to(self.high_water);
+            }
+            tracing::trace!("rpc writer flushed a batch");
+        }
+    }
+}
+
+/// Reads the peer's preamble; any mismatch is a typed error.
+pub(crate) async fn read_preamble<R: AsyncRead + Unpin>(io: &mut R) -> Result<(), Error> {
+    let mut got = [0u8; PREAMBLE.len()];
+    io.read_exact(&mut got).await.map_err(|e| {
+        if e.kind() == io::ErrorKind::UnexpectedEof {
+            Error::Io(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "conn closed during the rpc preamble",
+            ))
+        } else {
+            Error::Io(e)
+        }
+    })?;
+    if got[..PREAMBLE.len() - 1] != PREAMBLE[..PREAMBLE.len() - 1] {
+        return Err(Error::BadPreamble { got: got.to_vec() });
+    }
+    if got[PREAMBLE.len() - 1] != VERSION {
+        return Err(Error::VersionMismatch {
+            ours: VERSION,
+            theirs: got[PREAMBLE.len() - 1],
+        });
+    }
+    Ok(())
+}
+
+/// Reads length-prefixed frames into one reused buffer.
+pub(crate) struct FrameReader<R> {
+    io: R,
+    buf: BytesMut,
+    max: usize,
+}
+
+/// Read granularity for small frames.
+const READ_CHUNK: usize = 64 << 10;
+
+impl<R: AsyncRead + Unpin> FrameReader<R> {
+    pub(crate) fn new(io: R, max: usize) -> FrameReader<R> {
+        FrameReader {
+            io,
+            buf: BytesMut::with_capacity(READ_CHUNK),
+            max,
+        }
+    }
+
+    pub(crate) fn io_mut(&mut self) -> &mut R {
+        &mut self.io
+    }
+
+    /// The next frame body, or `None` at a clean end of stream.
+    ///
+    /// Cancel-safe: bytes read so far stay buffered.
+    pub(crate) async fn next_frame(&mut self) -> Result<Option<Bytes>, Error> {
+        loop {
+            if self.buf.len() >= LEN_PREFIX {
+                let mut prefix = [0u8; LEN_PREFIX];
+                prefix.copy_from_slice(&self.buf[..LEN_PREFIX]);
+                let len = u32::from_be_bytes(prefix) as usize;
+                if len > self.max {
+                    return Err(Error::FrameTooLarge {
+                        len: len as u64,
+                        max: self.max,
+                    });
+                }
+                if self.buf.len() >= LEN_PREFIX + len {
+                    self.buf.advance(LEN_PREFIX);
+                    return Ok(Some(self.buf.split_to(len).freeze()));
+                }
+                // Reserve exactly what the frame still needs (it was
+                // checked against the limit above), at least a read chunk.
+                let need = LEN_PREFIX + len - self.buf.len();
+                self.buf.reserve(need.max(READ_CHUNK));
+            } else {
+                self.buf.reserve(READ_CHUNK);
+            }
+            let n = self.io.read_buf(&mut self.buf).await?;
+            if n == 0 {
+                if self.buf.is_empty() {
+                    return Ok(None);
+                }
+                return Err(Error::Io(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    format!(
+                        "conn closed inside a frame ({} bytes pending)",
+                        self.buf.len()
+                    ),
+                )));
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn oversize_length_prefix_is_rejected_before_reading_the_body() {
+        let bytes: &[u8] = &[0xff, 0xff, 0xff, 0xff, 1, 2, 3];
+        let mut r = FrameReader::new(bytes, 1024);
+        assert!(matches!(
+            r.next_frame().await,
+            Err(Error::FrameTooLarge {
+                len: 0xffff_ffff,
+                max: 1024
+            })
+        ));
+    }
+
+    #[tokio::test]
+    async fn frames_are_split_and_eof_mid_frame_is_an_error() {
+        let bytes: &[u8] = &[0, 0, 0, 2, b'h', b'i', 0, 0, 0, 1];
+        let mut r = FrameReader::new(bytes, 1024);
+        assert_eq!(&r.next_frame().await.unwrap().unwrap()[..], b"hi");
+        assert!(matches!(r.next_frame().await, Err(Error::Io(_))));
+    }
+
+    #[tokio::test]
+    async fn preamble_checks_magic_and_version() {
+        let mut ok: &[u8] = &PREAMBLE;
+        read_preamble(&mut ok).await.unwrap();
+        let mut wrong_version: &[u8] = b"NCRPC\x09";
+        assert!(matches!(
+            read_preamble(&mut wrong_version).await,
+            Err(Error::VersionMismatch {
+                ours: VERSION,
+                theirs: 9
+            })
+        ));
+        let mut http: &[u8] = b"GET / HTTP/1.1\r\n";
+        assert!(matches!(
+            read_preamble(&mut http).await,
+            Err(Error::BadPreamble { .. })
+        ));
+    }
+
+    #[test]
+    fn oversize_messages_are_refused_and_leave_nothing_queued() {
+        let outbox = Outbox::new(&Config::default().max_message_size(512));
+        let err = outbox
+            .push_now(|w| {
+                w.write_all(&[0; 513]).map_err(|e| CodecError::Encode {
+                    what: "test",
+                    source: Box::new(e),
+                })
+            })
+            .unwrap_err();
+        assert!(matches!(err, Error::MessageTooLarge { max: 512 }));
+        assert!(outbox.lock().buf.is_empty());
+        outbox
+            .push_now(|w| {
+                w.write_all(&[7; 512]).map_err(|e| CodecError::Encode {
+                    what: "test",
+                    source: Box::new(e),
+                })
+            })
+            .unwrap();
+        assert_eq!(outbox.lock().buf, [&[0, 0, 2, 0][..], &[7; 512]].concat());
+    }
+}

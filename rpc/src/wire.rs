@@ -1,0 +1,188 @@
+//! The wire format: preamble, frames and envelope headers.
+//!
+//! A conn starts with each side sending [`PREAMBLE`] (`"NCRPC"` + version).
+//! After it, each direction is a sequence of frames:
+//!
+//! ```text
+//! frame    = length:u32 big-endian, body[length]
+//! body     = header (codec-encoded Header), payload (rest of the body)
+//! ```
+//!
+//! The payload is the codec encoding of the request, response or stream
+//! item, and is empty for the other kinds. Byte-level details, with an
+//! example, are in `docs/protocol.md`, Part 2.
+
+use std::{borrow::Cow, time::Duration};
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+use tokio::time::Instant;
+
+use crate::{
+    codec::{self, CodecError},
+    Metadata, Status,
+};
+
+/// Protocol version; bumped on any incompatible change.
+pub(crate) const VERSION: u8 = 1;
+/// The first bytes each side sends: magic then version.
+pub(crate) const PREAMBLE: [u8; 6] = [b'N', b'C', b'R', b'P', b'C', VERSION];
+/// Bytes in the length prefix of a frame.
+pub(crate) const LEN_PREFIX: usize = 4;
+/// Longest timeout honoured; longer ones (and deadlines that would overflow
+/// `Instant`) are clamped to it, so any value on the wire is safe.
+pub(crate) const MAX_TIMEOUT: Duration = Duration::from_secs(365 * 24 * 3600);
+
+/// The envelope header that starts every frame body.
+///
+/// Variant order is part of the wire format (the codec writes the variant
+/// index): append new kinds at the end, never reorder.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub(crate) enum Header<'a> {
+    /// Starts call `id`. The payload is the request.
+    Request {
+        /// Caller-chosen id, unique among the caller's calls in flight.
+        id: u64,
+        /// `"Service.Method"`.
+        method: Cow<'a, str>,
+        /// Time left until the deadline, nanoseconds; `None` = no deadline,
+        /// `Some(0)` = already expired.
+        timeout_ns: Option<u64>,
+        /// `None` for a unary call; for a server-streaming call, the
+        /// initial credit (items the server may send before more credit).
+        stream_credit: Option<u32>,
+        /// Request metadata.
+        metadata: Cow<'a, Metadata>,
+    },
+    /// Ends unary call `id`. On success (`status` = `None`) the payload is
+    /// the response; otherwise it is empty.
+    Response {
+        /// The call.
+        id: u64,
+        /// `None` = success.
+        status: Option<Status>,
+    },
+    /// The caller abandoned call `id`; no answer is expected.
+    Cancel {
+        /// The call.
+        id: u64,
+    },
+    /// One item of server-streaming call `id`; the payload is the item.
+    StreamItem {
+        /// The call.
+        id: u64,
+    },
+    /// Ends server-streaming call `id` (`None` = finished normally).
+    StreamEnd {
+        /// The call.
+        id: u64,
+        /// `None` = success.
+        status: Option<Status>,
+    },
+    /// The caller grants `n` more items to server-streaming call `id`.
+    Credit {
+        /// The call.
+        id: u64,
+        /// Additional items.
+        n: u32,
+    },
+}
+
+/// A decoded frame: its header and the (possibly empty) payload.
+#[derive(Debug)]
+pub(crate) struct Frame {
+    pub(crate) header: Header<'static>,
+    pub(crate) payload: Bytes,
+}
+
+impl Frame {
+    /// Decodes a frame body (without the length prefix).
+    pub(crate) fn decode(body: Bytes) -> Result<Frame, CodecError> {
+        let (header, used) = codec::decode_prefix::<Header<'static>>(&body, "frame header")?;
+        let payload = body.slice(used..);
+        Ok(Frame { header, payload })
+    }
+}
+
+/// Encodes a timeout for the wire: nanoseconds, clamped to [`MAX_TIMEOUT`].
+pub(crate) fn timeout_to_wire(timeout: Duration) -> u64 {
+    timeout.min(MAX_TIMEOUT).as_nanos() as u64
+}
+
+/// The local deadline for a timeout received from the wire.
+pub(crate) fn deadline_from_wire(timeout_ns: u64, now: Instant) -> Instant {
+    let timeout = Duration::from_nanos(timeout_ns).min(MAX_TIMEOUT);
+    now.checked_add(timeout)
+        .unwrap_or(now + Duration::from_secs(24 * 3600))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn encode_header(h: &Header<'_>) -> Vec<u8> {
+        let mut buf = Vec::new();
+        codec::encode(&mut buf, h, "header").unwrap();
+        buf
+    }
+
+    #[test]
+    fn request_header_has_the_documented_bytes() {
+        let mut md = Metadata::new();
+        md.insert("k", "v");
+        let h = Header::Request {
+            id: 7,
+            method: Cow::Borrowed("Echo.echo"),
+            timeout_ns: Some(1_000_000_000),
+            stream_credit: None,
+            metadata: Cow::Owned(md),
+        };
+        let bytes = encode_header(&h);
+        let mut want = vec![0x00, 0x07, 0x09];
+        want.extend_from_slice(b"Echo.echo");
+        // Some(1e9): 1, then varint u32 marker 252 + LE bytes.
+        want.extend_from_slice(&[0x01, 0xfc, 0x00, 0xca, 0x9a, 0x3b]);
+        want.extend_from_slice(&[0x00]); // stream_credit None
+        want.extend_from_slice(&[0x01, 0x01, b'k', 0x01, b'v']);
+        assert_eq!(bytes, want);
+    }
+
+    #[test]
+    fn response_headers_have_the_documented_bytes() {
+        let ok = Header::Response {
+            id: 300,
+            status: None,
+        };
+        assert_eq!(encode_header(&ok), vec![0x01, 0xfb, 0x2c, 0x01, 0x00]);
+        let err = Header::Response {
+            id: 1,
+            status: Some(Status::not_found("x")),
+        };
+        assert_eq!(
+            encode_header(&err),
+            vec![0x01, 0x01, 0x01, 0x05, 0x01, b'x']
+        );
+        let credit = Header::Credit { id: 2, n: 8 };
+        assert_eq!(encode_header(&credit), vec![0x05, 0x02, 0x08]);
+    }
+
+    #[test]
+    fn frames_split_header_and_payload() {
+        let mut body = encode_header(&Header::StreamItem { id: 3 });
+        body.extend_from_slice(b"payload");
+        let frame = Frame::decode(Bytes::from(body)).unwrap();
+        assert_eq!(frame.header, Header::StreamItem { id: 3 });
+        assert_eq!(&frame.payload[..], b"payload");
+    }
+
+    #[test]
+    fn huge_timeouts_are_clamped_and_zero_is_now() {
+        let now = Instant::now();
+        assert_eq!(deadline_from_wire(0, now), now);
+        assert_eq!(deadline_from_wire(u64::MAX, now), now + MAX_TIMEOUT);
+        assert_eq!(
+            timeout_to_wire(Duration::MAX),
+            MAX_TIMEOUT.as_nanos() as u64
+        );
+    }
+}

@@ -1,0 +1,78 @@
+//! Cancellation: dropping a call future on the client drops the handler on
+//! the server.
+
+mod common;
+
+use std::sync::Mutex;
+
+use common::*;
+use netchan_rpc::{Config, Server};
+use tokio::sync::oneshot;
+
+fn forever_server() -> (Server, oneshot::Receiver<()>, oneshot::Receiver<()>) {
+    let (started_tx, started_rx) = oneshot::channel();
+    let (dropped_tx, dropped_rx) = oneshot::channel();
+    let slots = Mutex::new((Some(started_tx), Some(dropped_tx)));
+    let mut server = Server::new();
+    server
+        .register("C.forever", move |_ctx, ()| {
+            let (started, dropped) = {
+                let mut s = slots.lock().unwrap();
+                (s.0.take(), s.1.take())
+            };
+            let signal = DropSignal(dropped);
+            async move {
+                let _signal = signal;
+                if let Some(started) = started {
+                    let _ = started.send(());
+                }
+                std::future::pending::<()>().await;
+                Ok(())
+            }
+        })
+        .register("C.echo", |_ctx, s: String| async move { Ok(s) });
+    (server, started_rx, dropped_rx)
+}
+
+#[tokio::test]
+async fn dropping_the_call_future_drops_the_handler_on_the_server() {
+    let (server, started, dropped) = forever_server();
+    let (client, _t) = tcp_pair(&server, Config::default()).await;
+    let c = client.clone();
+    let call = tokio::spawn(async move { c.call::<_, ()>("C.forever", &()).await });
+    guard(started).await.unwrap();
+    call.abort();
+    guard(dropped)
+        .await
+        .expect("the server dropped the handler");
+    // The conn carries on.
+    let s: String = guard(client.call("C.echo", "after cancel")).await.unwrap();
+    assert_eq!(s, "after cancel");
+}
+
+#[tokio::test]
+async fn a_select_timeout_around_a_call_also_cancels_it() {
+    let (server, started, dropped) = forever_server();
+    let (client, _t) = duplex_pair(&server, Config::default());
+    let mut call = Box::pin(client.call::<_, ()>("C.forever", &()));
+    tokio::select! {
+        _ = &mut call => panic!("the handler never answers"),
+        _ = started => {}
+    }
+    // Dropping the future cancels the call.
+    drop(call);
+    guard(dropped).await.unwrap();
+}
+
+#[tokio::test]
+async fn closing_the_conn_drops_in_flight_handlers() {
+    let (server, started, dropped) = forever_server();
+    let (client, task) = duplex_pair(&server, Config::default());
+    let c = client.clone();
+    let call = tokio::spawn(async move { c.call::<_, ()>("C.forever", &()).await });
+    guard(started).await.unwrap();
+    task.abort();
+    guard(dropped).await.unwrap();
+    let err = guard(call).await.unwrap().unwrap_err();
+    assert_eq!(err.code(), netchan_rpc::Code::Unavailable);
+}

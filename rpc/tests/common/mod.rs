@@ -1,0 +1,97 @@
+//! Helpers shared by the rpc integration tests.
+#![allow(dead_code, unreachable_pub)]
+
+use std::time::Duration;
+
+use netchan_rpc::{Client, Config, Server, Status};
+use tokio::{
+    net::{TcpListener, TcpStream},
+    sync::oneshot,
+    task::JoinHandle,
+};
+
+/// Generous hang guard for waits that should complete promptly.
+pub const GUARD: Duration = Duration::from_secs(10);
+
+/// Runs `fut` under [`GUARD`], failing the test on timeout.
+pub async fn guard<F: std::future::Future>(fut: F) -> F::Output {
+    tokio::time::timeout(GUARD, fut)
+        .await
+        .expect("operation hung past the test guard")
+}
+
+/// A server with a handful of test methods.
+pub fn test_server(config: Config) -> Server {
+    let mut server = Server::with_config(config);
+    server
+        .register("Test.echo", |_ctx, s: String| async move { Ok(s) })
+        .register("Test.add", |_ctx, (a, b): (u64, u64)| async move {
+            a.checked_add(b)
+                .ok_or_else(|| Status::out_of_range("sum overflows"))
+        })
+        .register("Test.sleep_ms", |_ctx, ms: u64| async move {
+            tokio::time::sleep(Duration::from_millis(ms)).await;
+            Ok(ms)
+        })
+        .register("Test.fail", |_ctx, msg: String| async move {
+            Err::<(), _>(Status::not_found(msg))
+        })
+        .register("Test.panic", |_ctx, msg: String| async move {
+            if !msg.is_empty() {
+                panic!("{msg}");
+            }
+            Ok(())
+        })
+        .register("Test.metadata", |ctx, key: String| async move {
+            Ok(ctx.metadata().get(&key).map(str::to_owned))
+        })
+        .register("Test.peer", |ctx, ()| async move {
+            Ok(ctx.peer().map(str::to_owned))
+        })
+        .register(
+            "Test.blob",
+            |_ctx, n: usize| async move { Ok(vec![7u8; n]) },
+        );
+    server
+}
+
+/// A client and a served conn over an in-memory duplex pipe.
+pub fn duplex_pair(
+    server: &Server,
+    config: Config,
+) -> (Client, JoinHandle<Result<(), netchan_rpc::Error>>) {
+    let (a, b) = tokio::io::duplex(256 << 10);
+    let server = server.clone();
+    let task = tokio::spawn(async move { server.serve_named(b, "duplex-peer").await });
+    (Client::with_config(a, config), task)
+}
+
+/// A client and a served conn over loopback TCP.
+pub async fn tcp_pair(
+    server: &Server,
+    config: Config,
+) -> (Client, JoinHandle<Result<(), netchan_rpc::Error>>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server = server.clone();
+    let task = tokio::spawn(async move {
+        let (conn, peer) = listener.accept().await?;
+        conn.set_nodelay(true)?;
+        server.serve_named(conn, peer.to_string()).await
+    });
+    let conn = guard(TcpStream::connect(addr)).await.unwrap();
+    conn.set_nodelay(true).unwrap();
+    (Client::with_config(conn, config), task)
+}
+
+/// Fires its sender when dropped: lets a test observe that the server
+/// dropped a handler future.
+pub struct DropSignal(pub Option<oneshot::Sender<()>>);
+
+impl Drop for DropSignal {
+    fn drop(&mut self) {
+        if let Some(tx) = self.0.take() {
+            let _ = tx.send(());
+        }
+    }
+}

@@ -1,0 +1,266 @@
+//! Conn-level behaviour: loss of the peer, oversize messages, malformed
+//! frames, version checks — driven by hand-written bytes where needed.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use netchan_rpc::{CallOptions, Client, Code, Config, Error, Server};
+use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
+
+const PREAMBLE: &[u8] = b"NCRPC\x01";
+
+/// Appends a frame (length prefix + body).
+fn frame(body: &[u8]) -> Vec<u8> {
+    let mut f = (body.len() as u32).to_be_bytes().to_vec();
+    f.extend_from_slice(body);
+    f
+}
+
+/// A Request header for `method` with id < 251, no metadata, and `timeout`.
+fn request(id: u8, method: &str, timeout_ns: Option<u32>) -> Vec<u8> {
+    assert!(id < 251 && method.len() < 251);
+    let mut b = vec![0x00, id, method.len() as u8];
+    b.extend_from_slice(method.as_bytes());
+    match timeout_ns {
+        None => b.push(0),
+        Some(ns) => {
+            b.extend_from_slice(&[0x01, 0xfc]);
+            b.extend_from_slice(&ns.to_le_bytes());
+        }
+    }
+    b.extend_from_slice(&[0x00, 0x00]); // unary, no metadata
+    b
+}
+
+/// A served duplex whose client side the test drives by hand.
+fn raw_server(server: &Server) -> (DuplexStream, tokio::task::JoinHandle<Result<(), Error>>) {
+    let (a, b) = tokio::io::duplex(64 << 10);
+    let server = server.clone();
+    (a, tokio::spawn(async move { server.serve(b).await }))
+}
+
+async fn read_frame(io: &mut DuplexStream) -> Vec<u8> {
+    let mut len = [0u8; 4];
+    io.read_exact(&mut len).await.unwrap();
+    let mut body = vec![0u8; u32::from_be_bytes(len) as usize];
+    io.read_exact(&mut body).await.unwrap();
+    body
+}
+
+#[tokio::test]
+async fn losing_the_conn_fails_every_pending_call_with_unavailable_promptly() {
+    let server = test_server(Config::default());
+    let (client, task) = tcp_pair(&server, Config::default()).await;
+    let calls: Vec<_> = (0..20)
+        .map(|_| {
+            let c = client.clone();
+            tokio::spawn(async move { c.call::<_, u64>("Test.sleep_ms", &600_000u64).await })
+        })
+        .collect();
+    // Wait until all are on the wire by completing a later call.
+    let _: String = guard(client.call("Test.echo", "sync")).await.unwrap();
+    task.abort(); // the server goes away: its conn is dropped
+    for call in calls {
+        let err = guard(call).await.unwrap().unwrap_err();
+        assert_eq!(err.code(), Code::Unavailable, "{err}");
+    }
+    guard(client.closed()).await;
+    let err = guard(client.call::<_, String>("Test.echo", "late"))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable);
+}
+
+#[tokio::test]
+async fn a_client_whose_peer_never_answers_the_preamble_fails_after_the_handshake_timeout() {
+    let (a, _b) = tokio::io::duplex(1024);
+    let client = Client::with_config(
+        a,
+        Config::default().handshake_timeout(Duration::from_millis(200)),
+    );
+    let err = guard(client.call::<_, String>("Test.echo", "x"))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable);
+    assert!(err.message().contains("preamble"), "{err}");
+}
+
+#[tokio::test]
+async fn oversize_request_is_refused_before_sending() {
+    let server = test_server(Config::default());
+    let config = Config::default().max_message_size(4096);
+    let (client, _t) = duplex_pair(&server, config);
+    let big = "x".repeat(10_000);
+    let err = guard(client.call::<_, String>("Test.echo", &big))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::ResourceExhausted);
+    assert!(err.message().contains("4096"), "{err}");
+    // Nothing half-sent: the conn still works.
+    let ok: String = guard(client.call("Test.echo", "small")).await.unwrap();
+    assert_eq!(ok, "small");
+}
+
+#[tokio::test]
+async fn oversize_response_becomes_resource_exhausted_for_that_call_only() {
+    let server = test_server(Config::default().max_message_size(4096));
+    let (client, _t) = duplex_pair(&server, Config::default());
+    let err = guard(client.call::<_, Vec<u8>>("Test.blob", &10_000usize))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::ResourceExhausted);
+    let small: Vec<u8> = guard(client.call("Test.blob", &100usize)).await.unwrap();
+    assert_eq!(small.len(), 100);
+}
+
+#[tokio::test]
+async fn an_oversize_length_prefix_ends_that_conn_only() {
+    let server = test_server(Config::default().max_message_size(4096));
+    let (good, _t) = duplex_pair(&server, Config::default());
+    let (mut raw, task) = raw_server(&server);
+    raw.write_all(PREAMBLE).await.unwrap();
+    // Announce a 1 GiB frame; send nothing more.
+    raw.write_all(&(1u32 << 30).to_be_bytes()).await.unwrap();
+    let res = guard(task).await.unwrap();
+    assert!(
+        matches!(res, Err(Error::FrameTooLarge { len, max: 4096 }) if len == 1 << 30),
+        "{res:?}"
+    );
+    let ok: String = guard(good.call("Test.echo", "unaffected")).await.unwrap();
+    assert_eq!(ok, "unaffected");
+}
+
+#[tokio::test]
+async fn an_oversize_response_frame_fails_the_client_conn_with_unavailable() {
+    // A server allowing 1 MiB talking to a client allowing 4 KiB: the
+    // client rejects the length prefix before allocating.
+    let server = test_server(Config::default());
+    let (client, _t) = duplex_pair(&server, Config::default().max_message_size(4096));
+    let err = guard(client.call::<_, Vec<u8>>("Test.blob", &100_000usize))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable);
+    assert!(err.message().contains("4096"), "{err}");
+}
+
+#[tokio::test]
+async fn a_malformed_frame_ends_that_conn_with_a_typed_error_and_others_live_on() {
+    let server = test_server(Config::default());
+    let (good, _t) = duplex_pair(&server, Config::default());
+    let (mut raw, task) = raw_server(&server);
+    raw.write_all(PREAMBLE).await.unwrap();
+    // Envelope kind 9 does not exist.
+    raw.write_all(&frame(&[0x09, 0x01, 0x02])).await.unwrap();
+    let res = guard(task).await.unwrap();
+    assert!(matches!(res, Err(Error::Malformed(_))), "{res:?}");
+    let ok: String = guard(good.call("Test.echo", "unaffected")).await.unwrap();
+    assert_eq!(ok, "unaffected");
+}
+
+#[tokio::test]
+async fn a_response_frame_sent_to_a_server_is_a_protocol_error() {
+    let server = test_server(Config::default());
+    let (mut raw, task) = raw_server(&server);
+    raw.write_all(PREAMBLE).await.unwrap();
+    raw.write_all(&frame(&[0x01, 0x01, 0x00])).await.unwrap();
+    let res = guard(task).await.unwrap();
+    assert!(matches!(res, Err(Error::Protocol { .. })), "{res:?}");
+}
+
+#[tokio::test]
+async fn a_hand_written_request_gets_the_documented_response_bytes() {
+    let server = test_server(Config::default());
+    let (mut raw, _task) = raw_server(&server);
+    raw.write_all(PREAMBLE).await.unwrap();
+    // Test.echo("hi"): payload is the string: len 2, "hi".
+    let mut body = request(5, "Test.echo", None);
+    body.extend_from_slice(&[0x02, b'h', b'i']);
+    raw.write_all(&frame(&body)).await.unwrap();
+    let mut preamble = [0u8; 6];
+    guard(raw.read_exact(&mut preamble)).await.unwrap();
+    assert_eq!(&preamble, PREAMBLE);
+    let resp = guard(read_frame(&mut raw)).await;
+    // Response { id: 5, status: None }, then the payload "hi".
+    assert_eq!(resp, [0x01, 0x05, 0x00, 0x02, b'h', b'i']);
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_server_enforces_a_deadline_on_its_own() {
+    // A hand-driven client that never cancels: the answer must come from
+    // the server's own deadline.
+    let server = test_server(Config::default());
+    let (mut raw, _task) = raw_server(&server);
+    raw.write_all(PREAMBLE).await.unwrap();
+    let mut body = request(9, "Test.sleep_ms", Some(100_000_000)); // 100 ms
+    body.extend_from_slice(&[0xfc]);
+    body.extend_from_slice(&600_000u32.to_le_bytes()); // sleep 10 min
+    raw.write_all(&frame(&body)).await.unwrap();
+    let mut preamble = [0u8; 6];
+    guard(raw.read_exact(&mut preamble)).await.unwrap();
+    let started = tokio::time::Instant::now();
+    let resp = guard(read_frame(&mut raw)).await;
+    // Response { id: 9, status: Some(DEADLINE_EXCEEDED = 4, ..) }
+    assert_eq!(&resp[..4], &[0x01, 0x09, 0x01, 0x04], "{resp:02x?}");
+    assert!(started.elapsed() < Duration::from_secs(1));
+}
+
+#[tokio::test]
+async fn a_zero_timeout_on_the_wire_is_already_expired() {
+    let server = test_server(Config::default());
+    let (mut raw, _task) = raw_server(&server);
+    raw.write_all(PREAMBLE).await.unwrap();
+    let mut body = request(3, "Test.echo", Some(0));
+    body.extend_from_slice(&[0x01, b'x']);
+    raw.write_all(&frame(&body)).await.unwrap();
+    let mut preamble = [0u8; 6];
+    guard(raw.read_exact(&mut preamble)).await.unwrap();
+    let resp = guard(read_frame(&mut raw)).await;
+    assert_eq!(&resp[..4], &[0x01, 0x03, 0x01, 0x04], "{resp:02x?}");
+}
+
+#[tokio::test]
+async fn version_mismatch_is_reported_on_both_sides() {
+    // A server facing a client from the future.
+    let server = test_server(Config::default());
+    let (mut raw, task) = raw_server(&server);
+    raw.write_all(b"NCRPC\x07").await.unwrap();
+    let res = guard(task).await.unwrap();
+    assert!(
+        matches!(res, Err(Error::VersionMismatch { ours: 1, theirs: 7 })),
+        "{res:?}"
+    );
+    // A client facing a server from the future.
+    let (a, mut b) = tokio::io::duplex(1024);
+    let client = Client::new(a);
+    b.write_all(b"NCRPC\x07").await.unwrap();
+    let err = guard(client.call::<_, String>("Test.echo", "x"))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable);
+    assert!(err.message().contains("version"), "{err}");
+}
+
+#[tokio::test]
+async fn a_peer_that_is_not_speaking_rpc_is_rejected() {
+    let server = test_server(Config::default());
+    let (mut raw, task) = raw_server(&server);
+    raw.write_all(b"GET / HTTP/1.1\r\n\r\n").await.unwrap();
+    let res = guard(task).await.unwrap();
+    assert!(matches!(res, Err(Error::BadPreamble { .. })), "{res:?}");
+}
+
+#[tokio::test]
+async fn a_call_waiting_on_a_dead_conn_never_hangs_even_without_a_deadline() {
+    let (a, b) = tokio::io::duplex(1024);
+    let client = Client::new(a);
+    let c = client.clone();
+    let call = tokio::spawn(async move {
+        c.call_with::<_, String>("Test.echo", "x", CallOptions::default())
+            .await
+    });
+    drop(b);
+    let err = guard(call).await.unwrap().unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable);
+}
