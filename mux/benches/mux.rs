@@ -1,1 +1,2 @@
+//! Throughput and latency of netchan channels against raw TCP (see docs/performance.md).
 fn main() {}

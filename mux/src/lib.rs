@@ -1,1 +1,80 @@
 //! Named virtual channels over one byte stream.
+//!
+//! A [`Session`] wraps any tokio byte stream (a `TcpStream`, a TLS stream, `tokio::io::duplex`)
+//! and multiplexes channels over it with [yamux]. Whichever side opened the connection, either
+//! side can [`listen`](Session::listen) on a name and [`dial`](Session::dial) the peer's names.
+//! Every channel ([`Conn`]) is an ordered byte stream with its own flow control and implements
+//! tokio's `AsyncRead + AsyncWrite`.
+//!
+//! Opening a channel runs a small handshake of ours on the new yamux stream (documented byte
+//! for byte in `docs/protocol.md`): the dialer names the channel, the listening side accepts or
+//! refuses with a reason. Dialing a name nobody listens on fails at once with
+//! [`Error::NoListener`]. Sessions have keepalive (a silent peer is detected within
+//! `keepalive_interval + keepalive_timeout`), a channel limit enforced below yamux's own, a
+//! bounded receive budget and a graceful [`close`](Session::close); see [`Config`].
+//!
+//! ```
+//! use netchan_mux::{Config, Session};
+//! use tokio::io::{AsyncReadExt, AsyncWriteExt};
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let (a, b) = tokio::io::duplex(64 * 1024);
+//! let client = Session::client(a, Config::default());
+//! let server = Session::server(b, Config::default());
+//!
+//! let mut echo = server.listen("echo")?;
+//! tokio::spawn(async move {
+//!     while let Ok(mut conn) = echo.accept().await {
+//!         tokio::spawn(async move {
+//!             let (mut r, mut w) = tokio::io::split(&mut conn);
+//!             let _ = tokio::io::copy(&mut r, &mut w).await;
+//!         });
+//!     }
+//! });
+//!
+//! let mut conn = client.dial("echo").await?;
+//! conn.write_all(b"hello").await?;
+//! conn.shutdown().await?; // half-close: the echo ends after "hello"
+//! let mut reply = Vec::new();
+//! conn.read_to_end(&mut reply).await?;
+//! assert_eq!(reply, b"hello");
+//!
+//! assert!(matches!(
+//!     client.dial("nobody").await,
+//!     Err(netchan_mux::Error::NoListener { .. })
+//! ));
+//! client.close().await;
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! # Layout
+//!
+//! - `session.rs` — [`Session`], the cheap handle, and the state it shares with everything else;
+//! - `driver.rs` — the task that owns the `yamux::Connection` and polls it;
+//! - `handshake.rs` — the channel-open handshake's wire format;
+//! - `listener.rs` — [`Listener`] and the listening side of the handshake;
+//! - `channel.rs` — [`Conn`], a channel as `AsyncRead + AsyncWrite`;
+//! - `keepalive.rs` — liveness timer, pinger and echo;
+//! - `socket.rs` — the byte stream under yamux (tokio/futures bridge, liveness stamps);
+//! - `config.rs` — [`Config`] and the yamux settings derived from it;
+//! - `error.rs` — [`Error`] and [`CloseReason`].
+//!
+//! [yamux]: https://github.com/hashicorp/yamux/blob/master/spec.md
+
+mod channel;
+mod config;
+mod driver;
+mod error;
+mod handshake;
+mod keepalive;
+mod listener;
+mod session;
+mod socket;
+
+pub use channel::Conn;
+pub use config::Config;
+pub use error::{CloseReason, Error};
+pub use listener::Listener;
+pub use session::{Mode, Session};

@@ -1,0 +1,153 @@
+//! Errors of sessions and channels, and why a session ended.
+
+use std::{fmt, io, sync::Arc, time::Duration};
+
+/// What went wrong with a session or channel operation.
+///
+/// Each variant names what failed (the channel name, the limit…) so the message can be acted on.
+/// Converts into [`io::Error`] with a matching [`io::ErrorKind`] for the `AsyncRead`/`AsyncWrite`
+/// path of [`Conn`](crate::Conn).
+#[non_exhaustive]
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The channel name breaks a naming rule (empty, longer than 255 bytes, control characters).
+    #[error("invalid channel name {name:?}: {reason}")]
+    InvalidName {
+        /// The rejected name.
+        name: String,
+        /// Which rule it breaks.
+        reason: &'static str,
+    },
+    /// [`Session::listen`](crate::Session::listen) on a name that already has a listener.
+    #[error("channel name {name:?} already has a listener on this session")]
+    NameInUse {
+        /// The name in use.
+        name: String,
+    },
+    /// The peer has nobody listening on this name.
+    #[error("peer has no listener for channel {name:?}")]
+    NoListener {
+        /// The dialed name.
+        name: String,
+    },
+    /// The peer refused the channel for another reason (its channel limit, it is closing, …).
+    #[error("peer refused channel {name:?}: {reason}")]
+    Refused {
+        /// The dialed name.
+        name: String,
+        /// Why, as sent by the peer.
+        reason: String,
+    },
+    /// The peer did not answer the channel-open handshake in time.
+    #[error("channel {name:?}: no handshake answer within {after:?}")]
+    HandshakeTimeout {
+        /// The dialed name.
+        name: String,
+        /// The configured handshake timeout.
+        after: Duration,
+    },
+    /// This session already has its maximum number of open channels (dials in flight included).
+    #[error("too many open channels on this session (limit {limit})")]
+    TooManyChannels {
+        /// [`Config::max_channels`](crate::Config::max_channels).
+        limit: usize,
+    },
+    /// The peer broke the channel-open handshake (bad bytes, unknown status, wrong version).
+    #[error("channel {name:?}: handshake protocol violation: {detail}")]
+    Handshake {
+        /// The channel name, as far as known.
+        name: String,
+        /// What was wrong.
+        detail: String,
+    },
+    /// The session has ended (or is closing and refuses new work).
+    #[error("session closed: {0}")]
+    SessionClosed(CloseReason),
+    /// An I/O error on a channel.
+    #[error("channel i/o error")]
+    Io(#[from] io::Error),
+}
+
+impl Error {
+    fn io_kind(&self) -> io::ErrorKind {
+        match self {
+            Error::InvalidName { .. } => io::ErrorKind::InvalidInput,
+            Error::NameInUse { .. } => io::ErrorKind::AddrInUse,
+            Error::NoListener { .. } | Error::Refused { .. } => io::ErrorKind::ConnectionRefused,
+            Error::HandshakeTimeout { .. } => io::ErrorKind::TimedOut,
+            Error::TooManyChannels { .. } => io::ErrorKind::WouldBlock,
+            Error::Handshake { .. } => io::ErrorKind::InvalidData,
+            Error::SessionClosed(reason) => reason.io_kind(),
+            Error::Io(e) => e.kind(),
+        }
+    }
+}
+
+impl From<Error> for io::Error {
+    fn from(e: Error) -> io::Error {
+        match e {
+            Error::Io(inner) => inner,
+            other => io::Error::new(other.io_kind(), other),
+        }
+    }
+}
+
+/// Why a session ended. Cloned to every waiter of [`Session::closed`](crate::Session::closed).
+#[non_exhaustive]
+#[derive(Debug, Clone)]
+pub enum CloseReason {
+    /// This side closed it ([`Session::close`](crate::Session::close), or every handle dropped).
+    Local,
+    /// The peer closed it gracefully.
+    Peer,
+    /// The peer stopped answering: nothing arrived for `after` (keepalive interval + timeout).
+    KeepaliveTimeout {
+        /// How long the link had been silent when the session was closed.
+        after: Duration,
+    },
+    /// The underlying byte stream failed, or ended without the peer closing the session.
+    Io(Arc<io::Error>),
+    /// The peer violated the yamux protocol.
+    Protocol(String),
+}
+
+impl CloseReason {
+    /// Whether the session ended because something went wrong (not a graceful close).
+    pub fn is_error(&self) -> bool {
+        !matches!(self, CloseReason::Local | CloseReason::Peer)
+    }
+
+    pub(crate) fn io_kind(&self) -> io::ErrorKind {
+        match self {
+            CloseReason::Local => io::ErrorKind::NotConnected,
+            CloseReason::Peer => io::ErrorKind::ConnectionReset,
+            CloseReason::KeepaliveTimeout { .. } => io::ErrorKind::TimedOut,
+            CloseReason::Io(e) => match e.kind() {
+                io::ErrorKind::UnexpectedEof => io::ErrorKind::ConnectionAborted,
+                kind => kind,
+            },
+            CloseReason::Protocol(_) => io::ErrorKind::InvalidData,
+        }
+    }
+
+    pub(crate) fn to_io_error(&self) -> io::Error {
+        io::Error::new(self.io_kind(), Error::SessionClosed(self.clone()))
+    }
+}
+
+impl fmt::Display for CloseReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            CloseReason::Local => f.write_str("closed by this side"),
+            CloseReason::Peer => f.write_str("closed by the peer"),
+            CloseReason::KeepaliveTimeout { after } => {
+                write!(
+                    f,
+                    "keepalive timeout: nothing received from the peer for {after:?}"
+                )
+            }
+            CloseReason::Io(e) => write!(f, "connection i/o error: {e}"),
+            CloseReason::Protocol(detail) => write!(f, "peer violated the protocol: {detail}"),
+        }
+    }
+}

@@ -1,0 +1,166 @@
+//! Limits and misbehaving peers: the channel limit, handshake timeouts, bad handshakes.
+
+mod common;
+
+use common::{tcp_sessions, within, RawPeer};
+use netchan_mux::{Config, Error, Session};
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+#[tokio::test]
+async fn channel_limit_refuses_the_excess_and_the_session_survives() {
+    let (client, server) = tcp_sessions(Config::default(), Config::default().max_channels(4)).await;
+    let mut listener = server.listen("svc").unwrap();
+    // Each accepted channel is held until its peer closes it, then dropped and reported.
+    let (released_tx, mut released) = tokio::sync::mpsc::channel::<()>(16);
+    tokio::spawn(async move {
+        while let Ok(mut conn) = listener.accept().await {
+            let released_tx = released_tx.clone();
+            tokio::spawn(async move {
+                let mut sink = Vec::new();
+                let _ = conn.read_to_end(&mut sink).await;
+                drop(conn);
+                let _ = released_tx.send(()).await;
+            });
+        }
+    });
+
+    let mut held = Vec::new();
+    for _ in 0..4 {
+        held.push(
+            within(5, "dial under limit", client.dial("svc"))
+                .await
+                .unwrap(),
+        );
+    }
+    // An inbound flood beyond the limit is refused channel by channel.
+    let excess = futures::future::join_all((0..6).map(|_| client.dial("svc")));
+    for result in within(10, "excess dials", excess).await {
+        match result {
+            Err(Error::Refused { name, reason }) => {
+                assert_eq!(name, "svc");
+                assert!(reason.contains("too many open channels"), "{reason}");
+            }
+            other => panic!("expected a refusal, got {other:?}"),
+        }
+    }
+    assert!(!client.is_closed() && !server.is_closed());
+
+    // Freeing two channels makes room for two more on the same session.
+    held.truncate(2);
+    within(5, "server releases", async {
+        released.recv().await.unwrap();
+        released.recv().await.unwrap();
+    })
+    .await;
+    for _ in 0..2 {
+        let mut conn = within(5, "dial after release", client.dial("svc"))
+            .await
+            .unwrap();
+        conn.write_all(b"still alive").await.unwrap();
+        held.push(conn);
+    }
+}
+
+#[tokio::test]
+async fn dials_beyond_our_own_limit_fail_with_too_many_channels() {
+    let (client, server) =
+        common::duplex_sessions(Config::default().max_channels(2), Config::default());
+    common::spawn_echo(server.listen("svc").unwrap());
+    let _a = within(5, "dial", client.dial("svc")).await.unwrap();
+    let _b = within(5, "dial", client.dial("svc")).await.unwrap();
+    match client.dial("svc").await {
+        Err(Error::TooManyChannels { limit }) => assert_eq!(limit, 2),
+        other => panic!("expected TooManyChannels, got {other:?}"),
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_handshake_with_no_answer_fails_after_the_timeout() {
+    let (a, b) = tokio::io::duplex(64 * 1024);
+    let timeout = Duration::from_secs(3);
+    let client = Session::client(a, Config::default().handshake_timeout(timeout));
+    // The peer speaks yamux but never answers our handshake.
+    let mut raw = RawPeer::start(b, yamux::Mode::Server);
+    let started = tokio::time::Instant::now();
+    match within(60, "dial", client.dial("silent")).await {
+        Err(Error::HandshakeTimeout { name, after }) => {
+            assert_eq!(name, "silent");
+            assert_eq!(after, timeout);
+        }
+        other => panic!("expected HandshakeTimeout, got {other:?}"),
+    }
+    assert!(started.elapsed() >= timeout);
+    // The stream did reach the peer; the session is fine.
+    assert!(raw.inbound.try_recv().is_ok());
+    assert!(!client.is_closed());
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_inbound_handshake_that_never_finishes_is_dropped_after_the_timeout() {
+    let (a, b) = tokio::io::duplex(64 * 1024);
+    let timeout = Duration::from_secs(3);
+    let server = Session::server(a, Config::default().handshake_timeout(timeout));
+    let _listener = server.listen("abc").unwrap();
+    let raw = RawPeer::start(b, yamux::Mode::Client);
+
+    // Half a request, then silence.
+    let mut stuck = raw.open().await;
+    stuck.write_all(&[1]).await.unwrap();
+    stuck.flush().await.unwrap();
+    let started = tokio::time::Instant::now();
+    let mut buf = [0u8; 8];
+    let n = within(60, "stuck stream ends", stuck.read(&mut buf))
+        .await
+        .unwrap_or(0);
+    assert_eq!(n, 0, "no answer to a half handshake");
+    assert!(started.elapsed() >= timeout);
+
+    // The session still serves proper handshakes, byte for byte as documented.
+    let mut good = raw.open().await;
+    good.write_all(&[1, 3, b'a', b'b', b'c']).await.unwrap();
+    good.flush().await.unwrap();
+    let mut reply = [0u8; 2];
+    within(5, "reply", good.read_exact(&mut reply))
+        .await
+        .unwrap();
+    assert_eq!(reply, [1, 0]);
+    assert!(!server.is_closed());
+}
+
+#[tokio::test]
+async fn unsupported_version_and_bad_names_are_refused_with_a_reason() {
+    let (a, b) = tokio::io::duplex(64 * 1024);
+    let server = Session::server(a, Config::default());
+    let raw = RawPeer::start(b, yamux::Mode::Client);
+
+    let mut s = raw.open().await;
+    s.write_all(&[9, 1, b'x']).await.unwrap();
+    s.flush().await.unwrap();
+    let mut reply = Vec::new();
+    within(5, "version refusal", s.read_to_end(&mut reply))
+        .await
+        .unwrap();
+    assert_eq!(&reply[..2], &[1, 5]);
+    assert_eq!(usize::from(reply[2]), reply.len() - 3);
+    assert!(String::from_utf8_lossy(&reply[3..]).contains("version 9"));
+
+    let mut s = raw.open().await;
+    s.write_all(&[1, 2, b'a', b'\n']).await.unwrap();
+    s.flush().await.unwrap();
+    let mut reply = Vec::new();
+    within(5, "name refusal", s.read_to_end(&mut reply))
+        .await
+        .unwrap();
+    assert_eq!(&reply[..2], &[1, 4]);
+
+    let mut s = raw.open().await;
+    s.write_all(&[1, 4, b'n', b'o', b'n', b'e']).await.unwrap();
+    s.flush().await.unwrap();
+    let mut reply = Vec::new();
+    within(5, "no listener", s.read_to_end(&mut reply))
+        .await
+        .unwrap();
+    assert_eq!(&reply[..2], &[1, 1]);
+    assert!(!server.is_closed());
+}

@@ -1,0 +1,234 @@
+//! Liveness: keepalive, vanished peers and graceful close, over loopback TCP and duplex pipes.
+
+mod common;
+
+use common::{proxied_sessions, spawn_echo, within};
+use netchan_mux::{CloseReason, Config, Error};
+use std::{io, time::Duration};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+fn quick_keepalive() -> Config {
+    Config::default()
+        .keepalive_interval(Some(Duration::from_millis(200)))
+        .keepalive_timeout(Duration::from_millis(300))
+}
+
+#[tokio::test]
+async fn keepalive_detects_a_peer_behind_a_proxy_that_stops_forwarding() {
+    let server_cfg = Config::default().keepalive_interval(None);
+    let (client, server, proxy) = proxied_sessions(quick_keepalive(), server_cfg, None).await;
+    spawn_echo(server.listen("echo").unwrap());
+    let mut conn = within(5, "dial", client.dial("echo")).await.unwrap();
+    conn.write_all(b"ping").await.unwrap();
+    let mut buf = [0u8; 4];
+    within(5, "echo", conn.read_exact(&mut buf)).await.unwrap();
+    let mut own_listener = client.listen("never-dialed").unwrap();
+
+    proxy.blackhole();
+    // Everything waiting on the session must end with an error instead of hanging.
+    let read = tokio::spawn(async move {
+        let mut buf = [0u8; 16];
+        conn.read(&mut buf).await
+    });
+    let accept = tokio::spawn(async move { own_listener.accept().await });
+    let dialer = client.clone();
+    let dial = tokio::spawn(async move { dialer.dial("echo").await });
+
+    let reason = within(10, "keepalive timeout", client.closed()).await;
+    assert!(
+        matches!(reason, CloseReason::KeepaliveTimeout { .. }),
+        "{reason:?}"
+    );
+    let err = within(5, "pending read", read).await.unwrap().unwrap_err();
+    assert_eq!(err.kind(), io::ErrorKind::TimedOut, "{err}");
+    assert!(matches!(
+        within(5, "pending accept", accept).await.unwrap(),
+        Err(Error::SessionClosed(CloseReason::KeepaliveTimeout { .. }))
+    ));
+    assert!(matches!(
+        within(5, "pending dial", dial).await.unwrap(),
+        Err(Error::SessionClosed(_))
+    ));
+    assert!(matches!(
+        client.dial("echo").await,
+        Err(Error::SessionClosed(CloseReason::KeepaliveTimeout { .. }))
+    ));
+}
+
+#[tokio::test]
+async fn bulk_transfer_over_a_slow_link_causes_no_false_keepalive_timeout() {
+    // ~4 MB/s: 2 MiB take about half a second, longer than keepalive interval + timeout; every
+    // 16 KiB frame of the transfer counts as liveness, so no ping is ever needed.
+    let (client, server, _proxy) =
+        proxied_sessions(quick_keepalive(), quick_keepalive(), Some(4096)).await;
+    let mut listener = server.listen("bulk").unwrap();
+    const TOTAL: usize = 2 * 1024 * 1024;
+    let receiver = tokio::spawn(async move {
+        let mut conn = listener.accept().await.unwrap();
+        let mut sum = 0u64;
+        let mut total = 0usize;
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            let n = conn.read(&mut buf).await.unwrap();
+            if n == 0 {
+                break;
+            }
+            sum = buf[..n]
+                .iter()
+                .fold(sum, |s, b| s.wrapping_mul(31).wrapping_add(u64::from(*b)));
+            total += n;
+        }
+        (total, sum)
+    });
+    let mut conn = within(5, "dial", client.dial("bulk")).await.unwrap();
+    let data: Vec<u8> = (0..TOTAL).map(|i| (i * 7 % 256) as u8).collect();
+    let expected = data
+        .iter()
+        .fold(0u64, |s, b| s.wrapping_mul(31).wrapping_add(u64::from(*b)));
+    within(30, "slow bulk write", async {
+        conn.write_all(&data).await.unwrap();
+        conn.shutdown().await.unwrap();
+    })
+    .await;
+    let (total, sum) = within(30, "slow bulk read", receiver).await.unwrap();
+    assert_eq!((total, sum), (TOTAL, expected));
+    assert!(
+        !client.is_closed(),
+        "client session ended: false keepalive timeout"
+    );
+    assert!(
+        !server.is_closed(),
+        "server session ended: false keepalive timeout"
+    );
+}
+
+#[tokio::test]
+async fn a_peer_that_vanishes_mid_transfer_gives_errors_within_a_bound() {
+    let cfg = || Config::default().keepalive_interval(None);
+    let (client, server, proxy) = proxied_sessions(cfg(), cfg(), None).await;
+    let mut listener = server.listen("upload").unwrap();
+    let (got_some_tx, got_some) = tokio::sync::oneshot::channel();
+    tokio::spawn(async move {
+        let mut conn = listener.accept().await.unwrap();
+        let mut buf = vec![0u8; 64 * 1024];
+        let _ = conn.read_exact(&mut buf).await;
+        let _ = got_some_tx.send(());
+        // Stop reading; keep the channel open.
+        std::future::pending::<()>().await;
+    });
+    let conn = within(5, "dial", client.dial("upload")).await.unwrap();
+    let (mut r, mut w) = tokio::io::split(conn);
+    let writer = tokio::spawn(async move {
+        let block = vec![0x5au8; 64 * 1024];
+        // Bounded: the link is cut long before 16 GiB.
+        for _ in 0..256 * 1024 {
+            w.write_all(&block).await?;
+        }
+        Ok::<_, io::Error>(())
+    });
+    let reader = tokio::spawn(async move {
+        let mut buf = [0u8; 16];
+        r.read(&mut buf).await
+    });
+    within(5, "first bytes arrive", got_some).await.unwrap();
+    proxy.sever();
+
+    let err = within(5, "writer fails", writer)
+        .await
+        .unwrap()
+        .unwrap_err();
+    assert_ne!(err.kind(), io::ErrorKind::Other, "{err}");
+    assert!(within(5, "reader fails", reader).await.unwrap().is_err());
+    let reason = within(5, "client ends", client.closed()).await;
+    assert!(reason.is_error(), "{reason:?}");
+    within(5, "server ends", server.closed()).await;
+}
+
+#[tokio::test]
+async fn graceful_close_lets_an_open_channel_finish() {
+    let (client, server) = common::duplex_sessions(Config::default(), Config::default());
+    spawn_echo(server.listen("echo").unwrap());
+    let mut conn = within(5, "dial", client.dial("echo")).await.unwrap();
+
+    let closer = client.clone();
+    let closing = tokio::spawn(async move { closer.close().await });
+    // New channels are refused while closing...
+    let refused = within(5, "dial while closing", async {
+        loop {
+            match client.dial("echo").await {
+                Err(Error::SessionClosed(_)) => break,
+                // The close may not have started yet; the channel is usable then.
+                Ok(_) => tokio::task::yield_now().await,
+                Err(other) => panic!("unexpected {other:?}"),
+            }
+        }
+    });
+    refused.await;
+    // ...but the open one still works to its end.
+    conn.write_all(b"last words").await.unwrap();
+    conn.shutdown().await.unwrap();
+    let mut back = Vec::new();
+    within(5, "echo while closing", conn.read_to_end(&mut back))
+        .await
+        .unwrap();
+    assert_eq!(back, b"last words");
+    // The close waits for this channel (the 5 s grace is far away).
+    assert!(!closing.is_finished());
+    drop(conn);
+    within(5, "close completes", closing).await.unwrap();
+    assert!(matches!(client.closed().await, CloseReason::Local));
+    assert!(matches!(
+        within(5, "peer sees the close", server.closed()).await,
+        CloseReason::Peer
+    ));
+}
+
+#[tokio::test(start_paused = true)]
+async fn close_grace_expiry_cuts_open_channels_with_errors() {
+    let grace = Duration::from_secs(2);
+    let (client, server) =
+        common::duplex_sessions(Config::default().close_grace(grace), Config::default());
+    let mut listener = server.listen("idle").unwrap();
+    let accepted = tokio::spawn(async move { listener.accept().await.unwrap() });
+    let mut conn = within(5, "dial", client.dial("idle")).await.unwrap();
+    let _held = within(5, "accept", accepted).await.unwrap();
+
+    let started = tokio::time::Instant::now();
+    let reader = tokio::spawn(async move {
+        let mut buf = [0u8; 8];
+        conn.read(&mut buf).await
+    });
+    within(60, "close", client.close()).await;
+    assert!(started.elapsed() >= grace);
+    let err = within(5, "cut read", reader).await.unwrap().unwrap_err();
+    assert_eq!(err.kind(), io::ErrorKind::NotConnected, "{err}");
+}
+
+#[tokio::test]
+async fn closed_resolves_for_every_waiter_and_after_the_end() {
+    let (client, server) = common::duplex_sessions(Config::default(), Config::default());
+    let waiters: Vec<_> = (0..3)
+        .map(|_| {
+            let s = server.clone();
+            tokio::spawn(async move { s.closed().await })
+        })
+        .collect();
+    within(5, "close", client.close()).await;
+    for w in waiters {
+        assert!(matches!(
+            within(5, "waiter", w).await.unwrap(),
+            CloseReason::Peer
+        ));
+    }
+    assert!(matches!(server.closed().await, CloseReason::Peer));
+    assert!(server.is_closed());
+    assert!(matches!(server.listen("x"), Err(Error::SessionClosed(_))));
+}
+
+#[tokio::test]
+async fn dropping_every_handle_ends_the_session() {
+    let (client, server) = common::duplex_sessions(Config::default(), Config::default());
+    drop(client);
+    let reason = within(5, "peer sees the end", server.closed()).await;
+    assert!(matches!(reason, CloseReason::Peer), "{reason:?}");
+}
