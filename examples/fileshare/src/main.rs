@@ -1,19 +1,212 @@
-//! `share`: the netchan file-share demo — a hub, and a REPL client that exports a directory.
+//! `share`: the netchan file-share demo, after the 2011 article "Bidirectional RPC with netchan".
 //!
-//! Work in progress: the pieces that do not need the network (confinement, CLI, hello
-//! exchange, TLS configuration, REPL syntax, the hub's peer table) land first.
-
-// The network half (hub and client) lands with netchan-mux and netchan-rpc; until then some
-// of these items are only used by their tests.
-#![allow(dead_code)]
+//! `share hub` runs the hub; `share --name alice [--root DIR] [ADDR]` connects to it over one
+//! TCP (optionally TLS) connection, publishes itself, exports DIR read-only, and opens a REPL
+//! (`list`, `ls`, `read`, `get`). The hub calls back into each client over that same
+//! connection; a read of bob's file by alice goes alice → hub → bob and back.
+//!
+//! # Layout
+//!
+//! - `cli` — command-line options (and the article's Go-style `-name` flags).
+//! - `proto` — the `Hub` and `Export` services and their messages.
+//! - `hub` — the hub: sessions, hello, publish, forwarding with per-peer limits.
+//! - `registry` — the hub's table of published names.
+//! - `client` — connecting, the exported service, reconnection with backoff.
+//! - `export` — file access confined to the exported root (cap-std).
+//! - `command`, `repl` — REPL syntax and the terminal/scripted front ends.
+//! - `auth`, `tls` — the token exchange and rustls configuration.
 
 mod auth;
 mod cli;
+mod client;
 mod command;
 mod export;
+mod hub;
+mod proto;
 mod registry;
+mod repl;
 mod tls;
 
+use std::io::{IsTerminal as _, Write as _};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use tracing::{info, warn};
+
+use crate::cli::{ClientArgs, Command, HubArgs};
+
 fn main() {
-    let _cli = cli::parse();
+    let cli = cli::parse();
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("share: cannot start the runtime: {e}");
+            std::process::exit(1);
+        }
+    };
+    let result = match cli.command {
+        Some(Command::Hub(args)) => rt.block_on(run_hub(args)),
+        None => rt.block_on(run_client(cli.client)),
+    };
+    let _ = std::io::stdout().flush();
+    // Exit without waiting for the runtime: a blocking stdin read would keep it alive.
+    match result {
+        Ok(true) => std::process::exit(0),
+        Ok(false) => std::process::exit(1),
+        Err(e) => {
+            eprintln!("share: {e:#}");
+            std::process::exit(1);
+        }
+    }
+}
+
+fn init_tracing(default: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .init();
+}
+
+/// Session settings for a keepalive bound of `k`: ping after `k/2` of silence, give up `k/2`
+/// later, so a silent peer is dropped within `k`.
+fn mux_config(k: Duration) -> netchan_mux::Config {
+    netchan_mux::Config::default()
+        .keepalive_interval(Some(k / 2))
+        .keepalive_timeout(k / 2)
+}
+
+/// Resolves when the process is asked to stop (Ctrl-C or SIGTERM).
+async fn shutdown_signal() {
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term => {}
+    }
+}
+
+async fn run_hub(args: HubArgs) -> anyhow::Result<bool> {
+    init_tracing("info");
+    let tls = match (&args.tls_cert, &args.tls_key) {
+        (Some(cert), Some(key)) => {
+            let config = tls::server_config(cert, key, args.tls_client_ca.as_deref())?;
+            Some(tokio_rustls::TlsAcceptor::from(config))
+        }
+        _ => None,
+    };
+    let token = args
+        .token
+        .as_deref()
+        .map(auth::Token::new)
+        .transpose()
+        .context("invalid --token")?;
+    let listener = tokio::net::TcpListener::bind(&args.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", args.listen))?;
+    let addr = listener.local_addr()?;
+    match (&token, &tls, &args.tls_client_ca) {
+        (None, None, _) => warn!(
+            "the link is plaintext and unauthenticated: anyone who can reach {addr} can join \
+             and read every peer's exported files; use --token and --tls-cert/--tls-key"
+        ),
+        (Some(_), None, _) => warn!(
+            "the link is plaintext: the token and all files cross the network unencrypted; \
+             use --tls-cert/--tls-key"
+        ),
+        (None, Some(_), None) => warn!(
+            "the link is unauthenticated: any client can join; use --token or --tls-client-ca"
+        ),
+        _ => {}
+    }
+    info!(%addr, tls = tls.is_some(), token = token.is_some(), "hub listening");
+    // A plain line on stdout, whatever the log level: scripts and tests read the address here.
+    println!("hub listening on {addr}");
+    let _ = std::io::stdout().flush();
+    let hub = hub::HubState::new(hub::HubOptions {
+        token,
+        tls,
+        max_reads_per_peer: args.max_reads_per_peer as usize,
+        mux: mux_config(args.keepalive),
+        ..hub::HubOptions::default()
+    });
+    tokio::select! {
+        () = hub.serve(listener) => {}
+        () = shutdown_signal() => info!("shutting down"),
+    }
+    Ok(true)
+}
+
+async fn run_client(args: ClientArgs) -> anyhow::Result<bool> {
+    init_tracing("error");
+    let name = args.name.clone().unwrap_or_default();
+    registry::validate_name(&name).context("invalid --name")?;
+    let root = export::Root::open(&args.root)
+        .with_context(|| format!("cannot export {}", args.root.display()))?;
+    let tls = match &args.tls_ca {
+        None => None,
+        Some(ca) => {
+            let client_cert = match (&args.tls_cert, &args.tls_key) {
+                (Some(c), Some(k)) => Some((c.as_path(), k.as_path())),
+                _ => None,
+            };
+            let config = tls::client_config(ca, client_cert)?;
+            let server_name = tls::server_name(&args.addr, args.tls_server_name.as_deref())?;
+            Some((config, server_name))
+        }
+    };
+    let opts = client::ClientOptions {
+        name: name.clone(),
+        root,
+        addr: args.addr.clone(),
+        token: args.token.clone(),
+        tls,
+        // Quitting should not wait for the hub's idle channels to the export service.
+        mux: mux_config(args.keepalive).close_grace(Duration::from_millis(300)),
+    };
+    let notifier = Arc::new(repl::Notifier::default());
+    let notify: client::Notify = {
+        let n = notifier.clone();
+        Arc::new(move |msg: String| n.notify(&msg))
+    };
+    let root_shown = opts.root.display_path().display().to_string();
+    let peer = client::Peer::start(opts, notify)
+        .await
+        .map_err(|e| anyhow::anyhow!(client::chain(&e)))?;
+    let peer = Arc::new(peer);
+    let ok = if args.serve {
+        eprintln!(
+            "share: connected to the hub at {} as {name}, exporting {root_shown}",
+            args.addr
+        );
+        shutdown_signal().await;
+        true
+    } else if std::io::stdin().is_terminal() {
+        eprintln!(
+            "connected to the hub at {} as {name}, exporting {root_shown}; type help",
+            args.addr
+        );
+        let rt = tokio::runtime::Handle::current();
+        let (p, n) = (peer.clone(), notifier.clone());
+        tokio::task::spawn_blocking(move || repl::run_terminal(p, rt, n))
+            .await
+            .context("the REPL failed")??;
+        true
+    } else {
+        repl::run_script(&peer).await
+    };
+    peer.close().await;
+    Ok(ok)
 }

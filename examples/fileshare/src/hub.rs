@@ -1,0 +1,442 @@
+//! The hub: accepts one connection per client, serves [`Hub`], forwards calls to exporters.
+//!
+//! Per connection (one task, in a `conn` span): optional TLS handshake, a server-side mux
+//! session, the hello exchange (the only channel listened on before it succeeds), then the
+//! [`Hub`] service on every channel the client dials to [`HUB_CHANNEL`]. The service instance
+//! is per connection and holds that connection's session and publish state, so the hub knows
+//! who calls by the connection a call arrives on. `Hub.publish` dials the client's
+//! [`EXPORT_CHANNEL`] back over the same session; the hub never connects to a client.
+//!
+//! When a session ends (quit, crash, keepalive timeout) its task removes the peer, and calls
+//! in flight to it fail with "peer gone". Reads forwarded to one exporter are limited by a
+//! semaphore: a read waits up to [`HubOptions::busy_wait`] for a slot, then fails "busy".
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use netchan_mux::{self as mux, Session};
+use netchan_rpc::{self as rpc, CallOptions, Code, Context, ItemStream, Status};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::TcpListener;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::task::JoinSet;
+use tracing::{debug, info, warn, Instrument};
+
+use crate::auth::{self, Token};
+use crate::export::{Entry, Listing};
+use crate::proto::{
+    Chunk, ExportClient, Hub, ListReq, PeerPath, PeerRead, PublishReq, PublishResp, ReadReq,
+    EXPORT_CHANNEL, HUB_CHANNEL,
+};
+use crate::registry::{validate_name, ConnId, NameError, Registry};
+
+/// How long the hub waits to open the channel to a publishing client's export service.
+const EXPORT_DIAL_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Deadline of a forwarded `ls`/`stat` (a read has none: it may legitimately take long, and a
+/// dead exporter is detected by the keepalive).
+const PEER_CALL_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The hub's settings.
+#[derive(Clone)]
+pub(crate) struct HubOptions {
+    /// Secret clients must present in the hello exchange. Default: none.
+    pub(crate) token: Option<Token>,
+    /// TLS acceptor. Default: none (plaintext).
+    pub(crate) tls: Option<tokio_rustls::TlsAcceptor>,
+    /// Reads forwarded to one peer at a time. Default: 8.
+    pub(crate) max_reads_per_peer: usize,
+    /// How long a read waits for one of those slots before failing "busy". Default: 2 s.
+    pub(crate) busy_wait: Duration,
+    /// Most client connections at once; more are closed right after accept. Default: 1024.
+    pub(crate) max_connections: usize,
+    /// Session settings (keepalive bounds how fast a silent peer is dropped).
+    /// Default: `mux::Config::default()`.
+    pub(crate) mux: mux::Config,
+}
+
+impl Default for HubOptions {
+    fn default() -> HubOptions {
+        HubOptions {
+            token: None,
+            tls: None,
+            max_reads_per_peer: 8,
+            busy_wait: Duration::from_secs(2),
+            max_connections: 1024,
+            mux: mux::Config::default(),
+        }
+    }
+}
+
+/// What the hub keeps per published peer.
+#[derive(Clone)]
+struct PeerHandle {
+    export: ExportClient,
+    /// Slots for forwarded reads (and ls/stat) to this peer.
+    calls: Arc<Semaphore>,
+}
+
+/// The hub. Cheap to share (`Arc`); [`HubState::serve`] runs the accept loop.
+pub(crate) struct HubState {
+    opts: HubOptions,
+    peers: Registry<PeerHandle>,
+    next_conn: AtomicU64,
+    connections: Arc<Semaphore>,
+    /// Bumped whenever the set of peers changes (lets tests await a departure).
+    changes: tokio::sync::watch::Sender<u64>,
+}
+
+impl HubState {
+    /// A hub with no peers.
+    pub(crate) fn new(opts: HubOptions) -> Arc<HubState> {
+        let connections = Arc::new(Semaphore::new(opts.max_connections.max(1)));
+        Arc::new(HubState {
+            opts,
+            peers: Registry::new(),
+            next_conn: AtomicU64::new(1),
+            connections,
+            changes: tokio::sync::watch::Sender::new(0),
+        })
+    }
+
+    /// Accepts connections forever (until the returned future is dropped, which also ends
+    /// every connection task). Not meant to be cancelled and restarted.
+    pub(crate) async fn serve(self: Arc<Self>, listener: TcpListener) {
+        let mut conns = JoinSet::new();
+        // Bounded: one iteration per accepted connection; connection tasks are reaped as they
+        // finish so the set holds at most `max_connections` (+ the ones being refused).
+        loop {
+            tokio::select! {
+                accepted = listener.accept() => match accepted {
+                    Ok((tcp, addr)) => {
+                        let Ok(permit) = self.connections.clone().try_acquire_owned() else {
+                            warn!(%addr, limit = self.opts.max_connections, "refusing connection: too many clients");
+                            continue;
+                        };
+                        let _ = tcp.set_nodelay(true);
+                        let hub = self.clone();
+                        let id = self.next_conn.fetch_add(1, Ordering::Relaxed);
+                        let span = tracing::info_span!("conn", id, %addr);
+                        conns.spawn(async move {
+                            hub.accept_tcp(tcp, id, addr).await;
+                            drop(permit);
+                        }.instrument(span));
+                    }
+                    Err(e) => {
+                        // Typically EMFILE: back off briefly instead of spinning.
+                        warn!("accept failed: {e}");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                },
+                Some(_) = conns.join_next(), if !conns.is_empty() => {}
+            }
+        }
+    }
+
+    async fn accept_tcp(self: Arc<Self>, tcp: tokio::net::TcpStream, id: ConnId, addr: SocketAddr) {
+        match &self.opts.tls {
+            None => self.serve_io(tcp, id, addr.to_string()).await,
+            Some(acceptor) => {
+                match tokio::time::timeout(crate::tls::HANDSHAKE_TIMEOUT, acceptor.accept(tcp))
+                    .await
+                {
+                    Ok(Ok(tls)) => self.serve_io(tls, id, addr.to_string()).await,
+                    Ok(Err(e)) => warn!("tls handshake failed: {e}"),
+                    Err(_) => warn!("tls handshake timed out"),
+                }
+            }
+        }
+    }
+
+    /// Serves one client connection over `io` (any byte stream) until it ends.
+    pub(crate) async fn serve_io<T>(self: Arc<Self>, io: T, id: ConnId, label: String)
+    where
+        T: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+    {
+        let session = Session::server(io, self.opts.mux.clone());
+        let hub_listener = match self.hello(&session).await {
+            Ok(l) => l,
+            Err(e) => {
+                warn!("refused before publishing: {e:#}");
+                // Let the refusal reach the client before the link goes.
+                session.close().await;
+                return;
+            }
+        };
+        debug!("hello ok");
+        let conn = Arc::new(ConnState {
+            id,
+            label: label.clone(),
+            session: session.clone(),
+            hub: self.clone(),
+            published: tokio::sync::Mutex::new(Published::No),
+        });
+        let mut server = rpc::Server::new();
+        server.add(HubService(conn.clone()).into_service());
+        let reason = serve_channels(hub_listener, &session, &server, &label).await;
+        let mut published = conn.published.lock().await;
+        if let Published::As(name) = &*published {
+            if self.peers.remove(name, id) {
+                self.changed();
+                if reason.is_error() {
+                    info!(peer = %name, "left: {reason}");
+                } else {
+                    info!(peer = %name, "left");
+                }
+            }
+        } else {
+            debug!("connection ended before publishing: {reason}");
+        }
+        *published = Published::Gone;
+    }
+
+    /// Runs the hello exchange; on success the hub channel is being listened on.
+    async fn hello(&self, session: &Session) -> anyhow::Result<mux::Listener> {
+        let mut hello = session.listen(auth::CHANNEL)?;
+        let mut ch = tokio::time::timeout(auth::TIMEOUT, hello.accept())
+            .await
+            .map_err(|_| anyhow::anyhow!("no hello within {:?}", auth::TIMEOUT))??;
+        drop(hello);
+        let mut hub_listener = None;
+        auth::server_hello(&mut ch, self.opts.token.as_ref(), || {
+            hub_listener = Some(session.listen(HUB_CHANNEL).map_err(|e| e.to_string())?);
+            Ok(())
+        })
+        .await?;
+        hub_listener.ok_or_else(|| anyhow::anyhow!("hub listener missing after hello"))
+    }
+
+    fn changed(&self) {
+        self.changes.send_modify(|n| *n += 1);
+    }
+
+    /// Names of the published peers (sorted).
+    pub(crate) fn names(&self) -> Vec<String> {
+        self.peers.names()
+    }
+
+    /// A receiver that sees a change whenever a peer joins or leaves.
+    #[cfg(test)]
+    pub(crate) fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.changes.subscribe()
+    }
+
+    fn peer(&self, name: &str) -> Result<PeerHandle, Status> {
+        self.peers.get(name).ok_or_else(|| {
+            Status::not_found(format!(
+                "unknown peer {name:?} (list shows the connected peers)"
+            ))
+        })
+    }
+
+    /// Waits up to `busy_wait` for a call slot on `peer`.
+    async fn slot(&self, name: &str, peer: &PeerHandle) -> Result<OwnedSemaphorePermit, Status> {
+        match tokio::time::timeout(self.opts.busy_wait, peer.calls.clone().acquire_owned()).await {
+            Ok(Ok(permit)) => Ok(permit),
+            Ok(Err(_)) => Err(peer_gone(name, "it left")),
+            Err(_) => Err(Status::resource_exhausted(format!(
+                "peer {name:?} is busy: {} calls to it are already in flight; try again later",
+                self.opts.max_reads_per_peer
+            ))),
+        }
+    }
+}
+
+/// Accepts and serves [`HUB_CHANNEL`] channels until the session ends; returns why it ended.
+async fn serve_channels(
+    mut listener: mux::Listener,
+    session: &Session,
+    server: &rpc::Server,
+    label: &str,
+) -> mux::CloseReason {
+    // Channel tasks are owned here: when the session ends this set is dropped and aborts them.
+    let mut channels = JoinSet::new();
+    // Bounded: one iteration per channel, and the session's max_channels bounds the live ones.
+    loop {
+        tokio::select! {
+            reason = session.closed() => return reason,
+            accepted = listener.accept() => match accepted {
+                Ok(ch) => {
+                    let server = server.clone();
+                    let label = label.to_owned();
+                    channels.spawn(async move {
+                        if let Err(e) = server.serve_named(ch, label).await {
+                            debug!("hub channel ended: {e}");
+                        }
+                    }.in_current_span());
+                }
+                Err(_) => return session.closed().await,
+            },
+            Some(_) = channels.join_next(), if !channels.is_empty() => {}
+        }
+    }
+}
+
+/// A connection's publish state.
+enum Published {
+    /// Not yet.
+    No,
+    /// As this name.
+    As(String),
+    /// The connection has ended; publishing is no longer possible.
+    Gone,
+}
+
+/// Per-connection state shared by that connection's service instances.
+struct ConnState {
+    id: ConnId,
+    label: String,
+    session: Session,
+    hub: Arc<HubState>,
+    // A tokio mutex: held across the dial back to the client, so that publish and the
+    // departure cleanup are ordered.
+    published: tokio::sync::Mutex<Published>,
+}
+
+/// The [`Hub`] service as seen by one connection.
+struct HubService(Arc<ConnState>);
+
+fn peer_gone(name: &str, detail: impl std::fmt::Display) -> Status {
+    Status::unavailable(format!("peer gone: {name:?} disconnected ({detail})"))
+}
+
+/// Rewrites a status from an exporter for the reader: connection loss becomes "peer gone",
+/// anything else gets the peer's name in front.
+fn from_peer(name: &str, s: Status) -> Status {
+    match s.code() {
+        Code::Unavailable => peer_gone(name, s.message()),
+        Code::DeadlineExceeded => Status::deadline_exceeded(format!(
+            "peer {name:?} did not answer within {PEER_CALL_TIMEOUT:?}"
+        )),
+        code => Status::new(code, format!("{name}: {}", s.message())),
+    }
+}
+
+impl Hub for HubService {
+    async fn publish(&self, _ctx: Context, req: PublishReq) -> Result<PublishResp, Status> {
+        let conn = &self.0;
+        let name = req.name;
+        validate_name(&name).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let mut published = conn.published.lock().await;
+        match &*published {
+            Published::No => {}
+            Published::As(old) => {
+                return Err(Status::failed_precondition(format!(
+                    "this connection is already published as {old:?}"
+                )))
+            }
+            Published::Gone => return Err(Status::unavailable("the connection is closing")),
+        }
+        let taken = || Status::already_exists(NameError::Taken { name: name.clone() }.to_string());
+        // Fail fast before dialing back; the insert below re-checks atomically.
+        if conn.hub.peers.get(&name).is_some() {
+            warn!(peer = %name, conn = conn.id, "refused: name already taken");
+            return Err(taken());
+        }
+        let ch = tokio::time::timeout(EXPORT_DIAL_TIMEOUT, conn.session.dial(EXPORT_CHANNEL))
+            .await
+            .map_err(|_| {
+                Status::failed_precondition(format!(
+                    "could not open your {EXPORT_CHANNEL:?} channel within {EXPORT_DIAL_TIMEOUT:?}"
+                ))
+            })?
+            .map_err(|e| {
+                Status::failed_precondition(format!(
+                    "could not open your {EXPORT_CHANNEL:?} channel: {e}"
+                ))
+            })?;
+        let handle = PeerHandle {
+            export: ExportClient::new(rpc::Client::new(ch)),
+            calls: Arc::new(Semaphore::new(conn.hub.opts.max_reads_per_peer.max(1))),
+        };
+        if let Err(e) = conn.hub.peers.insert(&name, conn.id, handle) {
+            warn!(peer = %name, conn = conn.id, "refused: {e}");
+            return Err(match e {
+                NameError::Taken { .. } => taken(),
+                other => Status::invalid_argument(other.to_string()),
+            });
+        }
+        *published = Published::As(name.clone());
+        conn.hub.changed();
+        let peers = conn.hub.peers.len() as u32;
+        info!(peer = %name, conn = conn.id, addr = %conn.label, peers, "joined");
+        Ok(PublishResp { name, peers })
+    }
+
+    async fn list(&self, _ctx: Context, _req: ListReq) -> Result<Vec<String>, Status> {
+        Ok(self.0.hub.names())
+    }
+
+    async fn ls(&self, _ctx: Context, req: PeerPath) -> Result<Listing, Status> {
+        let hub = &self.0.hub;
+        let peer = hub.peer(&req.peer)?;
+        let _slot = hub.slot(&req.peer, &peer).await?;
+        let export = peer
+            .export
+            .with_options(CallOptions::default().timeout(PEER_CALL_TIMEOUT));
+        export
+            .ls(req.path)
+            .await
+            .map_err(|s| from_peer(&req.peer, s))
+    }
+
+    async fn stat(&self, _ctx: Context, req: PeerPath) -> Result<Entry, Status> {
+        let hub = &self.0.hub;
+        let peer = hub.peer(&req.peer)?;
+        let _slot = hub.slot(&req.peer, &peer).await?;
+        let export = peer
+            .export
+            .with_options(CallOptions::default().timeout(PEER_CALL_TIMEOUT));
+        export
+            .stat(req.path)
+            .await
+            .map_err(|s| from_peer(&req.peer, s))
+    }
+
+    async fn read(&self, _ctx: Context, req: PeerRead) -> Result<ItemStream<Chunk>, Status> {
+        let hub = &self.0.hub;
+        let name = req.peer;
+        let peer = hub.peer(&name)?;
+        let slot = hub.slot(&name, &peer).await?;
+        debug!(peer = %name, path = %req.path, "forwarding read");
+        let upstream = peer
+            .export
+            .read(ReadReq {
+                path: req.path,
+                offset: req.offset,
+            })
+            .await
+            .map_err(|s| from_peer(&name, s))?;
+        // Each item is pulled from the exporter only when the reader's credit lets the rpc
+        // server poll this stream, so at most one stream window per hop is in flight. The slot
+        // is held until the stream is finished or dropped (reader gone: the drop also cancels
+        // the exporter's call).
+        let forwarded = futures::stream::unfold(
+            (upstream, Some(slot), name),
+            |(mut up, slot, name)| async move {
+                slot.as_ref()?;
+                match up.next().await {
+                    Some(Ok(chunk)) => {
+                        let slot = if chunk.eof { None } else { slot };
+                        Some((Ok(chunk), (up, slot, name)))
+                    }
+                    Some(Err(s)) => {
+                        let status = from_peer(&name, s);
+                        Some((Err(status), (up, None, name)))
+                    }
+                    None => {
+                        let status = peer_gone(&name, "the transfer was cut short");
+                        Some((Err(status), (up, None, name)))
+                    }
+                }
+            },
+        );
+        Ok(Box::pin(forwarded))
+    }
+}
+
+#[cfg(test)]
+mod tests;

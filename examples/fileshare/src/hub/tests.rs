@@ -1,0 +1,407 @@
+//! In-process tests of the hub: a real hub and real clients in one runtime, over loopback TCP.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use netchan_mux::Session;
+use netchan_rpc::{self as rpc, Code};
+use tokio::net::TcpListener;
+
+use super::{HubOptions, HubState};
+use crate::auth;
+use crate::client::{self, CallError, ClientOptions, ConnectError, Peer};
+use crate::export::{Kind, Root};
+use crate::proto::{HubClient, ListReq, PublishReq, HUB_CHANNEL};
+
+/// Generous bound for anything that should happen promptly.
+const WAIT: Duration = Duration::from_secs(20);
+
+struct TestHub {
+    state: Arc<HubState>,
+    addr: SocketAddr,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for TestHub {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+async fn start_hub(opts: HubOptions) -> TestHub {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let state = HubState::new(opts);
+    let task = tokio::spawn(state.clone().serve(listener));
+    TestHub { state, addr, task }
+}
+
+fn client_opts(hub: &TestHub, name: &str, root: &Path) -> ClientOptions {
+    ClientOptions {
+        name: name.to_owned(),
+        root: Root::open(root).unwrap(),
+        addr: hub.addr.to_string(),
+        token: None,
+        tls: None,
+        mux: netchan_mux::Config::default().close_grace(Duration::from_millis(100)),
+    }
+}
+
+fn quiet() -> client::Notify {
+    Arc::new(|_msg: String| {})
+}
+
+async fn join(hub: &TestHub, name: &str, root: &Path) -> Peer {
+    tokio::time::timeout(WAIT, Peer::start(client_opts(hub, name, root), quiet()))
+        .await
+        .expect("join in time")
+        .expect("join succeeds")
+}
+
+/// A root with `hello.txt`, `sub/` and a sparse `big.bin` of `big` bytes.
+fn root_with(big: u64) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("hello.txt"), b"hello world\n").unwrap();
+    std::fs::create_dir(dir.path().join("sub")).unwrap();
+    let f = std::fs::File::create(dir.path().join("big.bin")).unwrap();
+    f.set_len(big).unwrap();
+    dir
+}
+
+/// Waits until the hub's peer set satisfies `pred`.
+async fn until_peers(hub: &TestHub, pred: impl Fn(&[String]) -> bool) {
+    let mut changes = hub.state.subscribe();
+    tokio::time::timeout(WAIT, async {
+        // Bounded by the timeout; each iteration waits for a change.
+        while !pred(&hub.state.names()) {
+            changes.changed().await.unwrap();
+        }
+    })
+    .await
+    .expect("peer set reached the expected state in time");
+}
+
+/// A client that does the hello and opens the hub channel but publishes nothing by itself.
+async fn raw_client(hub: &TestHub, token: Option<&str>) -> (Session, HubClient) {
+    let tcp = tokio::net::TcpStream::connect(hub.addr).await.unwrap();
+    let session = Session::client(tcp, netchan_mux::Config::default());
+    let mut hello = session.dial(auth::CHANNEL).await.unwrap();
+    auth::client_hello(&mut hello, token).await.unwrap();
+    let hub_client = HubClient::new(rpc::Client::new(session.dial(HUB_CHANNEL).await.unwrap()));
+    (session, hub_client)
+}
+
+async fn read_all(peer: &Peer, who: &str, path: &str) -> Result<Vec<u8>, CallError> {
+    let mut s = peer.read(who, path).await?;
+    let mut out = Vec::new();
+    while let Some(chunk) = s.next().await? {
+        out.extend_from_slice(&chunk.data.0);
+    }
+    Ok(out)
+}
+
+#[tokio::test]
+async fn peers_list_each_other_and_read_through_the_hub() {
+    let hub = start_hub(HubOptions::default()).await;
+    let (rb, ra) = (root_with(1 << 20), root_with(0));
+    let bob = join(&hub, "bob", rb.path()).await;
+    let alice = join(&hub, "alice", ra.path()).await;
+    assert_eq!(alice.list().await.unwrap(), vec!["alice", "bob"]);
+    assert_eq!(
+        read_all(&alice, "bob", "hello.txt").await.unwrap(),
+        b"hello world\n"
+    );
+    let big = read_all(&alice, "bob", "big.bin").await.unwrap();
+    assert_eq!(big.len(), 1 << 20);
+    assert!(big.iter().all(|&b| b == 0));
+    let listing = alice.ls("bob", "").await.unwrap();
+    let names: Vec<_> = listing.entries.iter().map(|e| e.name.as_str()).collect();
+    assert_eq!(names, ["big.bin", "hello.txt", "sub"]);
+    let st = alice.stat("bob", "hello.txt").await.unwrap();
+    assert_eq!((st.kind, st.size), (Kind::File, 12));
+    // And the other way round, over bob's own connection.
+    assert_eq!(
+        read_all(&bob, "alice", "hello.txt").await.unwrap(),
+        b"hello world\n"
+    );
+}
+
+#[tokio::test]
+async fn errors_from_the_exporter_name_the_peer_and_keep_their_code() {
+    let hub = start_hub(HubOptions::default()).await;
+    let (rb, ra) = (root_with(0), root_with(0));
+    let _bob = join(&hub, "bob", rb.path()).await;
+    let alice = join(&hub, "alice", ra.path()).await;
+    let code_of = |r: Result<Vec<u8>, CallError>| match r {
+        Err(CallError::Status(s)) => (s.code(), s.message().to_owned()),
+        other => panic!("expected a status, got {other:?}"),
+    };
+    let (code, msg) = code_of(read_all(&alice, "bob", "nope.txt").await);
+    assert_eq!(code, Code::NotFound);
+    assert!(msg.starts_with("bob: no such file"), "{msg}");
+    let (code, msg) = code_of(read_all(&alice, "bob", "../x").await);
+    assert_eq!(code, Code::PermissionDenied);
+    assert!(msg.contains("outside"), "{msg}");
+    let (code, _) = code_of(read_all(&alice, "bob", "sub").await);
+    assert_eq!(code, Code::FailedPrecondition);
+    let (code, msg) = code_of(read_all(&alice, "dave", "x").await);
+    assert_eq!(code, Code::NotFound);
+    assert!(msg.contains("unknown peer \"dave\""), "{msg}");
+}
+
+#[tokio::test]
+async fn a_taken_name_is_refused_and_the_first_owner_keeps_it() {
+    let hub = start_hub(HubOptions::default()).await;
+    let (r1, r2) = (root_with(0), root_with(0));
+    let _bob = join(&hub, "bob", r1.path()).await;
+    let err = Peer::start(client_opts(&hub, "bob", r2.path()), quiet())
+        .await
+        .err()
+        .expect("second bob refused");
+    match &err {
+        ConnectError::Publish { status, .. } => {
+            assert_eq!(status.code(), Code::AlreadyExists);
+            assert!(status.message().contains("already taken"), "{status}");
+        }
+        other => panic!("unexpected {other:?}"),
+    }
+    assert_eq!(hub.state.names(), vec!["bob"]);
+}
+
+#[tokio::test]
+async fn the_hub_refuses_bad_names_even_from_a_client_that_skips_its_own_checks() {
+    let hub = start_hub(HubOptions::default()).await;
+    let (_s, raw) = raw_client(&hub, None).await;
+    for name in [String::new(), "x".repeat(65), "a\nb".into(), "a b".into()] {
+        let err = raw
+            .publish(PublishReq { name: name.clone() })
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument, "{name:?}: {err}");
+    }
+    assert!(hub.state.names().is_empty());
+}
+
+#[tokio::test]
+async fn a_connection_publishes_at_most_once() {
+    let hub = start_hub(HubOptions::default()).await;
+    let root = root_with(0);
+    let (session, raw) = raw_client(&hub, None).await;
+    // Serve an export so the hub's dial back succeeds.
+    let exports = session.listen(crate::proto::EXPORT_CHANNEL).unwrap();
+    let mut server = rpc::Server::new();
+    use crate::proto::Export as _;
+    server.add(
+        client::ExportService {
+            root: Root::open(root.path()).unwrap(),
+        }
+        .into_service(),
+    );
+    let serve = tokio::spawn(async move {
+        let mut exports = exports;
+        while let Ok(ch) = exports.accept().await {
+            let server = server.clone();
+            tokio::spawn(async move { server.serve(ch).await });
+        }
+    });
+    raw.publish(PublishReq {
+        name: "first".into(),
+    })
+    .await
+    .unwrap();
+    let err = raw
+        .publish(PublishReq {
+            name: "second".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition);
+    assert!(err.message().contains("already published as \"first\""));
+    assert_eq!(hub.state.names(), vec!["first"]);
+    serve.abort();
+}
+
+#[tokio::test]
+async fn list_and_read_need_no_name_but_nothing_works_before_the_hello() {
+    let hub = start_hub(HubOptions {
+        token: Some(auth::Token::new("s3cret").unwrap()),
+        ..HubOptions::default()
+    })
+    .await;
+    // Skipping the hello: the hub channel does not exist.
+    let tcp = tokio::net::TcpStream::connect(hub.addr).await.unwrap();
+    let session = Session::client(tcp, netchan_mux::Config::default());
+    let err = session.dial(HUB_CHANNEL).await.unwrap_err();
+    assert!(
+        matches!(err, netchan_mux::Error::NoListener { .. }),
+        "{err:?}"
+    );
+    // With the token: listing works without publishing (callers are known by connection).
+    let (_s, raw) = raw_client(&hub, Some("s3cret")).await;
+    assert!(raw.list(ListReq {}).await.unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn a_wrong_or_missing_token_is_refused() {
+    let hub = start_hub(HubOptions {
+        token: Some(auth::Token::new("s3cret").unwrap()),
+        ..HubOptions::default()
+    })
+    .await;
+    let root = root_with(0);
+    for (token, want) in [
+        (Some("guess"), "refused the token"),
+        (None, "requires a token"),
+    ] {
+        let mut opts = client_opts(&hub, "eve", root.path());
+        opts.token = token.map(str::to_owned);
+        let err = Peer::start(opts, quiet()).await.err().expect("refused");
+        let text = client::chain(&err);
+        assert!(text.contains(want), "{text}");
+    }
+    let mut opts = client_opts(&hub, "alice", root.path());
+    opts.token = Some("s3cret".into());
+    let alice = Peer::start(opts, quiet()).await.unwrap();
+    assert_eq!(alice.list().await.unwrap(), vec!["alice"]);
+}
+
+#[tokio::test]
+async fn a_peer_that_leaves_disappears_from_list_and_others_carry_on() {
+    let hub = start_hub(HubOptions::default()).await;
+    let (rb, ra) = (root_with(0), root_with(0));
+    let bob = join(&hub, "bob", rb.path()).await;
+    let alice = join(&hub, "alice", ra.path()).await;
+    until_peers(&hub, |p| p.len() == 2).await;
+    bob.close().await;
+    until_peers(&hub, |p| p == ["alice"]).await;
+    assert_eq!(alice.list().await.unwrap(), vec!["alice"]);
+    // The name is free again.
+    let _bob2 = join(&hub, "bob", rb.path()).await;
+    assert_eq!(alice.list().await.unwrap(), vec!["alice", "bob"]);
+}
+
+#[tokio::test]
+async fn a_read_in_flight_fails_with_peer_gone_when_the_exporter_leaves() {
+    let hub = start_hub(HubOptions::default()).await;
+    let (rb, ra) = (root_with(256 << 20), root_with(0));
+    let bob = join(&hub, "bob", rb.path()).await;
+    let alice = join(&hub, "alice", ra.path()).await;
+    let mut stream = alice.read("bob", "big.bin").await.unwrap();
+    let first = stream.next().await.unwrap().unwrap();
+    assert_eq!(first.size, 256 << 20);
+    bob.close().await;
+    let outcome = tokio::time::timeout(WAIT, async {
+        // Bounded: 1024 chunks at most, and the stream fails long before.
+        loop {
+            match stream.next().await {
+                Ok(Some(_)) => continue,
+                Ok(None) => return None,
+                Err(e) => return Some(e),
+            }
+        }
+    })
+    .await
+    .expect("the read ends in time");
+    let err = outcome.expect("the read fails instead of completing");
+    assert!(err.to_string().starts_with("peer gone"), "{err}");
+    // The hub and alice carry on.
+    assert_eq!(alice.list().await.unwrap(), vec!["alice"]);
+}
+
+#[tokio::test]
+async fn a_flood_of_reads_to_one_peer_gets_a_clear_busy_error() {
+    let hub = start_hub(HubOptions {
+        max_reads_per_peer: 1,
+        busy_wait: Duration::from_millis(200),
+        ..HubOptions::default()
+    })
+    .await;
+    let (rb, ra) = (root_with(64 << 20), root_with(0));
+    let _bob = join(&hub, "bob", rb.path()).await;
+    let alice = join(&hub, "alice", ra.path()).await;
+    let mut first = alice.read("bob", "big.bin").await.unwrap();
+    first.next().await.unwrap().unwrap();
+    // The one slot is taken by the stalled transfer.
+    let err = read_all(&alice, "bob", "hello.txt").await.unwrap_err();
+    match &err {
+        CallError::Status(s) => {
+            assert_eq!(s.code(), Code::ResourceExhausted);
+            assert!(s.message().contains("busy"), "{s}");
+        }
+        other => panic!("unexpected {other:?}"),
+    }
+    // Other calls through the hub are unaffected, and the slot frees when the reader gives up.
+    assert_eq!(alice.list().await.unwrap(), vec!["alice", "bob"]);
+    drop(first);
+    let got = tokio::time::timeout(WAIT, async {
+        // Bounded by the timeout: the slot is released once the hub sees the cancel.
+        loop {
+            match read_all(&alice, "bob", "hello.txt").await {
+                Ok(v) => return v,
+                Err(CallError::Status(s)) if s.code() == Code::ResourceExhausted => continue,
+                Err(e) => panic!("unexpected {e}"),
+            }
+        }
+    })
+    .await
+    .unwrap();
+    assert_eq!(got, b"hello world\n");
+}
+
+#[tokio::test]
+async fn a_stalled_reader_does_not_hold_up_other_peers() {
+    let hub = start_hub(HubOptions::default()).await;
+    let (rb, ra, rc) = (root_with(64 << 20), root_with(0), root_with(0));
+    let _bob = join(&hub, "bob", rb.path()).await;
+    let alice = join(&hub, "alice", ra.path()).await;
+    let carol = join(&hub, "carol", rc.path()).await;
+    let mut stalled = alice.read("bob", "big.bin").await.unwrap();
+    stalled.next().await.unwrap().unwrap();
+    let got = tokio::time::timeout(WAIT, read_all(&carol, "bob", "hello.txt"))
+        .await
+        .expect("carol is served while alice's transfer is stalled")
+        .unwrap();
+    assert_eq!(got, b"hello world\n");
+}
+
+#[tokio::test]
+async fn a_client_reconnects_and_republishes_after_the_hub_restarts() {
+    let hub = start_hub(HubOptions::default()).await;
+    let addr = hub.addr;
+    let root = root_with(0);
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<String>(64);
+    let notify: client::Notify = Arc::new(move |msg: String| {
+        let _ = tx.try_send(msg);
+    });
+    let bob = Peer::start(client_opts(&hub, "bob", root.path()), notify)
+        .await
+        .unwrap();
+    // Stop the hub: its task (and with it every connection task and the peer table) goes.
+    drop(hub);
+    let lost = tokio::time::timeout(WAIT, rx.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(lost.starts_with("lost the hub"), "{lost}");
+    let err = bob.list().await.unwrap_err();
+    assert!(
+        matches!(err, CallError::NotConnected | CallError::Status(_)),
+        "{err:?}"
+    );
+    // A new hub on the same address: bob comes back under its name.
+    let listener = TcpListener::bind(addr).await.unwrap();
+    let state = HubState::new(HubOptions::default());
+    let task = tokio::spawn(state.clone().serve(listener));
+    let hub2 = TestHub { state, addr, task };
+    tokio::time::timeout(WAIT, bob.connected()).await.unwrap();
+    until_peers(&hub2, |p| p == ["bob"]).await;
+    assert_eq!(bob.list().await.unwrap(), vec!["bob"]);
+    // Bounded: the channel holds at most 64 messages.
+    let mut said_reconnected = false;
+    while let Ok(msg) = rx.try_recv() {
+        said_reconnected |= msg.starts_with("reconnected to the hub");
+    }
+    assert!(said_reconnected);
+}

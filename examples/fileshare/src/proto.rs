@@ -1,0 +1,210 @@
+//! The two RPC services and their messages.
+//!
+//! Every client holds one mux session to the hub. On it:
+//! - [`auth::CHANNEL`](crate::auth::CHANNEL): the hello exchange, first and alone;
+//! - [`HUB_CHANNEL`]: the client calls the hub's [`Hub`] service (`Hub.publish`, `Hub.list`...);
+//! - [`EXPORT_CHANNEL`]: the hub calls the client's [`Export`] service (`Export.read`...).
+//!
+//! A read of another peer's file is `Hub.read` from the reader, forwarded by the hub as
+//! `Export.read` to the exporter over the exporter's own session, streamed back chunk by chunk
+//! (rpc stream credits bound what is in flight on each hop).
+
+use netchan_rpc::{service, Code, Context, ItemStream, Status};
+use serde::{Deserialize, Serialize};
+
+use crate::export::{Entry, ExportError, Listing};
+
+/// Mux channel the hub listens on (after the hello) for the [`Hub`] service.
+pub(crate) const HUB_CHANNEL: &str = "hub";
+
+/// Mux channel the client listens on for the [`Export`] service the hub calls.
+pub(crate) const EXPORT_CHANNEL: &str = "export";
+
+service! {
+    /// The hub's service, called by clients on [`HUB_CHANNEL`]. The caller is identified by the
+    /// connection the call arrives on, never by a name in the request.
+    pub(crate) trait Hub {
+        /// Publishes the calling connection under `name`, after which the hub calls the
+        /// caller's [`Export`] service. Once per connection.
+        async fn publish(&self, ctx: Context, req: PublishReq) -> Result<PublishResp, Status>;
+        /// Names of the published peers, sorted.
+        async fn list(&self, ctx: Context, req: ListReq) -> Result<Vec<String>, Status>;
+        /// Lists a directory of a peer.
+        async fn ls(&self, ctx: Context, req: PeerPath) -> Result<Listing, Status>;
+        /// Describes a path of a peer.
+        async fn stat(&self, ctx: Context, req: PeerPath) -> Result<Entry, Status>;
+        /// Streams a file of a peer, from `offset`.
+        stream fn read(&self, ctx: Context, req: PeerRead) -> Result<ItemStream<Chunk>, Status>;
+    }
+    /// Typed client of [`Hub`].
+    pub(crate) struct HubClient;
+}
+
+service! {
+    /// What every client exports to the hub on [`EXPORT_CHANNEL`]: read-only access to its
+    /// root directory.
+    pub(crate) trait Export {
+        /// Lists a directory ("" for the root).
+        async fn ls(&self, ctx: Context, req: String) -> Result<Listing, Status>;
+        /// Describes a path.
+        async fn stat(&self, ctx: Context, req: String) -> Result<Entry, Status>;
+        /// Streams a regular file from `offset`, in chunks, the last one marked `eof`.
+        stream fn read(&self, ctx: Context, req: ReadReq) -> Result<ItemStream<Chunk>, Status>;
+    }
+    /// Typed client of [`Export`].
+    pub(crate) struct ExportClient;
+}
+
+/// `Hub.publish` request.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(crate) struct PublishReq {
+    /// The name to publish under.
+    pub(crate) name: String,
+}
+
+/// `Hub.publish` answer.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(crate) struct PublishResp {
+    /// The name now published.
+    pub(crate) name: String,
+    /// How many peers are published, this one included.
+    pub(crate) peers: u32,
+}
+
+/// `Hub.list` request (empty; a struct so fields can be added).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub(crate) struct ListReq {}
+
+/// A path on a named peer.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(crate) struct PeerPath {
+    /// The peer's published name.
+    pub(crate) peer: String,
+    /// Path relative to the peer's root.
+    pub(crate) path: String,
+}
+
+/// `Hub.read` request.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(crate) struct PeerRead {
+    /// The peer's published name.
+    pub(crate) peer: String,
+    /// Path relative to the peer's root.
+    pub(crate) path: String,
+    /// Where to start, in bytes.
+    pub(crate) offset: u64,
+}
+
+/// `Export.read` request.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(crate) struct ReadReq {
+    /// Path relative to the root.
+    pub(crate) path: String,
+    /// Where to start, in bytes.
+    pub(crate) offset: u64,
+}
+
+/// One piece of a streamed file.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(crate) struct Chunk {
+    /// The file's size when it was opened (for progress display).
+    pub(crate) size: u64,
+    /// Offset of `data` in the file.
+    pub(crate) offset: u64,
+    /// The bytes (at most [`CHUNK_SIZE`](crate::export::CHUNK_SIZE)).
+    pub(crate) data: Data,
+    /// True on the last chunk. A stream that ends without it was cut short.
+    pub(crate) eof: bool,
+}
+
+/// Bytes that serialize as one byte string (not a sequence of numbers), so a chunk encodes
+/// and decodes with one copy.
+#[derive(Clone, Default, PartialEq, Eq)]
+pub(crate) struct Data(pub(crate) Vec<u8>);
+
+impl std::fmt::Debug for Data {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Data({} bytes)", self.0.len())
+    }
+}
+
+impl Serialize for Data {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_bytes(&self.0)
+    }
+}
+
+impl<'de> Deserialize<'de> for Data {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Data, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = Data;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a byte string")
+            }
+            fn visit_bytes<E: serde::de::Error>(self, v: &[u8]) -> Result<Data, E> {
+                Ok(Data(v.to_vec()))
+            }
+            fn visit_byte_buf<E: serde::de::Error>(self, v: Vec<u8>) -> Result<Data, E> {
+                Ok(Data(v))
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Data, A::Error> {
+                // Never trust the announced length beyond one chunk.
+                let cap = seq.size_hint().unwrap_or(0).min(crate::export::CHUNK_SIZE);
+                let mut out = Vec::with_capacity(cap);
+                while let Some(b) = seq.next_element()? {
+                    out.push(b);
+                }
+                Ok(Data(out))
+            }
+        }
+        d.deserialize_byte_buf(V)
+    }
+}
+
+impl From<ExportError> for Status {
+    fn from(e: ExportError) -> Status {
+        let code = match &e {
+            ExportError::Absolute { .. }
+            | ExportError::Escape { .. }
+            | ExportError::PermissionDenied { .. } => Code::PermissionDenied,
+            ExportError::InvalidPath { .. } => Code::InvalidArgument,
+            ExportError::NotFound { .. } => Code::NotFound,
+            ExportError::IsDirectory { .. }
+            | ExportError::NotDirectory { .. }
+            | ExportError::NotRegular { .. } => Code::FailedPrecondition,
+            ExportError::Io { .. } => Code::Internal,
+        };
+        // The io source is part of the message: the status travels as text.
+        let msg = match &e {
+            ExportError::Io { source, .. } => format!("{e}: {source}"),
+            _ => e.to_string(),
+        };
+        Status::new(code, msg)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn export_errors_map_to_precise_status_codes() {
+        let s: Status = ExportError::Escape { path: "x".into() }.into();
+        assert_eq!(s.code(), Code::PermissionDenied);
+        assert!(s.message().contains("outside the exported directory"));
+        let s: Status = ExportError::NotFound { path: "x".into() }.into();
+        assert_eq!(s.code(), Code::NotFound);
+        let s: Status = ExportError::Io {
+            path: "x".into(),
+            source: std::io::Error::other("disk on fire"),
+        }
+        .into();
+        assert!(s.message().contains("disk on fire"), "{s}");
+    }
+
+    #[test]
+    fn data_is_debug_printed_by_length_only() {
+        assert_eq!(format!("{:?}", Data(vec![1, 2, 3])), "Data(3 bytes)");
+    }
+}
