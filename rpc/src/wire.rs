@@ -186,3 +186,72 @@ mod tests {
         );
     }
 }
+
+#[cfg(test)]
+mod props {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    fn arb_status() -> impl Strategy<Value = Option<Status>> {
+        proptest::option::of(
+            (0u32..20, ".{0,40}").prop_map(|(c, m)| Status::new(crate::Code::from(c), m)),
+        )
+    }
+
+    fn arb_header() -> impl Strategy<Value = Header<'static>> {
+        prop_oneof![
+            (
+                any::<u64>(),
+                ".{0,30}",
+                any::<Option<u64>>(),
+                any::<Option<u32>>(),
+                proptest::collection::vec((".{0,10}", ".{0,10}"), 0..4)
+            )
+                .prop_map(|(id, m, t, c, md)| Header::Request {
+                    id,
+                    method: Cow::Owned(m),
+                    timeout_ns: t,
+                    stream_credit: c,
+                    metadata: Cow::Owned(md.into_iter().collect()),
+                }),
+            (any::<u64>(), arb_status()).prop_map(|(id, status)| Header::Response { id, status }),
+            any::<u64>().prop_map(|id| Header::Cancel { id }),
+            any::<u64>().prop_map(|id| Header::StreamItem { id }),
+            (any::<u64>(), arb_status()).prop_map(|(id, status)| Header::StreamEnd { id, status }),
+            (any::<u64>(), any::<u32>()).prop_map(|(id, n)| Header::Credit { id, n }),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(512))]
+
+        #[test]
+        fn arbitrary_bytes_never_panic_the_frame_decoder(bytes in proptest::collection::vec(any::<u8>(), 0..256)) {
+            let _ = Frame::decode(Bytes::from(bytes));
+        }
+
+        #[test]
+        fn headers_round_trip_and_keep_their_payload(h in arb_header(), payload in proptest::collection::vec(any::<u8>(), 0..64)) {
+            let mut body = Vec::new();
+            codec::encode(&mut body, &h, "header").unwrap();
+            body.extend_from_slice(&payload);
+            let frame = Frame::decode(Bytes::from(body)).unwrap();
+            prop_assert_eq!(frame.header, h);
+            prop_assert_eq!(&frame.payload[..], &payload[..]);
+        }
+
+        #[test]
+        fn mutated_frames_never_panic_the_decoder(h in arb_header(), flips in proptest::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 1..6), cut in any::<prop::sample::Index>()) {
+            let mut body = Vec::new();
+            codec::encode(&mut body, &h, "header").unwrap();
+            for (i, b) in flips {
+                let i = i.index(body.len());
+                body[i] = b;
+            }
+            let keep = cut.index(body.len() + 1);
+            body.truncate(keep);
+            let _ = Frame::decode(Bytes::from(body));
+        }
+    }
+}

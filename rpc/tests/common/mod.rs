@@ -95,3 +95,50 @@ impl Drop for DropSignal {
         }
     }
 }
+
+/// Both ends of one loopback TCP connection wrapped in mux sessions.
+pub async fn mux_sessions() -> (netchan_mux::Session, netchan_mux::Session) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let accept = tokio::spawn(async move { listener.accept().await.unwrap().0 });
+    let dialed = guard(TcpStream::connect(addr)).await.unwrap();
+    let accepted = guard(accept).await.unwrap();
+    dialed.set_nodelay(true).unwrap();
+    accepted.set_nodelay(true).unwrap();
+    (
+        netchan_mux::Session::client(dialed, mux_config()),
+        netchan_mux::Session::server(accepted, mux_config()),
+    )
+}
+
+/// Mux settings for tests: a short close grace so closing is quick.
+pub fn mux_config() -> netchan_mux::Config {
+    netchan_mux::Config::default().close_grace(Duration::from_millis(100))
+}
+
+/// Serves every channel opened to `name` on `session` with `server`.
+pub fn serve_mux(server: &Server, session: &netchan_mux::Session, name: &str) -> JoinHandle<()> {
+    let mut listener = session.listen(name).unwrap();
+    let server = server.clone();
+    tokio::spawn(async move {
+        while let Ok(conn) = listener.accept().await {
+            let server = server.clone();
+            tokio::spawn(async move {
+                let peer = conn.name().to_owned();
+                let _ = server.serve_named(conn, peer).await;
+            });
+        }
+    })
+}
+
+/// A client over a mux channel on loopback TCP, the server on the other
+/// session. Returns the sessions too (client side, server side).
+pub async fn mux_pair(
+    server: &Server,
+    config: Config,
+) -> (Client, netchan_mux::Session, netchan_mux::Session) {
+    let (near, far) = mux_sessions().await;
+    let _serving = serve_mux(server, &far, "rpc");
+    let conn = guard(near.dial("rpc")).await.unwrap();
+    (Client::with_config(conn, config), near, far)
+}

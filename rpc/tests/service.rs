@@ -1,0 +1,148 @@
+//! The `service!` macro: a typed trait, client stub and registration.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use futures::{stream, StreamExt};
+use netchan_rpc::{
+    service, CallOptions, Client, Code, Config, Context, ItemStream, Server, Status,
+};
+use serde::{Deserialize, Serialize};
+
+/// A request with a few fields.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct StatReq {
+    /// Path.
+    pub path: String,
+}
+
+/// A response.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct StatResp {
+    /// Size.
+    pub size: u64,
+    /// Who asked (from metadata).
+    pub who: Option<String>,
+}
+
+service! {
+    /// A toy file service.
+    pub trait Files {
+        /// Stats a file.
+        async fn stat(&self, ctx: Context, req: StatReq) -> Result<StatResp, Status>;
+        /// Reads a file in chunks of `n` bytes.
+        stream fn read(&self, ctx: Context, req: (String, usize)) -> Result<ItemStream<Vec<u8>>, Status>;
+        /// Never answers.
+        async fn hang(&self, ctx: Context, req: ()) -> Result<(), Status>;
+    }
+    /// Typed client for [`Files`].
+    pub struct FilesClient;
+}
+
+struct MemFiles;
+
+impl Files for MemFiles {
+    async fn stat(&self, ctx: Context, req: StatReq) -> Result<StatResp, Status> {
+        match req.path.as_str() {
+            "a.txt" => Ok(StatResp {
+                size: 11,
+                who: ctx.metadata().get("who").map(str::to_owned),
+            }),
+            other => Err(Status::not_found(format!("no such file: {other}"))),
+        }
+    }
+
+    async fn read(
+        &self,
+        _ctx: Context,
+        req: (String, usize),
+    ) -> Result<ItemStream<Vec<u8>>, Status> {
+        let (path, n) = req;
+        if path != "a.txt" {
+            return Err(Status::not_found(path));
+        }
+        let data = b"hello world".to_vec();
+        let chunks: Vec<Result<Vec<u8>, Status>> =
+            data.chunks(n.max(1)).map(|c| Ok(c.to_vec())).collect();
+        Ok(Box::pin(stream::iter(chunks)))
+    }
+
+    async fn hang(&self, _ctx: Context, _req: ()) -> Result<(), Status> {
+        std::future::pending().await
+    }
+}
+
+fn files_server() -> Server {
+    let mut server = Server::new();
+    server.add(MemFiles.into_service());
+    server
+}
+
+#[tokio::test]
+async fn typed_client_calls_unary_and_streaming_methods_over_tcp() {
+    let (client, _t) = tcp_pair(&files_server(), Config::default()).await;
+    let files = FilesClient::new(client);
+    let st = guard(files.stat(StatReq {
+        path: "a.txt".into(),
+    }))
+    .await
+    .unwrap();
+    assert_eq!(
+        st,
+        StatResp {
+            size: 11,
+            who: None
+        }
+    );
+    let err = guard(files.stat(StatReq { path: "b".into() }))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound);
+    let chunks: Vec<Vec<u8>> = guard(async {
+        files
+            .read(("a.txt".into(), 4))
+            .await
+            .unwrap()
+            .map(|c| c.unwrap())
+            .collect()
+            .await
+    })
+    .await;
+    assert_eq!(chunks.concat(), b"hello world");
+    assert_eq!(chunks.len(), 3);
+}
+
+#[tokio::test]
+async fn typed_methods_are_served_under_trait_dot_method() {
+    let (client, _t) = duplex_pair(&files_server(), Config::default());
+    let st: StatResp = guard(client.call(
+        "Files.stat",
+        &StatReq {
+            path: "a.txt".into(),
+        },
+    ))
+    .await
+    .unwrap();
+    assert_eq!(st.size, 11);
+}
+
+#[tokio::test]
+async fn with_options_applies_metadata_and_timeouts_to_typed_calls() {
+    let (client, _t) = duplex_pair(&files_server(), Config::default());
+    let files = FilesClient::new(client.clone());
+    let who = files.with_options(CallOptions::default().metadata("who", "ada"));
+    let st = guard(who.stat(StatReq {
+        path: "a.txt".into(),
+    }))
+    .await
+    .unwrap();
+    assert_eq!(st.who.as_deref(), Some("ada"));
+    let quick = files.with_options(CallOptions::default().timeout(Duration::from_millis(50)));
+    let err = guard(quick.hang(())).await.unwrap_err();
+    assert_eq!(err.code(), Code::DeadlineExceeded);
+    // The stub exposes the untyped client too.
+    assert!(!quick.client().is_closed());
+    let _: &Client = files.client();
+}
