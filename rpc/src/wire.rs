@@ -166,6 +166,29 @@ mod tests {
         assert_eq!(encode_header(&credit), vec![0x05, 0x02, 0x08]);
     }
 
+    /// The worked example in docs/protocol.md, Part 2.
+    #[test]
+    fn the_documented_example_frame_is_exact() {
+        let mut md = Metadata::new();
+        md.insert("token", "s3cret");
+        let mut body = encode_header(&Header::Request {
+            id: 1,
+            method: Cow::Borrowed("Test.echo"),
+            timeout_ns: Some(5_000_000_000),
+            stream_credit: None,
+            metadata: Cow::Owned(md),
+        });
+        codec::encode(&mut body, "hi", "payload").unwrap();
+        let mut frame = (body.len() as u32).to_be_bytes().to_vec();
+        frame.extend_from_slice(&body);
+        let hex: Vec<String> = frame.iter().map(|b| format!("{b:02x}")).collect();
+        assert_eq!(
+            hex.join(" "),
+            "00 00 00 28 00 01 09 54 65 73 74 2e 65 63 68 6f 01 fd 00 f2 05 2a 01 00 00 00 \
+             00 01 05 74 6f 6b 65 6e 06 73 33 63 72 65 74 02 68 69"
+        );
+    }
+
     #[test]
     fn frames_split_header_and_payload() {
         let mut body = encode_header(&Header::StreamItem { id: 3 });
