@@ -1,8 +1,20 @@
 //! netchan: named virtual channels and bidirectional RPC over one connection.
 //!
-//! This facade re-exports the two layers:
-//! - [`mux`] (`netchan-mux`): sessions of named channels over any byte stream.
-//! - [`rpc`] (`netchan-rpc`): RPC over any conn, typically a mux channel.
+//! Firewalls and NAT let a client open one outbound connection and make it hard for anything to
+//! call it back. netchan multiplexes named channels over that one connection, so both peers can
+//! serve and call RPCs on the same link. This facade re-exports the two layers:
+//!
+//! - [`mux`] (`netchan-mux`): a [`mux::Session`] over any byte stream, where either side can
+//!   [`listen`](mux::Session::listen) on a name and [`dial`](mux::Session::dial) the peer's.
+//! - [`rpc`] (`netchan-rpc`): RPC over any conn, typically a mux channel: typed services,
+//!   deadlines, cancellation, metadata, status codes and streaming with flow control.
+//!
+//! See the repository's `README.md` and `docs/guide.md` for a walk-through.
 
 pub use netchan_mux as mux;
 pub use netchan_rpc as rpc;
+
+/// The README's examples, compiled and run as doctests so they cannot drift from the API.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;
