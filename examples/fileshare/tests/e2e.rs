@@ -1,0 +1,457 @@
+//! End-to-end tests: real `share` processes (a hub and several clients) on 127.0.0.1,
+//! driven through the scripted REPL mode.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::os::unix::fs::symlink;
+use std::time::Duration;
+
+use common::*;
+
+#[test]
+fn three_peers_list_read_ls_and_get_with_identical_bytes() {
+    let hub = start_hub(&[]);
+    let (rb, rc, ra) = (demo_root(), demo_root(), tempdir());
+    write_pattern(&rb.path().join("data.bin"), 5 << 20, 7);
+    std::fs::write(rc.path().join("c.txt"), "from carol\n").unwrap();
+    let _bob = start_server(&hub.addr, "bob", rb.path(), &[]);
+    let _carol = start_server(&hub.addr, "carol", rc.path(), &[]);
+    let local = ra.path().join("copy.bin");
+    let script = format!(
+        "list\nread bob hello.txt\nls bob\nls bob sub\nget bob data.bin {}\nread carol c.txt\n",
+        s(&local)
+    );
+    let out = run_script(&hub.addr, "alice", ra.path(), &script);
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(out.stderr, "", "no decoration in scripted mode");
+    let want = format!(
+        "alice\nbob\ncarol\n\
+         hello world\n\
+         \x20    5242880  data.bin\n\
+         \x20         12  hello.txt\n\
+         \x20      <dir>  sub/\n\
+         \x20          6  inner.txt\n\
+         saved 5242880 bytes to {}\n\
+         from carol\n",
+        s(&local)
+    );
+    assert_eq!(out.out(), want);
+    assert!(same_bytes(&local, &rb.path().join("data.bin")));
+    // No partial file is left next to the download.
+    let names: Vec<_> = std::fs::read_dir(ra.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(names, ["copy.bin"]);
+}
+
+#[test]
+fn the_articles_go_style_flags_work() {
+    let hub = start_hub(&[]);
+    let rb = demo_root();
+    let _bob = start_server(&hub.addr, "bob", rb.path(), &[]);
+    let mut p = share()
+        .args(["-name", "second-client", "-root"])
+        .arg(rb.path())
+        .arg(&hub.addr)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    p.stdin
+        .take()
+        .unwrap()
+        .write_all(b"list\nread bob hello.txt\n")
+        .unwrap();
+    let out = reader(p.stdout.take().unwrap()).recv_timeout(WAIT).unwrap();
+    assert!(p.wait().unwrap().success());
+    assert_eq!(
+        String::from_utf8(out).unwrap(),
+        "bob\nsecond-client\nhello world\n"
+    );
+}
+
+#[test]
+fn confinement_attacks_through_the_hub_are_refused() {
+    let hub = start_hub(&[]);
+    let (top, ra) = (tempdir(), tempdir());
+    let root = top.path().join("root");
+    let outside = top.path().join("outside");
+    std::fs::create_dir_all(root.join("sub")).unwrap();
+    std::fs::create_dir_all(&outside).unwrap();
+    std::fs::write(outside.join("secret.txt"), "TOP SECRET\n").unwrap();
+    std::fs::write(root.join("ok.txt"), "fine\n").unwrap();
+    symlink(outside.join("secret.txt"), root.join("link-out")).unwrap();
+    symlink(&outside, root.join("door")).unwrap();
+    symlink("ok.txt", root.join("link-in")).unwrap();
+    let fifo = root.join("pipe");
+    assert!(std::process::Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .unwrap()
+        .success());
+    let _sock = std::os::unix::net::UnixListener::bind(root.join("sock")).unwrap();
+    let _bob = start_server(&hub.addr, "bob", &root, &[]);
+    let attacks = [
+        (
+            "read bob ../outside/secret.txt",
+            "outside the exported directory",
+        ),
+        (
+            "read bob sub/../../outside/secret.txt",
+            "outside the exported directory",
+        ),
+        (
+            &format!("read bob {}", s(&outside.join("secret.txt"))),
+            "absolute path",
+        ),
+        ("read bob /etc/passwd", "absolute path"),
+        ("read bob link-out", "outside the exported directory"),
+        ("read bob door/secret.txt", "outside the exported directory"),
+        ("ls bob door", "outside the exported directory"),
+        ("ls bob ..", "outside the exported directory"),
+        ("read bob pipe", "fifo; only regular files are served"),
+        ("read bob sock", "socket; only regular files are served"),
+        ("read bob sub", "is a directory"),
+        ("read bob nope.txt", "no such file"),
+    ];
+    for (cmd, want) in attacks {
+        let out = run_script(&hub.addr, "mallory", ra.path(), &format!("{cmd}\n"));
+        assert_eq!(out.status.code(), Some(1), "{cmd}: {out:?}");
+        assert!(out.stdout.is_empty(), "{cmd}: printed {:?}", out.out());
+        assert!(
+            out.stderr.starts_with("error: ") && out.stderr.contains(want),
+            "{cmd}: stderr {:?} lacks {want:?}",
+            out.stderr
+        );
+    }
+    // bob and the hub are unharmed; a symlink inside the root is fine.
+    let out = run_script(
+        &hub.addr,
+        "alice",
+        ra.path(),
+        "read bob ok.txt\nread bob link-in\n",
+    );
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(out.out(), "fine\nfine\n");
+}
+
+#[test]
+fn a_duplicate_or_invalid_name_exits_non_zero_with_a_clear_error() {
+    let hub = start_hub(&[]);
+    let (rb, rx) = (demo_root(), tempdir());
+    let _bob = start_server(&hub.addr, "bob", rb.path(), &[]);
+    let out = run_script(&hub.addr, "bob", rx.path(), "list\n");
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(out.stdout.is_empty());
+    assert!(
+        out.stderr
+            .contains("peer name \"bob\" is already taken by another connected peer"),
+        "{}",
+        out.stderr
+    );
+    let long = "x".repeat(65);
+    for (name, want) in [
+        ("", "peer name is empty"),
+        (long.as_str(), "65 bytes long"),
+        ("a b", "control character or whitespace"),
+        ("bell\u{7}", "control character or whitespace"),
+    ] {
+        let out = run_script(&hub.addr, name, rx.path(), "list\n");
+        assert_eq!(out.status.code(), Some(1), "{name:?}: {out:?}");
+        assert!(out.stderr.contains(want), "{name:?}: {}", out.stderr);
+    }
+    // The original bob is still the one listed.
+    let out = run_script(&hub.addr, "alice", rx.path(), "list\nread bob hello.txt\n");
+    assert_eq!(out.out(), "alice\nbob\nhello world\n");
+}
+
+#[test]
+fn unknown_peers_bad_commands_and_a_missing_hub_fail_clearly() {
+    let hub = start_hub(&[]);
+    let ra = tempdir();
+    let out = run_script(
+        &hub.addr,
+        "alice",
+        ra.path(),
+        "read dave x\nfrobnicate\nread alice\nlist\n",
+    );
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(out.out(), "alice\n", "later commands still run");
+    let errors: Vec<_> = out.stderr.lines().collect();
+    assert_eq!(errors.len(), 3, "{errors:?}");
+    assert!(errors[0].contains("unknown peer \"dave\""), "{errors:?}");
+    assert!(errors[1].contains("unknown command \"frobnicate\""));
+    assert!(errors[2].contains("usage: read PEER PATH"));
+
+    // A port nobody listens on: take a free one, then close it.
+    let free = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = free.local_addr().unwrap().to_string();
+    drop(free);
+    let out = run_script(&addr, "alice", ra.path(), "list\n");
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        out.stderr
+            .contains(&format!("cannot connect to the hub at {addr}")),
+        "{}",
+        out.stderr
+    );
+}
+
+#[test]
+fn killing_an_exporter_mid_transfer_fails_the_read_and_the_hub_lives_on() {
+    let hub = start_hub(&[]);
+    let (rb, ra, rc) = (tempdir(), tempdir(), tempdir());
+    // Sparse: large without using disk; the reader stalls long before the end.
+    std::fs::File::create(rb.path().join("big.bin"))
+        .unwrap()
+        .set_len(1 << 30)
+        .unwrap();
+    let mut bob = start_server(&hub.addr, "bob", rb.path(), &[]);
+    let _carol = start_server(&hub.addr, "carol", rc.path(), &[]);
+    let mut alice = spawn_script(&hub.addr, "alice", ra.path(), &[], &[]);
+    let mut stdin = stdin_of(&mut alice);
+    stdin.write_all(b"read bob big.bin\n").unwrap();
+    drop(stdin);
+    let mut stdout = alice.child.stdout.take().unwrap();
+    let stderr = reader(alice.child.stderr.take().unwrap());
+    // Take the first MiB: the transfer is under way (and stalls when we stop reading).
+    let mut first = vec![0u8; 1 << 20];
+    stdout.read_exact(&mut first).unwrap();
+    bob.proc.signal("KILL");
+    bob.proc.kill();
+    // Drain the rest: the read must end with an error, not a silent short file.
+    let rest = reader(stdout)
+        .recv_timeout(WAIT)
+        .expect("alice's output ends");
+    let stderr = String::from_utf8(stderr.recv_timeout(WAIT).unwrap()).unwrap();
+    let status = alice.reap();
+    assert_eq!(status.code(), Some(1), "stderr: {stderr}");
+    assert!(
+        (first.len() + rest.len()) < (1 << 30),
+        "the read did not complete"
+    );
+    assert!(stderr.contains("peer gone"), "{stderr}");
+    // The hub lives on: carol is served, bob is gone from the list.
+    let out = run_script(&hub.addr, "dave", ra.path(), "list\n");
+    assert_eq!(out.out(), "carol\ndave\n");
+}
+
+#[test]
+fn clients_reconnect_and_republish_after_the_hub_restarts() {
+    let mut hub = start_hub(&[]);
+    let addr = hub.addr.clone();
+    let (rb, ra) = (demo_root(), tempdir());
+    let mut bob = start_server(&addr, "bob", rb.path(), &[]);
+    hub.proc.signal("KILL");
+    hub.proc.kill();
+    bob.log.wait_for("lost the hub", WAIT);
+    // While the hub is away a new client cannot start.
+    let out = run_script(&addr, "alice", ra.path(), "list\n");
+    assert_eq!(out.status.code(), Some(1));
+    let _hub2 = start_hub_at(&addr, &[]);
+    bob.log.wait_for("reconnected to the hub", WAIT);
+    let out = run_script(&addr, "alice", ra.path(), "list\nread bob hello.txt\n");
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(out.out(), "alice\nbob\nhello world\n");
+}
+
+#[test]
+fn a_silent_peer_disappears_from_list_within_the_keepalive_bound() {
+    let mut hub = start_hub(&["--keepalive", "1"]);
+    let (rb, ra) = (demo_root(), tempdir());
+    let bob = start_server(&hub.addr, "bob", rb.path(), &["--keepalive", "1"]);
+    hub.log.wait_for("joined", WAIT);
+    bob.proc.signal("STOP");
+    hub.log.wait_for("left: keepalive timeout", WAIT);
+    let out = run_script(&hub.addr, "alice", ra.path(), "list\nread bob hello.txt\n");
+    bob.proc.signal("CONT");
+    assert_eq!(out.out(), "alice\n");
+    assert!(
+        out.stderr.contains("unknown peer \"bob\""),
+        "{}",
+        out.stderr
+    );
+}
+
+#[test]
+fn a_wrong_token_is_refused_and_the_right_one_accepted() {
+    let hub = start_hub(&["--token", "s3cret"]);
+    let ra = tempdir();
+    let out = run_script_with(
+        &hub.addr,
+        "eve",
+        ra.path(),
+        "list\n",
+        &["--token", "guess"],
+        &[],
+        WAIT,
+    );
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        out.stderr.contains("the hub refused the token"),
+        "{}",
+        out.stderr
+    );
+    let out = run_script(&hub.addr, "eve", ra.path(), "list\n");
+    assert_eq!(out.status.code(), Some(1));
+    assert!(out.stderr.contains("requires a token"), "{}", out.stderr);
+    let out = run_script_with(
+        &hub.addr,
+        "alice",
+        ra.path(),
+        "list\n",
+        &[],
+        &[("SHARE_TOKEN", "s3cret")],
+        WAIT,
+    );
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(out.out(), "alice\n");
+}
+
+#[test]
+fn the_hub_warns_when_the_link_is_plaintext_and_unauthenticated() {
+    let mut hub = start_hub(&[]);
+    hub.log.wait_for("plaintext and unauthenticated", WAIT);
+}
+
+struct Pki {
+    dir: tempfile::TempDir,
+}
+
+impl Pki {
+    /// A CA, a hub certificate for 127.0.0.1 and a client certificate, as PEM files.
+    fn new() -> Pki {
+        let dir = tempdir();
+        let ca_key = rcgen::KeyPair::generate().unwrap();
+        let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        let ca = ca_params.self_signed(&ca_key).unwrap();
+        let issuer = rcgen::Issuer::new(ca_params, ca_key);
+        let write = |name: &str, text: String| std::fs::write(dir.path().join(name), text).unwrap();
+        write("ca.pem", ca.pem());
+        for (who, san) in [("hub", "127.0.0.1"), ("client", "alice.example")] {
+            let key = rcgen::KeyPair::generate().unwrap();
+            let cert = rcgen::CertificateParams::new(vec![san.to_owned()])
+                .unwrap()
+                .signed_by(&key, &issuer)
+                .unwrap();
+            write(&format!("{who}.pem"), cert.pem());
+            write(&format!("{who}.key"), key.serialize_pem());
+        }
+        Pki { dir }
+    }
+
+    fn path(&self, name: &str) -> String {
+        s(&self.dir.path().join(name)).to_owned()
+    }
+}
+
+#[test]
+fn tls_and_mutual_tls_work_with_generated_certificates() {
+    let pki = Pki::new();
+    let ra = tempdir();
+    let (cert, key, ca) = (pki.path("hub.pem"), pki.path("hub.key"), pki.path("ca.pem"));
+    let hub = start_hub(&["--tls-cert", &cert, "--tls-key", &key]);
+    let tls = ["--tls-ca", ca.as_str()];
+    let out = run_script_with(&hub.addr, "alice", ra.path(), "list\n", &tls, &[], WAIT);
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(out.out(), "alice\n");
+    // A plaintext client cannot talk to a TLS hub.
+    let out = run_script(&hub.addr, "bob", ra.path(), "list\n");
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+
+    // Mutual TLS: a client certificate is required.
+    let mhub = start_hub(&[
+        "--tls-cert",
+        &cert,
+        "--tls-key",
+        &key,
+        "--tls-client-ca",
+        &ca,
+    ]);
+    let out = run_script_with(&mhub.addr, "alice", ra.path(), "list\n", &tls, &[], WAIT);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let (ccert, ckey) = (pki.path("client.pem"), pki.path("client.key"));
+    let mtls = ["--tls-ca", &ca, "--tls-cert", &ccert, "--tls-key", &ckey];
+    let out = run_script_with(&mhub.addr, "alice", ra.path(), "list\n", &mtls, &[], WAIT);
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(out.out(), "alice\n");
+}
+
+/// Size of the big transfer in MiB: `FILESHARE_BIG_MIB`, default 1024 (the full 1 GiB check
+/// takes about 10 s in a debug build on 2 cores, and 2 GiB of temporary disk).
+fn big_mib() -> u64 {
+    std::env::var("FILESHARE_BIG_MIB")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1024)
+}
+
+#[test]
+fn a_large_get_streams_with_bounded_memory_while_others_stay_responsive() {
+    const LIMIT_KIB: u64 = 64 * 1024;
+    let mib = big_mib();
+    let hub = start_hub(&[]);
+    let (rb, ra, rc) = (tempdir(), tempdir(), demo_root());
+    let src = rb.path().join("big.bin");
+    write_pattern(&src, mib << 20, 42);
+    let bob = start_server(&hub.addr, "bob", rb.path(), &[]);
+    let _carol = start_server(&hub.addr, "carol", rc.path(), &[]);
+    let local = ra.path().join("big.copy");
+    let mut alice = spawn_script(&hub.addr, "alice", ra.path(), &[], &[]);
+    let mut stdin = stdin_of(&mut alice);
+    writeln!(stdin, "get bob big.bin {}", s(&local)).unwrap();
+    stdin.flush().unwrap();
+    let mut out = Lines::new(alice.child.stdout.take().unwrap());
+    let err = reader(alice.child.stderr.take().unwrap());
+    // Meanwhile other peers' calls through the hub are answered, again and again until the
+    // transfer is done; at least one full round must complete while it is still running.
+    let saved = format!("saved {} bytes", mib << 20);
+    let mut rounds_during_transfer = 0;
+    // Bounded: 10 000 rounds would take far longer than the transfer.
+    for _ in 0..10_000 {
+        let o = run_script_with(
+            &hub.addr,
+            "dave",
+            ra.path(),
+            "list\nread carol hello.txt\n",
+            &[],
+            &[],
+            Duration::from_secs(10),
+        );
+        assert!(o.status.success(), "{o:?}");
+        // (alice may still be connecting during the first rounds.)
+        assert!(
+            o.out().ends_with("bob\ncarol\ndave\nhello world\n"),
+            "{o:?}"
+        );
+        if out.drain().iter().any(|l| l.contains(&saved)) {
+            break;
+        }
+        rounds_during_transfer += 1;
+    }
+    assert!(
+        rounds_during_transfer >= 1,
+        "the transfer ended before any other call"
+    );
+    let limit = Duration::from_secs(30 + mib / 4);
+    if !out.drain().iter().any(|l| l.contains(&saved)) {
+        out.wait_for(&saved, limit);
+    }
+    let peaks = [
+        ("hub", hub.proc.peak_rss_kib()),
+        ("bob (exporter)", bob.proc.peak_rss_kib()),
+        ("alice (reader)", alice.peak_rss_kib()),
+    ];
+    drop(stdin);
+    let _ = err.recv_timeout(WAIT);
+    assert!(alice.reap().success());
+    eprintln!("{mib} MiB get, {rounds_during_transfer} rounds of other calls meanwhile, peak RSS (VmHWM): {peaks:?} KiB");
+    for (who, kib) in peaks {
+        assert!(kib < LIMIT_KIB, "{who} peaked at {kib} KiB");
+    }
+    assert!(same_bytes(&local, &src), "the copy differs");
+}
