@@ -32,6 +32,9 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Deadline of unary calls to the hub (list, ls, stat).
 const CALL_TIMEOUT: Duration = Duration::from_secs(60);
 
+/// Longest wait for the next chunk of a file (above the hub's own per-chunk bound).
+const CHUNK_TIMEOUT: Duration = Duration::from_secs(60);
+
 /// First reconnect delay; doubles per failed attempt up to [`BACKOFF_MAX`].
 const BACKOFF_BASE: Duration = Duration::from_millis(200);
 
@@ -227,7 +230,7 @@ impl Export for ExportService {
                 match file.read_chunk(offset).await {
                     Ok(data) => {
                         let eof = data.len() < crate::export::CHUNK_SIZE;
-                        let next = offset + data.len() as u64;
+                        let next = offset.saturating_add(data.len() as u64);
                         let chunk = Chunk {
                             size,
                             offset,
@@ -254,6 +257,12 @@ pub(crate) enum CallError {
     /// The hub (or the peer behind it) answered with an error.
     #[error("{}", .0.message())]
     Status(Status),
+    /// No chunk arrived for too long (the hub gives up on a silent peer sooner).
+    #[error("no data for {after:?}; giving up")]
+    Stalled {
+        /// How long nothing arrived.
+        after: Duration,
+    },
     /// A streamed file ended before its last chunk.
     #[error("the transfer ended early (the hub or the peer went away)")]
     CutShort,
@@ -387,7 +396,15 @@ impl FileStream {
         if self.done {
             return Ok(None);
         }
-        match self.inner.next().await {
+        let next = tokio::time::timeout(CHUNK_TIMEOUT, self.inner.next())
+            .await
+            .map_err(|_| {
+                self.done = true;
+                CallError::Stalled {
+                    after: CHUNK_TIMEOUT,
+                }
+            })?;
+        match next {
             Some(Ok(chunk)) => {
                 self.done = chunk.eof;
                 Ok(Some(chunk))

@@ -427,7 +427,7 @@ impl OpenFile {
         while filled < max {
             match self
                 .file
-                .read_at(&mut buf[filled..], offset + filled as u64)
+                .read_at(&mut buf[filled..], offset.saturating_add(filled as u64))
             {
                 Ok(0) => break,
                 Ok(n) => filled += n,

@@ -36,10 +36,6 @@ use crate::registry::{validate_name, ConnId, NameError, Registry};
 /// How long the hub waits to open the channel to a publishing client's export service.
 const EXPORT_DIAL_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Deadline of a forwarded `ls`/`stat` (a read has none: it may legitimately take long, and a
-/// dead exporter is detected by the keepalive).
-const PEER_CALL_TIMEOUT: Duration = Duration::from_secs(30);
-
 /// The hub's settings.
 #[derive(Clone)]
 pub(crate) struct HubOptions {
@@ -51,6 +47,9 @@ pub(crate) struct HubOptions {
     pub(crate) max_reads_per_peer: usize,
     /// How long a read waits for one of those slots before failing "busy". Default: 2 s.
     pub(crate) busy_wait: Duration,
+    /// Deadline of a forwarded `ls`/`stat`, and the longest a forwarded read waits for the
+    /// exporter's next chunk (a whole read may take as long as it needs). Default: 30 s.
+    pub(crate) peer_timeout: Duration,
     /// Most client connections at once; more are closed right after accept. Default: 1024.
     pub(crate) max_connections: usize,
     /// Session settings (keepalive bounds how fast a silent peer is dropped).
@@ -65,6 +64,7 @@ impl Default for HubOptions {
             tls: None,
             max_reads_per_peer: 8,
             busy_wait: Duration::from_secs(2),
+            peer_timeout: Duration::from_secs(30),
             max_connections: 1024,
             mux: mux::Config::default(),
         }
@@ -237,10 +237,13 @@ impl HubState {
         match tokio::time::timeout(self.opts.busy_wait, peer.calls.clone().acquire_owned()).await {
             Ok(Ok(permit)) => Ok(permit),
             Ok(Err(_)) => Err(peer_gone(name, "it left")),
-            Err(_) => Err(Status::resource_exhausted(format!(
-                "peer {name:?} is busy: {} calls to it are already in flight; try again later",
-                self.opts.max_reads_per_peer
-            ))),
+            Err(_) => {
+                warn!(peer = %name, limit = self.opts.max_reads_per_peer, "busy: refusing a call");
+                Err(Status::resource_exhausted(format!(
+                    "peer {name:?} is busy: {} calls to it are already in flight; try again later",
+                    self.opts.max_reads_per_peer
+                )))
+            }
         }
     }
 }
@@ -308,9 +311,9 @@ fn peer_gone(name: &str, detail: impl std::fmt::Display) -> Status {
 fn from_peer(name: &str, s: Status) -> Status {
     match s.code() {
         Code::Unavailable => peer_gone(name, s.message()),
-        Code::DeadlineExceeded => Status::deadline_exceeded(format!(
-            "peer {name:?} did not answer within {PEER_CALL_TIMEOUT:?}"
-        )),
+        Code::DeadlineExceeded => {
+            Status::deadline_exceeded(format!("peer {name:?} did not answer in time"))
+        }
         code => Status::new(code, format!("{name}: {}", s.message())),
     }
 }
@@ -376,7 +379,7 @@ impl Hub for HubService {
         let _slot = hub.slot(&req.peer, &peer).await?;
         let export = peer
             .export
-            .with_options(CallOptions::default().timeout(PEER_CALL_TIMEOUT));
+            .with_options(CallOptions::default().timeout(hub.opts.peer_timeout));
         export
             .ls(req.path)
             .await
@@ -389,7 +392,7 @@ impl Hub for HubService {
         let _slot = hub.slot(&req.peer, &peer).await?;
         let export = peer
             .export
-            .with_options(CallOptions::default().timeout(PEER_CALL_TIMEOUT));
+            .with_options(CallOptions::default().timeout(hub.opts.peer_timeout));
         export
             .stat(req.path)
             .await
@@ -414,21 +417,34 @@ impl Hub for HubService {
         // server poll this stream, so at most one stream window per hop is in flight. The slot
         // is held until the stream is finished or dropped (reader gone: the drop also cancels
         // the exporter's call).
+        let timeout = hub.opts.peer_timeout;
         let forwarded = futures::stream::unfold(
             (upstream, Some(slot), name),
-            |(mut up, slot, name)| async move {
+            move |(mut up, slot, name)| async move {
                 slot.as_ref()?;
-                match up.next().await {
+                // Only polled when the reader has credit, so this measures the exporter.
+                let next = match tokio::time::timeout(timeout, up.next()).await {
+                    Ok(next) => next,
+                    Err(_) => {
+                        let status = Status::deadline_exceeded(format!(
+                            "peer {name:?} sent nothing for {timeout:?}"
+                        ));
+                        return Some((Err(status), (up, None, name)));
+                    }
+                };
+                match next {
                     Some(Ok(chunk)) => {
                         let slot = if chunk.eof { None } else { slot };
                         Some((Ok(chunk), (up, slot, name)))
                     }
                     Some(Err(s)) => {
                         let status = from_peer(&name, s);
+                        debug!(peer = %name, "forwarded read failed: {status}");
                         Some((Err(status), (up, None, name)))
                     }
                     None => {
                         let status = peer_gone(&name, "the transfer was cut short");
+                        debug!(peer = %name, "forwarded read failed: {status}");
                         Some((Err(status), (up, None, name)))
                     }
                 }

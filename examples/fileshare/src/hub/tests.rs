@@ -405,3 +405,128 @@ async fn a_client_reconnects_and_republishes_after_the_hub_restarts() {
     }
     assert!(said_reconnected);
 }
+
+/// An exporter that sends one chunk of a read and then nothing, forever.
+struct StallingExport;
+
+impl crate::proto::Export for StallingExport {
+    async fn ls(
+        &self,
+        _ctx: rpc::Context,
+        _req: String,
+    ) -> Result<crate::export::Listing, rpc::Status> {
+        Err(rpc::Status::unimplemented("not here"))
+    }
+
+    async fn stat(
+        &self,
+        _ctx: rpc::Context,
+        _req: String,
+    ) -> Result<crate::export::Entry, rpc::Status> {
+        Err(rpc::Status::unimplemented("not here"))
+    }
+
+    async fn read(
+        &self,
+        _ctx: rpc::Context,
+        _req: crate::proto::ReadReq,
+    ) -> Result<rpc::ItemStream<crate::proto::Chunk>, rpc::Status> {
+        let first = crate::proto::Chunk {
+            size: 10,
+            offset: 0,
+            data: crate::proto::Data(b"hello".to_vec()),
+            eof: false,
+        };
+        let s = futures::StreamExt::chain(
+            futures::stream::iter([Ok(first)]),
+            futures::stream::pending(),
+        );
+        Ok(Box::pin(s))
+    }
+}
+
+#[tokio::test]
+async fn a_read_from_an_exporter_that_goes_quiet_fails_after_the_peer_timeout() {
+    use crate::proto::Export as _;
+    let hub = start_hub(HubOptions {
+        peer_timeout: Duration::from_millis(300),
+        ..HubOptions::default()
+    })
+    .await;
+    let (session, raw) = raw_client(&hub, None).await;
+    let mut exports = session.listen(crate::proto::EXPORT_CHANNEL).unwrap();
+    let mut server = rpc::Server::new();
+    server.add(StallingExport.into_service());
+    let serve = tokio::spawn(async move {
+        while let Ok(ch) = exports.accept().await {
+            let server = server.clone();
+            tokio::spawn(async move { server.serve(ch).await });
+        }
+    });
+    raw.publish(PublishReq {
+        name: "slowpoke".into(),
+    })
+    .await
+    .unwrap();
+    let ra = root_with(0);
+    let alice = join(&hub, "alice", ra.path()).await;
+    let mut s = alice.read("slowpoke", "x").await.unwrap();
+    let first = s.next().await.unwrap().unwrap();
+    assert_eq!(first.data.0, b"hello");
+    let err = tokio::time::timeout(WAIT, s.next())
+        .await
+        .expect("the hub gives up in time")
+        .unwrap_err();
+    match err {
+        CallError::Status(st) => {
+            assert_eq!(st.code(), Code::DeadlineExceeded);
+            assert!(st.message().contains("sent nothing"), "{st}");
+        }
+        other => panic!("unexpected {other:?}"),
+    }
+    serve.abort();
+}
+
+#[tokio::test]
+async fn the_exporter_streams_from_an_offset_and_marks_the_last_chunk() {
+    use crate::proto::Export as _;
+    use futures::StreamExt as _;
+    let root = root_with(0);
+    std::fs::write(root.path().join("n.txt"), b"0123456789").unwrap();
+    let export = client::ExportService {
+        root: Root::open(root.path()).unwrap(),
+    };
+    let req = crate::proto::ReadReq {
+        path: "n.txt".into(),
+        offset: 4,
+    };
+    let chunks: Vec<_> = export
+        .read(rpc::Context::detached("Export.read"), req)
+        .await
+        .unwrap()
+        .collect()
+        .await;
+    assert_eq!(chunks.len(), 1);
+    let c = chunks.into_iter().next().unwrap().unwrap();
+    assert_eq!((c.size, c.offset, c.eof), (10, 4, true));
+    assert_eq!(c.data.0, b"456789");
+    // Past the end: one empty last chunk. Absurd offsets: an error, not a panic.
+    for (offset, ok) in [(100, true), (u64::MAX, false)] {
+        let req = crate::proto::ReadReq {
+            path: "n.txt".into(),
+            offset,
+        };
+        let items: Vec<_> = export
+            .read(rpc::Context::detached("Export.read"), req)
+            .await
+            .unwrap()
+            .collect()
+            .await;
+        assert_eq!(items.len(), 1, "offset {offset}");
+        match (&items[0], ok) {
+            (Ok(c), true) => assert!(c.eof && c.data.0.is_empty()),
+            (Err(s), false) => assert_eq!(s.code(), Code::Internal, "{s}"),
+            (other, _) => panic!("offset {offset}: unexpected {other:?}"),
+        }
+    }
+}
