@@ -388,7 +388,7 @@ impl Client {
                 Err(_) => return Err(deadline_exceeded(method)),
             },
         };
-        codec::decode(&bytes, "response").map_err(|e| {
+        codec::decode_payload(&bytes, "response").map_err(|e| {
             Status::internal(format!(
                 "could not decode the response of {method}: {}",
                 chain(&e)

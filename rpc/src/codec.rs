@@ -10,8 +10,9 @@
 //! limit: a length field inside a message claiming more than
 //! [`DECODE_LIMIT`] bytes is an error before anything is allocated.
 
-use std::io;
+use std::{cell::RefCell, io};
 
+use bytes::Bytes;
 use serde::{de::DeserializeOwned, Serialize};
 
 /// Upper bound on the bytes one decode may claim (read plus allocate). It is
@@ -83,7 +84,9 @@ pub(crate) fn decode_prefix<T: DeserializeOwned>(
     })
 }
 
-/// Decodes one value that must span all of `bytes`.
+/// Decodes one value that must span all of `bytes` (payloads use
+/// [`decode_payload`]).
+#[cfg(test)]
 pub(crate) fn decode<T: DeserializeOwned>(
     bytes: &[u8],
     what: &'static str,
@@ -96,6 +99,57 @@ pub(crate) fn decode<T: DeserializeOwned>(
         });
     }
     Ok(value)
+}
+
+thread_local! {
+    /// The buffer a payload is being decoded from, so that
+    /// [`ByteBuf`](crate::ByteBuf) can share it instead of copying.
+    static SOURCE: RefCell<Option<Bytes>> = const { RefCell::new(None) };
+}
+
+/// Restores the previous decode source on drop (also on unwind).
+struct SourceGuard(Option<Bytes>);
+
+impl Drop for SourceGuard {
+    fn drop(&mut self) {
+        let prev = self.0.take();
+        SOURCE.with(|s| *s.borrow_mut() = prev);
+    }
+}
+
+/// Decodes a payload that must span all of `bytes`. Byte blocks inside it
+/// decoded as [`ByteBuf`](crate::ByteBuf) share `bytes` (no copy).
+pub(crate) fn decode_payload<T: DeserializeOwned>(
+    bytes: &Bytes,
+    what: &'static str,
+) -> Result<T, CodecError> {
+    let _guard = SourceGuard(SOURCE.with(|s| s.borrow_mut().replace(bytes.clone())));
+    let (value, used) =
+        bincode::serde::borrow_decode_from_slice::<T, _>(bytes, config()).map_err(|e| {
+            CodecError::Decode {
+                what,
+                source: Box::new(e),
+            }
+        })?;
+    if used != bytes.len() {
+        return Err(CodecError::TrailingBytes {
+            what,
+            extra: bytes.len() - used,
+        });
+    }
+    Ok(value)
+}
+
+/// `slice` as a shared view of the payload being decoded, if it lies in it.
+pub(crate) fn share_from_source(slice: &[u8]) -> Option<Bytes> {
+    SOURCE.with(|s| {
+        let src = s.borrow();
+        let src = src.as_ref()?;
+        let base = src.as_ptr() as usize;
+        let start = (slice.as_ptr() as usize).checked_sub(base)?;
+        let end = start.checked_add(slice.len())?;
+        (end <= src.len()).then(|| src.slice(start..end))
+    })
 }
 
 #[cfg(test)]
@@ -111,6 +165,20 @@ mod tests {
         assert!(matches!(err, CodecError::Decode { .. }), "{err:?}");
         let err = decode::<Vec<u64>>(&bytes, "vec").unwrap_err();
         assert!(matches!(err, CodecError::Decode { .. }), "{err:?}");
+    }
+
+    #[test]
+    fn payload_byte_blocks_share_the_source_buffer() {
+        let mut buf = Vec::new();
+        encode(&mut buf, &(7u8, crate::ByteBuf::from(vec![9u8; 100])), "p").unwrap();
+        let src = Bytes::from(buf);
+        let (n, b): (u8, crate::ByteBuf) = decode_payload(&src, "p").unwrap();
+        assert_eq!(n, 7);
+        assert_eq!(&b[..], &[9u8; 100][..]);
+        // Same memory, not a copy.
+        assert_eq!(b.as_ptr(), src[2..].as_ptr());
+        // Outside a decode, nothing is shared.
+        assert!(share_from_source(&src[..]).is_none());
     }
 
     #[test]

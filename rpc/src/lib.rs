@@ -48,10 +48,12 @@
 //! - `stream` — [`ResponseStream`], the client side of streaming calls.
 //! - `server` — [`Server`], per-conn dispatch and per-call tasks.
 //! - `service` — [`ServiceDef`] and the [`service!`] macro.
-//! - `context`, `status`, `metadata`, `config`, `error` — the small types.
+//! - `context`, `status`, `metadata`, `config`, `error`, `bytebuf` — the
+//!   small types ([`ByteBuf`]: a byte payload that encodes as one block).
 //!
 //! The wire format is documented byte for byte in `docs/protocol.md`, Part 2.
 
+mod bytebuf;
 mod client;
 mod codec;
 mod config;
@@ -65,6 +67,7 @@ mod stream;
 mod transport;
 mod wire;
 
+pub use bytebuf::ByteBuf;
 pub use client::{CallOptions, Client};
 pub use codec::CodecError;
 pub use config::{Config, MAX_MESSAGE_SIZE_CAP, MIN_MESSAGE_SIZE};

@@ -56,8 +56,8 @@ pub(crate) enum Method {
     Stream(Arc<StreamFn>),
 }
 
-fn decode_request<Req: DeserializeOwned>(payload: &[u8], method: &str) -> Result<Req, Status> {
-    codec::decode(payload, "request").map_err(|e| {
+fn decode_request<Req: DeserializeOwned>(payload: &Bytes, method: &str) -> Result<Req, Status> {
+    codec::decode_payload(payload, "request").map_err(|e| {
         Status::invalid_argument(format!(
             "could not decode the request for {method}: {}",
             chain(&e)

@@ -118,7 +118,7 @@ impl<T: DeserializeOwned> Stream for ResponseStream<T> {
                     this.client.shared().credit(this.id, this.consumed);
                     this.consumed = 0;
                 }
-                match codec::decode(&bytes, "stream item") {
+                match codec::decode_payload(&bytes, "stream item") {
                     Ok(item) => Poll::Ready(Some(Ok(item))),
                     Err(e) => {
                         this.finish();

@@ -263,15 +263,35 @@ pub(crate) async fn read_preamble<R: AsyncRead + Unpin>(io: &mut R) -> Result<()
     Ok(())
 }
 
-/// Reads length-prefixed frames into one reused buffer.
+/// Reads length-prefixed frames.
+///
+/// Small frames are read, many per syscall, into one buffer and handed out
+/// as shared slices of it. A large frame is read into a buffer of its own,
+/// taken from a small pool: a pooled buffer is reused as soon as every view
+/// of its previous frame has been dropped, so a steady stream of large
+/// messages allocates (and page-faults in) nothing new.
 pub(crate) struct FrameReader<R> {
     io: R,
     buf: BytesMut,
     max: usize,
+    big: Vec<BytesMut>,
+    /// A large frame being read: its buffer and its length.
+    partial: Option<(BytesMut, usize)>,
 }
 
 /// Read granularity for small frames.
 const READ_CHUNK: usize = 64 << 10;
+/// Frames longer than this get a buffer of their own.
+const BIG_FRAME: usize = 64 << 10;
+/// Large-frame buffers kept for reuse.
+const BIG_POOL: usize = 2;
+
+fn eof_inside_frame(pending: usize) -> Error {
+    Error::Io(io::Error::new(
+        io::ErrorKind::UnexpectedEof,
+        format!("conn closed inside a frame ({pending} bytes pending)"),
+    ))
+}
 
 impl<R: AsyncRead + Unpin> FrameReader<R> {
     pub(crate) fn new(io: R, max: usize) -> FrameReader<R> {
@@ -279,6 +299,8 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
             io,
             buf: BytesMut::with_capacity(READ_CHUNK),
             max,
+            big: Vec::new(),
+            partial: None,
         }
     }
 
@@ -291,6 +313,25 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
     /// Cancel-safe: bytes read so far stay buffered.
     pub(crate) async fn next_frame(&mut self) -> Result<Option<Bytes>, Error> {
         loop {
+            if let Some((big, len)) = &mut self.partial {
+                let len = *len;
+                if big.len() >= len {
+                    let frame = big.split_to(len).freeze();
+                    if let Some((big, _)) = self.partial.take() {
+                        if self.big.len() < BIG_POOL {
+                            self.big.push(big);
+                        }
+                    }
+                    return Ok(Some(frame));
+                }
+                // Read exactly the rest of this frame into its buffer.
+                let want = (len - big.len()) as u64;
+                let n = (&mut self.io).take(want).read_buf(big).await?;
+                if n == 0 {
+                    return Err(eof_inside_frame(want as usize));
+                }
+                continue;
+            }
             if self.buf.len() >= LEN_PREFIX {
                 let mut prefix = [0u8; LEN_PREFIX];
                 prefix.copy_from_slice(&self.buf[..LEN_PREFIX]);
@@ -305,8 +346,15 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
                     self.buf.advance(LEN_PREFIX);
                     return Ok(Some(self.buf.split_to(len).freeze()));
                 }
-                // Reserve exactly what the frame still needs (it was
-                // checked against the limit above), at least a read chunk.
+                if len > BIG_FRAME {
+                    // `len` was checked against the limit above.
+                    self.buf.advance(LEN_PREFIX);
+                    let mut big = self.big_buffer(len);
+                    big.extend_from_slice(&self.buf);
+                    self.buf.clear();
+                    self.partial = Some((big, len));
+                    continue;
+                }
                 let need = LEN_PREFIX + len - self.buf.len();
                 self.buf.reserve(need.max(READ_CHUNK));
             } else {
@@ -317,14 +365,17 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
                 if self.buf.is_empty() {
                     return Ok(None);
                 }
-                return Err(Error::Io(io::Error::new(
-                    io::ErrorKind::UnexpectedEof,
-                    format!(
-                        "conn closed inside a frame ({} bytes pending)",
-                        self.buf.len()
-                    ),
-                )));
+                return Err(eof_inside_frame(self.buf.len()));
             }
+        }
+    }
+
+    /// An empty buffer with room for `len` bytes: a pooled one whose
+    /// previous frame is no longer referenced, or a new one.
+    fn big_buffer(&mut self, len: usize) -> BytesMut {
+        match self.big.iter_mut().position(|b| b.try_reclaim(len)) {
+            Some(i) => self.big.swap_remove(i),
+            None => BytesMut::with_capacity(len),
         }
     }
 }
@@ -352,6 +403,30 @@ mod tests {
         let mut r = FrameReader::new(bytes, 1024);
         assert_eq!(&r.next_frame().await.unwrap().unwrap()[..], b"hi");
         assert!(matches!(r.next_frame().await, Err(Error::Io(_))));
+    }
+
+    #[tokio::test]
+    async fn large_frames_reuse_their_buffer_once_released() {
+        let mut wire = Vec::new();
+        for fill in [1u8, 2, 3] {
+            wire.extend_from_slice(&(200_000u32).to_be_bytes());
+            wire.extend_from_slice(&vec![fill; 200_000]);
+        }
+        wire.extend_from_slice(&[0, 0, 0, 1, 9]);
+        let mut r = FrameReader::new(&wire[..], 1 << 20);
+        let first = r.next_frame().await.unwrap().unwrap();
+        assert!(first.iter().all(|&b| b == 1) && first.len() == 200_000);
+        let first_ptr = first.as_ptr();
+        drop(first);
+        let second = r.next_frame().await.unwrap().unwrap();
+        assert!(second.iter().all(|&b| b == 2));
+        assert_eq!(second.as_ptr(), first_ptr, "the released buffer is reused");
+        // While `second` is alive its buffer is not reused.
+        let third = r.next_frame().await.unwrap().unwrap();
+        assert!(third.iter().all(|&b| b == 3));
+        assert_ne!(third.as_ptr(), second.as_ptr());
+        assert_eq!(&r.next_frame().await.unwrap().unwrap()[..], &[9]);
+        assert!(r.next_frame().await.unwrap().is_none());
     }
 
     #[tokio::test]
