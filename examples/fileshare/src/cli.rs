@@ -48,7 +48,8 @@ pub(crate) struct HubArgs {
     /// --token and TLS: the link is otherwise plaintext and unauthenticated).
     #[arg(long, value_name = "ADDR", default_value = DEFAULT_ADDR)]
     pub(crate) listen: String,
-    /// Shared secret every peer must present before anything else.
+    /// Shared secret every peer must present before anything else (prefer the environment
+    /// variable: command lines are visible to other local users).
     #[arg(
         long,
         env = "SHARE_TOKEN",
@@ -88,7 +89,8 @@ pub(crate) struct ClientArgs {
     /// Hub address (host:port).
     #[arg(value_name = "ADDR", default_value = DEFAULT_ADDR)]
     pub(crate) addr: String,
-    /// Shared secret the hub requires.
+    /// Shared secret the hub requires (prefer the environment variable: command lines are
+    /// visible to other local users).
     #[arg(
         long,
         env = "SHARE_TOKEN",

@@ -20,7 +20,7 @@ pub(crate) const COMMANDS: &[(&str, &str, &str)] = &[
     (
         "get",
         "PEER PATH [LOCAL]",
-        "save PEER's file PATH to the local file LOCAL (default: its file name)",
+        "save PEER's file PATH as LOCAL (a new file, or into a directory; default: .)",
     ),
     ("help", "", "this help"),
     ("quit", "", "leave (Ctrl-D too)"),

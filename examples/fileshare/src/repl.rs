@@ -93,6 +93,15 @@ pub(crate) async fn execute(peer: &Peer, cmd: Cmd, ui: Ui) -> anyhow::Result<Flo
             path,
             local,
         } => {
+            // Into an existing directory: keep the remote file name, like cp.
+            let local = if local.is_dir() {
+                let name = Path::new(&path)
+                    .file_name()
+                    .with_context(|| format!("{path:?} has no file name; give LOCAL"))?;
+                local.join(name)
+            } else {
+                local
+            };
             let n = get(peer, &p, &path, &local, ui).await?;
             let line = format!("saved {n} bytes to {}\n", local.display());
             out.write_all(line.as_bytes()).await?;

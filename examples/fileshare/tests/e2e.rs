@@ -44,6 +44,17 @@ fn three_peers_list_read_ls_and_get_with_identical_bytes() {
         .map(|e| e.unwrap().file_name())
         .collect();
     assert_eq!(names, ["copy.bin"]);
+    // Into a directory (keeping the name), and never over an existing file.
+    let script = format!(
+        "get bob hello.txt {dir}\nget bob hello.txt {dir}\n",
+        dir = s(ra.path())
+    );
+    let out = run_script(&hub.addr, "alice", ra.path(), &script);
+    assert_eq!(out.status.code(), Some(1));
+    let saved = ra.path().join("hello.txt");
+    assert_eq!(out.out(), format!("saved 12 bytes to {}\n", s(&saved)));
+    assert!(out.stderr.contains("already exists"), "{}", out.stderr);
+    assert_eq!(std::fs::read(&saved).unwrap(), b"hello world\n");
 }
 
 #[test]
