@@ -372,3 +372,20 @@ pub(crate) fn s(path: &Path) -> &str {
 pub(crate) fn join(dir: &Path, name: &str) -> PathBuf {
     dir.join(name)
 }
+
+/// A free loopback port below Linux's ephemeral range (32768..), found by trying to bind.
+pub(crate) fn free_fixed_port() -> u16 {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos() as u64);
+    let seed = u64::from(std::process::id()) ^ nanos;
+    // Bounded: 200 candidates spread over 20000..32000.
+    for i in 0..200u64 {
+        let port =
+            20_000 + ((seed.wrapping_mul(2_654_435_761).wrapping_add(i * 7919)) % 12_000) as u16;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free port in 20000..32000");
+}
