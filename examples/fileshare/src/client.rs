@@ -175,7 +175,8 @@ where
 
 /// Serves [`Export`] on every channel the hub opens to [`EXPORT_CHANNEL`].
 async fn serve_exports(mut listener: mux::Listener, root: Root) {
-    let mut server = rpc::Server::new();
+    // The hub forwards at most --max-reads-per-peer calls at once; this is a backstop.
+    let mut server = rpc::Server::with_config(rpc::Config::default().max_in_flight(64));
     server.add(ExportService { root }.into_service());
     let mut channels = JoinSet::new();
     // Bounded: ends when the session does (accept fails); live channels are bounded by the

@@ -174,7 +174,9 @@ impl HubState {
             hub: self.clone(),
             published: tokio::sync::Mutex::new(Published::No),
         });
-        let mut server = rpc::Server::new();
+        // A client gets at most this many calls running at once per channel (and a session has
+        // at most max_channels channels): plenty for a REPL, a bound against floods.
+        let mut server = rpc::Server::with_config(rpc::Config::default().max_in_flight(64));
         server.add(HubService(conn.clone()).into_service());
         let reason = serve_channels(hub_listener, &session, &server, &label).await;
         let mut published = conn.published.lock().await;
