@@ -244,12 +244,13 @@ fn median(mut v: Vec<f64>) -> f64 {
 fn main() {
     let addrs = start_servers();
     let rt = current_thread();
-    let (mut raw_echo, mut raw_blob_conn, client) = rt.block_on(async {
-        let client = Client::new(connect(addrs.rpc).await);
+    // Like the raw side, each workload gets its own connection.
+    let (mut raw_echo, mut raw_blob_conn, client, blob_client) = rt.block_on(async {
         (
             connect(addrs.raw_echo).await,
             connect(addrs.raw_blob).await,
-            client,
+            Client::new(connect(addrs.rpc).await),
+            Client::new(connect(addrs.rpc).await),
         )
     });
     let mut blob_buf = vec![0u8; BLOB];
@@ -285,7 +286,7 @@ fn main() {
             b.iter_custom(|n| rt.block_on(raw_blob(&mut raw_blob_conn, &mut blob_buf, n)))
         });
         g.bench_function("rpc", |b| {
-            b.iter_custom(|n| rt.block_on(rpc_blob(&client, n)))
+            b.iter_custom(|n| rt.block_on(rpc_blob(&blob_client, n)))
         });
         g.finish();
     }
@@ -309,7 +310,7 @@ fn main() {
         rpc_conc.push(conc_n as f64 / t.as_secs_f64());
         let t = rt.block_on(raw_blob(&mut raw_blob_conn, &mut blob_buf, blob_n));
         raw_mb.push((blob_n as f64 * BLOB as f64 / 1e6) / t.as_secs_f64());
-        let t = rt.block_on(rpc_blob(&client, blob_n));
+        let t = rt.block_on(rpc_blob(&blob_client, blob_n));
         rpc_mb.push((blob_n as f64 * BLOB as f64 / 1e6) / t.as_secs_f64());
     }
     raw_lat.sort();

@@ -14,7 +14,8 @@ use serde::{de, Deserialize, Deserializer, Serialize, Serializer};
 /// `Vec<u8>`, so the two are interchangeable between peers), and is backed
 /// by [`bytes::Bytes`], so cloning it (to answer many calls with one buffer)
 /// is cheap. Received `ByteBuf`s share the received frame's buffer instead
-/// of copying out of it.
+/// of copying out of it, and large ones are sent without being copied into
+/// the write buffer.
 #[derive(Clone, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct ByteBuf(Bytes);
 
@@ -76,7 +77,9 @@ impl fmt::Debug for ByteBuf {
 
 impl Serialize for ByteBuf {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_bytes(&self.0)
+        // Offered so that the rpc outbox can queue a large block by
+        // reference (written with a gather write) instead of copying it.
+        crate::codec::with_offered(&self.0, || s.serialize_bytes(&self.0))
     }
 }
 

@@ -107,6 +107,41 @@ thread_local! {
     static SOURCE: RefCell<Option<Bytes>> = const { RefCell::new(None) };
 }
 
+thread_local! {
+    /// A large byte block being encoded, offered to the outbox so it can be
+    /// queued by reference instead of copied.
+    static OFFER: RefCell<Option<Bytes>> = const { RefCell::new(None) };
+}
+
+/// Runs `serialize` (which writes `bytes` as one block) with `bytes`
+/// offered for zero-copy queueing; see [`take_offered`].
+pub(crate) fn with_offered<R>(bytes: &Bytes, serialize: impl FnOnce() -> R) -> R {
+    struct Clear;
+    impl Drop for Clear {
+        fn drop(&mut self) {
+            OFFER.with(|o| o.borrow_mut().take());
+        }
+    }
+    OFFER.with(|o| *o.borrow_mut() = Some(bytes.clone()));
+    let _clear = Clear;
+    serialize()
+}
+
+/// The offered block, if `data` is exactly it.
+pub(crate) fn take_offered(data: &[u8]) -> Option<Bytes> {
+    OFFER.with(|o| {
+        let mut o = o.borrow_mut();
+        let same = o
+            .as_ref()
+            .is_some_and(|b| b.as_ptr() == data.as_ptr() && b.len() == data.len());
+        if same {
+            o.take()
+        } else {
+            None
+        }
+    })
+}
+
 /// Restores the previous decode source on drop (also on unwind).
 struct SourceGuard(Option<Bytes>);
 

@@ -9,7 +9,7 @@
 //! steady state allocates nothing.
 
 use std::{
-    io::{self, Write},
+    io::{self, IoSlice, Write},
     pin::pin,
     sync::{Mutex, MutexGuard},
 };
@@ -21,7 +21,7 @@ use tokio::{
 };
 
 use crate::{
-    codec::CodecError,
+    codec::{self, CodecError},
     wire::{LEN_PREFIX, PREAMBLE, VERSION},
     Config, Error,
 };
@@ -39,16 +39,38 @@ pub(crate) struct Outbox {
 }
 
 struct OutState {
+    /// Encoded frames, except large shared byte blocks (see `segments`).
     buf: Vec<u8>,
+    /// Large [`ByteBuf`](crate::ByteBuf) contents queued by reference, each
+    /// to be written at its offset in `buf` (gather write, no copy).
+    segments: Vec<Segment>,
+    /// Total bytes in `segments`.
+    segment_bytes: usize,
     closed: bool,
 }
 
-/// The encoder's view of the outbox buffer: an `io::Write` that refuses to
-/// grow one message past the maximum message size, so an oversize message is
+struct Segment {
+    at: usize,
+    bytes: Bytes,
+}
+
+impl OutState {
+    fn queued(&self) -> usize {
+        self.buf.len() + self.segment_bytes
+    }
+}
+
+/// Blocks at least this large are queued by reference instead of copied.
+const ZERO_COPY_MIN: usize = 32 << 10;
+
+/// The encoder's view of the outbox: an `io::Write` that refuses to grow
+/// one message past the maximum message size, so an oversize message is
 /// detected while encoding, before it is fully materialised.
 pub(crate) struct FrameWriter<'a> {
-    buf: &'a mut Vec<u8>,
-    limit_end: usize,
+    state: &'a mut OutState,
+    /// Body bytes of this frame so far (copied and by reference).
+    len: usize,
+    max: usize,
     overflowed: bool,
 }
 
@@ -59,11 +81,22 @@ impl Write for FrameWriter<'_> {
     }
 
     fn write_all(&mut self, data: &[u8]) -> io::Result<()> {
-        if self.buf.len() + data.len() > self.limit_end {
+        if self.len + data.len() > self.max {
             self.overflowed = true;
             return Err(io::Error::other("message exceeds the maximum message size"));
         }
-        self.buf.extend_from_slice(data);
+        self.len += data.len();
+        if data.len() >= ZERO_COPY_MIN {
+            if let Some(bytes) = codec::take_offered(data) {
+                self.state.segment_bytes += bytes.len();
+                self.state.segments.push(Segment {
+                    at: self.state.buf.len(),
+                    bytes,
+                });
+                return Ok(());
+            }
+        }
+        self.state.buf.extend_from_slice(data);
         Ok(())
     }
 
@@ -72,18 +105,23 @@ impl Write for FrameWriter<'_> {
     }
 }
 
-/// Truncates the buffer back to `start` unless disarmed: a frame whose
-/// encoding failed or panicked never reaches the wire half-written.
+/// Truncates the queue back to where a frame started unless disarmed: a
+/// frame whose encoding failed or panicked never reaches the wire
+/// half-written.
 struct Rollback<'a> {
-    buf: &'a mut Vec<u8>,
+    state: &'a mut OutState,
     start: usize,
+    segments: usize,
     armed: bool,
 }
 
 impl Drop for Rollback<'_> {
     fn drop(&mut self) {
         if self.armed {
-            self.buf.truncate(self.start);
+            self.state.buf.truncate(self.start);
+            for seg in self.state.segments.drain(self.segments..) {
+                self.state.segment_bytes -= seg.bytes.len();
+            }
         }
     }
 }
@@ -93,6 +131,8 @@ impl Outbox {
         Outbox {
             state: Mutex::new(OutState {
                 buf: Vec::new(),
+                segments: Vec::new(),
+                segment_bytes: 0,
                 closed: false,
             }),
             wake_writer: Notify::new(),
@@ -147,26 +187,27 @@ impl Outbox {
         if st.closed {
             return Some(Err(Error::Closed));
         }
-        if wait_for_room && !st.buf.is_empty() && st.buf.len() >= self.high_water {
+        if wait_for_room && st.queued() > 0 && st.queued() >= self.high_water {
             return None;
         }
         let encode = encode.take()?;
+        let was_empty = st.queued() == 0;
         let start = st.buf.len();
-        let was_empty = start == 0;
         let mut rb = Rollback {
-            buf: &mut st.buf,
             start,
+            segments: st.segments.len(),
+            state: &mut st,
             armed: true,
         };
-        rb.buf.extend_from_slice(&[0; LEN_PREFIX]);
-        let body_start = start + LEN_PREFIX;
+        rb.state.buf.extend_from_slice(&[0; LEN_PREFIX]);
         let mut w = FrameWriter {
-            limit_end: body_start + self.max_message,
-            buf: rb.buf,
+            state: rb.state,
+            len: 0,
+            max: self.max_message,
             overflowed: false,
         };
         let res = encode(&mut w);
-        let overflowed = w.overflowed;
+        let (len, overflowed) = (w.len, w.overflowed);
         match res {
             Ok(()) => {}
             Err(_) if overflowed => {
@@ -176,9 +217,8 @@ impl Outbox {
             }
             Err(e) => return Some(Err(Error::Encode(e))),
         }
-        let len = rb.buf.len() - body_start;
         // Fits in u32: max_message is capped far below 4 GiB.
-        rb.buf[start..body_start].copy_from_slice(&(len as u32).to_be_bytes());
+        rb.state.buf[start..start + LEN_PREFIX].copy_from_slice(&(len as u32).to_be_bytes());
         rb.armed = false;
         drop(rb);
         drop(st);
@@ -207,11 +247,14 @@ impl Outbox {
         io.write_all(&PREAMBLE).await?;
         io.flush().await?;
         let mut spare: Vec<u8> = Vec::new();
+        let mut spare_segments: Vec<Segment> = Vec::new();
         loop {
             let closed = {
                 let mut st = self.lock();
-                if !st.buf.is_empty() {
+                if st.queued() > 0 {
                     std::mem::swap(&mut st.buf, &mut spare);
+                    std::mem::swap(&mut st.segments, &mut spare_segments);
+                    st.segment_bytes = 0;
                 }
                 st.closed
             };
@@ -225,7 +268,12 @@ impl Outbox {
                 continue;
             }
             self.room.notify_waiters();
-            io.write_all(&spare).await?;
+            if spare_segments.is_empty() {
+                io.write_all(&spare).await?;
+            } else {
+                write_gathered(io, &spare, &spare_segments).await?;
+                spare_segments.clear();
+            }
             io.flush().await?;
             spare.clear();
             // Keep the buffer across batches (no fresh allocations, no page
@@ -236,6 +284,35 @@ impl Outbox {
             tracing::trace!("rpc writer flushed a batch");
         }
     }
+}
+
+/// Writes `buf` with each segment spliced in at its offset, using
+/// vectored writes.
+async fn write_gathered<W>(io: &mut W, buf: &[u8], segments: &[Segment]) -> io::Result<()>
+where
+    W: AsyncWrite + Unpin,
+{
+    let mut slices = Vec::with_capacity(2 * segments.len() + 1);
+    let mut pos = 0;
+    for seg in segments {
+        if seg.at > pos {
+            slices.push(IoSlice::new(&buf[pos..seg.at]));
+        }
+        slices.push(IoSlice::new(&seg.bytes));
+        pos = seg.at;
+    }
+    if buf.len() > pos {
+        slices.push(IoSlice::new(&buf[pos..]));
+    }
+    let mut slices = &mut slices[..];
+    while !slices.is_empty() {
+        let n = io.write_vectored(slices).await?;
+        if n == 0 {
+            return Err(io::ErrorKind::WriteZero.into());
+        }
+        IoSlice::advance_slices(&mut slices, n);
+    }
+    Ok(())
 }
 
 /// Reads the peer's preamble; any mismatch is a typed error.
@@ -406,6 +483,37 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn large_byte_blocks_are_queued_by_reference_and_written_in_place() {
+        let outbox = Outbox::new(&Config::default());
+        let blob = crate::ByteBuf::from(vec![5u8; 100_000]);
+        let value = (1u8, blob.clone(), 2u8);
+        outbox
+            .push_now(|w| codec::encode(w, &value, "test"))
+            .unwrap();
+        {
+            let st = outbox.lock();
+            assert_eq!(st.segments.len(), 1, "the block was not copied");
+            assert_eq!(st.segments[0].bytes.as_ptr(), blob.as_ptr());
+        }
+        // A too-large message with a block rolls back cleanly.
+        let huge = (crate::ByteBuf::from(vec![0u8; 17 << 20]),);
+        assert!(matches!(
+            outbox.push_now(|w| codec::encode(w, &huge, "test")),
+            Err(Error::MessageTooLarge { .. })
+        ));
+        assert_eq!(outbox.lock().segments.len(), 1);
+        outbox.close();
+        let mut wire = Vec::new();
+        outbox.run_writer(&mut wire).await.unwrap();
+        let mut want = PREAMBLE.to_vec();
+        let mut body = Vec::new();
+        codec::encode(&mut body, &(1u8, vec![5u8; 100_000], 2u8), "test").unwrap();
+        want.extend_from_slice(&(body.len() as u32).to_be_bytes());
+        want.extend_from_slice(&body);
+        assert_eq!(wire, want);
+    }
+
+    #[tokio::test]
     async fn large_frames_reuse_their_buffer_once_released() {
         let mut wire = Vec::new();
         for fill in [1u8, 2, 3] {
@@ -460,7 +568,7 @@ mod tests {
             })
             .unwrap_err();
         assert!(matches!(err, Error::MessageTooLarge { max: 512 }));
-        assert!(outbox.lock().buf.is_empty());
+        assert!(outbox.lock().buf.is_empty() && outbox.lock().segments.is_empty());
         outbox
             .push_now(|w| {
                 w.write_all(&[7; 512]).map_err(|e| CodecError::Encode {
