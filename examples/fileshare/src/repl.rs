@@ -324,6 +324,44 @@ impl ShareHelper {
     }
 }
 
+/// What the word under the cursor is, for completion.
+#[derive(Debug, PartialEq, Eq)]
+enum Slot<'a> {
+    /// The command word.
+    Command,
+    /// A peer name (second word of ls/read/get).
+    Peer,
+    /// A remote path (third word of ls/read/get) on this peer.
+    Path {
+        /// The peer named in the second word.
+        peer: &'a str,
+    },
+    /// Nothing to complete.
+    Nothing,
+}
+
+/// Splits `line[..pos]` into the start of the word under the cursor, that word, and its slot.
+fn completion_slot(line: &str, pos: usize) -> (usize, &str, Slot<'_>) {
+    let Some(before) = line.get(..pos) else {
+        return (pos.min(line.len()), "", Slot::Nothing);
+    };
+    let start = before
+        .char_indices()
+        .rev()
+        .find(|(_, c)| c.is_whitespace())
+        .map_or(0, |(i, c)| i + c.len_utf8());
+    let word = &before[start..];
+    let prior: Vec<&str> = before[..start].split_whitespace().collect();
+    let takes_peer = matches!(prior.first(), Some(&("ls" | "read" | "get")));
+    let slot = match prior.len() {
+        0 => Slot::Command,
+        1 if takes_peer => Slot::Peer,
+        2 if takes_peer => Slot::Path { peer: prior[1] },
+        _ => Slot::Nothing,
+    };
+    (start, word, slot)
+}
+
 impl Completer for ShareHelper {
     type Candidate = String;
 
@@ -333,31 +371,21 @@ impl Completer for ShareHelper {
         pos: usize,
         _ctx: &rustyline::Context<'_>,
     ) -> rustyline::Result<(usize, Vec<String>)> {
-        let before = &line[..pos];
-        let start = before
-            .rfind(char::is_whitespace)
-            .map(|i| i + before[i..].chars().next().map_or(1, char::len_utf8))
-            .unwrap_or(0);
-        let word = &before[start..];
-        let mut prior = before[..start].split_whitespace();
-        let first = prior.next();
-        let second = prior.next();
-        let index = before[..start].split_whitespace().count();
-        let takes_peer = matches!(first, Some("ls" | "read" | "get"));
-        let candidates = match index {
-            0 => COMMANDS
+        let (start, word, slot) = completion_slot(line, pos);
+        let candidates = match slot {
+            Slot::Command => COMMANDS
                 .iter()
                 .filter(|(name, _, _)| name.starts_with(word))
                 .map(|(name, _, _)| format!("{name} "))
                 .collect(),
-            1 if takes_peer => self
+            Slot::Peer => self
                 .peer_names()
                 .into_iter()
                 .filter(|n| n.starts_with(word))
                 .map(|n| format!("{n} "))
                 .collect(),
-            2 if takes_peer => second.map_or_else(Vec::new, |p| self.remote_paths(p, word)),
-            _ => Vec::new(),
+            Slot::Path { peer } => self.remote_paths(peer, word),
+            Slot::Nothing => Vec::new(),
         };
         Ok((start, candidates))
     }
@@ -440,4 +468,32 @@ pub(crate) fn run_terminal(
         let _ = editor.save_history(h);
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn completion_knows_which_word_is_under_the_cursor() {
+        assert_eq!(completion_slot("", 0), (0, "", Slot::Command));
+        assert_eq!(completion_slot("li", 2), (0, "li", Slot::Command));
+        assert_eq!(completion_slot("read b", 6), (5, "b", Slot::Peer));
+        assert_eq!(completion_slot("ls ", 3), (3, "", Slot::Peer));
+        assert_eq!(
+            completion_slot("get bob sub/he", 14),
+            (8, "sub/he", Slot::Path { peer: "bob" })
+        );
+        assert_eq!(completion_slot("list x", 6), (5, "x", Slot::Nothing));
+        assert_eq!(
+            completion_slot("get bob a.txt lo", 16),
+            (14, "lo", Slot::Nothing)
+        );
+        // The cursor in the middle of the line counts only what is before it.
+        assert_eq!(completion_slot("read bob x", 6), (5, "b", Slot::Peer));
+        // Non-ASCII whitespace and names do not split characters.
+        assert_eq!(completion_slot("ls\u{3000}zoë", 9), (5, "zoë", Slot::Peer));
+        // A position inside a character (never sent by rustyline) completes nothing.
+        assert_eq!(completion_slot("zoë", 3), (3, "", Slot::Nothing));
+    }
 }
