@@ -51,6 +51,9 @@ pub(crate) enum AuthError {
         /// What each side speaks.
         detail: String,
     },
+    /// An empty token was configured.
+    #[error("the token is empty")]
+    EmptyToken,
     /// The token is longer than [`MAX_TOKEN_LEN`].
     #[error("token of {len} bytes is longer than the limit of {MAX_TOKEN_LEN}")]
     TokenTooLong {
@@ -85,9 +88,7 @@ impl Token {
             return Err(AuthError::TokenTooLong { len: secret.len() });
         }
         if secret.is_empty() {
-            return Err(AuthError::Malformed {
-                detail: "the token is empty".into(),
-            });
+            return Err(AuthError::EmptyToken);
         }
         Ok(Token(secret.as_bytes().to_vec()))
     }
@@ -320,6 +321,6 @@ mod tests {
         assert!(!t.matches(b""));
         assert!(!t.matches(b"\0bcdef"));
         assert_eq!(format!("{t:?}"), "Token(<redacted>)");
-        assert!(Token::new("").is_err());
+        assert!(matches!(Token::new(""), Err(AuthError::EmptyToken)));
     }
 }
