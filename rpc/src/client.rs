@@ -111,6 +111,12 @@ impl CallOptions {
 /// matched by id. When the last clone (and every stream it returned) is
 /// dropped, queued frames are flushed and the conn's write side is shut
 /// down.
+///
+/// Memory: each pending call holds one entry in the in-flight map, so the
+/// map is bounded by the number of call futures the application keeps
+/// alive; new requests wait while more than [`Config::write_queue_bytes`]
+/// are queued for the writer. The server bounds what it runs with
+/// [`Config::max_in_flight`].
 #[derive(Clone)]
 pub struct Client {
     handle: Arc<Handle>,

@@ -41,7 +41,7 @@
 //!
 //! # Layout
 //!
-//! - `wire` — preamble, frame layout and the envelope [`Header`](wire) kinds.
+//! - `wire` — preamble, frame layout and the envelope header kinds.
 //! - `codec` — the only module that knows the codec (bincode 2 via serde).
 //! - `transport` — the batching outbox, its writer task and the frame reader.
 //! - `client` — [`Client`], [`CallOptions`], the in-flight map and reader.

@@ -219,7 +219,7 @@ impl Server {
     }
 
     /// [`Server::serve`], labelling the conn `peer` (handlers see it as
-    /// [`Context::peer`]; logs carry it).
+    /// [`Context::peer`]; logs carry it). Cancel-safe as `serve`.
     pub async fn serve_named<T>(&self, conn: T, peer: impl Into<String>) -> Result<(), Error>
     where
         T: AsyncRead + AsyncWrite + Send + Unpin + 'static,

@@ -482,6 +482,58 @@ mod tests {
         assert!(matches!(r.next_frame().await, Err(Error::Io(_))));
     }
 
+    /// Counts the `poll_write` calls that reach the conn.
+    #[derive(Default)]
+    struct CountingWriter {
+        data: Vec<u8>,
+        writes: usize,
+    }
+
+    impl AsyncWrite for CountingWriter {
+        fn poll_write(
+            mut self: std::pin::Pin<&mut Self>,
+            _cx: &mut std::task::Context<'_>,
+            buf: &[u8],
+        ) -> std::task::Poll<io::Result<usize>> {
+            self.writes += 1;
+            self.data.extend_from_slice(buf);
+            std::task::Poll::Ready(Ok(buf.len()))
+        }
+
+        fn poll_flush(
+            self: std::pin::Pin<&mut Self>,
+            _cx: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<io::Result<()>> {
+            std::task::Poll::Ready(Ok(()))
+        }
+
+        fn poll_shutdown(
+            self: std::pin::Pin<&mut Self>,
+            _cx: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<io::Result<()>> {
+            std::task::Poll::Ready(Ok(()))
+        }
+    }
+
+    #[tokio::test]
+    async fn frames_queued_while_the_writer_is_busy_go_out_in_one_write() {
+        let outbox = Outbox::new(&Config::default());
+        for i in 0..100u32 {
+            outbox.push(|w| codec::encode(w, &i, "n")).await.unwrap();
+        }
+        outbox.close();
+        let mut conn = CountingWriter::default();
+        outbox.run_writer(&mut conn).await.unwrap();
+        // One write for the preamble, one for all 100 frames.
+        assert_eq!(conn.writes, 2);
+        let mut r = FrameReader::new(&conn.data[PREAMBLE.len()..], 1024);
+        for i in 0..100u32 {
+            let body = r.next_frame().await.unwrap().unwrap();
+            assert_eq!(codec::decode::<u32>(&body, "n").unwrap(), i);
+        }
+        assert!(r.next_frame().await.unwrap().is_none());
+    }
+
     #[tokio::test]
     async fn large_byte_blocks_are_queued_by_reference_and_written_in_place() {
         let outbox = Outbox::new(&Config::default());

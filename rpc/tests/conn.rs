@@ -87,6 +87,17 @@ async fn a_client_whose_peer_never_answers_the_preamble_fails_after_the_handshak
     assert!(err.message().contains("preamble"), "{err}");
 }
 
+#[tokio::test(start_paused = true)]
+async fn a_server_whose_peer_stays_silent_ends_with_a_handshake_timeout() {
+    let server = Server::with_config(Config::default().handshake_timeout(Duration::from_secs(3)));
+    let (_silent, b) = tokio::io::duplex(1024);
+    let res = guard(server.serve(b)).await;
+    assert!(
+        matches!(res, Err(Error::HandshakeTimeout { after }) if after == Duration::from_secs(3)),
+        "{res:?}"
+    );
+}
+
 #[tokio::test]
 async fn oversize_request_is_refused_before_sending() {
     let server = test_server(Config::default());
