@@ -211,3 +211,85 @@ async fn a_slow_stream_consumer_over_mux_is_bounded_and_blocks_nothing() {
     }
     drop(items);
 }
+
+#[tokio::test]
+async fn calls_beyond_the_in_flight_limit_over_mux_are_resource_exhausted() {
+    let release = Arc::new(Notify::new());
+    let started = Arc::new(tokio::sync::Semaphore::new(0));
+    let mut server = test_server(Config::default().max_in_flight(2));
+    let (r, s) = (Arc::clone(&release), Arc::clone(&started));
+    server.register("M.park", move |_ctx, ()| {
+        let (r, s) = (Arc::clone(&r), Arc::clone(&s));
+        async move {
+            let parked = r.notified();
+            s.add_permits(1);
+            parked.await;
+            Ok(())
+        }
+    });
+    let (client, _near, _far) = mux_pair(&server, Config::default()).await;
+    let parked: Vec<_> = (0..2)
+        .map(|_| {
+            let c = client.clone();
+            tokio::spawn(async move { c.call::<_, ()>("M.park", &()).await })
+        })
+        .collect();
+    guard(started.acquire_many(2)).await.unwrap().forget();
+    let err = guard(client.call::<_, String>("Test.echo", "over"))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::ResourceExhausted);
+    release.notify_waiters();
+    for p in parked {
+        guard(p).await.unwrap().unwrap();
+    }
+}
+
+#[tokio::test]
+async fn dropping_a_stream_over_mux_cancels_it_on_the_server() {
+    let (dropped_tx, dropped_rx) = oneshot::channel();
+    let slot = Mutex::new(Some(dropped_tx));
+    let mut server = test_server(Config::default());
+    server.register_stream("M.endless", move |_ctx, ()| {
+        let signal = DropSignal(slot.lock().unwrap().take());
+        async move {
+            Ok(stream::unfold((0u64, signal), |(i, signal)| async move {
+                Some((Ok::<_, Status>(i), (i + 1, signal)))
+            }))
+        }
+    });
+    let (client, _near, _far) = mux_pair(&server, Config::default()).await;
+    let mut s: ResponseStream<u64> =
+        guard(client.call_stream("M.endless", &(), CallOptions::default()))
+            .await
+            .unwrap();
+    for want in 0..40 {
+        assert_eq!(guard(s.next()).await.unwrap().unwrap(), want);
+    }
+    drop(s);
+    guard(dropped_rx)
+        .await
+        .expect("the server dropped the stream");
+}
+
+#[tokio::test]
+async fn a_version_mismatch_on_a_mux_channel_is_reported_and_ends_only_it() {
+    let server = test_server(Config::default());
+    let (near, far) = mux_sessions().await;
+    let mut listener = far.listen("rpc").unwrap();
+    let mut raw = guard(near.dial("rpc")).await.unwrap();
+    let conn = guard(listener.accept()).await.unwrap();
+    let s = server.clone();
+    let serving = tokio::spawn(async move { s.serve(conn).await });
+    raw.write_all(b"NCRPC\x02").await.unwrap();
+    let res = guard(serving).await.unwrap();
+    assert!(
+        matches!(res, Err(Error::VersionMismatch { ours: 1, theirs: 2 })),
+        "{res:?}"
+    );
+    // The session and a fresh channel are fine.
+    let _serving = serve_mux(&server, &far, "rpc2");
+    let client = Client::new(guard(near.dial("rpc2")).await.unwrap());
+    let s: String = guard(client.call("Test.echo", "fine")).await.unwrap();
+    assert_eq!(s, "fine");
+}
