@@ -11,7 +11,9 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use netchan_mux::{self as mux, Session};
-use netchan_rpc::{self as rpc, CallOptions, Code, Context, ItemStream, ResponseStream, Status};
+use netchan_rpc::{
+    self as rpc, ByteBuf, CallOptions, Code, Context, ItemStream, ResponseStream, Status,
+};
 use rand::{Rng, SeedableRng};
 use rustls::pki_types::ServerName;
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -22,8 +24,8 @@ use tracing::{debug, Instrument};
 use crate::auth::{self, AuthError};
 use crate::export::{Entry, Listing, Root};
 use crate::proto::{
-    Chunk, Data, Export, HubClient, ListReq, PeerPath, PeerRead, PublishReq, ReadReq,
-    EXPORT_CHANNEL, HUB_CHANNEL,
+    Chunk, Export, HubClient, ListReq, PeerPath, PeerRead, PublishReq, ReadReq, EXPORT_CHANNEL,
+    HUB_CHANNEL,
 };
 
 /// How long connecting (TCP, TLS, hello, publish) may take as a whole.
@@ -235,7 +237,7 @@ impl Export for ExportService {
                         let chunk = Chunk {
                             size,
                             offset,
-                            data: Data(data),
+                            data: ByteBuf::from(data),
                             eof,
                         };
                         Some((Ok(chunk), (file, next, eof)))

@@ -9,7 +9,7 @@
 //! `Export.read` to the exporter over the exporter's own session, streamed back chunk by chunk
 //! (rpc stream credits bound what is in flight on each hop).
 
-use netchan_rpc::{service, Code, Context, ItemStream, Status};
+use netchan_rpc::{service, ByteBuf, Code, Context, ItemStream, Status};
 use serde::{Deserialize, Serialize};
 
 use crate::export::{Entry, ExportError, Listing};
@@ -111,55 +111,11 @@ pub(crate) struct Chunk {
     pub(crate) size: u64,
     /// Offset of `data` in the file.
     pub(crate) offset: u64,
-    /// The bytes (at most [`CHUNK_SIZE`](crate::export::CHUNK_SIZE)).
-    pub(crate) data: Data,
+    /// The bytes (at most [`CHUNK_SIZE`](crate::export::CHUNK_SIZE)); a `ByteBuf` travels as
+    /// one block, shared with the received frame and sent without a copy.
+    pub(crate) data: ByteBuf,
     /// True on the last chunk. A stream that ends without it was cut short.
     pub(crate) eof: bool,
-}
-
-/// Bytes that serialize as one byte string (not a sequence of numbers), so a chunk encodes
-/// and decodes with one copy.
-#[derive(Clone, Default, PartialEq, Eq)]
-pub(crate) struct Data(pub(crate) Vec<u8>);
-
-impl std::fmt::Debug for Data {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "Data({} bytes)", self.0.len())
-    }
-}
-
-impl Serialize for Data {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_bytes(&self.0)
-    }
-}
-
-impl<'de> Deserialize<'de> for Data {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Data, D::Error> {
-        struct V;
-        impl<'de> serde::de::Visitor<'de> for V {
-            type Value = Data;
-            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-                f.write_str("a byte string")
-            }
-            fn visit_bytes<E: serde::de::Error>(self, v: &[u8]) -> Result<Data, E> {
-                Ok(Data(v.to_vec()))
-            }
-            fn visit_byte_buf<E: serde::de::Error>(self, v: Vec<u8>) -> Result<Data, E> {
-                Ok(Data(v))
-            }
-            fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Data, A::Error> {
-                // Never trust the announced length beyond one chunk.
-                let cap = seq.size_hint().unwrap_or(0).min(crate::export::CHUNK_SIZE);
-                let mut out = Vec::with_capacity(cap);
-                while let Some(b) = seq.next_element()? {
-                    out.push(b);
-                }
-                Ok(Data(out))
-            }
-        }
-        d.deserialize_byte_buf(V)
-    }
 }
 
 impl From<ExportError> for Status {
@@ -201,10 +157,5 @@ mod tests {
         }
         .into();
         assert!(s.message().contains("disk on fire"), "{s}");
-    }
-
-    #[test]
-    fn data_is_debug_printed_by_length_only() {
-        assert_eq!(format!("{:?}", Data(vec![1, 2, 3])), "Data(3 bytes)");
     }
 }

@@ -79,10 +79,10 @@ pub(crate) async fn execute(peer: &Peer, cmd: Cmd, ui: Ui) -> anyhow::Result<Flo
             let mut last = None;
             // Bounded by the file: each iteration consumes one chunk, the stream ends at eof.
             while let Some(chunk) = file.next().await? {
-                if let Some(&b) = chunk.data.0.last() {
+                if let Some(&b) = chunk.data.last() {
                     last = Some(b);
                 }
-                out.write_all(&chunk.data.0).await?;
+                out.write_all(&chunk.data).await?;
             }
             if ui.tidy && last.is_some_and(|b| b != b'\n') {
                 out.write_all(b"\n").await?;
@@ -161,10 +161,10 @@ async fn get(peer: &Peer, p: &str, path: &str, local: &Path, ui: Ui) -> anyhow::
     let mut next = Some(first);
     // Bounded by the file: one chunk per iteration until the eof chunk.
     while let Some(chunk) = next {
-        out.write_all(&chunk.data.0)
+        out.write_all(&chunk.data)
             .await
             .with_context(|| format!("cannot write {}", temp.display()))?;
-        total += chunk.data.0.len() as u64;
+        total += chunk.data.len() as u64;
         if let Some(bar) = &bar {
             bar.set_position(total);
         }

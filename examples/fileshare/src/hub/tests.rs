@@ -97,7 +97,7 @@ async fn read_all(peer: &Peer, who: &str, path: &str) -> Result<Vec<u8>, CallErr
     let mut s = peer.read(who, path).await?;
     let mut out = Vec::new();
     while let Some(chunk) = s.next().await? {
-        out.extend_from_slice(&chunk.data.0);
+        out.extend_from_slice(&chunk.data);
     }
     Ok(out)
 }
@@ -434,7 +434,7 @@ impl crate::proto::Export for StallingExport {
         let first = crate::proto::Chunk {
             size: 10,
             offset: 0,
-            data: crate::proto::Data(b"hello".to_vec()),
+            data: netchan_rpc::ByteBuf::from(b"hello".to_vec()),
             eof: false,
         };
         let s = futures::StreamExt::chain(
@@ -472,7 +472,7 @@ async fn a_read_from_an_exporter_that_goes_quiet_fails_after_the_peer_timeout() 
     let alice = join(&hub, "alice", ra.path()).await;
     let mut s = alice.read("slowpoke", "x").await.unwrap();
     let first = s.next().await.unwrap().unwrap();
-    assert_eq!(first.data.0, b"hello");
+    assert_eq!(&first.data[..], b"hello");
     let err = tokio::time::timeout(WAIT, s.next())
         .await
         .expect("the hub gives up in time")
@@ -509,7 +509,7 @@ async fn the_exporter_streams_from_an_offset_and_marks_the_last_chunk() {
     assert_eq!(chunks.len(), 1);
     let c = chunks.into_iter().next().unwrap().unwrap();
     assert_eq!((c.size, c.offset, c.eof), (10, 4, true));
-    assert_eq!(c.data.0, b"456789");
+    assert_eq!(&c.data[..], b"456789");
     // Past the end: one empty last chunk. Absurd offsets: an error, not a panic.
     for (offset, ok) in [(100, true), (u64::MAX, false)] {
         let req = crate::proto::ReadReq {
@@ -524,7 +524,7 @@ async fn the_exporter_streams_from_an_offset_and_marks_the_last_chunk() {
             .await;
         assert_eq!(items.len(), 1, "offset {offset}");
         match (&items[0], ok) {
-            (Ok(c), true) => assert!(c.eof && c.data.0.is_empty()),
+            (Ok(c), true) => assert!(c.eof && c.data.is_empty()),
             (Err(s), false) => assert_eq!(s.code(), Code::Internal, "{s}"),
             (other, _) => panic!("offset {offset}: unexpected {other:?}"),
         }
