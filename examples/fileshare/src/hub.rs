@@ -406,7 +406,11 @@ impl Hub for HubService {
         let name = req.peer;
         let peer = hub.peer(&name)?;
         let slot = hub.slot(&name, &peer).await?;
-        debug!(peer = %name, path = %req.path, "forwarding read");
+        let reader = match &*self.0.published.lock().await {
+            Published::As(me) => me.clone(),
+            _ => format!("conn {}", self.0.id),
+        };
+        info!(%reader, peer = %name, path = %req.path, "read");
         let upstream = peer
             .export
             .read(ReadReq {

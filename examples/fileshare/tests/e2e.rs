@@ -11,7 +11,7 @@ use common::*;
 
 #[test]
 fn three_peers_list_read_ls_and_get_with_identical_bytes() {
-    let hub = start_hub(&[]);
+    let mut hub = start_hub(&[]);
     let (rb, rc, ra) = (demo_root(), demo_root(), tempdir());
     write_pattern(&rb.path().join("data.bin"), 5 << 20, 7);
     std::fs::write(rc.path().join("c.txt"), "from carol\n").unwrap();
@@ -38,6 +38,9 @@ fn three_peers_list_read_ls_and_get_with_identical_bytes() {
     );
     assert_eq!(out.out(), want);
     assert!(same_bytes(&local, &rb.path().join("data.bin")));
+    // The hub knows the reader by its connection and logs who read what.
+    hub.log
+        .wait_for("read reader=alice peer=bob path=hello.txt", WAIT);
     // No partial file is left next to the download.
     let names: Vec<_> = std::fs::read_dir(ra.path())
         .unwrap()
