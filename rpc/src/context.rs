@@ -85,9 +85,10 @@ impl Context {
         self.inner.peer.as_deref()
     }
 
-    /// True once the call was cancelled by the caller, timed out or lost its
-    /// conn. The handler future itself is dropped at that point; this is
-    /// for work it spawned with a clone of the context.
+    /// True once the call is over: cancelled by the caller, timed out, its
+    /// conn lost, or answered. The handler future itself is dropped when
+    /// the call is cancelled; this is for work it spawned with a clone of
+    /// the context.
     pub fn is_cancelled(&self) -> bool {
         self.inner.cancel.is_cancelled()
     }

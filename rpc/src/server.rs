@@ -245,10 +245,13 @@ impl Server {
         let c = Arc::clone(&conn);
         let mut writer = tokio::spawn(
             async move {
-                tokio::select! {
+                let res = tokio::select! {
                     _ = c.token.cancelled() => Ok(()),
                     res = c.outbox.run_writer(&mut wr) => res,
-                }
+                };
+                // Senders waiting for room must not wait for a dead writer.
+                c.outbox.close();
+                res
             }
             .instrument(span.clone()),
         );
@@ -475,6 +478,8 @@ struct Call {
 
 impl Drop for Call {
     fn drop(&mut self) {
+        // The call is over: work spawned with its context stops too.
+        self.token.cancel();
         self.conn.lock_calls().remove(&self.id);
     }
 }

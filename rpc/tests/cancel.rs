@@ -76,3 +76,27 @@ async fn closing_the_conn_drops_in_flight_handlers() {
     let err = guard(call).await.unwrap().unwrap_err();
     assert_eq!(err.code(), netchan_rpc::Code::Unavailable);
 }
+
+#[tokio::test]
+async fn work_spawned_with_the_context_sees_the_call_end() {
+    let (seen_tx, seen_rx) = oneshot::channel();
+    let slot = Mutex::new(Some(seen_tx));
+    let mut server = Server::new();
+    server.register("C.spawns", move |ctx: netchan_rpc::Context, ()| {
+        let seen = slot.lock().unwrap().take();
+        async move {
+            tokio::spawn(async move {
+                ctx.cancelled().await;
+                if let Some(seen) = seen {
+                    let _ = seen.send(());
+                }
+            });
+            Ok(())
+        }
+    });
+    let (client, _t) = duplex_pair(&server, Config::default());
+    guard(client.call::<_, ()>("C.spawns", &())).await.unwrap();
+    guard(seen_rx)
+        .await
+        .expect("the background task saw the call end");
+}
