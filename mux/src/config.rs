@@ -65,7 +65,10 @@ pub struct Config {
     pub receive_window_growth: usize,
     /// Largest yamux data frame this side sends; bigger writes are split. Larger frames mean
     /// fewer frames (and wake-ups) per byte, smaller ones interleave channels more finely.
-    /// Clamped to 1 KiB..=256 KiB. Default: 64 KiB.
+    /// The default keeps two frames per 256 KiB stream window (so the sender can refill one
+    /// while the other is read) and keeps yamux's per-frame buffers just under glibc's 128 KiB
+    /// `mmap` threshold (larger ones cost page faults on every frame); see docs/performance.md.
+    /// Clamped to 1 KiB..=256 KiB. Default: 120 KiB.
     pub split_send_size: usize,
 }
 
@@ -80,7 +83,7 @@ impl Default for Config {
             keepalive_timeout: Duration::from_secs(10),
             close_grace: Duration::from_secs(5),
             receive_window_growth: 8 * 1024 * 1024,
-            split_send_size: 64 * 1024,
+            split_send_size: 120 * 1024,
         }
     }
 }
@@ -134,7 +137,7 @@ impl Config {
         self
     }
 
-    /// Sets [`Config::split_send_size`] (default: 64 KiB).
+    /// Sets [`Config::split_send_size`] (default: 120 KiB).
     pub fn split_send_size(mut self, bytes: usize) -> Self {
         self.split_send_size = bytes;
         self
