@@ -20,7 +20,7 @@ use bytes::Bytes;
 use serde::{de::DeserializeOwned, Serialize};
 use tokio::{
     io::{AsyncRead, AsyncWrite},
-    sync::{mpsc, oneshot},
+    sync::{mpsc, oneshot, Semaphore},
     time::Instant,
 };
 use tokio_util::sync::CancellationToken;
@@ -29,7 +29,7 @@ use tracing::Instrument;
 use crate::{
     codec,
     error::chain,
-    stream::{ResponseStream, StreamEvent},
+    stream::{RequestSink, ResponseStream, StreamEvent},
     transport::{read_preamble, FrameReader, Outbox},
     wire::{timeout_to_wire, Frame, Header},
     Config, Context, Error, Metadata, Status,
@@ -143,8 +143,14 @@ impl Drop for Handle {
 
 pub(crate) enum Pending {
     Unary(oneshot::Sender<Result<Bytes, Status>>),
-    Stream(mpsc::Sender<StreamEvent>),
+    /// A streaming call: its response items, and for a bidirectional call
+    /// the credit the server granted for request items (closed when the
+    /// call ends, so a waiting sender learns of it).
+    Stream(mpsc::Sender<StreamEvent>, Option<Arc<Semaphore>>),
 }
+
+/// Most request credit the server may grant outstanding; more is clamped.
+const MAX_SEND_CREDIT: usize = 1 << 20;
 
 struct State {
     pending: HashMap<u64, Pending>,
@@ -179,8 +185,11 @@ impl Shared {
     /// Forgets call `id`; if it was still pending and its request went out,
     /// tells the server to stop working on it.
     pub(crate) fn abandon(&self, id: u64, request_sent: bool) {
-        let was_pending = self.lock().pending.remove(&id).is_some();
-        if was_pending && request_sent {
+        let removed = self.lock().pending.remove(&id);
+        if let Some(Pending::Stream(_, Some(credits))) = &removed {
+            credits.close();
+        }
+        if removed.is_some() && request_sent {
             let _ = self
                 .outbox
                 .push_now(|w| codec::encode(w, &Header::Cancel { id }, "cancel"));
@@ -215,8 +224,11 @@ impl Shared {
                 Pending::Unary(tx) => {
                     let _ = tx.send(Err(status.clone()));
                 }
-                Pending::Stream(tx) => {
+                Pending::Stream(tx, credits) => {
                     let _ = tx.try_send(StreamEvent::End(Some(status.clone())));
+                    if let Some(credits) = credits {
+                        credits.close();
+                    }
                 }
             }
         }
@@ -236,17 +248,20 @@ impl Shared {
                         Some(s) => Err(s),
                     });
                 }
-                Some(Pending::Stream(tx)) => {
+                Some(Pending::Stream(tx, credits)) => {
                     let s = status.unwrap_or_else(|| {
                         Status::internal("server answered a streaming call with a unary response")
                     });
                     let _ = tx.try_send(StreamEvent::End(Some(s)));
+                    if let Some(credits) = credits {
+                        credits.close();
+                    }
                 }
                 // Cancelled or timed out meanwhile: the answer is moot.
                 None => {}
             },
             Header::StreamItem { id } => match st.pending.get(&id) {
-                Some(Pending::Stream(tx)) => match tx.try_send(StreamEvent::Item(payload)) {
+                Some(Pending::Stream(tx, _)) => match tx.try_send(StreamEvent::Item(payload)) {
                     Ok(()) | Err(mpsc::error::TrySendError::Closed(_)) => {}
                     Err(mpsc::error::TrySendError::Full(_)) => {
                         return Err(Error::Protocol {
@@ -262,9 +277,12 @@ impl Shared {
                 None => {}
             },
             Header::StreamEnd { id, status } => match st.pending.remove(&id) {
-                Some(Pending::Stream(tx)) => {
+                Some(Pending::Stream(tx, credits)) => {
                     // The channel has one slot beyond the credit window for this.
                     let _ = tx.try_send(StreamEvent::End(status));
+                    if let Some(credits) = credits {
+                        credits.close();
+                    }
                 }
                 Some(Pending::Unary(tx)) => {
                     let _ = tx.send(Err(status.unwrap_or_else(|| {
@@ -273,7 +291,19 @@ impl Shared {
                 }
                 None => {}
             },
-            Header::Request { .. } | Header::Cancel { .. } | Header::Credit { .. } => {
+            Header::Credit { id, n } => match st.pending.get(&id) {
+                Some(Pending::Stream(_, Some(credits))) => {
+                    let room = MAX_SEND_CREDIT.saturating_sub(credits.available_permits());
+                    credits.add_permits((n as usize).min(room));
+                }
+                Some(_) => {
+                    return Err(Error::Protocol {
+                        reason: format!("request credit for call {id}, which sends no stream"),
+                    })
+                }
+                None => {}
+            },
+            Header::Request { .. } | Header::Open { .. } | Header::Cancel { .. } => {
                 return Err(Error::Protocol {
                     reason: "client conn received a request-side frame".into(),
                 })
@@ -414,7 +444,14 @@ impl Client {
     {
         let (tx, rx) = oneshot::channel();
         let mut guard = self
-            .start(method, req, &metadata, deadline, None, Pending::Unary(tx))
+            .start(
+                method,
+                Some(req),
+                &metadata,
+                deadline,
+                None,
+                Pending::Unary(tx),
+            )
             .await?;
         // The reader removed the entry before answering; a dropped sender
         // (never expected: shutdown answers everyone) counts as conn loss.
@@ -430,7 +467,7 @@ impl Client {
     async fn start<Req>(
         &self,
         method: &str,
-        req: &Req,
+        req: Option<&Req>,
         metadata: &Metadata,
         deadline: Option<Instant>,
         stream_credit: Option<u32>,
@@ -456,15 +493,29 @@ impl Client {
             .push(|w| {
                 let timeout_ns =
                     deadline.map(|d| timeout_to_wire(d.saturating_duration_since(Instant::now())));
-                let header = Header::Request {
-                    id,
-                    method: Cow::Borrowed(method),
-                    timeout_ns,
-                    stream_credit,
-                    metadata: Cow::Borrowed(metadata),
-                };
-                codec::encode(w, &header, "request envelope")?;
-                codec::encode(w, req, "request")
+                match req {
+                    Some(req) => {
+                        let header = Header::Request {
+                            id,
+                            method: Cow::Borrowed(method),
+                            timeout_ns,
+                            stream_credit,
+                            metadata: Cow::Borrowed(metadata),
+                        };
+                        codec::encode(w, &header, "request envelope")?;
+                        codec::encode(w, req, "request")
+                    }
+                    None => {
+                        let header = Header::Open {
+                            id,
+                            method: Cow::Borrowed(method),
+                            timeout_ns,
+                            credit: stream_credit.unwrap_or(1),
+                            metadata: Cow::Borrowed(metadata),
+                        };
+                        codec::encode(w, &header, "open envelope")
+                    }
+                }
             })
             .await
             .map_err(|e| match e {
@@ -504,11 +555,11 @@ impl Client {
         let (tx, rx) = mpsc::channel(window as usize + 1);
         let start = self.start(
             method,
-            req,
+            Some(req),
             &opts.metadata,
             deadline,
             Some(window),
-            Pending::Stream(tx),
+            Pending::Stream(tx, None),
         );
         let mut guard = match deadline {
             None => start.await?,
@@ -527,6 +578,52 @@ impl Client {
             rx,
             window,
             deadline,
+        ))
+    }
+
+    /// Starts bidirectional-streaming `method`: send requests with the
+    /// returned [`RequestSink`] (flow-controlled by credit from the server;
+    /// finish it, or drop it, to end the requests), read responses from the
+    /// [`ResponseStream`] as for [`Client::call_stream`]. Client streaming is
+    /// the case where the server answers with one item.
+    ///
+    /// Resolves once the call is queued. Dropping the response stream
+    /// cancels the call; the deadline in `opts` covers the whole call.
+    /// Cancel-safe.
+    pub async fn call_bidi<Req, Item>(
+        &self,
+        method: &str,
+        opts: CallOptions,
+    ) -> Result<(RequestSink<Req>, ResponseStream<Item>), Status>
+    where
+        Req: Serialize,
+        Item: DeserializeOwned,
+    {
+        let deadline = opts.resolve_deadline(Instant::now());
+        let window = self.shared().config.window();
+        let (tx, rx) = mpsc::channel(window as usize + 1);
+        let credits = Arc::new(Semaphore::new(0));
+        let start = self.start::<()>(
+            method,
+            None,
+            &opts.metadata,
+            deadline,
+            Some(window),
+            Pending::Stream(tx, Some(Arc::clone(&credits))),
+        );
+        let mut guard = match deadline {
+            None => start.await?,
+            Some(d) => match tokio::time::timeout_at(d, start).await {
+                Ok(res) => res?,
+                Err(_) => return Err(deadline_exceeded(method)),
+            },
+        };
+        guard.done = true;
+        let id = guard.id;
+        drop(guard);
+        Ok((
+            RequestSink::new(self.clone(), id, method, credits),
+            ResponseStream::new(self.clone(), id, method, rx, window, deadline),
         ))
     }
 

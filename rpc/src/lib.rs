@@ -4,7 +4,8 @@
 //! in the spirit of Go's `net/rpc` `ServeConn`/`NewClient`, with what gRPC
 //! users rely on: [`Status`] codes, deadlines that travel with the call,
 //! cancellation when the caller drops the call, metadata, flow-controlled
-//! server streaming and typed services ([`service!`]).
+//! server, client and bidirectional streaming, and typed services
+//! ([`service!`]).
 //!
 //! One conn carries calls in one direction: a [`Server`] serves it, a
 //! [`Client`] calls over it. For both peers to serve and call on one link,
@@ -45,7 +46,8 @@
 //! - `codec` — the only module that knows the codec (bincode 2 via serde).
 //! - `transport` — the batching outbox, its writer task and the frame reader.
 //! - `client` — [`Client`], [`CallOptions`], the in-flight map and reader.
-//! - `stream` — [`ResponseStream`], the client side of streaming calls.
+//! - `stream` — [`ResponseStream`], [`RequestSink`] and [`RequestStream`]:
+//!   the two ends of streaming calls.
 //! - `server` — [`Server`], per-conn dispatch and per-call tasks.
 //! - `service` — [`ServiceDef`] and the [`service!`] macro.
 //! - `context`, `status`, `metadata`, `config`, `error`, `bytebuf` — the
@@ -77,4 +79,4 @@ pub use metadata::Metadata;
 pub use server::Server;
 pub use service::ServiceDef;
 pub use status::{Code, Status};
-pub use stream::{ItemStream, ResponseStream, StreamReturn};
+pub use stream::{ItemStream, RequestSink, RequestStream, ResponseStream, StreamArg, StreamReturn};

@@ -21,7 +21,7 @@ use futures::{future::BoxFuture, stream::BoxStream, FutureExt, Stream, StreamExt
 use serde::{de::DeserializeOwned, Serialize};
 use tokio::{
     io::{AsyncRead, AsyncWrite},
-    sync::Semaphore,
+    sync::{mpsc, Semaphore},
     time::Instant,
 };
 use tokio_util::sync::CancellationToken;
@@ -30,6 +30,7 @@ use tracing::Instrument;
 use crate::{
     codec::{self, CodecError},
     error::chain,
+    stream::{GrantCredit, RequestStream, StreamEvent},
     transport::{read_preamble, FrameReader, FrameWriter, Outbox},
     wire::{deadline_from_wire, Frame, Header},
     Config, Context, Error, Status,
@@ -42,18 +43,55 @@ const MAX_OUTSTANDING_CREDIT: usize = 1 << 20;
 /// An encoded-on-demand payload: the typed value, captured, writing itself.
 pub(crate) type Payload = Box<dyn FnOnce(&mut FrameWriter<'_>) -> Result<(), CodecError> + Send>;
 type UnaryFn = dyn Fn(Context, Bytes) -> BoxFuture<'static, Result<Payload, Status>> + Send + Sync;
-type StreamFn = dyn Fn(
-        Context,
-        Bytes,
-    ) -> BoxFuture<'static, Result<BoxStream<'static, Result<Payload, Status>>, Status>>
-    + Send
-    + Sync;
+/// What a streaming handler resolves to: its encoded-on-demand items.
+type ItemsFuture = BoxFuture<'static, Result<BoxStream<'static, Result<Payload, Status>>, Status>>;
+type StreamFn = dyn Fn(Context, Bytes) -> ItemsFuture + Send + Sync;
+type BidiFn = dyn Fn(Context, Inbound) -> ItemsFuture + Send + Sync;
 
 /// A registered method, type-erased.
 #[derive(Clone)]
 pub(crate) enum Method {
     Unary(Arc<UnaryFn>),
     Stream(Arc<StreamFn>),
+    Bidi(Arc<BidiFn>),
+}
+
+impl Method {
+    fn kind(&self) -> &'static str {
+        match self {
+            Method::Unary(_) => "unary",
+            Method::Stream(_) => "server-streaming",
+            Method::Bidi(_) => "bidirectional-streaming",
+        }
+    }
+}
+
+/// The request side of a bidirectional call, untyped.
+pub(crate) struct Inbound {
+    rx: mpsc::Receiver<StreamEvent>,
+    grant: GrantCredit,
+    window: u32,
+}
+
+/// What a call starts from.
+enum Input {
+    Payload(Bytes),
+    Stream(Inbound),
+}
+
+fn encode_items<Item, S>(items: S) -> BoxStream<'static, Result<Payload, Status>>
+where
+    Item: Serialize + Send + 'static,
+    S: Stream<Item = Result<Item, Status>> + Send + 'static,
+{
+    items
+        .map(|item| {
+            item.map(|item| {
+                Box::new(move |w: &mut FrameWriter<'_>| codec::encode(w, &item, "stream item"))
+                    as Payload
+            })
+        })
+        .boxed()
 }
 
 fn decode_request<Req: DeserializeOwned>(payload: &Bytes, method: &str) -> Result<Req, Status> {
@@ -96,19 +134,22 @@ impl Method {
     {
         Method::Stream(Arc::new(move |ctx: Context, payload: Bytes| {
             let fut = decode_request::<Req>(&payload, ctx.method()).map(|req| handler(ctx, req));
-            async move {
-                let items = fut?.await?;
-                Ok(items
-                    .map(|item| {
-                        item.map(|item| {
-                            Box::new(move |w: &mut FrameWriter<'_>| {
-                                codec::encode(w, &item, "stream item")
-                            }) as Payload
-                        })
-                    })
-                    .boxed())
-            }
-            .boxed()
+            async move { Ok(encode_items(fut?.await?)) }.boxed()
+        }))
+    }
+
+    pub(crate) fn bidi<Req, Item, F, Fut, S>(handler: F) -> Method
+    where
+        Req: DeserializeOwned + Send + 'static,
+        Item: Serialize + Send + 'static,
+        F: Fn(Context, RequestStream<Req>) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<S, Status>> + Send + 'static,
+        S: Stream<Item = Result<Item, Status>> + Send + 'static,
+    {
+        Method::Bidi(Arc::new(move |ctx: Context, inbound: Inbound| {
+            let requests = RequestStream::new(inbound.rx, inbound.grant, inbound.window);
+            let fut = handler(ctx, requests);
+            async move { Ok(encode_items(fut.await?)) }.boxed()
         }))
     }
 }
@@ -206,6 +247,21 @@ impl Server {
         self.insert(method.to_owned(), Method::stream(handler))
     }
 
+    /// Registers a bidirectional-streaming handler under `method`: it gets
+    /// the caller's requests as a [`RequestStream`] and returns a stream of
+    /// responses (client streaming: a stream of one). Requests flow only as
+    /// the handler consumes them (credit-based, like responses).
+    pub fn register_bidi<Req, Item, F, Fut, S>(&mut self, method: &str, handler: F) -> &mut Self
+    where
+        Req: DeserializeOwned + Send + 'static,
+        Item: Serialize + Send + 'static,
+        F: Fn(Context, RequestStream<Req>) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<S, Status>> + Send + 'static,
+        S: Stream<Item = Result<Item, Status>> + Send + 'static,
+    {
+        self.insert(method.to_owned(), Method::bidi(handler))
+    }
+
     /// Serves one conn until the peer closes it (`Ok`) or it fails (a
     /// transport or protocol [`Error`]; other conns are unaffected).
     ///
@@ -300,67 +356,39 @@ impl Server {
                 stream_credit,
                 metadata,
             } => {
-                let streaming = stream_credit.is_some();
-                let handler = match (self.inner.methods.get(&*method), streaming) {
-                    (None, _) => {
-                        let s = Status::unimplemented(format!("unknown method {method:?}"));
-                        return conn.reply_error(id, streaming, s).await;
-                    }
-                    (Some(Method::Unary(_)), true) => {
-                        let s = Status::unimplemented(format!(
-                            "{method} is a unary method, called as server-streaming"
-                        ));
-                        return conn.reply_error(id, streaming, s).await;
-                    }
-                    (Some(Method::Stream(_)), false) => {
-                        let s = Status::unimplemented(format!(
-                            "{method} is a server-streaming method, called as unary"
-                        ));
-                        return conn.reply_error(id, streaming, s).await;
-                    }
-                    (Some(m), _) => m.clone(),
+                let (want, credit) = match stream_credit {
+                    None => ("unary", 0),
+                    Some(n) => ("server-streaming", n),
                 };
-                if timeout_ns == Some(0) {
-                    let s =
-                        Status::deadline_exceeded(format!("{method} arrived past its deadline"));
-                    return conn.reply_error(id, streaming, s).await;
-                }
-                let deadline = timeout_ns.map(|t| deadline_from_wire(t, Instant::now()));
-                let token = conn.token.child_token();
-                let credits = stream_credit
-                    .map(|n| Arc::new(Semaphore::new((n as usize).min(MAX_OUTSTANDING_CREDIT))));
-                let admitted = conn.admit(
+                let open = Open {
                     id,
-                    self.inner.config.max_in_flight,
-                    CallEntry {
-                        token: token.clone(),
-                        credits: credits.clone(),
-                    },
-                )?;
-                if !admitted {
-                    let s = Status::resource_exhausted(format!(
-                        "{} calls already in flight on this conn",
-                        self.inner.config.max_in_flight
-                    ));
-                    return conn.reply_error(id, streaming, s).await;
-                }
-                let span = tracing::debug_span!("rpc_call", id, method = %method);
-                let ctx = Context::new(
-                    method.into_owned(),
-                    metadata.into_owned(),
-                    deadline,
-                    peer.clone(),
-                    token.clone(),
-                );
-                let call = Call {
-                    conn: Arc::clone(conn),
-                    id,
-                    deadline,
-                    token,
+                    method: method.into_owned(),
+                    timeout_ns,
+                    metadata: metadata.into_owned(),
+                    credit,
+                    want,
                 };
-                tokio::spawn(call.run(handler, ctx, payload, credits).instrument(span));
-                Ok(())
+                self.start_call(conn, peer, open, Some(payload)).await
             }
+            Header::Open {
+                id,
+                method,
+                timeout_ns,
+                credit,
+                metadata,
+            } => {
+                let open = Open {
+                    id,
+                    method: method.into_owned(),
+                    timeout_ns,
+                    metadata: metadata.into_owned(),
+                    credit,
+                    want: "bidirectional-streaming",
+                };
+                self.start_call(conn, peer, open, None).await
+            }
+            Header::StreamItem { id } => conn.route_inbound(id, StreamEvent::Item(payload)),
+            Header::StreamEnd { id, status } => conn.route_inbound(id, StreamEvent::End(status)),
             Header::Cancel { id } => {
                 if let Some(entry) = conn.lock_calls().get(&id) {
                     tracing::trace!(id, "rpc call cancelled by the client");
@@ -375,18 +403,130 @@ impl Server {
                 }
                 Ok(())
             }
-            Header::Response { .. } | Header::StreamItem { .. } | Header::StreamEnd { .. } => {
-                Err(Error::Protocol {
-                    reason: "server conn received a response-side frame".into(),
-                })
-            }
+            Header::Response { .. } => Err(Error::Protocol {
+                reason: "server conn received a response frame".into(),
+            }),
         }
     }
+
+    /// Admits and spawns one call (`payload` is `None` for a bidirectional
+    /// call), or answers it with an error status.
+    async fn start_call(
+        &self,
+        conn: &Arc<ConnState>,
+        peer: &Option<Arc<str>>,
+        open: Open,
+        payload: Option<Bytes>,
+    ) -> Result<(), Error> {
+        let Open {
+            id,
+            method,
+            timeout_ns,
+            metadata,
+            credit,
+            want,
+        } = open;
+        let streaming = want != "unary";
+        let handler = match self.inner.methods.get(&method) {
+            None => {
+                let s = Status::unimplemented(format!("unknown method {method:?}"));
+                return conn.reply_error(id, streaming, s).await;
+            }
+            Some(m) if m.kind() != want => {
+                let s = Status::unimplemented(format!(
+                    "{method} is a {} method, called as {want}",
+                    m.kind()
+                ));
+                return conn.reply_error(id, streaming, s).await;
+            }
+            Some(m) => m.clone(),
+        };
+        if timeout_ns == Some(0) {
+            let s = Status::deadline_exceeded(format!("{method} arrived past its deadline"));
+            return conn.reply_error(id, streaming, s).await;
+        }
+        let deadline = timeout_ns.map(|t| deadline_from_wire(t, Instant::now()));
+        let token = conn.token.child_token();
+        let credits = streaming.then(|| {
+            Arc::new(Semaphore::new(
+                (credit as usize).min(MAX_OUTSTANDING_CREDIT),
+            ))
+        });
+        let window = self.inner.config.window();
+        // Request items: at most `window` granted and unconsumed, plus the end.
+        let (inbound_tx, inbound) = match payload {
+            Some(_) => (None, None),
+            None => {
+                let (tx, rx) = mpsc::channel(window as usize + 1);
+                (Some(tx), Some(rx))
+            }
+        };
+        let entry = CallEntry {
+            token: token.clone(),
+            credits: credits.clone(),
+            inbound: inbound_tx,
+        };
+        if !conn.admit(id, self.inner.config.max_in_flight, entry)? {
+            let s = Status::resource_exhausted(format!(
+                "{} calls already in flight on this conn",
+                self.inner.config.max_in_flight
+            ));
+            return conn.reply_error(id, streaming, s).await;
+        }
+        let input = match (payload, inbound) {
+            (Some(payload), _) => Input::Payload(payload),
+            (None, rx) => {
+                let rx = rx.unwrap_or_else(|| mpsc::channel(1).1);
+                let c = Arc::clone(conn);
+                let grant: GrantCredit = Arc::new(move |n| {
+                    let _ = c
+                        .outbox
+                        .push_now(|w| codec::encode(w, &Header::Credit { id, n }, "credit"));
+                });
+                // The initial request credit.
+                match conn
+                    .outbox
+                    .push(|w| codec::encode(w, &Header::Credit { id, n: window }, "credit"))
+                    .await
+                {
+                    Ok(()) | Err(Error::Closed) => {}
+                    Err(e) => return Err(e),
+                }
+                Input::Stream(Inbound { rx, grant, window })
+            }
+        };
+        let span = tracing::debug_span!("rpc_call", id, method = %method);
+        let ctx = Context::new(method, metadata, deadline, peer.clone(), token.clone());
+        let call = Call {
+            conn: Arc::clone(conn),
+            id,
+            deadline,
+            token,
+        };
+        tokio::spawn(call.run(handler, ctx, input, credits).instrument(span));
+        Ok(())
+    }
+}
+
+/// A call as requested by the client.
+struct Open {
+    id: u64,
+    method: String,
+    timeout_ns: Option<u64>,
+    metadata: crate::Metadata,
+    /// Initial response credit (streaming kinds).
+    credit: u32,
+    /// The kind of method the caller expects (see `Method::kind`).
+    want: &'static str,
 }
 
 struct CallEntry {
     token: CancellationToken,
+    /// Response credit of a streaming call.
     credits: Option<Arc<Semaphore>>,
+    /// Request items of a bidirectional call (bounded by the credit we
+    /// grant: `stream_window` + 1 slots).
+    inbound: Option<mpsc::Sender<StreamEvent>>,
 }
 
 /// Per-conn state shared by the reader and the call tasks.
@@ -402,6 +542,29 @@ impl ConnState {
     fn lock_calls(&self) -> MutexGuard<'_, HashMap<u64, CallEntry>> {
         // Nothing panics while holding this lock; tolerate poison anyway.
         self.calls.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Hands a request item or end from the client to its call.
+    fn route_inbound(&self, id: u64, event: StreamEvent) -> Result<(), Error> {
+        let calls = self.lock_calls();
+        let Some(entry) = calls.get(&id) else {
+            // The call is over; late items are moot.
+            return Ok(());
+        };
+        let Some(tx) = &entry.inbound else {
+            return Err(Error::Protocol {
+                reason: format!("request stream frame for call {id}, which takes no stream"),
+            });
+        };
+        let is_item = matches!(event, StreamEvent::Item(_));
+        match tx.try_send(event) {
+            Err(mpsc::error::TrySendError::Full(_)) if is_item => Err(Error::Protocol {
+                reason: format!("request item beyond the granted credit on call {id}"),
+            }),
+            // Closed: the handler stopped reading; a full channel on an
+            // end: a repeated end. Both harmless.
+            _ => Ok(()),
+        }
     }
 
     /// Records call `id` as in flight; `false` when the conn is at `limit`.
@@ -498,60 +661,62 @@ impl Call {
         self,
         handler: Method,
         ctx: Context,
-        payload: Bytes,
+        input: Input,
         credits: Option<Arc<Semaphore>>,
     ) {
         let method = ctx.method().to_owned();
-        match handler {
-            Method::Unary(h) => {
-                let work = AssertUnwindSafe(async move { h(ctx, payload).await }).catch_unwind();
-                let Some(outcome) = self.race(work).await else {
-                    return;
-                };
-                self.respond(&method, outcome).await;
-            }
-            Method::Stream(h) => {
-                let credits = credits.unwrap_or_else(|| Arc::new(Semaphore::new(0)));
-                let id = self.id;
-                let conn = Arc::clone(&self.conn);
-                let work = AssertUnwindSafe(async move {
-                    let mut items = h(ctx, payload).await?;
-                    loop {
-                        // Credit first: an item is produced only when it
-                        // may be sent, so nothing queues beyond the window.
-                        match credits.acquire().await {
-                            Ok(permit) => permit.forget(),
-                            Err(_) => return Err(Status::internal("stream credit closed")),
-                        }
-                        let Some(item) = items.next().await else {
-                            return Ok(());
-                        };
-                        let payload = item?;
-                        let pushed = conn
-                            .outbox
-                            .push(|w| {
-                                codec::encode(w, &Header::StreamItem { id }, "envelope")?;
-                                payload(w)
-                            })
-                            .await;
-                        match pushed {
-                            Ok(()) => {}
-                            Err(Error::MessageTooLarge { max }) => {
-                                return Err(Status::resource_exhausted(format!(
-                                    "a stream item exceeds the {max}-byte message limit"
-                                )))
-                            }
-                            Err(e) => return Err(e.to_status()),
-                        }
-                    }
-                })
-                .catch_unwind();
-                let Some(outcome) = self.race(work).await else {
-                    return;
-                };
-                let _ = self.conn.send_status(id, true, outcome.err()).await;
-            }
+        if let (Method::Unary(h), Input::Payload(payload)) = (&handler, &input) {
+            let (h, payload) = (Arc::clone(h), payload.clone());
+            let work = AssertUnwindSafe(async move { h(ctx, payload).await }).catch_unwind();
+            let Some(outcome) = self.race(work).await else {
+                return;
+            };
+            self.respond(&method, outcome).await;
+            return;
         }
+        let credits = credits.unwrap_or_else(|| Arc::new(Semaphore::new(0)));
+        let id = self.id;
+        let conn = Arc::clone(&self.conn);
+        let work = AssertUnwindSafe(async move {
+            let mut items = match (handler, input) {
+                (Method::Stream(h), Input::Payload(payload)) => h(ctx, payload).await?,
+                (Method::Bidi(h), Input::Stream(inbound)) => h(ctx, inbound).await?,
+                _ => return Err(Status::internal("call kind and handler kind disagree")),
+            };
+            loop {
+                // Credit first: an item is produced only when it may be
+                // sent, so nothing queues beyond the window.
+                match credits.acquire().await {
+                    Ok(permit) => permit.forget(),
+                    Err(_) => return Err(Status::internal("stream credit closed")),
+                }
+                let Some(item) = items.next().await else {
+                    return Ok(());
+                };
+                let payload = item?;
+                let pushed = conn
+                    .outbox
+                    .push(|w| {
+                        codec::encode(w, &Header::StreamItem { id }, "envelope")?;
+                        payload(w)
+                    })
+                    .await;
+                match pushed {
+                    Ok(()) => {}
+                    Err(Error::MessageTooLarge { max }) => {
+                        return Err(Status::resource_exhausted(format!(
+                            "a stream item exceeds the {max}-byte message limit"
+                        )))
+                    }
+                    Err(e) => return Err(e.to_status()),
+                }
+            }
+        })
+        .catch_unwind();
+        let Some(outcome) = self.race(work).await else {
+            return;
+        };
+        let _ = self.conn.send_status(id, true, outcome.err()).await;
     }
 
     /// Runs `work` until it finishes, the deadline passes (an error

@@ -5,7 +5,7 @@ use std::future::Future;
 use futures::Stream;
 use serde::{de::DeserializeOwned, Serialize};
 
-use crate::{server::Method, Context, Server, Status};
+use crate::{server::Method, Context, RequestStream, Server, Status};
 
 /// A named set of methods ready to be added to a [`Server`] with
 /// [`Server::add`]. [`service!`](crate::service) builds one from a trait
@@ -70,6 +70,22 @@ impl ServiceDef {
     }
 }
 
+impl ServiceDef {
+    /// Adds bidirectional-streaming `method` (see [`Server::register_bidi`]).
+    pub fn bidi<Req, Item, F, Fut, S>(&mut self, method: &str, handler: F) -> &mut Self
+    where
+        Req: DeserializeOwned + Send + 'static,
+        Item: Serialize + Send + 'static,
+        F: Fn(Context, RequestStream<Req>) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<S, Status>> + Send + 'static,
+        S: Stream<Item = Result<Item, Status>> + Send + 'static,
+    {
+        self.methods
+            .push((format!("{}.{method}", self.name), Method::bidi(handler)));
+        self
+    }
+}
+
 impl Server {
     /// Registers every method of `service` (replacing same-named ones).
     pub fn add(&mut self, service: ServiceDef) -> &mut Self {
@@ -83,8 +99,10 @@ impl Server {
 /// Declares a typed service: a trait to implement, a typed client and a
 /// registration, from one trait-like definition.
 ///
-/// Methods are `async fn` (unary) or `stream fn` (server streaming, returning
-/// `Result<ItemStream<Item>, Status>`); each takes `&self`, a [`Context`]
+/// Methods are `async fn` (unary), `stream fn` (server streaming, returning
+/// `Result<ItemStream<Item>, Status>`) or `bidi fn` (bidirectional streaming:
+/// the request argument is a [`RequestStream<Req>`](crate::RequestStream),
+/// the return type as for `stream fn`); each takes `&self`, a [`Context`]
 /// and one request. The block ends with the name of the client struct to
 /// generate. On the wire the methods are `"Trait.method"`.
 ///
@@ -93,13 +111,15 @@ impl Server {
 ///   Future<Output = ...> + Send` (implement it with `async fn`), plus a
 ///   provided `into_service(self) -> ServiceDef` for [`Server::add`];
 /// - the client struct wrapping a [`Client`](crate::Client), with one
-///   `async fn m(&self, req)` per method and `with_options(CallOptions)` to
+///   `async fn m(&self, req)` per method (for `bidi fn`: `async fn
+///   m(&self)` returning a [`RequestSink`](crate::RequestSink) and a
+///   [`ResponseStream`](crate::ResponseStream)) and `with_options(CallOptions)` to
 ///   set a deadline or metadata for the calls made through the copy it
 ///   returns.
 ///
 /// ```
 /// use futures::StreamExt;
-/// use netchan_rpc::{service, Client, Context, ItemStream, Server, Status};
+/// use netchan_rpc::{service, Client, Context, ItemStream, RequestStream, Server, Status};
 ///
 /// service! {
 ///     /// Counts things.
@@ -108,6 +128,8 @@ impl Server {
 ///         async fn incr(&self, ctx: Context, n: u64) -> Result<u64, Status>;
 ///         /// Counts from zero to `n`.
 ///         stream fn upto(&self, ctx: Context, n: u64) -> Result<ItemStream<u64>, Status>;
+///         /// Adds up the numbers sent (client streaming: one answer).
+///         bidi fn sum(&self, ctx: Context, ns: RequestStream<u64>) -> Result<ItemStream<u64>, Status>;
 ///     }
 ///     /// Typed client for [`Counter`].
 ///     pub struct CounterClient;
@@ -122,6 +144,13 @@ impl Server {
 ///     async fn upto(&self, _ctx: Context, n: u64) -> Result<ItemStream<u64>, Status> {
 ///         Ok(Box::pin(futures::stream::iter((0..n).map(Ok))))
 ///     }
+///     async fn sum(&self, _ctx: Context, mut ns: RequestStream<u64>) -> Result<ItemStream<u64>, Status> {
+///         let mut total = 0u64;
+///         while let Some(n) = ns.next().await {
+///             total += n?;
+///         }
+///         Ok(Box::pin(futures::stream::once(async move { Ok(total) })))
+///     }
 /// }
 ///
 /// # #[tokio::main(flavor = "current_thread")]
@@ -135,6 +164,13 @@ impl Server {
 /// assert_eq!(counter.incr(41).await?, 42);
 /// let all: Vec<u64> = counter.upto(3).await?.map(|r| r.unwrap()).collect().await;
 /// assert_eq!(all, [0, 1, 2]);
+///
+/// let (mut numbers, mut total) = counter.sum().await?;
+/// for n in [1, 2, 3] {
+///     numbers.send(&n).await?;
+/// }
+/// numbers.finish();
+/// assert_eq!(total.next().await.transpose()?, Some(6));
 /// # Ok(())
 /// # }
 /// ```
@@ -231,6 +267,13 @@ macro_rules! __service_register {
             async move { this.$method(ctx, req).await }
         });
     }};
+    (bidi $def:ident, $this:ident, $method:ident) => {{
+        let this = ::std::sync::Arc::clone(&$this);
+        $def.bidi(::std::stringify!($method), move |ctx, req| {
+            let this = ::std::sync::Arc::clone(&this);
+            async move { this.$method(ctx, req).await }
+        });
+    }};
 }
 
 /// Implementation detail of [`service!`].
@@ -266,6 +309,28 @@ macro_rules! __service_client_method {
                 .call_stream(
                     ::std::concat!(::std::stringify!($name), ".", ::std::stringify!($method)),
                     &req,
+                    self.options.clone(),
+                )
+                .await
+        }
+    };
+    (bidi $name:ident, $method:ident, $req_ty:ty, $ret:ty, $(#[$mattr:meta])*) => {
+        $(#[$mattr])*
+        ///
+        /// Starts the remote call: send requests with the sink, read the
+        /// responses from the stream; dropping the stream cancels the call.
+        pub async fn $method(
+            &self,
+        ) -> ::std::result::Result<
+            (
+                $crate::RequestSink<<$req_ty as $crate::StreamArg>::Item>,
+                $crate::ResponseStream<<$ret as $crate::StreamReturn>::Item>,
+            ),
+            $crate::Status,
+        > {
+            self.client
+                .call_bidi(
+                    ::std::concat!(::std::stringify!($name), ".", ::std::stringify!($method)),
                     self.options.clone(),
                 )
                 .await

@@ -1,19 +1,25 @@
-//! [`ResponseStream`]: the client side of a server-streaming call.
+//! Streaming calls: [`ResponseStream`] (client, responses), [`RequestSink`]
+//! (client, requests of a bidirectional call) and [`RequestStream`] (server,
+//! those requests).
 
 use std::{
     fmt,
     future::Future,
     marker::PhantomData,
     pin::Pin,
+    sync::Arc,
     task::{Context as TaskContext, Poll},
 };
 
 use bytes::Bytes;
 use futures::Stream;
-use serde::de::DeserializeOwned;
-use tokio::{sync::mpsc, time::Instant};
+use serde::{de::DeserializeOwned, Serialize};
+use tokio::{
+    sync::{mpsc, Semaphore},
+    time::Instant,
+};
 
-use crate::{codec, error::chain, Client, Status};
+use crate::{codec, error::chain, wire::Header, Client, Error, Status};
 
 /// What the reader hands a stream: an item's payload or the end.
 pub(crate) enum StreamEvent {
@@ -163,5 +169,216 @@ pub trait StreamReturn {
 }
 
 impl<T> StreamReturn for ItemStream<T> {
+    type Item = T;
+}
+
+/// The sending half of a bidirectional-streaming call, as returned by
+/// [`Client::call_bidi`].
+///
+/// [`send`](RequestSink::send) waits for credit from the server, so a server
+/// that does not consume requests makes the sender wait instead of letting
+/// requests pile up. [`finish`](RequestSink::finish) (or dropping the sink)
+/// ends the request stream; the server sees its end.
+pub struct RequestSink<T> {
+    client: Client,
+    id: u64,
+    method: String,
+    credits: Arc<Semaphore>,
+    finished: bool,
+    _item: PhantomData<fn(&T)>,
+}
+
+impl<T> RequestSink<T> {
+    pub(crate) fn new(client: Client, id: u64, method: &str, credits: Arc<Semaphore>) -> Self {
+        RequestSink {
+            client,
+            id,
+            method: method.to_owned(),
+            credits,
+            finished: false,
+            _item: PhantomData,
+        }
+    }
+
+    /// Ends the request stream (the server's [`RequestStream`] ends).
+    pub fn finish(mut self) {
+        self.end();
+    }
+
+    fn end(&mut self) {
+        if self.finished {
+            return;
+        }
+        self.finished = true;
+        // A closed credit semaphore means the call is over: nobody listens.
+        if !self.credits.is_closed() {
+            let id = self.id;
+            let _ = self.client.shared().outbox.push_now(|w| {
+                codec::encode(w, &Header::StreamEnd { id, status: None }, "envelope")
+            });
+        }
+    }
+
+    fn ended(&self) -> Status {
+        self.client.shared().closed_status().unwrap_or_else(|| {
+            Status::failed_precondition(format!(
+                "the call to {} ended; the request was not sent",
+                self.method
+            ))
+        })
+    }
+}
+
+impl<T: Serialize> RequestSink<T> {
+    /// Sends one request item, waiting for credit from the server.
+    ///
+    /// Fails if the call has ended (the server finished, the call was
+    /// cancelled or timed out, the conn is gone), or with
+    /// `ResourceExhausted` if the item exceeds the message limit (nothing is
+    /// sent; the call goes on). Cancel-safe: if the future is dropped before
+    /// it resolves, the item was not sent.
+    pub async fn send(&mut self, item: &T) -> Result<(), Status> {
+        if self.finished {
+            return Err(Status::failed_precondition(format!(
+                "the request stream of {} is already finished",
+                self.method
+            )));
+        }
+        let Ok(permit) = self.credits.acquire().await else {
+            return Err(self.ended());
+        };
+        let id = self.id;
+        let pushed = self
+            .client
+            .shared()
+            .outbox
+            .push(|w| {
+                codec::encode(w, &Header::StreamItem { id }, "envelope")?;
+                codec::encode(w, item, "request item")
+            })
+            .await;
+        match pushed {
+            Ok(()) => {
+                permit.forget();
+                Ok(())
+            }
+            Err(Error::MessageTooLarge { max }) => Err(Status::resource_exhausted(format!(
+                "a request item for {} exceeds the {max}-byte message limit; not sent",
+                self.method
+            ))),
+            Err(Error::Closed) => Err(self.ended()),
+            Err(e) => Err(e.to_status()),
+        }
+    }
+}
+
+impl<T> fmt::Debug for RequestSink<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RequestSink")
+            .field("id", &self.id)
+            .field("method", &self.method)
+            .field("finished", &self.finished)
+            .finish()
+    }
+}
+
+impl<T> Drop for RequestSink<T> {
+    fn drop(&mut self) {
+        self.end();
+    }
+}
+
+/// Grants the client more request credit (server side).
+pub(crate) type GrantCredit = Arc<dyn Fn(u32) + Send + Sync>;
+
+/// The requests of a bidirectional-streaming call, as a handler receives
+/// them. Yields `Ok(item)`s until the client finishes; an item that does not
+/// decode yields `Err(InvalidArgument)` and ends the stream. Consuming items
+/// grants the client more credit; a handler that stops reading makes the
+/// client's [`RequestSink::send`] wait.
+pub struct RequestStream<T> {
+    rx: mpsc::Receiver<StreamEvent>,
+    grant: GrantCredit,
+    window: u32,
+    consumed: u32,
+    finished: bool,
+    _item: PhantomData<fn() -> T>,
+}
+
+impl<T> RequestStream<T> {
+    pub(crate) fn new(
+        rx: mpsc::Receiver<StreamEvent>,
+        grant: GrantCredit,
+        window: u32,
+    ) -> RequestStream<T> {
+        RequestStream {
+            rx,
+            grant,
+            window,
+            consumed: 0,
+            finished: false,
+            _item: PhantomData,
+        }
+    }
+}
+
+impl<T> fmt::Debug for RequestStream<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RequestStream")
+            .field("finished", &self.finished)
+            .finish()
+    }
+}
+
+impl<T: DeserializeOwned> Stream for RequestStream<T> {
+    type Item = Result<T, Status>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<Option<Self::Item>> {
+        let this = &mut *self;
+        if this.finished {
+            return Poll::Ready(None);
+        }
+        let Poll::Ready(event) = this.rx.poll_recv(cx) else {
+            return Poll::Pending;
+        };
+        match event {
+            Some(StreamEvent::Item(bytes)) => {
+                this.consumed += 1;
+                if this.consumed >= (this.window / 2).max(1) {
+                    (this.grant)(this.consumed);
+                    this.consumed = 0;
+                }
+                match codec::decode_payload(&bytes, "request item") {
+                    Ok(item) => Poll::Ready(Some(Ok(item))),
+                    Err(e) => {
+                        this.finished = true;
+                        Poll::Ready(Some(Err(Status::invalid_argument(format!(
+                            "could not decode a request item: {}",
+                            chain(&e)
+                        )))))
+                    }
+                }
+            }
+            Some(StreamEvent::End(status)) => {
+                this.finished = true;
+                Poll::Ready(status.map(Err))
+            }
+            None => {
+                this.finished = true;
+                Poll::Ready(Some(Err(Status::unavailable("rpc conn closed"))))
+            }
+        }
+    }
+}
+
+/// Names the item type of a bidirectional method's request argument; used
+/// by [`service!`](crate::service) to derive the client signature from
+/// `RequestStream<T>`.
+pub trait StreamArg {
+    /// The item type.
+    type Item;
+}
+
+impl<T> StreamArg for RequestStream<T> {
     type Item = T;
 }

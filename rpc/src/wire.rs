@@ -79,12 +79,30 @@ pub(crate) enum Header<'a> {
         /// `None` = success.
         status: Option<Status>,
     },
-    /// The caller grants `n` more items to server-streaming call `id`.
+    /// Grants `n` more items to streaming call `id`: sent by the caller for
+    /// the response stream, by the server for a bidirectional call's
+    /// request stream.
     Credit {
         /// The call.
         id: u64,
         /// Additional items.
         n: u32,
+    },
+    /// Starts bidirectional-streaming call `id` (no payload). The caller
+    /// then sends the requests as `StreamItem`s within the credit the
+    /// server grants, and ends them with `StreamEnd`; the server answers as
+    /// for a server-streaming call.
+    Open {
+        /// Caller-chosen id, unique among the caller's calls in flight.
+        id: u64,
+        /// `"Service.Method"`.
+        method: Cow<'a, str>,
+        /// As in `Request`.
+        timeout_ns: Option<u64>,
+        /// Initial credit for the response stream.
+        credit: u32,
+        /// Request metadata.
+        metadata: Cow<'a, Metadata>,
     },
 }
 
@@ -243,6 +261,15 @@ mod props {
             any::<u64>().prop_map(|id| Header::StreamItem { id }),
             (any::<u64>(), arb_status()).prop_map(|(id, status)| Header::StreamEnd { id, status }),
             (any::<u64>(), any::<u32>()).prop_map(|(id, n)| Header::Credit { id, n }),
+            (any::<u64>(), ".{0,30}", any::<Option<u64>>(), any::<u32>()).prop_map(
+                |(id, m, t, credit)| Header::Open {
+                    id,
+                    method: Cow::Owned(m),
+                    timeout_ns: t,
+                    credit,
+                    metadata: Cow::Owned(Metadata::new()),
+                }
+            ),
         ]
     }
 

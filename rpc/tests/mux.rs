@@ -293,3 +293,27 @@ async fn a_version_mismatch_on_a_mux_channel_is_reported_and_ends_only_it() {
     let s: String = guard(client.call("Test.echo", "fine")).await.unwrap();
     assert_eq!(s, "fine");
 }
+
+#[tokio::test]
+async fn bidirectional_streaming_works_over_mux() {
+    let mut server = test_server(Config::default());
+    server.register_bidi(
+        "M.double",
+        |_ctx, reqs: netchan_rpc::RequestStream<u64>| async move {
+            Ok(reqs.map(|r| r.map(|n| n * 2)))
+        },
+    );
+    let (client, _near, _far) = mux_pair(&server, Config::default().stream_window(4)).await;
+    let (mut sink, responses) =
+        guard(client.call_bidi::<u64, u64>("M.double", CallOptions::default()))
+            .await
+            .unwrap();
+    let sender = tokio::spawn(async move {
+        for n in 0..100u64 {
+            sink.send(&n).await.unwrap();
+        }
+    });
+    let got: Vec<u64> = guard(responses.map(|r| r.unwrap()).collect()).await;
+    assert_eq!(got, (0..100).map(|n| n * 2).collect::<Vec<_>>());
+    guard(sender).await.unwrap();
+}
