@@ -56,12 +56,30 @@ pub(crate) enum Method {
     Bidi(Arc<BidiFn>),
 }
 
-impl Method {
-    fn kind(&self) -> &'static str {
+/// The shape of a call: what the caller sends and expects back.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Kind {
+    Unary,
+    ServerStreaming,
+    Bidi,
+}
+
+impl Kind {
+    fn name(self) -> &'static str {
         match self {
-            Method::Unary(_) => "unary",
-            Method::Stream(_) => "server-streaming",
-            Method::Bidi(_) => "bidirectional-streaming",
+            Kind::Unary => "unary",
+            Kind::ServerStreaming => "server-streaming",
+            Kind::Bidi => "bidirectional-streaming",
+        }
+    }
+}
+
+impl Method {
+    fn kind(&self) -> Kind {
+        match self {
+            Method::Unary(_) => Kind::Unary,
+            Method::Stream(_) => Kind::ServerStreaming,
+            Method::Bidi(_) => Kind::Bidi,
         }
     }
 }
@@ -357,8 +375,8 @@ impl Server {
                 metadata,
             } => {
                 let (want, credit) = match stream_credit {
-                    None => ("unary", 0),
-                    Some(n) => ("server-streaming", n),
+                    None => (Kind::Unary, 0),
+                    Some(n) => (Kind::ServerStreaming, n),
                 };
                 let open = Open {
                     id,
@@ -383,7 +401,7 @@ impl Server {
                     timeout_ns,
                     metadata: metadata.into_owned(),
                     credit,
-                    want: "bidirectional-streaming",
+                    want: Kind::Bidi,
                 };
                 self.start_call(conn, peer, open, None).await
             }
@@ -426,7 +444,7 @@ impl Server {
             credit,
             want,
         } = open;
-        let streaming = want != "unary";
+        let streaming = want != Kind::Unary;
         let handler = match self.inner.methods.get(&method) {
             None => {
                 let s = Status::unimplemented(format!("unknown method {method:?}"));
@@ -434,8 +452,9 @@ impl Server {
             }
             Some(m) if m.kind() != want => {
                 let s = Status::unimplemented(format!(
-                    "{method} is a {} method, called as {want}",
-                    m.kind()
+                    "{method} is a {} method, called as {}",
+                    m.kind().name(),
+                    want.name()
                 ));
                 return conn.reply_error(id, streaming, s).await;
             }
@@ -516,8 +535,8 @@ struct Open {
     metadata: crate::Metadata,
     /// Initial response credit (streaming kinds).
     credit: u32,
-    /// The kind of method the caller expects (see `Method::kind`).
-    want: &'static str,
+    /// The kind of method the caller expects.
+    want: Kind,
 }
 
 struct CallEntry {
