@@ -435,10 +435,7 @@ async fn supervise(opts: ClientOptions, tx: watch::Sender<Option<Arc<Link>>>, no
             let reason = link.session.closed().await;
             tx.send_replace(None);
             drop(link);
-            notify(format!(
-                "lost the hub at {} ({reason}); reconnecting",
-                opts.addr
-            ));
+            notify(lost_message(&opts.addr, &reason));
         }
         let mut attempt: u32 = 0;
         let link = loop {
@@ -459,6 +456,17 @@ async fn supervise(opts: ClientOptions, tx: watch::Sender<Option<Arc<Link>>>, no
             opts.addr, opts.name
         ));
         tx.send_replace(Some(Arc::new(link)));
+    }
+}
+
+/// What the user is told when the session with the hub ends: a hub that shut down closed the
+/// session gracefully, anything else is a loss.
+pub(crate) fn lost_message(addr: &str, reason: &mux::CloseReason) -> String {
+    match reason {
+        mux::CloseReason::Peer => {
+            format!("the hub at {addr} closed the connection (shutting down?); reconnecting")
+        }
+        other => format!("lost the hub at {addr} ({other}); reconnecting"),
     }
 }
 
@@ -498,6 +506,21 @@ mod tests {
         let mut rng = rand::rngs::StdRng::seed_from_u64(1);
         let a: Vec<_> = (0..5).map(|_| backoff(5, &mut rng)).collect();
         assert!(a.windows(2).any(|w| w[0] != w[1]), "{a:?}");
+    }
+
+    #[test]
+    fn a_hub_that_closed_the_session_reads_differently_from_a_lost_link() {
+        let msg = lost_message("h:1", &mux::CloseReason::Peer);
+        assert_eq!(
+            msg,
+            "the hub at h:1 closed the connection (shutting down?); reconnecting"
+        );
+        let io = std::io::Error::from(std::io::ErrorKind::ConnectionReset);
+        let msg = lost_message("h:1", &mux::CloseReason::Io(Arc::new(io)));
+        assert!(
+            msg.starts_with("lost the hub at h:1 (connection i/o error"),
+            "{msg}"
+        );
     }
 
     #[test]

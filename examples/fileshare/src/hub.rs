@@ -8,7 +8,9 @@
 //! [`EXPORT_CHANNEL`] back over the same session; the hub never connects to a client.
 //!
 //! When a session ends (quit, crash, keepalive timeout) its task removes the peer, and calls
-//! in flight to it fail with "peer gone". Reads forwarded to one exporter are limited by a
+//! in flight to it fail with "peer gone". [`HubState::shutdown`] stops the accept loop and
+//! closes every session gracefully (a yamux GoAway, so clients see "closed by the peer", not an
+//! i/o error), each within the session's `close_grace`. Reads forwarded to one exporter are limited by a
 //! semaphore: a read waits up to [`HubOptions::busy_wait`] for a slot, then fails "busy".
 
 use std::net::SocketAddr;
@@ -23,6 +25,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn, Instrument};
 
 use crate::auth::{self, Token};
@@ -87,6 +90,8 @@ pub(crate) struct HubState {
     connections: Arc<Semaphore>,
     /// Bumped whenever the set of peers changes (lets tests await a departure).
     changes: tokio::sync::watch::Sender<u64>,
+    /// Cancelled by [`HubState::shutdown`]: every connection task closes its session.
+    stop: CancellationToken,
 }
 
 impl HubState {
@@ -99,11 +104,20 @@ impl HubState {
             next_conn: AtomicU64::new(1),
             connections,
             changes: tokio::sync::watch::Sender::new(0),
+            stop: CancellationToken::new(),
         })
     }
 
-    /// Accepts connections forever (until the returned future is dropped, which also ends
-    /// every connection task). Not meant to be cancelled and restarted.
+    /// Asks the hub to shut down: [`HubState::serve`] stops accepting, every connection task
+    /// closes its session gracefully (bounded by the session's `close_grace`), and `serve`
+    /// returns once they have all ended.
+    pub(crate) fn shutdown(&self) {
+        self.stop.cancel();
+    }
+
+    /// Accepts connections until [`HubState::shutdown`], then closes every session gracefully
+    /// and returns once all connection tasks have ended. Dropping the future instead ends every
+    /// connection task abruptly. Not meant to be cancelled and restarted.
     pub(crate) async fn serve(self: Arc<Self>, listener: TcpListener) {
         let mut conns = JoinSet::new();
         // Bounded: one iteration per accepted connection; connection tasks are reaped as they
@@ -132,8 +146,18 @@ impl HubState {
                     }
                 },
                 Some(_) = conns.join_next(), if !conns.is_empty() => {}
+                () = self.stop.cancelled() => break,
             }
         }
+        drop(listener);
+        info!(
+            connections = conns.len(),
+            peers = self.peers.len(),
+            "shutting down: closing every session"
+        );
+        // Bounded: no new tasks are added, and each one closes its session within its grace.
+        while conns.join_next().await.is_some() {}
+        info!("every session closed");
     }
 
     async fn accept_tcp(self: Arc<Self>, tcp: tokio::net::TcpStream, id: ConnId, addr: SocketAddr) {
@@ -157,7 +181,11 @@ impl HubState {
         T: AsyncRead + AsyncWrite + Send + Unpin + 'static,
     {
         let session = Session::server(io, self.opts.mux.clone());
-        let hub_listener = match self.hello(&session).await {
+        let hello = tokio::select! {
+            hello = self.hello(&session) => hello,
+            () = self.stop.cancelled() => Err(anyhow::anyhow!("the hub is shutting down")),
+        };
+        let hub_listener = match hello {
             Ok(l) => l,
             Err(e) => {
                 warn!("refused before publishing: {e:#}");
@@ -178,7 +206,7 @@ impl HubState {
         // at most max_channels channels): plenty for a REPL, a bound against floods.
         let mut server = rpc::Server::with_config(rpc::Config::default().max_in_flight(64));
         server.add(HubService(conn.clone()).into_service());
-        let reason = serve_channels(hub_listener, &session, &server, &label).await;
+        let reason = serve_channels(hub_listener, &session, &server, &label, &self.stop).await;
         let mut published = conn.published.lock().await;
         if let Published::As(name) = &*published {
             if self.peers.remove(name, id) {
@@ -250,12 +278,14 @@ impl HubState {
     }
 }
 
-/// Accepts and serves [`HUB_CHANNEL`] channels until the session ends; returns why it ended.
+/// Accepts and serves [`HUB_CHANNEL`] channels until the session ends, or closes it
+/// gracefully when `stop` is cancelled; returns why it ended.
 async fn serve_channels(
     mut listener: mux::Listener,
     session: &Session,
     server: &rpc::Server,
     label: &str,
+    stop: &CancellationToken,
 ) -> mux::CloseReason {
     // Channel tasks are owned here: when the session ends this set is dropped and aborts them.
     let mut channels = JoinSet::new();
@@ -263,6 +293,11 @@ async fn serve_channels(
     loop {
         tokio::select! {
             reason = session.closed() => return reason,
+            () = stop.cancelled() => {
+                debug!("closing the session: the hub is shutting down");
+                session.close().await;
+                return session.closed().await;
+            }
             accepted = listener.accept() => match accepted {
                 Ok(ch) => {
                     let server = server.clone();

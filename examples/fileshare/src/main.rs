@@ -82,19 +82,43 @@ fn mux_config(k: Duration) -> netchan_mux::Config {
         .keepalive_timeout(k / 2)
 }
 
-/// Resolves when the process is asked to stop (Ctrl-C or SIGTERM).
-async fn shutdown_signal() {
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending().await,
+/// How long the hub's sessions get to finish open channels when it closes them (shutdown,
+/// refused hello, eviction).
+const HUB_CLOSE_GRACE: Duration = Duration::from_secs(1);
+
+/// SIGINT and SIGTERM, caught from creation on: a signal that arrives before anyone waits is
+/// remembered instead of killing the process.
+struct StopSignals {
+    int: Option<tokio::signal::unix::Signal>,
+    term: Option<tokio::signal::unix::Signal>,
+}
+
+impl StopSignals {
+    /// Installs the handlers (a kind that cannot be installed is simply never reported).
+    fn new() -> StopSignals {
+        use tokio::signal::unix::{signal, SignalKind};
+        StopSignals {
+            int: signal(SignalKind::interrupt()).ok(),
+            term: signal(SignalKind::terminate()).ok(),
         }
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term => {}
+    }
+
+    /// Resolves at the next SIGINT or SIGTERM. Cancel-safe.
+    async fn recv(&mut self) {
+        async fn one(s: &mut Option<tokio::signal::unix::Signal>) {
+            let got = match s {
+                Some(s) => s.recv().await.is_some(),
+                None => false,
+            };
+            if !got {
+                // No handler, or the driver is gone: never.
+                std::future::pending::<()>().await;
+            }
+        }
+        tokio::select! {
+            () = one(&mut self.int) => {}
+            () = one(&mut self.term) => {}
+        }
     }
 }
 
@@ -131,6 +155,7 @@ async fn run_hub(args: HubArgs) -> anyhow::Result<bool> {
         ),
         _ => {}
     }
+    let mut signals = StopSignals::new();
     info!(%addr, tls = tls.is_some(), token = token.is_some(), "hub listening");
     // A plain line on stdout, whatever the log level: scripts and tests read the address here.
     println!("hub listening on {addr}");
@@ -139,13 +164,30 @@ async fn run_hub(args: HubArgs) -> anyhow::Result<bool> {
         token,
         tls,
         max_reads_per_peer: args.max_reads_per_peer as usize,
-        mux: mux_config(args.keepalive),
+        mux: mux_config(args.keepalive).close_grace(HUB_CLOSE_GRACE),
         ..hub::HubOptions::default()
     });
+    let mut serve = tokio::spawn(hub.clone().serve(listener));
     tokio::select! {
-        () = hub.serve(listener) => {}
-        () = shutdown_signal() => info!("shutting down"),
+        done = &mut serve => {
+            // `serve` only returns after `shutdown`, which nothing else calls.
+            done.context("the hub's accept loop failed")?;
+            return Ok(false);
+        }
+        () = signals.recv() => {}
     }
+    // Graceful: every client is told (yamux GoAway) and reconnects with its backoff.
+    hub.shutdown();
+    // Each session closes within HUB_CLOSE_GRACE (plus a flush); a second signal exits now.
+    let limit = HUB_CLOSE_GRACE + Duration::from_secs(2);
+    tokio::select! {
+        done = tokio::time::timeout(limit, &mut serve) => match done {
+            Ok(joined) => joined.context("the hub's shutdown failed")?,
+            Err(_) => warn!("some sessions did not close within {limit:?}; exiting anyway"),
+        },
+        () = signals.recv() => warn!("second signal: exiting without waiting"),
+    }
+    info!("hub stopped");
     Ok(true)
 }
 
@@ -182,6 +224,9 @@ async fn run_client(args: ClientArgs) -> anyhow::Result<bool> {
         Arc::new(move |msg: String| n.notify(&msg))
     };
     let root_shown = opts.root.display_path().display().to_string();
+    // Before connecting, so that a SIGTERM in --serve mode always ends in a graceful close.
+    // (Only then: the REPL handles Ctrl-C itself.)
+    let mut signals = args.serve.then(StopSignals::new);
     let peer = client::Peer::start(opts, notify)
         .await
         .map_err(|e| anyhow::anyhow!(client::chain(&e)))?;
@@ -191,7 +236,9 @@ async fn run_client(args: ClientArgs) -> anyhow::Result<bool> {
             "share: connected to the hub at {} as {name}, exporting {root_shown}",
             args.addr
         );
-        shutdown_signal().await;
+        if let Some(s) = signals.as_mut() {
+            s.recv().await;
+        }
         true
     } else if std::io::stdin().is_terminal() {
         eprintln!(

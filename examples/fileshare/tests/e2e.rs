@@ -275,6 +275,33 @@ fn clients_reconnect_and_republish_after_the_hub_restarts() {
 }
 
 #[test]
+fn sigterm_makes_the_hub_close_every_session_and_exit_zero_and_clients_come_back() {
+    // A fixed port below the ephemeral range (see the restart test).
+    let addr = format!("127.0.0.1:{}", free_fixed_port());
+    let mut hub = start_hub_at(&addr, &[]);
+    let (rb, ra) = (demo_root(), tempdir());
+    let mut bob = start_server(&addr, "bob", rb.path(), &[]);
+    hub.log.wait_for("joined", WAIT);
+    hub.proc.signal("TERM");
+    hub.log
+        .wait_for("shutting down: closing every session", WAIT);
+    hub.log.wait_for("every session closed", WAIT);
+    // stderr closes when the process exits, so reaping does not block.
+    hub.log.wait_end(WAIT);
+    let status = hub.proc.reap();
+    assert_eq!(status.code(), Some(0), "hub exit: {status:?}");
+    // Bob is told the hub closed the session (a graceful close, not an i/o error).
+    let line = bob.log.wait_for("closed the connection", WAIT);
+    assert!(line.contains(&format!("the hub at {addr}")), "{line}");
+    assert!(!line.contains("i/o error"), "{line}");
+    let _hub2 = start_hub_at(&addr, &[]);
+    bob.log.wait_for("reconnected to the hub", WAIT);
+    let out = run_script(&addr, "alice", ra.path(), "list\nread bob hello.txt\n");
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(out.out(), "alice\nbob\nhello world\n");
+}
+
+#[test]
 fn a_silent_peer_disappears_from_list_within_the_keepalive_bound() {
     // 3 s: short for the test, long enough that a busy machine does not drop live peers.
     let mut hub = start_hub(&["--keepalive", "3"]);

@@ -384,7 +384,9 @@ async fn a_client_reconnects_and_republishes_after_the_hub_restarts() {
         .await
         .unwrap()
         .unwrap();
-    assert!(lost.starts_with("lost the hub"), "{lost}");
+    // Dropping the hub's tasks drops its sessions, which close them (the client may see
+    // either a graceful close or a lost link).
+    assert!(lost.ends_with("; reconnecting"), "{lost}");
     let err = bob.list().await.unwrap_err();
     assert!(
         matches!(err, CallError::NotConnected | CallError::Status(_)),
@@ -404,6 +406,45 @@ async fn a_client_reconnects_and_republishes_after_the_hub_restarts() {
         said_reconnected |= msg.starts_with("reconnected to the hub");
     }
     assert!(said_reconnected);
+}
+
+#[tokio::test]
+async fn shutdown_closes_every_session_gracefully_and_clients_say_the_hub_closed_it() {
+    let mut hub = start_hub(HubOptions {
+        mux: netchan_mux::Config::default().close_grace(Duration::from_millis(200)),
+        ..HubOptions::default()
+    })
+    .await;
+    let (rb, ra) = (root_with(0), root_with(0));
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<String>(64);
+    let notify: client::Notify = Arc::new(move |msg: String| {
+        let _ = tx.try_send(msg);
+    });
+    let bob = Peer::start(client_opts(&hub, "bob", rb.path()), notify)
+        .await
+        .unwrap();
+    let alice = join(&hub, "alice", ra.path()).await;
+    until_peers(&hub, |p| p.len() == 2).await;
+    hub.state.shutdown();
+    tokio::time::timeout(WAIT, &mut hub.task)
+        .await
+        .expect("serve returns once every session is closed")
+        .unwrap();
+    let msg = tokio::time::timeout(WAIT, rx.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        msg,
+        format!(
+            "the hub at {} closed the connection (shutting down?); reconnecting",
+            hub.addr
+        )
+    );
+    // The accept loop is gone: nobody else gets in, and calls fail cleanly.
+    assert!(tokio::net::TcpStream::connect(hub.addr).await.is_err());
+    assert!(alice.list().await.is_err());
+    bob.close().await;
 }
 
 /// An exporter that sends one chunk of a read and then nothing, forever.

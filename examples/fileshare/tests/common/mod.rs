@@ -73,6 +73,22 @@ impl Lines {
         }
     }
 
+    /// Waits up to `limit` for the stream to end (the writer exited). Panics with everything
+    /// seen so far on timeout.
+    pub(crate) fn wait_end(&mut self, limit: Duration) {
+        let deadline = Instant::now() + limit;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.rx.recv_timeout(left) {
+                Ok(line) => self.seen.push(line),
+                Err(RecvTimeoutError::Disconnected) => return,
+                Err(RecvTimeoutError::Timeout) => {
+                    panic!("stream still open after {limit:?}; saw {:#?}", self.seen)
+                }
+            }
+        }
+    }
+
     /// Everything seen so far (plus whatever is already buffered).
     pub(crate) fn drain(&mut self) -> Vec<String> {
         while let Ok(line) = self.rx.try_recv() {
