@@ -18,7 +18,9 @@ use tokio_util::{compat::Compat, sync::WaitForCancellationFutureOwned};
 /// Implements tokio's [`AsyncRead`] and [`AsyncWrite`]:
 /// - [`shutdown`](tokio::io::AsyncWriteExt::shutdown) half-closes: the peer reads EOF once it
 ///   has read everything, and can still write back;
-/// - dropping it closes the channel (the peer sees a reset if it had not been half-closed);
+/// - dropping it closes the channel: the peer reads end-of-stream after the data already
+///   sent, and its further writes fail with `BrokenPipe` (a yamux reset, unless we had
+///   half-closed first);
 /// - it can be split with [`tokio::io::split`] and read and written from two tasks.
 ///
 /// Errors: once the session ends abnormally (keepalive timeout, link failure, protocol
@@ -166,6 +168,10 @@ impl AsyncWrite for Conn {
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
+        if buf.is_empty() {
+            // yamux would send an empty data frame.
+            return Poll::Ready(Ok(0));
+        }
         match Pin::new(&mut this.io).poll_write(cx, buf) {
             Poll::Ready(Ok(n)) => Poll::Ready(Ok(n)),
             Poll::Ready(Err(e)) => Poll::Ready(Err(this.write_error(e))),

@@ -230,3 +230,26 @@ async fn a_thousand_channels_open_at_once_each_echo_a_distinct_payload() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn dropping_a_conn_gives_the_peer_eof_and_then_broken_pipe_on_write() {
+    let (client, server) = common::duplex_sessions(Config::default(), Config::default());
+    let mut listener = server.listen("drop").unwrap();
+    let accept = tokio::spawn(async move { listener.accept().await.unwrap() });
+    let mut dialed = within(5, "dial", client.dial("drop")).await.unwrap();
+    let mut accepted = within(5, "accept", accept).await.unwrap();
+    dialed.write_all(b"bye").await.unwrap();
+    dialed.flush().await.unwrap();
+    drop(dialed);
+    let mut got = Vec::new();
+    within(5, "read to eof", accepted.read_to_end(&mut got))
+        .await
+        .unwrap();
+    assert_eq!(got, b"bye");
+    let err = within(5, "write after peer drop", accepted.write_all(b"anyone?"))
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), std::io::ErrorKind::BrokenPipe, "{err}");
+    // The session itself is unaffected.
+    assert!(!client.is_closed() && !server.is_closed());
+}

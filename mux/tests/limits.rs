@@ -164,3 +164,43 @@ async fn unsupported_version_and_bad_names_are_refused_with_a_reason() {
     assert_eq!(&reply[..2], &[1, 1]);
     assert!(!server.is_closed());
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_flood_of_unfinished_handshakes_is_reset_stream_by_stream_and_the_session_survives() {
+    let (a, b) = tokio::io::duplex(256 * 1024);
+    let config = Config::default()
+        .max_pending_handshakes(8)
+        .max_channels(16)
+        .handshake_timeout(Duration::from_secs(5));
+    let server = Session::server(a, config);
+    let _listener = server.listen("abc").unwrap();
+    let raw = RawPeer::start(b, yamux::Mode::Client);
+
+    // 200 streams, each stuck after one byte of its request: far more than the 16 + 2 × 8 + 8
+    // streams yamux would accept before killing the whole connection.
+    let mut stuck = Vec::new();
+    for _ in 0..200 {
+        let mut s = raw.open().await;
+        s.write_all(&[1]).await.unwrap();
+        s.flush().await.unwrap();
+        stuck.push(s);
+    }
+    // Every one of them ends (reset at once beyond the 8 being served, the 8 after the
+    // handshake timeout); none gets an answer.
+    for (i, s) in stuck.iter_mut().enumerate() {
+        let mut buf = [0u8; 4];
+        let n = within(60, "stuck stream ends", s.read(&mut buf))
+            .await
+            .unwrap_or(0);
+        assert_eq!(n, 0, "stream {i} got an answer");
+    }
+    assert!(!server.is_closed(), "the flood killed the session");
+    let mut good = raw.open().await;
+    good.write_all(&[1, 3, b'a', b'b', b'c']).await.unwrap();
+    good.flush().await.unwrap();
+    let mut reply = [0u8; 2];
+    within(5, "reply", good.read_exact(&mut reply))
+        .await
+        .unwrap();
+    assert_eq!(reply, [1, 0]);
+}
