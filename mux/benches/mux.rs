@@ -54,7 +54,8 @@ async fn tcp_pair() -> (TcpStream, TcpStream) {
 
 async fn session_pair() -> (Session, Session) {
     let (a, b) = tcp_pair().await;
-    let mut config = Config::default().keepalive_interval(None);
+    // The default configuration (keepalive on): what users get.
+    let mut config = Config::default();
     // Tuning knob: try other frame sizes without editing the benchmark.
     if let Some(size) = std::env::var("NETCHAN_BENCH_SPLIT_SEND_SIZE")
         .ok()

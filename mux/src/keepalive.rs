@@ -61,13 +61,18 @@ impl Keepalive {
     }
 
     /// Ready with the close reason once the peer has been silent for interval + timeout.
+    ///
+    /// Cheap when nothing is due: the timer is only re-armed when it fires (at most a few times
+    /// per interval), not on every driver poll, even though every inbound read moves the
+    /// liveness stamp.
     pub(crate) fn poll(&mut self, cx: &mut Context<'_>, shared: &Shared) -> Poll<CloseReason> {
-        // Bounded: each pass either returns or re-arms the timer at a later deadline; a timer
-        // that is already due makes the next pass take the timeout or the ping branch.
+        // Bounded: each pass either returns or re-arms the timer at a later deadline.
         for _ in 0..4 {
+            if self.timer.as_mut().poll(cx).is_pending() {
+                return Poll::Pending;
+            }
             let last = shared.last_read();
-            let now = Instant::now();
-            let quiet = now.saturating_duration_since(last);
+            let quiet = Instant::now().saturating_duration_since(last);
             if quiet >= self.interval + self.timeout {
                 tracing::info!(?quiet, "peer silent for too long");
                 return Poll::Ready(CloseReason::KeepaliveTimeout { after: quiet });
@@ -83,9 +88,6 @@ impl Keepalive {
                 last + self.interval
             };
             self.timer.as_mut().reset(next);
-            if self.timer.as_mut().poll(cx).is_pending() {
-                return Poll::Pending;
-            }
         }
         cx.waker().wake_by_ref();
         Poll::Pending

@@ -204,3 +204,27 @@ async fn a_flood_of_unfinished_handshakes_is_reset_stream_by_stream_and_the_sess
         .unwrap();
     assert_eq!(reply, [1, 0]);
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_full_accept_backlog_refuses_new_channels_as_busy() {
+    let timeout = Duration::from_secs(4);
+    let (client, server) = common::duplex_sessions(
+        Config::default().handshake_timeout(timeout),
+        Config::default()
+            .handshake_timeout(timeout)
+            .accept_backlog(1),
+    );
+    // Registered but never accepting: the first channel fills the backlog.
+    let listener = server.listen("lazy").unwrap();
+    let _queued = within(5, "first dial", client.dial("lazy")).await.unwrap();
+    let started = tokio::time::Instant::now();
+    match within(60, "second dial", client.dial("lazy")).await {
+        Err(Error::Refused { name, reason }) => {
+            assert_eq!(name, "lazy");
+            assert!(reason.contains("backlog full"), "{reason}");
+        }
+        other => panic!("expected a busy refusal, got {other:?}"),
+    }
+    assert!(started.elapsed() >= timeout / 2);
+    drop(listener);
+}
