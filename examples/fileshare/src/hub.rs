@@ -55,6 +55,9 @@ pub(crate) struct HubOptions {
     pub(crate) peer_timeout: Duration,
     /// Most client connections at once; more are closed right after accept. Default: 1024.
     pub(crate) max_connections: usize,
+    /// How long a connection may stay unpublished after its hello before it is closed, so
+    /// that it cannot hold one of the `max_connections` slots. Default: 10 s.
+    pub(crate) publish_timeout: Duration,
     /// Session settings (keepalive bounds how fast a silent peer is dropped).
     /// Default: `mux::Config::default()`.
     pub(crate) mux: mux::Config,
@@ -69,6 +72,7 @@ impl Default for HubOptions {
             busy_wait: Duration::from_secs(2),
             peer_timeout: Duration::from_secs(30),
             max_connections: 1024,
+            publish_timeout: Duration::from_secs(10),
             mux: mux::Config::default(),
         }
     }
@@ -206,7 +210,7 @@ impl HubState {
         // at most max_channels channels): plenty for a REPL, a bound against floods.
         let mut server = rpc::Server::with_config(rpc::Config::default().max_in_flight(64));
         server.add(HubService(conn.clone()).into_service());
-        let reason = serve_channels(hub_listener, &session, &server, &label, &self.stop).await;
+        let reason = serve_channels(hub_listener, &conn, &server).await;
         let mut published = conn.published.lock().await;
         if let Published::As(name) = &*published {
             if self.peers.remove(name, id) {
@@ -254,6 +258,7 @@ impl HubState {
         self.changes.subscribe()
     }
 
+    /// The handle of peer `name`, if it is published.
     fn peer(&self, name: &str) -> Result<PeerHandle, Status> {
         self.peers.get(name).ok_or_else(|| {
             Status::not_found(format!(
@@ -278,15 +283,20 @@ impl HubState {
     }
 }
 
-/// Accepts and serves [`HUB_CHANNEL`] channels until the session ends, or closes it
-/// gracefully when `stop` is cancelled; returns why it ended.
+/// Accepts and serves [`HUB_CHANNEL`] channels until the session ends; returns why it ended.
+/// Closes the session gracefully itself when the hub shuts down, or when the connection has
+/// not published within [`HubOptions::publish_timeout`].
 async fn serve_channels(
     mut listener: mux::Listener,
-    session: &Session,
+    conn: &ConnState,
     server: &rpc::Server,
-    label: &str,
-    stop: &CancellationToken,
 ) -> mux::CloseReason {
+    let (session, label) = (&conn.session, conn.label.as_str());
+    let stop = &conn.hub.stop;
+    let publish_timeout = conn.hub.opts.publish_timeout;
+    let publish_deadline = tokio::time::sleep(publish_timeout);
+    tokio::pin!(publish_deadline);
+    let mut awaiting_publish = true;
     // Channel tasks are owned here: when the session ends this set is dropped and aborts them.
     let mut channels = JoinSet::new();
     // Bounded: one iteration per channel, and the session's max_channels bounds the live ones.
@@ -297,6 +307,15 @@ async fn serve_channels(
                 debug!("closing the session: the hub is shutting down");
                 session.close().await;
                 return session.closed().await;
+            }
+            () = &mut publish_deadline, if awaiting_publish => {
+                awaiting_publish = false;
+                // Waits for a publish in progress (bounded by its dial-back timeout).
+                if matches!(*conn.published.lock().await, Published::No) {
+                    warn!(after = ?publish_timeout, "closing: the connection did not publish in time");
+                    session.close().await;
+                    return session.closed().await;
+                }
             }
             accepted = listener.accept() => match accepted {
                 Ok(ch) => {
@@ -334,6 +353,20 @@ struct ConnState {
     // A tokio mutex: held across the dial back to the client, so that publish and the
     // departure cleanup are ordered.
     published: tokio::sync::Mutex<Published>,
+}
+
+impl ConnState {
+    /// The name this connection published; `FailedPrecondition` if it has not (only published
+    /// peers may look at others: every reader is also a named, exporting peer).
+    async fn published_name(&self) -> Result<String, Status> {
+        match &*self.published.lock().await {
+            Published::As(name) => Ok(name.clone()),
+            Published::No => Err(Status::failed_precondition(
+                "publish first: this connection has not published a name",
+            )),
+            Published::Gone => Err(Status::unavailable("the connection is closing")),
+        }
+    }
 }
 
 /// The [`Hub`] service as seen by one connection.
@@ -407,10 +440,12 @@ impl Hub for HubService {
     }
 
     async fn list(&self, _ctx: Context, _req: ListReq) -> Result<Vec<String>, Status> {
+        self.0.published_name().await?;
         Ok(self.0.hub.names())
     }
 
     async fn ls(&self, _ctx: Context, req: PeerPath) -> Result<Listing, Status> {
+        self.0.published_name().await?;
         let hub = &self.0.hub;
         let peer = hub.peer(&req.peer)?;
         let _slot = hub.slot(&req.peer, &peer).await?;
@@ -424,6 +459,7 @@ impl Hub for HubService {
     }
 
     async fn stat(&self, _ctx: Context, req: PeerPath) -> Result<Entry, Status> {
+        self.0.published_name().await?;
         let hub = &self.0.hub;
         let peer = hub.peer(&req.peer)?;
         let _slot = hub.slot(&req.peer, &peer).await?;
@@ -437,14 +473,11 @@ impl Hub for HubService {
     }
 
     async fn read(&self, _ctx: Context, req: PeerRead) -> Result<ItemStream<Chunk>, Status> {
+        let reader = self.0.published_name().await?;
         let hub = &self.0.hub;
         let name = req.peer;
         let peer = hub.peer(&name)?;
         let slot = hub.slot(&name, &peer).await?;
-        let reader = match &*self.0.published.lock().await {
-            Published::As(me) => me.clone(),
-            _ => format!("conn {}", self.0.id),
-        };
         info!(%reader, peer = %name, path = %req.path, "read");
         let upstream = peer
             .export

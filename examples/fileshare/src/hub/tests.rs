@@ -13,7 +13,7 @@ use super::{HubOptions, HubState};
 use crate::auth;
 use crate::client::{self, CallError, ClientOptions, ConnectError, Peer};
 use crate::export::{Kind, Root};
-use crate::proto::{HubClient, ListReq, PublishReq, HUB_CHANNEL};
+use crate::proto::{HubClient, ListReq, PeerPath, PeerRead, PublishReq, HUB_CHANNEL};
 
 /// Generous bound for anything that should happen promptly.
 const WAIT: Duration = Duration::from_secs(20);
@@ -224,7 +224,7 @@ async fn a_connection_publishes_at_most_once() {
 }
 
 #[tokio::test]
-async fn list_and_read_need_no_name_but_nothing_works_before_the_hello() {
+async fn nothing_works_before_the_hello_and_only_publish_before_publishing() {
     let hub = start_hub(HubOptions {
         token: Some(auth::Token::new("s3cret").unwrap()),
         ..HubOptions::default()
@@ -238,9 +238,127 @@ async fn list_and_read_need_no_name_but_nothing_works_before_the_hello() {
         matches!(err, netchan_mux::Error::NoListener { .. }),
         "{err:?}"
     );
-    // With the token: listing works without publishing (callers are known by connection).
+    // With the token but not published: every call but publish is refused.
+    let root = root_with(0);
+    let mut opts = client_opts(&hub, "bob", root.path());
+    opts.token = Some("s3cret".into());
+    let _bob = Peer::start(opts, quiet()).await.unwrap();
     let (_s, raw) = raw_client(&hub, Some("s3cret")).await;
-    assert!(raw.list(ListReq {}).await.unwrap().is_empty());
+    let publish_first = |st: rpc::Status| {
+        assert_eq!(st.code(), Code::FailedPrecondition, "{st}");
+        assert!(st.message().starts_with("publish first"), "{st}");
+    };
+    publish_first(raw.list(ListReq {}).await.unwrap_err());
+    let at = || PeerPath {
+        peer: "bob".into(),
+        path: "hello.txt".into(),
+    };
+    publish_first(raw.ls(at()).await.unwrap_err());
+    publish_first(raw.stat(at()).await.unwrap_err());
+    let read = PeerRead {
+        peer: "bob".into(),
+        path: "hello.txt".into(),
+        offset: 0,
+    };
+    match raw.read(read).await {
+        Err(st) => publish_first(st),
+        Ok(mut stream) => {
+            use futures::StreamExt as _;
+            let first = tokio::time::timeout(WAIT, stream.next()).await.unwrap();
+            publish_first(first.expect("an item").unwrap_err());
+        }
+    }
+}
+
+/// A hub session over an in-memory pipe: the hub's side is served by `serve_io`, whose task is
+/// returned (it ends when the hub is done with the connection).
+fn duplex_conn(
+    state: &Arc<HubState>,
+    id: u64,
+) -> (tokio::io::DuplexStream, tokio::task::JoinHandle<()>) {
+    let (ours, theirs) = tokio::io::duplex(1 << 20);
+    let task = tokio::spawn(state.clone().serve_io(theirs, id, format!("duplex {id}")));
+    (ours, task)
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_connection_that_does_not_publish_in_time_is_closed_and_frees_its_slot() {
+    let state = HubState::new(HubOptions {
+        publish_timeout: Duration::from_secs(10),
+        mux: netchan_mux::Config::default().close_grace(Duration::from_millis(100)),
+        ..HubOptions::default()
+    });
+    // A connection that says hello and then nothing.
+    let (io, silent_task) = duplex_conn(&state, 1);
+    let silent = Session::client(io, netchan_mux::Config::default());
+    let mut hello = silent.dial(auth::CHANNEL).await.unwrap();
+    auth::client_hello(&mut hello, None).await.unwrap();
+    drop(hello);
+    // A real client that publishes.
+    let (io, _bob_task) = duplex_conn(&state, 2);
+    let root = root_with(0);
+    let opts = ClientOptions {
+        name: "bob".into(),
+        root: Root::open(root.path()).unwrap(),
+        addr: "duplex".into(),
+        token: None,
+        tls: None,
+        mux: netchan_mux::Config::default(),
+    };
+    let _bob = client::establish(io, &opts).await.unwrap();
+    let start = tokio::time::Instant::now();
+    let reason = tokio::time::timeout(Duration::from_secs(60), silent.closed())
+        .await
+        .expect("the silent connection is closed");
+    let took = start.elapsed();
+    assert!(
+        matches!(reason, netchan_mux::CloseReason::Peer),
+        "closed gracefully by the hub: {reason:?}"
+    );
+    assert!(
+        took >= Duration::from_secs(9) && took <= Duration::from_secs(11),
+        "closed after {took:?}"
+    );
+    // Its task is over, so its connection slot (held for the task's life) is free again.
+    tokio::time::timeout(Duration::from_secs(5), silent_task)
+        .await
+        .expect("the connection task ends")
+        .unwrap();
+    // The published peer is still there, long after the deadline.
+    tokio::time::sleep(Duration::from_secs(30)).await;
+    assert_eq!(state.names(), vec!["bob"]);
+}
+
+#[tokio::test]
+async fn a_silent_connection_cannot_keep_the_last_slot() {
+    let hub = start_hub(HubOptions {
+        max_connections: 1,
+        publish_timeout: Duration::from_millis(300),
+        mux: netchan_mux::Config::default().close_grace(Duration::from_millis(100)),
+        ..HubOptions::default()
+    })
+    .await;
+    let (silent, _raw) = raw_client(&hub, None).await;
+    let root = root_with(0);
+    // Refused while the silent one holds the only slot.
+    assert!(Peer::start(client_opts(&hub, "bob", root.path()), quiet())
+        .await
+        .is_err());
+    tokio::time::timeout(WAIT, silent.closed())
+        .await
+        .expect("the silent connection is closed");
+    let bob = tokio::time::timeout(WAIT, async {
+        // Bounded by the timeout: the slot is released right after the close completes.
+        loop {
+            if let Ok(peer) = Peer::start(client_opts(&hub, "bob", root.path()), quiet()).await {
+                return peer;
+            }
+            tokio::task::yield_now().await;
+        }
+    })
+    .await
+    .expect("bob gets the slot");
+    assert_eq!(bob.list().await.unwrap(), vec!["bob"]);
 }
 
 #[tokio::test]
