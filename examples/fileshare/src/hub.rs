@@ -58,6 +58,10 @@ pub(crate) struct HubOptions {
     /// How long a connection may stay unpublished after its hello before it is closed, so
     /// that it cannot hold one of the `max_connections` slots. Default: 10 s.
     pub(crate) publish_timeout: Duration,
+    /// How long the current holder of a name has to answer a probe (`Export.stat(".")`) when
+    /// another connection publishes the same name; a holder that does not answer is evicted
+    /// and the name goes to the newcomer. Default: 2 s.
+    pub(crate) probe_timeout: Duration,
     /// Session settings (keepalive bounds how fast a silent peer is dropped).
     /// Default: `mux::Config::default()`.
     pub(crate) mux: mux::Config,
@@ -73,6 +77,7 @@ impl Default for HubOptions {
             peer_timeout: Duration::from_secs(30),
             max_connections: 1024,
             publish_timeout: Duration::from_secs(10),
+            probe_timeout: Duration::from_secs(2),
             mux: mux::Config::default(),
         }
     }
@@ -81,6 +86,10 @@ impl Default for HubOptions {
 /// What the hub keeps per published peer.
 #[derive(Clone)]
 struct PeerHandle {
+    /// The connection that published it.
+    conn: ConnId,
+    /// That connection's session (closed when the peer is evicted).
+    session: Session,
     export: ExportClient,
     /// Slots for forwarded reads (and ls/stat) to this peer.
     calls: Arc<Semaphore>,
@@ -267,6 +276,34 @@ impl HubState {
         })
     }
 
+    /// Probes `holder`, the current owner of `name`, on behalf of a connection that wants the
+    /// name: if the holder does not answer a cheap call within `probe_timeout` (its link is
+    /// frozen or half-open: a client reconnecting before keepalive noticed its old session), it
+    /// is evicted and its session closed. Returns whether the name was freed.
+    async fn evict_if_silent(&self, name: &str, holder: &PeerHandle) -> bool {
+        let limit = self.opts.probe_timeout;
+        let probe = holder
+            .export
+            .with_options(CallOptions::default().timeout(limit));
+        let why = match tokio::time::timeout(limit, probe.stat(".".to_owned())).await {
+            // Any answer, even an error from its file system, means the holder is alive.
+            Ok(Ok(_)) => return false,
+            Ok(Err(s)) if !matches!(s.code(), Code::DeadlineExceeded | Code::Unavailable) => {
+                return false
+            }
+            Ok(Err(s)) => s.to_string(),
+            Err(_) => format!("no answer within {limit:?}"),
+        };
+        if self.peers.remove(name, holder.conn) {
+            self.changed();
+            warn!(peer = %name, holder = holder.conn, "evicted: the holder of the name did not answer a probe ({why}); giving the name to the new connection");
+        }
+        // Not awaited: closing a frozen link takes the whole close grace.
+        let session = holder.session.clone();
+        tokio::spawn(async move { session.close().await }.in_current_span());
+        true
+    }
+
     /// Waits up to `busy_wait` for a call slot on `peer`.
     async fn slot(&self, name: &str, peer: &PeerHandle) -> Result<OwnedSemaphorePermit, Status> {
         match tokio::time::timeout(self.opts.busy_wait, peer.calls.clone().acquire_owned()).await {
@@ -404,10 +441,13 @@ impl Hub for HubService {
             Published::Gone => return Err(Status::unavailable("the connection is closing")),
         }
         let taken = || Status::already_exists(NameError::Taken { name: name.clone() }.to_string());
-        // Fail fast before dialing back; the insert below re-checks atomically.
-        if conn.hub.peers.get(&name).is_some() {
-            warn!(peer = %name, conn = conn.id, "refused: name already taken");
-            return Err(taken());
+        // Before dialing back: a live holder keeps the name (the insert below re-checks
+        // atomically), a silent one is evicted.
+        if let Some(holder) = conn.hub.peers.get(&name) {
+            if !conn.hub.evict_if_silent(&name, &holder).await {
+                warn!(peer = %name, conn = conn.id, "refused: name already taken");
+                return Err(taken());
+            }
         }
         let ch = tokio::time::timeout(EXPORT_DIAL_TIMEOUT, conn.session.dial(EXPORT_CHANNEL))
             .await
@@ -422,6 +462,8 @@ impl Hub for HubService {
                 ))
             })?;
         let handle = PeerHandle {
+            conn: conn.id,
+            session: conn.session.clone(),
             export: ExportClient::new(rpc::Client::new(ch)),
             calls: Arc::new(Semaphore::new(conn.hub.opts.max_reads_per_peer.max(1))),
         };

@@ -302,6 +302,24 @@ fn sigterm_makes_the_hub_close_every_session_and_exit_zero_and_clients_come_back
 }
 
 #[test]
+fn a_frozen_peer_loses_its_name_to_a_new_client_after_the_hubs_probe() {
+    let mut hub = start_hub(&[]);
+    let (r_old, r_new, ra) = (demo_root(), tempdir(), tempdir());
+    std::fs::write(r_new.path().join("hello.txt"), b"the new bob\n").unwrap();
+    let old_bob = start_server(&hub.addr, "bob", r_old.path(), &[]);
+    hub.log.wait_for("joined", WAIT);
+    // Frozen long before the (default 15 s + 10 s) keepalive could notice.
+    old_bob.proc.signal("STOP");
+    let _new_bob = start_server(&hub.addr, "bob", r_new.path(), &[]);
+    let line = hub.log.wait_for("evicted", WAIT);
+    assert!(line.contains("bob"), "{line}");
+    let out = run_script(&hub.addr, "alice", ra.path(), "list\nread bob hello.txt\n");
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(out.out(), "alice\nbob\nthe new bob\n");
+    // Dropping the stopped process kills it (SIGKILL works on a stopped process).
+}
+
+#[test]
 fn a_silent_peer_disappears_from_list_within_the_keepalive_bound() {
     // 3 s: short for the test, long enough that a busy machine does not drop live peers.
     let mut hub = start_hub(&["--keepalive", "3"]);

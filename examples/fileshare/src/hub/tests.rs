@@ -565,6 +565,134 @@ async fn shutdown_closes_every_session_gracefully_and_clients_say_the_hub_closed
     bob.close().await;
 }
 
+/// A TCP proxy whose links can be frozen: once frozen it forwards nothing more in either
+/// direction but keeps the sockets open, like a peer whose network went silent (the hub sees
+/// no error, only silence).
+struct FreezableProxy {
+    addr: SocketAddr,
+    freeze: tokio::sync::watch::Sender<bool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for FreezableProxy {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl FreezableProxy {
+    async fn start(to: SocketAddr) -> FreezableProxy {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (freeze, frozen) = tokio::sync::watch::channel(false);
+        let task = tokio::spawn(async move {
+            let mut pumps = tokio::task::JoinSet::new();
+            // Bounded by the test: a handful of connections, aborted with the proxy.
+            while let Ok((down, _)) = listener.accept().await {
+                let Ok(up) = tokio::net::TcpStream::connect(to).await else {
+                    continue;
+                };
+                let (dr, dw) = down.into_split();
+                let (ur, uw) = up.into_split();
+                pumps.spawn(pump(dr, uw, frozen.clone()));
+                pumps.spawn(pump(ur, dw, frozen.clone()));
+            }
+        });
+        FreezableProxy { addr, freeze, task }
+    }
+
+    fn freeze(&self) {
+        self.freeze.send_replace(true);
+    }
+}
+
+async fn pump(
+    mut r: tokio::net::tcp::OwnedReadHalf,
+    mut w: tokio::net::tcp::OwnedWriteHalf,
+    frozen: tokio::sync::watch::Receiver<bool>,
+) {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut buf = vec![0u8; 64 << 10];
+    // Ends with either socket; each iteration forwards what one read returned.
+    loop {
+        let n = match r.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        if *frozen.borrow() {
+            // Swallow everything from now on, holding both sockets open.
+            std::future::pending::<()>().await;
+        }
+        if w.write_all(&buf[..n]).await.is_err() {
+            return;
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_name_held_by_a_silent_connection_goes_to_a_new_connection_after_a_failed_probe() {
+    let hub = start_hub(HubOptions {
+        probe_timeout: Duration::from_millis(500),
+        mux: netchan_mux::Config::default().close_grace(Duration::from_millis(100)),
+        ..HubOptions::default()
+    })
+    .await;
+    let proxy = FreezableProxy::start(hub.addr).await;
+    let (r_old, r_new, ra) = (root_with(0), root_with(0), root_with(0));
+    std::fs::write(r_new.path().join("hello.txt"), b"the new bob\n").unwrap();
+    let mut opts = client_opts(&hub, "bob", r_old.path());
+    opts.addr = proxy.addr.to_string();
+    let old_bob = Peer::start(opts, quiet()).await.unwrap();
+    let alice = join(&hub, "alice", ra.path()).await;
+    assert_eq!(
+        read_all(&alice, "bob", "hello.txt").await.unwrap(),
+        b"hello world\n"
+    );
+    // Bob's link goes silent; the hub still holds its session (keepalive is 25 s away).
+    let holder = |hub: &TestHub| hub.state.peers.get("bob").expect("bob is published").conn;
+    let old_conn = holder(&hub);
+    proxy.freeze();
+    let new_bob = join(&hub, "bob", r_new.path()).await;
+    assert_ne!(holder(&hub), old_conn, "the hub evicted the old bob");
+    assert_eq!(alice.list().await.unwrap(), vec!["alice", "bob"]);
+    assert_eq!(
+        read_all(&alice, "bob", "hello.txt").await.unwrap(),
+        b"the new bob\n"
+    );
+    // The evicted session's departure does not remove the new holder.
+    drop(old_bob);
+    drop(proxy);
+    assert_eq!(
+        read_all(&new_bob, "bob", "hello.txt").await.unwrap(),
+        b"the new bob\n"
+    );
+}
+
+#[tokio::test]
+async fn a_holder_that_answers_the_probe_keeps_its_name_even_when_slow_to_read() {
+    let hub = start_hub(HubOptions {
+        probe_timeout: Duration::from_millis(500),
+        max_reads_per_peer: 1,
+        ..HubOptions::default()
+    })
+    .await;
+    let (rb, r2, ra) = (root_with(64 << 20), root_with(0), root_with(0));
+    let _bob = join(&hub, "bob", rb.path()).await;
+    let alice = join(&hub, "alice", ra.path()).await;
+    // Bob's only read slot is taken by a stalled transfer: the probe does not need one.
+    let mut stalled = alice.read("bob", "big.bin").await.unwrap();
+    stalled.next().await.unwrap().unwrap();
+    let err = Peer::start(client_opts(&hub, "bob", r2.path()), quiet())
+        .await
+        .err()
+        .expect("the live bob keeps its name");
+    match &err {
+        ConnectError::Publish { status, .. } => assert_eq!(status.code(), Code::AlreadyExists),
+        other => panic!("unexpected {other:?}"),
+    }
+    assert_eq!(alice.list().await.unwrap(), vec!["alice", "bob"]);
+}
+
 /// An exporter that sends one chunk of a read and then nothing, forever.
 struct StallingExport;
 
