@@ -29,6 +29,13 @@ pub struct Config {
     /// beyond it is answered `ResourceExhausted` without running a handler.
     /// Default: 1024.
     pub max_in_flight: usize,
+    /// Server side: most request payload bytes the calls running on one
+    /// conn may hold at once. A request that would take a conn past it is
+    /// answered `ResourceExhausted` without running a handler (a request
+    /// arriving while no call runs is always admitted), so a peer cannot
+    /// pin `max_in_flight × max_message_size` bytes with slow calls.
+    /// Default: 64 MiB.
+    pub max_in_flight_bytes: usize,
     /// How long to wait for the peer's preamble when a conn starts.
     /// Default: 10 s.
     pub handshake_timeout: Duration,
@@ -48,6 +55,7 @@ impl Default for Config {
         Config {
             max_message_size: 16 << 20,
             max_in_flight: 1024,
+            max_in_flight_bytes: 64 << 20,
             handshake_timeout: Duration::from_secs(10),
             stream_window: 16,
             write_queue_bytes: 256 << 10,
@@ -66,6 +74,12 @@ impl Config {
     /// Sets [`Config::max_in_flight`] (default 1024).
     pub fn max_in_flight(mut self, calls: usize) -> Config {
         self.max_in_flight = calls;
+        self
+    }
+
+    /// Sets [`Config::max_in_flight_bytes`] (default 64 MiB).
+    pub fn max_in_flight_bytes(mut self, bytes: usize) -> Config {
+        self.max_in_flight_bytes = bytes;
         self
     }
 

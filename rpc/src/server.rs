@@ -310,7 +310,7 @@ impl Server {
         let (rd, mut wr) = tokio::io::split(conn);
         let conn = Arc::new(ConnState {
             outbox: Outbox::new(config),
-            calls: Mutex::new(HashMap::new()),
+            calls: Mutex::new(Calls::default()),
             token: CancellationToken::new(),
         });
         // However serving ends (or if this future is dropped), cancel every
@@ -408,14 +408,14 @@ impl Server {
             Header::StreamItem { id } => conn.route_inbound(id, StreamEvent::Item(payload)),
             Header::StreamEnd { id, status } => conn.route_inbound(id, StreamEvent::End(status)),
             Header::Cancel { id } => {
-                if let Some(entry) = conn.lock_calls().get(&id) {
+                conn.with_call(id, |entry| {
                     tracing::trace!(id, "rpc call cancelled by the client");
                     entry.token.cancel();
-                }
+                });
                 Ok(())
             }
             Header::Credit { id, n } => {
-                if let Some(sem) = conn.lock_calls().get(&id).and_then(|e| e.credits.as_ref()) {
+                if let Some(sem) = conn.with_call(id, |e| e.credits.clone()).flatten() {
                     let room = MAX_OUTSTANDING_CREDIT.saturating_sub(sem.available_permits());
                     sem.add_permits((n as usize).min(room));
                 }
@@ -484,13 +484,26 @@ impl Server {
             token: token.clone(),
             credits: credits.clone(),
             inbound: inbound_tx,
+            bytes: payload.as_ref().map_or(0, Bytes::len),
         };
-        if !conn.admit(id, self.inner.config.max_in_flight, entry)? {
-            let s = Status::resource_exhausted(format!(
-                "{} calls already in flight on this conn",
-                self.inner.config.max_in_flight
-            ));
-            return conn.reply_error(id, streaming, s).await;
+        let config = &self.inner.config;
+        match conn.admit(id, config, entry)? {
+            Admission::Admitted => {}
+            Admission::TooManyCalls => {
+                let s = Status::resource_exhausted(format!(
+                    "{} calls already in flight on this conn",
+                    config.max_in_flight
+                ));
+                return conn.reply_error(id, streaming, s).await;
+            }
+            Admission::TooManyBytes { held } => {
+                let s = Status::resource_exhausted(format!(
+                    "calls in flight on this conn already hold {held} request bytes \
+                     (limit {})",
+                    config.max_in_flight_bytes
+                ));
+                return conn.reply_error(id, streaming, s).await;
+            }
         }
         let input = match (payload, inbound) {
             (Some(payload), _) => Input::Payload(payload),
@@ -546,27 +559,49 @@ struct CallEntry {
     /// Request items of a bidirectional call (bounded by the credit we
     /// grant: `stream_window` + 1 slots).
     inbound: Option<mpsc::Sender<StreamEvent>>,
+    /// Request payload bytes this call holds (counted against
+    /// `max_in_flight_bytes`).
+    bytes: usize,
+}
+
+/// Whether a call may start.
+enum Admission {
+    Admitted,
+    TooManyCalls,
+    TooManyBytes { held: usize },
+}
+
+/// The calls in flight on one conn and the request bytes they hold.
+#[derive(Default)]
+struct Calls {
+    map: HashMap<u64, CallEntry>,
+    bytes: usize,
 }
 
 /// Per-conn state shared by the reader and the call tasks.
 struct ConnState {
     outbox: Outbox,
-    /// In-flight calls; bounded by `max_in_flight`.
-    calls: Mutex<HashMap<u64, CallEntry>>,
+    /// In-flight calls; bounded by `max_in_flight` and `max_in_flight_bytes`.
+    calls: Mutex<Calls>,
     /// Parent of every call's token; cancelled when serving ends.
     token: CancellationToken,
 }
 
 impl ConnState {
-    fn lock_calls(&self) -> MutexGuard<'_, HashMap<u64, CallEntry>> {
+    fn lock_calls(&self) -> MutexGuard<'_, Calls> {
         // Nothing panics while holding this lock; tolerate poison anyway.
         self.calls.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The in-flight entry of call `id`, if it is still running.
+    fn with_call<R>(&self, id: u64, f: impl FnOnce(&CallEntry) -> R) -> Option<R> {
+        self.lock_calls().map.get(&id).map(f)
     }
 
     /// Hands a request item or end from the client to its call.
     fn route_inbound(&self, id: u64, event: StreamEvent) -> Result<(), Error> {
         let calls = self.lock_calls();
-        let Some(entry) = calls.get(&id) else {
+        let Some(entry) = calls.map.get(&id) else {
             // The call is over; late items are moot.
             return Ok(());
         };
@@ -586,19 +621,32 @@ impl ConnState {
         }
     }
 
-    /// Records call `id` as in flight; `false` when the conn is at `limit`.
-    fn admit(&self, id: u64, limit: usize, entry: CallEntry) -> Result<bool, Error> {
+    /// Records call `id` as in flight, unless the conn is at its call or
+    /// request-byte limit.
+    fn admit(&self, id: u64, config: &Config, entry: CallEntry) -> Result<Admission, Error> {
         let mut calls = self.lock_calls();
-        if calls.len() >= limit {
-            return Ok(false);
+        if calls.map.len() >= config.max_in_flight {
+            return Ok(Admission::TooManyCalls);
         }
-        if calls.contains_key(&id) {
+        if !calls.map.is_empty() && calls.bytes + entry.bytes > config.max_in_flight_bytes {
+            return Ok(Admission::TooManyBytes { held: calls.bytes });
+        }
+        if calls.map.contains_key(&id) {
             return Err(Error::Protocol {
                 reason: format!("call id {id} reused while in flight"),
             });
         }
-        calls.insert(id, entry);
-        Ok(true)
+        calls.bytes += entry.bytes;
+        calls.map.insert(id, entry);
+        Ok(Admission::Admitted)
+    }
+
+    /// Forgets call `id` (it is over), releasing its request bytes.
+    fn remove(&self, id: u64) {
+        let mut calls = self.lock_calls();
+        if let Some(entry) = calls.map.remove(&id) {
+            calls.bytes -= entry.bytes;
+        }
     }
 
     /// Answers call `id` with `status` in the form its caller expects.
@@ -662,7 +710,7 @@ impl Drop for Call {
     fn drop(&mut self) {
         // The call is over: work spawned with its context stops too.
         self.token.cancel();
-        self.conn.lock_calls().remove(&self.id);
+        self.conn.remove(self.id);
     }
 }
 

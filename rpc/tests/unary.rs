@@ -195,6 +195,60 @@ async fn calls_beyond_the_in_flight_limit_are_resource_exhausted() {
 }
 
 #[tokio::test]
+async fn requests_beyond_the_in_flight_byte_budget_are_resource_exhausted() {
+    // A peer must not pin max_in_flight × max_message_size bytes with slow calls.
+    let release = Arc::new(Notify::new());
+    let (started_tx, mut started_rx) = tokio::sync::mpsc::channel::<()>(4);
+    let mut server = Server::with_config(Config::default().max_in_flight_bytes(100_000));
+    let r = Arc::clone(&release);
+    server.register("B.park", move |_ctx, blob: netchan_rpc::ByteBuf| {
+        let (r, started) = (Arc::clone(&r), started_tx.clone());
+        async move {
+            let parked = r.notified();
+            let _ = started.send(()).await;
+            parked.await;
+            Ok(blob.len())
+        }
+    });
+    let (client, _t) = duplex_pair(&server, Config::default());
+    let blob = |n: usize| netchan_rpc::ByteBuf::from(vec![7u8; n]);
+
+    // 60 KB is held by a parked call...
+    let first = {
+        let c = client.clone();
+        let b = blob(60_000);
+        tokio::spawn(async move { c.call::<_, usize>("B.park", &b).await })
+    };
+    guard(started_rx.recv()).await.unwrap();
+    // ...so another 60 KB would exceed the 100 KB budget and is refused...
+    let err = guard(client.call::<_, usize>("B.park", &blob(60_000)))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::ResourceExhausted);
+    assert!(err.message().contains("request bytes"), "{err}");
+    // ...while a small request still fits.
+    let second = {
+        let c = client.clone();
+        let b = blob(10_000);
+        tokio::spawn(async move { c.call::<_, usize>("B.park", &b).await })
+    };
+    guard(started_rx.recv()).await.unwrap();
+    release.notify_waiters();
+    assert_eq!(guard(first).await.unwrap().unwrap(), 60_000);
+    assert_eq!(guard(second).await.unwrap().unwrap(), 10_000);
+
+    // The budget is released when calls end: a large request runs again.
+    let third = {
+        let c = client.clone();
+        let b = blob(90_000);
+        tokio::spawn(async move { c.call::<_, usize>("B.park", &b).await })
+    };
+    guard(started_rx.recv()).await.unwrap();
+    release.notify_waiters();
+    assert_eq!(guard(third).await.unwrap().unwrap(), 90_000);
+}
+
+#[tokio::test]
 async fn metadata_and_peer_label_reach_the_handler() {
     let server = test_server(Config::default());
     let (client, _t) = duplex_pair(&server, Config::default());
