@@ -421,6 +421,10 @@ fn main() {
         }
         criterion.final_summary();
     }
+    // Profiling runs (`--profile-time`) must contain only the benchmark being profiled.
+    if std::env::args().any(|a| a == "--profile-time") {
+        return;
+    }
     let mut lines = Vec::new();
     for flavour in ["current_thread", "multi_thread"] {
         lines.extend(paired_summary(flavour));
