@@ -232,3 +232,30 @@ async fn dropping_every_handle_ends_the_session() {
     let reason = within(5, "peer sees the end", server.closed()).await;
     assert!(matches!(reason, CloseReason::Peer), "{reason:?}");
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_silent_peer_is_detected_exactly_after_interval_plus_timeout() {
+    let (a, b) = tokio::io::duplex(64 * 1024);
+    let (interval, timeout) = (Duration::from_secs(10), Duration::from_secs(5));
+    let started = tokio::time::Instant::now();
+    let session = netchan_mux::Session::client(
+        a,
+        Config::default()
+            .keepalive_interval(Some(interval))
+            .keepalive_timeout(timeout),
+    );
+    // A yamux peer that never answers our keepalive channel: after yamux's own start-up
+    // exchange, nothing ever arrives again.
+    let _raw = common::RawPeer::start(b, yamux::Mode::Server);
+    let reason = within(120, "keepalive", session.closed()).await;
+    let CloseReason::KeepaliveTimeout { after } = reason else {
+        panic!("expected a keepalive timeout, got {reason:?}");
+    };
+    assert!(after >= interval + timeout, "{after:?}");
+    let elapsed = started.elapsed();
+    assert!(elapsed >= interval + timeout, "{elapsed:?}");
+    assert!(
+        elapsed < interval + timeout + Duration::from_millis(100),
+        "{elapsed:?}"
+    );
+}
