@@ -57,12 +57,17 @@ async fn keepalive_detects_a_peer_behind_a_proxy_that_stops_forwarding() {
 
 #[tokio::test]
 async fn bulk_transfer_over_a_slow_link_causes_no_false_keepalive_timeout() {
-    // ~4 MB/s: 2 MiB take about half a second, longer than keepalive interval + timeout; every
-    // 16 KiB frame of the transfer counts as liveness, so no ping is ever needed.
-    let (client, server, _proxy) =
-        proxied_sessions(quick_keepalive(), quick_keepalive(), Some(4096)).await;
+    // At most ~1.5 MB/s, 3 MiB take two seconds or more: twice keepalive interval + timeout
+    // (and generous for a loaded machine). Every chunk the slow link delivers counts as
+    // liveness, so the session must never time out, even though whole frames arrive slowly.
+    let keepalive = || {
+        Config::default()
+            .keepalive_interval(Some(Duration::from_millis(400)))
+            .keepalive_timeout(Duration::from_millis(600))
+    };
+    let (client, server, _proxy) = proxied_sessions(keepalive(), keepalive(), Some(1536)).await;
     let mut listener = server.listen("bulk").unwrap();
-    const TOTAL: usize = 2 * 1024 * 1024;
+    const TOTAL: usize = 3 * 1024 * 1024;
     let receiver = tokio::spawn(async move {
         let mut conn = listener.accept().await.unwrap();
         let mut sum = 0u64;
