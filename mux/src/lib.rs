@@ -49,6 +49,14 @@
 //! # }
 //! ```
 //!
+//! # Runtime
+//!
+//! A session runs on the tokio runtime it is created on, either flavour. Measured on 2 cores
+//! (`docs/performance.md`), a `current_thread` runtime gave the better round trips and
+//! multi-channel throughput for a process dominated by one session (a client), so that is
+//! our recommendation there; a hub serving many sessions should use `multi_thread`, which
+//! spreads the sessions' driver tasks over the cores.
+//!
 //! # Layout
 //!
 //! - `session.rs` — [`Session`], the cheap handle, and the state it shares with everything else;

@@ -253,3 +253,25 @@ async fn dropping_a_conn_gives_the_peer_eof_and_then_broken_pipe_on_write() {
     // The session itself is unaffected.
     assert!(!client.is_closed() && !server.is_closed());
 }
+
+#[tokio::test]
+async fn a_byte_stream_that_takes_tiny_writes_still_carries_everything_in_order() {
+    // A 512-byte pipe forces partial writes and reads at every layer under yamux.
+    let (a, b) = tokio::io::duplex(512);
+    let client = netchan_mux::Session::client(a, Config::default());
+    let server = netchan_mux::Session::server(b, Config::default());
+    spawn_echo(server.listen("echo").unwrap());
+    let payload: Vec<u8> = (0..1024 * 1024)
+        .map(|i: usize| (i * 13 % 256) as u8)
+        .collect();
+    let small = b"small and early".to_vec();
+    let (big, little) = within(60, "two echoes over a tiny pipe", async {
+        tokio::join!(
+            round_trip(&client, "echo", &payload),
+            round_trip(&client, "echo", &small)
+        )
+    })
+    .await;
+    assert!(big == payload, "1 MiB echo corrupted");
+    assert_eq!(little, small);
+}
