@@ -3,7 +3,7 @@
 //! service and call the other's, including the hub calling back into the client while it serves
 //! the client's call, with metadata, a deadline and a flow-controlled server stream.
 
-use std::{future::Future, sync::Arc, time::Duration};
+use std::{future::Future, io, sync::Arc, time::Duration};
 
 use futures::StreamExt;
 use netchan::{
@@ -230,42 +230,39 @@ fn client_tls(pki: &Pki, with_cert: bool) -> tokio_rustls::TlsConnector {
     tokio_rustls::TlsConnector::from(Arc::new(config))
 }
 
-#[tokio::test]
-async fn both_peers_serve_and_call_over_mutual_tls_on_loopback_tcp() {
-    let pki = pki();
-    let acceptor = server_tls(&pki);
+type ClientTls = tokio_rustls::client::TlsStream<TcpStream>;
+type HubTls = tokio_rustls::server::TlsStream<TcpStream>;
+
+/// Connects a TLS client (with or without its certificate) to a TLS hub requiring client
+/// certificates over loopback TCP, and returns what each side's handshake gave.
+async fn tls_link(pki: &Pki, client_cert: bool) -> (io::Result<ClientTls>, io::Result<HubTls>) {
+    let acceptor = server_tls(pki);
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let accepted = tokio::spawn(async move {
-        let (tcp, _) = listener.accept().await.unwrap();
+        let (tcp, _) = listener.accept().await?;
         acceptor.accept(tcp).await
     });
     let tcp = bounded(TcpStream::connect(addr)).await.unwrap();
     let name = ServerName::try_from("localhost").unwrap();
-    let client_io = bounded(client_tls(&pki, true).connect(name, tcp))
-        .await
-        .expect("the TLS handshake succeeds with a client certificate");
-    let hub_io = bounded(accepted).await.unwrap().unwrap();
-    exercise(client_io, hub_io).await;
+    let client = bounded(client_tls(pki, client_cert).connect(name, tcp)).await;
+    let hub = bounded(accepted).await.unwrap();
+    (client, hub)
+}
+
+#[tokio::test]
+async fn both_peers_serve_and_call_over_mutual_tls_on_loopback_tcp() {
+    let (client, hub) = tls_link(&pki(), true).await;
+    let client_io = client.expect("the TLS handshake succeeds with a client certificate");
+    exercise(client_io, hub.unwrap()).await;
 }
 
 #[tokio::test]
 async fn a_hub_requiring_client_certificates_refuses_a_client_without_one() {
-    let pki = pki();
-    let acceptor = server_tls(&pki);
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let accepted = tokio::spawn(async move {
-        let (tcp, _) = listener.accept().await.unwrap();
-        acceptor.accept(tcp).await
-    });
-    let tcp = bounded(TcpStream::connect(addr)).await.unwrap();
-    let name = ServerName::try_from("localhost").unwrap();
     // TLS 1.3 reports a refused client certificate on the client's first read, after the
     // handshake, so either side may be the one to see the failure first.
-    let client = bounded(client_tls(&pki, false).connect(name, tcp)).await;
-    let hub_side = bounded(accepted).await.unwrap();
-    let err = hub_side.expect_err("the hub refuses a client without a certificate");
+    let (client, hub) = tls_link(&pki(), false).await;
+    let err = hub.expect_err("the hub refuses a client without a certificate");
     assert!(
         err.to_string().to_lowercase().contains("certificate"),
         "the error names the missing certificate: {err}"
