@@ -62,6 +62,12 @@ pub(crate) struct HubOptions {
     /// another connection publishes the same name; a holder that does not answer is evicted
     /// and the name goes to the newcomer. Default: 2 s.
     pub(crate) probe_timeout: Duration,
+    /// Stream window (chunks the exporter may send ahead) of each read the hub forwards. The
+    /// hub holds up to this many chunks per forwarded read when the reader is slower than the
+    /// exporter, so it bounds the hub's memory: window × 256 KiB per read, times
+    /// `max_reads_per_peer` per exporter. Default: 4 (1 MiB per read; the rpc default of 16
+    /// made it 4 MiB, see the README's memory numbers).
+    pub(crate) forward_window: u32,
     /// Session settings (keepalive bounds how fast a silent peer is dropped).
     /// Default: `mux::Config::default()`.
     pub(crate) mux: mux::Config,
@@ -78,6 +84,7 @@ impl Default for HubOptions {
             max_connections: 1024,
             publish_timeout: Duration::from_secs(10),
             probe_timeout: Duration::from_secs(2),
+            forward_window: 4,
             mux: mux::Config::default(),
         }
     }
@@ -464,7 +471,10 @@ impl Hub for HubService {
         let handle = PeerHandle {
             conn: conn.id,
             session: conn.session.clone(),
-            export: ExportClient::new(rpc::Client::new(ch)),
+            export: ExportClient::new(rpc::Client::with_config(
+                ch,
+                rpc::Config::default().stream_window(conn.hub.opts.forward_window),
+            )),
             calls: Arc::new(Semaphore::new(conn.hub.opts.max_reads_per_peer.max(1))),
         };
         if let Err(e) = conn.hub.peers.insert(&name, conn.id, handle) {

@@ -693,6 +693,117 @@ async fn a_holder_that_answers_the_probe_keeps_its_name_even_when_slow_to_read()
     assert_eq!(alice.list().await.unwrap(), vec!["alice", "bob"]);
 }
 
+/// Says hello over `io`, serves `export` on the export channel, publishes `name`; returns the
+/// session, a client of the hub, and the export-serving task.
+async fn publish_over<E>(
+    io: tokio::io::DuplexStream,
+    name: &str,
+    export: E,
+) -> (Session, HubClient, tokio::task::JoinHandle<()>)
+where
+    E: crate::proto::Export + Send + Sync + 'static,
+{
+    let session = Session::client(io, netchan_mux::Config::default());
+    let mut hello = session.dial(auth::CHANNEL).await.unwrap();
+    auth::client_hello(&mut hello, None).await.unwrap();
+    drop(hello);
+    let mut exports = session.listen(crate::proto::EXPORT_CHANNEL).unwrap();
+    let mut server = rpc::Server::new();
+    server.add(export.into_service());
+    let task = tokio::spawn(async move {
+        // Ends with the session.
+        while let Ok(ch) = exports.accept().await {
+            let server = server.clone();
+            tokio::spawn(async move { server.serve(ch).await });
+        }
+    });
+    let hub = HubClient::new(rpc::Client::new(session.dial(HUB_CHANNEL).await.unwrap()));
+    hub.publish(PublishReq { name: name.into() }).await.unwrap();
+    (session, hub, task)
+}
+
+/// An exporter whose reads never end: one-byte chunks, counting how many were pulled.
+struct CountingExport {
+    pulled: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl crate::proto::Export for CountingExport {
+    async fn ls(
+        &self,
+        _ctx: rpc::Context,
+        _req: String,
+    ) -> Result<crate::export::Listing, rpc::Status> {
+        Err(rpc::Status::unimplemented("not here"))
+    }
+
+    async fn stat(
+        &self,
+        _ctx: rpc::Context,
+        _req: String,
+    ) -> Result<crate::export::Entry, rpc::Status> {
+        Err(rpc::Status::unimplemented("not here"))
+    }
+
+    async fn read(
+        &self,
+        _ctx: rpc::Context,
+        _req: crate::proto::ReadReq,
+    ) -> Result<rpc::ItemStream<crate::proto::Chunk>, rpc::Status> {
+        let pulled = self.pulled.clone();
+        let chunks = futures::stream::unfold(0u64, move |offset| {
+            pulled.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let chunk = crate::proto::Chunk {
+                size: u64::MAX,
+                offset,
+                data: netchan_rpc::ByteBuf::from(vec![b'x']),
+                eof: false,
+            };
+            std::future::ready(Some((Ok(chunk), offset + 1)))
+        });
+        Ok(Box::pin(chunks))
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_stalled_reader_makes_the_hub_pull_at_most_its_forward_window_ahead() {
+    use futures::StreamExt as _;
+    let state = HubState::new(HubOptions {
+        forward_window: 4,
+        ..HubOptions::default()
+    });
+    let pulled = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let (io, _bob_conn) = duplex_conn(&state, 1);
+    let export = CountingExport {
+        pulled: pulled.clone(),
+    };
+    let (_bob, _bob_hub, _bob_export) = publish_over(io, "bob", export).await;
+    let (io, _alice_conn) = duplex_conn(&state, 2);
+    let root = root_with(0);
+    let export = client::ExportService {
+        root: Root::open(root.path()).unwrap(),
+    };
+    let (_alice, alice_hub, _alice_export) = publish_over(io, "alice", export).await;
+    let read = PeerRead {
+        peer: "bob".into(),
+        path: "endless".into(),
+        offset: 0,
+    };
+    let mut stream = alice_hub.read(read).await.unwrap();
+    stream.next().await.unwrap().unwrap();
+    // Alice stops reading. With time paused, this sleep ends only once every task is idle:
+    // the hub has pulled all that flow control allows.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let n = pulled.load(std::sync::atomic::Ordering::SeqCst);
+    // Alice's own window (16 chunks, the rpc default) sits in flight to or at alice; the hub
+    // holds at most its forward window beyond that (plus one being handed over per hop).
+    let reader_window = rpc::Config::default().stream_window as usize;
+    assert!(n > reader_window, "the transfer got going: {n}");
+    assert!(
+        n <= reader_window + 4 + 3,
+        "the hub pulled {n} chunks ahead"
+    );
+}
+
 /// An exporter that sends one chunk of a read and then nothing, forever.
 struct StallingExport;
 
