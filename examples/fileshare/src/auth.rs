@@ -236,6 +236,35 @@ mod tests {
         tokio::join!(client, hub)
     }
 
+    /// Pins the bytes documented in docs/protocol.md, Part 3.
+    #[tokio::test]
+    async fn the_hello_bytes_are_the_documented_ones() {
+        // Client: version 1, token length 6 (u16 BE), "s3cret".
+        let (mut a, mut b) = tokio::io::duplex(4096);
+        let hub = async {
+            let mut got = [0u8; 9];
+            b.read_exact(&mut got).await.unwrap();
+            b.write_all(b"\x00\x00\x07welcome").await.unwrap();
+            got
+        };
+        let (client, got) = tokio::join!(client_hello(&mut a, Some("s3cret")), hub);
+        client.unwrap();
+        assert_eq!(&got, b"\x01\x00\x06s3cret");
+        // Hub: a refused token is code 1 with the reason as text.
+        let (mut a, mut b) = tokio::io::duplex(4096);
+        let expected = Token::new("right").unwrap();
+        let hub = server_hello(&mut b, Some(&expected), || Ok(()));
+        let client = async {
+            a.write_all(b"\x01\x00\x05wrong").await.unwrap();
+            let mut reply = [0u8; 28];
+            a.read_exact(&mut reply).await.unwrap();
+            reply
+        };
+        let (verdict, reply) = tokio::join!(hub, client);
+        assert!(matches!(verdict, Err(AuthError::BadToken)));
+        assert_eq!(&reply, b"\x01\x00\x19the hub refused the token");
+    }
+
     #[tokio::test]
     async fn no_token_on_either_side_is_accepted() {
         let (c, h) = exchange(None, None).await;

@@ -7,7 +7,8 @@
 //!
 //! A read of another peer's file is `Hub.read` from the reader, forwarded by the hub as
 //! `Export.read` to the exporter over the exporter's own session, streamed back chunk by chunk
-//! (rpc stream credits bound what is in flight on each hop).
+//! (rpc stream credits bound what is in flight on each hop). docs/protocol.md, Part 3, describes
+//! all of it on the wire.
 
 use netchan_rpc::{service, ByteBuf, Code, Context, ItemStream, Status};
 use serde::{Deserialize, Serialize};
@@ -27,7 +28,8 @@ service! {
         /// Publishes the calling connection under `name`, after which the hub calls the
         /// caller's [`Export`] service. Once per connection.
         async fn publish(&self, ctx: Context, req: PublishReq) -> Result<PublishResp, Status>;
-        /// Names of the published peers, sorted.
+        /// Names of the published peers, sorted. Like `ls`, `stat` and `read`, only for a
+        /// connection that has published (else `FailedPrecondition` "publish first").
         async fn list(&self, ctx: Context, req: ListReq) -> Result<Vec<String>, Status>;
         /// Lists a directory of a peer.
         async fn ls(&self, ctx: Context, req: PeerPath) -> Result<Listing, Status>;
