@@ -37,7 +37,8 @@ pub(crate) struct Cli {
 /// Subcommands.
 #[derive(Debug, Subcommand)]
 pub(crate) enum Command {
-    /// Run the hub that peers connect to.
+    /// Run the hub that peers connect to. SIGINT or SIGTERM stops it gracefully: every
+    /// peer's session is closed (peers then reconnect with backoff) and it exits 0.
     Hub(HubArgs),
 }
 

@@ -184,9 +184,14 @@ impl HubState {
         match &self.opts.tls {
             None => self.serve_io(tcp, id, addr.to_string()).await,
             Some(acceptor) => {
-                match tokio::time::timeout(crate::tls::HANDSHAKE_TIMEOUT, acceptor.accept(tcp))
-                    .await
-                {
+                let handshake =
+                    tokio::time::timeout(crate::tls::HANDSHAKE_TIMEOUT, acceptor.accept(tcp));
+                // No session exists yet, so a shutdown simply drops the half-made link.
+                let done = tokio::select! {
+                    done = handshake => done,
+                    () = self.stop.cancelled() => return,
+                };
+                match done {
                     Ok(Ok(tls)) => self.serve_io(tls, id, addr.to_string()).await,
                     Ok(Err(e)) => warn!("tls handshake failed: {e}"),
                     Err(_) => warn!("tls handshake timed out"),

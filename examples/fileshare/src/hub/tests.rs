@@ -804,6 +804,43 @@ async fn a_stalled_reader_makes_the_hub_pull_at_most_its_forward_window_ahead() 
     );
 }
 
+#[tokio::test(start_paused = true)]
+async fn shutdown_does_not_wait_for_a_tls_handshake_in_progress() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = rcgen::CertificateParams::new(vec!["127.0.0.1".to_owned()])
+        .unwrap()
+        .self_signed(&key)
+        .unwrap();
+    let (cert_path, key_path) = (dir.path().join("hub.pem"), dir.path().join("hub.key"));
+    std::fs::write(&cert_path, cert.pem()).unwrap();
+    std::fs::write(&key_path, key.serialize_pem()).unwrap();
+    let config = crate::tls::server_config(&cert_path, &key_path, None).unwrap();
+    let state = HubState::new(HubOptions {
+        tls: Some(tokio_rustls::TlsAcceptor::from(config)),
+        ..HubOptions::default()
+    });
+    // A client that connects and never starts its handshake, handed to the hub's accept path.
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let _silent = tokio::net::TcpStream::connect(listener.local_addr().unwrap())
+        .await
+        .unwrap();
+    let (tcp, addr) = listener.accept().await.unwrap();
+    let conn = tokio::spawn(state.clone().accept_tcp(tcp, 1, addr));
+    let start = tokio::time::Instant::now();
+    state.shutdown();
+    tokio::time::timeout(WAIT, conn)
+        .await
+        .expect("the connection task ends")
+        .unwrap();
+    // With time paused, waiting out the handshake would show as exactly its timeout.
+    assert!(
+        start.elapsed() < crate::tls::HANDSHAKE_TIMEOUT,
+        "shutdown waited {:?} for the handshake",
+        start.elapsed()
+    );
+}
+
 /// An exporter that sends one chunk of a read and then nothing, forever.
 struct StallingExport;
 
