@@ -98,6 +98,10 @@ struct PeerHandle {
     /// That connection's session (closed when the peer is evicted).
     session: Session,
     export: ExportClient,
+    /// Chunks received from this peer so far (across its forwarded reads): a holder busy
+    /// streaming, whose answer to a probe may queue behind its chunks on a slow link, counts
+    /// as alive.
+    chunks: Arc<AtomicU64>,
     /// Slots for forwarded reads (and ls/stat) to this peer.
     calls: Arc<Semaphore>,
 }
@@ -291,9 +295,11 @@ impl HubState {
     /// Probes `holder`, the current owner of `name`, on behalf of a connection that wants the
     /// name: if the holder does not answer a cheap call within `probe_timeout` (its link is
     /// frozen or half-open: a client reconnecting before keepalive noticed its old session), it
-    /// is evicted and its session closed. Returns whether the name was freed.
+    /// is evicted and its session closed. A holder that delivered file chunks meanwhile is
+    /// alive even if the answer itself was late. Returns whether the name was freed.
     async fn evict_if_silent(&self, name: &str, holder: &PeerHandle) -> bool {
         let limit = self.opts.probe_timeout;
+        let chunks_before = holder.chunks.load(Ordering::Relaxed);
         let probe = holder
             .export
             .with_options(CallOptions::default().timeout(limit));
@@ -306,6 +312,10 @@ impl HubState {
             Ok(Err(s)) => s.to_string(),
             Err(_) => format!("no answer within {limit:?}"),
         };
+        if holder.chunks.load(Ordering::Relaxed) != chunks_before {
+            debug!(peer = %name, "probe unanswered ({why}) but the holder is streaming: alive");
+            return false;
+        }
         if self.peers.remove(name, holder.conn) {
             self.changed();
             warn!(peer = %name, holder = holder.conn, "evicted: the holder of the name did not answer a probe ({why}); giving the name to the new connection");
@@ -480,6 +490,7 @@ impl Hub for HubService {
                 ch,
                 rpc::Config::default().stream_window(conn.hub.opts.forward_window),
             )),
+            chunks: Arc::new(AtomicU64::new(0)),
             calls: Arc::new(Semaphore::new(conn.hub.opts.max_reads_per_peer.max(1))),
         };
         if let Err(e) = conn.hub.peers.insert(&name, conn.id, handle) {
@@ -549,38 +560,41 @@ impl Hub for HubService {
         // is held until the stream is finished or dropped (reader gone: the drop also cancels
         // the exporter's call).
         let timeout = hub.opts.peer_timeout;
-        let forwarded = futures::stream::unfold(
-            (upstream, Some(slot), name),
-            move |(mut up, slot, name)| async move {
-                slot.as_ref()?;
-                // Only polled when the reader has credit, so this measures the exporter.
-                let next = match tokio::time::timeout(timeout, up.next()).await {
-                    Ok(next) => next,
-                    Err(_) => {
-                        let status = Status::deadline_exceeded(format!(
-                            "peer {name:?} sent nothing for {timeout:?}"
-                        ));
-                        return Some((Err(status), (up, None, name)));
-                    }
-                };
-                match next {
-                    Some(Ok(chunk)) => {
-                        let slot = if chunk.eof { None } else { slot };
-                        Some((Ok(chunk), (up, slot, name)))
-                    }
-                    Some(Err(s)) => {
-                        let status = from_peer(&name, s);
-                        debug!(peer = %name, "forwarded read failed: {status}");
-                        Some((Err(status), (up, None, name)))
-                    }
-                    None => {
-                        let status = peer_gone(&name, "the transfer was cut short");
-                        debug!(peer = %name, "forwarded read failed: {status}");
-                        Some((Err(status), (up, None, name)))
+        let chunks = peer.chunks.clone();
+        let forwarded =
+            futures::stream::unfold((upstream, Some(slot), name), move |(mut up, slot, name)| {
+                let chunks = chunks.clone();
+                async move {
+                    slot.as_ref()?;
+                    // Only polled when the reader has credit, so this measures the exporter.
+                    let next = match tokio::time::timeout(timeout, up.next()).await {
+                        Ok(next) => next,
+                        Err(_) => {
+                            let status = Status::deadline_exceeded(format!(
+                                "peer {name:?} sent nothing for {timeout:?}"
+                            ));
+                            return Some((Err(status), (up, None, name)));
+                        }
+                    };
+                    match next {
+                        Some(Ok(chunk)) => {
+                            chunks.fetch_add(1, Ordering::Relaxed);
+                            let slot = if chunk.eof { None } else { slot };
+                            Some((Ok(chunk), (up, slot, name)))
+                        }
+                        Some(Err(s)) => {
+                            let status = from_peer(&name, s);
+                            debug!(peer = %name, "forwarded read failed: {status}");
+                            Some((Err(status), (up, None, name)))
+                        }
+                        None => {
+                            let status = peer_gone(&name, "the transfer was cut short");
+                            debug!(peer = %name, "forwarded read failed: {status}");
+                            Some((Err(status), (up, None, name)))
+                        }
                     }
                 }
-            },
-        );
+            });
         Ok(Box::pin(forwarded))
     }
 }

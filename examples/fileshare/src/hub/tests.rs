@@ -695,12 +695,13 @@ async fn a_holder_that_answers_the_probe_keeps_its_name_even_when_slow_to_read()
 
 /// Says hello over `io`, serves `export` on the export channel, publishes `name`; returns the
 /// session, a client of the hub, and the export-serving task.
-async fn publish_over<E>(
-    io: tokio::io::DuplexStream,
+async fn publish_over<T, E>(
+    io: T,
     name: &str,
     export: E,
 ) -> (Session, HubClient, tokio::task::JoinHandle<()>)
 where
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static,
     E: crate::proto::Export + Send + Sync + 'static,
 {
     let session = Session::client(io, netchan_mux::Config::default());
@@ -725,6 +726,8 @@ where
 /// An exporter whose reads never end: one-byte chunks, counting how many were pulled.
 struct CountingExport {
     pulled: Arc<std::sync::atomic::AtomicUsize>,
+    /// Whether `stat` never answers (an answer stuck behind data on a slow link).
+    stat_hangs: bool,
 }
 
 impl crate::proto::Export for CountingExport {
@@ -741,6 +744,9 @@ impl crate::proto::Export for CountingExport {
         _ctx: rpc::Context,
         _req: String,
     ) -> Result<crate::export::Entry, rpc::Status> {
+        if self.stat_hangs {
+            std::future::pending::<()>().await;
+        }
         Err(rpc::Status::unimplemented("not here"))
     }
 
@@ -775,6 +781,7 @@ async fn a_stalled_reader_makes_the_hub_pull_at_most_its_forward_window_ahead() 
     let (io, _bob_conn) = duplex_conn(&state, 1);
     let export = CountingExport {
         pulled: pulled.clone(),
+        stat_hangs: false,
     };
     let (_bob, _bob_hub, _bob_export) = publish_over(io, "bob", export).await;
     let (io, _alice_conn) = duplex_conn(&state, 2);
@@ -802,6 +809,41 @@ async fn a_stalled_reader_makes_the_hub_pull_at_most_its_forward_window_ahead() 
         n <= reader_window + 4 + 3,
         "the hub pulled {n} chunks ahead"
     );
+}
+
+#[tokio::test]
+async fn a_holder_busy_streaming_keeps_its_name_even_when_its_probe_answer_is_late() {
+    let hub = start_hub(HubOptions {
+        probe_timeout: Duration::from_millis(300),
+        ..HubOptions::default()
+    })
+    .await;
+    let export = CountingExport {
+        pulled: Arc::new(std::sync::atomic::AtomicUsize::new(0)),
+        stat_hangs: true,
+    };
+    let tcp = tokio::net::TcpStream::connect(hub.addr).await.unwrap();
+    let (_bob, _bob_hub, _bob_export) = publish_over(tcp, "bob", export).await;
+    let ra = root_with(0);
+    let alice = join(&hub, "alice", ra.path()).await;
+    let mut stream = alice.read("bob", "endless").await.unwrap();
+    stream.next().await.unwrap().unwrap();
+    // Alice keeps reading bob's endless file while someone else claims bob's name.
+    let reading = tokio::spawn(async move {
+        // Bounded: aborted below.
+        while let Ok(Some(_)) = stream.next().await {}
+    });
+    let r2 = root_with(0);
+    let err = Peer::start(client_opts(&hub, "bob", r2.path()), quiet())
+        .await
+        .err()
+        .expect("the streaming bob keeps its name");
+    reading.abort();
+    match &err {
+        ConnectError::Publish { status, .. } => assert_eq!(status.code(), Code::AlreadyExists),
+        other => panic!("unexpected {other:?}"),
+    }
+    assert_eq!(alice.list().await.unwrap(), vec!["alice", "bob"]);
 }
 
 #[tokio::test(start_paused = true)]
