@@ -7,11 +7,17 @@
 //! who calls by the connection a call arrives on. `Hub.publish` dials the client's
 //! [`EXPORT_CHANNEL`] back over the same session; the hub never connects to a client.
 //!
+//! Only a published connection may use `list`/`ls`/`stat`/`read`, and one that has not
+//! published within [`HubOptions::publish_timeout`] is closed. Publishing a name another
+//! connection holds first probes the holder (see [`HubOptions::probe_timeout`]): a silent
+//! holder is evicted, a live one keeps the name.
+//!
 //! When a session ends (quit, crash, keepalive timeout) its task removes the peer, and calls
 //! in flight to it fail with "peer gone". [`HubState::shutdown`] stops the accept loop and
 //! closes every session gracefully (a yamux GoAway, so clients see "closed by the peer", not an
-//! i/o error), each within the session's `close_grace`. Reads forwarded to one exporter are limited by a
-//! semaphore: a read waits up to [`HubOptions::busy_wait`] for a slot, then fails "busy".
+//! i/o error), each within the session's `close_grace`. Reads forwarded to one exporter are
+//! limited by a semaphore: a read waits up to [`HubOptions::busy_wait`] for a slot, then fails
+//! "busy"; each holds at most [`HubOptions::forward_window`] chunks at the hub.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
