@@ -82,6 +82,9 @@ fn mux_config(k: Duration) -> netchan_mux::Config {
         .keepalive_timeout(k / 2)
 }
 
+/// Channels one client session may have open at the hub.
+const HUB_MAX_CHANNELS: usize = 8;
+
 /// How long the hub's sessions get to finish open channels when it closes them (shutdown,
 /// refused hello, eviction).
 const HUB_CLOSE_GRACE: Duration = Duration::from_secs(1);
@@ -164,7 +167,14 @@ async fn run_hub(args: HubArgs) -> anyhow::Result<bool> {
         token,
         tls,
         max_reads_per_peer: args.max_reads_per_peer as usize,
-        mux: mux_config(args.keepalive).close_grace(HUB_CLOSE_GRACE),
+        mux: mux_config(args.keepalive)
+            .close_grace(HUB_CLOSE_GRACE)
+            // A client uses three channels (hello, hub, export); keep room for a reconnecting
+            // export dial, and bound what a hostile client can make the hub buffer:
+            // (8 + 2 × 4 + 8) × 256 KiB + 8 MiB = 14 MiB per session at worst (docs in
+            // netchan_mux::Config), instead of 42 MiB with the defaults.
+            .max_channels(HUB_MAX_CHANNELS)
+            .max_pending_handshakes(4),
         ..hub::HubOptions::default()
     });
     let mut serve = tokio::spawn(hub.clone().serve(listener));
