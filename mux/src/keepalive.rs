@@ -33,7 +33,8 @@ use tracing::Instrument;
 /// been quiet for the interval, and gives up after the timeout.
 pub(crate) struct Keepalive {
     interval: Duration,
-    timeout: Duration,
+    /// `keepalive_interval + keepalive_timeout`, saturating (the config may say `Duration::MAX`).
+    give_up: Duration,
     timer: Pin<Box<Sleep>>,
     ping: Arc<Notify>,
     /// The liveness stamp we already pinged for (one ping per quiet period).
@@ -53,7 +54,7 @@ impl Keepalive {
         tokio::spawn(pinger(shared.clone(), handles, ping.clone()).instrument(span));
         Some(Keepalive {
             interval,
-            timeout,
+            give_up: interval.saturating_add(timeout),
             timer: Box::pin(tokio::time::sleep(interval)),
             ping,
             pinged_for: None,
@@ -73,7 +74,7 @@ impl Keepalive {
             }
             let last = shared.last_read();
             let quiet = Instant::now().saturating_duration_since(last);
-            if quiet >= self.interval + self.timeout {
+            if quiet >= self.give_up {
                 tracing::info!(?quiet, "peer silent for too long");
                 return Poll::Ready(CloseReason::KeepaliveTimeout { after: quiet });
             }
@@ -83,15 +84,24 @@ impl Keepalive {
                     self.pinged_for = Some(last);
                     self.ping.notify_one();
                 }
-                last + self.interval + self.timeout
+                later(last, self.give_up)
             } else {
-                last + self.interval
+                later(last, self.interval)
             };
             self.timer.as_mut().reset(next);
         }
         cx.waker().wake_by_ref();
         Poll::Pending
     }
+}
+
+/// `at + after`, or a far-future instant when that is not representable (a huge configured
+/// interval or timeout means "practically never"; `Instant + Duration` would panic).
+fn later(at: Instant, after: Duration) -> Instant {
+    const FAR: Duration = Duration::from_secs(30 * 365 * 24 * 3600);
+    at.checked_add(after)
+        .or_else(|| Instant::now().checked_add(FAR))
+        .unwrap_or(at)
 }
 
 /// Sends pings on request over the internal keepalive channel, opening it when needed, and

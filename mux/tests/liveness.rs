@@ -264,3 +264,34 @@ async fn a_silent_peer_is_detected_exactly_after_interval_plus_timeout() {
         "{elapsed:?}"
     );
 }
+
+/// Regression: the keepalive timer added `keepalive_interval + keepalive_timeout` (and
+/// `last read + …`) unchecked, so a huge timeout (`Duration::MAX`, "never give up") overflowed
+/// and panicked the driver task once the link had been quiet for one interval, killing the
+/// session.
+#[tokio::test(start_paused = true)]
+async fn keepalive_with_a_huge_timeout_does_not_overflow_and_panic_the_driver() {
+    for (interval, timeout) in [
+        (Duration::from_secs(1), Duration::MAX),
+        (Duration::MAX, Duration::from_secs(1)),
+        (Duration::MAX, Duration::MAX),
+    ] {
+        let config = Config::default()
+            .keepalive_interval(Some(interval))
+            .keepalive_timeout(timeout);
+        let (client, server) = common::duplex_sessions(config.clone(), config);
+        spawn_echo(server.listen("echo").unwrap());
+        // Idle past the interval (when the timer first fires and computes the next deadline),
+        // and past a few more re-arms.
+        tokio::time::sleep(Duration::from_secs(30)).await;
+        assert!(!client.is_closed(), "{interval:?} + {timeout:?}");
+        assert!(!server.is_closed(), "{interval:?} + {timeout:?}");
+        let reply = within(
+            5,
+            "round trip",
+            common::round_trip(&client, "echo", b"alive"),
+        )
+        .await;
+        assert_eq!(reply, b"alive");
+    }
+}
