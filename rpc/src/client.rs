@@ -93,15 +93,20 @@ impl CallOptions {
         }
     }
 
+    /// The call's deadline: the earlier of timeout and deadline, never more
+    /// than [`MAX_TIMEOUT`](crate::wire::MAX_TIMEOUT) away (tokio's timer
+    /// panics on instants near the end of `Instant`'s range).
     fn resolve_deadline(&self, now: Instant) -> Option<Instant> {
+        let latest = now.checked_add(crate::wire::MAX_TIMEOUT).unwrap_or(now);
         let from_timeout = self.timeout.map(|t| {
             now.checked_add(t.min(crate::wire::MAX_TIMEOUT))
-                .unwrap_or(now + Duration::from_secs(24 * 3600))
+                .unwrap_or(latest)
         });
         match (from_timeout, self.deadline) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
         }
+        .map(|d| d.min(latest))
     }
 }
 
@@ -622,7 +627,7 @@ impl Client {
         let id = guard.id;
         drop(guard);
         Ok((
-            RequestSink::new(self.clone(), id, method, credits),
+            RequestSink::new(self.clone(), id, method, credits, deadline),
             ResponseStream::new(self.clone(), id, method, rx, window, deadline),
         ))
     }
@@ -639,7 +644,7 @@ impl Client {
     }
 }
 
-fn deadline_exceeded(method: &str) -> Status {
+pub(crate) fn deadline_exceeded(method: &str) -> Status {
     Status::deadline_exceeded(format!("deadline passed before {method} completed"))
 }
 

@@ -184,17 +184,26 @@ pub struct RequestSink<T> {
     id: u64,
     method: String,
     credits: Arc<Semaphore>,
+    /// The call's deadline: a wait for credit or room ends there.
+    deadline: Option<Instant>,
     finished: bool,
     _item: PhantomData<fn(&T)>,
 }
 
 impl<T> RequestSink<T> {
-    pub(crate) fn new(client: Client, id: u64, method: &str, credits: Arc<Semaphore>) -> Self {
+    pub(crate) fn new(
+        client: Client,
+        id: u64,
+        method: &str,
+        credits: Arc<Semaphore>,
+        deadline: Option<Instant>,
+    ) -> Self {
         RequestSink {
             client,
             id,
             method: method.to_owned(),
             credits,
+            deadline,
             finished: false,
             _item: PhantomData,
         }
@@ -233,7 +242,8 @@ impl<T: Serialize> RequestSink<T> {
     /// Sends one request item, waiting for credit from the server.
     ///
     /// Fails if the call has ended (the server finished, the call was
-    /// cancelled or timed out, the conn is gone), or with
+    /// cancelled or timed out, the conn is gone), with `DeadlineExceeded`
+    /// once the call's deadline passes while it waits, or with
     /// `ResourceExhausted` if the item exceeds the message limit (nothing is
     /// sent; the call goes on). Cancel-safe: if the future is dropped before
     /// it resolves, the item was not sent.
@@ -244,6 +254,18 @@ impl<T: Serialize> RequestSink<T> {
                 self.method
             )));
         }
+        match self.deadline {
+            None => self.send_now(item).await,
+            // Both waits in `send_now` (credit, outbox room) are cancel-safe,
+            // so giving up at the deadline sends nothing and loses no credit.
+            Some(d) => match tokio::time::timeout_at(d, self.send_now(item)).await {
+                Ok(res) => res,
+                Err(_) => Err(crate::client::deadline_exceeded(&self.method)),
+            },
+        }
+    }
+
+    async fn send_now(&self, item: &T) -> Result<(), Status> {
         let Ok(permit) = self.credits.acquire().await else {
             return Err(self.ended());
         };

@@ -175,3 +175,61 @@ async fn request_items_beyond_the_credit_are_a_protocol_error() {
     let res = guard(serving).await.unwrap();
     assert!(matches!(res, Err(Error::Protocol { .. })), "{res:?}");
 }
+
+/// A peer that completes the preamble and then never answers or grants
+/// credit: only the client's own deadline can end a wait on it.
+async fn silent_server() -> (netchan_rpc::Client, tokio::io::DuplexStream) {
+    let (a, mut b) = tokio::io::duplex(256 << 10);
+    let client = netchan_rpc::Client::new(a);
+    // The preamble is "NCRPC" + version 1 (docs/protocol.md, Part 2).
+    guard(b.write_all(b"NCRPC\x01")).await.unwrap();
+    (client, b)
+}
+
+/// Regression: `RequestSink::send` waited for request credit with no bound
+/// but the server's goodwill, so a call with a deadline could hang in
+/// `send` long past it when the server granted no credit.
+#[tokio::test(start_paused = true)]
+async fn request_sink_send_waiting_for_credit_ends_at_the_call_deadline() {
+    let (client, _peer) = silent_server().await;
+    let (mut sink, _responses) = guard(client.call_bidi::<u64, u64>(
+        "B.silent",
+        CallOptions::default().timeout(Duration::from_secs(2)),
+    ))
+    .await
+    .unwrap();
+    let started = tokio::time::Instant::now();
+    let err = guard(sink.send(&1)).await.unwrap_err();
+    assert_eq!(err.code(), Code::DeadlineExceeded, "{err}");
+    assert!(started.elapsed() <= Duration::from_secs(2));
+}
+
+/// Regression: a caller-supplied deadline far in the future (a "never"
+/// deadline near the end of `Instant`'s range) reached tokio's timer
+/// unclamped, whose rounding `Instant + Duration` overflowed and panicked
+/// in the caller's task.
+#[tokio::test]
+async fn a_deadline_at_the_end_of_time_is_clamped_not_a_panic() {
+    let mut far = tokio::time::Instant::now();
+    let mut step = Duration::from_secs(1 << 62);
+    // Bounded: `step` halves every miss, from 2^62 s down to 1 ms.
+    while step > Duration::from_millis(1) {
+        match far.checked_add(step) {
+            Some(t) => far = t,
+            None => step /= 2,
+        }
+    }
+    let (client, _t) = duplex_pair(&bidi_server(Config::default()), Config::default());
+    let opts = CallOptions::default().deadline(far);
+    let echoed: String = guard(client.call_with("Test.echo", "far", opts.clone()))
+        .await
+        .unwrap();
+    assert_eq!(echoed, "far");
+    let (mut sink, responses) = guard(client.call_bidi::<u64, u64>("B.echo", opts))
+        .await
+        .unwrap();
+    guard(sink.send(&4)).await.unwrap();
+    sink.finish();
+    let got: Vec<u64> = guard(responses.map(|r| r.unwrap()).collect()).await;
+    assert_eq!(got, [40]);
+}
