@@ -266,7 +266,8 @@ impl Shared {
                 None => {}
             },
             Header::StreamItem { id } => match st.pending.get(&id) {
-                Some(Pending::Stream(tx, _)) => match tx.try_send(StreamEvent::Item(payload)) {
+                Some(Pending::Stream(tx, _)) => match tx.try_send(StreamEvent::Item(payload, None))
+                {
                     Ok(()) | Err(mpsc::error::TrySendError::Closed(_)) => {}
                     Err(mpsc::error::TrySendError::Full(_)) => {
                         return Err(Error::Protocol {

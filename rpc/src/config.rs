@@ -30,10 +30,14 @@ pub struct Config {
     /// Default: 1024.
     pub max_in_flight: usize,
     /// Server side: most request payload bytes the calls running on one
-    /// conn may hold at once. A request that would take a conn past it is
+    /// conn may hold at once, counting the requests of running calls and
+    /// the request items queued for bidirectional handlers that have not
+    /// consumed them yet. A request that would take a conn past it is
     /// answered `ResourceExhausted` without running a handler (a request
-    /// arriving while no call runs is always admitted), so a peer cannot
-    /// pin `max_in_flight × max_message_size` bytes with slow calls.
+    /// arriving while nothing is held is always admitted), and a request
+    /// item that would ends its call with `ResourceExhausted`, so a peer
+    /// cannot pin `max_in_flight × max_message_size` bytes with slow calls
+    /// (or `stream_window` times that with unread request streams).
     /// Default: 64 MiB.
     pub max_in_flight_bytes: usize,
     /// How long to wait for the peer's preamble when a conn starts.

@@ -13,7 +13,7 @@ use std::{
     fmt,
     future::Future,
     panic::AssertUnwindSafe,
-    sync::{Arc, Mutex, MutexGuard},
+    sync::{atomic::AtomicUsize, atomic::Ordering, Arc, Mutex, MutexGuard, OnceLock},
 };
 
 use bytes::Bytes;
@@ -30,7 +30,7 @@ use tracing::Instrument;
 use crate::{
     codec::{self, CodecError},
     error::chain,
-    stream::{GrantCredit, RequestStream, StreamEvent},
+    stream::{GrantCredit, Held, RequestStream, StreamEvent},
     transport::{read_preamble, FrameReader, FrameWriter, Outbox},
     wire::{deadline_from_wire, Frame, Header},
     Config, Context, Error, Status,
@@ -311,6 +311,7 @@ impl Server {
         let conn = Arc::new(ConnState {
             outbox: Outbox::new(config),
             calls: Mutex::new(Calls::default()),
+            inbound_bytes: Arc::new(AtomicUsize::new(0)),
             token: CancellationToken::new(),
         });
         // However serving ends (or if this future is dropped), cancel every
@@ -405,8 +406,13 @@ impl Server {
                 };
                 self.start_call(conn, peer, open, None).await
             }
-            Header::StreamItem { id } => conn.route_inbound(id, StreamEvent::Item(payload)),
-            Header::StreamEnd { id, status } => conn.route_inbound(id, StreamEvent::End(status)),
+            Header::StreamItem { id } => {
+                let limit = self.inner.config.max_in_flight_bytes;
+                conn.route_inbound(id, StreamEvent::Item(payload, None), limit)
+            }
+            Header::StreamEnd { id, status } => {
+                conn.route_inbound(id, StreamEvent::End(status), usize::MAX)
+            }
             Header::Cancel { id } => {
                 conn.with_call(id, |entry| {
                     tracing::trace!(id, "rpc call cancelled by the client");
@@ -480,8 +486,10 @@ impl Server {
                 (Some(tx), Some(rx))
             }
         };
+        let abort = Arc::new(OnceLock::new());
         let entry = CallEntry {
             token: token.clone(),
+            abort: Arc::clone(&abort),
             credits: credits.clone(),
             inbound: inbound_tx,
             bytes: payload.as_ref().map_or(0, Bytes::len),
@@ -534,6 +542,7 @@ impl Server {
             id,
             deadline,
             token,
+            abort,
         };
         tokio::spawn(call.run(handler, ctx, input, credits).instrument(span));
         Ok(())
@@ -554,6 +563,9 @@ struct Open {
 
 struct CallEntry {
     token: CancellationToken,
+    /// Set, before `token` is cancelled, when the conn ends the call itself
+    /// (request bytes over budget): the status the call task answers with.
+    abort: Arc<OnceLock<Status>>,
     /// Response credit of a streaming call.
     credits: Option<Arc<Semaphore>>,
     /// Request items of a bidirectional call (bounded by the credit we
@@ -583,6 +595,9 @@ struct ConnState {
     outbox: Outbox,
     /// In-flight calls; bounded by `max_in_flight` and `max_in_flight_bytes`.
     calls: Mutex<Calls>,
+    /// Bytes of request items queued for bidirectional handlers and not yet
+    /// consumed (see [`Held`]); part of the `max_in_flight_bytes` budget.
+    inbound_bytes: Arc<AtomicUsize>,
     /// Parent of every call's token; cancelled when serving ends.
     token: CancellationToken,
 }
@@ -598,8 +613,18 @@ impl ConnState {
         self.lock_calls().map.get(&id).map(f)
     }
 
-    /// Hands a request item or end from the client to its call.
-    fn route_inbound(&self, id: u64, event: StreamEvent) -> Result<(), Error> {
+    /// Request payload bytes held on this conn: requests of running calls
+    /// and unconsumed request items.
+    fn held_bytes(&self, calls: &Calls) -> usize {
+        calls
+            .bytes
+            .saturating_add(self.inbound_bytes.load(Ordering::SeqCst))
+    }
+
+    /// Hands a request item or end from the client to its call. An item
+    /// that would take the conn's held request bytes past `limit` ends its
+    /// call with `ResourceExhausted` instead of being queued.
+    fn route_inbound(&self, id: u64, mut event: StreamEvent, limit: usize) -> Result<(), Error> {
         let calls = self.lock_calls();
         let Some(entry) = calls.map.get(&id) else {
             // The call is over; late items are moot.
@@ -610,7 +635,25 @@ impl ConnState {
                 reason: format!("request stream frame for call {id}, which takes no stream"),
             });
         };
-        let is_item = matches!(event, StreamEvent::Item(_));
+        if entry.abort.get().is_some() {
+            // Ended by us; its handler is being dropped.
+            return Ok(());
+        }
+        if let StreamEvent::Item(payload, held) = &mut event {
+            let before = self.held_bytes(&calls);
+            if before > 0 && before.saturating_add(payload.len()) > limit {
+                let status = Status::resource_exhausted(format!(
+                    "request items and calls in flight on this conn already hold {before} \
+                     bytes (limit {limit})"
+                ));
+                tracing::debug!(id, %status, "rpc call ended: request bytes over budget");
+                let _ = entry.abort.set(status);
+                entry.token.cancel();
+                return Ok(());
+            }
+            *held = Some(Held::new(&self.inbound_bytes, payload.len()));
+        }
+        let is_item = matches!(event, StreamEvent::Item(..));
         match tx.try_send(event) {
             Err(mpsc::error::TrySendError::Full(_)) if is_item => Err(Error::Protocol {
                 reason: format!("request item beyond the granted credit on call {id}"),
@@ -628,8 +671,9 @@ impl ConnState {
         if calls.map.len() >= config.max_in_flight {
             return Ok(Admission::TooManyCalls);
         }
-        if !calls.map.is_empty() && calls.bytes + entry.bytes > config.max_in_flight_bytes {
-            return Ok(Admission::TooManyBytes { held: calls.bytes });
+        let held = self.held_bytes(&calls);
+        if !calls.map.is_empty() && held.saturating_add(entry.bytes) > config.max_in_flight_bytes {
+            return Ok(Admission::TooManyBytes { held });
         }
         if calls.map.contains_key(&id) {
             return Err(Error::Protocol {
@@ -704,6 +748,8 @@ struct Call {
     id: u64,
     deadline: Option<Instant>,
     token: CancellationToken,
+    /// Why the conn ended this call, if it did (see [`CallEntry::abort`]).
+    abort: Arc<OnceLock<Status>>,
 }
 
 impl Drop for Call {
@@ -787,8 +833,9 @@ impl Call {
     }
 
     /// Runs `work` until it finishes, the deadline passes (an error
-    /// outcome) or the call is cancelled (`None`: nobody wants an answer).
-    /// Either way `work`, and with it the handler, is dropped on return.
+    /// outcome) or the call is cancelled (`None`: nobody wants an answer,
+    /// unless the conn ended the call itself: then its status). Either way
+    /// `work`, and with it the handler, is dropped on return.
     async fn race<T>(
         &self,
         work: impl Future<Output = Result<Result<T, Status>, Box<dyn Any + Send>>>,
@@ -803,7 +850,8 @@ impl Call {
             biased;
             _ = self.token.cancelled() => {
                 tracing::trace!("rpc handler dropped: call cancelled");
-                None
+                // Set before the token is cancelled, so it is seen here.
+                self.abort.get().cloned().map(Err)
             }
             _ = expired => {
                 tracing::trace!("rpc handler dropped: deadline passed");

@@ -7,7 +7,10 @@ use std::{
     future::Future,
     marker::PhantomData,
     pin::Pin,
-    sync::Arc,
+    sync::{
+        atomic::{AtomicUsize, Ordering},
+        Arc,
+    },
     task::{Context as TaskContext, Poll},
 };
 
@@ -23,8 +26,34 @@ use crate::{codec, error::chain, wire::Header, Client, Error, Status};
 
 /// What the reader hands a stream: an item's payload or the end.
 pub(crate) enum StreamEvent {
-    Item(Bytes),
+    /// An item; on the server, with its bytes counted against the conn's
+    /// `max_in_flight_bytes` until the handler consumes it.
+    Item(Bytes, Option<Held>),
     End(Option<Status>),
+}
+
+/// Request bytes a server holds for a call (an unconsumed request item),
+/// counted in the conn's budget; released when dropped.
+pub(crate) struct Held {
+    counter: Arc<AtomicUsize>,
+    bytes: usize,
+}
+
+impl Held {
+    /// Counts `bytes` in `counter` until the returned value is dropped.
+    pub(crate) fn new(counter: &Arc<AtomicUsize>, bytes: usize) -> Held {
+        counter.fetch_add(bytes, Ordering::SeqCst);
+        Held {
+            counter: Arc::clone(counter),
+            bytes,
+        }
+    }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        self.counter.fetch_sub(self.bytes, Ordering::SeqCst);
+    }
 }
 
 /// A boxed stream of items or a status, what server-streaming handlers
@@ -116,7 +145,7 @@ impl<T: DeserializeOwned> Stream for ResponseStream<T> {
             return Poll::Pending;
         };
         match event {
-            Some(StreamEvent::Item(bytes)) => {
+            Some(StreamEvent::Item(bytes, _)) => {
                 this.consumed += 1;
                 // Replenish in batches of half a window: few credit frames,
                 // and the server never runs dry while we keep consuming.
@@ -364,12 +393,14 @@ impl<T: DeserializeOwned> Stream for RequestStream<T> {
             return Poll::Pending;
         };
         match event {
-            Some(StreamEvent::Item(bytes)) => {
+            Some(StreamEvent::Item(bytes, held)) => {
                 this.consumed += 1;
                 if this.consumed >= (this.window / 2).max(1) {
                     (this.grant)(this.consumed);
                     this.consumed = 0;
                 }
+                // Consumed: from here on the item is the handler's to keep.
+                drop(held);
                 match codec::decode_payload(&bytes, "request item") {
                     Ok(item) => Poll::Ready(Some(Ok(item))),
                     Err(e) => {

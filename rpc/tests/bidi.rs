@@ -233,3 +233,42 @@ async fn a_deadline_at_the_end_of_time_is_clamped_not_a_panic() {
     let got: Vec<u64> = guard(responses.map(|r| r.unwrap()).collect()).await;
     assert_eq!(got, [40]);
 }
+
+/// Regression: request items a bidirectional handler had not consumed yet
+/// were not counted against `max_in_flight_bytes`, so one conn could make
+/// the server buffer `max_in_flight × stream_window × max_message_size`
+/// bytes (Open frames carry no payload and were always admitted). Now the
+/// call that would take the conn past its budget ends with
+/// `ResourceExhausted`, and its bytes are released for other calls.
+#[tokio::test]
+async fn unread_request_items_count_against_the_in_flight_byte_budget() {
+    let budget = 64 << 10;
+    let mut server = test_server(Config::default().max_in_flight_bytes(budget));
+    server.register_bidi(
+        "B.hoard",
+        |_ctx, reqs: RequestStream<netchan_rpc::ByteBuf>| async move {
+            // Holds the request stream (and what is queued in it) unread.
+            let _reqs = reqs;
+            std::future::pending::<Result<stream::Empty<Result<u64, Status>>, Status>>().await
+        },
+    );
+    let (client, _t) = duplex_pair(&server, Config::default());
+    let (mut sink, mut responses) =
+        guard(client.call_bidi::<netchan_rpc::ByteBuf, u64>("B.hoard", CallOptions::default()))
+            .await
+            .unwrap();
+    // The default window (16) of 16 KiB items is four times the budget.
+    let blob = netchan_rpc::ByteBuf::from(vec![1u8; 16 << 10]);
+    // (Sends within the credit succeed once queued locally; the server
+    // ends the call when the items arrive.)
+    for _ in 0..16 {
+        if guard(sink.send(&blob)).await.is_err() {
+            break;
+        }
+    }
+    let end = guard(responses.next()).await.expect("an end status");
+    assert_eq!(end.unwrap_err().code(), Code::ResourceExhausted);
+    // The hoarding call's bytes were released: other calls carry on.
+    let echoed: String = guard(client.call("Test.echo", "next")).await.unwrap();
+    assert_eq!(echoed, "next");
+}
