@@ -47,7 +47,8 @@ pub struct Config {
     pub handshake_timeout: Duration,
     /// Accepted channels a [`Listener`](crate::Listener) queues before `accept` takes them.
     /// When it is full, a new inbound channel waits up to half of `handshake_timeout` for room,
-    /// then is refused as busy. Default: 32.
+    /// then is refused as busy. Values above `max_channels` act as `max_channels` (no more
+    /// channels can be open). Default: 32.
     pub accept_backlog: usize,
     /// After this long without receiving anything, the session sends a ping the peer answers.
     /// `None` disables keepalive. Default: 15 s.
@@ -153,9 +154,11 @@ impl Config {
         self.max_pending_handshakes.clamp(1, 256)
     }
 
-    /// `accept_backlog`, at least 1 (a tokio channel needs capacity).
+    /// `accept_backlog`, at least 1 (a tokio channel needs capacity) and at most the channel
+    /// limit: every queued channel holds a channel slot, so no more can ever wait, and tokio
+    /// panics on capacities near `usize::MAX`.
     pub(crate) fn backlog(&self) -> usize {
-        self.accept_backlog.max(1)
+        self.accept_backlog.min(self.channel_limit()).max(1)
     }
 
     /// yamux's hard stream limit (exceeding it kills the connection). It sits above our own

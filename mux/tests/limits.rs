@@ -228,3 +228,19 @@ async fn a_full_accept_backlog_refuses_new_channels_as_busy() {
     assert!(started.elapsed() >= timeout / 2);
     drop(listener);
 }
+
+/// Regression: `accept_backlog` was used unclamped as a tokio channel capacity, and tokio
+/// panics above `usize::MAX >> 3`, so `accept_backlog(usize::MAX)` ("unbounded backlog")
+/// panicked in `listen`. No more than `max_channels` channels can ever wait in a backlog
+/// (each holds a channel slot), so the capacity is clamped to that.
+#[tokio::test]
+async fn a_huge_accept_backlog_is_clamped_instead_of_panicking_in_listen() {
+    let (client, server) = common::duplex_sessions(
+        Config::default(),
+        Config::default().accept_backlog(usize::MAX),
+    );
+    let listener = server.listen("echo").expect("listen with a huge backlog");
+    common::spawn_echo(listener);
+    let reply = within(5, "round trip", common::round_trip(&client, "echo", b"ok")).await;
+    assert_eq!(reply, b"ok");
+}
