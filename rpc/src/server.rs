@@ -31,7 +31,7 @@ use crate::{
     codec::{self, CodecError},
     error::chain,
     stream::{GrantCredit, Held, RequestStream, StreamEvent},
-    transport::{read_preamble, FrameReader, FrameWriter, Outbox},
+    transport::{read_preamble, FrameReader, FrameWriter, Outbox, BIG_FRAME},
     wire::{deadline_from_wire, Frame, Header},
     Config, Context, Error, Status,
 };
@@ -651,6 +651,12 @@ impl ConnState {
                 entry.token.cancel();
                 return Ok(());
             }
+            if payload.len() <= BIG_FRAME {
+                // A small frame is a slice of the reader's shared read buffer:
+                // held until the handler consumes it, it would keep that whole
+                // buffer alive while counted at its own size.
+                *payload = Bytes::copy_from_slice(payload);
+            }
             *held = Some(Held::new(&self.inbound_bytes, payload.len()));
         }
         let is_item = matches!(event, StreamEvent::Item(..));
@@ -892,5 +898,52 @@ impl Call {
             Err(status) => status,
         };
         let _ = self.conn.send_status(id, false, Some(status)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Regression: a small request item queued for a bidirectional handler
+    /// was a slice of the conn's 64 KiB read buffer, so unread 1-byte items
+    /// (counted as 1 byte each against `max_in_flight_bytes`) could each
+    /// keep a whole read buffer alive.
+    #[test]
+    fn a_queued_request_item_does_not_pin_the_shared_read_buffer() {
+        let conn = ConnState {
+            outbox: Outbox::new(&Config::default()),
+            calls: Mutex::new(Calls::default()),
+            inbound_bytes: Arc::new(AtomicUsize::new(0)),
+            token: CancellationToken::new(),
+        };
+        let (tx, mut rx) = mpsc::channel(4);
+        let entry = CallEntry {
+            token: CancellationToken::new(),
+            abort: Arc::new(OnceLock::new()),
+            credits: None,
+            inbound: Some(tx),
+            bytes: 0,
+        };
+        assert!(matches!(
+            conn.admit(1, &Config::default(), entry),
+            Ok(Admission::Admitted)
+        ));
+        let read_buffer = Bytes::from(vec![7u8; 64 << 10]);
+        let item = read_buffer.slice(100..101);
+        conn.route_inbound(1, StreamEvent::Item(item, None), usize::MAX)
+            .unwrap();
+        let Ok(StreamEvent::Item(queued, Some(held))) = rx.try_recv() else {
+            panic!("the item was not queued with its byte count");
+        };
+        assert_eq!(&queued[..], &[7]);
+        let buffer = read_buffer.as_ptr_range();
+        assert!(
+            !buffer.contains(&queued.as_ptr()),
+            "the queued item still points into the read buffer"
+        );
+        assert_eq!(conn.inbound_bytes.load(Ordering::SeqCst), 1);
+        drop(held);
+        assert_eq!(conn.inbound_bytes.load(Ordering::SeqCst), 0);
     }
 }

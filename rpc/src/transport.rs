@@ -358,8 +358,9 @@ pub(crate) struct FrameReader<R> {
 
 /// Read granularity for small frames.
 const READ_CHUNK: usize = 64 << 10;
-/// Frames longer than this get a buffer of their own.
-const BIG_FRAME: usize = 64 << 10;
+/// Frames longer than this get a buffer of their own; shorter ones are
+/// slices of a shared read buffer (and keep all of it alive while held).
+pub(crate) const BIG_FRAME: usize = 64 << 10;
 /// Large-frame buffers kept for reuse.
 const BIG_POOL: usize = 2;
 
