@@ -437,6 +437,26 @@ impl ConnState {
 /// The [`Hub`] service as seen by one connection.
 struct HubService(Arc<ConnState>);
 
+impl HubService {
+    /// Forwards one unary call to the exporter published as `name`: only a published caller
+    /// may ask, the call holds one of that peer's read slots while it runs, is bounded by
+    /// `peer_timeout`, and the peer's error comes back rewritten by [`from_peer`].
+    async fn forward<T, F, Fut>(&self, name: &str, call: F) -> Result<T, Status>
+    where
+        F: FnOnce(ExportClient) -> Fut,
+        Fut: std::future::Future<Output = Result<T, Status>>,
+    {
+        self.0.published_name().await?;
+        let hub = &self.0.hub;
+        let peer = hub.peer(name)?;
+        let _slot = hub.slot(name, &peer).await?;
+        let export = peer
+            .export
+            .with_options(CallOptions::default().timeout(hub.opts.peer_timeout));
+        call(export).await.map_err(|s| from_peer(name, s))
+    }
+}
+
 fn peer_gone(name: &str, detail: impl std::fmt::Display) -> Status {
     Status::unavailable(format!("peer gone: {name:?} disconnected ({detail})"))
 }
@@ -519,31 +539,15 @@ impl Hub for HubService {
     }
 
     async fn ls(&self, _ctx: Context, req: PeerPath) -> Result<Listing, Status> {
-        self.0.published_name().await?;
-        let hub = &self.0.hub;
-        let peer = hub.peer(&req.peer)?;
-        let _slot = hub.slot(&req.peer, &peer).await?;
-        let export = peer
-            .export
-            .with_options(CallOptions::default().timeout(hub.opts.peer_timeout));
-        export
-            .ls(req.path)
+        let PeerPath { peer, path } = req;
+        self.forward(&peer, |export| async move { export.ls(path).await })
             .await
-            .map_err(|s| from_peer(&req.peer, s))
     }
 
     async fn stat(&self, _ctx: Context, req: PeerPath) -> Result<Entry, Status> {
-        self.0.published_name().await?;
-        let hub = &self.0.hub;
-        let peer = hub.peer(&req.peer)?;
-        let _slot = hub.slot(&req.peer, &peer).await?;
-        let export = peer
-            .export
-            .with_options(CallOptions::default().timeout(hub.opts.peer_timeout));
-        export
-            .stat(req.path)
+        let PeerPath { peer, path } = req;
+        self.forward(&peer, |export| async move { export.stat(path).await })
             .await
-            .map_err(|s| from_peer(&req.peer, s))
     }
 
     async fn read(&self, _ctx: Context, req: PeerRead) -> Result<ItemStream<Chunk>, Status> {
