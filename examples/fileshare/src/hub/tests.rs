@@ -928,27 +928,13 @@ impl crate::proto::Export for StallingExport {
 
 #[tokio::test]
 async fn a_read_from_an_exporter_that_goes_quiet_fails_after_the_peer_timeout() {
-    use crate::proto::Export as _;
     let hub = start_hub(HubOptions {
         peer_timeout: Duration::from_millis(300),
         ..HubOptions::default()
     })
     .await;
-    let (session, raw) = raw_client(&hub, None).await;
-    let mut exports = session.listen(crate::proto::EXPORT_CHANNEL).unwrap();
-    let mut server = rpc::Server::new();
-    server.add(StallingExport.into_service());
-    let serve = tokio::spawn(async move {
-        while let Ok(ch) = exports.accept().await {
-            let server = server.clone();
-            tokio::spawn(async move { server.serve(ch).await });
-        }
-    });
-    raw.publish(PublishReq {
-        name: "slowpoke".into(),
-    })
-    .await
-    .unwrap();
+    let tcp = tokio::net::TcpStream::connect(hub.addr).await.unwrap();
+    let (_session, _raw, serve) = publish_over(tcp, "slowpoke", StallingExport).await;
     let ra = root_with(0);
     let alice = join(&hub, "alice", ra.path()).await;
     let mut s = alice.read("slowpoke", "x").await.unwrap();
@@ -968,41 +954,40 @@ async fn a_read_from_an_exporter_that_goes_quiet_fails_after_the_peer_timeout() 
     serve.abort();
 }
 
-#[tokio::test]
-async fn the_exporter_streams_from_an_offset_and_marks_the_last_chunk() {
+/// Every item of `export`'s read of `n.txt` from `offset`, called directly (no hub).
+async fn read_n_txt(
+    export: &client::ExportService,
+    offset: u64,
+) -> Vec<Result<crate::proto::Chunk, rpc::Status>> {
     use crate::proto::Export as _;
     use futures::StreamExt as _;
+    let req = crate::proto::ReadReq {
+        path: "n.txt".into(),
+        offset,
+    };
+    export
+        .read(rpc::Context::detached("Export.read"), req)
+        .await
+        .unwrap()
+        .collect()
+        .await
+}
+
+#[tokio::test]
+async fn the_exporter_streams_from_an_offset_and_marks_the_last_chunk() {
     let root = root_with(0);
     std::fs::write(root.path().join("n.txt"), b"0123456789").unwrap();
     let export = client::ExportService {
         root: Root::open(root.path()).unwrap(),
     };
-    let req = crate::proto::ReadReq {
-        path: "n.txt".into(),
-        offset: 4,
-    };
-    let chunks: Vec<_> = export
-        .read(rpc::Context::detached("Export.read"), req)
-        .await
-        .unwrap()
-        .collect()
-        .await;
+    let chunks = read_n_txt(&export, 4).await;
     assert_eq!(chunks.len(), 1);
     let c = chunks.into_iter().next().unwrap().unwrap();
     assert_eq!((c.size, c.offset, c.eof), (10, 4, true));
     assert_eq!(&c.data[..], b"456789");
     // Past the end: one empty last chunk. Absurd offsets: an error, not a panic.
     for (offset, ok) in [(100, true), (u64::MAX, false)] {
-        let req = crate::proto::ReadReq {
-            path: "n.txt".into(),
-            offset,
-        };
-        let items: Vec<_> = export
-            .read(rpc::Context::detached("Export.read"), req)
-            .await
-            .unwrap()
-            .collect()
-            .await;
+        let items = read_n_txt(&export, offset).await;
         assert_eq!(items.len(), 1, "offset {offset}");
         match (&items[0], ok) {
             (Ok(c), true) => assert!(c.eof && c.data.is_empty()),
