@@ -253,6 +253,16 @@ fn killing_an_exporter_mid_transfer_fails_the_read_and_the_hub_lives_on() {
     assert_eq!(out.out(), "carol\ndave\n");
 }
 
+/// Starts a new hub at `addr` (the old one is gone), waits until `bob` has reconnected to it,
+/// and checks that a fresh client `alice` (root `ra`) lists bob and reads through the new hub.
+fn hub_comes_back_and_bob_with_it(addr: &str, bob: &mut Server, ra: &std::path::Path) {
+    let _hub2 = start_hub_at(addr, &[]);
+    bob.log.wait_for("reconnected to the hub", WAIT);
+    let out = run_script(addr, "alice", ra, "list\nread bob hello.txt\n");
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(out.out(), "alice\nbob\nhello world\n");
+}
+
 #[test]
 fn clients_reconnect_and_republish_after_the_hub_restarts() {
     // A fixed port below the ephemeral range, so that no outgoing connection of a parallel
@@ -267,11 +277,7 @@ fn clients_reconnect_and_republish_after_the_hub_restarts() {
     // While the hub is away a new client cannot start.
     let out = run_script(&addr, "alice", ra.path(), "list\n");
     assert_eq!(out.status.code(), Some(1));
-    let _hub2 = start_hub_at(&addr, &[]);
-    bob.log.wait_for("reconnected to the hub", WAIT);
-    let out = run_script(&addr, "alice", ra.path(), "list\nread bob hello.txt\n");
-    assert!(out.status.success(), "{out:?}");
-    assert_eq!(out.out(), "alice\nbob\nhello world\n");
+    hub_comes_back_and_bob_with_it(&addr, &mut bob, ra.path());
 }
 
 #[test]
@@ -294,11 +300,7 @@ fn sigterm_makes_the_hub_close_every_session_and_exit_zero_and_clients_come_back
     let line = bob.log.wait_for("closed the connection", WAIT);
     assert!(line.contains(&format!("the hub at {addr}")), "{line}");
     assert!(!line.contains("i/o error"), "{line}");
-    let _hub2 = start_hub_at(&addr, &[]);
-    bob.log.wait_for("reconnected to the hub", WAIT);
-    let out = run_script(&addr, "alice", ra.path(), "list\nread bob hello.txt\n");
-    assert!(out.status.success(), "{out:?}");
-    assert_eq!(out.out(), "alice\nbob\nhello world\n");
+    hub_comes_back_and_bob_with_it(&addr, &mut bob, ra.path());
 }
 
 #[test]
