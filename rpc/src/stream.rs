@@ -114,6 +114,19 @@ impl<T> ResponseStream<T> {
     }
 }
 
+/// Counts one item consumed from a stream with credit `window`; returns the credit to grant
+/// back once half a window (at least 1) has been consumed, and starts counting again.
+/// Replenishing in batches of half a window means few credit frames, and the sender never
+/// runs dry while the receiver keeps consuming.
+fn count_consumed(consumed: &mut u32, window: u32) -> Option<u32> {
+    *consumed += 1;
+    if *consumed >= (window / 2).max(1) {
+        Some(std::mem::take(consumed))
+    } else {
+        None
+    }
+}
+
 impl<T> fmt::Debug for ResponseStream<T> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("ResponseStream")
@@ -146,12 +159,8 @@ impl<T: DeserializeOwned> Stream for ResponseStream<T> {
         };
         match event {
             Some(StreamEvent::Item(bytes, _)) => {
-                this.consumed += 1;
-                // Replenish in batches of half a window: few credit frames,
-                // and the server never runs dry while we keep consuming.
-                if this.consumed >= (this.window / 2).max(1) {
-                    this.client.shared().credit(this.id, this.consumed);
-                    this.consumed = 0;
+                if let Some(credit) = count_consumed(&mut this.consumed, this.window) {
+                    this.client.shared().credit(this.id, credit);
                 }
                 match codec::decode_payload(&bytes, "stream item") {
                     Ok(item) => Poll::Ready(Some(Ok(item))),
@@ -394,10 +403,8 @@ impl<T: DeserializeOwned> Stream for RequestStream<T> {
         };
         match event {
             Some(StreamEvent::Item(bytes, held)) => {
-                this.consumed += 1;
-                if this.consumed >= (this.window / 2).max(1) {
-                    (this.grant)(this.consumed);
-                    this.consumed = 0;
+                if let Some(credit) = count_consumed(&mut this.consumed, this.window) {
+                    (this.grant)(credit);
                 }
                 // Consumed: from here on the item is the handler's to keep.
                 drop(held);
