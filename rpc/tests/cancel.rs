@@ -10,28 +10,10 @@ use netchan_rpc::{Config, Server};
 use tokio::sync::oneshot;
 
 fn forever_server() -> (Server, oneshot::Receiver<()>, oneshot::Receiver<()>) {
-    let (started_tx, started_rx) = oneshot::channel();
-    let (dropped_tx, dropped_rx) = oneshot::channel();
-    let slots = Mutex::new((Some(started_tx), Some(dropped_tx)));
     let mut server = Server::new();
-    server
-        .register("C.forever", move |_ctx, ()| {
-            let (started, dropped) = {
-                let mut s = slots.lock().unwrap();
-                (s.0.take(), s.1.take())
-            };
-            let signal = DropSignal(dropped);
-            async move {
-                let _signal = signal;
-                if let Some(started) = started {
-                    let _ = started.send(());
-                }
-                std::future::pending::<()>().await;
-                Ok(())
-            }
-        })
-        .register("C.echo", |_ctx, s: String| async move { Ok(s) });
-    (server, started_rx, dropped_rx)
+    let (started, dropped) = register_forever(&mut server, "C.forever");
+    server.register("C.echo", |_ctx, s: String| async move { Ok(s) });
+    (server, started, dropped)
 }
 
 #[tokio::test]

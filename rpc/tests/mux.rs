@@ -74,25 +74,8 @@ async fn concurrent_calls_on_one_channel_and_across_channels() {
 
 #[tokio::test]
 async fn deadline_and_cancellation_reach_the_handler_over_mux() {
-    let (dropped_tx, dropped_rx) = oneshot::channel();
-    let (started_tx, started_rx) = oneshot::channel();
-    let slots = Mutex::new((Some(started_tx), Some(dropped_tx)));
     let mut server = test_server(Config::default());
-    server.register("M.forever", move |_ctx, ()| {
-        let (started, dropped) = {
-            let mut s = slots.lock().unwrap();
-            (s.0.take(), s.1.take())
-        };
-        let signal = DropSignal(dropped);
-        async move {
-            let _signal = signal;
-            if let Some(s) = started {
-                let _ = s.send(());
-            }
-            std::future::pending::<()>().await;
-            Ok(())
-        }
-    });
+    let (started_rx, dropped_rx) = register_forever(&mut server, "M.forever");
     let (client, _near, _far) = mux_pair(&server, Config::default()).await;
     let err = guard(client.call_with::<_, u64>(
         "Test.sleep_ms",

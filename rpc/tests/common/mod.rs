@@ -96,6 +96,33 @@ impl Drop for DropSignal {
     }
 }
 
+/// Registers under `method` a handler that never finishes. Returns two receivers: the first
+/// fires when the first call's handler starts, the second when the server drops it.
+pub fn register_forever(
+    server: &mut Server,
+    method: &str,
+) -> (oneshot::Receiver<()>, oneshot::Receiver<()>) {
+    let (started_tx, started_rx) = oneshot::channel();
+    let (dropped_tx, dropped_rx) = oneshot::channel();
+    let slots = std::sync::Mutex::new((Some(started_tx), Some(dropped_tx)));
+    server.register(method, move |_ctx, ()| {
+        let (started, dropped) = {
+            let mut s = slots.lock().unwrap();
+            (s.0.take(), s.1.take())
+        };
+        let signal = DropSignal(dropped);
+        async move {
+            let _signal = signal;
+            if let Some(started) = started {
+                let _ = started.send(());
+            }
+            std::future::pending::<()>().await;
+            Ok(())
+        }
+    });
+    (started_rx, dropped_rx)
+}
+
 /// Both ends of one loopback TCP connection wrapped in mux sessions.
 pub async fn mux_sessions() -> (netchan_mux::Session, netchan_mux::Session) {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
