@@ -6,6 +6,36 @@ use common::{tcp_sessions, within, RawPeer};
 use netchan_mux::{Config, Error, Session};
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio_util::compat::Compat;
+
+/// Opens a raw yamux stream to the session and sends `request` on it (the whole or a part of
+/// a channel handshake).
+async fn open_with(raw: &RawPeer, request: &[u8]) -> Compat<yamux::Stream> {
+    let mut s = raw.open().await;
+    s.write_all(request).await.unwrap();
+    s.flush().await.unwrap();
+    s
+}
+
+/// Sends `request` on a fresh raw stream and reads all the session answers until it closes
+/// the stream (`what` names the wait).
+async fn whole_answer(raw: &RawPeer, request: &[u8], what: &str) -> Vec<u8> {
+    let mut s = open_with(raw, request).await;
+    let mut reply = Vec::new();
+    within(5, what, s.read_to_end(&mut reply)).await.unwrap();
+    reply
+}
+
+/// Sends a proper handshake for channel `abc` on a fresh raw stream; returns the stream (still
+/// open) and the two-byte reply.
+async fn handshake_for_abc(raw: &RawPeer) -> (Compat<yamux::Stream>, [u8; 2]) {
+    let mut good = open_with(raw, &[1, 3, b'a', b'b', b'c']).await;
+    let mut reply = [0u8; 2];
+    within(5, "reply", good.read_exact(&mut reply))
+        .await
+        .unwrap();
+    (good, reply)
+}
 
 #[tokio::test]
 async fn channel_limit_refuses_the_excess_and_the_session_survives() {
@@ -105,9 +135,7 @@ async fn an_inbound_handshake_that_never_finishes_is_dropped_after_the_timeout()
     let raw = RawPeer::start(b, yamux::Mode::Client);
 
     // Half a request, then silence.
-    let mut stuck = raw.open().await;
-    stuck.write_all(&[1]).await.unwrap();
-    stuck.flush().await.unwrap();
+    let mut stuck = open_with(&raw, &[1]).await;
     let started = tokio::time::Instant::now();
     let mut buf = [0u8; 8];
     let n = within(60, "stuck stream ends", stuck.read(&mut buf))
@@ -117,13 +145,7 @@ async fn an_inbound_handshake_that_never_finishes_is_dropped_after_the_timeout()
     assert!(started.elapsed() >= timeout);
 
     // The session still serves proper handshakes, byte for byte as documented.
-    let mut good = raw.open().await;
-    good.write_all(&[1, 3, b'a', b'b', b'c']).await.unwrap();
-    good.flush().await.unwrap();
-    let mut reply = [0u8; 2];
-    within(5, "reply", good.read_exact(&mut reply))
-        .await
-        .unwrap();
+    let (_good, reply) = handshake_for_abc(&raw).await;
     assert_eq!(reply, [1, 0]);
     assert!(!server.is_closed());
 }
@@ -134,33 +156,15 @@ async fn unsupported_version_and_bad_names_are_refused_with_a_reason() {
     let server = Session::server(a, Config::default());
     let raw = RawPeer::start(b, yamux::Mode::Client);
 
-    let mut s = raw.open().await;
-    s.write_all(&[9, 1, b'x']).await.unwrap();
-    s.flush().await.unwrap();
-    let mut reply = Vec::new();
-    within(5, "version refusal", s.read_to_end(&mut reply))
-        .await
-        .unwrap();
+    let reply = whole_answer(&raw, &[9, 1, b'x'], "version refusal").await;
     assert_eq!(&reply[..2], &[1, 5]);
     assert_eq!(usize::from(reply[2]), reply.len() - 3);
     assert!(String::from_utf8_lossy(&reply[3..]).contains("version 9"));
 
-    let mut s = raw.open().await;
-    s.write_all(&[1, 2, b'a', b'\n']).await.unwrap();
-    s.flush().await.unwrap();
-    let mut reply = Vec::new();
-    within(5, "name refusal", s.read_to_end(&mut reply))
-        .await
-        .unwrap();
+    let reply = whole_answer(&raw, &[1, 2, b'a', b'\n'], "name refusal").await;
     assert_eq!(&reply[..2], &[1, 4]);
 
-    let mut s = raw.open().await;
-    s.write_all(&[1, 4, b'n', b'o', b'n', b'e']).await.unwrap();
-    s.flush().await.unwrap();
-    let mut reply = Vec::new();
-    within(5, "no listener", s.read_to_end(&mut reply))
-        .await
-        .unwrap();
+    let reply = whole_answer(&raw, &[1, 4, b'n', b'o', b'n', b'e'], "no listener").await;
     assert_eq!(&reply[..2], &[1, 1]);
     assert!(!server.is_closed());
 }
@@ -180,10 +184,7 @@ async fn a_flood_of_unfinished_handshakes_is_reset_stream_by_stream_and_the_sess
     // streams yamux would accept before killing the whole connection.
     let mut stuck = Vec::new();
     for _ in 0..200 {
-        let mut s = raw.open().await;
-        s.write_all(&[1]).await.unwrap();
-        s.flush().await.unwrap();
-        stuck.push(s);
+        stuck.push(open_with(&raw, &[1]).await);
     }
     // Every one of them ends (reset at once beyond the 8 being served, the 8 after the
     // handshake timeout); none gets an answer.
@@ -195,13 +196,7 @@ async fn a_flood_of_unfinished_handshakes_is_reset_stream_by_stream_and_the_sess
         assert_eq!(n, 0, "stream {i} got an answer");
     }
     assert!(!server.is_closed(), "the flood killed the session");
-    let mut good = raw.open().await;
-    good.write_all(&[1, 3, b'a', b'b', b'c']).await.unwrap();
-    good.flush().await.unwrap();
-    let mut reply = [0u8; 2];
-    within(5, "reply", good.read_exact(&mut reply))
-        .await
-        .unwrap();
+    let (_good, reply) = handshake_for_abc(&raw).await;
     assert_eq!(reply, [1, 0]);
 }
 
