@@ -423,13 +423,7 @@ impl Client {
     {
         let deadline = opts.resolve_deadline(Instant::now());
         let call = self.unary(method, req, opts.metadata, deadline);
-        let bytes = match deadline {
-            None => call.await?,
-            Some(d) => match tokio::time::timeout_at(d, call).await {
-                Ok(res) => res?,
-                Err(_) => return Err(deadline_exceeded(method)),
-            },
-        };
+        let bytes = within_deadline(method, deadline, call).await?;
         codec::decode_payload(&bytes, "response").map_err(|e| {
             Status::internal(format!(
                 "could not decode the response of {method}: {}",
@@ -567,16 +561,7 @@ impl Client {
             Some(window),
             Pending::Stream(tx, None),
         );
-        let mut guard = match deadline {
-            None => start.await?,
-            Some(d) => match tokio::time::timeout_at(d, start).await {
-                Ok(res) => res?,
-                Err(_) => return Err(deadline_exceeded(method)),
-            },
-        };
-        guard.done = true;
-        let id = guard.id;
-        drop(guard);
+        let id = within_deadline(method, deadline, start).await?.keep();
         Ok(ResponseStream::new(
             self.clone(),
             id,
@@ -617,16 +602,7 @@ impl Client {
             Some(window),
             Pending::Stream(tx, Some(Arc::clone(&credits))),
         );
-        let mut guard = match deadline {
-            None => start.await?,
-            Some(d) => match tokio::time::timeout_at(d, start).await {
-                Ok(res) => res?,
-                Err(_) => return Err(deadline_exceeded(method)),
-            },
-        };
-        guard.done = true;
-        let id = guard.id;
-        drop(guard);
+        let id = within_deadline(method, deadline, start).await?.keep();
         Ok((
             RequestSink::new(self.clone(), id, method, credits, deadline),
             ResponseStream::new(self.clone(), id, method, rx, window, deadline),
@@ -649,12 +625,37 @@ pub(crate) fn deadline_exceeded(method: &str) -> Status {
     Status::deadline_exceeded(format!("deadline passed before {method} completed"))
 }
 
+/// Awaits `fut`, a step of a call to `method`, bounded by `deadline` if there is one; once
+/// the deadline passes, `fut` is dropped (cancelling what it started) and the call fails
+/// with `DeadlineExceeded`.
+async fn within_deadline<T>(
+    method: &str,
+    deadline: Option<Instant>,
+    fut: impl std::future::Future<Output = Result<T, Status>>,
+) -> Result<T, Status> {
+    match deadline {
+        None => fut.await,
+        Some(d) => match tokio::time::timeout_at(d, fut).await {
+            Ok(res) => res,
+            Err(_) => Err(deadline_exceeded(method)),
+        },
+    }
+}
+
 /// Cancels a call on drop unless it completed: the `ResponseGuard` idea.
 struct CallGuard<'a> {
     shared: &'a Shared,
     id: u64,
     sent: bool,
     done: bool,
+}
+
+impl CallGuard<'_> {
+    /// Keeps the call running past the guard (a stream now owns it); returns its id.
+    fn keep(mut self) -> u64 {
+        self.done = true;
+        self.id
+    }
 }
 
 impl Drop for CallGuard<'_> {
