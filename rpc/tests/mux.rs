@@ -178,12 +178,7 @@ async fn a_slow_stream_consumer_over_mux_is_bounded_and_blocks_nothing() {
         guard(client.call_stream("M.count", &(), CallOptions::default()))
             .await
             .unwrap();
-    guard(async {
-        while produced.load(Ordering::SeqCst) < WINDOW as usize {
-            progress.notified().await;
-        }
-    })
-    .await;
+    until_count(&produced, &progress, WINDOW as usize).await;
     let s: String = guard(client.call("Test.echo", "not stalled"))
         .await
         .unwrap();
@@ -211,12 +206,7 @@ async fn calls_beyond_the_in_flight_limit_over_mux_are_resource_exhausted() {
         }
     });
     let (client, _near, _far) = mux_pair(&server, Config::default()).await;
-    let parked: Vec<_> = (0..2)
-        .map(|_| {
-            let c = client.clone();
-            tokio::spawn(async move { c.call::<_, ()>("M.park", &()).await })
-        })
-        .collect();
+    let parked = spawn_calls(&client, "M.park", 2);
     guard(started.acquire_many(2)).await.unwrap().forget();
     let err = guard(client.call::<_, String>("Test.echo", "over"))
         .await

@@ -60,12 +60,7 @@ async fn a_slow_consumer_bounds_the_sender_and_stalls_no_other_call() {
             .await
             .unwrap();
     // Not consuming: the server produces exactly the initial credit.
-    guard(async {
-        while produced.load(Ordering::SeqCst) < WINDOW as usize {
-            progress.notified().await;
-        }
-    })
-    .await;
+    until_count(&produced, &progress, WINDOW as usize).await;
     // Other calls on the same conn still flow.
     for i in 0..20 {
         let s: String = guard(client.call("Test.echo", &format!("call {i}")))

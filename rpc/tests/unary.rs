@@ -174,12 +174,7 @@ async fn calls_beyond_the_in_flight_limit_are_resource_exhausted() {
         })
         .register("L.quick", |_ctx, ()| async { Ok(()) });
     let (client, _t) = duplex_pair(&server, Config::default());
-    let parked: Vec<_> = (0..LIMIT)
-        .map(|_| {
-            let c = client.clone();
-            tokio::spawn(async move { c.call::<_, ()>("L.park", &()).await })
-        })
-        .collect();
+    let parked = spawn_calls(&client, "L.park", LIMIT);
     // All LIMIT handlers are running.
     guard(barrier.wait()).await;
     let err = guard(client.call::<_, ()>("L.quick", &()))

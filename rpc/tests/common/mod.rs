@@ -96,6 +96,35 @@ impl Drop for DropSignal {
     }
 }
 
+/// Waits (under [`GUARD`]) until `counter` reaches `n`; `changed` is notified after each
+/// increment.
+pub async fn until_count(
+    counter: &std::sync::atomic::AtomicUsize,
+    changed: &tokio::sync::Notify,
+    n: usize,
+) {
+    guard(async {
+        while counter.load(std::sync::atomic::Ordering::SeqCst) < n {
+            changed.notified().await;
+        }
+    })
+    .await;
+}
+
+/// Starts `n` concurrent calls of `method` (taking and returning `()`), each in its own task.
+pub fn spawn_calls(
+    client: &Client,
+    method: &'static str,
+    n: usize,
+) -> Vec<JoinHandle<Result<(), Status>>> {
+    (0..n)
+        .map(|_| {
+            let c = client.clone();
+            tokio::spawn(async move { c.call::<_, ()>(method, &()).await })
+        })
+        .collect()
+}
+
 /// Registers under `method` a handler that never finishes. Returns two receivers: the first
 /// fires when the first call's handler starts, the second when the server drops it.
 pub fn register_forever(
