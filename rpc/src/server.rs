@@ -784,15 +784,20 @@ impl Call {
         credits: Option<Arc<Semaphore>>,
     ) {
         let method = ctx.method().to_owned();
-        if let (Method::Unary(h), Input::Payload(payload)) = (&handler, &input) {
-            let (h, payload) = (Arc::clone(h), payload.clone());
-            let work = AssertUnwindSafe(async move { h(ctx, payload).await }).catch_unwind();
-            let Some(outcome) = self.race(work).await else {
+        // The request payload moves into the handler, which drops it once
+        // decoded: a long call does not keep the received frame (often a
+        // slice of the conn's shared read buffer) alive.
+        let (handler, input) = match (handler, input) {
+            (Method::Unary(h), Input::Payload(payload)) => {
+                let work = AssertUnwindSafe(async move { h(ctx, payload).await }).catch_unwind();
+                let Some(outcome) = self.race(work).await else {
+                    return;
+                };
+                self.respond(&method, outcome).await;
                 return;
-            };
-            self.respond(&method, outcome).await;
-            return;
-        }
+            }
+            other => other,
+        };
         let credits = credits.unwrap_or_else(|| Arc::new(Semaphore::new(0)));
         let id = self.id;
         let conn = Arc::clone(&self.conn);
@@ -904,6 +909,64 @@ impl Call {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Regression: `Call::run` kept a clone of a unary request's payload for
+    /// the whole call, so a parked handler pinned the received frame (often a
+    /// slice of the conn's 64 KiB read buffer) long after decoding it.
+    #[tokio::test]
+    async fn a_running_unary_call_does_not_keep_its_request_frame_alive() {
+        struct Frame(Vec<u8>, Option<tokio::sync::oneshot::Sender<()>>);
+        impl AsRef<[u8]> for Frame {
+            fn as_ref(&self) -> &[u8] {
+                &self.0
+            }
+        }
+        impl Drop for Frame {
+            fn drop(&mut self) {
+                if let Some(tx) = self.1.take() {
+                    let _ = tx.send(());
+                }
+            }
+        }
+        let mut encoded = Vec::new();
+        codec::encode(&mut encoded, &5u32, "request").unwrap();
+        let (freed_tx, freed) = tokio::sync::oneshot::channel();
+        let payload = Bytes::from_owner(Frame(encoded, Some(freed_tx)));
+
+        let conn = Arc::new(ConnState {
+            outbox: Outbox::new(&Config::default()),
+            calls: Mutex::new(Calls::default()),
+            inbound_bytes: Arc::new(AtomicUsize::new(0)),
+            token: CancellationToken::new(),
+        });
+        let (decoded_tx, decoded) = tokio::sync::oneshot::channel();
+        let decoded_tx = Mutex::new(Some(decoded_tx));
+        let handler = Method::unary(move |_ctx, n: u32| {
+            if let Some(tx) = decoded_tx.lock().unwrap().take() {
+                let _ = tx.send(n);
+            }
+            std::future::pending::<Result<(), Status>>()
+        });
+        let token = CancellationToken::new();
+        let call = Call {
+            conn,
+            id: 1,
+            deadline: None,
+            token: token.clone(),
+            abort: Arc::new(OnceLock::new()),
+        };
+        let ctx = Context::new("T.park".into(), Default::default(), None, None, token);
+        let running = tokio::spawn(call.run(handler, ctx, Input::Payload(payload), None));
+
+        let bound = std::time::Duration::from_secs(5);
+        assert_eq!(tokio::time::timeout(bound, decoded).await.unwrap(), Ok(5));
+        tokio::time::timeout(bound, freed)
+            .await
+            .expect("the request frame is released once the handler has decoded it")
+            .unwrap();
+        assert!(!running.is_finished(), "the handler is still parked");
+        running.abort();
+    }
 
     /// Regression: a small request item queued for a bidirectional handler
     /// was a slice of the conn's 64 KiB read buffer, so unread 1-byte items
