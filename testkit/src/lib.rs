@@ -1,0 +1,67 @@
+//! Test support shared by netchan's test suites and benchmarks (dev-only, never published).
+//!
+//! It depends on tokio alone, not on any netchan crate, so every crate of the workspace can
+//! take it as a dev-dependency without a cycle.
+//!
+//! # Layout
+//! - [`within`]: a hang guard for any future.
+//! - [`tcp_pair`]: a connected pair of loopback TCP sockets with `TCP_NODELAY`.
+//! - [`proxy`]: a loopback TCP proxy that simulates a link (delay, bandwidth, faults).
+
+pub mod proxy;
+
+use std::{future::Future, time::Duration};
+use tokio::net::{TcpListener, TcpStream};
+
+/// Awaits `fut`, panicking with `what` if it takes longer than `secs` seconds.
+///
+/// Every wait in a test goes through a guard like this one, so a hang fails the test with a
+/// message instead of stalling the suite.
+pub async fn within<F: Future>(secs: u64, what: &str, fut: F) -> F::Output {
+    match tokio::time::timeout(Duration::from_secs(secs), fut).await {
+        Ok(out) => out,
+        Err(_) => panic!("timed out after {secs} s: {what}"),
+    }
+}
+
+/// A connected pair of loopback TCP sockets (client, server), both with `TCP_NODELAY` set.
+pub async fn tcp_pair() -> (TcpStream, TcpStream) {
+    let listener = TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind loopback");
+    let addr = listener.local_addr().expect("local addr");
+    let (client, server) = tokio::join!(TcpStream::connect(addr), listener.accept());
+    let client = client.expect("connect loopback");
+    let (server, _) = server.expect("accept loopback");
+    client.set_nodelay(true).expect("nodelay");
+    server.set_nodelay(true).expect("nodelay");
+    (client, server)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    #[tokio::test]
+    async fn tcp_pair_is_connected_both_ways() {
+        let (mut a, mut b) = tcp_pair().await;
+        a.write_all(b"ping").await.unwrap();
+        let mut buf = [0u8; 4];
+        within(5, "read ping", b.read_exact(&mut buf))
+            .await
+            .unwrap();
+        assert_eq!(&buf, b"ping");
+        b.write_all(b"pong").await.unwrap();
+        within(5, "read pong", a.read_exact(&mut buf))
+            .await
+            .unwrap();
+        assert_eq!(&buf, b"pong");
+    }
+
+    #[tokio::test(start_paused = true)]
+    #[should_panic(expected = "timed out after 1 s: never")]
+    async fn within_panics_naming_the_wait() {
+        within(1, "never", std::future::pending::<()>()).await;
+    }
+}
