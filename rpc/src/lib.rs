@@ -45,10 +45,15 @@
 //! - `wire` — preamble, frame layout and the envelope header kinds.
 //! - `codec` — the only module that knows the codec (bincode 2 via serde).
 //! - `transport` — the batching outbox, its writer task and the frame reader.
-//! - `client` — [`Client`], [`CallOptions`], the in-flight map and reader.
-//! - `stream` — [`ResponseStream`], [`RequestSink`] and [`RequestStream`]:
-//!   the two ends of streaming calls.
-//! - `server` — [`Server`], per-conn dispatch and per-call tasks.
+//! - `client` — [`Client`] and [`CallOptions`]; `client/in_flight` holds
+//!   the in-flight map and the reader, `client/streams` the client's ends
+//!   of streaming calls ([`ResponseStream`], [`RequestSink`]).
+//! - `stream` — what both ends of a streaming call share, and
+//!   [`RequestStream`] (the server's view of a bidi call's requests).
+//! - `server` — [`Server`], the method registry; `server/handler` erases
+//!   typed [`Handler`]s, `server/conn` is the per-conn loop,
+//!   `server/in_flight` admission and in-flight tracking, `server/call` one
+//!   call's task.
 //! - `service` — [`ServiceDef`] and the [`service!`] macro.
 //! - `context`, `status`, `metadata`, `config`, `error`, `bytebuf` — the
 //!   small types ([`ByteBuf`]: a byte payload that encodes as one block).
@@ -70,13 +75,13 @@ mod transport;
 mod wire;
 
 pub use bytebuf::ByteBuf;
-pub use client::{CallOptions, Client};
+pub use client::{CallOptions, Client, RequestSink, ResponseStream};
 pub use codec::CodecError;
 pub use config::{Config, MAX_MESSAGE_SIZE_CAP, MIN_MESSAGE_SIZE};
 pub use context::Context;
 pub use error::Error;
 pub use metadata::Metadata;
-pub use server::Server;
+pub use server::{Handler, Server};
 pub use service::ServiceDef;
 pub use status::{Code, Status};
-pub use stream::{ItemStream, RequestSink, RequestStream, ResponseStream, StreamArg, StreamReturn};
+pub use stream::{ItemStream, RequestStream, StreamArg, StreamReturn};
