@@ -182,8 +182,9 @@ impl Client {
                     res = s.outbox.run_writer(&mut wr) => res,
                 };
                 let status = match res {
-                    Ok(()) => Status::unavailable("client closed"),
-                    Err(e) => Status::unavailable(format!("rpc conn write failed: {}", chain(&e))),
+                    Ok(()) => Status::conn_lost("client closed"),
+                    Err(e) => Status::conn_lost(format!("rpc conn write failed: {}", chain(&e)))
+                        .with_source(e),
                 };
                 s.shutdown(status);
             }
@@ -198,8 +199,8 @@ impl Client {
                     res = read_loop(&s, rd) => res,
                 };
                 let status = match res {
-                    Ok(()) => Status::unavailable("rpc conn closed by the server"),
-                    Err(e) => e.to_status(),
+                    Ok(()) => Status::conn_lost("rpc conn closed by the server"),
+                    Err(e) => Status::conn_lost(chain(&e)).with_source(e),
                 };
                 s.shutdown(status);
             }
@@ -279,7 +280,7 @@ impl Client {
         // (never expected: shutdown answers everyone) counts as conn loss.
         let res = rx
             .await
-            .unwrap_or_else(|_| Err(Status::unavailable("rpc conn closed")));
+            .unwrap_or_else(|_| Err(Status::conn_lost("rpc conn closed")));
         guard.done = true;
         res
     }
@@ -343,7 +344,7 @@ impl Client {
             .map_err(|e| match e {
                 Error::Closed => shared
                     .closed_status()
-                    .unwrap_or_else(|| Status::unavailable("rpc conn closed")),
+                    .unwrap_or_else(|| Status::conn_lost("rpc conn closed")),
                 Error::MessageTooLarge { max } => Status::resource_exhausted(format!(
                     "request to {method} exceeds the {max}-byte message limit; not sent"
                 )),

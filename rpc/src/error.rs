@@ -74,7 +74,7 @@ impl Error {
         match self {
             Error::MessageTooLarge { .. } => Status::resource_exhausted(self.to_string()),
             Error::Encode(e) => Status::internal(format!("{self}: {e}")),
-            _ => Status::unavailable(chain(self)),
+            _ => Status::conn_lost(chain(self)),
         }
     }
 }

@@ -161,7 +161,7 @@ impl<T: DeserializeOwned> Stream for RequestStream<T> {
             }
             None => {
                 this.finished = true;
-                Poll::Ready(Some(Err(Status::unavailable("rpc conn closed"))))
+                Poll::Ready(Some(Err(Status::conn_lost("rpc conn closed"))))
             }
         }
     }

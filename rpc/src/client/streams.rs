@@ -138,7 +138,7 @@ impl<T: DeserializeOwned> Stream for ResponseStream<T> {
                     .client
                     .shared()
                     .closed_status()
-                    .unwrap_or_else(|| Status::unavailable("rpc conn closed"));
+                    .unwrap_or_else(|| Status::conn_lost("rpc conn closed"));
                 Poll::Ready(Some(Err(status)))
             }
         }
