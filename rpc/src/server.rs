@@ -31,7 +31,7 @@ use crate::{
     codec::{self, CodecError},
     error::chain,
     stream::{GrantCredit, Held, RequestStream, StreamEvent},
-    transport::{read_preamble, FrameReader, FrameWriter, Outbox, BIG_FRAME},
+    transport::{read_preamble, FrameReader, FrameWriter, Outbox, WhenFull, BIG_FRAME},
     wire::{deadline_from_wire, Frame, Header},
     Config, Context, Error, Status,
 };
@@ -330,7 +330,7 @@ impl Server {
             }
             .instrument(span.clone()),
         );
-        let mut reader = FrameReader::new(rd, config.message_limit());
+        let mut reader = FrameReader::new(rd, config);
         let res = async {
             let after = config.handshake_timeout;
             tokio::time::timeout(after, read_preamble(reader.io_mut()))
@@ -820,7 +820,7 @@ impl Call {
                 let payload = item?;
                 let pushed = conn
                     .outbox
-                    .push(|w| {
+                    .push_reply(WhenFull::Wait, |w| {
                         codec::encode(w, &Header::StreamItem { id }, "envelope")?;
                         payload(w)
                     })
@@ -884,7 +884,7 @@ impl Call {
                 let pushed = self
                     .conn
                     .outbox
-                    .push(|w| {
+                    .push_reply(WhenFull::Refuse, |w| {
                         codec::encode(w, &Header::Response { id, status: None }, "envelope")?;
                         payload(w)
                     })
@@ -894,6 +894,7 @@ impl Call {
                     Err(Error::MessageTooLarge { max }) => Status::resource_exhausted(format!(
                         "the response of {method} exceeds the {max}-byte message limit"
                     )),
+                    Err(e @ Error::OutboundFull { .. }) => e.to_status(),
                     Err(e) => Status::internal(format!(
                         "could not send the response of {method}: {}",
                         chain(&e)
