@@ -98,6 +98,10 @@ async fn a_16_mib_length_prefix_and_one_byte_commit_no_memory_and_time_out() {
     // every conn has read what was sent and waits for more.
     tokio::time::sleep(Duration::from_millis(100)).await;
     let grown = rss().saturating_sub(before);
+    eprintln!(
+        "{CONNS} conns announcing 16 MiB: RSS grew by {} KiB",
+        grown >> 10
+    );
     assert!(
         grown < 16 * MIB,
         "{CONNS} conns announcing 16 MiB frames grew RSS by {} MiB",
@@ -250,6 +254,10 @@ async fn replies_for_a_peer_that_never_reads_stay_within_the_outbound_budget() {
     // waiting call any more.
     until_count(&dropped.0, &dropped.1, CALLS as usize).await;
     let grown = rss().saturating_sub(before);
+    eprintln!(
+        "{CALLS} unread 1 MiB replies: RSS grew by {} KiB",
+        grown >> 10
+    );
     assert!(
         grown < 24 * MIB,
         "{CALLS} unread 1 MiB replies grew RSS by {} MiB (budget 4 MiB)",
