@@ -235,7 +235,7 @@ pub(super) async fn read_loop<R>(shared: &Shared, rd: R) -> Result<(), Error>
 where
     R: AsyncRead + Unpin,
 {
-    let mut reader = FrameReader::new(rd, shared.config.message_limit());
+    let mut reader = FrameReader::new(rd, &shared.config);
     let after = shared.config.handshake_timeout;
     tokio::time::timeout(after, read_preamble(reader.io_mut()))
         .await

@@ -17,7 +17,7 @@ use super::{
     handler::{Input, Method, Payload},
     in_flight::ConnState,
 };
-use crate::{codec, error::chain, wire::Header, Context, Error, Status};
+use crate::{codec, error::chain, transport::WhenFull, wire::Header, Context, Error, Status};
 
 /// One running call.
 pub(super) struct Call {
@@ -91,7 +91,7 @@ impl Call {
                 let payload = item?;
                 let pushed = conn
                     .outbox
-                    .push(|w| {
+                    .push_reply(WhenFull::Wait, |w| {
                         codec::encode(w, &Header::StreamItem { id }, "envelope")?;
                         payload(w)
                     })
@@ -155,7 +155,7 @@ impl Call {
                 let pushed = self
                     .conn
                     .outbox
-                    .push(|w| {
+                    .push_reply(WhenFull::Refuse, |w| {
                         codec::encode(w, &Header::Response { id, status: None }, "envelope")?;
                         payload(w)
                     })
@@ -165,6 +165,7 @@ impl Call {
                     Err(Error::MessageTooLarge { max }) => Status::resource_exhausted(format!(
                         "the response of {method} exceeds the {max}-byte message limit"
                     )),
+                    Err(e @ Error::OutboundFull { .. }) => e.to_status(),
                     Err(e) => Status::internal(format!(
                         "could not send the response of {method}: {}",
                         chain(&e)

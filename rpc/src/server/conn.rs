@@ -61,7 +61,7 @@ impl Server {
             }
             .instrument(span.clone()),
         );
-        let mut reader = FrameReader::new(rd, config.message_limit());
+        let mut reader = FrameReader::new(rd, config);
         let res = async {
             let after = config.handshake_timeout;
             tokio::time::timeout(after, read_preamble(reader.io_mut()))
