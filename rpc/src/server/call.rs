@@ -78,6 +78,16 @@ impl Call {
                 (Method::Bidi(h), Input::Stream(inbound)) => h(ctx, inbound).await?,
                 _ => return Err(Status::internal("call kind and handler kind disagree")),
             };
+            // The handler accepted the call: the caller's `call_stream`
+            // resolves on this, before any item (docs/protocol.md, Part 2).
+            match conn
+                .outbox
+                .push(|w| codec::encode(w, &Header::Accept { id }, "envelope"))
+                .await
+            {
+                Ok(()) => {}
+                Err(e) => return Err(e.to_status()),
+            }
             loop {
                 // Credit first: an item is produced only when it may be
                 // sent, so nothing queues beyond the window.

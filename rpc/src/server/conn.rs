@@ -158,8 +158,8 @@ impl Server {
                 }
                 Ok(())
             }
-            Header::Response { .. } => Err(Error::Protocol {
-                reason: "server conn received a response frame".into(),
+            Header::Response { .. } | Header::Accept { .. } => Err(Error::Protocol {
+                reason: "server conn received a response-side frame".into(),
             }),
         }
     }
