@@ -142,7 +142,30 @@ impl std::fmt::Debug for Client {
     }
 }
 
+/// A client that does not keep its conn open: what a [`Context`] holds so
+/// a handler can call its caller back without keeping that peer alive.
+#[derive(Clone)]
+pub(crate) struct WeakClient(std::sync::Weak<Handle>);
+
+impl WeakClient {
+    /// The client, if any handle to it is still alive.
+    pub(crate) fn upgrade(&self) -> Option<Client> {
+        self.0.upgrade().map(|handle| Client { handle })
+    }
+}
+
+impl std::fmt::Debug for WeakClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("WeakClient")
+    }
+}
+
 impl Client {
+    /// A handle that does not keep the conn open.
+    pub(crate) fn downgrade(&self) -> WeakClient {
+        WeakClient(Arc::downgrade(&self.handle))
+    }
+
     /// Starts a client on `conn` with the default [`Config`]. The driver
     /// tasks are spawned on the current Tokio runtime; calls can be made at
     /// once (they queue behind the preamble exchange).

@@ -189,12 +189,12 @@ impl Call {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::{atomic::AtomicUsize, Mutex};
+    use std::sync::Mutex;
 
     use bytes::Bytes;
 
     use super::*;
-    use crate::{server::in_flight::Calls, transport::Outbox, Config};
+    use crate::Config;
 
     /// Regression: `Call::run` kept a clone of a unary request's payload for
     /// the whole call, so a parked handler pinned the received frame (often a
@@ -219,12 +219,7 @@ mod tests {
         let (freed_tx, freed) = tokio::sync::oneshot::channel();
         let payload = Bytes::from_owner(Frame(encoded, Some(freed_tx)));
 
-        let conn = Arc::new(ConnState {
-            outbox: Outbox::new(&Config::default()),
-            calls: Mutex::new(Calls::default()),
-            inbound_bytes: Arc::new(AtomicUsize::new(0)),
-            token: CancellationToken::new(),
-        });
+        let conn = Arc::new(ConnState::new(&Config::default()));
         let (decoded_tx, decoded) = tokio::sync::oneshot::channel();
         let decoded_tx = Mutex::new(Some(decoded_tx));
         let handler = Method::unary(move |_ctx, n: u32| {
@@ -241,7 +236,13 @@ mod tests {
             token: token.clone(),
             abort: Arc::new(OnceLock::new()),
         };
-        let ctx = Context::new("T.park".into(), Default::default(), None, None, token);
+        let ctx = Context::new(
+            "T.park".into(),
+            Default::default(),
+            None,
+            Default::default(),
+            token,
+        );
         let running = tokio::spawn(call.run(handler, ctx, Input::Payload(payload), None));
 
         let bound = std::time::Duration::from_secs(5);
