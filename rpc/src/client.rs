@@ -36,6 +36,7 @@ pub use streams::{RequestSink, ResponseStream};
 use crate::{
     codec,
     error::chain,
+    stream::StreamEvent,
     transport::Outbox,
     wire::{timeout_to_wire, Header},
     Config, Context, Error, Metadata, Status,
@@ -141,7 +142,30 @@ impl std::fmt::Debug for Client {
     }
 }
 
+/// A client that does not keep its conn open: what a [`Context`] holds so
+/// a handler can call its caller back without keeping that peer alive.
+#[derive(Clone)]
+pub(crate) struct WeakClient(std::sync::Weak<Handle>);
+
+impl WeakClient {
+    /// The client, if any handle to it is still alive.
+    pub(crate) fn upgrade(&self) -> Option<Client> {
+        self.0.upgrade().map(|handle| Client { handle })
+    }
+}
+
+impl std::fmt::Debug for WeakClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("WeakClient")
+    }
+}
+
 impl Client {
+    /// A handle that does not keep the conn open.
+    pub(crate) fn downgrade(&self) -> WeakClient {
+        WeakClient(Arc::downgrade(&self.handle))
+    }
+
     /// Starts a client on `conn` with the default [`Config`]. The driver
     /// tasks are spawned on the current Tokio runtime; calls can be made at
     /// once (they queue behind the preamble exchange).
@@ -374,17 +398,38 @@ impl Client {
     {
         let deadline = opts.resolve_deadline(Instant::now());
         let window = self.shared().config.window();
-        // One extra slot so the end-of-stream event always fits.
-        let (tx, rx) = mpsc::channel(window as usize + 1);
-        let start = self.start(
-            method,
-            Some(req),
-            &opts.metadata,
-            deadline,
-            Some(window),
-            Pending::Stream(tx, None),
-        );
-        let id = within_deadline(method, deadline, start).await?.keep();
+        // Two extra slots so the acceptance and the end always fit.
+        let (tx, mut rx) = mpsc::channel(window as usize + 2);
+        let accepted = async {
+            let guard = self
+                .start(
+                    method,
+                    Some(req),
+                    &opts.metadata,
+                    deadline,
+                    Some(window),
+                    Pending::Stream(tx, None),
+                )
+                .await?;
+            // Resolve as the handler does: its early error is this call's
+            // error, not the stream's first item.
+            match rx.recv().await {
+                Some(StreamEvent::Accepted) => Ok(guard.keep()),
+                // The reader removed the call: nothing to cancel.
+                Some(StreamEvent::End(Some(status))) => Err(status),
+                Some(StreamEvent::End(None)) => Err(Status::internal(format!(
+                    "the server ended the stream of {method} without accepting the call"
+                ))),
+                Some(StreamEvent::Item(..)) => Err(Status::internal(format!(
+                    "the server sent an item of {method} before accepting the call"
+                ))),
+                None => Err(self
+                    .shared()
+                    .closed_status()
+                    .unwrap_or_else(|| Status::conn_lost("rpc conn closed"))),
+            }
+        };
+        let id = within_deadline(method, deadline, accepted).await?;
         Ok(ResponseStream::new(
             self.clone(),
             id,
@@ -415,7 +460,8 @@ impl Client {
     {
         let deadline = opts.resolve_deadline(Instant::now());
         let window = self.shared().config.window();
-        let (tx, rx) = mpsc::channel(window as usize + 1);
+        // Two extra slots so the acceptance and the end always fit.
+        let (tx, rx) = mpsc::channel(window as usize + 2);
         let credits = Arc::new(Semaphore::new(0));
         let start = self.start::<()>(
             method,

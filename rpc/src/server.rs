@@ -20,6 +20,7 @@ mod call;
 mod conn;
 mod handler;
 mod in_flight;
+mod incoming;
 
 use std::{collections::HashMap, fmt, sync::Arc};
 
@@ -29,8 +30,11 @@ use tokio::io::{AsyncRead, AsyncWrite};
 
 pub use handler::Handler;
 pub(crate) use handler::Method;
+pub use incoming::{FromStream, Incoming};
 
-use crate::{Config, Error, RequestStream, Status};
+use tokio_util::sync::CancellationToken;
+
+use crate::{context::Origin, Config, Error, RequestStream, Status};
 
 /// Serves registered methods; cheap to clone, serves many conns at once
 /// with shared state (whatever the handlers capture).
@@ -155,7 +159,8 @@ impl Server {
     where
         T: AsyncRead + AsyncWrite + Send + Unpin + 'static,
     {
-        self.serve_conn(conn, None).await
+        self.serve_conn(conn, Origin::default(), CancellationToken::new())
+            .await
     }
 
     /// [`Server::serve`], labelling the conn `peer` (handlers see it as
@@ -164,6 +169,11 @@ impl Server {
     where
         T: AsyncRead + AsyncWrite + Send + Unpin + 'static,
     {
-        self.serve_conn(conn, Some(Arc::from(peer.into()))).await
+        let origin = Origin {
+            label: Some(Arc::from(peer.into())),
+            callback: None,
+        };
+        self.serve_conn(conn, origin, CancellationToken::new())
+            .await
     }
 }

@@ -29,6 +29,9 @@ pub(crate) enum StreamEvent {
     /// `max_in_flight_bytes` until the handler consumes it.
     Item(Bytes, Option<Held>),
     End(Option<Status>),
+    /// The server's handler accepted the call (client side, streaming
+    /// calls): sent before any item.
+    Accepted,
 }
 
 /// Request bytes a server holds for a call (an unconsumed request item),
@@ -134,35 +137,40 @@ impl<T: DeserializeOwned> Stream for RequestStream<T> {
         if this.finished {
             return Poll::Ready(None);
         }
-        let Poll::Ready(event) = this.rx.poll_recv(cx) else {
-            return Poll::Pending;
-        };
-        match event {
-            Some(StreamEvent::Item(bytes, held)) => {
-                if let Some(credit) = count_consumed(&mut this.consumed, this.window) {
-                    (this.grant)(credit);
-                }
-                // Consumed: from here on the item is the handler's to keep.
-                drop(held);
-                match codec::decode_payload(&bytes, "request item") {
-                    Ok(item) => Poll::Ready(Some(Ok(item))),
-                    Err(e) => {
-                        this.finished = true;
-                        Poll::Ready(Some(Err(Status::invalid_argument(format!(
-                            "could not decode a request item: {}",
-                            chain(&e)
-                        )))))
+        loop {
+            let Poll::Ready(event) = this.rx.poll_recv(cx) else {
+                return Poll::Pending;
+            };
+            return match event {
+                Some(StreamEvent::Item(bytes, held)) => {
+                    if let Some(credit) = count_consumed(&mut this.consumed, this.window) {
+                        (this.grant)(credit);
+                    }
+                    // Consumed: from here on the item is the handler's to keep.
+                    drop(held);
+                    match codec::decode_payload(&bytes, "request item") {
+                        Ok(item) => Poll::Ready(Some(Ok(item))),
+                        Err(e) => {
+                            this.finished = true;
+                            Poll::Ready(Some(Err(Status::invalid_argument(format!(
+                                "could not decode a request item: {}",
+                                chain(&e)
+                            )))))
+                        }
                     }
                 }
-            }
-            Some(StreamEvent::End(status)) => {
-                this.finished = true;
-                Poll::Ready(status.map(Err))
-            }
-            None => {
-                this.finished = true;
-                Poll::Ready(Some(Err(Status::conn_lost("rpc conn closed"))))
-            }
+                Some(StreamEvent::End(status)) => {
+                    this.finished = true;
+                    Poll::Ready(status.map(Err))
+                }
+                // A bidi call's stream sees the acceptance first; only
+                // `call_stream` waits for it. (Never sent to a server.)
+                Some(StreamEvent::Accepted) => continue,
+                None => {
+                    this.finished = true;
+                    Poll::Ready(Some(Err(Status::conn_lost("rpc conn closed"))))
+                }
+            };
         }
     }
 }

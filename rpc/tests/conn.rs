@@ -9,7 +9,7 @@ use common::*;
 use netchan_rpc::{CallOptions, Client, Code, Config, Error, Server, Status};
 use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
 
-const PREAMBLE: &[u8] = b"NCRPC\x01";
+const PREAMBLE: &[u8] = b"NCRPC\x02";
 
 /// Appends a frame (length prefix + body).
 fn frame(body: &[u8]) -> Vec<u8> {
@@ -255,7 +255,7 @@ async fn version_mismatch_is_reported_on_both_sides() {
     raw.write_all(b"NCRPC\x07").await.unwrap();
     let res = guard(task).await.unwrap();
     assert!(
-        matches!(res, Err(Error::VersionMismatch { ours: 1, theirs: 7 })),
+        matches!(res, Err(Error::VersionMismatch { ours: 2, theirs: 7 })),
         "{res:?}"
     );
     // A client facing a server from the future.

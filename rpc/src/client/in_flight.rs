@@ -196,6 +196,22 @@ impl Shared {
                 }
                 None => {}
             },
+            Header::Accept { id } => match st.pending.get(&id) {
+                Some(Pending::Stream(tx, _)) => match tx.try_send(StreamEvent::Accepted) {
+                    Ok(()) | Err(mpsc::error::TrySendError::Closed(_)) => {}
+                    Err(mpsc::error::TrySendError::Full(_)) => {
+                        return Err(Error::Protocol {
+                            reason: format!("repeated accept of call {id}"),
+                        })
+                    }
+                },
+                Some(Pending::Unary(_)) => {
+                    return Err(Error::Protocol {
+                        reason: format!("accept frame for unary call {id}"),
+                    })
+                }
+                None => {}
+            },
             Header::Request { .. } | Header::Open { .. } | Header::Cancel { .. } => {
                 return Err(Error::Protocol {
                     reason: "client conn received a request-side frame".into(),

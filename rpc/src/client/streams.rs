@@ -107,40 +107,45 @@ impl<T: DeserializeOwned> Stream for ResponseStream<T> {
                 )))));
             }
         }
-        let Poll::Ready(event) = this.rx.poll_recv(cx) else {
-            return Poll::Pending;
-        };
-        match event {
-            Some(StreamEvent::Item(bytes, _)) => {
-                if let Some(credit) = count_consumed(&mut this.consumed, this.window) {
-                    this.client.shared().credit(this.id, credit);
-                }
-                match codec::decode_payload(&bytes, "stream item") {
-                    Ok(item) => Poll::Ready(Some(Ok(item))),
-                    Err(e) => {
-                        this.finish();
-                        Poll::Ready(Some(Err(Status::internal(format!(
-                            "could not decode a stream item of {}: {}",
-                            this.method,
-                            chain(&e)
-                        )))))
+        loop {
+            let Poll::Ready(event) = this.rx.poll_recv(cx) else {
+                return Poll::Pending;
+            };
+            return match event {
+                Some(StreamEvent::Item(bytes, _)) => {
+                    if let Some(credit) = count_consumed(&mut this.consumed, this.window) {
+                        this.client.shared().credit(this.id, credit);
+                    }
+                    match codec::decode_payload(&bytes, "stream item") {
+                        Ok(item) => Poll::Ready(Some(Ok(item))),
+                        Err(e) => {
+                            this.finish();
+                            Poll::Ready(Some(Err(Status::internal(format!(
+                                "could not decode a stream item of {}: {}",
+                                this.method,
+                                chain(&e)
+                            )))))
+                        }
                     }
                 }
-            }
-            Some(StreamEvent::End(status)) => {
-                // The reader already removed the call.
-                this.finished = true;
-                Poll::Ready(status.map(Err))
-            }
-            None => {
-                this.finished = true;
-                let status = this
-                    .client
-                    .shared()
-                    .closed_status()
-                    .unwrap_or_else(|| Status::conn_lost("rpc conn closed"));
-                Poll::Ready(Some(Err(status)))
-            }
+                // A bidi call's stream sees the acceptance first; only
+                // `call_stream` waits for it. (Never sent to a server.)
+                Some(StreamEvent::Accepted) => continue,
+                Some(StreamEvent::End(status)) => {
+                    // The reader already removed the call.
+                    this.finished = true;
+                    Poll::Ready(status.map(Err))
+                }
+                None => {
+                    this.finished = true;
+                    let status = this
+                        .client
+                        .shared()
+                        .closed_status()
+                        .unwrap_or_else(|| Status::conn_lost("rpc conn closed"));
+                    Poll::Ready(Some(Err(status)))
+                }
+            };
         }
     }
 }

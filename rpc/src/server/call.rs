@@ -78,6 +78,16 @@ impl Call {
                 (Method::Bidi(h), Input::Stream(inbound)) => h(ctx, inbound).await?,
                 _ => return Err(Status::internal("call kind and handler kind disagree")),
             };
+            // The handler accepted the call: the caller's `call_stream`
+            // resolves on this, before any item (docs/protocol.md, Part 2).
+            match conn
+                .outbox
+                .push(|w| codec::encode(w, &Header::Accept { id }, "envelope"))
+                .await
+            {
+                Ok(()) => {}
+                Err(e) => return Err(e.to_status()),
+            }
             loop {
                 // Credit first: an item is produced only when it may be
                 // sent, so nothing queues beyond the window.
@@ -180,12 +190,12 @@ impl Call {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::{atomic::AtomicUsize, Mutex};
+    use std::sync::Mutex;
 
     use bytes::Bytes;
 
     use super::*;
-    use crate::{server::in_flight::Calls, transport::Outbox, Config};
+    use crate::Config;
 
     /// Regression: `Call::run` kept a clone of a unary request's payload for
     /// the whole call, so a parked handler pinned the received frame (often a
@@ -210,12 +220,7 @@ mod tests {
         let (freed_tx, freed) = tokio::sync::oneshot::channel();
         let payload = Bytes::from_owner(Frame(encoded, Some(freed_tx)));
 
-        let conn = Arc::new(ConnState {
-            outbox: Outbox::new(&Config::default()),
-            calls: Mutex::new(Calls::default()),
-            inbound_bytes: Arc::new(AtomicUsize::new(0)),
-            token: CancellationToken::new(),
-        });
+        let conn = Arc::new(ConnState::new(&Config::default()));
         let (decoded_tx, decoded) = tokio::sync::oneshot::channel();
         let decoded_tx = Mutex::new(Some(decoded_tx));
         let handler = Method::unary(move |_ctx, n: u32| {
@@ -232,7 +237,13 @@ mod tests {
             token: token.clone(),
             abort: Arc::new(OnceLock::new()),
         };
-        let ctx = Context::new("T.park".into(), Default::default(), None, None, token);
+        let ctx = Context::new(
+            "T.park".into(),
+            Default::default(),
+            None,
+            Default::default(),
+            token,
+        );
         let running = tokio::spawn(call.run(handler, ctx, Input::Payload(payload), None));
 
         let bound = std::time::Duration::from_secs(5);

@@ -1,7 +1,7 @@
 //! The per-conn loop: the reader runs inline, the writer is spawned, and
 //! each frame is dispatched; `Request` and `Open` frames become call tasks.
 
-use std::sync::{atomic::AtomicUsize, Arc, Mutex, OnceLock};
+use std::sync::{Arc, OnceLock};
 
 use bytes::Bytes;
 use tokio::{
@@ -15,14 +15,15 @@ use tracing::Instrument;
 use super::{
     call::Call,
     handler::{Inbound, Input, Kind},
-    in_flight::{Admission, CallEntry, Calls, ConnState},
+    in_flight::{Admission, CallEntry, ConnState},
     Server,
 };
 use crate::{
     codec,
+    context::Origin,
     error::chain,
     stream::{GrantCredit, StreamEvent},
-    transport::{read_preamble, FrameReader, Outbox},
+    transport::{read_preamble, FrameReader},
     wire::{deadline_from_wire, Frame, Header},
     Context, Error, Status,
 };
@@ -32,19 +33,23 @@ use crate::{
 const MAX_OUTSTANDING_CREDIT: usize = 1 << 20;
 
 impl Server {
-    pub(super) async fn serve_conn<T>(&self, conn: T, peer: Option<Arc<str>>) -> Result<(), Error>
+    /// Serves `conn` until the peer closes it, it fails, or — once `drain`
+    /// is cancelled — its last running call has ended (new calls are
+    /// refused meanwhile).
+    pub(crate) async fn serve_conn<T>(
+        &self,
+        conn: T,
+        origin: Origin,
+        drain: CancellationToken,
+    ) -> Result<(), Error>
     where
         T: AsyncRead + AsyncWrite + Send + Unpin + 'static,
     {
-        let span = tracing::debug_span!("rpc_serve", peer = peer.as_deref().unwrap_or(""));
+        let peer = &origin;
+        let span = tracing::debug_span!("rpc_serve", peer = peer.label.as_deref().unwrap_or(""));
         let config = &self.inner.config;
         let (rd, mut wr) = tokio::io::split(conn);
-        let conn = Arc::new(ConnState {
-            outbox: Outbox::new(config),
-            calls: Mutex::new(Calls::default()),
-            inbound_bytes: Arc::new(AtomicUsize::new(0)),
-            token: CancellationToken::new(),
-        });
+        let conn = Arc::new(ConnState::new(config));
         // However serving ends (or if this future is dropped), cancel every
         // call and stop the writer.
         let _end = EndGuard(Arc::clone(&conn));
@@ -77,9 +82,19 @@ impl Server {
                         Ok(res) => res,
                         Err(e) => Err(Error::Io(std::io::Error::other(e))),
                     },
+                    _ = async { drain.cancelled().await; conn.until_idle().await } => {
+                        // Shutting down and idle: flush what the last calls
+                        // queued, then end. (The caller bounds this wait.)
+                        tracing::debug!("rpc conn drained for shutdown");
+                        conn.outbox.close();
+                        return match (&mut writer).await {
+                            Ok(res) => res,
+                            Err(e) => Err(Error::Io(std::io::Error::other(e))),
+                        };
+                    }
                 };
                 let frame = Frame::decode(body).map_err(Error::Malformed)?;
-                self.dispatch(&conn, frame, &peer).await?;
+                self.dispatch(&conn, frame, peer, &drain).await?;
             }
         }
         .instrument(span.clone())
@@ -95,7 +110,8 @@ impl Server {
         &self,
         conn: &Arc<ConnState>,
         frame: Frame,
-        peer: &Option<Arc<str>>,
+        peer: &Origin,
+        drain: &CancellationToken,
     ) -> Result<(), Error> {
         let Frame { header, payload } = frame;
         match header {
@@ -118,7 +134,8 @@ impl Server {
                     credit,
                     want,
                 };
-                self.start_call(conn, peer, open, Some(payload)).await
+                self.start_call(conn, peer, drain, open, Some(payload))
+                    .await
             }
             Header::Open {
                 id,
@@ -135,7 +152,7 @@ impl Server {
                     credit,
                     want: Kind::Bidi,
                 };
-                self.start_call(conn, peer, open, None).await
+                self.start_call(conn, peer, drain, open, None).await
             }
             Header::StreamItem { id } => {
                 let limit = self.inner.config.max_in_flight_bytes;
@@ -158,8 +175,8 @@ impl Server {
                 }
                 Ok(())
             }
-            Header::Response { .. } => Err(Error::Protocol {
-                reason: "server conn received a response frame".into(),
+            Header::Response { .. } | Header::Accept { .. } => Err(Error::Protocol {
+                reason: "server conn received a response-side frame".into(),
             }),
         }
     }
@@ -169,7 +186,8 @@ impl Server {
     async fn start_call(
         &self,
         conn: &Arc<ConnState>,
-        peer: &Option<Arc<str>>,
+        peer: &Origin,
+        drain: &CancellationToken,
         open: Open,
         payload: Option<Bytes>,
     ) -> Result<(), Error> {
@@ -197,6 +215,10 @@ impl Server {
             }
             Some(m) => m.clone(),
         };
+        if drain.is_cancelled() {
+            let s = Status::unavailable(format!("{method} refused: the server is shutting down"));
+            return conn.reply_error(id, streaming, s).await;
+        }
         if timeout_ns == Some(0) {
             let s = Status::deadline_exceeded(format!("{method} arrived past its deadline"));
             return conn.reply_error(id, streaming, s).await;

@@ -10,7 +10,7 @@ use std::{
 };
 
 use bytes::Bytes;
-use tokio::sync::{mpsc, Semaphore};
+use tokio::sync::{mpsc, Notify, Semaphore};
 use tokio_util::sync::CancellationToken;
 
 use crate::{
@@ -60,9 +60,36 @@ pub(super) struct ConnState {
     pub(super) inbound_bytes: Arc<AtomicUsize>,
     /// Parent of every call's token; cancelled when serving ends.
     pub(super) token: CancellationToken,
+    /// Notified whenever the last in-flight call ends (graceful shutdown
+    /// waits for it).
+    pub(super) idle: Notify,
 }
 
 impl ConnState {
+    pub(super) fn new(config: &Config) -> ConnState {
+        ConnState {
+            outbox: Outbox::new(config),
+            calls: Mutex::new(Calls::default()),
+            inbound_bytes: Arc::new(AtomicUsize::new(0)),
+            token: CancellationToken::new(),
+            idle: Notify::new(),
+        }
+    }
+
+    /// Resolves once no call is in flight. Cancel-safe.
+    pub(super) async fn until_idle(&self) {
+        loop {
+            let idle = self.idle.notified();
+            tokio::pin!(idle);
+            // Registered before the check, so an end in between is not lost.
+            idle.as_mut().enable();
+            if self.lock_calls().map.is_empty() {
+                return;
+            }
+            idle.await;
+        }
+    }
+
     pub(super) fn lock_calls(&self) -> MutexGuard<'_, Calls> {
         // Nothing panics while holding this lock; tolerate poison anyway.
         self.calls.lock().unwrap_or_else(|e| e.into_inner())
@@ -167,6 +194,9 @@ impl ConnState {
         if let Some(entry) = calls.map.remove(&id) {
             calls.bytes -= entry.bytes;
         }
+        if calls.map.is_empty() {
+            self.idle.notify_waiters();
+        }
     }
 
     /// Answers call `id` with `status` in the form its caller expects.
@@ -224,12 +254,7 @@ mod tests {
     /// keep a whole read buffer alive.
     #[test]
     fn a_queued_request_item_does_not_pin_the_shared_read_buffer() {
-        let conn = ConnState {
-            outbox: Outbox::new(&Config::default()),
-            calls: Mutex::new(Calls::default()),
-            inbound_bytes: Arc::new(AtomicUsize::new(0)),
-            token: CancellationToken::new(),
-        };
+        let conn = ConnState::new(&Config::default());
         let (tx, mut rx) = mpsc::channel(4);
         let entry = CallEntry {
             token: CancellationToken::new(),
