@@ -271,6 +271,7 @@ where
     /// Hands every complete frame in the read buffer to the core.
     fn parse(&mut self) -> Result<(), Violation> {
         let mut accepted = Vec::new();
+        let now = std::time::Instant::now();
         {
             let mut core = self.shared.core();
             loop {
@@ -294,7 +295,7 @@ where
                 }
                 let body = self.inbuf.split_to(len);
                 self.header = None;
-                core.on_frame(header, body)?;
+                core.on_frame(header, body, now)?;
             }
             while let Some(id) = core.next_accepted() {
                 accepted.push(id);

@@ -84,9 +84,11 @@ impl AsyncRead for RawStream {
         let shared = &this.handle.shared;
         let mut core = shared.core();
         let max = buf.remaining();
-        let result = core.read(this.handle.id, max, cx.waker(), |s| buf.put_slice(s));
-        // A read may have queued a window update.
-        let wake = core.out_bytes() > 0;
+        let queued = core.out_bytes();
+        let now = std::time::Instant::now();
+        let result = core.read(this.handle.id, max, cx.waker(), now, |s| buf.put_slice(s));
+        // A read may have queued a window update for the driver to send.
+        let wake = core.out_bytes() != queued;
         drop(core);
         if wake {
             shared.driver_waker.wake();

@@ -9,6 +9,7 @@ use bytes::{Bytes, BytesMut};
 use std::{
     collections::{HashMap, VecDeque},
     task::{Poll, Waker},
+    time::{Duration, Instant},
 };
 
 /// Consecutive frames that carry nothing (no data, no credit, no flags) before the peer is
@@ -18,6 +19,17 @@ const EMPTY_FRAME_LIMIT: u32 = 1024;
 /// Ping answers we may have queued but not yet sent before the peer is considered to flood
 /// us: a peer that pings without reading our answers would otherwise grow our output.
 const PING_ANSWER_LIMIT: u32 = 64;
+
+/// Window updates are sent once the reader has consumed this much (or a quarter of the
+/// window, if less): large windows are granted back in steps small enough that the sender
+/// never waits for a whole quarter of a big window.
+const GRANT_STEP: u32 = 512 * 1024;
+
+/// Opaque values of our round-trip probes have this bit set; keepalive pings do not.
+const PROBE_BIT: u32 = 0x8000_0000;
+
+/// A round-trip sample older than this is refreshed by a new probe while data flows.
+const RTT_REFRESH: Duration = Duration::from_secs(10);
 
 /// Which end of the session we are; decides the parity of the stream ids we allocate.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -104,6 +116,11 @@ pub(crate) struct Connection {
     goaway_received: Option<u32>,
     empty_frames: u32,
     ping_answers_queued: u32,
+    /// The latest round-trip time measured with a probe Ping, and when.
+    rtt: Option<(Duration, Instant)>,
+    /// Our outstanding round-trip probe: its opaque value and when it was queued.
+    probe: Option<(u32, Instant)>,
+    next_probe: u32,
     ended: bool,
 }
 
@@ -126,6 +143,9 @@ impl Connection {
             goaway_received: None,
             empty_frames: 0,
             ping_answers_queued: 0,
+            rtt: None,
+            probe: None,
+            next_probe: 0,
             ended: false,
         }
     }
@@ -256,8 +276,18 @@ impl Connection {
         }
     }
 
-    /// Handles one frame (for Data, with its body).
-    pub(crate) fn on_frame(&mut self, h: Header, body: BytesMut) -> Result<(), Violation> {
+    /// The latest round-trip time measured, if any.
+    pub(crate) fn rtt(&self) -> Option<Duration> {
+        self.rtt.map(|(rtt, _)| rtt)
+    }
+
+    /// Handles one frame (for Data, with its body) that arrived at `now`.
+    pub(crate) fn on_frame(
+        &mut self,
+        h: Header,
+        body: BytesMut,
+        now: Instant,
+    ) -> Result<(), Violation> {
         let empty = match h.ty {
             FrameType::Data => h.length == 0 && h.flags == 0,
             FrameType::WindowUpdate => h.length == 0 && h.flags == 0,
@@ -275,7 +305,7 @@ impl Connection {
             self.empty_frames = 0;
         }
         match h.ty {
-            FrameType::Ping => self.on_ping(h),
+            FrameType::Ping => self.on_ping(h, now),
             FrameType::GoAway => {
                 if h.stream != 0 {
                     return Err(Violation::ControlOnStream {
@@ -290,7 +320,7 @@ impl Connection {
         }
     }
 
-    fn on_ping(&mut self, h: Header) -> Result<(), Violation> {
+    fn on_ping(&mut self, h: Header, now: Instant) -> Result<(), Violation> {
         if h.stream != 0 {
             return Err(Violation::ControlOnStream {
                 frame: "ping",
@@ -306,8 +336,38 @@ impl Connection {
                 });
             }
             self.queue(Header::new(FrameType::Ping, ACK, 0, h.length), Bytes::new());
+        } else if h.has(ACK) {
+            if let Some((opaque, sent)) = self.probe {
+                if opaque == h.length {
+                    self.probe = None;
+                    self.rtt = Some((now.saturating_duration_since(sent), now));
+                }
+            }
         }
         Ok(())
+    }
+
+    /// Sets the round-trip sample (tests of window tuning).
+    #[cfg(test)]
+    pub(crate) fn set_rtt(&mut self, rtt: Duration, now: Instant) {
+        self.rtt = Some((rtt, now));
+    }
+
+    /// Queues a round-trip probe if data flows and we have no recent sample.
+    fn maybe_probe(&mut self, now: Instant) {
+        let stale = match self.rtt {
+            None => true,
+            Some((_, at)) => now.saturating_duration_since(at) > RTT_REFRESH,
+        };
+        let outstanding = self
+            .probe
+            .is_some_and(|(_, sent)| now.saturating_duration_since(sent) < RTT_REFRESH);
+        if stale && !outstanding && !self.ended {
+            let opaque = PROBE_BIT | (self.next_probe & !PROBE_BIT);
+            self.next_probe = self.next_probe.wrapping_add(1);
+            self.probe = Some((opaque, now));
+            self.ping(opaque);
+        }
     }
 
     fn peer_parity(&self, id: u32) -> bool {
@@ -401,13 +461,14 @@ impl Connection {
         Ok(())
     }
 
-    /// Reads up to `max` bytes of stream `id` into `sink`. `Ok(0)` is the end of the stream
-    /// (the peer's FIN after all its data). Pending registers `waker`.
+    /// Reads up to `max` bytes of stream `id` into `sink` at time `now`. `Ok(0)` is the end
+    /// of the stream (the peer's FIN after all its data). Pending registers `waker`.
     pub(crate) fn read(
         &mut self,
         id: u32,
         max: usize,
         waker: &Waker,
+        now: Instant,
         sink: impl FnMut(&[u8]),
     ) -> Poll<Result<usize, StreamError>> {
         let ended = self.ended;
@@ -420,7 +481,9 @@ impl Connection {
         if s.recv.len() > 0 && max > 0 {
             let n = s.recv.read(max, sink);
             s.credit += n as u32;
-            self.maybe_grant(id);
+            s.consumed += n as u64;
+            s.epoch.get_or_insert(now);
+            self.maybe_grant(id, now);
             return Poll::Ready(Ok(n));
         }
         if s.remote_fin || max == 0 {
@@ -433,30 +496,41 @@ impl Connection {
         Poll::Pending
     }
 
-    /// Grants the peer what the reader consumed, once it is worth a frame, and grows the
-    /// window while the sender is held back by it and the reader keeps up.
-    fn maybe_grant(&mut self, id: u32) {
+    /// Grants the peer what the reader consumed, once it is worth a frame, and auto-tunes the
+    /// window: when the reader has drained a whole window within two round trips of starting
+    /// it, the window (not the reader) limits the stream, and it doubles, up to the per-stream
+    /// maximum and within the session's growth budget. So a window grows towards the
+    /// bandwidth-delay product of the link, and no further.
+    fn maybe_grant(&mut self, id: u32, now: Instant) {
         let budget_left = self.limits.growth_budget.saturating_sub(self.growth_used);
         let max_window = self.limits.max_window;
+        let rtt = self.rtt();
         let Some(s) = self.streams.get_mut(&id) else {
             return;
         };
-        if s.remote_fin || s.reset || s.credit < s.window / 4 {
+        if s.remote_fin || s.reset || s.credit < (s.window / 4).min(GRANT_STEP) {
             return;
         }
         let mut extra = 0;
-        // The sender has almost nothing left to send (`recv_window` small) and the reader
-        // has drained everything: the window, not the reader, limits the stream.
-        if s.recv.len() == 0 && s.recv_window < s.window / 4 && s.window < max_window {
-            let room = (max_window - s.window) as usize;
-            extra = (s.window as usize).min(room).min(budget_left) as u32;
-            s.window += extra;
+        if s.consumed >= u64::from(s.window) {
+            let quick = match (rtt, s.epoch) {
+                (Some(rtt), Some(start)) => now.saturating_duration_since(start) < 2 * rtt,
+                _ => false,
+            };
+            if quick && s.recv.len() == 0 && s.window < max_window {
+                let room = (max_window - s.window) as usize;
+                extra = (s.window as usize).min(room).min(budget_left) as u32;
+                s.window += extra;
+            }
+            s.consumed = 0;
+            s.epoch = Some(now);
         }
         let delta = s.credit + extra;
         s.credit = 0;
         s.recv_window += delta;
         self.growth_used += extra as usize;
         self.queue_update(id, 0, delta);
+        self.maybe_probe(now);
     }
 
     /// Writes up to one frame of `buf` on stream `id`; returns how much was taken.

@@ -1,7 +1,7 @@
 //! One stream's state: receive buffer, windows, half-close flags and blocked tasks.
 
 use bytes::{Buf, BytesMut};
-use std::{collections::VecDeque, task::Waker};
+use std::{collections::VecDeque, task::Waker, time::Instant};
 
 /// Frames up to this size are copied into the stream's own tail buffer instead of being kept
 /// as slices of the connection's read buffer: a slice pins its whole read chunk, so a peer
@@ -98,6 +98,10 @@ pub(crate) struct Stream {
     pub(crate) window: u32,
     /// Bytes the reader consumed that we have not yet granted back.
     pub(crate) credit: u32,
+    /// Bytes consumed since `epoch`, when the reader started on the current window's worth
+    /// (window auto-tuning).
+    pub(crate) consumed: u64,
+    pub(crate) epoch: Option<Instant>,
     /// How many more bytes we may send.
     pub(crate) send_window: u32,
     /// Outbound stream the peer has not seen yet: the next frame carries SYN.
@@ -119,6 +123,8 @@ impl Stream {
             recv_window: initial_window,
             window: initial_window,
             credit: 0,
+            consumed: 0,
+            epoch: None,
             send_window: initial_window,
             syn_pending: outbound,
             local_fin: false,

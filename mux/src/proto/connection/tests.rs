@@ -2,7 +2,18 @@
 
 use super::*;
 use crate::proto::frame::HEADER_LEN;
-use std::task::Waker;
+use std::{
+    task::Waker,
+    time::{Duration, Instant},
+};
+
+/// A core whose round trip is known to be long: any window drained counts as quick (window
+/// tuning is then decided by the budget and the reader alone), and no probe is sent.
+fn tuned(side: Side, limits: Limits) -> Connection {
+    let mut c = Connection::new(side, limits);
+    c.set_rtt(Duration::from_secs(3600), Instant::now());
+    c
+}
 
 fn limits() -> Limits {
     Limits {
@@ -38,13 +49,15 @@ fn hdr(ty: FrameType, flags: u16, stream: u32, length: u32) -> Header {
 fn feed(c: &mut Connection, h: Header, body: &[u8]) -> Result<(), Violation> {
     let len = c.on_header(&h)?;
     assert_eq!(len, body.len());
-    c.on_frame(h, BytesMut::from(body))
+    c.on_frame(h, BytesMut::from(body), Instant::now())
 }
 
 fn read_all(c: &mut Connection, id: u32) -> Poll<Result<Vec<u8>, StreamError>> {
     let mut out = Vec::new();
-    c.read(id, usize::MAX, &waker(), |s| out.extend_from_slice(s))
-        .map(|r| r.map(|_| out))
+    c.read(id, usize::MAX, &waker(), Instant::now(), |s| {
+        out.extend_from_slice(s)
+    })
+    .map(|r| r.map(|_| out))
 }
 
 #[test]
@@ -76,7 +89,7 @@ fn an_inbound_syn_is_acknowledged_and_accepted() {
 
 #[test]
 fn consumed_data_is_granted_back_once_a_quarter_window_is_read() {
-    let mut c = Connection::new(Side::Server, limits());
+    let mut c = tuned(Side::Server, limits());
     feed(&mut c, hdr(FrameType::WindowUpdate, SYN, 1, 0), b"").unwrap();
     sent(&mut c);
     let chunk = vec![1u8; 32 * 1024];
@@ -96,7 +109,7 @@ fn consumed_data_is_granted_back_once_a_quarter_window_is_read() {
         )
         .unwrap();
     }
-    // The reader keeps up but the sender still has 160 KiB of window: no growth, just credit.
+    // Less than a window consumed: no tuning decision yet, just credit.
     let _ = read_all(&mut c, 1);
     assert_eq!(
         sent(&mut c),
@@ -105,14 +118,15 @@ fn consumed_data_is_granted_back_once_a_quarter_window_is_read() {
 }
 
 #[test]
-fn the_window_grows_when_the_sender_is_held_back_and_the_reader_keeps_up() {
-    let mut c = Connection::new(Side::Server, limits());
+fn the_window_doubles_when_the_reader_drains_it_within_two_round_trips() {
+    let mut c = tuned(Side::Server, limits());
     let window = 256 * 1024u32;
     let body = vec![0u8; window as usize];
     feed(&mut c, hdr(FrameType::Data, SYN, 1, window), &body).unwrap();
     sent(&mut c);
     let _ = read_all(&mut c, 1);
-    // The whole window was in flight and is read: grant it back and as much again.
+    // The whole window was drained quickly (the round trip is long): grant it back and as
+    // much again.
     assert_eq!(
         sent(&mut c),
         hdr(FrameType::WindowUpdate, 0, 1, 2 * window).encode()
@@ -138,7 +152,7 @@ fn the_window_grows_when_the_sender_is_held_back_and_the_reader_keeps_up() {
 fn growth_stops_at_the_session_budget() {
     let mut l = limits();
     l.growth_budget = 100 * 1024;
-    let mut c = Connection::new(Side::Server, l);
+    let mut c = tuned(Side::Server, l);
     let window = 256 * 1024u32;
     for id in [1, 3] {
         let body = vec![0u8; window as usize];
@@ -241,6 +255,49 @@ fn writes_wait_for_window_and_resume_on_an_update() {
     assert_eq!(c.write(id, &big, &waker()), Poll::Pending);
     feed(&mut c, hdr(FrameType::WindowUpdate, ACK, id, 10), b"").unwrap();
     assert_eq!(c.write(id, &big, &waker()), Poll::Ready(Ok(10)));
+}
+
+#[test]
+fn a_window_drained_slowly_is_not_grown_and_round_trips_are_probed_with_pings() {
+    let mut c = Connection::new(Side::Server, limits());
+    let t0 = Instant::now();
+    let window = 256 * 1024u32;
+    let body = vec![0u8; window as usize];
+    c.on_header(&hdr(FrameType::Data, SYN, 1, window)).unwrap();
+    c.on_frame(
+        hdr(FrameType::Data, SYN, 1, window),
+        BytesMut::from(&body[..]),
+        t0,
+    )
+    .unwrap();
+    sent(&mut c);
+    let mut n = 0;
+    let _ = c.read(1, 1024, &waker(), t0, |s| n += s.len());
+    // No round-trip sample yet: the first grant also probes for one.
+    let _ = c.read(1, usize::MAX, &waker(), t0, |s| n += s.len());
+    let mut expected = hdr(FrameType::WindowUpdate, 0, 1, window).encode().to_vec();
+    expected.extend_from_slice(&hdr(FrameType::Ping, SYN, 0, PROBE_BIT).encode());
+    assert_eq!(sent(&mut c), expected);
+    let t1 = t0 + Duration::from_millis(10);
+    c.on_frame(hdr(FrameType::Ping, ACK, 0, PROBE_BIT), BytesMut::new(), t1)
+        .unwrap();
+    assert_eq!(c.rtt(), Some(Duration::from_millis(10)));
+    // The next window takes a second (100 round trips) to drain: the reader or the sender
+    // is slow, not the window. No growth.
+    let t2 = t1 + Duration::from_secs(1);
+    c.on_frame(
+        hdr(FrameType::Data, 0, 1, window),
+        BytesMut::from(&body[..]),
+        t2,
+    )
+    .unwrap();
+    let _ = c.read(1, usize::MAX, &waker(), t2, |s| n += s.len());
+    assert_eq!(
+        sent(&mut c),
+        hdr(FrameType::WindowUpdate, 0, 1, window).encode()
+    );
+    assert_eq!(n, 2 * window as usize);
+    assert_eq!(c.growth_used(), 0);
 }
 
 #[test]
@@ -497,8 +554,9 @@ mod interleavings {
             let mut got = Vec::new();
             match self.ends[side]
                 .conn
-                .read(id, max, &waker(), |s| got.extend_from_slice(s))
-            {
+                .read(id, max, &waker(), Instant::now(), |s| {
+                    got.extend_from_slice(s)
+                }) {
                 Poll::Ready(Ok(0)) if max > 0 => {
                     assert_eq!(flow.read, flow.total, "stream {id} dir {dir}: EOF early");
                     flow.eof = true;
@@ -550,7 +608,7 @@ mod interleavings {
                 let body: Vec<u8> = self.ends[from].wire.drain(..len).collect();
                 self.ends[to]
                     .conn
-                    .on_frame(h, BytesMut::from(&body[..]))
+                    .on_frame(h, BytesMut::from(&body[..]), Instant::now())
                     .expect("valid frame");
                 moved += HEADER_LEN + len;
                 while let Some(id) = self.ends[to].conn.next_accepted() {
