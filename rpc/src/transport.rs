@@ -434,6 +434,24 @@ async fn write_gathered<W>(
 where
     W: AsyncWrite + Unpin,
 {
+    let stalled = |pending| Error::WriteStalled {
+        after: stall,
+        pending,
+    };
+    if segments.is_empty() {
+        // The common case: one contiguous buffer, no slice list to build.
+        let mut rest = buf;
+        while !rest.is_empty() {
+            let n = tokio::time::timeout(stall, io.write(rest))
+                .await
+                .map_err(|_| stalled(rest.len()))??;
+            if n == 0 {
+                return Err(io::Error::from(io::ErrorKind::WriteZero).into());
+            }
+            rest = &rest[n..];
+        }
+        return Ok(());
+    }
     let mut slices = Vec::with_capacity(2 * segments.len() + 1);
     let mut pos = 0;
     for seg in segments {
@@ -449,15 +467,9 @@ where
     let mut pending: usize = slices.iter().map(|s| s.len()).sum();
     let mut slices = &mut slices[..];
     while !slices.is_empty() {
-        let n = match tokio::time::timeout(stall, io.write_vectored(slices)).await {
-            Ok(n) => n?,
-            Err(_) => {
-                return Err(Error::WriteStalled {
-                    after: stall,
-                    pending,
-                })
-            }
-        };
+        let n = tokio::time::timeout(stall, io.write_vectored(slices))
+            .await
+            .map_err(|_| stalled(pending))??;
         if n == 0 {
             return Err(io::Error::from(io::ErrorKind::WriteZero).into());
         }
