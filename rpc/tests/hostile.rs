@@ -27,7 +27,7 @@ use tokio::{
 };
 use tokio_util::compat::{FuturesAsyncReadCompatExt, TokioAsyncReadCompatExt};
 
-const PREAMBLE: &[u8] = b"NCRPC\x01";
+const PREAMBLE: &[u8] = b"NCRPC\x02";
 
 /// One measuring test at a time.
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
