@@ -264,24 +264,16 @@ enum EofState {
     Ended(ChildExited),
 }
 
-impl AsyncRead for ChildStream {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        let this = &mut *self;
+impl ChildStream {
+    /// Once the link has ended (end of stream, reset, broken pipe): the error that names the
+    /// child's exit, after waiting (at most [`EXIT_GRACE`]) for its status.
+    fn poll_ended(&mut self, cx: &mut Context<'_>) -> Poll<io::Error> {
         loop {
-            match &mut this.state {
+            match &mut self.state {
                 EofState::Open => {
-                    let before = buf.filled().len();
-                    ready!(Pin::new(&mut this.io).poll_read(cx, buf))?;
-                    if buf.filled().len() > before || buf.remaining() == 0 {
-                        return Poll::Ready(Ok(()));
-                    }
-                    let mut exit = this.exit.clone();
-                    let (pid, program) = (this.pid, this.program.clone());
-                    this.state = EofState::Waiting(Box::pin(async move {
+                    let mut exit = self.exit.clone();
+                    let (pid, program) = (self.pid, self.program.clone());
+                    self.state = EofState::Waiting(Box::pin(async move {
                         let status =
                             tokio::time::timeout(EXIT_GRACE, exit.wait_for(|s| s.is_some()))
                                 .await
@@ -296,16 +288,48 @@ impl AsyncRead for ChildStream {
                 }
                 EofState::Waiting(fut) => {
                     let exited = ready!(fut.as_mut().poll(cx));
-                    this.state = EofState::Ended(exited);
+                    self.state = EofState::Ended(exited);
                 }
                 EofState::Ended(exited) => {
-                    return Poll::Ready(Err(io::Error::new(
+                    return Poll::Ready(io::Error::new(
                         io::ErrorKind::UnexpectedEof,
                         exited.clone(),
-                    )));
+                    ));
                 }
             }
         }
+    }
+}
+
+/// Errors that mean the other end of the socket pair is gone.
+fn is_link_gone(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::ConnectionReset
+            | io::ErrorKind::BrokenPipe
+            | io::ErrorKind::ConnectionAborted
+    )
+}
+
+impl AsyncRead for ChildStream {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = &mut *self;
+        if matches!(this.state, EofState::Open) {
+            let before = buf.filled().len();
+            match ready!(Pin::new(&mut this.io).poll_read(cx, buf)) {
+                Ok(()) if buf.filled().len() > before || buf.remaining() == 0 => {
+                    return Poll::Ready(Ok(()))
+                }
+                Ok(()) => {}
+                Err(e) if is_link_gone(&e) => {}
+                Err(e) => return Poll::Ready(Err(e)),
+            }
+        }
+        this.poll_ended(cx).map(Err)
     }
 }
 
@@ -315,19 +339,14 @@ impl AsyncWrite for ChildStream {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.io).poll_write(cx, buf)
-    }
-
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.io.is_write_vectored()
+        let this = &mut *self;
+        if matches!(this.state, EofState::Open) {
+            match ready!(Pin::new(&mut this.io).poll_write(cx, buf)) {
+                Err(e) if is_link_gone(&e) => {}
+                other => return Poll::Ready(other),
+            }
+        }
+        this.poll_ended(cx).map(Err)
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {

@@ -1,0 +1,201 @@
+//! The child-process link: the parent spawns this very test binary as its child (running the
+//! ignored `child_role` test), over a socket pair inherited at fd 3. Both sides serve and call
+//! RPCs; the child reports the fds it was born with; the child's exit ends the parent's
+//! session with its exit status.
+
+use netchan::{
+    mux::{self, CloseReason},
+    net::child::{self, ChildError, ChildLink},
+    rpc::{Client, Server, Status},
+};
+use netchan_testkit::within;
+
+/// Tells the re-executed test binary which child to be.
+const ROLE_ENV: &str = "NETCHAN_TEST_CHILD_ROLE";
+
+/// The fds open in this process, each with what it points at (`readlink /proc/self/fd/N`).
+fn open_fds() -> Vec<(i32, String)> {
+    let names: Vec<i32> = std::fs::read_dir("/proc/self/fd")
+        .expect("read /proc/self/fd")
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+        .collect();
+    // The directory's own fd is closed by now: its readlink fails and it drops out.
+    names
+        .into_iter()
+        .filter_map(|fd| {
+            let target = std::fs::read_link(format!("/proc/self/fd/{fd}")).ok()?;
+            Some((fd, target.display().to_string()))
+        })
+        .collect()
+}
+
+/// Not a test: the body of the child process. The parent runs this binary with
+/// `child_role --exact --ignored` and `NETCHAN_TEST_CHILD_ROLE` set.
+#[test]
+#[ignore = "runs only as the child process of the tests below"]
+fn child_role() {
+    // Before anything opens an fd of its own: what the child was born with.
+    let born_with = open_fds();
+    let role = std::env::var(ROLE_ENV).expect("run by a parent test");
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async move {
+        let session = child::from_env(mux::Config::default()).expect("session from fd 3");
+        if role == "exit-3" {
+            std::process::exit(3);
+        }
+        // Listen first: the parent dials us once our dial to it arrived.
+        let mut calls = session.listen("child").expect("listen child");
+        let parent = Client::new(session.dial("parent").await.expect("dial parent"));
+        let mut server = Server::new();
+        let fds = born_with.clone();
+        server.register("Child.fds", move |_ctx, (): ()| {
+            let fds = fds.clone();
+            async move { Ok::<_, Status>(fds) }
+        });
+        server.register("Child.greet", move |_ctx, name: String| {
+            let parent = parent.clone();
+            async move {
+                // Calls the parent back while the parent's call to us is open.
+                let title: String = parent.call("Parent.title", &name).await?;
+                Ok::<_, Status>(format!("hello, {title}, from pid {}", std::process::id()))
+            }
+        });
+        server.register("Child.exit", |_ctx, code: i32| async move {
+            std::process::exit(code);
+            #[allow(unreachable_code)]
+            Ok::<(), Status>(())
+        });
+        while let Ok(conn) = calls.accept().await {
+            let server = server.clone();
+            tokio::spawn(async move { server.serve(conn).await });
+        }
+    });
+}
+
+fn spawn_child(role: &str) -> ChildLink {
+    let mut cmd = tokio::process::Command::new(std::env::current_exe().unwrap());
+    cmd.args([
+        "child_role",
+        "--exact",
+        "--ignored",
+        "--quiet",
+        "--test-threads=1",
+    ])
+    .env(ROLE_ENV, role)
+    .stdout(std::process::Stdio::null())
+    .kill_on_drop(true);
+    child::spawn(cmd, mux::Config::default()).expect("spawn the child")
+}
+
+/// Serves `Parent.title` on the parent's side of `link` and returns a client of the child's
+/// service once the child is ready (it listens before it dials us).
+async fn serve_parent(link: &ChildLink) -> Client {
+    let mut calls = link.session().listen("parent").expect("listen parent");
+    let mut server = Server::new();
+    server.register("Parent.title", |_ctx, name: String| async move {
+        Ok::<_, Status>(format!("dear {name}"))
+    });
+    let first = within(30, "the child dials back", calls.accept())
+        .await
+        .expect("the child's dial");
+    tokio::spawn({
+        let server = server.clone();
+        async move { server.serve(first).await }
+    });
+    tokio::spawn(async move {
+        while let Ok(conn) = calls.accept().await {
+            let server = server.clone();
+            tokio::spawn(async move { server.serve(conn).await });
+        }
+    });
+    Client::new(
+        within(30, "dial the child", link.session().dial("child"))
+            .await
+            .unwrap(),
+    )
+}
+
+#[tokio::test]
+async fn the_child_is_born_with_stdio_and_the_link_only_and_both_sides_call_each_other() {
+    let mut link = spawn_child("serve");
+    let to_child = serve_parent(&link).await;
+
+    let fds: Vec<(i32, String)> = within(30, "Child.fds", to_child.call("Child.fds", &()))
+        .await
+        .unwrap();
+    let numbers: Vec<i32> = fds.iter().map(|(fd, _)| *fd).collect();
+    assert_eq!(numbers, [0, 1, 2, 3], "the child's fds: {fds:?}");
+    let link_inode = &fds[3].1;
+    assert!(link_inode.starts_with("socket:["), "{fds:?}");
+
+    // Nothing of the child's end stays open in the parent.
+    let ours = open_fds();
+    assert!(
+        ours.iter().all(|(_, target)| target != link_inode),
+        "the parent still holds the child's end {link_inode}: {ours:?}"
+    );
+
+    let greeting: String = within(30, "nested callback", to_child.call("Child.greet", "ada"))
+        .await
+        .unwrap();
+    assert_eq!(greeting, format!("hello, dear ada, from pid {}", link.id()));
+
+    link.kill();
+    let status = within(30, "the killed child exits", link.wait())
+        .await
+        .expect("an exit status");
+    assert!(!status.success());
+}
+
+#[tokio::test]
+async fn a_child_that_exits_ends_the_parents_session_with_its_exit_status() {
+    let link = spawn_child("exit-3");
+    let reason = within(30, "the session ends", link.session().closed()).await;
+    assert!(matches!(reason, CloseReason::Io(_)), "{reason:?}");
+    let text = reason.to_string();
+    assert!(
+        text.contains(&format!("child process {}", link.id())) && text.contains("exit status: 3"),
+        "{text}"
+    );
+    let status = within(30, "exit status", link.wait()).await.unwrap();
+    assert_eq!(status.code(), Some(3));
+}
+
+#[tokio::test]
+async fn a_child_exiting_mid_call_fails_the_call_and_names_the_exit() {
+    let link = spawn_child("serve");
+    let to_child = serve_parent(&link).await;
+    let err = within(30, "Child.exit", to_child.call::<_, ()>("Child.exit", &7))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), netchan::rpc::Code::Unavailable, "{err:?}");
+    let reason = within(30, "the session ends", link.session().closed()).await;
+    assert!(reason.to_string().contains("exit status: 7"), "{reason}");
+    let dial = within(30, "dial after exit", link.session().dial("child")).await;
+    assert!(dial.is_err());
+}
+
+#[tokio::test]
+async fn spawning_a_missing_program_names_it() {
+    let cmd = tokio::process::Command::new("/nonexistent/netchan-child");
+    let err = child::spawn(cmd, mux::Config::default()).unwrap_err();
+    assert!(matches!(err, ChildError::Spawn { .. }), "{err:?}");
+    assert!(
+        err.to_string().contains("/nonexistent/netchan-child"),
+        "{err}"
+    );
+}
+
+#[test]
+fn from_env_in_a_process_that_is_no_child_says_so() {
+    // The test binary itself was not spawned by child::spawn (the variable is set only in the
+    // children above).
+    if std::env::var_os(child::FD_ENV).is_none() {
+        let err = child::stream_from_env().unwrap_err();
+        assert!(matches!(err, ChildError::NotAChild), "{err:?}");
+        assert!(err.to_string().contains("NETCHAN_CHILD_FD"), "{err}");
+    }
+}
