@@ -9,6 +9,11 @@
 //! | `unix:/path/to.sock` | a Unix socket file (stale files handled, see [`bind`]) |
 //! | `unix:@name` | a Linux abstract Unix socket |
 //!
+//! **Listen before the peer dials.** A session dialled on a name nobody listens on fails at
+//! once with `NoListener`, and the peer may dial the moment the link is up. Register your
+//! listeners in [`BindOptions::on_session`] / [`ConnectOptions::on_session`]: that setup runs
+//! before the new session reads anything from the peer, so no dial can arrive before it.
+//!
 //! Every wait is bounded: a connect by [`ConnectOptions::timeout`], an incoming TLS handshake
 //! by [`BindOptions::handshake_timeout`]. Errors name the address and what failed.
 //!
@@ -20,12 +25,14 @@
 //! - `tls.rs` — [`TlsClient`], [`TlsServer`], PEM loading and [`TlsError`];
 //! - `child.rs` — [`child`]: a session to a child process over an inherited socket, and
 //!   `child/fd.rs`, the one module allowed `unsafe` (moving the socket to fd 3 in the child).
+//! - `gate.rs` — holds a new session's reads until its `on_session` setup has run;
 //! - `error.rs` — [`ConnectError`], [`BindError`], [`AcceptError`].
 
 mod addr;
 pub mod child;
 mod connect;
 mod error;
+mod gate;
 mod listen;
 #[cfg(feature = "tls")]
 pub mod tls;

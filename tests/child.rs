@@ -42,39 +42,47 @@ fn child_role() {
         .build()
         .unwrap();
     runtime.block_on(async move {
-        let session = child::from_env(mux::Config::default()).expect("session from fd 3");
         if role == "exit-3" {
+            let _session = child::from_env(mux::Config::default()).expect("session from fd 3");
             std::process::exit(3);
         }
-        // Listen first: the parent dials us once our dial to it arrived.
-        let mut calls = session.listen("child").expect("listen child");
-        let parent = Client::new(session.dial("parent").await.expect("dial parent"));
-        let mut server = Server::new();
-        let fds = born_with.clone();
-        server.register("Child.fds", move |_ctx, (): ()| {
-            let fds = fds.clone();
-            async move { Ok::<_, Status>(fds) }
-        });
-        server.register("Child.greet", move |_ctx, name: String| {
-            let parent = parent.clone();
-            async move {
-                // Calls the parent back while the parent's call to us is open.
-                let title: String = parent.call("Parent.title", &name).await?;
-                Ok::<_, Status>(format!("hello, {title}, from pid {}", std::process::id()))
-            }
-        });
-        server.register("Child.exit", |_ctx, code: i32| async move {
-            std::process::exit(code);
-            #[allow(unreachable_code)]
-            Ok::<(), Status>(())
-        });
-        while let Ok(conn) = calls.accept().await {
-            let server = server.clone();
-            tokio::spawn(async move { server.serve(conn).await });
-        }
+        // Listen in the setup, before the session reads the parent's first dial.
+        let session = child::from_env_with(mux::Config::default(), move |session| {
+            let mut calls = session.listen("child").expect("listen child");
+            let (session, fds) = (session.clone(), born_with.clone());
+            tokio::spawn(async move {
+                let parent = Client::new(session.dial("parent").await.expect("dial parent"));
+                let mut server = Server::new();
+                server.register("Child.fds", move |_ctx, (): ()| {
+                    let fds = fds.clone();
+                    async move { Ok::<_, Status>(fds) }
+                });
+                server.register("Child.greet", move |_ctx, name: String| {
+                    let parent = parent.clone();
+                    async move {
+                        // Calls the parent back while the parent's call to us is open.
+                        let title: String = parent.call("Parent.title", &name).await?;
+                        Ok::<_, Status>(format!("hello, {title}, from pid {}", std::process::id()))
+                    }
+                });
+                server.register("Child.exit", |_ctx, code: i32| async move {
+                    std::process::exit(code);
+                    #[allow(unreachable_code)]
+                    Ok::<(), Status>(())
+                });
+                while let Ok(conn) = calls.accept().await {
+                    let server = server.clone();
+                    tokio::spawn(async move { server.serve(conn).await });
+                }
+            });
+        })
+        .expect("session from fd 3");
+        session.closed().await;
     });
 }
 
+/// Spawns this test binary as the child in `role`; the parent serves `Parent.title` from the
+/// session's start.
 fn spawn_child(role: &str) -> ChildLink {
     let mut cmd = tokio::process::Command::new(std::env::current_exe().unwrap());
     cmd.args([
@@ -87,30 +95,24 @@ fn spawn_child(role: &str) -> ChildLink {
     .env(ROLE_ENV, role)
     .stdout(std::process::Stdio::null())
     .kill_on_drop(true);
-    child::spawn(cmd, mux::Config::default()).expect("spawn the child")
+    child::spawn_with(cmd, mux::Config::default(), |session| {
+        let mut calls = session.listen("parent").expect("listen parent");
+        let mut server = Server::new();
+        server.register("Parent.title", |_ctx, name: String| async move {
+            Ok::<_, Status>(format!("dear {name}"))
+        });
+        tokio::spawn(async move {
+            while let Ok(conn) = calls.accept().await {
+                let server = server.clone();
+                tokio::spawn(async move { server.serve(conn).await });
+            }
+        });
+    })
+    .expect("spawn the child")
 }
 
-/// Serves `Parent.title` on the parent's side of `link` and returns a client of the child's
-/// service once the child is ready (it listens before it dials us).
-async fn serve_parent(link: &ChildLink) -> Client {
-    let mut calls = link.session().listen("parent").expect("listen parent");
-    let mut server = Server::new();
-    server.register("Parent.title", |_ctx, name: String| async move {
-        Ok::<_, Status>(format!("dear {name}"))
-    });
-    let first = within(30, "the child dials back", calls.accept())
-        .await
-        .expect("the child's dial");
-    tokio::spawn({
-        let server = server.clone();
-        async move { server.serve(first).await }
-    });
-    tokio::spawn(async move {
-        while let Ok(conn) = calls.accept().await {
-            let server = server.clone();
-            tokio::spawn(async move { server.serve(conn).await });
-        }
-    });
+/// A client of the child's service.
+async fn dial_child(link: &ChildLink) -> Client {
     Client::new(
         within(30, "dial the child", link.session().dial("child"))
             .await
@@ -121,7 +123,7 @@ async fn serve_parent(link: &ChildLink) -> Client {
 #[tokio::test]
 async fn the_child_is_born_with_stdio_and_the_link_only_and_both_sides_call_each_other() {
     let mut link = spawn_child("serve");
-    let to_child = serve_parent(&link).await;
+    let to_child = dial_child(&link).await;
 
     let fds: Vec<(i32, String)> = within(30, "Child.fds", to_child.call("Child.fds", &()))
         .await
@@ -167,7 +169,7 @@ async fn a_child_that_exits_ends_the_parents_session_with_its_exit_status() {
 #[tokio::test]
 async fn a_child_exiting_mid_call_fails_the_call_and_names_the_exit() {
     let link = spawn_child("serve");
-    let to_child = serve_parent(&link).await;
+    let to_child = dial_child(&link).await;
     let err = within(30, "Child.exit", to_child.call::<_, ()>("Child.exit", &7))
         .await
         .unwrap_err();

@@ -517,3 +517,24 @@ fn anyhow_chain(err: &dyn std::error::Error) -> String {
     }
     out
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_listener_registered_in_on_session_is_there_for_the_peers_first_dial() {
+    // Without the setup hook, a dial right after connect could race the server's listen and
+    // fail with NoListener; with it, the session reads nothing before the listen is done.
+    let options = BindOptions::default().on_session(|session| {
+        let mut echo = session.listen("ready").expect("listen");
+        tokio::spawn(async move { while echo.accept().await.is_ok() {} });
+    });
+    let mut listener = netchan::bind("127.0.0.1:0", options).await.unwrap();
+    let addr = listener.local_addr().clone();
+    tokio::spawn(async move { while listener.accept().await.is_ok() {} });
+    for _ in 0..20 {
+        let client = within(20, "connect", netchan::connect(&addr, Default::default()))
+            .await
+            .unwrap();
+        within(20, "the first dial", client.dial("ready"))
+            .await
+            .expect("the listener is registered before the first dial is read");
+    }
+}

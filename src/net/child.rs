@@ -130,9 +130,17 @@ pub struct ChildLink {
 /// # Panics
 ///
 /// Panics if called outside a tokio runtime (the session's driver and the reaper are spawned).
-pub fn spawn(
+pub fn spawn(cmd: tokio::process::Command, config: mux::Config) -> Result<ChildLink, ChildError> {
+    spawn_with(cmd, config, |_| {})
+}
+
+/// Like [`spawn`], running `setup` on the session before it reads anything from the child:
+/// the place to [`listen`](Session::listen) on the names the child dials, so no dial of the
+/// child's can arrive before its listener.
+pub fn spawn_with(
     mut cmd: tokio::process::Command,
     config: mux::Config,
+    setup: impl Fn(&Session) + Send + Sync + 'static,
 ) -> Result<ChildLink, ChildError> {
     let program = cmd.as_std().get_program().to_string_lossy().into_owned();
     let (parent_end, child_end) =
@@ -184,7 +192,12 @@ pub fn spawn(
         state: EofState::Open,
     };
     Ok(ChildLink {
-        session: Session::client(stream, config),
+        session: super::gate::start(
+            stream,
+            mux::Mode::Client,
+            config,
+            Some(&super::gate::OnSession(std::sync::Arc::new(setup))),
+        ),
         pid,
         exit,
         kill: Some(kill),
@@ -227,6 +240,21 @@ impl ChildLink {
 /// Panics if called outside a tokio runtime (it spawns the session's driver).
 pub fn from_env(config: mux::Config) -> Result<Session, ChildError> {
     Ok(Session::server(stream_from_env()?, config))
+}
+
+/// Like [`from_env`], running `setup` on the session before it reads anything from the
+/// parent (see [`spawn_with`]).
+pub fn from_env_with(
+    config: mux::Config,
+    setup: impl Fn(&Session) + Send + Sync + 'static,
+) -> Result<Session, ChildError> {
+    let setup = super::gate::OnSession(std::sync::Arc::new(setup));
+    Ok(super::gate::start(
+        stream_from_env()?,
+        mux::Mode::Server,
+        config,
+        Some(&setup),
+    ))
 }
 
 /// Child side: the inherited socket itself, for a caller that builds its session by hand.

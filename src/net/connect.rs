@@ -5,6 +5,13 @@ use std::time::Duration;
 use tokio::net::{TcpStream, UnixStream};
 
 use super::{Addr, ConnectError, IntoAddr};
+
+fn start<T>(io: T, config: mux::Config, setup: Option<&super::gate::OnSession>) -> Session
+where
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static,
+{
+    super::gate::start(io, mux::Mode::Client, config, setup)
+}
 use crate::mux::{self, Session};
 
 /// How [`connect`] connects. `ConnectOptions::default()` suits TCP and Unix sockets.
@@ -12,6 +19,7 @@ use crate::mux::{self, Session};
 pub struct ConnectOptions {
     mux: mux::Config,
     timeout: Duration,
+    on_session: Option<super::gate::OnSession>,
     #[cfg(feature = "tls")]
     tls: Option<super::TlsClient>,
 }
@@ -21,6 +29,7 @@ impl Default for ConnectOptions {
         ConnectOptions {
             mux: mux::Config::default(),
             timeout: Duration::from_secs(10),
+            on_session: None,
             #[cfg(feature = "tls")]
             tls: None,
         }
@@ -38,6 +47,18 @@ impl ConnectOptions {
     /// the TLS handshake. Default: 10 s.
     pub fn timeout(mut self, timeout: Duration) -> ConnectOptions {
         self.timeout = timeout;
+        self
+    }
+
+    /// Runs `setup` on each new session before the session reads anything from the peer:
+    /// the place to [`listen`](crate::mux::Session::listen) on the names the peer will dial,
+    /// so that no dial arrives before its listener. Keep it short (it cannot await); spawn
+    /// the tasks that serve the listeners. Default: none.
+    pub fn on_session(
+        mut self,
+        setup: impl Fn(&Session) + Send + Sync + 'static,
+    ) -> ConnectOptions {
+        self.on_session = Some(super::gate::OnSession(std::sync::Arc::new(setup)));
         self
     }
 
@@ -94,21 +115,21 @@ pub async fn connect(
                 .await
                 .map_err(|_| timed_out(&addr))?
                 .map_err(io_err(&addr))?;
-            Session::client(tcp, options.mux)
+            start(tcp, options.mux, options.on_session.as_ref())
         }
         Addr::Unix(path) => {
             let unix = tokio::time::timeout_at(deadline, UnixStream::connect(path))
                 .await
                 .map_err(|_| timed_out(&addr))?
                 .map_err(io_err(&addr))?;
-            Session::client(unix, options.mux)
+            start(unix, options.mux, options.on_session.as_ref())
         }
         Addr::AbstractUnix(name) => {
             let unix = tokio::time::timeout_at(deadline, UnixStream::connect(abstract_path(name)))
                 .await
                 .map_err(|_| timed_out(&addr))?
                 .map_err(io_err(&addr))?;
-            Session::client(unix, options.mux)
+            start(unix, options.mux, options.on_session.as_ref())
         }
         #[cfg(feature = "tls")]
         Addr::Tls { host, port } => {
@@ -127,7 +148,7 @@ pub async fn connect(
                         addr: addr.clone(),
                         source,
                     })?;
-            Session::client(stream, options.mux)
+            start(stream, options.mux, options.on_session.as_ref())
         }
         #[cfg(not(feature = "tls"))]
         Addr::Tls { .. } => return Err(ConnectError::TlsNotConfigured { addr }),

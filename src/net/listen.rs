@@ -19,12 +19,20 @@ use tokio::{
 use super::{connect::abstract_path, AcceptError, Addr, BindError, IntoAddr};
 use crate::mux::{self, Session};
 
+fn start<T>(io: T, config: mux::Config, setup: Option<&super::gate::OnSession>) -> Session
+where
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static,
+{
+    super::gate::start(io, mux::Mode::Server, config, setup)
+}
+
 /// How [`bind`] listens. `BindOptions::default()` suits TCP and Unix sockets.
 #[derive(Clone, Debug)]
 pub struct BindOptions {
     mux: mux::Config,
     handshake_timeout: Duration,
     backlog: usize,
+    on_session: Option<super::gate::OnSession>,
     #[cfg(feature = "tls")]
     tls: Option<super::TlsServer>,
 }
@@ -35,6 +43,7 @@ impl Default for BindOptions {
             mux: mux::Config::default(),
             handshake_timeout: Duration::from_secs(10),
             backlog: 32,
+            on_session: None,
             #[cfg(feature = "tls")]
             tls: None,
         }
@@ -60,6 +69,15 @@ impl BindOptions {
     /// kernel's backlog. At most as many TLS handshakes run at once. Default: 32 (at least 1).
     pub fn backlog(mut self, n: usize) -> BindOptions {
         self.backlog = n.max(1);
+        self
+    }
+
+    /// Runs `setup` on each new session before the session reads anything from the peer:
+    /// the place to [`listen`](crate::mux::Session::listen) on the names the peer will dial,
+    /// so that no dial arrives before its listener. Keep it short (it cannot await); spawn
+    /// the tasks that serve the listeners. Default: none.
+    pub fn on_session(mut self, setup: impl Fn(&Session) + Send + Sync + 'static) -> BindOptions {
+        self.on_session = Some(super::gate::OnSession(std::sync::Arc::new(setup)));
         self
     }
 
@@ -298,13 +316,14 @@ async fn accept_loop(
         if let Some(tls) = options.tls.clone() {
             let ready = ready.clone();
             let (timeout, config) = (options.handshake_timeout, options.mux.clone());
+            let setup = options.on_session.clone();
             handshakes.spawn(async move {
                 let result = match io {
                     Io::Tcp(tcp) => tls.handshake(tcp, timeout).await,
                     Io::Unix(_) => unreachable_unix_tls(),
                 };
                 let next = match result {
-                    Ok(stream) => Ok(Session::server(stream, config)),
+                    Ok(stream) => Ok(start(stream, config, setup.as_ref())),
                     Err(source) => {
                         tracing::info!(%peer, error = %source, "TLS handshake failed");
                         Err(AcceptError::Tls { peer, source })
@@ -315,8 +334,8 @@ async fn accept_loop(
             continue;
         }
         let session = match io {
-            Io::Tcp(tcp) => Session::server(tcp, options.mux.clone()),
-            Io::Unix(unix) => Session::server(unix, options.mux.clone()),
+            Io::Tcp(tcp) => start(tcp, options.mux.clone(), options.on_session.as_ref()),
+            Io::Unix(unix) => start(unix, options.mux.clone(), options.on_session.as_ref()),
         };
         if ready.send(Ok(session)).await.is_err() {
             return;

@@ -103,13 +103,23 @@ fn open_fds() -> Vec<i32> {
 }
 
 async fn run_child(born_with: Vec<i32>) -> anyhow::Result<()> {
-    let session = child::from_env(mux::Config::default()).context("building the child's link")?;
-    // Listen before dialling: once the parent sees our dial, our service is there.
-    let calls = session.listen("worker")?;
-    let parent = ParentClient::new(rpc::Client::new(session.dial("parent").await?));
-    let mut server = rpc::Server::new();
-    server.add(WorkerImpl { born_with, parent }.into_service());
-    serve(server, calls);
+    // Listen in the setup: it runs before the session reads the parent's first dial.
+    let session = child::from_env_with(mux::Config::default(), move |session| {
+        let Ok(calls) = session.listen("worker") else {
+            return;
+        };
+        let (session, born_with) = (session.clone(), born_with.clone());
+        tokio::spawn(async move {
+            let parent = match session.dial("parent").await {
+                Ok(conn) => ParentClient::new(rpc::Client::new(conn)),
+                Err(e) => return eprintln!("child: cannot reach the parent: {e}"),
+            };
+            let mut server = rpc::Server::new();
+            server.add(WorkerImpl { born_with, parent }.into_service());
+            serve(server, calls);
+        });
+    })
+    .context("building the child's link")?;
     // The parent closes the session when it is done with us.
     let reason = session.closed().await;
     eprintln!("child: session ended ({reason}), exiting");
@@ -123,21 +133,18 @@ async fn run_parent() -> anyhow::Result<()> {
     // The child keeps its channel to our Parent service open to the end, so our graceful
     // close would wait out the default 5 s grace for it: keep the grace short.
     let config = mux::Config::default().close_grace(Duration::from_millis(200));
-    let link = child::spawn(cmd, config)?;
+    // Serve Parent from the start: the child may dial it before we get to run another line.
+    let link = child::spawn_with(cmd, config, |session| {
+        if let Ok(calls) = session.listen("parent") {
+            let mut server = rpc::Server::new();
+            server.add(ParentImpl.into_service());
+            serve(server, calls);
+        }
+    })?;
     println!(
         "parent: spawned child pid {} with the link at fd 3",
         link.id()
     );
-
-    let mut calls = link.session().listen("parent")?;
-    let first = tokio::time::timeout(Duration::from_secs(30), calls.accept())
-        .await
-        .context("the child did not dial back within 30 s")??;
-    let mut server = rpc::Server::new();
-    server.add(ParentImpl.into_service());
-    let served = server.clone();
-    tokio::spawn(async move { served.serve(first).await });
-    serve(server, calls);
 
     let worker = WorkerClient::new(rpc::Client::new(link.session().dial("worker").await?))
         .with_options(CallOptions::default().timeout(Duration::from_secs(10)));
