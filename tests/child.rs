@@ -42,6 +42,12 @@ fn child_role() {
         .build()
         .unwrap();
     runtime.block_on(async move {
+        if role == "report-env-error" {
+            // Started by hand with a bad NETCHAN_CHILD_FD: report what from_env says.
+            let err = child::from_env(mux::Config::default()).unwrap_err();
+            eprintln!("from_env: {err}");
+            std::process::exit(9);
+        }
         if role == "exit-3" {
             let _session = child::from_env(mux::Config::default()).expect("session from fd 3");
             std::process::exit(3);
@@ -200,4 +206,46 @@ fn from_env_in_a_process_that_is_no_child_says_so() {
         assert!(matches!(err, ChildError::NotAChild), "{err:?}");
         assert!(err.to_string().contains("NETCHAN_CHILD_FD"), "{err}");
     }
+}
+
+/// Runs the child role `report-env-error` with `NETCHAN_CHILD_FD` set to `value` by hand (no
+/// link) and returns what `from_env` said.
+async fn from_env_error_with(value: &str) -> String {
+    let out = tokio::process::Command::new(std::env::current_exe().unwrap())
+        .args([
+            "child_role",
+            "--exact",
+            "--ignored",
+            "--quiet",
+            "--test-threads=1",
+        ])
+        .arg("--nocapture")
+        .env(ROLE_ENV, "report-env-error")
+        .env(child::FD_ENV, value)
+        .stdin(std::process::Stdio::null())
+        .output();
+    let out = within(30, "the child reports", out).await.unwrap();
+    assert_eq!(out.status.code(), Some(9), "{out:?}");
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+#[tokio::test]
+async fn from_env_names_a_bad_variable_or_an_fd_that_is_no_socket() {
+    let said = from_env_error_with("three").await;
+    assert!(
+        said.contains("from_env: NETCHAN_CHILD_FD=\"three\" is not a file descriptor number"),
+        "{said}"
+    );
+    // fd 0 is /dev/null here: open, but not a socket.
+    let said = from_env_error_with("0").await;
+    assert!(
+        said.contains("from_env: fd 0 named by NETCHAN_CHILD_FD is not an open unix socket"),
+        "{said}"
+    );
+    // fd 57 is not open at all.
+    let said = from_env_error_with("57").await;
+    assert!(
+        said.contains("from_env: fd 57 named by NETCHAN_CHILD_FD is not an open unix socket"),
+        "{said}"
+    );
 }

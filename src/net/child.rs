@@ -97,7 +97,7 @@ pub struct ChildExited {
     /// The program as given to the command.
     pub program: String,
     /// The exit status, or `None` if the child closed the link and was still running
-    /// [`EXIT_GRACE`] (5 s) later.
+    /// 5 s later.
     pub status: Option<ExitStatus>,
 }
 
