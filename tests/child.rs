@@ -42,6 +42,18 @@ fn child_role() {
         .build()
         .unwrap();
     runtime.block_on(async move {
+        if role == "middle" {
+            // Started through a shell that left fd 7 open and inheritable: spawn a child of
+            // our own and report what it was born with.
+            let ours: Vec<i32> = born_with.iter().map(|(fd, _)| *fd).collect();
+            println!("middle: {ours:?}");
+            let link = spawn_child("serve");
+            let to_child = dial_child(&link).await;
+            let fds: Vec<(i32, String)> = to_child.call("Child.fds", &()).await.unwrap();
+            let theirs: Vec<i32> = fds.iter().map(|(fd, _)| *fd).collect();
+            println!("grandchild: {theirs:?}");
+            std::process::exit(0);
+        }
         if role == "report-env-error" {
             // Started by hand with a bad NETCHAN_CHILD_FD: report what from_env says.
             let err = child::from_env(mux::Config::default()).unwrap_err();
@@ -247,5 +259,35 @@ async fn from_env_names_a_bad_variable_or_an_fd_that_is_no_socket() {
     assert!(
         said.contains("from_env: fd 57 named by NETCHAN_CHILD_FD is not an open unix socket"),
         "{said}"
+    );
+}
+
+#[tokio::test]
+async fn an_fd_the_parent_left_inheritable_does_not_reach_the_child() {
+    // A shell opens fd 7 without close-on-exec, then becomes this test binary ("middle"),
+    // which spawns a child through child::spawn: fd 7 must stop at the middle.
+    let exe = std::env::current_exe().unwrap();
+    let script = r#"exec 7</dev/null; exec "$0" child_role --exact --ignored --quiet --nocapture --test-threads=1"#;
+    let out = tokio::process::Command::new("sh")
+        .args(["-c", script])
+        .arg(&exe)
+        .env(ROLE_ENV, "middle")
+        .stdin(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .output();
+    let out = within(60, "the middle process reports", out).await.unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{out:?}");
+    let middle = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("middle: "))
+        .expect("the middle's fds");
+    assert!(
+        middle.contains(", 7"),
+        "the middle inherited fd 7: {middle}"
+    );
+    assert!(
+        stdout.contains("grandchild: [0, 1, 2, 3]"),
+        "only stdio and the link reach the child: {stdout}"
     );
 }
