@@ -9,8 +9,21 @@
 //! - [`rpc`] (`netchan-rpc`): RPC over any conn, typically a mux channel: typed services,
 //!   deadlines, cancellation, metadata, status codes and streaming with flow control.
 //!
+//! and adds the links users bring, each a one-liner ([`net`]):
+//!
+//! - [`connect`] / [`bind`]: TCP, TLS (`tls://`), Unix socket files and abstract sockets, by
+//!   [`Addr`];
+//! - [`net::child`]: a session to a child process over an inherited socket.
+//!
 //! See the repository's `README.md` and `docs/guide.md` for a walk-through.
+//!
+//! # Layout
+//!
+//! - `net.rs` and `net/` — addresses, connect, bind, TLS and the child-process link.
 
+pub mod net;
+
+pub use net::{bind, connect, Addr, BindOptions, ConnectOptions, Listener};
 pub use netchan_mux as mux;
 pub use netchan_rpc as rpc;
 

@@ -1,21 +1,21 @@
-//! netchan end to end over each kind of link it is meant for: loopback TCP under mutual TLS,
-//! a Unix socket at a path, and an abstract Unix socket. On every link both peers serve a typed
+//! netchan end to end over each kind of link it is meant for, each made with
+//! `netchan::bind`/`netchan::connect`: loopback TCP, TCP under mutual TLS, a Unix socket at a
+//! path and an abstract Unix socket; and a socket pair as handed to a subprocess. On every link both peers serve a typed
 //! service and call the other's, including the hub calling back into the client while it serves
 //! the client's call, with metadata, a deadline and a flow-controlled server stream.
 
-use std::{future::Future, io, sync::Arc, time::Duration};
+use std::{future::Future, sync::Arc, time::Duration};
 
 use futures::StreamExt;
 use netchan::{
     mux::{self, Session},
+    net::{TlsClient, TlsServer},
     rpc::{self, service, CallOptions, Code, Context, ItemStream, Status},
+    BindOptions, ConnectOptions,
 };
 use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName};
-use tokio::{
-    io::{AsyncRead, AsyncWrite},
-    net::{TcpListener, TcpStream, UnixListener, UnixStream},
-};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+use tokio::net::UnixStream;
 
 /// Every wait in this file is bounded by this.
 const BOUND: Duration = Duration::from_secs(20);
@@ -79,19 +79,25 @@ impl Phone for PhoneImpl {
     }
 }
 
-/// Runs the whole bidirectional exchange over one link, `client_io` being the side that
-/// connected and `hub_io` the side that accepted.
-async fn exercise<C, H>(client_io: C, hub_io: H)
-where
-    C: AsyncRead + AsyncWrite + Send + Unpin + 'static,
-    H: AsyncRead + AsyncWrite + Send + Unpin + 'static,
-{
-    // The hub keeps its channel to the client's Phone open to the end, so the client's graceful
-    // close waits out its grace period: keep that short.
-    let client_config = mux::Config::default().close_grace(Duration::from_millis(200));
-    let client = Session::client(client_io, client_config);
-    let hub = Session::server(hub_io, mux::Config::default());
+/// The client side's session config: the hub keeps its channel to the client's Phone open to
+/// the end, so the client's graceful close waits out its grace period: keep that short.
+fn client_config() -> mux::Config {
+    mux::Config::default().close_grace(Duration::from_millis(200))
+}
 
+/// Binds `addr`, connects to it and runs the whole exchange over that link.
+async fn over(addr: &str, bind: BindOptions, connect: ConnectOptions) {
+    let mut listener = netchan::bind(addr, bind).await.expect("bind");
+    let local = listener.local_addr().clone();
+    let connect = connect.mux(client_config());
+    let (client, hub) =
+        bounded(async { tokio::join!(netchan::connect(&local, connect), listener.accept()) }).await;
+    exercise(client.expect("connect"), hub.expect("accept")).await;
+}
+
+/// Runs the whole bidirectional exchange over one link, `client` being the side that
+/// connected and `hub` the side that accepted.
+async fn exercise(client: Session, hub: Session) {
     // The client exports Phone on its own connection...
     let mut phone_listener = client.listen("phone").expect("listen phone");
     let phone_server = {
@@ -207,7 +213,8 @@ fn pki() -> Pki {
     }
 }
 
-fn server_tls(pki: &Pki) -> tokio_rustls::TlsAcceptor {
+/// The hub's side, built as a rustls config by hand: requires a client certificate.
+fn server_tls(pki: &Pki) -> TlsServer {
     let verifier = rustls::server::WebPkiClientVerifier::builder(pki.roots.clone())
         .build()
         .unwrap();
@@ -215,100 +222,62 @@ fn server_tls(pki: &Pki) -> tokio_rustls::TlsAcceptor {
         .with_client_cert_verifier(verifier)
         .with_single_cert(pki.server.0.clone(), pki.server.1.clone_key())
         .unwrap();
-    tokio_rustls::TlsAcceptor::from(Arc::new(config))
+    TlsServer::from_config(Arc::new(config))
 }
 
-fn client_tls(pki: &Pki, with_cert: bool) -> tokio_rustls::TlsConnector {
-    let builder = rustls::ClientConfig::builder().with_root_certificates(pki.roots.clone());
-    let config = if with_cert {
-        builder
-            .with_client_auth_cert(pki.client.0.clone(), pki.client.1.clone_key())
-            .unwrap()
-    } else {
-        builder.with_no_client_auth()
-    };
-    tokio_rustls::TlsConnector::from(Arc::new(config))
+fn client_tls(pki: &Pki) -> TlsClient {
+    let config = rustls::ClientConfig::builder()
+        .with_root_certificates(pki.roots.clone())
+        .with_client_auth_cert(pki.client.0.clone(), pki.client.1.clone_key())
+        .unwrap();
+    TlsClient::from_config(Arc::new(config)).server_name("localhost")
 }
 
-type ClientTls = tokio_rustls::client::TlsStream<TcpStream>;
-type HubTls = tokio_rustls::server::TlsStream<TcpStream>;
-
-/// Connects a TLS client (with or without its certificate) to a TLS hub requiring client
-/// certificates over loopback TCP, and returns what each side's handshake gave.
-async fn tls_link(pki: &Pki, client_cert: bool) -> (io::Result<ClientTls>, io::Result<HubTls>) {
-    let acceptor = server_tls(pki);
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let accepted = tokio::spawn(async move {
-        let (tcp, _) = listener.accept().await?;
-        acceptor.accept(tcp).await
-    });
-    let tcp = bounded(TcpStream::connect(addr)).await.unwrap();
-    let name = ServerName::try_from("localhost").unwrap();
-    let client = bounded(client_tls(pki, client_cert).connect(name, tcp)).await;
-    let hub = bounded(accepted).await.unwrap();
-    (client, hub)
+#[tokio::test]
+async fn both_peers_serve_and_call_over_loopback_tcp() {
+    over(
+        "127.0.0.1:0",
+        BindOptions::default(),
+        ConnectOptions::default(),
+    )
+    .await;
 }
 
 #[tokio::test]
 async fn both_peers_serve_and_call_over_mutual_tls_on_loopback_tcp() {
-    let (client, hub) = tls_link(&pki(), true).await;
-    let client_io = client.expect("the TLS handshake succeeds with a client certificate");
-    exercise(client_io, hub.unwrap()).await;
-}
-
-#[tokio::test]
-async fn a_hub_requiring_client_certificates_refuses_a_client_without_one() {
-    // TLS 1.3 reports a refused client certificate on the client's first read, after the
-    // handshake, so either side may be the one to see the failure first.
-    let (client, hub) = tls_link(&pki(), false).await;
-    let err = hub.expect_err("the hub refuses a client without a certificate");
-    assert!(
-        err.to_string().to_lowercase().contains("certificate"),
-        "the error names the missing certificate: {err}"
-    );
-    if let Ok(client_io) = client {
-        // Whatever the client thinks, no session can run on this link.
-        let session = Session::client(client_io, mux::Config::default());
-        let dial = bounded(session.dial("hub")).await;
-        assert!(dial.is_err(), "no channel opens over a refused TLS link");
-    }
+    let pki = pki();
+    over(
+        "tls://127.0.0.1:0",
+        BindOptions::default().tls(server_tls(&pki)),
+        ConnectOptions::default().tls(client_tls(&pki)),
+    )
+    .await;
 }
 
 #[tokio::test]
 async fn both_peers_serve_and_call_over_a_unix_socket_path() {
     let dir = std::env::temp_dir().join(format!("netchan-test-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
-    let path = dir.join("link.sock");
-    let _ = std::fs::remove_file(&path);
-    let listener = UnixListener::bind(&path).unwrap();
-    let accepted = tokio::spawn(async move { listener.accept().await.map(|(s, _)| s) });
-    let client_io = bounded(UnixStream::connect(&path)).await.unwrap();
-    let hub_io = bounded(accepted).await.unwrap().unwrap();
-    exercise(client_io, hub_io).await;
+    let addr = format!("unix:{}", dir.join("link.sock").display());
+    over(&addr, BindOptions::default(), ConnectOptions::default()).await;
     let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[cfg(target_os = "linux")]
 #[tokio::test]
 async fn both_peers_serve_and_call_over_an_abstract_unix_socket() {
-    use std::os::linux::net::SocketAddrExt;
-    let name = format!("netchan-test-{}-abstract", std::process::id());
-    let addr = std::os::unix::net::SocketAddr::from_abstract_name(name.as_bytes()).unwrap();
-    let std_listener = std::os::unix::net::UnixListener::bind_addr(&addr).unwrap();
-    std_listener.set_nonblocking(true).unwrap();
-    let listener = UnixListener::from_std(std_listener).unwrap();
-    let accepted = tokio::spawn(async move { listener.accept().await.map(|(s, _)| s) });
-    let std_client = std::os::unix::net::UnixStream::connect_addr(&addr).unwrap();
-    std_client.set_nonblocking(true).unwrap();
-    let client_io = UnixStream::from_std(std_client).unwrap();
-    let hub_io = bounded(accepted).await.unwrap().unwrap();
-    exercise(client_io, hub_io).await;
+    let addr = format!("unix:@netchan-test-{}-abstract", std::process::id());
+    over(&addr, BindOptions::default(), ConnectOptions::default()).await;
 }
 
 #[tokio::test]
 async fn both_peers_serve_and_call_over_a_socket_pair_as_passed_to_a_subprocess() {
-    // The shape of "RPC to a subprocess over an inherited socket": one end of a socketpair each.
+    // The shape of "RPC to a subprocess over an inherited socket": one end of a socketpair each
+    // (tests/child.rs runs a real child process).
     let (parent, child) = UnixStream::pair().unwrap();
-    exercise(parent, child).await;
+    exercise(
+        Session::client(parent, client_config()),
+        Session::server(child, mux::Config::default()),
+    )
+    .await;
 }

@@ -1,121 +1,21 @@
-//! TLS configuration (rustls with the ring provider) from PEM files.
+//! TLS configuration from PEM files, through the netchan library's TLS layer
+//! ([`netchan::net::tls`]).
 //!
 //! The hub serves TLS with `--tls-cert/--tls-key` and, with `--tls-client-ca`, requires a client
 //! certificate signed by that CA (mutual TLS). Clients verify the hub against `--tls-ca` and may
 //! present `--tls-cert/--tls-key`.
 
-use std::io::BufReader;
-use std::path::{Path, PathBuf};
-use std::sync::Arc;
-use std::time::Duration;
+use std::{path::Path, sync::Arc, time::Duration};
 
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
-use rustls::server::WebPkiClientVerifier;
-use rustls::{ClientConfig, RootCertStore, ServerConfig};
+use rustls::pki_types::ServerName;
+use rustls::{ClientConfig, ServerConfig};
+
+pub(crate) use netchan::net::tls::TlsError;
+#[cfg(test)]
+use netchan::net::tls::{load_certs, load_key};
 
 /// Longest a TLS handshake may take before the connection is dropped.
 pub(crate) const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// Why TLS could not be configured.
-#[non_exhaustive]
-#[derive(Debug, thiserror::Error)]
-pub(crate) enum TlsError {
-    /// A PEM file could not be read.
-    #[error("cannot read {path}")]
-    Read {
-        /// The file.
-        path: PathBuf,
-        /// Why.
-        #[source]
-        source: std::io::Error,
-    },
-    /// A certificate file holds no certificate.
-    #[error("no PEM certificate found in {path}")]
-    NoCertificate {
-        /// The file.
-        path: PathBuf,
-    },
-    /// A key file holds no private key.
-    #[error("no PEM private key found in {path}")]
-    NoKey {
-        /// The file.
-        path: PathBuf,
-    },
-    /// The server name to verify is not a valid DNS name or IP address.
-    #[error("invalid TLS server name {name:?}")]
-    ServerName {
-        /// The name.
-        name: String,
-    },
-    /// rustls refused the configuration (bad key, unusable CA...).
-    #[error("invalid TLS configuration: {context}")]
-    Config {
-        /// Which part.
-        context: &'static str,
-        /// The rustls error.
-        #[source]
-        source: Box<dyn std::error::Error + Send + Sync>,
-    },
-}
-
-fn provider() -> Arc<rustls::crypto::CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
-}
-
-fn read_file(path: &Path) -> Result<Vec<u8>, TlsError> {
-    std::fs::read(path).map_err(|source| TlsError::Read {
-        path: path.to_owned(),
-        source,
-    })
-}
-
-/// Loads every certificate of a PEM file (at least one).
-pub(crate) fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
-    let pem = read_file(path)?;
-    let certs = rustls_pemfile::certs(&mut BufReader::new(&pem[..]))
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|source| TlsError::Read {
-            path: path.to_owned(),
-            source,
-        })?;
-    if certs.is_empty() {
-        return Err(TlsError::NoCertificate {
-            path: path.to_owned(),
-        });
-    }
-    Ok(certs)
-}
-
-/// Loads the first private key of a PEM file.
-pub(crate) fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
-    let pem = read_file(path)?;
-    rustls_pemfile::private_key(&mut BufReader::new(&pem[..]))
-        .map_err(|source| TlsError::Read {
-            path: path.to_owned(),
-            source,
-        })?
-        .ok_or_else(|| TlsError::NoKey {
-            path: path.to_owned(),
-        })
-}
-
-fn roots(path: &Path) -> Result<Arc<RootCertStore>, TlsError> {
-    let mut store = RootCertStore::empty();
-    for cert in load_certs(path)? {
-        store.add(cert).map_err(|e| TlsError::Config {
-            context: "CA certificate",
-            source: Box::new(e),
-        })?;
-    }
-    Ok(Arc::new(store))
-}
-
-fn config_err(context: &'static str) -> impl FnOnce(rustls::Error) -> TlsError {
-    move |e| TlsError::Config {
-        context,
-        source: Box::new(e),
-    }
-}
 
 /// The hub's TLS configuration; `client_ca` requires client certificates signed by it.
 pub(crate) fn server_config(
@@ -123,27 +23,7 @@ pub(crate) fn server_config(
     key: &Path,
     client_ca: Option<&Path>,
 ) -> Result<Arc<ServerConfig>, TlsError> {
-    let certs = load_certs(cert)?;
-    let key = load_key(key)?;
-    let builder = ServerConfig::builder_with_provider(provider())
-        .with_safe_default_protocol_versions()
-        .map_err(config_err("protocol versions"))?;
-    let builder = match client_ca {
-        None => builder.with_no_client_auth(),
-        Some(ca) => {
-            let verifier = WebPkiClientVerifier::builder_with_provider(roots(ca)?, provider())
-                .build()
-                .map_err(|e| TlsError::Config {
-                    context: "client certificate verifier",
-                    source: Box::new(e),
-                })?;
-            builder.with_client_cert_verifier(verifier)
-        }
-    };
-    let config = builder
-        .with_single_cert(certs, key)
-        .map_err(config_err("hub certificate and key"))?;
-    Ok(Arc::new(config))
+    netchan::net::tls::server_config(cert, key, client_ca)
 }
 
 /// A client's TLS configuration: trusts `ca`, optionally presents a client certificate.
@@ -151,17 +31,7 @@ pub(crate) fn client_config(
     ca: &Path,
     client_cert: Option<(&Path, &Path)>,
 ) -> Result<Arc<ClientConfig>, TlsError> {
-    let builder = ClientConfig::builder_with_provider(provider())
-        .with_safe_default_protocol_versions()
-        .map_err(config_err("protocol versions"))?
-        .with_root_certificates(roots(ca)?);
-    let config = match client_cert {
-        None => builder.with_no_client_auth(),
-        Some((cert, key)) => builder
-            .with_client_auth_cert(load_certs(cert)?, load_key(key)?)
-            .map_err(config_err("client certificate and key"))?,
-    };
-    Ok(Arc::new(config))
+    netchan::net::tls::client_config(ca, client_cert)
 }
 
 /// The name to verify in the hub's certificate: `override_name`, else the host part of `addr`.
@@ -242,7 +112,7 @@ mod tests {
         assert!(matches!(err, TlsError::NoCertificate { .. }), "{err:?}");
         let err = load_key(&empty).unwrap_err();
         assert!(matches!(err, TlsError::NoKey { .. }), "{err:?}");
-        let err = load_certs(&dir.path().join("missing.pem")).unwrap_err();
+        let err = load_certs(dir.path().join("missing.pem")).unwrap_err();
         assert!(err.to_string().contains("missing.pem"), "{err}");
     }
 }
