@@ -38,7 +38,7 @@ use crate::auth::{self, Token};
 use crate::export::{Entry, Listing};
 use crate::proto::{
     Chunk, ExportClient, Hub, ListReq, PeerPath, PeerRead, PublishReq, PublishResp, ReadReq,
-    EXPORT_CHANNEL, HUB_CHANNEL,
+    EXPORT_CHANNEL, HUB_CHANNEL, READER_KEY,
 };
 use crate::registry::{validate_name, ConnId, NameError, Registry};
 
@@ -446,13 +446,15 @@ impl HubService {
         F: FnOnce(ExportClient) -> Fut,
         Fut: std::future::Future<Output = Result<T, Status>>,
     {
-        self.0.published_name().await?;
+        let reader = self.0.published_name().await?;
         let hub = &self.0.hub;
         let peer = hub.peer(name)?;
         let _slot = hub.slot(name, &peer).await?;
-        let export = peer
-            .export
-            .with_options(CallOptions::default().timeout(hub.opts.peer_timeout));
+        let export = peer.export.with_options(
+            CallOptions::default()
+                .timeout(hub.opts.peer_timeout)
+                .metadata(READER_KEY, reader),
+        );
         call(export).await.map_err(|s| from_peer(name, s))
     }
 }
@@ -559,6 +561,7 @@ impl Hub for HubService {
         info!(%reader, peer = %name, path = %req.path, "read");
         let upstream = peer
             .export
+            .with_options(CallOptions::default().metadata(READER_KEY, reader.clone()))
             .read(ReadReq {
                 path: req.path,
                 offset: req.offset,

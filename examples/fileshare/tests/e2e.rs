@@ -28,11 +28,11 @@ fn three_peers_list_read_ls_and_get_with_identical_bytes() {
     let want = format!(
         "alice\nbob\ncarol\n\
          hello world\n\
-         \x20    5242880  data.bin\n\
-         \x20         12  hello.txt\n\
-         \x20      <dir>  sub/\n\
-         \x20          6  inner.txt\n\
-         saved 5242880 bytes to {}\n\
+         \x20   5.0M  data.bin\n\
+         \x20     12  hello.txt\n\
+         \x20  <dir>  sub/\n\
+         \x20      6  inner.txt\n\
+         saved 5242880 bytes to {} (verified)\n\
          from carol\n",
         s(&local)
     );
@@ -55,7 +55,10 @@ fn three_peers_list_read_ls_and_get_with_identical_bytes() {
     let out = run_script(&hub.addr, "alice", ra.path(), &script);
     assert_eq!(out.status.code(), Some(1));
     let saved = ra.path().join("hello.txt");
-    assert_eq!(out.out(), format!("saved 12 bytes to {}\n", s(&saved)));
+    assert_eq!(
+        out.out(),
+        format!("saved 12 bytes to {} (verified)\n", s(&saved))
+    );
     assert!(out.stderr.contains("already exists"), "{}", out.stderr);
     assert_eq!(std::fs::read(&saved).unwrap(), b"hello world\n");
 }

@@ -165,7 +165,7 @@ fn the_terminal_repl_prompts_completes_commands_and_peers_lists_and_exits_on_ctr
     type_keys("li\t");
     screen.expect("> list ", WAIT);
     type_keys("\r");
-    screen.expect("alice\r\nbob\r\n", WAIT);
+    screen.expect("alice (you)\r\nbob\r\n", WAIT);
     screen.expect("> ", WAIT);
     // `read b<TAB>` completes the peer name (asked from the hub).
     type_keys("read b\t");
