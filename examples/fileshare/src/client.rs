@@ -17,7 +17,7 @@ use netchan_rpc::{
 };
 use rand::{Rng, SeedableRng};
 use rustls::pki_types::ServerName;
-use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt as _};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tracing::{debug, Instrument};
@@ -153,6 +153,9 @@ where
     let session = Session::client(io, opts.mux.clone());
     let mut hello = session.dial(auth::CHANNEL).await?;
     auth::client_hello(&mut hello, opts.token.as_deref()).await?;
+    // The hub has half-closed after its answer; closing our side too ends the channel without
+    // a reset.
+    let _ = tokio::time::timeout(auth::TIMEOUT, hello.shutdown()).await;
     drop(hello);
     // Listen before publishing: the hub dials back during Publish.
     let exports = session.listen(EXPORT_CHANNEL)?;

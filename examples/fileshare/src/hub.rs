@@ -266,11 +266,15 @@ impl HubState {
             .map_err(|_| anyhow::anyhow!("no hello within {:?}", auth::TIMEOUT))??;
         drop(hello);
         let mut hub_listener = None;
-        auth::server_hello(&mut ch, self.opts.token.as_ref(), || {
+        let verdict = auth::server_hello(&mut ch, self.opts.token.as_ref(), || {
             hub_listener = Some(session.listen(HUB_CHANNEL).map_err(|e| e.to_string())?);
             Ok(())
         })
-        .await?;
+        .await;
+        // End with FIN, never a reset: some yamux implementations drop unread data on RST.
+        let _ =
+            tokio::time::timeout(auth::TIMEOUT, tokio::io::AsyncWriteExt::shutdown(&mut ch)).await;
+        verdict?;
         hub_listener.ok_or_else(|| anyhow::anyhow!("hub listener missing after hello"))
     }
 
