@@ -238,6 +238,7 @@ async fn read(peer: &Peer, p: &str, path: &str, ui: &Ui) -> anyhow::Result<()> {
         while let Some(chunk) = file.next().await? {
             out.write_all(&chunk.data).await?;
         }
+        out.flush().await?;
         return Ok(());
     }
     let mut buf = Vec::new();
@@ -278,6 +279,7 @@ async fn read(peer: &Peer, p: &str, path: &str, ui: &Ui) -> anyhow::Result<()> {
         ));
     }
     out.write_all(text.as_bytes()).await?;
+    out.flush().await?;
     Ok(())
 }
 
@@ -710,7 +712,9 @@ async fn get(
             base.display()
         ));
     }
-    tokio::io::stdout().write_all(text.as_bytes()).await?;
+    let mut out = tokio::io::stdout();
+    out.write_all(text.as_bytes()).await?;
+    out.flush().await?;
     Ok(())
 }
 
@@ -1181,9 +1185,13 @@ fn prompt(me: &Me, connected: bool) -> String {
 /// Announces peers joining and leaving, by asking the hub every [`PEER_WATCH_INTERVAL`].
 async fn watch_peers(peer: Arc<Peer>, me: String, notifier: Arc<Notifier>) {
     let mut known: Option<Vec<String>> = None;
-    // Runs until aborted when the REPL ends; one list call per interval.
+    // Runs until aborted when the REPL ends; one list call per interval, the first at once
+    // (what is there at the start is the baseline, not news).
+    let mut first = true;
     loop {
-        tokio::time::sleep(PEER_WATCH_INTERVAL).await;
+        if !std::mem::take(&mut first) {
+            tokio::time::sleep(PEER_WATCH_INTERVAL).await;
+        }
         let Ok(Ok(now)) = tokio::time::timeout(COMPLETION_TIMEOUT * 5, peer.list()).await else {
             // Not connected: announced by the reconnect messages; start afresh after.
             known = None;
