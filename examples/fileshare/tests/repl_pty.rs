@@ -237,6 +237,7 @@ fn the_terminal_repl_is_safe_and_aware_and_cancels_a_get_cleanly() {
         .unwrap()
         .set_len(4 << 30)
         .unwrap();
+    std::fs::write(rb.path().join("long.txt"), "line\n".repeat(20 * 1024)).unwrap();
     std::fs::create_dir(ra.path().join("downloads")).unwrap();
     let _bob = start_server(&hub.addr, "bob", rb.path(), &[]);
     let mut repl = spawn_repl(&hub.addr, ra.path(), home.path());
@@ -276,6 +277,13 @@ fn the_terminal_repl_is_safe_and_aware_and_cancels_a_get_cleanly() {
         "{:?}",
         screen.text()
     );
+    // At most 64 KiB of a long file, and a pointer to the rest.
+    type_keys("read bob long.txt\r");
+    screen.expect(
+        "(showing the first 64K of 100K; use get to save the whole file)",
+        WAIT,
+    );
+    screen.expect(&prompt, WAIT);
     // get's LOCAL completes local paths.
     let local_dir = ra.path().join("downloads");
     type_keys(&format!("get bob hello.txt {}/dow\t", s(ra.path())));
