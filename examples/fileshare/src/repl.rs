@@ -606,7 +606,8 @@ async fn get(
     // Where each file goes: into an existing directory under the remote names, or (one file,
     // or `get -r bob sub newdir`) as LOCAL itself. Checked before the first byte moves.
     let (base, single_target) = match local {
-        None => (PathBuf::from("."), false),
+        // Relative names as typed: "saved 12 bytes to hello.txt".
+        None => (PathBuf::new(), false),
         Some(l) if l.is_dir() => (l, false),
         Some(l) if !plan.many => (l, true),
         Some(l) if paths.len() == 1 && !plan.dirs.is_empty() && !is_glob(&paths[0]) => (l, true),
@@ -709,7 +710,11 @@ async fn get(
             "saved {} files, {} bytes, to {} (verified)\n",
             saved.len(),
             done,
-            base.display()
+            if base.as_os_str().is_empty() {
+                Path::new(".").display()
+            } else {
+                base.display()
+            }
         ));
     }
     let mut out = tokio::io::stdout();
