@@ -588,6 +588,11 @@ async fn get(
         eprintln!("note: {note}");
     }
     let local = match local {
+        // Raw bytes would drive the terminal (escape sequences): read is the safe viewer.
+        Local::Stdout if ui.terminal => bail!(
+            "get ... - writes raw bytes; not to a terminal (use read to view a text file, or \
+             run share with its output redirected)"
+        ),
         Local::Stdout => {
             let mut out = tokio::io::stdout();
             // Bounded by the plan.

@@ -284,6 +284,9 @@ fn the_terminal_repl_is_safe_and_aware_and_cancels_a_get_cleanly() {
         WAIT,
     );
     screen.expect(&prompt, WAIT);
+    type_keys("get bob esc.txt -\r");
+    screen.expect("writes raw bytes; not to a terminal", WAIT);
+    screen.expect(&prompt, WAIT);
     // get's LOCAL completes local paths.
     let local_dir = ra.path().join("downloads");
     type_keys(&format!("get bob hello.txt {}/dow\t", s(ra.path())));
