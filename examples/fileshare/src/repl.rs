@@ -211,8 +211,10 @@ async fn run(peer: &Peer, me: &Me, cmd: Cmd, ui: &Ui) -> anyhow::Result<Flow> {
             }
             let you = if p == me.name { " (you)" } else { "" };
             let text = format!(
-                "{p}{you}: connected; its root holds {files} files ({}) and {dirs} directories{}\n",
+                "{p}{you}: connected; its root holds {files} file{} ({}) and {dirs} director{}{}\n",
+                if files == 1 { "" } else { "s" },
                 command::human_size(bytes),
+                if dirs == 1 { "y" } else { "ies" },
                 if listing.truncated { ", and more" } else { "" }
             );
             out.write_all(text.as_bytes()).await?;
@@ -712,8 +714,9 @@ async fn get(
         ));
     } else {
         text.push_str(&format!(
-            "saved {} files, {} bytes, to {} (verified)\n",
+            "saved {} file{}, {} bytes, to {} (verified)\n",
             saved.len(),
+            if saved.len() == 1 { "" } else { "s" },
             done,
             if base.as_os_str().is_empty() {
                 Path::new(".").display()

@@ -278,7 +278,7 @@ fn get_to_stdout_is_byte_exact_and_ls_l_whoami_and_info_describe() {
     );
     assert_eq!(
         lines[5],
-        "bob: connected; its root holds 2 files (1.0M) and 1 directories"
+        "bob: connected; its root holds 2 files (1.0M) and 1 directory"
     );
 }
 
