@@ -303,6 +303,12 @@ fn the_terminal_repl_is_safe_and_aware_and_cancels_a_get_cleanly() {
     screen.expect("share: carol joined", WAIT);
     carol.proc.kill();
     screen.expect("share: carol left", WAIT);
+    // Who reads what is shown on the sharer's terminal.
+    std::fs::write(ra.path().join("note.txt"), "from alice\n").unwrap();
+    let rd = tempdir();
+    let out = run_script(&hub.addr, "dave", rd.path(), "read alice note.txt\n");
+    assert_eq!(out.out(), "from alice\n", "{out:?}");
+    screen.expect("share: \"dave\" reads note.txt (11 bytes)", WAIT);
     // Ctrl-C during a get: cancelled, the bar cleared, and a clear word on what is left.
     type_keys(&format!("get bob big.bin {}\r", s(ra.path())));
     screen.expect("ETA", WAIT);
