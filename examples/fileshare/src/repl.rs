@@ -550,6 +550,12 @@ async fn plan(peer: &Peer, p: &str, paths: &[String], flags: GetFlags) -> anyhow
             }
             for e in matches {
                 let remote = remote_join(dir, &e.name);
+                // Like scp: a directory among the matches is skipped (with a word), not fatal.
+                if e.kind == Kind::Dir && !flags.recursive {
+                    plan.notes
+                        .push(format!("skipped {remote}: a directory (use get -r)"));
+                    continue;
+                }
                 let e = if e.kind == Kind::Symlink {
                     peer.stat(p, &remote).await?
                 } else {
@@ -572,6 +578,9 @@ async fn plan(peer: &Peer, p: &str, paths: &[String], flags: GetFlags) -> anyhow
             plan.add(peer, p, path.clone(), &entry, PathBuf::from(name), flags, 0)
                 .await?;
         }
+    }
+    if plan.files.is_empty() && plan.dirs.is_empty() {
+        bail!("nothing to copy: {} names no file on {p}", paths.join(" "));
     }
     Ok(plan)
 }

@@ -195,7 +195,7 @@ fn recursive_globbed_and_multiple_gets_keep_mode_and_mtime() {
     std::fs::create_dir(&globbed).unwrap();
     std::fs::create_dir(&several).unwrap();
     let script = format!(
-        "get -r bob sub {}\nget bob '*.txt' {}\nget bob run.sh a.txt {}\nget bob sub {}\n",
+        "get -r bob sub {}\nget bob '*' {}\nget bob run.sh a.txt {}\nget bob sub {}\n",
         s(&tree),
         s(&globbed),
         s(&several),
@@ -207,7 +207,7 @@ fn recursive_globbed_and_multiple_gets_keep_mode_and_mtime() {
         out.out(),
         format!(
             "saved 2 files, 11 bytes, to {} (verified)\n\
-             saved 3 files, 21 bytes, to {} (verified)\n\
+             saved 4 files, 31 bytes, to {} (verified)\n\
              saved 2 files, 12 bytes, to {} (verified)\n",
             s(&tree),
             s(&globbed),
@@ -221,7 +221,16 @@ fn recursive_globbed_and_multiple_gets_keep_mode_and_mtime() {
     );
     assert_eq!(std::fs::read(tree.join("inner.txt")).unwrap(), b"inner\n");
     assert_eq!(std::fs::read(tree.join("deeper/d.txt")).unwrap(), b"deep\n");
-    assert_eq!(names_in(&globbed), ["a.txt", "hello.txt", "with space.txt"]);
+    assert!(
+        out.stderr
+            .contains("note: skipped sub: a directory (use get -r)"),
+        "{}",
+        out.stderr
+    );
+    assert_eq!(
+        names_in(&globbed),
+        ["a.txt", "hello.txt", "run.sh", "with space.txt"]
+    );
     assert_eq!(names_in(&several), ["a.txt", "run.sh"]);
     let meta = std::fs::metadata(several.join("run.sh")).unwrap();
     assert_eq!(meta.permissions().mode() & 0o777, 0o750);
