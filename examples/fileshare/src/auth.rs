@@ -13,8 +13,9 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 /// Mux channel name of the hello exchange.
 pub(crate) const CHANNEL: &str = "fileshare.hello";
 
-/// The only protocol version spoken.
-pub(crate) const VERSION: u8 = 1;
+/// The only protocol version spoken. 2: `Chunk` carries mtime, mode and the SHA-256 of the
+/// file, `Entry` its mtime (docs/protocol.md, Part 3).
+pub(crate) const VERSION: u8 = 2;
 
 /// Longest token accepted, in bytes.
 pub(crate) const MAX_TOKEN_LEN: usize = 1024;
@@ -239,7 +240,7 @@ mod tests {
     /// Pins the bytes documented in docs/protocol.md, Part 3.
     #[tokio::test]
     async fn the_hello_bytes_are_the_documented_ones() {
-        // Client: version 1, token length 6 (u16 BE), "s3cret".
+        // Client: version 2, token length 6 (u16 BE), "s3cret".
         let (mut a, mut b) = tokio::io::duplex(4096);
         let hub = async {
             let mut got = [0u8; 9];
@@ -249,13 +250,13 @@ mod tests {
         };
         let (client, got) = tokio::join!(client_hello(&mut a, Some("s3cret")), hub);
         client.unwrap();
-        assert_eq!(&got, b"\x01\x00\x06s3cret");
+        assert_eq!(&got, b"\x02\x00\x06s3cret");
         // Hub: a refused token is code 1 with the reason as text.
         let (mut a, mut b) = tokio::io::duplex(4096);
         let expected = Token::new("right").unwrap();
         let hub = server_hello(&mut b, Some(&expected), || Ok(()));
         let client = async {
-            a.write_all(b"\x01\x00\x05wrong").await.unwrap();
+            a.write_all(b"\x02\x00\x05wrong").await.unwrap();
             let mut reply = [0u8; 28];
             a.read_exact(&mut reply).await.unwrap();
             reply

@@ -22,6 +22,7 @@ pub(crate) const DEFAULT_ADDR: &str = "127.0.0.1:8765";
     subcommand_negates_reqs = true,
     after_help = "Examples:\n  share hub                          start a hub on 127.0.0.1:8765\n  \
                   share --name alice --root ~/pub    join it as alice, exporting ~/pub\n  \
+                  share --name alice --hidden        also share dotfiles (.git, .ssh...)\n  \
                   share -name bob 127.0.0.1:8765     the article's Go-style flags work too\n\n\
                   In the REPL type `help` for the commands."
 )]
@@ -84,9 +85,17 @@ pub(crate) struct ClientArgs {
     /// control characters).
     #[arg(long, required = true)]
     pub(crate) name: Option<String>,
-    /// Directory to export read-only to the other peers.
-    #[arg(long, value_name = "DIR", default_value = ".")]
-    pub(crate) root: PathBuf,
+    /// Directory to export read-only to the other peers (default: the current directory,
+    /// unless that is your home directory or /: those must be named with --root).
+    #[arg(long, value_name = "DIR")]
+    pub(crate) root: Option<PathBuf>,
+    /// Also share hidden files and directories (names starting with a dot: .git, .ssh,
+    /// .bashrc...), which are otherwise neither listed nor served.
+    #[arg(long)]
+    pub(crate) hidden: bool,
+    /// Show the details behind errors (as RUST_LOG=debug would, without the log).
+    #[arg(short, long)]
+    pub(crate) verbose: bool,
     /// Hub address (host:port).
     #[arg(value_name = "ADDR", default_value = DEFAULT_ADDR)]
     pub(crate) addr: String,
@@ -231,14 +240,15 @@ mod tests {
         assert!(cli.command.is_none());
         assert_eq!(cli.client.name.as_deref(), Some("second-client"));
         assert_eq!(cli.client.addr, "localhost:8765");
-        assert_eq!(cli.client.root, PathBuf::from("."));
+        assert_eq!(cli.client.root, None);
+        assert!(!cli.client.hidden);
     }
 
     #[test]
     fn a_client_defaults_to_the_loopback_hub() {
         let cli = parse_words(&["share", "--name", "alice", "--root", "/srv"]).unwrap();
         assert_eq!(cli.client.addr, DEFAULT_ADDR);
-        assert_eq!(cli.client.root, PathBuf::from("/srv"));
+        assert_eq!(cli.client.root, Some(PathBuf::from("/srv")));
         assert!(!cli.client.serve);
     }
 

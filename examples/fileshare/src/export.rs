@@ -16,6 +16,10 @@
 //!
 //! Files are read in chunks of at most [`CHUNK_SIZE`] bytes with positioned reads on the open
 //! descriptor; a file is never held in memory as a whole.
+//!
+//! Hidden files and directories (a name starting with `.`) are neither listed nor served unless
+//! the sharer opted in ([`Root::open`]'s `show_hidden`): a path with a hidden component is
+//! refused before any system call, and a symlink that resolves to one is refused too.
 
 use std::io;
 use std::path::{Component, Path, PathBuf};
@@ -90,6 +94,21 @@ pub(crate) enum ExportError {
     PermissionDenied {
         /// The path as requested.
         path: String,
+    },
+    /// The path names (or resolves to) a hidden file or directory and the sharer did not opt in.
+    #[error("{path:?} is hidden; the sharer does not share hidden files")]
+    Hidden {
+        /// The path as requested.
+        path: String,
+    },
+    /// The file changed (size or modification time) while it was being read, so the bytes
+    /// sent are not one consistent version of it.
+    #[error("{path:?} changed while it was being read ({detail}); try again")]
+    Changed {
+        /// The path as requested.
+        path: String,
+        /// What changed.
+        detail: String,
     },
     /// Any other I/O failure.
     #[error("i/o error on {path:?}")]
@@ -192,6 +211,33 @@ pub(crate) struct Entry {
     pub(crate) kind: Kind,
     /// Size in bytes (0 for directories and special files).
     pub(crate) size: u64,
+    /// Last modification, in seconds since the Unix epoch (0 if unknown).
+    pub(crate) mtime: i64,
+}
+
+/// Seconds since the Unix epoch of `t` (negative before it), 0 if unknown.
+fn unix_secs(t: io::Result<std::time::SystemTime>) -> i64 {
+    match t {
+        Ok(t) => match t.duration_since(std::time::UNIX_EPOCH) {
+            Ok(d) => i64::try_from(d.as_secs()).unwrap_or(i64::MAX),
+            Err(e) => -i64::try_from(e.duration().as_secs()).unwrap_or(i64::MAX),
+        },
+        Err(_) => 0,
+    }
+}
+
+/// Whether a file name is hidden by the Unix convention (a leading dot; `.` and `..` are not
+/// names).
+pub(crate) fn is_hidden_name(name: &str) -> bool {
+    name.starts_with('.') && name != "." && name != ".."
+}
+
+/// Whether any normal component of `p` is hidden.
+fn has_hidden_component(p: &Path) -> bool {
+    p.components().any(|c| match c {
+        Component::Normal(n) => is_hidden_name(&n.to_string_lossy()),
+        _ => false,
+    })
 }
 
 /// A directory listing.
@@ -269,27 +315,86 @@ fn truncate_for_error(path: &str) -> String {
 pub(crate) struct Root {
     dir: Arc<Dir>,
     path: Arc<PathBuf>,
+    show_hidden: bool,
+    access_log: Option<AccessLog>,
+}
+
+/// Where the exporter reports each access to its files (`alice read notes.txt`), so the
+/// sharer sees who reads what.
+#[derive(Clone)]
+pub(crate) struct AccessLog(pub(crate) Arc<dyn Fn(String) + Send + Sync>);
+
+impl std::fmt::Debug for AccessLog {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("AccessLog")
+    }
 }
 
 impl Root {
-    /// Opens `path` as the exported root. This is the only ambient-authority access the exporter
-    /// ever makes.
+    /// Opens `path` as the exported root, hidden files not shared. This is the only
+    /// ambient-authority access the exporter ever makes.
     pub(crate) fn open(path: &Path) -> io::Result<Root> {
         let dir = Dir::open_ambient_dir(path, ambient_authority())?;
+        // For messages: the sharer must see exactly which directory is exported.
+        let shown = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
         Ok(Root {
             dir: Arc::new(dir),
-            path: Arc::new(path.to_path_buf()),
+            path: Arc::new(shown),
+            show_hidden: false,
+            access_log: None,
         })
     }
 
-    /// The path the root was opened from (for messages only; never used to access files).
+    /// Serves hidden files and directories too (if `yes`).
+    pub(crate) fn show_hidden(mut self, yes: bool) -> Root {
+        self.show_hidden = yes;
+        self
+    }
+
+    /// Reports each access of a peer to `log`.
+    pub(crate) fn access_log(mut self, log: AccessLog) -> Root {
+        self.access_log = Some(log);
+        self
+    }
+
+    /// Reports one access (`who` did `what`), if anyone listens.
+    pub(crate) fn log_access(&self, who: &str, what: std::fmt::Arguments<'_>) {
+        if let Some(AccessLog(log)) = &self.access_log {
+            log(format!("{who} {what}"));
+        }
+    }
+
+    /// The absolute path the root was opened from (for messages only; never used to access
+    /// files).
     pub(crate) fn display_path(&self) -> &Path {
         &self.path
     }
 
+    /// [`check_path`], plus the hidden-file rule: a hidden component in the path, or in what
+    /// it resolves to beneath the root (a symlink to `.ssh/`), is refused.
+    fn checked(&self, path: &str) -> Result<PathBuf, ExportError> {
+        let rel = check_path(path)?;
+        if self.show_hidden {
+            return Ok(rel);
+        }
+        let hidden = || ExportError::Hidden {
+            path: path.to_owned(),
+        };
+        if has_hidden_component(&rel) {
+            return Err(hidden());
+        }
+        // Resolution errors (not found, escape) are left for the access itself to report.
+        if let Ok(resolved) = self.dir.canonicalize(&rel) {
+            if has_hidden_component(&resolved) {
+                return Err(hidden());
+            }
+        }
+        Ok(rel)
+    }
+
     /// Describes the object at `path`, following symlinks that stay inside the root.
     pub(crate) fn stat(&self, path: &str) -> Result<Entry, ExportError> {
-        let rel = check_path(path)?;
+        let rel = self.checked(path)?;
         let meta = self
             .dir
             .metadata(&rel)
@@ -299,12 +404,14 @@ impl Root {
             name: path.to_owned(),
             kind,
             size: if kind == Kind::File { meta.len() } else { 0 },
+            mtime: unix_secs(meta.modified().map(|t| t.into_std())),
         })
     }
 
-    /// Lists the directory at `path` (the root if empty): names sorted, symlinks not followed.
+    /// Lists the directory at `path` (the root if empty): names sorted, symlinks not followed,
+    /// hidden entries left out unless shared.
     pub(crate) fn list(&self, path: &str) -> Result<Listing, ExportError> {
-        let rel = check_path(path)?;
+        let rel = self.checked(path)?;
         let sub = self
             .dir
             .open_dir(&rel)
@@ -318,16 +425,25 @@ impl Root {
                 break;
             }
             let name = item.file_name().to_string_lossy().into_owned();
+            if !self.show_hidden && is_hidden_name(&name) {
+                continue;
+            }
             // The entry may vanish between readdir and stat; list it as "other" then rather than
             // failing the whole listing.
-            let (kind, size) = match item.metadata() {
+            let (kind, size, mtime) = match item.metadata() {
                 Ok(m) => {
                     let kind = Kind::of(m.file_type());
-                    (kind, if kind == Kind::File { m.len() } else { 0 })
+                    let size = if kind == Kind::File { m.len() } else { 0 };
+                    (kind, size, unix_secs(m.modified().map(|t| t.into_std())))
                 }
-                Err(_) => (Kind::Other, 0),
+                Err(_) => (Kind::Other, 0, 0),
             };
-            entries.push(Entry { name, kind, size });
+            entries.push(Entry {
+                name,
+                kind,
+                size,
+                mtime,
+            });
         }
         entries.sort_by(|a, b| a.name.cmp(&b.name));
         Ok(Listing { entries, truncated })
@@ -337,7 +453,7 @@ impl Root {
     ///
     /// Refuses anything that is not a regular file, both before and after opening.
     pub(crate) fn open_file(&self, path: &str) -> Result<OpenFile, ExportError> {
-        let rel = check_path(path)?;
+        let rel = self.checked(path)?;
         let refuse = |kind: Kind| match kind {
             Kind::File => Ok(()),
             Kind::Dir => Err(ExportError::IsDirectory {
@@ -364,9 +480,11 @@ impl Root {
         // Second check, on the descriptor itself: the path may have been swapped meanwhile.
         let meta = file.metadata().map_err(|e| ExportError::from_io(path, e))?;
         refuse(Kind::of(meta.file_type()))?;
+        let file = file.into_std();
+        let meta = file.metadata().map_err(|e| ExportError::from_io(path, e))?;
         Ok(OpenFile {
-            file: Arc::new(file.into_std()),
-            size: meta.len(),
+            file: Arc::new(file),
+            version: Version::of(&meta),
             path: path.to_owned(),
         })
     }
@@ -403,19 +521,87 @@ async fn run_blocking<T: Send + 'static>(
     }
 }
 
+/// What identifies one version of a file's content: size, modification time (to the
+/// nanosecond) and change time. A write changes mtime and ctime even when the size stays.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Version {
+    /// Size in bytes.
+    pub(crate) size: u64,
+    /// Modification time: seconds since the epoch and nanoseconds.
+    pub(crate) mtime: (i64, u32),
+    /// Change time (also moves on `touch -m` back to an old mtime).
+    ctime: (i64, u32),
+    /// Permission bits (`st_mode & 0o7777`).
+    pub(crate) mode: u32,
+}
+
+impl Version {
+    fn of(meta: &std::fs::Metadata) -> Version {
+        use std::os::unix::fs::MetadataExt;
+        let nanos = |n: i64| u32::try_from(n).unwrap_or(0);
+        Version {
+            size: meta.len(),
+            mtime: (meta.mtime(), nanos(meta.mtime_nsec())),
+            ctime: (meta.ctime(), nanos(meta.ctime_nsec())),
+            mode: meta.mode() & 0o7777,
+        }
+    }
+
+    /// What differs between `self` (before) and `now`, in words; `None` if nothing.
+    pub(crate) fn changes(&self, now: &Version) -> Option<String> {
+        if now.size != self.size {
+            Some(format!(
+                "its size went from {} to {} bytes",
+                self.size, now.size
+            ))
+        } else if now.mtime != self.mtime || now.ctime != self.ctime {
+            Some("it was modified".to_owned())
+        } else {
+            None
+        }
+    }
+}
+
 /// A regular file opened beneath the root. Cheap to clone; reads are positioned, so clones do
 /// not share a cursor.
 #[derive(Debug, Clone)]
 pub(crate) struct OpenFile {
     file: Arc<std::fs::File>,
-    size: u64,
+    version: Version,
     path: String,
 }
 
 impl OpenFile {
     /// The file's size when it was opened.
     pub(crate) fn size(&self) -> u64 {
-        self.size
+        self.version.size
+    }
+
+    /// The file's version when it was opened.
+    pub(crate) fn version(&self) -> Version {
+        self.version
+    }
+
+    /// Errors with [`ExportError::Changed`] if the open file is no longer the version that was
+    /// opened (checked on the descriptor, so a rename or replacement of the path does not
+    /// count: the bytes read are still the opened file's).
+    pub(crate) fn check_unchanged(&self) -> Result<(), ExportError> {
+        let meta = self
+            .file
+            .metadata()
+            .map_err(|e| ExportError::from_io(&self.path, e))?;
+        match self.version.changes(&Version::of(&meta)) {
+            None => Ok(()),
+            Some(detail) => Err(ExportError::Changed {
+                path: self.path.clone(),
+                detail,
+            }),
+        }
+    }
+
+    /// The path as requested.
+    pub(crate) fn path(&self) -> &str {
+        &self.path
     }
 
     /// Reads up to `max` bytes at `offset` (fewer only at end of file; empty at or past it).
@@ -440,9 +626,19 @@ impl OpenFile {
     }
 
     /// [`OpenFile::read_at`] on the blocking pool. Cancel-safe.
+    #[cfg(test)]
     pub(crate) async fn read_chunk(&self, offset: u64) -> Result<Vec<u8>, ExportError> {
         let f = self.clone();
         run_blocking(&self.path, move || f.read_at(offset, CHUNK_SIZE)).await
+    }
+
+    /// Runs `f` with this file on the blocking pool. Cancel-safe (the result is dropped).
+    pub(crate) async fn blocking<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&OpenFile) -> Result<T, ExportError> + Send + 'static,
+    ) -> Result<T, ExportError> {
+        let file = self.clone();
+        run_blocking(&self.path, move || f(&file)).await
     }
 }
 
@@ -450,6 +646,7 @@ impl OpenFile {
 mod tests {
     use super::*;
     use std::fs;
+    use std::io::Write as _;
     use std::os::unix::fs::symlink;
 
     struct Fixture {
@@ -712,6 +909,89 @@ mod tests {
         assert!(err.to_string().len() < 200, "error stays short: {err}");
         assert_eq!(check_path("").unwrap(), PathBuf::from("."));
         assert_eq!(check_path("./a/b").unwrap(), PathBuf::from("./a/b"));
+    }
+
+    #[test]
+    fn hidden_files_are_neither_listed_nor_served_unless_shared() {
+        let fx = fixture();
+        fs::write(fx.root.join(".bashrc"), b"secret").unwrap();
+        fs::create_dir(fx.root.join(".ssh")).unwrap();
+        fs::write(fx.root.join(".ssh/id"), b"key").unwrap();
+        symlink(".ssh/id", fx.root.join("innocent")).unwrap();
+        let root = Root::open(&fx.root).unwrap();
+        let names: Vec<_> = root
+            .list("")
+            .unwrap()
+            .entries
+            .into_iter()
+            .map(|e| e.name)
+            .collect();
+        assert_eq!(names, ["hello.txt", "innocent", "sub"]);
+        for p in [".bashrc", ".ssh/id", "sub/../.ssh/id", "innocent"] {
+            let err = root.open_file(p).unwrap_err();
+            assert!(matches!(err, ExportError::Hidden { .. }), "{p}: {err:?}");
+            assert!(err.to_string().contains("hidden"), "{err}");
+        }
+        assert!(matches!(
+            root.list(".ssh").unwrap_err(),
+            ExportError::Hidden { .. }
+        ));
+        assert!(matches!(
+            root.stat(".bashrc").unwrap_err(),
+            ExportError::Hidden { .. }
+        ));
+        // Opted in: all of it.
+        let root = Root::open(&fx.root).unwrap().show_hidden(true);
+        assert_eq!(root.list("").unwrap().entries.len(), 5);
+        assert_eq!(read_all(&root.open_file(".ssh/id").unwrap()), b"key");
+    }
+
+    #[test]
+    fn the_root_is_shown_as_an_absolute_path() {
+        let fx = fixture();
+        let cwd = std::env::current_dir().unwrap();
+        let rel = pathdiff(&fx.root, &cwd);
+        let root = Root::open(&rel).unwrap();
+        assert!(
+            root.display_path().is_absolute(),
+            "{:?}",
+            root.display_path()
+        );
+        assert_eq!(root.display_path(), fs::canonicalize(&fx.root).unwrap());
+    }
+
+    /// `target` relative to `base` (through `..` as needed).
+    fn pathdiff(target: &Path, base: &Path) -> PathBuf {
+        let (t, b): (Vec<_>, Vec<_>) = (target.components().collect(), base.components().collect());
+        let common = t.iter().zip(&b).take_while(|(x, y)| x == y).count();
+        let mut out = PathBuf::new();
+        for _ in common..b.len() {
+            out.push("..");
+        }
+        for c in &t[common..] {
+            out.push(c);
+        }
+        out
+    }
+
+    #[test]
+    fn a_version_change_is_described() {
+        let fx = fixture();
+        let root = Root::open(&fx.root).unwrap();
+        let f = root.open_file("hello.txt").unwrap();
+        f.check_unchanged().unwrap();
+        fs::OpenOptions::new()
+            .append(true)
+            .open(fx.root.join("hello.txt"))
+            .unwrap()
+            .write_all(b"more")
+            .unwrap();
+        let err = f.check_unchanged().unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("changed while it was being read (its size went from 12 to 16 bytes)"),
+            "{err}"
+        );
     }
 
     #[tokio::test]

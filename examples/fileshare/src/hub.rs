@@ -38,7 +38,7 @@ use crate::auth::{self, Token};
 use crate::export::{Entry, Listing};
 use crate::proto::{
     Chunk, ExportClient, Hub, ListReq, PeerPath, PeerRead, PublishReq, PublishResp, ReadReq,
-    EXPORT_CHANNEL, HUB_CHANNEL,
+    EXPORT_CHANNEL, HUB_CHANNEL, READER_KEY,
 };
 use crate::registry::{validate_name, ConnId, NameError, Registry};
 
@@ -266,11 +266,15 @@ impl HubState {
             .map_err(|_| anyhow::anyhow!("no hello within {:?}", auth::TIMEOUT))??;
         drop(hello);
         let mut hub_listener = None;
-        auth::server_hello(&mut ch, self.opts.token.as_ref(), || {
+        let verdict = auth::server_hello(&mut ch, self.opts.token.as_ref(), || {
             hub_listener = Some(session.listen(HUB_CHANNEL).map_err(|e| e.to_string())?);
             Ok(())
         })
-        .await?;
+        .await;
+        // End with FIN, never a reset: some yamux implementations drop unread data on RST.
+        let _ =
+            tokio::time::timeout(auth::TIMEOUT, tokio::io::AsyncWriteExt::shutdown(&mut ch)).await;
+        verdict?;
         hub_listener.ok_or_else(|| anyhow::anyhow!("hub listener missing after hello"))
     }
 
@@ -446,13 +450,15 @@ impl HubService {
         F: FnOnce(ExportClient) -> Fut,
         Fut: std::future::Future<Output = Result<T, Status>>,
     {
-        self.0.published_name().await?;
+        let reader = self.0.published_name().await?;
         let hub = &self.0.hub;
         let peer = hub.peer(name)?;
         let _slot = hub.slot(name, &peer).await?;
-        let export = peer
-            .export
-            .with_options(CallOptions::default().timeout(hub.opts.peer_timeout));
+        let export = peer.export.with_options(
+            CallOptions::default()
+                .timeout(hub.opts.peer_timeout)
+                .metadata(READER_KEY, reader),
+        );
         call(export).await.map_err(|s| from_peer(name, s))
     }
 }
@@ -559,6 +565,7 @@ impl Hub for HubService {
         info!(%reader, peer = %name, path = %req.path, "read");
         let upstream = peer
             .export
+            .with_options(CallOptions::default().metadata(READER_KEY, reader.clone()))
             .read(ReadReq {
                 path: req.path,
                 offset: req.offset,

@@ -201,12 +201,81 @@ async fn run_hub(args: HubArgs) -> anyhow::Result<bool> {
     Ok(true)
 }
 
+/// The directory a client exports: `--root`, or the current directory unless that is the
+/// home directory or `/` (sharing those by accident exposes dotfiles, keys and history).
+fn export_dir(root: Option<&std::path::Path>) -> anyhow::Result<std::path::PathBuf> {
+    if let Some(r) = root {
+        return Ok(repl::expand_tilde(r));
+    }
+    let cwd = std::env::current_dir().context("cannot read the current directory")?;
+    let cwd = std::fs::canonicalize(&cwd).unwrap_or(cwd);
+    let home = std::env::var_os("HOME")
+        .map(std::path::PathBuf::from)
+        .and_then(|h| std::fs::canonicalize(h).ok());
+    if home.as_deref() == Some(cwd.as_path()) {
+        anyhow::bail!(
+            "refusing to share your home directory {} by default: pass --root DIR to choose \
+             what to share (--root ~ if you really mean all of it)",
+            cwd.display()
+        );
+    }
+    if cwd == std::path::Path::new("/") {
+        anyhow::bail!(
+            "refusing to share / by default: pass --root DIR to choose what to share \
+             (--root / if you really mean all of it)"
+        );
+    }
+    Ok(cwd)
+}
+
+/// How the link is protected, in words, and the warning a client prints when it is not.
+/// A client that sent no token and was accepted knows the hub admits anyone.
+fn link_safety(tls: bool, token: bool, client_cert: bool) -> (String, Option<&'static str>) {
+    match (tls, token || client_cert) {
+        (false, false) => (
+            "plaintext, no authentication".to_owned(),
+            Some(
+                "warning: the link to the hub is plaintext and unauthenticated: anyone who can \
+                 reach the hub can join and read what you export, and the files cross the \
+                 network unencrypted (use --token and TLS)",
+            ),
+        ),
+        (false, true) => (
+            "plaintext, token".to_owned(),
+            Some(
+                "warning: the link to the hub is plaintext: the token and the files cross the \
+                 network unencrypted (use TLS)",
+            ),
+        ),
+        (true, false) => (
+            "tls, no authentication".to_owned(),
+            Some(
+                "warning: the hub admits peers without a token: anyone who can reach it can join \
+                 and read what you export",
+            ),
+        ),
+        (true, true) => ("tls, authenticated".to_owned(), None),
+    }
+}
+
 async fn run_client(args: ClientArgs) -> anyhow::Result<bool> {
+    client::set_verbose(args.verbose || std::env::var_os("RUST_LOG").is_some());
     init_tracing("error");
     let name = args.name.clone().unwrap_or_default();
     registry::validate_name(&name).context("invalid --name")?;
-    let root = export::Root::open(&args.root)
-        .with_context(|| format!("cannot export {}", args.root.display()))?;
+    let dir = export_dir(args.root.as_deref())?;
+    let notifier = Arc::new(repl::Notifier::default());
+    let access: export::AccessLog = {
+        let n = notifier.clone();
+        export::AccessLog(Arc::new(move |msg: String| {
+            info!(target: "share::access", "{msg}");
+            n.notify(&msg);
+        }))
+    };
+    let root = export::Root::open(&dir)
+        .with_context(|| format!("cannot export {}", dir.display()))?
+        .show_hidden(args.hidden)
+        .access_log(access);
     let tls = match &args.tls_ca {
         None => None,
         Some(ca) => {
@@ -219,6 +288,7 @@ async fn run_client(args: ClientArgs) -> anyhow::Result<bool> {
             Some((config, server_name))
         }
     };
+    let (link, warning) = link_safety(tls.is_some(), args.token.is_some(), args.tls_cert.is_some());
     let opts = client::ClientOptions {
         name: name.clone(),
         root,
@@ -228,12 +298,26 @@ async fn run_client(args: ClientArgs) -> anyhow::Result<bool> {
         // Quitting should not wait for the hub's idle channels to the export service.
         mux: mux_config(args.keepalive).close_grace(Duration::from_millis(300)),
     };
-    let notifier = Arc::new(repl::Notifier::default());
     let notify: client::Notify = {
         let n = notifier.clone();
         Arc::new(move |msg: String| n.notify(&msg))
     };
-    let root_shown = opts.root.display_path().display().to_string();
+    let me = repl::Me {
+        name: name.clone(),
+        addr: args.addr.clone(),
+        root: opts.root.display_path().to_path_buf(),
+        hidden: args.hidden,
+        link,
+    };
+    let root_shown = format!(
+        "{} ({})",
+        me.root.display(),
+        if args.hidden {
+            "hidden files too"
+        } else {
+            "hidden files not shared"
+        }
+    );
     // Before connecting, so that a SIGTERM in --serve mode always ends in a graceful close.
     // (Only then: the REPL handles Ctrl-C itself.)
     let mut signals = args.serve.then(StopSignals::new);
@@ -241,6 +325,14 @@ async fn run_client(args: ClientArgs) -> anyhow::Result<bool> {
         .await
         .map_err(|e| anyhow::anyhow!(client::chain(&e)))?;
     let peer = Arc::new(peer);
+    let interactive = !args.serve && std::io::stdin().is_terminal();
+    // The sharer (a server or a person at a terminal) must know; a script's stderr stays
+    // clean unless it asks for details.
+    if let Some(w) = warning {
+        if args.serve || interactive || args.verbose {
+            eprintln!("share: {w}");
+        }
+    }
     let ok = if args.serve {
         eprintln!(
             "share: connected to the hub at {} as {name}, exporting {root_shown}",
@@ -250,19 +342,19 @@ async fn run_client(args: ClientArgs) -> anyhow::Result<bool> {
             s.recv().await;
         }
         true
-    } else if std::io::stdin().is_terminal() {
+    } else if interactive {
         eprintln!(
             "connected to the hub at {} as {name}, exporting {root_shown}; type help",
             args.addr
         );
         let rt = tokio::runtime::Handle::current();
         let (p, n) = (peer.clone(), notifier.clone());
-        tokio::task::spawn_blocking(move || repl::run_terminal(p, rt, n))
+        tokio::task::spawn_blocking(move || repl::run_terminal(p, me, rt, n))
             .await
             .context("the REPL failed")??;
         true
     } else {
-        repl::run_script(&peer).await
+        repl::run_script(&peer, &me).await
     };
     peer.close().await;
     Ok(ok)

@@ -21,6 +21,13 @@ pub(crate) const HUB_CHANNEL: &str = "hub";
 /// Mux channel the client listens on for the [`Export`] service the hub calls.
 pub(crate) const EXPORT_CHANNEL: &str = "export";
 
+/// Call metadata key under which the hub tells an exporter who is reading (the reader's
+/// published name), on every forwarded `Export` call. Absent on the hub's own probes.
+pub(crate) const READER_KEY: &str = "fileshare-reader";
+
+/// Length of [`Chunk::sha256`] on the last chunk.
+pub(crate) const DIGEST_LEN: usize = 32;
+
 service! {
     /// The hub's service, called by clients on [`HUB_CHANNEL`]. The caller is identified by the
     /// connection the call arrives on, never by a name in the request.
@@ -107,9 +114,14 @@ pub(crate) struct ReadReq {
 }
 
 /// One piece of a streamed file.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+///
+/// Every chunk announces the version of the file being sent (`size`, `mtime`, `mode`); the
+/// last one (`eof`) also carries the SHA-256 of the whole file, `[0, size)`, computed by the
+/// exporter from the bytes it read. The reader checks offsets, the total and the digest, so a
+/// copy that is not exact is never taken for a good one.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub(crate) struct Chunk {
-    /// The file's size when it was opened (for progress display).
+    /// The file's size when it was opened: exactly what the transfer delivers, up to the end.
     pub(crate) size: u64,
     /// Offset of `data` in the file.
     pub(crate) offset: u64,
@@ -118,6 +130,14 @@ pub(crate) struct Chunk {
     pub(crate) data: ByteBuf,
     /// True on the last chunk. A stream that ends without it was cut short.
     pub(crate) eof: bool,
+    /// The file's modification time when it was opened: seconds since the Unix epoch.
+    pub(crate) mtime: i64,
+    /// Nanoseconds part of `mtime`.
+    pub(crate) mtime_nanos: u32,
+    /// The file's permission bits (`st_mode & 0o7777`).
+    pub(crate) mode: u32,
+    /// On the `eof` chunk: SHA-256 of the whole file (32 bytes). Empty on every other chunk.
+    pub(crate) sha256: ByteBuf,
 }
 
 impl From<ExportError> for Status {
@@ -128,9 +148,11 @@ impl From<ExportError> for Status {
             | ExportError::PermissionDenied { .. } => Code::PermissionDenied,
             ExportError::InvalidPath { .. } => Code::InvalidArgument,
             ExportError::NotFound { .. } => Code::NotFound,
+            ExportError::Hidden { .. } => Code::PermissionDenied,
             ExportError::IsDirectory { .. }
             | ExportError::NotDirectory { .. }
             | ExportError::NotRegular { .. } => Code::FailedPrecondition,
+            ExportError::Changed { .. } => Code::Aborted,
             ExportError::Io { .. } => Code::Internal,
         };
         // The io source is part of the message: the status travels as text.

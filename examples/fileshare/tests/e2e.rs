@@ -28,11 +28,11 @@ fn three_peers_list_read_ls_and_get_with_identical_bytes() {
     let want = format!(
         "alice\nbob\ncarol\n\
          hello world\n\
-         \x20    5242880  data.bin\n\
-         \x20         12  hello.txt\n\
-         \x20      <dir>  sub/\n\
-         \x20          6  inner.txt\n\
-         saved 5242880 bytes to {}\n\
+         \x20   5.0M  data.bin\n\
+         \x20     12  hello.txt\n\
+         \x20  <dir>  sub/\n\
+         \x20      6  inner.txt\n\
+         saved 5242880 bytes to {} (verified)\n\
          from carol\n",
         s(&local)
     );
@@ -55,7 +55,10 @@ fn three_peers_list_read_ls_and_get_with_identical_bytes() {
     let out = run_script(&hub.addr, "alice", ra.path(), &script);
     assert_eq!(out.status.code(), Some(1));
     let saved = ra.path().join("hello.txt");
-    assert_eq!(out.out(), format!("saved 12 bytes to {}\n", s(&saved)));
+    assert_eq!(
+        out.out(),
+        format!("saved 12 bytes to {} (verified)\n", s(&saved))
+    );
     assert!(out.stderr.contains("already exists"), "{}", out.stderr);
     assert_eq!(std::fs::read(&saved).unwrap(), b"hello world\n");
 }
@@ -518,4 +521,66 @@ fn a_large_get_streams_with_bounded_memory_while_others_stay_responsive() {
         assert!(kib < LIMIT_KIB, "{who} peaked at {kib} KiB");
     }
     assert!(same_bytes(&local, &src), "the copy differs");
+}
+
+/// One yamux frame header (hashicorp/yamux spec.md): version, type, flags, stream, length.
+fn yamux_frame(ty: u8, flags: u16, stream: u32, body: &[u8]) -> Vec<u8> {
+    let mut f = vec![0, ty];
+    f.extend_from_slice(&flags.to_be_bytes());
+    f.extend_from_slice(&stream.to_be_bytes());
+    f.extend_from_slice(&(body.len() as u32).to_be_bytes());
+    f.extend_from_slice(body);
+    f
+}
+
+/// Reads one yamux frame: (type, flags, stream, body).
+fn read_yamux_frame(r: &mut impl Read) -> std::io::Result<(u8, u16, u32, Vec<u8>)> {
+    let mut h = [0u8; 12];
+    r.read_exact(&mut h)?;
+    let flags = u16::from_be_bytes([h[2], h[3]]);
+    let stream = u32::from_be_bytes([h[4], h[5], h[6], h[7]]);
+    let len = u32::from_be_bytes([h[8], h[9], h[10], h[11]]);
+    // Only data frames carry a body; for the others `len` is a window delta or a ping id.
+    let mut body = vec![0u8; if h[1] == 0 { len as usize } else { 0 }];
+    r.read_exact(&mut body)?;
+    Ok((h[1], flags, stream, body))
+}
+
+#[test]
+fn the_hub_ends_the_hello_stream_with_fin_never_a_reset() {
+    // Frame by frame, as a client in another language sees it: hashicorp/yamux drops unread
+    // data when a stream is reset, so the answer must be followed by FIN, not RST.
+    const SYN: u16 = 1;
+    const FIN: u16 = 4;
+    const RST: u16 = 8;
+    let hub = start_hub(&[]);
+    let mut tcp = std::net::TcpStream::connect(&hub.addr).unwrap();
+    tcp.set_read_timeout(Some(WAIT)).unwrap();
+    // Open stream 1 with the channel handshake for "fileshare.hello" (Part 1).
+    let mut open = vec![1, 15];
+    open.extend_from_slice(b"fileshare.hello");
+    tcp.write_all(&yamux_frame(0, SYN, 1, &open)).unwrap();
+    let mut data = Vec::new();
+    let mut sent_hello = false;
+    // Bounded: every frame is read within WAIT, and the hub sends a handful on this stream.
+    for _ in 0..64 {
+        let (ty, flags, stream, body) = read_yamux_frame(&mut tcp).expect("a frame from the hub");
+        if stream != 1 {
+            continue;
+        }
+        data.extend_from_slice(&body);
+        if !sent_hello && data.starts_with(&[1, 0]) {
+            // Accepted: now the hello, version 2 with no token.
+            data.drain(..2);
+            tcp.write_all(&yamux_frame(0, 0, 1, &[2, 0, 0])).unwrap();
+            sent_hello = true;
+        }
+        assert_eq!(flags & RST, 0, "the hub reset the hello stream (type {ty})");
+        if flags & FIN != 0 {
+            assert!(sent_hello, "closed before the channel was accepted");
+            assert_eq!(data, b"\x00\x00\x07welcome", "the whole answer, then FIN");
+            return;
+        }
+    }
+    panic!("no FIN on the hello stream; data so far {data:?}");
 }

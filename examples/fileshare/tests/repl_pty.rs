@@ -1,5 +1,6 @@
 //! The terminal REPL, driven through a pseudo-terminal made by util-linux `script`: the prompt,
-//! tab completion of a command and of a peer name, `list`, and Ctrl-D exiting 0.
+//! tab completion (commands, peers, quoted remote paths, local paths), `list`, safe `read`,
+//! peers joining and leaving, Ctrl-C during `get`, and Ctrl-D or `exit` leaving with 0.
 
 mod common;
 
@@ -110,6 +111,40 @@ fn have_script() -> bool {
         .is_ok_and(|s| s.success())
 }
 
+/// Starts alice's REPL on a pseudo-terminal, exporting `root`, with `home` as $HOME.
+fn spawn_repl(addr: &str, root: &std::path::Path, home: &std::path::Path) -> Proc {
+    let share_cmd = [
+        env!("CARGO_BIN_EXE_share"),
+        "--name",
+        "alice",
+        "--root",
+        s(root),
+        addr,
+    ]
+    .map(sh_quote)
+    .join(" ");
+    // -q quiet, -f flush at once, -e exit with the REPL's status, -c the command; the
+    // typescript goes to /dev/null, the terminal's output to our stdout.
+    let child = Command::new("script")
+        .args(["-qfec", &share_cmd, "/dev/null"])
+        .env_remove("SHARE_TOKEN")
+        .env_remove("RUST_LOG")
+        .env("NO_COLOR", "1")
+        // A terminal rustyline supports (with TERM=dumb it falls back to plain reads).
+        .env("TERM", "xterm")
+        // History goes to a scratch home, not the user's.
+        .env("HOME", home)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn script");
+    Proc {
+        child,
+        name: "script".into(),
+    }
+}
+
 #[test]
 fn the_terminal_repl_prompts_completes_commands_and_peers_lists_and_exits_on_ctrl_d() {
     if !have_script() {
@@ -165,7 +200,7 @@ fn the_terminal_repl_prompts_completes_commands_and_peers_lists_and_exits_on_ctr
     type_keys("li\t");
     screen.expect("> list ", WAIT);
     type_keys("\r");
-    screen.expect("alice\r\nbob\r\n", WAIT);
+    screen.expect("alice (you)\r\nbob\r\n", WAIT);
     screen.expect("> ", WAIT);
     // `read b<TAB>` completes the peer name (asked from the hub).
     type_keys("read b\t");
@@ -183,4 +218,119 @@ fn the_terminal_repl_prompts_completes_commands_and_peers_lists_and_exits_on_ctr
         "no command failed: {:?}",
         screen.text()
     );
+}
+
+#[test]
+fn the_terminal_repl_is_safe_and_aware_and_cancels_a_get_cleanly() {
+    if !have_script() {
+        eprintln!("skipping: util-linux `script` is not installed, so no pseudo-terminal");
+        return;
+    }
+    let hub = start_hub(&[]);
+    let (rb, ra, home) = (demo_root(), tempdir(), tempdir());
+    std::fs::write(rb.path().join("with space.txt"), "spaced\n").unwrap();
+    std::fs::write(rb.path().join("it's.txt"), "quoted\n").unwrap();
+    std::fs::write(rb.path().join("esc.txt"), b"\x1b[31mred\x07 text\n").unwrap();
+    std::fs::write(rb.path().join("bin.dat"), b"\x7fELF\x02\x01\x01\0\0\0").unwrap();
+    // Sparse: large without using disk; the get is cancelled long before the end.
+    std::fs::File::create(rb.path().join("big.bin"))
+        .unwrap()
+        .set_len(4 << 30)
+        .unwrap();
+    std::fs::write(rb.path().join("long.txt"), "line\n".repeat(20 * 1024)).unwrap();
+    std::fs::create_dir(ra.path().join("downloads")).unwrap();
+    let _bob = start_server(&hub.addr, "bob", rb.path(), &[]);
+    let mut repl = spawn_repl(&hub.addr, ra.path(), home.path());
+    let mut keys = stdin_of(&mut repl);
+    let mut screen = Screen::new(repl.child.stdout.take().unwrap());
+    let mut type_keys = |k: &str| {
+        keys.write_all(k.as_bytes()).unwrap();
+        keys.flush().unwrap();
+    };
+    // The person at the terminal is warned, and the prompt says who and where.
+    screen.expect("plaintext and unauthenticated", WAIT);
+    let prompt = format!("alice@{}> ", hub.addr);
+    screen.expect(&prompt, WAIT);
+    // Completion quotes what it completes, so the command then works.
+    type_keys("read bob wi\t");
+    screen.expect("read bob 'with space.txt' ", WAIT);
+    type_keys("\r");
+    screen.expect("spaced\r\n", WAIT);
+    screen.expect(&prompt, WAIT);
+    type_keys("read bob it\t");
+    screen.expect("read bob \"it's.txt\" ", WAIT);
+    type_keys("\r");
+    screen.expect("quoted\r\n", WAIT);
+    screen.expect(&prompt, WAIT);
+    // Escape sequences from a file are shown, not obeyed; binary content is refused.
+    type_keys("read bob esc.txt\r");
+    screen.expect("\\x1b[31mred\\x07 text\r\n", WAIT);
+    screen.expect(&prompt, WAIT);
+    type_keys("read bob bin.dat\r");
+    screen.expect(
+        "looks like a binary file; not printed to the terminal (use: get bob bin.dat)",
+        WAIT,
+    );
+    screen.expect(&prompt, WAIT);
+    assert!(
+        !screen.text().contains("\u{1b}[31mred"),
+        "{:?}",
+        screen.text()
+    );
+    // At most 64 KiB of a long file, and a pointer to the rest.
+    type_keys("read bob long.txt\r");
+    screen.expect(
+        "(showing the first 64K of 100K; use get to save the whole file)",
+        WAIT,
+    );
+    screen.expect(&prompt, WAIT);
+    type_keys("get bob esc.txt -\r");
+    screen.expect("writes raw bytes; not to a terminal", WAIT);
+    screen.expect(&prompt, WAIT);
+    // get's LOCAL completes local paths.
+    let local_dir = ra.path().join("downloads");
+    type_keys(&format!("get bob hello.txt {}/dow\t", s(ra.path())));
+    screen.expect(&format!("{}/", s(&local_dir)), WAIT);
+    type_keys("\r");
+    screen.expect(
+        &format!("saved 12 bytes to {}/hello.txt (verified)", s(&local_dir)),
+        WAIT,
+    );
+    screen.expect(&prompt, WAIT);
+    // Peers joining and leaving are announced between commands.
+    let rc = demo_root();
+    let mut carol = start_server(&hub.addr, "carol", rc.path(), &[]);
+    screen.expect("share: carol joined", WAIT);
+    carol.proc.kill();
+    screen.expect("share: carol left", WAIT);
+    // Who reads what is shown on the sharer's terminal.
+    std::fs::write(ra.path().join("note.txt"), "from alice\n").unwrap();
+    let rd = tempdir();
+    let out = run_script(&hub.addr, "dave", rd.path(), "read alice note.txt\n");
+    assert_eq!(out.out(), "from alice\n", "{out:?}");
+    screen.expect("share: \"dave\" reads note.txt (11 bytes)", WAIT);
+    // Ctrl-C during a get: cancelled, the bar cleared, and a clear word on what is left.
+    type_keys(&format!("get bob big.bin {}\r", s(ra.path())));
+    screen.expect("ETA", WAIT);
+    type_keys("\x03");
+    screen.expect("cancelled; ", WAIT);
+    screen.expect(&prompt, WAIT);
+    let part = ra.path().join(".big.bin.share-part");
+    let text = screen.text();
+    if text.contains("partial file kept for resume") {
+        assert!(std::fs::metadata(&part).unwrap().len() > 0);
+    } else {
+        assert!(text.contains("cancelled; nothing saved"), "{text:?}");
+        assert!(!part.exists());
+    }
+    assert!(!ra.path().join("big.bin").exists());
+    assert!(!text.contains("error: interrupted"), "{text:?}");
+    // `exit` is in help, and leaves with 0.
+    type_keys("help\r");
+    screen.expect("  exit ", WAIT);
+    screen.expect(&prompt, WAIT);
+    type_keys("exit\r");
+    screen.expect_end(WAIT);
+    let status = repl.reap();
+    assert!(status.success(), "{status:?}; saw {:?}", screen.text());
 }

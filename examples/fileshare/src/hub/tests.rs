@@ -765,6 +765,7 @@ impl crate::proto::Export for CountingExport {
                 offset,
                 data: netchan_rpc::ByteBuf::from(vec![b'x']),
                 eof: false,
+                ..Default::default()
             };
             std::future::ready(Some((Ok(chunk), offset + 1)))
         });
@@ -917,6 +918,7 @@ impl crate::proto::Export for StallingExport {
             offset: 0,
             data: netchan_rpc::ByteBuf::from(b"hello".to_vec()),
             eof: false,
+            ..Default::default()
         };
         let s = futures::StreamExt::chain(
             futures::stream::iter([Ok(first)]),

@@ -1,0 +1,315 @@
+//! End-to-end tests of `get` and the habits people bring from scp and rsync: verified copies,
+//! a file changing mid-read, the destination checked first, `-f`, resume, `-r`, globs,
+//! several files, `-` for stdout, mode and mtime kept, and `~`.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::time::{Duration, SystemTime};
+
+use common::*;
+
+fn names_in(dir: &std::path::Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    v.sort();
+    v
+}
+
+#[test]
+fn a_file_that_shrinks_during_a_get_is_an_error_not_a_short_copy() {
+    let hub = start_hub(&[]);
+    let (rb, ra) = (tempdir(), tempdir());
+    let src = rb.path().join("big.bin");
+    write_pattern(&src, 64 << 20, 3);
+    let _bob = start_server(&hub.addr, "bob", rb.path(), &[]);
+    let mut alice = spawn_script(&hub.addr, "alice", ra.path(), &[], &[]);
+    let mut stdin = stdin_of(&mut alice);
+    stdin.write_all(b"get bob big.bin -\n").unwrap();
+    drop(stdin);
+    let mut stdout = alice.child.stdout.take().unwrap();
+    let stderr = reader(alice.child.stderr.take().unwrap());
+    // The transfer is under way (and stalls while we do not read): now truncate the source.
+    let mut first = vec![0u8; 1 << 20];
+    stdout.read_exact(&mut first).unwrap();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&src)
+        .unwrap()
+        .set_len(8 << 20)
+        .unwrap();
+    let rest = reader(stdout)
+        .recv_timeout(WAIT)
+        .expect("alice's output ends");
+    let stderr = String::from_utf8(stderr.recv_timeout(WAIT).unwrap()).unwrap();
+    assert_eq!(alice.reap().code(), Some(1), "{stderr}");
+    assert!(first.len() + rest.len() < 64 << 20);
+    assert!(
+        stderr.contains("big.bin\" changed while it was being read"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn the_destination_is_checked_before_any_byte_moves_and_errors_name_no_internal_files() {
+    let hub = start_hub(&[]);
+    let (rb, ra, home) = (demo_root(), tempdir(), tempdir());
+    let _bob = start_server(&hub.addr, "bob", rb.path(), &[]);
+    let nodir = ra.path().join("nodir/x");
+    let out = run_script(
+        &hub.addr,
+        "alice",
+        ra.path(),
+        &format!("get bob hello.txt {}\n", s(&nodir)),
+    );
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        out.stderr.contains(&format!(
+            "cannot save to {}: directory {} does not exist",
+            s(&nodir),
+            s(&ra.path().join("nodir"))
+        )),
+        "{}",
+        out.stderr
+    );
+    assert!(!out.stderr.contains("part"), "{}", out.stderr);
+    assert!(names_in(ra.path()).is_empty());
+    // `~` is the home directory.
+    let out = run_script_with(
+        &hub.addr,
+        "alice",
+        ra.path(),
+        "get bob hello.txt ~/h.txt\n",
+        &[],
+        &[("HOME", s(home.path()))],
+        WAIT,
+    );
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(
+        std::fs::read(home.path().join("h.txt")).unwrap(),
+        b"hello world\n"
+    );
+}
+
+#[test]
+fn get_refuses_to_overwrite_without_f_and_replaces_with_it() {
+    let hub = start_hub(&[]);
+    let (rb, ra) = (demo_root(), tempdir());
+    let _bob = start_server(&hub.addr, "bob", rb.path(), &[]);
+    let local = ra.path().join("h.txt");
+    std::fs::write(&local, "old\n").unwrap();
+    let out = run_script(
+        &hub.addr,
+        "alice",
+        ra.path(),
+        &format!("get bob hello.txt {}\n", s(&local)),
+    );
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        out.stderr
+            .contains("already exists; use get -f to overwrite it"),
+        "{}",
+        out.stderr
+    );
+    assert_eq!(std::fs::read(&local).unwrap(), b"old\n");
+    let out = run_script(
+        &hub.addr,
+        "alice",
+        ra.path(),
+        &format!("get -f bob hello.txt {}\n", s(&local)),
+    );
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(std::fs::read(&local).unwrap(), b"hello world\n");
+    assert_eq!(names_in(ra.path()), ["h.txt"]);
+}
+
+#[test]
+fn an_interrupted_get_resumes_verified_and_a_stale_partial_is_never_taken_for_good() {
+    let hub = start_hub(&[]);
+    let (rb, ra) = (tempdir(), tempdir());
+    let src = rb.path().join("data.bin");
+    write_pattern(&src, 3 << 20, 11);
+    let _bob = start_server(&hub.addr, "bob", rb.path(), &[]);
+    let bytes = std::fs::read(&src).unwrap();
+    // What an interrupted get leaves: the first bytes, in the hidden partial file.
+    let part = ra.path().join(".data.bin.share-part");
+    std::fs::write(&part, &bytes[..(1 << 20) + 123]).unwrap();
+    let local = ra.path().join("data.bin");
+    let out = run_script(
+        &hub.addr,
+        "alice",
+        ra.path(),
+        &format!("get bob data.bin {}\n", s(ra.path())),
+    );
+    assert!(out.status.success(), "{out:?}");
+    assert!(out.stderr.contains("resuming"), "{}", out.stderr);
+    assert!(same_bytes(&local, &src));
+    assert_eq!(names_in(ra.path()), ["data.bin"]);
+    // A partial from another version of the file: the digest catches it, nothing is saved,
+    // the stale partial is gone, and the next get makes a good copy.
+    std::fs::remove_file(&local).unwrap();
+    std::fs::write(&part, vec![0x55; 1 << 20]).unwrap();
+    let script = format!(
+        "get bob data.bin {d}\nget bob data.bin {d}\n",
+        d = s(ra.path())
+    );
+    let out = run_script(&hub.addr, "alice", ra.path(), &script);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(out.stderr.contains("SHA-256 mismatch"), "{}", out.stderr);
+    assert!(out.stderr.contains("nothing saved"), "{}", out.stderr);
+    assert_eq!(
+        out.out(),
+        format!("saved {} bytes to {} (verified)\n", 3 << 20, s(&local))
+    );
+    assert!(same_bytes(&local, &src));
+    assert_eq!(names_in(ra.path()), ["data.bin"]);
+}
+
+#[test]
+fn recursive_globbed_and_multiple_gets_keep_mode_and_mtime() {
+    let hub = start_hub(&[]);
+    let (rb, ra) = (demo_root(), tempdir());
+    std::fs::create_dir_all(rb.path().join("sub/deeper")).unwrap();
+    std::fs::write(rb.path().join("sub/deeper/d.txt"), "deep\n").unwrap();
+    std::fs::write(rb.path().join("a.txt"), "a\n").unwrap();
+    std::fs::write(rb.path().join("with space.txt"), "spaced\n").unwrap();
+    let script_sh = rb.path().join("run.sh");
+    std::fs::write(&script_sh, "#!/bin/sh\n").unwrap();
+    std::fs::set_permissions(&script_sh, std::fs::Permissions::from_mode(0o750)).unwrap();
+    let old = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000_000);
+    std::fs::File::options()
+        .write(true)
+        .open(&script_sh)
+        .unwrap()
+        .set_modified(old)
+        .unwrap();
+    let _bob = start_server(&hub.addr, "bob", rb.path(), &[]);
+    let (tree, globbed, several) = (
+        ra.path().join("tree"),
+        ra.path().join("g"),
+        ra.path().join("m"),
+    );
+    std::fs::create_dir(&globbed).unwrap();
+    std::fs::create_dir(&several).unwrap();
+    let script = format!(
+        "get -r bob sub {}\nget bob '*' {}\nget bob run.sh a.txt {}\nget bob sub {}\n",
+        s(&tree),
+        s(&globbed),
+        s(&several),
+        s(&several),
+    );
+    let out = run_script(&hub.addr, "alice", ra.path(), &script);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert_eq!(
+        out.out(),
+        format!(
+            "saved 2 files, 11 bytes, to {} (verified)\n\
+             saved 4 files, 31 bytes, to {} (verified)\n\
+             saved 2 files, 12 bytes, to {} (verified)\n",
+            s(&tree),
+            s(&globbed),
+            s(&several)
+        )
+    );
+    assert!(
+        out.stderr.contains("sub is a directory; use get -r"),
+        "{}",
+        out.stderr
+    );
+    assert_eq!(std::fs::read(tree.join("inner.txt")).unwrap(), b"inner\n");
+    assert_eq!(std::fs::read(tree.join("deeper/d.txt")).unwrap(), b"deep\n");
+    assert!(
+        out.stderr
+            .contains("note: skipped sub: a directory (use get -r)"),
+        "{}",
+        out.stderr
+    );
+    assert_eq!(
+        names_in(&globbed),
+        ["a.txt", "hello.txt", "run.sh", "with space.txt"]
+    );
+    assert_eq!(names_in(&several), ["a.txt", "run.sh"]);
+    let meta = std::fs::metadata(several.join("run.sh")).unwrap();
+    assert_eq!(meta.permissions().mode() & 0o777, 0o750);
+    assert_eq!(meta.modified().unwrap(), old);
+}
+
+#[test]
+fn get_to_stdout_is_byte_exact_and_ls_l_whoami_and_info_describe() {
+    let hub = start_hub(&[]);
+    let (rb, ra) = (demo_root(), tempdir());
+    write_pattern(&rb.path().join("data.bin"), (1 << 20) + 5, 9);
+    std::fs::File::options()
+        .write(true)
+        .open(rb.path().join("hello.txt"))
+        .unwrap()
+        .set_modified(SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000))
+        .unwrap();
+    let _bob = start_server(&hub.addr, "bob", rb.path(), &[]);
+    let out = run_script(&hub.addr, "alice", ra.path(), "get bob data.bin -\n");
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(
+        out.stdout,
+        std::fs::read(rb.path().join("data.bin")).unwrap()
+    );
+    let out = run_script(
+        &hub.addr,
+        "alice",
+        ra.path(),
+        "ls -l bob\nwhoami\ninfo bob\n",
+    );
+    assert!(out.status.success(), "{out:?}");
+    let text = out.out();
+    let lines: Vec<&str> = text.lines().collect();
+    assert!(
+        lines[0].starts_with("-        1048581  ") && lines[0].ends_with("  data.bin"),
+        "{text}"
+    );
+    assert_eq!(lines[1], "-             12  2023-11-14 22:13  hello.txt");
+    assert!(
+        lines[2].starts_with("d              -  ") && lines[2].ends_with("  sub/"),
+        "{text}"
+    );
+    let abs = std::fs::canonicalize(ra.path()).unwrap();
+    assert_eq!(
+        lines[3],
+        format!(
+            "alice@{}: connected; plaintext, no authentication",
+            hub.addr
+        )
+    );
+    assert_eq!(
+        lines[4],
+        format!("exporting {} (hidden files not shared)", abs.display())
+    );
+    assert_eq!(
+        lines[5],
+        "bob: connected; its root holds 2 files (1.0M) and 1 directory"
+    );
+}
+
+#[test]
+fn typos_get_a_did_you_mean() {
+    let hub = start_hub(&[]);
+    let (rb, ra) = (demo_root(), tempdir());
+    let _bob = start_server(&hub.addr, "bob", rb.path(), &[]);
+    let out = run_script(
+        &hub.addr,
+        "alice",
+        ra.path(),
+        "lsit\nread bbo hello.txt\ninfo bbo\n",
+    );
+    assert_eq!(out.status.code(), Some(1));
+    let errors: Vec<&str> = out.stderr.lines().collect();
+    assert_eq!(
+        errors,
+        [
+            "error: unknown command \"lsit\"; did you mean list? (type help)",
+            "error: unknown peer \"bbo\"; did you mean bob? (list shows who is connected)",
+            "error: \"bbo\" is not connected; did you mean bob? (list shows who is)",
+        ]
+    );
+}
