@@ -1132,6 +1132,58 @@ mod tests {
         ));
     }
 
+    fn bytes_frame(n: usize) -> impl FnOnce(&mut FrameWriter<'_>) -> Result<(), CodecError> {
+        move |w| {
+            w.write_all(&vec![1; n]).map_err(|e| CodecError::Encode {
+                what: "test",
+                source: Box::new(e),
+            })
+        }
+    }
+
+    #[tokio::test]
+    async fn replies_past_the_outbound_budget_are_refused_or_wait_and_cancelled_ones_release_it() {
+        let outbox = Outbox::new(
+            &Config::default()
+                .write_queue_bytes(1)
+                .max_outbound_bytes(1000),
+        );
+        // The queue holds a frame, so replies have no room and park.
+        outbox.push_now(bytes_frame(10)).unwrap();
+        let mut first = Box::pin(outbox.push_reply(WhenFull::Refuse, bytes_frame(600)));
+        assert!(futures::poll!(first.as_mut()).is_pending());
+        assert_eq!(outbox.lock().parked, 604);
+        let refused = outbox.push_reply(WhenFull::Refuse, bytes_frame(600)).await;
+        assert!(
+            matches!(
+                refused,
+                Err(Error::OutboundFull {
+                    len: 604,
+                    waiting: 604,
+                    limit: 1000
+                })
+            ),
+            "{refused:?}"
+        );
+        // A stream item waits past the budget instead.
+        let mut item = Box::pin(outbox.push_reply(WhenFull::Wait, bytes_frame(600)));
+        assert!(futures::poll!(item.as_mut()).is_pending());
+        assert_eq!(outbox.lock().parked, 1208);
+        // Cancelled waits give their bytes back.
+        drop(first);
+        drop(item);
+        assert_eq!(outbox.lock().parked, 0);
+        // Once the writer takes the queue, a waiting reply goes in whole.
+        let mut again = Box::pin(outbox.push_reply(WhenFull::Refuse, bytes_frame(600)));
+        assert!(futures::poll!(again.as_mut()).is_pending());
+        outbox.lock().buf.clear();
+        outbox.room.notify_waiters();
+        again.await.unwrap();
+        let st = outbox.lock();
+        assert_eq!((st.parked, st.buf.len()), (0, 604));
+        assert_eq!(st.buf[..4], 600u32.to_be_bytes());
+    }
+
     #[test]
     fn oversize_messages_are_refused_and_leave_nothing_queued() {
         let outbox = Outbox::new(&Config::default().max_message_size(512));
