@@ -85,6 +85,26 @@ pub(crate) enum ExportError {
         /// What it is instead ("fifo", "character device", ...).
         kind: &'static str,
     },
+    /// The file has more than one hard link and the sharer did not allow hard-linked files:
+    /// another name of the same file may sit outside the exported directory.
+    #[error(
+        "{path:?} has {links} hard links (another name may be outside the exported \
+         directory); the sharer must pass --allow-hard-links to serve it"
+    )]
+    HardLinked {
+        /// The path as requested.
+        path: String,
+        /// Its link count.
+        links: u64,
+    },
+    /// The requested offset is past the largest offset a file can have (2^63 - 1).
+    #[error("offset {offset} in {path:?} is past the largest possible file offset")]
+    BadOffset {
+        /// The path as requested.
+        path: String,
+        /// The offset asked for.
+        offset: u64,
+    },
     /// The operating system refused access.
     #[error("permission denied: {path:?}")]
     PermissionDenied {
@@ -269,6 +289,8 @@ fn truncate_for_error(path: &str) -> String {
 pub(crate) struct Root {
     dir: Arc<Dir>,
     path: Arc<PathBuf>,
+    /// Whether files with more than one hard link are served (default: no).
+    allow_hard_links: bool,
 }
 
 impl Root {
@@ -279,7 +301,16 @@ impl Root {
         Ok(Root {
             dir: Arc::new(dir),
             path: Arc::new(path.to_path_buf()),
+            allow_hard_links: false,
         })
+    }
+
+    /// Whether to serve files with more than one hard link. A hard link inside the root can
+    /// name a file that also lives outside it (the same inode), which path checks cannot see,
+    /// so by default such files are refused.
+    pub(crate) fn allow_hard_links(mut self, allow: bool) -> Root {
+        self.allow_hard_links = allow;
+        self
     }
 
     /// The path the root was opened from (for messages only; never used to access files).
@@ -364,6 +395,13 @@ impl Root {
         // Second check, on the descriptor itself: the path may have been swapped meanwhile.
         let meta = file.metadata().map_err(|e| ExportError::from_io(path, e))?;
         refuse(Kind::of(meta.file_type()))?;
+        let links = cap_std::fs::MetadataExt::nlink(&meta);
+        if links > 1 && !self.allow_hard_links {
+            return Err(ExportError::HardLinked {
+                path: path.to_owned(),
+                links,
+            });
+        }
         Ok(OpenFile {
             file: Arc::new(file.into_std()),
             size: meta.len(),
@@ -421,6 +459,12 @@ impl OpenFile {
     /// Reads up to `max` bytes at `offset` (fewer only at end of file; empty at or past it).
     pub(crate) fn read_at(&self, offset: u64, max: usize) -> Result<Vec<u8>, ExportError> {
         use std::os::unix::fs::FileExt;
+        if offset > i64::MAX as u64 {
+            return Err(ExportError::BadOffset {
+                path: self.path.clone(),
+                offset,
+            });
+        }
         let mut buf = vec![0u8; max];
         let mut filled = 0;
         // Bounded: each iteration either fills more of `buf` or ends the loop.

@@ -206,7 +206,8 @@ async fn run_client(args: ClientArgs) -> anyhow::Result<bool> {
     let name = args.name.clone().unwrap_or_default();
     registry::validate_name(&name).context("invalid --name")?;
     let root = export::Root::open(&args.root)
-        .with_context(|| format!("cannot export {}", args.root.display()))?;
+        .with_context(|| format!("cannot export {}", args.root.display()))?
+        .allow_hard_links(args.allow_hard_links);
     let tls = match &args.tls_ca {
         None => None,
         Some(ca) => {
