@@ -68,6 +68,9 @@ use crate::proto::{
     EXPORT_CHANNEL, HUB_CHANNEL,
 };
 use crate::registry::{validate_name, ConnId, NameError, Registry};
+use small_reads::SmallReads;
+
+mod small_reads;
 
 /// How long the hub waits to open the channel to a publishing client's export service (and
 /// never past the connection's publish deadline).
@@ -604,7 +607,7 @@ async fn serve_channels(
                     let server = server.clone();
                     let label = label.to_owned();
                     channels.spawn(async move {
-                        if let Err(e) = server.serve_named(ch, label).await {
+                        if let Err(e) = server.serve_named(SmallReads(ch), label).await {
                             debug!("hub channel ended: {e}");
                         }
                     }.in_current_span());
@@ -885,7 +888,7 @@ impl Hub for HubService {
             })?;
         let handle = PeerHandle {
             export: ExportClient::new(rpc::Client::with_config(
-                ch,
+                SmallReads(ch),
                 rpc::Config::default()
                     .stream_window(conn.hub.opts.forward_window)
                     .max_message_size(MAX_MESSAGE),
