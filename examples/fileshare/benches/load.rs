@@ -22,6 +22,8 @@ mod export;
 #[path = "../src/proto.rs"]
 #[allow(dead_code, unused_imports, unreachable_pub, missing_docs)]
 mod proto;
+#[path = "../tests/common/raw.rs"]
+mod raw;
 
 use std::io::{BufRead, BufReader};
 use std::path::Path;
@@ -32,10 +34,8 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use netchan_mux::Session;
-use netchan_rpc::{self as rpc, Context, ItemStream, Status};
 
-use crate::export::{Entry, Listing};
-use crate::proto::{Chunk, Export, HubClient, PeerRead, PublishReq, ReadReq, EXPORT_CHANNEL};
+use crate::proto::{HubClient, PeerRead};
 
 /// Sizes of the generated files, served round-robin (mixed small and large reads).
 const SIZES: [usize; 5] = [1024, 64 << 10, 300 << 10, 1 << 20, 4 << 20];
@@ -167,58 +167,9 @@ fn cpu_time(pid: u32) -> Duration {
     Duration::from_millis(ticks * 10)
 }
 
-/// An export service with nothing in it: readers and idle clients must serve one to publish.
-struct NoFiles;
-
-impl Export for NoFiles {
-    async fn ls(&self, _ctx: Context, _req: String) -> Result<Listing, Status> {
-        Err(Status::not_found("this load client exports nothing"))
-    }
-
-    async fn stat(&self, _ctx: Context, _req: String) -> Result<Entry, Status> {
-        Err(Status::not_found("this load client exports nothing"))
-    }
-
-    async fn read(&self, _ctx: Context, _req: ReadReq) -> Result<ItemStream<Chunk>, Status> {
-        Err(Status::not_found("this load client exports nothing"))
-    }
-}
-
-/// Connects to the hub from `source` (a loopback address, so many clients do not all count
-/// against one address's admission cap), says hello, serves [`NoFiles`] and publishes `name`.
+/// Connects from `source` and publishes `name` (see tests/common/raw.rs).
 async fn connect(addr: &str, source: std::net::IpAddr, name: String) -> (Session, HubClient) {
-    let sock = tokio::net::TcpSocket::new_v4().expect("socket");
-    sock.bind((source, 0).into())
-        .expect("bind a loopback source");
-    let tcp = sock
-        .connect(addr.parse().expect("hub address"))
-        .await
-        .expect("connect to the hub");
-    let _ = tcp.set_nodelay(true);
-    let session = Session::client(tcp, netchan_mux::Config::default());
-    let mut hello = session.dial(auth::CHANNEL).await.expect("hello channel");
-    auth::client_hello(&mut hello, None).await.expect("hello");
-    drop(hello);
-    let mut exports = session.listen(EXPORT_CHANNEL).expect("export listener");
-    let server = {
-        let mut s = rpc::Server::new();
-        s.add(NoFiles.into_service());
-        s
-    };
-    tokio::spawn(async move {
-        // Ends with the session.
-        while let Ok(ch) = exports.accept().await {
-            let server = server.clone();
-            tokio::spawn(async move { server.serve(ch).await });
-        }
-    });
-    let hub = HubClient::new(rpc::Client::new(
-        session.dial(proto::HUB_CHANNEL).await.expect("hub channel"),
-    ));
-    hub.publish(PublishReq { name })
-        .await
-        .expect("publish a load client");
-    (session, hub)
+    raw::join(addr.parse().expect("hub address"), source, name).await
 }
 
 /// One verified read: Ok(bytes) if every byte matched, else why not.
@@ -266,7 +217,7 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
 }
 
 fn source(i: usize) -> std::net::IpAddr {
-    std::net::IpAddr::from([127, 0, 1 + (i / 250) as u8, 1 + (i % 250) as u8])
+    raw::source(i)
 }
 
 fn main() {
