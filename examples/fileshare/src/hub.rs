@@ -989,4 +989,6 @@ impl Hub for HubService {
 }
 
 #[cfg(test)]
+mod fuzz;
+#[cfg(test)]
 mod tests;
