@@ -30,10 +30,14 @@
 //! waits up to [`HubOptions::busy_wait`] for one, then fails "busy"), and one reader holds at
 //! most [`HubOptions::max_reads_per_reader`] of them per exporter. A forwarded read is pumped
 //! by its own task from the exporter into a one-item hand-over to the reader's stream:
-//! - the hub holds at most `forward_window + 2` chunks of it (the exporter's credit window,
-//!   the hand-over and the chunk in the pump's hands): 1 MiB with the default window of 2
-//!   (a hostile exporter sending oversize chunks can fill its window with frames of up to
-//!   [`MAX_MESSAGE`] before they are refused: 6.5 MiB);
+//! - the hub opens its channels to an exporter's service on first use (one for `ls`/`stat`,
+//!   one for reads), so an idle client costs no more than its session and hub channel;
+//! - reads use a channel of their own to the exporter, whose stream window is sized from the
+//!   round trip of that channel's dial (the bandwidth-delay product at
+//!   [`HubOptions::forward_rate`]), between [`HubOptions::forward_window`] and what
+//!   [`HubOptions::forward_budget`] allows; the hub holds at most `window + 2` chunks of a
+//!   read (the exporter's credit window, the hand-over and the chunk in the pump's hands):
+//!   1 MiB on a LAN, and 32 MiB per exporter at most with every slot busy;
 //! - "peer sent nothing" fires only when the *exporter* has been silent for
 //!   [`HubOptions::peer_timeout`] on every read (a chunk of another read proves it is alive,
 //!   so a read queued behind others on a slow link is not failed);
@@ -41,8 +45,8 @@
 //!   not read its socket) loses the read: the pump ends, the exporter's call is cancelled and
 //!   the slot is free; the reader gets a "you read nothing" error if it ever asks again;
 //! - a chunk larger than [`CHUNK_SIZE`] or not at the expected offset is a protocol error, and
-//!   the export channel refuses any frame over [`MAX_MESSAGE`] (3 MiB, the largest `ls` reply)
-//!   before buffering it.
+//!   the reads channel refuses any frame over [`MAX_CHUNK_FRAME`] before buffering it (the
+//!   `ls`/`stat` channel over [`MAX_MESSAGE`], the largest `ls` reply).
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
@@ -77,10 +81,15 @@ mod small_reads;
 const EXPORT_DIAL_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Largest rpc message on the hub's channels, both ways: the biggest legitimate one is an
-/// `ls` reply of [`MAX_LIST_ENTRIES`](crate::export::MAX_LIST_ENTRIES) entries with 255-byte names (about 2.7 MB); a chunk is at
-/// most [`CHUNK_SIZE`]. A peer that announces a bigger frame loses that channel before the hub
-/// buffers it; a chunk between the two limits is refused as a protocol error when it arrives.
+/// `ls` reply of [`MAX_LIST_ENTRIES`](crate::export::MAX_LIST_ENTRIES) entries with 255-byte
+/// names (about 2.7 MB). A peer that announces a bigger frame loses that channel before the
+/// hub buffers it.
 pub(crate) const MAX_MESSAGE: usize = 3 << 20;
+
+/// Largest rpc message on the channel forwarded reads use: one chunk of [`CHUNK_SIZE`] and its
+/// envelope (a few dozen bytes). A chunk under it but over [`CHUNK_SIZE`] is refused as a
+/// protocol error when it arrives.
+pub(crate) const MAX_CHUNK_FRAME: usize = CHUNK_SIZE + 1024;
 
 /// The first byte of a TLS record carrying a handshake (a ClientHello starts with it).
 const TLS_HANDSHAKE_RECORD: u8 = 0x16;
@@ -123,10 +132,16 @@ pub(crate) struct HubOptions {
     /// How long after the hello a connection must have published, else it is closed (so that
     /// it cannot hold a connection slot). Default: 10 s.
     pub(crate) publish_timeout: Duration,
-    /// Stream window (chunks the exporter may send ahead) of each read the hub forwards. The
-    /// hub holds at most `forward_window + 2` chunks of 256 KiB per forwarded read, times
-    /// `max_reads_per_peer` per exporter. Default: 2 (1 MiB per read).
+    /// Smallest stream window (chunks the exporter may send ahead) of a read the hub
+    /// forwards. Default: 2.
     pub(crate) forward_window: u32,
+    /// Rate one forwarded read should reach on a long link: the window is sized to carry it
+    /// over the exporter's round trip (the bandwidth-delay product). Default: 100 MiB/s.
+    pub(crate) forward_rate: u64,
+    /// Most bytes the hub may hold for one exporter's forwarded reads when every read slot
+    /// is busy and every reader is slower than the exporter: caps the window at
+    /// `forward_budget / (max_reads_per_peer × 256 KiB) − 2` chunks. Default: 32 MiB.
+    pub(crate) forward_budget: usize,
     /// Session settings (keepalive bounds how fast a silent peer is dropped, and so how soon
     /// its name is free again). Default: `mux::Config::default()`.
     pub(crate) mux: mux::Config,
@@ -148,6 +163,8 @@ impl Default for HubOptions {
             hello_timeout: Duration::from_secs(10),
             publish_timeout: Duration::from_secs(10),
             forward_window: 2,
+            forward_rate: 100 << 20,
+            forward_budget: 32 << 20,
             mux: mux::Config::default(),
         }
     }
@@ -156,7 +173,15 @@ impl Default for HubOptions {
 /// What the hub keeps per published peer.
 #[derive(Clone)]
 struct PeerHandle {
-    export: ExportClient,
+    /// The exporter's session, to dial its export service.
+    session: Session,
+    /// The exporter's service for `ls` and `stat`, dialed on first use (an idle client costs
+    /// the hub no channel for it).
+    export: Arc<tokio::sync::OnceCell<ExportClient>>,
+    /// The same service on a channel of its own for reads, dialed on the first read: frames
+    /// over one chunk are refused there, and its stream window is sized from the round trip
+    /// of that dial.
+    reads: Arc<tokio::sync::OnceCell<ExportClient>>,
     /// When the hub last received anything from this exporter (a chunk of any read, an
     /// `ls`/`stat` answer), in milliseconds since the hub's epoch.
     heard: Arc<AtomicU64>,
@@ -530,6 +555,42 @@ impl HubState {
         self.epoch + Duration::from_millis(peer.heard.load(Ordering::Relaxed))
     }
 
+    /// The client of `peer`'s export service for `ls`/`stat`, dialing its channel if this is
+    /// the first use.
+    async fn export_client(&self, name: &str, peer: &PeerHandle) -> Result<ExportClient, Status> {
+        peer.export
+            .get_or_try_init(|| async {
+                let ch = dial_peer(name, &peer.session).await?;
+                Ok(ExportClient::new(rpc::Client::with_config(
+                    SmallReads(ch),
+                    rpc::Config::default().max_message_size(MAX_MESSAGE),
+                )))
+            })
+            .await
+            .cloned()
+    }
+
+    /// The client of `peer`'s export service for reads, dialing its channel if this is the
+    /// first read; the dial's round trip sizes the stream window ([`window_for`]).
+    async fn reads_client(&self, name: &str, peer: &PeerHandle) -> Result<ExportClient, Status> {
+        peer.reads
+            .get_or_try_init(|| async {
+                let start = Instant::now();
+                let ch = dial_peer(name, &peer.session).await?;
+                let rtt = start.elapsed();
+                let window = window_for(&self.opts, rtt);
+                debug!(peer = %name, ?rtt, window, "read window sized from the round trip");
+                Ok(ExportClient::new(rpc::Client::with_config(
+                    SmallReads(ch),
+                    rpc::Config::default()
+                        .stream_window(window)
+                        .max_message_size(MAX_CHUNK_FRAME),
+                )))
+            })
+            .await
+            .cloned()
+    }
+
     /// Waits up to `busy_wait` for a call slot on `peer`.
     async fn slot(&self, name: &str, peer: &PeerHandle) -> Result<OwnedSemaphorePermit, Status> {
         match tokio::time::timeout(self.opts.busy_wait, peer.calls.clone().acquire_owned()).await {
@@ -661,6 +722,26 @@ impl ConnState {
         }
     }
 
+    /// Opens a channel to this client's export service, by the publish deadline at the latest.
+    async fn dial_export(&self) -> Result<mux::Conn, Status> {
+        let limit = self
+            .publish_deadline
+            .saturating_duration_since(Instant::now())
+            .min(EXPORT_DIAL_TIMEOUT);
+        tokio::time::timeout(limit, self.session.dial(EXPORT_CHANNEL))
+            .await
+            .map_err(|_| {
+                Status::failed_precondition(format!(
+                    "could not open your {EXPORT_CHANNEL:?} channel within {limit:?}"
+                ))
+            })?
+            .map_err(|e| {
+                Status::failed_precondition(format!(
+                    "could not open your {EXPORT_CHANNEL:?} channel: {e}"
+                ))
+            })
+    }
+
     /// Takes one of this reader's places for calls to exporter `peer`, or refuses at once if
     /// it already holds `max_reads_per_reader` of them.
     fn reader_slot(self: &Arc<Self>, peer: &str) -> Result<ReaderSlot, Status> {
@@ -727,14 +808,27 @@ impl HubService {
         let peer = hub.peer(name)?;
         let _mine = self.0.reader_slot(name)?;
         let _slot = hub.slot(name, &peer).await?;
-        let export = peer
-            .export
+        let export = hub
+            .export_client(name, &peer)
+            .await?
             .with_options(CallOptions::default().timeout(hub.opts.peer_timeout));
         let result = call(export).await;
         if result.is_ok() {
             hub.heard(&peer);
         }
         result.map_err(|s| from_peer(name, s))
+    }
+}
+
+/// Opens a channel to the export service of the peer `name` over its `session`, within
+/// [`EXPORT_DIAL_TIMEOUT`].
+async fn dial_peer(name: &str, session: &Session) -> Result<mux::Conn, Status> {
+    match tokio::time::timeout(EXPORT_DIAL_TIMEOUT, session.dial(EXPORT_CHANNEL)).await {
+        Ok(Ok(ch)) => Ok(ch),
+        Ok(Err(e)) => Err(peer_gone(name, format!("no channel to it: {e}"))),
+        Err(_) => Err(Status::deadline_exceeded(format!(
+            "peer {name:?} did not open a channel within {EXPORT_DIAL_TIMEOUT:?}"
+        ))),
     }
 }
 
@@ -752,6 +846,18 @@ fn from_peer(name: &str, s: Status) -> Status {
         }
         code => Status::new(code, format!("{name}: {}", s.message())),
     }
+}
+
+/// The stream window of reads forwarded from an exporter whose round trip is `rtt`: enough
+/// chunks to carry `forward_rate` over it (the bandwidth-delay product), at least
+/// `forward_window`, at most what `forward_budget` allows with every read slot busy (each read
+/// holds its window plus 2 chunks at the hub).
+fn window_for(opts: &HubOptions, rtt: Duration) -> u32 {
+    let bdp = (opts.forward_rate as f64 * rtt.as_secs_f64() / CHUNK_SIZE as f64).ceil() as u64;
+    let per_read = opts.forward_budget / (opts.max_reads_per_peer.max(1) * CHUNK_SIZE);
+    let floor = u64::from(opts.forward_window.max(1));
+    let cap = (per_read as u64).saturating_sub(2).max(floor);
+    bdp.clamp(floor, cap).min(u64::from(u32::MAX)) as u32
 }
 
 /// Checks one chunk of a forwarded read against the protocol: at most [`CHUNK_SIZE`] bytes,
@@ -869,30 +975,13 @@ impl Hub for HubService {
             warn!(peer = %name, conn = conn.id, "refused: name already taken");
             return Err(taken());
         }
-        // The dial back counts towards the publish deadline.
-        let limit = conn
-            .publish_deadline
-            .saturating_duration_since(Instant::now())
-            .min(EXPORT_DIAL_TIMEOUT);
-        let ch = tokio::time::timeout(limit, conn.session.dial(EXPORT_CHANNEL))
-            .await
-            .map_err(|_| {
-                Status::failed_precondition(format!(
-                    "could not open your {EXPORT_CHANNEL:?} channel within {limit:?}"
-                ))
-            })?
-            .map_err(|e| {
-                Status::failed_precondition(format!(
-                    "could not open your {EXPORT_CHANNEL:?} channel: {e}"
-                ))
-            })?;
+        // The client must serve its export channel before it is listed: open one and let it
+        // go (the channels the hub uses are opened on first use).
+        drop(conn.dial_export().await?);
         let handle = PeerHandle {
-            export: ExportClient::new(rpc::Client::with_config(
-                SmallReads(ch),
-                rpc::Config::default()
-                    .stream_window(conn.hub.opts.forward_window)
-                    .max_message_size(MAX_MESSAGE),
-            )),
+            session: conn.session.clone(),
+            export: Arc::new(tokio::sync::OnceCell::new()),
+            reads: Arc::new(tokio::sync::OnceCell::new()),
             heard: Arc::new(AtomicU64::new(0)),
             calls: Arc::new(Semaphore::new(conn.hub.opts.max_reads_per_peer.max(1))),
         };
@@ -948,8 +1037,9 @@ impl Hub for HubService {
         let mine = self.0.reader_slot(&name)?;
         let slot = hub.slot(&name, &peer).await?;
         info!(%reader, peer = %name, path = %req.path, "read");
-        let upstream = peer
-            .export
+        let upstream = hub
+            .reads_client(&name, &peer)
+            .await?
             .read(ReadReq {
                 path: req.path,
                 offset: req.offset,

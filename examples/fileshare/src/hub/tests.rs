@@ -1210,7 +1210,8 @@ async fn peer_sent_nothing_measures_the_exporters_silence_not_one_reads_wait() {
 }
 
 /// An exporter that breaks the chunk rules: `big` sends one byte more than a chunk may hold,
-/// `skip` starts at the wrong offset, `mib` sends 1 MiB, `huge` 4 MiB (a frame over the limit).
+/// `skip` starts at the wrong offset, `huge` sends 1 MiB (a frame over the reads channel's
+/// limit).
 struct RuleBreakingExport;
 
 impl crate::proto::Export for RuleBreakingExport {
@@ -1241,8 +1242,7 @@ impl crate::proto::Export for RuleBreakingExport {
         let (offset, len) = match req.path.as_str() {
             "big" => (0, crate::export::CHUNK_SIZE + 1),
             "skip" => (7, 10),
-            "mib" => (0, 1 << 20),
-            _ => (0, 4 << 20),
+            _ => (0, 1 << 20),
         };
         let chunk = crate::proto::Chunk {
             size: len as u64,
@@ -1265,7 +1265,6 @@ async fn an_exporter_that_breaks_the_chunk_rules_fails_only_its_own_reads() {
     for (path, want) in [
         ("big", "a chunk of 262145 bytes"),
         ("skip", "at offset 7 where 0 was due"),
-        ("mib", "a chunk of 1048576 bytes"),
     ] {
         match within(path, read_all(&alice, "eve", path)).await {
             Err(CallError::Status(s)) => {
@@ -1282,6 +1281,9 @@ async fn an_exporter_that_breaks_the_chunk_rules_fails_only_its_own_reads() {
         .await
         .unwrap_err();
     assert!(!err.to_string().is_empty());
+    // Eve's ls/stat channel is separate and still works.
+    let listing = within("eve's ls", alice.ls("eve", "")).await.unwrap();
+    assert!(listing.entries.is_empty());
     assert_eq!(
         within("bob's file", read_all(&alice, "bob", "hello.txt"))
             .await
@@ -1597,4 +1599,26 @@ async fn plaintext_and_tls_mismatches_are_named_in_both_directions() {
     assert_eq!(bob.list().await.unwrap(), vec!["bob"]);
     let carol = join(&plain_hub, "carol", root.path()).await;
     assert_eq!(carol.list().await.unwrap(), vec!["carol"]);
+}
+
+#[test]
+fn the_read_window_follows_the_round_trip_within_the_budget() {
+    let opts = HubOptions::default();
+    let window = |ms| super::window_for(&opts, Duration::from_millis(ms));
+    // A LAN: the floor of 2 chunks (1 MiB held per read).
+    assert_eq!(window(0), 2);
+    assert_eq!(window(1), 2);
+    // 10 ms at 100 MiB/s is 1 MiB in flight: 4 chunks.
+    assert_eq!(window(10), 4);
+    // 50 ms would want 20 chunks; the 32 MiB budget over 8 slots allows 16 - 2 = 14.
+    assert_eq!(window(50), 14);
+    assert_eq!(window(10_000), 14);
+    let worst = opts.max_reads_per_peer * (window(50) as usize + 2) * crate::export::CHUNK_SIZE;
+    assert_eq!(worst, opts.forward_budget);
+    // Fewer slots, bigger windows; never below the floor whatever the budget.
+    let tight = HubOptions {
+        forward_budget: 0,
+        ..HubOptions::default()
+    };
+    assert_eq!(super::window_for(&tight, Duration::from_secs(1)), 2);
 }
