@@ -97,11 +97,15 @@ fn file_name(i: usize) -> String {
     format!("f{i}.bin")
 }
 
-fn write_files(dir: &Path) {
+/// Writes the generated files into `dir`; returns their contents.
+fn write_files(dir: &Path) -> Vec<Vec<u8>> {
+    let mut all = Vec::new();
     for (i, &size) in SIZES.iter().enumerate() {
         let data: Vec<u8> = (0..size as u64).map(|p| pattern(i, p)).collect();
-        std::fs::write(dir.join(file_name(i)), data).expect("write a generated file");
+        std::fs::write(dir.join(file_name(i)), &data).expect("write a generated file");
+        all.push(data);
     }
+    all
 }
 
 /// A child process killed when dropped.
@@ -173,7 +177,12 @@ async fn connect(addr: &str, source: std::net::IpAddr, name: String) -> (Session
 }
 
 /// One verified read: Ok(bytes) if every byte matched, else why not.
-async fn read_once(hub: &HubClient, peer: String, file: usize) -> Result<u64, String> {
+async fn read_once(
+    hub: &HubClient,
+    peer: String,
+    file: usize,
+    expected: &[u8],
+) -> Result<u64, String> {
     let req = PeerRead {
         peer,
         path: file_name(file),
@@ -187,14 +196,9 @@ async fn read_once(hub: &HubClient, peer: String, file: usize) -> Result<u64, St
         if chunk.offset != pos {
             return Err(format!("chunk at {} where {pos} was due", chunk.offset));
         }
-        for (k, &b) in chunk.data.iter().enumerate() {
-            if b != pattern(file, pos + k as u64) {
-                return Err(format!(
-                    "byte {} of {} differs",
-                    pos + k as u64,
-                    file_name(file)
-                ));
-            }
+        let end = pos as usize + chunk.data.len();
+        if end > expected.len() || chunk.data[..] != expected[pos as usize..end] {
+            return Err(format!("bytes {pos}..{end} of {} differ", file_name(file)));
         }
         pos += chunk.data.len() as u64;
         if chunk.eof {
@@ -230,7 +234,7 @@ fn main() {
     let hub_pid = hub.0.id();
     let dir = std::env::temp_dir().join(format!("share-load-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("temp dir");
-    write_files(&dir);
+    let contents: Arc<Vec<Vec<u8>>> = Arc::new(write_files(&dir));
     let mut exporters = Vec::new();
     for e in 0..o.exporters {
         let child = share()
@@ -269,7 +273,7 @@ fn main() {
             let (session, hub) = connect(&addr, source(1 + c), format!("reader{c}")).await;
             sessions.push(session);
             for k in 0..o.calls {
-                let (hub, bytes) = (hub.clone(), bytes.clone());
+                let (hub, bytes, contents) = (hub.clone(), bytes.clone(), contents.clone());
                 let exporters = o.exporters;
                 tasks.spawn(async move {
                     let mut lat = Vec::new();
@@ -280,7 +284,7 @@ fn main() {
                         let (peer, file) = (format!("e{}", (n + k) % exporters), n % SIZES.len());
                         n += 1;
                         let t = Instant::now();
-                        match tokio::time::timeout(STEP, read_once(&hub, peer, file)).await {
+                        match tokio::time::timeout(STEP, read_once(&hub, peer, file, &contents[file])).await {
                             Ok(Ok(b)) => {
                                 bytes.fetch_add(b, Ordering::Relaxed);
                                 lat.push(t.elapsed());
