@@ -1622,3 +1622,71 @@ fn the_read_window_follows_the_round_trip_within_the_budget() {
     };
     assert_eq!(super::window_for(&tight, Duration::from_secs(1)), 2);
 }
+
+#[tokio::test]
+async fn a_reader_whose_socket_is_not_read_loses_its_read_and_frees_the_slot() {
+    use netchan_testkit::proxy::{Direction, Link, Proxy};
+    let hub = start_hub(HubOptions {
+        max_reads_per_peer: 1,
+        reader_stall: Duration::from_millis(500),
+        busy_wait: WAIT,
+        ..HubOptions::default()
+    })
+    .await;
+    let proxy = Proxy::start(hub.addr, Link::ideal()).await.unwrap();
+    let (rb, ra, rc) = (root_with(256 << 20), root_with(0), root_with(0));
+    let _bob = join(&hub, "bob", rb.path()).await;
+    let mut opts = client_opts(&hub, "alice", ra.path());
+    opts.addr = proxy.addr().to_string();
+    let alice = within("alice joins", Peer::start(opts, quiet()))
+        .await
+        .unwrap();
+    let carol = join(&hub, "carol", rc.path()).await;
+    let mut stream = alice.read("bob", "big.bin").await.unwrap();
+    stream.next().await.unwrap().unwrap();
+    // Alice's link stops delivering what the hub sends her; she has credit, so the hub
+    // writes until her link and its buffers are full, then cannot write any more.
+    proxy.stall(Direction::Down);
+    let got = within("carol's read", read_all(&carol, "bob", "hello.txt"))
+        .await
+        .unwrap();
+    assert_eq!(got, b"hello world\n");
+    drop(stream);
+}
+
+#[tokio::test]
+async fn concurrent_reads_over_a_slow_exporter_link_all_finish_without_false_silence() {
+    use netchan_testkit::proxy::{Link, Proxy};
+    // 4 Mbit/s, 50 ms: 4 reads of 1 MiB share about 8 s of link time, far longer than the
+    // 2 s silence bound any one of them sees while the others' chunks pass.
+    let hub = start_hub(HubOptions {
+        peer_timeout: Duration::from_secs(2),
+        ..HubOptions::default()
+    })
+    .await;
+    let proxy = Proxy::start(hub.addr, Link::wan(Duration::from_millis(50), 4_000_000))
+        .await
+        .unwrap();
+    let (rb, ra) = (root_with(1 << 20), root_with(0));
+    let mut opts = client_opts(&hub, "bob", rb.path());
+    opts.addr = proxy.addr().to_string();
+    let _bob = within("bob joins", Peer::start(opts, quiet()))
+        .await
+        .unwrap();
+    let alice = Arc::new(join(&hub, "alice", ra.path()).await);
+    let mut reads = JoinSet::new();
+    for _ in 0..4 {
+        let alice = alice.clone();
+        reads.spawn(async move { read_all(&alice, "bob", "big.bin").await });
+    }
+    // Bounded: 4 reads.
+    while let Some(done) = tokio::time::timeout(Duration::from_secs(120), reads.join_next())
+        .await
+        .expect("the reads finish")
+    {
+        let data = done
+            .unwrap()
+            .expect("no read fails on a slow but live link");
+        assert_eq!(data.len(), 1 << 20);
+    }
+}
