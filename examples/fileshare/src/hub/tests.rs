@@ -1657,10 +1657,10 @@ async fn a_reader_whose_socket_is_not_read_loses_its_read_and_frees_the_slot() {
 #[tokio::test]
 async fn concurrent_reads_over_a_slow_exporter_link_all_finish_without_false_silence() {
     use netchan_testkit::proxy::{Link, Proxy};
-    // 4 Mbit/s, 50 ms: 4 reads of 1 MiB share about 8 s of link time, far longer than the
-    // 2 s silence bound any one of them sees while the others' chunks pass.
+    // 4 Mbit/s, 50 ms: 4 reads of 1 MiB share about 8 s of link time, longer than the 4 s
+    // silence bound any one of them sees while the others' chunks pass.
     let hub = start_hub(HubOptions {
-        peer_timeout: Duration::from_secs(2),
+        peer_timeout: Duration::from_secs(4),
         ..HubOptions::default()
     })
     .await;
@@ -1677,16 +1677,34 @@ async fn concurrent_reads_over_a_slow_exporter_link_all_finish_without_false_sil
     let mut reads = JoinSet::new();
     for _ in 0..4 {
         let alice = alice.clone();
-        reads.spawn(async move { read_all(&alice, "bob", "big.bin").await });
+        reads.spawn(async move {
+            let mut s = alice.read("bob", "big.bin").await?;
+            let (mut first, mut len) = (None, 0);
+            // Bounded by the file's size.
+            while let Some(chunk) = s.next().await? {
+                first.get_or_insert_with(tokio::time::Instant::now);
+                len += chunk.data.len();
+            }
+            Ok::<_, CallError>((first, tokio::time::Instant::now(), len))
+        });
     }
+    let mut firsts = Vec::new();
+    let mut ends = Vec::new();
     // Bounded: 4 reads.
     while let Some(done) = tokio::time::timeout(Duration::from_secs(120), reads.join_next())
         .await
         .expect("the reads finish")
     {
-        let data = done
+        let (first, end, len) = done
             .unwrap()
             .expect("no read fails on a slow but live link");
-        assert_eq!(data.len(), 1 << 20);
+        assert_eq!(len, 1 << 20);
+        firsts.push(first.expect("a first chunk"));
+        ends.push(end);
     }
+    // Served evenly: every read had its first chunk before any read was complete.
+    assert!(
+        firsts.iter().max() < ends.iter().min(),
+        "a read waited for its first chunk until another had finished"
+    );
 }
