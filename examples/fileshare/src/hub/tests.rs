@@ -1657,17 +1657,18 @@ async fn a_reader_whose_socket_is_not_read_loses_its_read_and_frees_the_slot() {
 #[tokio::test]
 async fn concurrent_reads_over_a_slow_exporter_link_all_finish_without_false_silence() {
     use netchan_testkit::proxy::{Link, Proxy};
-    // 4 Mbit/s, 50 ms: 4 reads of 1 MiB share about 8 s of link time, longer than the 4 s
-    // silence bound any one of them sees while the others' chunks pass.
+    // 16 Mbit/s, 50 ms: 4 reads of 4 MiB share about 8 s of link time. Each read has up to
+    // 14 chunks (3.5 MiB, 1.75 s of link) in flight, so a read can queue behind the others'
+    // windows for over 5 s: longer than the 4 s silence bound, while chunks keep passing.
     let hub = start_hub(HubOptions {
         peer_timeout: Duration::from_secs(4),
         ..HubOptions::default()
     })
     .await;
-    let proxy = Proxy::start(hub.addr, Link::wan(Duration::from_millis(50), 4_000_000))
+    let proxy = Proxy::start(hub.addr, Link::wan(Duration::from_millis(50), 16_000_000))
         .await
         .unwrap();
-    let (rb, ra) = (root_with(1 << 20), root_with(0));
+    let (rb, ra) = (root_with(4 << 20), root_with(0));
     let mut opts = client_opts(&hub, "bob", rb.path());
     opts.addr = proxy.addr().to_string();
     let _bob = within("bob joins", Peer::start(opts, quiet()))
@@ -1698,11 +1699,12 @@ async fn concurrent_reads_over_a_slow_exporter_link_all_finish_without_false_sil
         let (first, end, len) = done
             .unwrap()
             .expect("no read fails on a slow but live link");
-        assert_eq!(len, 1 << 20);
+        assert_eq!(len, 4 << 20);
         firsts.push(first.expect("a first chunk"));
         ends.push(end);
     }
-    // Served evenly: every read had its first chunk before any read was complete.
+    // Served evenly: every read had its first chunk before any read was complete (a file is
+    // 16 chunks, more than one window).
     assert!(
         firsts.iter().max() < ends.iter().min(),
         "a read waited for its first chunk until another had finished"
