@@ -169,3 +169,56 @@ async fn a_yamux_frame_over_the_limit_ends_only_that_session() {
         vec!["alice"]
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hand_written_fileshare_requests_good_and_bad_get_typed_answers() {
+    let hub = start_hub(&[]);
+    let addr = addr_of(&hub);
+    let session = within("hello", async {
+        raw::hello(raw::tcp_from(raw::source(1), addr).await).await
+    })
+    .await;
+    raw::serve_no_files(&session);
+    let mut ch = within("hub channel", raw::raw_hub_channel(&session)).await;
+    let mut preamble = [0u8; 6];
+    within("preamble", ch.read_exact(&mut preamble))
+        .await
+        .unwrap();
+    assert_eq!(preamble, raw::RPC_PREAMBLE);
+    // Hub.publish with a name that is not UTF-8: INVALID_ARGUMENT (code 3) for that call.
+    let mut bad = Vec::new();
+    raw::string(b"\xff\xfe", &mut bad);
+    ch.write_all(&raw::request_frame(1, "Hub.publish", &bad))
+        .await
+        .unwrap();
+    let answer = within("answer 1", raw::read_frame(&mut ch)).await.unwrap();
+    // Response (01), id 1, Some(status) (01), code 3.
+    assert_eq!(&answer[..4], &[1, 1, 1, 3], "{answer:?}");
+    // A valid payload with trailing bytes (another type): refused the same way.
+    let mut trailing = Vec::new();
+    raw::string(b"hand", &mut trailing);
+    trailing.push(7);
+    ch.write_all(&raw::request_frame(2, "Hub.publish", &trailing))
+        .await
+        .unwrap();
+    let answer = within("answer 2", raw::read_frame(&mut ch)).await.unwrap();
+    assert_eq!(&answer[..4], &[1, 2, 1, 3], "{answer:?}");
+    // The same conn still serves: a well-formed publish succeeds (no status, then
+    // PublishResp { name: "hand", peers: 1 }).
+    let mut good = Vec::new();
+    raw::string(b"hand", &mut good);
+    ch.write_all(&raw::request_frame(3, "Hub.publish", &good))
+        .await
+        .unwrap();
+    let answer = within("answer 3", raw::read_frame(&mut ch)).await.unwrap();
+    assert_eq!(answer, [1, 3, 0, 4, b'h', b'a', b'n', b'd', 1]);
+    let (_s, alice) = within(
+        "alice joins",
+        raw::join(addr, raw::source(2), "alice".into()),
+    )
+    .await;
+    assert_eq!(
+        within("list", alice.list(ListReq {})).await.unwrap(),
+        vec!["alice", "hand"]
+    );
+}

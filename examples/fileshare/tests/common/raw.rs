@@ -1,5 +1,5 @@
 //! A raw client of the hub that writes each layer by hand, hostile or not: yamux frame
-//! headers, rpc preambles and frame prefixes, the fileshare hello. Shared by
+//! headers, rpc preambles, frames and envelopes, the fileshare hello and fileshare requests. Shared by
 //! tests/hub_limits.rs and benches/load.rs, which include it with `#[path]` next to the
 //! crate's own `auth` and `proto` modules (the `share` crate has no library to link).
 
@@ -115,6 +115,55 @@ impl Export for NoFiles {
 /// Connects from `source`, says hello, serves [`NoFiles`] and publishes `name`.
 pub(crate) async fn join(hub: SocketAddr, source: IpAddr, name: String) -> (Session, HubClient) {
     let session = hello(tcp_from(source, hub).await).await;
+    serve_no_files(&session);
+    let hub = HubClient::new(rpc::Client::new(
+        session.dial(HUB_CHANNEL).await.expect("hub channel"),
+    ));
+    hub.publish(PublishReq { name }).await.expect("publish");
+    (session, hub)
+}
+
+/// bincode 2 `standard()` varint of `n` (docs/protocol.md, Part 2, "Codec").
+pub(crate) fn varint(n: u64, out: &mut Vec<u8>) {
+    match n {
+        0..=250 => out.push(n as u8),
+        251..=0xffff => {
+            out.push(0xfb);
+            out.extend_from_slice(&(n as u16).to_le_bytes());
+        }
+        0x1_0000..=0xffff_ffff => {
+            out.push(0xfc);
+            out.extend_from_slice(&(n as u32).to_le_bytes());
+        }
+        _ => {
+            out.push(0xfd);
+            out.extend_from_slice(&n.to_le_bytes());
+        }
+    }
+}
+
+/// A string as bincode writes it: varint length, then the bytes (not checked as UTF-8, so a
+/// hostile caller can send bad ones).
+pub(crate) fn string(s: &[u8], out: &mut Vec<u8>) {
+    varint(s.len() as u64, out);
+    out.extend_from_slice(s);
+}
+
+/// A whole rpc `Request` frame written by hand: length prefix, envelope header (`00`, id,
+/// method, no deadline, no stream credit, no metadata), then `payload` as given.
+pub(crate) fn request_frame(id: u64, method: &str, payload: &[u8]) -> Vec<u8> {
+    let mut body = vec![0u8];
+    varint(id, &mut body);
+    string(method.as_bytes(), &mut body);
+    body.extend_from_slice(&[0, 0, 0]);
+    body.extend_from_slice(payload);
+    let mut frame = rpc_prefix(body.len() as u32).to_vec();
+    frame.extend_from_slice(&body);
+    frame
+}
+
+/// Serves [`NoFiles`] on `session`'s export channel (the hub dials it back on publish).
+pub(crate) fn serve_no_files(session: &Session) {
     let mut exports = session.listen(EXPORT_CHANNEL).expect("export listener");
     let mut server = rpc::Server::new();
     server.add(NoFiles.into_service());
@@ -125,9 +174,13 @@ pub(crate) async fn join(hub: SocketAddr, source: IpAddr, name: String) -> (Sess
             tokio::spawn(async move { server.serve(ch).await });
         }
     });
-    let hub = HubClient::new(rpc::Client::new(
-        session.dial(HUB_CHANNEL).await.expect("hub channel"),
-    ));
-    hub.publish(PublishReq { name }).await.expect("publish");
-    (session, hub)
+}
+
+/// Reads one rpc frame body from `ch` (after the peer's preamble has been read).
+pub(crate) async fn read_frame(ch: &mut Conn) -> std::io::Result<Vec<u8>> {
+    let mut len = [0u8; 4];
+    ch.read_exact(&mut len).await?;
+    let mut body = vec![0u8; u32::from_be_bytes(len) as usize];
+    ch.read_exact(&mut body).await?;
+    Ok(body)
 }
