@@ -6,21 +6,29 @@
 //! - `rtt`: a 64-byte round trip on raw TCP vs on a channel.
 //!
 //! Both ends run in this process, each side's I/O in its own tasks (for the channel, each
-//! session also has its driver task). At the end a summary times raw TCP and netchan again in
-//! alternating rounds (so both see the same background load) and prints the ratios.
+//! session also has its driver task). At the end a summary times raw TCP, netchan and the
+//! `yamux` crate (0.14, default config, the engine netchan used before) again in rotating
+//! rounds (so all see the same background load) and prints the ratios; then a WAN summary
+//! moves one stream through a delay-line proxy (`netchan_testkit::proxy::Link::wan`, 1 Gbit/s
+//! at 50 ms and 100 ms round trip) for the same three.
 //!
 //! `NETCHAN_BENCH_SPLIT_SEND_SIZE=<bytes>` overrides `Config::split_send_size` for tuning runs;
-//! `NETCHAN_BENCH_SUMMARY_ONLY=1` skips criterion and prints only the paired ratios.
+//! `NETCHAN_BENCH_SUMMARY_ONLY=1` skips criterion and prints only the paired ratios;
+//! `NETCHAN_BENCH_NO_WAN=1` skips the WAN summary.
 
 use criterion::{Criterion, Throughput};
 use netchan_mux::{Config, Session};
+use netchan_testkit::proxy::{Link, Proxy};
+use std::task::Poll;
 use std::time::{Duration, Instant};
+use tokio::sync::oneshot;
 use tokio::{
     io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt},
     net::{TcpListener, TcpStream},
     runtime::Runtime,
     sync::mpsc,
 };
+use tokio_util::compat::{Compat, FuturesAsyncReadCompatExt, TokioAsyncReadCompatExt};
 
 /// Bytes moved per iteration of a bulk benchmark (split over the lanes).
 const BULK_BYTES: u64 = 64 * 1024 * 1024;
@@ -155,6 +163,80 @@ async fn channel_lanes(n: usize) -> (Lanes, Session, Session) {
         pairs.push((dialed.unwrap(), accepted.unwrap()));
     }
     (Lanes::new(pairs), client, server)
+}
+
+/// A `yamux` crate connection driven in its own task: `opens` asks for outbound streams,
+/// `inbound` yields the peer's.
+struct YamuxEnd {
+    opens: mpsc::Sender<oneshot::Sender<yamux::Stream>>,
+    inbound: mpsc::Receiver<yamux::Stream>,
+}
+
+impl YamuxEnd {
+    fn start<T>(io: T, mode: yamux::Mode) -> YamuxEnd
+    where
+        T: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+    {
+        let (opens, mut open_rx) = mpsc::channel::<oneshot::Sender<yamux::Stream>>(16);
+        let (inbound_tx, inbound) = mpsc::channel(64);
+        let mut conn = yamux::Connection::new(io.compat(), yamux::Config::default(), mode);
+        tokio::spawn(async move {
+            let mut waiting: Option<oneshot::Sender<yamux::Stream>> = None;
+            futures::future::poll_fn(|cx| loop {
+                if waiting.is_none() {
+                    if let Poll::Ready(Some(reply)) = open_rx.poll_recv(cx) {
+                        waiting = Some(reply);
+                    }
+                }
+                if waiting.is_some() {
+                    if let Poll::Ready(Ok(stream)) = conn.poll_new_outbound(cx) {
+                        let _ = waiting.take().unwrap().send(stream);
+                        continue;
+                    }
+                }
+                match conn.poll_next_inbound(cx) {
+                    Poll::Ready(Some(Ok(stream))) => {
+                        let _ = inbound_tx.try_send(stream);
+                    }
+                    Poll::Ready(_) => return Poll::Ready(()),
+                    Poll::Pending => return Poll::Pending,
+                }
+            })
+            .await;
+        });
+        YamuxEnd { opens, inbound }
+    }
+}
+
+/// `n` yamux-crate streams over `(a, b)`: opened by `a`, accepted by `b` (made visible to
+/// `b` by a first byte, which the pair's reader skips).
+async fn yamux_pairs<T>(a: T, b: T, n: usize) -> Vec<(Compat<yamux::Stream>, Compat<yamux::Stream>)>
+where
+    T: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+{
+    let client = YamuxEnd::start(a, yamux::Mode::Client);
+    let mut server = YamuxEnd::start(b, yamux::Mode::Server);
+    let mut pairs = Vec::new();
+    for _ in 0..n {
+        let (tx, rx) = oneshot::channel();
+        client.opens.send(tx).await.unwrap();
+        let mut out = rx.await.unwrap().compat();
+        out.write_all(&[0]).await.unwrap();
+        out.flush().await.unwrap();
+        let mut inc = server.inbound.recv().await.unwrap().compat();
+        let mut first = [0u8; 1];
+        inc.read_exact(&mut first).await.unwrap();
+        pairs.push((out, inc));
+    }
+    // Keep the connections' handles alive as long as the streams.
+    std::mem::forget(client.opens);
+    std::mem::forget(server);
+    pairs
+}
+
+async fn yamux_lanes(n: usize) -> Lanes {
+    let (a, b) = tcp_pair().await;
+    Lanes::new(yamux_pairs(a, b, n).await)
 }
 
 /// Echoes fixed-size messages back; the caller measures one round trip per message.
@@ -309,15 +391,18 @@ fn paired_summary(flavour: &str) -> Vec<String> {
     let rt = runtime(flavour);
     let mut lines = Vec::new();
     for lanes in [1usize, 8] {
-        let (ratios, raw_t, chan_t, cpu) = rt.block_on(async {
+        let (raw_t, chan_t, yam_t, ratios, yam_ratios, cpu) = rt.block_on(async {
             let mut raw = tcp_lanes(lanes).await;
             let (mut chan, client, server) = channel_lanes(lanes).await;
-            // Warm up (yamux grows a busy stream's window over its first rounds).
+            let mut yam = yamux_lanes(lanes).await;
+            // Warm up (windows grow over the first rounds).
             for _ in 0..WARM_UP_ROUNDS {
                 raw.round(BULK_BYTES).await;
                 chan.round(BULK_BYTES).await;
+                yam.round(BULK_BYTES).await;
             }
-            let (mut ratios, mut raw_t, mut chan_t) = (Vec::new(), Vec::new(), Vec::new());
+            let (mut raw_t, mut chan_t, mut yam_t) = (Vec::new(), Vec::new(), Vec::new());
+            let (mut ratios, mut yam_ratios) = (Vec::new(), Vec::new());
             let (mut raw_cpu, mut chan_cpu) = (0, 0);
             for _ in 0..PAIRS {
                 let (start, cpu) = (Instant::now(), cpu_ticks());
@@ -328,39 +413,61 @@ fn paired_summary(flavour: &str) -> Vec<String> {
                 chan.round(BULK_BYTES).await;
                 let c = start.elapsed().as_secs_f64();
                 chan_cpu += cpu_ticks() - cpu;
+                let start = Instant::now();
+                yam.round(BULK_BYTES).await;
+                let y = start.elapsed().as_secs_f64();
                 ratios.push(r / c);
+                yam_ratios.push(r / y);
                 raw_t.push(r);
                 chan_t.push(c);
+                yam_t.push(y);
             }
             drop(chan);
             client.close().await;
             server.close().await;
-            (ratios, raw_t, chan_t, cpu_ratio(raw_cpu, chan_cpu))
+            (
+                raw_t,
+                chan_t,
+                yam_t,
+                ratios,
+                yam_ratios,
+                cpu_ratio(raw_cpu, chan_cpu),
+            )
         });
         let gbps = |t: f64| BULK_BYTES as f64 / t / 1e9;
         lines.push(format!(
-            "{:<28} {:>9.2} GB/s {:>9.2} GB/s {:>7.2}x {:>9}",
+            "{:<24} {:>8.2} GB/s {:>8.2} GB/s {:>7.2}x {:>8.2} GB/s {:>7.2}x {:>9}",
             format!("bulk/{lanes}/{flavour}"),
             gbps(median(&raw_t)),
             gbps(median(&chan_t)),
             median(&ratios),
+            gbps(median(&yam_t)),
+            median(&yam_ratios),
             cpu
         ));
     }
-    let (ratios, raw_t, chan_t, cpu) = rt.block_on(async {
-        let (mut raw, _) = {
+    let (raw_t, chan_t, yam_t, ratios, yam_ratios, cpu) = rt.block_on(async {
+        let mut raw = {
             let (a, b) = tcp_pair().await;
             spawn_echo(b);
-            (a, ())
+            a
         };
         let (client, server) = session_pair().await;
         let mut listener = server.listen("rtt").unwrap();
         let (dialed, accepted) = tokio::join!(client.dial("rtt"), listener.accept());
         spawn_echo(accepted.unwrap());
         let mut conn = dialed.unwrap();
+        let mut yam = {
+            let (a, b) = tcp_pair().await;
+            let (out, inc) = yamux_pairs(a, b, 1).await.pop().unwrap();
+            spawn_echo(inc);
+            out
+        };
         ping_pong(&mut raw, RTT_ROUND).await;
         ping_pong(&mut conn, RTT_ROUND).await;
-        let (mut ratios, mut raw_t, mut chan_t) = (Vec::new(), Vec::new(), Vec::new());
+        ping_pong(&mut yam, RTT_ROUND).await;
+        let (mut raw_t, mut chan_t, mut yam_t) = (Vec::new(), Vec::new(), Vec::new());
+        let (mut ratios, mut yam_ratios) = (Vec::new(), Vec::new());
         let (mut raw_cpu, mut chan_cpu) = (0, 0);
         for _ in 0..PAIRS {
             let (start, cpu) = (Instant::now(), cpu_ticks());
@@ -371,23 +478,90 @@ fn paired_summary(flavour: &str) -> Vec<String> {
             ping_pong(&mut conn, RTT_ROUND).await;
             let c = start.elapsed().as_secs_f64() / RTT_ROUND as f64;
             chan_cpu += cpu_ticks() - cpu;
+            let start = Instant::now();
+            ping_pong(&mut yam, RTT_ROUND).await;
+            let y = start.elapsed().as_secs_f64() / RTT_ROUND as f64;
             ratios.push(c / r);
+            yam_ratios.push(y / r);
             raw_t.push(r);
             chan_t.push(c);
+            yam_t.push(y);
         }
         drop(conn);
         client.close().await;
         server.close().await;
-        (ratios, raw_t, chan_t, cpu_ratio(chan_cpu, raw_cpu))
+        (
+            raw_t,
+            chan_t,
+            yam_t,
+            ratios,
+            yam_ratios,
+            cpu_ratio(chan_cpu, raw_cpu),
+        )
     });
     lines.push(format!(
-        "{:<28} {:>11.1} µs {:>11.1} µs {:>7.2}x {:>9}",
+        "{:<24} {:>10.1} µs {:>10.1} µs {:>7.2}x {:>10.1} µs {:>7.2}x {:>9}",
         format!("rtt/{flavour}"),
         median(&raw_t) * 1e6,
         median(&chan_t) * 1e6,
         median(&ratios),
+        median(&yam_t) * 1e6,
+        median(&yam_ratios),
         cpu
     ));
+    lines
+}
+
+/// Bytes per timed WAN round, and timed rounds per kind.
+const WAN_BYTES: u64 = 96 * 1024 * 1024;
+const WAN_ROUNDS: usize = 3;
+
+/// One stream across a delay-line proxy: raw TCP, a netchan channel and a yamux-crate stream,
+/// each on its own proxied connection, timed in rotating rounds after one warm-up round.
+fn wan_summary() -> Vec<String> {
+    let rt = runtime("multi_thread");
+    let mut lines = Vec::new();
+    for rtt_ms in [50u64, 100] {
+        let link = Link::wan(Duration::from_millis(rtt_ms), 1_000_000_000);
+        let (raw_t, chan_t, yam_t) = rt.block_on(async {
+            let (a, b, _p1) = Proxy::pair(link).await.unwrap();
+            let mut raw = Lanes::new(vec![(a, b)]);
+            let (a, b, _p2) = Proxy::pair(link).await.unwrap();
+            let client = Session::client(a, Config::default());
+            let server = Session::server(b, Config::default());
+            let mut listener = server.listen("wan").unwrap();
+            let (dialed, accepted) = tokio::join!(client.dial("wan"), listener.accept());
+            let mut chan = Lanes::new(vec![(dialed.unwrap(), accepted.unwrap())]);
+            let (a, b, _p3) = Proxy::pair(link).await.unwrap();
+            let mut yam = Lanes::new(yamux_pairs(a, b, 1).await);
+            raw.round(WAN_BYTES / 2).await;
+            chan.round(WAN_BYTES / 2).await;
+            yam.round(WAN_BYTES / 2).await;
+            let (mut raw_t, mut chan_t, mut yam_t) = (Vec::new(), Vec::new(), Vec::new());
+            for _ in 0..WAN_ROUNDS {
+                let start = Instant::now();
+                raw.round(WAN_BYTES).await;
+                raw_t.push(start.elapsed().as_secs_f64());
+                let start = Instant::now();
+                chan.round(WAN_BYTES).await;
+                chan_t.push(start.elapsed().as_secs_f64());
+                let start = Instant::now();
+                yam.round(WAN_BYTES).await;
+                yam_t.push(start.elapsed().as_secs_f64());
+            }
+            (median(&raw_t), median(&chan_t), median(&yam_t))
+        });
+        let mbps = |t: f64| WAN_BYTES as f64 / t / 1e6;
+        lines.push(format!(
+            "{:<24} {:>8.1} MB/s {:>8.1} MB/s {:>7.2}x {:>8.1} MB/s {:>7.2}x",
+            format!("wan/{rtt_ms}ms/1"),
+            mbps(raw_t),
+            mbps(chan_t),
+            raw_t / chan_t,
+            mbps(yam_t),
+            raw_t / yam_t,
+        ));
+    }
     lines
 }
 
@@ -400,16 +574,18 @@ fn cpu_ratio(a: u64, b: u64) -> String {
 }
 
 fn print_summary(lines: &[String]) {
-    println!("\nnetchan-mux vs raw TCP, alternating rounds in this run (medians of {PAIRS} pairs)");
+    println!("\nnetchan-mux and the yamux crate vs raw TCP, rotating rounds in this run (medians)");
     println!(
-        "{:<28} {:>14} {:>14} {:>8} {:>9}",
-        "benchmark", "raw tcp", "netchan", "ratio", "cpu ratio"
+        "{:<24} {:>13} {:>13} {:>8} {:>13} {:>8} {:>9}",
+        "benchmark", "raw tcp", "netchan", "ratio", "yamux crate", "ratio", "cpu ratio"
     );
     for line in lines {
         println!("{line}");
     }
-    println!("(bulk: netchan throughput / raw; rtt: netchan round trip / raw;");
-    println!(" cpu ratio: the same ratio computed from process CPU time instead of wall time)");
+    println!("(bulk, wan: throughput / raw; rtt: round trip / raw; cpu ratio: netchan's ratio");
+    println!(
+        " computed from process CPU time instead of wall time; wan: median of {WAN_ROUNDS} rounds)"
+    );
 }
 
 fn main() {
@@ -428,6 +604,9 @@ fn main() {
     let mut lines = Vec::new();
     for flavour in ["current_thread", "multi_thread"] {
         lines.extend(paired_summary(flavour));
+    }
+    if std::env::var_os("NETCHAN_BENCH_NO_WAN").is_none() {
+        lines.extend(wan_summary());
     }
     print_summary(&lines);
 }

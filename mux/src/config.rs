@@ -1,33 +1,41 @@
-//! Session configuration: limits, timeouts and the yamux settings derived from them.
+//! Session configuration: limits, timeouts and the yamux core's bounds derived from them.
 
+use crate::proto::Limits;
 use std::time::Duration;
 
 /// Every yamux stream may receive this much before its peer must wait for a window update
-/// (fixed by the yamux specification; yamux 0.14 cannot lower it).
+/// (fixed by the yamux specification).
 pub(crate) const STREAM_INITIAL_WINDOW: usize = 256 * 1024;
 
-/// Upper bound on yamux's `max_num_streams`, so that `streams × 256 KiB` cannot overflow and
-/// yamux's own configuration assertions can never fire, whatever [`Config`] says.
-const MAX_YAMUX_STREAMS: usize = 1 << 20;
+/// Upper bound on the stream table, so that `streams × 256 KiB` cannot overflow.
+const MAX_STREAMS: usize = 1 << 20;
 
-/// The largest yamux frame body we send: yamux rejects inbound frames over 1 MiB, and no frame
-/// can exceed the initial 256 KiB stream window anyway.
-const MAX_SPLIT_SEND_SIZE: usize = STREAM_INITIAL_WINDOW;
+/// Largest per-stream receive window we grant (the window field is a `u32`).
+const MAX_STREAM_WINDOW: usize = 1 << 30;
+
+/// Queued output (frames not yet handed to the byte stream) beyond which writers wait.
+pub(crate) const OUT_LIMIT: usize = 1024 * 1024;
 
 /// Settings of one [`Session`](crate::Session). Build with [`Config::default`] and the chained
 /// setters (`Config::default().max_channels(1024)`).
 ///
 /// # Memory
 ///
-/// yamux guarantees every stream a 256 KiB receive window, so what a peer can make a session
-/// buffer (data that arrived but was not yet read) is bounded by
+/// yamux guarantees every stream a 256 KiB receive window; we grant more only out of the
+/// session-wide `receive_window_growth`. So what a peer can make a session buffer (data that
+/// arrived but was not yet read) is bounded by
 ///
-/// `(max_channels + 2 × max_pending_handshakes + 8) × 256 KiB + receive_window_growth`
+/// `streams × 256 KiB + receive_window_growth`, with
+/// `streams = max_channels + 2 × max_pending_handshakes + 8`
 ///
-/// With the defaults that is `(64 + 64 + 8) × 256 KiB + 8 MiB` = **42 MiB** per session in the
-/// worst case (every window filled and never read, which only a hostile peer does). A channel
-/// whose reader keeps up holds far less: memory is only used by bytes that are in flight.
-/// A hub serving thousands of peers should lower `max_channels` to what each peer needs.
+/// (the stream table's size: open channels, handshakes being answered, and slack for streams
+/// being refused). With the defaults that is `(64 + 64 + 8) × 256 KiB + 16 MiB` = **50 MiB**
+/// per session in the worst case (every window filled and never read, which only a hostile
+/// peer does). On top of that the link itself holds at most one inbound frame being read
+/// (≤ `max_stream_window` + 64 KiB) and about 1 MiB of queued output. A channel whose reader
+/// keeps up holds far less: windows are granted back as data is consumed, so memory is only
+/// used by bytes in flight. A hub serving thousands of peers should lower `max_channels` and
+/// `receive_window_growth` to what each peer needs.
 #[non_exhaustive]
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -61,15 +69,19 @@ pub struct Config {
     /// ends the session anyway. Default: 5 s.
     pub close_grace: Duration,
     /// Bytes by which the receive windows of all channels together may grow beyond their
-    /// initial 256 KiB (yamux auto-tunes a busy channel's window towards the bandwidth-delay
-    /// product). Part of the session's receive budget, see [Memory](#memory). Default: 8 MiB.
+    /// initial 256 KiB. A channel's window doubles while its sender is held back by it and
+    /// its reader keeps up, towards the link's bandwidth-delay product, up to
+    /// `max_stream_window`, out of this budget; the growth returns to the budget when the
+    /// channel closes. Part of the session's receive budget, see [Memory](#memory).
+    /// Default: 16 MiB.
     pub receive_window_growth: usize,
+    /// The largest receive window one channel may be granted. A single channel's throughput
+    /// is at most `window / round-trip time` (16 MiB over 100 ms is 168 MB/s).
+    /// Clamped to 256 KiB..=1 GiB. Default: 16 MiB.
+    pub max_stream_window: usize,
     /// Largest yamux data frame this side sends; bigger writes are split. Larger frames mean
     /// fewer frames (and wake-ups) per byte, smaller ones interleave channels more finely.
-    /// The default keeps two frames per 256 KiB stream window (so the sender can refill one
-    /// while the other is read) and keeps yamux's per-frame buffers just under glibc's 128 KiB
-    /// `mmap` threshold (larger ones cost page faults on every frame); see docs/performance.md.
-    /// Clamped to 1 KiB..=256 KiB. Default: 120 KiB.
+    /// Clamped to 1 KiB..=1 MiB. Default: 120 KiB.
     pub split_send_size: usize,
 }
 
@@ -83,7 +95,8 @@ impl Default for Config {
             keepalive_interval: Some(Duration::from_secs(15)),
             keepalive_timeout: Duration::from_secs(10),
             close_grace: Duration::from_secs(5),
-            receive_window_growth: 8 * 1024 * 1024,
+            receive_window_growth: 16 * 1024 * 1024,
+            max_stream_window: 16 * 1024 * 1024,
             split_send_size: 120 * 1024,
         }
     }
@@ -132,9 +145,15 @@ impl Config {
         self
     }
 
-    /// Sets [`Config::receive_window_growth`] (default: 8 MiB).
+    /// Sets [`Config::receive_window_growth`] (default: 16 MiB).
     pub fn receive_window_growth(mut self, bytes: usize) -> Self {
         self.receive_window_growth = bytes;
+        self
+    }
+
+    /// Sets [`Config::max_stream_window`] (default: 16 MiB).
+    pub fn max_stream_window(mut self, bytes: usize) -> Self {
+        self.max_stream_window = bytes;
         self
     }
 
@@ -144,12 +163,12 @@ impl Config {
         self
     }
 
-    /// `max_channels`, clamped so the derived yamux settings stay representable.
+    /// `max_channels`, clamped so the stream table stays representable.
     pub(crate) fn channel_limit(&self) -> usize {
-        self.max_channels.min(MAX_YAMUX_STREAMS / 2)
+        self.max_channels.min(MAX_STREAMS / 2)
     }
 
-    /// `max_pending_handshakes`, clamped to yamux's acknowledgement backlog.
+    /// `max_pending_handshakes`, clamped to 1..=256.
     pub(crate) fn pending_limit(&self) -> usize {
         self.max_pending_handshakes.clamp(1, 256)
     }
@@ -161,29 +180,38 @@ impl Config {
         self.accept_backlog.min(self.channel_limit()).max(1)
     }
 
-    /// yamux's hard stream limit (exceeding it kills the connection). It sits above our own
-    /// channel limit with room for streams we are still refusing: up to `pending` inbound
-    /// handshakes being answered, as many again already answered but not yet released by
-    /// yamux, and a few internal streams (keepalive).
-    pub(crate) fn yamux_max_streams(&self) -> usize {
-        (self.channel_limit() + 2 * self.pending_limit() + 8).min(MAX_YAMUX_STREAMS)
+    /// The stream table's size. It sits above our own channel limit with room for streams we
+    /// are still refusing: up to `pending` inbound handshakes being answered, as many again
+    /// whose refusal is being sent, and a few more. An inbound stream beyond it is reset
+    /// (that stream only).
+    pub(crate) fn max_streams(&self) -> usize {
+        (self.channel_limit() + 2 * self.pending_limit() + 8).min(MAX_STREAMS)
     }
 
-    /// The yamux configuration this config implies. Never panics: the receive window is set
-    /// from the stream limit, so yamux's `window >= 256 KiB × streams` assertion always holds.
-    pub(crate) fn to_yamux(&self) -> yamux::Config {
-        let streams = self.yamux_max_streams();
-        let window = streams
+    /// The per-stream window cap, clamped.
+    fn stream_window_cap(&self) -> usize {
+        self.max_stream_window
+            .clamp(STREAM_INITIAL_WINDOW, MAX_STREAM_WINDOW)
+    }
+
+    /// The worst-case bytes a peer can make this session buffer in its channels (see
+    /// [Memory](#memory)).
+    pub fn worst_case_buffered(&self) -> usize {
+        self.max_streams()
             .saturating_mul(STREAM_INITIAL_WINDOW)
-            .saturating_add(self.receive_window_growth);
-        let mut cfg = yamux::Config::default();
-        // Order matters: lift the window limit first so that neither setter's assertion can
-        // see a window smaller than `streams × 256 KiB`.
-        cfg.set_max_connection_receive_window(None);
-        cfg.set_max_num_streams(streams);
-        cfg.set_max_connection_receive_window(Some(window));
-        cfg.set_split_send_size(self.split_send_size.clamp(1024, MAX_SPLIT_SEND_SIZE));
-        cfg
+            .saturating_add(self.receive_window_growth)
+    }
+
+    /// The bounds the yamux core enforces for this config. Never panics.
+    pub(crate) fn limits(&self) -> Limits {
+        Limits {
+            initial_window: STREAM_INITIAL_WINDOW as u32,
+            max_window: self.stream_window_cap() as u32,
+            growth_budget: self.receive_window_growth,
+            max_streams: self.max_streams(),
+            max_frame: self.split_send_size.clamp(1024, 1024 * 1024),
+            out_limit: OUT_LIMIT,
+        }
     }
 }
 
@@ -192,7 +220,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn yamux_config_never_panics_for_extreme_values() {
+    fn limits_never_panic_for_extreme_values() {
         for channels in [0, 1, 64, 1000, usize::MAX] {
             for pending in [0, 1, 256, usize::MAX] {
                 for growth in [0, 8 << 20, usize::MAX] {
@@ -201,8 +229,10 @@ mod tests {
                         .max_pending_handshakes(pending)
                         .receive_window_growth(growth)
                         .split_send_size(usize::MAX);
-                    let _ = cfg.to_yamux();
-                    assert!(cfg.yamux_max_streams() > cfg.channel_limit());
+                    let limits = cfg.limits();
+                    assert!(limits.max_streams > cfg.channel_limit());
+                    assert!(limits.max_window >= limits.initial_window);
+                    let _ = cfg.worst_case_buffered();
                 }
             }
         }
@@ -211,7 +241,6 @@ mod tests {
     #[test]
     fn default_worst_case_budget_matches_the_docs() {
         let cfg = Config::default();
-        let worst = cfg.yamux_max_streams() * STREAM_INITIAL_WINDOW + cfg.receive_window_growth;
-        assert_eq!(worst, 42 * 1024 * 1024);
+        assert_eq!(cfg.worst_case_buffered(), 50 * 1024 * 1024);
     }
 }

@@ -1,164 +1,176 @@
-//! The driver task: the only owner of the `yamux::Connection`.
+//! The driver task: the only owner of the byte stream. It moves bytes between the link and
+//! the yamux core, and nothing else.
 //!
-//! yamux makes no progress at all (not even writes of open streams) unless
-//! `poll_next_inbound` is polled, so one task polls, in one loop: inbound streams, pending
-//! outbound opens, the command queue from the handles, the keepalive timer and, once closing,
-//! the graceful shutdown. Per-stream work (handshakes) runs in per-stream tasks, never here.
+//! - **Reads** go into one `BytesMut` without zeroing; every complete frame is handed to the
+//!   core, a data frame's body as a slice of that buffer (no copy).
+//! - **Writes**: the frames the handles queued since the last round (small ones from many
+//!   streams, headers and bodies alike) leave in vectored writes, one syscall for many
+//!   frames, and the stream is flushed once the queue is empty.
+//! - **Timers**: keepalive pings and the close grace.
+//! - **New inbound streams** are handed to the session's handshake callback, which runs each
+//!   in a task of its own: per-stream work never blocks the session.
+//!
+//! Contract: nothing happens on the link unless the driver runs; the session spawns it and it
+//! ends (recording the [`CloseReason`]) when the session ends.
 
 use crate::{
     error::CloseReason,
-    keepalive::Keepalive,
-    session::{Mode, Shared},
-    socket::{Flusher, Socket},
-    Error,
+    keepalive::{Due, Keepalive},
+    proto::{Frame, GoAwayCode, Header, Violation, HEADER_LEN},
+    shared::{Shared, StreamHandle},
+    stream::RawStream,
 };
-use futures::future::poll_fn;
+use bytes::{Buf, BytesMut};
 use std::{
     collections::VecDeque,
     future::Future,
+    io::{self, IoSlice},
     pin::Pin,
     sync::Arc,
     task::{Context, Poll},
 };
 use tokio::{
     io::{AsyncRead, AsyncWrite},
-    sync::{mpsc, oneshot},
-    time::Sleep,
+    time::{Instant, Sleep},
 };
-use tracing::Instrument;
 
-/// A request from a handle to the driver.
-pub(crate) enum Command {
-    /// Open an outbound yamux stream (the dialer then runs the handshake on it).
-    Open {
-        reply: oneshot::Sender<Result<yamux::Stream, Error>>,
-    },
-}
+/// Smallest read buffer space offered to the socket per read.
+const READ_CHUNK: usize = 64 * 1024;
+/// Frames taken from the core per batch (bytes): bounds the driver's own queue.
+const WRITE_BATCH: usize = 512 * 1024;
+/// Slices per vectored write (two per frame).
+const MAX_SLICES: usize = 64;
+/// Rounds of read + write per wake-up before yielding to other tasks.
+const ROUNDS: usize = 32;
+
+/// Called with every new inbound stream.
+pub(crate) type OnInbound = Arc<dyn Fn(RawStream) + Send + Sync>;
 
 enum State {
     Running,
-    /// Closing gracefully: refuse new channels, wait for open ones until the deadline.
+    /// Closing gracefully (GoAway sent): wait for open channels until the deadline.
     Draining {
         deadline: Pin<Box<Sleep>>,
     },
-    /// yamux's own close (GoAway, flush), bounded by a deadline in case the peer stops reading.
-    Closing {
+    /// Sending what is queued, then shutting the stream down, bounded by a deadline in case
+    /// the peer stops reading.
+    Finishing {
         deadline: Pin<Box<Sleep>>,
+        reason: CloseReason,
     },
 }
 
 pub(crate) struct Driver<T> {
-    connection: yamux::Connection<Socket<T>>,
-    /// Flushes, once per poll, what yamux wrote during it (see `socket.rs`).
-    flusher: Flusher<T>,
+    io: T,
     shared: Arc<Shared>,
-    commands: mpsc::Receiver<Command>,
-    commands_closed: bool,
-    /// Lets inbound handshake tasks hand out session handles without keeping the session alive.
-    handles: mpsc::WeakSender<Command>,
-    /// Dials waiting for yamux to hand out a stream. Bounded: each holds a dial permit.
-    pending_opens: VecDeque<oneshot::Sender<Result<yamux::Stream, Error>>>,
-    state: State,
+    on_inbound: OnInbound,
+    inbuf: BytesMut,
+    /// A header whose body has not fully arrived yet, and the body's length.
+    header: Option<(Header, usize)>,
+    outq: VecDeque<Frame>,
+    /// Bytes of `outq`'s front frame already written.
+    out_off: usize,
+    needs_flush: bool,
+    last_read: Instant,
     keepalive: Option<Keepalive>,
+    state: State,
+    eof: bool,
 }
 
 impl<T> Driver<T>
 where
     T: AsyncRead + AsyncWrite + Send + Unpin + 'static,
 {
-    pub(crate) fn new(
-        io: T,
-        mode: Mode,
-        shared: Arc<Shared>,
-        commands: mpsc::Receiver<Command>,
-        handles: mpsc::WeakSender<Command>,
-    ) -> Self {
-        let (socket, flusher) = Socket::new(io, shared.clone());
-        let connection = yamux::Connection::new(socket, shared.config.to_yamux(), mode.into());
-        let keepalive = Keepalive::start(&shared, handles.clone());
+    pub(crate) fn new(io: T, shared: Arc<Shared>, on_inbound: OnInbound) -> Self {
+        let keepalive = Keepalive::new(&shared.config);
         Driver {
-            connection,
-            flusher,
+            io,
             shared,
-            commands,
-            commands_closed: false,
-            handles,
-            pending_opens: VecDeque::new(),
-            state: State::Running,
+            on_inbound,
+            inbuf: BytesMut::with_capacity(READ_CHUNK),
+            header: None,
+            outq: VecDeque::new(),
+            out_off: 0,
+            needs_flush: false,
+            last_read: Instant::now(),
             keepalive,
+            state: State::Running,
+            eof: false,
         }
     }
 
     pub(crate) async fn run(mut self) {
         tracing::debug!("session started");
-        let reason = poll_fn(|cx| self.poll(cx)).await;
+        let reason = futures::future::poll_fn(|cx| self.poll(cx)).await;
         let reason = self.shared.finish(reason);
-        for reply in self.pending_opens.drain(..) {
-            let _ = reply.send(Err(Error::SessionClosed(reason.clone())));
-        }
-        self.commands.close();
-        while let Ok(Command::Open { reply }) = self.commands.try_recv() {
-            let _ = reply.send(Err(Error::SessionClosed(reason.clone())));
-        }
         if reason.is_error() {
             tracing::info!(%reason, "session ended");
         } else {
             tracing::debug!(%reason, "session ended");
         }
-        // Dropping the connection marks every stream closed and wakes its readers and writers.
-        drop(self.connection);
     }
 
     fn poll(&mut self, cx: &mut Context<'_>) -> Poll<CloseReason> {
         self.shared.driver_waker.register(cx.waker());
-        if let Poll::Ready(reason) = self.poll_connection(cx) {
-            return Poll::Ready(reason);
+        for _ in 0..ROUNDS {
+            if self.shared.is_closing() {
+                if let State::Running = self.state {
+                    tracing::debug!(open = self.shared.open_channels(), "closing");
+                    self.shared.core().go_away(GoAwayCode::Normal);
+                    self.state = State::Draining {
+                        deadline: Box::pin(tokio::time::sleep(self.shared.config.close_grace)),
+                    };
+                }
+            }
+
+            let read = match self.poll_inbound(cx) {
+                Ok(progress) => progress,
+                Err(End::Violation(v)) => return self.violation(cx, v),
+                Err(End::Reason(reason)) => return Poll::Ready(reason),
+            };
+            let (wrote, idle) = match self.poll_outbound(cx) {
+                Ok(progress) => progress,
+                Err(e) => return Poll::Ready(self.io_reason(e)),
+            };
+
+            if let Some(keepalive) = &mut self.keepalive {
+                match keepalive.poll(cx, self.last_read) {
+                    Poll::Ready(Due::Ping(opaque)) => {
+                        self.shared.core().ping(opaque);
+                        continue;
+                    }
+                    Poll::Ready(Due::Dead(reason)) => return Poll::Ready(reason),
+                    Poll::Pending => {}
+                }
+            }
+
+            if let Some(done) = self.poll_end(cx, idle) {
+                return done;
+            }
+            if !read && !wrote {
+                return Poll::Pending;
+            }
         }
-        // Everything yamux wrote in this round leaves in as few syscalls as possible.
-        match self.flusher.poll_flush(cx) {
-            Poll::Ready(Err(e)) => Poll::Ready(CloseReason::Io(Arc::new(e))),
-            Poll::Ready(Ok(())) | Poll::Pending => Poll::Pending,
-        }
+        // Plenty of work: let other tasks run, then carry on.
+        cx.waker().wake_by_ref();
+        Poll::Pending
     }
 
-    fn poll_connection(&mut self, cx: &mut Context<'_>) -> Poll<CloseReason> {
-        if let State::Closing { deadline } = &mut self.state {
-            return match self.connection.poll_close(cx) {
-                Poll::Ready(_) => Poll::Ready(CloseReason::Local),
-                Poll::Pending if deadline.as_mut().poll(cx).is_ready() => {
-                    tracing::debug!("peer did not take our close in time; dropping the link");
-                    Poll::Ready(CloseReason::Local)
+    /// Graceful endings: our close once the channels are done, the peer's GoAway once its
+    /// streams are done. `None` while the session carries on.
+    fn poll_end(&mut self, cx: &mut Context<'_>, idle: bool) -> Option<Poll<CloseReason>> {
+        if let State::Running = self.state {
+            let code = self.shared.core().goaway_received();
+            // A normal GoAway only stops new streams: open ones drain, and the peer ends the
+            // link once its side is done (we then read EOF and end with `Peer`).
+            match code {
+                Some(code) if code != 0 => {
+                    tracing::debug!(code, "peer sent go-away with an error code");
+                    return Some(Poll::Ready(CloseReason::PeerError { code }));
                 }
-                Poll::Pending => Poll::Pending,
-            };
-        }
-
-        self.poll_commands(cx);
-        if self.shared.is_closing() {
-            if let State::Running = self.state {
-                tracing::debug!(open = self.shared.open_channels(), "closing");
-                self.state = State::Draining {
-                    deadline: Box::pin(tokio::time::sleep(self.shared.config.close_grace)),
-                };
+                _ => {}
             }
         }
-        self.poll_opens(cx);
-
-        loop {
-            match self.connection.poll_next_inbound(cx) {
-                Poll::Ready(Some(Ok(stream))) => self.on_inbound(stream),
-                Poll::Ready(Some(Err(e))) => return Poll::Ready(close_reason(e)),
-                Poll::Ready(None) => return Poll::Ready(CloseReason::Peer),
-                Poll::Pending => break,
-            }
-        }
-
-        if let Some(keepalive) = &mut self.keepalive {
-            if let Poll::Ready(reason) = keepalive.poll(cx, &self.shared) {
-                return Poll::Ready(reason);
-            }
-        }
-
         if let State::Draining { deadline } = &mut self.state {
             let done = self.shared.open_channels() == 0;
             if done || deadline.as_mut().poll(cx).is_ready() {
@@ -168,106 +180,202 @@ where
                         "close grace expired; cutting open channels"
                     );
                 }
-                for reply in self.pending_opens.drain(..) {
-                    let _ = reply.send(Err(Error::SessionClosed(CloseReason::Local)));
-                }
-                self.state = State::Closing {
-                    deadline: Box::pin(tokio::time::sleep(self.shared.config.handshake_timeout)),
+                self.finishing(CloseReason::Local);
+            }
+        }
+        if let State::Finishing { deadline, reason } = &mut self.state {
+            if idle || self.eof {
+                // Everything is sent: tell the peer the stream ends (errors do not matter now).
+                let _ = Pin::new(&mut self.io).poll_shutdown(cx);
+                return Some(Poll::Ready(reason.clone()));
+            }
+            if deadline.as_mut().poll(cx).is_ready() {
+                tracing::debug!("peer did not take our last frames in time; dropping the link");
+                return Some(Poll::Ready(reason.clone()));
+            }
+        }
+        None
+    }
+
+    fn finishing(&mut self, reason: CloseReason) {
+        self.state = State::Finishing {
+            deadline: Box::pin(tokio::time::sleep(self.shared.config.handshake_timeout)),
+            reason,
+        };
+        // Let the finishing state be polled at once (its timer registered).
+        self.shared.driver_waker.wake();
+    }
+
+    /// Answers a violation with a GoAway (best effort, without waiting) and ends.
+    fn violation(&mut self, cx: &mut Context<'_>, v: Violation) -> Poll<CloseReason> {
+        tracing::info!(violation = %v, "peer violated the protocol");
+        self.shared.core().go_away(GoAwayCode::ProtocolError);
+        let _ = self.poll_outbound(cx);
+        Poll::Ready(CloseReason::ProtocolViolation(v))
+    }
+
+    fn io_reason(&self, e: io::Error) -> CloseReason {
+        CloseReason::Io(Arc::new(e))
+    }
+
+    /// Why the link ended when the byte stream reached its end.
+    fn eof_reason(&self) -> CloseReason {
+        if let State::Finishing { reason, .. } = &self.state {
+            return reason.clone();
+        }
+        if !matches!(self.state, State::Running) {
+            return CloseReason::Local;
+        }
+        match self.shared.core().goaway_received() {
+            Some(0) => CloseReason::Peer,
+            Some(code) => CloseReason::PeerError { code },
+            None => CloseReason::Io(Arc::new(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "the connection ended without the peer closing the session",
+            ))),
+        }
+    }
+
+    /// Reads what the link has and feeds every complete frame to the core. `Ok(true)` if
+    /// bytes arrived.
+    fn poll_inbound(&mut self, cx: &mut Context<'_>) -> Result<bool, End> {
+        if self.eof {
+            return Ok(false);
+        }
+        // Backpressure: a peer that does not read what we send (our answers to its pings,
+        // window updates, resets) gets nothing more read until it does.
+        if self.shared.core().out_bytes() >= self.shared.config.limits().out_limit {
+            return Ok(false);
+        }
+        let need = match self.header {
+            Some((_, len)) => len,
+            None => HEADER_LEN,
+        };
+        let want = need.saturating_sub(self.inbuf.len()).max(READ_CHUNK);
+        self.inbuf.reserve(want);
+        match tokio_util::io::poll_read_buf(Pin::new(&mut self.io), cx, &mut self.inbuf) {
+            Poll::Ready(Ok(0)) => {
+                self.eof = true;
+                Err(End::Reason(self.eof_reason()))
+            }
+            Poll::Ready(Ok(_)) => {
+                self.last_read = Instant::now();
+                self.parse().map_err(End::Violation)?;
+                Ok(true)
+            }
+            Poll::Ready(Err(e)) => Err(End::Reason(self.io_reason(e))),
+            Poll::Pending => Ok(false),
+        }
+    }
+
+    /// Hands every complete frame in the read buffer to the core.
+    fn parse(&mut self) -> Result<(), Violation> {
+        let mut accepted = Vec::new();
+        let now = std::time::Instant::now();
+        {
+            let mut core = self.shared.core();
+            loop {
+                let (header, len) = match self.header {
+                    Some(pending) => pending,
+                    None => {
+                        if self.inbuf.len() < HEADER_LEN {
+                            break;
+                        }
+                        let mut raw = [0u8; HEADER_LEN];
+                        raw.copy_from_slice(&self.inbuf[..HEADER_LEN]);
+                        let header = Header::decode(&raw)?;
+                        let len = core.on_header(&header)?;
+                        self.inbuf.advance(HEADER_LEN);
+                        self.header = Some((header, len));
+                        (header, len)
+                    }
                 };
-                // Poll again at once so yamux starts closing and registers its wake-ups.
-                cx.waker().wake_by_ref();
+                if self.inbuf.len() < len {
+                    break;
+                }
+                let body = self.inbuf.split_to(len);
+                self.header = None;
+                core.on_frame(header, body, now)?;
+            }
+            while let Some(id) = core.next_accepted() {
+                accepted.push(id);
             }
         }
-        Poll::Pending
+        for id in accepted {
+            let handle = StreamHandle {
+                id,
+                shared: self.shared.clone(),
+            };
+            (self.on_inbound)(RawStream::new(handle));
+        }
+        Ok(())
     }
 
-    fn poll_commands(&mut self, cx: &mut Context<'_>) {
-        while !self.commands_closed {
-            match self.commands.poll_recv(cx) {
-                Poll::Ready(Some(Command::Open { reply })) => {
-                    if self.shared.is_closing() && !matches!(self.state, State::Running) {
-                        let _ = reply.send(Err(Error::SessionClosed(CloseReason::Local)));
-                    } else {
-                        self.pending_opens.push_back(reply);
+    /// Writes queued frames. Returns (wrote something, everything sent and flushed).
+    fn poll_outbound(&mut self, cx: &mut Context<'_>) -> io::Result<(bool, bool)> {
+        let mut wrote = false;
+        loop {
+            if self.outq.is_empty() {
+                self.shared.core().take_output(WRITE_BATCH, &mut self.outq);
+                if self.outq.is_empty() {
+                    if self.needs_flush {
+                        match Pin::new(&mut self.io).poll_flush(cx) {
+                            Poll::Ready(Ok(())) => self.needs_flush = false,
+                            Poll::Ready(Err(e)) => return Err(e),
+                            Poll::Pending => return Ok((wrote, false)),
+                        }
                     }
+                    return Ok((wrote, true));
                 }
-                Poll::Ready(None) => {
-                    // Every handle, listener and channel is gone: nobody can use the session.
-                    tracing::debug!("all handles dropped");
-                    self.commands_closed = true;
-                    self.shared.set_closing();
-                }
-                Poll::Pending => break,
             }
+            let mut slices = [IoSlice::new(&[]); MAX_SLICES];
+            let mut count = 0;
+            let mut skip = self.out_off;
+            for frame in &self.outq {
+                if count + 2 > MAX_SLICES {
+                    break;
+                }
+                for part in [&frame.header[..], &frame.body[..]] {
+                    if skip >= part.len() {
+                        skip -= part.len();
+                        continue;
+                    }
+                    slices[count] = IoSlice::new(&part[skip..]);
+                    skip = 0;
+                    count += 1;
+                }
+            }
+            let n = match Pin::new(&mut self.io).poll_write_vectored(cx, &slices[..count]) {
+                Poll::Ready(Ok(0)) => return Err(io::ErrorKind::WriteZero.into()),
+                Poll::Ready(Ok(n)) => n,
+                Poll::Ready(Err(e)) => return Err(e),
+                Poll::Pending => return Ok((wrote, false)),
+            };
+            wrote = true;
+            self.needs_flush = true;
+            self.advance(n);
         }
     }
 
-    fn poll_opens(&mut self, cx: &mut Context<'_>) {
-        while let Some(reply) = self.pending_opens.front() {
-            if reply.is_closed() {
-                // The dial was abandoned (timed out or dropped) before it got its stream.
-                self.pending_opens.pop_front();
-                continue;
+    fn advance(&mut self, mut n: usize) {
+        while n > 0 {
+            let Some(front) = self.outq.front() else {
+                return;
+            };
+            let left = front.len() - self.out_off;
+            if n < left {
+                self.out_off += n;
+                return;
             }
-            match self.connection.poll_new_outbound(cx) {
-                Poll::Ready(Ok(stream)) => {
-                    if let Some(reply) = self.pending_opens.pop_front() {
-                        // If the dial has gone meanwhile, the stream is dropped unseen: yamux
-                        // streams only become visible to the peer with their first frame.
-                        let _ = reply.send(Ok(stream));
-                    }
-                }
-                Poll::Ready(Err(e)) => {
-                    // The connection is failing; `poll_next_inbound` reports why.
-                    let reason = close_reason(e);
-                    for reply in self.pending_opens.drain(..) {
-                        let _ = reply.send(Err(Error::SessionClosed(reason.clone())));
-                    }
-                }
-                Poll::Pending => break,
-            }
-        }
-    }
-
-    fn on_inbound(&mut self, stream: yamux::Stream) {
-        match self.shared.inbound_slots.clone().try_acquire_owned() {
-            Ok(permit) => {
-                let span = tracing::debug_span!("inbound", stream = %stream.id());
-                let task =
-                    handshake_task(stream, permit, self.shared.clone(), self.handles.clone());
-                tokio::spawn(task.instrument(span));
-            }
-            Err(_) => {
-                // The peer has more handshakes in flight than we serve at once (a peer using
-                // this crate never does: its dials are bounded the same way). Resetting the
-                // stream keeps yamux's hard stream limit, which would kill the link, out of reach.
-                tracing::debug!(stream = %stream.id(), "too many inbound handshakes; resetting");
-                drop(stream);
-            }
+            n -= left;
+            self.out_off = 0;
+            self.outq.pop_front();
         }
     }
 }
 
-/// Serves the listening side of one inbound stream's handshake, then hands the channel over.
-async fn handshake_task(
-    stream: yamux::Stream,
-    permit: tokio::sync::OwnedSemaphorePermit,
-    shared: Arc<Shared>,
-    handles: mpsc::WeakSender<Command>,
-) {
-    tokio::select! {
-        _ = crate::listener::serve_inbound(stream, permit, &shared, handles) => {}
-        _ = shared.ended.cancelled() => {}
-    }
-}
-
-fn close_reason(e: yamux::ConnectionError) -> CloseReason {
-    match e {
-        yamux::ConnectionError::Io(e) => CloseReason::Io(Arc::new(e)),
-        yamux::ConnectionError::Decode(yamux::FrameDecodeError::Io(e)) => {
-            CloseReason::Io(Arc::new(e))
-        }
-        yamux::ConnectionError::Closed => CloseReason::Peer,
-        other => CloseReason::Protocol(other.to_string()),
-    }
+/// How reading ended the session.
+enum End {
+    Violation(Violation),
+    Reason(CloseReason),
 }

@@ -1,5 +1,6 @@
 //! Errors of sessions and channels, and why a session ended.
 
+use crate::proto::Violation;
 use std::{fmt, io, sync::Arc, time::Duration};
 
 /// What went wrong with a session or channel operation.
@@ -107,8 +108,18 @@ pub enum CloseReason {
     },
     /// The underlying byte stream failed, or ended without the peer closing the session.
     Io(Arc<io::Error>),
-    /// The peer violated the yamux protocol.
+    /// The peer violated the yamux protocol (kept for compatibility: this crate now reports
+    /// violations as [`CloseReason::ProtocolViolation`]).
     Protocol(String),
+    /// The peer violated the yamux protocol; says how. We answered with a GoAway carrying
+    /// the protocol-error code.
+    ProtocolViolation(Violation),
+    /// The peer ended the session with a GoAway carrying an error code (1: we violated the
+    /// protocol, 2: it failed internally).
+    PeerError {
+        /// The GoAway error code.
+        code: u32,
+    },
 }
 
 impl CloseReason {
@@ -126,7 +137,10 @@ impl CloseReason {
                 io::ErrorKind::UnexpectedEof => io::ErrorKind::ConnectionAborted,
                 kind => kind,
             },
-            CloseReason::Protocol(_) => io::ErrorKind::InvalidData,
+            CloseReason::Protocol(_) | CloseReason::ProtocolViolation(_) => {
+                io::ErrorKind::InvalidData
+            }
+            CloseReason::PeerError { .. } => io::ErrorKind::ConnectionAborted,
         }
     }
 
@@ -148,6 +162,10 @@ impl fmt::Display for CloseReason {
             }
             CloseReason::Io(e) => write!(f, "connection i/o error: {e}"),
             CloseReason::Protocol(detail) => write!(f, "peer violated the protocol: {detail}"),
+            CloseReason::ProtocolViolation(v) => write!(f, "peer violated the protocol: {v}"),
+            CloseReason::PeerError { code } => {
+                write!(f, "peer ended the session with go-away error code {code}")
+            }
         }
     }
 }

@@ -16,10 +16,6 @@ pub(crate) const VERSION: u8 = 1;
 /// Longest channel name, in bytes (it is sent with a one-byte length).
 pub(crate) const MAX_NAME_LEN: usize = 255;
 
-/// The internal channel carrying keepalive pings. It contains a control character, so no
-/// user name can collide with it (user names are validated by [`validate_name`]).
-pub(crate) const KEEPALIVE_NAME: &str = "\u{0}keepalive";
-
 /// The listener's answer to a channel-open request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(u8)]
@@ -115,9 +111,6 @@ pub(crate) async fn read_request<R: AsyncRead + Unpin>(r: &mut R) -> Result<Stri
             reason: "name is not valid UTF-8",
         })
     })?;
-    if name == KEEPALIVE_NAME {
-        return Ok(name);
-    }
     validate_name(&name).map_err(RequestError::Name)?;
     Ok(name)
 }
@@ -201,7 +194,7 @@ mod tests {
             assert!(matches!(validate_name(bad), Err(Error::InvalidName { .. })));
         }
         assert!(validate_name(&"x".repeat(256)).is_err());
-        assert!(validate_name(KEEPALIVE_NAME).is_err());
+        assert!(validate_name("\u{0}keepalive").is_err());
     }
 
     #[tokio::test]

@@ -1,94 +1,79 @@
-//! Keepalive (yamux 0.14 has none): detect a peer that stopped answering.
+//! Keepalive with yamux Ping frames: detect a peer that stopped answering.
 //!
-//! Any inbound byte counts as liveness ([`Socket`](crate::socket::Socket) stamps the time of
-//! every read), so a busy link never pings and bulk traffic cannot cause a false timeout.
-//! When nothing has arrived for `keepalive_interval`, a pinger task writes one byte on an
-//! internal channel ([`KEEPALIVE_NAME`]) that the peer echoes back. When still nothing has
-//! arrived `keepalive_timeout` later, the driver ends the session with
-//! [`CloseReason::KeepaliveTimeout`].
+//! Any inbound byte counts as liveness (the driver stamps the time of every read), so a busy
+//! link never pings and bulk traffic cannot cause a false timeout. When nothing has arrived
+//! for `keepalive_interval`, the driver sends a Ping (SYN) that the peer must answer (ACK).
+//! When still nothing has arrived `keepalive_timeout` later, the session ends with
+//! [`CloseReason::KeepaliveTimeout`]. The timer is driven by the driver task; no task of its
+//! own.
 
-use crate::{
-    channel::Conn,
-    driver::Command,
-    error::CloseReason,
-    handshake::{self, Status, KEEPALIVE_NAME},
-    session::{self, Shared},
-};
+use crate::{config::Config, error::CloseReason};
 use std::{
     future::Future,
     pin::Pin,
-    sync::{atomic::Ordering, Arc},
     task::{Context, Poll},
     time::Duration,
 };
-use tokio::{
-    io::{AsyncReadExt, AsyncWriteExt},
-    sync::{mpsc, Notify},
-    time::{Instant, Sleep},
-};
-use tokio_util::compat::Compat;
-use tracing::Instrument;
+use tokio::time::{Instant, Sleep};
 
-/// The driver's side of keepalive: a timer that asks the pinger for a ping when the link has
-/// been quiet for the interval, and gives up after the timeout.
+/// What the keepalive timer asks the driver to do.
+#[derive(Debug)]
+pub(crate) enum Due {
+    /// Send a Ping with this opaque value.
+    Ping(u32),
+    /// Give up: the peer has been silent for too long.
+    Dead(CloseReason),
+}
+
+/// The driver's keepalive timer.
 pub(crate) struct Keepalive {
     interval: Duration,
     /// `keepalive_interval + keepalive_timeout`, saturating (the config may say `Duration::MAX`).
     give_up: Duration,
     timer: Pin<Box<Sleep>>,
-    ping: Arc<Notify>,
     /// The liveness stamp we already pinged for (one ping per quiet period).
     pinged_for: Option<Instant>,
+    next_opaque: u32,
 }
 
 impl Keepalive {
-    /// Starts keepalive for a session (spawning its pinger), unless it is disabled.
-    pub(crate) fn start(
-        shared: &Arc<Shared>,
-        handles: mpsc::WeakSender<Command>,
-    ) -> Option<Keepalive> {
-        let interval = shared.config.keepalive_interval?;
-        let timeout = shared.config.keepalive_timeout;
-        let ping = Arc::new(Notify::new());
-        let span = tracing::debug_span!("pinger");
-        tokio::spawn(pinger(shared.clone(), handles, ping.clone()).instrument(span));
+    /// The timer for a session, unless keepalive is disabled.
+    pub(crate) fn new(config: &Config) -> Option<Keepalive> {
+        let interval = config.keepalive_interval?;
         Some(Keepalive {
             interval,
-            give_up: interval.saturating_add(timeout),
-            timer: Box::pin(tokio::time::sleep(interval)),
-            ping,
+            give_up: interval.saturating_add(config.keepalive_timeout),
+            timer: Box::pin(tokio::time::sleep_until(later(Instant::now(), interval))),
             pinged_for: None,
+            next_opaque: 1,
         })
     }
 
-    /// Ready with the close reason once the peer has been silent for interval + timeout.
-    ///
-    /// Cheap when nothing is due: the timer is only re-armed when it fires (at most a few times
-    /// per interval), not on every driver poll, even though every inbound read moves the
-    /// liveness stamp.
-    pub(crate) fn poll(&mut self, cx: &mut Context<'_>, shared: &Shared) -> Poll<CloseReason> {
+    /// Ready when a ping is due or the peer is given up on; `last_read` is when bytes last
+    /// arrived. Cheap when nothing is due: the timer is only re-armed when it fires.
+    pub(crate) fn poll(&mut self, cx: &mut Context<'_>, last_read: Instant) -> Poll<Due> {
         // Bounded: each pass either returns or re-arms the timer at a later deadline.
         for _ in 0..4 {
             if self.timer.as_mut().poll(cx).is_pending() {
                 return Poll::Pending;
             }
-            let last = shared.last_read();
-            let quiet = Instant::now().saturating_duration_since(last);
+            let quiet = Instant::now().saturating_duration_since(last_read);
             if quiet >= self.give_up {
                 tracing::info!(?quiet, "peer silent for too long");
-                return Poll::Ready(CloseReason::KeepaliveTimeout { after: quiet });
+                return Poll::Ready(Due::Dead(CloseReason::KeepaliveTimeout { after: quiet }));
             }
-            let next = if quiet >= self.interval {
-                if self.pinged_for != Some(last) {
+            if quiet >= self.interval {
+                self.timer.as_mut().reset(later(last_read, self.give_up));
+                if self.pinged_for != Some(last_read) {
                     tracing::trace!(?quiet, "link quiet; pinging");
-                    self.pinged_for = Some(last);
-                    self.ping.notify_one();
+                    self.pinged_for = Some(last_read);
+                    let opaque = self.next_opaque;
+                    self.next_opaque = self.next_opaque.wrapping_add(1);
+                    return Poll::Ready(Due::Ping(opaque));
                 }
-                later(last, self.give_up)
             } else {
-                later(last, self.interval)
-            };
-            self.timer.as_mut().reset(next);
+                self.timer.as_mut().reset(later(last_read, self.interval));
+            }
         }
         cx.waker().wake_by_ref();
         Poll::Pending
@@ -102,76 +87,4 @@ fn later(at: Instant, after: Duration) -> Instant {
     at.checked_add(after)
         .or_else(|| Instant::now().checked_add(FAR))
         .unwrap_or(at)
-}
-
-/// Sends pings on request over the internal keepalive channel, opening it when needed, and
-/// drains the echoes (their arrival is what counts, and reading returns the window).
-async fn pinger(shared: Arc<Shared>, handles: mpsc::WeakSender<Command>, ping: Arc<Notify>) {
-    let mut channel: Option<Conn> = None;
-    let mut buf = [0u8; 64];
-    loop {
-        tokio::select! {
-            _ = shared.ended.cancelled() => return,
-            _ = ping.notified() => {
-                if channel.is_none() {
-                    // Only a weak handle: keepalive alone must not keep a session alive.
-                    let Some(commands) = handles.upgrade() else { return };
-                    match session::open_stream(&shared, &commands, KEEPALIVE_NAME).await {
-                        Ok(io) => channel = Some(Conn::new(KEEPALIVE_NAME, io, None, shared.clone(), None)),
-                        Err(e) => tracing::debug!(error = %e, "could not open the keepalive channel"),
-                    }
-                }
-                if let Some(conn) = &mut channel {
-                    if conn.write_all(&[0]).await.is_err() {
-                        channel = None;
-                    }
-                }
-            }
-            n = async {
-                match &mut channel {
-                    Some(conn) => conn.read(&mut buf).await.unwrap_or(0),
-                    None => std::future::pending().await,
-                }
-            } => {
-                if n == 0 {
-                    channel = None;
-                }
-            }
-        }
-    }
-}
-
-/// Serves the peer's keepalive channel: echoes every byte back. One at a time per session.
-pub(crate) async fn serve_echo(mut io: Compat<yamux::Stream>, shared: &Shared) {
-    if shared.keepalive_echo_active.swap(true, Ordering::SeqCst) {
-        let reply = handshake::encode_reply(Status::Busy, "keepalive channel already open");
-        let _ = tokio::time::timeout(shared.config.handshake_timeout, io.write_all(&reply)).await;
-        return;
-    }
-    struct Active<'a>(&'a Shared);
-    impl Drop for Active<'_> {
-        fn drop(&mut self) {
-            self.0.keepalive_echo_active.store(false, Ordering::SeqCst);
-        }
-    }
-    let _active = Active(shared);
-    if io
-        .write_all(&handshake::encode_reply(Status::Accepted, ""))
-        .await
-        .is_err()
-    {
-        return;
-    }
-    let mut buf = [0u8; 64];
-    // Ends when the peer closes the channel or the session ends (the caller selects on it).
-    loop {
-        match io.read(&mut buf).await {
-            Ok(0) | Err(_) => return,
-            Ok(n) => {
-                if io.write_all(&buf[..n]).await.is_err() {
-                    return;
-                }
-            }
-        }
-    }
 }

@@ -1,7 +1,7 @@
 //! Named virtual channels over one byte stream.
 //!
 //! A [`Session`] wraps any tokio byte stream (a `TcpStream`, a TLS stream, `tokio::io::duplex`)
-//! and multiplexes channels over it with [yamux]. Whichever side opened the connection, either
+//! and multiplexes channels over it with its own implementation of [yamux]. Whichever side opened the connection, either
 //! side can [`listen`](Session::listen) on a name and [`dial`](Session::dial) the peer's names.
 //! Every channel ([`Conn`]) is an ordered byte stream with its own flow control and implements
 //! tokio's `AsyncRead + AsyncWrite`.
@@ -10,7 +10,7 @@
 //! for byte in `docs/protocol.md`): the dialer names the channel, the listening side accepts or
 //! refuses with a reason. Dialing a name nobody listens on fails at once with
 //! [`Error::NoListener`]. Sessions have keepalive (a silent peer is detected within
-//! `keepalive_interval + keepalive_timeout`), a channel limit enforced below yamux's own, a
+//! `keepalive_interval + keepalive_timeout`), a per-session channel limit, a
 //! bounded receive budget and a graceful [`close`](Session::close); see [`Config`].
 //!
 //! ```
@@ -59,15 +59,23 @@
 //!
 //! # Layout
 //!
-//! - `session.rs` — [`Session`], the cheap handle, and the state it shares with everything else;
-//! - `driver.rs` — the task that owns the `yamux::Connection` and polls it;
+//! Protocol core under I/O under handles, each layer importing only the ones below it:
+//!
+//! - `proto/` — the sans-I/O yamux core: `frame.rs` (the 12-byte header), `stream.rs` (one
+//!   stream's buffer, windows and half-close state), `connection.rs` (the session state machine:
+//!   stream table, flow control, GoAway, Ping, what to send next). No tokio, no sockets;
+//! - `config.rs` — [`Config`] and the core's bounds derived from it;
+//! - `error.rs` — [`Error`], [`CloseReason`] (and the core's [`Violation`]);
+//! - `shared.rs` — the state one session shares ([`Mode`], the core behind its mutex, the
+//!   listener table, channel slots, stream ownership);
+//! - `stream.rs` — one yamux stream as `AsyncRead + AsyncWrite` straight on the core;
+//! - `keepalive.rs` — the Ping timer;
+//! - `driver.rs` — the task that owns the byte stream: reads frames into the core, writes the
+//!   core's frames in vectored writes, runs the timers;
 //! - `handshake.rs` — the channel-open handshake's wire format;
+//! - `channel.rs` — [`Conn`], a channel;
 //! - `listener.rs` — [`Listener`] and the listening side of the handshake;
-//! - `channel.rs` — [`Conn`], a channel as `AsyncRead + AsyncWrite`;
-//! - `keepalive.rs` — liveness timer, pinger and echo;
-//! - `socket.rs` — the byte stream under yamux (tokio/futures bridge, liveness stamps);
-//! - `config.rs` — [`Config`] and the yamux settings derived from it;
-//! - `error.rs` — [`Error`] and [`CloseReason`].
+//! - `session.rs` — [`Session`], [`SessionBuilder`] and the dialing side.
 //!
 //! [yamux]: https://github.com/hashicorp/yamux/blob/master/spec.md
 
@@ -78,11 +86,14 @@ mod error;
 mod handshake;
 mod keepalive;
 mod listener;
+mod proto;
 mod session;
-mod socket;
+mod shared;
+mod stream;
 
 pub use channel::Conn;
 pub use config::Config;
 pub use error::{CloseReason, Error};
 pub use listener::Listener;
-pub use session::{Mode, Session};
+pub use proto::Violation;
+pub use session::{Mode, Session, SessionBuilder};

@@ -2,38 +2,33 @@
 
 use crate::{
     channel::Conn,
-    driver::Command,
     error::Error,
     handshake::{self, RequestError, Status},
-    keepalive,
-    session::{Session, Shared},
+    shared::{Accepted, HandleToken, Shared},
+    stream::RawStream,
 };
 use std::{
     fmt,
     future::Future,
     pin::Pin,
-    sync::Arc,
+    sync::{Arc, Weak},
     task::{Context, Poll},
 };
-use tokio::{
-    io::AsyncWriteExt,
-    sync::{mpsc, OwnedSemaphorePermit},
-};
-use tokio_util::{
-    compat::{Compat, FuturesAsyncReadCompatExt},
-    sync::WaitForCancellationFutureOwned,
-};
+use tokio::{io::AsyncWriteExt, sync::mpsc, sync::OwnedSemaphorePermit};
+use tokio_util::sync::WaitForCancellationFutureOwned;
 use tracing::Instrument;
 
-/// Inbound channels dialed to one name. Created by [`Session::listen`]; dropping it frees the
-/// name. Also a [`futures::Stream`] of accepted channels that ends after the session has ended.
+/// Inbound channels dialed to one name. Created by [`Session::listen`](crate::Session::listen)
+/// (or [`SessionBuilder::listen`](crate::SessionBuilder::listen)); dropping it frees the name.
+/// Also a [`futures::Stream`] of accepted channels that ends after the session has ended.
 pub struct Listener {
     name: Arc<str>,
     id: u64,
-    accepted: mpsc::Receiver<Conn>,
+    accepted: mpsc::Receiver<Accepted>,
     ended: Pin<Box<WaitForCancellationFutureOwned>>,
+    shared: Arc<Shared>,
     /// Keeps the session alive while somebody listens.
-    session: Session,
+    token: Arc<HandleToken>,
     done: bool,
 }
 
@@ -41,15 +36,17 @@ impl Listener {
     pub(crate) fn new(
         name: &str,
         id: u64,
-        accepted: mpsc::Receiver<Conn>,
-        session: Session,
+        accepted: mpsc::Receiver<Accepted>,
+        shared: Arc<Shared>,
+        token: Arc<HandleToken>,
     ) -> Listener {
         Listener {
             name: name.into(),
             id,
             accepted,
-            ended: Box::pin(session.shared.ended.clone().cancelled_owned()),
-            session,
+            ended: Box::pin(shared.ended.clone().cancelled_owned()),
+            shared,
+            token,
             done: false,
         }
     }
@@ -69,12 +66,20 @@ impl Listener {
 
     fn poll_accept(&mut self, cx: &mut Context<'_>) -> Poll<Result<Conn, Error>> {
         match self.accepted.poll_recv(cx) {
-            Poll::Ready(Some(conn)) => return Poll::Ready(Ok(conn)),
-            Poll::Ready(None) => return Poll::Ready(Err(self.session.shared.closed_error())),
+            Poll::Ready(Some(a)) => {
+                let conn = Conn::new(
+                    a.name,
+                    RawStream::new(a.stream),
+                    Some(a.slot),
+                    Some(self.token.clone()),
+                );
+                return Poll::Ready(Ok(conn));
+            }
+            Poll::Ready(None) => return Poll::Ready(Err(self.shared.closed_error())),
             Poll::Pending => {}
         }
-        if self.session.shared.ended.is_cancelled() || self.ended.as_mut().poll(cx).is_ready() {
-            return Poll::Ready(Err(self.session.shared.closed_error()));
+        if self.shared.ended.is_cancelled() || self.ended.as_mut().poll(cx).is_ready() {
+            return Poll::Ready(Err(self.shared.closed_error()));
         }
         Poll::Pending
     }
@@ -97,7 +102,7 @@ impl futures::Stream for Listener {
 
 impl Drop for Listener {
     fn drop(&mut self) {
-        self.session.shared.remove_listener(&self.name, self.id);
+        self.shared.remove_listener(&self.name, self.id);
         tracing::debug!(name = %self.name, "listener dropped");
     }
 }
@@ -106,28 +111,57 @@ impl fmt::Debug for Listener {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Listener")
             .field("name", &self.name)
-            .field("session", &self.session.shared.id)
+            .field("session", &self.shared.id)
             .finish()
+    }
+}
+
+/// Takes a new inbound stream from the driver: serves its handshake in a task of its own, or
+/// resets it at once if too many handshakes are in flight (that stream only).
+pub(crate) fn on_inbound(stream: RawStream, token: &Weak<HandleToken>) {
+    let shared = stream.shared().clone();
+    match shared.inbound_slots.clone().try_acquire_owned() {
+        Ok(permit) => {
+            let span = tracing::debug_span!("inbound", stream = stream.id());
+            let token = token.clone();
+            tokio::spawn(
+                async move {
+                    tokio::select! {
+                        _ = serve_inbound(stream, permit, &shared, token) => {}
+                        _ = shared.ended.cancelled() => {}
+                    }
+                }
+                .instrument(span),
+            );
+        }
+        Err(_) => {
+            // The peer has more handshakes in flight than we serve at once (a peer using this
+            // crate never does: its dials are bounded the same way).
+            tracing::debug!(
+                stream = stream.id(),
+                "too many inbound handshakes; resetting"
+            );
+            stream.reset();
+        }
     }
 }
 
 /// The listening side of one inbound stream: reads the request (within the handshake timeout),
 /// decides, answers, and on acceptance queues the channel for its listener.
-pub(crate) async fn serve_inbound(
-    stream: yamux::Stream,
+async fn serve_inbound(
+    mut io: RawStream,
     permit: OwnedSemaphorePermit,
     shared: &Arc<Shared>,
-    handles: mpsc::WeakSender<Command>,
+    token: Weak<HandleToken>,
 ) {
-    let mut io = stream.compat();
     let timeout = shared.config.handshake_timeout;
     let name = match tokio::time::timeout(timeout, handshake::read_request(&mut io)).await {
         Err(_) => {
             tracing::debug!(
                 ?timeout,
-                "inbound handshake not completed in time; dropping"
+                "inbound handshake not completed in time; resetting"
             );
-            return;
+            return io.reset();
         }
         Ok(Err(RequestError::Io(e))) => {
             tracing::debug!(error = %e, "inbound stream ended during the handshake");
@@ -145,26 +179,22 @@ pub(crate) async fn serve_inbound(
         }
         Ok(Ok(name)) => name,
     };
-    if name == handshake::KEEPALIVE_NAME {
-        drop(permit);
-        return keepalive::serve_echo(io, shared).await;
-    }
     let span = tracing::debug_span!("channel", name = %name);
-    serve_named(io, name, permit, shared, handles)
+    serve_named(io, name, permit, shared, token)
         .instrument(span)
         .await;
 }
 
 /// The decision for a well-formed request for `name`: refuse, or accept and queue.
 async fn serve_named(
-    mut io: Compat<yamux::Stream>,
+    mut io: RawStream,
     name: String,
     permit: OwnedSemaphorePermit,
     shared: &Arc<Shared>,
-    handles: mpsc::WeakSender<Command>,
+    token: Weak<HandleToken>,
 ) {
     let timeout = shared.config.handshake_timeout;
-    if shared.is_closing() {
+    if shared.is_closing() || token.upgrade().is_none() {
         return refuse(io, shared, Status::SessionClosing, "session is closing").await;
     }
     let Some(sender) = shared.listener_sender(&name) else {
@@ -177,9 +207,6 @@ async fn serve_named(
             shared.config.channel_limit()
         );
         return refuse(io, shared, Status::TooManyChannels, &reason).await;
-    };
-    let Some(handle) = handles.upgrade() else {
-        return refuse(io, shared, Status::SessionClosing, "session is closing").await;
     };
     let place = match tokio::time::timeout(timeout / 2, sender.reserve_owned()).await {
         Ok(Ok(place)) => place,
@@ -205,28 +232,30 @@ async fn serve_named(
         }
         Err(_) => {
             tracing::debug!("could not send the acceptance in time");
-            return;
+            return io.reset();
         }
     }
     drop(permit);
-    let session = Session::from_parts(shared.clone(), handle);
     tracing::debug!("accepted");
-    place.send(Conn::new(
-        &name,
-        io,
-        Some(slot),
-        shared.clone(),
-        Some(session),
-    ));
+    place.send(Accepted {
+        stream: io.into_handle(),
+        slot,
+        name: name.into(),
+    });
 }
 
 /// Answers a refusal and closes our side; bounded by the handshake timeout.
-async fn refuse(mut io: Compat<yamux::Stream>, shared: &Shared, status: Status, reason: &str) {
+async fn refuse(mut io: RawStream, shared: &Shared, status: Status, reason: &str) {
     tracing::debug!(?status, reason, "refusing channel");
     let answer = async {
         io.write_all(&handshake::encode_reply(status, reason))
             .await?;
         io.shutdown().await
     };
-    let _ = tokio::time::timeout(shared.config.handshake_timeout, answer).await;
+    if tokio::time::timeout(shared.config.handshake_timeout, answer)
+        .await
+        .is_err()
+    {
+        io.reset();
+    }
 }

@@ -1,73 +1,126 @@
-//! The `Session` handle and the state it shares with its driver, channels and listeners.
+//! The `Session` handle, its builder, and the dialing side of the channel-open handshake.
 
 use crate::{
     channel::Conn,
     config::Config,
-    driver::{Command, Driver},
+    driver::{Driver, OnInbound},
     error::{CloseReason, Error},
     handshake,
-    listener::Listener,
+    listener::{self, Listener},
+    proto::OpenError,
+    shared::{HandleToken, ListenerEntry, Shared, StreamHandle},
+    stream::RawStream,
 };
-use futures::task::AtomicWaker;
 use std::{
-    collections::HashMap,
     fmt,
-    sync::{
-        atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
-        Arc, Mutex, OnceLock,
-    },
+    sync::{atomic::Ordering, Arc},
     time::Duration,
 };
 use tokio::{
     io::{AsyncRead, AsyncWrite, AsyncWriteExt},
-    sync::{mpsc, oneshot, Semaphore},
-};
-use tokio_util::{
-    compat::{Compat, FuturesAsyncReadCompatExt},
-    sync::CancellationToken,
+    sync::mpsc,
 };
 use tracing::Instrument;
 
-static NEXT_SESSION_ID: AtomicU64 = AtomicU64::new(1);
-
-/// Which end of the link a session is. The two ends of one link must use different modes
-/// (yamux allocates odd stream ids to the client and even ones to the server). By convention
-/// the side that opened the underlying connection is the [`Mode::Client`]. The mode does not
-/// restrict anything else: both ends can listen and dial.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Mode {
-    /// The end that opened the underlying connection.
-    Client,
-    /// The end that accepted the underlying connection.
-    Server,
-}
-
-impl From<Mode> for yamux::Mode {
-    fn from(mode: Mode) -> yamux::Mode {
-        match mode {
-            Mode::Client => yamux::Mode::Client,
-            Mode::Server => yamux::Mode::Server,
-        }
-    }
-}
+pub use crate::shared::Mode;
 
 /// A handle to one multiplexed session over a byte stream.
 ///
 /// Cheap to clone (all clones drive the same session). Whichever side opened the underlying
 /// connection, either side can [`listen`](Session::listen) and [`dial`](Session::dial). The
-/// session runs in a driver task spawned by [`Session::new`]; it ends when
-/// [`close`](Session::close) is called, the peer closes it, the link fails or keepalive gives
-/// up, or when every `Session`, [`Listener`] and [`Conn`] of it has been dropped.
+/// session runs in a driver task spawned by [`Session::new`] (or
+/// [`SessionBuilder::start`]); it ends when [`close`](Session::close) is called, the peer
+/// closes it, the link fails or keepalive gives up, or when every `Session`, [`Listener`] and
+/// [`Conn`] of it has been dropped.
 #[derive(Clone)]
 pub struct Session {
     pub(crate) shared: Arc<Shared>,
-    commands: mpsc::Sender<Command>,
+    token: Arc<HandleToken>,
+}
+
+/// Sets a session up before it processes anything from the peer, so that listeners are in
+/// place before the first inbound channel can arrive (no listen race). Created by
+/// [`Session::builder`]; nothing is read from or written to the link until
+/// [`start`](SessionBuilder::start). Dropping it unstarted ends the session (its listeners
+/// then report [`Error::SessionClosed`]).
+///
+/// ```
+/// use netchan_mux::{Config, Mode, Session};
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), netchan_mux::Error> {
+/// let (a, b) = tokio::io::duplex(64 * 1024);
+/// let builder = Session::builder(b, Mode::Server, Config::default());
+/// let mut hello = builder.listen("hello")?;
+/// let server = builder.start();
+///
+/// let client = Session::client(a, Config::default());
+/// let dialed = client.dial("hello").await?; // never NoListener: "hello" was there first
+/// let accepted = hello.accept().await?;
+/// assert_eq!(accepted.name(), "hello");
+/// # drop((dialed, server));
+/// # Ok(())
+/// # }
+/// ```
+pub struct SessionBuilder<T> {
+    session: Session,
+    driver: Option<Driver<T>>,
+}
+
+impl<T> SessionBuilder<T>
+where
+    T: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+{
+    /// Registers a listener before the session starts; see [`Session::listen`].
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidName`] or [`Error::NameInUse`].
+    pub fn listen(&self, name: &str) -> Result<Listener, Error> {
+        self.session.listen(name)
+    }
+
+    /// The session's handle (usable before `start`: dials wait until the session runs).
+    pub fn session(&self) -> &Session {
+        &self.session
+    }
+
+    /// Starts the session: spawns its driver task on the current tokio runtime.
+    ///
+    /// # Panics
+    ///
+    /// Panics if called outside a tokio runtime.
+    pub fn start(mut self) -> Session {
+        if let Some(driver) = self.driver.take() {
+            let shared = &self.session.shared;
+            let span = tracing::info_span!("session", id = shared.id, mode = ?shared.mode);
+            tokio::spawn(driver.run().instrument(span));
+        }
+        self.session.clone()
+    }
+}
+
+impl<T> Drop for SessionBuilder<T> {
+    fn drop(&mut self) {
+        if self.driver.take().is_some() {
+            self.session.shared.finish(CloseReason::Local);
+        }
+    }
+}
+
+impl<T> fmt::Debug for SessionBuilder<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SessionBuilder")
+            .field("session", &self.session)
+            .finish()
+    }
 }
 
 impl Session {
     /// Starts a session over `io` and spawns its driver task on the current tokio runtime.
     ///
-    /// The two ends of the link must pass different [`Mode`]s.
+    /// The two ends of the link must pass different [`Mode`]s. To register listeners before
+    /// the peer's first channel can arrive, use [`Session::builder`].
     ///
     /// # Panics
     ///
@@ -76,14 +129,31 @@ impl Session {
     where
         T: AsyncRead + AsyncWrite + Send + Unpin + 'static,
     {
+        Session::builder(io, mode, config).start()
+    }
+
+    /// Prepares a session over `io` without starting it; see [`SessionBuilder`].
+    pub fn builder<T>(io: T, mode: Mode, config: Config) -> SessionBuilder<T>
+    where
+        T: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+    {
         let shared = Arc::new(Shared::new(config, mode));
-        // Bound: every queued `Open` holds one of `pending_limit` dial permits; the slack covers
-        // internal keepalive opens.
-        let (commands, receiver) = mpsc::channel(shared.config.pending_limit() + 4);
-        let span = tracing::info_span!("session", id = shared.id, ?mode);
-        let driver = Driver::new(io, mode, shared.clone(), receiver, commands.downgrade());
-        tokio::spawn(driver.run().instrument(span));
-        Session { shared, commands }
+        let on_last_drop = {
+            let shared = shared.clone();
+            Arc::new(move || {
+                // Every handle, listener and channel is gone: nobody can use the session.
+                tracing::debug!("all handles dropped");
+                shared.set_closing();
+            })
+        };
+        let token = Arc::new(HandleToken::new(on_last_drop));
+        let weak = Arc::downgrade(&token);
+        let on_inbound: OnInbound = Arc::new(move |stream| listener::on_inbound(stream, &weak));
+        let driver = Driver::new(io, shared.clone(), on_inbound);
+        SessionBuilder {
+            session: Session { shared, token },
+            driver: Some(driver),
+        }
     }
 
     /// Starts the [`Mode::Client`] end of a session: `Session::new(io, Mode::Client, config)`.
@@ -102,14 +172,8 @@ impl Session {
         Session::new(io, Mode::Server, config)
     }
 
-    /// Rebuilds a handle from the driver's weak sender (`None` once every handle is gone).
-    pub(crate) fn from_parts(shared: Arc<Shared>, commands: mpsc::Sender<Command>) -> Session {
-        Session { shared, commands }
-    }
-
     /// Registers `name`; channels the peer dials to it are yielded by the returned [`Listener`].
-    /// Dropping the listener frees the name (later dials get
-    /// [`Error::NoListener`]).
+    /// Dropping the listener frees the name (later dials get [`Error::NoListener`]).
     ///
     /// # Errors
     ///
@@ -134,7 +198,13 @@ impl Session {
             listeners.insert(name.to_owned(), ListenerEntry { id, sender: tx });
         }
         tracing::debug!(name, "listening");
-        Ok(Listener::new(name, id, rx, self.clone()))
+        Ok(Listener::new(
+            name,
+            id,
+            rx,
+            self.shared.clone(),
+            self.token.clone(),
+        ))
     }
 
     /// Opens a channel to the peer's listener `name`; resolves once the peer has accepted it.
@@ -143,10 +213,11 @@ impl Session {
     /// with [`Error::NoListener`] if the peer has no listener for `name`, with
     /// [`Error::TooManyChannels`] if this session is at [`Config::max_channels`], with
     /// [`Error::HandshakeTimeout`] if the peer does not answer within
-    /// [`Config::handshake_timeout`], and with [`Error::SessionClosed`] once the session ends.
+    /// [`Config::handshake_timeout`], and with [`Error::SessionClosed`] once the session ends
+    /// or the peer has said it accepts no new channels (GoAway).
     ///
     /// Not cancel-safe in the sense that a dropped dial abandons the channel (the peer sees it
-    /// reset); nothing else is affected.
+    /// closed); nothing else is affected.
     pub async fn dial(&self, name: &str) -> Result<Conn, Error> {
         handshake::validate_name(name)?;
         self.check_usable()?;
@@ -156,25 +227,50 @@ impl Session {
             .ok_or(Error::TooManyChannels {
                 limit: self.shared.config.channel_limit(),
             })?;
-        let io = open_stream(&self.shared, &self.commands, name).await?;
+        let io = open_stream(&self.shared, name).await?;
         tracing::debug!(name, "dialed");
         Ok(Conn::new(
-            name,
+            name.into(),
             io,
             Some(slot),
-            self.shared.clone(),
-            Some(self.clone()),
+            Some(self.token.clone()),
         ))
     }
 
-    /// Closes the session gracefully and resolves once it has ended: new channels are refused
-    /// at once, open ones may finish within [`Config::close_grace`], then the session ends
-    /// (channels still open are cut and report [`Error::SessionClosed`]).
+    /// Like [`dial`](Session::dial), but a [`Error::NoListener`] answer is retried until the
+    /// peer listens on `name` or `wait` has passed (then the last `NoListener` is returned).
+    /// For a peer that registers its listener after connecting (a callback channel). Retries
+    /// start 5 ms apart and back off to 200 ms.
+    ///
+    /// Not cancel-safe in the same sense as `dial`.
+    pub async fn dial_waiting(&self, name: &str, wait: Duration) -> Result<Conn, Error> {
+        let deadline = tokio::time::Instant::now().checked_add(wait);
+        let mut pause = Duration::from_millis(5);
+        // Bounded: every pass waits at least `pause` and the deadline ends the loop.
+        loop {
+            match self.dial(name).await {
+                Err(Error::NoListener { name }) => {
+                    let now = tokio::time::Instant::now();
+                    let next = now + pause;
+                    if deadline.is_some_and(|d| next > d) {
+                        return Err(Error::NoListener { name });
+                    }
+                    tokio::time::sleep_until(next).await;
+                    pause = (pause * 2).min(Duration::from_millis(200));
+                }
+                other => return other,
+            }
+        }
+    }
+
+    /// Closes the session gracefully and resolves once it has ended: the peer is told at once
+    /// (yamux GoAway) and new channels are refused in both directions, open ones may finish
+    /// within [`Config::close_grace`], then the session ends (channels still open are cut and
+    /// report [`Error::SessionClosed`]).
     ///
     /// Cancel-safe: the close proceeds even if this future is dropped.
     pub async fn close(&self) {
-        self.shared.closing.store(true, Ordering::SeqCst);
-        self.shared.driver_waker.wake();
+        self.shared.set_closing();
         self.closed().await;
     }
 
@@ -188,6 +284,12 @@ impl Session {
     /// Whether the session has ended.
     pub fn is_closed(&self) -> bool {
         self.shared.ended.is_cancelled()
+    }
+
+    /// Bytes received on this session's channels and not yet read by their users (at most
+    /// [`Config::worst_case_buffered`]).
+    pub fn buffered_bytes(&self) -> usize {
+        self.shared.core().buffered()
     }
 
     fn check_usable(&self) -> Result<(), Error> {
@@ -212,13 +314,9 @@ impl fmt::Debug for Session {
     }
 }
 
-/// Opens a yamux stream through the driver and runs the dialer's side of the handshake, all
-/// within the handshake timeout. Used for user dials and internal (keepalive) channels.
-pub(crate) async fn open_stream(
-    shared: &Arc<Shared>,
-    commands: &mpsc::Sender<Command>,
-    name: &str,
-) -> Result<Compat<yamux::Stream>, Error> {
+/// Opens a yamux stream and runs the dialer's side of the handshake on it, all within the
+/// handshake timeout.
+async fn open_stream(shared: &Arc<Shared>, name: &str) -> Result<RawStream, Error> {
     let timeout = shared.config.handshake_timeout;
     let attempt = async {
         // Bounds handshakes in flight, so a well-behaved peer never has to reset ours.
@@ -227,17 +325,28 @@ pub(crate) async fn open_stream(
             .acquire()
             .await
             .map_err(|_| shared.closed_error())?;
-        let (reply, rx) = oneshot::channel();
-        commands
-            .send(Command::Open { reply })
-            .await
-            .map_err(|_| shared.closed_error())?;
-        let stream = rx.await.map_err(|_| shared.closed_error())??;
-        let mut io = stream.compat();
+        let opened = shared.core().open();
+        let id = opened.map_err(|e| match e {
+            OpenError::GoAway => Error::SessionClosed(CloseReason::Peer),
+            OpenError::Closing => Error::SessionClosed(CloseReason::Local),
+            OpenError::TooMany | OpenError::IdsExhausted => Error::TooManyChannels {
+                limit: shared.config.channel_limit(),
+            },
+            OpenError::Ended => shared.closed_error(),
+        })?;
+        let mut io = RawStream::new(StreamHandle {
+            id,
+            shared: shared.clone(),
+        });
+        io.set_name(name.into());
         io.write_all(&handshake::encode_request(name)).await?;
-        io.flush().await?;
-        handshake::read_reply(&mut io, name).await?;
-        Ok::<_, Error>(io)
+        match handshake::read_reply(&mut io, name).await {
+            Ok(()) => Ok::<_, Error>(io),
+            Err(e) => {
+                io.reset();
+                Err(e)
+            }
+        }
     };
     let result = tokio::select! {
         r = tokio::time::timeout(timeout, attempt) => r.unwrap_or_else(|_| {
@@ -249,174 +358,18 @@ pub(crate) async fn open_stream(
         // An i/o error while the session is going down is the session's end, reported as such.
         Error::Io(e) => match shared.reason() {
             Some(reason) => Error::SessionClosed(reason),
-            None if e.kind() == std::io::ErrorKind::UnexpectedEof => Error::Refused {
-                name: name.to_owned(),
-                reason: "peer closed the channel without answering".to_owned(),
-            },
+            None if matches!(
+                e.kind(),
+                std::io::ErrorKind::UnexpectedEof | std::io::ErrorKind::ConnectionReset
+            ) =>
+            {
+                Error::Refused {
+                    name: name.to_owned(),
+                    reason: "peer closed the channel without answering".to_owned(),
+                }
+            }
             None => Error::Io(e),
         },
         e => e,
     })
-}
-
-/// A registered listener: where accepted channels for its name go.
-pub(crate) struct ListenerEntry {
-    /// Tells a stale removal (from an old listener of the same name) from the current one.
-    pub(crate) id: u64,
-    pub(crate) sender: mpsc::Sender<Conn>,
-}
-
-/// State shared by the driver, the handles, the channels and the listeners of one session.
-pub(crate) struct Shared {
-    pub(crate) id: u64,
-    pub(crate) mode: Mode,
-    pub(crate) config: Config,
-    pub(crate) listeners: Mutex<HashMap<String, ListenerEntry>>,
-    pub(crate) next_listener_id: AtomicU64,
-    /// Open channels in both directions, dials in flight included (see [`ChannelSlot`]).
-    open_channels: AtomicUsize,
-    /// Set by `close()`: refuse new channels, end once the open ones are done.
-    closing: AtomicBool,
-    /// Why the session ended; the first reason recorded wins.
-    reason: OnceLock<CloseReason>,
-    /// Cancelled once the session has ended (after `reason` is set).
-    pub(crate) ended: CancellationToken,
-    /// Wakes the driver (close requested, last channel gone while closing).
-    pub(crate) driver_waker: AtomicWaker,
-    /// Permits for our dials whose handshake is in flight.
-    pub(crate) dial_slots: Semaphore,
-    /// Permits for inbound handshakes being served.
-    pub(crate) inbound_slots: Arc<Semaphore>,
-    /// Whether the peer's keepalive channel is being served (at most one at a time).
-    pub(crate) keepalive_echo_active: AtomicBool,
-    /// Milliseconds since `epoch` at which the last bytes arrived from the peer.
-    last_read_ms: AtomicU64,
-    epoch: tokio::time::Instant,
-}
-
-impl Shared {
-    fn new(config: Config, mode: Mode) -> Shared {
-        let pending = config.pending_limit();
-        Shared {
-            id: NEXT_SESSION_ID.fetch_add(1, Ordering::Relaxed),
-            mode,
-            config,
-            listeners: Mutex::new(HashMap::new()),
-            next_listener_id: AtomicU64::new(1),
-            open_channels: AtomicUsize::new(0),
-            closing: AtomicBool::new(false),
-            reason: OnceLock::new(),
-            ended: CancellationToken::new(),
-            driver_waker: AtomicWaker::new(),
-            dial_slots: Semaphore::new(pending),
-            inbound_slots: Arc::new(Semaphore::new(pending)),
-            keepalive_echo_active: AtomicBool::new(false),
-            last_read_ms: AtomicU64::new(0),
-            epoch: tokio::time::Instant::now(),
-        }
-    }
-
-    pub(crate) fn is_closing(&self) -> bool {
-        self.closing.load(Ordering::SeqCst)
-    }
-
-    pub(crate) fn set_closing(&self) {
-        self.closing.store(true, Ordering::SeqCst);
-    }
-
-    pub(crate) fn open_channels(&self) -> usize {
-        self.open_channels.load(Ordering::SeqCst)
-    }
-
-    /// Takes one of `max_channels` slots, or `None` if all are taken.
-    pub(crate) fn try_channel_slot(self: &Arc<Self>) -> Option<ChannelSlot> {
-        let limit = self.config.channel_limit();
-        self.open_channels
-            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
-                (n < limit).then_some(n + 1)
-            })
-            .ok()
-            .map(|_| ChannelSlot {
-                shared: self.clone(),
-            })
-    }
-
-    /// The recorded reason, whether or not the driver has finished ending the session.
-    pub(crate) fn reason(&self) -> Option<CloseReason> {
-        self.reason.get().cloned()
-    }
-
-    /// The reason, once the session has fully ended.
-    pub(crate) fn ended_reason(&self) -> Option<CloseReason> {
-        if self.ended.is_cancelled() {
-            Some(self.reason().unwrap_or(CloseReason::Local))
-        } else {
-            None
-        }
-    }
-
-    pub(crate) fn closed_error(&self) -> Error {
-        Error::SessionClosed(self.reason().unwrap_or(CloseReason::Local))
-    }
-
-    /// Records why the link failed, before yamux wakes the channels with the news (so they can
-    /// report it). The first reason recorded wins.
-    pub(crate) fn record_reason(&self, reason: CloseReason) {
-        let _ = self.reason.set(reason);
-    }
-
-    /// Ends the session: records `reason` (unless one is already recorded), drops every
-    /// listener registration and wakes everything waiting on the session. Returns the reason
-    /// that stands.
-    pub(crate) fn finish(&self, reason: CloseReason) -> CloseReason {
-        let _ = self.reason.set(reason);
-        self.closing.store(true, Ordering::SeqCst);
-        self.listeners
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clear();
-        self.dial_slots.close();
-        self.inbound_slots.close();
-        self.ended.cancel();
-        self.reason().unwrap_or(CloseReason::Local)
-    }
-
-    pub(crate) fn listener_sender(&self, name: &str) -> Option<mpsc::Sender<Conn>> {
-        let listeners = self.listeners.lock().unwrap_or_else(|e| e.into_inner());
-        listeners.get(name).map(|entry| entry.sender.clone())
-    }
-
-    pub(crate) fn remove_listener(&self, name: &str, id: u64) {
-        let mut listeners = self.listeners.lock().unwrap_or_else(|e| e.into_inner());
-        if listeners.get(name).is_some_and(|entry| entry.id == id) {
-            listeners.remove(name);
-        }
-    }
-
-    /// Notes that bytes just arrived from the peer (keepalive liveness).
-    pub(crate) fn stamp_read(&self) {
-        let ms = self.epoch.elapsed().as_millis() as u64;
-        self.last_read_ms.store(ms, Ordering::Relaxed);
-    }
-
-    /// When bytes last arrived from the peer (the session start if none yet).
-    pub(crate) fn last_read(&self) -> tokio::time::Instant {
-        self.epoch + Duration::from_millis(self.last_read_ms.load(Ordering::Relaxed))
-    }
-}
-
-/// One of the session's `max_channels` slots, held by an open channel (or a dial in flight)
-/// and released when dropped.
-pub(crate) struct ChannelSlot {
-    shared: Arc<Shared>,
-}
-
-impl Drop for ChannelSlot {
-    fn drop(&mut self) {
-        self.shared.open_channels.fetch_sub(1, Ordering::SeqCst);
-        if self.shared.is_closing() {
-            // A graceful close waits for the last channel to go.
-            self.shared.driver_waker.wake();
-        }
-    }
 }

@@ -48,7 +48,10 @@ proptest! {
         let starts_invalid = bytes.len() >= 12 && bytes[0] != 0;
         let reason = feed(bytes);
         if starts_invalid {
-            prop_assert!(matches!(reason, CloseReason::Protocol(_)), "{reason:?}");
+            prop_assert!(
+                matches!(reason, CloseReason::ProtocolViolation(_)),
+                "{reason:?}"
+            );
         }
     }
 

@@ -6,12 +6,15 @@
 //! answered exactly once: by its response, or by the fatal status that fails
 //! every pending call when the conn goes away, or by its own deadline.
 
+mod in_flight;
+mod streams;
+
 use std::{
     borrow::Cow,
     collections::HashMap,
     sync::{
         atomic::{AtomicU64, Ordering},
-        Arc, Mutex, MutexGuard,
+        Arc, Mutex,
     },
     time::Duration,
 };
@@ -26,12 +29,16 @@ use tokio::{
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
+pub(crate) use in_flight::Shared;
+use in_flight::{read_loop, CallGuard, Handle, Pending, State};
+pub use streams::{RequestSink, ResponseStream};
+
 use crate::{
     codec,
     error::chain,
-    stream::{RequestSink, ResponseStream, StreamEvent},
-    transport::{read_preamble, FrameReader, Outbox},
-    wire::{timeout_to_wire, Frame, Header},
+    stream::StreamEvent,
+    transport::Outbox,
+    wire::{timeout_to_wire, Header},
     Config, Context, Error, Metadata, Status,
 };
 
@@ -135,191 +142,30 @@ impl std::fmt::Debug for Client {
     }
 }
 
-/// Closes the outbox when the last `Client` clone goes away.
-struct Handle {
-    shared: Arc<Shared>,
-}
+/// A client that does not keep its conn open: what a [`Context`] holds so
+/// a handler can call its caller back without keeping that peer alive.
+#[derive(Clone)]
+pub(crate) struct WeakClient(std::sync::Weak<Handle>);
 
-impl Drop for Handle {
-    fn drop(&mut self) {
-        self.shared.outbox.close();
+impl WeakClient {
+    /// The client, if any handle to it is still alive.
+    pub(crate) fn upgrade(&self) -> Option<Client> {
+        self.0.upgrade().map(|handle| Client { handle })
     }
 }
 
-pub(crate) enum Pending {
-    Unary(oneshot::Sender<Result<Bytes, Status>>),
-    /// A streaming call: its response items, and for a bidirectional call
-    /// the credit the server granted for request items (closed when the
-    /// call ends, so a waiting sender learns of it).
-    Stream(mpsc::Sender<StreamEvent>, Option<Arc<Semaphore>>),
-}
-
-/// Most request credit the server may grant outstanding; more is clamped.
-const MAX_SEND_CREDIT: usize = 1 << 20;
-
-struct State {
-    pending: HashMap<u64, Pending>,
-    /// Set once, when the conn fails: every later call gets it.
-    closed: Option<Status>,
-}
-
-pub(crate) struct Shared {
-    pub(crate) outbox: Outbox,
-    state: Mutex<State>,
-    next_id: AtomicU64,
-    /// Cancelled when the conn is gone (reader, writer and `closed()` watch it).
-    token: CancellationToken,
-    pub(crate) config: Config,
-}
-
-impl Shared {
-    fn lock(&self) -> MutexGuard<'_, State> {
-        // Nothing panics while holding this lock; tolerate poison anyway.
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
-    }
-
-    fn register(&self, id: u64, pending: Pending) -> Result<(), Status> {
-        let mut st = self.lock();
-        if let Some(status) = &st.closed {
-            return Err(status.clone());
-        }
-        st.pending.insert(id, pending);
-        Ok(())
-    }
-
-    /// Forgets call `id`; if it was still pending and its request went out,
-    /// tells the server to stop working on it.
-    pub(crate) fn abandon(&self, id: u64, request_sent: bool) {
-        let removed = self.lock().pending.remove(&id);
-        if let Some(Pending::Stream(_, Some(credits))) = &removed {
-            credits.close();
-        }
-        if removed.is_some() && request_sent {
-            let _ = self
-                .outbox
-                .push_now(|w| codec::encode(w, &Header::Cancel { id }, "cancel"));
-        }
-    }
-
-    /// Grants `n` more items to stream `id`.
-    pub(crate) fn credit(&self, id: u64, n: u32) {
-        let _ = self
-            .outbox
-            .push_now(|w| codec::encode(w, &Header::Credit { id, n }, "credit"));
-    }
-
-    /// Why the conn is gone, if it is.
-    pub(crate) fn closed_status(&self) -> Option<Status> {
-        self.lock().closed.clone()
-    }
-
-    /// Fails every pending call with `status` and ends the conn.
-    fn shutdown(&self, status: Status) {
-        let pending = {
-            let mut st = self.lock();
-            if st.closed.is_some() {
-                return;
-            }
-            st.closed = Some(status.clone());
-            std::mem::take(&mut st.pending)
-        };
-        tracing::debug!(%status, calls = pending.len(), "rpc client conn ended");
-        for (_, p) in pending {
-            match p {
-                Pending::Unary(tx) => {
-                    let _ = tx.send(Err(status.clone()));
-                }
-                Pending::Stream(tx, credits) => {
-                    let _ = tx.try_send(StreamEvent::End(Some(status.clone())));
-                    if let Some(credits) = credits {
-                        credits.close();
-                    }
-                }
-            }
-        }
-        self.outbox.close();
-        self.token.cancel();
-    }
-
-    /// Routes one frame from the server to its call.
-    fn dispatch(&self, frame: Frame) -> Result<(), Error> {
-        let Frame { header, payload } = frame;
-        let mut st = self.lock();
-        match header {
-            Header::Response { id, status } => match st.pending.remove(&id) {
-                Some(Pending::Unary(tx)) => {
-                    let _ = tx.send(match status {
-                        None => Ok(payload),
-                        Some(s) => Err(s),
-                    });
-                }
-                Some(Pending::Stream(tx, credits)) => {
-                    let s = status.unwrap_or_else(|| {
-                        Status::internal("server answered a streaming call with a unary response")
-                    });
-                    let _ = tx.try_send(StreamEvent::End(Some(s)));
-                    if let Some(credits) = credits {
-                        credits.close();
-                    }
-                }
-                // Cancelled or timed out meanwhile: the answer is moot.
-                None => {}
-            },
-            Header::StreamItem { id } => match st.pending.get(&id) {
-                Some(Pending::Stream(tx, _)) => match tx.try_send(StreamEvent::Item(payload, None))
-                {
-                    Ok(()) | Err(mpsc::error::TrySendError::Closed(_)) => {}
-                    Err(mpsc::error::TrySendError::Full(_)) => {
-                        return Err(Error::Protocol {
-                            reason: format!("stream item beyond the granted credit on call {id}"),
-                        })
-                    }
-                },
-                Some(Pending::Unary(_)) => {
-                    return Err(Error::Protocol {
-                        reason: format!("stream item for unary call {id}"),
-                    })
-                }
-                None => {}
-            },
-            Header::StreamEnd { id, status } => match st.pending.remove(&id) {
-                Some(Pending::Stream(tx, credits)) => {
-                    // The channel has one slot beyond the credit window for this.
-                    let _ = tx.try_send(StreamEvent::End(status));
-                    if let Some(credits) = credits {
-                        credits.close();
-                    }
-                }
-                Some(Pending::Unary(tx)) => {
-                    let _ = tx.send(Err(status.unwrap_or_else(|| {
-                        Status::internal("server answered a unary call with a stream end")
-                    })));
-                }
-                None => {}
-            },
-            Header::Credit { id, n } => match st.pending.get(&id) {
-                Some(Pending::Stream(_, Some(credits))) => {
-                    let room = MAX_SEND_CREDIT.saturating_sub(credits.available_permits());
-                    credits.add_permits((n as usize).min(room));
-                }
-                Some(_) => {
-                    return Err(Error::Protocol {
-                        reason: format!("request credit for call {id}, which sends no stream"),
-                    })
-                }
-                None => {}
-            },
-            Header::Request { .. } | Header::Open { .. } | Header::Cancel { .. } => {
-                return Err(Error::Protocol {
-                    reason: "client conn received a request-side frame".into(),
-                })
-            }
-        }
-        Ok(())
+impl std::fmt::Debug for WeakClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("WeakClient")
     }
 }
 
 impl Client {
+    /// A handle that does not keep the conn open.
+    pub(crate) fn downgrade(&self) -> WeakClient {
+        WeakClient(Arc::downgrade(&self.handle))
+    }
+
     /// Starts a client on `conn` with the default [`Config`]. The driver
     /// tasks are spawned on the current Tokio runtime; calls can be made at
     /// once (they queue behind the preamble exchange).
@@ -360,8 +206,9 @@ impl Client {
                     res = s.outbox.run_writer(&mut wr) => res,
                 };
                 let status = match res {
-                    Ok(()) => Status::unavailable("client closed"),
-                    Err(e) => Status::unavailable(format!("rpc conn write failed: {}", chain(&e))),
+                    Ok(()) => Status::conn_lost("client closed"),
+                    Err(e) => Status::conn_lost(format!("rpc conn write failed: {}", chain(&e)))
+                        .with_source(e),
                 };
                 s.shutdown(status);
             }
@@ -376,8 +223,8 @@ impl Client {
                     res = read_loop(&s, rd) => res,
                 };
                 let status = match res {
-                    Ok(()) => Status::unavailable("rpc conn closed by the server"),
-                    Err(e) => e.to_status(),
+                    Ok(()) => Status::conn_lost("rpc conn closed by the server"),
+                    Err(e) => Status::conn_lost(chain(&e)).with_source(e),
                 };
                 s.shutdown(status);
             }
@@ -457,7 +304,7 @@ impl Client {
         // (never expected: shutdown answers everyone) counts as conn loss.
         let res = rx
             .await
-            .unwrap_or_else(|_| Err(Status::unavailable("rpc conn closed")));
+            .unwrap_or_else(|_| Err(Status::conn_lost("rpc conn closed")));
         guard.done = true;
         res
     }
@@ -521,7 +368,7 @@ impl Client {
             .map_err(|e| match e {
                 Error::Closed => shared
                     .closed_status()
-                    .unwrap_or_else(|| Status::unavailable("rpc conn closed")),
+                    .unwrap_or_else(|| Status::conn_lost("rpc conn closed")),
                 Error::MessageTooLarge { max } => Status::resource_exhausted(format!(
                     "request to {method} exceeds the {max}-byte message limit; not sent"
                 )),
@@ -551,17 +398,38 @@ impl Client {
     {
         let deadline = opts.resolve_deadline(Instant::now());
         let window = self.shared().config.window();
-        // One extra slot so the end-of-stream event always fits.
-        let (tx, rx) = mpsc::channel(window as usize + 1);
-        let start = self.start(
-            method,
-            Some(req),
-            &opts.metadata,
-            deadline,
-            Some(window),
-            Pending::Stream(tx, None),
-        );
-        let id = within_deadline(method, deadline, start).await?.keep();
+        // Two extra slots so the acceptance and the end always fit.
+        let (tx, mut rx) = mpsc::channel(window as usize + 2);
+        let accepted = async {
+            let guard = self
+                .start(
+                    method,
+                    Some(req),
+                    &opts.metadata,
+                    deadline,
+                    Some(window),
+                    Pending::Stream(tx, None),
+                )
+                .await?;
+            // Resolve as the handler does: its early error is this call's
+            // error, not the stream's first item.
+            match rx.recv().await {
+                Some(StreamEvent::Accepted) => Ok(guard.keep()),
+                // The reader removed the call: nothing to cancel.
+                Some(StreamEvent::End(Some(status))) => Err(status),
+                Some(StreamEvent::End(None)) => Err(Status::internal(format!(
+                    "the server ended the stream of {method} without accepting the call"
+                ))),
+                Some(StreamEvent::Item(..)) => Err(Status::internal(format!(
+                    "the server sent an item of {method} before accepting the call"
+                ))),
+                None => Err(self
+                    .shared()
+                    .closed_status()
+                    .unwrap_or_else(|| Status::conn_lost("rpc conn closed"))),
+            }
+        };
+        let id = within_deadline(method, deadline, accepted).await?;
         Ok(ResponseStream::new(
             self.clone(),
             id,
@@ -592,7 +460,8 @@ impl Client {
     {
         let deadline = opts.resolve_deadline(Instant::now());
         let window = self.shared().config.window();
-        let (tx, rx) = mpsc::channel(window as usize + 1);
+        // Two extra slots so the acceptance and the end always fit.
+        let (tx, rx) = mpsc::channel(window as usize + 2);
         let credits = Arc::new(Semaphore::new(0));
         let start = self.start::<()>(
             method,
@@ -640,45 +509,4 @@ async fn within_deadline<T>(
             Err(_) => Err(deadline_exceeded(method)),
         },
     }
-}
-
-/// Cancels a call on drop unless it completed: the `ResponseGuard` idea.
-struct CallGuard<'a> {
-    shared: &'a Shared,
-    id: u64,
-    sent: bool,
-    done: bool,
-}
-
-impl CallGuard<'_> {
-    /// Keeps the call running past the guard (a stream now owns it); returns its id.
-    fn keep(mut self) -> u64 {
-        self.done = true;
-        self.id
-    }
-}
-
-impl Drop for CallGuard<'_> {
-    fn drop(&mut self) {
-        if !self.done {
-            tracing::trace!(id = self.id, "rpc call abandoned");
-            self.shared.abandon(self.id, self.sent);
-        }
-    }
-}
-
-async fn read_loop<R>(shared: &Shared, rd: R) -> Result<(), Error>
-where
-    R: AsyncRead + Unpin,
-{
-    let mut reader = FrameReader::new(rd, shared.config.message_limit());
-    let after = shared.config.handshake_timeout;
-    tokio::time::timeout(after, read_preamble(reader.io_mut()))
-        .await
-        .map_err(|_| Error::HandshakeTimeout { after })??;
-    while let Some(body) = reader.next_frame().await? {
-        let frame = Frame::decode(body).map_err(Error::Malformed)?;
-        shared.dispatch(frame)?;
-    }
-    Ok(())
 }

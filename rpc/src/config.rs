@@ -52,6 +52,26 @@ pub struct Config {
     /// (one message is always admitted into an empty queue, whatever its
     /// size). Default: 256 KiB.
     pub write_queue_bytes: usize,
+    /// Longest a peer may take to send one frame, from the first read that
+    /// finds it incomplete to its last byte; a frame that trickles in
+    /// slower ends the conn with [`Error::FrameTimeout`](crate::Error::FrameTimeout).
+    /// An idle conn (between frames) is not timed. Default: 30 s.
+    pub frame_timeout: Duration,
+    /// Longest the writer waits for the peer to accept any bytes while it
+    /// has frames to send; a peer that reads nothing for that long ends the
+    /// conn with [`Error::WriteStalled`](crate::Error::WriteStalled), and
+    /// every pending call with it. Default: 30 s.
+    pub write_stall_timeout: Duration,
+    /// Server side: most bytes of encoded responses that may wait for room
+    /// in the write queue (beyond [`Config::write_queue_bytes`]) on one
+    /// conn, counting stream items waiting too. A unary response that
+    /// would take the conn past it is dropped and its call answered
+    /// `ResourceExhausted` (a response arriving while nothing waits is
+    /// always admitted); a stream item waits instead, since its stream's
+    /// credit already allows at most one item to wait. So a peer that
+    /// stops reading pins at most about this many reply bytes, until
+    /// [`Config::write_stall_timeout`] ends its conn. Default: 64 MiB.
+    pub max_outbound_bytes: usize,
 }
 
 impl Default for Config {
@@ -63,6 +83,9 @@ impl Default for Config {
             handshake_timeout: Duration::from_secs(10),
             stream_window: 16,
             write_queue_bytes: 256 << 10,
+            frame_timeout: Duration::from_secs(30),
+            write_stall_timeout: Duration::from_secs(30),
+            max_outbound_bytes: 64 << 20,
         }
     }
 }
@@ -102,6 +125,24 @@ impl Config {
     /// Sets [`Config::write_queue_bytes`] (default 256 KiB).
     pub fn write_queue_bytes(mut self, bytes: usize) -> Config {
         self.write_queue_bytes = bytes;
+        self
+    }
+
+    /// Sets [`Config::frame_timeout`] (default 30 s).
+    pub fn frame_timeout(mut self, timeout: Duration) -> Config {
+        self.frame_timeout = timeout;
+        self
+    }
+
+    /// Sets [`Config::write_stall_timeout`] (default 30 s).
+    pub fn write_stall_timeout(mut self, timeout: Duration) -> Config {
+        self.write_stall_timeout = timeout;
+        self
+    }
+
+    /// Sets [`Config::max_outbound_bytes`] (default 64 MiB).
+    pub fn max_outbound_bytes(mut self, bytes: usize) -> Config {
+        self.max_outbound_bytes = bytes;
         self
     }
 

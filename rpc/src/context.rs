@@ -6,10 +6,20 @@ use tokio::time::Instant;
 
 use tokio_util::sync::CancellationToken;
 
-use crate::Metadata;
+use crate::{client::WeakClient, Client, Metadata, Status};
+
+/// Where a call came from: the conn's label and, when the conn belongs to a
+/// [`Peer`](crate::Peer), a way back to the caller.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct Origin {
+    pub(crate) label: Option<Arc<str>>,
+    pub(crate) callback: Option<WeakClient>,
+}
 
 /// Per-call information handed to a handler: the caller's metadata, the
-/// deadline, a cancellation signal and the peer's label.
+/// deadline, a cancellation signal, the peer's label and, for calls that
+/// came in through a [`Peer`](crate::Peer), a client to call the caller
+/// back ([`Context::callback`]).
 ///
 /// Cheap to clone (an `Arc`); clones see the same cancellation.
 #[derive(Clone, Debug)]
@@ -22,7 +32,7 @@ struct Inner {
     method: String,
     metadata: Metadata,
     deadline: Option<Instant>,
-    peer: Option<Arc<str>>,
+    origin: Origin,
     cancel: CancellationToken,
 }
 
@@ -31,7 +41,7 @@ impl Context {
         method: String,
         metadata: Metadata,
         deadline: Option<Instant>,
-        peer: Option<Arc<str>>,
+        origin: Origin,
         cancel: CancellationToken,
     ) -> Context {
         Context {
@@ -39,7 +49,7 @@ impl Context {
                 method,
                 metadata,
                 deadline,
-                peer,
+                origin,
                 cancel,
             }),
         }
@@ -52,7 +62,7 @@ impl Context {
             method.into(),
             Metadata::new(),
             None,
-            None,
+            Origin::default(),
             CancellationToken::new(),
         )
     }
@@ -82,7 +92,26 @@ impl Context {
     /// The label the conn was served under
     /// ([`Server::serve_named`](crate::Server::serve_named)).
     pub fn peer(&self) -> Option<&str> {
-        self.inner.peer.as_deref()
+        self.inner.origin.label.as_deref()
+    }
+
+    /// A client to the peer this call came in from, to call it back: wrap
+    /// it in the typed client of a service that peer serves, in one line
+    /// (`let back = NotesClient::new(ctx.callback()?);`).
+    ///
+    /// Fails with `FailedPrecondition` when the call did not come in
+    /// through a [`Peer`](crate::Peer) (a plain [`Server::serve`](crate::Server::serve)
+    /// conn only carries calls one way), and with `Unavailable`
+    /// ([`Status::is_conn_lost`]) once that peer is gone.
+    pub fn callback(&self) -> Result<Client, Status> {
+        let Some(weak) = &self.inner.origin.callback else {
+            return Err(Status::failed_precondition(format!(
+                "{} was not called through a Peer: there is no way back to the caller",
+                self.method()
+            )));
+        };
+        weak.upgrade()
+            .ok_or_else(|| Status::conn_lost("the calling peer is gone"))
     }
 
     /// True once the call is over: cancelled by the caller, timed out, its

@@ -51,6 +51,40 @@ pub enum Error {
         /// The configured maximum.
         max: usize,
     },
+    /// The peer began a frame but did not complete it within the frame
+    /// deadline ([`Config::frame_timeout`](crate::Config::frame_timeout)).
+    #[error("peer did not complete a frame within {after:?} ({received} bytes of it arrived)")]
+    FrameTimeout {
+        /// The configured deadline.
+        after: Duration,
+        /// Bytes of the frame (length prefix included) that did arrive.
+        received: usize,
+    },
+    /// The peer accepted none of our bytes for
+    /// [`Config::write_stall_timeout`](crate::Config::write_stall_timeout)
+    /// while frames waited to be written: it stopped reading.
+    #[error("peer read nothing for {after:?} ({pending} bytes waiting to be written)")]
+    WriteStalled {
+        /// The configured bound.
+        after: Duration,
+        /// Bytes the writer still had to write.
+        pending: usize,
+    },
+    /// A reply was refused because replies already waiting for the peer to
+    /// read them hold the conn's outbound budget
+    /// ([`Config::max_outbound_bytes`](crate::Config::max_outbound_bytes)).
+    #[error(
+        "a {len}-byte reply would exceed the outbound budget: {waiting} bytes of replies \
+         already wait for the peer to read (limit {limit})"
+    )]
+    OutboundFull {
+        /// The encoded size of the refused reply.
+        len: usize,
+        /// Bytes of replies already waiting.
+        waiting: usize,
+        /// The configured budget.
+        limit: usize,
+    },
     /// The peer sent a frame that does not decode.
     #[error("malformed frame from peer")]
     Malformed(#[source] CodecError),
@@ -72,9 +106,11 @@ impl Error {
     /// The status a caller sees when its call fails because of this error.
     pub(crate) fn to_status(&self) -> Status {
         match self {
-            Error::MessageTooLarge { .. } => Status::resource_exhausted(self.to_string()),
+            Error::MessageTooLarge { .. } | Error::OutboundFull { .. } => {
+                Status::resource_exhausted(self.to_string())
+            }
             Error::Encode(e) => Status::internal(format!("{self}: {e}")),
-            _ => Status::unavailable(chain(self)),
+            _ => Status::conn_lost(chain(self)),
         }
     }
 }

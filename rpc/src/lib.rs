@@ -8,8 +8,11 @@
 //! ([`service!`]).
 //!
 //! One conn carries calls in one direction: a [`Server`] serves it, a
-//! [`Client`] calls over it. For both peers to serve and call on one link,
-//! open two channels on a mux session (see `examples/bidirectional.rs`).
+//! [`Client`] calls over it. For both sides to serve and call on one link,
+//! use a [`Peer`] on a netchan-mux session: it sets up both directions, and
+//! a handler reaches the peer that called it with [`Context::callback`]
+//! (see `examples/bidirectional.rs`). [`Server::serve_incoming`] serves a
+//! listener's conns with graceful shutdown.
 //!
 //! ```
 //! use netchan_rpc::{CallOptions, Client, Code, Server, Status};
@@ -45,11 +48,18 @@
 //! - `wire` — preamble, frame layout and the envelope header kinds.
 //! - `codec` — the only module that knows the codec (bincode 2 via serde).
 //! - `transport` — the batching outbox, its writer task and the frame reader.
-//! - `client` — [`Client`], [`CallOptions`], the in-flight map and reader.
-//! - `stream` — [`ResponseStream`], [`RequestSink`] and [`RequestStream`]:
-//!   the two ends of streaming calls.
-//! - `server` — [`Server`], per-conn dispatch and per-call tasks.
+//! - `client` — [`Client`] and [`CallOptions`]; `client/in_flight` holds
+//!   the in-flight map and the reader, `client/streams` the client's ends
+//!   of streaming calls ([`ResponseStream`], [`RequestSink`]).
+//! - `stream` — what both ends of a streaming call share, and
+//!   [`RequestStream`] (the server's view of a bidi call's requests).
+//! - `server` — [`Server`], the method registry; `server/handler` erases
+//!   typed [`Handler`]s, `server/conn` is the per-conn loop,
+//!   `server/in_flight` admission and in-flight tracking, `server/call` one
+//!   call's task, `server/incoming` [`Server::serve_incoming`] and its
+//!   [`Incoming`] sources.
 //! - `service` — [`ServiceDef`] and the [`service!`] macro.
+//! - `peer` — [`Peer`]: both directions over one mux session.
 //! - `context`, `status`, `metadata`, `config`, `error`, `bytebuf` — the
 //!   small types ([`ByteBuf`]: a byte payload that encodes as one block).
 //!
@@ -62,6 +72,7 @@ mod config;
 mod context;
 mod error;
 mod metadata;
+mod peer;
 mod server;
 mod service;
 mod status;
@@ -70,13 +81,14 @@ mod transport;
 mod wire;
 
 pub use bytebuf::ByteBuf;
-pub use client::{CallOptions, Client};
+pub use client::{CallOptions, Client, RequestSink, ResponseStream};
 pub use codec::CodecError;
 pub use config::{Config, MAX_MESSAGE_SIZE_CAP, MIN_MESSAGE_SIZE};
 pub use context::Context;
 pub use error::Error;
 pub use metadata::Metadata;
-pub use server::Server;
+pub use peer::{Peer, PeerError, PEER_CHANNEL};
+pub use server::{FromStream, Handler, Incoming, Server};
 pub use service::ServiceDef;
 pub use status::{Code, Status};
-pub use stream::{ItemStream, RequestSink, RequestStream, ResponseStream, StreamArg, StreamReturn};
+pub use stream::{ItemStream, RequestStream, StreamArg, StreamReturn};

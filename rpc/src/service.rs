@@ -1,11 +1,9 @@
 //! Typed services: [`ServiceDef`] and the [`service!`](crate::service) macro.
 
-use std::future::Future;
-
 use futures::Stream;
 use serde::{de::DeserializeOwned, Serialize};
 
-use crate::{server::Method, Context, RequestStream, Server, Status};
+use crate::{server::Method, Handler, RequestStream, Server, Status};
 
 /// A named set of methods ready to be added to a [`Server`] with
 /// [`Server::add`]. [`service!`](crate::service) builds one from a trait
@@ -43,12 +41,10 @@ impl ServiceDef {
     }
 
     /// Adds unary `method` (see [`Server::register`]).
-    pub fn unary<Req, Resp, F, Fut>(&mut self, method: &str, handler: F) -> &mut Self
+    pub fn unary<Req, Resp>(&mut self, method: &str, handler: impl Handler<Req, Resp>) -> &mut Self
     where
         Req: DeserializeOwned + Send + 'static,
         Resp: Serialize + Send + 'static,
-        F: Fn(Context, Req) -> Fut + Send + Sync + 'static,
-        Fut: Future<Output = Result<Resp, Status>> + Send + 'static,
     {
         self.methods
             .push((format!("{}.{method}", self.name), Method::unary(handler)));
@@ -56,12 +52,10 @@ impl ServiceDef {
     }
 
     /// Adds server-streaming `method` (see [`Server::register_stream`]).
-    pub fn stream<Req, Item, F, Fut, S>(&mut self, method: &str, handler: F) -> &mut Self
+    pub fn stream<Req, Item, S>(&mut self, method: &str, handler: impl Handler<Req, S>) -> &mut Self
     where
         Req: DeserializeOwned + Send + 'static,
         Item: Serialize + Send + 'static,
-        F: Fn(Context, Req) -> Fut + Send + Sync + 'static,
-        Fut: Future<Output = Result<S, Status>> + Send + 'static,
         S: Stream<Item = Result<Item, Status>> + Send + 'static,
     {
         self.methods
@@ -72,12 +66,14 @@ impl ServiceDef {
 
 impl ServiceDef {
     /// Adds bidirectional-streaming `method` (see [`Server::register_bidi`]).
-    pub fn bidi<Req, Item, F, Fut, S>(&mut self, method: &str, handler: F) -> &mut Self
+    pub fn bidi<Req, Item, S>(
+        &mut self,
+        method: &str,
+        handler: impl Handler<RequestStream<Req>, S>,
+    ) -> &mut Self
     where
         Req: DeserializeOwned + Send + 'static,
         Item: Serialize + Send + 'static,
-        F: Fn(Context, RequestStream<Req>) -> Fut + Send + Sync + 'static,
-        Fut: Future<Output = Result<S, Status>> + Send + 'static,
         S: Stream<Item = Result<Item, Status>> + Send + 'static,
     {
         self.methods

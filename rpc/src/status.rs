@@ -1,6 +1,6 @@
 //! [`Status`]: the outcome of a failed call, a gRPC [`Code`] plus a message.
 
-use std::fmt;
+use std::{error::Error as StdError, fmt, io, sync::Arc};
 
 use serde::{Deserialize, Serialize};
 
@@ -110,11 +110,46 @@ impl fmt::Display for Code {
 ///
 /// Handlers return it as their error; clients receive it for remote failures
 /// and for local ones (deadline passed, connection lost, message too large).
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+///
+/// Only the code and the message travel. Two things stay local to the
+/// process that made the status: its [`source`](StdError::source) (the
+/// `io::Error` behind a [`From<io::Error>`](#impl-From<Error>-for-Status)
+/// status, the transport error behind a lost conn), and
+/// [`is_conn_lost`](Status::is_conn_lost). Equality compares code and
+/// message only.
+///
+/// ```
+/// use netchan_rpc::{Code, Status};
+///
+/// fn read_config(path: &str) -> Result<String, Status> {
+///     // `?` maps the I/O error: a missing file is `NotFound`.
+///     Ok(std::fs::read_to_string(path)?)
+/// }
+/// let err = read_config("/no/such/file").unwrap_err();
+/// assert_eq!(err.code(), Code::NotFound);
+/// assert!(std::error::Error::source(&err).is_some());
+/// ```
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Status {
     code: Code,
     message: String,
+    /// The local cause; never sent.
+    #[serde(skip)]
+    source: Option<Arc<dyn StdError + Send + Sync + 'static>>,
+    /// Set on the statuses a client or server makes when its conn to the
+    /// peer is gone; never sent (a status relayed from a peer that lost
+    /// *its* peer is an ordinary `Unavailable` here).
+    #[serde(skip)]
+    conn_lost: bool,
 }
+
+impl PartialEq for Status {
+    fn eq(&self, other: &Status) -> bool {
+        self.code == other.code && self.message == other.message
+    }
+}
+
+impl Eq for Status {}
 
 macro_rules! status_ctors {
     ($($(#[$doc:meta])* $name:ident => $code:ident,)*) => {
@@ -133,7 +168,33 @@ impl Status {
         Status {
             code,
             message: message.into(),
+            source: None,
+            conn_lost: false,
         }
+    }
+
+    /// An `Unavailable` status saying the conn to the peer is gone (see
+    /// [`Status::is_conn_lost`]).
+    pub(crate) fn conn_lost(message: impl Into<String>) -> Status {
+        Status {
+            conn_lost: true,
+            ..Status::unavailable(message)
+        }
+    }
+
+    /// This status with `source` as its local cause (returned by
+    /// [`Error::source`](StdError::source); not sent to the peer).
+    pub fn with_source(mut self, source: impl StdError + Send + Sync + 'static) -> Status {
+        self.source = Some(Arc::new(source));
+        self
+    }
+
+    /// True when the call failed because the conn to the peer is gone (it
+    /// closed, failed, or this side shut it down): the machine-readable
+    /// "peer gone", as opposed to an `Unavailable` status the peer sent.
+    /// The code is then [`Code::Unavailable`]; the message says why.
+    pub fn is_conn_lost(&self) -> bool {
+        self.conn_lost
     }
 
     /// The status code.
@@ -188,7 +249,50 @@ impl fmt::Display for Status {
     }
 }
 
-impl std::error::Error for Status {}
+impl StdError for Status {
+    fn source(&self) -> Option<&(dyn StdError + 'static)> {
+        self.source
+            .as_deref()
+            .map(|e| e as &(dyn StdError + 'static))
+    }
+}
+
+impl From<io::Error> for Status {
+    /// Maps the error's kind to the closest code (`NotFound` → `NotFound`,
+    /// `PermissionDenied` → `PermissionDenied`, `TimedOut` →
+    /// `DeadlineExceeded`, a refused or broken connection → `Unavailable`,
+    /// bad input or data → `InvalidArgument`, a full disk → `ResourceExhausted`,
+    /// anything else → `Unknown`), keeps its text as the message and the
+    /// error itself as the local [`source`](StdError::source).
+    fn from(err: io::Error) -> Status {
+        use io::ErrorKind as K;
+        let code = match err.kind() {
+            K::NotFound => Code::NotFound,
+            K::PermissionDenied | K::ReadOnlyFilesystem => Code::PermissionDenied,
+            K::AlreadyExists => Code::AlreadyExists,
+            K::InvalidInput | K::InvalidData | K::InvalidFilename => Code::InvalidArgument,
+            K::TimedOut => Code::DeadlineExceeded,
+            K::ConnectionRefused
+            | K::ConnectionReset
+            | K::ConnectionAborted
+            | K::NotConnected
+            | K::BrokenPipe
+            | K::HostUnreachable
+            | K::NetworkUnreachable
+            | K::NetworkDown
+            | K::AddrNotAvailable => Code::Unavailable,
+            K::WouldBlock | K::ResourceBusy | K::Interrupted => Code::Unavailable,
+            K::StorageFull | K::QuotaExceeded | K::FileTooLarge | K::OutOfMemory => {
+                Code::ResourceExhausted
+            }
+            K::IsADirectory | K::NotADirectory | K::DirectoryNotEmpty => Code::FailedPrecondition,
+            K::UnexpectedEof => Code::OutOfRange,
+            K::Unsupported => Code::Unimplemented,
+            _ => Code::Unknown,
+        };
+        Status::new(code, err.to_string()).with_source(err)
+    }
+}
 
 #[cfg(test)]
 mod tests {
@@ -201,6 +305,49 @@ mod tests {
         }
         assert_eq!(Code::from(0), Code::Unknown);
         assert_eq!(Code::from(9999), Code::Unknown);
+    }
+
+    #[test]
+    fn io_errors_map_to_the_closest_code_and_keep_their_source() {
+        let cases = [
+            (io::ErrorKind::NotFound, Code::NotFound),
+            (io::ErrorKind::PermissionDenied, Code::PermissionDenied),
+            (io::ErrorKind::AlreadyExists, Code::AlreadyExists),
+            (io::ErrorKind::InvalidData, Code::InvalidArgument),
+            (io::ErrorKind::TimedOut, Code::DeadlineExceeded),
+            (io::ErrorKind::ConnectionReset, Code::Unavailable),
+            (io::ErrorKind::StorageFull, Code::ResourceExhausted),
+            (io::ErrorKind::UnexpectedEof, Code::OutOfRange),
+            (io::ErrorKind::Unsupported, Code::Unimplemented),
+            (io::ErrorKind::Other, Code::Unknown),
+        ];
+        for (kind, code) in cases {
+            let status = Status::from(io::Error::new(kind, "boom"));
+            assert_eq!(status.code(), code, "{kind:?}");
+            assert_eq!(status.message(), "boom");
+            let source = status.source().expect("the io error is kept");
+            let io = source.downcast_ref::<io::Error>().expect("an io::Error");
+            assert_eq!(io.kind(), kind);
+            assert!(!status.is_conn_lost());
+        }
+    }
+
+    #[test]
+    fn source_and_conn_lost_stay_local_and_do_not_affect_equality() {
+        let lost = Status::conn_lost("gone").with_source(io::Error::other("reset"));
+        assert!(lost.is_conn_lost());
+        assert_eq!(lost.code(), Code::Unavailable);
+        assert_eq!(lost, Status::unavailable("gone"));
+
+        let mut wire = Vec::new();
+        crate::codec::encode(&mut wire, &lost, "status").unwrap();
+        let mut plain = Vec::new();
+        crate::codec::encode(&mut plain, &Status::unavailable("gone"), "status").unwrap();
+        assert_eq!(wire, plain, "only code and message travel");
+        let back: Status =
+            crate::codec::decode_payload(&bytes::Bytes::from(wire), "status").unwrap();
+        assert!(!back.is_conn_lost());
+        assert!(back.source().is_none());
     }
 
     #[test]

@@ -1,6 +1,11 @@
 //! Frame I/O shared by clients and servers: the batching [`Outbox`] and its
 //! writer task, and the [`FrameReader`].
 //!
+//! Both directions are bounded. The reader allocates only for bytes that
+//! arrived and gives each frame a completion deadline; the writer gives up
+//! on a peer that accepts no bytes for the write-stall bound; replies that
+//! find the write queue full count against an outbound byte budget.
+//!
 //! Every sender on a conn appends its encoded frame to one shared buffer
 //! under a short lock; a single writer task swaps the whole buffer out and
 //! writes it with one `write_all`, so frames queued while a write is in
@@ -12,17 +17,19 @@ use std::{
     io::{self, IoSlice, Write},
     pin::pin,
     sync::{Mutex, MutexGuard},
+    time::Duration,
 };
 
-use bytes::{Buf, Bytes, BytesMut};
+use bytes::{Buf, BufMut, Bytes, BytesMut};
 use tokio::{
     io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt},
     sync::Notify,
+    time::Instant,
 };
 
 use crate::{
     codec::{self, CodecError},
-    wire::{LEN_PREFIX, PREAMBLE, VERSION},
+    wire::{LEN_PREFIX, MAX_TIMEOUT, PREAMBLE, VERSION},
     Config, Error,
 };
 
@@ -36,8 +43,13 @@ pub(crate) struct Outbox {
     room: Notify,
     high_water: usize,
     max_message: usize,
+    /// Most bytes of replies parked (see [`Outbox::push_reply`]).
+    budget: usize,
+    /// How long the writer waits for the peer to accept any bytes.
+    stall: Duration,
 }
 
+#[derive(Default)]
 struct OutState {
     /// Encoded frames, except large shared byte blocks (see `segments`).
     buf: Vec<u8>,
@@ -47,6 +59,8 @@ struct OutState {
     /// Total bytes in `segments`.
     segment_bytes: usize,
     closed: bool,
+    /// Bytes of encoded replies waiting for room (not in `buf` yet).
+    parked: usize,
 }
 
 struct Segment {
@@ -57,6 +71,49 @@ struct Segment {
 impl OutState {
     fn queued(&self) -> usize {
         self.buf.len() + self.segment_bytes
+    }
+
+    /// Whether a sender that waits for room may append now: one message is
+    /// always admitted into an empty queue, whatever its size.
+    fn has_room(&self, high_water: usize) -> bool {
+        self.queued() == 0 || self.queued() < high_water
+    }
+
+    /// Appends the frames of `other` (encoded elsewhere).
+    fn splice(&mut self, other: OutState) {
+        let base = self.buf.len();
+        self.buf.extend_from_slice(&other.buf);
+        self.segment_bytes += other.segment_bytes;
+        self.segments
+            .extend(other.segments.into_iter().map(|seg| Segment {
+                at: base + seg.at,
+                bytes: seg.bytes,
+            }));
+    }
+}
+
+/// What [`Outbox::push_reply`] does with a reply that finds the write queue
+/// full and the outbound budget spent.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum WhenFull {
+    /// Drop the reply and fail with [`Error::OutboundFull`] (unary
+    /// responses: the call gets a short `ResourceExhausted` status instead).
+    Refuse,
+    /// Wait for room anyway (stream items: their credit already bounds how
+    /// many of them can wait).
+    Wait,
+}
+
+/// Bytes counted against the outbound budget while a reply waits for room;
+/// released on drop (also when the waiting push is cancelled).
+struct Parked<'a> {
+    outbox: &'a Outbox,
+    len: usize,
+}
+
+impl Drop for Parked<'_> {
+    fn drop(&mut self) {
+        self.outbox.lock().parked -= self.len;
     }
 }
 
@@ -126,19 +183,49 @@ impl Drop for Rollback<'_> {
     }
 }
 
+/// Encodes one frame (length prefix and the body `encode` writes) at the
+/// end of `state`; on any failure `state` is left as it was.
+fn encode_frame<F>(state: &mut OutState, encode: F, max: usize) -> Result<(), Error>
+where
+    F: FnOnce(&mut FrameWriter<'_>) -> Result<(), CodecError>,
+{
+    let start = state.buf.len();
+    let mut rb = Rollback {
+        start,
+        segments: state.segments.len(),
+        state,
+        armed: true,
+    };
+    rb.state.buf.extend_from_slice(&[0; LEN_PREFIX]);
+    let mut w = FrameWriter {
+        state: rb.state,
+        len: 0,
+        max,
+        overflowed: false,
+    };
+    let res = encode(&mut w);
+    let (len, overflowed) = (w.len, w.overflowed);
+    match res {
+        Ok(()) => {}
+        Err(_) if overflowed => return Err(Error::MessageTooLarge { max }),
+        Err(e) => return Err(Error::Encode(e)),
+    }
+    // Fits in u32: max_message is capped far below 4 GiB.
+    rb.state.buf[start..start + LEN_PREFIX].copy_from_slice(&(len as u32).to_be_bytes());
+    rb.armed = false;
+    Ok(())
+}
+
 impl Outbox {
     pub(crate) fn new(config: &Config) -> Outbox {
         Outbox {
-            state: Mutex::new(OutState {
-                buf: Vec::new(),
-                segments: Vec::new(),
-                segment_bytes: 0,
-                closed: false,
-            }),
+            state: Mutex::new(OutState::default()),
             wake_writer: Notify::new(),
             room: Notify::new(),
             high_water: config.write_queue_bytes.max(1),
             max_message: config.message_limit(),
+            budget: config.max_outbound_bytes,
+            stall: config.write_stall_timeout.min(MAX_TIMEOUT),
         }
     }
 
@@ -179,6 +266,70 @@ impl Outbox {
             .unwrap_or(Err(Error::Closed))
     }
 
+    /// Queues a reply (a response or a stream item) for the peer. With room
+    /// in the queue it is encoded in place, as [`Outbox::push`] does.
+    /// Otherwise it is encoded aside and counted against the outbound budget
+    /// ([`Config::max_outbound_bytes`]) while it waits for room: over budget
+    /// (and unless nothing else waits), `WhenFull::Refuse` drops it and
+    /// fails with `OutboundFull`, `WhenFull::Wait` waits anyway. So replies
+    /// for a peer that stops reading hold at most the budget, plus the write
+    /// queue, plus one item per stream.
+    ///
+    /// Cancel-safe: the frame is queued entirely or not at all, and its
+    /// budget is released.
+    pub(crate) async fn push_reply<F>(&self, when_full: WhenFull, encode: F) -> Result<(), Error>
+    where
+        F: FnOnce(&mut FrameWriter<'_>) -> Result<(), CodecError>,
+    {
+        let mut encode = Some(encode);
+        if let Some(res) = self.append(&mut encode, true) {
+            return res;
+        }
+        let Some(encode) = encode.take() else {
+            return Err(Error::Closed);
+        };
+        let mut frame = OutState::default();
+        encode_frame(&mut frame, encode, self.max_message)?;
+        let _parked = self.park(frame.queued(), when_full)?;
+        loop {
+            let mut room = pin!(self.room.notified());
+            room.as_mut().enable();
+            {
+                let mut st = self.lock();
+                if st.closed {
+                    return Err(Error::Closed);
+                }
+                if st.has_room(self.high_water) {
+                    let was_empty = st.queued() == 0;
+                    st.splice(frame);
+                    drop(st);
+                    if was_empty {
+                        self.wake_writer.notify_one();
+                    }
+                    return Ok(());
+                }
+            }
+            room.await;
+        }
+    }
+
+    /// Counts `len` bytes of a waiting reply against the budget.
+    fn park(&self, len: usize, when_full: WhenFull) -> Result<Parked<'_>, Error> {
+        let mut st = self.lock();
+        if when_full == WhenFull::Refuse
+            && st.parked > 0
+            && st.parked.saturating_add(len) > self.budget
+        {
+            return Err(Error::OutboundFull {
+                len,
+                waiting: st.parked,
+                limit: self.budget,
+            });
+        }
+        st.parked += len;
+        Ok(Parked { outbox: self, len })
+    }
+
     fn append<F>(&self, encode: &mut Option<F>, wait_for_room: bool) -> Option<Result<(), Error>>
     where
         F: FnOnce(&mut FrameWriter<'_>) -> Result<(), CodecError>,
@@ -187,40 +338,14 @@ impl Outbox {
         if st.closed {
             return Some(Err(Error::Closed));
         }
-        if wait_for_room && st.queued() > 0 && st.queued() >= self.high_water {
+        if wait_for_room && !st.has_room(self.high_water) {
             return None;
         }
         let encode = encode.take()?;
         let was_empty = st.queued() == 0;
-        let start = st.buf.len();
-        let mut rb = Rollback {
-            start,
-            segments: st.segments.len(),
-            state: &mut st,
-            armed: true,
-        };
-        rb.state.buf.extend_from_slice(&[0; LEN_PREFIX]);
-        let mut w = FrameWriter {
-            state: rb.state,
-            len: 0,
-            max: self.max_message,
-            overflowed: false,
-        };
-        let res = encode(&mut w);
-        let (len, overflowed) = (w.len, w.overflowed);
-        match res {
-            Ok(()) => {}
-            Err(_) if overflowed => {
-                return Some(Err(Error::MessageTooLarge {
-                    max: self.max_message,
-                }))
-            }
-            Err(e) => return Some(Err(Error::Encode(e))),
+        if let Err(e) = encode_frame(&mut st, encode, self.max_message) {
+            return Some(Err(e));
         }
-        // Fits in u32: max_message is capped far below 4 GiB.
-        rb.state.buf[start..start + LEN_PREFIX].copy_from_slice(&(len as u32).to_be_bytes());
-        rb.armed = false;
-        drop(rb);
         drop(st);
         if was_empty {
             self.wake_writer.notify_one();
@@ -237,15 +362,16 @@ impl Outbox {
     }
 
     /// The writer: sends the preamble, then batches until closed. Returns
-    /// `Ok` after a graceful close. Not cancel-safe (a cancelled write may
-    /// leave a partial frame on the wire), so cancel it only when the conn
-    /// is being abandoned anyway.
+    /// `Ok` after a graceful close, and `WriteStalled` if the peer accepts
+    /// no bytes for the write-stall bound while some wait. Not cancel-safe
+    /// (a cancelled write may leave a partial frame on the wire), so cancel
+    /// it only when the conn is being abandoned anyway.
     pub(crate) async fn run_writer<W>(&self, io: &mut W) -> Result<(), Error>
     where
         W: AsyncWrite + Unpin,
     {
-        io.write_all(&PREAMBLE).await?;
-        io.flush().await?;
+        write_gathered(io, &PREAMBLE, &[], self.stall).await?;
+        self.flush(io).await?;
         let mut spare: Vec<u8> = Vec::new();
         let mut spare_segments: Vec<Segment> = Vec::new();
         loop {
@@ -268,13 +394,9 @@ impl Outbox {
                 continue;
             }
             self.room.notify_waiters();
-            if spare_segments.is_empty() {
-                io.write_all(&spare).await?;
-            } else {
-                write_gathered(io, &spare, &spare_segments).await?;
-                spare_segments.clear();
-            }
-            io.flush().await?;
+            write_gathered(io, &spare, &spare_segments, self.stall).await?;
+            spare_segments.clear();
+            self.flush(io).await?;
             spare.clear();
             // Keep the buffer across batches (no fresh allocations, no page
             // faults) unless one huge message inflated it.
@@ -286,12 +408,50 @@ impl Outbox {
     }
 }
 
+impl Outbox {
+    /// Flushes `io`, bounded by the write-stall timeout.
+    async fn flush<W: AsyncWrite + Unpin>(&self, io: &mut W) -> Result<(), Error> {
+        match tokio::time::timeout(self.stall, io.flush()).await {
+            Ok(res) => Ok(res?),
+            Err(_) => Err(Error::WriteStalled {
+                after: self.stall,
+                pending: 0,
+            }),
+        }
+    }
+}
+
 /// Writes `buf` with each segment spliced in at its offset, using
-/// vectored writes.
-async fn write_gathered<W>(io: &mut W, buf: &[u8], segments: &[Segment]) -> io::Result<()>
+/// vectored writes. Fails with `WriteStalled` when one write accepts
+/// nothing for `stall`: a peer that reads at all, however slowly, keeps
+/// the conn.
+async fn write_gathered<W>(
+    io: &mut W,
+    buf: &[u8],
+    segments: &[Segment],
+    stall: Duration,
+) -> Result<(), Error>
 where
     W: AsyncWrite + Unpin,
 {
+    let stalled = |pending| Error::WriteStalled {
+        after: stall,
+        pending,
+    };
+    if segments.is_empty() {
+        // The common case: one contiguous buffer, no slice list to build.
+        let mut rest = buf;
+        while !rest.is_empty() {
+            let n = tokio::time::timeout(stall, io.write(rest))
+                .await
+                .map_err(|_| stalled(rest.len()))??;
+            if n == 0 {
+                return Err(io::Error::from(io::ErrorKind::WriteZero).into());
+            }
+            rest = &rest[n..];
+        }
+        return Ok(());
+    }
     let mut slices = Vec::with_capacity(2 * segments.len() + 1);
     let mut pos = 0;
     for seg in segments {
@@ -304,12 +464,16 @@ where
     if buf.len() > pos {
         slices.push(IoSlice::new(&buf[pos..]));
     }
+    let mut pending: usize = slices.iter().map(|s| s.len()).sum();
     let mut slices = &mut slices[..];
     while !slices.is_empty() {
-        let n = io.write_vectored(slices).await?;
+        let n = tokio::time::timeout(stall, io.write_vectored(slices))
+            .await
+            .map_err(|_| stalled(pending))??;
         if n == 0 {
-            return Err(io::ErrorKind::WriteZero.into());
+            return Err(io::Error::from(io::ErrorKind::WriteZero).into());
         }
+        pending -= n;
         IoSlice::advance_slices(&mut slices, n);
     }
     Ok(())
@@ -347,6 +511,15 @@ pub(crate) async fn read_preamble<R: AsyncRead + Unpin>(io: &mut R) -> Result<()
 /// taken from a small pool: a pooled buffer is reused as soon as every view
 /// of its previous frame has been dropped, so a steady stream of large
 /// messages allocates (and page-faults in) nothing new.
+///
+/// Memory follows the bytes that arrived, not the length a peer announces:
+/// a new large-frame buffer starts small and doubles as the frame's bytes
+/// come in, and each read is offered a bounded span of uninitialised spare
+/// capacity (at most twice the previous read, within
+/// [`READ_MIN`]..=[`READ_MAX`]). A conn type that zero-fills the span it
+/// is offered (tokio-util's `Compat` does) therefore commits and clears
+/// only about as much as it delivers. A frame must also complete within
+/// the frame deadline once it has begun.
 pub(crate) struct FrameReader<R> {
     io: R,
     buf: BytesMut,
@@ -354,6 +527,13 @@ pub(crate) struct FrameReader<R> {
     big: Vec<BytesMut>,
     /// A large frame being read: its buffer and its length.
     partial: Option<(BytesMut, usize)>,
+    /// How long a begun frame may take to complete.
+    frame_timeout: Duration,
+    /// When the frame being read started being waited for; `None`
+    /// between frames (an idle conn is not timed).
+    started: Option<Instant>,
+    /// Bytes to offer the next read.
+    span: usize,
 }
 
 /// Read granularity for small frames.
@@ -363,6 +543,13 @@ const READ_CHUNK: usize = 64 << 10;
 pub(crate) const BIG_FRAME: usize = 64 << 10;
 /// Large-frame buffers kept for reuse.
 const BIG_POOL: usize = 2;
+/// Smallest span of spare capacity offered to one read.
+const READ_MIN: usize = 4 << 10;
+/// Largest span of spare capacity offered to one read.
+const READ_MAX: usize = 512 << 10;
+/// Initial capacity of a new large-frame buffer (it doubles as bytes
+/// arrive, up to the frame's length).
+const BIG_START: usize = 128 << 10;
 
 fn eof_inside_frame(pending: usize) -> Error {
     Error::Io(io::Error::new(
@@ -372,13 +559,23 @@ fn eof_inside_frame(pending: usize) -> Error {
 }
 
 impl<R: AsyncRead + Unpin> FrameReader<R> {
-    pub(crate) fn new(io: R, max: usize) -> FrameReader<R> {
+    /// A reader with `config`'s message limit and frame deadline.
+    pub(crate) fn new(io: R, config: &Config) -> FrameReader<R> {
+        FrameReader::with_limits(io, config.message_limit(), config.frame_timeout)
+    }
+
+    fn with_limits(io: R, max: usize, frame_timeout: Duration) -> FrameReader<R> {
         FrameReader {
             io,
             buf: BytesMut::with_capacity(READ_CHUNK),
             max,
             big: Vec::new(),
             partial: None,
+            frame_timeout: frame_timeout.min(MAX_TIMEOUT),
+            started: None,
+            // Small at first: an idle conn over a zero-filling conn type
+            // commits 4 KiB, not 64.
+            span: READ_MIN,
         }
     }
 
@@ -386,9 +583,13 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
         &mut self.io
     }
 
-    /// The next frame body, or `None` at a clean end of stream.
+    /// The next frame body, or `None` at a clean end of stream. Fails with
+    /// `FrameTooLarge` for a length prefix over the limit (nothing is
+    /// allocated for it) and `FrameTimeout` for a frame that does not
+    /// complete within the frame deadline.
     ///
-    /// Cancel-safe: bytes read so far stay buffered.
+    /// Cancel-safe: bytes read so far stay buffered, and the frame deadline
+    /// keeps running.
     pub(crate) async fn next_frame(&mut self) -> Result<Option<Bytes>, Error> {
         loop {
             if let Some((big, len)) = &mut self.partial {
@@ -400,14 +601,30 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
                             self.big.push(big);
                         }
                     }
+                    self.started = None;
                     return Ok(Some(frame));
                 }
-                // Read exactly the rest of this frame into its buffer.
-                let want = (len - big.len()) as u64;
-                let n = (&mut self.io).take(want).read_buf(big).await?;
-                if n == 0 {
-                    return Err(eof_inside_frame(want as usize));
+                // Read at most the rest of this frame into its buffer,
+                // growing it only as far as this read can fill.
+                let want = (len - big.len()).min(self.span.min(READ_MAX));
+                if big.capacity() - big.len() < want {
+                    big.reserve(want.max(big.len().min(len - big.len())));
                 }
+                let received = LEN_PREFIX + big.len();
+                let deadline = self.started.get_or_insert_with(Instant::now);
+                let n = read_span(
+                    &mut self.io,
+                    big,
+                    want,
+                    deadline_after(*deadline, self.frame_timeout),
+                    self.frame_timeout,
+                    received,
+                )
+                .await?;
+                if n == 0 {
+                    return Err(eof_inside_frame(len - (received - LEN_PREFIX)));
+                }
+                self.span = next_span(n);
                 continue;
             }
             if self.buf.len() >= LEN_PREFIX {
@@ -422,6 +639,7 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
                 }
                 if self.buf.len() >= LEN_PREFIX + len {
                     self.buf.advance(LEN_PREFIX);
+                    self.started = None;
                     return Ok(Some(self.buf.split_to(len).freeze()));
                 }
                 if len > BIG_FRAME {
@@ -438,24 +656,82 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
             } else {
                 self.buf.reserve(READ_CHUNK);
             }
-            let n = self.io.read_buf(&mut self.buf).await?;
+            // Between frames the conn may idle; inside one, the deadline runs.
+            let deadline = if self.buf.is_empty() {
+                None
+            } else {
+                let started = *self.started.get_or_insert_with(Instant::now);
+                deadline_after(started, self.frame_timeout)
+            };
+            let want = self.span.min(READ_CHUNK);
+            let received = self.buf.len();
+            let n = read_span(
+                &mut self.io,
+                &mut self.buf,
+                want,
+                deadline,
+                self.frame_timeout,
+                received,
+            )
+            .await?;
             if n == 0 {
                 if self.buf.is_empty() {
                     return Ok(None);
                 }
                 return Err(eof_inside_frame(self.buf.len()));
             }
+            self.span = next_span(n);
         }
     }
 
-    /// An empty buffer with room for `len` bytes: a pooled one whose
-    /// previous frame is no longer referenced, or a new one.
+    /// An empty buffer for a `len`-byte frame: a pooled one whose previous
+    /// frame is no longer referenced and that holds `len` bytes, or a new
+    /// one of [`BIG_START`] bytes (grown as the frame arrives).
     fn big_buffer(&mut self, len: usize) -> BytesMut {
         match self.big.iter_mut().position(|b| b.try_reclaim(len)) {
             Some(i) => self.big.swap_remove(i),
-            None => BytesMut::with_capacity(len),
+            None => BytesMut::with_capacity(len.min(BIG_START.max(self.buf.len()))),
         }
     }
+}
+
+/// The deadline `timeout` after `started`, if it is representable.
+fn deadline_after(started: Instant, timeout: Duration) -> Option<Instant> {
+    started.checked_add(timeout)
+}
+
+/// The span to offer the read after one that delivered `n` bytes.
+fn next_span(n: usize) -> usize {
+    n.saturating_mul(2).clamp(READ_MIN, READ_MAX)
+}
+
+/// Reads once into the spare capacity of `dst`, offering the reader at
+/// most `want` bytes of it (uninitialised, through tokio's `ReadBuf`), by
+/// `deadline` if there is one. `received` is what arrived of the frame so
+/// far, for the error.
+async fn read_span<R: AsyncRead + Unpin>(
+    io: &mut R,
+    dst: &mut BytesMut,
+    want: usize,
+    deadline: Option<Instant>,
+    frame_timeout: Duration,
+    received: usize,
+) -> Result<usize, Error> {
+    let mut span = dst.limit(want);
+    let read = io.read_buf(&mut span);
+    let n = match deadline {
+        None => read.await?,
+        Some(deadline) => match tokio::time::timeout_at(deadline, read).await {
+            Ok(n) => n?,
+            Err(_) => {
+                return Err(Error::FrameTimeout {
+                    after: frame_timeout,
+                    received,
+                })
+            }
+        },
+    };
+    Ok(n)
 }
 
 #[cfg(test)]
@@ -465,7 +741,7 @@ mod tests {
     #[tokio::test]
     async fn oversize_length_prefix_is_rejected_before_reading_the_body() {
         let bytes: &[u8] = &[0xff, 0xff, 0xff, 0xff, 1, 2, 3];
-        let mut r = FrameReader::new(bytes, 1024);
+        let mut r = FrameReader::with_limits(bytes, 1024, Duration::from_secs(30));
         assert!(matches!(
             r.next_frame().await,
             Err(Error::FrameTooLarge {
@@ -475,10 +751,256 @@ mod tests {
         ));
     }
 
+    /// Replays `chunks` (as much of each as fits a read), then stays
+    /// pending; zero-fills the span it is offered before each read, as
+    /// tokio-util's `Compat` does, and records each span and delivery.
+    struct ZeroFilling {
+        chunks: std::collections::VecDeque<Vec<u8>>,
+        spans: Vec<usize>,
+        delivered: Vec<usize>,
+        /// End of stream after the chunks instead of pending forever.
+        eof: bool,
+    }
+
+    impl ZeroFilling {
+        fn new(chunks: Vec<Vec<u8>>) -> ZeroFilling {
+            ZeroFilling {
+                chunks: chunks.into(),
+                spans: Vec::new(),
+                delivered: Vec::new(),
+                eof: false,
+            }
+        }
+
+        fn then_eof(mut self) -> ZeroFilling {
+            self.eof = true;
+            self
+        }
+    }
+
+    impl AsyncRead for ZeroFilling {
+        fn poll_read(
+            mut self: std::pin::Pin<&mut Self>,
+            _cx: &mut std::task::Context<'_>,
+            buf: &mut tokio::io::ReadBuf<'_>,
+        ) -> std::task::Poll<io::Result<()>> {
+            let span = buf.remaining();
+            self.spans.push(span);
+            buf.initialize_unfilled();
+            match self.chunks.pop_front() {
+                Some(mut chunk) => {
+                    let n = chunk.len().min(span);
+                    buf.put_slice(&chunk[..n]);
+                    self.delivered.push(n);
+                    if n < chunk.len() {
+                        self.chunks.push_front(chunk.split_off(n));
+                    }
+                    std::task::Poll::Ready(Ok(()))
+                }
+                None if self.eof => std::task::Poll::Ready(Ok(())),
+                None => std::task::Poll::Pending,
+            }
+        }
+    }
+
+    /// `wire` cut into pieces of the given sizes (the last takes the rest).
+    fn cut(wire: &[u8], sizes: &[usize]) -> Vec<Vec<u8>> {
+        let mut chunks = Vec::new();
+        let mut rest = wire;
+        for &size in sizes {
+            if rest.is_empty() {
+                break;
+            }
+            let (head, tail) = rest.split_at(size.clamp(1, rest.len()));
+            chunks.push(head.to_vec());
+            rest = tail;
+        }
+        if !rest.is_empty() {
+            chunks.push(rest.to_vec());
+        }
+        chunks
+    }
+
+    /// A frame body: small, around the large-frame threshold, or large.
+    fn arb_body() -> impl proptest::strategy::Strategy<Value = Vec<u8>> {
+        use proptest::prelude::*;
+        (
+            prop_oneof![0usize..200, 60_000usize..70_000, 100_000usize..300_000],
+            any::<u8>(),
+        )
+            .prop_map(|(len, fill)| {
+                let mut body = vec![fill; len];
+                if let Some(first) = body.first_mut() {
+                    *first = (len % 251) as u8;
+                }
+                body
+            })
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(96))]
+
+        /// Fuzz target for the envelope decoder's input side: any frames,
+        /// cut anywhere, read back exactly, and the reader never holds much
+        /// more than it was given.
+        #[test]
+        fn frames_read_back_exactly_however_the_bytes_are_cut(
+            bodies in proptest::collection::vec(arb_body(), 1..6),
+            sizes in proptest::collection::vec(1usize..150_000, 0..40),
+        ) {
+            let mut wire = Vec::new();
+            for body in &bodies {
+                wire.extend_from_slice(&(body.len() as u32).to_be_bytes());
+                wire.extend_from_slice(body);
+            }
+            let io = ZeroFilling::new(cut(&wire, &sizes)).then_eof();
+            let mut r = FrameReader::with_limits(io, 1 << 20, Duration::from_secs(30));
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            rt.block_on(async {
+                for body in &bodies {
+                    let frame = r.next_frame().await.unwrap().unwrap();
+                    assert!(frame[..] == body[..], "frame of {} bytes differs", body.len());
+                    let offered: usize = r.io.spans.iter().sum();
+                    let arrived: usize = r.io.delivered.iter().sum();
+                    assert!(offered <= 2 * arrived + READ_CHUNK + READ_MIN * r.io.spans.len(),
+                        "offered {offered} bytes for {arrived}");
+                }
+                assert!(r.next_frame().await.unwrap().is_none());
+            });
+        }
+
+        /// Fuzz target: arbitrary bytes through the reader and the envelope
+        /// decoder never panic; every outcome is a frame, a clean end or a
+        /// typed error, and a large frame's buffer follows what arrived.
+        #[test]
+        fn arbitrary_bytes_through_reader_and_decoder_end_in_typed_outcomes(
+            wire in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..2048),
+            sizes in proptest::collection::vec(1usize..512, 0..16),
+        ) {
+            let io = ZeroFilling::new(cut(&wire, &sizes)).then_eof();
+            let mut r = FrameReader::with_limits(io, 1 << 20, Duration::from_secs(30));
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            rt.block_on(async {
+                // Each frame takes at least 4 bytes, so this loop is bounded.
+                for _ in 0..=wire.len() / LEN_PREFIX {
+                    match r.next_frame().await {
+                        Ok(Some(body)) => {
+                            let _ = crate::wire::Frame::decode(body);
+                        }
+                        Ok(None) => return,
+                        Err(Error::FrameTooLarge { .. }) | Err(Error::Io(_)) => {
+                            if let Some((big, _)) = &r.partial {
+                                assert!(big.capacity() <= BIG_START.max(4 * wire.len()));
+                            }
+                            return;
+                        }
+                        Err(e) => panic!("unexpected error {e:?}"),
+                    }
+                }
+                panic!("the reader did not finish {} bytes", wire.len());
+            });
+        }
+    }
+
+    /// Regression: a 16 MiB length prefix and one byte made the reader
+    /// reserve 16 MiB and offer all of it to every read, which a zero-filling
+    /// conn type committed (issue 7, case 1).
+    #[tokio::test]
+    async fn a_huge_announced_frame_gets_memory_only_for_bytes_that_arrived() {
+        let mut first = (16u32 << 20).to_be_bytes().to_vec();
+        first.push(1);
+        let io = ZeroFilling::new(vec![first, vec![2; 3000]]);
+        let mut r = FrameReader::with_limits(io, 16 << 20, Duration::from_secs(30));
+        assert!(futures::FutureExt::now_or_never(r.next_frame()).is_none());
+        let (big, len) = r.partial.as_ref().expect("a large frame in progress");
+        assert_eq!((big.len(), *len), (3001, 16 << 20));
+        assert!(big.capacity() <= BIG_START, "{} reserved", big.capacity());
+        let zeroed: usize = r.io.spans.iter().sum();
+        assert!(
+            zeroed <= READ_CHUNK + 3 * READ_MIN,
+            "{zeroed} bytes zero-filled"
+        );
+    }
+
+    #[tokio::test]
+    async fn each_read_is_offered_at_most_twice_what_the_previous_one_delivered() {
+        let mut wire = (300_000u32).to_be_bytes().to_vec();
+        wire.extend_from_slice(&[5; 100]);
+        let mut chunks = vec![wire];
+        chunks.extend((0..3).map(|_| vec![5u8; 1000]));
+        chunks.push(vec![5u8; 296_900]);
+        let mut r =
+            FrameReader::with_limits(ZeroFilling::new(chunks), 1 << 20, Duration::from_secs(30));
+        let frame = r.next_frame().await.unwrap().unwrap();
+        assert!(frame.len() == 300_000 && frame.iter().all(|&b| b == 5));
+        let (spans, delivered) = (&r.io.spans, &r.io.delivered);
+        assert_eq!(spans[0], READ_MIN);
+        for i in 1..spans.len() {
+            assert!(
+                spans[i] <= (2 * delivered[i - 1]).max(READ_MIN),
+                "read {i}: offered {} after {} arrived",
+                spans[i],
+                delivered[i - 1]
+            );
+        }
+        // The span grows back as reads fill it, up to the maximum.
+        assert!(spans.contains(&READ_MAX) || spans.iter().max() > Some(&65_536));
+        assert_eq!(next_span(usize::MAX), READ_MAX);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_frame_that_trickles_in_hits_the_frame_deadline() {
+        let (mut tx, rx) = tokio::io::duplex(1024);
+        let mut r = FrameReader::with_limits(rx, 1024, Duration::from_secs(5));
+        let start = Instant::now();
+        tx.write_all(&[0, 0, 0, 100, 1]).await.unwrap();
+        let trickle = tokio::spawn(async move {
+            for _ in 0..60 {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                if tx.write_all(&[1]).await.is_err() {
+                    break;
+                }
+            }
+        });
+        let err = r.next_frame().await.unwrap_err();
+        assert!(
+            matches!(err, Error::FrameTimeout { after, received } if after == Duration::from_secs(5) && (8..=11).contains(&received)),
+            "{err:?}"
+        );
+        assert_eq!(start.elapsed(), Duration::from_secs(5));
+        trickle.abort();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_idle_conn_is_not_timed_and_a_slow_frame_within_the_deadline_is_whole() {
+        let (mut tx, rx) = tokio::io::duplex(1 << 20);
+        let mut r = FrameReader::with_limits(rx, 1 << 20, Duration::from_secs(5));
+        let writer = tokio::spawn(async move {
+            // Idle far longer than the frame deadline, then a large frame
+            // in pieces over 4 s, then a small one the same way.
+            tokio::time::sleep(Duration::from_secs(60)).await;
+            tx.write_all(&200_000u32.to_be_bytes()).await.unwrap();
+            for _ in 0..4 {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                tx.write_all(&[3; 50_000]).await.unwrap();
+            }
+            tokio::time::sleep(Duration::from_secs(60)).await;
+            tx.write_all(&[0, 0, 0, 2, 9]).await.unwrap();
+            tokio::time::sleep(Duration::from_secs(4)).await;
+            tx.write_all(&[9]).await.unwrap();
+            tx
+        });
+        let big = r.next_frame().await.unwrap().unwrap();
+        assert!(big.len() == 200_000 && big.iter().all(|&b| b == 3));
+        assert_eq!(&r.next_frame().await.unwrap().unwrap()[..], &[9, 9]);
+        drop(writer.await.unwrap());
+        assert!(r.next_frame().await.unwrap().is_none());
+    }
+
     #[tokio::test]
     async fn frames_are_split_and_eof_mid_frame_is_an_error() {
         let bytes: &[u8] = &[0, 0, 0, 2, b'h', b'i', 0, 0, 0, 1];
-        let mut r = FrameReader::new(bytes, 1024);
+        let mut r = FrameReader::with_limits(bytes, 1024, Duration::from_secs(30));
         assert_eq!(&r.next_frame().await.unwrap().unwrap()[..], b"hi");
         assert!(matches!(r.next_frame().await, Err(Error::Io(_))));
     }
@@ -527,7 +1049,8 @@ mod tests {
         outbox.run_writer(&mut conn).await.unwrap();
         // One write for the preamble, one for all 100 frames.
         assert_eq!(conn.writes, 2);
-        let mut r = FrameReader::new(&conn.data[PREAMBLE.len()..], 1024);
+        let mut r =
+            FrameReader::with_limits(&conn.data[PREAMBLE.len()..], 1024, Duration::from_secs(30));
         for i in 0..100u32 {
             let body = r.next_frame().await.unwrap().unwrap();
             assert_eq!(codec::decode::<u32>(&body, "n").unwrap(), i);
@@ -574,7 +1097,7 @@ mod tests {
             wire.extend_from_slice(&vec![fill; 200_000]);
         }
         wire.extend_from_slice(&[0, 0, 0, 1, 9]);
-        let mut r = FrameReader::new(&wire[..], 1 << 20);
+        let mut r = FrameReader::with_limits(&wire[..], 1 << 20, Duration::from_secs(30));
         let first = r.next_frame().await.unwrap().unwrap();
         assert!(first.iter().all(|&b| b == 1) && first.len() == 200_000);
         let first_ptr = first.as_ptr();

@@ -24,7 +24,7 @@ use crate::{
 };
 
 /// Protocol version; bumped on any incompatible change.
-pub(crate) const VERSION: u8 = 1;
+pub(crate) const VERSION: u8 = 2;
 /// The first bytes each side sends: magic then version.
 pub(crate) const PREAMBLE: [u8; 6] = [b'N', b'C', b'R', b'P', b'C', VERSION];
 /// Bytes in the length prefix of a frame.
@@ -103,6 +103,13 @@ pub(crate) enum Header<'a> {
         credit: u32,
         /// Request metadata.
         metadata: Cow<'a, Metadata>,
+    },
+    /// The handler of streaming call `id` accepted it (resolved to its
+    /// stream); sent before any `StreamItem` of the call. A handler that
+    /// refuses answers `StreamEnd` with its status instead. (Version 2.)
+    Accept {
+        /// The call.
+        id: u64,
     },
 }
 
@@ -261,6 +268,7 @@ mod props {
             any::<u64>().prop_map(|id| Header::StreamItem { id }),
             (any::<u64>(), arb_status()).prop_map(|(id, status)| Header::StreamEnd { id, status }),
             (any::<u64>(), any::<u32>()).prop_map(|(id, n)| Header::Credit { id, n }),
+            any::<u64>().prop_map(|id| Header::Accept { id }),
             (any::<u64>(), ".{0,30}", any::<Option<u64>>(), any::<u32>()).prop_map(
                 |(id, m, t, credit)| Header::Open {
                     id,

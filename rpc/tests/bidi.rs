@@ -160,7 +160,7 @@ async fn request_items_beyond_the_credit_are_a_protocol_error() {
     let (mut raw, b) = tokio::io::duplex(64 << 10);
     let s = server.clone();
     let serving = tokio::spawn(async move { s.serve(b).await });
-    raw.write_all(b"NCRPC\x01").await.unwrap();
+    raw.write_all(b"NCRPC\x02").await.unwrap();
     // Open { id 1, "B.deaf", no timeout, credit 1, no metadata }
     let mut open = vec![0x06, 0x01, 0x06];
     open.extend_from_slice(b"B.deaf");
@@ -181,8 +181,8 @@ async fn request_items_beyond_the_credit_are_a_protocol_error() {
 async fn silent_server() -> (netchan_rpc::Client, tokio::io::DuplexStream) {
     let (a, mut b) = tokio::io::duplex(256 << 10);
     let client = netchan_rpc::Client::new(a);
-    // The preamble is "NCRPC" + version 1 (docs/protocol.md, Part 2).
-    guard(b.write_all(b"NCRPC\x01")).await.unwrap();
+    // The preamble is "NCRPC" + version 2 (docs/protocol.md, Part 2).
+    guard(b.write_all(b"NCRPC\x02")).await.unwrap();
     (client, b)
 }
 

@@ -6,10 +6,10 @@ mod common;
 use std::time::Duration;
 
 use common::*;
-use netchan_rpc::{CallOptions, Client, Code, Config, Error, Server};
+use netchan_rpc::{CallOptions, Client, Code, Config, Error, Server, Status};
 use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
 
-const PREAMBLE: &[u8] = b"NCRPC\x01";
+const PREAMBLE: &[u8] = b"NCRPC\x02";
 
 /// Appends a frame (length prefix + body).
 fn frame(body: &[u8]) -> Vec<u8> {
@@ -65,12 +65,28 @@ async fn losing_the_conn_fails_every_pending_call_with_unavailable_promptly() {
     for call in calls {
         let err = guard(call).await.unwrap().unwrap_err();
         assert_eq!(err.code(), Code::Unavailable, "{err}");
+        assert!(err.is_conn_lost(), "{err}");
     }
     guard(client.closed()).await;
     let err = guard(client.call::<_, String>("Test.echo", "late"))
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::Unavailable);
+    assert!(err.is_conn_lost(), "{err}");
+}
+
+#[tokio::test]
+async fn an_unavailable_status_sent_by_the_server_is_not_a_lost_conn() {
+    let mut server = Server::new();
+    server.register("T.down", |_ctx, ()| async move {
+        Err::<(), _>(Status::unavailable("backend down"))
+    });
+    let (client, _task) = tcp_pair(&server, Config::default()).await;
+    let err = guard(client.call::<_, ()>("T.down", &()))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Unavailable);
+    assert!(!err.is_conn_lost(), "the conn is fine: {err}");
 }
 
 #[tokio::test]
@@ -239,7 +255,7 @@ async fn version_mismatch_is_reported_on_both_sides() {
     raw.write_all(b"NCRPC\x07").await.unwrap();
     let res = guard(task).await.unwrap();
     assert!(
-        matches!(res, Err(Error::VersionMismatch { ours: 1, theirs: 7 })),
+        matches!(res, Err(Error::VersionMismatch { ours: 2, theirs: 7 })),
         "{res:?}"
     );
     // A client facing a server from the future.

@@ -8,7 +8,7 @@ use netchan_rpc::{Client, Config};
 use proptest::prelude::*;
 use tokio::io::AsyncWriteExt;
 
-const PREAMBLE: &[u8] = b"NCRPC\x01";
+const PREAMBLE: &[u8] = b"NCRPC\x02";
 
 fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_current_thread()

@@ -127,7 +127,7 @@ async fn a_malformed_channel_ends_only_itself_on_the_session() {
     let raw_conn = guard(listener.accept()).await.unwrap();
     let s = server.clone();
     let raw_serving = tokio::spawn(async move { s.serve(raw_conn).await });
-    raw.write_all(b"NCRPC\x01").await.unwrap();
+    raw.write_all(b"NCRPC\x02").await.unwrap();
     raw.write_all(&[0, 0, 0, 3, 0x09, 0x09, 0x09])
         .await
         .unwrap();
@@ -254,10 +254,10 @@ async fn a_version_mismatch_on_a_mux_channel_is_reported_and_ends_only_it() {
     let conn = guard(listener.accept()).await.unwrap();
     let s = server.clone();
     let serving = tokio::spawn(async move { s.serve(conn).await });
-    raw.write_all(b"NCRPC\x02").await.unwrap();
+    raw.write_all(b"NCRPC\x03").await.unwrap();
     let res = guard(serving).await.unwrap();
     assert!(
-        matches!(res, Err(Error::VersionMismatch { ours: 1, theirs: 2 })),
+        matches!(res, Err(Error::VersionMismatch { ours: 2, theirs: 3 })),
         "{res:?}"
     );
     // The session and a fresh channel are fine.

@@ -107,17 +107,42 @@ async fn an_err_item_ends_the_stream_with_that_status() {
     assert_eq!(got[1], Ok(2));
     assert_eq!(got[2].as_ref().unwrap_err().code(), Code::DataLoss);
 
-    let got: Vec<Result<u32, Status>> = guard(async {
-        client
-            .call_stream("S.refuse", &(), CallOptions::default())
-            .await
-            .unwrap()
-            .collect()
-            .await
-    })
-    .await;
-    assert_eq!(got.len(), 1);
-    assert_eq!(got[0].as_ref().unwrap_err().code(), Code::PermissionDenied);
+    // A handler's early error is the call's error, as with tonic: the
+    // caller's `?` on the call stops there, before any item.
+    let err = guard(client.call_stream::<_, u32>("S.refuse", &(), CallOptions::default()))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied, "{err}");
+}
+
+#[tokio::test]
+async fn a_stream_call_resolves_only_once_its_handler_accepted_it() {
+    let (started_tx, started) = oneshot::channel::<()>();
+    let (release_tx, release) = oneshot::channel::<()>();
+    let hooks = Arc::new(Mutex::new(Some((started_tx, release))));
+    let mut server = Server::new();
+    server.register_stream("S.slow_accept", move |_ctx, ()| {
+        let hooks = hooks.lock().unwrap().take();
+        async move {
+            let (started_tx, release) = hooks.expect("called once");
+            let _ = started_tx.send(());
+            let _ = release.await;
+            Ok(stream::iter([Ok::<_, Status>(7u32)]))
+        }
+    });
+    let (client, _t) = duplex_pair(&server, Config::default());
+    let call = client.call_stream::<_, u32>("S.slow_accept", &(), CallOptions::default());
+    let mut call = Box::pin(call);
+    // Drive the call until the handler runs; it has not accepted yet, so
+    // the call must still be pending.
+    tokio::select! {
+        res = &mut call => panic!("resolved before the handler accepted: {res:?}"),
+        res = guard(started) => res.unwrap(),
+    }
+    assert!(futures::poll!(&mut call).is_pending());
+    release_tx.send(()).unwrap();
+    let items: Vec<_> = guard(guard(call).await.unwrap().collect::<Vec<_>>()).await;
+    assert_eq!(items, [Ok(7)]);
 }
 
 #[tokio::test]
@@ -125,13 +150,10 @@ async fn unknown_or_mismatched_stream_methods_are_unimplemented() {
     let server = counting_server(Arc::default(), Arc::default());
     let (client, _t) = duplex_pair(&server, Config::default());
     for method in ["S.nope", "Test.echo"] {
-        let mut s: ResponseStream<u64> =
-            guard(client.call_stream(method, "x", CallOptions::default()))
-                .await
-                .unwrap();
-        let first = guard(s.next()).await.unwrap().unwrap_err();
-        assert_eq!(first.code(), Code::Unimplemented, "{method}: {first}");
-        assert!(guard(s.next()).await.is_none());
+        let res: Result<ResponseStream<u64>, Status> =
+            guard(client.call_stream(method, "x", CallOptions::default())).await;
+        let err = res.unwrap_err();
+        assert_eq!(err.code(), Code::Unimplemented, "{method}: {err}");
     }
     let err = guard(client.call::<_, u64>("S.count", &1u64))
         .await

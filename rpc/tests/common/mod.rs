@@ -174,16 +174,12 @@ pub fn mux_config() -> netchan_mux::Config {
 
 /// Serves every channel opened to `name` on `session` with `server`.
 pub fn serve_mux(server: &Server, session: &netchan_mux::Session, name: &str) -> JoinHandle<()> {
-    let mut listener = session.listen(name).unwrap();
+    let listener = session.listen(name).unwrap();
     let server = server.clone();
     tokio::spawn(async move {
-        while let Ok(conn) = listener.accept().await {
-            let server = server.clone();
-            tokio::spawn(async move {
-                let peer = conn.name().to_owned();
-                let _ = server.serve_named(conn, peer).await;
-            });
-        }
+        // Ends with the session; the test's runtime ends it otherwise.
+        let never = std::future::pending();
+        server.serve_incoming(listener, never, GUARD).await
     })
 }
 

@@ -15,8 +15,8 @@ use tokio::net::TcpStream;
 use crate::export::{Entry, Listing};
 use crate::proto::{Chunk, Export, HubClient, PublishReq, ReadReq, EXPORT_CHANNEL, HUB_CHANNEL};
 
-/// The rpc preamble: magic `NCRPC`, version 1 (docs/protocol.md, Part 2).
-pub(crate) const RPC_PREAMBLE: [u8; 6] = *b"NCRPC\x01";
+/// The rpc preamble: magic `NCRPC`, version 2 (docs/protocol.md, Part 2).
+pub(crate) const RPC_PREAMBLE: [u8; 6] = *b"NCRPC\x02";
 
 /// The 4-byte big-endian length prefix of an rpc frame whose body claims `len` bytes.
 pub(crate) fn rpc_prefix(len: u32) -> [u8; 4] {

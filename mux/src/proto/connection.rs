@@ -1,0 +1,676 @@
+//! [`Connection`]: the state machine of one yamux session, without I/O.
+
+use super::{
+    frame::{FrameType, GoAwayCode, Header, ACK, FIN, RST, SYN},
+    stream::Stream,
+    Violation,
+};
+use bytes::{Bytes, BytesMut};
+use std::{
+    collections::{HashMap, VecDeque},
+    task::{Poll, Waker},
+    time::{Duration, Instant},
+};
+
+/// Consecutive frames that carry nothing (no data, no credit, no flags) before the peer is
+/// considered to flood us. A correct peer never sends even two in a row.
+const EMPTY_FRAME_LIMIT: u32 = 1024;
+
+/// Ping answers we may have queued but not yet sent before the peer is considered to flood
+/// us: a peer that pings without reading our answers would otherwise grow our output.
+const PING_ANSWER_LIMIT: u32 = 64;
+
+/// Window updates are sent once the reader has consumed this much (or a quarter of the
+/// window, if less): large windows are granted back in steps small enough that the sender
+/// never waits for a whole quarter of a big window.
+const GRANT_STEP: u32 = 512 * 1024;
+
+/// Opaque values of our round-trip probes have this bit set; keepalive pings do not.
+const PROBE_BIT: u32 = 0x8000_0000;
+
+/// A round-trip sample older than this is refreshed by a new probe while data flows.
+const RTT_REFRESH: Duration = Duration::from_secs(10);
+
+/// Which end of the session we are; decides the parity of the stream ids we allocate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Side {
+    /// Allocates odd ids.
+    Client,
+    /// Allocates even ids.
+    Server,
+}
+
+/// The bounds a [`Connection`] enforces.
+#[derive(Debug, Clone)]
+pub(crate) struct Limits {
+    /// Every stream's initial receive and send window (256 KiB in the spec).
+    pub(crate) initial_window: u32,
+    /// The largest receive window one stream may be granted.
+    pub(crate) max_window: u32,
+    /// Bytes by which all streams' receive windows together may exceed their initial ones.
+    pub(crate) growth_budget: usize,
+    /// Streams in the table at once; an inbound SYN beyond it is answered with RST.
+    pub(crate) max_streams: usize,
+    /// The largest data frame we send.
+    pub(crate) max_frame: usize,
+    /// Bytes of queued output beyond which writers wait for the link.
+    pub(crate) out_limit: usize,
+}
+
+/// A frame ready to be written: header and body, sent together.
+#[derive(Debug)]
+pub(crate) struct Frame {
+    pub(crate) header: [u8; super::HEADER_LEN],
+    pub(crate) body: Bytes,
+}
+
+impl Frame {
+    pub(crate) fn len(&self) -> usize {
+        self.header.len() + self.body.len()
+    }
+}
+
+/// Why a stream operation failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum StreamError {
+    /// The peer reset the stream.
+    Reset,
+    /// We already half-closed the stream (write after shutdown).
+    WriteClosed,
+    /// The session has ended.
+    SessionEnded,
+}
+
+/// Why a stream could not be opened.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum OpenError {
+    /// The peer sent GoAway: it accepts no new streams.
+    GoAway,
+    /// We sent GoAway (closing).
+    Closing,
+    /// The stream table is full.
+    TooMany,
+    /// All stream ids of our parity are used up.
+    IdsExhausted,
+    /// The session has ended.
+    Ended,
+}
+
+/// The yamux state of one session. See the module docs of `proto` for who calls what.
+#[derive(Debug)]
+pub(crate) struct Connection {
+    side: Side,
+    limits: Limits,
+    next_id: u32,
+    streams: HashMap<u32, Stream>,
+    /// Frames to send, in order; `out_bytes` is their total size.
+    out: VecDeque<Frame>,
+    out_bytes: usize,
+    /// Writers waiting for `out` to drain below `out_limit`.
+    out_waiters: Vec<Waker>,
+    /// Receive-window growth handed out, across all streams.
+    growth_used: usize,
+    /// Inbound streams the I/O layer has not yet picked up.
+    accepted: VecDeque<u32>,
+    goaway_sent: bool,
+    goaway_received: Option<u32>,
+    empty_frames: u32,
+    ping_answers_queued: u32,
+    /// The latest round-trip time measured with a probe Ping, and when.
+    rtt: Option<(Duration, Instant)>,
+    /// Our outstanding round-trip probe: its opaque value and when it was queued.
+    probe: Option<(u32, Instant)>,
+    next_probe: u32,
+    ended: bool,
+}
+
+impl Connection {
+    pub(crate) fn new(side: Side, limits: Limits) -> Connection {
+        Connection {
+            next_id: match side {
+                Side::Client => 1,
+                Side::Server => 2,
+            },
+            side,
+            limits,
+            streams: HashMap::new(),
+            out: VecDeque::new(),
+            out_bytes: 0,
+            out_waiters: Vec::new(),
+            growth_used: 0,
+            accepted: VecDeque::new(),
+            goaway_sent: false,
+            goaway_received: None,
+            empty_frames: 0,
+            ping_answers_queued: 0,
+            rtt: None,
+            probe: None,
+            next_probe: 0,
+            ended: false,
+        }
+    }
+
+    /// Open streams (in the table: not yet dropped by their handle, or reset).
+    #[cfg(test)]
+    pub(crate) fn stream_count(&self) -> usize {
+        self.streams.len()
+    }
+
+    /// The peer's GoAway code, once it sent one.
+    pub(crate) fn goaway_received(&self) -> Option<u32> {
+        self.goaway_received
+    }
+
+    /// Total bytes of receive window granted beyond the streams' initial windows.
+    #[cfg(test)]
+    pub(crate) fn growth_used(&self) -> usize {
+        self.growth_used
+    }
+
+    /// Bytes received on all streams and not yet read.
+    pub(crate) fn buffered(&self) -> usize {
+        self.streams.values().map(|s| s.recv.len()).sum()
+    }
+
+    /// Queued output, in bytes.
+    pub(crate) fn out_bytes(&self) -> usize {
+        self.out_bytes
+    }
+
+    fn queue(&mut self, header: Header, body: Bytes) {
+        let frame = Frame {
+            header: header.encode(),
+            body,
+        };
+        self.out_bytes += frame.len();
+        self.out.push_back(frame);
+    }
+
+    /// Queues a control frame for `id`, carrying SYN if the peer has not seen the stream yet.
+    fn queue_update(&mut self, id: u32, flags: u16, delta: u32) {
+        let syn = match self.streams.get_mut(&id) {
+            Some(s) if s.syn_pending => {
+                s.syn_pending = false;
+                SYN
+            }
+            _ => 0,
+        };
+        self.queue(
+            Header::new(FrameType::WindowUpdate, flags | syn, id, delta),
+            Bytes::new(),
+        );
+    }
+
+    /// Moves queued frames, up to about `max_bytes`, to the I/O layer's write queue.
+    pub(crate) fn take_output(&mut self, max_bytes: usize, into: &mut VecDeque<Frame>) {
+        let mut taken = 0;
+        while taken < max_bytes {
+            let Some(frame) = self.out.pop_front() else {
+                break;
+            };
+            if frame.header[1] == FrameType::Ping as u8 && frame.header[3] & ACK as u8 != 0 {
+                self.ping_answers_queued = self.ping_answers_queued.saturating_sub(1);
+            }
+            taken += frame.len();
+            self.out_bytes -= frame.len();
+            into.push_back(frame);
+        }
+        if self.out_bytes < self.limits.out_limit {
+            for w in self.out_waiters.drain(..) {
+                w.wake();
+            }
+        }
+    }
+
+    /// Opens an outbound stream. The peer learns of it with the first frame sent on it.
+    pub(crate) fn open(&mut self) -> Result<u32, OpenError> {
+        if self.ended {
+            return Err(OpenError::Ended);
+        }
+        if self.goaway_received.is_some() {
+            return Err(OpenError::GoAway);
+        }
+        if self.goaway_sent {
+            return Err(OpenError::Closing);
+        }
+        if self.streams.len() >= self.limits.max_streams {
+            return Err(OpenError::TooMany);
+        }
+        let id = self.next_id;
+        self.next_id = id.checked_add(2).ok_or(OpenError::IdsExhausted)?;
+        self.streams
+            .insert(id, Stream::new(self.limits.initial_window, true));
+        Ok(id)
+    }
+
+    /// The next inbound stream the peer opened, if any.
+    pub(crate) fn next_accepted(&mut self) -> Option<u32> {
+        self.accepted.pop_front()
+    }
+
+    /// Checks a decoded header before its body is read; returns the body length to read.
+    /// Only Data frames have a body, and it must fit the window we granted (or, for a stream
+    /// we do not know, the largest window we ever grant), so a hostile length cannot make the
+    /// I/O layer buffer more than that.
+    pub(crate) fn on_header(&self, h: &Header) -> Result<usize, Violation> {
+        match h.ty {
+            FrameType::Data => {
+                if h.stream == 0 {
+                    return Err(Violation::StreamZero { frame: "data" });
+                }
+                let window = match self.streams.get(&h.stream) {
+                    Some(s) if !s.reset => s.recv_window,
+                    _ if h.has(SYN) => self.limits.initial_window,
+                    _ => self.limits.max_window,
+                };
+                if h.length > window {
+                    return Err(Violation::WindowExceeded {
+                        stream: h.stream,
+                        len: h.length,
+                        window,
+                    });
+                }
+                Ok(h.length as usize)
+            }
+            _ => Ok(0),
+        }
+    }
+
+    /// The latest round-trip time measured, if any.
+    pub(crate) fn rtt(&self) -> Option<Duration> {
+        self.rtt.map(|(rtt, _)| rtt)
+    }
+
+    /// Handles one frame (for Data, with its body) that arrived at `now`.
+    pub(crate) fn on_frame(
+        &mut self,
+        h: Header,
+        body: BytesMut,
+        now: Instant,
+    ) -> Result<(), Violation> {
+        let empty = match h.ty {
+            FrameType::Data => h.length == 0 && h.flags == 0,
+            FrameType::WindowUpdate => h.length == 0 && h.flags == 0,
+            _ => false,
+        };
+        if empty {
+            self.empty_frames += 1;
+            if self.empty_frames > EMPTY_FRAME_LIMIT {
+                return Err(Violation::Flood {
+                    what: "empty frames",
+                    count: self.empty_frames,
+                });
+            }
+        } else {
+            self.empty_frames = 0;
+        }
+        match h.ty {
+            FrameType::Ping => self.on_ping(h, now),
+            FrameType::GoAway => {
+                if h.stream != 0 {
+                    return Err(Violation::ControlOnStream {
+                        frame: "go-away",
+                        stream: h.stream,
+                    });
+                }
+                self.goaway_received.get_or_insert(h.length);
+                Ok(())
+            }
+            FrameType::Data | FrameType::WindowUpdate => self.on_stream_frame(h, body),
+        }
+    }
+
+    fn on_ping(&mut self, h: Header, now: Instant) -> Result<(), Violation> {
+        if h.stream != 0 {
+            return Err(Violation::ControlOnStream {
+                frame: "ping",
+                stream: h.stream,
+            });
+        }
+        if h.has(SYN) {
+            self.ping_answers_queued += 1;
+            if self.ping_answers_queued > PING_ANSWER_LIMIT {
+                return Err(Violation::Flood {
+                    what: "pings not let answered",
+                    count: self.ping_answers_queued,
+                });
+            }
+            self.queue(Header::new(FrameType::Ping, ACK, 0, h.length), Bytes::new());
+        } else if h.has(ACK) {
+            if let Some((opaque, sent)) = self.probe {
+                if opaque == h.length {
+                    self.probe = None;
+                    self.rtt = Some((now.saturating_duration_since(sent), now));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Sets the round-trip sample (tests of window tuning).
+    #[cfg(test)]
+    pub(crate) fn set_rtt(&mut self, rtt: Duration, now: Instant) {
+        self.rtt = Some((rtt, now));
+    }
+
+    /// Queues a round-trip probe if data flows and we have no recent sample.
+    fn maybe_probe(&mut self, now: Instant) {
+        let stale = match self.rtt {
+            None => true,
+            Some((_, at)) => now.saturating_duration_since(at) > RTT_REFRESH,
+        };
+        let outstanding = self
+            .probe
+            .is_some_and(|(_, sent)| now.saturating_duration_since(sent) < RTT_REFRESH);
+        if stale && !outstanding && !self.ended {
+            let opaque = PROBE_BIT | (self.next_probe & !PROBE_BIT);
+            self.next_probe = self.next_probe.wrapping_add(1);
+            self.probe = Some((opaque, now));
+            self.ping(opaque);
+        }
+    }
+
+    fn peer_parity(&self, id: u32) -> bool {
+        match self.side {
+            Side::Client => id % 2 == 0,
+            Side::Server => id % 2 == 1,
+        }
+    }
+
+    fn on_stream_frame(&mut self, h: Header, body: BytesMut) -> Result<(), Violation> {
+        let id = h.stream;
+        if id == 0 {
+            return Err(Violation::StreamZero {
+                frame: "window-update",
+            });
+        }
+        if h.has(SYN) {
+            if !self.peer_parity(id) {
+                return Err(Violation::WrongParity { stream: id });
+            }
+            // Only a stream still open is a duplicate: ids need not arrive in order (a peer
+            // may open 1 then 3 and send on 3 first, its SYN riding on the first frame).
+            if self.streams.contains_key(&id) {
+                return Err(Violation::DuplicateSyn { stream: id });
+            }
+            if self.goaway_sent || self.ended || self.streams.len() >= self.limits.max_streams {
+                // Refused: that stream only. Its data is dropped with the body.
+                if !h.has(RST) {
+                    self.queue(
+                        Header::new(FrameType::WindowUpdate, RST, id, 0),
+                        Bytes::new(),
+                    );
+                }
+                return Ok(());
+            }
+            self.streams
+                .insert(id, Stream::new(self.limits.initial_window, false));
+            self.accepted.push_back(id);
+            self.queue(
+                Header::new(FrameType::WindowUpdate, ACK, id, 0),
+                Bytes::new(),
+            );
+        }
+        let Some(s) = self.streams.get_mut(&id) else {
+            // A stream we dropped or never had: whoever still sends data on it must stop,
+            // rather than stall once its window is used up.
+            if h.ty == FrameType::Data && h.length > 0 && !h.has(RST) {
+                self.queue(
+                    Header::new(FrameType::WindowUpdate, RST, id, 0),
+                    Bytes::new(),
+                );
+            }
+            return Ok(());
+        };
+        if s.reset {
+            return Ok(());
+        }
+        match h.ty {
+            FrameType::WindowUpdate => {
+                s.send_window = s
+                    .send_window
+                    .checked_add(h.length)
+                    .ok_or(Violation::WindowOverflow { stream: id })?;
+                if h.length > 0 {
+                    s.wake_writer();
+                }
+            }
+            FrameType::Data => {
+                // `on_header` checked the length against the window.
+                s.recv_window -= h.length;
+                if s.remote_fin {
+                    // Data after FIN is dropped; it still consumed window, which we return.
+                    s.credit += h.length;
+                } else {
+                    s.recv.push(body);
+                    s.wake_reader();
+                }
+            }
+            _ => unreachable!("only stream frames get here"),
+        }
+        if h.has(FIN) {
+            s.remote_fin = true;
+            s.wake_reader();
+        }
+        if h.has(RST) {
+            s.reset = true;
+            s.recv.clear();
+            s.wake_reader();
+            s.wake_writer();
+        }
+        Ok(())
+    }
+
+    /// Reads up to `max` bytes of stream `id` into `sink` at time `now`. `Ok(0)` is the end
+    /// of the stream (the peer's FIN after all its data). Pending registers `waker`.
+    pub(crate) fn read(
+        &mut self,
+        id: u32,
+        max: usize,
+        waker: &Waker,
+        now: Instant,
+        sink: impl FnMut(&[u8]),
+    ) -> Poll<Result<usize, StreamError>> {
+        let ended = self.ended;
+        let Some(s) = self.streams.get_mut(&id) else {
+            return Poll::Ready(Err(StreamError::SessionEnded));
+        };
+        if s.reset {
+            return Poll::Ready(Err(StreamError::Reset));
+        }
+        if s.recv.len() > 0 && max > 0 {
+            let n = s.recv.read(max, sink);
+            s.credit += n as u32;
+            s.consumed += n as u64;
+            s.epoch.get_or_insert(now);
+            self.maybe_grant(id, now);
+            return Poll::Ready(Ok(n));
+        }
+        if s.remote_fin || max == 0 {
+            return Poll::Ready(Ok(0));
+        }
+        if ended {
+            return Poll::Ready(Err(StreamError::SessionEnded));
+        }
+        s.read_waker = Some(waker.clone());
+        Poll::Pending
+    }
+
+    /// Grants the peer what the reader consumed, once it is worth a frame, and auto-tunes the
+    /// window: when the reader has drained a whole window within two round trips of starting
+    /// it, the window (not the reader) limits the stream, and it doubles, up to the per-stream
+    /// maximum and within the session's growth budget. So a window grows towards the
+    /// bandwidth-delay product of the link, and no further.
+    fn maybe_grant(&mut self, id: u32, now: Instant) {
+        let budget_left = self.limits.growth_budget.saturating_sub(self.growth_used);
+        let max_window = self.limits.max_window;
+        let rtt = self.rtt();
+        let Some(s) = self.streams.get_mut(&id) else {
+            return;
+        };
+        if s.remote_fin || s.reset || s.credit < (s.window / 4).min(GRANT_STEP) {
+            return;
+        }
+        let mut extra = 0;
+        if s.consumed >= u64::from(s.window) {
+            let quick = match (rtt, s.epoch) {
+                (Some(rtt), Some(start)) => now.saturating_duration_since(start) < 2 * rtt,
+                _ => false,
+            };
+            if quick && s.recv.len() == 0 && s.window < max_window {
+                let room = (max_window - s.window) as usize;
+                extra = (s.window as usize).min(room).min(budget_left) as u32;
+                s.window += extra;
+            }
+            s.consumed = 0;
+            s.epoch = Some(now);
+        }
+        let delta = s.credit + extra;
+        s.credit = 0;
+        s.recv_window += delta;
+        self.growth_used += extra as usize;
+        self.queue_update(id, 0, delta);
+        self.maybe_probe(now);
+    }
+
+    /// Writes up to one frame of `buf` on stream `id`; returns how much was taken.
+    pub(crate) fn write(
+        &mut self,
+        id: u32,
+        buf: &[u8],
+        waker: &Waker,
+    ) -> Poll<Result<usize, StreamError>> {
+        let ended = self.ended;
+        let congested = self.out_bytes >= self.limits.out_limit;
+        let max_frame = self.limits.max_frame;
+        let Some(s) = self.streams.get_mut(&id) else {
+            return Poll::Ready(Err(StreamError::SessionEnded));
+        };
+        if s.reset {
+            return Poll::Ready(Err(StreamError::Reset));
+        }
+        if s.local_fin {
+            return Poll::Ready(Err(StreamError::WriteClosed));
+        }
+        if ended {
+            return Poll::Ready(Err(StreamError::SessionEnded));
+        }
+        if buf.is_empty() {
+            return Poll::Ready(Ok(0));
+        }
+        if s.send_window == 0 {
+            s.write_waker = Some(waker.clone());
+            return Poll::Pending;
+        }
+        if congested {
+            self.out_waiters.push(waker.clone());
+            return Poll::Pending;
+        }
+        let n = buf.len().min(s.send_window as usize).min(max_frame);
+        s.send_window -= n as u32;
+        let flags = if std::mem::take(&mut s.syn_pending) {
+            SYN
+        } else {
+            0
+        };
+        self.queue(
+            Header::new(FrameType::Data, flags, id, n as u32),
+            Bytes::copy_from_slice(&buf[..n]),
+        );
+        Poll::Ready(Ok(n))
+    }
+
+    /// Half-closes stream `id` (FIN after everything written so far).
+    pub(crate) fn finish(&mut self, id: u32) -> Result<(), StreamError> {
+        let ended = self.ended;
+        let Some(s) = self.streams.get_mut(&id) else {
+            return Err(StreamError::SessionEnded);
+        };
+        if s.reset {
+            return Err(StreamError::Reset);
+        }
+        if s.local_fin {
+            return Ok(());
+        }
+        if ended {
+            return Err(StreamError::SessionEnded);
+        }
+        s.local_fin = true;
+        self.queue_update(id, FIN, 0);
+        Ok(())
+    }
+
+    /// Aborts stream `id` in both directions (RST) and forgets it.
+    pub(crate) fn reset(&mut self, id: u32) {
+        let Some(s) = self.streams.remove(&id) else {
+            return;
+        };
+        self.release(&s);
+        if !s.reset && !s.syn_pending && !self.ended {
+            self.queue(
+                Header::new(FrameType::WindowUpdate, RST, id, 0),
+                Bytes::new(),
+            );
+        }
+    }
+
+    /// The handle of stream `id` is gone: like a TCP close, everything written is still
+    /// delivered and then FIN is sent; unread data is dropped, and its window granted back so
+    /// that a peer still writing learns (from our RST to its next data) that nobody reads.
+    pub(crate) fn drop_handle(&mut self, id: u32) {
+        let Some(mut s) = self.streams.remove(&id) else {
+            return;
+        };
+        self.release(&s);
+        if s.reset || self.ended || s.syn_pending {
+            // Reset, ended, or never seen by the peer: nothing to tell it.
+            return;
+        }
+        let unread = s.recv.clear() as u32 + s.credit;
+        let delta = if s.remote_fin { 0 } else { unread };
+        if !s.local_fin || delta > 0 {
+            let fin = if s.local_fin { 0 } else { FIN };
+            s.local_fin = true;
+            self.queue(
+                Header::new(FrameType::WindowUpdate, fin, id, delta),
+                Bytes::new(),
+            );
+        }
+    }
+
+    fn release(&mut self, s: &Stream) {
+        let grown = s.window.saturating_sub(self.limits.initial_window) as usize;
+        self.growth_used = self.growth_used.saturating_sub(grown);
+    }
+
+    /// Queues a GoAway (once): the peer may open no more streams.
+    pub(crate) fn go_away(&mut self, code: GoAwayCode) {
+        if !self.goaway_sent {
+            self.goaway_sent = true;
+            self.queue(
+                Header::new(FrameType::GoAway, 0, 0, code as u32),
+                Bytes::new(),
+            );
+        }
+    }
+
+    /// Queues a Ping the peer must answer.
+    pub(crate) fn ping(&mut self, opaque: u32) {
+        self.queue(Header::new(FrameType::Ping, SYN, 0, opaque), Bytes::new());
+    }
+
+    /// Ends the session: every stream operation fails from now on, blocked tasks are woken.
+    pub(crate) fn terminate(&mut self) {
+        self.ended = true;
+        for s in self.streams.values_mut() {
+            s.wake_reader();
+            s.wake_writer();
+        }
+        for w in self.out_waiters.drain(..) {
+            w.wake();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

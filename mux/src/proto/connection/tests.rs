@@ -1,0 +1,672 @@
+//! Exact-bytes tests of the core: what it sends on each event, and how it treats the peer.
+
+use super::*;
+use crate::proto::frame::HEADER_LEN;
+use std::{
+    task::Waker,
+    time::{Duration, Instant},
+};
+
+/// A core whose round trip is known to be long: any window drained counts as quick (window
+/// tuning is then decided by the budget and the reader alone), and no probe is sent.
+fn tuned(side: Side, limits: Limits) -> Connection {
+    let mut c = Connection::new(side, limits);
+    c.set_rtt(Duration::from_secs(3600), Instant::now());
+    c
+}
+
+fn limits() -> Limits {
+    Limits {
+        initial_window: 256 * 1024,
+        max_window: 1024 * 1024,
+        growth_budget: 1024 * 1024,
+        max_streams: 4,
+        max_frame: 64 * 1024,
+        out_limit: 1 << 20,
+    }
+}
+
+fn waker() -> Waker {
+    futures::task::noop_waker()
+}
+
+/// Everything the core wants sent, as bytes.
+fn sent(c: &mut Connection) -> Vec<u8> {
+    let mut q = VecDeque::new();
+    c.take_output(usize::MAX, &mut q);
+    let mut out = Vec::new();
+    for f in q {
+        out.extend_from_slice(&f.header);
+        out.extend_from_slice(&f.body);
+    }
+    out
+}
+
+fn hdr(ty: FrameType, flags: u16, stream: u32, length: u32) -> Header {
+    Header::new(ty, flags, stream, length)
+}
+
+fn feed(c: &mut Connection, h: Header, body: &[u8]) -> Result<(), Violation> {
+    let len = c.on_header(&h)?;
+    assert_eq!(len, body.len());
+    c.on_frame(h, BytesMut::from(body), Instant::now())
+}
+
+fn read_all(c: &mut Connection, id: u32) -> Poll<Result<Vec<u8>, StreamError>> {
+    let mut out = Vec::new();
+    c.read(id, usize::MAX, &waker(), Instant::now(), |s| {
+        out.extend_from_slice(s)
+    })
+    .map(|r| r.map(|_| out))
+}
+
+#[test]
+fn first_write_carries_syn_and_the_body_follows_its_header() {
+    let mut c = Connection::new(Side::Client, limits());
+    let id = c.open().unwrap();
+    assert_eq!(id, 1);
+    assert_eq!(c.write(id, b"hi", &waker()), Poll::Ready(Ok(2)));
+    assert_eq!(c.write(id, b"!", &waker()), Poll::Ready(Ok(1)));
+    assert_eq!(
+        sent(&mut c),
+        [
+            &[0, 0, 0, 1, 0, 0, 0, 1, 0, 0, 0, 2, b'h', b'i'][..],
+            &[0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 1, b'!'][..]
+        ]
+        .concat()
+    );
+    assert_eq!(c.open(), Ok(3));
+}
+
+#[test]
+fn an_inbound_syn_is_acknowledged_and_accepted() {
+    let mut c = Connection::new(Side::Server, limits());
+    feed(&mut c, hdr(FrameType::Data, SYN, 1, 3), b"abc").unwrap();
+    assert_eq!(c.next_accepted(), Some(1));
+    assert_eq!(sent(&mut c), [0, 1, 0, 2, 0, 0, 0, 1, 0, 0, 0, 0]);
+    assert_eq!(read_all(&mut c, 1), Poll::Ready(Ok(b"abc".to_vec())));
+}
+
+#[test]
+fn consumed_data_is_granted_back_once_a_quarter_window_is_read() {
+    let mut c = tuned(Side::Server, limits());
+    feed(&mut c, hdr(FrameType::WindowUpdate, SYN, 1, 0), b"").unwrap();
+    sent(&mut c);
+    let chunk = vec![1u8; 32 * 1024];
+    feed(
+        &mut c,
+        hdr(FrameType::Data, 0, 1, chunk.len() as u32),
+        &chunk,
+    )
+    .unwrap();
+    let _ = read_all(&mut c, 1);
+    assert!(sent(&mut c).is_empty(), "32 KiB is below a quarter window");
+    for _ in 0..2 {
+        feed(
+            &mut c,
+            hdr(FrameType::Data, 0, 1, chunk.len() as u32),
+            &chunk,
+        )
+        .unwrap();
+    }
+    // Less than a window consumed: no tuning decision yet, just credit.
+    let _ = read_all(&mut c, 1);
+    assert_eq!(
+        sent(&mut c),
+        hdr(FrameType::WindowUpdate, 0, 1, 96 * 1024).encode()
+    );
+}
+
+#[test]
+fn the_window_doubles_when_the_reader_drains_it_within_two_round_trips() {
+    let mut c = tuned(Side::Server, limits());
+    let window = 256 * 1024u32;
+    let body = vec![0u8; window as usize];
+    feed(&mut c, hdr(FrameType::Data, SYN, 1, window), &body).unwrap();
+    sent(&mut c);
+    let _ = read_all(&mut c, 1);
+    // The whole window was drained quickly (the round trip is long): grant it back and as
+    // much again.
+    assert_eq!(
+        sent(&mut c),
+        hdr(FrameType::WindowUpdate, 0, 1, 2 * window).encode()
+    );
+    assert_eq!(c.growth_used(), window as usize);
+    // Over the doubled window, the frame is accepted; one byte more is not.
+    let body = vec![0u8; 2 * window as usize];
+    feed(&mut c, hdr(FrameType::Data, 0, 1, 2 * window), &body).unwrap();
+    assert_eq!(
+        c.on_header(&hdr(FrameType::Data, 0, 1, 1)),
+        Err(Violation::WindowExceeded {
+            stream: 1,
+            len: 1,
+            window: 0
+        })
+    );
+    // Dropping the stream returns its growth to the session's budget.
+    c.drop_handle(1);
+    assert_eq!(c.growth_used(), 0);
+}
+
+#[test]
+fn growth_stops_at_the_session_budget() {
+    let mut l = limits();
+    l.growth_budget = 100 * 1024;
+    let mut c = tuned(Side::Server, l);
+    let window = 256 * 1024u32;
+    for id in [1, 3] {
+        let body = vec![0u8; window as usize];
+        feed(&mut c, hdr(FrameType::Data, SYN, id, window), &body).unwrap();
+        let _ = read_all(&mut c, id);
+    }
+    assert_eq!(c.growth_used(), 100 * 1024);
+}
+
+#[test]
+fn dropping_a_handle_sends_fin_after_the_data_and_grants_back_unread_bytes() {
+    let mut c = Connection::new(Side::Server, limits());
+    feed(&mut c, hdr(FrameType::Data, SYN, 1, 5), b"hello").unwrap();
+    sent(&mut c);
+    assert_eq!(c.write(1, b"bye", &waker()), Poll::Ready(Ok(3)));
+    c.drop_handle(1);
+    let mut expected = hdr(FrameType::Data, 0, 1, 3).encode().to_vec();
+    expected.extend_from_slice(b"bye");
+    expected.extend_from_slice(&hdr(FrameType::WindowUpdate, FIN, 1, 5).encode());
+    assert_eq!(sent(&mut c), expected);
+    assert_eq!(c.stream_count(), 0);
+    // The peer keeps writing to the dropped stream: it gets RST.
+    feed(&mut c, hdr(FrameType::Data, 0, 1, 2), b"??").unwrap();
+    assert_eq!(
+        sent(&mut c),
+        hdr(FrameType::WindowUpdate, RST, 1, 0).encode()
+    );
+    // Its FIN or window updates on the forgotten stream need no answer.
+    feed(&mut c, hdr(FrameType::WindowUpdate, FIN, 1, 0), b"").unwrap();
+    assert!(sent(&mut c).is_empty());
+}
+
+#[test]
+fn a_stream_never_seen_by_the_peer_is_dropped_silently() {
+    let mut c = Connection::new(Side::Client, limits());
+    let id = c.open().unwrap();
+    c.drop_handle(id);
+    assert!(sent(&mut c).is_empty());
+    assert_eq!(c.stream_count(), 0);
+}
+
+#[test]
+fn streams_beyond_the_table_limit_are_reset_one_by_one() {
+    let mut c = Connection::new(Side::Server, limits());
+    for id in [1, 3, 5, 7] {
+        feed(&mut c, hdr(FrameType::WindowUpdate, SYN, id, 0), b"").unwrap();
+    }
+    sent(&mut c);
+    feed(&mut c, hdr(FrameType::Data, SYN, 9, 2), b"hi").unwrap();
+    assert_eq!(
+        sent(&mut c),
+        hdr(FrameType::WindowUpdate, RST, 9, 0).encode()
+    );
+    assert_eq!(c.stream_count(), 4);
+    // The others carry on.
+    feed(&mut c, hdr(FrameType::Data, 0, 7, 2), b"ok").unwrap();
+    assert_eq!(read_all(&mut c, 7), Poll::Ready(Ok(b"ok".to_vec())));
+}
+
+#[test]
+fn a_peer_reset_fails_reads_and_writes_and_a_fin_ends_reads_after_the_data() {
+    let mut c = Connection::new(Side::Server, limits());
+    feed(&mut c, hdr(FrameType::Data, SYN | FIN, 1, 2), b"ab").unwrap();
+    assert_eq!(read_all(&mut c, 1), Poll::Ready(Ok(b"ab".to_vec())));
+    assert_eq!(read_all(&mut c, 1), Poll::Ready(Ok(Vec::new())));
+    // Half-closed by the peer, we can still write.
+    assert_eq!(c.write(1, b"x", &waker()), Poll::Ready(Ok(1)));
+
+    feed(&mut c, hdr(FrameType::Data, SYN, 3, 2), b"cd").unwrap();
+    feed(&mut c, hdr(FrameType::WindowUpdate, RST, 3, 0), b"").unwrap();
+    assert_eq!(read_all(&mut c, 3), Poll::Ready(Err(StreamError::Reset)));
+    assert_eq!(
+        c.write(3, b"x", &waker()),
+        Poll::Ready(Err(StreamError::Reset))
+    );
+}
+
+#[test]
+fn a_local_reset_sends_rst() {
+    let mut c = Connection::new(Side::Client, limits());
+    let id = c.open().unwrap();
+    let _ = c.write(id, b"a", &waker());
+    sent(&mut c);
+    c.reset(id);
+    assert_eq!(
+        sent(&mut c),
+        hdr(FrameType::WindowUpdate, RST, 1, 0).encode()
+    );
+    assert_eq!(c.stream_count(), 0);
+}
+
+#[test]
+fn writes_wait_for_window_and_resume_on_an_update() {
+    let mut c = Connection::new(Side::Client, limits());
+    let id = c.open().unwrap();
+    let big = vec![0u8; 64 * 1024];
+    for _ in 0..4 {
+        assert_eq!(c.write(id, &big, &waker()), Poll::Ready(Ok(64 * 1024)));
+    }
+    assert_eq!(c.write(id, &big, &waker()), Poll::Pending);
+    feed(&mut c, hdr(FrameType::WindowUpdate, ACK, id, 10), b"").unwrap();
+    assert_eq!(c.write(id, &big, &waker()), Poll::Ready(Ok(10)));
+}
+
+#[test]
+fn a_window_drained_slowly_is_not_grown_and_round_trips_are_probed_with_pings() {
+    let mut c = Connection::new(Side::Server, limits());
+    let t0 = Instant::now();
+    let window = 256 * 1024u32;
+    let body = vec![0u8; window as usize];
+    c.on_header(&hdr(FrameType::Data, SYN, 1, window)).unwrap();
+    c.on_frame(
+        hdr(FrameType::Data, SYN, 1, window),
+        BytesMut::from(&body[..]),
+        t0,
+    )
+    .unwrap();
+    sent(&mut c);
+    let mut n = 0;
+    let _ = c.read(1, 1024, &waker(), t0, |s| n += s.len());
+    // No round-trip sample yet: the first grant also probes for one.
+    let _ = c.read(1, usize::MAX, &waker(), t0, |s| n += s.len());
+    let mut expected = hdr(FrameType::WindowUpdate, 0, 1, window).encode().to_vec();
+    expected.extend_from_slice(&hdr(FrameType::Ping, SYN, 0, PROBE_BIT).encode());
+    assert_eq!(sent(&mut c), expected);
+    let t1 = t0 + Duration::from_millis(10);
+    c.on_frame(hdr(FrameType::Ping, ACK, 0, PROBE_BIT), BytesMut::new(), t1)
+        .unwrap();
+    assert_eq!(c.rtt(), Some(Duration::from_millis(10)));
+    // The next window takes a second (100 round trips) to drain: the reader or the sender
+    // is slow, not the window. No growth.
+    let t2 = t1 + Duration::from_secs(1);
+    c.on_frame(
+        hdr(FrameType::Data, 0, 1, window),
+        BytesMut::from(&body[..]),
+        t2,
+    )
+    .unwrap();
+    let _ = c.read(1, usize::MAX, &waker(), t2, |s| n += s.len());
+    assert_eq!(
+        sent(&mut c),
+        hdr(FrameType::WindowUpdate, 0, 1, window).encode()
+    );
+    assert_eq!(n, 2 * window as usize);
+    assert_eq!(c.growth_used(), 0);
+}
+
+#[test]
+fn pings_are_answered_with_the_same_opaque_value() {
+    let mut c = Connection::new(Side::Client, limits());
+    feed(&mut c, hdr(FrameType::Ping, SYN, 0, 0xdead_beef), b"").unwrap();
+    assert_eq!(
+        sent(&mut c),
+        [0, 2, 0, 2, 0, 0, 0, 0, 0xde, 0xad, 0xbe, 0xef]
+    );
+    c.ping(5);
+    assert_eq!(sent(&mut c), [0, 2, 0, 1, 0, 0, 0, 0, 0, 0, 0, 5]);
+    // The answer to our ping needs no answer.
+    feed(&mut c, hdr(FrameType::Ping, ACK, 0, 5), b"").unwrap();
+    assert!(sent(&mut c).is_empty());
+}
+
+#[test]
+fn go_away_stops_new_streams_but_open_ones_carry_on() {
+    let mut c = Connection::new(Side::Client, limits());
+    let id = c.open().unwrap();
+    feed(&mut c, hdr(FrameType::GoAway, 0, 0, 0), b"").unwrap();
+    assert_eq!(c.goaway_received(), Some(0));
+    assert_eq!(c.open(), Err(OpenError::GoAway));
+    assert_eq!(c.write(id, b"still", &waker()), Poll::Ready(Ok(5)));
+
+    let mut s = Connection::new(Side::Server, limits());
+    s.go_away(GoAwayCode::Normal);
+    assert_eq!(sent(&mut s), [0, 3, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]);
+    feed(&mut s, hdr(FrameType::Data, SYN, 1, 1), b"x").unwrap();
+    assert_eq!(
+        sent(&mut s),
+        hdr(FrameType::WindowUpdate, RST, 1, 0).encode()
+    );
+    assert_eq!(s.open(), Err(OpenError::Closing));
+}
+
+#[test]
+fn hostile_frames_are_typed_violations() {
+    let mut c = Connection::new(Side::Server, limits());
+    assert_eq!(
+        c.on_header(&hdr(FrameType::Data, 0, 0, 1)),
+        Err(Violation::StreamZero { frame: "data" })
+    );
+    assert_eq!(
+        feed(&mut c, hdr(FrameType::WindowUpdate, 0, 0, 1), b""),
+        Err(Violation::StreamZero {
+            frame: "window-update"
+        })
+    );
+    assert_eq!(
+        feed(&mut c, hdr(FrameType::WindowUpdate, SYN, 2, 0), b""),
+        Err(Violation::WrongParity { stream: 2 })
+    );
+    feed(&mut c, hdr(FrameType::WindowUpdate, SYN, 5, 0), b"").unwrap();
+    assert_eq!(
+        feed(&mut c, hdr(FrameType::WindowUpdate, SYN, 5, 0), b""),
+        Err(Violation::DuplicateSyn { stream: 5 })
+    );
+    // Ids may arrive out of order (lazy SYN on the first frame): 3 after 5 is fine.
+    feed(&mut c, hdr(FrameType::WindowUpdate, SYN, 3, 0), b"").unwrap();
+    assert_eq!(
+        feed(&mut c, hdr(FrameType::WindowUpdate, 0, 5, u32::MAX), b""),
+        Err(Violation::WindowOverflow { stream: 5 })
+    );
+    assert_eq!(
+        c.on_header(&hdr(FrameType::Data, 0, 5, 256 * 1024 + 1)),
+        Err(Violation::WindowExceeded {
+            stream: 5,
+            len: 256 * 1024 + 1,
+            window: 256 * 1024
+        })
+    );
+    // A stream we do not know cannot make us buffer more than the largest window.
+    assert!(c
+        .on_header(&hdr(FrameType::Data, 0, 99, 1024 * 1024 + 1))
+        .is_err());
+    assert_eq!(
+        feed(&mut c, hdr(FrameType::Ping, SYN, 3, 0), b""),
+        Err(Violation::ControlOnStream {
+            frame: "ping",
+            stream: 3
+        })
+    );
+}
+
+#[test]
+fn floods_of_empty_frames_and_unread_ping_answers_are_violations() {
+    let mut c = Connection::new(Side::Server, limits());
+    feed(&mut c, hdr(FrameType::Data, SYN, 1, 1), b"x").unwrap();
+    let flood = (0..2000).find_map(|_| feed(&mut c, hdr(FrameType::Data, 0, 1, 0), b"").err());
+    assert!(matches!(flood, Some(Violation::Flood { .. })), "{flood:?}");
+
+    let mut c = Connection::new(Side::Server, limits());
+    let flood = (0..2000).find_map(|_| feed(&mut c, hdr(FrameType::Ping, SYN, 0, 1), b"").err());
+    assert!(matches!(flood, Some(Violation::Flood { .. })), "{flood:?}");
+    // Answers the peer takes do not count.
+    let mut c = Connection::new(Side::Server, limits());
+    for _ in 0..2000 {
+        feed(&mut c, hdr(FrameType::Ping, SYN, 0, 1), b"").unwrap();
+        sent(&mut c);
+    }
+}
+
+#[test]
+fn a_flood_of_one_byte_frames_is_held_in_bounded_memory() {
+    let mut c = Connection::new(Side::Server, limits());
+    feed(&mut c, hdr(FrameType::WindowUpdate, SYN, 1, 0), b"").unwrap();
+    // The whole window in one-byte frames, never read: each is copied into shared tail
+    // buffers rather than pinning a read chunk each.
+    for _ in 0..256 * 1024 {
+        feed(&mut c, hdr(FrameType::Data, 0, 1, 1), b"z").unwrap();
+    }
+    assert_eq!(c.buffered(), 256 * 1024);
+    assert!(c.on_header(&hdr(FrameType::Data, 0, 1, 1)).is_err());
+    let chunks = c.streams[&1].recv.chunk_count();
+    assert!(chunks <= 16, "{chunks} chunks");
+}
+
+/// Property tests: two cores joined by an in-order link that delivers frames whenever the
+/// random schedule says, with random write and read sizes.
+mod interleavings {
+    use super::*;
+    use crate::proto::frame::Header;
+    use proptest::prelude::*;
+    use std::collections::BTreeMap;
+
+    const STREAMS: usize = 3;
+
+    fn byte(id: u32, dir: u8, offset: usize) -> u8 {
+        (id as usize * 7 + offset * 13 + dir as usize) as u8
+    }
+
+    /// One direction of one stream: what was written, read, and whether it ended.
+    #[derive(Default, Debug)]
+    struct Flow {
+        total: usize,
+        written: usize,
+        finished: bool,
+        read: usize,
+        eof: bool,
+    }
+
+    struct End {
+        conn: Connection,
+        /// Encoded frames in flight towards the other end, in order.
+        wire: VecDeque<u8>,
+        dropped: Vec<u32>,
+    }
+
+    struct World {
+        ends: [End; 2],
+        /// (stream id, direction 0 = client→server, 1 = server→client) → flow.
+        flows: BTreeMap<(u32, u8), Flow>,
+        budget: usize,
+        max_window: u32,
+        /// Streams the server has accepted (its SYN arrived).
+        server_known: Vec<u32>,
+    }
+
+    impl World {
+        fn new(sizes: &[(usize, usize)]) -> World {
+            let mut l = limits();
+            l.max_window = 512 * 1024;
+            l.growth_budget = 300 * 1024;
+            l.max_frame = 16 * 1024;
+            l.max_streams = 8;
+            let mut client = Connection::new(Side::Client, l.clone());
+            let mut flows = BTreeMap::new();
+            for &(up, down) in sizes {
+                let id = client.open().unwrap();
+                flows.insert(
+                    (id, 0),
+                    Flow {
+                        total: up,
+                        ..Flow::default()
+                    },
+                );
+                flows.insert(
+                    (id, 1),
+                    Flow {
+                        total: down,
+                        ..Flow::default()
+                    },
+                );
+            }
+            World {
+                ends: [
+                    End {
+                        conn: client,
+                        wire: VecDeque::new(),
+                        dropped: Vec::new(),
+                    },
+                    End {
+                        conn: Connection::new(Side::Server, l.clone()),
+                        wire: VecDeque::new(),
+                        dropped: Vec::new(),
+                    },
+                ],
+                flows,
+                budget: l.growth_budget,
+                max_window: l.max_window,
+                server_known: Vec::new(),
+            }
+        }
+
+        fn ids(&self) -> Vec<u32> {
+            self.flows
+                .keys()
+                .map(|(id, _)| *id)
+                .collect::<std::collections::BTreeSet<_>>()
+                .into_iter()
+                .collect()
+        }
+
+        /// Side `side` writes up to `len` bytes on stream `id` (direction = side).
+        fn write(&mut self, side: usize, id: u32, len: usize) {
+            if self.ends[side].dropped.contains(&id) {
+                return;
+            }
+            // The server only knows streams the client's SYN reached.
+            if side == 1 && !self.accepted(id) {
+                return;
+            }
+            let flow = self.flows.get_mut(&(id, side as u8)).unwrap();
+            if flow.finished {
+                return;
+            }
+            let n = len.min(flow.total - flow.written);
+            if n == 0 {
+                flow.finished = true;
+                self.ends[side].conn.finish(id).unwrap();
+                return;
+            }
+            let data: Vec<u8> = (flow.written..flow.written + n)
+                .map(|o| byte(id, side as u8, o))
+                .collect();
+            if let Poll::Ready(r) = self.ends[side].conn.write(id, &data, &waker()) {
+                flow.written += r.unwrap();
+            }
+        }
+
+        fn accepted(&self, id: u32) -> bool {
+            self.server_known.contains(&id)
+        }
+
+        /// Side `side` reads up to `max` bytes of stream `id` (the other side's direction).
+        fn read(&mut self, side: usize, id: u32, max: usize) {
+            if self.ends[side].dropped.contains(&id) || (side == 1 && !self.accepted(id)) {
+                return;
+            }
+            let dir = 1 - side as u8;
+            let flow = self.flows.get_mut(&(id, dir)).unwrap();
+            let mut got = Vec::new();
+            match self.ends[side]
+                .conn
+                .read(id, max, &waker(), Instant::now(), |s| {
+                    got.extend_from_slice(s)
+                }) {
+                Poll::Ready(Ok(0)) if max > 0 => {
+                    assert_eq!(flow.read, flow.total, "stream {id} dir {dir}: EOF early");
+                    flow.eof = true;
+                }
+                Poll::Ready(Ok(n)) => {
+                    for (k, b) in got.iter().enumerate() {
+                        assert_eq!(*b, byte(id, dir, flow.read + k), "stream {id} dir {dir}");
+                    }
+                    flow.read += n;
+                    assert!(flow.read <= flow.total, "more bytes than written");
+                }
+                Poll::Ready(Err(e)) => panic!("stream {id}: {e:?}"),
+                Poll::Pending => {}
+            }
+            // Done both ways on this side: drop the handle.
+            let out = &self.flows[&(id, side as u8)];
+            if flow_done(&self.flows[&(id, dir)]) && out.finished {
+                self.ends[side].conn.drop_handle(id);
+                self.ends[side].dropped.push(id);
+            }
+        }
+
+        /// Moves up to `bytes` of side `from`'s output over the link and feeds whole frames.
+        fn deliver(&mut self, from: usize, bytes: usize) {
+            let mut q = VecDeque::new();
+            self.ends[from].conn.take_output(usize::MAX, &mut q);
+            for f in q {
+                self.ends[from].wire.extend(f.header.iter());
+                self.ends[from].wire.extend(f.body.iter());
+            }
+            let to = 1 - from;
+            let mut moved = 0;
+            while moved < bytes && self.ends[from].wire.len() >= HEADER_LEN {
+                let raw: Vec<u8> = self.ends[from]
+                    .wire
+                    .iter()
+                    .take(HEADER_LEN)
+                    .copied()
+                    .collect();
+                let h = Header::decode(raw.as_slice().try_into().unwrap()).unwrap();
+                let len = self.ends[to]
+                    .conn
+                    .on_header(&h)
+                    .expect("no window overdraw");
+                if self.ends[from].wire.len() < HEADER_LEN + len {
+                    break;
+                }
+                self.ends[from].wire.drain(..HEADER_LEN);
+                let body: Vec<u8> = self.ends[from].wire.drain(..len).collect();
+                self.ends[to]
+                    .conn
+                    .on_frame(h, BytesMut::from(&body[..]), Instant::now())
+                    .expect("valid frame");
+                moved += HEADER_LEN + len;
+                while let Some(id) = self.ends[to].conn.next_accepted() {
+                    self.server_known.push(id);
+                }
+            }
+            for end in &self.ends {
+                assert!(end.conn.growth_used() <= self.budget);
+                for s in end.conn.streams.values() {
+                    assert!(s.window <= self.max_window);
+                }
+            }
+        }
+    }
+
+    fn flow_done(f: &Flow) -> bool {
+        f.eof
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+
+        #[test]
+        fn every_byte_arrives_once_in_order_and_every_stream_ends(
+            sizes in proptest::collection::vec((0usize..300_000, 0usize..300_000), 1..=STREAMS),
+            steps in proptest::collection::vec((0u8..3, 0usize..2, 0usize..STREAMS, 1usize..70_000), 0..300),
+        ) {
+            let mut w = World::new(&sizes);
+            let ids = w.ids();
+            for (op, side, k, n) in steps {
+                let id = ids[k % ids.len()];
+                match op {
+                    0 => w.write(side, id, n),
+                    1 => w.read(side, id, n),
+                    _ => w.deliver(side, n),
+                }
+            }
+            // Then run everything to its end, in a bounded number of rounds.
+            for _ in 0..10_000 {
+                for &id in &ids {
+                    for side in 0..2 {
+                        w.write(side, id, 64 * 1024);
+                        w.read(side, id, 64 * 1024);
+                    }
+                }
+                w.deliver(0, usize::MAX);
+                w.deliver(1, usize::MAX);
+                if w.ends.iter().all(|e| e.conn.stream_count() == 0) && w.ends.iter().all(|e| e.wire.is_empty()) {
+                    break;
+                }
+            }
+            for ((id, dir), f) in &w.flows {
+                prop_assert!(f.eof && f.read == f.total, "stream {id} dir {dir}: {f:?}");
+            }
+            prop_assert_eq!(w.ends[0].conn.stream_count(), 0);
+            prop_assert_eq!(w.ends[1].conn.stream_count(), 0);
+            prop_assert_eq!(w.ends[0].conn.growth_used(), 0);
+            prop_assert_eq!(w.ends[1].conn.growth_used(), 0);
+        }
+    }
+}

@@ -1,0 +1,89 @@
+//! The sans-I/O yamux core: frame codec, stream states and flow control.
+//!
+//! Nothing here touches a socket, a timer or a runtime. [`Connection`] is a deterministic state
+//! machine: the I/O layer (`driver.rs`) feeds it decoded frames and takes the frames it wants
+//! sent; the handles call it to read, write, half-close, reset and drop streams. Wakers are
+//! the only link to the outside: a blocked reader or writer leaves its `std::task::Waker`
+//! with its stream and is woken when a frame changes what it waits for.
+//!
+//! Who drives what: the driver task is the only caller of [`Connection::on_header`],
+//! [`Connection::on_frame`] and [`Connection::take_output`]; handles call the stream
+//! operations. Both hold the session's mutex only for the duration of one call, never across
+//! an `.await` or a syscall.
+
+mod connection;
+mod frame;
+mod stream;
+
+pub(crate) use connection::{Connection, Frame, Limits, OpenError, Side, StreamError};
+pub(crate) use frame::{GoAwayCode, Header, HEADER_LEN};
+
+/// How a peer broke the yamux protocol. The session that received it ends with
+/// [`CloseReason::ProtocolViolation`](crate::CloseReason::ProtocolViolation), after sending a
+/// GoAway with the protocol-error code; other sessions are unaffected.
+#[non_exhaustive]
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Violation {
+    /// A frame header with a version other than 0.
+    #[error("frame with unknown yamux version {version}")]
+    BadVersion {
+        /// The version byte received.
+        version: u8,
+    },
+    /// A frame header with a type other than Data, WindowUpdate, Ping or GoAway.
+    #[error("frame with unknown type {ty}")]
+    BadType {
+        /// The type byte received.
+        ty: u8,
+    },
+    /// A Data or WindowUpdate frame on stream 0, which only Ping and GoAway may use.
+    #[error("{frame} frame on stream 0")]
+    StreamZero {
+        /// The frame type.
+        frame: &'static str,
+    },
+    /// A Ping or GoAway frame on a stream other than 0.
+    #[error("{frame} frame on stream {stream}, which must use stream 0")]
+    ControlOnStream {
+        /// The frame type.
+        frame: &'static str,
+        /// The stream id it carried.
+        stream: u32,
+    },
+    /// A window update that would take a send window past `u32::MAX`.
+    #[error("window update on stream {stream} overflows its send window")]
+    WindowOverflow {
+        /// The stream.
+        stream: u32,
+    },
+    /// A data frame larger than the receive window we granted.
+    #[error("stream {stream}: {len}-byte data frame exceeds the {window}-byte window we granted")]
+    WindowExceeded {
+        /// The stream.
+        stream: u32,
+        /// The frame's body length.
+        len: u32,
+        /// The window left when it arrived.
+        window: u32,
+    },
+    /// The peer opened a stream with an id of our parity (client ids are odd, server ids even).
+    #[error("peer opened stream {stream}, an id of our parity")]
+    WrongParity {
+        /// The stream id.
+        stream: u32,
+    },
+    /// A SYN for a stream id that is already open.
+    #[error("duplicate SYN for stream {stream}")]
+    DuplicateSyn {
+        /// The stream id.
+        stream: u32,
+    },
+    /// Frames that carry nothing, or pings the peer does not let us answer, in a run.
+    #[error("flood of {count} {what}")]
+    Flood {
+        /// What kind of frames.
+        what: &'static str,
+        /// How many in a row.
+        count: u32,
+    },
+}

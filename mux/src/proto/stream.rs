@@ -1,0 +1,174 @@
+//! One stream's state: receive buffer, windows, half-close flags and blocked tasks.
+
+use bytes::{Buf, BytesMut};
+use std::{collections::VecDeque, task::Waker, time::Instant};
+
+/// Frames up to this size are copied into the stream's own tail buffer instead of being kept
+/// as slices of the connection's read buffer: a slice pins its whole read chunk, so a peer
+/// sending many tiny frames to a stream nobody reads could otherwise hold far more memory
+/// than the window it was granted.
+const COPY_BELOW: usize = 4 * 1024;
+
+/// Capacity of the tail buffers tiny frames are gathered in.
+const TAIL_CAPACITY: usize = 16 * 1024;
+
+/// Data received on a stream and not yet read, in arrival order.
+#[derive(Debug, Default)]
+pub(crate) struct RecvBuffer {
+    chunks: VecDeque<BytesMut>,
+    /// Whether the last chunk is a tail buffer of ours (extendable), not a shared slice.
+    tail_owned: bool,
+    len: usize,
+}
+
+impl RecvBuffer {
+    pub(crate) fn len(&self) -> usize {
+        self.len
+    }
+
+    pub(crate) fn push(&mut self, body: BytesMut) {
+        let n = body.len();
+        if n == 0 {
+            return;
+        }
+        self.len += n;
+        if n < COPY_BELOW {
+            if let (true, Some(tail)) = (self.tail_owned, self.chunks.back_mut()) {
+                if tail.capacity() - tail.len() >= n {
+                    tail.extend_from_slice(&body);
+                    return;
+                }
+            }
+            let mut tail = BytesMut::with_capacity(TAIL_CAPACITY.max(n));
+            tail.extend_from_slice(&body);
+            self.chunks.push_back(tail);
+            self.tail_owned = true;
+        } else {
+            self.chunks.push_back(body);
+            self.tail_owned = false;
+        }
+    }
+
+    /// Hands up to `max` bytes to `sink`, in order; returns how many.
+    pub(crate) fn read(&mut self, max: usize, mut sink: impl FnMut(&[u8])) -> usize {
+        let mut done = 0;
+        while done < max {
+            let Some(front) = self.chunks.front_mut() else {
+                break;
+            };
+            let n = front.len().min(max - done);
+            sink(&front[..n]);
+            front.advance(n);
+            done += n;
+            if front.is_empty() {
+                self.chunks.pop_front();
+                if self.chunks.is_empty() {
+                    self.tail_owned = false;
+                }
+            }
+        }
+        self.len -= done;
+        done
+    }
+
+    /// How many chunks hold the data (tests bound memory with it).
+    #[cfg(test)]
+    pub(crate) fn chunk_count(&self) -> usize {
+        self.chunks.len()
+    }
+
+    /// Drops everything; returns how many bytes were dropped.
+    pub(crate) fn clear(&mut self) -> usize {
+        let n = self.len;
+        self.chunks.clear();
+        self.tail_owned = false;
+        self.len = 0;
+        n
+    }
+}
+
+/// The state of one open stream.
+#[derive(Debug)]
+pub(crate) struct Stream {
+    pub(crate) recv: RecvBuffer,
+    /// How many more bytes the peer may send before it needs a window update from us.
+    pub(crate) recv_window: u32,
+    /// The receive window this stream is allowed: the initial 256 KiB, grown while the
+    /// sender is limited by it and the reader keeps up.
+    pub(crate) window: u32,
+    /// Bytes the reader consumed that we have not yet granted back.
+    pub(crate) credit: u32,
+    /// Bytes consumed since `epoch`, when the reader started on the current window's worth
+    /// (window auto-tuning).
+    pub(crate) consumed: u64,
+    pub(crate) epoch: Option<Instant>,
+    /// How many more bytes we may send.
+    pub(crate) send_window: u32,
+    /// Outbound stream the peer has not seen yet: the next frame carries SYN.
+    pub(crate) syn_pending: bool,
+    /// We sent (queued) our FIN.
+    pub(crate) local_fin: bool,
+    /// The peer sent its FIN: after the buffered data, reads see end of stream.
+    pub(crate) remote_fin: bool,
+    /// Reset by either side: reads and writes fail.
+    pub(crate) reset: bool,
+    pub(crate) read_waker: Option<Waker>,
+    pub(crate) write_waker: Option<Waker>,
+}
+
+impl Stream {
+    pub(crate) fn new(initial_window: u32, outbound: bool) -> Stream {
+        Stream {
+            recv: RecvBuffer::default(),
+            recv_window: initial_window,
+            window: initial_window,
+            credit: 0,
+            consumed: 0,
+            epoch: None,
+            send_window: initial_window,
+            syn_pending: outbound,
+            local_fin: false,
+            remote_fin: false,
+            reset: false,
+            read_waker: None,
+            write_waker: None,
+        }
+    }
+
+    pub(crate) fn wake_reader(&mut self) {
+        if let Some(w) = self.read_waker.take() {
+            w.wake();
+        }
+    }
+
+    pub(crate) fn wake_writer(&mut self) {
+        if let Some(w) = self.write_waker.take() {
+            w.wake();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tiny_frames_share_one_tail_buffer_and_read_back_in_order() {
+        let mut buf = RecvBuffer::default();
+        for i in 0..100u8 {
+            buf.push(BytesMut::from(&[i][..]));
+        }
+        assert_eq!(buf.chunks.len(), 1);
+        let mut big = BytesMut::new();
+        big.extend_from_slice(&vec![7u8; 8192]);
+        buf.push(big);
+        buf.push(BytesMut::from(&b"end"[..]));
+        assert_eq!(buf.len(), 100 + 8192 + 3);
+        let mut out = Vec::new();
+        let n = buf.read(usize::MAX, |s| out.extend_from_slice(s));
+        assert_eq!(n, 8295);
+        assert_eq!(&out[..100], (0..100u8).collect::<Vec<_>>().as_slice());
+        assert_eq!(&out[8292..], b"end");
+        assert_eq!(buf.len(), 0);
+    }
+}

@@ -1,0 +1,137 @@
+//! `RawStream`: one yamux stream as tokio `AsyncRead + AsyncWrite`, straight on the core.
+//!
+//! A read copies from the stream's receive buffer into the caller's buffer (no zeroing, no
+//! intermediate buffer); a write copies at most one frame of the caller's bytes into the
+//! session's output queue and wakes the driver, which sends header and body together.
+
+use crate::{
+    error::CloseReason,
+    proto::StreamError,
+    shared::{Shared, StreamHandle},
+};
+use std::{
+    io,
+    pin::Pin,
+    sync::Arc,
+    task::{Context, Poll},
+};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+/// One yamux stream of a session, owned by one user (a handshake, then a `Conn`).
+pub(crate) struct RawStream {
+    handle: StreamHandle,
+    /// The channel name for error messages (empty until the handshake named it).
+    name: Arc<str>,
+}
+
+impl RawStream {
+    pub(crate) fn new(handle: StreamHandle) -> RawStream {
+        RawStream {
+            handle,
+            name: "".into(),
+        }
+    }
+
+    pub(crate) fn set_name(&mut self, name: Arc<str>) {
+        self.name = name;
+    }
+
+    pub(crate) fn id(&self) -> u32 {
+        self.handle.id
+    }
+
+    pub(crate) fn shared(&self) -> &Arc<Shared> {
+        &self.handle.shared
+    }
+
+    /// Aborts the stream: the peer's reads and writes fail with `ConnectionReset`.
+    pub(crate) fn reset(self) {
+        self.handle.reset();
+    }
+
+    /// Unwraps into the stream handle.
+    pub(crate) fn into_handle(self) -> StreamHandle {
+        self.handle
+    }
+
+    fn error(&self, e: StreamError) -> io::Error {
+        match e {
+            StreamError::Reset => io::Error::new(
+                io::ErrorKind::ConnectionReset,
+                format!("channel {:?} was reset by the peer", self.name),
+            ),
+            StreamError::WriteClosed => io::Error::new(
+                io::ErrorKind::BrokenPipe,
+                format!("channel {:?}: write after shutdown", self.name),
+            ),
+            StreamError::SessionEnded => self
+                .handle
+                .shared
+                .reason()
+                .unwrap_or(CloseReason::Local)
+                .to_io_error(),
+        }
+    }
+}
+
+impl AsyncRead for RawStream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let shared = &this.handle.shared;
+        let mut core = shared.core();
+        let max = buf.remaining();
+        let queued = core.out_bytes();
+        let now = std::time::Instant::now();
+        let result = core.read(this.handle.id, max, cx.waker(), now, |s| buf.put_slice(s));
+        // A read may have queued a window update for the driver to send.
+        let wake = core.out_bytes() != queued;
+        drop(core);
+        if wake {
+            shared.driver_waker.wake();
+        }
+        match result {
+            Poll::Ready(Ok(_)) => Poll::Ready(Ok(())),
+            Poll::Ready(Err(e)) => Poll::Ready(Err(this.error(e))),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+}
+
+impl AsyncWrite for RawStream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        let shared = &this.handle.shared;
+        let result = shared.core().write(this.handle.id, buf, cx.waker());
+        match result {
+            Poll::Ready(Ok(n)) => {
+                if n > 0 {
+                    shared.driver_waker.wake();
+                }
+                Poll::Ready(Ok(n))
+            }
+            Poll::Ready(Err(e)) => Poll::Ready(Err(this.error(e))),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        // Written bytes are already queued for the link; the driver sends them without delay.
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let shared = &this.handle.shared;
+        let result = shared.core().finish(this.handle.id);
+        shared.driver_waker.wake();
+        Poll::Ready(result.map_err(|e| this.error(e)))
+    }
+}

@@ -1,0 +1,264 @@
+//! The client's in-flight calls: the map from call id to the caller
+//! waiting for it, the reader that fills it, and the guard that cancels a
+//! call its caller abandoned.
+
+use std::{
+    collections::HashMap,
+    sync::{atomic::AtomicU64, Arc, Mutex, MutexGuard},
+};
+
+use bytes::Bytes;
+use tokio::{
+    io::AsyncRead,
+    sync::{mpsc, oneshot, Semaphore},
+};
+use tokio_util::sync::CancellationToken;
+
+use crate::{
+    codec,
+    stream::StreamEvent,
+    transport::{read_preamble, FrameReader, Outbox},
+    wire::{Frame, Header},
+    Config, Error, Status,
+};
+
+/// Closes the outbox when the last `Client` clone goes away.
+pub(crate) struct Handle {
+    pub(crate) shared: Arc<Shared>,
+}
+
+impl Drop for Handle {
+    fn drop(&mut self) {
+        self.shared.outbox.close();
+    }
+}
+
+pub(crate) enum Pending {
+    Unary(oneshot::Sender<Result<Bytes, Status>>),
+    /// A streaming call: its response items, and for a bidirectional call
+    /// the credit the server granted for request items (closed when the
+    /// call ends, so a waiting sender learns of it).
+    Stream(mpsc::Sender<StreamEvent>, Option<Arc<Semaphore>>),
+}
+
+/// Most request credit the server may grant outstanding; more is clamped.
+const MAX_SEND_CREDIT: usize = 1 << 20;
+
+pub(super) struct State {
+    pub(super) pending: HashMap<u64, Pending>,
+    /// Set once, when the conn fails: every later call gets it.
+    pub(super) closed: Option<Status>,
+}
+
+pub(crate) struct Shared {
+    pub(crate) outbox: Outbox,
+    pub(super) state: Mutex<State>,
+    pub(super) next_id: AtomicU64,
+    /// Cancelled when the conn is gone (reader, writer and `closed()` watch it).
+    pub(crate) token: CancellationToken,
+    pub(crate) config: Config,
+}
+
+impl Shared {
+    pub(super) fn lock(&self) -> MutexGuard<'_, State> {
+        // Nothing panics while holding this lock; tolerate poison anyway.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub(super) fn register(&self, id: u64, pending: Pending) -> Result<(), Status> {
+        let mut st = self.lock();
+        if let Some(status) = &st.closed {
+            return Err(status.clone());
+        }
+        st.pending.insert(id, pending);
+        Ok(())
+    }
+
+    /// Forgets call `id`; if it was still pending and its request went out,
+    /// tells the server to stop working on it.
+    pub(crate) fn abandon(&self, id: u64, request_sent: bool) {
+        let removed = self.lock().pending.remove(&id);
+        if let Some(Pending::Stream(_, Some(credits))) = &removed {
+            credits.close();
+        }
+        if removed.is_some() && request_sent {
+            let _ = self
+                .outbox
+                .push_now(|w| codec::encode(w, &Header::Cancel { id }, "cancel"));
+        }
+    }
+
+    /// Grants `n` more items to stream `id`.
+    pub(crate) fn credit(&self, id: u64, n: u32) {
+        let _ = self
+            .outbox
+            .push_now(|w| codec::encode(w, &Header::Credit { id, n }, "credit"));
+    }
+
+    /// Why the conn is gone, if it is.
+    pub(crate) fn closed_status(&self) -> Option<Status> {
+        self.lock().closed.clone()
+    }
+
+    /// Fails every pending call with `status` and ends the conn.
+    pub(super) fn shutdown(&self, status: Status) {
+        let pending = {
+            let mut st = self.lock();
+            if st.closed.is_some() {
+                return;
+            }
+            st.closed = Some(status.clone());
+            std::mem::take(&mut st.pending)
+        };
+        tracing::debug!(%status, calls = pending.len(), "rpc client conn ended");
+        for (_, p) in pending {
+            match p {
+                Pending::Unary(tx) => {
+                    let _ = tx.send(Err(status.clone()));
+                }
+                Pending::Stream(tx, credits) => {
+                    let _ = tx.try_send(StreamEvent::End(Some(status.clone())));
+                    if let Some(credits) = credits {
+                        credits.close();
+                    }
+                }
+            }
+        }
+        self.outbox.close();
+        self.token.cancel();
+    }
+
+    /// Routes one frame from the server to its call.
+    pub(super) fn dispatch(&self, frame: Frame) -> Result<(), Error> {
+        let Frame { header, payload } = frame;
+        let mut st = self.lock();
+        match header {
+            Header::Response { id, status } => match st.pending.remove(&id) {
+                Some(Pending::Unary(tx)) => {
+                    let _ = tx.send(match status {
+                        None => Ok(payload),
+                        Some(s) => Err(s),
+                    });
+                }
+                Some(Pending::Stream(tx, credits)) => {
+                    let s = status.unwrap_or_else(|| {
+                        Status::internal("server answered a streaming call with a unary response")
+                    });
+                    let _ = tx.try_send(StreamEvent::End(Some(s)));
+                    if let Some(credits) = credits {
+                        credits.close();
+                    }
+                }
+                // Cancelled or timed out meanwhile: the answer is moot.
+                None => {}
+            },
+            Header::StreamItem { id } => match st.pending.get(&id) {
+                Some(Pending::Stream(tx, _)) => match tx.try_send(StreamEvent::Item(payload, None))
+                {
+                    Ok(()) | Err(mpsc::error::TrySendError::Closed(_)) => {}
+                    Err(mpsc::error::TrySendError::Full(_)) => {
+                        return Err(Error::Protocol {
+                            reason: format!("stream item beyond the granted credit on call {id}"),
+                        })
+                    }
+                },
+                Some(Pending::Unary(_)) => {
+                    return Err(Error::Protocol {
+                        reason: format!("stream item for unary call {id}"),
+                    })
+                }
+                None => {}
+            },
+            Header::StreamEnd { id, status } => match st.pending.remove(&id) {
+                Some(Pending::Stream(tx, credits)) => {
+                    // The channel has one slot beyond the credit window for this.
+                    let _ = tx.try_send(StreamEvent::End(status));
+                    if let Some(credits) = credits {
+                        credits.close();
+                    }
+                }
+                Some(Pending::Unary(tx)) => {
+                    let _ = tx.send(Err(status.unwrap_or_else(|| {
+                        Status::internal("server answered a unary call with a stream end")
+                    })));
+                }
+                None => {}
+            },
+            Header::Credit { id, n } => match st.pending.get(&id) {
+                Some(Pending::Stream(_, Some(credits))) => {
+                    let room = MAX_SEND_CREDIT.saturating_sub(credits.available_permits());
+                    credits.add_permits((n as usize).min(room));
+                }
+                Some(_) => {
+                    return Err(Error::Protocol {
+                        reason: format!("request credit for call {id}, which sends no stream"),
+                    })
+                }
+                None => {}
+            },
+            Header::Accept { id } => match st.pending.get(&id) {
+                Some(Pending::Stream(tx, _)) => match tx.try_send(StreamEvent::Accepted) {
+                    Ok(()) | Err(mpsc::error::TrySendError::Closed(_)) => {}
+                    Err(mpsc::error::TrySendError::Full(_)) => {
+                        return Err(Error::Protocol {
+                            reason: format!("repeated accept of call {id}"),
+                        })
+                    }
+                },
+                Some(Pending::Unary(_)) => {
+                    return Err(Error::Protocol {
+                        reason: format!("accept frame for unary call {id}"),
+                    })
+                }
+                None => {}
+            },
+            Header::Request { .. } | Header::Open { .. } | Header::Cancel { .. } => {
+                return Err(Error::Protocol {
+                    reason: "client conn received a request-side frame".into(),
+                })
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Cancels a call on drop unless it completed: the `ResponseGuard` idea.
+pub(super) struct CallGuard<'a> {
+    pub(super) shared: &'a Shared,
+    pub(super) id: u64,
+    pub(super) sent: bool,
+    pub(super) done: bool,
+}
+
+impl CallGuard<'_> {
+    /// Keeps the call running past the guard (a stream now owns it); returns its id.
+    pub(super) fn keep(mut self) -> u64 {
+        self.done = true;
+        self.id
+    }
+}
+
+impl Drop for CallGuard<'_> {
+    fn drop(&mut self) {
+        if !self.done {
+            tracing::trace!(id = self.id, "rpc call abandoned");
+            self.shared.abandon(self.id, self.sent);
+        }
+    }
+}
+
+pub(super) async fn read_loop<R>(shared: &Shared, rd: R) -> Result<(), Error>
+where
+    R: AsyncRead + Unpin,
+{
+    let mut reader = FrameReader::new(rd, &shared.config);
+    let after = shared.config.handshake_timeout;
+    tokio::time::timeout(after, read_preamble(reader.io_mut()))
+        .await
+        .map_err(|_| Error::HandshakeTimeout { after })??;
+    while let Some(body) = reader.next_frame().await? {
+        let frame = Frame::decode(body).map_err(Error::Malformed)?;
+        shared.dispatch(frame)?;
+    }
+    Ok(())
+}

@@ -1,0 +1,295 @@
+//! The client's ends of streaming calls: [`ResponseStream`] (the
+//! responses) and [`RequestSink`] (the requests of a bidi call).
+
+use std::{
+    fmt,
+    future::Future,
+    marker::PhantomData,
+    pin::Pin,
+    sync::Arc,
+    task::{Context as TaskContext, Poll},
+};
+
+use futures::Stream;
+use serde::{de::DeserializeOwned, Serialize};
+use tokio::{
+    sync::{mpsc, Semaphore},
+    time::Instant,
+};
+
+use super::Client;
+use crate::{
+    codec,
+    error::chain,
+    stream::{count_consumed, StreamEvent},
+    wire::Header,
+    Error, Status,
+};
+
+/// The items of a server-streaming call, as returned by
+/// [`Client::call_stream`].
+///
+/// Yields `Ok(item)`s, then ends; a failed call yields one `Err(status)`
+/// (the server's, `DeadlineExceeded`, or `Unavailable` on conn loss) and
+/// then ends. Consuming items grants the server more credit; a stream that
+/// is not polled stops the server after [`Config::stream_window`] items
+/// without affecting other calls. Dropping it cancels the call.
+///
+/// [`Config::stream_window`]: crate::Config::stream_window
+pub struct ResponseStream<T> {
+    client: Client,
+    id: u64,
+    method: String,
+    rx: mpsc::Receiver<StreamEvent>,
+    window: u32,
+    /// Items consumed since the last credit grant.
+    consumed: u32,
+    deadline: Option<Pin<Box<tokio::time::Sleep>>>,
+    finished: bool,
+    _item: PhantomData<fn() -> T>,
+}
+
+impl<T> ResponseStream<T> {
+    pub(crate) fn new(
+        client: Client,
+        id: u64,
+        method: &str,
+        rx: mpsc::Receiver<StreamEvent>,
+        window: u32,
+        deadline: Option<Instant>,
+    ) -> ResponseStream<T> {
+        ResponseStream {
+            client,
+            id,
+            method: method.to_owned(),
+            rx,
+            window,
+            consumed: 0,
+            deadline: deadline.map(|d| Box::pin(tokio::time::sleep_until(d))),
+            finished: false,
+            _item: PhantomData,
+        }
+    }
+
+    /// Ends the stream locally; cancels the call if it is still running.
+    fn finish(&mut self) {
+        if !self.finished {
+            self.finished = true;
+            self.client.shared().abandon(self.id, true);
+        }
+    }
+}
+
+impl<T> fmt::Debug for ResponseStream<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ResponseStream")
+            .field("id", &self.id)
+            .field("method", &self.method)
+            .field("finished", &self.finished)
+            .finish()
+    }
+}
+
+impl<T: DeserializeOwned> Stream for ResponseStream<T> {
+    type Item = Result<T, Status>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<Option<Self::Item>> {
+        let this = &mut *self;
+        if this.finished {
+            return Poll::Ready(None);
+        }
+        if let Some(sleep) = this.deadline.as_mut() {
+            if sleep.as_mut().poll(cx).is_ready() {
+                this.finish();
+                return Poll::Ready(Some(Err(Status::deadline_exceeded(format!(
+                    "deadline passed before the stream of {} completed",
+                    this.method
+                )))));
+            }
+        }
+        loop {
+            let Poll::Ready(event) = this.rx.poll_recv(cx) else {
+                return Poll::Pending;
+            };
+            return match event {
+                Some(StreamEvent::Item(bytes, _)) => {
+                    if let Some(credit) = count_consumed(&mut this.consumed, this.window) {
+                        this.client.shared().credit(this.id, credit);
+                    }
+                    match codec::decode_payload(&bytes, "stream item") {
+                        Ok(item) => Poll::Ready(Some(Ok(item))),
+                        Err(e) => {
+                            this.finish();
+                            Poll::Ready(Some(Err(Status::internal(format!(
+                                "could not decode a stream item of {}: {}",
+                                this.method,
+                                chain(&e)
+                            )))))
+                        }
+                    }
+                }
+                // A bidi call's stream sees the acceptance first; only
+                // `call_stream` waits for it. (Never sent to a server.)
+                Some(StreamEvent::Accepted) => continue,
+                Some(StreamEvent::End(status)) => {
+                    // The reader already removed the call.
+                    this.finished = true;
+                    Poll::Ready(status.map(Err))
+                }
+                None => {
+                    this.finished = true;
+                    let status = this
+                        .client
+                        .shared()
+                        .closed_status()
+                        .unwrap_or_else(|| Status::conn_lost("rpc conn closed"));
+                    Poll::Ready(Some(Err(status)))
+                }
+            };
+        }
+    }
+}
+
+impl<T> Drop for ResponseStream<T> {
+    fn drop(&mut self) {
+        self.finish();
+    }
+}
+
+/// The sending half of a bidirectional-streaming call, as returned by
+/// [`Client::call_bidi`].
+///
+/// [`send`](RequestSink::send) waits for credit from the server, so a server
+/// that does not consume requests makes the sender wait instead of letting
+/// requests pile up. [`finish`](RequestSink::finish) (or dropping the sink)
+/// ends the request stream; the server sees its end.
+pub struct RequestSink<T> {
+    client: Client,
+    id: u64,
+    method: String,
+    credits: Arc<Semaphore>,
+    /// The call's deadline: a wait for credit or room ends there.
+    deadline: Option<Instant>,
+    finished: bool,
+    _item: PhantomData<fn(&T)>,
+}
+
+impl<T> RequestSink<T> {
+    pub(crate) fn new(
+        client: Client,
+        id: u64,
+        method: &str,
+        credits: Arc<Semaphore>,
+        deadline: Option<Instant>,
+    ) -> Self {
+        RequestSink {
+            client,
+            id,
+            method: method.to_owned(),
+            credits,
+            deadline,
+            finished: false,
+            _item: PhantomData,
+        }
+    }
+
+    /// Ends the request stream (the server's [`RequestStream`] ends).
+    pub fn finish(mut self) {
+        self.end();
+    }
+
+    fn end(&mut self) {
+        if self.finished {
+            return;
+        }
+        self.finished = true;
+        // A closed credit semaphore means the call is over: nobody listens.
+        if !self.credits.is_closed() {
+            let id = self.id;
+            let _ = self.client.shared().outbox.push_now(|w| {
+                codec::encode(w, &Header::StreamEnd { id, status: None }, "envelope")
+            });
+        }
+    }
+
+    fn ended(&self) -> Status {
+        self.client.shared().closed_status().unwrap_or_else(|| {
+            Status::failed_precondition(format!(
+                "the call to {} ended; the request was not sent",
+                self.method
+            ))
+        })
+    }
+}
+
+impl<T: Serialize> RequestSink<T> {
+    /// Sends one request item, waiting for credit from the server.
+    ///
+    /// Fails if the call has ended (the server finished, the call was
+    /// cancelled or timed out, the conn is gone), with `DeadlineExceeded`
+    /// once the call's deadline passes while it waits, or with
+    /// `ResourceExhausted` if the item exceeds the message limit (nothing is
+    /// sent; the call goes on). Cancel-safe: if the future is dropped before
+    /// it resolves, the item was not sent.
+    pub async fn send(&mut self, item: &T) -> Result<(), Status> {
+        if self.finished {
+            return Err(Status::failed_precondition(format!(
+                "the request stream of {} is already finished",
+                self.method
+            )));
+        }
+        match self.deadline {
+            None => self.send_now(item).await,
+            // Both waits in `send_now` (credit, outbox room) are cancel-safe,
+            // so giving up at the deadline sends nothing and loses no credit.
+            Some(d) => match tokio::time::timeout_at(d, self.send_now(item)).await {
+                Ok(res) => res,
+                Err(_) => Err(super::deadline_exceeded(&self.method)),
+            },
+        }
+    }
+
+    async fn send_now(&self, item: &T) -> Result<(), Status> {
+        let Ok(permit) = self.credits.acquire().await else {
+            return Err(self.ended());
+        };
+        let id = self.id;
+        let pushed = self
+            .client
+            .shared()
+            .outbox
+            .push(|w| {
+                codec::encode(w, &Header::StreamItem { id }, "envelope")?;
+                codec::encode(w, item, "request item")
+            })
+            .await;
+        match pushed {
+            Ok(()) => {
+                permit.forget();
+                Ok(())
+            }
+            Err(Error::MessageTooLarge { max }) => Err(Status::resource_exhausted(format!(
+                "a request item for {} exceeds the {max}-byte message limit; not sent",
+                self.method
+            ))),
+            Err(Error::Closed) => Err(self.ended()),
+            Err(e) => Err(e.to_status()),
+        }
+    }
+}
+
+impl<T> fmt::Debug for RequestSink<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RequestSink")
+            .field("id", &self.id)
+            .field("method", &self.method)
+            .field("finished", &self.finished)
+            .finish()
+    }
+}
+
+impl<T> Drop for RequestSink<T> {
+    fn drop(&mut self) {
+        self.end();
+    }
+}

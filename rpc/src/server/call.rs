@@ -1,0 +1,258 @@
+//! One call's task: the handler raced against cancellation and the
+//! deadline, then the answer (a response, stream items and an end, or a
+//! status).
+
+use std::{
+    any::Any,
+    future::Future,
+    panic::AssertUnwindSafe,
+    sync::{Arc, OnceLock},
+};
+
+use futures::{FutureExt, StreamExt};
+use tokio::{sync::Semaphore, time::Instant};
+use tokio_util::sync::CancellationToken;
+
+use super::{
+    handler::{Input, Method, Payload},
+    in_flight::ConnState,
+};
+use crate::{codec, error::chain, transport::WhenFull, wire::Header, Context, Error, Status};
+
+/// One running call.
+pub(super) struct Call {
+    pub(super) conn: Arc<ConnState>,
+    pub(super) id: u64,
+    pub(super) deadline: Option<Instant>,
+    pub(super) token: CancellationToken,
+    /// Why the conn ended this call, if it did (see [`CallEntry::abort`]).
+    pub(super) abort: Arc<OnceLock<Status>>,
+}
+
+impl Drop for Call {
+    fn drop(&mut self) {
+        // The call is over: work spawned with its context stops too.
+        self.token.cancel();
+        self.conn.remove(self.id);
+    }
+}
+
+fn panic_status(panic: Box<dyn Any + Send>) -> Status {
+    let what = panic
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "non-string panic payload".into());
+    Status::internal(format!("handler panicked: {what}"))
+}
+
+impl Call {
+    pub(super) async fn run(
+        self,
+        handler: Method,
+        ctx: Context,
+        input: Input,
+        credits: Option<Arc<Semaphore>>,
+    ) {
+        let method = ctx.method().to_owned();
+        // The request payload moves into the handler, which drops it once
+        // decoded: a long call does not keep the received frame (often a
+        // slice of the conn's shared read buffer) alive.
+        let (handler, input) = match (handler, input) {
+            (Method::Unary(h), Input::Payload(payload)) => {
+                let work = AssertUnwindSafe(async move { h(ctx, payload).await }).catch_unwind();
+                let Some(outcome) = self.race(work).await else {
+                    return;
+                };
+                self.respond(&method, outcome).await;
+                return;
+            }
+            other => other,
+        };
+        let credits = credits.unwrap_or_else(|| Arc::new(Semaphore::new(0)));
+        let id = self.id;
+        let conn = Arc::clone(&self.conn);
+        let work = AssertUnwindSafe(async move {
+            let mut items = match (handler, input) {
+                (Method::Stream(h), Input::Payload(payload)) => h(ctx, payload).await?,
+                (Method::Bidi(h), Input::Stream(inbound)) => h(ctx, inbound).await?,
+                _ => return Err(Status::internal("call kind and handler kind disagree")),
+            };
+            // The handler accepted the call: the caller's `call_stream`
+            // resolves on this, before any item (docs/protocol.md, Part 2).
+            match conn
+                .outbox
+                .push(|w| codec::encode(w, &Header::Accept { id }, "envelope"))
+                .await
+            {
+                Ok(()) => {}
+                Err(e) => return Err(e.to_status()),
+            }
+            loop {
+                // Credit first: an item is produced only when it may be
+                // sent, so nothing queues beyond the window.
+                match credits.acquire().await {
+                    Ok(permit) => permit.forget(),
+                    Err(_) => return Err(Status::internal("stream credit closed")),
+                }
+                let Some(item) = items.next().await else {
+                    return Ok(());
+                };
+                let payload = item?;
+                let pushed = conn
+                    .outbox
+                    .push_reply(WhenFull::Wait, |w| {
+                        codec::encode(w, &Header::StreamItem { id }, "envelope")?;
+                        payload(w)
+                    })
+                    .await;
+                match pushed {
+                    Ok(()) => {}
+                    Err(Error::MessageTooLarge { max }) => {
+                        return Err(Status::resource_exhausted(format!(
+                            "a stream item exceeds the {max}-byte message limit"
+                        )))
+                    }
+                    Err(e) => return Err(e.to_status()),
+                }
+            }
+        })
+        .catch_unwind();
+        let Some(outcome) = self.race(work).await else {
+            return;
+        };
+        let _ = self.conn.send_status(id, true, outcome.err()).await;
+    }
+
+    /// Runs `work` until it finishes, the deadline passes (an error
+    /// outcome) or the call is cancelled (`None`: nobody wants an answer,
+    /// unless the conn ended the call itself: then its status). Either way
+    /// `work`, and with it the handler, is dropped on return.
+    async fn race<T>(
+        &self,
+        work: impl Future<Output = Result<Result<T, Status>, Box<dyn Any + Send>>>,
+    ) -> Option<Result<T, Status>> {
+        let expired = async {
+            match self.deadline {
+                Some(d) => tokio::time::sleep_until(d).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            biased;
+            _ = self.token.cancelled() => {
+                tracing::trace!("rpc handler dropped: call cancelled");
+                // Set before the token is cancelled, so it is seen here.
+                self.abort.get().cloned().map(Err)
+            }
+            _ = expired => {
+                tracing::trace!("rpc handler dropped: deadline passed");
+                self.token.cancel();
+                Some(Err(Status::deadline_exceeded("deadline passed while the handler ran")))
+            }
+            res = work => Some(res.unwrap_or_else(|p| {
+                let status = panic_status(p);
+                tracing::warn!(%status, "rpc handler panicked");
+                Err(status)
+            })),
+        }
+    }
+
+    async fn respond(&self, method: &str, outcome: Result<Payload, Status>) {
+        let id = self.id;
+        let status = match outcome {
+            Ok(payload) => {
+                let pushed = self
+                    .conn
+                    .outbox
+                    .push_reply(WhenFull::Refuse, |w| {
+                        codec::encode(w, &Header::Response { id, status: None }, "envelope")?;
+                        payload(w)
+                    })
+                    .await;
+                match pushed {
+                    Ok(()) | Err(Error::Closed) => return,
+                    Err(Error::MessageTooLarge { max }) => Status::resource_exhausted(format!(
+                        "the response of {method} exceeds the {max}-byte message limit"
+                    )),
+                    Err(e @ Error::OutboundFull { .. }) => e.to_status(),
+                    Err(e) => Status::internal(format!(
+                        "could not send the response of {method}: {}",
+                        chain(&e)
+                    )),
+                }
+            }
+            Err(status) => status,
+        };
+        let _ = self.conn.send_status(id, false, Some(status)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use bytes::Bytes;
+
+    use super::*;
+    use crate::Config;
+
+    /// Regression: `Call::run` kept a clone of a unary request's payload for
+    /// the whole call, so a parked handler pinned the received frame (often a
+    /// slice of the conn's 64 KiB read buffer) long after decoding it.
+    #[tokio::test]
+    async fn a_running_unary_call_does_not_keep_its_request_frame_alive() {
+        struct Frame(Vec<u8>, Option<tokio::sync::oneshot::Sender<()>>);
+        impl AsRef<[u8]> for Frame {
+            fn as_ref(&self) -> &[u8] {
+                &self.0
+            }
+        }
+        impl Drop for Frame {
+            fn drop(&mut self) {
+                if let Some(tx) = self.1.take() {
+                    let _ = tx.send(());
+                }
+            }
+        }
+        let mut encoded = Vec::new();
+        codec::encode(&mut encoded, &5u32, "request").unwrap();
+        let (freed_tx, freed) = tokio::sync::oneshot::channel();
+        let payload = Bytes::from_owner(Frame(encoded, Some(freed_tx)));
+
+        let conn = Arc::new(ConnState::new(&Config::default()));
+        let (decoded_tx, decoded) = tokio::sync::oneshot::channel();
+        let decoded_tx = Mutex::new(Some(decoded_tx));
+        let handler = Method::unary(move |_ctx, n: u32| {
+            if let Some(tx) = decoded_tx.lock().unwrap().take() {
+                let _ = tx.send(n);
+            }
+            std::future::pending::<Result<(), Status>>()
+        });
+        let token = CancellationToken::new();
+        let call = Call {
+            conn,
+            id: 1,
+            deadline: None,
+            token: token.clone(),
+            abort: Arc::new(OnceLock::new()),
+        };
+        let ctx = Context::new(
+            "T.park".into(),
+            Default::default(),
+            None,
+            Default::default(),
+            token,
+        );
+        let running = tokio::spawn(call.run(handler, ctx, Input::Payload(payload), None));
+
+        let bound = std::time::Duration::from_secs(5);
+        assert_eq!(tokio::time::timeout(bound, decoded).await.unwrap(), Ok(5));
+        tokio::time::timeout(bound, freed)
+            .await
+            .expect("the request frame is released once the handler has decoded it")
+            .unwrap();
+        assert!(!running.is_finished(), "the handler is still parked");
+        running.abort();
+    }
+}

@@ -1,0 +1,324 @@
+//! The per-conn loop: the reader runs inline, the writer is spawned, and
+//! each frame is dispatched; `Request` and `Open` frames become call tasks.
+
+use std::sync::{Arc, OnceLock};
+
+use bytes::Bytes;
+use tokio::{
+    io::{AsyncRead, AsyncWrite},
+    sync::{mpsc, Semaphore},
+    time::Instant,
+};
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+use super::{
+    call::Call,
+    handler::{Inbound, Input, Kind},
+    in_flight::{Admission, CallEntry, ConnState},
+    Server,
+};
+use crate::{
+    codec,
+    context::Origin,
+    error::chain,
+    stream::{GrantCredit, StreamEvent},
+    transport::{read_preamble, FrameReader},
+    wire::{deadline_from_wire, Frame, Header},
+    Context, Error, Status,
+};
+
+/// Most stream credit a caller may have outstanding; larger grants are
+/// clamped (so a hostile peer cannot overflow the semaphore).
+const MAX_OUTSTANDING_CREDIT: usize = 1 << 20;
+
+impl Server {
+    /// Serves `conn` until the peer closes it, it fails, or — once `drain`
+    /// is cancelled — its last running call has ended (new calls are
+    /// refused meanwhile).
+    pub(crate) async fn serve_conn<T>(
+        &self,
+        conn: T,
+        origin: Origin,
+        drain: CancellationToken,
+    ) -> Result<(), Error>
+    where
+        T: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+    {
+        let peer = &origin;
+        let span = tracing::debug_span!("rpc_serve", peer = peer.label.as_deref().unwrap_or(""));
+        let config = &self.inner.config;
+        let (rd, mut wr) = tokio::io::split(conn);
+        let conn = Arc::new(ConnState::new(config));
+        // However serving ends (or if this future is dropped), cancel every
+        // call and stop the writer.
+        let _end = EndGuard(Arc::clone(&conn));
+        let c = Arc::clone(&conn);
+        let mut writer = tokio::spawn(
+            async move {
+                let res = tokio::select! {
+                    _ = c.token.cancelled() => Ok(()),
+                    res = c.outbox.run_writer(&mut wr) => res,
+                };
+                // Senders waiting for room must not wait for a dead writer.
+                c.outbox.close();
+                res
+            }
+            .instrument(span.clone()),
+        );
+        let mut reader = FrameReader::new(rd, config);
+        let res = async {
+            let after = config.handshake_timeout;
+            tokio::time::timeout(after, read_preamble(reader.io_mut()))
+                .await
+                .map_err(|_| Error::HandshakeTimeout { after })??;
+            loop {
+                let body = tokio::select! {
+                    frame = reader.next_frame() => match frame? {
+                        Some(body) => body,
+                        None => return Ok(()),
+                    },
+                    res = &mut writer => return match res {
+                        Ok(res) => res,
+                        Err(e) => Err(Error::Io(std::io::Error::other(e))),
+                    },
+                    _ = async { drain.cancelled().await; conn.until_idle().await } => {
+                        // Shutting down and idle: flush what the last calls
+                        // queued, then end. (The caller bounds this wait.)
+                        tracing::debug!("rpc conn drained for shutdown");
+                        conn.outbox.close();
+                        return match (&mut writer).await {
+                            Ok(res) => res,
+                            Err(e) => Err(Error::Io(std::io::Error::other(e))),
+                        };
+                    }
+                };
+                let frame = Frame::decode(body).map_err(Error::Malformed)?;
+                self.dispatch(&conn, frame, peer, &drain).await?;
+            }
+        }
+        .instrument(span.clone())
+        .await;
+        match &res {
+            Ok(()) => tracing::debug!(parent: &span, "rpc conn closed by the client"),
+            Err(e) => tracing::debug!(parent: &span, error = %chain(e), "rpc conn failed"),
+        }
+        res
+    }
+
+    async fn dispatch(
+        &self,
+        conn: &Arc<ConnState>,
+        frame: Frame,
+        peer: &Origin,
+        drain: &CancellationToken,
+    ) -> Result<(), Error> {
+        let Frame { header, payload } = frame;
+        match header {
+            Header::Request {
+                id,
+                method,
+                timeout_ns,
+                stream_credit,
+                metadata,
+            } => {
+                let (want, credit) = match stream_credit {
+                    None => (Kind::Unary, 0),
+                    Some(n) => (Kind::ServerStreaming, n),
+                };
+                let open = Open {
+                    id,
+                    method: method.into_owned(),
+                    timeout_ns,
+                    metadata: metadata.into_owned(),
+                    credit,
+                    want,
+                };
+                self.start_call(conn, peer, drain, open, Some(payload))
+                    .await
+            }
+            Header::Open {
+                id,
+                method,
+                timeout_ns,
+                credit,
+                metadata,
+            } => {
+                let open = Open {
+                    id,
+                    method: method.into_owned(),
+                    timeout_ns,
+                    metadata: metadata.into_owned(),
+                    credit,
+                    want: Kind::Bidi,
+                };
+                self.start_call(conn, peer, drain, open, None).await
+            }
+            Header::StreamItem { id } => {
+                let limit = self.inner.config.max_in_flight_bytes;
+                conn.route_inbound(id, StreamEvent::Item(payload, None), limit)
+            }
+            Header::StreamEnd { id, status } => {
+                conn.route_inbound(id, StreamEvent::End(status), usize::MAX)
+            }
+            Header::Cancel { id } => {
+                conn.with_call(id, |entry| {
+                    tracing::trace!(id, "rpc call cancelled by the client");
+                    entry.token.cancel();
+                });
+                Ok(())
+            }
+            Header::Credit { id, n } => {
+                if let Some(sem) = conn.with_call(id, |e| e.credits.clone()).flatten() {
+                    let room = MAX_OUTSTANDING_CREDIT.saturating_sub(sem.available_permits());
+                    sem.add_permits((n as usize).min(room));
+                }
+                Ok(())
+            }
+            Header::Response { .. } | Header::Accept { .. } => Err(Error::Protocol {
+                reason: "server conn received a response-side frame".into(),
+            }),
+        }
+    }
+
+    /// Admits and spawns one call (`payload` is `None` for a bidirectional
+    /// call), or answers it with an error status.
+    async fn start_call(
+        &self,
+        conn: &Arc<ConnState>,
+        peer: &Origin,
+        drain: &CancellationToken,
+        open: Open,
+        payload: Option<Bytes>,
+    ) -> Result<(), Error> {
+        let Open {
+            id,
+            method,
+            timeout_ns,
+            metadata,
+            credit,
+            want,
+        } = open;
+        let streaming = want != Kind::Unary;
+        let handler = match self.inner.methods.get(&method) {
+            None => {
+                let s = Status::unimplemented(format!("unknown method {method:?}"));
+                return conn.reply_error(id, streaming, s).await;
+            }
+            Some(m) if m.kind() != want => {
+                let s = Status::unimplemented(format!(
+                    "{method} is a {} method, called as {}",
+                    m.kind().name(),
+                    want.name()
+                ));
+                return conn.reply_error(id, streaming, s).await;
+            }
+            Some(m) => m.clone(),
+        };
+        if drain.is_cancelled() {
+            let s = Status::unavailable(format!("{method} refused: the server is shutting down"));
+            return conn.reply_error(id, streaming, s).await;
+        }
+        if timeout_ns == Some(0) {
+            let s = Status::deadline_exceeded(format!("{method} arrived past its deadline"));
+            return conn.reply_error(id, streaming, s).await;
+        }
+        let deadline = timeout_ns.map(|t| deadline_from_wire(t, Instant::now()));
+        let token = conn.token.child_token();
+        let credits = streaming.then(|| {
+            Arc::new(Semaphore::new(
+                (credit as usize).min(MAX_OUTSTANDING_CREDIT),
+            ))
+        });
+        let window = self.inner.config.window();
+        // Request items: at most `window` granted and unconsumed, plus the end.
+        let (inbound_tx, inbound) = match payload {
+            Some(_) => (None, None),
+            None => {
+                let (tx, rx) = mpsc::channel(window as usize + 1);
+                (Some(tx), Some(rx))
+            }
+        };
+        let abort = Arc::new(OnceLock::new());
+        let entry = CallEntry {
+            token: token.clone(),
+            abort: Arc::clone(&abort),
+            credits: credits.clone(),
+            inbound: inbound_tx,
+            bytes: payload.as_ref().map_or(0, Bytes::len),
+        };
+        let config = &self.inner.config;
+        match conn.admit(id, config, entry)? {
+            Admission::Admitted => {}
+            Admission::TooManyCalls => {
+                let s = Status::resource_exhausted(format!(
+                    "{} calls already in flight on this conn",
+                    config.max_in_flight
+                ));
+                return conn.reply_error(id, streaming, s).await;
+            }
+            Admission::TooManyBytes { held } => {
+                let s = Status::resource_exhausted(format!(
+                    "calls in flight on this conn already hold {held} request bytes \
+                     (limit {})",
+                    config.max_in_flight_bytes
+                ));
+                return conn.reply_error(id, streaming, s).await;
+            }
+        }
+        let input = match (payload, inbound) {
+            (Some(payload), _) => Input::Payload(payload),
+            (None, rx) => {
+                let rx = rx.unwrap_or_else(|| mpsc::channel(1).1);
+                let c = Arc::clone(conn);
+                let grant: GrantCredit = Arc::new(move |n| {
+                    let _ = c
+                        .outbox
+                        .push_now(|w| codec::encode(w, &Header::Credit { id, n }, "credit"));
+                });
+                // The initial request credit.
+                match conn
+                    .outbox
+                    .push(|w| codec::encode(w, &Header::Credit { id, n: window }, "credit"))
+                    .await
+                {
+                    Ok(()) | Err(Error::Closed) => {}
+                    Err(e) => return Err(e),
+                }
+                Input::Stream(Inbound { rx, grant, window })
+            }
+        };
+        let span = tracing::debug_span!("rpc_call", id, method = %method);
+        let ctx = Context::new(method, metadata, deadline, peer.clone(), token.clone());
+        let call = Call {
+            conn: Arc::clone(conn),
+            id,
+            deadline,
+            token,
+            abort,
+        };
+        tokio::spawn(call.run(handler, ctx, input, credits).instrument(span));
+        Ok(())
+    }
+}
+
+/// A call as requested by the client.
+struct Open {
+    id: u64,
+    method: String,
+    timeout_ns: Option<u64>,
+    metadata: crate::Metadata,
+    /// Initial response credit (streaming kinds).
+    credit: u32,
+    /// The kind of method the caller expects.
+    want: Kind,
+}
+
+struct EndGuard(Arc<ConnState>);
+
+impl Drop for EndGuard {
+    fn drop(&mut self) {
+        self.0.token.cancel();
+        self.0.outbox.close();
+    }
+}
