@@ -470,9 +470,14 @@ impl HubState {
         });
         // A client gets at most this many calls running at once per channel (and a session has
         // at most max_channels channels): plenty for a REPL, a bound against floods.
+        // Requests are small (a name, a path); replies can be `ls` listings of up to 3 MiB, and
+        // a client that does not read them may leave at most 8 MiB waiting per channel until
+        // the write-stall bound (rpc default, 30 s) ends the channel.
         let mut server = rpc::Server::with_config(
             rpc::Config::default()
                 .max_in_flight(64)
+                .max_in_flight_bytes(1 << 20)
+                .max_outbound_bytes(8 << 20)
                 .max_message_size(MAX_MESSAGE),
         );
         server.add(HubService(conn.clone()).into_service());
