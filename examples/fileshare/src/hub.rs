@@ -72,9 +72,6 @@ use crate::proto::{
     EXPORT_CHANNEL, HUB_CHANNEL,
 };
 use crate::registry::{validate_name, ConnId, NameError, Registry};
-use small_reads::SmallReads;
-
-mod small_reads;
 
 /// How long the hub waits to open the channel to a publishing client's export service (and
 /// never past the connection's publish deadline).
@@ -567,7 +564,7 @@ impl HubState {
             .get_or_try_init(|| async {
                 let ch = dial_peer(name, &peer.session).await?;
                 Ok(ExportClient::new(rpc::Client::with_config(
-                    SmallReads(ch),
+                    ch,
                     rpc::Config::default().max_message_size(MAX_MESSAGE),
                 )))
             })
@@ -586,7 +583,7 @@ impl HubState {
                 let window = window_for(&self.opts, rtt);
                 debug!(peer = %name, ?rtt, window, "read window sized from the round trip");
                 Ok(ExportClient::new(rpc::Client::with_config(
-                    SmallReads(ch),
+                    ch,
                     rpc::Config::default()
                         .stream_window(window)
                         .max_message_size(MAX_CHUNK_FRAME),
@@ -673,7 +670,7 @@ async fn serve_channels(
                     let server = server.clone();
                     let label = label.to_owned();
                     channels.spawn(async move {
-                        if let Err(e) = server.serve_named(SmallReads(ch), label).await {
+                        if let Err(e) = server.serve_named(ch, label).await {
                             debug!("hub channel ended: {e}");
                         }
                     }.in_current_span());
