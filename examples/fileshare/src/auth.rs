@@ -34,6 +34,14 @@ enum Code {
     BadToken = 1,
     TokenRequired = 2,
     BadVersion = 3,
+    TlsRequired = 4,
+}
+
+/// A refusal the hub sends without looking at the hello's contents.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Refusal {
+    /// The hub speaks TLS and the client connected in plaintext.
+    TlsRequired,
 }
 
 /// Why the hello exchange failed.
@@ -52,6 +60,9 @@ pub(crate) enum AuthError {
         /// What each side speaks.
         detail: String,
     },
+    /// The hub requires TLS and the client connected in plaintext.
+    #[error("the hub requires TLS: connect with --tls-ca CERT (the hub's certificate or its CA)")]
+    TlsRequired,
     /// An empty token was configured.
     #[error("the token is empty")]
     EmptyToken,
@@ -153,6 +164,7 @@ where
             c if c == Code::BadToken as u8 => Err(AuthError::BadToken),
             c if c == Code::TokenRequired as u8 => Err(AuthError::TokenRequired),
             c if c == Code::BadVersion as u8 => Err(AuthError::BadVersion { detail: text }),
+            c if c == Code::TlsRequired as u8 => Err(AuthError::TlsRequired),
             other => Err(AuthError::Malformed {
                 detail: format!("unknown reply code {other}: {text}"),
             }),
@@ -213,13 +225,45 @@ where
         Ok(()) => (Code::Ok, String::from("welcome"), Ok(())),
         Err((code, err)) => (code, err.to_string(), Err(err)),
     };
+    answer(io, code, &text).await?;
+    result
+}
+
+/// Hub side: reads the client's hello (bounded by [`TIMEOUT`]) and answers with `refusal`
+/// whatever it said.
+pub(crate) async fn server_refuse<S>(io: &mut S, refusal: Refusal) -> Result<(), AuthError>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    with_timeout(async {
+        let _version = io.read_u8().await?;
+        let len = io.read_u16().await? as usize;
+        if len > MAX_TOKEN_LEN {
+            return Err(AuthError::TokenTooLong { len });
+        }
+        let mut given = vec![0; len];
+        io.read_exact(&mut given).await?;
+        Ok(())
+    })
+    .await?;
+    let (code, err) = match refusal {
+        Refusal::TlsRequired => (Code::TlsRequired, AuthError::TlsRequired),
+    };
+    answer(io, code, &err.to_string()).await
+}
+
+/// Writes the hub's answer: `code | len: u16 BE | text` (text cut to [`MAX_MSG_LEN`]).
+async fn answer<S>(io: &mut S, code: Code, text: &str) -> Result<(), AuthError>
+where
+    S: AsyncWrite + Unpin,
+{
     let mut msg = vec![code as u8];
     let text = &text.as_bytes()[..text.len().min(MAX_MSG_LEN)];
     msg.extend_from_slice(&(text.len() as u16).to_be_bytes());
     msg.extend_from_slice(text);
     io.write_all(&msg).await?;
     io.flush().await?;
-    result
+    Ok(())
 }
 
 #[cfg(test)]
@@ -311,6 +355,19 @@ mod tests {
         );
         assert!(c.unwrap_err().to_string().contains("listener busy"));
         assert!(h.is_err());
+    }
+
+    #[tokio::test]
+    async fn a_plaintext_client_of_a_tls_hub_is_told_the_hub_requires_tls() {
+        let (mut a, mut b) = tokio::io::duplex(4096);
+        let (c, h) = tokio::join!(
+            client_hello(&mut a, Some("s3cret")),
+            server_refuse(&mut b, Refusal::TlsRequired)
+        );
+        h.unwrap();
+        let err = c.unwrap_err();
+        assert!(matches!(err, AuthError::TlsRequired), "{err:?}");
+        assert!(err.to_string().contains("requires TLS"), "{err}");
     }
 
     #[tokio::test]

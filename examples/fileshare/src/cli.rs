@@ -123,6 +123,10 @@ pub(crate) struct ClientArgs {
     /// No REPL: stay connected and export until killed.
     #[arg(long)]
     pub(crate) serve: bool,
+    /// Also serve files with more than one hard link (refused by default: another name of the
+    /// same file may be outside the exported directory).
+    #[arg(long)]
+    pub(crate) allow_hard_links: bool,
     /// Seconds of silence after which the hub connection is declared dead.
     #[arg(long, value_name = "SECS", default_value = "15", value_parser = parse_secs)]
     pub(crate) keepalive: Duration,

@@ -132,7 +132,7 @@ pub(crate) async fn connect(opts: &ClientOptions) -> Result<Link, ConnectError> 
                     .await
                     .map_err(|source| ConnectError::Tls {
                         addr: opts.addr.clone(),
-                        source,
+                        source: plaintext_hub_hint(source),
                     })?;
                 establish(tls, opts).await
             }
@@ -142,6 +142,18 @@ pub(crate) async fn connect(opts: &ClientOptions) -> Result<Link, ConnectError> 
     .map_err(|_| ConnectError::Timeout {
         addr: opts.addr.clone(),
     })?
+}
+
+/// A hub without TLS hangs up on a TLS handshake: say so instead of "eof".
+fn plaintext_hub_hint(e: std::io::Error) -> std::io::Error {
+    use std::io::ErrorKind::{ConnectionReset, UnexpectedEof};
+    if !matches!(e.kind(), UnexpectedEof | ConnectionReset) {
+        return e;
+    }
+    std::io::Error::new(
+        e.kind(),
+        format!("the hub hung up during the TLS handshake; it may be a plaintext hub ({e})"),
+    )
 }
 
 /// Runs the client half of the protocol over `io`: session, hello, export listener, publish.

@@ -89,6 +89,26 @@ pub(crate) enum ExportError {
         /// What it is instead ("fifo", "character device", ...).
         kind: &'static str,
     },
+    /// The file has more than one hard link and the sharer did not allow hard-linked files:
+    /// another name of the same file may sit outside the exported directory.
+    #[error(
+        "{path:?} has {links} hard links (another name may be outside the exported \
+         directory); the sharer must pass --allow-hard-links to serve it"
+    )]
+    HardLinked {
+        /// The path as requested.
+        path: String,
+        /// Its link count.
+        links: u64,
+    },
+    /// The requested offset is past the largest offset a file can have (2^63 - 1).
+    #[error("offset {offset} in {path:?} is past the largest possible file offset")]
+    BadOffset {
+        /// The path as requested.
+        path: String,
+        /// The offset asked for.
+        offset: u64,
+    },
     /// The operating system refused access.
     #[error("permission denied: {path:?}")]
     PermissionDenied {
@@ -317,6 +337,8 @@ pub(crate) struct Root {
     path: Arc<PathBuf>,
     show_hidden: bool,
     access_log: Option<AccessLog>,
+    /// Whether files with more than one hard link are served (default: no).
+    allow_hard_links: bool,
 }
 
 /// Where the exporter reports each access to its files (`alice read notes.txt`), so the
@@ -342,6 +364,7 @@ impl Root {
             path: Arc::new(shown),
             show_hidden: false,
             access_log: None,
+            allow_hard_links: false,
         })
     }
 
@@ -362,6 +385,14 @@ impl Root {
         if let Some(AccessLog(log)) = &self.access_log {
             log(format!("{who} {what}"));
         }
+    }
+
+    /// Whether to serve files with more than one hard link. A hard link inside the root can
+    /// name a file that also lives outside it (the same inode), which path checks cannot see,
+    /// so by default such files are refused.
+    pub(crate) fn allow_hard_links(mut self, allow: bool) -> Root {
+        self.allow_hard_links = allow;
+        self
     }
 
     /// The absolute path the root was opened from (for messages only; never used to access
@@ -480,6 +511,13 @@ impl Root {
         // Second check, on the descriptor itself: the path may have been swapped meanwhile.
         let meta = file.metadata().map_err(|e| ExportError::from_io(path, e))?;
         refuse(Kind::of(meta.file_type()))?;
+        let links = cap_std::fs::MetadataExt::nlink(&meta);
+        if links > 1 && !self.allow_hard_links {
+            return Err(ExportError::HardLinked {
+                path: path.to_owned(),
+                links,
+            });
+        }
         let file = file.into_std();
         let meta = file.metadata().map_err(|e| ExportError::from_io(path, e))?;
         Ok(OpenFile {
@@ -607,6 +645,12 @@ impl OpenFile {
     /// Reads up to `max` bytes at `offset` (fewer only at end of file; empty at or past it).
     pub(crate) fn read_at(&self, offset: u64, max: usize) -> Result<Vec<u8>, ExportError> {
         use std::os::unix::fs::FileExt;
+        if offset > i64::MAX as u64 {
+            return Err(ExportError::BadOffset {
+                path: self.path.clone(),
+                offset,
+            });
+        }
         let mut buf = vec![0u8; max];
         let mut filled = 0;
         // Bounded: each iteration either fills more of `buf` or ends the loop.

@@ -7,43 +7,92 @@
 //! who calls by the connection a call arrives on. `Hub.publish` dials the client's
 //! [`EXPORT_CHANNEL`] back over the same session; the hub never connects to a client.
 //!
-//! Only a published connection may use `list`/`ls`/`stat`/`read`, and one that has not
-//! published within [`HubOptions::publish_timeout`] is closed. Publishing a name another
-//! connection holds first probes the holder (see [`HubOptions::probe_timeout`]): a silent
-//! holder is evicted, a live one keeps the name.
+//! Admission: a connection counts as *pending* from accept until it has published. Pending
+//! connections are capped overall ([`HubOptions::max_pending`]) and per source address
+//! ([`HubOptions::max_pending_per_addr`]), so a flood from one address cannot lock out
+//! another; beyond a cap the TCP connection is closed right after accept. Every deadline is
+//! absolute: the TLS handshake and the hello together must finish within
+//! [`HubOptions::hello_timeout`] of accept, and the publish within
+//! [`HubOptions::publish_timeout`] of the hello's end (the dial back to the client's export
+//! service included), else the session is closed.
 //!
-//! When a session ends (quit, crash, keepalive timeout) its task removes the peer, and calls
-//! in flight to it fail with "peer gone". [`HubState::shutdown`] stops the accept loop and
-//! closes every session gracefully (a yamux GoAway, so clients see "closed by the peer", not an
-//! i/o error), each within the session's `close_grace`. Reads forwarded to one exporter are
-//! limited by a semaphore: a read waits up to [`HubOptions::busy_wait`] for a slot, then fails
-//! "busy"; each holds at most [`HubOptions::forward_window`] chunks at the hub.
+//! Only a published connection may use `list`/`ls`/`stat`/`read`. A name is never taken from a
+//! live connection: publishing a name another connection holds is refused ("already taken")
+//! until the transport declares the holder dead (its session ends: quit, crash, or the mux
+//! keepalive), and only then is the name free. No application-level probe decides it.
+//!
+//! When a session ends its task removes the peer, and calls in flight to it fail with "peer
+//! gone". [`HubState::shutdown`] stops the accept loop and closes every session gracefully (a
+//! yamux GoAway, so clients see "closed by the peer", not an i/o error), each within the
+//! session's `close_grace`.
+//!
+//! Forwarded calls to one exporter hold one of [`HubOptions::max_reads_per_peer`] slots (a call
+//! waits up to [`HubOptions::busy_wait`] for one, then fails "busy"), and one reader holds at
+//! most [`HubOptions::max_reads_per_reader`] of them per exporter. A forwarded read is pumped
+//! by its own task from the exporter into a one-item hand-over to the reader's stream:
+//! - the hub opens its channels to an exporter's service on first use (one for `ls`/`stat`,
+//!   one for reads), so an idle client costs no more than its session and hub channel;
+//! - reads use a channel of their own to the exporter, whose stream window is sized from the
+//!   round trip of that channel's dial (the bandwidth-delay product at
+//!   [`HubOptions::forward_rate`]), between [`HubOptions::forward_window`] and what
+//!   [`HubOptions::forward_budget`] allows; the hub holds at most `window + 2` chunks of a
+//!   read (the exporter's credit window, the hand-over and the chunk in the pump's hands):
+//!   1 MiB on a LAN, and 32 MiB per exporter at most with every slot busy;
+//! - "peer sent nothing" fires only when the *exporter* has been silent for
+//!   [`HubOptions::peer_timeout`] on every read (a chunk of another read proves it is alive,
+//!   so a read queued behind others on a slow link is not failed);
+//! - a reader that takes nothing for [`HubOptions::reader_stall`] (grants no credit, or does
+//!   not read its socket) loses the read: the pump ends, the exporter's call is cancelled and
+//!   the slot is free; the reader gets a "you read nothing" error if it ever asks again;
+//! - a chunk larger than [`CHUNK_SIZE`] or not at the expected offset is a protocol error, and
+//!   the reads channel refuses any frame over [`MAX_CHUNK_FRAME`] before buffering it (the
+//!   `ls`/`stat` channel over [`MAX_MESSAGE`], the largest `ls` reply).
 
-use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use futures::StreamExt;
+use futures::{Stream, StreamExt};
 use netchan_mux::{self as mux, Session};
 use netchan_rpc::{self as rpc, CallOptions, Code, Context, ItemStream, Status};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn, Instrument};
 
 use crate::auth::{self, Token};
-use crate::export::{Entry, Listing};
+use crate::export::{Entry, Listing, CHUNK_SIZE};
 use crate::proto::{
     Chunk, ExportClient, Hub, ListReq, PeerPath, PeerRead, PublishReq, PublishResp, ReadReq,
     EXPORT_CHANNEL, HUB_CHANNEL, READER_KEY,
 };
 use crate::registry::{validate_name, ConnId, NameError, Registry};
 
-/// How long the hub waits to open the channel to a publishing client's export service.
+/// How long the hub waits to open the channel to a publishing client's export service (and
+/// never past the connection's publish deadline).
 const EXPORT_DIAL_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Largest rpc message on the hub's channels, both ways: the biggest legitimate one is an
+/// `ls` reply of [`MAX_LIST_ENTRIES`](crate::export::MAX_LIST_ENTRIES) entries with 255-byte
+/// names (about 2.7 MB). A peer that announces a bigger frame loses that channel before the
+/// hub buffers it.
+pub(crate) const MAX_MESSAGE: usize = 3 << 20;
+
+/// Largest rpc message on the channel forwarded reads use: one chunk of [`CHUNK_SIZE`] and its
+/// envelope (a few dozen bytes). A chunk under it but over [`CHUNK_SIZE`] is refused as a
+/// protocol error when it arrives.
+pub(crate) const MAX_CHUNK_FRAME: usize = CHUNK_SIZE + 1024;
+
+/// The first byte of a TLS record carrying a handshake (a ClientHello starts with it).
+const TLS_HANDSHAKE_RECORD: u8 = 0x16;
+
+/// The largest offset a file can have (`off_t` is signed).
+const MAX_OFFSET: u64 = i64::MAX as u64;
 
 /// The hub's settings.
 #[derive(Clone)]
@@ -52,30 +101,46 @@ pub(crate) struct HubOptions {
     pub(crate) token: Option<Token>,
     /// TLS acceptor. Default: none (plaintext).
     pub(crate) tls: Option<tokio_rustls::TlsAcceptor>,
-    /// Reads forwarded to one peer at a time. Default: 8.
+    /// Calls forwarded to one peer at a time. Default: 8.
     pub(crate) max_reads_per_peer: usize,
-    /// How long a read waits for one of those slots before failing "busy". Default: 2 s.
+    /// Of those, most one reader connection may hold per exporter, so one reader cannot take
+    /// every slot of a peer. Default: 4 (clamped to `max_reads_per_peer`).
+    pub(crate) max_reads_per_reader: usize,
+    /// How long a call waits for one of those slots before failing "busy". Default: 2 s.
     pub(crate) busy_wait: Duration,
-    /// Deadline of a forwarded `ls`/`stat`, and the longest a forwarded read waits for the
-    /// exporter's next chunk (a whole read may take as long as it needs). Default: 30 s.
+    /// Deadline of a forwarded `ls`/`stat`, and how long a forwarded read waits while the
+    /// exporter sends nothing at all, on any read (a whole read may take as long as it needs).
+    /// Default: 30 s.
     pub(crate) peer_timeout: Duration,
+    /// How long a forwarded read may wait for its reader to take the next chunk (no credit
+    /// granted, or the reader's socket not read) before the hub gives the read up and frees
+    /// its slot. Default: 30 s.
+    pub(crate) reader_stall: Duration,
     /// Most client connections at once; more are closed right after accept. Default: 1024.
     pub(crate) max_connections: usize,
-    /// How long a connection may stay unpublished after its hello before it is closed, so
-    /// that it cannot hold one of the `max_connections` slots. Default: 10 s.
+    /// Most connections that have not published yet (hello included), from all addresses
+    /// together. Default: 256.
+    pub(crate) max_pending: usize,
+    /// Most connections that have not published yet from one source IP address. Default: 8.
+    pub(crate) max_pending_per_addr: usize,
+    /// How long after accept the TLS handshake (if any) and the hello must be done. Default:
+    /// 10 s.
+    pub(crate) hello_timeout: Duration,
+    /// How long after the hello a connection must have published, else it is closed (so that
+    /// it cannot hold a connection slot). Default: 10 s.
     pub(crate) publish_timeout: Duration,
-    /// How long the current holder of a name has to answer a probe (`Export.stat(".")`) when
-    /// another connection publishes the same name; a holder that does not answer is evicted
-    /// and the name goes to the newcomer. Default: 2 s.
-    pub(crate) probe_timeout: Duration,
-    /// Stream window (chunks the exporter may send ahead) of each read the hub forwards. The
-    /// hub holds up to this many chunks per forwarded read when the reader is slower than the
-    /// exporter, so it bounds the hub's memory: window × 256 KiB per read, times
-    /// `max_reads_per_peer` per exporter. Default: 4 (1 MiB per read; the rpc default of 16
-    /// made it 4 MiB, see the README's memory numbers).
+    /// Smallest stream window (chunks the exporter may send ahead) of a read the hub
+    /// forwards. Default: 2.
     pub(crate) forward_window: u32,
-    /// Session settings (keepalive bounds how fast a silent peer is dropped).
-    /// Default: `mux::Config::default()`.
+    /// Rate one forwarded read should reach on a long link: the window is sized to carry it
+    /// over the exporter's round trip (the bandwidth-delay product). Default: 100 MiB/s.
+    pub(crate) forward_rate: u64,
+    /// Most bytes the hub may hold for one exporter's forwarded reads when every read slot
+    /// is busy and every reader is slower than the exporter: caps the window at
+    /// `forward_budget / (max_reads_per_peer × 256 KiB) − 2` chunks. Default: 32 MiB.
+    pub(crate) forward_budget: usize,
+    /// Session settings (keepalive bounds how fast a silent peer is dropped, and so how soon
+    /// its name is free again). Default: `mux::Config::default()`.
     pub(crate) mux: mux::Config,
 }
 
@@ -85,12 +150,18 @@ impl Default for HubOptions {
             token: None,
             tls: None,
             max_reads_per_peer: 8,
+            max_reads_per_reader: 4,
             busy_wait: Duration::from_secs(2),
             peer_timeout: Duration::from_secs(30),
+            reader_stall: Duration::from_secs(30),
             max_connections: 1024,
+            max_pending: 256,
+            max_pending_per_addr: 8,
+            hello_timeout: Duration::from_secs(10),
             publish_timeout: Duration::from_secs(10),
-            probe_timeout: Duration::from_secs(2),
-            forward_window: 4,
+            forward_window: 2,
+            forward_rate: 100 << 20,
+            forward_budget: 32 << 20,
             mux: mux::Config::default(),
         }
     }
@@ -99,17 +170,73 @@ impl Default for HubOptions {
 /// What the hub keeps per published peer.
 #[derive(Clone)]
 struct PeerHandle {
-    /// The connection that published it.
-    conn: ConnId,
-    /// That connection's session (closed when the peer is evicted).
+    /// The exporter's session, to dial its export service.
     session: Session,
-    export: ExportClient,
-    /// Chunks received from this peer so far (across its forwarded reads): a holder busy
-    /// streaming, whose answer to a probe may queue behind its chunks on a slow link, counts
-    /// as alive.
-    chunks: Arc<AtomicU64>,
+    /// The exporter's service for `ls` and `stat`, dialed on first use (an idle client costs
+    /// the hub no channel for it).
+    export: Arc<tokio::sync::OnceCell<ExportClient>>,
+    /// The same service on a channel of its own for reads, dialed on the first read: frames
+    /// over one chunk are refused there, and its stream window is sized from the round trip
+    /// of that dial.
+    reads: Arc<tokio::sync::OnceCell<ExportClient>>,
+    /// When the hub last received anything from this exporter (a chunk of any read, an
+    /// `ls`/`stat` answer), in milliseconds since the hub's epoch.
+    heard: Arc<AtomicU64>,
     /// Slots for forwarded reads (and ls/stat) to this peer.
     calls: Arc<Semaphore>,
+}
+
+/// Counts connections that have not published yet, overall and per source address.
+struct Admission {
+    limit: usize,
+    per_addr: usize,
+    // A std mutex: a few map operations, never held across `.await`.
+    counts: Mutex<(usize, HashMap<IpAddr, usize>)>,
+}
+
+/// One admitted, not yet published connection; dropping it frees its place.
+pub(crate) struct Pending {
+    admission: Arc<Admission>,
+    ip: IpAddr,
+}
+
+impl Admission {
+    fn lock(&self) -> std::sync::MutexGuard<'_, (usize, HashMap<IpAddr, usize>)> {
+        self.counts
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Admits one more pending connection from `ip`, or says which cap it hit.
+    fn admit(self: &Arc<Self>, ip: IpAddr) -> Result<Pending, &'static str> {
+        let mut counts = self.lock();
+        if counts.0 >= self.limit {
+            return Err("too many connections still saying hello");
+        }
+        let from_ip = counts.1.entry(ip).or_insert(0);
+        if *from_ip >= self.per_addr {
+            return Err("too many connections from this address still saying hello");
+        }
+        *from_ip += 1;
+        counts.0 += 1;
+        Ok(Pending {
+            admission: self.clone(),
+            ip,
+        })
+    }
+}
+
+impl Drop for Pending {
+    fn drop(&mut self) {
+        let mut counts = self.admission.lock();
+        counts.0 = counts.0.saturating_sub(1);
+        if let Some(n) = counts.1.get_mut(&self.ip) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                counts.1.remove(&self.ip);
+            }
+        }
+    }
 }
 
 /// The hub. Cheap to share (`Arc`); [`HubState::serve`] runs the accept loop.
@@ -118,6 +245,9 @@ pub(crate) struct HubState {
     peers: Registry<PeerHandle>,
     next_conn: AtomicU64,
     connections: Arc<Semaphore>,
+    admission: Arc<Admission>,
+    /// Origin of the `heard` clocks.
+    epoch: Instant,
     /// Bumped whenever the set of peers changes (lets tests await a departure).
     changes: tokio::sync::watch::Sender<u64>,
     /// Cancelled by [`HubState::shutdown`]: every connection task closes its session.
@@ -128,11 +258,18 @@ impl HubState {
     /// A hub with no peers.
     pub(crate) fn new(opts: HubOptions) -> Arc<HubState> {
         let connections = Arc::new(Semaphore::new(opts.max_connections.max(1)));
+        let admission = Arc::new(Admission {
+            limit: opts.max_pending.max(1),
+            per_addr: opts.max_pending_per_addr.max(1),
+            counts: Mutex::new((0, HashMap::new())),
+        });
         Arc::new(HubState {
             opts,
             peers: Registry::new(),
             next_conn: AtomicU64::new(1),
             connections,
+            admission,
+            epoch: Instant::now(),
             changes: tokio::sync::watch::Sender::new(0),
             stop: CancellationToken::new(),
         })
@@ -160,12 +297,20 @@ impl HubState {
                             warn!(%addr, limit = self.opts.max_connections, "refusing connection: too many clients");
                             continue;
                         };
+                        let pending = match self.admission.admit(addr.ip()) {
+                            Ok(pending) => pending,
+                            Err(why) => {
+                                debug!(%addr, "refusing connection: {why}");
+                                continue;
+                            }
+                        };
+                        let deadline = Instant::now() + self.opts.hello_timeout;
                         let _ = tcp.set_nodelay(true);
                         let hub = self.clone();
                         let id = self.next_conn.fetch_add(1, Ordering::Relaxed);
                         let span = tracing::info_span!("conn", id, %addr);
                         conns.spawn(async move {
-                            hub.accept_tcp(tcp, id, addr).await;
+                            hub.accept_tcp(tcp, id, addr, Some(pending), deadline).await;
                             drop(permit);
                         }.instrument(span));
                     }
@@ -190,19 +335,59 @@ impl HubState {
         info!("every session closed");
     }
 
-    async fn accept_tcp(self: Arc<Self>, tcp: tokio::net::TcpStream, id: ConnId, addr: SocketAddr) {
-        match &self.opts.tls {
-            None => self.serve_io(tcp, id, addr.to_string()).await,
-            Some(acceptor) => {
-                let handshake =
-                    tokio::time::timeout(crate::tls::HANDSHAKE_TIMEOUT, acceptor.accept(tcp));
+    /// Serves one accepted TCP connection: looks at its first byte (a TLS hub tells a
+    /// plaintext client so in the hello; a plaintext hub logs a TLS client and hangs up), runs
+    /// the TLS handshake if any, then the session. Everything before the hello's end is
+    /// bounded by `deadline`.
+    pub(crate) async fn accept_tcp(
+        self: Arc<Self>,
+        tcp: tokio::net::TcpStream,
+        id: ConnId,
+        addr: SocketAddr,
+        pending: Option<Pending>,
+        deadline: Instant,
+    ) {
+        let label = addr.to_string();
+        let mut first = [0u8; 1];
+        let peeked = tokio::select! {
+            peeked = tokio::time::timeout_at(deadline, tcp.peek(&mut first)) => peeked,
+            () = self.stop.cancelled() => return,
+        };
+        match peeked {
+            Ok(Ok(1)) => {}
+            Ok(Ok(_)) => return debug!("closed before sending anything"),
+            Ok(Err(e)) => return debug!("connection failed before sending anything: {e}"),
+            Err(_) => return warn!("refused: sent nothing within {:?}", self.opts.hello_timeout),
+        }
+        let speaks_tls = first[0] == TLS_HANDSHAKE_RECORD;
+        match (&self.opts.tls, speaks_tls) {
+            (None, false) => self.serve_conn(tcp, id, label, pending, deadline).await,
+            (None, true) => {
+                warn!(
+                    "refused: the client started a TLS handshake, but this hub is plaintext \
+                     (start it with --tls-cert and --tls-key, or connect without --tls-ca)"
+                );
+                // Take the ClientHello off the socket so that closing it is a plain end of
+                // stream (the client can tell a hang-up from a reset), then hang up.
+                let mut tcp = tcp;
+                let mut hello = [0u8; 4096];
+                let read = tokio::io::AsyncReadExt::read(&mut tcp, &mut hello);
+                let _ = tokio::time::timeout_at(deadline, read).await;
+            }
+            (Some(_), false) => {
+                warn!("refusing a plaintext client: this hub requires TLS");
+                self.refuse_plaintext(tcp, deadline).await;
+            }
+            (Some(acceptor), true) => {
+                let limit = deadline.min(Instant::now() + crate::tls::HANDSHAKE_TIMEOUT);
+                let handshake = tokio::time::timeout_at(limit, acceptor.accept(tcp));
                 // No session exists yet, so a shutdown simply drops the half-made link.
                 let done = tokio::select! {
                     done = handshake => done,
                     () = self.stop.cancelled() => return,
                 };
                 match done {
-                    Ok(Ok(tls)) => self.serve_io(tls, id, addr.to_string()).await,
+                    Ok(Ok(tls)) => self.serve_conn(tls, id, label, pending, deadline).await,
                     Ok(Err(e)) => warn!("tls handshake failed: {e}"),
                     Err(_) => warn!("tls handshake timed out"),
                 }
@@ -210,14 +395,53 @@ impl HubState {
         }
     }
 
-    /// Serves one client connection over `io` (any byte stream) until it ends.
+    /// Answers a plaintext client of a TLS hub in its own protocol: its hello gets "this hub
+    /// requires TLS", so it can say so instead of reporting a broken connection.
+    async fn refuse_plaintext(&self, tcp: tokio::net::TcpStream, deadline: Instant) {
+        let session = Session::server(tcp, self.opts.mux.clone().max_channels(2));
+        let refuse = async {
+            let mut hello = session.listen(auth::CHANNEL)?;
+            let mut ch = hello.accept().await?;
+            auth::server_refuse(&mut ch, auth::Refusal::TlsRequired).await?;
+            anyhow::Ok(())
+        };
+        tokio::select! {
+            done = tokio::time::timeout_at(deadline, refuse) => {
+                if let Ok(Err(e)) = done {
+                    debug!("could not tell the plaintext client: {e:#}");
+                }
+            }
+            () = self.stop.cancelled() => {}
+        }
+        session.close().await;
+    }
+
+    /// Serves one client connection over `io` (any byte stream) until it ends, with the
+    /// default hello deadline from now and no admission slot (tests drive the hub this way).
+    #[cfg(test)]
     pub(crate) async fn serve_io<T>(self: Arc<Self>, io: T, id: ConnId, label: String)
     where
         T: AsyncRead + AsyncWrite + Send + Unpin + 'static,
     {
+        let deadline = Instant::now() + self.opts.hello_timeout;
+        self.serve_conn(io, id, label, None, deadline).await;
+    }
+
+    /// Serves one client connection over `io` (any byte stream) until it ends. The hello must
+    /// be done by `deadline`; `pending` is released once the connection has published.
+    async fn serve_conn<T>(
+        self: Arc<Self>,
+        io: T,
+        id: ConnId,
+        label: String,
+        pending: Option<Pending>,
+        deadline: Instant,
+    ) where
+        T: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+    {
         let session = Session::server(io, self.opts.mux.clone());
         let hello = tokio::select! {
-            hello = self.hello(&session) => hello,
+            hello = self.hello(&session, deadline) => hello,
             () = self.stop.cancelled() => Err(anyhow::anyhow!("the hub is shutting down")),
         };
         let hub_listener = match hello {
@@ -236,10 +460,23 @@ impl HubState {
             session: session.clone(),
             hub: self.clone(),
             published: tokio::sync::Mutex::new(Published::No),
+            is_published: AtomicBool::new(false),
+            publish_deadline: Instant::now() + self.opts.publish_timeout,
+            pending: Mutex::new(pending),
+            reads: Mutex::new(HashMap::new()),
         });
         // A client gets at most this many calls running at once per channel (and a session has
         // at most max_channels channels): plenty for a REPL, a bound against floods.
-        let mut server = rpc::Server::with_config(rpc::Config::default().max_in_flight(64));
+        // Requests are small (a name, a path); replies can be `ls` listings of up to 3 MiB, and
+        // a client that does not read them may leave at most 8 MiB waiting per channel until
+        // the write-stall bound (rpc default, 30 s) ends the channel.
+        let mut server = rpc::Server::with_config(
+            rpc::Config::default()
+                .max_in_flight(64)
+                .max_in_flight_bytes(1 << 20)
+                .max_outbound_bytes(8 << 20)
+                .max_message_size(MAX_MESSAGE),
+        );
         server.add(HubService(conn.clone()).into_service());
         let reason = serve_channels(hub_listener, &conn, &server).await;
         let mut published = conn.published.lock().await;
@@ -258,24 +495,29 @@ impl HubState {
         *published = Published::Gone;
     }
 
-    /// Runs the hello exchange; on success the hub channel is being listened on.
-    async fn hello(&self, session: &Session) -> anyhow::Result<mux::Listener> {
-        let mut hello = session.listen(auth::CHANNEL)?;
-        let mut ch = tokio::time::timeout(auth::TIMEOUT, hello.accept())
+    /// Runs the hello exchange, all of it by `deadline`; on success the hub channel is being
+    /// listened on.
+    async fn hello(&self, session: &Session, deadline: Instant) -> anyhow::Result<mux::Listener> {
+        let exchange = async {
+            let mut hello = session.listen(auth::CHANNEL)?;
+            let mut ch = hello.accept().await?;
+            drop(hello);
+            let mut hub_listener = None;
+            let verdict = auth::server_hello(&mut ch, self.opts.token.as_ref(), || {
+                hub_listener = Some(session.listen(HUB_CHANNEL).map_err(|e| e.to_string())?);
+                Ok(())
+            })
+            .await;
+            // End with FIN, never a reset: some yamux implementations drop unread data on RST.
+            // Bounded by the hello deadline around this block.
+            let _ = tokio::io::AsyncWriteExt::shutdown(&mut ch).await;
+            verdict?;
+            hub_listener.ok_or_else(|| anyhow::anyhow!("hub listener missing after hello"))
+        };
+        let limit = self.opts.hello_timeout;
+        tokio::time::timeout_at(deadline, exchange)
             .await
-            .map_err(|_| anyhow::anyhow!("no hello within {:?}", auth::TIMEOUT))??;
-        drop(hello);
-        let mut hub_listener = None;
-        let verdict = auth::server_hello(&mut ch, self.opts.token.as_ref(), || {
-            hub_listener = Some(session.listen(HUB_CHANNEL).map_err(|e| e.to_string())?);
-            Ok(())
-        })
-        .await;
-        // End with FIN, never a reset: some yamux implementations drop unread data on RST.
-        let _ =
-            tokio::time::timeout(auth::TIMEOUT, tokio::io::AsyncWriteExt::shutdown(&mut ch)).await;
-        verdict?;
-        hub_listener.ok_or_else(|| anyhow::anyhow!("hub listener missing after hello"))
+            .map_err(|_| anyhow::anyhow!("no hello within {limit:?} of connecting"))?
     }
 
     fn changed(&self) {
@@ -293,6 +535,12 @@ impl HubState {
         self.changes.subscribe()
     }
 
+    /// Connections admitted but not yet published.
+    #[cfg(test)]
+    pub(crate) fn pending(&self) -> usize {
+        self.admission.lock().0
+    }
+
     /// The handle of peer `name`, if it is published.
     fn peer(&self, name: &str) -> Result<PeerHandle, Status> {
         self.peers.get(name).ok_or_else(|| {
@@ -302,38 +550,51 @@ impl HubState {
         })
     }
 
-    /// Probes `holder`, the current owner of `name`, on behalf of a connection that wants the
-    /// name: if the holder does not answer a cheap call within `probe_timeout` (its link is
-    /// frozen or half-open: a client reconnecting before keepalive noticed its old session), it
-    /// is evicted and its session closed. A holder that delivered file chunks meanwhile is
-    /// alive even if the answer itself was late. Returns whether the name was freed.
-    async fn evict_if_silent(&self, name: &str, holder: &PeerHandle) -> bool {
-        let limit = self.opts.probe_timeout;
-        let chunks_before = holder.chunks.load(Ordering::Relaxed);
-        let probe = holder
-            .export
-            .with_options(CallOptions::default().timeout(limit));
-        let why = match tokio::time::timeout(limit, probe.stat(".".to_owned())).await {
-            // Any answer, even an error from its file system, means the holder is alive.
-            Ok(Ok(_)) => return false,
-            Ok(Err(s)) if !matches!(s.code(), Code::DeadlineExceeded | Code::Unavailable) => {
-                return false
-            }
-            Ok(Err(s)) => s.to_string(),
-            Err(_) => format!("no answer within {limit:?}"),
-        };
-        if holder.chunks.load(Ordering::Relaxed) != chunks_before {
-            debug!(peer = %name, "probe unanswered ({why}) but the holder is streaming: alive");
-            return false;
-        }
-        if self.peers.remove(name, holder.conn) {
-            self.changed();
-            warn!(peer = %name, holder = holder.conn, "evicted: the holder of the name did not answer a probe ({why}); giving the name to the new connection");
-        }
-        // Not awaited: closing a frozen link takes the whole close grace.
-        let session = holder.session.clone();
-        tokio::spawn(async move { session.close().await }.in_current_span());
-        true
+    /// Notes that `peer` was just heard from.
+    fn heard(&self, peer: &PeerHandle) {
+        let ms = self.epoch.elapsed().as_millis() as u64;
+        peer.heard.fetch_max(ms, Ordering::Relaxed);
+    }
+
+    /// When `peer` was last heard from.
+    fn last_heard(&self, peer: &PeerHandle) -> Instant {
+        self.epoch + Duration::from_millis(peer.heard.load(Ordering::Relaxed))
+    }
+
+    /// The client of `peer`'s export service for `ls`/`stat`, dialing its channel if this is
+    /// the first use.
+    async fn export_client(&self, name: &str, peer: &PeerHandle) -> Result<ExportClient, Status> {
+        peer.export
+            .get_or_try_init(|| async {
+                let ch = dial_peer(name, &peer.session).await?;
+                Ok(ExportClient::new(rpc::Client::with_config(
+                    ch,
+                    rpc::Config::default().max_message_size(MAX_MESSAGE),
+                )))
+            })
+            .await
+            .cloned()
+    }
+
+    /// The client of `peer`'s export service for reads, dialing its channel if this is the
+    /// first read; the dial's round trip sizes the stream window ([`window_for`]).
+    async fn reads_client(&self, name: &str, peer: &PeerHandle) -> Result<ExportClient, Status> {
+        peer.reads
+            .get_or_try_init(|| async {
+                let start = Instant::now();
+                let ch = dial_peer(name, &peer.session).await?;
+                let rtt = start.elapsed();
+                let window = window_for(&self.opts, rtt);
+                debug!(peer = %name, ?rtt, window, "read window sized from the round trip");
+                Ok(ExportClient::new(rpc::Client::with_config(
+                    ch,
+                    rpc::Config::default()
+                        .stream_window(window)
+                        .max_message_size(MAX_CHUNK_FRAME),
+                )))
+            })
+            .await
+            .cloned()
     }
 
     /// Waits up to `busy_wait` for a call slot on `peer`.
@@ -350,11 +611,34 @@ impl HubState {
             }
         }
     }
+
+    /// Waits for the next item of a forwarded read. Gives up (`None`) only once the exporter
+    /// has sent nothing at all, on any of its reads, for `peer_timeout`.
+    async fn next_from<S>(&self, peer: &PeerHandle, up: &mut S) -> Option<Option<S::Item>>
+    where
+        S: Stream + Unpin,
+    {
+        let limit = self.opts.peer_timeout;
+        let mut since = Instant::now();
+        // Bounded: every further round needs the exporter to have been heard from meanwhile.
+        loop {
+            match tokio::time::timeout_at(since + limit, up.next()).await {
+                Ok(item) => return Some(item),
+                Err(_) => {
+                    let last = self.last_heard(peer);
+                    if last <= since {
+                        return None;
+                    }
+                    since = last;
+                }
+            }
+        }
+    }
 }
 
 /// Accepts and serves [`HUB_CHANNEL`] channels until the session ends; returns why it ended.
 /// Closes the session gracefully itself when the hub shuts down, or when the connection has
-/// not published within [`HubOptions::publish_timeout`].
+/// not published by its publish deadline (whatever a publish in progress is doing).
 async fn serve_channels(
     mut listener: mux::Listener,
     conn: &ConnState,
@@ -362,8 +646,7 @@ async fn serve_channels(
 ) -> mux::CloseReason {
     let (session, label) = (&conn.session, conn.label.as_str());
     let stop = &conn.hub.stop;
-    let publish_timeout = conn.hub.opts.publish_timeout;
-    let publish_deadline = tokio::time::sleep(publish_timeout);
+    let publish_deadline = tokio::time::sleep_until(conn.publish_deadline);
     tokio::pin!(publish_deadline);
     let mut awaiting_publish = true;
     // Channel tasks are owned here: when the session ends this set is dropped and aborts them.
@@ -379,9 +662,9 @@ async fn serve_channels(
             }
             () = &mut publish_deadline, if awaiting_publish => {
                 awaiting_publish = false;
-                // Waits for a publish in progress (bounded by its dial-back timeout).
-                if matches!(*conn.published.lock().await, Published::No) {
-                    warn!(after = ?publish_timeout, "closing: the connection did not publish in time");
+                if !conn.is_published.load(Ordering::SeqCst) {
+                    let after = conn.hub.opts.publish_timeout;
+                    warn!(?after, "closing: the connection did not publish in time");
                     session.close().await;
                     return session.closed().await;
                 }
@@ -422,6 +705,14 @@ struct ConnState {
     // A tokio mutex: held across the dial back to the client, so that publish and the
     // departure cleanup are ordered.
     published: tokio::sync::Mutex<Published>,
+    /// Set once published; read by the publish deadline without waiting for the lock.
+    is_published: AtomicBool,
+    /// When the connection must have published.
+    publish_deadline: Instant,
+    /// Its admission place, released when it publishes.
+    pending: Mutex<Option<Pending>>,
+    /// Calls this connection has forwarded to each exporter right now.
+    reads: Mutex<HashMap<String, usize>>,
 }
 
 impl ConnState {
@@ -436,6 +727,73 @@ impl ConnState {
             Published::Gone => Err(Status::unavailable("the connection is closing")),
         }
     }
+
+    /// Opens a channel to this client's export service, by the publish deadline at the latest.
+    async fn dial_export(&self) -> Result<mux::Conn, Status> {
+        let limit = self
+            .publish_deadline
+            .saturating_duration_since(Instant::now())
+            .min(EXPORT_DIAL_TIMEOUT);
+        tokio::time::timeout(limit, self.session.dial(EXPORT_CHANNEL))
+            .await
+            .map_err(|_| {
+                Status::failed_precondition(format!(
+                    "could not open your {EXPORT_CHANNEL:?} channel within {limit:?}"
+                ))
+            })?
+            .map_err(|e| {
+                Status::failed_precondition(format!(
+                    "could not open your {EXPORT_CHANNEL:?} channel: {e}"
+                ))
+            })
+    }
+
+    /// Takes one of this reader's places for calls to exporter `peer`, or refuses at once if
+    /// it already holds `max_reads_per_reader` of them.
+    fn reader_slot(self: &Arc<Self>, peer: &str) -> Result<ReaderSlot, Status> {
+        let opts = &self.hub.opts;
+        let limit = opts
+            .max_reads_per_reader
+            .clamp(1, opts.max_reads_per_peer.max(1));
+        let mut reads = self
+            .reads
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let n = reads.entry(peer.to_owned()).or_insert(0);
+        if *n >= limit {
+            return Err(Status::resource_exhausted(format!(
+                "you already have {limit} calls to peer {peer:?} in flight (the most one reader \
+                 may have); wait for one to finish"
+            )));
+        }
+        *n += 1;
+        Ok(ReaderSlot {
+            conn: self.clone(),
+            peer: peer.to_owned(),
+        })
+    }
+}
+
+/// One of a reader's places for calls to one exporter; dropping it frees it.
+struct ReaderSlot {
+    conn: Arc<ConnState>,
+    peer: String,
+}
+
+impl Drop for ReaderSlot {
+    fn drop(&mut self) {
+        let mut reads = self
+            .conn
+            .reads
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(n) = reads.get_mut(&self.peer) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                reads.remove(&self.peer);
+            }
+        }
+    }
 }
 
 /// The [`Hub`] service as seen by one connection.
@@ -443,8 +801,9 @@ struct HubService(Arc<ConnState>);
 
 impl HubService {
     /// Forwards one unary call to the exporter published as `name`: only a published caller
-    /// may ask, the call holds one of that peer's read slots while it runs, is bounded by
-    /// `peer_timeout`, and the peer's error comes back rewritten by [`from_peer`].
+    /// may ask, the call holds one of this reader's places and one of that peer's slots while
+    /// it runs, is bounded by `peer_timeout`, and the peer's error comes back rewritten by
+    /// [`from_peer`].
     async fn forward<T, F, Fut>(&self, name: &str, call: F) -> Result<T, Status>
     where
         F: FnOnce(ExportClient) -> Fut,
@@ -453,13 +812,30 @@ impl HubService {
         let reader = self.0.published_name().await?;
         let hub = &self.0.hub;
         let peer = hub.peer(name)?;
+        let _mine = self.0.reader_slot(name)?;
         let _slot = hub.slot(name, &peer).await?;
-        let export = peer.export.with_options(
+        let export = hub.export_client(name, &peer).await?.with_options(
             CallOptions::default()
                 .timeout(hub.opts.peer_timeout)
                 .metadata(READER_KEY, reader),
         );
-        call(export).await.map_err(|s| from_peer(name, s))
+        let result = call(export).await;
+        if result.is_ok() {
+            hub.heard(&peer);
+        }
+        result.map_err(|s| from_peer(name, s))
+    }
+}
+
+/// Opens a channel to the export service of the peer `name` over its `session`, within
+/// [`EXPORT_DIAL_TIMEOUT`].
+async fn dial_peer(name: &str, session: &Session) -> Result<mux::Conn, Status> {
+    match tokio::time::timeout(EXPORT_DIAL_TIMEOUT, session.dial(EXPORT_CHANNEL)).await {
+        Ok(Ok(ch)) => Ok(ch),
+        Ok(Err(e)) => Err(peer_gone(name, format!("no channel to it: {e}"))),
+        Err(_) => Err(Status::deadline_exceeded(format!(
+            "peer {name:?} did not open a channel within {EXPORT_DIAL_TIMEOUT:?}"
+        ))),
     }
 }
 
@@ -479,6 +855,111 @@ fn from_peer(name: &str, s: Status) -> Status {
     }
 }
 
+/// The stream window of reads forwarded from an exporter whose round trip is `rtt`: enough
+/// chunks to carry `forward_rate` over it (the bandwidth-delay product), at least
+/// `forward_window`, at most what `forward_budget` allows with every read slot busy (each read
+/// holds its window plus 2 chunks at the hub).
+fn window_for(opts: &HubOptions, rtt: Duration) -> u32 {
+    let bdp = (opts.forward_rate as f64 * rtt.as_secs_f64() / CHUNK_SIZE as f64).ceil() as u64;
+    let per_read = opts.forward_budget / (opts.max_reads_per_peer.max(1) * CHUNK_SIZE);
+    let floor = u64::from(opts.forward_window.max(1));
+    let cap = (per_read as u64).saturating_sub(2).max(floor);
+    bdp.clamp(floor, cap).min(u64::from(u32::MAX)) as u32
+}
+
+/// Checks one chunk of a forwarded read against the protocol: at most [`CHUNK_SIZE`] bytes,
+/// at the offset where the previous one ended.
+fn check_chunk(name: &str, chunk: &Chunk, expected: u64) -> Result<(), Status> {
+    let broke = |what: String| {
+        warn!(peer = %name, "protocol error on a forwarded read: {what}");
+        Status::internal(format!("peer {name:?} broke the protocol: {what}"))
+    };
+    if chunk.data.len() > CHUNK_SIZE {
+        return Err(broke(format!(
+            "it sent a chunk of {} bytes; the limit is {CHUNK_SIZE}",
+            chunk.data.len()
+        )));
+    }
+    if chunk.offset != expected {
+        return Err(broke(format!(
+            "it sent a chunk at offset {} where {expected} was due",
+            chunk.offset
+        )));
+    }
+    Ok(())
+}
+
+/// What a forwarded read's pump needs besides its streams.
+struct Pump {
+    hub: Arc<HubState>,
+    name: String,
+    peer: PeerHandle,
+    /// Where the next chunk must start.
+    offset: u64,
+    /// Why the pump gave up on the reader, for the reader's stream to report.
+    why: Arc<Mutex<Option<Status>>>,
+    /// The slots, freed when the pump ends.
+    _slots: (OwnedSemaphorePermit, ReaderSlot),
+}
+
+impl Pump {
+    /// Moves chunks from the exporter to the reader's hand-over until the read is done, the
+    /// reader is gone, or one side stays stuck past its bound (see the module docs).
+    async fn run<S>(mut self, mut up: S, tx: mpsc::Sender<Result<Chunk, Status>>)
+    where
+        S: Stream<Item = Result<Chunk, Status>> + Unpin,
+    {
+        let (name, hub) = (self.name.clone(), self.hub.clone());
+        // Bounded: every iteration forwards one item or ends the pump; a read is finite
+        // (eof, error) or ends with its reader.
+        loop {
+            let next = tokio::select! {
+                next = hub.next_from(&self.peer, &mut up) => next,
+                () = tx.closed() => return debug!(peer = %name, "reader gone: read cancelled"),
+            };
+            let item = match next {
+                None => Err(Status::deadline_exceeded(format!(
+                    "peer {name:?} sent nothing for {:?}",
+                    hub.opts.peer_timeout
+                ))),
+                Some(None) => Err(peer_gone(&name, "the transfer was cut short")),
+                Some(Some(Err(s))) => Err(from_peer(&name, s)),
+                Some(Some(Ok(chunk))) => {
+                    hub.heard(&self.peer);
+                    check_chunk(&name, &chunk, self.offset).map(|()| chunk)
+                }
+            };
+            let last = match &item {
+                Ok(chunk) => {
+                    self.offset = self.offset.saturating_add(chunk.data.len() as u64);
+                    chunk.eof
+                }
+                Err(s) => {
+                    debug!(peer = %name, "forwarded read failed: {s}");
+                    true
+                }
+            };
+            let stall = hub.opts.reader_stall;
+            match tokio::time::timeout(stall, tx.send(item)).await {
+                Ok(Ok(())) if !last => {}
+                Ok(_) => return,
+                Err(_) => {
+                    warn!(peer = %name, ?stall, "the reader took nothing: giving up its read");
+                    *self
+                        .why
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner) =
+                        Some(Status::deadline_exceeded(format!(
+                            "you took nothing of this read for {stall:?}; the hub gave it up \
+                             to free peer {name:?} for others"
+                        )));
+                    return;
+                }
+            }
+        }
+    }
+}
+
 impl Hub for HubService {
     async fn publish(&self, _ctx: Context, req: PublishReq) -> Result<PublishResp, Status> {
         let conn = &self.0;
@@ -495,34 +976,20 @@ impl Hub for HubService {
             Published::Gone => return Err(Status::unavailable("the connection is closing")),
         }
         let taken = || Status::already_exists(NameError::Taken { name: name.clone() }.to_string());
-        // Before dialing back: a live holder keeps the name (the insert below re-checks
-        // atomically), a silent one is evicted.
-        if let Some(holder) = conn.hub.peers.get(&name) {
-            if !conn.hub.evict_if_silent(&name, &holder).await {
-                warn!(peer = %name, conn = conn.id, "refused: name already taken");
-                return Err(taken());
-            }
+        // A live holder keeps its name: only the end of its session (quit, crash, keepalive)
+        // frees it. Checked again atomically by the insert below.
+        if conn.hub.peers.get(&name).is_some() {
+            warn!(peer = %name, conn = conn.id, "refused: name already taken");
+            return Err(taken());
         }
-        let ch = tokio::time::timeout(EXPORT_DIAL_TIMEOUT, conn.session.dial(EXPORT_CHANNEL))
-            .await
-            .map_err(|_| {
-                Status::failed_precondition(format!(
-                    "could not open your {EXPORT_CHANNEL:?} channel within {EXPORT_DIAL_TIMEOUT:?}"
-                ))
-            })?
-            .map_err(|e| {
-                Status::failed_precondition(format!(
-                    "could not open your {EXPORT_CHANNEL:?} channel: {e}"
-                ))
-            })?;
+        // The client must serve its export channel before it is listed: open one and let it
+        // go (the channels the hub uses are opened on first use).
+        drop(conn.dial_export().await?);
         let handle = PeerHandle {
-            conn: conn.id,
             session: conn.session.clone(),
-            export: ExportClient::new(rpc::Client::with_config(
-                ch,
-                rpc::Config::default().stream_window(conn.hub.opts.forward_window),
-            )),
-            chunks: Arc::new(AtomicU64::new(0)),
+            export: Arc::new(tokio::sync::OnceCell::new()),
+            reads: Arc::new(tokio::sync::OnceCell::new()),
+            heard: Arc::new(AtomicU64::new(0)),
             calls: Arc::new(Semaphore::new(conn.hub.opts.max_reads_per_peer.max(1))),
         };
         if let Err(e) = conn.hub.peers.insert(&name, conn.id, handle) {
@@ -533,6 +1000,13 @@ impl Hub for HubService {
             });
         }
         *published = Published::As(name.clone());
+        conn.is_published.store(true, Ordering::SeqCst);
+        drop(
+            conn.pending
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .take(),
+        );
         conn.hub.changed();
         let peers = conn.hub.peers.len() as u32;
         info!(peer = %name, conn = conn.id, addr = %conn.label, peers, "joined");
@@ -558,13 +1032,21 @@ impl Hub for HubService {
 
     async fn read(&self, _ctx: Context, req: PeerRead) -> Result<ItemStream<Chunk>, Status> {
         let reader = self.0.published_name().await?;
+        if req.offset > MAX_OFFSET {
+            return Err(Status::out_of_range(format!(
+                "offset {} is past the largest possible file offset ({MAX_OFFSET})",
+                req.offset
+            )));
+        }
         let hub = &self.0.hub;
         let name = req.peer;
         let peer = hub.peer(&name)?;
+        let mine = self.0.reader_slot(&name)?;
         let slot = hub.slot(&name, &peer).await?;
         info!(%reader, peer = %name, path = %req.path, "read");
-        let upstream = peer
-            .export
+        let upstream = hub
+            .reads_client(&name, &peer)
+            .await?
             .with_options(CallOptions::default().metadata(READER_KEY, reader.clone()))
             .read(ReadReq {
                 path: req.path,
@@ -572,49 +1054,39 @@ impl Hub for HubService {
             })
             .await
             .map_err(|s| from_peer(&name, s))?;
-        // Each item is pulled from the exporter only when the reader's credit lets the rpc
-        // server poll this stream, so at most one stream window per hop is in flight. The slot
-        // is held until the stream is finished or dropped (reader gone: the drop also cancels
-        // the exporter's call).
-        let timeout = hub.opts.peer_timeout;
-        let chunks = peer.chunks.clone();
-        let forwarded =
-            futures::stream::unfold((upstream, Some(slot), name), move |(mut up, slot, name)| {
-                let chunks = chunks.clone();
-                async move {
-                    slot.as_ref()?;
-                    // Only polled when the reader has credit, so this measures the exporter.
-                    let next = match tokio::time::timeout(timeout, up.next()).await {
-                        Ok(next) => next,
-                        Err(_) => {
-                            let status = Status::deadline_exceeded(format!(
-                                "peer {name:?} sent nothing for {timeout:?}"
-                            ));
-                            return Some((Err(status), (up, None, name)));
-                        }
-                    };
-                    match next {
-                        Some(Ok(chunk)) => {
-                            chunks.fetch_add(1, Ordering::Relaxed);
-                            let slot = if chunk.eof { None } else { slot };
-                            Some((Ok(chunk), (up, slot, name)))
-                        }
-                        Some(Err(s)) => {
-                            let status = from_peer(&name, s);
-                            debug!(peer = %name, "forwarded read failed: {status}");
-                            Some((Err(status), (up, None, name)))
-                        }
-                        None => {
-                            let status = peer_gone(&name, "the transfer was cut short");
-                            debug!(peer = %name, "forwarded read failed: {status}");
-                            Some((Err(status), (up, None, name)))
-                        }
-                    }
+        hub.heard(&peer);
+        // The pump pulls from the exporter while the reader takes; the one-item hand-over and
+        // the exporter's window bound what the hub holds. The reader's stream reports why the
+        // pump gave up, if it did, once the hand-over is empty.
+        let (tx, rx) = mpsc::channel(1);
+        let why = Arc::new(Mutex::new(None));
+        let pump = Pump {
+            hub: hub.clone(),
+            name,
+            peer,
+            offset: req.offset,
+            why: why.clone(),
+            _slots: (slot, mine),
+        };
+        tokio::spawn(pump.run(upstream, tx).in_current_span());
+        let forwarded = futures::stream::unfold(Some((rx, why)), |state| async move {
+            let (mut rx, why) = state?;
+            match rx.recv().await {
+                Some(item) => Some((item, Some((rx, why)))),
+                None => {
+                    let why = why
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner)
+                        .take();
+                    why.map(|s| (Err(s), None))
                 }
-            });
+            }
+        });
         Ok(Box::pin(forwarded))
     }
 }
 
+#[cfg(test)]
+mod fuzz;
 #[cfg(test)]
 mod tests;

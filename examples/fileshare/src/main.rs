@@ -169,10 +169,12 @@ async fn run_hub(args: HubArgs) -> anyhow::Result<bool> {
         max_reads_per_peer: args.max_reads_per_peer as usize,
         mux: mux_config(args.keepalive)
             .close_grace(HUB_CLOSE_GRACE)
-            // A client uses three channels (hello, hub, export); keep room for a reconnecting
-            // export dial, and bound what a hostile client can make the hub buffer:
-            // (8 + 2 × 4 + 8) × 256 KiB + 8 MiB = 14 MiB per session at worst (docs in
-            // netchan_mux::Config), instead of 42 MiB with the defaults.
+            // A client uses four channels (hello, hub, and two the hub dials to its export
+            // service: ls/stat and reads); keep room for a reconnecting
+            // export dial, and bound what a hostile client can make the hub's mux layer
+            // buffer: (8 + 2 × 4 + 8) × 256 KiB + 8 MiB = 14 MiB per session at worst (docs in
+            // netchan_mux::Config), instead of 42 MiB with the defaults. The rpc layer adds to
+            // it: see docs/reliability.md, "The hub's bounds and timeouts".
             .max_channels(HUB_MAX_CHANNELS)
             .max_pending_handshakes(4),
         ..hub::HubOptions::default()
@@ -275,7 +277,8 @@ async fn run_client(args: ClientArgs) -> anyhow::Result<bool> {
     let root = export::Root::open(&dir)
         .with_context(|| format!("cannot export {}", dir.display()))?
         .show_hidden(args.hidden)
-        .access_log(access);
+        .access_log(access)
+        .allow_hard_links(args.allow_hard_links);
     let tls = match &args.tls_ca {
         None => None,
         Some(ca) => {

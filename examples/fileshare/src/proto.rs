@@ -145,7 +145,9 @@ impl From<ExportError> for Status {
         let code = match &e {
             ExportError::Absolute { .. }
             | ExportError::Escape { .. }
-            | ExportError::PermissionDenied { .. } => Code::PermissionDenied,
+            | ExportError::PermissionDenied { .. }
+            | ExportError::HardLinked { .. } => Code::PermissionDenied,
+            ExportError::BadOffset { .. } => Code::OutOfRange,
             ExportError::InvalidPath { .. } => Code::InvalidArgument,
             ExportError::NotFound { .. } => Code::NotFound,
             ExportError::Hidden { .. } => Code::PermissionDenied,

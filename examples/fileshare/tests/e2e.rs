@@ -307,17 +307,22 @@ fn sigterm_makes_the_hub_close_every_session_and_exit_zero_and_clients_come_back
 }
 
 #[test]
-fn a_frozen_peer_loses_its_name_to_a_new_client_after_the_hubs_probe() {
-    let mut hub = start_hub(&[]);
+fn a_frozen_peer_keeps_its_name_until_keepalive_drops_it_then_a_new_client_gets_it() {
+    // 10 s: long enough that the refused attempt below surely comes first on a busy machine.
+    let mut hub = start_hub(&["--keepalive", "10"]);
     let (r_old, r_new, ra) = (demo_root(), tempdir(), tempdir());
     std::fs::write(r_new.path().join("hello.txt"), b"the new bob\n").unwrap();
     let old_bob = start_server(&hub.addr, "bob", r_old.path(), &[]);
     hub.log.wait_for("joined", WAIT);
-    // Frozen long before the (default 15 s + 10 s) keepalive could notice.
     old_bob.proc.signal("STOP");
+    // While the hub's session to the frozen bob lives, nobody else gets the name.
+    let out = run_script(&hub.addr, "bob", r_new.path(), "list\n");
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    assert!(out.stderr.contains("already taken"), "{}", out.stderr);
+    // The transport declares it dead; only then is the name free.
+    hub.log.wait_for("left: keepalive timeout", WAIT);
     let _new_bob = start_server(&hub.addr, "bob", r_new.path(), &[]);
-    let line = hub.log.wait_for("evicted", WAIT);
-    assert!(line.contains("bob"), "{line}");
+    hub.log.wait_for("joined", WAIT);
     let out = run_script(&hub.addr, "alice", ra.path(), "list\nread bob hello.txt\n");
     assert!(out.status.success(), "{out:?}");
     assert_eq!(out.out(), "alice\nbob\nthe new bob\n");

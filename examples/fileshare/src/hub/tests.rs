@@ -8,6 +8,7 @@ use std::time::Duration;
 use netchan_mux::Session;
 use netchan_rpc::{self as rpc, Code};
 use tokio::net::TcpListener;
+use tokio::task::JoinSet;
 
 use super::{HubOptions, HubState};
 use crate::auth;
@@ -437,13 +438,14 @@ async fn a_flood_of_reads_to_one_peer_gets_a_clear_busy_error() {
         ..HubOptions::default()
     })
     .await;
-    let (rb, ra) = (root_with(64 << 20), root_with(0));
+    let (rb, ra, rc) = (root_with(64 << 20), root_with(0), root_with(0));
     let _bob = join(&hub, "bob", rb.path()).await;
     let alice = join(&hub, "alice", ra.path()).await;
+    let carol = join(&hub, "carol", rc.path()).await;
     let mut first = alice.read("bob", "big.bin").await.unwrap();
     first.next().await.unwrap().unwrap();
     // The one slot is taken by the stalled transfer.
-    let err = read_all(&alice, "bob", "hello.txt").await.unwrap_err();
+    let err = read_all(&carol, "bob", "hello.txt").await.unwrap_err();
     match &err {
         CallError::Status(s) => {
             assert_eq!(s.code(), Code::ResourceExhausted);
@@ -452,12 +454,12 @@ async fn a_flood_of_reads_to_one_peer_gets_a_clear_busy_error() {
         other => panic!("unexpected {other:?}"),
     }
     // Other calls through the hub are unaffected, and the slot frees when the reader gives up.
-    assert_eq!(alice.list().await.unwrap(), vec!["alice", "bob"]);
+    assert_eq!(alice.list().await.unwrap(), vec!["alice", "bob", "carol"]);
     drop(first);
     let got = tokio::time::timeout(WAIT, async {
         // Bounded by the timeout: the slot is released once the hub sees the cancel.
         loop {
-            match read_all(&alice, "bob", "hello.txt").await {
+            match read_all(&carol, "bob", "hello.txt").await {
                 Ok(v) => return v,
                 Err(CallError::Status(s)) if s.code() == Code::ResourceExhausted => continue,
                 Err(e) => panic!("unexpected {e}"),
@@ -631,10 +633,13 @@ async fn pump(
 }
 
 #[tokio::test]
-async fn a_name_held_by_a_silent_connection_goes_to_a_new_connection_after_a_failed_probe() {
+async fn a_name_held_by_a_silent_connection_is_free_only_once_keepalive_ends_its_session() {
     let hub = start_hub(HubOptions {
-        probe_timeout: Duration::from_millis(500),
-        mux: netchan_mux::Config::default().close_grace(Duration::from_millis(100)),
+        // The transport decides: a silent session ends within 1.2 s.
+        mux: netchan_mux::Config::default()
+            .keepalive_interval(Some(Duration::from_millis(600)))
+            .keepalive_timeout(Duration::from_millis(600))
+            .close_grace(Duration::from_millis(100)),
         ..HubOptions::default()
     })
     .await;
@@ -649,18 +654,23 @@ async fn a_name_held_by_a_silent_connection_goes_to_a_new_connection_after_a_fai
         read_all(&alice, "bob", "hello.txt").await.unwrap(),
         b"hello world\n"
     );
-    // Bob's link goes silent; the hub still holds its session (keepalive is 25 s away).
-    let holder = |hub: &TestHub| hub.state.peers.get("bob").expect("bob is published").conn;
-    let old_conn = holder(&hub);
+    // Bob's link goes silent: while the hub's session to it lives, the name stays bob's.
     proxy.freeze();
+    let err = Peer::start(client_opts(&hub, "bob", r_new.path()), quiet())
+        .await
+        .err()
+        .expect("the name is not taken from a live session");
+    match &err {
+        ConnectError::Publish { status, .. } => assert_eq!(status.code(), Code::AlreadyExists),
+        other => panic!("unexpected {other:?}"),
+    }
+    // Keepalive ends the silent session; then the name is free.
+    until_peers(&hub, |p| p == ["alice"]).await;
     let new_bob = join(&hub, "bob", r_new.path()).await;
-    assert_ne!(holder(&hub), old_conn, "the hub evicted the old bob");
-    assert_eq!(alice.list().await.unwrap(), vec!["alice", "bob"]);
     assert_eq!(
         read_all(&alice, "bob", "hello.txt").await.unwrap(),
         b"the new bob\n"
     );
-    // The evicted session's departure does not remove the new holder.
     drop(old_bob);
     drop(proxy);
     assert_eq!(
@@ -670,10 +680,8 @@ async fn a_name_held_by_a_silent_connection_goes_to_a_new_connection_after_a_fai
 }
 
 #[tokio::test]
-async fn a_holder_that_answers_the_probe_keeps_its_name_even_when_slow_to_read() {
+async fn a_holder_keeps_its_name_even_when_its_only_slot_is_taken_by_a_stalled_read() {
     let hub = start_hub(HubOptions {
-        // Generous: the answer ends the probe, and a loaded machine must not fake a silence.
-        probe_timeout: Duration::from_secs(5),
         max_reads_per_peer: 1,
         ..HubOptions::default()
     })
@@ -681,7 +689,7 @@ async fn a_holder_that_answers_the_probe_keeps_its_name_even_when_slow_to_read()
     let (rb, r2, ra) = (root_with(64 << 20), root_with(0), root_with(0));
     let _bob = join(&hub, "bob", rb.path()).await;
     let alice = join(&hub, "alice", ra.path()).await;
-    // Bob's only read slot is taken by a stalled transfer: the probe does not need one.
+    // Bob's only read slot is taken by a stalled transfer.
     let mut stalled = alice.read("bob", "big.bin").await.unwrap();
     stalled.next().await.unwrap().unwrap();
     let err = Peer::start(client_opts(&hub, "bob", r2.path()), quiet())
@@ -777,7 +785,7 @@ impl crate::proto::Export for CountingExport {
 async fn a_stalled_reader_makes_the_hub_pull_at_most_its_forward_window_ahead() {
     use futures::StreamExt as _;
     let state = HubState::new(HubOptions {
-        forward_window: 4,
+        forward_window: 2,
         ..HubOptions::default()
     });
     let pulled = Arc::new(std::sync::atomic::AtomicUsize::new(0));
@@ -805,24 +813,19 @@ async fn a_stalled_reader_makes_the_hub_pull_at_most_its_forward_window_ahead() 
     tokio::time::sleep(Duration::from_secs(5)).await;
     let n = pulled.load(std::sync::atomic::Ordering::SeqCst);
     // Alice's own window (16 chunks, the rpc default) sits in flight to or at alice; the hub
-    // holds at most its forward window beyond that (plus one being handed over per hop).
+    // holds at most its forward window and its two hand-over places beyond that (plus one
+    // being handed over per hop).
     let reader_window = rpc::Config::default().stream_window as usize;
     assert!(n > reader_window, "the transfer got going: {n}");
     assert!(
-        n <= reader_window + 4 + 3,
+        n <= reader_window + 2 + 2 + 3,
         "the hub pulled {n} chunks ahead"
     );
 }
 
 #[tokio::test]
-async fn a_holder_busy_streaming_keeps_its_name_even_when_its_probe_answer_is_late() {
-    let hub = start_hub(HubOptions {
-        // The probe never gets its answer here, so the test takes this long; long enough for
-        // chunks to flow on a loaded machine.
-        probe_timeout: Duration::from_secs(1),
-        ..HubOptions::default()
-    })
-    .await;
+async fn a_holder_busy_streaming_keeps_its_name_even_though_it_answers_nothing_else() {
+    let hub = start_hub(HubOptions::default()).await;
     let export = CountingExport {
         pulled: Arc::new(std::sync::atomic::AtomicUsize::new(0)),
         stat_hangs: true,
@@ -873,7 +876,12 @@ async fn shutdown_does_not_wait_for_a_tls_handshake_in_progress() {
         .await
         .unwrap();
     let (tcp, addr) = listener.accept().await.unwrap();
-    let conn = tokio::spawn(state.clone().accept_tcp(tcp, 1, addr));
+    // It does send its first byte (a TLS record), so the hub starts the handshake.
+    use tokio::io::AsyncWriteExt as _;
+    let mut silent = _silent;
+    silent.write_all(&[0x16]).await.unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(3600);
+    let conn = tokio::spawn(state.clone().accept_tcp(tcp, 1, addr, None, deadline));
     let start = tokio::time::Instant::now();
     state.shutdown();
     tokio::time::timeout(WAIT, conn)
@@ -993,8 +1001,718 @@ async fn the_exporter_streams_from_an_offset_and_marks_the_last_chunk() {
         assert_eq!(items.len(), 1, "offset {offset}");
         match (&items[0], ok) {
             (Ok(c), true) => assert!(c.eof && c.data.is_empty()),
-            (Err(s), false) => assert_eq!(s.code(), Code::Internal, "{s}"),
+            (Err(s), false) => {
+                assert_eq!(s.code(), Code::OutOfRange, "{s}");
+                assert!(s.message().contains(&offset.to_string()), "{s}");
+            }
             (other, _) => panic!("offset {offset}: unexpected {other:?}"),
         }
     }
+}
+
+// ---- Hostile readers and exporters, admission, deadlines (issue 7) ----
+
+/// Awaits `fut` for at most `WAIT`, panicking with `what`.
+async fn within<F: std::future::Future>(what: &str, fut: F) -> F::Output {
+    tokio::time::timeout(WAIT, fut)
+        .await
+        .unwrap_or_else(|_| panic!("timed out: {what}"))
+}
+
+/// Reads `stream` until it fails; panics if it ends cleanly first.
+async fn until_error(stream: &mut client::FileStream) -> CallError {
+    // Bounded by the caller's timeout and by the file's length.
+    loop {
+        match stream.next().await {
+            Ok(Some(_)) => continue,
+            Ok(None) => panic!("the read ended without an error"),
+            Err(e) => return e,
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_reader_that_takes_nothing_loses_its_read_and_frees_the_slot() {
+    let hub = start_hub(HubOptions {
+        max_reads_per_peer: 1,
+        reader_stall: Duration::from_millis(300),
+        busy_wait: WAIT,
+        ..HubOptions::default()
+    })
+    .await;
+    let (rb, ra, rc) = (root_with(64 << 20), root_with(0), root_with(0));
+    let _bob = join(&hub, "bob", rb.path()).await;
+    let alice = join(&hub, "alice", ra.path()).await;
+    let carol = join(&hub, "carol", rc.path()).await;
+    let mut stalled = alice.read("bob", "big.bin").await.unwrap();
+    stalled.next().await.unwrap().unwrap();
+    // Alice stops reading. Carol waits for bob's only slot and gets it once the hub gives up
+    // alice's read.
+    let got = within("carol's read", read_all(&carol, "bob", "hello.txt"))
+        .await
+        .unwrap();
+    assert_eq!(got, b"hello world\n");
+    // Alice, reading again, gets what was in flight and then hears why the read ended.
+    let err = within("alice's stream ends", until_error(&mut stalled)).await;
+    assert!(err.to_string().contains("took nothing"), "{err}");
+}
+
+#[tokio::test]
+async fn one_reader_cannot_take_every_slot_of_a_peer() {
+    let hub = start_hub(HubOptions {
+        max_reads_per_peer: 4,
+        max_reads_per_reader: 2,
+        busy_wait: Duration::from_millis(200),
+        ..HubOptions::default()
+    })
+    .await;
+    let (rb, ra, rc) = (root_with(64 << 20), root_with(0), root_with(0));
+    let _bob = join(&hub, "bob", rb.path()).await;
+    let alice = join(&hub, "alice", ra.path()).await;
+    let carol = join(&hub, "carol", rc.path()).await;
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        let mut s = alice.read("bob", "big.bin").await.unwrap();
+        s.next().await.unwrap().unwrap();
+        held.push(s);
+    }
+    match read_all(&alice, "bob", "hello.txt").await {
+        Err(CallError::Status(s)) => {
+            assert_eq!(s.code(), Code::ResourceExhausted);
+            assert!(s.message().contains("already have 2 calls"), "{s}");
+        }
+        other => panic!("a third read by alice was not refused: {other:?}"),
+    }
+    // Alice's ls is refused the same way; carol is served.
+    assert!(alice.ls("bob", "").await.is_err());
+    let got = within("carol's read", read_all(&carol, "bob", "hello.txt"))
+        .await
+        .unwrap();
+    assert_eq!(got, b"hello world\n");
+    drop(held);
+}
+
+/// An exporter with two files: `gated` sends "hello", then waits for `gate` before its last
+/// chunk; `ticking` sends a one-byte chunk every 100 ms, forever.
+struct TwoSpeedExport {
+    gate: Arc<tokio::sync::Notify>,
+}
+
+impl crate::proto::Export for TwoSpeedExport {
+    async fn ls(
+        &self,
+        _ctx: rpc::Context,
+        _req: String,
+    ) -> Result<crate::export::Listing, rpc::Status> {
+        Err(rpc::Status::unimplemented("not here"))
+    }
+
+    async fn stat(
+        &self,
+        _ctx: rpc::Context,
+        _req: String,
+    ) -> Result<crate::export::Entry, rpc::Status> {
+        Err(rpc::Status::unimplemented("not here"))
+    }
+
+    async fn read(
+        &self,
+        _ctx: rpc::Context,
+        req: crate::proto::ReadReq,
+    ) -> Result<rpc::ItemStream<crate::proto::Chunk>, rpc::Status> {
+        use crate::proto::Chunk;
+        use netchan_rpc::ByteBuf;
+        if req.path == "gated" {
+            let gate = self.gate.clone();
+            let s = futures::stream::unfold(0u8, move |step| {
+                let gate = gate.clone();
+                async move {
+                    let chunk = match step {
+                        0 => Chunk {
+                            size: 10,
+                            offset: 0,
+                            data: ByteBuf::from(b"hello".to_vec()),
+                            eof: false,
+                            ..Default::default()
+                        },
+                        1 => {
+                            gate.notified().await;
+                            Chunk {
+                                size: 10,
+                                offset: 5,
+                                data: ByteBuf::from(b"world".to_vec()),
+                                eof: true,
+                                ..Default::default()
+                            }
+                        }
+                        _ => return None,
+                    };
+                    Some((Ok(chunk), step + 1))
+                }
+            });
+            return Ok(Box::pin(s));
+        }
+        let s = futures::stream::unfold(0u64, |offset| async move {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            let chunk = Chunk {
+                size: u64::MAX,
+                offset,
+                data: ByteBuf::from(vec![b't']),
+                eof: false,
+                ..Default::default()
+            };
+            Some((Ok(chunk), offset + 1))
+        });
+        Ok(Box::pin(s))
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn peer_sent_nothing_measures_the_exporters_silence_not_one_reads_wait() {
+    use futures::StreamExt as _;
+    let state = HubState::new(HubOptions {
+        peer_timeout: Duration::from_secs(1),
+        ..HubOptions::default()
+    });
+    let gate = Arc::new(tokio::sync::Notify::new());
+    let (io, _bob_conn) = duplex_conn(&state, 1);
+    let export = TwoSpeedExport { gate: gate.clone() };
+    let (_bob, _bob_hub, _bob_export) = publish_over(io, "bob", export).await;
+    let (io, _alice_conn) = duplex_conn(&state, 2);
+    let root = root_with(0);
+    let export = client::ExportService {
+        root: Root::open(root.path()).unwrap(),
+    };
+    let (_alice, alice_hub, _alice_export) = publish_over(io, "alice", export).await;
+    let read = |path: &str| PeerRead {
+        peer: "bob".into(),
+        path: path.into(),
+        offset: 0,
+    };
+    let mut gated = alice_hub.read(read("gated")).await.unwrap();
+    assert_eq!(&gated.next().await.unwrap().unwrap().data[..], b"hello");
+    // For 5 s (five peer timeouts) the gated read gets nothing while bob streams another file.
+    let mut ticking = alice_hub.read(read("ticking")).await.unwrap();
+    for _ in 0..50 {
+        ticking.next().await.unwrap().unwrap();
+    }
+    drop(ticking);
+    gate.notify_one();
+    let last = gated.next().await.unwrap().unwrap();
+    assert_eq!((&last.data[..], last.eof), (&b"world"[..], true));
+    // And a truly silent exporter still times out: nothing ticks now.
+    let mut gated = alice_hub.read(read("gated")).await.unwrap();
+    gated.next().await.unwrap().unwrap();
+    let start = tokio::time::Instant::now();
+    let err = gated.next().await.unwrap().unwrap_err();
+    assert_eq!(err.code(), Code::DeadlineExceeded, "{err}");
+    assert!(err.message().contains("sent nothing"), "{err}");
+    assert!(
+        start.elapsed() <= Duration::from_millis(1100),
+        "{:?}",
+        start.elapsed()
+    );
+}
+
+/// An exporter that breaks the chunk rules: `big` sends one byte more than a chunk may hold,
+/// `skip` starts at the wrong offset, `huge` sends 1 MiB (a frame over the reads channel's
+/// limit).
+struct RuleBreakingExport;
+
+impl crate::proto::Export for RuleBreakingExport {
+    async fn ls(
+        &self,
+        _ctx: rpc::Context,
+        _req: String,
+    ) -> Result<crate::export::Listing, rpc::Status> {
+        Ok(crate::export::Listing {
+            entries: Vec::new(),
+            truncated: false,
+        })
+    }
+
+    async fn stat(
+        &self,
+        _ctx: rpc::Context,
+        _req: String,
+    ) -> Result<crate::export::Entry, rpc::Status> {
+        Err(rpc::Status::unimplemented("not here"))
+    }
+
+    async fn read(
+        &self,
+        _ctx: rpc::Context,
+        req: crate::proto::ReadReq,
+    ) -> Result<rpc::ItemStream<crate::proto::Chunk>, rpc::Status> {
+        let (offset, len) = match req.path.as_str() {
+            "big" => (0, crate::export::CHUNK_SIZE + 1),
+            "skip" => (7, 10),
+            _ => (0, 1 << 20),
+        };
+        let chunk = crate::proto::Chunk {
+            size: len as u64,
+            offset,
+            data: netchan_rpc::ByteBuf::from(vec![b'x'; len]),
+            eof: true,
+            ..Default::default()
+        };
+        Ok(Box::pin(futures::stream::iter([Ok(chunk)])))
+    }
+}
+
+#[tokio::test]
+async fn an_exporter_that_breaks_the_chunk_rules_fails_only_its_own_reads() {
+    let hub = start_hub(HubOptions::default()).await;
+    let (rb, ra) = (root_with(0), root_with(0));
+    let bob = join(&hub, "bob", rb.path()).await;
+    let tcp = tokio::net::TcpStream::connect(hub.addr).await.unwrap();
+    let (_eve, _eve_hub, _eve_export) = publish_over(tcp, "eve", RuleBreakingExport).await;
+    let alice = join(&hub, "alice", ra.path()).await;
+    for (path, want) in [
+        ("big", "a chunk of 262145 bytes"),
+        ("skip", "at offset 7 where 0 was due"),
+    ] {
+        match within(path, read_all(&alice, "eve", path)).await {
+            Err(CallError::Status(s)) => {
+                assert_eq!(s.code(), Code::Internal, "{path}: {s}");
+                assert!(s.message().contains("broke the protocol"), "{path}: {s}");
+                assert!(s.message().contains(want), "{path}: {s}");
+            }
+            other => panic!("{path}: unexpected {other:?}"),
+        }
+    }
+    // A frame over the export channel's limit is refused before it is buffered: eve's export
+    // channel is gone, the read fails, and nobody else notices.
+    let err = within("huge", read_all(&alice, "eve", "huge"))
+        .await
+        .unwrap_err();
+    assert!(!err.to_string().is_empty());
+    // Eve's ls/stat channel is separate and still works.
+    let listing = within("eve's ls", alice.ls("eve", "")).await.unwrap();
+    assert!(listing.entries.is_empty());
+    assert_eq!(
+        within("bob's file", read_all(&alice, "bob", "hello.txt"))
+            .await
+            .unwrap(),
+        b"hello world\n"
+    );
+    assert_eq!(
+        within("alice's file", read_all(&bob, "alice", "hello.txt"))
+            .await
+            .unwrap(),
+        b"hello world\n"
+    );
+}
+
+#[tokio::test]
+async fn an_absurd_offset_is_refused_naming_the_offset() {
+    let hub = start_hub(HubOptions::default()).await;
+    let (rb, ra) = (root_with(0), root_with(0));
+    let _bob = join(&hub, "bob", rb.path()).await;
+    let (session, raw) = raw_client(&hub, None).await;
+    let _exports = session.listen(crate::proto::EXPORT_CHANNEL).unwrap();
+    let _ = ra;
+    // Not published: refused for that first.
+    let offset = 1u64 << 63;
+    let read = PeerRead {
+        peer: "bob".into(),
+        path: "hello.txt".into(),
+        offset,
+    };
+    async fn refusal(hub: &HubClient, req: PeerRead) -> rpc::Status {
+        use futures::StreamExt as _;
+        match hub.read(req).await {
+            Err(s) => s,
+            Ok(mut items) => within("the refusal", items.next())
+                .await
+                .expect("an item")
+                .expect_err("a refusal"),
+        }
+    }
+    let err = refusal(&raw, read.clone()).await;
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err}");
+    // A published reader gets the offset named.
+    let tcp = tokio::net::TcpStream::connect(hub.addr).await.unwrap();
+    let (_s, alice_hub, _e) = publish_over(tcp, "alice", RuleBreakingExport).await;
+    let err = refusal(&alice_hub, read).await;
+    assert_eq!(err.code(), Code::OutOfRange, "{err}");
+    assert!(err.message().contains(&offset.to_string()), "{err}");
+}
+
+#[test]
+fn hard_linked_files_are_refused_unless_the_sharer_allows_them() {
+    let outside = tempfile::tempdir().unwrap();
+    let secret = outside.path().join("secret.txt");
+    std::fs::write(&secret, b"outside the root\n").unwrap();
+    let root = root_with(0);
+    std::fs::hard_link(&secret, root.path().join("alias.txt")).unwrap();
+    let strict = Root::open(root.path()).unwrap();
+    let err = strict.open_file("alias.txt").unwrap_err();
+    assert!(
+        matches!(err, crate::export::ExportError::HardLinked { links: 2, .. }),
+        "{err:?}"
+    );
+    assert!(err.to_string().contains("--allow-hard-links"), "{err}");
+    let status: rpc::Status = err.into();
+    assert_eq!(status.code(), Code::PermissionDenied);
+    // Files with one link are served as before; the opt-in serves the linked one.
+    strict.open_file("hello.txt").unwrap();
+    let lenient = Root::open(root.path()).unwrap().allow_hard_links(true);
+    let f = lenient.open_file("alias.txt").unwrap();
+    assert_eq!(f.read_at(0, 100).unwrap(), b"outside the root\n");
+}
+
+#[test]
+fn admission_caps_pending_connections_overall_and_per_address() {
+    let state = HubState::new(HubOptions {
+        max_pending: 3,
+        max_pending_per_addr: 2,
+        ..HubOptions::default()
+    });
+    let ip = |last: u8| std::net::IpAddr::from([127, 0, 0, last]);
+    let a1 = state.admission.admit(ip(1)).unwrap();
+    let _a2 = state.admission.admit(ip(1)).unwrap();
+    assert!(state.admission.admit(ip(1)).is_err(), "per-address cap");
+    let _b1 = state.admission.admit(ip(2)).unwrap();
+    assert!(state.admission.admit(ip(3)).is_err(), "overall cap");
+    assert_eq!(state.pending(), 3);
+    drop(a1);
+    let _c1 = state.admission.admit(ip(3)).unwrap();
+    assert!(state.admission.admit(ip(1)).is_err(), "still full overall");
+}
+
+#[tokio::test]
+async fn a_flood_of_silent_connections_from_one_address_does_not_lock_out_another() {
+    let hub = start_hub(HubOptions {
+        max_pending_per_addr: 4,
+        // Long: the admitted ones must still hold their places while we look.
+        hello_timeout: Duration::from_secs(120),
+        ..HubOptions::default()
+    })
+    .await;
+    let mut flood = Vec::new();
+    for _ in 0..32 {
+        flood.push(tokio::net::TcpStream::connect(hub.addr).await.unwrap());
+    }
+    // All but the first 4 are hung up on at once.
+    let mut ends = JoinSet::new();
+    for mut tcp in flood {
+        ends.spawn(async move {
+            use tokio::io::AsyncReadExt as _;
+            let mut b = [0u8; 1];
+            let _ = tcp.read(&mut b).await;
+        });
+    }
+    within("28 refusals", async {
+        for _ in 0..28 {
+            ends.join_next().await.unwrap().unwrap();
+        }
+    })
+    .await;
+    assert_eq!(hub.state.pending(), 4);
+    // A client from another loopback address joins at once.
+    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    sock.bind("127.0.0.2:0".parse().unwrap()).unwrap();
+    let tcp = sock.connect(hub.addr).await.unwrap();
+    let root = root_with(0);
+    let opts = client_opts(&hub, "alice", root.path());
+    let _alice = within("alice joins", client::establish(tcp, &opts))
+        .await
+        .unwrap();
+    assert_eq!(hub.state.names(), vec!["alice"]);
+    // Publishing released alice's place; the flood still holds its four.
+    assert_eq!(hub.state.pending(), 4);
+    ends.abort_all();
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_hello_must_be_done_within_its_timeout_of_connecting_however_it_is_spread() {
+    use tokio::io::AsyncWriteExt as _;
+    let state = HubState::new(HubOptions {
+        hello_timeout: Duration::from_secs(10),
+        mux: netchan_mux::Config::default().close_grace(Duration::from_millis(100)),
+        ..HubOptions::default()
+    });
+    let start = tokio::time::Instant::now();
+    let (io, task) = duplex_conn(&state, 1);
+    let session = Session::client(io, netchan_mux::Config::default());
+    // The hello channel at 9 s, then only the first byte of the hello.
+    tokio::time::sleep(Duration::from_secs(9)).await;
+    let mut hello = session.dial(auth::CHANNEL).await.unwrap();
+    hello.write_all(&[auth::VERSION]).await.unwrap();
+    hello.flush().await.unwrap();
+    tokio::time::timeout(Duration::from_secs(60), task)
+        .await
+        .expect("the connection ends")
+        .unwrap();
+    let took = start.elapsed();
+    assert!(
+        took >= Duration::from_secs(10) && took <= Duration::from_millis(10_500),
+        "closed after {took:?}"
+    );
+}
+
+/// A byte stream that can go deaf: once `deaf` is set, reads never complete (the peer's bytes
+/// are never seen), while writes still go through.
+struct Deafen<T> {
+    io: T,
+    deaf: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl<T: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Deafen<T> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        if self.deaf.load(std::sync::atomic::Ordering::SeqCst) {
+            return std::task::Poll::Pending;
+        }
+        std::pin::Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl<T: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Deafen<T> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn queued_publishes_whose_dial_back_hangs_do_not_stretch_the_publish_deadline() {
+    let state = HubState::new(HubOptions {
+        publish_timeout: Duration::from_secs(10),
+        mux: netchan_mux::Config::default().close_grace(Duration::from_millis(100)),
+        ..HubOptions::default()
+    });
+    let (io, task) = duplex_conn(&state, 1);
+    let deaf = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let io = Deafen {
+        io,
+        deaf: deaf.clone(),
+    };
+    let session = Session::client(io, netchan_mux::Config::default());
+    let mut hello = session.dial(auth::CHANNEL).await.unwrap();
+    auth::client_hello(&mut hello, None).await.unwrap();
+    let start = tokio::time::Instant::now();
+    let _exports = session.listen(crate::proto::EXPORT_CHANNEL).unwrap();
+    let hub = HubClient::new(rpc::Client::new(session.dial(HUB_CHANNEL).await.unwrap()));
+    // One call gets the rpc conn going, then the client stops hearing the hub: the dial back
+    // of every publish hangs.
+    assert_eq!(
+        hub.list(ListReq {}).await.unwrap_err().code(),
+        Code::FailedPrecondition
+    );
+    deaf.store(true, std::sync::atomic::Ordering::SeqCst);
+    let mut publishes = JoinSet::new();
+    for i in 0..3 {
+        let hub = hub.clone();
+        publishes.spawn(async move {
+            let _ = hub
+                .publish(PublishReq {
+                    name: format!("p{i}"),
+                })
+                .await;
+        });
+    }
+    tokio::time::timeout(Duration::from_secs(120), task)
+        .await
+        .expect("the connection ends")
+        .unwrap();
+    let took = start.elapsed();
+    assert!(
+        took <= Duration::from_millis(10_500),
+        "closed after {took:?}"
+    );
+    assert!(state.names().is_empty());
+    publishes.abort_all();
+}
+
+/// A self-signed certificate for 127.0.0.1 in `dir`: (cert path, key path).
+fn self_signed(dir: &Path) -> (std::path::PathBuf, std::path::PathBuf) {
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = rcgen::CertificateParams::new(vec!["127.0.0.1".to_owned()])
+        .unwrap()
+        .self_signed(&key)
+        .unwrap();
+    let (cert_path, key_path) = (dir.join("hub.pem"), dir.join("hub.key"));
+    std::fs::write(&cert_path, cert.pem()).unwrap();
+    std::fs::write(&key_path, key.serialize_pem()).unwrap();
+    (cert_path, key_path)
+}
+
+#[tokio::test]
+async fn plaintext_and_tls_mismatches_are_named_in_both_directions() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key) = self_signed(dir.path());
+    let config = crate::tls::server_config(&cert, &key, None).unwrap();
+    let tls_hub = start_hub(HubOptions {
+        tls: Some(tokio_rustls::TlsAcceptor::from(config)),
+        ..HubOptions::default()
+    })
+    .await;
+    let plain_hub = start_hub(HubOptions::default()).await;
+    let root = root_with(0);
+    // A plaintext client of the TLS hub is told, in its own protocol, that TLS is required.
+    let err = within(
+        "plaintext client",
+        Peer::start(client_opts(&tls_hub, "alice", root.path()), quiet()),
+    )
+    .await
+    .err()
+    .expect("refused");
+    let text = client::chain(&err);
+    assert!(text.contains("requires TLS"), "{text}");
+    // A TLS client of the plaintext hub is told the hub may be plaintext.
+    let mut opts = client_opts(&plain_hub, "alice", root.path());
+    let addr = plain_hub.addr.to_string();
+    opts.tls = Some((
+        crate::tls::client_config(&cert, None).unwrap(),
+        crate::tls::server_name(&addr, None).unwrap(),
+    ));
+    let err = within("tls client", Peer::start(opts, quiet()))
+        .await
+        .err()
+        .expect("refused");
+    let text = client::chain(&err);
+    assert!(text.contains("plaintext hub"), "{text}");
+    // Both hubs serve matching clients as before.
+    let mut opts = client_opts(&tls_hub, "bob", root.path());
+    let addr = tls_hub.addr.to_string();
+    opts.tls = Some((
+        crate::tls::client_config(&cert, None).unwrap(),
+        crate::tls::server_name(&addr, None).unwrap(),
+    ));
+    let bob = within("tls bob", Peer::start(opts, quiet())).await.unwrap();
+    assert_eq!(bob.list().await.unwrap(), vec!["bob"]);
+    let carol = join(&plain_hub, "carol", root.path()).await;
+    assert_eq!(carol.list().await.unwrap(), vec!["carol"]);
+}
+
+#[test]
+fn the_read_window_follows_the_round_trip_within_the_budget() {
+    let opts = HubOptions::default();
+    let window = |ms| super::window_for(&opts, Duration::from_millis(ms));
+    // A LAN: the floor of 2 chunks (1 MiB held per read).
+    assert_eq!(window(0), 2);
+    assert_eq!(window(1), 2);
+    // 10 ms at 100 MiB/s is 1 MiB in flight: 4 chunks.
+    assert_eq!(window(10), 4);
+    // 50 ms would want 20 chunks; the 32 MiB budget over 8 slots allows 16 - 2 = 14.
+    assert_eq!(window(50), 14);
+    assert_eq!(window(10_000), 14);
+    let worst = opts.max_reads_per_peer * (window(50) as usize + 2) * crate::export::CHUNK_SIZE;
+    assert_eq!(worst, opts.forward_budget);
+    // Fewer slots, bigger windows; never below the floor whatever the budget.
+    let tight = HubOptions {
+        forward_budget: 0,
+        ..HubOptions::default()
+    };
+    assert_eq!(super::window_for(&tight, Duration::from_secs(1)), 2);
+}
+
+#[tokio::test]
+async fn a_reader_whose_socket_is_not_read_loses_its_read_and_frees_the_slot() {
+    use netchan_testkit::proxy::{Direction, Link, Proxy};
+    let hub = start_hub(HubOptions {
+        max_reads_per_peer: 1,
+        reader_stall: Duration::from_millis(500),
+        busy_wait: WAIT,
+        ..HubOptions::default()
+    })
+    .await;
+    let proxy = Proxy::start(hub.addr, Link::ideal()).await.unwrap();
+    let (rb, ra, rc) = (root_with(256 << 20), root_with(0), root_with(0));
+    let _bob = join(&hub, "bob", rb.path()).await;
+    let mut opts = client_opts(&hub, "alice", ra.path());
+    opts.addr = proxy.addr().to_string();
+    let alice = within("alice joins", Peer::start(opts, quiet()))
+        .await
+        .unwrap();
+    let carol = join(&hub, "carol", rc.path()).await;
+    let mut stream = alice.read("bob", "big.bin").await.unwrap();
+    stream.next().await.unwrap().unwrap();
+    // Alice's link stops delivering what the hub sends her; she has credit, so the hub
+    // writes until her link and its buffers are full, then cannot write any more.
+    proxy.stall(Direction::Down);
+    let got = within("carol's read", read_all(&carol, "bob", "hello.txt"))
+        .await
+        .unwrap();
+    assert_eq!(got, b"hello world\n");
+    drop(stream);
+}
+
+#[tokio::test]
+async fn concurrent_reads_over_a_slow_exporter_link_all_finish_without_false_silence() {
+    use netchan_testkit::proxy::{Link, Proxy};
+    // 16 Mbit/s, 50 ms: 4 reads of 4 MiB share about 8 s of link time. Each read has up to
+    // 14 chunks (3.5 MiB, 1.75 s of link) in flight, so a read can queue behind the others'
+    // windows for over 5 s: longer than the 4 s silence bound, while chunks keep passing.
+    let hub = start_hub(HubOptions {
+        peer_timeout: Duration::from_secs(4),
+        ..HubOptions::default()
+    })
+    .await;
+    let proxy = Proxy::start(hub.addr, Link::wan(Duration::from_millis(50), 16_000_000))
+        .await
+        .unwrap();
+    let (rb, ra) = (root_with(4 << 20), root_with(0));
+    let mut opts = client_opts(&hub, "bob", rb.path());
+    opts.addr = proxy.addr().to_string();
+    let _bob = within("bob joins", Peer::start(opts, quiet()))
+        .await
+        .unwrap();
+    let alice = Arc::new(join(&hub, "alice", ra.path()).await);
+    let mut reads = JoinSet::new();
+    for _ in 0..4 {
+        let alice = alice.clone();
+        reads.spawn(async move {
+            let mut s = alice.read("bob", "big.bin").await?;
+            let (mut first, mut len) = (None, 0);
+            // Bounded by the file's size.
+            while let Some(chunk) = s.next().await? {
+                first.get_or_insert_with(tokio::time::Instant::now);
+                len += chunk.data.len();
+            }
+            Ok::<_, CallError>((first, tokio::time::Instant::now(), len))
+        });
+    }
+    let mut firsts = Vec::new();
+    let mut ends = Vec::new();
+    // Bounded: 4 reads.
+    while let Some(done) = tokio::time::timeout(Duration::from_secs(120), reads.join_next())
+        .await
+        .expect("the reads finish")
+    {
+        let (first, end, len) = done
+            .unwrap()
+            .expect("no read fails on a slow but live link");
+        assert_eq!(len, 4 << 20);
+        firsts.push(first.expect("a first chunk"));
+        ends.push(end);
+    }
+    // Served evenly: every read had its first chunk before any read was complete (a file is
+    // 16 chunks, more than one window).
+    assert!(
+        firsts.iter().max() < ends.iter().min(),
+        "a read waited for its first chunk until another had finished"
+    );
 }
