@@ -16,30 +16,26 @@
 use crate::{
     error::CloseReason,
     keepalive::{Due, Keepalive},
-    proto::{Frame, GoAwayCode, Header, Violation, HEADER_LEN},
+    outbound::{Outbound, WRITE_BATCH},
+    proto::{GoAwayCode, Header, Violation, HEADER_LEN},
     shared::{Shared, StreamHandle},
     stream::RawStream,
 };
 use bytes::{Buf, BytesMut};
 use std::{
-    collections::VecDeque,
     future::Future,
-    io::{self, IoSlice},
+    io,
     pin::Pin,
     sync::Arc,
     task::{Context, Poll},
 };
 use tokio::{
-    io::{AsyncRead, AsyncWrite},
+    io::{AsyncRead, AsyncWrite, ReadHalf},
     time::{Instant, Sleep},
 };
 
 /// Smallest read buffer space offered to the socket per read.
 const READ_CHUNK: usize = 64 * 1024;
-/// Frames taken from the core per batch (bytes): bounds the driver's own queue.
-const WRITE_BATCH: usize = 512 * 1024;
-/// Slices per vectored write (two per frame).
-const MAX_SLICES: usize = 64;
 /// Rounds of read + write per wake-up before yielding to other tasks.
 const ROUNDS: usize = 32;
 
@@ -61,16 +57,13 @@ enum State {
 }
 
 pub(crate) struct Driver<T> {
-    io: T,
+    /// The read side; the write side is the session's [`Outbound`].
+    io: ReadHalf<T>,
     shared: Arc<Shared>,
     on_inbound: OnInbound,
     inbuf: BytesMut,
     /// A header whose body has not fully arrived yet, and the body's length.
     header: Option<(Header, usize)>,
-    outq: VecDeque<Frame>,
-    /// Bytes of `outq`'s front frame already written.
-    out_off: usize,
-    needs_flush: bool,
     last_read: Instant,
     keepalive: Option<Keepalive>,
     state: State,
@@ -83,15 +76,15 @@ where
 {
     pub(crate) fn new(io: T, shared: Arc<Shared>, on_inbound: OnInbound) -> Self {
         let keepalive = Keepalive::new(&shared.config);
+        let (read, write) = tokio::io::split(io);
+        *shared.outbound.lock().unwrap_or_else(|e| e.into_inner()) =
+            Some(Outbound::new(Box::pin(write)));
         Driver {
-            io,
+            io: read,
             shared,
             on_inbound,
             inbuf: BytesMut::with_capacity(READ_CHUNK),
             header: None,
-            outq: VecDeque::new(),
-            out_off: 0,
-            needs_flush: false,
             last_read: Instant::now(),
             keepalive,
             state: State::Running,
@@ -112,6 +105,7 @@ where
 
     fn poll(&mut self, cx: &mut Context<'_>) -> Poll<CloseReason> {
         self.shared.driver_waker.register(cx.waker());
+        self.shared.set_io_waker(cx.waker());
         for _ in 0..ROUNDS {
             if self.shared.is_closing() {
                 if let State::Running = self.state {
@@ -186,7 +180,15 @@ where
         if let State::Finishing { deadline, reason } = &mut self.state {
             if idle || self.eof {
                 // Everything is sent: tell the peer the stream ends (errors do not matter now).
-                let _ = Pin::new(&mut self.io).poll_shutdown(cx);
+                if let Some(out) = self
+                    .shared
+                    .outbound
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .as_mut()
+                {
+                    let _ = out.poll_shutdown(cx);
+                }
                 return Some(Poll::Ready(reason.clone()));
             }
             if deadline.as_mut().poll(cx).is_ready() {
@@ -313,64 +315,16 @@ where
 
     /// Writes queued frames. Returns (wrote something, everything sent and flushed).
     fn poll_outbound(&mut self, cx: &mut Context<'_>) -> io::Result<(bool, bool)> {
-        let mut wrote = false;
-        loop {
-            if self.outq.is_empty() {
-                self.shared.core().take_output(WRITE_BATCH, &mut self.outq);
-                if self.outq.is_empty() {
-                    if self.needs_flush {
-                        match Pin::new(&mut self.io).poll_flush(cx) {
-                            Poll::Ready(Ok(())) => self.needs_flush = false,
-                            Poll::Ready(Err(e)) => return Err(e),
-                            Poll::Pending => return Ok((wrote, false)),
-                        }
-                    }
-                    return Ok((wrote, true));
-                }
-            }
-            let mut slices = [IoSlice::new(&[]); MAX_SLICES];
-            let mut count = 0;
-            let mut skip = self.out_off;
-            for frame in &self.outq {
-                if count + 2 > MAX_SLICES {
-                    break;
-                }
-                for part in [&frame.header[..], &frame.body[..]] {
-                    if skip >= part.len() {
-                        skip -= part.len();
-                        continue;
-                    }
-                    slices[count] = IoSlice::new(&part[skip..]);
-                    skip = 0;
-                    count += 1;
-                }
-            }
-            let n = match Pin::new(&mut self.io).poll_write_vectored(cx, &slices[..count]) {
-                Poll::Ready(Ok(0)) => return Err(io::ErrorKind::WriteZero.into()),
-                Poll::Ready(Ok(n)) => n,
-                Poll::Ready(Err(e)) => return Err(e),
-                Poll::Pending => return Ok((wrote, false)),
-            };
-            wrote = true;
-            self.needs_flush = true;
-            self.advance(n);
-        }
-    }
-
-    fn advance(&mut self, mut n: usize) {
-        while n > 0 {
-            let Some(front) = self.outq.front() else {
-                return;
-            };
-            let left = front.len() - self.out_off;
-            if n < left {
-                self.out_off += n;
-                return;
-            }
-            n -= left;
-            self.out_off = 0;
-            self.outq.pop_front();
-        }
+        let mut guard = self
+            .shared
+            .outbound
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        let Some(out) = guard.as_mut() else {
+            return Ok((false, true));
+        };
+        let shared = &self.shared;
+        out.poll_send(cx, |q| shared.core().take_output(WRITE_BATCH, q))
     }
 }
 

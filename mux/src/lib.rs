@@ -70,6 +70,8 @@
 //!   listener table, channel slots, stream ownership);
 //! - `stream.rs` — one yamux stream as `AsyncRead + AsyncWrite` straight on the core;
 //! - `keepalive.rs` — the Ping timer;
+//! - `outbound.rs` — the link's write side: vectored writes of queued frames, made by the
+//!   driver or directly by the handle that queued them;
 //! - `driver.rs` — the task that owns the byte stream: reads frames into the core, writes the
 //!   core's frames in vectored writes, runs the timers;
 //! - `handshake.rs` — the channel-open handshake's wire format;
@@ -86,6 +88,7 @@ mod error;
 mod handshake;
 mod keepalive;
 mod listener;
+mod outbound;
 mod proto;
 mod session;
 mod shared;

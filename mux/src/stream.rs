@@ -113,7 +113,7 @@ impl AsyncWrite for RawStream {
         match result {
             Poll::Ready(Ok(n)) => {
                 if n > 0 {
-                    shared.driver_waker.wake();
+                    shared.send_now();
                 }
                 Poll::Ready(Ok(n))
             }
