@@ -43,6 +43,50 @@ impl Outbound {
         }
     }
 
+    /// Whether nothing is waiting here to be written (a direct write may go first).
+    pub(crate) fn is_idle(&self) -> bool {
+        self.queue.is_empty() && self.failed.is_none()
+    }
+
+    /// Writes one frame straight from the caller's buffer (header and body in one vectored
+    /// write) while nothing else is queued; whatever the link did not take is copied into the
+    /// queue, to be written next. Returns an error only if the write failed.
+    pub(crate) fn write_frame(
+        &mut self,
+        cx: &mut Context<'_>,
+        header: [u8; crate::proto::HEADER_LEN],
+        body: &[u8],
+    ) -> io::Result<()> {
+        debug_assert!(self.is_idle());
+        let slices = [IoSlice::new(&header), IoSlice::new(body)];
+        let written = match self.io.as_mut().poll_write_vectored(cx, &slices) {
+            Poll::Ready(Ok(n)) => n,
+            Poll::Ready(Err(e)) => return Err(e),
+            Poll::Pending => 0,
+        };
+        if written > 0 {
+            self.needs_flush = true;
+        }
+        let total = header.len() + body.len();
+        if written < total {
+            // The rest is the next thing on the wire.
+            let rest = if written < header.len() {
+                Frame {
+                    header,
+                    body: bytes::Bytes::copy_from_slice(body),
+                }
+            } else {
+                Frame {
+                    header,
+                    body: bytes::Bytes::copy_from_slice(&body[written - header.len()..]),
+                }
+            };
+            self.offset = written.min(header.len());
+            self.queue.push_back(rest);
+        }
+        Ok(())
+    }
+
     /// Records a write error met outside the driver.
     pub(crate) fn fail(&mut self, e: io::Error) {
         self.failed.get_or_insert(e);

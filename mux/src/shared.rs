@@ -7,7 +7,7 @@ use crate::{
     config::Config,
     error::{CloseReason, Error},
     outbound::{Outbound, WRITE_BATCH},
-    proto::{self, Connection},
+    proto::{self, Connection, StreamError},
 };
 use futures::task::AtomicWaker;
 use std::{
@@ -16,7 +16,7 @@ use std::{
         atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
         Arc, Mutex, MutexGuard, OnceLock,
     },
-    task::{Context, Waker},
+    task::{Context, Poll, Waker},
 };
 use tokio::sync::{mpsc, Semaphore};
 use tokio_util::sync::CancellationToken;
@@ -134,6 +134,50 @@ impl Shared {
             drop(guard);
             self.driver_waker.wake();
         }
+    }
+
+    /// A write on stream `id` made straight from the caller's buffer: header and body leave
+    /// in one vectored write, without copying the body, when nobody else is writing and
+    /// nothing is queued ahead. `None` when that is not possible right now (the caller then
+    /// queues the write instead).
+    pub(crate) fn try_write_direct(
+        &self,
+        id: u32,
+        buf: &[u8],
+        waker: &Waker,
+    ) -> Option<Poll<Result<usize, StreamError>>> {
+        let io_waker = self
+            .io_waker
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()?;
+        let mut guard = self.outbound.try_lock().ok()?;
+        let out = guard.as_mut()?;
+        if !out.is_idle() {
+            return None;
+        }
+        let header = match self.core().write_direct(id, buf.len(), waker)? {
+            Poll::Ready(Ok(Some(header))) => header,
+            Poll::Ready(Ok(None)) => return Some(Poll::Ready(Ok(0))),
+            Poll::Ready(Err(e)) => return Some(Poll::Ready(Err(e))),
+            Poll::Pending => return Some(Poll::Pending),
+        };
+        let n = header.length as usize;
+        let mut cx = Context::from_waker(&io_waker);
+        let sent = out
+            .write_frame(&mut cx, header.encode(), &buf[..n])
+            .and_then(|()| {
+                // Frames queued meanwhile, and the flush.
+                out.poll_send(&mut cx, |q| self.core().take_output(WRITE_BATCH, q))
+                    .map(|_| ())
+            });
+        if let Err(e) = sent {
+            // The link failed: the driver ends the session with this error.
+            out.fail(e);
+            drop(guard);
+            self.driver_waker.wake();
+        }
+        Some(Poll::Ready(Ok(n)))
     }
 
     pub(crate) fn is_closing(&self) -> bool {
