@@ -92,7 +92,9 @@ impl AsyncRead for RawStream {
         let wake = core.out_bytes() != queued;
         drop(core);
         if wake {
-            shared.driver_waker.wake();
+            // Sent from this task if the link is free: the window update is what the peer's
+            // writer is waiting for.
+            shared.send_now();
         }
         match result {
             Poll::Ready(Ok(_)) => Poll::Ready(Ok(())),
