@@ -17,7 +17,7 @@ use crate::{
     error::CloseReason,
     keepalive::{Due, Keepalive},
     outbound::{Outbound, WRITE_BATCH},
-    proto::{GoAwayCode, Header, Violation, HEADER_LEN},
+    proto::{GoAwayCode, Header, Violation, ACK, FIN, HEADER_LEN, RST, SYN},
     shared::{Shared, StreamHandle},
     stream::RawStream,
 };
@@ -34,8 +34,13 @@ use tokio::{
     time::{Instant, Sleep},
 };
 
-/// Smallest read buffer space offered to the socket per read.
+/// Read buffer space offered to the socket per read. Kept under glibc's 128 KiB `mmap`
+/// threshold so that receive memory comes from (and returns to) the heap instead of fresh
+/// pages the kernel must fault in and zero for every frame.
 const READ_CHUNK: usize = 64 * 1024;
+/// A large data frame is handed to its stream in pieces of at least this size as it arrives,
+/// so no frame needs a contiguous buffer of its own size.
+const PIECE_MIN: usize = 16 * 1024;
 /// Rounds of read + write per wake-up before yielding to other tasks.
 const ROUNDS: usize = 32;
 
@@ -62,8 +67,9 @@ pub(crate) struct Driver<T> {
     shared: Arc<Shared>,
     on_inbound: OnInbound,
     inbuf: BytesMut,
-    /// A header whose body has not fully arrived yet, and the body's length.
-    header: Option<(Header, usize)>,
+    /// A header whose body has not fully arrived yet, the body bytes still to come, and
+    /// whether none of it has been handed on yet.
+    header: Option<(Header, usize, bool)>,
     last_read: Instant,
     keepalive: Option<Keepalive>,
     state: State,
@@ -249,12 +255,7 @@ where
         if self.shared.core().out_bytes() >= self.shared.config.limits().out_limit {
             return Ok(false);
         }
-        let need = match self.header {
-            Some((_, len)) => len,
-            None => HEADER_LEN,
-        };
-        let want = need.saturating_sub(self.inbuf.len()).max(READ_CHUNK);
-        self.inbuf.reserve(want);
+        self.inbuf.reserve(READ_CHUNK);
         match tokio_util::io::poll_read_buf(Pin::new(&mut self.io), cx, &mut self.inbuf) {
             Poll::Ready(Ok(0)) => {
                 self.eof = true;
@@ -277,7 +278,7 @@ where
         {
             let mut core = self.shared.core();
             loop {
-                let (header, len) = match self.header {
+                let (header, remaining, first) = match self.header {
                     Some(pending) => pending,
                     None => {
                         if self.inbuf.len() < HEADER_LEN {
@@ -288,16 +289,29 @@ where
                         let header = Header::decode(&raw)?;
                         let len = core.on_header(&header)?;
                         self.inbuf.advance(HEADER_LEN);
-                        self.header = Some((header, len));
-                        (header, len)
+                        (header, len, true)
                     }
                 };
-                if self.inbuf.len() < len {
+                let take = remaining.min(self.inbuf.len());
+                if take < remaining && take < PIECE_MIN {
+                    self.header = Some((header, remaining, first));
                     break;
                 }
-                let body = self.inbuf.split_to(len);
-                self.header = None;
-                core.on_frame(header, body, now)?;
+                // A piece of a data frame reads as a frame of its own: SYN on the first piece,
+                // FIN and RST on the last, the window consumed piece by piece.
+                let last = take == remaining;
+                let mut flags = header.flags;
+                if !first {
+                    flags &= !(SYN | ACK);
+                }
+                if !last {
+                    flags &= !(FIN | RST);
+                }
+                let piece = Header::new(header.ty, flags, header.stream, take as u32);
+                let piece = if first && last { header } else { piece };
+                let body = self.inbuf.split_to(take);
+                self.header = (!last).then_some((header, remaining - take, false));
+                core.on_frame(piece, body, now)?;
             }
             while let Some(id) = core.next_accepted() {
                 accepted.push(id);
