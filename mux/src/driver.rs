@@ -1,17 +1,17 @@
-//! The driver task: the only owner of the byte stream. It moves bytes between the link and
-//! the yamux core, and nothing else.
+//! The driver task: the owner of the byte stream's read side. It moves bytes between the link
+//! and the yamux core, and nothing else.
 //!
-//! - **Reads** go into one `BytesMut` without zeroing; every complete frame is handed to the
-//!   core, a data frame's body as a slice of that buffer (no copy).
-//! - **Writes**: the frames the handles queued since the last round (small ones from many
-//!   streams, headers and bodies alike) leave in vectored writes, one syscall for many
-//!   frames, and the stream is flushed once the queue is empty.
+//! - **Reads** go into 64 KiB `BytesMut` chunks without zeroing; a data frame's body is handed
+//!   to the core as slices of them (no copy), piece by piece as it arrives, so no frame needs
+//!   a buffer of its own size.
+//! - **Writes**: on every turn the driver writes what the core queued (see `outbound.rs`,
+//!   shared with the handles, which write directly when the link is free).
 //! - **Timers**: keepalive pings and the close grace.
 //! - **New inbound streams** are handed to the session's handshake callback, which runs each
 //!   in a task of its own: per-stream work never blocks the session.
 //!
-//! Contract: nothing happens on the link unless the driver runs; the session spawns it and it
-//! ends (recording the [`CloseReason`]) when the session ends.
+//! Contract: nothing is read from the link unless the driver runs; the session spawns it and
+//! it ends (recording the [`CloseReason`]) when the session ends.
 
 use crate::{
     error::CloseReason,

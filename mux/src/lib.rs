@@ -72,8 +72,8 @@
 //! - `keepalive.rs` — the Ping timer;
 //! - `outbound.rs` — the link's write side: vectored writes of queued frames, made by the
 //!   driver or directly by the handle that queued them;
-//! - `driver.rs` — the task that owns the byte stream: reads frames into the core, writes the
-//!   core's frames in vectored writes, runs the timers;
+//! - `driver.rs` — the task that owns the byte stream's read side: feeds frames to the core,
+//!   flushes the core's output through `outbound.rs`, runs the timers;
 //! - `handshake.rs` — the channel-open handshake's wire format;
 //! - `channel.rs` — [`Conn`], a channel;
 //! - `listener.rs` — [`Listener`] and the listening side of the handshake;
