@@ -26,9 +26,10 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 ///   `ConnectionReset`, never a clean EOF;
 /// - it can be split with [`tokio::io::split`] and read and written from two tasks.
 ///
-/// A write copies at most one frame of the buffer into the session's output queue and
-/// returns; `flush` has nothing left to do. Writes wait while the channel's send window is
-/// used up (the peer's reader is behind) or the session's output queue is full (the link is).
+/// A write sends at most one frame: straight from the caller's buffer when the link is free,
+/// otherwise copied into the session's output queue; either way it returns at once and
+/// `flush` has nothing left to do. Writes wait while the channel's send window is used up
+/// (the peer's reader is behind) or the session's output queue is full (the link is).
 ///
 /// Errors: a reset by the peer reads and writes as `ConnectionReset`. Once the session ends
 /// abnormally (keepalive timeout, link failure, protocol violation), pending and later reads

@@ -47,8 +47,8 @@ pub struct Config {
     pub max_channels: usize,
     /// Maximum number of channel-open handshakes in flight per direction. Dials beyond it wait
     /// for a slot (within `handshake_timeout`); a peer opening more streams than this before we
-    /// answered gets the excess reset. Clamped to 1..=256 (yamux's own limit of unacknowledged
-    /// streams). Default: 32.
+    /// answered gets the excess reset. Clamped to 1..=256 (Go's yamux accepts at most 256
+    /// unacknowledged streams). Default: 32.
     pub max_pending_handshakes: usize,
     /// How long a dial waits for the peer's answer, and how long an inbound channel may take to
     /// send its handshake before it is dropped. Default: 10 s.

@@ -1,45 +1,46 @@
-//! The driver task: the only owner of the byte stream. It moves bytes between the link and
-//! the yamux core, and nothing else.
+//! The driver task: the owner of the byte stream's read side. It moves bytes between the link
+//! and the yamux core, and nothing else.
 //!
-//! - **Reads** go into one `BytesMut` without zeroing; every complete frame is handed to the
-//!   core, a data frame's body as a slice of that buffer (no copy).
-//! - **Writes**: the frames the handles queued since the last round (small ones from many
-//!   streams, headers and bodies alike) leave in vectored writes, one syscall for many
-//!   frames, and the stream is flushed once the queue is empty.
+//! - **Reads** go into 64 KiB `BytesMut` chunks without zeroing; a data frame's body is handed
+//!   to the core as slices of them (no copy), piece by piece as it arrives, so no frame needs
+//!   a buffer of its own size.
+//! - **Writes**: on every turn the driver writes what the core queued (see `outbound.rs`,
+//!   shared with the handles, which write directly when the link is free).
 //! - **Timers**: keepalive pings and the close grace.
 //! - **New inbound streams** are handed to the session's handshake callback, which runs each
 //!   in a task of its own: per-stream work never blocks the session.
 //!
-//! Contract: nothing happens on the link unless the driver runs; the session spawns it and it
-//! ends (recording the [`CloseReason`]) when the session ends.
+//! Contract: nothing is read from the link unless the driver runs; the session spawns it and
+//! it ends (recording the [`CloseReason`]) when the session ends.
 
 use crate::{
     error::CloseReason,
     keepalive::{Due, Keepalive},
-    proto::{Frame, GoAwayCode, Header, Violation, HEADER_LEN},
+    outbound::{Outbound, WRITE_BATCH},
+    proto::{GoAwayCode, Header, Violation, ACK, FIN, HEADER_LEN, RST, SYN},
     shared::{Shared, StreamHandle},
     stream::RawStream,
 };
 use bytes::{Buf, BytesMut};
 use std::{
-    collections::VecDeque,
     future::Future,
-    io::{self, IoSlice},
+    io,
     pin::Pin,
     sync::Arc,
     task::{Context, Poll},
 };
 use tokio::{
-    io::{AsyncRead, AsyncWrite},
+    io::{AsyncRead, AsyncWrite, ReadHalf},
     time::{Instant, Sleep},
 };
 
-/// Smallest read buffer space offered to the socket per read.
+/// Read buffer space offered to the socket per read. Kept under glibc's 128 KiB `mmap`
+/// threshold so that receive memory comes from (and returns to) the heap instead of fresh
+/// pages the kernel must fault in and zero for every frame.
 const READ_CHUNK: usize = 64 * 1024;
-/// Frames taken from the core per batch (bytes): bounds the driver's own queue.
-const WRITE_BATCH: usize = 512 * 1024;
-/// Slices per vectored write (two per frame).
-const MAX_SLICES: usize = 64;
+/// A large data frame is handed to its stream in pieces of at least this size as it arrives,
+/// so no frame needs a contiguous buffer of its own size.
+const PIECE_MIN: usize = 16 * 1024;
 /// Rounds of read + write per wake-up before yielding to other tasks.
 const ROUNDS: usize = 32;
 
@@ -61,16 +62,14 @@ enum State {
 }
 
 pub(crate) struct Driver<T> {
-    io: T,
+    /// The read side; the write side is the session's [`Outbound`].
+    io: ReadHalf<T>,
     shared: Arc<Shared>,
     on_inbound: OnInbound,
     inbuf: BytesMut,
-    /// A header whose body has not fully arrived yet, and the body's length.
-    header: Option<(Header, usize)>,
-    outq: VecDeque<Frame>,
-    /// Bytes of `outq`'s front frame already written.
-    out_off: usize,
-    needs_flush: bool,
+    /// A header whose body has not fully arrived yet, the body bytes still to come, and
+    /// whether none of it has been handed on yet.
+    header: Option<(Header, usize, bool)>,
     last_read: Instant,
     keepalive: Option<Keepalive>,
     state: State,
@@ -83,15 +82,15 @@ where
 {
     pub(crate) fn new(io: T, shared: Arc<Shared>, on_inbound: OnInbound) -> Self {
         let keepalive = Keepalive::new(&shared.config);
+        let (read, write) = tokio::io::split(io);
+        *shared.outbound.lock().unwrap_or_else(|e| e.into_inner()) =
+            Some(Outbound::new(Box::pin(write)));
         Driver {
-            io,
+            io: read,
             shared,
             on_inbound,
             inbuf: BytesMut::with_capacity(READ_CHUNK),
             header: None,
-            outq: VecDeque::new(),
-            out_off: 0,
-            needs_flush: false,
             last_read: Instant::now(),
             keepalive,
             state: State::Running,
@@ -112,6 +111,7 @@ where
 
     fn poll(&mut self, cx: &mut Context<'_>) -> Poll<CloseReason> {
         self.shared.driver_waker.register(cx.waker());
+        self.shared.set_io_waker(cx.waker());
         for _ in 0..ROUNDS {
             if self.shared.is_closing() {
                 if let State::Running = self.state {
@@ -186,7 +186,15 @@ where
         if let State::Finishing { deadline, reason } = &mut self.state {
             if idle || self.eof {
                 // Everything is sent: tell the peer the stream ends (errors do not matter now).
-                let _ = Pin::new(&mut self.io).poll_shutdown(cx);
+                if let Some(out) = self
+                    .shared
+                    .outbound
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .as_mut()
+                {
+                    let _ = out.poll_shutdown(cx);
+                }
                 return Some(Poll::Ready(reason.clone()));
             }
             if deadline.as_mut().poll(cx).is_ready() {
@@ -247,12 +255,7 @@ where
         if self.shared.core().out_bytes() >= self.shared.config.limits().out_limit {
             return Ok(false);
         }
-        let need = match self.header {
-            Some((_, len)) => len,
-            None => HEADER_LEN,
-        };
-        let want = need.saturating_sub(self.inbuf.len()).max(READ_CHUNK);
-        self.inbuf.reserve(want);
+        self.inbuf.reserve(READ_CHUNK);
         match tokio_util::io::poll_read_buf(Pin::new(&mut self.io), cx, &mut self.inbuf) {
             Poll::Ready(Ok(0)) => {
                 self.eof = true;
@@ -275,7 +278,7 @@ where
         {
             let mut core = self.shared.core();
             loop {
-                let (header, len) = match self.header {
+                let (header, remaining, first) = match self.header {
                     Some(pending) => pending,
                     None => {
                         if self.inbuf.len() < HEADER_LEN {
@@ -286,16 +289,29 @@ where
                         let header = Header::decode(&raw)?;
                         let len = core.on_header(&header)?;
                         self.inbuf.advance(HEADER_LEN);
-                        self.header = Some((header, len));
-                        (header, len)
+                        (header, len, true)
                     }
                 };
-                if self.inbuf.len() < len {
+                let take = remaining.min(self.inbuf.len());
+                if take < remaining && take < PIECE_MIN {
+                    self.header = Some((header, remaining, first));
                     break;
                 }
-                let body = self.inbuf.split_to(len);
-                self.header = None;
-                core.on_frame(header, body, now)?;
+                // A piece of a data frame reads as a frame of its own: SYN on the first piece,
+                // FIN and RST on the last, the window consumed piece by piece.
+                let last = take == remaining;
+                let mut flags = header.flags;
+                if !first {
+                    flags &= !(SYN | ACK);
+                }
+                if !last {
+                    flags &= !(FIN | RST);
+                }
+                let piece = Header::new(header.ty, flags, header.stream, take as u32);
+                let piece = if first && last { header } else { piece };
+                let body = self.inbuf.split_to(take);
+                self.header = (!last).then_some((header, remaining - take, false));
+                core.on_frame(piece, body, now)?;
             }
             while let Some(id) = core.next_accepted() {
                 accepted.push(id);
@@ -313,64 +329,16 @@ where
 
     /// Writes queued frames. Returns (wrote something, everything sent and flushed).
     fn poll_outbound(&mut self, cx: &mut Context<'_>) -> io::Result<(bool, bool)> {
-        let mut wrote = false;
-        loop {
-            if self.outq.is_empty() {
-                self.shared.core().take_output(WRITE_BATCH, &mut self.outq);
-                if self.outq.is_empty() {
-                    if self.needs_flush {
-                        match Pin::new(&mut self.io).poll_flush(cx) {
-                            Poll::Ready(Ok(())) => self.needs_flush = false,
-                            Poll::Ready(Err(e)) => return Err(e),
-                            Poll::Pending => return Ok((wrote, false)),
-                        }
-                    }
-                    return Ok((wrote, true));
-                }
-            }
-            let mut slices = [IoSlice::new(&[]); MAX_SLICES];
-            let mut count = 0;
-            let mut skip = self.out_off;
-            for frame in &self.outq {
-                if count + 2 > MAX_SLICES {
-                    break;
-                }
-                for part in [&frame.header[..], &frame.body[..]] {
-                    if skip >= part.len() {
-                        skip -= part.len();
-                        continue;
-                    }
-                    slices[count] = IoSlice::new(&part[skip..]);
-                    skip = 0;
-                    count += 1;
-                }
-            }
-            let n = match Pin::new(&mut self.io).poll_write_vectored(cx, &slices[..count]) {
-                Poll::Ready(Ok(0)) => return Err(io::ErrorKind::WriteZero.into()),
-                Poll::Ready(Ok(n)) => n,
-                Poll::Ready(Err(e)) => return Err(e),
-                Poll::Pending => return Ok((wrote, false)),
-            };
-            wrote = true;
-            self.needs_flush = true;
-            self.advance(n);
-        }
-    }
-
-    fn advance(&mut self, mut n: usize) {
-        while n > 0 {
-            let Some(front) = self.outq.front() else {
-                return;
-            };
-            let left = front.len() - self.out_off;
-            if n < left {
-                self.out_off += n;
-                return;
-            }
-            n -= left;
-            self.out_off = 0;
-            self.outq.pop_front();
-        }
+        let mut guard = self
+            .shared
+            .outbound
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        let Some(out) = guard.as_mut() else {
+            return Ok((false, true));
+        };
+        let shared = &self.shared;
+        out.poll_send(cx, |q| shared.core().take_output(WRITE_BATCH, q))
     }
 }
 

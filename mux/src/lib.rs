@@ -70,8 +70,10 @@
 //!   listener table, channel slots, stream ownership);
 //! - `stream.rs` — one yamux stream as `AsyncRead + AsyncWrite` straight on the core;
 //! - `keepalive.rs` — the Ping timer;
-//! - `driver.rs` — the task that owns the byte stream: reads frames into the core, writes the
-//!   core's frames in vectored writes, runs the timers;
+//! - `outbound.rs` — the link's write side: vectored writes of queued frames, made by the
+//!   driver or directly by the handle that queued them;
+//! - `driver.rs` — the task that owns the byte stream's read side: feeds frames to the core,
+//!   flushes the core's output through `outbound.rs`, runs the timers;
 //! - `handshake.rs` — the channel-open handshake's wire format;
 //! - `channel.rs` — [`Conn`], a channel;
 //! - `listener.rs` — [`Listener`] and the listening side of the handshake;
@@ -86,6 +88,7 @@ mod error;
 mod handshake;
 mod keepalive;
 mod listener;
+mod outbound;
 mod proto;
 mod session;
 mod shared;

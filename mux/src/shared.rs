@@ -6,7 +6,8 @@
 use crate::{
     config::Config,
     error::{CloseReason, Error},
-    proto::{self, Connection},
+    outbound::{Outbound, WRITE_BATCH},
+    proto::{self, Connection, StreamError},
 };
 use futures::task::AtomicWaker;
 use std::{
@@ -15,6 +16,7 @@ use std::{
         atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
         Arc, Mutex, MutexGuard, OnceLock,
     },
+    task::{Context, Poll, Waker},
 };
 use tokio::sync::{mpsc, Semaphore};
 use tokio_util::sync::CancellationToken;
@@ -59,6 +61,10 @@ pub(crate) struct Shared {
     pub(crate) ended: CancellationToken,
     /// Wakes the driver: output queued, close requested, last channel or handle gone.
     pub(crate) driver_waker: AtomicWaker,
+    /// The driver's waker, for writes made by handles on its behalf (see `outbound.rs`).
+    io_waker: Mutex<Option<Waker>>,
+    /// The link's write side, installed by the driver. Lock order: this, then `core`.
+    pub(crate) outbound: Mutex<Option<Outbound>>,
     /// Permits for our dials whose handshake is in flight.
     pub(crate) dial_slots: Semaphore,
     /// Permits for inbound handshakes being served.
@@ -84,6 +90,8 @@ impl Shared {
             reason: OnceLock::new(),
             ended: CancellationToken::new(),
             driver_waker: AtomicWaker::new(),
+            io_waker: Mutex::new(None),
+            outbound: Mutex::new(None),
             dial_slots: Semaphore::new(pending),
             inbound_slots: Arc::new(Semaphore::new(pending)),
         }
@@ -92,6 +100,84 @@ impl Shared {
     /// Locks the yamux state. Callers hold it for one core call and never across `.await`.
     pub(crate) fn core(&self) -> MutexGuard<'_, Connection> {
         self.core.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Remembers the driver's waker (called by the driver on every turn).
+    pub(crate) fn set_io_waker(&self, waker: &Waker) {
+        let mut slot = self.io_waker.lock().unwrap_or_else(|e| e.into_inner());
+        if !slot.as_ref().is_some_and(|w| w.will_wake(waker)) {
+            *slot = Some(waker.clone());
+        }
+    }
+
+    /// Called by a handle that just queued output: writes it now if nobody else is writing
+    /// (with the driver's waker, so a full link wakes the driver), else leaves it to the
+    /// driver.
+    pub(crate) fn send_now(&self) {
+        let waker = self
+            .io_waker
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        let (Some(waker), Ok(mut guard)) = (waker, self.outbound.try_lock()) else {
+            self.driver_waker.wake();
+            return;
+        };
+        let Some(out) = guard.as_mut() else {
+            drop(guard);
+            self.driver_waker.wake();
+            return;
+        };
+        let mut cx = Context::from_waker(&waker);
+        if let Err(e) = out.poll_send(&mut cx, |q| self.core().take_output(WRITE_BATCH, q)) {
+            out.fail(e);
+            drop(guard);
+            self.driver_waker.wake();
+        }
+    }
+
+    /// A write on stream `id` made straight from the caller's buffer: header and body leave
+    /// in one vectored write, without copying the body, when nobody else is writing and
+    /// nothing is queued ahead. `None` when that is not possible right now (the caller then
+    /// queues the write instead).
+    pub(crate) fn try_write_direct(
+        &self,
+        id: u32,
+        buf: &[u8],
+        waker: &Waker,
+    ) -> Option<Poll<Result<usize, StreamError>>> {
+        let io_waker = self
+            .io_waker
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()?;
+        let mut guard = self.outbound.try_lock().ok()?;
+        let out = guard.as_mut()?;
+        if !out.is_idle() {
+            return None;
+        }
+        let header = match self.core().write_direct(id, buf.len(), waker)? {
+            Poll::Ready(Ok(Some(header))) => header,
+            Poll::Ready(Ok(None)) => return Some(Poll::Ready(Ok(0))),
+            Poll::Ready(Err(e)) => return Some(Poll::Ready(Err(e))),
+            Poll::Pending => return Some(Poll::Pending),
+        };
+        let n = header.length as usize;
+        let mut cx = Context::from_waker(&io_waker);
+        let sent = out
+            .write_frame(&mut cx, header.encode(), &buf[..n])
+            .and_then(|()| {
+                // Frames queued meanwhile, and the flush.
+                out.poll_send(&mut cx, |q| self.core().take_output(WRITE_BATCH, q))
+                    .map(|_| ())
+            });
+        if let Err(e) = sent {
+            // The link failed: the driver ends the session with this error.
+            out.fail(e);
+            drop(guard);
+            self.driver_waker.wake();
+        }
+        Some(Poll::Ready(Ok(n)))
     }
 
     pub(crate) fn is_closing(&self) -> bool {

@@ -1,8 +1,9 @@
 //! `RawStream`: one yamux stream as tokio `AsyncRead + AsyncWrite`, straight on the core.
 //!
 //! A read copies from the stream's receive buffer into the caller's buffer (no zeroing, no
-//! intermediate buffer); a write copies at most one frame of the caller's bytes into the
-//! session's output queue and wakes the driver, which sends header and body together.
+//! intermediate buffer). A write sends at most one frame: straight from the caller's buffer
+//! (header and body in one vectored write) when the link is free, otherwise copied into the
+//! session's output queue for the driver or the next writer.
 
 use crate::{
     error::CloseReason,
@@ -91,7 +92,9 @@ impl AsyncRead for RawStream {
         let wake = core.out_bytes() != queued;
         drop(core);
         if wake {
-            shared.driver_waker.wake();
+            // Sent from this task if the link is free: the window update is what the peer's
+            // writer is waiting for.
+            shared.send_now();
         }
         match result {
             Poll::Ready(Ok(_)) => Poll::Ready(Ok(())),
@@ -109,11 +112,14 @@ impl AsyncWrite for RawStream {
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
         let shared = &this.handle.shared;
+        if let Some(result) = shared.try_write_direct(this.handle.id, buf, cx.waker()) {
+            return result.map_err(|e| this.error(e));
+        }
         let result = shared.core().write(this.handle.id, buf, cx.waker());
         match result {
             Poll::Ready(Ok(n)) => {
                 if n > 0 {
-                    shared.driver_waker.wake();
+                    shared.send_now();
                 }
                 Poll::Ready(Ok(n))
             }

@@ -533,13 +533,48 @@ impl Connection {
         self.maybe_probe(now);
     }
 
-    /// Writes up to one frame of `buf` on stream `id`; returns how much was taken.
+    /// Writes up to one frame of `buf` on stream `id` into the output queue (copying it);
+    /// returns how much was taken.
     pub(crate) fn write(
         &mut self,
         id: u32,
         buf: &[u8],
         waker: &Waker,
     ) -> Poll<Result<usize, StreamError>> {
+        match self.reserve(id, buf.len(), waker) {
+            Poll::Ready(Ok(Some(header))) => {
+                let n = header.length as usize;
+                self.queue(header, Bytes::copy_from_slice(&buf[..n]));
+                Poll::Ready(Ok(n))
+            }
+            Poll::Ready(Ok(None)) => Poll::Ready(Ok(0)),
+            Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
+    /// Takes send window for one data frame of up to `len` bytes on stream `id` and returns
+    /// its header, for a caller that writes the header and its own buffer to the link at
+    /// once. Only while nothing else is queued (`None` then, and nothing is taken), so the
+    /// frame cannot overtake queued ones; the caller queues what it could not write.
+    pub(crate) fn write_direct(
+        &mut self,
+        id: u32,
+        len: usize,
+        waker: &Waker,
+    ) -> Option<Poll<Result<Option<Header>, StreamError>>> {
+        if !self.out.is_empty() {
+            return None;
+        }
+        Some(self.reserve(id, len, waker))
+    }
+
+    fn reserve(
+        &mut self,
+        id: u32,
+        len: usize,
+        waker: &Waker,
+    ) -> Poll<Result<Option<Header>, StreamError>> {
         let ended = self.ended;
         let congested = self.out_bytes >= self.limits.out_limit;
         let max_frame = self.limits.max_frame;
@@ -555,8 +590,8 @@ impl Connection {
         if ended {
             return Poll::Ready(Err(StreamError::SessionEnded));
         }
-        if buf.is_empty() {
-            return Poll::Ready(Ok(0));
+        if len == 0 {
+            return Poll::Ready(Ok(None));
         }
         if s.send_window == 0 {
             s.write_waker = Some(waker.clone());
@@ -566,18 +601,14 @@ impl Connection {
             self.out_waiters.push(waker.clone());
             return Poll::Pending;
         }
-        let n = buf.len().min(s.send_window as usize).min(max_frame);
+        let n = len.min(s.send_window as usize).min(max_frame);
         s.send_window -= n as u32;
         let flags = if std::mem::take(&mut s.syn_pending) {
             SYN
         } else {
             0
         };
-        self.queue(
-            Header::new(FrameType::Data, flags, id, n as u32),
-            Bytes::copy_from_slice(&buf[..n]),
-        );
-        Poll::Ready(Ok(n))
+        Poll::Ready(Ok(Some(Header::new(FrameType::Data, flags, id, n as u32))))
     }
 
     /// Half-closes stream `id` (FIN after everything written so far).

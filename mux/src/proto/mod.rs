@@ -16,7 +16,7 @@ mod frame;
 mod stream;
 
 pub(crate) use connection::{Connection, Frame, Limits, OpenError, Side, StreamError};
-pub(crate) use frame::{GoAwayCode, Header, HEADER_LEN};
+pub(crate) use frame::{GoAwayCode, Header, ACK, FIN, HEADER_LEN, RST, SYN};
 
 /// How a peer broke the yamux protocol. The session that received it ends with
 /// [`CloseReason::ProtocolViolation`](crate::CloseReason::ProtocolViolation), after sending a

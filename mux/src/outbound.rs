@@ -1,0 +1,170 @@
+//! The write side of the link: frames leave in vectored writes, from whichever task gets there
+//! first.
+//!
+//! The driver flushes what the core queued on every turn; a handle that has just queued a
+//! frame tries to write it at once itself (if nobody else is writing), which saves the hop to
+//! the driver task on the common path. Either way the writes are made with the driver's
+//! waker, so when the link is full it is the driver that is woken once it drains.
+
+use crate::proto::Frame;
+use std::{
+    collections::VecDeque,
+    io::{self, IoSlice},
+    pin::Pin,
+    task::{Context, Poll},
+};
+use tokio::io::AsyncWrite;
+
+/// Frames taken from the core per batch (bytes): bounds the write side's own queue.
+pub(crate) const WRITE_BATCH: usize = 512 * 1024;
+
+/// Slices per vectored write (two per frame).
+const MAX_SLICES: usize = 64;
+
+/// The byte stream's write half, and the frames taken from the core but not yet fully
+/// written (`offset` bytes of the front one are).
+pub(crate) struct Outbound {
+    io: Pin<Box<dyn AsyncWrite + Send>>,
+    queue: VecDeque<Frame>,
+    offset: usize,
+    needs_flush: bool,
+    /// An error met by a handle's write, for the driver to end the session with.
+    failed: Option<io::Error>,
+}
+
+impl Outbound {
+    pub(crate) fn new(io: Pin<Box<dyn AsyncWrite + Send>>) -> Outbound {
+        Outbound {
+            io,
+            queue: VecDeque::new(),
+            offset: 0,
+            needs_flush: false,
+            failed: None,
+        }
+    }
+
+    /// Whether nothing is waiting here to be written (a direct write may go first).
+    pub(crate) fn is_idle(&self) -> bool {
+        self.queue.is_empty() && self.failed.is_none()
+    }
+
+    /// Writes one frame straight from the caller's buffer (header and body in one vectored
+    /// write) while nothing else is queued; whatever the link did not take is copied into the
+    /// queue, to be written next. Returns an error only if the write failed.
+    pub(crate) fn write_frame(
+        &mut self,
+        cx: &mut Context<'_>,
+        header: [u8; crate::proto::HEADER_LEN],
+        body: &[u8],
+    ) -> io::Result<()> {
+        debug_assert!(self.is_idle());
+        let slices = [IoSlice::new(&header), IoSlice::new(body)];
+        let written = match self.io.as_mut().poll_write_vectored(cx, &slices) {
+            Poll::Ready(Ok(n)) => n,
+            Poll::Ready(Err(e)) => return Err(e),
+            Poll::Pending => 0,
+        };
+        if written > 0 {
+            self.needs_flush = true;
+        }
+        let total = header.len() + body.len();
+        if written < total {
+            // The rest is the next thing on the wire.
+            let rest = if written < header.len() {
+                Frame {
+                    header,
+                    body: bytes::Bytes::copy_from_slice(body),
+                }
+            } else {
+                Frame {
+                    header,
+                    body: bytes::Bytes::copy_from_slice(&body[written - header.len()..]),
+                }
+            };
+            self.offset = written.min(header.len());
+            self.queue.push_back(rest);
+        }
+        Ok(())
+    }
+
+    /// Records a write error met outside the driver.
+    pub(crate) fn fail(&mut self, e: io::Error) {
+        self.failed.get_or_insert(e);
+    }
+
+    /// Writes queued frames, refilling from `take` (which moves frames out of the core) when
+    /// the local queue is empty, and flushes once everything is written. Returns (wrote
+    /// something, everything written and flushed).
+    pub(crate) fn poll_send(
+        &mut self,
+        cx: &mut Context<'_>,
+        mut take: impl FnMut(&mut VecDeque<Frame>),
+    ) -> io::Result<(bool, bool)> {
+        if let Some(e) = self.failed.take() {
+            return Err(e);
+        }
+        let mut wrote = false;
+        loop {
+            if self.queue.is_empty() {
+                take(&mut self.queue);
+                if self.queue.is_empty() {
+                    if self.needs_flush {
+                        match self.io.as_mut().poll_flush(cx) {
+                            Poll::Ready(Ok(())) => self.needs_flush = false,
+                            Poll::Ready(Err(e)) => return Err(e),
+                            Poll::Pending => return Ok((wrote, false)),
+                        }
+                    }
+                    return Ok((wrote, true));
+                }
+            }
+            let mut slices = [IoSlice::new(&[]); MAX_SLICES];
+            let mut count = 0;
+            let mut skip = self.offset;
+            for frame in &self.queue {
+                if count + 2 > MAX_SLICES {
+                    break;
+                }
+                for part in [&frame.header[..], &frame.body[..]] {
+                    if skip >= part.len() {
+                        skip -= part.len();
+                        continue;
+                    }
+                    slices[count] = IoSlice::new(&part[skip..]);
+                    skip = 0;
+                    count += 1;
+                }
+            }
+            let n = match self.io.as_mut().poll_write_vectored(cx, &slices[..count]) {
+                Poll::Ready(Ok(0)) => return Err(io::ErrorKind::WriteZero.into()),
+                Poll::Ready(Ok(n)) => n,
+                Poll::Ready(Err(e)) => return Err(e),
+                Poll::Pending => return Ok((wrote, false)),
+            };
+            wrote = true;
+            self.needs_flush = true;
+            self.advance(n);
+        }
+    }
+
+    /// Shuts the write side down (the peer reads end of stream).
+    pub(crate) fn poll_shutdown(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.io.as_mut().poll_shutdown(cx)
+    }
+
+    fn advance(&mut self, mut n: usize) {
+        while n > 0 {
+            let Some(front) = self.queue.front() else {
+                return;
+            };
+            let left = front.len() - self.offset;
+            if n < left {
+                self.offset += n;
+                return;
+            }
+            n -= left;
+            self.offset = 0;
+            self.queue.pop_front();
+        }
+    }
+}
