@@ -80,6 +80,33 @@ impl<T> ResponseStream<T> {
     }
 }
 
+impl<T: DeserializeOwned> ResponseStream<T> {
+    /// The call's one response, for a call that answers once (client
+    /// streaming): the first item, or the call's error. Fails with
+    /// `Internal` if the stream ends without an item or has more than one.
+    /// Cancel-safe in the RPC sense: dropping the future cancels the call.
+    pub async fn single(mut self) -> Result<T, Status> {
+        use futures::StreamExt;
+        let first = match self.next().await {
+            Some(item) => item?,
+            None => {
+                return Err(Status::internal(format!(
+                    "{} answered no response",
+                    self.method
+                )))
+            }
+        };
+        match self.next().await {
+            None => Ok(first),
+            Some(Err(status)) => Err(status),
+            Some(Ok(_)) => Err(Status::internal(format!(
+                "{} answered more than one response",
+                self.method
+            ))),
+        }
+    }
+}
+
 impl<T> fmt::Debug for ResponseStream<T> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("ResponseStream")
