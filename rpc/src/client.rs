@@ -67,6 +67,7 @@ impl CallOptions {
     /// Fail with `DeadlineExceeded` if the call takes longer than `timeout`,
     /// counted from when the call starts. Travels to the server, which drops
     /// the handler when it passes. Default: none.
+    #[must_use]
     pub fn timeout(mut self, timeout: Duration) -> CallOptions {
         self.timeout = Some(timeout);
         self
@@ -74,18 +75,21 @@ impl CallOptions {
 
     /// Like [`CallOptions::timeout`], as a point in time. With both set, the
     /// earlier wins. Default: none.
+    #[must_use]
     pub fn deadline(mut self, deadline: Instant) -> CallOptions {
         self.deadline = Some(deadline);
         self
     }
 
     /// Adds a metadata pair.
+    #[must_use]
     pub fn metadata(mut self, key: impl Into<String>, value: impl Into<String>) -> CallOptions {
         self.metadata.insert(key, value);
         self
     }
 
     /// Replaces all metadata.
+    #[must_use]
     pub fn with_metadata(mut self, metadata: Metadata) -> CallOptions {
         self.metadata = metadata;
         self
@@ -93,6 +97,7 @@ impl CallOptions {
 
     /// Options carrying `ctx`'s deadline, for a call made while serving
     /// another (the nested call gives up when the outer caller would).
+    #[must_use]
     pub fn propagate(ctx: &Context) -> CallOptions {
         CallOptions {
             deadline: ctx.deadline(),
@@ -130,6 +135,7 @@ impl CallOptions {
 /// are queued for the writer. The server bounds what it runs with
 /// [`Config::max_in_flight`].
 #[derive(Clone)]
+#[must_use = "dropping the last Client clone closes its conn"]
 pub struct Client {
     handle: Arc<Handle>,
 }

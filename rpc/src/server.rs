@@ -102,7 +102,7 @@ impl Server {
     /// Registers a unary handler under `method` (`"Service.Method"`); a
     /// later registration of the same name replaces it.
     ///
-    /// The handler gets the call's [`Context`] and the decoded request; a
+    /// The handler gets the call's [`Context`](crate::Context) and the decoded request; a
     /// request that does not decode as `Req` is answered `InvalidArgument`
     /// without calling it.
     pub fn register<Req, Resp>(
@@ -164,7 +164,7 @@ impl Server {
     }
 
     /// [`Server::serve`], labelling the conn `peer` (handlers see it as
-    /// [`Context::peer`]; logs carry it). Cancel-safe as `serve`.
+    /// [`Context::peer`](crate::Context::peer); logs carry it). Cancel-safe as `serve`.
     pub async fn serve_named<T>(&self, conn: T, peer: impl Into<String>) -> Result<(), Error>
     where
         T: AsyncRead + AsyncWrite + Send + Unpin + 'static,

@@ -99,7 +99,7 @@ impl Server {
 /// Methods are `async fn` (unary), `stream fn` (server streaming, returning
 /// `Result<ItemStream<Item>, Status>`) or `bidi fn` (bidirectional streaming:
 /// the request argument is a [`RequestStream<Req>`](crate::RequestStream),
-/// the return type as for `stream fn`); each takes `&self`, a [`Context`]
+/// the return type as for `stream fn`); each takes `&self`, a [`Context`](crate::Context)
 /// and one request. The block ends with the name of the client struct to
 /// generate. On the wire the methods are `"Trait.method"`.
 ///

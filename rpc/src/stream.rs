@@ -94,7 +94,7 @@ pub(crate) type GrantCredit = Arc<dyn Fn(u32) + Send + Sync>;
 /// them. Yields `Ok(item)`s until the client finishes; an item that does not
 /// decode yields `Err(InvalidArgument)` and ends the stream. Consuming items
 /// grants the client more credit; a handler that stops reading makes the
-/// client's [`RequestSink::send`] wait.
+/// client's [`RequestSink::send`](crate::RequestSink::send) wait.
 pub struct RequestStream<T> {
     rx: mpsc::Receiver<StreamEvent>,
     grant: GrantCredit,

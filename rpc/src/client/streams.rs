@@ -36,6 +36,7 @@ use crate::{
 /// without affecting other calls. Dropping it cancels the call.
 ///
 /// [`Config::stream_window`]: crate::Config::stream_window
+#[must_use = "dropping a ResponseStream cancels its call"]
 pub struct ResponseStream<T> {
     client: Client,
     id: u64,
@@ -190,6 +191,7 @@ impl<T> Drop for ResponseStream<T> {
 /// that does not consume requests makes the sender wait instead of letting
 /// requests pile up. [`finish`](RequestSink::finish) (or dropping the sink)
 /// ends the request stream; the server sees its end.
+#[must_use = "dropping a RequestSink ends the call's requests"]
 pub struct RequestSink<T> {
     client: Client,
     id: u64,
@@ -220,7 +222,7 @@ impl<T> RequestSink<T> {
         }
     }
 
-    /// Ends the request stream (the server's [`RequestStream`] ends).
+    /// Ends the request stream (the server's [`RequestStream`](crate::RequestStream) ends).
     pub fn finish(mut self) {
         self.end();
     }
