@@ -39,7 +39,7 @@ use crate::{
     stream::StreamEvent,
     transport::Outbox,
     wire::{timeout_to_wire, Header},
-    Config, Context, Error, Metadata, Status,
+    Config, Context, Error, Interceptor, Metadata, Status,
 };
 
 /// Options for one call: a timeout or deadline, and metadata.
@@ -138,6 +138,9 @@ impl CallOptions {
 #[must_use = "dropping the last Client clone closes its conn"]
 pub struct Client {
     handle: Arc<Handle>,
+    /// Run in order on every call made through this handle (and its
+    /// clones) before it is sent.
+    interceptors: Arc<[Interceptor]>,
 }
 
 impl std::fmt::Debug for Client {
@@ -156,7 +159,10 @@ pub(crate) struct WeakClient(std::sync::Weak<Handle>);
 impl WeakClient {
     /// The client, if any handle to it is still alive.
     pub(crate) fn upgrade(&self) -> Option<Client> {
-        self.0.upgrade().map(|handle| Client { handle })
+        self.0.upgrade().map(|handle| Client {
+            handle,
+            interceptors: Arc::from([]),
+        })
     }
 }
 
@@ -167,6 +173,32 @@ impl std::fmt::Debug for WeakClient {
 }
 
 impl Client {
+    /// A handle on the same conn whose calls first run `interceptor` (after
+    /// this handle's own, see [`Interceptor`]): it may read and change the
+    /// call's metadata, or refuse the call with a status, in which case
+    /// nothing is sent and the call fails with it. Other handles on the
+    /// conn are not affected.
+    ///
+    /// ```
+    /// # async fn run(client: netchan_rpc::Client) {
+    /// let authed = client.with_interceptor(|_method, md| {
+    ///     md.set("token", "s3cret");
+    ///     Ok(())
+    /// });
+    /// # }
+    /// ```
+    pub fn with_interceptor(
+        &self,
+        interceptor: impl Fn(&str, &mut Metadata) -> Result<(), Status> + Send + Sync + 'static,
+    ) -> Client {
+        let mut interceptors = self.interceptors.to_vec();
+        interceptors.push(Arc::new(interceptor));
+        Client {
+            handle: Arc::clone(&self.handle),
+            interceptors: Arc::from(interceptors),
+        }
+    }
+
     /// A handle that does not keep the conn open.
     pub(crate) fn downgrade(&self) -> WeakClient {
         WeakClient(Arc::downgrade(&self.handle))
@@ -238,6 +270,7 @@ impl Client {
         );
 
         Client {
+            interceptors: Arc::from([]),
             handle: Arc::new(Handle { shared }),
         }
     }
@@ -333,6 +366,17 @@ impl Client {
         if deadline.is_some_and(|d| d <= Instant::now()) {
             return Err(deadline_exceeded(method));
         }
+        let intercepted;
+        let metadata = if self.interceptors.is_empty() {
+            metadata
+        } else {
+            let mut md = metadata.clone();
+            for interceptor in self.interceptors.iter() {
+                interceptor(method, &mut md)?;
+            }
+            intercepted = md;
+            &intercepted
+        };
         let id = shared.next_id.fetch_add(1, Ordering::Relaxed);
         shared.register(id, pending)?;
         let mut guard = CallGuard {

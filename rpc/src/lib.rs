@@ -86,7 +86,7 @@ pub use codec::CodecError;
 pub use config::{Config, MAX_MESSAGE_SIZE_CAP, MIN_MESSAGE_SIZE};
 pub use context::Context;
 pub use error::Error;
-pub use metadata::Metadata;
+pub use metadata::{Interceptor, Metadata};
 /// Declares a typed service from a trait: the trait to implement, a typed
 /// client (`{Trait}Client`) and a registration (`into_service`), the
 /// successor of [`service!`] (in the spirit of `#[tarpc::service]`).

@@ -195,7 +195,7 @@ impl Server {
             id,
             method,
             timeout_ns,
-            metadata,
+            mut metadata,
             credit,
             want,
         } = open;
@@ -215,6 +215,11 @@ impl Server {
             }
             Some(m) => m.clone(),
         };
+        for interceptor in &self.inner.interceptors {
+            if let Err(s) = interceptor(&method, &mut metadata) {
+                return conn.reply_error(id, streaming, s).await;
+            }
+        }
         if drain.is_cancelled() {
             let s = Status::unavailable(format!("{method} refused: the server is shutting down"));
             return conn.reply_error(id, streaming, s).await;
