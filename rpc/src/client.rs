@@ -490,7 +490,7 @@ impl Client {
         ))
     }
 
-    /// Starts bidirectional-streaming `method`: send requests with the
+    /// Starts bidi-streaming `method`: send requests with the
     /// returned [`RequestSink`] (flow-controlled by credit from the server;
     /// finish it, or drop it, to end the requests), read responses from the
     /// [`ResponseStream`] as for [`Client::call_stream`]. Client streaming is

@@ -4,7 +4,7 @@
 //! in the spirit of Go's `net/rpc` `ServeConn`/`NewClient`, with what gRPC
 //! users rely on: [`Status`] codes, deadlines that travel with the call,
 //! cancellation when the caller drops the call, metadata, flow-controlled
-//! server, client and bidirectional streaming, and typed services
+//! server, client and bidi streaming, and typed services
 //! ([`service!`]).
 //!
 //! One conn carries calls in one direction: a [`Server`] serves it, a
@@ -42,6 +42,20 @@
 //! assert_eq!(err.code(), Code::Unimplemented);
 //! # }
 //! ```
+//!
+//! # Words
+//!
+//! - **conn**: one ordered byte stream a [`Server`] serves or a [`Client`]
+//!   calls over. A netchan-mux channel (the mux's `Conn` type) is one kind
+//!   of conn; a `TcpStream` is another.
+//! - **bidi**: a streaming *kind* of call, with a stream of requests and a
+//!   stream of responses in one call ([`Server::register_bidi`],
+//!   [`Client::call_bidi`]).
+//! - **bidirectional**: two *peers* that each serve and call the other over
+//!   one link ([`Peer`]).
+//! - [`Client`] and [`Server`] are roles in one conn's calls; they have
+//!   nothing to do with the mux's `Session::client`/`Session::server`,
+//!   which only say which end opened the link.
 //!
 //! # Layout
 //!

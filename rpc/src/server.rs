@@ -164,7 +164,7 @@ impl Server {
         self.insert(method.to_owned(), Method::stream(handler))
     }
 
-    /// Registers a bidirectional-streaming handler under `method`: it gets
+    /// Registers a bidi-streaming handler under `method`: it gets
     /// the caller's requests as a [`RequestStream`] and returns a stream of
     /// responses (client streaming: a stream of one). Requests flow only as
     /// the handler consumes them (credit-based, like responses).

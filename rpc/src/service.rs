@@ -66,7 +66,7 @@ impl ServiceDef {
 }
 
 impl ServiceDef {
-    /// Adds bidirectional-streaming `method` (see [`Server::register_bidi`]).
+    /// Adds bidi-streaming `method` (see [`Server::register_bidi`]).
     pub fn bidi<Req, Item, S>(
         &mut self,
         method: &str,
@@ -97,7 +97,7 @@ impl Server {
 /// registration, from one trait-like definition.
 ///
 /// Methods are `async fn` (unary), `stream fn` (server streaming, returning
-/// `Result<ItemStream<Item>, Status>`) or `bidi fn` (bidirectional streaming:
+/// `Result<ItemStream<Item>, Status>`) or `bidi fn` (bidi streaming:
 /// the request argument is a [`RequestStream<Req>`](crate::RequestStream),
 /// the return type as for `stream fn`); each takes `&self`, a [`Context`](crate::Context)
 /// and one request. The block ends with the name of the client struct to

@@ -90,7 +90,7 @@ pub(crate) fn count_consumed(consumed: &mut u32, window: u32) -> Option<u32> {
 /// Grants the client more request credit (server side).
 pub(crate) type GrantCredit = Arc<dyn Fn(u32) + Send + Sync>;
 
-/// The requests of a bidirectional-streaming call, as a handler receives
+/// The requests of a bidi-streaming call, as a handler receives
 /// them. Yields `Ok(item)`s until the client finishes; an item that does not
 /// decode yields `Err(InvalidArgument)` and ends the stream. Consuming items
 /// grants the client more credit; a handler that stops reading makes the
@@ -175,7 +175,7 @@ impl<T: DeserializeOwned> Stream for RequestStream<T> {
     }
 }
 
-/// Names the item type of a bidirectional method's request argument; used
+/// Names the item type of a bidi method's request argument; used
 /// by [`service!`](crate::service) to derive the client signature from
 /// `RequestStream<T>`.
 pub trait StreamArg {

@@ -35,7 +35,7 @@ impl Drop for Handle {
 
 pub(crate) enum Pending {
     Unary(oneshot::Sender<Result<Bytes, Status>>),
-    /// A streaming call: its response items, and for a bidirectional call
+    /// A streaming call: its response items, and for a bidi call
     /// the credit the server granted for request items (closed when the
     /// call ends, so a waiting sender learns of it).
     Stream(mpsc::Sender<StreamEvent>, Option<Arc<Semaphore>>),

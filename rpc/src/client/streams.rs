@@ -184,7 +184,7 @@ impl<T> Drop for ResponseStream<T> {
     }
 }
 
-/// The sending half of a bidirectional-streaming call, as returned by
+/// The sending half of a bidi-streaming call, as returned by
 /// [`Client::call_bidi`].
 ///
 /// [`send`](RequestSink::send) waits for credit from the server, so a server
