@@ -227,6 +227,7 @@ impl Client {
             outbox: Outbox::new(&config),
             state: Mutex::new(State {
                 pending: HashMap::new(),
+                trailers: HashMap::new(),
                 closed: None,
             }),
             next_id: AtomicU64::new(1),
@@ -307,15 +308,33 @@ impl Client {
         Req: Serialize + ?Sized,
         Resp: DeserializeOwned,
     {
+        Ok(self.call_with_trailers(method, req, opts).await?.0)
+    }
+
+    /// [`Client::call_with`], also returning the response metadata
+    /// (trailers) the handler set with
+    /// [`Context::set_trailer`](crate::Context::set_trailer) (empty if it
+    /// set none). Cancel-safe as [`Client::call`].
+    pub async fn call_with_trailers<Req, Resp>(
+        &self,
+        method: &str,
+        req: &Req,
+        opts: CallOptions,
+    ) -> Result<(Resp, Metadata), Status>
+    where
+        Req: Serialize + ?Sized,
+        Resp: DeserializeOwned,
+    {
         let deadline = opts.resolve_deadline(Instant::now());
         let call = self.unary(method, req, opts.metadata, deadline);
-        let bytes = within_deadline(method, deadline, call).await?;
-        codec::decode_payload(&bytes, "response").map_err(|e| {
+        let (bytes, trailers) = within_deadline(method, deadline, call).await?;
+        let resp = codec::decode_payload(&bytes, "response").map_err(|e| {
             Status::internal(format!(
                 "could not decode the response of {method}: {}",
                 chain(&e)
             ))
-        })
+        })?;
+        Ok((resp, trailers))
     }
 
     async fn unary<Req>(
@@ -324,7 +343,7 @@ impl Client {
         req: &Req,
         metadata: Metadata,
         deadline: Option<Instant>,
-    ) -> Result<Bytes, Status>
+    ) -> Result<(Bytes, Metadata), Status>
     where
         Req: Serialize + ?Sized,
     {
@@ -448,8 +467,8 @@ impl Client {
     {
         let deadline = opts.resolve_deadline(Instant::now());
         let window = self.shared().config.window();
-        // Two extra slots so the acceptance and the end always fit.
-        let (tx, mut rx) = mpsc::channel(window as usize + 2);
+        // Three extra slots so the acceptance, the trailers and the end always fit.
+        let (tx, mut rx) = mpsc::channel(window as usize + 3);
         let accepted = async {
             let guard = self
                 .start(
@@ -463,16 +482,21 @@ impl Client {
                 .await?;
             // Resolve as the handler does: its early error is this call's
             // error, not the stream's first item.
-            match rx.recv().await {
+            let mut event = rx.recv().await;
+            while let Some(StreamEvent::Trailers(_)) = event {
+                // Trailers of a refused call: its status follows.
+                event = rx.recv().await;
+            }
+            match event {
                 Some(StreamEvent::Accepted) => Ok(guard.keep()),
                 // The reader removed the call: nothing to cancel.
                 Some(StreamEvent::End(Some(status))) => Err(status),
                 Some(StreamEvent::End(None)) => Err(Status::internal(format!(
                     "the server ended the stream of {method} without accepting the call"
                 ))),
-                Some(StreamEvent::Item(..)) => Err(Status::internal(format!(
-                    "the server sent an item of {method} before accepting the call"
-                ))),
+                Some(StreamEvent::Item(..) | StreamEvent::Trailers(_)) => Err(Status::internal(
+                    format!("the server sent an item of {method} before accepting the call"),
+                )),
                 None => Err(self
                     .shared()
                     .closed_status()
@@ -510,8 +534,8 @@ impl Client {
     {
         let deadline = opts.resolve_deadline(Instant::now());
         let window = self.shared().config.window();
-        // Two extra slots so the acceptance and the end always fit.
-        let (tx, rx) = mpsc::channel(window as usize + 2);
+        // Three extra slots so the acceptance, the trailers and the end always fit.
+        let (tx, rx) = mpsc::channel(window as usize + 3);
         let credits = Arc::new(Semaphore::new(0));
         let start = self.start::<()>(
             method,

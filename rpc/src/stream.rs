@@ -32,6 +32,8 @@ pub(crate) enum StreamEvent {
     /// The server's handler accepted the call (client side, streaming
     /// calls): sent before any item.
     Accepted,
+    /// The handler's trailers (client side), just before the end.
+    Trailers(crate::Metadata),
 }
 
 /// Request bytes a server holds for a call (an unconsumed request item),
@@ -163,9 +165,8 @@ impl<T: DeserializeOwned> Stream for RequestStream<T> {
                     this.finished = true;
                     Poll::Ready(status.map(Err))
                 }
-                // A bidi call's stream sees the acceptance first; only
-                // `call_stream` waits for it. (Never sent to a server.)
-                Some(StreamEvent::Accepted) => continue,
+                // Only ever sent to a client's response stream.
+                Some(StreamEvent::Accepted | StreamEvent::Trailers(_)) => continue,
                 None => {
                     this.finished = true;
                     Poll::Ready(Some(Err(Status::conn_lost("rpc conn closed"))))

@@ -1,5 +1,5 @@
-//! Client and server interceptors: reading and changing a call's metadata,
-//! and refusing a call.
+//! Client and server interceptors (reading and changing a call's metadata,
+//! refusing a call) and response metadata (trailers).
 
 mod common;
 
@@ -9,7 +9,8 @@ use std::sync::{
 };
 
 use common::*;
-use netchan_rpc::{Code, Config, Server, Status};
+use futures::StreamExt;
+use netchan_rpc::{CallOptions, Code, Config, Server, Status};
 
 /// `T.whoami` answers the metadata its handler sees under "user".
 fn server_with_auth(served: Arc<AtomicUsize>) -> Server {
@@ -80,4 +81,46 @@ async fn a_refusing_client_interceptor_sends_nothing_and_others_are_unaffected()
         .unwrap_err();
     assert_eq!(err.code(), Code::Unauthenticated);
     assert_eq!(served.load(Ordering::SeqCst), 0);
+}
+
+#[tokio::test]
+async fn handlers_send_trailers_with_answers_and_stream_ends() {
+    let mut server = Server::new();
+    server
+        .register("T.unary", |ctx, n: u32| async move {
+            ctx.set_trailer("cost", format!("{n} units"));
+            ctx.set_trailer("cost", format!("{} units", n * 2)); // replaces
+            Ok::<_, Status>(n + 1)
+        })
+        .register("T.plain", |_ctx, n: u32| async move { Ok::<_, Status>(n) })
+        .register_stream("T.stream", |ctx, n: u32| async move {
+            ctx.set_trailer("count", n.to_string());
+            Ok(futures::stream::iter((0..n).map(Ok::<_, Status>)))
+        });
+    let (client, _t) = duplex_pair(&server, Config::default());
+
+    let (reply, trailers): (u32, _) =
+        guard(client.call_with_trailers("T.unary", &3u32, CallOptions::default()))
+            .await
+            .unwrap();
+    assert_eq!(reply, 4);
+    assert_eq!(trailers.get("cost"), Some("6 units"));
+    assert_eq!(trailers.len(), 1);
+
+    let (_, none): (u32, _) =
+        guard(client.call_with_trailers("T.plain", &1u32, CallOptions::default()))
+            .await
+            .unwrap();
+    assert!(none.is_empty());
+
+    let mut stream = guard(client.call_stream::<_, u32>("T.stream", &2u32, CallOptions::default()))
+        .await
+        .unwrap();
+    assert!(stream.trailers().is_none(), "trailers come at the end");
+    let mut items = Vec::new();
+    while let Some(item) = guard(stream.next()).await {
+        items.push(item.unwrap());
+    }
+    assert_eq!(items, [0, 1]);
+    assert_eq!(stream.trailers().and_then(|t| t.get("count")), Some("2"));
 }

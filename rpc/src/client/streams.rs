@@ -23,7 +23,7 @@ use crate::{
     error::chain,
     stream::{count_consumed, StreamEvent},
     wire::Header,
-    Error, Status,
+    Error, Metadata, Status,
 };
 
 /// The items of a server-streaming call, as returned by
@@ -47,6 +47,8 @@ pub struct ResponseStream<T> {
     consumed: u32,
     deadline: Option<Pin<Box<tokio::time::Sleep>>>,
     finished: bool,
+    /// The handler's trailers, once they arrived.
+    trailers: Option<Metadata>,
     _item: PhantomData<fn() -> T>,
 }
 
@@ -68,6 +70,7 @@ impl<T> ResponseStream<T> {
             consumed: 0,
             deadline: deadline.map(|d| Box::pin(tokio::time::sleep_until(d))),
             finished: false,
+            trailers: None,
             _item: PhantomData,
         }
     }
@@ -78,6 +81,16 @@ impl<T> ResponseStream<T> {
             self.finished = true;
             self.client.shared().abandon(self.id, true);
         }
+    }
+}
+
+impl<T> ResponseStream<T> {
+    /// The response metadata (trailers) the handler set with
+    /// [`Context::set_trailer`](crate::Context::set_trailer); they arrive
+    /// just before the stream's end, so this is `None` until the stream
+    /// has ended (and stays `None` if the handler set none).
+    pub fn trailers(&self) -> Option<&Metadata> {
+        self.trailers.as_ref()
     }
 }
 
@@ -159,6 +172,10 @@ impl<T: DeserializeOwned> Stream for ResponseStream<T> {
                 // A bidi call's stream sees the acceptance first; only
                 // `call_stream` waits for it. (Never sent to a server.)
                 Some(StreamEvent::Accepted) => continue,
+                Some(StreamEvent::Trailers(metadata)) => {
+                    this.trailers = Some(metadata);
+                    continue;
+                }
                 Some(StreamEvent::End(status)) => {
                     // The reader already removed the call.
                     this.finished = true;

@@ -175,9 +175,11 @@ impl Server {
                 }
                 Ok(())
             }
-            Header::Response { .. } | Header::Accept { .. } => Err(Error::Protocol {
-                reason: "server conn received a response-side frame".into(),
-            }),
+            Header::Response { .. } | Header::Accept { .. } | Header::Trailers { .. } => {
+                Err(Error::Protocol {
+                    reason: "server conn received a response-side frame".into(),
+                })
+            }
         }
     }
 
