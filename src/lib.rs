@@ -6,8 +6,9 @@
 //!
 //! - [`mux`] (`netchan-mux`): a [`mux::Session`] over any byte stream, where either side can
 //!   [`listen`](mux::Session::listen) on a name and [`dial`](mux::Session::dial) the peer's.
-//! - [`rpc`] (`netchan-rpc`): RPC over any conn, typically a mux channel: typed services,
-//!   deadlines, cancellation, metadata, status codes and streaming with flow control.
+//! - [`rpc`] (`netchan-rpc`): RPC over any conn, typically a mux channel: typed services
+//!   ([`rpc::rpc_service`]), deadlines, cancellation, metadata, status codes and streaming with
+//!   flow control; [`rpc::Peer`] runs both directions over one session.
 //!
 //! and adds the links users bring, each a one-liner ([`net`]):
 //!
@@ -15,7 +16,48 @@
 //!   [`Addr`];
 //! - [`net::child`]: a session to a child process over an inherited socket.
 //!
-//! See the repository's `README.md` and `docs/guide.md` for a walk-through.
+//! # The NAT callback in a few lines
+//!
+//! A device behind NAT connects out to a hub; the hub, while serving the device's call, calls
+//! back into that very device through the same connection:
+//!
+//! ```
+//! use netchan::mux::{Config, Session};
+//! use netchan::rpc::{rpc_service, Context, Peer, Server, Status};
+//!
+//! #[rpc_service(crate = "netchan::rpc")]
+//! pub trait Device {
+//!     async fn name(&self, ctx: Context) -> Result<String, Status>;
+//! }
+//! struct Alice;
+//! impl Device for Alice {
+//!     async fn name(&self, _ctx: Context) -> Result<String, Status> { Ok("alice".into()) }
+//! }
+//!
+//! #[tokio::main]
+//! async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//!     let (out, inn) = tokio::io::duplex(64 << 10); // the TCP connection the device opened
+//!     let (dialer, acceptor) = (Session::client(out, Config::default()), Session::server(inn, Config::default()));
+//!     let mut hub = Server::new();
+//!     hub.register("Hub.greet", |ctx: Context, ()| async move {
+//!         let device = DeviceClient::new(ctx.callback()?); // the caller, called back
+//!         Ok::<_, Status>(format!("hello, {}", device.name().await?))
+//!     });
+//!     let mut device = Server::new();
+//!     device.add(Alice.into_service());
+//!     let (device, _hub) = tokio::try_join!(
+//!         Peer::connect(&dialer, device),
+//!         Peer::connect(&acceptor, hub),
+//!     )?;
+//!     let greeting: String = device.client().call("Hub.greet", &()).await?;
+//!     assert_eq!(greeting, "hello, alice");
+//!     Ok(())
+//! }
+//! ```
+//!
+//! Dependencies for that: `netchan`, `tokio` (features `full`), and for your own message types
+//! `serde` (feature `derive`); `futures` for streams. See the repository's `README.md` and
+//! `docs/guide.md` for a walk-through, and over TCP set `TCP_NODELAY` on both ends.
 //!
 //! # Layout
 //!

@@ -39,7 +39,7 @@ use crate::{
     stream::StreamEvent,
     transport::Outbox,
     wire::{timeout_to_wire, Header},
-    Config, Context, Error, Metadata, Status,
+    Config, Context, Error, Interceptor, Metadata, Status,
 };
 
 /// Options for one call: a timeout or deadline, and metadata.
@@ -67,6 +67,7 @@ impl CallOptions {
     /// Fail with `DeadlineExceeded` if the call takes longer than `timeout`,
     /// counted from when the call starts. Travels to the server, which drops
     /// the handler when it passes. Default: none.
+    #[must_use]
     pub fn timeout(mut self, timeout: Duration) -> CallOptions {
         self.timeout = Some(timeout);
         self
@@ -74,18 +75,21 @@ impl CallOptions {
 
     /// Like [`CallOptions::timeout`], as a point in time. With both set, the
     /// earlier wins. Default: none.
+    #[must_use]
     pub fn deadline(mut self, deadline: Instant) -> CallOptions {
         self.deadline = Some(deadline);
         self
     }
 
     /// Adds a metadata pair.
+    #[must_use]
     pub fn metadata(mut self, key: impl Into<String>, value: impl Into<String>) -> CallOptions {
         self.metadata.insert(key, value);
         self
     }
 
     /// Replaces all metadata.
+    #[must_use]
     pub fn with_metadata(mut self, metadata: Metadata) -> CallOptions {
         self.metadata = metadata;
         self
@@ -93,6 +97,7 @@ impl CallOptions {
 
     /// Options carrying `ctx`'s deadline, for a call made while serving
     /// another (the nested call gives up when the outer caller would).
+    #[must_use]
     pub fn propagate(ctx: &Context) -> CallOptions {
         CallOptions {
             deadline: ctx.deadline(),
@@ -130,8 +135,12 @@ impl CallOptions {
 /// are queued for the writer. The server bounds what it runs with
 /// [`Config::max_in_flight`].
 #[derive(Clone)]
+#[must_use = "dropping the last Client clone closes its conn"]
 pub struct Client {
     handle: Arc<Handle>,
+    /// Run in order on every call made through this handle (and its
+    /// clones) before it is sent.
+    interceptors: Arc<[Interceptor]>,
 }
 
 impl std::fmt::Debug for Client {
@@ -150,7 +159,10 @@ pub(crate) struct WeakClient(std::sync::Weak<Handle>);
 impl WeakClient {
     /// The client, if any handle to it is still alive.
     pub(crate) fn upgrade(&self) -> Option<Client> {
-        self.0.upgrade().map(|handle| Client { handle })
+        self.0.upgrade().map(|handle| Client {
+            handle,
+            interceptors: Arc::from([]),
+        })
     }
 }
 
@@ -161,6 +173,32 @@ impl std::fmt::Debug for WeakClient {
 }
 
 impl Client {
+    /// A handle on the same conn whose calls first run `interceptor` (after
+    /// this handle's own, see [`Interceptor`]): it may read and change the
+    /// call's metadata, or refuse the call with a status, in which case
+    /// nothing is sent and the call fails with it. Other handles on the
+    /// conn are not affected.
+    ///
+    /// ```
+    /// # async fn run(client: netchan_rpc::Client) {
+    /// let authed = client.with_interceptor(|_method, md| {
+    ///     md.set("token", "s3cret");
+    ///     Ok(())
+    /// });
+    /// # }
+    /// ```
+    pub fn with_interceptor(
+        &self,
+        interceptor: impl Fn(&str, &mut Metadata) -> Result<(), Status> + Send + Sync + 'static,
+    ) -> Client {
+        let mut interceptors = self.interceptors.to_vec();
+        interceptors.push(Arc::new(interceptor));
+        Client {
+            handle: Arc::clone(&self.handle),
+            interceptors: Arc::from(interceptors),
+        }
+    }
+
     /// A handle that does not keep the conn open.
     pub(crate) fn downgrade(&self) -> WeakClient {
         WeakClient(Arc::downgrade(&self.handle))
@@ -189,6 +227,7 @@ impl Client {
             outbox: Outbox::new(&config),
             state: Mutex::new(State {
                 pending: HashMap::new(),
+                trailers: HashMap::new(),
                 closed: None,
             }),
             next_id: AtomicU64::new(1),
@@ -232,6 +271,7 @@ impl Client {
         );
 
         Client {
+            interceptors: Arc::from([]),
             handle: Arc::new(Handle { shared }),
         }
     }
@@ -268,15 +308,33 @@ impl Client {
         Req: Serialize + ?Sized,
         Resp: DeserializeOwned,
     {
+        Ok(self.call_with_trailers(method, req, opts).await?.0)
+    }
+
+    /// [`Client::call_with`], also returning the response metadata
+    /// (trailers) the handler set with
+    /// [`Context::set_trailer`](crate::Context::set_trailer) (empty if it
+    /// set none). Cancel-safe as [`Client::call`].
+    pub async fn call_with_trailers<Req, Resp>(
+        &self,
+        method: &str,
+        req: &Req,
+        opts: CallOptions,
+    ) -> Result<(Resp, Metadata), Status>
+    where
+        Req: Serialize + ?Sized,
+        Resp: DeserializeOwned,
+    {
         let deadline = opts.resolve_deadline(Instant::now());
         let call = self.unary(method, req, opts.metadata, deadline);
-        let bytes = within_deadline(method, deadline, call).await?;
-        codec::decode_payload(&bytes, "response").map_err(|e| {
+        let (bytes, trailers) = within_deadline(method, deadline, call).await?;
+        let resp = codec::decode_payload(&bytes, "response").map_err(|e| {
             Status::internal(format!(
                 "could not decode the response of {method}: {}",
                 chain(&e)
             ))
-        })
+        })?;
+        Ok((resp, trailers))
     }
 
     async fn unary<Req>(
@@ -285,7 +343,7 @@ impl Client {
         req: &Req,
         metadata: Metadata,
         deadline: Option<Instant>,
-    ) -> Result<Bytes, Status>
+    ) -> Result<(Bytes, Metadata), Status>
     where
         Req: Serialize + ?Sized,
     {
@@ -327,6 +385,17 @@ impl Client {
         if deadline.is_some_and(|d| d <= Instant::now()) {
             return Err(deadline_exceeded(method));
         }
+        let intercepted;
+        let metadata = if self.interceptors.is_empty() {
+            metadata
+        } else {
+            let mut md = metadata.clone();
+            for interceptor in self.interceptors.iter() {
+                interceptor(method, &mut md)?;
+            }
+            intercepted = md;
+            &intercepted
+        };
         let id = shared.next_id.fetch_add(1, Ordering::Relaxed);
         shared.register(id, pending)?;
         let mut guard = CallGuard {
@@ -398,8 +467,8 @@ impl Client {
     {
         let deadline = opts.resolve_deadline(Instant::now());
         let window = self.shared().config.window();
-        // Two extra slots so the acceptance and the end always fit.
-        let (tx, mut rx) = mpsc::channel(window as usize + 2);
+        // Three extra slots so the acceptance, the trailers and the end always fit.
+        let (tx, mut rx) = mpsc::channel(window as usize + 3);
         let accepted = async {
             let guard = self
                 .start(
@@ -413,16 +482,21 @@ impl Client {
                 .await?;
             // Resolve as the handler does: its early error is this call's
             // error, not the stream's first item.
-            match rx.recv().await {
+            let mut event = rx.recv().await;
+            while let Some(StreamEvent::Trailers(_)) = event {
+                // Trailers of a refused call: its status follows.
+                event = rx.recv().await;
+            }
+            match event {
                 Some(StreamEvent::Accepted) => Ok(guard.keep()),
                 // The reader removed the call: nothing to cancel.
                 Some(StreamEvent::End(Some(status))) => Err(status),
                 Some(StreamEvent::End(None)) => Err(Status::internal(format!(
                     "the server ended the stream of {method} without accepting the call"
                 ))),
-                Some(StreamEvent::Item(..)) => Err(Status::internal(format!(
-                    "the server sent an item of {method} before accepting the call"
-                ))),
+                Some(StreamEvent::Item(..) | StreamEvent::Trailers(_)) => Err(Status::internal(
+                    format!("the server sent an item of {method} before accepting the call"),
+                )),
                 None => Err(self
                     .shared()
                     .closed_status()
@@ -440,7 +514,7 @@ impl Client {
         ))
     }
 
-    /// Starts bidirectional-streaming `method`: send requests with the
+    /// Starts bidi-streaming `method`: send requests with the
     /// returned [`RequestSink`] (flow-controlled by credit from the server;
     /// finish it, or drop it, to end the requests), read responses from the
     /// [`ResponseStream`] as for [`Client::call_stream`]. Client streaming is
@@ -460,8 +534,8 @@ impl Client {
     {
         let deadline = opts.resolve_deadline(Instant::now());
         let window = self.shared().config.window();
-        // Two extra slots so the acceptance and the end always fit.
-        let (tx, rx) = mpsc::channel(window as usize + 2);
+        // Three extra slots so the acceptance, the trailers and the end always fit.
+        let (tx, rx) = mpsc::channel(window as usize + 3);
         let credits = Arc::new(Semaphore::new(0));
         let start = self.start::<()>(
             method,

@@ -1,6 +1,9 @@
 //! [`Context`]: what a handler knows about the call it serves.
 
-use std::{sync::Arc, time::Duration};
+use std::{
+    sync::{Arc, Mutex},
+    time::Duration,
+};
 
 use tokio::time::Instant;
 
@@ -34,6 +37,8 @@ struct Inner {
     deadline: Option<Instant>,
     origin: Origin,
     cancel: CancellationToken,
+    /// Response metadata set by the handler; sent before the answer.
+    trailers: Mutex<Metadata>,
 }
 
 impl Context {
@@ -51,6 +56,7 @@ impl Context {
                 deadline,
                 origin,
                 cancel,
+                trailers: Mutex::new(Metadata::new()),
             }),
         }
     }
@@ -87,6 +93,32 @@ impl Context {
         self.inner
             .deadline
             .map(|d| d.saturating_duration_since(Instant::now()))
+    }
+
+    /// Sets response metadata (a trailer) `key = value`, replacing an
+    /// earlier value of `key`. Trailers are sent just before the call's
+    /// answer, success or error; the caller reads them with
+    /// [`Client::call_with_trailers`](crate::Client::call_with_trailers)
+    /// or [`ResponseStream::trailers`](crate::ResponseStream::trailers).
+    /// Their encoded size counts toward the message limit; trailers too
+    /// large to send are dropped (the answer still goes out).
+    pub fn set_trailer(&self, key: impl Into<String>, value: impl Into<String>) {
+        self.inner
+            .trailers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .set(key, value);
+    }
+
+    /// Takes the trailers set so far.
+    pub(crate) fn take_trailers(&self) -> Metadata {
+        std::mem::take(
+            &mut *self
+                .inner
+                .trailers
+                .lock()
+                .unwrap_or_else(|e| e.into_inner()),
+        )
     }
 
     /// The label the conn was served under

@@ -4,7 +4,7 @@
 //! in the spirit of Go's `net/rpc` `ServeConn`/`NewClient`, with what gRPC
 //! users rely on: [`Status`] codes, deadlines that travel with the call,
 //! cancellation when the caller drops the call, metadata, flow-controlled
-//! server, client and bidirectional streaming, and typed services
+//! server, client and bidi streaming, and typed services
 //! ([`service!`]).
 //!
 //! One conn carries calls in one direction: a [`Server`] serves it, a
@@ -42,6 +42,20 @@
 //! assert_eq!(err.code(), Code::Unimplemented);
 //! # }
 //! ```
+//!
+//! # Words
+//!
+//! - **conn**: one ordered byte stream a [`Server`] serves or a [`Client`]
+//!   calls over. A netchan-mux channel (the mux's `Conn` type) is one kind
+//!   of conn; a `TcpStream` is another.
+//! - **bidi**: a streaming *kind* of call, with a stream of requests and a
+//!   stream of responses in one call ([`Server::register_bidi`],
+//!   [`Client::call_bidi`]).
+//! - **bidirectional**: two *peers* that each serve and call the other over
+//!   one link ([`Peer`]).
+//! - [`Client`] and [`Server`] are roles in one conn's calls; they have
+//!   nothing to do with the mux's `Session::client`/`Session::server`,
+//!   which only say which end opened the link.
 //!
 //! # Layout
 //!
@@ -86,9 +100,87 @@ pub use codec::CodecError;
 pub use config::{Config, MAX_MESSAGE_SIZE_CAP, MIN_MESSAGE_SIZE};
 pub use context::Context;
 pub use error::Error;
-pub use metadata::Metadata;
+pub use metadata::{Interceptor, Metadata};
+/// Declares a typed service from a trait: the trait to implement, a typed
+/// client (`{Trait}Client`) and a registration (`into_service`), the
+/// successor of [`service!`] (in the spirit of `#[tarpc::service]`).
+///
+/// Each method is `async fn name(&self, ctx: Context, args...) -> Result<T, E>`:
+///
+/// - any number of arguments (none, one, several: several travel as a
+///   tuple); all owned and serializable, checked with a clear message;
+/// - `E` is [`Status`] or any type with `From<E> for Status`;
+/// - the kind follows from the types: returning [`ItemStream<T>`] makes a
+///   server-streaming method; taking one [`RequestStream<T>`] argument a
+///   client-streaming method (returning `T`) or a bidi-streaming one
+///   (returning `ItemStream<T>`).
+///
+/// The client has one method per service method with the same arguments;
+/// streaming-request methods take none and return a [`RequestSink`] and a
+/// [`ResponseStream`] ([`ResponseStream::single`] awaits a client-streaming
+/// call's answer). On the wire the methods are `"Trait.method"`. Use
+/// `#[rpc_service(crate = "netchan::rpc")]` when depending on the facade
+/// crate `netchan` rather than `netchan-rpc`.
+///
+/// ```
+/// use futures::StreamExt;
+/// use netchan_rpc::{rpc_service, Client, Context, ItemStream, RequestStream, Server, Status};
+///
+/// /// Counts things.
+/// #[rpc_service]
+/// pub trait Counter {
+///     /// `a + b`.
+///     async fn add(&self, ctx: Context, a: u64, b: u64) -> Result<u64, Status>;
+///     /// Counts from zero to `n`.
+///     async fn upto(&self, ctx: Context, n: u64) -> Result<ItemStream<u64>, Status>;
+///     /// Adds up the numbers sent.
+///     async fn sum(&self, ctx: Context, ns: RequestStream<u64>) -> Result<u64, Status>;
+/// }
+///
+/// struct MyCounter;
+///
+/// impl Counter for MyCounter {
+///     async fn add(&self, _ctx: Context, a: u64, b: u64) -> Result<u64, Status> {
+///         a.checked_add(b).ok_or_else(|| Status::out_of_range("overflow"))
+///     }
+///     async fn upto(&self, _ctx: Context, n: u64) -> Result<ItemStream<u64>, Status> {
+///         Ok(Box::pin(futures::stream::iter((0..n).map(Ok))))
+///     }
+///     async fn sum(&self, _ctx: Context, mut ns: RequestStream<u64>) -> Result<u64, Status> {
+///         let mut total = 0;
+///         while let Some(n) = ns.next().await {
+///             total += n?;
+///         }
+///         Ok(total)
+///     }
+/// }
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// let (a, b) = tokio::io::duplex(64 << 10);
+/// let mut server = Server::new();
+/// server.add(MyCounter.into_service());
+/// tokio::spawn(async move { server.serve(b).await });
+///
+/// let counter = CounterClient::new(Client::new(a));
+/// assert_eq!(counter.add(40, 2).await?, 42);
+/// let all: Vec<u64> = counter.upto(3).await?.map(|r| r.unwrap()).collect().await;
+/// assert_eq!(all, [0, 1, 2]);
+/// let (mut numbers, total) = counter.sum().await?;
+/// for n in [1, 2, 3] {
+///     numbers.send(&n).await?;
+/// }
+/// numbers.finish();
+/// assert_eq!(total.single().await?, 6);
+/// # Ok(())
+/// # }
+/// ```
+#[doc(inline)]
+pub use netchan_rpc_macros::rpc_service;
 pub use peer::{Peer, PeerError, PEER_CHANNEL};
 pub use server::{FromStream, Handler, Incoming, Server};
+#[doc(hidden)]
+pub use service::__private;
 pub use service::ServiceDef;
 pub use status::{Code, Status};
 pub use stream::{ItemStream, RequestStream, StreamArg, StreamReturn};

@@ -1,6 +1,22 @@
 //! [`Metadata`]: string key/value pairs that travel with a request.
 
+use std::sync::Arc;
+
 use serde::{Deserialize, Serialize};
+
+use crate::Status;
+
+/// A hook run on every call before it goes out (client) or before its
+/// handler runs (server): it gets the method (`"Service.Method"`) and the
+/// call's metadata, may read and change the metadata, and refuses the call
+/// by returning an error status (sent to the caller as the call's answer;
+/// on the client, the call fails without being sent).
+///
+/// Installed with [`Client::with_interceptor`](crate::Client::with_interceptor)
+/// and [`Server::intercept`](crate::Server::intercept); runs synchronously
+/// on the conn's reader (server) or in the caller's task (client), so keep
+/// it cheap.
+pub type Interceptor = Arc<dyn Fn(&str, &mut Metadata) -> Result<(), Status> + Send + Sync>;
 
 /// A small ordered list of string key/value pairs sent with a request (an
 /// auth token, a trace id). Keys may repeat; [`Metadata::get`] returns the
@@ -28,6 +44,21 @@ impl Metadata {
             .iter()
             .find(|(k, _)| k == key)
             .map(|(_, v)| v.as_str())
+    }
+
+    /// Replaces every value stored under `key` with `value` (appends it if
+    /// there is none).
+    pub fn set(&mut self, key: impl Into<String>, value: impl Into<String>) -> &mut Self {
+        let key = key.into();
+        self.entries.retain(|(k, _)| *k != key);
+        self.entries.push((key, value.into()));
+        self
+    }
+
+    /// Removes every value stored under `key`.
+    pub fn remove(&mut self, key: &str) -> &mut Self {
+        self.entries.retain(|(k, _)| k != key);
+        self
     }
 
     /// All pairs, in insertion order.

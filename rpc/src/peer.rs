@@ -79,6 +79,7 @@ pub enum PeerError {
 /// # }
 /// ```
 #[derive(Clone)]
+#[must_use = "dropping the last Peer clone stops serving and closes its client"]
 pub struct Peer {
     inner: Arc<Inner>,
 }

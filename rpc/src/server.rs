@@ -34,7 +34,7 @@ pub use incoming::{FromStream, Incoming};
 
 use tokio_util::sync::CancellationToken;
 
-use crate::{context::Origin, Config, Error, RequestStream, Status};
+use crate::{context::Origin, Config, Error, Interceptor, Metadata, RequestStream, Status};
 
 /// Serves registered methods; cheap to clone, serves many conns at once
 /// with shared state (whatever the handlers capture).
@@ -55,6 +55,8 @@ pub struct Server {
 struct Registry {
     methods: HashMap<String, Method>,
     config: Config,
+    /// Run in order before every call's handler.
+    interceptors: Vec<Interceptor>,
 }
 
 impl fmt::Debug for Server {
@@ -79,6 +81,7 @@ impl Server {
         Server {
             inner: Arc::new(Registry {
                 methods: HashMap::new(),
+                interceptors: Vec::new(),
                 config,
             }),
         }
@@ -87,6 +90,34 @@ impl Server {
     /// The server's configuration.
     pub fn config(&self) -> &Config {
         &self.inner.config
+    }
+
+    /// Adds `interceptor` to run before every call's handler, after those
+    /// added before it (see [`Interceptor`]): it may read and change the
+    /// call's metadata (the handler sees the result in
+    /// [`Context::metadata`](crate::Context::metadata)) or refuse the call
+    /// with a status, which the caller gets as the call's answer. Like
+    /// registering, it applies to conns served from now on.
+    ///
+    /// ```
+    /// # use netchan_rpc::{Server, Status};
+    /// let mut server = Server::new();
+    /// server.intercept(|method, md| {
+    ///     if method.starts_with("Admin.") && md.get("token") != Some("s3cret") {
+    ///         return Err(Status::unauthenticated("admin calls need a token"));
+    ///     }
+    ///     md.set("authenticated", "yes");
+    ///     Ok(())
+    /// });
+    /// ```
+    pub fn intercept(
+        &mut self,
+        interceptor: impl Fn(&str, &mut Metadata) -> Result<(), Status> + Send + Sync + 'static,
+    ) -> &mut Self {
+        Arc::make_mut(&mut self.inner)
+            .interceptors
+            .push(Arc::new(interceptor));
+        self
     }
 
     pub(crate) fn insert(&mut self, name: String, method: Method) -> &mut Self {
@@ -102,7 +133,7 @@ impl Server {
     /// Registers a unary handler under `method` (`"Service.Method"`); a
     /// later registration of the same name replaces it.
     ///
-    /// The handler gets the call's [`Context`] and the decoded request; a
+    /// The handler gets the call's [`Context`](crate::Context) and the decoded request; a
     /// request that does not decode as `Req` is answered `InvalidArgument`
     /// without calling it.
     pub fn register<Req, Resp>(
@@ -133,7 +164,7 @@ impl Server {
         self.insert(method.to_owned(), Method::stream(handler))
     }
 
-    /// Registers a bidirectional-streaming handler under `method`: it gets
+    /// Registers a bidi-streaming handler under `method`: it gets
     /// the caller's requests as a [`RequestStream`] and returns a stream of
     /// responses (client streaming: a stream of one). Requests flow only as
     /// the handler consumes them (credit-based, like responses).
@@ -164,7 +195,7 @@ impl Server {
     }
 
     /// [`Server::serve`], labelling the conn `peer` (handlers see it as
-    /// [`Context::peer`]; logs carry it). Cancel-safe as `serve`.
+    /// [`Context::peer`](crate::Context::peer); logs carry it). Cancel-safe as `serve`.
     pub async fn serve_named<T>(&self, conn: T, peer: impl Into<String>) -> Result<(), Error>
     where
         T: AsyncRead + AsyncWrite + Send + Unpin + 'static,

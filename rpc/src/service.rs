@@ -1,4 +1,5 @@
-//! Typed services: [`ServiceDef`] and the [`service!`](crate::service) macro.
+//! Typed services: [`ServiceDef`], the [`rpc_service`](crate::rpc_service)
+//! attribute's support, and the older [`service!`](crate::service) macro.
 
 use futures::Stream;
 use serde::{de::DeserializeOwned, Serialize};
@@ -65,7 +66,7 @@ impl ServiceDef {
 }
 
 impl ServiceDef {
-    /// Adds bidirectional-streaming `method` (see [`Server::register_bidi`]).
+    /// Adds bidi-streaming `method` (see [`Server::register_bidi`]).
     pub fn bidi<Req, Item, S>(
         &mut self,
         method: &str,
@@ -96,9 +97,9 @@ impl Server {
 /// registration, from one trait-like definition.
 ///
 /// Methods are `async fn` (unary), `stream fn` (server streaming, returning
-/// `Result<ItemStream<Item>, Status>`) or `bidi fn` (bidirectional streaming:
+/// `Result<ItemStream<Item>, Status>`) or `bidi fn` (bidi streaming:
 /// the request argument is a [`RequestStream<Req>`](crate::RequestStream),
-/// the return type as for `stream fn`); each takes `&self`, a [`Context`]
+/// the return type as for `stream fn`); each takes `&self`, a [`Context`](crate::Context)
 /// and one request. The block ends with the name of the client struct to
 /// generate. On the wire the methods are `"Trait.method"`.
 ///
@@ -332,4 +333,56 @@ macro_rules! __service_client_method {
                 .await
         }
     };
+}
+
+/// What the code `#[rpc_service]` generates relies on; not a public API.
+#[doc(hidden)]
+pub mod __private {
+    use serde::{de::DeserializeOwned, Serialize};
+
+    use crate::{ItemStream, Status};
+
+    /// The error type of a service method: `Status` or anything that
+    /// converts into it.
+    #[diagnostic::on_unimplemented(
+        message = "`{Self}` cannot be the error type of an rpc method",
+        label = "not `Status`, and there is no `From<{Self}> for Status`",
+        note = "return `Result<T, Status>`, or implement `From<{Self}> for Status`"
+    )]
+    pub trait IntoStatus {
+        /// The status sent to the caller.
+        fn into_status(self) -> Status;
+    }
+
+    impl<E: Into<Status>> IntoStatus for E {
+        fn into_status(self) -> Status {
+            self.into()
+        }
+    }
+
+    /// A request or response type of a service method.
+    #[diagnostic::on_unimplemented(
+        message = "`{Self}` cannot be an rpc message: it must be owned, serializable and `Send`",
+        label = "not `Serialize + DeserializeOwned + Send + 'static`",
+        note = "derive `serde::Serialize` and `serde::Deserialize` for it, with no references or borrowed fields"
+    )]
+    pub trait Message {}
+
+    impl<T: Serialize + DeserializeOwned + Send + 'static> Message for T {}
+
+    /// Fails to compile unless `E` converts into a [`Status`].
+    pub fn assert_error<E: IntoStatus>() {}
+
+    /// Fails to compile unless `T` is a [`Message`].
+    pub fn assert_message<T: Message>() {}
+
+    /// `err` as a status.
+    pub fn into_status<E: IntoStatus>(err: E) -> Status {
+        err.into_status()
+    }
+
+    /// A stream of one response (client streaming answers once).
+    pub fn once<T: Send + 'static>(value: T) -> ItemStream<T> {
+        Box::pin(futures::stream::once(async move { Ok(value) }))
+    }
 }

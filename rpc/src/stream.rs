@@ -32,6 +32,8 @@ pub(crate) enum StreamEvent {
     /// The server's handler accepted the call (client side, streaming
     /// calls): sent before any item.
     Accepted,
+    /// The handler's trailers (client side), just before the end.
+    Trailers(crate::Metadata),
 }
 
 /// Request bytes a server holds for a call (an unconsumed request item),
@@ -90,11 +92,11 @@ pub(crate) fn count_consumed(consumed: &mut u32, window: u32) -> Option<u32> {
 /// Grants the client more request credit (server side).
 pub(crate) type GrantCredit = Arc<dyn Fn(u32) + Send + Sync>;
 
-/// The requests of a bidirectional-streaming call, as a handler receives
+/// The requests of a bidi-streaming call, as a handler receives
 /// them. Yields `Ok(item)`s until the client finishes; an item that does not
 /// decode yields `Err(InvalidArgument)` and ends the stream. Consuming items
 /// grants the client more credit; a handler that stops reading makes the
-/// client's [`RequestSink::send`] wait.
+/// client's [`RequestSink::send`](crate::RequestSink::send) wait.
 pub struct RequestStream<T> {
     rx: mpsc::Receiver<StreamEvent>,
     grant: GrantCredit,
@@ -163,9 +165,8 @@ impl<T: DeserializeOwned> Stream for RequestStream<T> {
                     this.finished = true;
                     Poll::Ready(status.map(Err))
                 }
-                // A bidi call's stream sees the acceptance first; only
-                // `call_stream` waits for it. (Never sent to a server.)
-                Some(StreamEvent::Accepted) => continue,
+                // Only ever sent to a client's response stream.
+                Some(StreamEvent::Accepted | StreamEvent::Trailers(_)) => continue,
                 None => {
                     this.finished = true;
                     Poll::Ready(Some(Err(Status::conn_lost("rpc conn closed"))))
@@ -175,7 +176,7 @@ impl<T: DeserializeOwned> Stream for RequestStream<T> {
     }
 }
 
-/// Names the item type of a bidirectional method's request argument; used
+/// Names the item type of a bidi method's request argument; used
 /// by [`service!`](crate::service) to derive the client signature from
 /// `RequestStream<T>`.
 pub trait StreamArg {

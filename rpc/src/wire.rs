@@ -111,6 +111,15 @@ pub(crate) enum Header<'a> {
         /// The call.
         id: u64,
     },
+    /// Response metadata (trailers) of call `id`, set by its handler; sent
+    /// just before the call's `Response` or `StreamEnd`, only when there
+    /// is some. (Version 2.)
+    Trailers {
+        /// The call.
+        id: u64,
+        /// The handler's trailers.
+        metadata: Cow<'a, Metadata>,
+    },
 }
 
 /// A decoded frame: its header and the (possibly empty) payload.
@@ -269,6 +278,10 @@ mod props {
             (any::<u64>(), arb_status()).prop_map(|(id, status)| Header::StreamEnd { id, status }),
             (any::<u64>(), any::<u32>()).prop_map(|(id, n)| Header::Credit { id, n }),
             any::<u64>().prop_map(|id| Header::Accept { id }),
+            any::<u64>().prop_map(|id| Header::Trailers {
+                id,
+                metadata: Cow::Owned(Metadata::from_iter([("k", "v")])),
+            }),
             (any::<u64>(), ".{0,30}", any::<Option<u64>>(), any::<u32>()).prop_map(
                 |(id, m, t, credit)| Header::Open {
                     id,

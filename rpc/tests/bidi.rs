@@ -1,4 +1,4 @@
-//! Bidirectional and client streaming: ordering, credit-based flow control
+//! Bidi (bidirectional-streaming) and client streaming: ordering, credit-based flow control
 //! for the requests, ends, errors and conn loss.
 
 mod common;
@@ -234,7 +234,7 @@ async fn a_deadline_at_the_end_of_time_is_clamped_not_a_panic() {
     assert_eq!(got, [40]);
 }
 
-/// Regression: request items a bidirectional handler had not consumed yet
+/// Regression: request items a bidi handler had not consumed yet
 /// were not counted against `max_in_flight_bytes`, so one conn could make
 /// the server buffer `max_in_flight × stream_window × max_message_size`
 /// bytes (Open frames carry no payload and were always admitted). Now the

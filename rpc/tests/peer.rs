@@ -88,7 +88,7 @@ async fn connecting_a_peer_alone_times_out_with_a_typed_error() {
 async fn callback_outside_a_peer_is_a_failed_precondition() {
     let mut server = Server::new();
     server.register("T.back", |ctx, ()| async move {
-        ctx.callback()?;
+        let _caller = ctx.callback()?;
         Ok(())
     });
     let (client, _t) = duplex_pair(&server, Config::default());

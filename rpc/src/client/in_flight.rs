@@ -19,7 +19,7 @@ use crate::{
     stream::StreamEvent,
     transport::{read_preamble, FrameReader, Outbox},
     wire::{Frame, Header},
-    Config, Error, Status,
+    Config, Error, Metadata, Status,
 };
 
 /// Closes the outbox when the last `Client` clone goes away.
@@ -34,8 +34,9 @@ impl Drop for Handle {
 }
 
 pub(crate) enum Pending {
-    Unary(oneshot::Sender<Result<Bytes, Status>>),
-    /// A streaming call: its response items, and for a bidirectional call
+    /// A unary call: its response and the handler's trailers.
+    Unary(oneshot::Sender<Result<(Bytes, Metadata), Status>>),
+    /// A streaming call: its response items, and for a bidi call
     /// the credit the server granted for request items (closed when the
     /// call ends, so a waiting sender learns of it).
     Stream(mpsc::Sender<StreamEvent>, Option<Arc<Semaphore>>),
@@ -46,6 +47,9 @@ const MAX_SEND_CREDIT: usize = 1 << 20;
 
 pub(super) struct State {
     pub(super) pending: HashMap<u64, Pending>,
+    /// Trailers of pending unary calls whose response has not arrived
+    /// yet; at most one entry per pending call.
+    pub(super) trailers: HashMap<u64, Metadata>,
     /// Set once, when the conn fails: every later call gets it.
     pub(super) closed: Option<Status>,
 }
@@ -77,7 +81,11 @@ impl Shared {
     /// Forgets call `id`; if it was still pending and its request went out,
     /// tells the server to stop working on it.
     pub(crate) fn abandon(&self, id: u64, request_sent: bool) {
-        let removed = self.lock().pending.remove(&id);
+        let removed = {
+            let mut st = self.lock();
+            st.trailers.remove(&id);
+            st.pending.remove(&id)
+        };
         if let Some(Pending::Stream(_, Some(credits))) = &removed {
             credits.close();
         }
@@ -108,6 +116,7 @@ impl Shared {
                 return;
             }
             st.closed = Some(status.clone());
+            st.trailers.clear();
             std::mem::take(&mut st.pending)
         };
         tracing::debug!(%status, calls = pending.len(), "rpc client conn ended");
@@ -135,8 +144,9 @@ impl Shared {
         match header {
             Header::Response { id, status } => match st.pending.remove(&id) {
                 Some(Pending::Unary(tx)) => {
+                    let trailers = st.trailers.remove(&id).unwrap_or_default();
                     let _ = tx.send(match status {
-                        None => Ok(payload),
+                        None => Ok((payload, trailers)),
                         Some(s) => Err(s),
                     });
                 }
@@ -178,6 +188,7 @@ impl Shared {
                     }
                 }
                 Some(Pending::Unary(tx)) => {
+                    st.trailers.remove(&id);
                     let _ = tx.send(Err(status.unwrap_or_else(|| {
                         Status::internal("server answered a unary call with a stream end")
                     })));
@@ -193,6 +204,22 @@ impl Shared {
                     return Err(Error::Protocol {
                         reason: format!("request credit for call {id}, which sends no stream"),
                     })
+                }
+                None => {}
+            },
+            Header::Trailers { id, metadata } => match st.pending.get(&id) {
+                Some(Pending::Unary(_)) => {
+                    st.trailers.insert(id, metadata.into_owned());
+                }
+                Some(Pending::Stream(tx, _)) => {
+                    match tx.try_send(StreamEvent::Trailers(metadata.into_owned())) {
+                        Ok(()) | Err(mpsc::error::TrySendError::Closed(_)) => {}
+                        Err(mpsc::error::TrySendError::Full(_)) => {
+                            return Err(Error::Protocol {
+                                reason: format!("repeated trailers for call {id}"),
+                            })
+                        }
+                    }
                 }
                 None => {}
             },

@@ -23,7 +23,7 @@ use crate::{
     error::chain,
     stream::{count_consumed, StreamEvent},
     wire::Header,
-    Error, Status,
+    Error, Metadata, Status,
 };
 
 /// The items of a server-streaming call, as returned by
@@ -36,6 +36,7 @@ use crate::{
 /// without affecting other calls. Dropping it cancels the call.
 ///
 /// [`Config::stream_window`]: crate::Config::stream_window
+#[must_use = "dropping a ResponseStream cancels its call"]
 pub struct ResponseStream<T> {
     client: Client,
     id: u64,
@@ -46,6 +47,8 @@ pub struct ResponseStream<T> {
     consumed: u32,
     deadline: Option<Pin<Box<tokio::time::Sleep>>>,
     finished: bool,
+    /// The handler's trailers, once they arrived.
+    trailers: Option<Metadata>,
     _item: PhantomData<fn() -> T>,
 }
 
@@ -67,6 +70,7 @@ impl<T> ResponseStream<T> {
             consumed: 0,
             deadline: deadline.map(|d| Box::pin(tokio::time::sleep_until(d))),
             finished: false,
+            trailers: None,
             _item: PhantomData,
         }
     }
@@ -76,6 +80,43 @@ impl<T> ResponseStream<T> {
         if !self.finished {
             self.finished = true;
             self.client.shared().abandon(self.id, true);
+        }
+    }
+}
+
+impl<T> ResponseStream<T> {
+    /// The response metadata (trailers) the handler set with
+    /// [`Context::set_trailer`](crate::Context::set_trailer); they arrive
+    /// just before the stream's end, so this is `None` until the stream
+    /// has ended (and stays `None` if the handler set none).
+    pub fn trailers(&self) -> Option<&Metadata> {
+        self.trailers.as_ref()
+    }
+}
+
+impl<T: DeserializeOwned> ResponseStream<T> {
+    /// The call's one response, for a call that answers once (client
+    /// streaming): the first item, or the call's error. Fails with
+    /// `Internal` if the stream ends without an item or has more than one.
+    /// Cancel-safe in the RPC sense: dropping the future cancels the call.
+    pub async fn single(mut self) -> Result<T, Status> {
+        use futures::StreamExt;
+        let first = match self.next().await {
+            Some(item) => item?,
+            None => {
+                return Err(Status::internal(format!(
+                    "{} answered no response",
+                    self.method
+                )))
+            }
+        };
+        match self.next().await {
+            None => Ok(first),
+            Some(Err(status)) => Err(status),
+            Some(Ok(_)) => Err(Status::internal(format!(
+                "{} answered more than one response",
+                self.method
+            ))),
         }
     }
 }
@@ -131,6 +172,10 @@ impl<T: DeserializeOwned> Stream for ResponseStream<T> {
                 // A bidi call's stream sees the acceptance first; only
                 // `call_stream` waits for it. (Never sent to a server.)
                 Some(StreamEvent::Accepted) => continue,
+                Some(StreamEvent::Trailers(metadata)) => {
+                    this.trailers = Some(metadata);
+                    continue;
+                }
                 Some(StreamEvent::End(status)) => {
                     // The reader already removed the call.
                     this.finished = true;
@@ -156,13 +201,14 @@ impl<T> Drop for ResponseStream<T> {
     }
 }
 
-/// The sending half of a bidirectional-streaming call, as returned by
+/// The sending half of a bidi-streaming call, as returned by
 /// [`Client::call_bidi`].
 ///
 /// [`send`](RequestSink::send) waits for credit from the server, so a server
 /// that does not consume requests makes the sender wait instead of letting
 /// requests pile up. [`finish`](RequestSink::finish) (or dropping the sink)
 /// ends the request stream; the server sees its end.
+#[must_use = "dropping a RequestSink ends the call's requests"]
 pub struct RequestSink<T> {
     client: Client,
     id: u64,
@@ -193,7 +239,7 @@ impl<T> RequestSink<T> {
         }
     }
 
-    /// Ends the request stream (the server's [`RequestStream`] ends).
+    /// Ends the request stream (the server's [`RequestStream`](crate::RequestStream) ends).
     pub fn finish(mut self) {
         self.end();
     }

@@ -4,6 +4,7 @@
 
 use std::{
     any::Any,
+    borrow::Cow,
     future::Future,
     panic::AssertUnwindSafe,
     sync::{Arc, OnceLock},
@@ -55,6 +56,8 @@ impl Call {
         credits: Option<Arc<Semaphore>>,
     ) {
         let method = ctx.method().to_owned();
+        // Kept to send the trailers the handler sets.
+        let trailers = ctx.clone();
         // The request payload moves into the handler, which drops it once
         // decoded: a long call does not keep the received frame (often a
         // slice of the conn's shared read buffer) alive.
@@ -64,6 +67,7 @@ impl Call {
                 let Some(outcome) = self.race(work).await else {
                     return;
                 };
+                self.send_trailers(&trailers).await;
                 self.respond(&method, outcome).await;
                 return;
             }
@@ -121,6 +125,7 @@ impl Call {
         let Some(outcome) = self.race(work).await else {
             return;
         };
+        self.send_trailers(&trailers).await;
         let _ = self.conn.send_status(id, true, outcome.err()).await;
     }
 
@@ -155,6 +160,27 @@ impl Call {
                 tracing::warn!(%status, "rpc handler panicked");
                 Err(status)
             })),
+        }
+    }
+
+    /// Sends the trailers the handler set, if any, ahead of the answer.
+    async fn send_trailers(&self, ctx: &Context) {
+        let metadata = ctx.take_trailers();
+        if metadata.is_empty() {
+            return;
+        }
+        let id = self.id;
+        let header = Header::Trailers {
+            id,
+            metadata: Cow::Owned(metadata),
+        };
+        if let Err(e) = self
+            .conn
+            .outbox
+            .push(|w| codec::encode(w, &header, "trailers"))
+            .await
+        {
+            tracing::debug!(id, error = %chain(&e), "rpc trailers not sent");
         }
     }
 

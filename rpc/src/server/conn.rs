@@ -175,9 +175,11 @@ impl Server {
                 }
                 Ok(())
             }
-            Header::Response { .. } | Header::Accept { .. } => Err(Error::Protocol {
-                reason: "server conn received a response-side frame".into(),
-            }),
+            Header::Response { .. } | Header::Accept { .. } | Header::Trailers { .. } => {
+                Err(Error::Protocol {
+                    reason: "server conn received a response-side frame".into(),
+                })
+            }
         }
     }
 
@@ -195,7 +197,7 @@ impl Server {
             id,
             method,
             timeout_ns,
-            metadata,
+            mut metadata,
             credit,
             want,
         } = open;
@@ -215,6 +217,11 @@ impl Server {
             }
             Some(m) => m.clone(),
         };
+        for interceptor in &self.inner.interceptors {
+            if let Err(s) = interceptor(&method, &mut metadata) {
+                return conn.reply_error(id, streaming, s).await;
+            }
+        }
         if drain.is_cancelled() {
             let s = Status::unavailable(format!("{method} refused: the server is shutting down"));
             return conn.reply_error(id, streaming, s).await;

@@ -69,7 +69,7 @@ impl Kind {
         match self {
             Kind::Unary => "unary",
             Kind::ServerStreaming => "server-streaming",
-            Kind::Bidi => "bidirectional-streaming",
+            Kind::Bidi => "bidi-streaming",
         }
     }
 }
@@ -84,7 +84,7 @@ impl Method {
     }
 }
 
-/// The request side of a bidirectional call, untyped.
+/// The request side of a bidi call, untyped.
 pub(crate) struct Inbound {
     pub(super) rx: mpsc::Receiver<StreamEvent>,
     pub(super) grant: GrantCredit,

@@ -28,7 +28,7 @@ pub(super) struct CallEntry {
     pub(super) abort: Arc<OnceLock<Status>>,
     /// Response credit of a streaming call.
     pub(super) credits: Option<Arc<Semaphore>>,
-    /// Request items of a bidirectional call (bounded by the credit we
+    /// Request items of a bidi call (bounded by the credit we
     /// grant: `stream_window` + 1 slots).
     pub(super) inbound: Option<mpsc::Sender<StreamEvent>>,
     /// Request payload bytes this call holds (counted against
@@ -55,7 +55,7 @@ pub(super) struct ConnState {
     pub(super) outbox: Outbox,
     /// In-flight calls; bounded by `max_in_flight` and `max_in_flight_bytes`.
     pub(super) calls: Mutex<Calls>,
-    /// Bytes of request items queued for bidirectional handlers and not yet
+    /// Bytes of request items queued for bidi handlers and not yet
     /// consumed (see [`Held`]); part of the `max_in_flight_bytes` budget.
     pub(super) inbound_bytes: Arc<AtomicUsize>,
     /// Parent of every call's token; cancelled when serving ends.
@@ -248,7 +248,7 @@ impl ConnState {
 mod tests {
     use super::*;
 
-    /// Regression: a small request item queued for a bidirectional handler
+    /// Regression: a small request item queued for a bidi handler
     /// was a slice of the conn's 64 KiB read buffer, so unread 1-byte items
     /// (counted as 1 byte each against `max_in_flight_bytes`) could each
     /// keep a whole read buffer alive.
