@@ -222,3 +222,203 @@ async fn hand_written_fileshare_requests_good_and_bad_get_typed_answers() {
         vec!["alice", "hand"]
     );
 }
+
+/// Each yamux protocol violation of issue 7 item 9, written by hand on its own connection:
+/// the hub answers with GoAway code 1 (protocol error) and ends that session, while a client
+/// connected all along keeps working and the hub's memory stays bounded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn yamux_protocol_violations_get_go_away_1_and_end_only_that_session() {
+    use raw::yamux::{DATA, PING, SYN, WINDOW_UPDATE};
+    let hub = start_hub(&[]);
+    let addr = addr_of(&hub);
+    let (_s, alice) = within(
+        "alice joins",
+        raw::join(addr, raw::source(1), "alice".into()),
+    )
+    .await;
+    let before = rss_kib(&hub.proc);
+    let over_window = (256 << 10) + 1;
+    let mut first_frame_too_big = raw::yamux_header(DATA, SYN, 1, over_window).to_vec();
+    first_frame_too_big.resize(12 + over_window as usize, 0xee);
+    let cases: Vec<(&str, Vec<u8>)> = vec![
+        // The hub is the server: client streams are odd, so 2 has the hub's own parity.
+        (
+            "SYN with the hub's parity",
+            raw::yamux_header(WINDOW_UPDATE, SYN, 2, 0).to_vec(),
+        ),
+        (
+            "duplicate SYN",
+            [
+                raw::yamux_header(WINDOW_UPDATE, SYN, 1, 0),
+                raw::yamux_header(WINDOW_UPDATE, SYN, 1, 0),
+            ]
+            .concat(),
+        ),
+        (
+            "Data|SYN on stream 0",
+            [&raw::yamux_header(DATA, SYN, 0, 4)[..], b"abcd"].concat(),
+        ),
+        ("a first frame over 256 KiB", first_frame_too_big),
+        (
+            "window overflow",
+            [
+                raw::yamux_header(WINDOW_UPDATE, SYN, 1, 0),
+                raw::yamux_header(WINDOW_UPDATE, 0, 1, u32::MAX),
+            ]
+            .concat(),
+        ),
+        (
+            "a ping on stream 1",
+            raw::yamux_header(PING, SYN, 1, 7).to_vec(),
+        ),
+        ("frame type 4", raw::yamux_header(4, 0, 0, 0).to_vec()),
+    ];
+    for (i, (what, bytes)) in cases.into_iter().enumerate() {
+        let mut tcp = raw::tcp_from(raw::source(10 + i), addr).await;
+        // The hub may hang up before it has read everything.
+        let _ = tcp.write_all(&bytes).await;
+        let code = within(what, raw::go_away_then_eof(&mut tcp)).await;
+        assert_eq!(code, Some(1), "{what}: GoAway code");
+        assert_eq!(
+            within("list", alice.list(ListReq {})).await.unwrap(),
+            vec!["alice"],
+            "after {what}"
+        );
+    }
+    let after = rss_kib(&hub.proc);
+    assert!(
+        after.saturating_sub(before) < 16 << 10,
+        "hub RSS grew from {before} to {after} KiB"
+    );
+}
+
+/// Sends a ping with `opaque` and reads frames until its answer; returns how many stream
+/// resets came meanwhile. Panics if the session ends first.
+async fn ping_through(tcp: &mut tokio::net::TcpStream, opaque: u32) -> usize {
+    use raw::yamux::{ACK, PING, RST, SYN};
+    tcp.write_all(&raw::yamux_header(PING, SYN, 0, opaque))
+        .await
+        .expect("ping");
+    let mut resets = 0;
+    loop {
+        let f = raw::read_yamux_frame(tcp)
+            .await
+            .expect("the session ended before answering the ping");
+        assert_ne!(f.ty, raw::yamux::GO_AWAY, "GoAway: {f:?}");
+        if f.flags & RST != 0 {
+            resets += 1;
+        }
+        if f.ty == PING && f.flags & ACK != 0 && f.len == opaque {
+            return resets;
+        }
+    }
+}
+
+/// What issue 7 item 9 saw end the session on the old engine but the yamux specification
+/// allows: an unsolicited ping answer is ignored, and streams beyond the hub's stream table
+/// are refused one by one with RST while the session carries on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unsolicited_pong_and_the_stream_limit_leave_the_session_serving() {
+    use raw::yamux::{ACK, PING, SYN, WINDOW_UPDATE};
+    let hub = start_hub(&[]);
+    let addr = addr_of(&hub);
+    let (_s, alice) = within(
+        "alice joins",
+        raw::join(addr, raw::source(1), "alice".into()),
+    )
+    .await;
+    let before = rss_kib(&hub.proc);
+    let mut tcp = raw::tcp_from(raw::source(2), addr).await;
+    tcp.write_all(&raw::yamux_header(PING, ACK, 0, 0x1234))
+        .await
+        .unwrap();
+    within("ping after a pong", ping_through(&mut tcp, 1)).await;
+    // 400 streams opened at once: the hub's stream table (a few dozen with its 8 channels)
+    // keeps some, and refuses the rest, each on its own.
+    const OPENED: u32 = 400;
+    let mut syns = Vec::new();
+    for k in 0..OPENED {
+        syns.extend_from_slice(&raw::yamux_header(WINDOW_UPDATE, SYN, 2 * k + 1, 0));
+    }
+    tcp.write_all(&syns).await.unwrap();
+    let resets = within("ping after the SYNs", ping_through(&mut tcp, 2)).await;
+    eprintln!("{resets} of {OPENED} streams reset");
+    assert!(resets >= 320, "{resets} of {OPENED} streams reset");
+    assert!(resets < OPENED as usize, "every stream reset");
+    assert_eq!(
+        within("list", alice.list(ListReq {})).await.unwrap(),
+        vec!["alice"]
+    );
+    let after = rss_kib(&hub.proc);
+    assert!(
+        after.saturating_sub(before) < 16 << 10,
+        "hub RSS grew from {before} to {after} KiB"
+    );
+}
+
+/// One-byte data frames cost the hub about their byte, not a heap block each: 200,000 of them
+/// (within the 256 KiB window) carry the body of one rpc frame on the hub channel.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_one_byte_frames_costs_the_hub_about_a_byte_each() {
+    use raw::yamux::{DATA, SYN};
+    let hub = start_hub(&[]);
+    let addr = addr_of(&hub);
+    let (_s, alice) = within(
+        "alice joins",
+        raw::join(addr, raw::source(1), "alice".into()),
+    )
+    .await;
+    let mut tcp = raw::tcp_from(raw::source(2), addr).await;
+    // Stream 1: the channel handshake for the hello channel, then the hello itself.
+    let mut hello = vec![1u8, auth::CHANNEL.len() as u8];
+    hello.extend_from_slice(auth::CHANNEL.as_bytes());
+    hello.extend_from_slice(&raw::hello_bytes(b""));
+    tcp.write_all(&raw::yamux_header(DATA, SYN, 1, hello.len() as u32))
+        .await
+        .unwrap();
+    tcp.write_all(&hello).await.unwrap();
+    // Wait for the hub's answer: the handshake reply `01 00` and the hello answer `00 ..`.
+    within("the hello answer", async {
+        let mut got = Vec::new();
+        while got.len() < 5 {
+            let f = raw::read_yamux_frame(&mut tcp).await.expect("hello answer");
+            if f.ty == DATA && f.stream == 1 {
+                got.extend_from_slice(&f.body);
+            }
+        }
+        assert_eq!(&got[..3], &[1, 0, 0], "handshake reply and hello status");
+    })
+    .await;
+    // Stream 3: the hub channel, the rpc preamble and the length prefix of a 250,000-byte frame.
+    const FRAMES: usize = 200_000;
+    let mut hub_channel = vec![1u8, proto::HUB_CHANNEL.len() as u8];
+    hub_channel.extend_from_slice(proto::HUB_CHANNEL.as_bytes());
+    hub_channel.extend_from_slice(&raw::RPC_PREAMBLE);
+    hub_channel.extend_from_slice(&raw::rpc_prefix(250_000));
+    tcp.write_all(&raw::yamux_header(DATA, SYN, 3, hub_channel.len() as u32))
+        .await
+        .unwrap();
+    tcp.write_all(&hub_channel).await.unwrap();
+    within("ping", ping_through(&mut tcp, 1)).await;
+    let before = rss_kib(&hub.proc);
+    let mut flood = Vec::with_capacity(FRAMES * 13);
+    for _ in 0..FRAMES {
+        flood.extend_from_slice(&raw::yamux_header(DATA, 0, 3, 1));
+        flood.push(0x55);
+    }
+    tcp.write_all(&flood).await.unwrap();
+    // The ping is answered after the hub has taken in every frame before it.
+    let resets = within("ping after the flood", ping_through(&mut tcp, 2)).await;
+    let after = rss_kib(&hub.proc);
+    eprintln!("hub RSS {before} -> {after} KiB after {FRAMES} one-byte frames, {resets} resets");
+    assert_eq!(resets, 0, "the hub reset the hub channel");
+    // About 64 B of heap per frame would be 12.5 MiB; the bytes themselves are 195 KiB.
+    assert!(
+        after.saturating_sub(before) < 4 << 10,
+        "hub RSS grew from {before} to {after} KiB"
+    );
+    assert_eq!(
+        within("list", alice.list(ListReq {})).await.unwrap(),
+        vec!["alice"]
+    );
+}

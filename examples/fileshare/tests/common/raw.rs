@@ -35,6 +35,52 @@ pub(crate) mod yamux {
     pub(crate) const GO_AWAY: u8 = 3;
     /// Opens a stream.
     pub(crate) const SYN: u16 = 1;
+    /// Acknowledges a stream or answers a ping.
+    pub(crate) const ACK: u16 = 2;
+    /// Resets a stream.
+    pub(crate) const RST: u16 = 8;
+}
+
+/// One yamux frame as read by [`read_yamux_frame`]: type, flags, stream, length, and the
+/// body (Data frames only).
+#[derive(Debug)]
+pub(crate) struct RawFrame {
+    pub(crate) ty: u8,
+    pub(crate) flags: u16,
+    pub(crate) stream: u32,
+    pub(crate) len: u32,
+    pub(crate) body: Vec<u8>,
+}
+
+/// Reads one yamux frame from `tcp`; `None` at the end of the connection (or on an error).
+pub(crate) async fn read_yamux_frame(tcp: &mut TcpStream) -> Option<RawFrame> {
+    let mut h = [0u8; 12];
+    tcp.read_exact(&mut h).await.ok()?;
+    let len = u32::from_be_bytes([h[8], h[9], h[10], h[11]]);
+    let mut body = Vec::new();
+    if h[1] == yamux::DATA {
+        body = vec![0u8; len as usize];
+        tcp.read_exact(&mut body).await.ok()?;
+    }
+    Some(RawFrame {
+        ty: h[1],
+        flags: u16::from_be_bytes([h[2], h[3]]),
+        stream: u32::from_be_bytes([h[4], h[5], h[6], h[7]]),
+        len,
+        body,
+    })
+}
+
+/// Reads frames until the peer's GoAway and returns its code, then reads on to the end of the
+/// connection. `None` if the connection ended without a GoAway. Callers bound it in time.
+pub(crate) async fn go_away_then_eof(tcp: &mut TcpStream) -> Option<u32> {
+    let mut code = None;
+    while let Some(f) = read_yamux_frame(tcp).await {
+        if f.ty == yamux::GO_AWAY && code.is_none() {
+            code = Some(f.len);
+        }
+    }
+    code
 }
 
 /// A 12-byte yamux header: version 0, `ty`, `flags`, `stream`, `len` (all big-endian).
