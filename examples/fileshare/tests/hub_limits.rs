@@ -422,3 +422,91 @@ async fn a_flood_of_one_byte_frames_costs_the_hub_about_a_byte_each() {
         vec!["alice"]
     );
 }
+
+/// A peer that answers the hub's round-trip probe late makes every drained window look
+/// quick, so the hub doubles the channel's window; the growth stops at the mux's per-stream
+/// maximum (16 MiB) and the session's growth budget, and the hub's memory stays bounded.
+/// The late answer is the behaviour under test, so this test holds the pong for 500 ms.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_late_pong_grows_a_window_no_further_than_the_mux_bound() {
+    use raw::yamux::{ACK, DATA, PING, SYN, WINDOW_UPDATE};
+    let hub = start_hub(&[]);
+    let addr = addr_of(&hub);
+    let (_s, alice) = within(
+        "alice joins",
+        raw::join(addr, raw::source(1), "alice".into()),
+    )
+    .await;
+    let mut tcp = raw::tcp_from(raw::source(2), addr).await;
+    let mut hello = vec![1u8, auth::CHANNEL.len() as u8];
+    hello.extend_from_slice(auth::CHANNEL.as_bytes());
+    hello.extend_from_slice(&raw::hello_bytes(b""));
+    tcp.write_all(&raw::yamux_header(DATA, SYN, 1, hello.len() as u32))
+        .await
+        .unwrap();
+    tcp.write_all(&hello).await.unwrap();
+    // Stream 3: the hub channel; then 12 Hub.publish requests with 3,000,000-byte names (each
+    // gets an error answer; the channel carries on): 36 MB, more than the 16 MiB bound.
+    let mut bytes = vec![1u8, proto::HUB_CHANNEL.len() as u8];
+    bytes.extend_from_slice(proto::HUB_CHANNEL.as_bytes());
+    bytes.extend_from_slice(&raw::RPC_PREAMBLE);
+    for id in 1..=12 {
+        let mut name = Vec::new();
+        raw::string(&vec![b'a'; 3_000_000], &mut name);
+        bytes.extend_from_slice(&raw::request_frame(id, "Hub.publish", &name));
+    }
+    let before = rss_kib(&hub.proc);
+    const INITIAL: i64 = 256 << 10;
+    let mut credit = INITIAL;
+    let mut max_credit = credit;
+    let mut sent = 0usize;
+    let mut probe_answered = false;
+    within("the transfer", async {
+        while sent < bytes.len() {
+            if credit > 0 {
+                let n = (credit as usize).min(64 << 10).min(bytes.len() - sent);
+                let flags = if sent == 0 { SYN } else { 0 };
+                tcp.write_all(&raw::yamux_header(DATA, flags, 3, n as u32))
+                    .await
+                    .unwrap();
+                tcp.write_all(&bytes[sent..sent + n]).await.unwrap();
+                sent += n;
+                credit -= n as i64;
+                continue;
+            }
+            let f = raw::read_yamux_frame(&mut tcp)
+                .await
+                .expect("the hub ended");
+            assert_ne!(f.ty, raw::yamux::GO_AWAY, "{f:?}");
+            if f.ty == WINDOW_UPDATE && f.stream == 3 {
+                credit += i64::from(f.len);
+                max_credit = max_credit.max(credit);
+            }
+            if f.ty == PING && f.flags & SYN != 0 && !probe_answered {
+                // The hub's round-trip probe: answer it late.
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                tcp.write_all(&raw::yamux_header(PING, ACK, 0, f.len))
+                    .await
+                    .unwrap();
+                probe_answered = true;
+            }
+        }
+    })
+    .await;
+    within("ping after the transfer", ping_through(&mut tcp, 1)).await;
+    let after = rss_kib(&hub.proc);
+    eprintln!(
+        "largest window granted: {} KiB (probe answered late: {probe_answered}); \
+         hub RSS {before} -> {after} KiB",
+        max_credit >> 10
+    );
+    assert!(max_credit <= 16 << 20, "window {max_credit} over 16 MiB");
+    assert!(
+        after.saturating_sub(before) < 64 << 10,
+        "hub RSS grew from {before} to {after} KiB"
+    );
+    assert_eq!(
+        within("list", alice.list(ListReq {})).await.unwrap(),
+        vec!["alice"]
+    );
+}
