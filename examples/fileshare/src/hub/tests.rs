@@ -7,7 +7,10 @@ use std::time::Duration;
 
 use netchan_mux::Session;
 use netchan_rpc::{self as rpc, Code};
-use netchan_testkit::within;
+use netchan_testkit::{
+    proxy::{Direction, Link, Proxy},
+    within,
+};
 use tokio::net::TcpListener;
 use tokio::task::JoinSet;
 
@@ -571,70 +574,6 @@ async fn shutdown_closes_every_session_gracefully_and_clients_say_the_hub_closed
     bob.close().await;
 }
 
-/// A TCP proxy whose links can be frozen: once frozen it forwards nothing more in either
-/// direction but keeps the sockets open, like a peer whose network went silent (the hub sees
-/// no error, only silence).
-struct FreezableProxy {
-    addr: SocketAddr,
-    freeze: tokio::sync::watch::Sender<bool>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl Drop for FreezableProxy {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
-}
-
-impl FreezableProxy {
-    async fn start(to: SocketAddr) -> FreezableProxy {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let (freeze, frozen) = tokio::sync::watch::channel(false);
-        let task = tokio::spawn(async move {
-            let mut pumps = tokio::task::JoinSet::new();
-            // Bounded by the test: a handful of connections, aborted with the proxy.
-            while let Ok((down, _)) = listener.accept().await {
-                let Ok(up) = tokio::net::TcpStream::connect(to).await else {
-                    continue;
-                };
-                let (dr, dw) = down.into_split();
-                let (ur, uw) = up.into_split();
-                pumps.spawn(pump(dr, uw, frozen.clone()));
-                pumps.spawn(pump(ur, dw, frozen.clone()));
-            }
-        });
-        FreezableProxy { addr, freeze, task }
-    }
-
-    fn freeze(&self) {
-        self.freeze.send_replace(true);
-    }
-}
-
-async fn pump(
-    mut r: tokio::net::tcp::OwnedReadHalf,
-    mut w: tokio::net::tcp::OwnedWriteHalf,
-    frozen: tokio::sync::watch::Receiver<bool>,
-) {
-    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-    let mut buf = vec![0u8; 64 << 10];
-    // Ends with either socket; each iteration forwards what one read returned.
-    loop {
-        let n = match r.read(&mut buf).await {
-            Ok(0) | Err(_) => return,
-            Ok(n) => n,
-        };
-        if *frozen.borrow() {
-            // Swallow everything from now on, holding both sockets open.
-            std::future::pending::<()>().await;
-        }
-        if w.write_all(&buf[..n]).await.is_err() {
-            return;
-        }
-    }
-}
-
 #[tokio::test]
 async fn a_name_held_by_a_silent_connection_is_free_only_once_keepalive_ends_its_session() {
     let hub = start_hub(HubOptions {
@@ -646,11 +585,11 @@ async fn a_name_held_by_a_silent_connection_is_free_only_once_keepalive_ends_its
         ..HubOptions::default()
     })
     .await;
-    let proxy = FreezableProxy::start(hub.addr).await;
+    let proxy = Proxy::start(hub.addr, Link::ideal()).await.unwrap();
     let (r_old, r_new, ra) = (root_with(0), root_with(0), root_with(0));
     std::fs::write(r_new.path().join("hello.txt"), b"the new bob\n").unwrap();
     let mut opts = client_opts(&hub, "bob", r_old.path());
-    opts.addr = proxy.addr.to_string();
+    opts.addr = proxy.addr().to_string();
     let old_bob = Peer::start(opts, quiet()).await.unwrap();
     let alice = join(&hub, "alice", ra.path()).await;
     assert_eq!(
@@ -658,7 +597,10 @@ async fn a_name_held_by_a_silent_connection_is_free_only_once_keepalive_ends_its
         b"hello world\n"
     );
     // Bob's link goes silent: while the hub's session to it lives, the name stays bob's.
-    proxy.freeze();
+    // Forward nothing more either way but keep the sockets open: a peer whose network went
+    // silent (the hub sees no error, only silence).
+    proxy.stall(Direction::Up);
+    proxy.stall(Direction::Down);
     let err = Peer::start(client_opts(&hub, "bob", r_new.path()), quiet())
         .await
         .err()
@@ -1632,7 +1574,6 @@ fn the_read_window_follows_the_round_trip_within_the_budget() {
 
 #[tokio::test]
 async fn a_reader_whose_socket_is_not_read_loses_its_read_and_frees_the_slot() {
-    use netchan_testkit::proxy::{Direction, Link, Proxy};
     let hub = start_hub(HubOptions {
         max_reads_per_peer: 1,
         reader_stall: Duration::from_millis(500),
@@ -1663,7 +1604,6 @@ async fn a_reader_whose_socket_is_not_read_loses_its_read_and_frees_the_slot() {
 
 #[tokio::test]
 async fn concurrent_reads_over_a_slow_exporter_link_all_finish_without_false_silence() {
-    use netchan_testkit::proxy::{Link, Proxy};
     // 16 Mbit/s, 50 ms: 4 reads of 4 MiB share about 8 s of link time. Each read has up to
     // 14 chunks (3.5 MiB, 1.75 s of link) in flight, so a read can queue behind the others'
     // windows for over 5 s: longer than the 4 s silence bound, while chunks keep passing.
