@@ -21,9 +21,7 @@ use tokio::net::UnixStream;
 const BOUND: Duration = Duration::from_secs(20);
 
 async fn bounded<F: Future>(f: F) -> F::Output {
-    tokio::time::timeout(BOUND, f)
-        .await
-        .expect("the operation did not finish within the test's bound")
+    netchan_testkit::within(BOUND.as_secs(), "the operation of this test", f).await
 }
 
 service! {

@@ -18,13 +18,15 @@
 
 use criterion::{Criterion, Throughput};
 use netchan_mux::{Config, Session};
-use netchan_testkit::proxy::{Link, Proxy};
+use netchan_testkit::{
+    proxy::{Link, Proxy},
+    tcp_pair,
+};
 use std::task::Poll;
 use std::time::{Duration, Instant};
 use tokio::sync::oneshot;
 use tokio::{
     io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt},
-    net::{TcpListener, TcpStream},
     runtime::Runtime,
     sync::mpsc,
 };
@@ -48,16 +50,6 @@ fn runtime(flavour: &str) -> Runtime {
             .build()
             .unwrap(),
     }
-}
-
-async fn tcp_pair() -> (TcpStream, TcpStream) {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let (client, server) = tokio::join!(TcpStream::connect(addr), listener.accept());
-    let (client, (server, _)) = (client.unwrap(), server.unwrap());
-    client.set_nodelay(true).unwrap();
-    server.set_nodelay(true).unwrap();
-    (client, server)
 }
 
 async fn session_pair() -> (Session, Session) {

@@ -24,7 +24,7 @@ async fn keepalive_detects_a_peer_behind_a_proxy_that_stops_forwarding() {
     within(5, "echo", conn.read_exact(&mut buf)).await.unwrap();
     let mut own_listener = client.listen("never-dialed").unwrap();
 
-    proxy.blackhole();
+    proxy.blackhole_both();
     // Everything waiting on the session must end with an error instead of hanging.
     let read = tokio::spawn(async move {
         let mut buf = [0u8; 16];
@@ -65,7 +65,8 @@ async fn bulk_transfer_over_a_slow_link_causes_no_false_keepalive_timeout() {
             .keepalive_interval(Some(Duration::from_millis(400)))
             .keepalive_timeout(Duration::from_millis(600))
     };
-    let (client, server, _proxy) = proxied_sessions(keepalive(), keepalive(), Some(1536)).await;
+    let (client, server, _proxy) =
+        proxied_sessions(keepalive(), keepalive(), Some(1_536_000)).await;
     let mut listener = server.listen("bulk").unwrap();
     const TOTAL: usize = 3 * 1024 * 1024;
     let receiver = tokio::spawn(async move {
@@ -136,7 +137,7 @@ async fn a_peer_that_vanishes_mid_transfer_gives_errors_within_a_bound() {
         r.read(&mut buf).await
     });
     within(5, "first bytes arrive", got_some).await.unwrap();
-    proxy.sever();
+    proxy.reset();
 
     let err = within(5, "writer fails", writer)
         .await

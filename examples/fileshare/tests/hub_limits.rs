@@ -15,21 +15,15 @@ mod proto;
 mod raw;
 
 use std::net::SocketAddr;
-use std::time::Duration;
 
+use netchan_testkit::within;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::common::{start_hub, Proc};
 use crate::proto::ListReq;
 
-/// Bound for any step that should be prompt.
-const WAIT: Duration = Duration::from_secs(60);
-
-async fn within<F: std::future::Future>(what: &str, fut: F) -> F::Output {
-    tokio::time::timeout(WAIT, fut)
-        .await
-        .unwrap_or_else(|_| panic!("timed out: {what}"))
-}
+/// Bound in seconds for any step that should be prompt.
+const WAIT_S: u64 = 60;
 
 /// VmRSS of a process, in KiB.
 fn rss_kib(p: &Proc) -> u64 {
@@ -53,6 +47,7 @@ async fn a_thousand_idle_clients_cost_the_hub_at_most_64_kib_each() {
     for i in 0..16 {
         clients.push(
             within(
+                WAIT_S,
                 "warm-up join",
                 raw::join(addr, raw::source(i), format!("w{i}")),
             )
@@ -67,11 +62,13 @@ async fn a_thousand_idle_clients_cost_the_hub_at_most_64_kib_each() {
             let i = 16 + wave * 8 + k;
             joins.spawn(raw::join(addr, raw::source(i), format!("idle{i}")));
         }
-        while let Some(c) = within("a wave of joins", joins.join_next()).await {
+        while let Some(c) = within(WAIT_S, "a wave of joins", joins.join_next()).await {
             clients.push(c.unwrap());
         }
     }
-    let names = within("list", clients[0].1.list(ListReq {})).await.unwrap();
+    let names = within(WAIT_S, "list", clients[0].1.list(ListReq {}))
+        .await
+        .unwrap();
     assert_eq!(names.len(), N + 16);
     let after = rss_kib(&hub.proc);
     let per = after.saturating_sub(before) / N as u64;
@@ -89,12 +86,12 @@ async fn rpc_frames_claiming_16_mib_from_unpublished_clients_commit_nothing() {
     let mut sessions = Vec::new();
     let mut channels = Vec::new();
     for i in 0..16 {
-        let session = within("hello", async {
+        let session = within(WAIT_S, "hello", async {
             raw::hello(raw::tcp_from(raw::source(i), addr).await).await
         })
         .await;
         for _ in 0..6 {
-            let mut ch = within("hub channel", raw::raw_hub_channel(&session)).await;
+            let mut ch = within(WAIT_S, "hub channel", raw::raw_hub_channel(&session)).await;
             let mut claim = raw::rpc_prefix(16 << 20).to_vec();
             claim.push(0);
             // The hub may have hung up already: it refuses the prefix on sight.
@@ -108,7 +105,7 @@ async fn rpc_frames_claiming_16_mib_from_unpublished_clients_commit_nothing() {
     for ch in &mut channels {
         let mut buf = [0u8; 64];
         // Bounded: the hub's preamble, then the end of the channel.
-        within("the hub ends the channel", async {
+        within(WAIT_S, "the hub ends the channel", async {
             while let Ok(n) = ch.read(&mut buf).await {
                 if n == 0 {
                     break;
@@ -124,12 +121,15 @@ async fn rpc_frames_claiming_16_mib_from_unpublished_clients_commit_nothing() {
     );
     // Other clients are unaffected.
     let (_s, alice) = within(
+        WAIT_S,
         "alice joins",
         raw::join(addr, raw::source(100), "alice".into()),
     )
     .await;
     assert_eq!(
-        within("list", alice.list(ListReq {})).await.unwrap(),
+        within(WAIT_S, "list", alice.list(ListReq {}))
+            .await
+            .unwrap(),
         vec!["alice"]
     );
 }
@@ -150,7 +150,7 @@ async fn a_yamux_frame_over_the_limit_ends_only_that_session() {
     .unwrap();
     tcp.write_all(&[0xee; 1024]).await.unwrap();
     let mut buf = vec![0u8; 4096];
-    within("the hub ends the session", async {
+    within(WAIT_S, "the hub ends the session", async {
         // Bounded: ends at the hub's close (or reset).
         while let Ok(n) = tcp.read(&mut buf).await {
             if n == 0 {
@@ -160,12 +160,15 @@ async fn a_yamux_frame_over_the_limit_ends_only_that_session() {
     })
     .await;
     let (_s, alice) = within(
+        WAIT_S,
         "alice joins",
         raw::join(addr, raw::source(2), "alice".into()),
     )
     .await;
     assert_eq!(
-        within("list", alice.list(ListReq {})).await.unwrap(),
+        within(WAIT_S, "list", alice.list(ListReq {}))
+            .await
+            .unwrap(),
         vec!["alice"]
     );
 }
@@ -174,14 +177,14 @@ async fn a_yamux_frame_over_the_limit_ends_only_that_session() {
 async fn hand_written_fileshare_requests_good_and_bad_get_typed_answers() {
     let hub = start_hub(&[]);
     let addr = addr_of(&hub);
-    let session = within("hello", async {
+    let session = within(WAIT_S, "hello", async {
         raw::hello(raw::tcp_from(raw::source(1), addr).await).await
     })
     .await;
     raw::serve_no_files(&session);
-    let mut ch = within("hub channel", raw::raw_hub_channel(&session)).await;
+    let mut ch = within(WAIT_S, "hub channel", raw::raw_hub_channel(&session)).await;
     let mut preamble = [0u8; 6];
-    within("preamble", ch.read_exact(&mut preamble))
+    within(WAIT_S, "preamble", ch.read_exact(&mut preamble))
         .await
         .unwrap();
     assert_eq!(preamble, raw::RPC_PREAMBLE);
@@ -191,7 +194,9 @@ async fn hand_written_fileshare_requests_good_and_bad_get_typed_answers() {
     ch.write_all(&raw::request_frame(1, "Hub.publish", &bad))
         .await
         .unwrap();
-    let answer = within("answer 1", raw::read_frame(&mut ch)).await.unwrap();
+    let answer = within(WAIT_S, "answer 1", raw::read_frame(&mut ch))
+        .await
+        .unwrap();
     // Response (01), id 1, Some(status) (01), code 3.
     assert_eq!(&answer[..4], &[1, 1, 1, 3], "{answer:?}");
     // A valid payload with trailing bytes (another type): refused the same way.
@@ -201,7 +206,9 @@ async fn hand_written_fileshare_requests_good_and_bad_get_typed_answers() {
     ch.write_all(&raw::request_frame(2, "Hub.publish", &trailing))
         .await
         .unwrap();
-    let answer = within("answer 2", raw::read_frame(&mut ch)).await.unwrap();
+    let answer = within(WAIT_S, "answer 2", raw::read_frame(&mut ch))
+        .await
+        .unwrap();
     assert_eq!(&answer[..4], &[1, 2, 1, 3], "{answer:?}");
     // The same conn still serves: a well-formed publish succeeds (no status, then
     // PublishResp { name: "hand", peers: 1 }).
@@ -210,15 +217,20 @@ async fn hand_written_fileshare_requests_good_and_bad_get_typed_answers() {
     ch.write_all(&raw::request_frame(3, "Hub.publish", &good))
         .await
         .unwrap();
-    let answer = within("answer 3", raw::read_frame(&mut ch)).await.unwrap();
+    let answer = within(WAIT_S, "answer 3", raw::read_frame(&mut ch))
+        .await
+        .unwrap();
     assert_eq!(answer, [1, 3, 0, 4, b'h', b'a', b'n', b'd', 1]);
     let (_s, alice) = within(
+        WAIT_S,
         "alice joins",
         raw::join(addr, raw::source(2), "alice".into()),
     )
     .await;
     assert_eq!(
-        within("list", alice.list(ListReq {})).await.unwrap(),
+        within(WAIT_S, "list", alice.list(ListReq {}))
+            .await
+            .unwrap(),
         vec!["alice", "hand"]
     );
 }

@@ -2,31 +2,10 @@
 #![allow(dead_code, unreachable_pub)]
 
 use netchan_mux::{Config, Conn, Listener, Session};
-use std::{future::Future, time::Duration};
-use tokio::{
-    io::{AsyncReadExt, AsyncWriteExt},
-    net::{TcpListener, TcpStream},
-};
+use netchan_testkit::proxy::{Link, Proxy};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-/// Awaits `f`, failing the test if it takes longer than `secs` seconds (a hang guard).
-pub async fn within<F: Future>(secs: u64, what: &str, f: F) -> F::Output {
-    match tokio::time::timeout(Duration::from_secs(secs), f).await {
-        Ok(out) => out,
-        Err(_) => panic!("timed out after {secs} s: {what}"),
-    }
-}
-
-/// A connected pair of loopback TCP sockets.
-pub async fn tcp_pair() -> (TcpStream, TcpStream) {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let (client, server) = tokio::join!(TcpStream::connect(addr), listener.accept());
-    let client = client.unwrap();
-    let (server, _) = server.unwrap();
-    client.set_nodelay(true).unwrap();
-    server.set_nodelay(true).unwrap();
-    (client, server)
-}
+pub use netchan_testkit::{tcp_pair, within};
 
 /// A client and a server session over loopback TCP.
 pub async fn tcp_sessions(client: Config, server: Config) -> (Session, Session) {
@@ -128,92 +107,19 @@ impl RawPeer {
     }
 }
 
-/// A TCP proxy on 127.0.0.1 between one client and `upstream`, which a test can slow down,
-/// blackhole (it keeps reading but forwards nothing) or sever (it drops both sockets).
-pub struct Proxy {
-    pub addr: std::net::SocketAddr,
-    blackhole: std::sync::Arc<std::sync::atomic::AtomicBool>,
-    sever: tokio_util::sync::CancellationToken,
-}
-
-impl Proxy {
-    /// `bytes_per_tick`: if set, each direction forwards at most that many bytes per
-    /// millisecond tick (a slow link); otherwise it forwards as fast as it can.
-    pub async fn start(upstream: std::net::SocketAddr, bytes_per_tick: Option<usize>) -> Proxy {
-        use std::sync::atomic::Ordering;
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let blackhole = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let sever = tokio_util::sync::CancellationToken::new();
-        let (bh, cut) = (blackhole.clone(), sever.clone());
-        tokio::spawn(async move {
-            let (inbound, _) = listener.accept().await.unwrap();
-            let outbound = TcpStream::connect(upstream).await.unwrap();
-            let (ri, wi) = inbound.into_split();
-            let (ro, wo) = outbound.into_split();
-            let forward = |mut r: tokio::net::tcp::OwnedReadHalf,
-                           mut w: tokio::net::tcp::OwnedWriteHalf| {
-                let bh = bh.clone();
-                async move {
-                    let chunk = bytes_per_tick.unwrap_or(64 * 1024);
-                    let mut buf = vec![0u8; chunk];
-                    let mut tick = tokio::time::interval(Duration::from_millis(1));
-                    loop {
-                        if bytes_per_tick.is_some() {
-                            tick.tick().await;
-                        }
-                        let n = match r.read(&mut buf).await {
-                            Ok(0) | Err(_) => return,
-                            Ok(n) => n,
-                        };
-                        if bh.load(Ordering::SeqCst) {
-                            continue; // swallowed
-                        }
-                        if w.write_all(&buf[..n]).await.is_err() {
-                            return;
-                        }
-                    }
-                }
-            };
-            tokio::select! {
-                _ = forward(ri, wo) => {}
-                _ = forward(ro, wi) => {}
-                _ = cut.cancelled() => {}
-            }
-            // Returning drops every socket: the link is cut.
-        });
-        Proxy {
-            addr,
-            blackhole,
-            sever,
-        }
-    }
-
-    /// Stops forwarding in both directions, keeping the sockets open (a half-dead link).
-    pub fn blackhole(&self) {
-        self.blackhole
-            .store(true, std::sync::atomic::Ordering::SeqCst);
-    }
-
-    /// Closes both sides of the link at once.
-    pub fn sever(&self) {
-        self.sever.cancel();
-    }
-}
-
-/// A client session talking through `proxy` to a server session; returns both.
+/// A client session talking through a [`Proxy`] to a server session; returns both and the
+/// proxy. `bytes_per_sec`: if set, each direction forwards at most that many bytes per
+/// second (a slow link); otherwise it forwards as fast as it can.
 pub async fn proxied_sessions(
     client: Config,
     server: Config,
-    bytes_per_tick: Option<usize>,
+    bytes_per_sec: Option<u64>,
 ) -> (Session, Session, Proxy) {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let proxy = Proxy::start(listener.local_addr().unwrap(), bytes_per_tick).await;
-    let (c, s) = tokio::join!(TcpStream::connect(proxy.addr), listener.accept());
-    let c = c.unwrap();
-    c.set_nodelay(true).unwrap();
-    let (s, _) = s.unwrap();
-    s.set_nodelay(true).unwrap();
+    let link = Link {
+        rate: bytes_per_sec,
+        ..Link::ideal()
+    };
+    let (c, s, proxy) = Proxy::pair(link).await.expect("proxied loopback pair");
     (
         Session::client(c, client),
         Session::server(s, server),

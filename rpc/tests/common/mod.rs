@@ -15,9 +15,7 @@ pub const GUARD: Duration = Duration::from_secs(10);
 
 /// Runs `fut` under [`GUARD`], failing the test on timeout.
 pub async fn guard<F: std::future::Future>(fut: F) -> F::Output {
-    tokio::time::timeout(GUARD, fut)
-        .await
-        .expect("operation hung past the test guard")
+    netchan_testkit::within(GUARD.as_secs(), "operation hung past the test guard", fut).await
 }
 
 /// A server with a handful of test methods.
@@ -154,13 +152,7 @@ pub fn register_forever(
 
 /// Both ends of one loopback TCP connection wrapped in mux sessions.
 pub async fn mux_sessions() -> (netchan_mux::Session, netchan_mux::Session) {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let accept = tokio::spawn(async move { listener.accept().await.unwrap().0 });
-    let dialed = guard(TcpStream::connect(addr)).await.unwrap();
-    let accepted = guard(accept).await.unwrap();
-    dialed.set_nodelay(true).unwrap();
-    accepted.set_nodelay(true).unwrap();
+    let (dialed, accepted) = guard(netchan_testkit::tcp_pair()).await;
     (
         netchan_mux::Session::client(dialed, mux_config()),
         netchan_mux::Session::server(accepted, mux_config()),

@@ -7,6 +7,10 @@ use std::time::Duration;
 
 use netchan_mux::Session;
 use netchan_rpc::{self as rpc, Code};
+use netchan_testkit::{
+    proxy::{Direction, Link, Proxy},
+    within,
+};
 use tokio::net::TcpListener;
 use tokio::task::JoinSet;
 
@@ -17,7 +21,9 @@ use crate::export::{Kind, Root};
 use crate::proto::{HubClient, ListReq, PeerPath, PeerRead, PublishReq, HUB_CHANNEL};
 
 /// Generous bound for anything that should happen promptly.
-const WAIT: Duration = Duration::from_secs(20);
+/// [`WAIT`] in whole seconds, for [`within`].
+const WAIT_S: u64 = 20;
+const WAIT: Duration = Duration::from_secs(WAIT_S);
 
 struct TestHub {
     state: Arc<HubState>,
@@ -568,70 +574,6 @@ async fn shutdown_closes_every_session_gracefully_and_clients_say_the_hub_closed
     bob.close().await;
 }
 
-/// A TCP proxy whose links can be frozen: once frozen it forwards nothing more in either
-/// direction but keeps the sockets open, like a peer whose network went silent (the hub sees
-/// no error, only silence).
-struct FreezableProxy {
-    addr: SocketAddr,
-    freeze: tokio::sync::watch::Sender<bool>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl Drop for FreezableProxy {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
-}
-
-impl FreezableProxy {
-    async fn start(to: SocketAddr) -> FreezableProxy {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let (freeze, frozen) = tokio::sync::watch::channel(false);
-        let task = tokio::spawn(async move {
-            let mut pumps = tokio::task::JoinSet::new();
-            // Bounded by the test: a handful of connections, aborted with the proxy.
-            while let Ok((down, _)) = listener.accept().await {
-                let Ok(up) = tokio::net::TcpStream::connect(to).await else {
-                    continue;
-                };
-                let (dr, dw) = down.into_split();
-                let (ur, uw) = up.into_split();
-                pumps.spawn(pump(dr, uw, frozen.clone()));
-                pumps.spawn(pump(ur, dw, frozen.clone()));
-            }
-        });
-        FreezableProxy { addr, freeze, task }
-    }
-
-    fn freeze(&self) {
-        self.freeze.send_replace(true);
-    }
-}
-
-async fn pump(
-    mut r: tokio::net::tcp::OwnedReadHalf,
-    mut w: tokio::net::tcp::OwnedWriteHalf,
-    frozen: tokio::sync::watch::Receiver<bool>,
-) {
-    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-    let mut buf = vec![0u8; 64 << 10];
-    // Ends with either socket; each iteration forwards what one read returned.
-    loop {
-        let n = match r.read(&mut buf).await {
-            Ok(0) | Err(_) => return,
-            Ok(n) => n,
-        };
-        if *frozen.borrow() {
-            // Swallow everything from now on, holding both sockets open.
-            std::future::pending::<()>().await;
-        }
-        if w.write_all(&buf[..n]).await.is_err() {
-            return;
-        }
-    }
-}
-
 #[tokio::test]
 async fn a_name_held_by_a_silent_connection_is_free_only_once_keepalive_ends_its_session() {
     let hub = start_hub(HubOptions {
@@ -643,11 +585,11 @@ async fn a_name_held_by_a_silent_connection_is_free_only_once_keepalive_ends_its
         ..HubOptions::default()
     })
     .await;
-    let proxy = FreezableProxy::start(hub.addr).await;
+    let proxy = Proxy::start(hub.addr, Link::ideal()).await.unwrap();
     let (r_old, r_new, ra) = (root_with(0), root_with(0), root_with(0));
     std::fs::write(r_new.path().join("hello.txt"), b"the new bob\n").unwrap();
     let mut opts = client_opts(&hub, "bob", r_old.path());
-    opts.addr = proxy.addr.to_string();
+    opts.addr = proxy.addr().to_string();
     let old_bob = Peer::start(opts, quiet()).await.unwrap();
     let alice = join(&hub, "alice", ra.path()).await;
     assert_eq!(
@@ -655,7 +597,10 @@ async fn a_name_held_by_a_silent_connection_is_free_only_once_keepalive_ends_its
         b"hello world\n"
     );
     // Bob's link goes silent: while the hub's session to it lives, the name stays bob's.
-    proxy.freeze();
+    // Forward nothing more either way but keep the sockets open: a peer whose network went
+    // silent (the hub sees no error, only silence).
+    proxy.stall(Direction::Up);
+    proxy.stall(Direction::Down);
     let err = Peer::start(client_opts(&hub, "bob", r_new.path()), quiet())
         .await
         .err()
@@ -1012,13 +957,6 @@ async fn the_exporter_streams_from_an_offset_and_marks_the_last_chunk() {
 
 // ---- Hostile readers and exporters, admission, deadlines (issue 7) ----
 
-/// Awaits `fut` for at most `WAIT`, panicking with `what`.
-async fn within<F: std::future::Future>(what: &str, fut: F) -> F::Output {
-    tokio::time::timeout(WAIT, fut)
-        .await
-        .unwrap_or_else(|_| panic!("timed out: {what}"))
-}
-
 /// Reads `stream` until it fails; panics if it ends cleanly first.
 async fn until_error(stream: &mut client::FileStream) -> CallError {
     // Bounded by the caller's timeout and by the file's length.
@@ -1048,12 +986,12 @@ async fn a_reader_that_takes_nothing_loses_its_read_and_frees_the_slot() {
     stalled.next().await.unwrap().unwrap();
     // Alice stops reading. Carol waits for bob's only slot and gets it once the hub gives up
     // alice's read.
-    let got = within("carol's read", read_all(&carol, "bob", "hello.txt"))
+    let got = within(WAIT_S, "carol's read", read_all(&carol, "bob", "hello.txt"))
         .await
         .unwrap();
     assert_eq!(got, b"hello world\n");
     // Alice, reading again, gets what was in flight and then hears why the read ended.
-    let err = within("alice's stream ends", until_error(&mut stalled)).await;
+    let err = within(WAIT_S, "alice's stream ends", until_error(&mut stalled)).await;
     assert!(err.to_string().contains("took nothing"), "{err}");
 }
 
@@ -1085,7 +1023,7 @@ async fn one_reader_cannot_take_every_slot_of_a_peer() {
     }
     // Alice's ls is refused the same way; carol is served.
     assert!(alice.ls("bob", "").await.is_err());
-    let got = within("carol's read", read_all(&carol, "bob", "hello.txt"))
+    let got = within(WAIT_S, "carol's read", read_all(&carol, "bob", "hello.txt"))
         .await
         .unwrap();
     assert_eq!(got, b"hello world\n");
@@ -1272,7 +1210,7 @@ async fn an_exporter_that_breaks_the_chunk_rules_fails_only_its_own_reads() {
         ("big", "a chunk of 262145 bytes"),
         ("skip", "at offset 7 where 0 was due"),
     ] {
-        match within(path, read_all(&alice, "eve", path)).await {
+        match within(WAIT_S, path, read_all(&alice, "eve", path)).await {
             Err(CallError::Status(s)) => {
                 assert_eq!(s.code(), Code::Internal, "{path}: {s}");
                 assert!(s.message().contains("broke the protocol"), "{path}: {s}");
@@ -1283,21 +1221,23 @@ async fn an_exporter_that_breaks_the_chunk_rules_fails_only_its_own_reads() {
     }
     // A frame over the export channel's limit is refused before it is buffered: eve's export
     // channel is gone, the read fails, and nobody else notices.
-    let err = within("huge", read_all(&alice, "eve", "huge"))
+    let err = within(WAIT_S, "huge", read_all(&alice, "eve", "huge"))
         .await
         .unwrap_err();
     assert!(!err.to_string().is_empty());
     // Eve's ls/stat channel is separate and still works.
-    let listing = within("eve's ls", alice.ls("eve", "")).await.unwrap();
+    let listing = within(WAIT_S, "eve's ls", alice.ls("eve", ""))
+        .await
+        .unwrap();
     assert!(listing.entries.is_empty());
     assert_eq!(
-        within("bob's file", read_all(&alice, "bob", "hello.txt"))
+        within(WAIT_S, "bob's file", read_all(&alice, "bob", "hello.txt"))
             .await
             .unwrap(),
         b"hello world\n"
     );
     assert_eq!(
-        within("alice's file", read_all(&bob, "alice", "hello.txt"))
+        within(WAIT_S, "alice's file", read_all(&bob, "alice", "hello.txt"))
             .await
             .unwrap(),
         b"hello world\n"
@@ -1323,7 +1263,7 @@ async fn an_absurd_offset_is_refused_naming_the_offset() {
         use futures::StreamExt as _;
         match hub.read(req).await {
             Err(s) => s,
-            Ok(mut items) => within("the refusal", items.next())
+            Ok(mut items) => within(WAIT_S, "the refusal", items.next())
                 .await
                 .expect("an item")
                 .expect_err("a refusal"),
@@ -1403,7 +1343,7 @@ async fn a_flood_of_silent_connections_from_one_address_does_not_lock_out_anothe
             let _ = tcp.read(&mut b).await;
         });
     }
-    within("28 refusals", async {
+    within(WAIT_S, "28 refusals", async {
         for _ in 0..28 {
             ends.join_next().await.unwrap().unwrap();
         }
@@ -1416,7 +1356,7 @@ async fn a_flood_of_silent_connections_from_one_address_does_not_lock_out_anothe
     let tcp = sock.connect(hub.addr).await.unwrap();
     let root = root_with(0);
     let opts = client_opts(&hub, "alice", root.path());
-    let _alice = within("alice joins", client::establish(tcp, &opts))
+    let _alice = within(WAIT_S, "alice joins", client::establish(tcp, &opts))
         .await
         .unwrap();
     assert_eq!(hub.state.names(), vec!["alice"]);
@@ -1573,6 +1513,7 @@ async fn plaintext_and_tls_mismatches_are_named_in_both_directions() {
     let root = root_with(0);
     // A plaintext client of the TLS hub is told, in its own protocol, that TLS is required.
     let err = within(
+        WAIT_S,
         "plaintext client",
         Peer::start(client_opts(&tls_hub, "alice", root.path()), quiet()),
     )
@@ -1588,7 +1529,7 @@ async fn plaintext_and_tls_mismatches_are_named_in_both_directions() {
         crate::tls::client_config(&cert, None).unwrap(),
         crate::tls::server_name(&addr, None).unwrap(),
     ));
-    let err = within("tls client", Peer::start(opts, quiet()))
+    let err = within(WAIT_S, "tls client", Peer::start(opts, quiet()))
         .await
         .err()
         .expect("refused");
@@ -1601,7 +1542,9 @@ async fn plaintext_and_tls_mismatches_are_named_in_both_directions() {
         crate::tls::client_config(&cert, None).unwrap(),
         crate::tls::server_name(&addr, None).unwrap(),
     ));
-    let bob = within("tls bob", Peer::start(opts, quiet())).await.unwrap();
+    let bob = within(WAIT_S, "tls bob", Peer::start(opts, quiet()))
+        .await
+        .unwrap();
     assert_eq!(bob.list().await.unwrap(), vec!["bob"]);
     let carol = join(&plain_hub, "carol", root.path()).await;
     assert_eq!(carol.list().await.unwrap(), vec!["carol"]);
@@ -1631,7 +1574,6 @@ fn the_read_window_follows_the_round_trip_within_the_budget() {
 
 #[tokio::test]
 async fn a_reader_whose_socket_is_not_read_loses_its_read_and_frees_the_slot() {
-    use netchan_testkit::proxy::{Direction, Link, Proxy};
     let hub = start_hub(HubOptions {
         max_reads_per_peer: 1,
         reader_stall: Duration::from_millis(500),
@@ -1644,7 +1586,7 @@ async fn a_reader_whose_socket_is_not_read_loses_its_read_and_frees_the_slot() {
     let _bob = join(&hub, "bob", rb.path()).await;
     let mut opts = client_opts(&hub, "alice", ra.path());
     opts.addr = proxy.addr().to_string();
-    let alice = within("alice joins", Peer::start(opts, quiet()))
+    let alice = within(WAIT_S, "alice joins", Peer::start(opts, quiet()))
         .await
         .unwrap();
     let carol = join(&hub, "carol", rc.path()).await;
@@ -1653,7 +1595,7 @@ async fn a_reader_whose_socket_is_not_read_loses_its_read_and_frees_the_slot() {
     // Alice's link stops delivering what the hub sends her; she has credit, so the hub
     // writes until her link and its buffers are full, then cannot write any more.
     proxy.stall(Direction::Down);
-    let got = within("carol's read", read_all(&carol, "bob", "hello.txt"))
+    let got = within(WAIT_S, "carol's read", read_all(&carol, "bob", "hello.txt"))
         .await
         .unwrap();
     assert_eq!(got, b"hello world\n");
@@ -1662,7 +1604,6 @@ async fn a_reader_whose_socket_is_not_read_loses_its_read_and_frees_the_slot() {
 
 #[tokio::test]
 async fn concurrent_reads_over_a_slow_exporter_link_all_finish_without_false_silence() {
-    use netchan_testkit::proxy::{Link, Proxy};
     // 16 Mbit/s, 50 ms: 4 reads of 4 MiB share about 8 s of link time. Each read has up to
     // 14 chunks (3.5 MiB, 1.75 s of link) in flight, so a read can queue behind the others'
     // windows for over 5 s: longer than the 4 s silence bound, while chunks keep passing.
@@ -1677,7 +1618,7 @@ async fn concurrent_reads_over_a_slow_exporter_link_all_finish_without_false_sil
     let (rb, ra) = (root_with(4 << 20), root_with(0));
     let mut opts = client_opts(&hub, "bob", rb.path());
     opts.addr = proxy.addr().to_string();
-    let _bob = within("bob joins", Peer::start(opts, quiet()))
+    let _bob = within(WAIT_S, "bob joins", Peer::start(opts, quiet()))
         .await
         .unwrap();
     let alice = Arc::new(join(&hub, "alice", ra.path()).await);
