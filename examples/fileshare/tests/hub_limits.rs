@@ -14,7 +14,7 @@ mod proto;
 #[path = "common/raw.rs"]
 mod raw;
 
-use std::net::SocketAddr;
+use std::{net::SocketAddr, time::Duration};
 
 use netchan_testkit::within;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -244,6 +244,7 @@ async fn yamux_protocol_violations_get_go_away_1_and_end_only_that_session() {
     let hub = start_hub(&[]);
     let addr = addr_of(&hub);
     let (_s, alice) = within(
+        WAIT_S,
         "alice joins",
         raw::join(addr, raw::source(1), "alice".into()),
     )
@@ -289,10 +290,12 @@ async fn yamux_protocol_violations_get_go_away_1_and_end_only_that_session() {
         let mut tcp = raw::tcp_from(raw::source(10 + i), addr).await;
         // The hub may hang up before it has read everything.
         let _ = tcp.write_all(&bytes).await;
-        let code = within(what, raw::go_away_then_eof(&mut tcp)).await;
+        let code = within(WAIT_S, what, raw::go_away_then_eof(&mut tcp)).await;
         assert_eq!(code, Some(1), "{what}: GoAway code");
         assert_eq!(
-            within("list", alice.list(ListReq {})).await.unwrap(),
+            within(WAIT_S, "list", alice.list(ListReq {}))
+                .await
+                .unwrap(),
             vec!["alice"],
             "after {what}"
         );
@@ -335,6 +338,7 @@ async fn an_unsolicited_pong_and_the_stream_limit_leave_the_session_serving() {
     let hub = start_hub(&[]);
     let addr = addr_of(&hub);
     let (_s, alice) = within(
+        WAIT_S,
         "alice joins",
         raw::join(addr, raw::source(1), "alice".into()),
     )
@@ -344,7 +348,7 @@ async fn an_unsolicited_pong_and_the_stream_limit_leave_the_session_serving() {
     tcp.write_all(&raw::yamux_header(PING, ACK, 0, 0x1234))
         .await
         .unwrap();
-    within("ping after a pong", ping_through(&mut tcp, 1)).await;
+    within(WAIT_S, "ping after a pong", ping_through(&mut tcp, 1)).await;
     // 400 streams opened at once: the hub's stream table (a few dozen with its 8 channels)
     // keeps some, and refuses the rest, each on its own.
     const OPENED: u32 = 400;
@@ -353,12 +357,14 @@ async fn an_unsolicited_pong_and_the_stream_limit_leave_the_session_serving() {
         syns.extend_from_slice(&raw::yamux_header(WINDOW_UPDATE, SYN, 2 * k + 1, 0));
     }
     tcp.write_all(&syns).await.unwrap();
-    let resets = within("ping after the SYNs", ping_through(&mut tcp, 2)).await;
+    let resets = within(WAIT_S, "ping after the SYNs", ping_through(&mut tcp, 2)).await;
     eprintln!("{resets} of {OPENED} streams reset");
     assert!(resets >= 320, "{resets} of {OPENED} streams reset");
     assert!(resets < OPENED as usize, "every stream reset");
     assert_eq!(
-        within("list", alice.list(ListReq {})).await.unwrap(),
+        within(WAIT_S, "list", alice.list(ListReq {}))
+            .await
+            .unwrap(),
         vec!["alice"]
     );
     let after = rss_kib(&hub.proc);
@@ -376,6 +382,7 @@ async fn a_flood_of_one_byte_frames_costs_the_hub_about_a_byte_each() {
     let hub = start_hub(&[]);
     let addr = addr_of(&hub);
     let (_s, alice) = within(
+        WAIT_S,
         "alice joins",
         raw::join(addr, raw::source(1), "alice".into()),
     )
@@ -390,7 +397,7 @@ async fn a_flood_of_one_byte_frames_costs_the_hub_about_a_byte_each() {
         .unwrap();
     tcp.write_all(&hello).await.unwrap();
     // Wait for the hub's answer: the handshake reply `01 00` and the hello answer `00 ..`.
-    within("the hello answer", async {
+    within(WAIT_S, "the hello answer", async {
         let mut got = Vec::new();
         while got.len() < 5 {
             let f = raw::read_yamux_frame(&mut tcp).await.expect("hello answer");
@@ -411,7 +418,7 @@ async fn a_flood_of_one_byte_frames_costs_the_hub_about_a_byte_each() {
         .await
         .unwrap();
     tcp.write_all(&hub_channel).await.unwrap();
-    within("ping", ping_through(&mut tcp, 1)).await;
+    within(WAIT_S, "ping", ping_through(&mut tcp, 1)).await;
     let before = rss_kib(&hub.proc);
     let mut flood = Vec::with_capacity(FRAMES * 13);
     for _ in 0..FRAMES {
@@ -420,7 +427,7 @@ async fn a_flood_of_one_byte_frames_costs_the_hub_about_a_byte_each() {
     }
     tcp.write_all(&flood).await.unwrap();
     // The ping is answered after the hub has taken in every frame before it.
-    let resets = within("ping after the flood", ping_through(&mut tcp, 2)).await;
+    let resets = within(WAIT_S, "ping after the flood", ping_through(&mut tcp, 2)).await;
     let after = rss_kib(&hub.proc);
     eprintln!("hub RSS {before} -> {after} KiB after {FRAMES} one-byte frames, {resets} resets");
     assert_eq!(resets, 0, "the hub reset the hub channel");
@@ -430,7 +437,9 @@ async fn a_flood_of_one_byte_frames_costs_the_hub_about_a_byte_each() {
         "hub RSS grew from {before} to {after} KiB"
     );
     assert_eq!(
-        within("list", alice.list(ListReq {})).await.unwrap(),
+        within(WAIT_S, "list", alice.list(ListReq {}))
+            .await
+            .unwrap(),
         vec!["alice"]
     );
 }
@@ -445,6 +454,7 @@ async fn a_late_pong_grows_a_window_no_further_than_the_mux_bound() {
     let hub = start_hub(&[]);
     let addr = addr_of(&hub);
     let (_s, alice) = within(
+        WAIT_S,
         "alice joins",
         raw::join(addr, raw::source(1), "alice".into()),
     )
@@ -473,7 +483,7 @@ async fn a_late_pong_grows_a_window_no_further_than_the_mux_bound() {
     let mut max_credit = credit;
     let mut sent = 0usize;
     let mut probe_answered = false;
-    within("the transfer", async {
+    within(WAIT_S, "the transfer", async {
         while sent < bytes.len() {
             if credit > 0 {
                 let n = (credit as usize).min(64 << 10).min(bytes.len() - sent);
@@ -505,7 +515,7 @@ async fn a_late_pong_grows_a_window_no_further_than_the_mux_bound() {
         }
     })
     .await;
-    within("ping after the transfer", ping_through(&mut tcp, 1)).await;
+    within(WAIT_S, "ping after the transfer", ping_through(&mut tcp, 1)).await;
     let after = rss_kib(&hub.proc);
     eprintln!(
         "largest window granted: {} KiB (probe answered late: {probe_answered}); \
@@ -518,7 +528,9 @@ async fn a_late_pong_grows_a_window_no_further_than_the_mux_bound() {
         "hub RSS grew from {before} to {after} KiB"
     );
     assert_eq!(
-        within("list", alice.list(ListReq {})).await.unwrap(),
+        within(WAIT_S, "list", alice.list(ListReq {}))
+            .await
+            .unwrap(),
         vec!["alice"]
     );
 }
