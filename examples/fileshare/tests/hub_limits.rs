@@ -34,6 +34,30 @@ fn rss_kib(p: &Proc) -> u64 {
         .expect("VmRSS")
 }
 
+/// "alice" joins from the `i`-th loopback source: the client whose calls show that other
+/// clients are unaffected by what a test does to the hub.
+async fn alice_joins(addr: SocketAddr, i: usize) -> (netchan_mux::Session, proto::HubClient) {
+    within(
+        WAIT_S,
+        "alice joins",
+        raw::join(addr, raw::source(i), "alice".into()),
+    )
+    .await
+}
+
+/// Opens stream 1 by hand with a SYN data frame carrying the channel handshake for the hello
+/// channel, then the hello itself (no token).
+async fn send_hello_on_stream_1(tcp: &mut tokio::net::TcpStream) {
+    use raw::yamux::{DATA, SYN};
+    let mut hello = vec![1u8, auth::CHANNEL.len() as u8];
+    hello.extend_from_slice(auth::CHANNEL.as_bytes());
+    hello.extend_from_slice(&raw::hello_bytes(b""));
+    tcp.write_all(&raw::yamux_header(DATA, SYN, 1, hello.len() as u32))
+        .await
+        .unwrap();
+    tcp.write_all(&hello).await.unwrap();
+}
+
 fn addr_of(hub: &common::Hub) -> SocketAddr {
     hub.addr.parse().unwrap()
 }
@@ -120,12 +144,7 @@ async fn rpc_frames_claiming_16_mib_from_unpublished_clients_commit_nothing() {
         "hub RSS grew from {before} to {after} KiB"
     );
     // Other clients are unaffected.
-    let (_s, alice) = within(
-        WAIT_S,
-        "alice joins",
-        raw::join(addr, raw::source(100), "alice".into()),
-    )
-    .await;
+    let (_s, alice) = alice_joins(addr, 100).await;
     assert_eq!(
         within(WAIT_S, "list", alice.list(ListReq {}))
             .await
@@ -159,12 +178,7 @@ async fn a_yamux_frame_over_the_limit_ends_only_that_session() {
         }
     })
     .await;
-    let (_s, alice) = within(
-        WAIT_S,
-        "alice joins",
-        raw::join(addr, raw::source(2), "alice".into()),
-    )
-    .await;
+    let (_s, alice) = alice_joins(addr, 2).await;
     assert_eq!(
         within(WAIT_S, "list", alice.list(ListReq {}))
             .await
@@ -221,12 +235,7 @@ async fn hand_written_fileshare_requests_good_and_bad_get_typed_answers() {
         .await
         .unwrap();
     assert_eq!(answer, [1, 3, 0, 4, b'h', b'a', b'n', b'd', 1]);
-    let (_s, alice) = within(
-        WAIT_S,
-        "alice joins",
-        raw::join(addr, raw::source(2), "alice".into()),
-    )
-    .await;
+    let (_s, alice) = alice_joins(addr, 2).await;
     assert_eq!(
         within(WAIT_S, "list", alice.list(ListReq {}))
             .await
@@ -243,12 +252,7 @@ async fn yamux_protocol_violations_get_go_away_1_and_end_only_that_session() {
     use raw::yamux::{DATA, PING, SYN, WINDOW_UPDATE};
     let hub = start_hub(&[]);
     let addr = addr_of(&hub);
-    let (_s, alice) = within(
-        WAIT_S,
-        "alice joins",
-        raw::join(addr, raw::source(1), "alice".into()),
-    )
-    .await;
+    let (_s, alice) = alice_joins(addr, 1).await;
     let before = rss_kib(&hub.proc);
     let over_window = (256 << 10) + 1;
     let mut first_frame_too_big = raw::yamux_header(DATA, SYN, 1, over_window).to_vec();
@@ -337,12 +341,7 @@ async fn an_unsolicited_pong_and_the_stream_limit_leave_the_session_serving() {
     use raw::yamux::{ACK, PING, SYN, WINDOW_UPDATE};
     let hub = start_hub(&[]);
     let addr = addr_of(&hub);
-    let (_s, alice) = within(
-        WAIT_S,
-        "alice joins",
-        raw::join(addr, raw::source(1), "alice".into()),
-    )
-    .await;
+    let (_s, alice) = alice_joins(addr, 1).await;
     let before = rss_kib(&hub.proc);
     let mut tcp = raw::tcp_from(raw::source(2), addr).await;
     tcp.write_all(&raw::yamux_header(PING, ACK, 0, 0x1234))
@@ -381,21 +380,9 @@ async fn a_flood_of_one_byte_frames_costs_the_hub_about_a_byte_each() {
     use raw::yamux::{DATA, SYN};
     let hub = start_hub(&[]);
     let addr = addr_of(&hub);
-    let (_s, alice) = within(
-        WAIT_S,
-        "alice joins",
-        raw::join(addr, raw::source(1), "alice".into()),
-    )
-    .await;
+    let (_s, alice) = alice_joins(addr, 1).await;
     let mut tcp = raw::tcp_from(raw::source(2), addr).await;
-    // Stream 1: the channel handshake for the hello channel, then the hello itself.
-    let mut hello = vec![1u8, auth::CHANNEL.len() as u8];
-    hello.extend_from_slice(auth::CHANNEL.as_bytes());
-    hello.extend_from_slice(&raw::hello_bytes(b""));
-    tcp.write_all(&raw::yamux_header(DATA, SYN, 1, hello.len() as u32))
-        .await
-        .unwrap();
-    tcp.write_all(&hello).await.unwrap();
+    send_hello_on_stream_1(&mut tcp).await;
     // Wait for the hub's answer: the handshake reply `01 00` and the hello answer `00 ..`.
     within(WAIT_S, "the hello answer", async {
         let mut got = Vec::new();
@@ -453,20 +440,9 @@ async fn a_late_pong_grows_a_window_no_further_than_the_mux_bound() {
     use raw::yamux::{ACK, DATA, PING, SYN, WINDOW_UPDATE};
     let hub = start_hub(&[]);
     let addr = addr_of(&hub);
-    let (_s, alice) = within(
-        WAIT_S,
-        "alice joins",
-        raw::join(addr, raw::source(1), "alice".into()),
-    )
-    .await;
+    let (_s, alice) = alice_joins(addr, 1).await;
     let mut tcp = raw::tcp_from(raw::source(2), addr).await;
-    let mut hello = vec![1u8, auth::CHANNEL.len() as u8];
-    hello.extend_from_slice(auth::CHANNEL.as_bytes());
-    hello.extend_from_slice(&raw::hello_bytes(b""));
-    tcp.write_all(&raw::yamux_header(DATA, SYN, 1, hello.len() as u32))
-        .await
-        .unwrap();
-    tcp.write_all(&hello).await.unwrap();
+    send_hello_on_stream_1(&mut tcp).await;
     // Stream 3: the hub channel; then 12 Hub.publish requests with 3,000,000-byte names (each
     // gets an error answer; the channel carries on): 36 MB, more than the 16 MiB bound.
     let mut bytes = vec![1u8, proto::HUB_CHANNEL.len() as u8];
