@@ -68,6 +68,15 @@ impl Frame {
     pub(crate) fn len(&self) -> usize {
         self.header.len() + self.body.len()
     }
+
+    /// What the frame holds in memory while queued: the frame itself (header and the body's
+    /// handle) plus the body. A control frame is 12 bytes on the wire but about four times
+    /// that in the queue, so the output limit counts this, not the wire size: a peer that
+    /// makes us queue RSTs or window updates by the thousand is bounded by what they really
+    /// hold.
+    pub(crate) fn cost(&self) -> usize {
+        std::mem::size_of::<Frame>() + self.body.len()
+    }
 }
 
 /// Why a stream operation failed.
@@ -103,7 +112,7 @@ pub(crate) struct Connection {
     limits: Limits,
     next_id: u32,
     streams: HashMap<u32, Stream>,
-    /// Frames to send, in order; `out_bytes` is their total size.
+    /// Frames to send, in order; `out_bytes` is their total in-memory cost ([`Frame::cost`]).
     out: VecDeque<Frame>,
     out_bytes: usize,
     /// Writers waiting for `out` to drain below `out_limit`.
@@ -172,7 +181,7 @@ impl Connection {
         self.streams.values().map(|s| s.recv.len()).sum()
     }
 
-    /// Queued output, in bytes.
+    /// Queued output, in bytes of memory held ([`Frame::cost`]).
     pub(crate) fn out_bytes(&self) -> usize {
         self.out_bytes
     }
@@ -182,7 +191,7 @@ impl Connection {
             header: header.encode(),
             body,
         };
-        self.out_bytes += frame.len();
+        self.out_bytes += frame.cost();
         self.out.push_back(frame);
     }
 
@@ -212,7 +221,7 @@ impl Connection {
                 self.ping_answers_queued = self.ping_answers_queued.saturating_sub(1);
             }
             taken += frame.len();
-            self.out_bytes -= frame.len();
+            self.out_bytes -= frame.cost();
             into.push_back(frame);
         }
         if self.out_bytes < self.limits.out_limit {

@@ -670,3 +670,25 @@ mod interleavings {
         }
     }
 }
+
+/// Regression (issue 7, verified against the hub): each queued RST was counted at its 12 wire
+/// bytes against the output limit while holding about four times that, so a peer that wrote to
+/// unknown streams and never read could make a session queue about 4 MiB, not the 1 MiB limit.
+#[test]
+fn queued_control_frames_count_what_they_hold_in_memory_against_the_output_limit() {
+    let mut c = Connection::new(Side::Server, limits());
+    let n = 1000u32;
+    for i in 0..n {
+        // Data for a stream the peer never opened: each is answered with an RST.
+        feed(&mut c, hdr(FrameType::Data, 0, 2 * i + 1, 1), b"x").unwrap();
+    }
+    let per_frame = std::mem::size_of::<Frame>();
+    assert!(
+        per_frame > HEADER_LEN,
+        "a queued frame holds more than its header"
+    );
+    assert_eq!(c.out_bytes(), n as usize * per_frame);
+    let wire = sent(&mut c);
+    assert_eq!(wire.len(), n as usize * HEADER_LEN);
+    assert_eq!(c.out_bytes(), 0);
+}
