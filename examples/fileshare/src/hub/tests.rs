@@ -56,6 +56,16 @@ fn client_opts(hub: &TestHub, name: &str, root: &Path) -> ClientOptions {
     }
 }
 
+/// [`client_opts`] for a client that speaks TLS and trusts the certificate at `ca`.
+fn tls_client_opts(hub: &TestHub, name: &str, root: &Path, ca: &Path) -> ClientOptions {
+    let mut opts = client_opts(hub, name, root);
+    opts.tls = Some((
+        crate::tls::client_config(ca, None).unwrap(),
+        crate::tls::server_name(&hub.addr.to_string(), None).unwrap(),
+    ));
+    opts
+}
+
 fn quiet() -> client::Notify {
     Arc::new(|_msg: String| {})
 }
@@ -1523,12 +1533,7 @@ async fn plaintext_and_tls_mismatches_are_named_in_both_directions() {
     let text = client::chain(&err);
     assert!(text.contains("requires TLS"), "{text}");
     // A TLS client of the plaintext hub is told the hub may be plaintext.
-    let mut opts = client_opts(&plain_hub, "alice", root.path());
-    let addr = plain_hub.addr.to_string();
-    opts.tls = Some((
-        crate::tls::client_config(&cert, None).unwrap(),
-        crate::tls::server_name(&addr, None).unwrap(),
-    ));
+    let opts = tls_client_opts(&plain_hub, "alice", root.path(), &cert);
     let err = within(WAIT_S, "tls client", Peer::start(opts, quiet()))
         .await
         .err()
@@ -1536,12 +1541,7 @@ async fn plaintext_and_tls_mismatches_are_named_in_both_directions() {
     let text = client::chain(&err);
     assert!(text.contains("plaintext hub"), "{text}");
     // Both hubs serve matching clients as before.
-    let mut opts = client_opts(&tls_hub, "bob", root.path());
-    let addr = tls_hub.addr.to_string();
-    opts.tls = Some((
-        crate::tls::client_config(&cert, None).unwrap(),
-        crate::tls::server_name(&addr, None).unwrap(),
-    ));
+    let opts = tls_client_opts(&tls_hub, "bob", root.path(), &cert);
     let bob = within(WAIT_S, "tls bob", Peer::start(opts, quiet()))
         .await
         .unwrap();
