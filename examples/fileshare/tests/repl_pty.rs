@@ -48,6 +48,19 @@ impl Screen {
         String::from_utf8_lossy(&self.seen).into_owned()
     }
 
+    /// The last lines the terminal showed, one per line and escaped, for a failure message
+    /// that stays readable when a log viewer folds long lines.
+    fn tail(&self) -> String {
+        let text = self.text();
+        let lines: Vec<&str> = text.split('\n').collect();
+        let from = lines.len().saturating_sub(24);
+        lines[from..]
+            .iter()
+            .map(|l| format!("  | {:?}", l.trim_end_matches('\r')))
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
     /// Waits up to `limit` for `needle` to appear after the cursor; moves the cursor past it.
     fn expect(&mut self, needle: &str, limit: Duration) {
         let deadline = Instant::now() + limit;
@@ -61,14 +74,14 @@ impl Screen {
                 Ok(bytes) => self.seen.extend_from_slice(&bytes),
                 Err(RecvTimeoutError::Timeout) => {
                     panic!(
-                        "no {needle:?} on the terminal within {limit:?}; saw {:?}",
-                        self.text()
+                        "no {needle:?} on the terminal within {limit:?}; it showed last:\n{}",
+                        self.tail()
                     )
                 }
                 Err(RecvTimeoutError::Disconnected) => {
                     panic!(
-                        "the terminal closed before {needle:?}; saw {:?}",
-                        self.text()
+                        "the terminal closed before {needle:?}; it showed last:\n{}",
+                        self.tail()
                     )
                 }
             }
@@ -85,8 +98,8 @@ impl Screen {
                 Err(RecvTimeoutError::Disconnected) => return,
                 Err(RecvTimeoutError::Timeout) => {
                     panic!(
-                        "the REPL is still running after {limit:?}; saw {:?}",
-                        self.text()
+                        "the REPL is still running after {limit:?}; it showed last:\n{}",
+                        self.tail()
                     )
                 }
             }
@@ -111,7 +124,15 @@ fn have_script() -> bool {
         .is_ok_and(|s| s.success())
 }
 
+/// What the shell around the REPL prints when it ends: share's own exit status.
+const EXITED_0: &str = "[share exited with 0]";
+
 /// Starts alice's REPL on a pseudo-terminal, exporting `root`, with `home` as $HOME.
+///
+/// `script` runs a shell that runs share and then prints share's exit status on the terminal
+/// (see [`EXITED_0`]), so a test reads the status of share itself, whatever `script` makes of
+/// it, next to anything share printed before it ended. The shell ignores the Ctrl-C meant for
+/// share (`trap`; share itself starts with the default disposition, as from a user's shell).
 fn spawn_repl(addr: &str, root: &std::path::Path, home: &std::path::Path) -> Proc {
     let share_cmd = [
         env!("CARGO_BIN_EXE_share"),
@@ -123,10 +144,12 @@ fn spawn_repl(addr: &str, root: &std::path::Path, home: &std::path::Path) -> Pro
     ]
     .map(sh_quote)
     .join(" ");
-    // -q quiet, -f flush at once, -e exit with the REPL's status, -c the command; the
+    let shell_cmd = format!("trap : INT; {share_cmd}; echo \"[share exited with $?]\"");
+    // -q quiet, -f flush at once, -e exit with the command's status, -c the command; the
     // typescript goes to /dev/null, the terminal's output to our stdout.
     let child = Command::new("script")
-        .args(["-qfec", &share_cmd, "/dev/null"])
+        .args(["-qfec", &shell_cmd, "/dev/null"])
+        .env("SHELL", "/bin/sh")
         .env_remove("SHARE_TOKEN")
         .env_remove("RUST_LOG")
         .env("NO_COLOR", "1")
@@ -157,35 +180,7 @@ fn the_terminal_repl_prompts_completes_commands_and_peers_lists_and_exits_on_ctr
     let hub = start_hub(&[]);
     let (rb, ra, home) = (demo_root(), tempdir(), tempdir());
     let _bob = start_server(&hub.addr, "bob", rb.path(), &[]);
-    let share_cmd = [
-        env!("CARGO_BIN_EXE_share"),
-        "--name",
-        "alice",
-        "--root",
-        s(ra.path()),
-        &hub.addr,
-    ]
-    .map(sh_quote)
-    .join(" ");
-    // -q quiet, -f flush at once, -e exit with the REPL's status, -c the command; the
-    // typescript goes to /dev/null, the terminal's output to our stdout.
-    let child = Command::new("script")
-        .args(["-qfec", &share_cmd, "/dev/null"])
-        .env_remove("SHARE_TOKEN")
-        .env("NO_COLOR", "1")
-        // A terminal rustyline supports (with TERM=dumb it falls back to plain reads).
-        .env("TERM", "xterm")
-        // History goes to a scratch home, not the user's.
-        .env("HOME", home.path())
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn script");
-    let mut repl = Proc {
-        child,
-        name: "script".into(),
-    };
+    let mut repl = spawn_repl(&hub.addr, ra.path(), home.path());
     let mut keys = stdin_of(&mut repl);
     let mut screen = Screen::new(repl.child.stdout.take().unwrap());
     let mut type_keys = |k: &str| {
@@ -210,13 +205,13 @@ fn the_terminal_repl_prompts_completes_commands_and_peers_lists_and_exits_on_ctr
     screen.expect("> ", WAIT);
     // Ctrl-D on an empty line leaves with status 0.
     type_keys("\x04");
+    screen.expect(EXITED_0, WAIT);
     screen.expect_end(WAIT);
-    let status = repl.reap();
-    assert!(status.success(), "{status:?}; saw {:?}", screen.text());
+    repl.reap();
     assert!(
         !screen.text().contains("error"),
-        "no command failed: {:?}",
-        screen.text()
+        "no command failed; it showed last:\n{}",
+        screen.tail()
     );
 }
 
@@ -274,8 +269,8 @@ fn the_terminal_repl_is_safe_and_aware_and_cancels_a_get_cleanly() {
     screen.expect(&prompt, WAIT);
     assert!(
         !screen.text().contains("\u{1b}[31mred"),
-        "{:?}",
-        screen.text()
+        "the escape sequence reached the terminal; it showed last:\n{}",
+        screen.tail()
     );
     // At most 64 KiB of a long file, and a pointer to the rest.
     type_keys("read bob long.txt\r");
@@ -320,17 +315,21 @@ fn the_terminal_repl_is_safe_and_aware_and_cancels_a_get_cleanly() {
     if text.contains("partial file kept for resume") {
         assert!(std::fs::metadata(&part).unwrap().len() > 0);
     } else {
-        assert!(text.contains("cancelled; nothing saved"), "{text:?}");
+        assert!(
+            text.contains("cancelled; nothing saved"),
+            "{}",
+            screen.tail()
+        );
         assert!(!part.exists());
     }
     assert!(!ra.path().join("big.bin").exists());
-    assert!(!text.contains("error: interrupted"), "{text:?}");
+    assert!(!text.contains("error: interrupted"), "{}", screen.tail());
     // `exit` is in help, and leaves with 0.
     type_keys("help\r");
     screen.expect("  exit ", WAIT);
     screen.expect(&prompt, WAIT);
     type_keys("exit\r");
+    screen.expect(EXITED_0, WAIT);
     screen.expect_end(WAIT);
-    let status = repl.reap();
-    assert!(status.success(), "{status:?}; saw {:?}", screen.text());
+    repl.reap();
 }
