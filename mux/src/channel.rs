@@ -1,9 +1,13 @@
 //! `Conn`: one open channel, a tokio `AsyncRead + AsyncWrite` over a yamux stream.
 
+#[cfg(unix)]
+use crate::{error::Error, proto::StreamError, shared::Shared};
 use crate::{
     shared::{ChannelSlot, HandleToken},
     stream::RawStream,
 };
+#[cfg(unix)]
+use std::os::fd::{BorrowedFd, OwnedFd};
 use std::{
     fmt, io,
     pin::Pin,
@@ -73,6 +77,143 @@ impl Conn {
         let Conn { slot, io, .. } = self;
         drop(slot);
         io.reset();
+    }
+}
+
+/// File descriptors (unix sessions made with [`Session::with_fds`](crate::Session::with_fds)).
+///
+/// Descriptors travel in order with the channel's bytes, like `SCM_RIGHTS` on a stream
+/// socket: sent ones reach the peer ahead of the next byte written; received ones become
+/// takeable once everything written before them has been read, and a read never returns
+/// bytes from both sides of them. Each one received is a new descriptor (close-on-exec) for
+/// the same open file, socket or memfd, owned by whoever takes it; untaken ones are closed
+/// when the channel is dropped.
+#[cfg(unix)]
+impl Conn {
+    /// Sends duplicates of `fds` to the peer, ahead of the next byte written on this channel
+    /// (after everything written so far). The caller keeps its own. At most 253 at once
+    /// (the kernel's limit per message). Returns at once: they leave with the session's
+    /// queued output.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::FdsUnsupported`] if the link or the peer cannot take them (a TCP or TLS
+    /// link, a duplex, or a peer without the extension), [`Error::TooManyFds`], or the
+    /// channel's own state (reset, shut down, session closed). On error nothing was sent.
+    pub fn send_fds(&mut self, fds: &[BorrowedFd<'_>]) -> Result<(), Error> {
+        self.fds().send(fds)
+    }
+
+    /// Takes the descriptors that arrived before the bytes read so far (and any right after
+    /// them). Empty if none.
+    pub fn take_fds(&mut self) -> Vec<OwnedFd> {
+        self.fds().take()
+    }
+
+    /// Whether descriptors can be sent on this channel now: the link carries them and the
+    /// peer announced that it takes them.
+    pub fn can_send_fds(&self) -> bool {
+        self.fds().can_send()
+    }
+
+    /// A handle on this channel's descriptors that works apart from the `Conn` (for instance
+    /// after [`tokio::io::split`], from the writing and the reading task).
+    pub fn fds(&self) -> ConnFds {
+        ConnFds {
+            shared: self.io.shared().clone(),
+            id: self.io.id(),
+            name: self.name.clone(),
+        }
+    }
+}
+
+/// The file descriptors of one channel, apart from its bytes; from [`Conn::fds`]. Cheap to
+/// clone. Once the channel is dropped, sending fails and nothing more arrives.
+#[cfg(unix)]
+#[derive(Clone)]
+pub struct ConnFds {
+    shared: Arc<Shared>,
+    id: u32,
+    name: Arc<str>,
+}
+
+#[cfg(unix)]
+impl ConnFds {
+    /// See [`Conn::send_fds`].
+    ///
+    /// # Errors
+    ///
+    /// As for [`Conn::send_fds`].
+    pub fn send(&self, fds: &[BorrowedFd<'_>]) -> Result<(), Error> {
+        let limit = crate::proto::MAX_FDS_PER_FRAME;
+        if fds.len() > limit {
+            return Err(Error::TooManyFds {
+                name: self.name.to_string(),
+                count: fds.len(),
+                limit,
+            });
+        }
+        if fds.is_empty() {
+            return Ok(());
+        }
+        let owned = fds
+            .iter()
+            .map(|fd| fd.try_clone_to_owned())
+            .collect::<Result<Vec<OwnedFd>, _>>()?;
+        let (result, carries) = {
+            let mut core = self.shared.core();
+            (core.send_fds(self.id, owned), core.carries_fds())
+        };
+        match result {
+            Ok(()) => {
+                self.shared.send_now();
+                Ok(())
+            }
+            Err(StreamError::FdsUnsupported) => Err(Error::FdsUnsupported {
+                name: self.name.to_string(),
+                reason: if carries {
+                    "the peer did not announce that it takes them"
+                } else {
+                    "the link does not carry them (only a unix socket session made with \
+                     Session::with_fds does)"
+                },
+            }),
+            Err(StreamError::TooManyFds) => Err(Error::TooManyFds {
+                name: self.name.to_string(),
+                count: fds.len(),
+                limit,
+            }),
+            Err(StreamError::Reset) => Err(Error::Io(std::io::Error::new(
+                std::io::ErrorKind::ConnectionReset,
+                format!("channel {:?} was reset", self.name),
+            ))),
+            Err(StreamError::WriteClosed) => Err(Error::Io(std::io::Error::new(
+                std::io::ErrorKind::BrokenPipe,
+                format!("channel {:?}: send after shutdown", self.name),
+            ))),
+            Err(StreamError::SessionEnded) => Err(self.shared.closed_error()),
+        }
+    }
+
+    /// See [`Conn::take_fds`].
+    pub fn take(&self) -> Vec<OwnedFd> {
+        self.shared.core().take_fds(self.id)
+    }
+
+    /// See [`Conn::can_send_fds`].
+    pub fn can_send(&self) -> bool {
+        let core = self.shared.core();
+        core.carries_fds() && core.peer_takes_fds()
+    }
+}
+
+#[cfg(unix)]
+impl fmt::Debug for ConnFds {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ConnFds")
+            .field("name", &self.name)
+            .field("stream", &self.id)
+            .finish()
     }
 }
 

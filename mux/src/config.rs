@@ -83,6 +83,12 @@ pub struct Config {
     /// fewer frames (and wake-ups) per byte, smaller ones interleave channels more finely.
     /// Clamped to 1 KiB..=1 MiB. Default: 120 KiB.
     pub split_send_size: usize,
+    /// On a session that passes file descriptors ([`Session::with_fds`](crate::Session::with_fds)):
+    /// how many received descriptors it holds at most that no channel reader has taken yet.
+    /// A peer that sends more ends the session with
+    /// [`Violation::TooManyFds`](crate::Violation::TooManyFds). Each one is an open file in
+    /// this process, so keep it well under `RLIMIT_NOFILE`. Default: 1024.
+    pub max_received_fds: usize,
 }
 
 impl Default for Config {
@@ -98,6 +104,7 @@ impl Default for Config {
             receive_window_growth: 16 * 1024 * 1024,
             max_stream_window: 16 * 1024 * 1024,
             split_send_size: 120 * 1024,
+            max_received_fds: 1024,
         }
     }
 }
@@ -180,6 +187,12 @@ impl Config {
         self.accept_backlog.min(self.channel_limit()).max(1)
     }
 
+    /// Sets [`Config::max_received_fds`] (default: 1024).
+    pub fn max_received_fds(mut self, n: usize) -> Self {
+        self.max_received_fds = n;
+        self
+    }
+
     /// The stream table's size. It sits above our own channel limit with room for streams we
     /// are still refusing: up to `pending` inbound handshakes being answered, as many again
     /// whose refusal is being sent, and a few more. An inbound stream beyond it is reset
@@ -211,6 +224,8 @@ impl Config {
             max_streams: self.max_streams(),
             max_frame: self.split_send_size.clamp(1024, 1024 * 1024),
             out_limit: OUT_LIMIT,
+            fds: false,
+            max_fds_held: self.max_received_fds,
         }
     }
 }

@@ -16,23 +16,22 @@
 use crate::{
     error::CloseReason,
     keepalive::{Due, Keepalive},
+    link::{LinkRead, LinkWrite},
     outbound::{Outbound, WRITE_BATCH},
-    proto::{GoAwayCode, Header, Violation, ACK, FIN, HEADER_LEN, RST, SYN},
+    proto::{Fd, FrameType, GoAwayCode, Header, Violation, ACK, FIN, HEADER_LEN, RST, SYN},
     shared::{Shared, StreamHandle},
     stream::RawStream,
 };
 use bytes::{Buf, BytesMut};
 use std::{
+    collections::VecDeque,
     future::Future,
     io,
     pin::Pin,
     sync::Arc,
     task::{Context, Poll},
 };
-use tokio::{
-    io::{AsyncRead, AsyncWrite, ReadHalf},
-    time::{Instant, Sleep},
-};
+use tokio::time::{Instant, Sleep};
 
 /// Read buffer space offered to the socket per read. Kept under glibc's 128 KiB `mmap`
 /// threshold so that receive memory comes from (and returns to) the heap instead of fresh
@@ -61,9 +60,12 @@ enum State {
     },
 }
 
-pub(crate) struct Driver<T> {
+pub(crate) struct Driver {
     /// The read side; the write side is the session's [`Outbound`].
-    io: ReadHalf<T>,
+    io: Box<dyn LinkRead>,
+    /// File descriptors received (on a link that carries them) whose frame has not been
+    /// parsed yet, in arrival order.
+    fds: VecDeque<Fd>,
     shared: Arc<Shared>,
     on_inbound: OnInbound,
     inbuf: BytesMut,
@@ -76,17 +78,18 @@ pub(crate) struct Driver<T> {
     eof: bool,
 }
 
-impl<T> Driver<T>
-where
-    T: AsyncRead + AsyncWrite + Send + Unpin + 'static,
-{
-    pub(crate) fn new(io: T, shared: Arc<Shared>, on_inbound: OnInbound) -> Self {
+impl Driver {
+    pub(crate) fn new(
+        read: Box<dyn LinkRead>,
+        write: Box<dyn LinkWrite>,
+        shared: Arc<Shared>,
+        on_inbound: OnInbound,
+    ) -> Self {
         let keepalive = Keepalive::new(&shared.config);
-        let (read, write) = tokio::io::split(io);
-        *shared.outbound.lock().unwrap_or_else(|e| e.into_inner()) =
-            Some(Outbound::new(Box::pin(write)));
+        *shared.outbound.lock().unwrap_or_else(|e| e.into_inner()) = Some(Outbound::new(write));
         Driver {
             io: read,
+            fds: VecDeque::new(),
             shared,
             on_inbound,
             inbuf: BytesMut::with_capacity(READ_CHUNK),
@@ -226,6 +229,18 @@ where
         CloseReason::Io(Arc::new(e))
     }
 
+    /// Why a failed read ends the session: fds lost to a truncated control message have a
+    /// reason of their own.
+    fn read_error(&self, e: io::Error) -> CloseReason {
+        #[cfg(unix)]
+        if e.get_ref()
+            .is_some_and(|inner| inner.is::<crate::link::unix::Truncated>())
+        {
+            return CloseReason::FdsTruncated;
+        }
+        self.io_reason(e)
+    }
+
     /// Why the link ended when the byte stream reached its end.
     fn eof_reason(&self) -> CloseReason {
         if let State::Finishing { reason, .. } = &self.state {
@@ -256,7 +271,7 @@ where
             return Ok(false);
         }
         self.inbuf.reserve(READ_CHUNK);
-        match tokio_util::io::poll_read_buf(Pin::new(&mut self.io), cx, &mut self.inbuf) {
+        match self.io.poll_read(cx, &mut self.inbuf, &mut self.fds) {
             Poll::Ready(Ok(0)) => {
                 self.eof = true;
                 Err(End::Reason(self.eof_reason()))
@@ -264,9 +279,14 @@ where
             Poll::Ready(Ok(_)) => {
                 self.last_read = Instant::now();
                 self.parse().map_err(End::Violation)?;
+                // Fds sent without a frame to claim them must not pile up either.
+                let limit = self.shared.config.max_received_fds;
+                if self.fds.len() > limit {
+                    return Err(End::Violation(Violation::TooManyFds { limit }));
+                }
                 Ok(true)
             }
-            Poll::Ready(Err(e)) => Err(End::Reason(self.io_reason(e))),
+            Poll::Ready(Err(e)) => Err(End::Reason(self.read_error(e))),
             Poll::Pending => Ok(false),
         }
     }
@@ -289,6 +309,20 @@ where
                         let header = Header::decode(&raw)?;
                         let len = core.on_header(&header)?;
                         self.inbuf.advance(HEADER_LEN);
+                        if header.ty == FrameType::Fds {
+                            // Its fds came with (or before) its first byte: they are here.
+                            let announced = header.length as usize;
+                            if self.fds.len() < announced {
+                                return Err(Violation::MissingFds {
+                                    stream: header.stream,
+                                    announced: header.length,
+                                    arrived: self.fds.len(),
+                                });
+                            }
+                            let fds: Vec<Fd> = self.fds.drain(..announced).collect();
+                            core.on_fds(header.stream, fds, self.fds.len())?;
+                            continue;
+                        }
                         (header, len, true)
                     }
                 };

@@ -61,6 +61,27 @@ pub enum Error {
         /// What was wrong.
         detail: String,
     },
+    /// File descriptors cannot go over this channel: its session's link is not a unix
+    /// socket set up to carry them ([`Session::with_fds`](crate::Session::with_fds)), or
+    /// the peer did not announce that it takes them. Nothing was sent.
+    #[error("channel {name:?}: cannot send file descriptors: {reason}")]
+    FdsUnsupported {
+        /// The channel.
+        name: String,
+        /// Which of the two it is.
+        reason: &'static str,
+    },
+    /// More file descriptors at once than one message carries (the kernel's `SCM_MAX_FD`).
+    /// Nothing was sent.
+    #[error("channel {name:?}: {count} file descriptors at once; at most {limit} travel together")]
+    TooManyFds {
+        /// The channel.
+        name: String,
+        /// How many were given.
+        count: usize,
+        /// The limit (253).
+        limit: usize,
+    },
     /// The session has ended (or is closing and refuses new work).
     #[error("session closed: {0}")]
     SessionClosed(CloseReason),
@@ -78,6 +99,8 @@ impl Error {
             Error::HandshakeTimeout { .. } => io::ErrorKind::TimedOut,
             Error::TooManyChannels { .. } => io::ErrorKind::WouldBlock,
             Error::Handshake { .. } => io::ErrorKind::InvalidData,
+            Error::FdsUnsupported { .. } => io::ErrorKind::Unsupported,
+            Error::TooManyFds { .. } => io::ErrorKind::InvalidInput,
             Error::SessionClosed(reason) => reason.io_kind(),
             Error::Io(e) => e.kind(),
         }
@@ -120,6 +143,10 @@ pub enum CloseReason {
         /// The GoAway error code.
         code: u32,
     },
+    /// File descriptors from the peer were lost: the kernel truncated the control message
+    /// that carried them (`MSG_CTRUNC`), most likely because this process ran out of file
+    /// descriptors. The session cannot tell which channel later ones belong to, so it ends.
+    FdsTruncated,
 }
 
 impl CloseReason {
@@ -141,6 +168,7 @@ impl CloseReason {
                 io::ErrorKind::InvalidData
             }
             CloseReason::PeerError { .. } => io::ErrorKind::ConnectionAborted,
+            CloseReason::FdsTruncated => io::ErrorKind::Other,
         }
     }
 
@@ -166,6 +194,10 @@ impl fmt::Display for CloseReason {
             CloseReason::PeerError { code } => {
                 write!(f, "peer ended the session with go-away error code {code}")
             }
+            CloseReason::FdsTruncated => f.write_str(
+                "file descriptors from the peer were lost: the kernel truncated their control \
+                 message (is this process out of file descriptors?)",
+            ),
         }
     }
 }

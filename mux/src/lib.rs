@@ -87,6 +87,7 @@ mod driver;
 mod error;
 mod handshake;
 mod keepalive;
+mod link;
 mod listener;
 mod outbound;
 mod proto;
@@ -95,6 +96,8 @@ mod shared;
 mod stream;
 
 pub use channel::Conn;
+#[cfg(unix)]
+pub use channel::ConnFds;
 pub use config::Config;
 pub use error::{CloseReason, Error};
 pub use listener::Listener;

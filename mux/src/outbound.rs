@@ -6,14 +6,12 @@
 //! the driver task on the common path. Either way the writes are made with the driver's
 //! waker, so when the link is full it is the driver that is woken once it drains.
 
-use crate::proto::Frame;
+use crate::{link::LinkWrite, proto::Frame};
 use std::{
     collections::VecDeque,
     io::{self, IoSlice},
-    pin::Pin,
     task::{Context, Poll},
 };
-use tokio::io::AsyncWrite;
 
 /// Frames taken from the core per batch (bytes): bounds the write side's own queue.
 pub(crate) const WRITE_BATCH: usize = 512 * 1024;
@@ -23,8 +21,11 @@ const MAX_SLICES: usize = 64;
 
 /// The byte stream's write half, and the frames taken from the core but not yet fully
 /// written (`offset` bytes of the front one are).
+///
+/// A frame with file descriptors starts a write of its own (they go with that write's first
+/// byte, which is the frame's first byte), and a write never reaches into the next such frame.
 pub(crate) struct Outbound {
-    io: Pin<Box<dyn AsyncWrite + Send>>,
+    io: Box<dyn LinkWrite>,
     queue: VecDeque<Frame>,
     offset: usize,
     needs_flush: bool,
@@ -33,7 +34,7 @@ pub(crate) struct Outbound {
 }
 
 impl Outbound {
-    pub(crate) fn new(io: Pin<Box<dyn AsyncWrite + Send>>) -> Outbound {
+    pub(crate) fn new(io: Box<dyn LinkWrite>) -> Outbound {
         Outbound {
             io,
             queue: VecDeque::new(),
@@ -59,7 +60,7 @@ impl Outbound {
     ) -> io::Result<()> {
         debug_assert!(self.is_idle());
         let slices = [IoSlice::new(&header), IoSlice::new(body)];
-        let written = match self.io.as_mut().poll_write_vectored(cx, &slices) {
+        let written = match self.io.poll_write(cx, &slices, &mut Vec::new()) {
             Poll::Ready(Ok(n)) => n,
             Poll::Ready(Err(e)) => return Err(e),
             Poll::Pending => 0,
@@ -74,11 +75,13 @@ impl Outbound {
                 Frame {
                     header,
                     body: bytes::Bytes::copy_from_slice(body),
+                    fds: Vec::new(),
                 }
             } else {
                 Frame {
                     header,
                     body: bytes::Bytes::copy_from_slice(&body[written - header.len()..]),
+                    fds: Vec::new(),
                 }
             };
             self.offset = written.min(header.len());
@@ -109,7 +112,7 @@ impl Outbound {
                 take(&mut self.queue);
                 if self.queue.is_empty() {
                     if self.needs_flush {
-                        match self.io.as_mut().poll_flush(cx) {
+                        match self.io.poll_flush(cx) {
                             Poll::Ready(Ok(())) => self.needs_flush = false,
                             Poll::Ready(Err(e)) => return Err(e),
                             Poll::Pending => return Ok((wrote, false)),
@@ -118,11 +121,17 @@ impl Outbound {
                     return Ok((wrote, true));
                 }
             }
+            // The front frame's fds, if any, go with this write: its first byte is the
+            // frame's (a frame with fds is written from its start, see the loop below).
+            let mut fds = match self.queue.front_mut() {
+                Some(front) if self.offset == 0 => std::mem::take(&mut front.fds),
+                _ => Vec::new(),
+            };
             let mut slices = [IoSlice::new(&[]); MAX_SLICES];
             let mut count = 0;
             let mut skip = self.offset;
-            for frame in &self.queue {
-                if count + 2 > MAX_SLICES {
+            for (i, frame) in self.queue.iter().enumerate() {
+                if count + 2 > MAX_SLICES || (i > 0 && !frame.fds.is_empty()) {
                     break;
                 }
                 for part in [&frame.header[..], &frame.body[..]] {
@@ -135,7 +144,14 @@ impl Outbound {
                     count += 1;
                 }
             }
-            let n = match self.io.as_mut().poll_write_vectored(cx, &slices[..count]) {
+            let result = self.io.poll_write(cx, &slices[..count], &mut fds);
+            if !fds.is_empty() {
+                if let Some(front) = self.queue.front_mut() {
+                    // Not sent (pending or failed): kept for the next try.
+                    front.fds = fds;
+                }
+            }
+            let n = match result {
                 Poll::Ready(Ok(0)) => return Err(io::ErrorKind::WriteZero.into()),
                 Poll::Ready(Ok(n)) => n,
                 Poll::Ready(Err(e)) => return Err(e),
@@ -149,7 +165,7 @@ impl Outbound {
 
     /// Shuts the write side down (the peer reads end of stream).
     pub(crate) fn poll_shutdown(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        self.io.as_mut().poll_shutdown(cx)
+        self.io.poll_shutdown(cx)
     }
 
     fn advance(&mut self, mut n: usize) {

@@ -6,6 +6,7 @@ use crate::{
     driver::{Driver, OnInbound},
     error::{CloseReason, Error},
     handshake,
+    link::{LinkRead, LinkWrite, Plain},
     listener::{self, Listener},
     proto::OpenError,
     shared::{HandleToken, ListenerEntry, Shared, StreamHandle},
@@ -13,6 +14,7 @@ use crate::{
 };
 use std::{
     fmt,
+    marker::PhantomData,
     sync::{atomic::Ordering, Arc},
     time::Duration,
 };
@@ -64,7 +66,8 @@ pub struct Session {
 /// ```
 pub struct SessionBuilder<T> {
     session: Session,
-    driver: Option<Driver<T>>,
+    driver: Option<Driver>,
+    _io: PhantomData<fn() -> T>,
 }
 
 impl<T> SessionBuilder<T>
@@ -137,7 +140,86 @@ impl Session {
     where
         T: AsyncRead + AsyncWrite + Send + Unpin + 'static,
     {
-        let shared = Arc::new(Shared::new(config, mode));
+        let (read, write) = tokio::io::split(io);
+        Session::build(
+            Box::new(Plain(read)),
+            Box::new(Plain(write)),
+            false,
+            mode,
+            config,
+        )
+    }
+
+    /// Starts a session over a unix stream socket that also passes file descriptors: a
+    /// [`Conn`] of it can send open files, sockets or memfds to the peer with its bytes
+    /// ([`Conn::send_fds`], [`Conn::take_fds`]). Both ends must use it (or another
+    /// implementation of the same extension, docs/protocol.md "File descriptors"); with a
+    /// peer that does not, the session works as usual and sending fds fails with
+    /// [`Error::FdsUnsupported`].
+    ///
+    /// # Panics
+    ///
+    /// Panics if called outside a tokio runtime (it spawns the driver task).
+    ///
+    /// ```
+    /// use std::os::fd::AsFd;
+    /// use netchan_mux::{Config, Mode, Session};
+    /// use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let (a, b) = tokio::net::UnixStream::pair()?;
+    /// let builder = Session::builder_with_fds(b, Mode::Server, Config::default());
+    /// let mut files = builder.listen("files")?;
+    /// let _server = builder.start();
+    /// let client = Session::with_fds(a, Mode::Client, Config::default());
+    ///
+    /// let mut sender = client.dial("files").await?;
+    /// let mut receiver = files.accept().await?;
+    ///
+    /// let (mine, _keep) = std::os::unix::net::UnixStream::pair()?;
+    /// sender.send_fds(&[mine.as_fd()])?;
+    /// sender.write_all(b"here").await?;
+    ///
+    /// let mut buf = [0u8; 4];
+    /// receiver.read_exact(&mut buf).await?;
+    /// let fds = receiver.take_fds();
+    /// assert_eq!(fds.len(), 1); // a new descriptor for the same socket
+    /// # Ok(())
+    /// # }
+    /// ```
+    #[cfg(unix)]
+    pub fn with_fds(stream: tokio::net::UnixStream, mode: Mode, config: Config) -> Session {
+        Session::builder_with_fds(stream, mode, config).start()
+    }
+
+    /// Prepares a session like [`Session::with_fds`] without starting it; see
+    /// [`SessionBuilder`].
+    #[cfg(unix)]
+    pub fn builder_with_fds(
+        stream: tokio::net::UnixStream,
+        mode: Mode,
+        config: Config,
+    ) -> SessionBuilder<tokio::net::UnixStream> {
+        use crate::link::unix::{UnixRead, UnixWrite};
+        let (read, write) = stream.into_split();
+        Session::build(
+            Box::new(UnixRead::new(read)),
+            Box::new(UnixWrite::new(write)),
+            true,
+            mode,
+            config,
+        )
+    }
+
+    fn build<T>(
+        read: Box<dyn LinkRead>,
+        write: Box<dyn LinkWrite>,
+        fds: bool,
+        mode: Mode,
+        config: Config,
+    ) -> SessionBuilder<T> {
+        let shared = Arc::new(Shared::new(config, mode, fds));
         let on_last_drop = {
             let shared = shared.clone();
             Arc::new(move || {
@@ -149,10 +231,11 @@ impl Session {
         let token = Arc::new(HandleToken::new(on_last_drop));
         let weak = Arc::downgrade(&token);
         let on_inbound: OnInbound = Arc::new(move |stream| listener::on_inbound(stream, &weak));
-        let driver = Driver::new(io, shared.clone(), on_inbound);
+        let driver = Driver::new(read, write, shared.clone(), on_inbound);
         SessionBuilder {
             session: Session { shared, token },
             driver: Some(driver),
+            _io: PhantomData,
         }
     }
 

@@ -72,7 +72,8 @@ pub(crate) struct Shared {
 }
 
 impl Shared {
-    pub(crate) fn new(config: Config, mode: Mode) -> Shared {
+    /// `fds`: the link carries file descriptors.
+    pub(crate) fn new(config: Config, mode: Mode, fds: bool) -> Shared {
         let pending = config.pending_limit();
         let side = match mode {
             Mode::Client => proto::Side::Client,
@@ -81,7 +82,13 @@ impl Shared {
         Shared {
             id: NEXT_SESSION_ID.fetch_add(1, Ordering::Relaxed),
             mode,
-            core: Mutex::new(Connection::new(side, config.limits())),
+            core: Mutex::new(Connection::new(
+                side,
+                proto::Limits {
+                    fds,
+                    ..config.limits()
+                },
+            )),
             config,
             listeners: Mutex::new(HashMap::new()),
             next_listener_id: AtomicU64::new(1),

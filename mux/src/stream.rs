@@ -65,6 +65,13 @@ impl RawStream {
                 io::ErrorKind::BrokenPipe,
                 format!("channel {:?}: write after shutdown", self.name),
             ),
+            StreamError::FdsUnsupported | StreamError::TooManyFds => io::Error::new(
+                io::ErrorKind::Unsupported,
+                format!(
+                    "channel {:?}: file descriptors cannot be sent here",
+                    self.name
+                ),
+            ),
             StreamError::SessionEnded => self
                 .handle
                 .shared

@@ -1,9 +1,9 @@
 //! [`Connection`]: the state machine of one yamux session, without I/O.
 
 use super::{
-    frame::{FrameType, GoAwayCode, Header, ACK, FIN, RST, SYN},
+    frame::{FrameType, GoAwayCode, Header, ACK, FD_ANNOUNCE, FIN, MAX_FDS_PER_FRAME, RST, SYN},
     stream::Stream,
-    Violation,
+    Fd, Violation,
 };
 use bytes::{Bytes, BytesMut};
 use std::{
@@ -55,13 +55,20 @@ pub(crate) struct Limits {
     pub(crate) max_frame: usize,
     /// Bytes of queued output beyond which writers wait for the link.
     pub(crate) out_limit: usize,
+    /// Whether this side receives file descriptors (its link carries them): it announces so
+    /// to the peer, and accepts [`FrameType::Fds`] frames.
+    pub(crate) fds: bool,
+    /// Received file descriptors held unclaimed, at most, across the session.
+    pub(crate) max_fds_held: usize,
 }
 
-/// A frame ready to be written: header and body, sent together.
+/// A frame ready to be written: header and body, sent together, and for an
+/// [`FrameType::Fds`] frame the file descriptors that go with its first byte.
 #[derive(Debug)]
 pub(crate) struct Frame {
     pub(crate) header: [u8; super::HEADER_LEN],
     pub(crate) body: Bytes,
+    pub(crate) fds: Vec<Fd>,
 }
 
 impl Frame {
@@ -75,13 +82,17 @@ impl Frame {
     /// makes us queue RSTs or window updates by the thousand is bounded by what they really
     /// hold.
     pub(crate) fn cost(&self) -> usize {
-        std::mem::size_of::<Frame>() + self.body.len()
+        std::mem::size_of::<Frame>() + self.body.len() + std::mem::size_of_val(&self.fds[..])
     }
 }
 
 /// Why a stream operation failed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum StreamError {
+    /// The peer does not take file descriptors (it never announced it does).
+    FdsUnsupported,
+    /// More file descriptors than one frame carries.
+    TooManyFds,
     /// The peer reset the stream.
     Reset,
     /// We already half-closed the stream (write after shutdown).
@@ -130,12 +141,14 @@ pub(crate) struct Connection {
     /// Our outstanding round-trip probe: its opaque value and when it was queued.
     probe: Option<(u32, Instant)>,
     next_probe: u32,
+    /// The peer announced that it takes file descriptors.
+    peer_fds: bool,
     ended: bool,
 }
 
 impl Connection {
     pub(crate) fn new(side: Side, limits: Limits) -> Connection {
-        Connection {
+        let mut c = Connection {
             next_id: match side {
                 Side::Client => 1,
                 Side::Server => 2,
@@ -155,8 +168,24 @@ impl Connection {
             rtt: None,
             probe: None,
             next_probe: 0,
+            peer_fds: false,
             ended: false,
+        };
+        if c.limits.fds {
+            // First thing on the wire, so the peer knows before any stream exists.
+            c.ping(FD_ANNOUNCE);
         }
+        c
+    }
+
+    /// Whether this session's link carries file descriptors.
+    pub(crate) fn carries_fds(&self) -> bool {
+        self.limits.fds
+    }
+
+    /// Whether the peer takes file descriptors (it announced so).
+    pub(crate) fn peer_takes_fds(&self) -> bool {
+        self.peer_fds
     }
 
     /// Open streams (in the table: not yet dropped by their handle, or reset).
@@ -187,10 +216,14 @@ impl Connection {
     }
 
     fn queue(&mut self, header: Header, body: Bytes) {
-        let frame = Frame {
+        self.queue_frame(Frame {
             header: header.encode(),
             body,
-        };
+            fds: Vec::new(),
+        });
+    }
+
+    fn queue_frame(&mut self, frame: Frame) {
         self.out_bytes += frame.cost();
         self.out.push_back(frame);
     }
@@ -281,8 +314,50 @@ impl Connection {
                 }
                 Ok(h.length as usize)
             }
+            FrameType::Fds => {
+                if !self.limits.fds {
+                    return Err(Violation::UnexpectedFds { stream: h.stream });
+                }
+                if h.stream == 0 {
+                    return Err(Violation::StreamZero { frame: "fds" });
+                }
+                if h.length == 0 || h.length as usize > MAX_FDS_PER_FRAME {
+                    return Err(Violation::BadFdCount {
+                        stream: h.stream,
+                        count: h.length,
+                    });
+                }
+                Ok(0)
+            }
             _ => Ok(0),
         }
+    }
+
+    /// The file descriptors announced by an [`FrameType::Fds`] frame on stream `id` (checked
+    /// by [`on_header`](Self::on_header)), taken by the I/O layer from what arrived with it.
+    /// `unframed` is how many more the I/O layer holds, received but not yet framed: with
+    /// them, the session may hold at most `max_fds_held`. Fds for a stream that is gone, reset
+    /// or finished are closed.
+    pub(crate) fn on_fds(
+        &mut self,
+        id: u32,
+        fds: Vec<Fd>,
+        unframed: usize,
+    ) -> Result<(), Violation> {
+        self.empty_frames = 0;
+        let held: usize = self.streams.values().map(|s| s.fds.held()).sum();
+        if held + unframed + fds.len() > self.limits.max_fds_held {
+            return Err(Violation::TooManyFds {
+                limit: self.limits.max_fds_held,
+            });
+        }
+        if let Some(s) = self.streams.get_mut(&id) {
+            if !s.reset && !s.remote_fin {
+                s.fds.on_fds(fds);
+                s.wake_reader();
+            }
+        }
+        Ok(())
     }
 
     /// The latest round-trip time measured, if any.
@@ -326,6 +401,9 @@ impl Connection {
                 Ok(())
             }
             FrameType::Data | FrameType::WindowUpdate => self.on_stream_frame(h, body),
+            // Handled by `on_fds`, which gets the descriptors too; no peer can get here with
+            // one unless the I/O layer passes it, and it carries nothing else.
+            FrameType::Fds => Ok(()),
         }
     }
 
@@ -337,6 +415,9 @@ impl Connection {
             });
         }
         if h.has(SYN) {
+            if h.length == FD_ANNOUNCE {
+                self.peer_fds = true;
+            }
             self.ping_answers_queued += 1;
             if self.ping_answers_queued > PING_ANSWER_LIMIT {
                 return Err(Violation::Flood {
@@ -451,6 +532,7 @@ impl Connection {
                     // Data after FIN is dropped; it still consumed window, which we return.
                     s.credit += h.length;
                 } else {
+                    s.fds.on_data(body.len());
                     s.recv.push(body);
                     s.wake_reader();
                 }
@@ -464,6 +546,7 @@ impl Connection {
         if h.has(RST) {
             s.reset = true;
             s.recv.clear();
+            s.fds.clear();
             s.wake_reader();
             s.wake_writer();
         }
@@ -487,8 +570,10 @@ impl Connection {
         if s.reset {
             return Poll::Ready(Err(StreamError::Reset));
         }
+        let max = s.fds.limit(max);
         if s.recv.len() > 0 && max > 0 {
             let n = s.recv.read(max, sink);
+            s.fds.consumed(n);
             s.credit += n as u32;
             s.consumed += n as u64;
             s.epoch.get_or_insert(now);
@@ -620,6 +705,52 @@ impl Connection {
         Poll::Ready(Ok(Some(Header::new(FrameType::Data, flags, id, n as u32))))
     }
 
+    /// Queues file descriptors for stream `id`, to reach the peer ahead of the stream's next
+    /// data byte (after everything written so far). Empty `fds` is a no-op.
+    pub(crate) fn send_fds(&mut self, id: u32, fds: Vec<Fd>) -> Result<(), StreamError> {
+        let ended = self.ended;
+        let Some(s) = self.streams.get_mut(&id) else {
+            return Err(StreamError::SessionEnded);
+        };
+        if s.reset {
+            return Err(StreamError::Reset);
+        }
+        if s.local_fin {
+            return Err(StreamError::WriteClosed);
+        }
+        if ended {
+            return Err(StreamError::SessionEnded);
+        }
+        if !self.peer_fds {
+            return Err(StreamError::FdsUnsupported);
+        }
+        if fds.len() > MAX_FDS_PER_FRAME {
+            return Err(StreamError::TooManyFds);
+        }
+        if fds.is_empty() {
+            return Ok(());
+        }
+        if s.syn_pending {
+            // The peer must know the stream before fds can be delivered to it.
+            self.queue_update(id, 0, 0);
+        }
+        self.queue_frame(Frame {
+            header: Header::new(FrameType::Fds, 0, id, fds.len() as u32).encode(),
+            body: Bytes::new(),
+            fds,
+        });
+        Ok(())
+    }
+
+    /// Takes the file descriptors the reader of stream `id` has reached (all that arrived
+    /// before the bytes it has read, and any after the last of them).
+    pub(crate) fn take_fds(&mut self, id: u32) -> Vec<Fd> {
+        match self.streams.get_mut(&id) {
+            Some(s) => s.fds.take(),
+            None => Vec::new(),
+        }
+    }
+
     /// Half-closes stream `id` (FIN after everything written so far).
     pub(crate) fn finish(&mut self, id: u32) -> Result<(), StreamError> {
         let ended = self.ended;
@@ -702,6 +833,9 @@ impl Connection {
     /// Ends the session: every stream operation fails from now on, blocked tasks are woken.
     pub(crate) fn terminate(&mut self) {
         self.ended = true;
+        // Nothing more is written: close the fds queued for the peer now.
+        self.out.clear();
+        self.out_bytes = 0;
         for s in self.streams.values_mut() {
             s.wake_reader();
             s.wake_writer();

@@ -5,6 +5,9 @@
 //! ```
 //! `length` is the body size of a Data frame, the window delta of a WindowUpdate, the opaque
 //! value of a Ping and the error code of a GoAway; only Data frames carry a body.
+//!
+//! netchan adds one frame type of its own, [`FrameType::Fds`], sent only to a peer that
+//! announced it can receive file descriptors (see docs/protocol.md, "File descriptors").
 
 use super::Violation;
 
@@ -14,7 +17,7 @@ pub(crate) const HEADER_LEN: usize = 12;
 /// The only protocol version yamux defines.
 pub(crate) const VERSION: u8 = 0;
 
-/// The four frame types of yamux.
+/// The four frame types of yamux, and netchan's file-descriptor frame.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum FrameType {
     /// Stream data; `length` bytes of body follow the header.
@@ -25,7 +28,20 @@ pub(crate) enum FrameType {
     Ping = 2,
     /// The sender accepts no new streams; `length` is an error code ([`GoAwayCode`]).
     GoAway = 3,
+    /// netchan's extension: `length` file descriptors travel with this frame as `SCM_RIGHTS`
+    /// ancillary data, for the stream it names, ahead of that stream's next data byte. No
+    /// body. Only ever sent to a peer that announced it takes them ([`FD_ANNOUNCE`]).
+    Fds = 4,
 }
+
+/// The opaque value of the Ping (with SYN) by which a side announces, as its first frame,
+/// that it receives [`FrameType::Fds`] frames: ASCII "NCFD". Any peer answers it like any
+/// ping; only a peer that sends it itself is sent fds.
+pub(crate) const FD_ANNOUNCE: u32 = 0x4E43_4644;
+
+/// The most file descriptors one frame carries: the kernel's own limit for one
+/// `SCM_RIGHTS` message (`SCM_MAX_FD`).
+pub(crate) const MAX_FDS_PER_FRAME: usize = 253;
 
 /// SYN: opens a stream.
 pub(crate) const SYN: u16 = 0x1;
@@ -82,7 +98,8 @@ impl Header {
     }
 
     /// Decodes a header; rejects an unknown version or type. Flags outside SYN/ACK/FIN/RST
-    /// are ignored, as the spec leaves them unassigned.
+    /// are ignored, as the spec leaves them unassigned. (Whether an [`FrameType::Fds`] frame
+    /// is acceptable depends on the session: the connection checks that.)
     pub(crate) fn decode(b: &[u8; HEADER_LEN]) -> Result<Header, Violation> {
         if b[0] != VERSION {
             return Err(Violation::BadVersion { version: b[0] });
@@ -92,6 +109,7 @@ impl Header {
             1 => FrameType::WindowUpdate,
             2 => FrameType::Ping,
             3 => FrameType::GoAway,
+            4 => FrameType::Fds,
             other => return Err(Violation::BadType { ty: other }),
         };
         Ok(Header {
@@ -143,13 +161,13 @@ mod tests {
             Err(Violation::BadVersion { version: 1 })
         );
         b[0] = 0;
-        b[1] = 4;
-        assert_eq!(Header::decode(&b), Err(Violation::BadType { ty: 4 }));
+        b[1] = 5;
+        assert_eq!(Header::decode(&b), Err(Violation::BadType { ty: 5 }));
     }
 
     proptest! {
         #[test]
-        fn every_valid_header_round_trips(ty in 0u8..4, flags: u16, stream: u32, length: u32) {
+        fn every_valid_header_round_trips(ty in 0u8..5, flags: u16, stream: u32, length: u32) {
             let mut b = [0u8; HEADER_LEN];
             b[1] = ty;
             b[2..4].copy_from_slice(&flags.to_be_bytes());
@@ -165,7 +183,7 @@ mod tests {
             match Header::decode(&b) {
                 Ok(h) => prop_assert_eq!(h.encode(), b),
                 Err(Violation::BadVersion { version }) => prop_assert_eq!(version, b[0]),
-                Err(Violation::BadType { ty }) => prop_assert!(ty > 3 && b[0] == 0),
+                Err(Violation::BadType { ty }) => prop_assert!(ty > 4 && b[0] == 0),
                 Err(other) => prop_assert!(false, "unexpected {other:?}"),
             }
         }

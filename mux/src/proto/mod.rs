@@ -16,7 +16,17 @@ mod frame;
 mod stream;
 
 pub(crate) use connection::{Connection, Frame, Limits, OpenError, Side, StreamError};
-pub(crate) use frame::{GoAwayCode, Header, ACK, FIN, HEADER_LEN, RST, SYN};
+pub(crate) use frame::{
+    FrameType, GoAwayCode, Header, ACK, FIN, HEADER_LEN, MAX_FDS_PER_FRAME, RST, SYN,
+};
+
+/// A file descriptor travelling with a stream's bytes (unix only; elsewhere no value exists).
+#[cfg(unix)]
+pub(crate) type Fd = std::os::fd::OwnedFd;
+/// A file descriptor travelling with a stream's bytes (unix only; elsewhere no value exists).
+#[cfg(not(unix))]
+#[derive(Debug)]
+pub(crate) enum Fd {}
 
 /// How a peer broke the yamux protocol. The session that received it ends with
 /// [`CloseReason::ProtocolViolation`](crate::CloseReason::ProtocolViolation), after sending a
@@ -77,6 +87,39 @@ pub enum Violation {
     DuplicateSyn {
         /// The stream id.
         stream: u32,
+    },
+    /// A file-descriptor frame from a peer we never told we take them.
+    #[error("file descriptors sent on stream {stream}, but this session does not take them")]
+    UnexpectedFds {
+        /// The stream.
+        stream: u32,
+    },
+    /// A file-descriptor frame announcing none, or more than the kernel can carry at once.
+    #[error("file-descriptor frame on stream {stream} announces {count} fds (1..=253 allowed)")]
+    BadFdCount {
+        /// The stream.
+        stream: u32,
+        /// The count announced.
+        count: u32,
+    },
+    /// A file-descriptor frame announcing more fds than arrived with it.
+    #[error(
+        "file-descriptor frame on stream {stream} announces {announced} fds, {arrived} arrived"
+    )]
+    MissingFds {
+        /// The stream.
+        stream: u32,
+        /// The count announced.
+        announced: u32,
+        /// The fds that had arrived.
+        arrived: usize,
+    },
+    /// More received file descriptors than the session holds unclaimed
+    /// ([`Config::max_received_fds`](crate::Config::max_received_fds)).
+    #[error("peer sent more file descriptors than the {limit} this session holds unclaimed")]
+    TooManyFds {
+        /// The limit.
+        limit: usize,
     },
     /// Frames that carry nothing, or pings the peer does not let us answer, in a run.
     #[error("flood of {count} {what}")]

@@ -1,5 +1,6 @@
 //! One stream's state: receive buffer, windows, half-close flags and blocked tasks.
 
+use super::Fd;
 use bytes::{Buf, BytesMut};
 use std::{collections::VecDeque, task::Waker, time::Instant};
 
@@ -87,10 +88,87 @@ impl RecvBuffer {
     }
 }
 
+/// File descriptors received on a stream, each batch at the place in the byte stream where it
+/// arrived: a read never crosses such a place, and the batch becomes the reader's to take
+/// once everything before it has been read.
+#[derive(Debug, Default)]
+pub(crate) struct StreamFds {
+    /// Bytes received on the stream so far.
+    received: u64,
+    /// Bytes the reader has consumed so far.
+    read: u64,
+    /// Batches not reached yet: each after `.0` bytes of the stream.
+    marks: VecDeque<(u64, Vec<Fd>)>,
+    /// Fds the reader has reached and not taken yet, in arrival order.
+    ready: VecDeque<Fd>,
+}
+
+impl StreamFds {
+    /// `n` more bytes were received.
+    pub(crate) fn on_data(&mut self, n: usize) {
+        self.received += n as u64;
+    }
+
+    /// A batch arrived after everything received so far.
+    pub(crate) fn on_fds(&mut self, fds: Vec<Fd>) {
+        if self.received == self.read && self.marks.is_empty() {
+            self.ready.extend(fds);
+        } else {
+            self.marks.push_back((self.received, fds));
+        }
+    }
+
+    /// Makes the batches the reader has reached takeable.
+    pub(crate) fn advance(&mut self) {
+        while let Some((at, _)) = self.marks.front() {
+            if *at > self.read {
+                break;
+            }
+            if let Some((_, fds)) = self.marks.pop_front() {
+                self.ready.extend(fds);
+            }
+        }
+    }
+
+    /// How much of `max` the reader may read now without crossing a batch.
+    pub(crate) fn limit(&mut self, max: usize) -> usize {
+        self.advance();
+        match self.marks.front() {
+            Some((at, _)) => max.min(usize::try_from(at - self.read).unwrap_or(usize::MAX)),
+            None => max,
+        }
+    }
+
+    /// The reader consumed `n` bytes.
+    pub(crate) fn consumed(&mut self, n: usize) {
+        self.read += n as u64;
+        self.advance();
+    }
+
+    /// Takes the fds the reader has reached.
+    pub(crate) fn take(&mut self) -> Vec<Fd> {
+        self.advance();
+        self.ready.drain(..).collect()
+    }
+
+    /// Fds held, reached or not.
+    pub(crate) fn held(&self) -> usize {
+        self.ready.len() + self.marks.iter().map(|(_, f)| f.len()).sum::<usize>()
+    }
+
+    /// Closes every fd held (the stream was reset).
+    pub(crate) fn clear(&mut self) {
+        self.marks.clear();
+        self.ready.clear();
+    }
+}
+
 /// The state of one open stream.
 #[derive(Debug)]
 pub(crate) struct Stream {
     pub(crate) recv: RecvBuffer,
+    /// File descriptors received with the data, not yet taken by the reader.
+    pub(crate) fds: StreamFds,
     /// How many more bytes the peer may send before it needs a window update from us.
     pub(crate) recv_window: u32,
     /// The receive window this stream is allowed: the initial 256 KiB, grown while the
@@ -120,6 +198,7 @@ impl Stream {
     pub(crate) fn new(initial_window: u32, outbound: bool) -> Stream {
         Stream {
             recv: RecvBuffer::default(),
+            fds: StreamFds::default(),
             recv_window: initial_window,
             window: initial_window,
             credit: 0,

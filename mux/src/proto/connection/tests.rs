@@ -23,6 +23,8 @@ fn limits() -> Limits {
         max_streams: 4,
         max_frame: 64 * 1024,
         out_limit: 1 << 20,
+        fds: false,
+        max_fds_held: 8,
     }
 }
 
@@ -691,4 +693,126 @@ fn queued_control_frames_count_what_they_hold_in_memory_against_the_output_limit
     let wire = sent(&mut c);
     assert_eq!(wire.len(), n as usize * HEADER_LEN);
     assert_eq!(c.out_bytes(), 0);
+}
+
+#[cfg(unix)]
+mod fds {
+    use super::*;
+
+    fn fd_limits() -> Limits {
+        Limits {
+            fds: true,
+            ..limits()
+        }
+    }
+
+    fn some_fds(n: usize) -> Vec<Fd> {
+        (0..n)
+            .map(|_| {
+                std::fs::File::open("/dev/null")
+                    .expect("open /dev/null")
+                    .into()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_side_that_takes_fds_says_so_first_and_learns_it_from_the_peer() {
+        let mut c = Connection::new(Side::Client, fd_limits());
+        // Ping SYN with "NCFD" as the opaque value, before anything else.
+        assert_eq!(
+            sent(&mut c),
+            [0, 2, 0, 1, 0, 0, 0, 0, b'N', b'C', b'F', b'D']
+        );
+        assert!(!c.peer_takes_fds());
+        feed(&mut c, hdr(FrameType::Ping, SYN, 0, FD_ANNOUNCE), b"").unwrap();
+        assert!(c.peer_takes_fds());
+        // Answered like any ping.
+        assert_eq!(
+            sent(&mut c),
+            [0, 2, 0, 2, 0, 0, 0, 0, b'N', b'C', b'F', b'D']
+        );
+        // A plain core announces nothing.
+        let mut plain = Connection::new(Side::Client, limits());
+        assert!(sent(&mut plain).is_empty());
+    }
+
+    #[test]
+    fn fds_frames_are_checked_before_anything_is_taken() {
+        let plain = Connection::new(Side::Server, limits());
+        assert_eq!(
+            plain.on_header(&hdr(FrameType::Fds, 0, 1, 1)),
+            Err(Violation::UnexpectedFds { stream: 1 })
+        );
+        let c = Connection::new(Side::Server, fd_limits());
+        for count in [0, 254] {
+            assert_eq!(
+                c.on_header(&hdr(FrameType::Fds, 0, 1, count)),
+                Err(Violation::BadFdCount { stream: 1, count })
+            );
+        }
+        assert_eq!(
+            c.on_header(&hdr(FrameType::Fds, 0, 0, 1)),
+            Err(Violation::StreamZero { frame: "fds" })
+        );
+        assert_eq!(c.on_header(&hdr(FrameType::Fds, 0, 1, 253)), Ok(0));
+    }
+
+    #[test]
+    fn sent_fds_queue_as_one_frame_in_order_with_the_data() {
+        let mut c = Connection::new(Side::Client, fd_limits());
+        let _ = sent(&mut c);
+        let id = c.open().unwrap();
+        assert_eq!(
+            c.send_fds(id, some_fds(1)),
+            Err(StreamError::FdsUnsupported),
+            "not before the peer announced"
+        );
+        feed(&mut c, hdr(FrameType::Ping, SYN, 0, FD_ANNOUNCE), b"").unwrap();
+        let _ = sent(&mut c);
+        assert_eq!(c.write(id, b"a", &waker()), Poll::Ready(Ok(1)));
+        c.send_fds(id, some_fds(2)).unwrap();
+        assert_eq!(c.write(id, b"b", &waker()), Poll::Ready(Ok(1)));
+        let mut q = VecDeque::new();
+        c.take_output(usize::MAX, &mut q);
+        let frames: Vec<(u8, usize, usize)> = q
+            .iter()
+            .map(|f| (f.header[1], f.body.len(), f.fds.len()))
+            .collect();
+        assert_eq!(frames, [(0, 1, 0), (4, 0, 2), (0, 1, 0)]);
+        assert_eq!(&q[1].header, &[0, 4, 0, 0, 0, 0, 0, 1, 0, 0, 0, 2]);
+        assert_eq!(c.send_fds(id, some_fds(254)), Err(StreamError::TooManyFds));
+    }
+
+    #[test]
+    fn received_fds_wait_at_their_place_in_the_stream() {
+        let mut c = Connection::new(Side::Server, fd_limits());
+        feed(&mut c, hdr(FrameType::Data, SYN, 1, 2), b"ab").unwrap();
+        c.on_fds(1, some_fds(1), 0).unwrap();
+        feed(&mut c, hdr(FrameType::Data, 0, 1, 2), b"cd").unwrap();
+        assert!(c.take_fds(1).is_empty(), "not before \"ab\" is read");
+        let mut out = Vec::new();
+        let r = c.read(1, usize::MAX, &waker(), Instant::now(), |s| {
+            out.extend_from_slice(s)
+        });
+        assert_eq!(r, Poll::Ready(Ok(2)));
+        assert_eq!(out, b"ab", "the read stops where they arrived");
+        assert_eq!(c.take_fds(1).len(), 1);
+        assert_eq!(read_all(&mut c, 1), Poll::Ready(Ok(b"cd".to_vec())));
+    }
+
+    #[test]
+    fn the_session_holds_at_most_max_fds_held_unclaimed() {
+        let mut c = Connection::new(Side::Server, fd_limits());
+        feed(&mut c, hdr(FrameType::Data, SYN, 1, 1), b"a").unwrap();
+        c.on_fds(1, some_fds(5), 0).unwrap();
+        // 5 held + 2 unframed + 2 new > 8.
+        assert_eq!(
+            c.on_fds(1, some_fds(2), 2),
+            Err(Violation::TooManyFds { limit: 8 })
+        );
+        // Fds for a stream that is gone are closed, not held.
+        c.on_fds(3, some_fds(3), 0).unwrap();
+        assert_eq!(c.take_fds(3).len(), 0);
+    }
 }
