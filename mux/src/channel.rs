@@ -200,6 +200,12 @@ impl ConnFds {
         self.shared.core().take_fds(self.id)
     }
 
+    /// Whether the channel's session runs over a link that carries descriptors (a unix
+    /// socket, [`Session::with_fds`](crate::Session::with_fds)), whatever the peer announced.
+    pub fn session_carries(&self) -> bool {
+        self.shared.core().carries_fds()
+    }
+
     /// See [`Conn::can_send_fds`].
     pub fn can_send(&self) -> bool {
         let core = self.shared.core();

@@ -239,6 +239,9 @@ impl Shared {
         let _ = self.reason.set(reason);
         self.closing.store(true, Ordering::SeqCst);
         self.core().terminate();
+        // Nothing more is written: release the link now (the socket closes once the driver,
+        // which owns the read side, is gone too), not when the last handle goes.
+        *self.outbound.lock().unwrap_or_else(|e| e.into_inner()) = None;
         self.listeners
             .lock()
             .unwrap_or_else(|e| e.into_inner())

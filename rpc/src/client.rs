@@ -19,7 +19,6 @@ use std::{
     time::Duration,
 };
 
-use bytes::Bytes;
 use serde::{de::DeserializeOwned, Serialize};
 use tokio::{
     io::{AsyncRead, AsyncWrite},
@@ -30,19 +29,21 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 pub(crate) use in_flight::Shared;
-use in_flight::{read_loop, CallGuard, Handle, Pending, State};
+use in_flight::{read_loop, CallGuard, Handle, Pending, State, UnaryReply};
 pub use streams::{RequestSink, ResponseStream};
 
 use crate::{
     codec,
     error::chain,
+    fds::{FdBatch, FdLink},
     stream::StreamEvent,
-    transport::Outbox,
+    transport::{Outbox, WithFds},
     wire::{timeout_to_wire, Header},
     Config, Context, Error, Interceptor, Metadata, Status,
 };
 
-/// Options for one call: a timeout or deadline, and metadata.
+/// Options for one call: a timeout or deadline, metadata, and file descriptors to send
+/// with the request.
 ///
 /// ```
 /// # use std::time::Duration;
@@ -56,6 +57,7 @@ pub struct CallOptions {
     timeout: Option<Duration>,
     deadline: Option<Instant>,
     metadata: Metadata,
+    fds: Option<FdBatch>,
 }
 
 impl CallOptions {
@@ -95,6 +97,25 @@ impl CallOptions {
         self
     }
 
+    /// Sends `fds` with the request: the handler takes them with
+    /// [`Context::take_fds`](crate::Context::take_fds), each a new descriptor for the same
+    /// open file, socket or memfd. The options keep theirs (so they can be reused: every
+    /// call sends duplicates); they close when the options are dropped.
+    ///
+    /// Only a mux channel of a session that passes descriptors carries them
+    /// (`netchan_mux::Session::with_fds` over a unix socket, as `netchan::net` sets up for
+    /// `unix:` addresses); elsewhere the call fails at once with `FailedPrecondition`, and
+    /// with more than [`MAX_FDS_PER_MESSAGE`](crate::MAX_FDS_PER_MESSAGE) with
+    /// `InvalidArgument`. Unary calls only (a streaming call with them fails with
+    /// `InvalidArgument`).
+    #[cfg(unix)]
+    #[must_use]
+    pub fn fds(mut self, fds: impl IntoIterator<Item = std::os::fd::OwnedFd>) -> CallOptions {
+        let fds: Vec<_> = fds.into_iter().collect();
+        self.fds = (!fds.is_empty()).then(|| Arc::new(fds));
+        self
+    }
+
     /// Options carrying `ctx`'s deadline, for a call made while serving
     /// another (the nested call gives up when the outer caller would).
     #[must_use]
@@ -120,6 +141,13 @@ impl CallOptions {
         }
         .map(|d| d.min(latest))
     }
+}
+
+/// What goes out with a call's first frame besides the request.
+struct Outgoing<'a> {
+    metadata: &'a Metadata,
+    deadline: Option<Instant>,
+    fds: Option<FdBatch>,
 }
 
 /// A cheap, cloneable handle for calling the server on one conn.
@@ -233,7 +261,10 @@ impl Client {
             next_id: AtomicU64::new(1),
             token: CancellationToken::new(),
             config,
+            fds: FdLink::of(&conn),
         });
+        let fd_link = FdLink::of(&conn);
+        let reader_fds = fd_link.clone();
         let (rd, mut wr) = tokio::io::split(conn);
         let span = tracing::debug_span!("rpc_client");
 
@@ -242,7 +273,7 @@ impl Client {
             async move {
                 let res = tokio::select! {
                     _ = s.token.cancelled() => return,
-                    res = s.outbox.run_writer(&mut wr) => res,
+                    res = s.outbox.run_writer(&mut wr, &fd_link) => res,
                 };
                 let status = match res {
                     Ok(()) => Status::conn_lost("client closed"),
@@ -259,7 +290,7 @@ impl Client {
             async move {
                 let res = tokio::select! {
                     _ = s.token.cancelled() => return,
-                    res = read_loop(&s, rd) => res,
+                    res = read_loop(&s, rd, reader_fds) => res,
                 };
                 let status = match res {
                     Ok(()) => Status::conn_lost("rpc conn closed by the server"),
@@ -311,6 +342,25 @@ impl Client {
         Ok(self.call_with_trailers(method, req, opts).await?.0)
     }
 
+    /// [`Client::call_with`], also returning the file descriptors the handler sent with
+    /// its response ([`Context::reply_fds`](crate::Context::reply_fds)); empty if none.
+    /// Request descriptors go in `opts` ([`CallOptions::fds`]). Cancel-safe as
+    /// [`Client::call`]: descriptors of a response nobody waits for any more are closed.
+    #[cfg(unix)]
+    pub async fn call_with_fds<Req, Resp>(
+        &self,
+        method: &str,
+        req: &Req,
+        opts: CallOptions,
+    ) -> Result<(Resp, Vec<std::os::fd::OwnedFd>), Status>
+    where
+        Req: Serialize + ?Sized,
+        Resp: DeserializeOwned,
+    {
+        let (resp, _, fds) = self.call_full(method, req, opts).await?;
+        Ok((resp, fds))
+    }
+
     /// [`Client::call_with`], also returning the response metadata
     /// (trailers) the handler set with
     /// [`Context::set_trailer`](crate::Context::set_trailer) (empty if it
@@ -325,16 +375,30 @@ impl Client {
         Req: Serialize + ?Sized,
         Resp: DeserializeOwned,
     {
+        let (resp, trailers, _) = self.call_full(method, req, opts).await?;
+        Ok((resp, trailers))
+    }
+
+    async fn call_full<Req, Resp>(
+        &self,
+        method: &str,
+        req: &Req,
+        opts: CallOptions,
+    ) -> Result<(Resp, Metadata, Vec<crate::fds::Fd>), Status>
+    where
+        Req: Serialize + ?Sized,
+        Resp: DeserializeOwned,
+    {
         let deadline = opts.resolve_deadline(Instant::now());
-        let call = self.unary(method, req, opts.metadata, deadline);
-        let (bytes, trailers) = within_deadline(method, deadline, call).await?;
+        let call = self.unary(method, req, opts.metadata, deadline, opts.fds);
+        let (bytes, trailers, fds) = within_deadline(method, deadline, call).await?;
         let resp = codec::decode_payload(&bytes, "response").map_err(|e| {
             Status::internal(format!(
                 "could not decode the response of {method}: {}",
                 chain(&e)
             ))
         })?;
-        Ok((resp, trailers))
+        Ok((resp, trailers, fds))
     }
 
     async fn unary<Req>(
@@ -343,7 +407,8 @@ impl Client {
         req: &Req,
         metadata: Metadata,
         deadline: Option<Instant>,
-    ) -> Result<(Bytes, Metadata), Status>
+        fds: Option<FdBatch>,
+    ) -> Result<UnaryReply, Status>
     where
         Req: Serialize + ?Sized,
     {
@@ -352,8 +417,11 @@ impl Client {
             .start(
                 method,
                 Some(req),
-                &metadata,
-                deadline,
+                Outgoing {
+                    metadata: &metadata,
+                    deadline,
+                    fds,
+                },
                 None,
                 Pending::Unary(tx),
             )
@@ -373,17 +441,31 @@ impl Client {
         &self,
         method: &str,
         req: Option<&Req>,
-        metadata: &Metadata,
-        deadline: Option<Instant>,
+        out: Outgoing<'_>,
         stream_credit: Option<u32>,
         pending: Pending,
     ) -> Result<CallGuard<'_>, Status>
     where
         Req: Serialize + ?Sized,
     {
+        let Outgoing {
+            metadata,
+            deadline,
+            fds,
+        } = out;
         let shared = self.shared();
         if deadline.is_some_and(|d| d <= Instant::now()) {
             return Err(deadline_exceeded(method));
+        }
+        if let Some(fds) = &fds {
+            if req.is_none() || stream_credit.is_some() {
+                return Err(Status::invalid_argument(format!(
+                    "{method}: file descriptors go with unary calls only"
+                )));
+            }
+            shared
+                .fds
+                .check_send(fds.len(), &format!("the request to {method}"))?;
         }
         let intercepted;
         let metadata = if self.interceptors.is_empty() {
@@ -404,9 +486,10 @@ impl Client {
             sent: false,
             done: false,
         };
+        let fds = fds.map(|fds| WithFds { id, fds });
         shared
             .outbox
-            .push(|w| {
+            .push_with(fds, |w| {
                 let timeout_ns =
                     deadline.map(|d| timeout_to_wire(d.saturating_duration_since(Instant::now())));
                 match req {
@@ -474,8 +557,11 @@ impl Client {
                 .start(
                     method,
                     Some(req),
-                    &opts.metadata,
-                    deadline,
+                    Outgoing {
+                        metadata: &opts.metadata,
+                        deadline,
+                        fds: opts.fds.clone(),
+                    },
                     Some(window),
                     Pending::Stream(tx, None),
                 )
@@ -540,8 +626,11 @@ impl Client {
         let start = self.start::<()>(
             method,
             None,
-            &opts.metadata,
-            deadline,
+            Outgoing {
+                metadata: &opts.metadata,
+                deadline,
+                fds: opts.fds.clone(),
+            },
             Some(window),
             Pending::Stream(tx, Some(Arc::clone(&credits))),
         );

@@ -9,7 +9,11 @@ use tokio::time::Instant;
 
 use tokio_util::sync::CancellationToken;
 
-use crate::{client::WeakClient, Client, Metadata, Status};
+use crate::{
+    client::WeakClient,
+    fds::{Fd, FdBatch, FdLink},
+    Client, Metadata, Status,
+};
 
 /// Where a call came from: the conn's label and, when the conn belongs to a
 /// [`Peer`](crate::Peer), a way back to the caller.
@@ -17,6 +21,8 @@ use crate::{client::WeakClient, Client, Metadata, Status};
 pub(crate) struct Origin {
     pub(crate) label: Option<Arc<str>>,
     pub(crate) callback: Option<WeakClient>,
+    /// The conn's descriptor handle (set by the server for each conn it serves).
+    pub(crate) fds: FdLink,
 }
 
 /// Per-call information handed to a handler: the caller's metadata, the
@@ -39,6 +45,10 @@ struct Inner {
     cancel: CancellationToken,
     /// Response metadata set by the handler; sent before the answer.
     trailers: Mutex<Metadata>,
+    /// Descriptors the request carried, until the handler takes them.
+    request_fds: Mutex<Vec<Fd>>,
+    /// Descriptors for the response, set by the handler.
+    reply_fds: Mutex<Option<FdBatch>>,
 }
 
 impl Context {
@@ -57,8 +67,21 @@ impl Context {
                 origin,
                 cancel,
                 trailers: Mutex::new(Metadata::new()),
+                request_fds: Mutex::new(Vec::new()),
+                reply_fds: Mutex::new(None),
             }),
         }
+    }
+
+    /// Hands the request's descriptors to the context (the server, before the handler runs).
+    pub(crate) fn with_request_fds(self, fds: Vec<Fd>) -> Context {
+        *lock(&self.inner.request_fds) = fds;
+        self
+    }
+
+    /// The descriptors the handler set for its response.
+    pub(crate) fn take_reply_fds(&self) -> Option<FdBatch> {
+        lock(&self.inner.reply_fds).take()
     }
 
     /// A context for calling a handler directly (in unit tests, say): no
@@ -146,6 +169,41 @@ impl Context {
             .ok_or_else(|| Status::conn_lost("the calling peer is gone"))
     }
 
+    /// Takes the file descriptors the request carried
+    /// ([`CallOptions::fds`](crate::CallOptions::fds)): each a new descriptor (close-on-exec)
+    /// for the caller's open file, socket or memfd. Empty if it carried none, and after the
+    /// first take. Descriptors nobody takes are closed when the call ends.
+    #[cfg(unix)]
+    pub fn take_fds(&self) -> Vec<std::os::fd::OwnedFd> {
+        std::mem::take(&mut *lock(&self.inner.request_fds))
+    }
+
+    /// Sends `fds` with the response (replacing any set before); the caller receives them
+    /// with [`Client::call_with_fds`](crate::Client::call_with_fds). They go only with a
+    /// successful response: if the handler then fails, they are closed.
+    ///
+    /// # Errors
+    ///
+    /// `FailedPrecondition` when the conn cannot carry descriptors (not a mux channel of a
+    /// session made with `netchan_mux::Session::with_fds`, or a peer without fd support),
+    /// `InvalidArgument` for more than [`MAX_FDS_PER_MESSAGE`](crate::MAX_FDS_PER_MESSAGE).
+    /// A handler can return that status as it is.
+    #[cfg(unix)]
+    pub fn reply_fds(&self, fds: Vec<std::os::fd::OwnedFd>) -> Result<(), Status> {
+        self.inner
+            .origin
+            .fds
+            .check_send(fds.len(), &format!("the response of {}", self.method()))?;
+        *lock(&self.inner.reply_fds) = (!fds.is_empty()).then(|| Arc::new(fds));
+        Ok(())
+    }
+
+    /// Whether the response can carry descriptors ([`Context::reply_fds`]).
+    #[cfg(unix)]
+    pub fn can_send_fds(&self) -> bool {
+        self.inner.origin.fds.check_send(1, "").is_ok()
+    }
+
     /// True once the call is over: cancelled by the caller, timed out, its
     /// conn lost, or answered. The handler future itself is dropped when
     /// the call is cancelled; this is for work it spawned with a clone of
@@ -159,4 +217,8 @@ impl Context {
     pub async fn cancelled(&self) {
         self.inner.cancel.cancelled().await
     }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }

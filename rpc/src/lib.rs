@@ -85,6 +85,7 @@ mod codec;
 mod config;
 mod context;
 mod error;
+mod fds;
 mod metadata;
 mod peer;
 mod server;
@@ -100,6 +101,7 @@ pub use codec::CodecError;
 pub use config::{Config, MAX_MESSAGE_SIZE_CAP, MIN_MESSAGE_SIZE};
 pub use context::Context;
 pub use error::Error;
+pub use fds::MAX_FDS_PER_MESSAGE;
 pub use metadata::{Interceptor, Metadata};
 /// Declares a typed service from a trait: the trait to implement, a typed
 /// client (`{Trait}Client`) and a registration (`into_service`), the

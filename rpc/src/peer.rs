@@ -152,6 +152,7 @@ impl Peer {
         let origin = Origin {
             label: Some(Arc::from("peer")),
             callback: Some(client.downgrade()),
+            ..Origin::default()
         };
         let serving = tokio::spawn(async move {
             if let Err(e) = server

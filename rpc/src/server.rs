@@ -202,7 +202,7 @@ impl Server {
     {
         let origin = Origin {
             label: Some(Arc::from(peer.into())),
-            callback: None,
+            ..Origin::default()
         };
         self.serve_conn(conn, origin, CancellationToken::new())
             .await

@@ -29,7 +29,8 @@ use tokio::{
 
 use crate::{
     codec::{self, CodecError},
-    wire::{LEN_PREFIX, MAX_TIMEOUT, PREAMBLE, VERSION},
+    fds::{FdBatch, FdLink},
+    wire::{Header, LEN_PREFIX, MAX_TIMEOUT, PREAMBLE, VERSION},
     Config, Error,
 };
 
@@ -61,11 +62,19 @@ struct OutState {
     closed: bool,
     /// Bytes of encoded replies waiting for room (not in `buf` yet).
     parked: usize,
+    /// File descriptors to hand to the channel when the writer reaches their offset in
+    /// `buf` (the start of an `Fds` frame), in order.
+    fd_marks: Vec<FdMark>,
 }
 
 struct Segment {
     at: usize,
     bytes: Bytes,
+}
+
+struct FdMark {
+    at: usize,
+    fds: FdBatch,
 }
 
 impl OutState {
@@ -88,6 +97,11 @@ impl OutState {
             .extend(other.segments.into_iter().map(|seg| Segment {
                 at: base + seg.at,
                 bytes: seg.bytes,
+            }));
+        self.fd_marks
+            .extend(other.fd_marks.into_iter().map(|mark| FdMark {
+                at: base + mark.at,
+                fds: mark.fds,
             }));
     }
 }
@@ -169,6 +183,7 @@ struct Rollback<'a> {
     state: &'a mut OutState,
     start: usize,
     segments: usize,
+    marks: usize,
     armed: bool,
 }
 
@@ -179,8 +194,49 @@ impl Drop for Rollback<'_> {
             for seg in self.state.segments.drain(self.segments..) {
                 self.state.segment_bytes -= seg.bytes.len();
             }
+            self.state.fd_marks.truncate(self.marks);
         }
     }
+}
+
+/// Descriptors for one call's message: they go in an `Fds` frame right before it.
+pub(crate) struct WithFds {
+    pub(crate) id: u64,
+    pub(crate) fds: FdBatch,
+}
+
+/// Encodes the `Fds` frame and the message frame `encode` writes as one unit (both or
+/// neither); see [`encode_frame`].
+fn encode_message<F>(
+    state: &mut OutState,
+    fds: Option<WithFds>,
+    encode: F,
+    max: usize,
+) -> Result<(), Error>
+where
+    F: FnOnce(&mut FrameWriter<'_>) -> Result<(), CodecError>,
+{
+    let Some(WithFds { id, fds }) = fds.filter(|f| !f.fds.is_empty()) else {
+        return encode_frame(state, encode, max);
+    };
+    let mut rb = Rollback {
+        start: state.buf.len(),
+        segments: state.segments.len(),
+        marks: state.fd_marks.len(),
+        state,
+        armed: true,
+    };
+    let at = rb.state.buf.len();
+    let count = fds.len() as u32;
+    rb.state.fd_marks.push(FdMark { at, fds });
+    encode_frame(
+        rb.state,
+        |w| codec::encode(w, &Header::Fds { id, count }, "fds envelope"),
+        max,
+    )?;
+    encode_frame(rb.state, encode, max)?;
+    rb.armed = false;
+    Ok(())
 }
 
 /// Encodes one frame (length prefix and the body `encode` writes) at the
@@ -193,6 +249,7 @@ where
     let mut rb = Rollback {
         start,
         segments: state.segments.len(),
+        marks: state.fd_marks.len(),
         state,
         armed: true,
     };
@@ -244,7 +301,16 @@ impl Outbox {
     where
         F: FnOnce(&mut FrameWriter<'_>) -> Result<(), CodecError>,
     {
-        let mut encode = Some(encode);
+        self.push_with(None, encode).await
+    }
+
+    /// [`Outbox::push`], with the call's descriptors (if any) in an `Fds` frame right before
+    /// the frame `encode` writes.
+    pub(crate) async fn push_with<F>(&self, fds: Option<WithFds>, encode: F) -> Result<(), Error>
+    where
+        F: FnOnce(&mut FrameWriter<'_>) -> Result<(), CodecError>,
+    {
+        let mut encode = Some((fds, encode));
         loop {
             let mut room = pin!(self.room.notified());
             room.as_mut().enable();
@@ -262,7 +328,7 @@ impl Outbox {
     where
         F: FnOnce(&mut FrameWriter<'_>) -> Result<(), CodecError>,
     {
-        self.append(&mut Some(encode), false)
+        self.append(&mut Some((None, encode)), false)
             .unwrap_or(Err(Error::Closed))
     }
 
@@ -281,15 +347,29 @@ impl Outbox {
     where
         F: FnOnce(&mut FrameWriter<'_>) -> Result<(), CodecError>,
     {
-        let mut encode = Some(encode);
+        self.push_reply_with(when_full, None, encode).await
+    }
+
+    /// [`Outbox::push_reply`], with the call's descriptors (if any) in an `Fds` frame right
+    /// before the reply.
+    pub(crate) async fn push_reply_with<F>(
+        &self,
+        when_full: WhenFull,
+        fds: Option<WithFds>,
+        encode: F,
+    ) -> Result<(), Error>
+    where
+        F: FnOnce(&mut FrameWriter<'_>) -> Result<(), CodecError>,
+    {
+        let mut encode = Some((fds, encode));
         if let Some(res) = self.append(&mut encode, true) {
             return res;
         }
-        let Some(encode) = encode.take() else {
+        let Some((fds, encode)) = encode.take() else {
             return Err(Error::Closed);
         };
         let mut frame = OutState::default();
-        encode_frame(&mut frame, encode, self.max_message)?;
+        encode_message(&mut frame, fds, encode, self.max_message)?;
         let _parked = self.park(frame.queued(), when_full)?;
         loop {
             let mut room = pin!(self.room.notified());
@@ -330,7 +410,11 @@ impl Outbox {
         Ok(Parked { outbox: self, len })
     }
 
-    fn append<F>(&self, encode: &mut Option<F>, wait_for_room: bool) -> Option<Result<(), Error>>
+    fn append<F>(
+        &self,
+        encode: &mut Option<(Option<WithFds>, F)>,
+        wait_for_room: bool,
+    ) -> Option<Result<(), Error>>
     where
         F: FnOnce(&mut FrameWriter<'_>) -> Result<(), CodecError>,
     {
@@ -341,9 +425,9 @@ impl Outbox {
         if wait_for_room && !st.has_room(self.high_water) {
             return None;
         }
-        let encode = encode.take()?;
+        let (fds, encode) = encode.take()?;
         let was_empty = st.queued() == 0;
-        if let Err(e) = encode_frame(&mut st, encode, self.max_message) {
+        if let Err(e) = encode_message(&mut st, fds, encode, self.max_message) {
             return Some(Err(e));
         }
         drop(st);
@@ -366,7 +450,7 @@ impl Outbox {
     /// no bytes for the write-stall bound while some wait. Not cancel-safe
     /// (a cancelled write may leave a partial frame on the wire), so cancel
     /// it only when the conn is being abandoned anyway.
-    pub(crate) async fn run_writer<W>(&self, io: &mut W) -> Result<(), Error>
+    pub(crate) async fn run_writer<W>(&self, io: &mut W, fds: &FdLink) -> Result<(), Error>
     where
         W: AsyncWrite + Unpin,
     {
@@ -374,12 +458,14 @@ impl Outbox {
         self.flush(io).await?;
         let mut spare: Vec<u8> = Vec::new();
         let mut spare_segments: Vec<Segment> = Vec::new();
+        let mut spare_marks: Vec<FdMark> = Vec::new();
         loop {
             let closed = {
                 let mut st = self.lock();
                 if st.queued() > 0 {
                     std::mem::swap(&mut st.buf, &mut spare);
                     std::mem::swap(&mut st.segments, &mut spare_segments);
+                    std::mem::swap(&mut st.fd_marks, &mut spare_marks);
                     st.segment_bytes = 0;
                 }
                 st.closed
@@ -394,7 +480,28 @@ impl Outbox {
                 continue;
             }
             self.room.notify_waiters();
-            write_gathered(io, &spare, &spare_segments, self.stall).await?;
+            // Descriptors go to the channel exactly where their `Fds` frame starts: what is
+            // before it is written first.
+            let mut pos = 0;
+            let mut seg = 0;
+            for mark in spare_marks.drain(..) {
+                let end = seg
+                    + spare_segments[seg..]
+                        .iter()
+                        .take_while(|s| s.at <= mark.at)
+                        .count();
+                write_gathered_from(
+                    io,
+                    &spare[..mark.at],
+                    pos,
+                    &spare_segments[seg..end],
+                    self.stall,
+                )
+                .await?;
+                fds.send(&mark.fds)?;
+                (pos, seg) = (mark.at, end);
+            }
+            write_gathered_from(io, &spare, pos, &spare_segments[seg..], self.stall).await?;
             spare_segments.clear();
             self.flush(io).await?;
             spare.clear();
@@ -419,6 +526,31 @@ impl Outbox {
             }),
         }
     }
+}
+
+/// Writes `buf[from..]` with each of `segments` (offsets into `buf`, none before `from`)
+/// spliced in; see [`write_gathered`].
+async fn write_gathered_from<W>(
+    io: &mut W,
+    buf: &[u8],
+    from: usize,
+    segments: &[Segment],
+    stall: Duration,
+) -> Result<(), Error>
+where
+    W: AsyncWrite + Unpin,
+{
+    if from == 0 {
+        return write_gathered(io, buf, segments, stall).await;
+    }
+    let rebased: Vec<Segment> = segments
+        .iter()
+        .map(|s| Segment {
+            at: s.at - from,
+            bytes: s.bytes.clone(),
+        })
+        .collect();
+    write_gathered(io, &buf[from..], &rebased, stall).await
 }
 
 /// Writes `buf` with each segment spliced in at its offset, using
@@ -1046,7 +1178,10 @@ mod tests {
         }
         outbox.close();
         let mut conn = CountingWriter::default();
-        outbox.run_writer(&mut conn).await.unwrap();
+        outbox
+            .run_writer(&mut conn, &crate::fds::FdLink::default())
+            .await
+            .unwrap();
         // One write for the preamble, one for all 100 frames.
         assert_eq!(conn.writes, 2);
         let mut r =
@@ -1080,7 +1215,10 @@ mod tests {
         assert_eq!(outbox.lock().segments.len(), 1);
         outbox.close();
         let mut wire = Vec::new();
-        outbox.run_writer(&mut wire).await.unwrap();
+        outbox
+            .run_writer(&mut wire, &crate::fds::FdLink::default())
+            .await
+            .unwrap();
         let mut want = PREAMBLE.to_vec();
         let mut body = Vec::new();
         codec::encode(&mut body, &(1u8, vec![5u8; 100_000], 2u8), "test").unwrap();

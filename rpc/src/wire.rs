@@ -120,6 +120,17 @@ pub(crate) enum Header<'a> {
         /// The handler's trailers.
         metadata: Cow<'a, Metadata>,
     },
+    /// `count` file descriptors go with the next `Request` or `Response` of
+    /// call `id`. Sent only on a mux channel whose session passes them
+    /// (`netchan_mux::Session::with_fds`): the descriptors travel as the
+    /// mux's own fd frame placed right before this frame's first byte, so
+    /// the reader has them once it has read this frame.
+    Fds {
+        /// The call.
+        id: u64,
+        /// How many (1..=253).
+        count: u32,
+    },
 }
 
 /// A decoded frame: its header and the (possibly empty) payload.
@@ -278,6 +289,7 @@ mod props {
             (any::<u64>(), arb_status()).prop_map(|(id, status)| Header::StreamEnd { id, status }),
             (any::<u64>(), any::<u32>()).prop_map(|(id, n)| Header::Credit { id, n }),
             any::<u64>().prop_map(|id| Header::Accept { id }),
+            (any::<u64>(), any::<u32>()).prop_map(|(id, count)| Header::Fds { id, count }),
             any::<u64>().prop_map(|id| Header::Trailers {
                 id,
                 metadata: Cow::Owned(Metadata::from_iter([("k", "v")])),

@@ -178,10 +178,19 @@ async fn a_malformed_frame_ends_that_conn_with_a_typed_error_and_others_live_on(
     let (good, _t) = duplex_pair(&server, Config::default());
     let (mut raw, task) = raw_server(&server);
     raw.write_all(PREAMBLE).await.unwrap();
-    // Envelope kind 9 does not exist.
-    raw.write_all(&frame(&[0x09, 0x01, 0x02])).await.unwrap();
+    // Envelope kind 10 does not exist.
+    raw.write_all(&frame(&[0x0a, 0x01, 0x02])).await.unwrap();
     let res = guard(task).await.unwrap();
     assert!(matches!(res, Err(Error::Malformed(_))), "{res:?}");
+    // Kind 9 (file descriptors) on a conn that cannot carry them.
+    let (mut raw, task) = raw_server(&server);
+    raw.write_all(PREAMBLE).await.unwrap();
+    raw.write_all(&frame(&[0x09, 0x01, 0x02])).await.unwrap();
+    let res = guard(task).await.unwrap();
+    match res {
+        Err(Error::Protocol { reason }) => assert!(reason.contains("cannot carry"), "{reason}"),
+        other => panic!("{other:?}"),
+    }
     let ok: String = guard(good.call("Test.echo", "unaffected")).await.unwrap();
     assert_eq!(ok, "unaffected");
 }

@@ -128,7 +128,7 @@ async fn a_malformed_channel_ends_only_itself_on_the_session() {
     let s = server.clone();
     let raw_serving = tokio::spawn(async move { s.serve(raw_conn).await });
     raw.write_all(b"NCRPC\x02").await.unwrap();
-    raw.write_all(&[0, 0, 0, 3, 0x09, 0x09, 0x09])
+    raw.write_all(&[0, 0, 0, 3, 0x0a, 0x09, 0x09])
         .await
         .unwrap();
     let res = guard(raw_serving).await.unwrap();

@@ -16,6 +16,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{
     codec,
+    fds::{Fd, FdInbox, FdLink},
     stream::StreamEvent,
     transport::{read_preamble, FrameReader, Outbox},
     wire::{Frame, Header},
@@ -34,13 +35,18 @@ impl Drop for Handle {
 }
 
 pub(crate) enum Pending {
-    /// A unary call: its response and the handler's trailers.
-    Unary(oneshot::Sender<Result<(Bytes, Metadata), Status>>),
+    /// A unary call: its response, the handler's trailers and the descriptors that came
+    /// with the response.
+    Unary(oneshot::Sender<Result<UnaryReply, Status>>),
     /// A streaming call: its response items, and for a bidi call
     /// the credit the server granted for request items (closed when the
     /// call ends, so a waiting sender learns of it).
     Stream(mpsc::Sender<StreamEvent>, Option<Arc<Semaphore>>),
 }
+
+/// What a unary call receives: the response payload, the trailers, and the file
+/// descriptors that came with it.
+pub(crate) type UnaryReply = (Bytes, Metadata, Vec<Fd>);
 
 /// Most request credit the server may grant outstanding; more is clamped.
 const MAX_SEND_CREDIT: usize = 1 << 20;
@@ -61,6 +67,9 @@ pub(crate) struct Shared {
     /// Cancelled when the conn is gone (reader, writer and `closed()` watch it).
     pub(crate) token: CancellationToken,
     pub(crate) config: Config,
+    /// The conn's descriptor handle (descriptors go with requests only on a mux channel
+    /// of a session that passes them).
+    pub(crate) fds: FdLink,
 }
 
 impl Shared {
@@ -138,7 +147,7 @@ impl Shared {
     }
 
     /// Routes one frame from the server to its call.
-    pub(super) fn dispatch(&self, frame: Frame) -> Result<(), Error> {
+    pub(super) fn dispatch(&self, frame: Frame, fds: Vec<Fd>) -> Result<(), Error> {
         let Frame { header, payload } = frame;
         let mut st = self.lock();
         match header {
@@ -146,7 +155,7 @@ impl Shared {
                 Some(Pending::Unary(tx)) => {
                     let trailers = st.trailers.remove(&id).unwrap_or_default();
                     let _ = tx.send(match status {
-                        None => Ok((payload, trailers)),
+                        None => Ok((payload, trailers, fds)),
                         Some(s) => Err(s),
                     });
                 }
@@ -239,7 +248,10 @@ impl Shared {
                 }
                 None => {}
             },
-            Header::Request { .. } | Header::Open { .. } | Header::Cancel { .. } => {
+            Header::Request { .. }
+            | Header::Open { .. }
+            | Header::Cancel { .. }
+            | Header::Fds { .. } => {
                 return Err(Error::Protocol {
                     reason: "client conn received a request-side frame".into(),
                 })
@@ -274,10 +286,11 @@ impl Drop for CallGuard<'_> {
     }
 }
 
-pub(super) async fn read_loop<R>(shared: &Shared, rd: R) -> Result<(), Error>
+pub(super) async fn read_loop<R>(shared: &Shared, rd: R, fds: FdLink) -> Result<(), Error>
 where
     R: AsyncRead + Unpin,
 {
+    let mut inbox = FdInbox::new(fds);
     let mut reader = FrameReader::new(rd, &shared.config);
     let after = shared.config.handshake_timeout;
     tokio::time::timeout(after, read_preamble(reader.io_mut()))
@@ -285,7 +298,15 @@ where
         .map_err(|_| Error::HandshakeTimeout { after })??;
     while let Some(body) = reader.next_frame().await? {
         let frame = Frame::decode(body).map_err(Error::Malformed)?;
-        shared.dispatch(frame)?;
+        if let Header::Fds { id, count } = frame.header {
+            inbox.on_frame(id, count)?;
+            continue;
+        }
+        let fds = match FdInbox::carries(&frame.header) {
+            Some(id) => inbox.take(id),
+            None => Vec::new(),
+        };
+        shared.dispatch(frame, fds)?;
     }
     Ok(())
 }

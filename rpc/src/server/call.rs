@@ -18,7 +18,13 @@ use super::{
     handler::{Input, Method, Payload},
     in_flight::ConnState,
 };
-use crate::{codec, error::chain, transport::WhenFull, wire::Header, Context, Error, Status};
+use crate::{
+    codec,
+    error::chain,
+    transport::{WhenFull, WithFds},
+    wire::Header,
+    Context, Error, Status,
+};
 
 /// One running call.
 pub(super) struct Call {
@@ -68,7 +74,8 @@ impl Call {
                     return;
                 };
                 self.send_trailers(&trailers).await;
-                self.respond(&method, outcome).await;
+                let fds = trailers.take_reply_fds();
+                self.respond(&method, outcome, fds).await;
                 return;
             }
             other => other,
@@ -184,14 +191,22 @@ impl Call {
         }
     }
 
-    async fn respond(&self, method: &str, outcome: Result<Payload, Status>) {
+    /// Sends a unary call's answer; `fds` go with a successful response only (on failure
+    /// they are closed here).
+    async fn respond(
+        &self,
+        method: &str,
+        outcome: Result<Payload, Status>,
+        fds: Option<crate::fds::FdBatch>,
+    ) {
         let id = self.id;
         let status = match outcome {
             Ok(payload) => {
+                let fds = fds.map(|fds| WithFds { id, fds });
                 let pushed = self
                     .conn
                     .outbox
-                    .push_reply(WhenFull::Refuse, |w| {
+                    .push_reply_with(WhenFull::Refuse, fds, |w| {
                         codec::encode(w, &Header::Response { id, status: None }, "envelope")?;
                         payload(w)
                     })

@@ -22,6 +22,7 @@ use crate::{
     codec,
     context::Origin,
     error::chain,
+    fds::{Fd, FdInbox, FdLink},
     stream::{GrantCredit, StreamEvent},
     transport::{read_preamble, FrameReader},
     wire::{deadline_from_wire, Frame, Header},
@@ -45,10 +46,16 @@ impl Server {
     where
         T: AsyncRead + AsyncWrite + Send + Unpin + 'static,
     {
+        let fd_link = FdLink::of(&conn);
+        let origin = Origin {
+            fds: fd_link.clone(),
+            ..origin
+        };
         let peer = &origin;
         let span = tracing::debug_span!("rpc_serve", peer = peer.label.as_deref().unwrap_or(""));
         let config = &self.inner.config;
         let (rd, mut wr) = tokio::io::split(conn);
+        let mut inbox = FdInbox::new(fd_link.clone());
         let conn = Arc::new(ConnState::new(config));
         // However serving ends (or if this future is dropped), cancel every
         // call and stop the writer.
@@ -58,7 +65,7 @@ impl Server {
             async move {
                 let res = tokio::select! {
                     _ = c.token.cancelled() => Ok(()),
-                    res = c.outbox.run_writer(&mut wr) => res,
+                    res = c.outbox.run_writer(&mut wr, &fd_link) => res,
                 };
                 // Senders waiting for room must not wait for a dead writer.
                 c.outbox.close();
@@ -94,7 +101,15 @@ impl Server {
                     }
                 };
                 let frame = Frame::decode(body).map_err(Error::Malformed)?;
-                self.dispatch(&conn, frame, peer, &drain).await?;
+                if let Header::Fds { id, count } = frame.header {
+                    inbox.on_frame(id, count)?;
+                    continue;
+                }
+                let fds = match FdInbox::carries(&frame.header) {
+                    Some(id) => inbox.take(id),
+                    None => Vec::new(),
+                };
+                self.dispatch(&conn, frame, peer, &drain, fds).await?;
             }
         }
         .instrument(span.clone())
@@ -112,6 +127,7 @@ impl Server {
         frame: Frame,
         peer: &Origin,
         drain: &CancellationToken,
+        fds: Vec<Fd>,
     ) -> Result<(), Error> {
         let Frame { header, payload } = frame;
         match header {
@@ -134,7 +150,7 @@ impl Server {
                     credit,
                     want,
                 };
-                self.start_call(conn, peer, drain, open, Some(payload))
+                self.start_call(conn, peer, drain, open, Some(payload), fds)
                     .await
             }
             Header::Open {
@@ -152,7 +168,8 @@ impl Server {
                     credit,
                     want: Kind::Bidi,
                 };
-                self.start_call(conn, peer, drain, open, None).await
+                self.start_call(conn, peer, drain, open, None, Vec::new())
+                    .await
             }
             Header::StreamItem { id } => {
                 let limit = self.inner.config.max_in_flight_bytes;
@@ -175,11 +192,12 @@ impl Server {
                 }
                 Ok(())
             }
-            Header::Response { .. } | Header::Accept { .. } | Header::Trailers { .. } => {
-                Err(Error::Protocol {
-                    reason: "server conn received a response-side frame".into(),
-                })
-            }
+            Header::Response { .. }
+            | Header::Accept { .. }
+            | Header::Trailers { .. }
+            | Header::Fds { .. } => Err(Error::Protocol {
+                reason: "server conn received a response-side frame".into(),
+            }),
         }
     }
 
@@ -192,6 +210,7 @@ impl Server {
         drain: &CancellationToken,
         open: Open,
         payload: Option<Bytes>,
+        fds: Vec<Fd>,
     ) -> Result<(), Error> {
         let Open {
             id,
@@ -296,7 +315,8 @@ impl Server {
             }
         };
         let span = tracing::debug_span!("rpc_call", id, method = %method);
-        let ctx = Context::new(method, metadata, deadline, peer.clone(), token.clone());
+        let ctx = Context::new(method, metadata, deadline, peer.clone(), token.clone())
+            .with_request_fds(fds);
         let call = Call {
             conn: Arc::clone(conn),
             id,

@@ -153,7 +153,7 @@ impl Server {
                     }
                     Some(Ok((conn, label))) => {
                         let server = self.clone();
-                        let origin = Origin { label: Some(label.into()), callback: None };
+                        let origin = Origin { label: Some(label.into()), ..Origin::default() };
                         let drain = drain.clone();
                         conns.spawn(async move { server.serve_conn(conn, origin, drain).await });
                     }

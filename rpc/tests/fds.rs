@@ -1,0 +1,214 @@
+//! File descriptors with calls: requests and responses carrying open files and sockets over a
+//! unix-socket mux session that passes them, many at once on several channels, and the clear
+//! refusals where they cannot go. (Leak counts: `fd_leaks.rs`, a binary of its own.)
+#![cfg(unix)]
+
+use netchan_mux::{Config as MuxConfig, Mode, Session};
+use netchan_rpc::{CallOptions, Client, Code, Context, Server, Status};
+use netchan_testkit::within;
+use std::{
+    fs::File,
+    io::{Read, Seek, Write},
+    os::fd::OwnedFd,
+    sync::atomic::{AtomicU64, Ordering},
+};
+
+/// An open file holding `text`, already unlinked: only a descriptor reaches it.
+fn unlinked_file(text: &str) -> OwnedFd {
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let path = std::env::temp_dir().join(format!(
+        "netchan-rpc-fds-{}-{}",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    ));
+    let mut f = File::options()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .open(&path)
+        .expect("create temp file");
+    std::fs::remove_file(&path).expect("unlink");
+    f.write_all(text.as_bytes()).expect("write");
+    f.into()
+}
+
+fn contents(fd: OwnedFd) -> String {
+    let mut f = File::from(fd);
+    f.rewind().expect("rewind");
+    let mut s = String::new();
+    f.read_to_string(&mut s).expect("read");
+    s
+}
+
+/// A server serving `Files.*` on every channel of a fd-passing session, and the other end.
+fn files_server() -> Server {
+    let mut server = Server::new();
+    // Reads the file it is handed; answers with a new file holding the text reversed.
+    server.register("Files.reverse", |ctx: Context, tag: String| async move {
+        let mut fds = ctx.take_fds();
+        if fds.len() != 1 {
+            return Err(Status::invalid_argument(format!("{} fds", fds.len())));
+        }
+        let text = contents(fds.remove(0));
+        if !text.starts_with(&tag) {
+            return Err(Status::internal(format!("{tag}: got the file of {text}")));
+        }
+        ctx.reply_fds(vec![unlinked_file(&text.chars().rev().collect::<String>())])?;
+        Ok(text.len() as u64)
+    });
+    server.register("Files.count", |ctx: Context, (): ()| async move {
+        Ok(ctx.take_fds().len() as u64)
+    });
+    server.register("Files.plain", |ctx: Context, (): ()| async move {
+        // Tries to answer with a descriptor where the link cannot carry it.
+        ctx.reply_fds(vec![unlinked_file("x")])?;
+        Ok(())
+    });
+    server
+}
+
+/// Both ends of a unix-socket session that passes fds, `rpc` served on the server end.
+async fn fd_session() -> (Session, Session) {
+    let (a, b) = tokio::net::UnixStream::pair().expect("socketpair");
+    let builder = Session::builder_with_fds(b, Mode::Server, MuxConfig::default());
+    let mut listener = builder.listen("rpc").expect("listen");
+    let server_session = builder.start();
+    let server = files_server();
+    tokio::spawn(async move {
+        while let Ok(conn) = listener.accept().await {
+            let server = server.clone();
+            tokio::spawn(async move {
+                let _ = server.serve(conn).await;
+            });
+        }
+    });
+    (
+        Session::with_fds(a, Mode::Client, MuxConfig::default()),
+        server_session,
+    )
+}
+
+#[tokio::test]
+async fn a_request_and_its_response_each_carry_a_file() {
+    within(20, "fds with a call", async {
+        let (client_session, _server) = fd_session().await;
+        let client = Client::new(client_session.dial("rpc").await.unwrap());
+        let opts = CallOptions::default().fds([unlinked_file("hello-0 world")]);
+        let (len, mut fds): (u64, _) = client
+            .call_with_fds("Files.reverse", "hello-0", opts)
+            .await
+            .unwrap();
+        assert_eq!(len, 13);
+        assert_eq!(fds.len(), 1);
+        assert_eq!(contents(fds.remove(0)), "dlrow 0-olleh");
+        // A call without descriptors gets none, and the handler sees none.
+        let n: u64 = client.call("Files.count", &()).await.unwrap();
+        assert_eq!(n, 0);
+        let many = CallOptions::default().fds((0..5).map(|i| unlinked_file(&i.to_string())));
+        let n: u64 = client.call_with("Files.count", &(), many).await.unwrap();
+        assert_eq!(n, 5);
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn many_calls_with_files_in_flight_on_several_channels_each_get_their_own() {
+    within(60, "many calls", async {
+        let (client_session, _server) = fd_session().await;
+        let mut tasks = tokio::task::JoinSet::new();
+        for ch in 0..4 {
+            let client = Client::new(client_session.dial("rpc").await.unwrap());
+            for i in 0..25 {
+                let client = client.clone();
+                tasks.spawn(async move {
+                    let tag = format!("c{ch}-{i}");
+                    let text = format!("{tag} payload {}", "x".repeat(i * 97));
+                    let opts = CallOptions::default().fds([unlinked_file(&text)]);
+                    let (len, mut fds): (u64, _) = client
+                        .call_with_fds("Files.reverse", &tag, opts)
+                        .await
+                        .unwrap_or_else(|s| panic!("{tag}: {s}"));
+                    assert_eq!(len as usize, text.len());
+                    let back = contents(fds.remove(0));
+                    assert_eq!(back, text.chars().rev().collect::<String>(), "{tag}");
+                });
+            }
+        }
+        while let Some(done) = tasks.join_next().await {
+            done.expect("call task");
+        }
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn links_that_cannot_carry_descriptors_refuse_calls_with_them_at_once() {
+    within(20, "refusals", async {
+        // rpc straight over a TCP connection, and over a mux channel of a TCP session.
+        let (a, b) = netchan_testkit::tcp_pair().await;
+        let server = files_server();
+        tokio::spawn(async move {
+            let _ = server.serve(b).await;
+        });
+        let tcp = Client::new(a);
+        let (x, y) = netchan_testkit::tcp_pair().await;
+        let builder = Session::builder(y, Mode::Server, MuxConfig::default());
+        let mut listener = builder.listen("rpc").unwrap();
+        let _s = builder.start();
+        let server = files_server();
+        tokio::spawn(async move {
+            while let Ok(conn) = listener.accept().await {
+                let server = server.clone();
+                tokio::spawn(async move {
+                    let _ = server.serve(conn).await;
+                });
+            }
+        });
+        let over_mux = Client::new(
+            Session::client(x, MuxConfig::default())
+                .dial("rpc")
+                .await
+                .unwrap(),
+        );
+        for client in [&tcp, &over_mux] {
+            let opts = CallOptions::default().fds([unlinked_file("x")]);
+            let err = client
+                .call_with::<_, u64>("Files.count", &(), opts)
+                .await
+                .unwrap_err();
+            assert_eq!(err.code(), Code::FailedPrecondition, "{err}");
+            assert!(
+                err.message().contains("cannot send file descriptors"),
+                "{err}"
+            );
+            // Nothing was sent: the conn carries on, and a handler that tries to answer
+            // with descriptors gets the same refusal.
+            let err = client.call::<_, ()>("Files.plain", &()).await.unwrap_err();
+            assert_eq!(err.code(), Code::FailedPrecondition, "{err}");
+            let n: u64 = client.call("Files.count", &()).await.unwrap();
+            assert_eq!(n, 0);
+        }
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn more_than_253_descriptors_in_one_message_are_refused() {
+    within(20, "cap", async {
+        let (client_session, _server) = fd_session().await;
+        let client = Client::new(client_session.dial("rpc").await.unwrap());
+        let file = File::from(unlinked_file("x"));
+        let dup = |_| OwnedFd::from(file.try_clone().unwrap());
+        let too_many = CallOptions::default().fds((0..254).map(dup));
+        let err = client
+            .call_with::<_, u64>("Files.count", &(), too_many)
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument, "{err}");
+        assert!(err.message().contains("at most 253"), "{err}");
+        let most = CallOptions::default().fds((0..253).map(dup));
+        let n: u64 = client.call_with("Files.count", &(), most).await.unwrap();
+        assert_eq!(n, 253);
+    })
+    .await;
+}
