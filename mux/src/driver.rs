@@ -46,6 +46,10 @@ const ROUNDS: usize = 32;
 /// Called with every new inbound stream.
 pub(crate) type OnInbound = Arc<dyn Fn(RawStream) + Send + Sync>;
 
+/// Finds out why a failed link failed (see `SessionBuilder::explain_end`).
+pub(crate) type Explain =
+    Box<dyn FnOnce(CloseReason) -> Pin<Box<dyn Future<Output = CloseReason> + Send>> + Send>;
+
 enum State {
     Running,
     /// Closing gracefully (GoAway sent): wait for open channels until the deadline.
@@ -76,6 +80,10 @@ pub(crate) struct Driver {
     keepalive: Option<Keepalive>,
     state: State,
     eof: bool,
+    /// Asked for the reason when the link fails, if set.
+    explain: Option<Explain>,
+    /// The explanation being worked out; the session ends with what it yields.
+    explaining: Option<Pin<Box<dyn Future<Output = CloseReason> + Send>>>,
 }
 
 impl Driver {
@@ -98,7 +106,13 @@ impl Driver {
             keepalive,
             state: State::Running,
             eof: false,
+            explain: None,
+            explaining: None,
         }
+    }
+
+    pub(crate) fn set_explain(&mut self, explain: Explain) {
+        self.explain = Some(explain);
     }
 
     pub(crate) async fn run(mut self) {
@@ -113,6 +127,22 @@ impl Driver {
     }
 
     fn poll(&mut self, cx: &mut Context<'_>) -> Poll<CloseReason> {
+        if let Some(explaining) = &mut self.explaining {
+            return explaining.as_mut().poll(cx);
+        }
+        match self.poll_running(cx) {
+            Poll::Ready(reason @ CloseReason::Io(_)) => match self.explain.take() {
+                Some(explain) => {
+                    self.explaining = Some(explain(reason));
+                    self.poll(cx)
+                }
+                None => Poll::Ready(reason),
+            },
+            other => other,
+        }
+    }
+
+    fn poll_running(&mut self, cx: &mut Context<'_>) -> Poll<CloseReason> {
         self.shared.driver_waker.register(cx.waker());
         self.shared.set_io_waker(cx.waker());
         for _ in 0..ROUNDS {

@@ -88,6 +88,23 @@ where
         &self.session
     }
 
+    /// Lets the session explain a failed link: when the byte stream ends without the peer
+    /// closing the session, or fails ([`CloseReason::Io`]), `explain` gets that reason and
+    /// the session ends with the one its future yields. For a peer whose vanishing has a
+    /// better account elsewhere: a child process's exit status, say. The future should be
+    /// bounded (channels see the end only once it resolves).
+    #[must_use]
+    pub fn explain_end<F, Fut>(mut self, explain: F) -> Self
+    where
+        F: FnOnce(CloseReason) -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = CloseReason> + Send + 'static,
+    {
+        if let Some(driver) = &mut self.driver {
+            driver.set_explain(Box::new(move |reason| Box::pin(explain(reason))));
+        }
+        self
+    }
+
     /// Starts the session: spawns its driver task on the current tokio runtime.
     ///
     /// # Panics

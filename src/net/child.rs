@@ -12,6 +12,9 @@
 //! left inheritable by mistake. The child's stdin, stdout and stderr stay as the `Command`
 //! sets them, free for the program's own use (logs on stderr do not touch the link).
 //!
+//! Both sessions pass file descriptors ([`Session::with_fds`](crate::mux::Session::with_fds)):
+//! a call or a channel can hand the other process an open file, a socket or a memfd.
+//!
 //! When the child exits without closing its session, the parent's session ends with
 //! [`CloseReason::Io`](crate::mux::CloseReason) carrying a [`ChildExited`] that names the
 //! process and its exit status; a child that closes its session first ends it with
@@ -20,18 +23,14 @@
 mod fd;
 
 use std::{
-    future::Future,
     io,
     os::fd::{AsRawFd, OwnedFd},
-    pin::Pin,
     process::ExitStatus,
     sync::atomic::{AtomicBool, Ordering},
-    task::{ready, Context, Poll},
     time::Duration,
 };
 
 use tokio::{
-    io::{AsyncRead, AsyncWrite, ReadBuf},
     net::UnixStream,
     sync::{oneshot, watch},
 };
@@ -184,20 +183,28 @@ pub fn spawn_with(
     let map_err = |source| ChildError::SocketPair(source);
     parent_end.set_nonblocking(true).map_err(map_err)?;
     let io = UnixStream::from_std(parent_end).map_err(map_err)?;
-    let stream = ChildStream {
-        io,
-        exit: exit.clone(),
-        pid,
-        program,
-        state: EofState::Open,
-    };
+    let builder = Session::builder_with_fds(io, mux::Mode::Client, config);
+    setup(builder.session());
+    // A link that fails without the child closing its session: name the child's exit.
+    let mut watch_exit = exit.clone();
+    let builder = builder.explain_end(move |reason| async move {
+        let status = tokio::time::timeout(EXIT_GRACE, watch_exit.wait_for(|s| s.is_some()))
+            .await
+            .ok()
+            .and_then(|s| s.ok().and_then(|s| *s));
+        let exited = ChildExited {
+            pid,
+            program,
+            status,
+        };
+        tracing::debug!(%reason, %exited, "link to the child ended");
+        mux::CloseReason::Io(std::sync::Arc::new(io::Error::new(
+            io::ErrorKind::UnexpectedEof,
+            exited,
+        )))
+    });
     Ok(ChildLink {
-        session: super::gate::start(
-            stream,
-            mux::Mode::Client,
-            config,
-            Some(&super::gate::OnSession(std::sync::Arc::new(setup))),
-        ),
+        session: builder.start(),
         pid,
         exit,
         kill: Some(kill),
@@ -239,7 +246,11 @@ impl ChildLink {
 ///
 /// Panics if called outside a tokio runtime (it spawns the session's driver).
 pub fn from_env(config: mux::Config) -> Result<Session, ChildError> {
-    Ok(Session::server(stream_from_env()?, config))
+    Ok(Session::with_fds(
+        stream_from_env()?,
+        mux::Mode::Server,
+        config,
+    ))
 }
 
 /// Like [`from_env`], running `setup` on the session before it reads anything from the
@@ -249,7 +260,7 @@ pub fn from_env_with(
     setup: impl Fn(&Session) + Send + Sync + 'static,
 ) -> Result<Session, ChildError> {
     let setup = super::gate::OnSession(std::sync::Arc::new(setup));
-    Ok(super::gate::start(
+    Ok(super::gate::start_unix(
         stream_from_env()?,
         mux::Mode::Server,
         config,
@@ -274,114 +285,4 @@ pub fn stream_from_env() -> Result<UnixStream, ChildError> {
     std.local_addr().map_err(not_a_socket)?;
     std.set_nonblocking(true).map_err(not_a_socket)?;
     UnixStream::from_std(std).map_err(not_a_socket)
-}
-
-/// The parent's end of the link: on end of stream it waits (bounded) for the child's exit
-/// status and reports it as an error, so the session's close reason says what happened.
-struct ChildStream {
-    io: UnixStream,
-    exit: watch::Receiver<Option<ExitStatus>>,
-    pid: u32,
-    program: String,
-    state: EofState,
-}
-
-enum EofState {
-    Open,
-    Waiting(Pin<Box<dyn Future<Output = ChildExited> + Send>>),
-    Ended(ChildExited),
-}
-
-impl ChildStream {
-    /// Once the link has ended (end of stream, reset, broken pipe): the error that names the
-    /// child's exit, after waiting (at most [`EXIT_GRACE`]) for its status.
-    fn poll_ended(&mut self, cx: &mut Context<'_>) -> Poll<io::Error> {
-        loop {
-            match &mut self.state {
-                EofState::Open => {
-                    let mut exit = self.exit.clone();
-                    let (pid, program) = (self.pid, self.program.clone());
-                    self.state = EofState::Waiting(Box::pin(async move {
-                        let status =
-                            tokio::time::timeout(EXIT_GRACE, exit.wait_for(|s| s.is_some()))
-                                .await
-                                .ok()
-                                .and_then(|s| s.ok().and_then(|s| *s));
-                        ChildExited {
-                            pid,
-                            program,
-                            status,
-                        }
-                    }));
-                }
-                EofState::Waiting(fut) => {
-                    let exited = ready!(fut.as_mut().poll(cx));
-                    self.state = EofState::Ended(exited);
-                }
-                EofState::Ended(exited) => {
-                    return Poll::Ready(io::Error::new(
-                        io::ErrorKind::UnexpectedEof,
-                        exited.clone(),
-                    ));
-                }
-            }
-        }
-    }
-}
-
-/// Errors that mean the other end of the socket pair is gone.
-fn is_link_gone(e: &io::Error) -> bool {
-    matches!(
-        e.kind(),
-        io::ErrorKind::ConnectionReset
-            | io::ErrorKind::BrokenPipe
-            | io::ErrorKind::ConnectionAborted
-    )
-}
-
-impl AsyncRead for ChildStream {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        let this = &mut *self;
-        if matches!(this.state, EofState::Open) {
-            let before = buf.filled().len();
-            match ready!(Pin::new(&mut this.io).poll_read(cx, buf)) {
-                Ok(()) if buf.filled().len() > before || buf.remaining() == 0 => {
-                    return Poll::Ready(Ok(()))
-                }
-                Ok(()) => {}
-                Err(e) if is_link_gone(&e) => {}
-                Err(e) => return Poll::Ready(Err(e)),
-            }
-        }
-        this.poll_ended(cx).map(Err)
-    }
-}
-
-impl AsyncWrite for ChildStream {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        let this = &mut *self;
-        if matches!(this.state, EofState::Open) {
-            match ready!(Pin::new(&mut this.io).poll_write(cx, buf)) {
-                Err(e) if is_link_gone(&e) => {}
-                other => return Poll::Ready(other),
-            }
-        }
-        this.poll_ended(cx).map(Err)
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.io).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.io).poll_shutdown(cx)
-    }
 }

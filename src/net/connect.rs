@@ -12,6 +12,14 @@ where
 {
     super::gate::start(io, mux::Mode::Client, config, setup)
 }
+
+fn start_unix(
+    io: UnixStream,
+    config: mux::Config,
+    setup: Option<&super::gate::OnSession>,
+) -> Session {
+    super::gate::start_unix(io, mux::Mode::Client, config, setup)
+}
 use crate::mux::{self, Session};
 
 /// How [`connect`] connects. `ConnectOptions::default()` suits TCP and Unix sockets.
@@ -122,14 +130,14 @@ pub async fn connect(
                 .await
                 .map_err(|_| timed_out(&addr))?
                 .map_err(io_err(&addr))?;
-            start(unix, options.mux, options.on_session.as_ref())
+            start_unix(unix, options.mux, options.on_session.as_ref())
         }
         Addr::AbstractUnix(name) => {
             let unix = tokio::time::timeout_at(deadline, UnixStream::connect(abstract_path(name)))
                 .await
                 .map_err(|_| timed_out(&addr))?
                 .map_err(io_err(&addr))?;
-            start(unix, options.mux, options.on_session.as_ref())
+            start_unix(unix, options.mux, options.on_session.as_ref())
         }
         #[cfg(feature = "tls")]
         Addr::Tls { host, port } => {

@@ -1,21 +1,15 @@
-//! [`Gated`]: a byte stream whose reads wait until a setup step is done, so a session's
-//! listeners are registered before the session reads the peer's first dial.
+//! Starting a session with a setup step that runs before the session reads anything from the
+//! peer (listeners registered first: no listen race), over any byte stream or, for unix
+//! sockets, with file-descriptor passing.
 
-use std::{
-    fmt,
-    future::Future,
-    io,
-    pin::Pin,
-    sync::Arc,
-    task::{ready, Context, Poll},
-};
+use std::{fmt, sync::Arc};
 
 use tokio::{
-    io::{AsyncRead, AsyncWrite, ReadBuf},
-    sync::oneshot,
+    io::{AsyncRead, AsyncWrite},
+    net::UnixStream,
 };
 
-use crate::mux::Session;
+use crate::mux::{Session, SessionBuilder};
 
 /// A setup step run on each new session before it reads anything from the peer.
 #[derive(Clone)]
@@ -38,70 +32,26 @@ pub(crate) fn start<T>(
 where
     T: AsyncRead + AsyncWrite + Send + Unpin + 'static,
 {
-    let Some(setup) = setup else {
-        return Session::new(io, mode, config);
-    };
-    let (open, gate) = oneshot::channel();
-    let session = Session::new(
-        Gated {
-            io,
-            gate: Some(gate),
-        },
-        mode,
-        config,
-    );
-    (setup.0)(&session);
-    let _ = open.send(());
-    session
+    run(Session::builder(io, mode, config), setup)
 }
 
-/// Reads wait for the gate; writes pass straight through.
-struct Gated<T> {
-    io: T,
-    gate: Option<oneshot::Receiver<()>>,
+/// [`start`] over a unix socket: the session also passes file descriptors
+/// ([`Session::with_fds`]).
+pub(crate) fn start_unix(
+    io: UnixStream,
+    mode: crate::mux::Mode,
+    config: crate::mux::Config,
+    setup: Option<&OnSession>,
+) -> Session {
+    run(Session::builder_with_fds(io, mode, config), setup)
 }
 
-impl<T: AsyncRead + Unpin> AsyncRead for Gated<T> {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        if let Some(gate) = &mut self.gate {
-            // Opened or dropped, the setup is over either way.
-            let _ = ready!(Pin::new(gate).poll(cx));
-            self.gate = None;
-        }
-        Pin::new(&mut self.io).poll_read(cx, buf)
+fn run<T>(builder: SessionBuilder<T>, setup: Option<&OnSession>) -> Session
+where
+    T: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+{
+    if let Some(setup) = setup {
+        (setup.0)(builder.session());
     }
-}
-
-impl<T: AsyncWrite + Unpin> AsyncWrite for Gated<T> {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.io).poll_write(cx, buf)
-    }
-
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.io.is_write_vectored()
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.io).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.io).poll_shutdown(cx)
-    }
+    builder.start()
 }

@@ -26,6 +26,14 @@ where
     super::gate::start(io, mux::Mode::Server, config, setup)
 }
 
+fn start_unix(
+    io: tokio::net::UnixStream,
+    config: mux::Config,
+    setup: Option<&super::gate::OnSession>,
+) -> Session {
+    super::gate::start_unix(io, mux::Mode::Server, config, setup)
+}
+
 /// How [`bind`] listens. `BindOptions::default()` suits TCP and Unix sockets.
 #[derive(Clone, Debug)]
 pub struct BindOptions {
@@ -335,7 +343,7 @@ async fn accept_loop(
         }
         let session = match io {
             Io::Tcp(tcp) => start(tcp, options.mux.clone(), options.on_session.as_ref()),
-            Io::Unix(unix) => start(unix, options.mux.clone(), options.on_session.as_ref()),
+            Io::Unix(unix) => start_unix(unix, options.mux.clone(), options.on_session.as_ref()),
         };
         if ready.send(Ok(session)).await.is_err() {
             return;
