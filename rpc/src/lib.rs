@@ -5,7 +5,7 @@
 //! users rely on: [`Status`] codes, deadlines that travel with the call,
 //! cancellation when the caller drops the call, metadata, flow-controlled
 //! server, client and bidi streaming, and typed services
-//! ([`service!`]).
+//! ([`rpc_service`]).
 //!
 //! One conn carries calls in one direction: a [`Server`] serves it, a
 //! [`Client`] calls over it. For both sides to serve and call on one link,
@@ -73,7 +73,8 @@
 //!   `server/in_flight` admission and in-flight tracking, `server/call` one
 //!   call's task, `server/incoming` [`Server::serve_incoming`] and its
 //!   [`Incoming`] sources.
-//! - `service` — [`ServiceDef`] and the [`service!`] macro.
+//! - `service` — [`ServiceDef`] and the deprecated [`service!`] macro
+//!   (`#[rpc_service]` itself lives in the `netchan-rpc-macros` crate).
 //! - `peer` — [`Peer`]: both directions over one mux session.
 //! - `context`, `status`, `metadata`, `config`, `error`, `bytebuf` — the
 //!   small types ([`ByteBuf`]: a byte payload that encodes as one block).
@@ -104,7 +105,8 @@ pub use error::Error;
 pub use metadata::{Interceptor, Metadata};
 /// Declares a typed service from a trait: the trait to implement, a typed
 /// client (`{Trait}Client`) and a registration (`into_service`), the
-/// successor of [`service!`] (in the spirit of `#[tarpc::service]`).
+/// successor of the deprecated [`service!`] (in the spirit of
+/// `#[tarpc::service]`).
 ///
 /// Each method is `async fn name(&self, ctx: Context, args...) -> Result<T, E>`:
 ///

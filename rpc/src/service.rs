@@ -96,6 +96,12 @@ impl Server {
 /// Declares a typed service: a trait to implement, a typed client and a
 /// registration, from one trait-like definition.
 ///
+/// **Deprecated: use [`#[rpc_service]`](crate::rpc_service)**, which takes
+/// any number of arguments, checks the error and message types with clear
+/// messages, and generates the same `"Trait.method"` names on the wire (so
+/// moving a service over changes nothing for deployed peers). This macro
+/// keeps working.
+///
 /// Methods are `async fn` (unary), `stream fn` (server streaming, returning
 /// `Result<ItemStream<Item>, Status>`) or `bidi fn` (bidi streaming:
 /// the request argument is a [`RequestStream<Req>`](crate::RequestStream),
@@ -116,6 +122,7 @@ impl Server {
 ///   returns.
 ///
 /// ```
+/// # #![allow(deprecated)]
 /// use futures::StreamExt;
 /// use netchan_rpc::{service, Client, Context, ItemStream, RequestStream, Server, Status};
 ///
@@ -169,6 +176,7 @@ impl Server {
 /// # }
 /// ```
 #[macro_export]
+#[deprecated(note = "use #[rpc_service]")]
 macro_rules! service {
     (
         $(#[$attr:meta])*

@@ -42,6 +42,9 @@ struct Method {
     args: Vec<(syn::Ident, Type)>,
     /// `T` of `Result<T, E>` (for a server stream: the item type).
     ok: Type,
+    /// `T` of `Result<T, E>` as written (`ItemStream<Item>` for a server
+    /// stream): the trait uses the user's own path, so their import counts.
+    ret: Type,
     /// `T` of the `RequestStream<T>` argument.
     req_item: Option<Type>,
     err: Type,
@@ -85,20 +88,17 @@ fn expand(attr: TokenStream, item: ItemTrait) -> syn::Result<TokenStream> {
             ctx: (ctx_pat, ctx_ty),
             args,
             ok,
+            ret,
             req_item,
             err,
             kind,
         } = m;
         let arg_names: Vec<_> = args.iter().map(|(n, _)| n).collect();
         let arg_tys: Vec<_> = args.iter().map(|(_, t)| t).collect();
-        let ret_ok = match kind {
-            Kind::ServerStreaming | Kind::Bidi => quote!(#krate::ItemStream<#ok>),
-            _ => quote!(#ok),
-        };
         trait_fns.push(quote! {
             #(#attrs)*
             fn #mname(&self, #ctx_pat: #ctx_ty, #(#arg_names: #arg_tys),*)
-                -> impl ::std::future::Future<Output = ::std::result::Result<#ret_ok, #err>>
+                -> impl ::std::future::Future<Output = ::std::result::Result<#ret, #err>>
                     + ::std::marker::Send;
         });
 
@@ -436,7 +436,8 @@ fn parse_method(f: &TraitItemFn) -> syn::Result<Method> {
         name: sig.ident.clone(),
         ctx,
         args,
-        ok: item.unwrap_or(ok),
+        ok: item.unwrap_or_else(|| ok.clone()),
+        ret: ok,
         req_item: req_stream,
         err,
         kind,
