@@ -10,7 +10,7 @@ use futures::StreamExt;
 use netchan::{
     mux::{self, Session},
     net::{TlsClient, TlsServer},
-    rpc::{self, service, CallOptions, Code, Context, ItemStream, Status},
+    rpc::{self, rpc_service, CallOptions, Code, Context, ItemStream, Status},
     BindOptions, ConnectOptions,
 };
 use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
@@ -24,26 +24,20 @@ async fn bounded<F: Future>(f: F) -> F::Output {
     netchan_testkit::within(BOUND.as_secs(), "the operation of this test", f).await
 }
 
-service! {
-    /// What the hub serves to its clients.
-    pub trait Hub {
-        /// Asks the hub to relay `text` back through the caller's own `Phone` service.
-        async fn relay(&self, ctx: Context, text: String) -> Result<String, Status>;
-        /// Counts from 0 to `n` (exclusive); `n` over 1000 is out of range.
-        stream fn count(&self, ctx: Context, n: u32) -> Result<ItemStream<u32>, Status>;
-    }
-    /// Typed client for [`Hub`].
-    pub struct HubClient;
+/// What the hub serves to its clients.
+#[rpc_service(crate = "netchan::rpc")]
+pub trait Hub {
+    /// Asks the hub to relay `text` back through the caller's own `Phone` service.
+    async fn relay(&self, ctx: Context, text: String) -> Result<String, Status>;
+    /// Counts from 0 to `n` (exclusive); `n` over 1000 is out of range.
+    async fn count(&self, ctx: Context, n: u32) -> Result<ItemStream<u32>, Status>;
 }
 
-service! {
-    /// What each client exports to the hub, over the client's own connection.
-    pub trait Phone {
-        /// Answers with `text` in upper case.
-        async fn shout(&self, ctx: Context, text: String) -> Result<String, Status>;
-    }
-    /// Typed client for [`Phone`].
-    pub struct PhoneClient;
+/// What each client exports to the hub, over the client's own connection.
+#[rpc_service(crate = "netchan::rpc")]
+pub trait Phone {
+    /// Answers with `text` in upper case.
+    async fn shout(&self, ctx: Context, text: String) -> Result<String, Status>;
 }
 
 struct HubImpl {

@@ -8,27 +8,21 @@
 use std::error::Error;
 
 use netchan_mux::{Config as MuxConfig, Session};
-use netchan_rpc::{service, CallOptions, Context, Peer, Server, Status};
+use netchan_rpc::{rpc_service, CallOptions, Context, Peer, Server, Status};
 use tokio::net::{TcpListener, TcpStream};
 
-service! {
-    /// Runs on the hub.
-    pub trait Hub {
-        /// Fetches `path` from the calling peer, via the hub.
-        async fn read_through(&self, ctx: Context, path: String) -> Result<String, Status>;
-    }
-    /// Typed client for [`Hub`].
-    pub struct HubClient;
+/// Runs on the hub.
+#[rpc_service]
+pub trait Hub {
+    /// Fetches `path` from the calling peer, via the hub.
+    async fn read_through(&self, ctx: Context, path: String) -> Result<String, Status>;
 }
 
-service! {
-    /// Runs on every device.
-    pub trait Files {
-        /// The contents of `path`.
-        async fn fetch(&self, ctx: Context, path: String) -> Result<String, Status>;
-    }
-    /// Typed client for [`Files`].
-    pub struct FilesClient;
+/// Runs on every device.
+#[rpc_service]
+pub trait Files {
+    /// The contents of `path`.
+    async fn fetch(&self, ctx: Context, path: String) -> Result<String, Status>;
 }
 
 struct HubImpl;

@@ -30,13 +30,12 @@ use tracing::Instrument;
 
 pub(crate) use in_flight::Shared;
 use in_flight::{read_loop, CallGuard, Handle, Pending, State, UnaryReply};
-pub use streams::{RequestSink, ResponseStream};
+pub use streams::{PendingResponse, RequestSink, ResponseStream};
 
 use crate::{
     codec,
     error::chain,
     fds::{FdBatch, FdLink},
-    stream::StreamEvent,
     transport::{Outbox, WithFds},
     wire::{timeout_to_wire, Header},
     Config, Context, Error, Interceptor, Metadata, Status,
@@ -534,10 +533,13 @@ impl Client {
     /// Calls server-streaming `method`; the returned stream yields the items
     /// as they arrive, then ends (after an `Err` item if the call failed).
     ///
-    /// Resolves once the request is queued. Flow control: at most
-    /// [`Config::stream_window`] items are in flight; more are granted as
-    /// the stream is consumed. Dropping the stream cancels the call; the
-    /// deadline in `opts` covers the whole stream. Cancel-safe.
+    /// Resolves like tonic's: once the server's handler accepted the call
+    /// (returned its stream), or with the handler's early error, so
+    /// `client.call_stream(..).await?` means the call was accepted. Flow
+    /// control: at most [`Config::stream_window`] items are in flight; more
+    /// are granted as the stream is consumed. Dropping the stream (or this
+    /// future) cancels the call; the deadline in `opts` covers the whole
+    /// stream. Cancel-safe.
     pub async fn call_stream<Req, Item>(
         &self,
         method: &str,
@@ -551,69 +553,131 @@ impl Client {
         let deadline = opts.resolve_deadline(Instant::now());
         let window = self.shared().config.window();
         // Three extra slots so the acceptance, the trailers and the end always fit.
-        let (tx, mut rx) = mpsc::channel(window as usize + 3);
-        let accepted = async {
-            let guard = self
-                .start(
-                    method,
-                    Some(req),
-                    Outgoing {
-                        metadata: &opts.metadata,
-                        deadline,
-                        fds: opts.fds.clone(),
-                    },
-                    Some(window),
-                    Pending::Stream(tx, None),
-                )
-                .await?;
-            // Resolve as the handler does: its early error is this call's
-            // error, not the stream's first item.
-            let mut event = rx.recv().await;
-            while let Some(StreamEvent::Trailers(_)) = event {
-                // Trailers of a refused call: its status follows.
-                event = rx.recv().await;
-            }
-            match event {
-                Some(StreamEvent::Accepted) => Ok(guard.keep()),
-                // The reader removed the call: nothing to cancel.
-                Some(StreamEvent::End(Some(status))) => Err(status),
-                Some(StreamEvent::End(None)) => Err(Status::internal(format!(
-                    "the server ended the stream of {method} without accepting the call"
-                ))),
-                Some(StreamEvent::Item(..) | StreamEvent::Trailers(_)) => Err(Status::internal(
-                    format!("the server sent an item of {method} before accepting the call"),
-                )),
-                None => Err(self
-                    .shared()
-                    .closed_status()
-                    .unwrap_or_else(|| Status::conn_lost("rpc conn closed"))),
-            }
-        };
-        let id = within_deadline(method, deadline, accepted).await?;
-        Ok(ResponseStream::new(
-            self.clone(),
-            id,
+        let (tx, rx) = mpsc::channel(window as usize + 3);
+        let start = self.start(
             method,
-            rx,
-            window,
-            deadline,
-        ))
+            Some(req),
+            Outgoing {
+                metadata: &opts.metadata,
+                deadline,
+                fds: opts.fds.clone(),
+            },
+            Some(window),
+            Pending::Stream(tx, None),
+        );
+        let id = within_deadline(method, deadline, start).await?.keep();
+        // From here the stream owns the call: dropping it cancels the call.
+        let stream = ResponseStream::new(self.clone(), id, method, rx, window, deadline);
+        PendingResponse::new(stream).await
     }
 
-    /// Starts bidi-streaming `method`: send requests with the
-    /// returned [`RequestSink`] (flow-controlled by credit from the server;
-    /// finish it, or drop it, to end the requests), read responses from the
-    /// [`ResponseStream`] as for [`Client::call_stream`]. Client streaming is
-    /// the case where the server answers with one item.
+    /// Calls bidi-streaming `method`, the way tonic does: `requests` is
+    /// sent to the server (flow-controlled by its credit) while the call
+    /// runs, and the call resolves once the server's handler accepted it
+    /// (returned its response stream), or fails with the handler's early
+    /// error. Then read the responses from the [`ResponseStream`].
     ///
-    /// Resolves once the call is queued. Dropping the response stream
-    /// cancels the call; the deadline in `opts` covers the whole call.
-    /// Cancel-safe.
-    pub async fn call_bidi<Req, Item>(
+    /// The requests flow from the start, so a handler may read some before
+    /// it accepts. They are sent from a task spawned on the current Tokio
+    /// runtime, which stops when `requests` ends (the server then sees the
+    /// end of the requests), when the call ends, or when the response stream
+    /// is dropped. A request that cannot be sent (it exceeds the message
+    /// limit, the deadline passed) fails the call: the response stream
+    /// yields that status. For a request sink you drive yourself, see
+    /// [`Client::open_bidi`].
+    ///
+    /// Dropping the response stream (or this future) cancels the call; the
+    /// deadline in `opts` covers the whole call. Cancel-safe.
+    ///
+    /// ```
+    /// # async fn run(client: netchan_rpc::Client) -> Result<(), netchan_rpc::Status> {
+    /// use futures::{stream, StreamExt};
+    /// use netchan_rpc::CallOptions;
+    ///
+    /// let requests = stream::iter([1u64, 2, 3]);
+    /// let mut answers = client
+    ///     .call_bidi::<u64, u64, _>("Calc.double", requests, CallOptions::default())
+    ///     .await?; // the handler accepted the call
+    /// while let Some(answer) = answers.next().await {
+    ///     println!("{}", answer?);
+    /// }
+    /// # Ok(())
+    /// # }
+    /// ```
+    ///
+    /// # Panics
+    ///
+    /// If called outside a Tokio runtime.
+    pub async fn call_bidi<Req, Item, S>(
+        &self,
+        method: &str,
+        requests: S,
+        opts: CallOptions,
+    ) -> Result<ResponseStream<Item>, Status>
+    where
+        Req: Serialize + Send + 'static,
+        Item: DeserializeOwned,
+        S: futures::Stream<Item = Req> + Send + 'static,
+    {
+        let (sink, response) = self.open_bidi::<Req, Item>(method, opts).await?;
+        let stop = CancellationToken::new();
+        tokio::spawn(streams::pump(sink, requests, stop.clone()));
+        response.stop_on_end(stop).await
+    }
+
+    /// Calls client-streaming `method` (a bidi method whose handler answers
+    /// once): sends `requests` as [`Client::call_bidi`] does and resolves
+    /// with the one response, or the call's error (the handler's early
+    /// error included). Cancel-safe: dropping the future cancels the call.
+    ///
+    /// # Panics
+    ///
+    /// If called outside a Tokio runtime.
+    pub async fn call_client_stream<Req, Resp, S>(
+        &self,
+        method: &str,
+        requests: S,
+        opts: CallOptions,
+    ) -> Result<Resp, Status>
+    where
+        Req: Serialize + Send + 'static,
+        Resp: DeserializeOwned,
+        S: futures::Stream<Item = Req> + Send + 'static,
+    {
+        self.call_bidi(method, requests, opts).await?.single().await
+    }
+
+    /// Starts bidi-streaming `method` with a request sink you drive
+    /// yourself: resolves once the call is queued, with the
+    /// [`RequestSink`] (usable at once: send with credit from the server,
+    /// finish or drop it to end the requests) and a [`PendingResponse`],
+    /// which resolves to the [`ResponseStream`] once the handler accepted
+    /// the call, or to its early error. Send the requests the handler needs
+    /// before it accepts, then await the response: awaiting it first waits
+    /// for a handler that may be waiting for requests.
+    ///
+    /// Dropping the response (pending or not) cancels the call; the deadline
+    /// in `opts` covers the whole call. Cancel-safe.
+    ///
+    /// ```
+    /// # async fn run(client: netchan_rpc::Client) -> Result<(), netchan_rpc::Status> {
+    /// use netchan_rpc::CallOptions;
+    ///
+    /// let (mut sink, response) = client
+    ///     .open_bidi::<u64, u64>("Calc.sum", CallOptions::default())
+    ///     .await?;
+    /// sink.send(&20).await?;
+    /// sink.send(&22).await?;
+    /// sink.finish();
+    /// let total = response.await?.single().await?;
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub async fn open_bidi<Req, Item>(
         &self,
         method: &str,
         opts: CallOptions,
-    ) -> Result<(RequestSink<Req>, ResponseStream<Item>), Status>
+    ) -> Result<(RequestSink<Req>, PendingResponse<Item>), Status>
     where
         Req: Serialize,
         Item: DeserializeOwned,
@@ -637,7 +701,14 @@ impl Client {
         let id = within_deadline(method, deadline, start).await?.keep();
         Ok((
             RequestSink::new(self.clone(), id, method, credits, deadline),
-            ResponseStream::new(self.clone(), id, method, rx, window, deadline),
+            PendingResponse::new(ResponseStream::new(
+                self.clone(),
+                id,
+                method,
+                rx,
+                window,
+                deadline,
+            )),
         ))
     }
 

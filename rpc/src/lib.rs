@@ -5,7 +5,7 @@
 //! users rely on: [`Status`] codes, deadlines that travel with the call,
 //! cancellation when the caller drops the call, metadata, flow-controlled
 //! server, client and bidi streaming, and typed services
-//! ([`service!`]).
+//! ([`rpc_service`]).
 //!
 //! One conn carries calls in one direction: a [`Server`] serves it, a
 //! [`Client`] calls over it. For both sides to serve and call on one link,
@@ -64,7 +64,8 @@
 //! - `transport` — the batching outbox, its writer task and the frame reader.
 //! - `client` — [`Client`] and [`CallOptions`]; `client/in_flight` holds
 //!   the in-flight map and the reader, `client/streams` the client's ends
-//!   of streaming calls ([`ResponseStream`], [`RequestSink`]).
+//!   of streaming calls ([`ResponseStream`], [`PendingResponse`],
+//!   [`RequestSink`]).
 //! - `stream` — what both ends of a streaming call share, and
 //!   [`RequestStream`] (the server's view of a bidi call's requests).
 //! - `server` — [`Server`], the method registry; `server/handler` erases
@@ -72,7 +73,8 @@
 //!   `server/in_flight` admission and in-flight tracking, `server/call` one
 //!   call's task, `server/incoming` [`Server::serve_incoming`] and its
 //!   [`Incoming`] sources.
-//! - `service` — [`ServiceDef`] and the [`service!`] macro.
+//! - `service` — [`ServiceDef`] and the deprecated [`service!`] macro
+//!   (`#[rpc_service]` itself lives in the `netchan-rpc-macros` crate).
 //! - `peer` — [`Peer`]: both directions over one mux session.
 //! - `context`, `status`, `metadata`, `config`, `error`, `bytebuf` — the
 //!   small types ([`ByteBuf`]: a byte payload that encodes as one block).
@@ -96,7 +98,7 @@ mod transport;
 mod wire;
 
 pub use bytebuf::ByteBuf;
-pub use client::{CallOptions, Client, RequestSink, ResponseStream};
+pub use client::{CallOptions, Client, PendingResponse, RequestSink, ResponseStream};
 pub use codec::CodecError;
 pub use config::{Config, MAX_MESSAGE_SIZE_CAP, MIN_MESSAGE_SIZE};
 pub use context::Context;
@@ -105,7 +107,8 @@ pub use fds::MAX_FDS_PER_MESSAGE;
 pub use metadata::{Interceptor, Metadata};
 /// Declares a typed service from a trait: the trait to implement, a typed
 /// client (`{Trait}Client`) and a registration (`into_service`), the
-/// successor of [`service!`] (in the spirit of `#[tarpc::service]`).
+/// successor of the deprecated [`service!`] (in the spirit of
+/// `#[tarpc::service]`).
 ///
 /// Each method is `async fn name(&self, ctx: Context, args...) -> Result<T, E>`:
 ///
@@ -117,10 +120,12 @@ pub use metadata::{Interceptor, Metadata};
 ///   client-streaming method (returning `T`) or a bidi-streaming one
 ///   (returning `ItemStream<T>`).
 ///
-/// The client has one method per service method with the same arguments;
-/// streaming-request methods take none and return a [`RequestSink`] and a
-/// [`ResponseStream`] ([`ResponseStream::single`] awaits a client-streaming
-/// call's answer). On the wire the methods are `"Trait.method"`. Use
+/// The client has one method per service method with the same arguments,
+/// resolving as tonic's do: a streaming-request method takes any `Stream`
+/// of requests (sent while the call runs, see [`Client::call_bidi`]); a
+/// client-streaming one resolves with the answer, a bidi or
+/// server-streaming one with a [`ResponseStream`] once the server's
+/// handler accepted the call (its early error is the call's error). On the wire the methods are `"Trait.method"`. Use
 /// `#[rpc_service(crate = "netchan::rpc")]` when depending on the facade
 /// crate `netchan` rather than `netchan-rpc`.
 ///
@@ -168,12 +173,7 @@ pub use metadata::{Interceptor, Metadata};
 /// assert_eq!(counter.add(40, 2).await?, 42);
 /// let all: Vec<u64> = counter.upto(3).await?.map(|r| r.unwrap()).collect().await;
 /// assert_eq!(all, [0, 1, 2]);
-/// let (mut numbers, total) = counter.sum().await?;
-/// for n in [1, 2, 3] {
-///     numbers.send(&n).await?;
-/// }
-/// numbers.finish();
-/// assert_eq!(total.single().await?, 6);
+/// assert_eq!(counter.sum(futures::stream::iter([1, 2, 3])).await?, 6);
 /// # Ok(())
 /// # }
 /// ```

@@ -96,6 +96,12 @@ impl Server {
 /// Declares a typed service: a trait to implement, a typed client and a
 /// registration, from one trait-like definition.
 ///
+/// **Deprecated: use [`#[rpc_service]`](crate::rpc_service)**, which takes
+/// any number of arguments, checks the error and message types with clear
+/// messages, and generates the same `"Trait.method"` names on the wire (so
+/// moving a service over changes nothing for deployed peers). This macro
+/// keeps working.
+///
 /// Methods are `async fn` (unary), `stream fn` (server streaming, returning
 /// `Result<ItemStream<Item>, Status>`) or `bidi fn` (bidi streaming:
 /// the request argument is a [`RequestStream<Req>`](crate::RequestStream),
@@ -109,12 +115,14 @@ impl Server {
 ///   provided `into_service(self) -> ServiceDef` for [`Server::add`];
 /// - the client struct wrapping a [`Client`](crate::Client), with one
 ///   `async fn m(&self, req)` per method (for `bidi fn`: `async fn
-///   m(&self)` returning a [`RequestSink`](crate::RequestSink) and a
-///   [`ResponseStream`](crate::ResponseStream)) and `with_options(CallOptions)` to
+///   m(&self, requests)` taking a `Stream` of requests and returning the
+///   [`ResponseStream`](crate::ResponseStream) once the server accepted
+///   the call, as [`Client::call_bidi`](crate::Client::call_bidi)) and `with_options(CallOptions)` to
 ///   set a deadline or metadata for the calls made through the copy it
 ///   returns.
 ///
 /// ```
+/// # #![allow(deprecated)]
 /// use futures::StreamExt;
 /// use netchan_rpc::{service, Client, Context, ItemStream, RequestStream, Server, Status};
 ///
@@ -162,16 +170,13 @@ impl Server {
 /// let all: Vec<u64> = counter.upto(3).await?.map(|r| r.unwrap()).collect().await;
 /// assert_eq!(all, [0, 1, 2]);
 ///
-/// let (mut numbers, mut total) = counter.sum().await?;
-/// for n in [1, 2, 3] {
-///     numbers.send(&n).await?;
-/// }
-/// numbers.finish();
+/// let mut total = counter.sum(futures::stream::iter([1, 2, 3])).await?;
 /// assert_eq!(total.next().await.transpose()?, Some(6));
 /// # Ok(())
 /// # }
 /// ```
 #[macro_export]
+#[deprecated(note = "use #[rpc_service]")]
 macro_rules! service {
     (
         $(#[$attr:meta])*
@@ -314,20 +319,22 @@ macro_rules! __service_client_method {
     (bidi $name:ident, $method:ident, $req_ty:ty, $ret:ty, $(#[$mattr:meta])*) => {
         $(#[$mattr])*
         ///
-        /// Starts the remote call: send requests with the sink, read the
-        /// responses from the stream; dropping the stream cancels the call.
+        /// Starts the remote call with a stream of requests (sent while the
+        /// call runs): resolves once the server accepted the call, then
+        /// yields the responses; dropping the stream cancels the call.
         pub async fn $method(
             &self,
+            requests: impl $crate::__private::Stream<Item = <$req_ty as $crate::StreamArg>::Item>
+                + ::std::marker::Send
+                + 'static,
         ) -> ::std::result::Result<
-            (
-                $crate::RequestSink<<$req_ty as $crate::StreamArg>::Item>,
-                $crate::ResponseStream<<$ret as $crate::StreamReturn>::Item>,
-            ),
+            $crate::ResponseStream<<$ret as $crate::StreamReturn>::Item>,
             $crate::Status,
         > {
             self.client
                 .call_bidi(
                     ::std::concat!(::std::stringify!($name), ".", ::std::stringify!($method)),
+                    requests,
                     self.options.clone(),
                 )
                 .await
@@ -338,6 +345,7 @@ macro_rules! __service_client_method {
 /// What the code `#[rpc_service]` generates relies on; not a public API.
 #[doc(hidden)]
 pub mod __private {
+    pub use futures::Stream;
     use serde::{de::DeserializeOwned, Serialize};
 
     use crate::{ItemStream, Status};

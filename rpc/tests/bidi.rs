@@ -1,5 +1,6 @@
 //! Bidi (bidirectional-streaming) and client streaming: ordering, credit-based flow control
-//! for the requests, ends, errors and conn loss.
+//! for the requests, ends, errors and conn loss, and resolving like tonic's: the call's
+//! `.await` returns once the handler accepted, or with its early error.
 
 mod common;
 
@@ -8,7 +9,7 @@ use std::time::Duration;
 use common::*;
 use futures::{stream, StreamExt};
 use netchan_rpc::{
-    CallOptions, Code, Config, Error, RequestSink, RequestStream, ResponseStream, Server, Status,
+    CallOptions, Code, Config, Error, PendingResponse, RequestSink, RequestStream, Server, Status,
 };
 use tokio::io::AsyncWriteExt;
 
@@ -30,6 +31,21 @@ fn bidi_server(config: Config) -> Server {
         })
         .register_bidi("B.ignore", |_ctx, _reqs: RequestStream<u64>| async move {
             Ok(stream::empty::<Result<u64, Status>>())
+        })
+        .register_bidi("B.refuse", |ctx, _reqs: RequestStream<u64>| async move {
+            if ctx.metadata().get("token") != Some("s3cret") {
+                return Err(Status::permission_denied("bad token"));
+            }
+            Ok(stream::iter([Ok::<_, Status>(1u64)]))
+        })
+        // Reads the first request (a login) before accepting, then echoes.
+        .register_bidi("B.login", |_ctx, mut reqs: RequestStream<u64>| async move {
+            match reqs.next().await {
+                Some(Ok(42)) => Ok(reqs.map(|r| r.map(|n| n + 1))),
+                Some(Ok(n)) => Err(Status::unauthenticated(format!("wrong login {n}"))),
+                Some(Err(status)) => Err(status),
+                None => Err(Status::invalid_argument("no login")),
+            }
         });
     server
 }
@@ -37,8 +53,23 @@ fn bidi_server(config: Config) -> Server {
 #[tokio::test]
 async fn bidi_echo_streams_both_ways_in_order_over_tcp() {
     let (client, _t) = tcp_pair(&bidi_server(Config::default()), Config::default()).await;
-    let (mut sink, responses): (RequestSink<u64>, ResponseStream<u64>) =
-        guard(client.call_bidi("B.echo", CallOptions::default()))
+    // More items than any window: sent while the responses are read.
+    let responses = guard(client.call_bidi::<u64, u64, _>(
+        "B.echo",
+        stream::iter(0..500u64),
+        CallOptions::default(),
+    ))
+    .await
+    .unwrap();
+    let got: Vec<u64> = guard(responses.map(|r| r.unwrap()).collect()).await;
+    assert_eq!(got, (0..500).map(|n| n * 10).collect::<Vec<_>>());
+}
+
+#[tokio::test]
+async fn bidi_echo_with_a_sink_streams_both_ways_in_order_over_tcp() {
+    let (client, _t) = tcp_pair(&bidi_server(Config::default()), Config::default()).await;
+    let (mut sink, responses): (RequestSink<u64>, PendingResponse<u64>) =
+        guard(client.open_bidi("B.echo", CallOptions::default()))
             .await
             .unwrap();
     // Send and receive concurrently: more items than any window.
@@ -48,22 +79,149 @@ async fn bidi_echo_streams_both_ways_in_order_over_tcp() {
         }
         sink.finish();
     });
+    let responses = guard(responses).await.unwrap();
     let got: Vec<u64> = guard(responses.map(|r| r.unwrap()).collect()).await;
     assert_eq!(got, (0..500).map(|n| n * 10).collect::<Vec<_>>());
     guard(sender).await.unwrap();
 }
 
 #[tokio::test]
-async fn client_streaming_gets_one_answer_after_finish() {
+async fn a_handlers_early_error_is_what_the_bidi_call_returns() {
     let (client, _t) = duplex_pair(&bidi_server(Config::default()), Config::default());
-    let (mut sink, mut total) =
-        guard(client.call_bidi::<u64, u64>("B.sum", CallOptions::default()))
+    let err = guard(client.call_bidi::<u64, u64, _>(
+        "B.refuse",
+        stream::pending(),
+        CallOptions::default(),
+    ))
+    .await
+    .unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied, "{err}");
+    assert!(err.message().contains("bad token"), "{err}");
+
+    // The same handler accepts good credentials: then the items flow.
+    let opts = CallOptions::default().metadata("token", "s3cret");
+    let items = guard(client.call_bidi::<u64, u64, _>("B.refuse", stream::pending(), opts))
+        .await
+        .unwrap();
+    let got: Vec<u64> = guard(items.map(Result::unwrap).collect()).await;
+    assert_eq!(got, [1]);
+
+    // With a sink: the pending response fails the same way.
+    let (_sink, pending) = guard(client.open_bidi::<u64, u64>("B.refuse", CallOptions::default()))
+        .await
+        .unwrap();
+    let err = guard(pending).await.unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied, "{err}");
+}
+
+#[tokio::test]
+async fn a_handler_that_reads_requests_before_accepting_gets_them() {
+    let (client, _t) = duplex_pair(&bidi_server(Config::default()), Config::default());
+    // Interactive: the requests come from a channel fed after the call resolves.
+    let (mut tx, rx) = futures::channel::mpsc::channel::<u64>(4);
+    tx.try_send(42).unwrap();
+    let mut answers = guard(client.call_bidi::<u64, u64, _>("B.login", rx, CallOptions::default()))
+        .await
+        .expect("accepted after reading the login");
+    for n in [7u64, 8] {
+        tx.try_send(n).unwrap();
+        assert_eq!(guard(answers.next()).await.unwrap().unwrap(), n + 1);
+    }
+    drop(tx);
+    assert!(guard(answers.next()).await.is_none());
+
+    let err = guard(client.call_bidi::<u64, u64, _>(
+        "B.login",
+        stream::iter([1u64, 2]),
+        CallOptions::default(),
+    ))
+    .await
+    .unwrap_err();
+    assert_eq!(err.code(), Code::Unauthenticated, "{err}");
+
+    // Client streaming: the handler reads everything before it answers.
+    let total: u64 =
+        guard(client.call_client_stream("B.sum", stream::iter(1..=100u64), CallOptions::default()))
             .await
             .unwrap();
+    assert_eq!(total, 5050);
+}
+
+/// The client side of `Accept`: a bidi call resolves only on it, and an
+/// item before it fails the call.
+#[tokio::test(start_paused = true)]
+async fn a_bidi_call_resolves_on_accept_and_not_before() {
+    // Accept { id 1 }, then StreamItem { id 1 } with payload 7, then StreamEnd { id 1 }.
+    const ACCEPT: [u8; 6] = [0, 0, 0, 2, 0x07, 0x01];
+    const ITEM: [u8; 7] = [0, 0, 0, 3, 0x03, 0x01, 0x07];
+    const END: [u8; 7] = [0, 0, 0, 3, 0x04, 0x01, 0x00];
+
+    let (client, mut peer) = silent_server().await;
+    let (_sink, mut pending) = guard(client.open_bidi::<u64, u64>("B.raw", CallOptions::default()))
+        .await
+        .unwrap();
+    let early = tokio::time::timeout(Duration::from_secs(5), &mut pending).await;
+    assert!(early.is_err(), "resolved before any accept: {early:?}");
+    guard(peer.write_all(&ACCEPT)).await.unwrap();
+    guard(peer.write_all(&ITEM)).await.unwrap();
+    guard(peer.write_all(&END)).await.unwrap();
+    let items = guard(pending).await.expect("accepted");
+    let got: Vec<u64> = guard(items.map(Result::unwrap).collect()).await;
+    assert_eq!(got, [7]);
+
+    let (client, mut peer) = silent_server().await;
+    let pending = client.call_bidi::<u64, u64, _>("B.raw", stream::empty(), CallOptions::default());
+    guard(peer.write_all(&ITEM)).await.unwrap();
+    let err = guard(pending).await.unwrap_err();
+    assert_eq!(err.code(), Code::Internal, "{err}");
+    assert!(err.message().contains("before accepting"), "{err}");
+}
+
+#[tokio::test]
+async fn a_request_the_pump_cannot_send_fails_the_call() {
+    let mut server = test_server(Config::default());
+    server.register_bidi(
+        "B.count",
+        |_ctx, reqs: RequestStream<netchan_rpc::ByteBuf>| async move {
+            Ok(reqs.map(|r| r.map(|b| b.len() as u64)))
+        },
+    );
+    let small = Config::default().max_message_size(netchan_rpc::MIN_MESSAGE_SIZE);
+    let (client, _t) = duplex_pair(&server, small);
+    let big = netchan_rpc::ByteBuf::from(vec![0u8; 4 * netchan_rpc::MIN_MESSAGE_SIZE]);
+    let (mut tx, rx) = futures::channel::mpsc::channel(4);
+    tx.try_send(netchan_rpc::ByteBuf::from(vec![1u8; 8]))
+        .unwrap();
+    let mut sizes = guard(client.call_bidi::<netchan_rpc::ByteBuf, u64, _>(
+        "B.count",
+        rx,
+        CallOptions::default(),
+    ))
+    .await
+    .unwrap();
+    assert_eq!(guard(sizes.next()).await.unwrap().unwrap(), 8);
+    tx.try_send(big).unwrap();
+    let err = guard(sizes.next()).await.unwrap().unwrap_err();
+    assert_eq!(err.code(), Code::ResourceExhausted, "{err}");
+    assert!(guard(sizes.next()).await.is_none());
+    // The conn carries on.
+    let s: String = guard(client.call("Test.echo", "fine")).await.unwrap();
+    assert_eq!(s, "fine");
+}
+
+#[tokio::test]
+async fn client_streaming_gets_one_answer_after_finish() {
+    let (client, _t) = duplex_pair(&bidi_server(Config::default()), Config::default());
+    let (mut sink, total) = guard(client.open_bidi::<u64, u64>("B.sum", CallOptions::default()))
+        .await
+        .unwrap();
+    // The handler reads every request before it accepts: the sink works
+    // while the response is pending.
     for n in 1..=100u64 {
         guard(sink.send(&n)).await.unwrap();
     }
     drop(sink); // dropping also finishes the request stream
+    let mut total = guard(total).await.unwrap();
     assert_eq!(guard(total.next()).await.unwrap().unwrap(), 5050);
     assert!(guard(total.next()).await.is_none());
 }
@@ -74,7 +232,7 @@ async fn a_server_that_does_not_read_makes_the_sender_wait_after_one_window() {
     let server = bidi_server(Config::default().stream_window(WINDOW));
     let (client, _t) = duplex_pair(&server, Config::default());
     let (mut sink, responses) =
-        guard(client.call_bidi::<u64, u64>("B.deaf", CallOptions::default()))
+        guard(client.open_bidi::<u64, u64>("B.deaf", CallOptions::default()))
             .await
             .unwrap();
     for n in 0..WINDOW as u64 {
@@ -100,9 +258,10 @@ async fn a_server_that_does_not_read_makes_the_sender_wait_after_one_window() {
 async fn sending_after_the_server_finished_fails_instead_of_hanging() {
     let (client, _t) = duplex_pair(&bidi_server(Config::default()), Config::default());
     let (mut sink, responses) =
-        guard(client.call_bidi::<u64, u64>("B.ignore", CallOptions::default()))
+        guard(client.open_bidi::<u64, u64>("B.ignore", CallOptions::default()))
             .await
             .unwrap();
+    let responses = guard(responses).await.unwrap();
     let got: Vec<Result<u64, Status>> = guard(responses.collect()).await;
     assert!(got.is_empty());
     let err = guard(sink.send(&1)).await.unwrap_err();
@@ -113,11 +272,13 @@ async fn sending_after_the_server_finished_fails_instead_of_hanging() {
 async fn unknown_or_mismatched_bidi_methods_are_unimplemented() {
     let (client, _t) = duplex_pair(&bidi_server(Config::default()), Config::default());
     for method in ["B.nope", "Test.echo"] {
-        let (_sink, mut responses) =
-            guard(client.call_bidi::<u64, u64>(method, CallOptions::default()))
-                .await
-                .unwrap();
-        let err = guard(responses.next()).await.unwrap().unwrap_err();
+        let err = guard(client.call_bidi::<u64, u64, _>(
+            method,
+            stream::pending(),
+            CallOptions::default(),
+        ))
+        .await
+        .unwrap_err();
         assert_eq!(err.code(), Code::Unimplemented, "{method}: {err}");
     }
     let err = guard(client.call::<_, u64>("B.sum", &1u64))
@@ -129,14 +290,15 @@ async fn unknown_or_mismatched_bidi_methods_are_unimplemented() {
 #[tokio::test]
 async fn an_undecodable_request_item_is_invalid_argument() {
     let (client, _t) = duplex_pair(&bidi_server(Config::default()), Config::default());
-    let (mut sink, mut responses) =
-        guard(client.call_bidi::<String, u64>("B.sum", CallOptions::default()))
+    let (mut sink, responses) =
+        guard(client.open_bidi::<String, u64>("B.sum", CallOptions::default()))
             .await
             .unwrap();
     guard(sink.send(&"not a number, and long enough".to_owned()))
         .await
         .unwrap();
-    let err = guard(responses.next()).await.unwrap().unwrap_err();
+    // The handler fails before accepting: its error is the call's.
+    let err = guard(responses).await.unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument, "{err}");
 }
 
@@ -144,7 +306,7 @@ async fn an_undecodable_request_item_is_invalid_argument() {
 async fn losing_the_conn_fails_the_sender_with_unavailable() {
     let (client, task) = duplex_pair(&bidi_server(Config::default()), Config::default());
     let (mut sink, _responses) =
-        guard(client.call_bidi::<u64, u64>("B.deaf", CallOptions::default()))
+        guard(client.open_bidi::<u64, u64>("B.deaf", CallOptions::default()))
             .await
             .unwrap();
     guard(sink.send(&1)).await.unwrap();
@@ -192,7 +354,7 @@ async fn silent_server() -> (netchan_rpc::Client, tokio::io::DuplexStream) {
 #[tokio::test(start_paused = true)]
 async fn request_sink_send_waiting_for_credit_ends_at_the_call_deadline() {
     let (client, _peer) = silent_server().await;
-    let (mut sink, _responses) = guard(client.call_bidi::<u64, u64>(
+    let (mut sink, _responses) = guard(client.open_bidi::<u64, u64>(
         "B.silent",
         CallOptions::default().timeout(Duration::from_secs(2)),
     ))
@@ -225,11 +387,12 @@ async fn a_deadline_at_the_end_of_time_is_clamped_not_a_panic() {
         .await
         .unwrap();
     assert_eq!(echoed, "far");
-    let (mut sink, responses) = guard(client.call_bidi::<u64, u64>("B.echo", opts))
+    let (mut sink, responses) = guard(client.open_bidi::<u64, u64>("B.echo", opts))
         .await
         .unwrap();
     guard(sink.send(&4)).await.unwrap();
     sink.finish();
+    let responses = guard(responses).await.unwrap();
     let got: Vec<u64> = guard(responses.map(|r| r.unwrap()).collect()).await;
     assert_eq!(got, [40]);
 }
@@ -253,8 +416,8 @@ async fn unread_request_items_count_against_the_in_flight_byte_budget() {
         },
     );
     let (client, _t) = duplex_pair(&server, Config::default());
-    let (mut sink, mut responses) =
-        guard(client.call_bidi::<netchan_rpc::ByteBuf, u64>("B.hoard", CallOptions::default()))
+    let (mut sink, responses) =
+        guard(client.open_bidi::<netchan_rpc::ByteBuf, u64>("B.hoard", CallOptions::default()))
             .await
             .unwrap();
     // The default window (16) of 16 KiB items is four times the budget.
@@ -266,9 +429,48 @@ async fn unread_request_items_count_against_the_in_flight_byte_budget() {
             break;
         }
     }
-    let end = guard(responses.next()).await.expect("an end status");
-    assert_eq!(end.unwrap_err().code(), Code::ResourceExhausted);
+    let end = guard(responses).await.expect_err("an end status");
+    assert_eq!(end.code(), Code::ResourceExhausted);
     // The hoarding call's bytes were released: other calls carry on.
     let echoed: String = guard(client.call("Test.echo", "next")).await.unwrap();
     assert_eq!(echoed, "next");
+}
+
+/// Signals when dropped: tells a test that whoever held the stream let go.
+struct DropSignal<S>(S, Option<tokio::sync::oneshot::Sender<()>>);
+
+impl<S> Drop for DropSignal<S> {
+    fn drop(&mut self) {
+        if let Some(tx) = self.1.take() {
+            let _ = tx.send(());
+        }
+    }
+}
+
+impl<S: futures::Stream + Unpin> futures::Stream for DropSignal<S> {
+    type Item = S::Item;
+
+    fn poll_next(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<S::Item>> {
+        std::pin::Pin::new(&mut self.0).poll_next(cx)
+    }
+}
+
+/// The task sending `call_bidi`'s requests does not outlive the call: a
+/// request stream that never ends is dropped once the responses are.
+#[tokio::test]
+async fn dropping_the_responses_stops_sending_the_requests() {
+    let (client, _t) = duplex_pair(&bidi_server(Config::default()), Config::default());
+    let (tx, dropped) = tokio::sync::oneshot::channel();
+    let requests = DropSignal(stream::pending::<u64>(), Some(tx));
+    let responses =
+        guard(client.call_bidi::<u64, u64, _>("B.echo", requests, CallOptions::default()))
+            .await
+            .unwrap();
+    drop(responses);
+    guard(dropped)
+        .await
+        .expect("the request stream was dropped");
 }

@@ -5,28 +5,22 @@
 mod common;
 
 use common::*;
-use netchan_rpc::{service, Client, Code, Context, Server, Status};
+use netchan_rpc::{rpc_service, Client, Code, Context, Server, Status};
 
-service! {
-    /// The hub's service.
-    pub trait Hub {
-        /// Reads `path` from the calling peer, through the hub.
-        async fn read_through(&self, ctx: Context, path: String) -> Result<String, Status>;
-        /// Doubles `n`.
-        async fn double(&self, ctx: Context, n: u64) -> Result<u64, Status>;
-    }
-    /// Typed client for [`Hub`].
-    pub struct HubClient;
+/// The hub's service.
+#[rpc_service]
+pub trait Hub {
+    /// Reads `path` from the calling peer, through the hub.
+    async fn read_through(&self, ctx: Context, path: String) -> Result<String, Status>;
+    /// Doubles `n`.
+    async fn double(&self, ctx: Context, n: u64) -> Result<u64, Status>;
 }
 
-service! {
-    /// A peer's service.
-    pub trait Peer {
-        /// Returns the contents of `path`.
-        async fn fetch(&self, ctx: Context, path: String) -> Result<String, Status>;
-    }
-    /// Typed client for [`Peer`].
-    pub struct PeerClient;
+/// A peer's service.
+#[rpc_service]
+pub trait Peer {
+    /// Returns the contents of `path`.
+    async fn fetch(&self, ctx: Context, path: String) -> Result<String, Status>;
 }
 
 struct HubImpl {

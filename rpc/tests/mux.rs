@@ -277,16 +277,13 @@ async fn bidirectional_streaming_works_over_mux() {
         },
     );
     let (client, _near, _far) = mux_pair(&server, Config::default().stream_window(4)).await;
-    let (mut sink, responses) =
-        guard(client.call_bidi::<u64, u64>("M.double", CallOptions::default()))
-            .await
-            .unwrap();
-    let sender = tokio::spawn(async move {
-        for n in 0..100u64 {
-            sink.send(&n).await.unwrap();
-        }
-    });
+    let responses = guard(client.call_bidi::<u64, u64, _>(
+        "M.double",
+        futures::stream::iter(0..100u64),
+        CallOptions::default(),
+    ))
+    .await
+    .unwrap();
     let got: Vec<u64> = guard(responses.map(|r| r.unwrap()).collect()).await;
     assert_eq!(got, (0..100).map(|n| n * 2).collect::<Vec<_>>());
-    guard(sender).await.unwrap();
 }

@@ -6,7 +6,9 @@ mod common;
 
 use common::*;
 use futures::StreamExt;
-use netchan_rpc::{rpc_service, Code, Config, Context, ItemStream, RequestStream, Server, Status};
+use netchan_rpc::{
+    rpc_service, CallOptions, Code, Config, Context, ItemStream, RequestStream, Server, Status,
+};
 
 /// The error type of a service that is not `Status`.
 #[derive(Debug)]
@@ -88,9 +90,12 @@ impl Calc for MyCalc {
 
     async fn doubles(
         &self,
-        _ctx: Context,
+        ctx: Context,
         ns: RequestStream<u64>,
     ) -> Result<ItemStream<u64>, Status> {
+        if ctx.metadata().get("refuse").is_some() {
+            return Err(Status::permission_denied("refused before any item"));
+        }
         Ok(Box::pin(ns.map(|n| n.map(|n| n * 2))))
     }
 }
@@ -143,18 +148,19 @@ async fn server_streaming_methods_stream_and_refuse_from_the_call() {
 #[tokio::test]
 async fn client_and_bidi_streaming_methods_take_a_request_stream() {
     let (calc, _t) = calc_client();
-    let (mut numbers, total) = guard(calc.sum()).await.unwrap();
-    for n in [1, 2, 3] {
-        guard(numbers.send(&n)).await.unwrap();
-    }
-    numbers.finish();
-    assert_eq!(guard(total.single()).await.unwrap(), 6);
+    let total = guard(calc.sum(futures::stream::iter([1, 2, 3]))).await;
+    assert_eq!(total.unwrap(), 6);
 
-    let (mut numbers, doubled) = guard(calc.doubles()).await.unwrap();
-    for n in [5, 6] {
-        guard(numbers.send(&n)).await.unwrap();
-    }
-    numbers.finish();
+    let doubled = guard(calc.doubles(futures::stream::iter([5, 6])))
+        .await
+        .unwrap();
     let got: Vec<u64> = guard(doubled.map(Result::unwrap).collect()).await;
     assert_eq!(got, [10, 12]);
+
+    // A handler's early error is what the typed call returns.
+    let refusing = calc.with_options(CallOptions::default().metadata("refuse", "yes"));
+    let err = guard(refusing.doubles(futures::stream::pending()))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied, "{err}");
 }

@@ -11,31 +11,25 @@ use anyhow::Context as _;
 use netchan::{
     mux,
     net::child,
-    rpc::{self, service, CallOptions, Context, Status},
+    rpc::{self, rpc_service, CallOptions, Context, Status},
 };
 
-service! {
-    /// What the parent serves to its child.
-    pub trait Parent {
-        /// How the parent would address `name`.
-        async fn title(&self, ctx: Context, name: String) -> Result<String, Status>;
-    }
-    /// Typed client for [`Parent`].
-    pub struct ParentClient;
+/// What the parent serves to its child.
+#[rpc_service(crate = "netchan::rpc")]
+pub trait Parent {
+    /// How the parent would address `name`.
+    async fn title(&self, ctx: Context, name: String) -> Result<String, Status>;
 }
 
-service! {
-    /// What the child serves to its parent.
-    pub trait Worker {
-        /// The fds the child was born with (read from `/proc/self/fd` before anything else).
-        async fn fds(&self, ctx: Context, unit: ()) -> Result<Vec<i32>, Status>;
-        /// Greets `name`, asking the parent how to address them (a nested callback).
-        async fn greet(&self, ctx: Context, name: String) -> Result<String, Status>;
-        /// Sums the numbers.
-        async fn sum(&self, ctx: Context, numbers: Vec<u64>) -> Result<u64, Status>;
-    }
-    /// Typed client for [`Worker`].
-    pub struct WorkerClient;
+/// What the child serves to its parent.
+#[rpc_service(crate = "netchan::rpc")]
+pub trait Worker {
+    /// The fds the child was born with (read from `/proc/self/fd` before anything else).
+    async fn fds(&self, ctx: Context) -> Result<Vec<i32>, Status>;
+    /// Greets `name`, asking the parent how to address them (a nested callback).
+    async fn greet(&self, ctx: Context, name: String) -> Result<String, Status>;
+    /// Sums the numbers.
+    async fn sum(&self, ctx: Context, numbers: Vec<u64>) -> Result<u64, Status>;
 }
 
 struct ParentImpl;
@@ -52,7 +46,7 @@ struct WorkerImpl {
 }
 
 impl Worker for WorkerImpl {
-    async fn fds(&self, _ctx: Context, (): ()) -> Result<Vec<i32>, Status> {
+    async fn fds(&self, _ctx: Context) -> Result<Vec<i32>, Status> {
         Ok(self.born_with.clone())
     }
 
@@ -148,7 +142,7 @@ async fn run_parent() -> anyhow::Result<()> {
 
     let worker = WorkerClient::new(rpc::Client::new(link.session().dial("worker").await?))
         .with_options(CallOptions::default().timeout(Duration::from_secs(10)));
-    let fds = worker.fds(()).await?;
+    let fds = worker.fds().await?;
     println!("parent: the child was born with fds {fds:?}");
     let greeting = worker.greet("ada".to_string()).await?;
     println!("parent: child.greet(\"ada\") = {greeting:?} (the child called parent.title back)");

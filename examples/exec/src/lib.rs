@@ -28,7 +28,7 @@ use std::{
 
 use futures::StreamExt;
 use netchan::{
-    rpc::{self, service, Context, ItemStream, Status},
+    rpc::{self, rpc_service, Context, ItemStream, Status},
     Addr, BindOptions,
 };
 use serde::{Deserialize, Serialize};
@@ -83,15 +83,12 @@ impl std::fmt::Display for ExitInfo {
     }
 }
 
-service! {
-    /// Runs allowlisted commands.
-    pub trait Exec {
-        /// Runs `cmd` and streams its output lines, then its exit status.
-        /// `PermissionDenied` for a program not on the allowlist, `NotFound` if it cannot start.
-        stream fn run(&self, ctx: Context, cmd: CommandLine) -> Result<ItemStream<Output>, Status>;
-    }
-    /// Typed client for [`Exec`].
-    pub struct ExecClient;
+/// Runs allowlisted commands.
+#[rpc_service(crate = "netchan::rpc")]
+pub trait Exec {
+    /// Runs `cmd` and streams its output lines, then its exit status.
+    /// `PermissionDenied` for a program not on the allowlist, `NotFound` if it cannot start.
+    async fn run(&self, ctx: Context, cmd: CommandLine) -> Result<ItemStream<Output>, Status>;
 }
 
 /// What a server has done, for logs and tests.

@@ -10,7 +10,7 @@
 //! (rpc stream credits bound what is in flight on each hop). docs/protocol.md, Part 3, describes
 //! all of it on the wire.
 
-use netchan_rpc::{service, ByteBuf, Code, Context, ItemStream, Status};
+use netchan_rpc::{rpc_service, ByteBuf, Code, Context, ItemStream, Status};
 use serde::{Deserialize, Serialize};
 
 use crate::export::{Entry, ExportError, Listing};
@@ -28,40 +28,34 @@ pub(crate) const READER_KEY: &str = "fileshare-reader";
 /// Length of [`Chunk::sha256`] on the last chunk.
 pub(crate) const DIGEST_LEN: usize = 32;
 
-service! {
-    /// The hub's service, called by clients on [`HUB_CHANNEL`]. The caller is identified by the
-    /// connection the call arrives on, never by a name in the request.
-    pub(crate) trait Hub {
-        /// Publishes the calling connection under `name`, after which the hub calls the
-        /// caller's [`Export`] service. Once per connection.
-        async fn publish(&self, ctx: Context, req: PublishReq) -> Result<PublishResp, Status>;
-        /// Names of the published peers, sorted. Like `ls`, `stat` and `read`, only for a
-        /// connection that has published (else `FailedPrecondition` "publish first").
-        async fn list(&self, ctx: Context, req: ListReq) -> Result<Vec<String>, Status>;
-        /// Lists a directory of a peer.
-        async fn ls(&self, ctx: Context, req: PeerPath) -> Result<Listing, Status>;
-        /// Describes a path of a peer.
-        async fn stat(&self, ctx: Context, req: PeerPath) -> Result<Entry, Status>;
-        /// Streams a file of a peer, from `offset`.
-        stream fn read(&self, ctx: Context, req: PeerRead) -> Result<ItemStream<Chunk>, Status>;
-    }
-    /// Typed client of [`Hub`].
-    pub(crate) struct HubClient;
+/// The hub's service, called by clients on [`HUB_CHANNEL`]. The caller is identified by the
+/// connection the call arrives on, never by a name in the request.
+#[rpc_service]
+pub(crate) trait Hub {
+    /// Publishes the calling connection under `name`, after which the hub calls the
+    /// caller's [`Export`] service. Once per connection.
+    async fn publish(&self, ctx: Context, req: PublishReq) -> Result<PublishResp, Status>;
+    /// Names of the published peers, sorted. Like `ls`, `stat` and `read`, only for a
+    /// connection that has published (else `FailedPrecondition` "publish first").
+    async fn list(&self, ctx: Context, req: ListReq) -> Result<Vec<String>, Status>;
+    /// Lists a directory of a peer.
+    async fn ls(&self, ctx: Context, req: PeerPath) -> Result<Listing, Status>;
+    /// Describes a path of a peer.
+    async fn stat(&self, ctx: Context, req: PeerPath) -> Result<Entry, Status>;
+    /// Streams a file of a peer, from `offset`.
+    async fn read(&self, ctx: Context, req: PeerRead) -> Result<ItemStream<Chunk>, Status>;
 }
 
-service! {
-    /// What every client exports to the hub on [`EXPORT_CHANNEL`]: read-only access to its
-    /// root directory.
-    pub(crate) trait Export {
-        /// Lists a directory ("" for the root).
-        async fn ls(&self, ctx: Context, req: String) -> Result<Listing, Status>;
-        /// Describes a path.
-        async fn stat(&self, ctx: Context, req: String) -> Result<Entry, Status>;
-        /// Streams a regular file from `offset`, in chunks, the last one marked `eof`.
-        stream fn read(&self, ctx: Context, req: ReadReq) -> Result<ItemStream<Chunk>, Status>;
-    }
-    /// Typed client of [`Export`].
-    pub(crate) struct ExportClient;
+/// What every client exports to the hub on [`EXPORT_CHANNEL`]: read-only access to its
+/// root directory.
+#[rpc_service]
+pub(crate) trait Export {
+    /// Lists a directory ("" for the root).
+    async fn ls(&self, ctx: Context, req: String) -> Result<Listing, Status>;
+    /// Describes a path.
+    async fn stat(&self, ctx: Context, req: String) -> Result<Entry, Status>;
+    /// Streams a regular file from `offset`, in chunks, the last one marked `eof`.
+    async fn read(&self, ctx: Context, req: ReadReq) -> Result<ItemStream<Chunk>, Status>;
 }
 
 /// `Hub.publish` request.

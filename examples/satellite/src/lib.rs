@@ -22,7 +22,7 @@ use std::{
 
 use netchan::{
     net::{BindError, ConnectError, TlsClient, TlsServer},
-    rpc::{self, service, CallOptions, Context, ItemStream, Status},
+    rpc::{self, rpc_service, CallOptions, Context, ItemStream, Status},
     Addr, BindOptions, ConnectOptions,
 };
 use serde::{Deserialize, Serialize};
@@ -66,16 +66,13 @@ pub struct Image {
     pub img: Vec<u8>,
 }
 
-service! {
-    /// The satellite's imagery service.
-    pub trait Satellite {
-        /// The image at a location; `OUT_OF_RANGE` off the map.
-        async fn get_image(&self, ctx: Context, at: Location) -> Result<Image, Status>;
-        /// The images of an area, row by row; `OUT_OF_RANGE` if it leaves the map.
-        stream fn get_images(&self, ctx: Context, area: Area) -> Result<ItemStream<Image>, Status>;
-    }
-    /// Typed client for [`Satellite`].
-    pub struct SatelliteClient;
+/// The satellite's imagery service.
+#[rpc_service(crate = "netchan::rpc")]
+pub trait Satellite {
+    /// The image at a location; `OUT_OF_RANGE` off the map.
+    async fn get_image(&self, ctx: Context, at: Location) -> Result<Image, Status>;
+    /// The images of an area, row by row; `OUT_OF_RANGE` if it leaves the map.
+    async fn get_images(&self, ctx: Context, area: Area) -> Result<ItemStream<Image>, Status>;
 }
 
 /// The terrain at a location: one of `~` (sea), `.` (plain), `^` (hills), `#` (city).

@@ -42,6 +42,9 @@ struct Method {
     args: Vec<(syn::Ident, Type)>,
     /// `T` of `Result<T, E>` (for a server stream: the item type).
     ok: Type,
+    /// `T` of `Result<T, E>` as written (`ItemStream<Item>` for a server
+    /// stream): the trait uses the user's own path, so their import counts.
+    ret: Type,
     /// `T` of the `RequestStream<T>` argument.
     req_item: Option<Type>,
     err: Type,
@@ -85,20 +88,17 @@ fn expand(attr: TokenStream, item: ItemTrait) -> syn::Result<TokenStream> {
             ctx: (ctx_pat, ctx_ty),
             args,
             ok,
+            ret,
             req_item,
             err,
             kind,
         } = m;
         let arg_names: Vec<_> = args.iter().map(|(n, _)| n).collect();
         let arg_tys: Vec<_> = args.iter().map(|(_, t)| t).collect();
-        let ret_ok = match kind {
-            Kind::ServerStreaming | Kind::Bidi => quote!(#krate::ItemStream<#ok>),
-            _ => quote!(#ok),
-        };
         trait_fns.push(quote! {
             #(#attrs)*
             fn #mname(&self, #ctx_pat: #ctx_ty, #(#arg_names: #arg_tys),*)
-                -> impl ::std::future::Future<Output = ::std::result::Result<#ret_ok, #err>>
+                -> impl ::std::future::Future<Output = ::std::result::Result<#ret, #err>>
                     + ::std::marker::Send;
         });
 
@@ -184,13 +184,14 @@ fn expand(attr: TokenStream, item: ItemTrait) -> syn::Result<TokenStream> {
                  early error is this call's error); dropping the stream cancels the call."
             }
             Kind::ClientStreaming => {
-                "Starts the remote call: send the requests with the sink and finish it, then \
-                 await the answer with `ResponseStream::single`; dropping the stream cancels \
-                 the call."
+                "Calls the remote method with a stream of requests (sent while the call runs) \
+                 and resolves with its answer, or the handler's error; dropping the future \
+                 cancels the call."
             }
             Kind::Bidi => {
-                "Starts the remote call: send requests with the sink, read responses from the \
-                 stream; dropping the stream cancels the call."
+                "Starts the remote call with a stream of requests (sent while the call runs): \
+                 resolves once the server accepted the call (its early error is this call's \
+                 error), then yields the responses; dropping the stream cancels the call."
             }
         };
         client_fns.push(match kind {
@@ -212,19 +213,40 @@ fn expand(attr: TokenStream, item: ItemTrait) -> syn::Result<TokenStream> {
                     self.client.call_stream(#wire, #req_expr, self.options.clone()).await
                 }
             },
-            Kind::ClientStreaming | Kind::Bidi => quote! {
-                #(#attrs)*
-                ///
-                #[doc = #doc_call]
-                pub async fn #mname(&self)
-                    -> ::std::result::Result<
-                        (#krate::RequestSink<#req_item>, #krate::ResponseStream<#ok>),
-                        #krate::Status,
-                    >
-                {
-                    self.client.call_bidi(#wire, self.options.clone()).await
+            Kind::ClientStreaming => {
+                let (requests, _) = &args[0];
+                quote! {
+                    #(#attrs)*
+                    ///
+                    #[doc = #doc_call]
+                    pub async fn #mname(
+                        &self,
+                        #requests: impl #krate::__private::Stream<Item = #req_item>
+                            + ::std::marker::Send + 'static,
+                    ) -> ::std::result::Result<#ok, #krate::Status> {
+                        self.client
+                            .call_client_stream(#wire, #requests, self.options.clone())
+                            .await
+                    }
                 }
-            },
+            }
+            Kind::Bidi => {
+                let (requests, _) = &args[0];
+                quote! {
+                    #(#attrs)*
+                    ///
+                    #[doc = #doc_call]
+                    pub async fn #mname(
+                        &self,
+                        #requests: impl #krate::__private::Stream<Item = #req_item>
+                            + ::std::marker::Send + 'static,
+                    ) -> ::std::result::Result<#krate::ResponseStream<#ok>, #krate::Status> {
+                        self.client
+                            .call_bidi(#wire, #requests, self.options.clone())
+                            .await
+                    }
+                }
+            }
         });
     }
 
@@ -414,7 +436,8 @@ fn parse_method(f: &TraitItemFn) -> syn::Result<Method> {
         name: sig.ident.clone(),
         ctx,
         args,
-        ok: item.unwrap_or(ok),
+        ok: item.unwrap_or_else(|| ok.clone()),
+        ret: ok,
         req_item: req_stream,
         err,
         kind,

@@ -105,6 +105,29 @@ impl Shared {
         }
     }
 
+    /// Fails streaming call `id` locally with `status` (its response stream
+    /// yields it) and tells the server to stop working on it; a no-op once
+    /// the call has ended.
+    pub(crate) fn fail(&self, id: u64, status: Status) {
+        let removed = {
+            let mut st = self.lock();
+            st.trailers.remove(&id);
+            st.pending.remove(&id)
+        };
+        let Some(Pending::Stream(tx, credits)) = removed else {
+            return;
+        };
+        // At most a window of items, the acceptance and the trailers are
+        // queued, and nothing follows: the end always fits.
+        let _ = tx.try_send(StreamEvent::End(Some(status)));
+        if let Some(credits) = credits {
+            credits.close();
+        }
+        let _ = self
+            .outbox
+            .push_now(|w| codec::encode(w, &Header::Cancel { id }, "cancel"));
+    }
+
     /// Grants `n` more items to stream `id`.
     pub(crate) fn credit(&self, id: u64, n: u32) {
         let _ = self

@@ -2,6 +2,7 @@
 //! responses) and [`RequestSink`] (the requests of a bidi call).
 
 use std::{
+    borrow::Borrow,
     fmt,
     future::Future,
     marker::PhantomData,
@@ -10,12 +11,13 @@ use std::{
     task::{Context as TaskContext, Poll},
 };
 
-use futures::Stream;
+use futures::{Stream, StreamExt};
 use serde::{de::DeserializeOwned, Serialize};
 use tokio::{
     sync::{mpsc, Semaphore},
     time::Instant,
 };
+use tokio_util::sync::{CancellationToken, DropGuard};
 
 use super::Client;
 use crate::{
@@ -49,6 +51,11 @@ pub struct ResponseStream<T> {
     finished: bool,
     /// The handler's trailers, once they arrived.
     trailers: Option<Metadata>,
+    /// Set once the server's `Accept` arrived (see [`PendingResponse`]).
+    accepted: bool,
+    /// Stops the task sending a [`Client::call_bidi`]'s requests once this
+    /// stream ends or is dropped.
+    stop: Option<DropGuard>,
     _item: PhantomData<fn() -> T>,
 }
 
@@ -71,6 +78,8 @@ impl<T> ResponseStream<T> {
             deadline: deadline.map(|d| Box::pin(tokio::time::sleep_until(d))),
             finished: false,
             trailers: None,
+            accepted: false,
+            stop: None,
             _item: PhantomData,
         }
     }
@@ -78,8 +87,88 @@ impl<T> ResponseStream<T> {
     /// Ends the stream locally; cancels the call if it is still running.
     fn finish(&mut self) {
         if !self.finished {
-            self.finished = true;
+            self.ended();
             self.client.shared().abandon(self.id, true);
+        }
+    }
+
+    /// Marks the stream ended (the reader already removed the call).
+    fn ended(&mut self) {
+        self.finished = true;
+        self.stop = None;
+    }
+
+    /// The status for an error the stream itself hits: its deadline passed.
+    fn poll_deadline(&mut self, cx: &mut TaskContext<'_>) -> Option<Status> {
+        let sleep = self.deadline.as_mut()?;
+        if sleep.as_mut().poll(cx).is_pending() {
+            return None;
+        }
+        self.finish();
+        Some(Status::deadline_exceeded(format!(
+            "deadline passed before the stream of {} completed",
+            self.method
+        )))
+    }
+
+    fn conn_closed(&self) -> Status {
+        self.client
+            .shared()
+            .closed_status()
+            .unwrap_or_else(|| Status::conn_lost("rpc conn closed"))
+    }
+
+    /// Waits for the server's `Accept` (docs/protocol.md, Part 2): `Ok` once
+    /// the handler accepted the call; its early error (or the deadline, or
+    /// conn loss) otherwise, after which the call is over.
+    fn poll_accepted(&mut self, cx: &mut TaskContext<'_>) -> Poll<Result<(), Status>> {
+        if self.accepted {
+            return Poll::Ready(Ok(()));
+        }
+        if self.finished {
+            return Poll::Ready(Err(Status::failed_precondition(format!(
+                "the call to {} already ended",
+                self.method
+            ))));
+        }
+        if let Some(status) = self.poll_deadline(cx) {
+            return Poll::Ready(Err(status));
+        }
+        loop {
+            let Poll::Ready(event) = self.rx.poll_recv(cx) else {
+                return Poll::Pending;
+            };
+            return Poll::Ready(match event {
+                Some(StreamEvent::Accepted) => {
+                    self.accepted = true;
+                    Ok(())
+                }
+                // Trailers of a refused call: its status follows.
+                Some(StreamEvent::Trailers(metadata)) => {
+                    self.trailers = Some(metadata);
+                    continue;
+                }
+                Some(StreamEvent::End(status)) => {
+                    self.ended();
+                    Err(status.unwrap_or_else(|| {
+                        Status::internal(format!(
+                            "the server ended the stream of {} without accepting the call",
+                            self.method
+                        ))
+                    }))
+                }
+                Some(StreamEvent::Item(..)) => {
+                    self.finish();
+                    Err(Status::internal(format!(
+                        "the server sent an item of {} before accepting the call",
+                        self.method
+                    )))
+                }
+                None => {
+                    self.ended();
+                    Err(self.conn_closed())
+                }
+            });
         }
     }
 }
@@ -100,7 +189,6 @@ impl<T: DeserializeOwned> ResponseStream<T> {
     /// `Internal` if the stream ends without an item or has more than one.
     /// Cancel-safe in the RPC sense: dropping the future cancels the call.
     pub async fn single(mut self) -> Result<T, Status> {
-        use futures::StreamExt;
         let first = match self.next().await {
             Some(item) => item?,
             None => {
@@ -139,14 +227,8 @@ impl<T: DeserializeOwned> Stream for ResponseStream<T> {
         if this.finished {
             return Poll::Ready(None);
         }
-        if let Some(sleep) = this.deadline.as_mut() {
-            if sleep.as_mut().poll(cx).is_ready() {
-                this.finish();
-                return Poll::Ready(Some(Err(Status::deadline_exceeded(format!(
-                    "deadline passed before the stream of {} completed",
-                    this.method
-                )))));
-            }
+        if let Some(status) = this.poll_deadline(cx) {
+            return Poll::Ready(Some(Err(status)));
         }
         loop {
             let Poll::Ready(event) = this.rx.poll_recv(cx) else {
@@ -169,8 +251,8 @@ impl<T: DeserializeOwned> Stream for ResponseStream<T> {
                         }
                     }
                 }
-                // A bidi call's stream sees the acceptance first; only
-                // `call_stream` waits for it. (Never sent to a server.)
+                // Only handed out once accepted (see `PendingResponse`);
+                // a repeated acceptance is a protocol error in the reader.
                 Some(StreamEvent::Accepted) => continue,
                 Some(StreamEvent::Trailers(metadata)) => {
                     this.trailers = Some(metadata);
@@ -178,17 +260,12 @@ impl<T: DeserializeOwned> Stream for ResponseStream<T> {
                 }
                 Some(StreamEvent::End(status)) => {
                     // The reader already removed the call.
-                    this.finished = true;
+                    this.ended();
                     Poll::Ready(status.map(Err))
                 }
                 None => {
-                    this.finished = true;
-                    let status = this
-                        .client
-                        .shared()
-                        .closed_status()
-                        .unwrap_or_else(|| Status::conn_lost("rpc conn closed"));
-                    Poll::Ready(Some(Err(status)))
+                    this.ended();
+                    Poll::Ready(Some(Err(this.conn_closed())))
                 }
             };
         }
@@ -198,6 +275,107 @@ impl<T: DeserializeOwned> Stream for ResponseStream<T> {
 impl<T> Drop for ResponseStream<T> {
     fn drop(&mut self) {
         self.finish();
+    }
+}
+
+/// The response side of a bidi call opened with [`Client::open_bidi`],
+/// before the server accepted it: a future that resolves to the
+/// [`ResponseStream`] once the server's handler accepted the call (returned
+/// its stream), or to the handler's early error (or `DeadlineExceeded`, or
+/// `Unavailable` on conn loss).
+///
+/// Dropping it cancels the call. Cancel-safe in the RPC sense.
+#[must_use = "dropping a PendingResponse cancels its call"]
+pub struct PendingResponse<T> {
+    /// `None` once resolved.
+    stream: Option<ResponseStream<T>>,
+}
+
+impl<T> PendingResponse<T> {
+    pub(crate) fn new(stream: ResponseStream<T>) -> PendingResponse<T> {
+        PendingResponse {
+            stream: Some(stream),
+        }
+    }
+
+    /// Cancels `stop` when the call's responses end or are dropped.
+    pub(crate) fn stop_on_end(mut self, stop: CancellationToken) -> PendingResponse<T> {
+        if let Some(stream) = &mut self.stream {
+            stream.stop = Some(stop.drop_guard());
+        }
+        self
+    }
+}
+
+impl<T> fmt::Debug for PendingResponse<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.stream {
+            Some(stream) => f
+                .debug_struct("PendingResponse")
+                .field("id", &stream.id)
+                .field("method", &stream.method)
+                .finish(),
+            None => f.write_str("PendingResponse(resolved)"),
+        }
+    }
+}
+
+impl<T> Future for PendingResponse<T> {
+    type Output = Result<ResponseStream<T>, Status>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<Self::Output> {
+        let Some(stream) = self.stream.as_mut() else {
+            return Poll::Ready(Err(Status::failed_precondition(
+                "a PendingResponse was polled after it resolved",
+            )));
+        };
+        match stream.poll_accepted(cx) {
+            Poll::Pending => Poll::Pending,
+            Poll::Ready(Ok(())) => Poll::Ready(
+                self.stream
+                    .take()
+                    .ok_or_else(|| Status::internal("a PendingResponse lost its stream")),
+            ),
+            Poll::Ready(Err(status)) => {
+                // Dropping the stream cancels what is left of the call.
+                self.stream = None;
+                Poll::Ready(Err(status))
+            }
+        }
+    }
+}
+
+/// Sends `requests` through `sink` until they end (then finishes the sink),
+/// the call ends, or `stop` is cancelled; what [`Client::call_bidi`] spawns.
+/// A request that cannot be sent fails the call with its status.
+pub(crate) async fn pump<Req, S>(mut sink: RequestSink<Req>, requests: S, stop: CancellationToken)
+where
+    Req: Serialize + Send,
+    S: Stream<Item = Req>,
+{
+    let mut requests = std::pin::pin!(requests);
+    let conn_gone = sink.client.shared().token.clone();
+    loop {
+        let next = tokio::select! {
+            biased;
+            _ = stop.cancelled() => return,
+            _ = conn_gone.cancelled() => return,
+            next = requests.next() => next,
+        };
+        let Some(item) = next else {
+            sink.finish();
+            return;
+        };
+        let sent = tokio::select! {
+            biased;
+            _ = stop.cancelled() => return,
+            sent = sink.send_owned(item) => sent,
+        };
+        if let Err(status) = sent {
+            // A call that already ended is not failed again (no-op then).
+            sink.client.shared().fail(sink.id, status);
+            return;
+        }
     }
 }
 
@@ -278,6 +456,16 @@ impl<T: Serialize> RequestSink<T> {
     /// sent; the call goes on). Cancel-safe: if the future is dropped before
     /// it resolves, the item was not sent.
     pub async fn send(&mut self, item: &T) -> Result<(), Status> {
+        self.send_item(item).await
+    }
+
+    /// [`RequestSink::send`] with an owned item: the future needs only
+    /// `T: Send`, not `T: Sync`.
+    pub(crate) async fn send_owned(&mut self, item: T) -> Result<(), Status> {
+        self.send_item(item).await
+    }
+
+    async fn send_item<I: Borrow<T>>(&mut self, item: I) -> Result<(), Status> {
         if self.finished {
             return Err(Status::failed_precondition(format!(
                 "the request stream of {} is already finished",
@@ -295,7 +483,7 @@ impl<T: Serialize> RequestSink<T> {
         }
     }
 
-    async fn send_now(&self, item: &T) -> Result<(), Status> {
+    async fn send_now<I: Borrow<T>>(&self, item: I) -> Result<(), Status> {
         let Ok(permit) = self.credits.acquire().await else {
             return Err(self.ended());
         };
@@ -304,9 +492,9 @@ impl<T: Serialize> RequestSink<T> {
             .client
             .shared()
             .outbox
-            .push(|w| {
+            .push(move |w| {
                 codec::encode(w, &Header::StreamItem { id }, "envelope")?;
-                codec::encode(w, item, "request item")
+                codec::encode(w, item.borrow(), "request item")
             })
             .await;
         match pushed {
