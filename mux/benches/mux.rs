@@ -504,6 +504,68 @@ fn paired_summary(flavour: &str) -> Vec<String> {
     lines
 }
 
+/// Fairness: the 64-byte round trip on one channel while another channel of the same session
+/// streams bulk data flat out, against the same round trip with the session otherwise idle.
+/// The target is at most 2× (a bulk transfer must not starve small calls beside it).
+fn fairness_summary(flavour: &str) -> Vec<String> {
+    let rt = runtime(flavour);
+    let (idle, busy, ratios) = rt.block_on(async {
+        let (client, server) = session_pair().await;
+        let mut rtt_listener = server.listen("rtt").unwrap();
+        let mut bulk_listener = server.listen("bulk").unwrap();
+        let (dialed, accepted) = tokio::join!(client.dial("rtt"), rtt_listener.accept());
+        spawn_echo(accepted.unwrap());
+        let mut conn = dialed.unwrap();
+        let (bulk_out, bulk_in) = tokio::join!(client.dial("bulk"), bulk_listener.accept());
+        let (mut bulk_out, mut bulk_in) = (bulk_out.unwrap(), bulk_in.unwrap());
+        // The bulk pair runs only while `busy` is set (it pauses between the busy rounds).
+        let busy = std::sync::Arc::new(tokio::sync::watch::channel(false).0);
+        let mut on = busy.subscribe();
+        let writer = tokio::spawn(async move {
+            let chunk = vec![1u8; WRITE_SIZE];
+            while on.wait_for(|b| *b).await.is_ok() {
+                if bulk_out.write_all(&chunk).await.is_err() {
+                    return;
+                }
+            }
+        });
+        let reader = tokio::spawn(async move {
+            let mut buf = vec![0u8; WRITE_SIZE];
+            while matches!(bulk_in.read(&mut buf).await, Ok(n) if n > 0) {}
+        });
+        ping_pong(&mut conn, RTT_ROUND).await;
+        let (mut idle, mut loaded, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
+        for _ in 0..PAIRS {
+            let start = Instant::now();
+            ping_pong(&mut conn, RTT_ROUND).await;
+            let i = start.elapsed().as_secs_f64() / RTT_ROUND as f64;
+            busy.send_replace(true);
+            // Let the bulk stream get going before timing beside it.
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            let start = Instant::now();
+            ping_pong(&mut conn, RTT_ROUND).await;
+            let b = start.elapsed().as_secs_f64() / RTT_ROUND as f64;
+            busy.send_replace(false);
+            idle.push(i);
+            loaded.push(b);
+            ratios.push(b / i);
+        }
+        writer.abort();
+        reader.abort();
+        drop(conn);
+        client.close().await;
+        server.close().await;
+        (idle, loaded, ratios)
+    });
+    vec![format!(
+        "{:<24} {:>10.1} µs {:>10.1} µs {:>7.2}x   (round trip beside a bulk channel / idle; target <= 2x)",
+        format!("rtt-beside-bulk/{flavour}"),
+        median(&idle) * 1e6,
+        median(&busy) * 1e6,
+        median(&ratios),
+    )]
+}
+
 /// Bytes per timed WAN round, and timed rounds per kind.
 const WAN_BYTES: u64 = 96 * 1024 * 1024;
 const WAN_ROUNDS: usize = 3;
@@ -596,6 +658,7 @@ fn main() {
     let mut lines = Vec::new();
     for flavour in ["current_thread", "multi_thread"] {
         lines.extend(paired_summary(flavour));
+        lines.extend(fairness_summary(flavour));
     }
     if std::env::var_os("NETCHAN_BENCH_NO_WAN").is_none() {
         lines.extend(wan_summary());
