@@ -1672,3 +1672,44 @@ async fn concurrent_reads_over_a_slow_exporter_link_all_finish_without_false_sil
         "a read waited for its first chunk until another had finished"
     );
 }
+
+/// The hub calls an exporter's `ls`/`stat` back over the exporter's own peer link (what
+/// `Hub.publish` took with `ctx.callback()`), not over its `export` channel: here that
+/// channel is listened on but never served, and both still answer.
+#[tokio::test]
+async fn ls_and_stat_reach_the_exporter_over_its_own_peer_link() {
+    let hub = start_hub(HubOptions::default()).await;
+    let (rb, ra) = (root_with(0), root_with(0));
+    let tcp = tokio::net::TcpStream::connect(hub.addr).await.unwrap();
+    let session = Session::client(tcp, netchan_mux::Config::default());
+    let mut hello = session.dial(auth::CHANNEL).await.unwrap();
+    auth::client_hello(&mut hello, None).await.unwrap();
+    // Publish checks that the channel can be opened; nothing ever serves it.
+    let _exports = session.listen(crate::proto::EXPORT_CHANNEL).unwrap();
+    let bob = peer_link(
+        &session,
+        client::export_server(Root::open(rb.path()).unwrap()),
+    )
+    .await;
+    within(
+        WAIT_S,
+        "bob publishes",
+        bob.publish(PublishReq { name: "bob".into() }),
+    )
+    .await
+    .unwrap();
+    let alice = join(&hub, "alice", ra.path()).await;
+    let listing = within(WAIT_S, "ls over the peer link", alice.ls("bob", ""))
+        .await
+        .unwrap();
+    let names: Vec<&str> = listing.entries.iter().map(|e| e.name.as_str()).collect();
+    assert_eq!(names, ["big.bin", "hello.txt", "sub"]);
+    let st = within(
+        WAIT_S,
+        "stat over the peer link",
+        alice.stat("bob", "hello.txt"),
+    )
+    .await
+    .unwrap();
+    assert_eq!(st.size, 12);
+}
