@@ -176,7 +176,7 @@ impl Server {
 /// # }
 /// ```
 #[macro_export]
-#[deprecated(note = "use #[rpc_service]")]
+#[deprecated(note = "use `#[rpc_service]`")]
 macro_rules! service {
     (
         $(#[$attr:meta])*

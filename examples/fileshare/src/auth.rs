@@ -14,8 +14,9 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 pub(crate) const CHANNEL: &str = "fileshare.hello";
 
 /// The only protocol version spoken. 2: `Chunk` carries mtime, mode and the SHA-256 of the
-/// file, `Entry` its mtime (docs/protocol.md, Part 3).
-pub(crate) const VERSION: u8 = 2;
+/// file, `Entry` its mtime. 3: after the hello both sides set up an rpc `Peer` link instead of
+/// the `hub` channel (docs/protocol.md, Part 3).
+pub(crate) const VERSION: u8 = 3;
 
 /// Longest token accepted, in bytes.
 pub(crate) const MAX_TOKEN_LEN: usize = 1024;
@@ -200,7 +201,10 @@ where
         Err((
             Code::BadVersion,
             AuthError::BadVersion {
-                detail: format!("the hub speaks version {VERSION}, the peer {version}"),
+                detail: format!(
+                    "the hub speaks version {VERSION}, this client {version}: run the same \
+                     version of share on both sides"
+                ),
             },
         ))
     } else {
@@ -284,7 +288,7 @@ mod tests {
     /// Pins the bytes documented in docs/protocol.md, Part 3.
     #[tokio::test]
     async fn the_hello_bytes_are_the_documented_ones() {
-        // Client: version 2, token length 6 (u16 BE), "s3cret".
+        // Client: version 3, token length 6 (u16 BE), "s3cret".
         let (mut a, mut b) = tokio::io::duplex(4096);
         let hub = async {
             let mut got = [0u8; 9];
@@ -294,13 +298,13 @@ mod tests {
         };
         let (client, got) = tokio::join!(client_hello(&mut a, Some("s3cret")), hub);
         client.unwrap();
-        assert_eq!(&got, b"\x02\x00\x06s3cret");
+        assert_eq!(&got, b"\x03\x00\x06s3cret");
         // Hub: a refused token is code 1 with the reason as text.
         let (mut a, mut b) = tokio::io::duplex(4096);
         let expected = Token::new("right").unwrap();
         let hub = server_hello(&mut b, Some(&expected), || Ok(()));
         let client = async {
-            a.write_all(b"\x02\x00\x05wrong").await.unwrap();
+            a.write_all(b"\x03\x00\x05wrong").await.unwrap();
             let mut reply = [0u8; 28];
             a.read_exact(&mut reply).await.unwrap();
             reply
@@ -381,6 +385,28 @@ mod tests {
         let (code, h) = tokio::join!(client, server_hello(&mut b, None, || Ok(())));
         assert_eq!(code, Code::BadVersion as u8);
         assert!(matches!(h, Err(AuthError::BadVersion { .. })));
+    }
+
+    /// A client of the previous protocol (version 2, with the `hub` channel) is told what is
+    /// wrong, in its own hello, instead of failing later on a channel it does not know.
+    #[tokio::test]
+    async fn a_version_2_client_is_told_the_versions() {
+        let (mut a, mut b) = tokio::io::duplex(4096);
+        let client = async {
+            a.write_all(&[2, 0, 0]).await.unwrap();
+            let code = a.read_u8().await.unwrap();
+            let len = a.read_u16().await.unwrap();
+            let mut text = vec![0; len.into()];
+            a.read_exact(&mut text).await.unwrap();
+            (code, String::from_utf8(text).unwrap())
+        };
+        let ((code, text), h) = tokio::join!(client, server_hello(&mut b, None, || Ok(())));
+        assert_eq!(code, Code::BadVersion as u8);
+        assert!(matches!(h, Err(AuthError::BadVersion { .. })));
+        assert!(
+            text.contains("version 3") && text.contains("client 2"),
+            "{text}"
+        );
     }
 
     #[tokio::test]

@@ -1,8 +1,9 @@
 //! The client side: one connection to the hub, the exported service, and reconnection.
 //!
 //! [`establish`] turns any byte stream into a published [`Link`]: a client-side mux session,
-//! the hello exchange, a listener on [`EXPORT_CHANNEL`] serving [`Export`] over the root, and a
-//! [`HubClient`] on [`HUB_CHANNEL`] that has called `Hub.publish`. [`Peer`] keeps a link up:
+//! the hello exchange, an [`rpc::Peer`] link that serves [`Export`] over the root to the hub
+//! and gives the [`HubClient`], which has called `Hub.publish`, and a listener on
+//! [`EXPORT_CHANNEL`] serving [`Export`] too (the hub reads files over channels it opens there). [`Peer`] keeps a link up:
 //! when the session ends it says so and reconnects with exponential backoff and jitter,
 //! re-publishing under the same name; commands issued meanwhile fail with "not connected".
 
@@ -26,7 +27,7 @@ use crate::auth::{self, AuthError};
 use crate::export::{Entry, ExportError, Listing, OpenFile, Root, CHUNK_SIZE};
 use crate::proto::{
     Chunk, Export, HubClient, ListReq, PeerPath, PeerRead, PublishReq, ReadReq, DIGEST_LEN,
-    EXPORT_CHANNEL, HUB_CHANNEL, READER_KEY,
+    EXPORT_CHANNEL, READER_KEY,
 };
 
 /// How long connecting (TCP, TLS, hello, publish) may take as a whole.
@@ -95,6 +96,9 @@ pub(crate) enum ConnectError {
     /// The hub refused the hello (token).
     #[error("the hub refused the connection")]
     Hello(#[from] AuthError),
+    /// The rpc link with the hub (both directions over the session) could not be set up.
+    #[error("could not set up rpc with the hub")]
+    Rpc(#[from] rpc::PeerError),
     /// The hub refused the name.
     #[error("the hub refused the name {name:?}: {}", status.message())]
     Publish {
@@ -109,6 +113,8 @@ pub(crate) enum ConnectError {
 pub(crate) struct Link {
     session: Session,
     hub: HubClient,
+    /// Both directions of rpc with the hub; the hub's `ls`/`stat` calls arrive here.
+    _rpc: rpc::Peer,
     /// Serves the hub's calls to our export; aborted when the link is dropped.
     _export: JoinSet<()>,
 }
@@ -171,11 +177,12 @@ where
     drop(hello);
     // Listen before publishing: the hub dials back during Publish.
     let exports = session.listen(EXPORT_CHANNEL)?;
+    let server = export_server(opts.root.clone());
     let mut export_tasks = JoinSet::new();
-    export_tasks.spawn(
-        serve_exports(exports, opts.root.clone()).instrument(tracing::debug_span!("export")),
-    );
-    let hub = HubClient::new(rpc::Client::new(session.dial(HUB_CHANNEL).await?));
+    export_tasks
+        .spawn(serve_exports(exports, server.clone()).instrument(tracing::debug_span!("export")));
+    let link = rpc::Peer::connect(&session, server).await?;
+    let hub = HubClient::new(link.client().clone());
     hub.publish(PublishReq {
         name: opts.name.clone(),
     })
@@ -187,15 +194,21 @@ where
     Ok(Link {
         session,
         hub,
+        _rpc: link,
         _export: export_tasks,
     })
 }
 
-/// Serves [`Export`] on every channel the hub opens to [`EXPORT_CHANNEL`].
-async fn serve_exports(mut listener: mux::Listener, root: Root) {
+/// The rpc server of [`Export`] over `root`, for the peer link and the reads channels.
+pub(crate) fn export_server(root: Root) -> rpc::Server {
     // The hub forwards at most --max-reads-per-peer calls at once; this is a backstop.
     let mut server = rpc::Server::with_config(rpc::Config::default().max_in_flight(64));
     server.add(ExportService { root }.into_service());
+    server
+}
+
+/// Serves [`Export`] on every channel the hub opens to [`EXPORT_CHANNEL`].
+async fn serve_exports(mut listener: mux::Listener, server: rpc::Server) {
     let mut channels = JoinSet::new();
     // Bounded: ends when the session does (accept fails); live channels are bounded by the
     // session's max_channels and reaped as they finish.

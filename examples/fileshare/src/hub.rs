@@ -1,11 +1,13 @@
 //! The hub: accepts one connection per client, serves [`Hub`], forwards calls to exporters.
 //!
 //! Per connection (one task, in a `conn` span): optional TLS handshake, a server-side mux
-//! session, the hello exchange (the only channel listened on before it succeeds), then the
-//! [`Hub`] service on every channel the client dials to [`HUB_CHANNEL`]. The service instance
-//! is per connection and holds that connection's session and publish state, so the hub knows
-//! who calls by the connection a call arrives on. `Hub.publish` dials the client's
-//! [`EXPORT_CHANNEL`] back over the same session; the hub never connects to a client.
+//! session, the hello exchange (the only channel listened on before it succeeds), then an
+//! [`rpc::Peer`] over the session: the hub serves [`Hub`] to the client and holds a client of
+//! the client's [`Export`](crate::proto::Export) service. The service instance is per
+//! connection and holds that connection's session and publish state, so the hub knows who
+//! calls by the connection a call arrives on; `Hub.publish` takes the caller's export client
+//! with `ctx.callback()`, and checks that the client serves [`EXPORT_CHANNEL`], where the hub
+//! dials its reads, over the same session. The hub never connects to a client.
 //!
 //! Admission: a connection counts as *pending* from accept until it has published. Pending
 //! connections are capped overall ([`HubOptions::max_pending`]) and per source address
@@ -30,8 +32,9 @@
 //! waits up to [`HubOptions::busy_wait`] for one, then fails "busy"), and one reader holds at
 //! most [`HubOptions::max_reads_per_reader`] of them per exporter. A forwarded read is pumped
 //! by its own task from the exporter into a one-item hand-over to the reader's stream:
-//! - the hub opens its channels to an exporter's service on first use (one for `ls`/`stat`,
-//!   one for reads), so an idle client costs no more than its session and hub channel;
+//! - `ls`/`stat` go over the exporter's own peer link (the one it calls the hub on); reads use
+//!   a channel the hub opens on first use, so an idle client costs no more than its session
+//!   and peer link;
 //! - reads use a channel of their own to the exporter, whose stream window is sized from the
 //!   round trip of that channel's dial (the bandwidth-delay product at
 //!   [`HubOptions::forward_rate`]), between [`HubOptions::forward_window`] and what
@@ -69,7 +72,7 @@ use crate::auth::{self, Token};
 use crate::export::{Entry, Listing, CHUNK_SIZE};
 use crate::proto::{
     Chunk, ExportClient, Hub, ListReq, PeerPath, PeerRead, PublishReq, PublishResp, ReadReq,
-    EXPORT_CHANNEL, HUB_CHANNEL, READER_KEY,
+    EXPORT_CHANNEL, READER_KEY,
 };
 use crate::registry::{validate_name, ConnId, NameError, Registry};
 
@@ -170,11 +173,10 @@ impl Default for HubOptions {
 /// What the hub keeps per published peer.
 #[derive(Clone)]
 struct PeerHandle {
-    /// The exporter's session, to dial its export service.
+    /// The exporter's session, to dial its export service for reads.
     session: Session,
-    /// The exporter's service for `ls` and `stat`, dialed on first use (an idle client costs
-    /// the hub no channel for it).
-    export: Arc<tokio::sync::OnceCell<ExportClient>>,
+    /// The exporter's service for `ls` and `stat`: the callback client of its peer link.
+    export: ExportClient,
     /// The same service on a channel of its own for reads, dialed on the first read: frames
     /// over one chunk are refused there, and its stream window is sized from the round trip
     /// of that dial.
@@ -444,8 +446,8 @@ impl HubState {
             hello = self.hello(&session, deadline) => hello,
             () = self.stop.cancelled() => Err(anyhow::anyhow!("the hub is shutting down")),
         };
-        let hub_listener = match hello {
-            Ok(l) => l,
+        match hello {
+            Ok(()) => {}
             Err(e) => {
                 warn!("refused before publishing: {e:#}");
                 // Let the refusal reach the client before the link goes.
@@ -465,11 +467,11 @@ impl HubState {
             pending: Mutex::new(pending),
             reads: Mutex::new(HashMap::new()),
         });
-        // A client gets at most this many calls running at once per channel (and a session has
-        // at most max_channels channels): plenty for a REPL, a bound against floods.
-        // Requests are small (a name, a path); replies can be `ls` listings of up to 3 MiB, and
-        // a client that does not read them may leave at most 8 MiB waiting per channel until
-        // the write-stall bound (rpc default, 30 s) ends the channel.
+        // A client gets at most this many calls running at once on its peer link: plenty for a
+        // REPL, a bound against floods. Requests are small (a name, a path); replies can be
+        // `ls` listings of up to 3 MiB, and a client that does not read them may leave at most
+        // 8 MiB waiting until the write-stall bound (rpc default, 30 s) ends the link. The
+        // hub's calls to the client's export (`ls`/`stat`) use the same settings.
         let mut server = rpc::Server::with_config(
             rpc::Config::default()
                 .max_in_flight(64)
@@ -478,7 +480,36 @@ impl HubState {
                 .max_message_size(MAX_MESSAGE),
         );
         server.add(HubService(conn.clone()).into_service());
-        let reason = serve_channels(hub_listener, &conn, &server).await;
+        // Both directions over the session, set up by the publish deadline at the latest.
+        let peer = tokio::select! {
+            peer = tokio::time::timeout_at(
+                conn.publish_deadline,
+                rpc::Peer::connect(&session, server),
+            ) => peer,
+            () = self.stop.cancelled() => {
+                session.close().await;
+                return;
+            }
+        };
+        let peer = match peer {
+            Ok(Ok(peer)) => peer,
+            Ok(Err(e)) => {
+                warn!("refused: no rpc peer link: {e}");
+                session.close().await;
+                return;
+            }
+            Err(_) => {
+                let after = self.opts.publish_timeout;
+                warn!(
+                    ?after,
+                    "refused: no rpc peer link within the publish deadline"
+                );
+                session.close().await;
+                return;
+            }
+        };
+        let reason = watch_conn(&conn).await;
+        drop(peer);
         let mut published = conn.published.lock().await;
         if let Published::As(name) = &*published {
             if self.peers.remove(name, id) {
@@ -495,24 +526,19 @@ impl HubState {
         *published = Published::Gone;
     }
 
-    /// Runs the hello exchange, all of it by `deadline`; on success the hub channel is being
-    /// listened on.
-    async fn hello(&self, session: &Session, deadline: Instant) -> anyhow::Result<mux::Listener> {
+    /// Runs the hello exchange, all of it by `deadline`; on success the rpc peer link may be
+    /// set up.
+    async fn hello(&self, session: &Session, deadline: Instant) -> anyhow::Result<()> {
         let exchange = async {
             let mut hello = session.listen(auth::CHANNEL)?;
             let mut ch = hello.accept().await?;
             drop(hello);
-            let mut hub_listener = None;
-            let verdict = auth::server_hello(&mut ch, self.opts.token.as_ref(), || {
-                hub_listener = Some(session.listen(HUB_CHANNEL).map_err(|e| e.to_string())?);
-                Ok(())
-            })
-            .await;
+            let verdict = auth::server_hello(&mut ch, self.opts.token.as_ref(), || Ok(())).await;
             // End with FIN, never a reset: some yamux implementations drop unread data on RST.
             // Bounded by the hello deadline around this block.
             let _ = tokio::io::AsyncWriteExt::shutdown(&mut ch).await;
             verdict?;
-            hub_listener.ok_or_else(|| anyhow::anyhow!("hub listener missing after hello"))
+            anyhow::Ok(())
         };
         let limit = self.opts.hello_timeout;
         tokio::time::timeout_at(deadline, exchange)
@@ -559,21 +585,6 @@ impl HubState {
     /// When `peer` was last heard from.
     fn last_heard(&self, peer: &PeerHandle) -> Instant {
         self.epoch + Duration::from_millis(peer.heard.load(Ordering::Relaxed))
-    }
-
-    /// The client of `peer`'s export service for `ls`/`stat`, dialing its channel if this is
-    /// the first use.
-    async fn export_client(&self, name: &str, peer: &PeerHandle) -> Result<ExportClient, Status> {
-        peer.export
-            .get_or_try_init(|| async {
-                let ch = dial_peer(name, &peer.session).await?;
-                Ok(ExportClient::new(rpc::Client::with_config(
-                    ch,
-                    rpc::Config::default().max_message_size(MAX_MESSAGE),
-                )))
-            })
-            .await
-            .cloned()
     }
 
     /// The client of `peer`'s export service for reads, dialing its channel if this is the
@@ -636,22 +647,16 @@ impl HubState {
     }
 }
 
-/// Accepts and serves [`HUB_CHANNEL`] channels until the session ends; returns why it ended.
-/// Closes the session gracefully itself when the hub shuts down, or when the connection has
-/// not published by its publish deadline (whatever a publish in progress is doing).
-async fn serve_channels(
-    mut listener: mux::Listener,
-    conn: &ConnState,
-    server: &rpc::Server,
-) -> mux::CloseReason {
-    let (session, label) = (&conn.session, conn.label.as_str());
+/// Waits for the connection's session to end; returns why it ended. Closes the session
+/// gracefully itself when the hub shuts down, or when the connection has not published by
+/// its publish deadline (whatever a publish in progress is doing).
+async fn watch_conn(conn: &ConnState) -> mux::CloseReason {
+    let session = &conn.session;
     let stop = &conn.hub.stop;
     let publish_deadline = tokio::time::sleep_until(conn.publish_deadline);
     tokio::pin!(publish_deadline);
     let mut awaiting_publish = true;
-    // Channel tasks are owned here: when the session ends this set is dropped and aborts them.
-    let mut channels = JoinSet::new();
-    // Bounded: one iteration per channel, and the session's max_channels bounds the live ones.
+    // Bounded: the publish deadline fires at most once; every other branch returns.
     loop {
         tokio::select! {
             reason = session.closed() => return reason,
@@ -669,19 +674,6 @@ async fn serve_channels(
                     return session.closed().await;
                 }
             }
-            accepted = listener.accept() => match accepted {
-                Ok(ch) => {
-                    let server = server.clone();
-                    let label = label.to_owned();
-                    channels.spawn(async move {
-                        if let Err(e) = server.serve_named(ch, label).await {
-                            debug!("hub channel ended: {e}");
-                        }
-                    }.in_current_span());
-                }
-                Err(_) => return session.closed().await,
-            },
-            Some(_) = channels.join_next(), if !channels.is_empty() => {}
         }
     }
 }
@@ -814,7 +806,7 @@ impl HubService {
         let peer = hub.peer(name)?;
         let _mine = self.0.reader_slot(name)?;
         let _slot = hub.slot(name, &peer).await?;
-        let export = hub.export_client(name, &peer).await?.with_options(
+        let export = peer.export.with_options(
             CallOptions::default()
                 .timeout(hub.opts.peer_timeout)
                 .metadata(READER_KEY, reader),
@@ -961,8 +953,10 @@ impl Pump {
 }
 
 impl Hub for HubService {
-    async fn publish(&self, _ctx: Context, req: PublishReq) -> Result<PublishResp, Status> {
+    async fn publish(&self, ctx: Context, req: PublishReq) -> Result<PublishResp, Status> {
         let conn = &self.0;
+        // The caller's export service, over its own peer link: how the hub calls it back.
+        let export = ExportClient::new(ctx.callback()?);
         let name = req.name;
         validate_name(&name).map_err(|e| Status::invalid_argument(e.to_string()))?;
         let mut published = conn.published.lock().await;
@@ -982,12 +976,12 @@ impl Hub for HubService {
             warn!(peer = %name, conn = conn.id, "refused: name already taken");
             return Err(taken());
         }
-        // The client must serve its export channel before it is listed: open one and let it
-        // go (the channels the hub uses are opened on first use).
+        // The client must serve its export channel (where reads go) before it is listed: open
+        // one and let it go (the reads channel is opened on first use).
         drop(conn.dial_export().await?);
         let handle = PeerHandle {
             session: conn.session.clone(),
-            export: Arc::new(tokio::sync::OnceCell::new()),
+            export,
             reads: Arc::new(tokio::sync::OnceCell::new()),
             heard: Arc::new(AtomicU64::new(0)),
             calls: Arc::new(Semaphore::new(conn.hub.opts.max_reads_per_peer.max(1))),

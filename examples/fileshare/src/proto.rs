@@ -2,8 +2,11 @@
 //!
 //! Every client holds one mux session to the hub. On it:
 //! - [`auth::CHANNEL`](crate::auth::CHANNEL): the hello exchange, first and alone;
-//! - [`HUB_CHANNEL`]: the client calls the hub's [`Hub`] service (`Hub.publish`, `Hub.list`...);
-//! - [`EXPORT_CHANNEL`]: the hub calls the client's [`Export`] service (`Export.read`...).
+//! - an [`rpc::Peer`](netchan_rpc::Peer) link (channel [`netchan_rpc::PEER_CHANNEL`] each
+//!   way): the client calls the hub's [`Hub`] service (`Hub.publish`, `Hub.list`...), the hub
+//!   calls the client's [`Export`] service back (`Export.ls`, `Export.stat`);
+//! - [`EXPORT_CHANNEL`]: the hub reads the client's files (`Export.read`) over channels of
+//!   their own, with their own message limit and stream window.
 //!
 //! A read of another peer's file is `Hub.read` from the reader, forwarded by the hub as
 //! `Export.read` to the exporter over the exporter's own session, streamed back chunk by chunk
@@ -15,10 +18,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::export::{Entry, ExportError, Listing};
 
-/// Mux channel the hub listens on (after the hello) for the [`Hub`] service.
-pub(crate) const HUB_CHANNEL: &str = "hub";
-
-/// Mux channel the client listens on for the [`Export`] service the hub calls.
+/// Mux channel the client listens on for the [`Export`] service the hub reads files with.
 pub(crate) const EXPORT_CHANNEL: &str = "export";
 
 /// Call metadata key under which the hub tells an exporter who is reading (the reader's
@@ -28,7 +28,7 @@ pub(crate) const READER_KEY: &str = "fileshare-reader";
 /// Length of [`Chunk::sha256`] on the last chunk.
 pub(crate) const DIGEST_LEN: usize = 32;
 
-/// The hub's service, called by clients on [`HUB_CHANNEL`]. The caller is identified by the
+/// The hub's service, called by clients over their peer link. The caller is identified by the
 /// connection the call arrives on, never by a name in the request.
 #[rpc_service]
 pub(crate) trait Hub {
@@ -46,8 +46,8 @@ pub(crate) trait Hub {
     async fn read(&self, ctx: Context, req: PeerRead) -> Result<ItemStream<Chunk>, Status>;
 }
 
-/// What every client exports to the hub on [`EXPORT_CHANNEL`]: read-only access to its
-/// root directory.
+/// What every client exports to the hub, over its peer link (`ls`, `stat`) and on
+/// [`EXPORT_CHANNEL`] (reads): read-only access to its root directory.
 #[rpc_service]
 pub(crate) trait Export {
     /// Lists a directory ("" for the root).

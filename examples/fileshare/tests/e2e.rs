@@ -575,9 +575,9 @@ fn the_hub_ends_the_hello_stream_with_fin_never_a_reset() {
         }
         data.extend_from_slice(&body);
         if !sent_hello && data.starts_with(&[1, 0]) {
-            // Accepted: now the hello, version 2 with no token.
+            // Accepted: now the hello, version 3 with no token.
             data.drain(..2);
-            tcp.write_all(&yamux_frame(0, 0, 1, &[2, 0, 0])).unwrap();
+            tcp.write_all(&yamux_frame(0, 0, 1, &[3, 0, 0])).unwrap();
             sent_hello = true;
         }
         assert_eq!(flags & RST, 0, "the hub reset the hello stream (type {ty})");

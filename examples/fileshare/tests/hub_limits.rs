@@ -105,25 +105,26 @@ async fn rpc_frames_claiming_16_mib_from_unpublished_clients_commit_nothing() {
     let hub = start_hub(&[]);
     let addr = addr_of(&hub);
     let before = rss_kib(&hub.proc);
-    // 16 connections (from 16 addresses), 6 hub channels each, each channel: the preamble, a
-    // length prefix of 16 MiB and one byte. No token, no publish.
+    // 96 connections (6 from each of 16 addresses), each with its rpc peer channel (the hub
+    // serves one per session): the preamble, a length prefix of 16 MiB and one byte. No
+    // token, no publish.
     let mut sessions = Vec::new();
     let mut channels = Vec::new();
     for i in 0..16 {
-        let session = within(WAIT_S, "hello", async {
-            raw::hello(raw::tcp_from(raw::source(i), addr).await).await
-        })
-        .await;
         for _ in 0..6 {
-            let mut ch = within(WAIT_S, "hub channel", raw::raw_hub_channel(&session)).await;
+            let session = within(WAIT_S, "hello", async {
+                raw::hello(raw::tcp_from(raw::source(i), addr).await).await
+            })
+            .await;
+            let mut ch = within(WAIT_S, "peer channel", raw::raw_hub_channel(&session)).await;
             let mut claim = raw::rpc_prefix(16 << 20).to_vec();
             claim.push(0);
             // The hub may have hung up already: it refuses the prefix on sight.
             let _ = ch.write_all(&claim).await;
             let _ = ch.flush().await;
             channels.push(ch);
+            sessions.push(session);
         }
-        sessions.push(session);
     }
     // The hub refuses each claim at once (its limit is 3 MiB): every channel ends.
     for ch in &mut channels {
@@ -196,7 +197,7 @@ async fn hand_written_fileshare_requests_good_and_bad_get_typed_answers() {
     })
     .await;
     raw::serve_no_files(&session);
-    let mut ch = within(WAIT_S, "hub channel", raw::raw_hub_channel(&session)).await;
+    let mut ch = within(WAIT_S, "peer channel", raw::raw_hub_channel(&session)).await;
     let mut preamble = [0u8; 6];
     within(WAIT_S, "preamble", ch.read_exact(&mut preamble))
         .await
@@ -374,7 +375,7 @@ async fn an_unsolicited_pong_and_the_stream_limit_leave_the_session_serving() {
 }
 
 /// One-byte data frames cost the hub about their byte, not a heap block each: 200,000 of them
-/// (within the 256 KiB window) carry the body of one rpc frame on the hub channel.
+/// (within the 256 KiB window) carry the body of one rpc frame on the peer channel.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_flood_of_one_byte_frames_costs_the_hub_about_a_byte_each() {
     use raw::yamux::{DATA, SYN};
@@ -395,10 +396,18 @@ async fn a_flood_of_one_byte_frames_costs_the_hub_about_a_byte_each() {
         assert_eq!(&got[..3], &[1, 0, 0], "handshake reply and hello status");
     })
     .await;
-    // Stream 3: the hub channel, the rpc preamble and the length prefix of a 250,000-byte frame.
+    // The hub opens its end of the peer link (it listens on ours by then).
+    within(
+        WAIT_S,
+        "the hub's peer dial",
+        raw::accept_hub_peer_dial(&mut tcp),
+    )
+    .await;
+    // Stream 3: the peer channel, the rpc preamble and the length prefix of a 250,000-byte
+    // frame.
     const FRAMES: usize = 200_000;
-    let mut hub_channel = vec![1u8, proto::HUB_CHANNEL.len() as u8];
-    hub_channel.extend_from_slice(proto::HUB_CHANNEL.as_bytes());
+    let mut hub_channel = vec![1u8, netchan_rpc::PEER_CHANNEL.len() as u8];
+    hub_channel.extend_from_slice(netchan_rpc::PEER_CHANNEL.as_bytes());
     hub_channel.extend_from_slice(&raw::RPC_PREAMBLE);
     hub_channel.extend_from_slice(&raw::rpc_prefix(250_000));
     tcp.write_all(&raw::yamux_header(DATA, SYN, 3, hub_channel.len() as u32))
@@ -417,7 +426,7 @@ async fn a_flood_of_one_byte_frames_costs_the_hub_about_a_byte_each() {
     let resets = within(WAIT_S, "ping after the flood", ping_through(&mut tcp, 2)).await;
     let after = rss_kib(&hub.proc);
     eprintln!("hub RSS {before} -> {after} KiB after {FRAMES} one-byte frames, {resets} resets");
-    assert_eq!(resets, 0, "the hub reset the hub channel");
+    assert_eq!(resets, 0, "the hub reset the peer channel");
     // About 64 B of heap per frame would be 12.5 MiB; the bytes themselves are 195 KiB.
     assert!(
         after.saturating_sub(before) < 4 << 10,
@@ -443,10 +452,17 @@ async fn a_late_pong_grows_a_window_no_further_than_the_mux_bound() {
     let (_s, alice) = alice_joins(addr, 1).await;
     let mut tcp = raw::tcp_from(raw::source(2), addr).await;
     send_hello_on_stream_1(&mut tcp).await;
-    // Stream 3: the hub channel; then 12 Hub.publish requests with 3,000,000-byte names (each
-    // gets an error answer; the channel carries on): 36 MB, more than the 16 MiB bound.
-    let mut bytes = vec![1u8, proto::HUB_CHANNEL.len() as u8];
-    bytes.extend_from_slice(proto::HUB_CHANNEL.as_bytes());
+    // The hub opens its end of the peer link once the hello is done.
+    within(
+        WAIT_S,
+        "the hub's peer dial",
+        raw::accept_hub_peer_dial(&mut tcp),
+    )
+    .await;
+    // Stream 3: the peer channel; then 12 Hub.publish requests with 3,000,000-byte names
+    // (each gets an error answer; the channel carries on): 36 MB, more than the 16 MiB bound.
+    let mut bytes = vec![1u8, netchan_rpc::PEER_CHANNEL.len() as u8];
+    bytes.extend_from_slice(netchan_rpc::PEER_CHANNEL.as_bytes());
     bytes.extend_from_slice(&raw::RPC_PREAMBLE);
     for id in 1..=12 {
         let mut name = Vec::new();

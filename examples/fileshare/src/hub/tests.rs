@@ -18,7 +18,7 @@ use super::{HubOptions, HubState};
 use crate::auth;
 use crate::client::{self, CallError, ClientOptions, ConnectError, Peer};
 use crate::export::{Kind, Root};
-use crate::proto::{HubClient, ListReq, PeerPath, PeerRead, PublishReq, HUB_CHANNEL};
+use crate::proto::{HubClient, ListReq, PeerPath, PeerRead, PublishReq};
 
 /// Generous bound for anything that should happen promptly.
 /// [`WAIT`] in whole seconds, for [`within`].
@@ -100,13 +100,27 @@ async fn until_peers(hub: &TestHub, pred: impl Fn(&[String]) -> bool) {
     .expect("peer set reached the expected state in time");
 }
 
-/// A client that does the hello and opens the hub channel but publishes nothing by itself.
+/// The rpc peer link after the hello, serving `server` to the hub: the hub's client. The link
+/// lives as long as `session`.
+async fn peer_link(session: &Session, server: rpc::Server) -> HubClient {
+    let link = rpc::Peer::connect(session, server).await.unwrap();
+    let hub = HubClient::new(link.client().clone());
+    let session = session.clone();
+    tokio::spawn(async move {
+        session.closed().await;
+        drop(link);
+    });
+    hub
+}
+
+/// A client that does the hello and sets up the rpc peer link (serving nothing on it) but
+/// publishes nothing by itself.
 async fn raw_client(hub: &TestHub, token: Option<&str>) -> (Session, HubClient) {
     let tcp = tokio::net::TcpStream::connect(hub.addr).await.unwrap();
     let session = Session::client(tcp, netchan_mux::Config::default());
     let mut hello = session.dial(auth::CHANNEL).await.unwrap();
     auth::client_hello(&mut hello, token).await.unwrap();
-    let hub_client = HubClient::new(rpc::Client::new(session.dial(HUB_CHANNEL).await.unwrap()));
+    let hub_client = peer_link(&session, rpc::Server::new()).await;
     (session, hub_client)
 }
 
@@ -247,10 +261,10 @@ async fn nothing_works_before_the_hello_and_only_publish_before_publishing() {
         ..HubOptions::default()
     })
     .await;
-    // Skipping the hello: the hub channel does not exist.
+    // Skipping the hello: the hub's end of the peer link does not exist.
     let tcp = tokio::net::TcpStream::connect(hub.addr).await.unwrap();
     let session = Session::client(tcp, netchan_mux::Config::default());
-    let err = session.dial(HUB_CHANNEL).await.unwrap_err();
+    let err = session.dial(rpc::PEER_CHANNEL).await.unwrap_err();
     assert!(
         matches!(err, netchan_mux::Error::NoListener { .. }),
         "{err:?}"
@@ -676,14 +690,15 @@ where
     let mut exports = session.listen(crate::proto::EXPORT_CHANNEL).unwrap();
     let mut server = rpc::Server::new();
     server.add(export.into_service());
+    let reads = server.clone();
     let task = tokio::spawn(async move {
         // Ends with the session.
         while let Ok(ch) = exports.accept().await {
-            let server = server.clone();
+            let server = reads.clone();
             tokio::spawn(async move { server.serve(ch).await });
         }
     });
-    let hub = HubClient::new(rpc::Client::new(session.dial(HUB_CHANNEL).await.unwrap()));
+    let hub = peer_link(&session, server).await;
     hub.publish(PublishReq { name: name.into() }).await.unwrap();
     (session, hub, task)
 }
@@ -1464,7 +1479,7 @@ async fn queued_publishes_whose_dial_back_hangs_do_not_stretch_the_publish_deadl
     auth::client_hello(&mut hello, None).await.unwrap();
     let start = tokio::time::Instant::now();
     let _exports = session.listen(crate::proto::EXPORT_CHANNEL).unwrap();
-    let hub = HubClient::new(rpc::Client::new(session.dial(HUB_CHANNEL).await.unwrap()));
+    let hub = peer_link(&session, rpc::Server::new()).await;
     // One call gets the rpc conn going, then the client stops hearing the hub: the dial back
     // of every publish hangs.
     assert_eq!(
@@ -1656,4 +1671,45 @@ async fn concurrent_reads_over_a_slow_exporter_link_all_finish_without_false_sil
         firsts.iter().max() < ends.iter().min(),
         "a read waited for its first chunk until another had finished"
     );
+}
+
+/// The hub calls an exporter's `ls`/`stat` back over the exporter's own peer link (what
+/// `Hub.publish` took with `ctx.callback()`), not over its `export` channel: here that
+/// channel is listened on but never served, and both still answer.
+#[tokio::test]
+async fn ls_and_stat_reach_the_exporter_over_its_own_peer_link() {
+    let hub = start_hub(HubOptions::default()).await;
+    let (rb, ra) = (root_with(0), root_with(0));
+    let tcp = tokio::net::TcpStream::connect(hub.addr).await.unwrap();
+    let session = Session::client(tcp, netchan_mux::Config::default());
+    let mut hello = session.dial(auth::CHANNEL).await.unwrap();
+    auth::client_hello(&mut hello, None).await.unwrap();
+    // Publish checks that the channel can be opened; nothing ever serves it.
+    let _exports = session.listen(crate::proto::EXPORT_CHANNEL).unwrap();
+    let bob = peer_link(
+        &session,
+        client::export_server(Root::open(rb.path()).unwrap()),
+    )
+    .await;
+    within(
+        WAIT_S,
+        "bob publishes",
+        bob.publish(PublishReq { name: "bob".into() }),
+    )
+    .await
+    .unwrap();
+    let alice = join(&hub, "alice", ra.path()).await;
+    let listing = within(WAIT_S, "ls over the peer link", alice.ls("bob", ""))
+        .await
+        .unwrap();
+    let names: Vec<&str> = listing.entries.iter().map(|e| e.name.as_str()).collect();
+    assert_eq!(names, ["big.bin", "hello.txt", "sub"]);
+    let st = within(
+        WAIT_S,
+        "stat over the peer link",
+        alice.stat("bob", "hello.txt"),
+    )
+    .await
+    .unwrap();
+    assert_eq!(st.size, 12);
 }

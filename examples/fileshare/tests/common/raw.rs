@@ -13,7 +13,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use crate::export::{Entry, Listing};
-use crate::proto::{Chunk, Export, HubClient, PublishReq, ReadReq, EXPORT_CHANNEL, HUB_CHANNEL};
+use crate::proto::{Chunk, Export, HubClient, PublishReq, ReadReq, EXPORT_CHANNEL};
 
 /// The rpc preamble: magic `NCRPC`, version 2 (docs/protocol.md, Part 2).
 pub(crate) const RPC_PREAMBLE: [u8; 6] = *b"NCRPC\x02";
@@ -93,9 +93,9 @@ pub(crate) fn yamux_header(ty: u8, flags: u16, stream: u32, len: u32) -> [u8; 12
     h
 }
 
-/// The fileshare hello, written by hand: `version 2 | token_len u16 BE | token`.
+/// The fileshare hello, written by hand: `version 3 | token_len u16 BE | token`.
 pub(crate) fn hello_bytes(token: &[u8]) -> Vec<u8> {
-    let mut m = vec![2u8]; // fileshare protocol version 2
+    let mut m = vec![3u8]; // fileshare protocol version 3
     m.extend_from_slice(&(token.len() as u16).to_be_bytes());
     m.extend_from_slice(token);
     m
@@ -134,11 +134,58 @@ pub(crate) async fn hello(tcp: TcpStream) -> Session {
     session
 }
 
-/// An rpc conn on the hub channel after the hello, preamble sent, for hand-made frames.
+/// Longest wait for the hub to listen on its end of the peer link after the hello.
+const PEER_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// After the hello, our end of the rpc peer link written by hand: answers the hub's dial of
+/// [`rpc::PEER_CHANNEL`] (serving nothing on it), and returns the conn we dial to the hub's
+/// end, preamble sent, for hand-made frames: the hub serves `Hub` there.
 pub(crate) async fn raw_hub_channel(session: &Session) -> Conn {
-    let mut ch = session.dial(HUB_CHANNEL).await.expect("hub channel");
+    let mut listener = session.listen(rpc::PEER_CHANNEL).expect("peer listener");
+    tokio::spawn(async move {
+        // Ends with the session.
+        if let Ok(ch) = listener.accept().await {
+            let _ = rpc::Server::new().serve(ch).await;
+        }
+    });
+    let mut ch = session
+        .dial_waiting(rpc::PEER_CHANNEL, PEER_WAIT)
+        .await
+        .expect("peer channel");
     ch.write_all(&RPC_PREAMBLE).await.expect("preamble");
     ch
+}
+
+/// After the hello, our end of the peer link on a hand-written yamux connection: reads the
+/// hub's frames until it opens the peer channel (a Data frame with SYN on an even stream),
+/// and accepts it (WindowUpdate with ACK, then the channel handshake's reply `01 00`, Part
+/// 1). Returns the stream id. Callers bound it in time.
+pub(crate) async fn accept_hub_peer_dial(tcp: &mut TcpStream) -> u32 {
+    loop {
+        let f = read_yamux_frame(tcp).await.expect("the hub's peer dial");
+        if f.ty == yamux::DATA && f.flags & yamux::SYN != 0 && f.stream % 2 == 0 {
+            let mut reply = yamux_header(yamux::WINDOW_UPDATE, yamux::ACK, f.stream, 0).to_vec();
+            reply.extend_from_slice(&yamux_header(yamux::DATA, 0, f.stream, 2));
+            reply.extend_from_slice(&[1, 0]);
+            tcp.write_all(&reply).await.expect("accept the peer dial");
+            return f.stream;
+        }
+    }
+}
+
+/// The rpc peer link after the hello: serves `server` to the hub and returns the hub's client.
+/// The link lives as long as `session`.
+pub(crate) async fn peer_link(session: &Session, server: rpc::Server) -> HubClient {
+    let link = rpc::Peer::connect(session, server)
+        .await
+        .expect("rpc peer link with the hub");
+    let hub = HubClient::new(link.client().clone());
+    let session = session.clone();
+    tokio::spawn(async move {
+        session.closed().await;
+        drop(link);
+    });
+    hub
 }
 
 /// An export service with nothing in it: every client must serve one to publish.
@@ -162,9 +209,7 @@ impl Export for NoFiles {
 pub(crate) async fn join(hub: SocketAddr, source: IpAddr, name: String) -> (Session, HubClient) {
     let session = hello(tcp_from(source, hub).await).await;
     serve_no_files(&session);
-    let hub = HubClient::new(rpc::Client::new(
-        session.dial(HUB_CHANNEL).await.expect("hub channel"),
-    ));
+    let hub = peer_link(&session, no_files_server()).await;
     hub.publish(PublishReq { name }).await.expect("publish");
     (session, hub)
 }
@@ -208,11 +253,17 @@ pub(crate) fn request_frame(id: u64, method: &str, payload: &[u8]) -> Vec<u8> {
     frame
 }
 
+/// An rpc server of [`NoFiles`].
+pub(crate) fn no_files_server() -> rpc::Server {
+    let mut server = rpc::Server::new();
+    server.add(NoFiles.into_service());
+    server
+}
+
 /// Serves [`NoFiles`] on `session`'s export channel (the hub dials it back on publish).
 pub(crate) fn serve_no_files(session: &Session) {
     let mut exports = session.listen(EXPORT_CHANNEL).expect("export listener");
-    let mut server = rpc::Server::new();
-    server.add(NoFiles.into_service());
+    let server = no_files_server();
     tokio::spawn(async move {
         // Ends with the session.
         while let Ok(ch) = exports.accept().await {
