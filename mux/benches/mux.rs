@@ -14,7 +14,8 @@
 //!
 //! `NETCHAN_BENCH_SPLIT_SEND_SIZE=<bytes>` overrides `Config::split_send_size` for tuning runs;
 //! `NETCHAN_BENCH_SUMMARY_ONLY=1` skips criterion and prints only the paired ratios;
-//! `NETCHAN_BENCH_NO_WAN=1` skips the WAN summary.
+//! `NETCHAN_BENCH_NO_WAN=1` skips the WAN summary; `NETCHAN_BENCH_SNDBUF=<bytes>` sets the
+//! kernel send buffer of every loopback socket (raw and under the sessions alike).
 
 use criterion::{Criterion, Throughput};
 use netchan_mux::{Config, Session};
@@ -52,8 +53,33 @@ fn runtime(flavour: &str) -> Runtime {
     }
 }
 
+/// A loopback TCP pair; with `NETCHAN_BENCH_SNDBUF=<bytes>`, both sockets get that send
+/// buffer (a tuning knob: a smaller kernel send queue means less waiting behind bulk data).
+async fn bench_tcp_pair() -> (tokio::net::TcpStream, tokio::net::TcpStream) {
+    let Some(sndbuf) = std::env::var("NETCHAN_BENCH_SNDBUF")
+        .ok()
+        .and_then(|v| v.parse::<u32>().ok())
+    else {
+        return tcp_pair().await;
+    };
+    let socket = || {
+        let s = tokio::net::TcpSocket::new_v4().unwrap();
+        s.set_send_buffer_size(sndbuf).unwrap();
+        s
+    };
+    let listening = socket();
+    listening.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let listener = listening.listen(16).unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (client, server) = tokio::join!(socket().connect(addr), listener.accept());
+    let (client, server) = (client.unwrap(), server.unwrap().0);
+    client.set_nodelay(true).unwrap();
+    server.set_nodelay(true).unwrap();
+    (client, server)
+}
+
 async fn session_pair() -> (Session, Session) {
-    let (a, b) = tcp_pair().await;
+    let (a, b) = bench_tcp_pair().await;
     // The default configuration (keepalive on): what users get.
     let mut config = Config::default();
     // Tuning knob: try other frame sizes without editing the benchmark.
@@ -140,7 +166,7 @@ impl Lanes {
 async fn tcp_lanes(n: usize) -> Lanes {
     let mut pairs = Vec::new();
     for _ in 0..n {
-        let (a, b) = tcp_pair().await;
+        let (a, b) = bench_tcp_pair().await;
         pairs.push((a, b));
     }
     Lanes::new(pairs)
@@ -227,7 +253,7 @@ where
 }
 
 async fn yamux_lanes(n: usize) -> Lanes {
-    let (a, b) = tcp_pair().await;
+    let (a, b) = bench_tcp_pair().await;
     Lanes::new(yamux_pairs(a, b, n).await)
 }
 
@@ -303,7 +329,7 @@ fn bench_flavour(c: &mut Criterion, flavour: &str) {
     group.measurement_time(Duration::from_secs(3));
 
     let mut raw = rt.block_on(async {
-        let (a, b) = tcp_pair().await;
+        let (a, b) = bench_tcp_pair().await;
         spawn_echo(b);
         a
     });
@@ -440,7 +466,7 @@ fn paired_summary(flavour: &str) -> Vec<String> {
     }
     let (raw_t, chan_t, yam_t, ratios, yam_ratios, cpu) = rt.block_on(async {
         let mut raw = {
-            let (a, b) = tcp_pair().await;
+            let (a, b) = bench_tcp_pair().await;
             spawn_echo(b);
             a
         };
@@ -450,7 +476,7 @@ fn paired_summary(flavour: &str) -> Vec<String> {
         spawn_echo(accepted.unwrap());
         let mut conn = dialed.unwrap();
         let mut yam = {
-            let (a, b) = tcp_pair().await;
+            let (a, b) = bench_tcp_pair().await;
             let (out, inc) = yamux_pairs(a, b, 1).await.pop().unwrap();
             spawn_echo(inc);
             out
@@ -509,7 +535,7 @@ fn paired_summary(flavour: &str) -> Vec<String> {
 /// The target is at most 2× (a bulk transfer must not starve small calls beside it).
 fn fairness_summary(flavour: &str) -> Vec<String> {
     let rt = runtime(flavour);
-    let (idle, busy, ratios) = rt.block_on(async {
+    let mux = rt.block_on(async {
         let (client, server) = session_pair().await;
         let mut rtt_listener = server.listen("rtt").unwrap();
         let mut bulk_listener = server.listen("bulk").unwrap();
@@ -555,14 +581,57 @@ fn fairness_summary(flavour: &str) -> Vec<String> {
         drop(conn);
         client.close().await;
         server.close().await;
-        (idle, loaded, ratios)
+        (median(&idle), median(&loaded), median(&ratios))
+    });
+    // The same on raw TCP: the round trip on one connection beside bulk on another, in the
+    // same runtime (what the runtime and the kernel cost anyway).
+    let raw = rt.block_on(async {
+        let (mut conn, echo) = bench_tcp_pair().await;
+        spawn_echo(echo);
+        let (mut bulk_out, mut bulk_in) = bench_tcp_pair().await;
+        let busy = std::sync::Arc::new(tokio::sync::watch::channel(false).0);
+        let mut on = busy.subscribe();
+        let writer = tokio::spawn(async move {
+            let chunk = vec![1u8; WRITE_SIZE];
+            while on.wait_for(|b| *b).await.is_ok() {
+                if bulk_out.write_all(&chunk).await.is_err() {
+                    return;
+                }
+            }
+        });
+        let reader = tokio::spawn(async move {
+            let mut buf = vec![0u8; WRITE_SIZE];
+            while matches!(bulk_in.read(&mut buf).await, Ok(n) if n > 0) {}
+        });
+        ping_pong(&mut conn, RTT_ROUND).await;
+        let (mut idle, mut loaded, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
+        for _ in 0..PAIRS {
+            let start = Instant::now();
+            ping_pong(&mut conn, RTT_ROUND).await;
+            let i = start.elapsed().as_secs_f64() / RTT_ROUND as f64;
+            busy.send_replace(true);
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            let start = Instant::now();
+            ping_pong(&mut conn, RTT_ROUND).await;
+            let b = start.elapsed().as_secs_f64() / RTT_ROUND as f64;
+            busy.send_replace(false);
+            idle.push(i);
+            loaded.push(b);
+            ratios.push(b / i);
+        }
+        writer.abort();
+        reader.abort();
+        (median(&idle), median(&loaded), median(&ratios))
     });
     vec![format!(
-        "{:<24} {:>10.1} µs {:>10.1} µs {:>7.2}x   (round trip beside a bulk channel / idle; target <= 2x)",
+        "{:<24} idle {:.1} / beside bulk {:.1} µs: {:.2}x (raw TCP, two connections: {:.1} / {:.1} µs: {:.2}x); target <= 2x",
         format!("rtt-beside-bulk/{flavour}"),
-        median(&idle) * 1e6,
-        median(&busy) * 1e6,
-        median(&ratios),
+        mux.0 * 1e6,
+        mux.1 * 1e6,
+        mux.2,
+        raw.0 * 1e6,
+        raw.1 * 1e6,
+        raw.2,
     )]
 }
 
