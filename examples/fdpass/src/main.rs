@@ -642,6 +642,56 @@ mod tests {
         assert_eq!(reply.code(), Code::FailedPrecondition, "{reply}");
     }
 
+    /// A worker served on one end of a unix socket pair that passes fds, and a client of it.
+    async fn worker_over_a_socket_pair() -> (mux::Session, mux::Session, WorkerClient) {
+        let (a, b) = tokio::net::UnixStream::pair().expect("socketpair");
+        let builder = mux::Session::builder_with_fds(b, mux::Mode::Server, mux::Config::default());
+        serve(worker_server(), builder.listen("worker").expect("listen"));
+        let server = builder.start();
+        let client = mux::Session::with_fds(a, mux::Mode::Client, mux::Config::default());
+        let conn = tokio::time::timeout(WAIT, client.dial("worker"))
+            .await
+            .expect("dialled within the wait")
+            .expect("dial");
+        let worker = WorkerClient::new(rpc::Client::new(conn)).with_options(opts());
+        (client, server, worker)
+    }
+
+    #[tokio::test]
+    async fn the_worker_refuses_calls_without_the_fd_they_need_naming_it() {
+        let (_client, _server, worker) = worker_over_a_socket_pair().await;
+        let none = worker.read_file("/nowhere".into()).await.unwrap_err();
+        assert_eq!(none.code(), Code::InvalidArgument, "{none}");
+        assert!(none.message().contains("(a file to read)"), "{none}");
+        assert!(none.message().ends_with("got 0"), "{none}");
+
+        let two = [NOTES, NOTES].map(|t| unlinked_file("two.txt", t).unwrap().1);
+        let two = worker
+            .with_options(opts().fds(two))
+            .read_file("/nowhere".into())
+            .await
+            .unwrap_err();
+        assert_eq!(two.code(), Code::InvalidArgument, "{two}");
+        assert!(two.message().ends_with("got 2"), "{two}");
+
+        let (_, file) = unlinked_file("not-a-socket.txt", NOTES).unwrap();
+        let not_a_socket = worker
+            .with_options(opts().fds([file]))
+            .serve_socket()
+            .await
+            .unwrap_err();
+        assert_eq!(not_a_socket.code(), Code::InvalidArgument, "{not_a_socket}");
+        assert!(
+            not_a_socket.message().contains("not a TCP socket"),
+            "{not_a_socket}"
+        );
+
+        let idle = worker.stop_serving().await.unwrap_err();
+        assert_eq!(idle.code(), Code::FailedPrecondition, "{idle}");
+        let huge = worker.primes(MAX_PRIMES_LIMIT + 1).await.unwrap_err();
+        assert_eq!(huge.code(), Code::InvalidArgument, "{huge}");
+    }
+
     /// Pins a netchan-rpc bug: on a TCP session the refusal reads "cannot send file
     /// descriptors: the peer does not take them", blaming the peer, when it is the link that
     /// cannot carry them (`FdLink::check_send` in rpc/src/fds.rs says so whenever
