@@ -68,6 +68,8 @@ const MAX_CONNS: usize = 64;
 pub struct FileReport {
     /// Why the child could not open the file by its path; `None` if it could.
     pub path_error: Option<String>,
+    /// Whether the fd arrived close-on-exec (so the child's own children do not inherit it).
+    pub cloexec: bool,
     /// The file's size as read through the fd.
     pub bytes: u64,
     /// Its number of lines.
@@ -121,7 +123,11 @@ impl Worker for WorkerImpl {
 
     async fn read_file(&self, ctx: Context, path: String) -> Result<FileReport, Status> {
         let path_error = File::open(&path).err().map(|e| e.to_string());
-        let mut file = File::from(one_fd(&ctx, "a file to read")?);
+        let fd = one_fd(&ctx, "a file to read")?;
+        let cloexec = rustix::io::fcntl_getfd(&fd)
+            .map_err(|e| Status::internal(format!("reading the fd's flags: {e}")))?
+            .contains(rustix::io::FdFlags::CLOEXEC);
+        let mut file = File::from(fd);
         // The offset belongs to the open file, which the parent shares: start from the top.
         // (Plain blocking reads: the file is small and the read is capped.)
         file.rewind()?;
@@ -135,6 +141,7 @@ impl Worker for WorkerImpl {
         let text = String::from_utf8_lossy(&text);
         Ok(FileReport {
             path_error,
+            cloexec,
             bytes: text.len() as u64,
             lines: text.lines().count() as u64,
             first_line: text.lines().next().unwrap_or_default().to_string(),
@@ -372,9 +379,13 @@ async fn pass_unlinked_file(worker: &WorkerClient) -> anyhow::Result<()> {
         report.lines == 3 && report.bytes == NOTES.len() as u64,
         "the child read something else: {report:?}"
     );
+    ensure!(
+        report.cloexec,
+        "the fd reached the child without close-on-exec"
+    );
     println!(
-        "parent: 1. the child could not open {path} ({path_error}); through the fd it read \
-         {} lines, {} bytes, the first {:?}",
+        "parent: 1. the child could not open {path} ({path_error}); through the fd \
+         (close-on-exec) it read {} lines, {} bytes, the first {:?}",
         report.lines, report.bytes, report.first_line
     );
     Ok(())

@@ -36,7 +36,7 @@ async fn the_child_reads_an_unlinked_file_answers_with_a_memfd_and_serves_the_pa
     );
     assert!(
         unlinked.ends_with(
-            "through the fd it read 3 lines, 118 bytes, the first \
+            "through the fd (close-on-exec) it read 3 lines, 118 bytes, the first \
              \"netchan fdpass: the child reads this through an fd\""
         ),
         "{unlinked}"
