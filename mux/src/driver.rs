@@ -256,6 +256,21 @@ impl Driver {
     }
 
     fn io_reason(&self, e: io::Error) -> CloseReason {
+        // The peer closed the session (GoAway 0) and then its end of the link, before it read
+        // what we still sent (a channel's FIN, say): its close was graceful all the same.
+        let gone = matches!(
+            e.kind(),
+            io::ErrorKind::ConnectionReset
+                | io::ErrorKind::BrokenPipe
+                | io::ErrorKind::ConnectionAborted
+                | io::ErrorKind::UnexpectedEof
+        );
+        if gone
+            && matches!(self.state, State::Running)
+            && self.shared.core().goaway_received() == Some(0)
+        {
+            return CloseReason::Peer;
+        }
         CloseReason::Io(Arc::new(e))
     }
 

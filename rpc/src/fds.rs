@@ -70,13 +70,15 @@ impl FdLink {
             if fds.can_send() {
                 return Ok(());
             }
-            return Err(Status::failed_precondition(format!(
-                "{what}: cannot send file descriptors: the peer does not take them"
-            )));
+            if fds.session_carries() {
+                return Err(Status::failed_precondition(format!(
+                    "{what}: cannot send file descriptors: the peer does not take them"
+                )));
+            }
         }
         Err(Status::failed_precondition(format!(
-            "{what}: cannot send file descriptors: this conn is not a mux channel of a \
-             session that passes them (unix socket, netchan_mux::Session::with_fds)"
+            "{what}: cannot send file descriptors: this link does not carry them (only a mux \
+             channel of a unix-socket session made with netchan_mux::Session::with_fds does)"
         )))
     }
 

@@ -703,13 +703,9 @@ mod tests {
         assert_eq!(huge.code(), Code::InvalidArgument, "{huge}");
     }
 
-    /// Pins a netchan-rpc bug: on a TCP session the refusal reads "cannot send file
-    /// descriptors: the peer does not take them", blaming the peer, when it is the link that
-    /// cannot carry them (`FdLink::check_send` in rpc/src/fds.rs says so whenever
-    /// `ConnFds::can_send` is false, without asking `ConnFds::session_carries`). Run it with
-    /// `cargo test -p fdpass -- --ignored` once that is fixed.
+    /// Regression: over TCP the refusal used to blame the peer ("the peer does not take
+    /// them") when it is the link that cannot carry descriptors.
     #[tokio::test]
-    #[ignore = "netchan-rpc bug: over TCP the fd refusal blames the peer, not the link"]
     async fn the_tcp_refusal_names_the_link_not_the_peer() {
         let (request, reply) = tokio::time::timeout(Duration::from_secs(30), refusals_over_tcp())
             .await
@@ -723,17 +719,11 @@ mod tests {
         }
     }
 
-    /// Pins a netchan-mux bug: one side drops a channel and closes its session at once
-    /// (`Session::close`, a graceful close); the other side, answering the channel's end,
-    /// writes after the closer has dropped the link, and its session ends with an I/O error
-    /// (`ECONNRESET` on its read or `EPIPE` on its write) instead of `CloseReason::Peer`,
-    /// although it had the closer's GoAway. The closer drops the socket as soon as its own
-    /// frames are out (driver.rs, `State::Finishing`), without reading what the peer still
-    /// sends. Racy, so it tries 200 times; seen both with `Session::with_fds` and with a
-    /// plain `Session` over a unix socket pair. The example works around it by keeping its
-    /// channel open through the close.
+    /// Regression: one side drops a channel and closes its session at once (a graceful
+    /// close); the other side, answering the channel's end, wrote after the closer had dropped
+    /// the link, and its session ended with an I/O error (`ECONNRESET`/`EPIPE`) instead of
+    /// `CloseReason::Peer` although it had the closer's GoAway. Racy, so it tries 200 times.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    #[ignore = "netchan-mux bug: a graceful close can end the peer's session with an i/o error"]
     async fn a_close_right_after_dropping_a_channel_ends_the_peer_with_peer() {
         use tokio::io::AsyncReadExt;
         for round in 0..200 {
