@@ -4,7 +4,7 @@
 #![cfg(unix)]
 
 use netchan_mux::{Config as MuxConfig, Mode, Session};
-use netchan_rpc::{CallOptions, Client, Code, Context, Server, Status};
+use netchan_rpc::{rpc_service, CallOptions, Client, Code, Context, Server, Status};
 use netchan_testkit::within;
 use std::{
     fs::File,
@@ -40,9 +40,33 @@ fn contents(fd: OwnedFd) -> String {
     s
 }
 
-/// A server serving `Files.*` on every channel of a fd-passing session, and the other end.
+/// A typed service whose methods take and return descriptors through the context.
+#[rpc_service]
+pub trait Notes {
+    /// Appends `line` to the file the call carries; answers with a copy of it, reopened.
+    async fn append(&self, ctx: Context, line: String) -> Result<usize, Status>;
+}
+
+struct NotesImpl;
+
+impl Notes for NotesImpl {
+    async fn append(&self, ctx: Context, line: String) -> Result<usize, Status> {
+        let Some(fd) = ctx.take_fds().pop() else {
+            return Err(Status::invalid_argument("no file"));
+        };
+        let mut file = File::from(fd);
+        file.seek(std::io::SeekFrom::End(0))?;
+        file.write_all(line.as_bytes())?;
+        let copy = file.try_clone()?;
+        ctx.reply_fds(vec![copy.into()])?;
+        Ok(line.len())
+    }
+}
+
+/// A server serving `Files.*` and `Notes.*` on every channel of a fd-passing session.
 fn files_server() -> Server {
     let mut server = Server::new();
+    server.add(NotesImpl.into_service());
     // Reads the file it is handed; answers with a new file holding the text reversed.
     server.register("Files.reverse", |ctx: Context, tag: String| async move {
         let mut fds = ctx.take_fds();
@@ -107,6 +131,25 @@ async fn a_request_and_its_response_each_carry_a_file() {
         let many = CallOptions::default().fds((0..5).map(|i| unlinked_file(&i.to_string())));
         let n: u64 = client.call_with("Files.count", &(), many).await.unwrap();
         assert_eq!(n, 5);
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_typed_client_sends_and_receives_descriptors() {
+    within(20, "typed fds", async {
+        let (client_session, _server) = fd_session().await;
+        let notes = NotesClient::new(Client::new(client_session.dial("rpc").await.unwrap()));
+        let with_file = notes.with_options(CallOptions::default().fds([unlinked_file("a\n")]));
+        let (n, mut fds) = with_file.append_with_fds("b\n".into()).await.unwrap();
+        assert_eq!(n, 2);
+        assert_eq!(contents(fds.remove(0)), "a\nb\n");
+        // The options keep their descriptor: the same file again.
+        assert_eq!(with_file.append("c\n".into()).await.unwrap(), 2);
+        let (_, mut fds) = with_file.append_with_fds("d\n".into()).await.unwrap();
+        assert_eq!(contents(fds.remove(0)), "a\nb\nc\nd\n");
+        let err = notes.append("x".into()).await.unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument, "{err}");
     })
     .await;
 }

@@ -433,9 +433,9 @@ async fn pass_denied_file(worker: &WorkerClient) -> anyhow::Result<()> {
 
 /// Case 2: the child answers with a memfd holding its result.
 async fn fetch_primes(worker: &WorkerClient) -> anyhow::Result<()> {
-    let (report, mut fds): (PrimesReport, _) = worker
-        .client()
-        .call_with_fds("Worker.primes", &1000u32, opts())
+    let (report, mut fds) = worker
+        .with_options(opts())
+        .primes_with_fds(1000)
         .await
         .context("child.primes")?;
     ensure!(

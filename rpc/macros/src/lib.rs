@@ -195,14 +195,34 @@ fn expand(attr: TokenStream, item: ItemTrait) -> syn::Result<TokenStream> {
             }
         };
         client_fns.push(match kind {
-            Kind::Unary => quote! {
-                #(#attrs)*
-                ///
-                #[doc = #doc_call]
-                pub async fn #mname(&self, #(#arg_names: #arg_tys),*) -> ::std::result::Result<#ok, #krate::Status> {
-                    self.client.call_with(#wire, #req_expr, self.options.clone()).await
+            Kind::Unary => {
+                let with_fds = format_ident!("{}_with_fds", mname);
+                quote! {
+                    #(#attrs)*
+                    ///
+                    #[doc = #doc_call]
+                    pub async fn #mname(&self, #(#arg_names: #arg_tys),*) -> ::std::result::Result<#ok, #krate::Status> {
+                        // One call site (one set of trait bounds, so one error for a type
+                        // that does not fit); descriptors nobody asked for are closed.
+                        #[cfg(unix)]
+                        {
+                            self.#with_fds(#(#arg_names),*).await.map(|(ok, _fds)| ok)
+                        }
+                        #[cfg(not(unix))]
+                        {
+                            self.client.call_with(#wire, #req_expr, self.options.clone()).await
+                        }
+                    }
+
+                    #[doc = "Like the method without `_with_fds`, also returning the file descriptors the handler sent with its response (`Context::reply_fds`; empty if none). Request descriptors go in the options (`with_options(CallOptions::default().fds(..))`)."]
+                    #[cfg(unix)]
+                    pub async fn #with_fds(&self, #(#arg_names: #arg_tys),*)
+                        -> ::std::result::Result<(#ok, ::std::vec::Vec<::std::os::fd::OwnedFd>), #krate::Status>
+                    {
+                        self.client.call_with_fds(#wire, #req_expr, self.options.clone()).await
+                    }
                 }
-            },
+            }
             Kind::ServerStreaming => quote! {
                 #(#attrs)*
                 ///
