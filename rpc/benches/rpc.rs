@@ -5,7 +5,9 @@
 //!     (latency median and p99);
 //! (b) 64 concurrent 32-byte calls on one conn vs a naive pipelined raw echo
 //!     (64 messages outstanding, one `write`/`read` per message);
-//! (c) calls returning 1 MiB vs a raw 1 MiB response (MB/s).
+//! (c) calls returning 1 MiB vs a raw 1 MiB response (MB/s);
+//! (d) the same 1 MiB calls over a netchan-mux channel (one TCP session) vs
+//!     rpc straight over TCP.
 //!
 //! The serving side runs on its own thread with its own current-thread
 //! runtime, the calling side on the main thread with another, so each side
@@ -49,6 +51,8 @@ struct Addrs {
     raw_echo: SocketAddr,
     raw_blob: SocketAddr,
     rpc: SocketAddr,
+    /// rpc on the channel "rpc" of a mux session per TCP connection.
+    rpc_mux: SocketAddr,
 }
 
 /// Starts the three servers on a dedicated thread and runtime.
@@ -60,10 +64,12 @@ fn start_servers() -> Addrs {
             let raw_echo = TcpListener::bind("127.0.0.1:0").await.unwrap();
             let raw_blob = TcpListener::bind("127.0.0.1:0").await.unwrap();
             let rpc = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let rpc_mux = TcpListener::bind("127.0.0.1:0").await.unwrap();
             tx.send(Addrs {
                 raw_echo: raw_echo.local_addr().unwrap(),
                 raw_blob: raw_blob.local_addr().unwrap(),
                 rpc: rpc.local_addr().unwrap(),
+                rpc_mux: rpc_mux.local_addr().unwrap(),
             })
             .unwrap();
             tokio::spawn(async move {
@@ -102,6 +108,26 @@ fn start_servers() -> Addrs {
                     let blob = blob.clone();
                     async move { Ok(blob) }
                 });
+            let mux_server = server.clone();
+            tokio::spawn(async move {
+                while let Ok((conn, _)) = rpc_mux.accept().await {
+                    conn.set_nodelay(true).unwrap();
+                    let builder = netchan_mux::Session::builder(
+                        conn,
+                        netchan_mux::Mode::Server,
+                        netchan_mux::Config::default(),
+                    );
+                    let mut listener = builder.listen("rpc").unwrap();
+                    let _session = builder.start();
+                    let server = mux_server.clone();
+                    tokio::spawn(async move {
+                        while let Ok(channel) = listener.accept().await {
+                            let server = server.clone();
+                            tokio::spawn(async move { server.serve(channel).await });
+                        }
+                    });
+                }
+            });
             while let Ok((conn, _)) = rpc.accept().await {
                 conn.set_nodelay(true).unwrap();
                 let server = server.clone();
@@ -245,12 +271,18 @@ fn main() {
     let addrs = start_servers();
     let rt = current_thread();
     // Like the raw side, each workload gets its own connection.
-    let (mut raw_echo, mut raw_blob_conn, client, blob_client) = rt.block_on(async {
+    let (mut raw_echo, mut raw_blob_conn, client, blob_client, mux_client) = rt.block_on(async {
+        let session = netchan_mux::Session::client(
+            connect(addrs.rpc_mux).await,
+            netchan_mux::Config::default(),
+        );
+        let channel = session.dial("rpc").await.unwrap();
         (
             connect(addrs.raw_echo).await,
             connect(addrs.raw_blob).await,
             Client::new(connect(addrs.rpc).await),
             Client::new(connect(addrs.rpc).await),
+            Client::new(channel),
         )
     });
     let mut blob_buf = vec![0u8; BLOB];
@@ -288,6 +320,9 @@ fn main() {
         g.bench_function("rpc", |b| {
             b.iter_custom(|n| rt.block_on(rpc_blob(&blob_client, n)))
         });
+        g.bench_function("rpc_over_mux_channel", |b| {
+            b.iter_custom(|n| rt.block_on(rpc_blob(&mux_client, n)))
+        });
         g.finish();
     }
 
@@ -301,6 +336,7 @@ fn main() {
     let blob_n = if quick { 50 } else { 300 };
     let (mut raw_lat, mut rpc_lat) = (Vec::new(), Vec::new());
     let (mut raw_conc, mut rpc_conc, mut raw_mb, mut rpc_mb) = (vec![], vec![], vec![], vec![]);
+    let mut mux_ratio = vec![];
     for _ in 0..rounds {
         rt.block_on(raw_seq(&mut raw_echo, seq_n, &mut raw_lat));
         rt.block_on(rpc_seq(&client, seq_n, &mut rpc_lat));
@@ -312,6 +348,8 @@ fn main() {
         raw_mb.push((blob_n as f64 * BLOB as f64 / 1e6) / t.as_secs_f64());
         let t = rt.block_on(rpc_blob(&blob_client, blob_n));
         rpc_mb.push((blob_n as f64 * BLOB as f64 / 1e6) / t.as_secs_f64());
+        let m = rt.block_on(rpc_blob(&mux_client, blob_n));
+        mux_ratio.push(t.as_secs_f64() / m.as_secs_f64());
     }
     raw_lat.sort();
     rpc_lat.sort();
@@ -335,6 +373,10 @@ fn main() {
         raw_mb,
         rpc_mb,
         rpc_mb / raw_mb
+    );
+    println!(
+        "(d) 1 MiB responses over a mux channel: {:.2}x rpc straight over TCP (target >= 0.8x)",
+        median(mux_ratio)
     );
     c.final_summary();
 }
