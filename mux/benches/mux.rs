@@ -530,6 +530,51 @@ fn paired_summary(flavour: &str) -> Vec<String> {
     lines
 }
 
+/// Medians of the round trip on `conn` (an echo answers it) with nothing else running, and
+/// beside a flat-out bulk transfer from `bulk_out` to `bulk_in` (paused between the timed
+/// rounds), and of their ratio, over [`PAIRS`] alternating rounds.
+async fn rtt_beside_bulk<C, W, R>(mut conn: C, mut bulk_out: W, mut bulk_in: R) -> (f64, f64, f64)
+where
+    C: AsyncRead + AsyncWrite + Unpin,
+    W: AsyncWrite + Unpin + Send + 'static,
+    R: AsyncRead + Unpin + Send + 'static,
+{
+    let busy = std::sync::Arc::new(tokio::sync::watch::channel(false).0);
+    let mut on = busy.subscribe();
+    let writer = tokio::spawn(async move {
+        let chunk = vec![1u8; WRITE_SIZE];
+        while on.wait_for(|b| *b).await.is_ok() {
+            if bulk_out.write_all(&chunk).await.is_err() {
+                return;
+            }
+        }
+    });
+    let reader = tokio::spawn(async move {
+        let mut buf = vec![0u8; WRITE_SIZE];
+        while matches!(bulk_in.read(&mut buf).await, Ok(n) if n > 0) {}
+    });
+    ping_pong(&mut conn, RTT_ROUND).await;
+    let (mut idle, mut loaded, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..PAIRS {
+        let start = Instant::now();
+        ping_pong(&mut conn, RTT_ROUND).await;
+        let i = start.elapsed().as_secs_f64() / RTT_ROUND as f64;
+        busy.send_replace(true);
+        // Let the bulk stream get going before timing beside it.
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let start = Instant::now();
+        ping_pong(&mut conn, RTT_ROUND).await;
+        let b = start.elapsed().as_secs_f64() / RTT_ROUND as f64;
+        busy.send_replace(false);
+        idle.push(i);
+        loaded.push(b);
+        ratios.push(b / i);
+    }
+    writer.abort();
+    reader.abort();
+    (median(&idle), median(&loaded), median(&ratios))
+}
+
 /// Fairness: the 64-byte round trip on one channel while another channel of the same session
 /// streams bulk data flat out, against the same round trip with the session otherwise idle.
 /// The target is at most 2× (a bulk transfer must not starve small calls beside it).
@@ -541,87 +586,19 @@ fn fairness_summary(flavour: &str) -> Vec<String> {
         let mut bulk_listener = server.listen("bulk").unwrap();
         let (dialed, accepted) = tokio::join!(client.dial("rtt"), rtt_listener.accept());
         spawn_echo(accepted.unwrap());
-        let mut conn = dialed.unwrap();
         let (bulk_out, bulk_in) = tokio::join!(client.dial("bulk"), bulk_listener.accept());
-        let (mut bulk_out, mut bulk_in) = (bulk_out.unwrap(), bulk_in.unwrap());
-        // The bulk pair runs only while `busy` is set (it pauses between the busy rounds).
-        let busy = std::sync::Arc::new(tokio::sync::watch::channel(false).0);
-        let mut on = busy.subscribe();
-        let writer = tokio::spawn(async move {
-            let chunk = vec![1u8; WRITE_SIZE];
-            while on.wait_for(|b| *b).await.is_ok() {
-                if bulk_out.write_all(&chunk).await.is_err() {
-                    return;
-                }
-            }
-        });
-        let reader = tokio::spawn(async move {
-            let mut buf = vec![0u8; WRITE_SIZE];
-            while matches!(bulk_in.read(&mut buf).await, Ok(n) if n > 0) {}
-        });
-        ping_pong(&mut conn, RTT_ROUND).await;
-        let (mut idle, mut loaded, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
-        for _ in 0..PAIRS {
-            let start = Instant::now();
-            ping_pong(&mut conn, RTT_ROUND).await;
-            let i = start.elapsed().as_secs_f64() / RTT_ROUND as f64;
-            busy.send_replace(true);
-            // Let the bulk stream get going before timing beside it.
-            tokio::time::sleep(Duration::from_millis(20)).await;
-            let start = Instant::now();
-            ping_pong(&mut conn, RTT_ROUND).await;
-            let b = start.elapsed().as_secs_f64() / RTT_ROUND as f64;
-            busy.send_replace(false);
-            idle.push(i);
-            loaded.push(b);
-            ratios.push(b / i);
-        }
-        writer.abort();
-        reader.abort();
-        drop(conn);
+        let result = rtt_beside_bulk(dialed.unwrap(), bulk_out.unwrap(), bulk_in.unwrap()).await;
         client.close().await;
         server.close().await;
-        (median(&idle), median(&loaded), median(&ratios))
+        result
     });
     // The same on raw TCP: the round trip on one connection beside bulk on another, in the
     // same runtime (what the runtime and the kernel cost anyway).
     let raw = rt.block_on(async {
-        let (mut conn, echo) = bench_tcp_pair().await;
+        let (conn, echo) = bench_tcp_pair().await;
         spawn_echo(echo);
-        let (mut bulk_out, mut bulk_in) = bench_tcp_pair().await;
-        let busy = std::sync::Arc::new(tokio::sync::watch::channel(false).0);
-        let mut on = busy.subscribe();
-        let writer = tokio::spawn(async move {
-            let chunk = vec![1u8; WRITE_SIZE];
-            while on.wait_for(|b| *b).await.is_ok() {
-                if bulk_out.write_all(&chunk).await.is_err() {
-                    return;
-                }
-            }
-        });
-        let reader = tokio::spawn(async move {
-            let mut buf = vec![0u8; WRITE_SIZE];
-            while matches!(bulk_in.read(&mut buf).await, Ok(n) if n > 0) {}
-        });
-        ping_pong(&mut conn, RTT_ROUND).await;
-        let (mut idle, mut loaded, mut ratios) = (Vec::new(), Vec::new(), Vec::new());
-        for _ in 0..PAIRS {
-            let start = Instant::now();
-            ping_pong(&mut conn, RTT_ROUND).await;
-            let i = start.elapsed().as_secs_f64() / RTT_ROUND as f64;
-            busy.send_replace(true);
-            tokio::time::sleep(Duration::from_millis(20)).await;
-            let start = Instant::now();
-            ping_pong(&mut conn, RTT_ROUND).await;
-            let b = start.elapsed().as_secs_f64() / RTT_ROUND as f64;
-            busy.send_replace(false);
-            idle.push(i);
-            loaded.push(b);
-            ratios.push(b / i);
-        }
-        writer.abort();
-        reader.abort();
-        (median(&idle), median(&loaded), median(&ratios))
+        let (bulk_out, bulk_in) = bench_tcp_pair().await;
+        rtt_beside_bulk(conn, bulk_out, bulk_in).await
     });
     vec![format!(
         "{:<24} idle {:.1} / beside bulk {:.1} µs: {:.2}x (raw TCP, two connections: {:.1} / {:.1} µs: {:.2}x); target <= 2x",

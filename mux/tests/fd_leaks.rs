@@ -6,34 +6,15 @@
 #![cfg(target_os = "linux")]
 
 use netchan_mux::{CloseReason, Config, Mode, Session};
-use netchan_testkit::within;
-use std::{io::Write, mem::MaybeUninit, os::fd::AsFd, time::Duration};
+use netchan_testkit::{
+    fds::{back_to, open_fds, unlinked_file},
+    within,
+};
+use std::{mem::MaybeUninit, os::fd::AsFd, time::Duration};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::UnixStream,
 };
-
-fn open_fds() -> usize {
-    std::fs::read_dir("/proc/self/fd")
-        .expect("/proc/self/fd")
-        .count()
-}
-
-/// Waits (bounded) until the process holds `baseline` descriptors again; panics naming the
-/// scenario if it does not. Descriptors are closed by tasks winding down, not at a moment a
-/// test can await, so this polls.
-async fn back_to(baseline: usize, scenario: &str) {
-    for _ in 0..500 {
-        if open_fds() == baseline {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    panic!(
-        "{scenario}: {} descriptors open, {baseline} before",
-        open_fds()
-    );
-}
 
 fn pair() -> (Session, Session, netchan_mux::Listener) {
     let (a, b) = UnixStream::pair().expect("socketpair");
@@ -47,26 +28,12 @@ fn pair() -> (Session, Session, netchan_mux::Listener) {
     )
 }
 
-fn scratch_file() -> std::fs::File {
-    let path = std::env::temp_dir().join(format!("netchan-fd-leaks-{}", std::process::id()));
-    let mut f = std::fs::File::options()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .open(&path)
-        .expect("temp file");
-    std::fs::remove_file(&path).expect("unlink");
-    f.write_all(b"x").expect("write");
-    f
-}
-
 #[tokio::test(flavor = "current_thread")]
 async fn no_descriptor_outlives_its_channel_or_session() {
     within(60, "fd leak scenarios", async {
         // Warm up whatever the runtime opens once.
         tokio::time::sleep(Duration::from_millis(1)).await;
-        let file = scratch_file();
+        let file = unlinked_file("x");
         let baseline = open_fds();
 
         // 1. Sent, arrived, never taken: closed with the receiving channel.

@@ -6,12 +6,13 @@
 #![cfg(unix)]
 
 use netchan_mux::{CloseReason, Config, Conn, Error, Mode, Session, Violation};
-use netchan_testkit::within;
+use netchan_testkit::{
+    fds::{contents, unlinked_file},
+    within,
+};
 use std::{
-    fs::File,
-    io::{Read, Seek, Write},
-    os::fd::{AsFd, OwnedFd},
-    sync::atomic::{AtomicU64, Ordering},
+    io::{Read, Write},
+    os::fd::AsFd,
 };
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
@@ -32,34 +33,6 @@ fn fd_pair(names: &[&str], config: Config) -> (Session, Session, Vec<netchan_mux
         server,
         listeners,
     )
-}
-
-/// An open file holding `text`, already unlinked: only its descriptor reaches it.
-fn unlinked_file(text: &str) -> File {
-    static NEXT: AtomicU64 = AtomicU64::new(0);
-    let path = std::env::temp_dir().join(format!(
-        "netchan-fds-{}-{}",
-        std::process::id(),
-        NEXT.fetch_add(1, Ordering::Relaxed)
-    ));
-    let mut f = File::options()
-        .read(true)
-        .write(true)
-        .create_new(true)
-        .open(&path)
-        .expect("create temp file");
-    std::fs::remove_file(&path).expect("unlink");
-    f.write_all(text.as_bytes()).expect("write");
-    f
-}
-
-/// Everything in the file behind `fd`, from its start.
-fn contents(fd: OwnedFd) -> String {
-    let mut f = File::from(fd);
-    f.rewind().expect("rewind");
-    let mut s = String::new();
-    f.read_to_string(&mut s).expect("read");
-    s
 }
 
 async fn connect(

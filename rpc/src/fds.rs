@@ -8,7 +8,10 @@
 //! the mux's fd frame at exactly that place. The reader has them once it has read the
 //! `Fds` frame, and attaches them to the call's next frame.
 
-use crate::{wire::Header, Error, Status};
+use crate::{
+    wire::{Frame, Header},
+    Error, Status,
+};
 use std::{collections::HashMap, sync::Arc};
 
 /// The most descriptors one call's request or response carries: what one `SCM_RIGHTS`
@@ -136,7 +139,7 @@ impl FdInbox {
     }
 
     /// Handles an `Fds` frame: its descriptors are here by now (they arrive ahead of it).
-    pub(crate) fn on_frame(&mut self, id: u64, count: u32) -> Result<(), Error> {
+    fn on_frame(&mut self, id: u64, count: u32) -> Result<(), Error> {
         let count = count as usize;
         if count == 0 || count > MAX_FDS_PER_MESSAGE {
             return Err(Error::Protocol {
@@ -178,17 +181,20 @@ impl FdInbox {
         Ok(())
     }
 
-    /// The descriptors announced for call `id`'s message, taken by that message (empty if
-    /// none were).
-    pub(crate) fn take(&mut self, id: u64) -> Vec<Fd> {
-        self.per_call.remove(&id).unwrap_or_default()
-    }
-
-    /// Whether `header` is a frame that may carry the descriptors of an `Fds` frame.
-    pub(crate) fn carries(header: &Header<'_>) -> Option<u64> {
-        match header {
-            Header::Request { id, .. } | Header::Response { id, .. } => Some(*id),
+    /// Takes in one decoded frame: an `Fds` frame is absorbed (`None`); any other comes back
+    /// with the descriptors announced for it (empty for most).
+    pub(crate) fn route(&mut self, frame: Frame) -> Result<Option<(Frame, Vec<Fd>)>, Error> {
+        let id = match frame.header {
+            Header::Fds { id, count } => {
+                self.on_frame(id, count)?;
+                return Ok(None);
+            }
+            Header::Request { id, .. } | Header::Response { id, .. } => Some(id),
             _ => None,
-        }
+        };
+        let fds = id
+            .and_then(|id| self.per_call.remove(&id))
+            .unwrap_or_default();
+        Ok(Some((frame, fds)))
     }
 }

@@ -6,44 +6,12 @@
 
 use netchan_mux::{Config as MuxConfig, Mode, Session};
 use netchan_rpc::{CallOptions, Client, Context, Server, Status};
-use netchan_testkit::within;
-use std::{io::Write, os::fd::OwnedFd, sync::Arc, time::Duration};
+use netchan_testkit::{
+    fds::{back_to, open_fds, unlinked_file},
+    within,
+};
+use std::{os::fd::OwnedFd, sync::Arc, time::Duration};
 use tokio::sync::Notify;
-
-fn open_fds() -> usize {
-    std::fs::read_dir("/proc/self/fd")
-        .expect("/proc/self/fd")
-        .count()
-}
-
-/// Waits (bounded) for the count to come back; descriptors close as tasks wind down, not at
-/// a moment a test can await.
-async fn back_to(baseline: usize, scenario: &str) {
-    for _ in 0..500 {
-        if open_fds() == baseline {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    panic!(
-        "{scenario}: {} descriptors open, {baseline} before",
-        open_fds()
-    );
-}
-
-fn scratch() -> std::fs::File {
-    let path = std::env::temp_dir().join(format!("netchan-rpc-fd-leaks-{}", std::process::id()));
-    let mut f = std::fs::File::options()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .open(&path)
-        .expect("temp file");
-    std::fs::remove_file(&path).expect("unlink");
-    f.write_all(b"x").unwrap();
-    f
-}
 
 fn dups(file: &std::fs::File, n: usize) -> Vec<OwnedFd> {
     (0..n)
@@ -74,10 +42,10 @@ async fn setup(server: Server) -> (Client, Session, Session) {
 async fn no_descriptor_outlives_its_call() {
     within(60, "rpc fd leak scenarios", async {
         tokio::time::sleep(Duration::from_millis(1)).await;
-        let file = scratch();
+        let file = unlinked_file("x");
         let baseline = open_fds();
         let started = Arc::new(Notify::new());
-        let reply_file = Arc::new(scratch());
+        let reply_file = Arc::new(unlinked_file("x"));
         let mut server = Server::new();
         server.register("T.fail", |_ctx: Context, (): ()| async move {
             // Leaves the request's descriptors untaken and fails.

@@ -5,39 +5,16 @@
 
 use netchan_mux::{Config as MuxConfig, Mode, Session};
 use netchan_rpc::{rpc_service, CallOptions, Client, Code, Context, Server, Status};
-use netchan_testkit::within;
+use netchan_testkit::{fds::contents, within};
 use std::{
     fs::File,
-    io::{Read, Seek, Write},
+    io::{Seek, Write},
     os::fd::OwnedFd,
-    sync::atomic::{AtomicU64, Ordering},
 };
 
-/// An open file holding `text`, already unlinked: only a descriptor reaches it.
+/// An open file holding `text`, already unlinked, as a descriptor to send.
 fn unlinked_file(text: &str) -> OwnedFd {
-    static NEXT: AtomicU64 = AtomicU64::new(0);
-    let path = std::env::temp_dir().join(format!(
-        "netchan-rpc-fds-{}-{}",
-        std::process::id(),
-        NEXT.fetch_add(1, Ordering::Relaxed)
-    ));
-    let mut f = File::options()
-        .read(true)
-        .write(true)
-        .create_new(true)
-        .open(&path)
-        .expect("create temp file");
-    std::fs::remove_file(&path).expect("unlink");
-    f.write_all(text.as_bytes()).expect("write");
-    f.into()
-}
-
-fn contents(fd: OwnedFd) -> String {
-    let mut f = File::from(fd);
-    f.rewind().expect("rewind");
-    let mut s = String::new();
-    f.read_to_string(&mut s).expect("read");
-    s
+    netchan_testkit::fds::unlinked_file(text).into()
 }
 
 /// A typed service whose methods take and return descriptors through the context.
@@ -91,12 +68,8 @@ fn files_server() -> Server {
     server
 }
 
-/// Both ends of a unix-socket session that passes fds, `rpc` served on the server end.
-async fn fd_session() -> (Session, Session) {
-    let (a, b) = tokio::net::UnixStream::pair().expect("socketpair");
-    let builder = Session::builder_with_fds(b, Mode::Server, MuxConfig::default());
-    let mut listener = builder.listen("rpc").expect("listen");
-    let server_session = builder.start();
+/// Serves [`files_server`] on every channel `listener` accepts.
+fn serve_files(mut listener: netchan_mux::Listener) {
     let server = files_server();
     tokio::spawn(async move {
         while let Ok(conn) = listener.accept().await {
@@ -106,6 +79,15 @@ async fn fd_session() -> (Session, Session) {
             });
         }
     });
+}
+
+/// Both ends of a unix-socket session that passes fds, `rpc` served on the server end.
+async fn fd_session() -> (Session, Session) {
+    let (a, b) = tokio::net::UnixStream::pair().expect("socketpair");
+    let builder = Session::builder_with_fds(b, Mode::Server, MuxConfig::default());
+    let listener = builder.listen("rpc").expect("listen");
+    let server_session = builder.start();
+    serve_files(listener);
     (
         Session::with_fds(a, Mode::Client, MuxConfig::default()),
         server_session,
@@ -196,17 +178,9 @@ async fn links_that_cannot_carry_descriptors_refuse_calls_with_them_at_once() {
         let tcp = Client::new(a);
         let (x, y) = netchan_testkit::tcp_pair().await;
         let builder = Session::builder(y, Mode::Server, MuxConfig::default());
-        let mut listener = builder.listen("rpc").unwrap();
+        let listener = builder.listen("rpc").unwrap();
         let _s = builder.start();
-        let server = files_server();
-        tokio::spawn(async move {
-            while let Ok(conn) = listener.accept().await {
-                let server = server.clone();
-                tokio::spawn(async move {
-                    let _ = server.serve(conn).await;
-                });
-            }
-        });
+        serve_files(listener);
         let over_mux = Client::new(
             Session::client(x, MuxConfig::default())
                 .dial("rpc")

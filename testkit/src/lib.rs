@@ -7,7 +7,10 @@
 //! - [`within`]: a hang guard for any future.
 //! - [`tcp_pair`]: a connected pair of loopback TCP sockets with `TCP_NODELAY`.
 //! - [`proxy`]: a loopback TCP proxy that simulates a link (delay, bandwidth, faults).
+//! - [`fds`] (unix): unlinked files and open-descriptor counts for the fd-passing tests.
 
+#[cfg(unix)]
+pub mod fds;
 pub mod proxy;
 
 use std::{future::Future, time::Duration};

@@ -321,15 +321,9 @@ where
         .map_err(|_| Error::HandshakeTimeout { after })??;
     while let Some(body) = reader.next_frame().await? {
         let frame = Frame::decode(body).map_err(Error::Malformed)?;
-        if let Header::Fds { id, count } = frame.header {
-            inbox.on_frame(id, count)?;
-            continue;
+        if let Some((frame, fds)) = inbox.route(frame)? {
+            shared.dispatch(frame, fds)?;
         }
-        let fds = match FdInbox::carries(&frame.header) {
-            Some(id) => inbox.take(id),
-            None => Vec::new(),
-        };
-        shared.dispatch(frame, fds)?;
     }
     Ok(())
 }

@@ -101,15 +101,9 @@ impl Server {
                     }
                 };
                 let frame = Frame::decode(body).map_err(Error::Malformed)?;
-                if let Header::Fds { id, count } = frame.header {
-                    inbox.on_frame(id, count)?;
-                    continue;
+                if let Some((frame, fds)) = inbox.route(frame)? {
+                    self.dispatch(&conn, frame, peer, &drain, fds).await?;
                 }
-                let fds = match FdInbox::carries(&frame.header) {
-                    Some(id) => inbox.take(id),
-                    None => Vec::new(),
-                };
-                self.dispatch(&conn, frame, peer, &drain, fds).await?;
             }
         }
         .instrument(span.clone())
