@@ -72,7 +72,8 @@ pub struct Config {
     /// initial 256 KiB. A channel's window doubles while its sender is held back by it and
     /// its reader keeps up, towards the link's bandwidth-delay product, up to
     /// `max_stream_window`, out of this budget; the growth returns to the budget when the
-    /// channel closes. Part of the session's receive budget, see [Memory](#memory).
+    /// channel closes, and half of it when the reader takes over 16 round trips (and at
+    /// least 1 s) to consume a whole window, so a channel that no longer needs it gives it up. Part of the session's receive budget, see [Memory](#memory).
     /// Default: 16 MiB.
     pub receive_window_growth: usize,
     /// The largest receive window one channel may be granted. A single channel's throughput

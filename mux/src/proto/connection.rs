@@ -31,6 +31,12 @@ const PROBE_BIT: u32 = 0x8000_0000;
 /// A round-trip sample older than this is refreshed by a new probe while data flows.
 const RTT_REFRESH: Duration = Duration::from_secs(10);
 
+/// A grown window whose reader takes longer than this many round trips (and at least
+/// [`SHRINK_MIN`]) to consume a whole window is not what limits its stream: it gives half of
+/// its growth back to the session's budget.
+const SHRINK_AFTER_RTTS: u32 = 16;
+const SHRINK_MIN: Duration = Duration::from_secs(1);
+
 /// Which end of the session we are; decides the parity of the stream ids we allocate.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Side {
@@ -594,10 +600,14 @@ impl Connection {
     /// window: when the reader has drained a whole window within two round trips of starting
     /// it, the window (not the reader) limits the stream, and it doubles, up to the per-stream
     /// maximum and within the session's growth budget. So a window grows towards the
-    /// bandwidth-delay product of the link, and no further.
+    /// bandwidth-delay product of the link, and no further. When a whole grown window takes
+    /// the reader much longer than that (see [`SHRINK_AFTER_RTTS`]), the window is not what
+    /// limits the stream any more: it halves (never below the initial window), by granting
+    /// back less than was consumed, and the growth returns to the budget.
     fn maybe_grant(&mut self, id: u32, now: Instant) {
         let budget_left = self.limits.growth_budget.saturating_sub(self.growth_used);
         let max_window = self.limits.max_window;
+        let initial = self.limits.initial_window;
         let rtt = self.rtt();
         let Some(s) = self.streams.get_mut(&id) else {
             return;
@@ -606,24 +616,36 @@ impl Connection {
             return;
         }
         let mut extra = 0;
+        let mut shrink = 0;
         if s.consumed >= u64::from(s.window) {
-            let quick = match (rtt, s.epoch) {
-                (Some(rtt), Some(start)) => now.saturating_duration_since(start) < 2 * rtt,
-                _ => false,
+            let took = s.epoch.map(|start| now.saturating_duration_since(start));
+            let (quick, slow) = match (rtt, took) {
+                (Some(rtt), Some(took)) => (
+                    took < 2 * rtt,
+                    took > (SHRINK_AFTER_RTTS * rtt).max(SHRINK_MIN),
+                ),
+                _ => (false, false),
             };
             if quick && s.recv.len() == 0 && s.window < max_window {
                 let room = (max_window - s.window) as usize;
                 extra = (s.window as usize).min(room).min(budget_left) as u32;
                 s.window += extra;
+            } else if slow && s.window > initial {
+                // Withheld from this grant (never more than it), so what the peer may send
+                // plus what is buffered stays equal to the window.
+                shrink = (s.window - (s.window / 2).max(initial)).min(s.credit);
+                s.window -= shrink;
             }
             s.consumed = 0;
             s.epoch = Some(now);
         }
-        let delta = s.credit + extra;
+        let delta = s.credit + extra - shrink;
         s.credit = 0;
         s.recv_window += delta;
-        self.growth_used += extra as usize;
-        self.queue_update(id, 0, delta);
+        self.growth_used = (self.growth_used + extra as usize).saturating_sub(shrink as usize);
+        if delta > 0 {
+            self.queue_update(id, 0, delta);
+        }
         self.maybe_probe(now);
     }
 

@@ -151,6 +151,55 @@ fn the_window_doubles_when_the_reader_drains_it_within_two_round_trips() {
 }
 
 #[test]
+fn a_grown_window_whose_reader_is_slow_gives_half_its_growth_back() {
+    let mut c = Connection::new(Side::Server, limits());
+    let start = Instant::now();
+    c.set_rtt(Duration::from_millis(1), start);
+    let window = 256 * 1024u32;
+    let read_at = |c: &mut Connection, at: Instant| {
+        let mut n = 0;
+        let _ = c.read(1, usize::MAX, &waker(), at, |s| n += s.len());
+        n
+    };
+    // Drained within two round trips: the window doubles.
+    feed(
+        &mut c,
+        hdr(FrameType::Data, SYN, 1, window),
+        &vec![0u8; window as usize],
+    )
+    .unwrap();
+    sent(&mut c);
+    assert_eq!(read_at(&mut c, start), window as usize);
+    assert_eq!(
+        sent(&mut c),
+        hdr(FrameType::WindowUpdate, 0, 1, 2 * window).encode()
+    );
+    assert_eq!(c.growth_used(), window as usize);
+    // The next whole window takes the reader 2 s (over 16 round trips and 1 s): half the
+    // growth goes back, withheld from the grant.
+    let body = vec![0u8; 2 * window as usize];
+    feed(&mut c, hdr(FrameType::Data, 0, 1, 2 * window), &body).unwrap();
+    assert_eq!(
+        read_at(&mut c, start + Duration::from_secs(2)),
+        2 * window as usize
+    );
+    assert_eq!(
+        sent(&mut c),
+        hdr(FrameType::WindowUpdate, 0, 1, window).encode(),
+        "granted back the consumed 512 KiB less the 256 KiB of growth returned"
+    );
+    assert_eq!(c.growth_used(), 0);
+    // The peer may now send the initial window and no more.
+    feed(
+        &mut c,
+        hdr(FrameType::Data, 0, 1, window),
+        &vec![0u8; window as usize],
+    )
+    .unwrap();
+    assert!(c.on_header(&hdr(FrameType::Data, 0, 1, 1)).is_err());
+}
+
+#[test]
 fn growth_stops_at_the_session_budget() {
     let mut l = limits();
     l.growth_budget = 100 * 1024;
