@@ -133,15 +133,18 @@ fn pattern(len: usize, seed: u8) -> Vec<u8> {
 }
 
 /// Our session in `mode` over loopback TCP, the yamux crate in the other mode.
-async fn pair(mode: Mode) -> (Session, Peer) {
-    let (a, b) = common::tcp_pair().await;
-    let theirs = match mode {
+fn their_mode(mode: Mode) -> yamux::Mode {
+    match mode {
         Mode::Client => yamux::Mode::Server,
         Mode::Server => yamux::Mode::Client,
-    };
+    }
+}
+
+async fn pair(mode: Mode) -> (Session, Peer) {
+    let (a, b) = common::tcp_pair().await;
     (
         Session::new(a, mode, Config::default()),
-        Peer::start(b, theirs),
+        Peer::start(b, their_mode(mode)),
     )
 }
 
@@ -161,7 +164,11 @@ async fn yamux_echo(mut s: YStream) {
 }
 
 async fn channels_both_ways_and_bulk(mode: Mode) {
-    let (session, mut peer) = pair(mode).await;
+    let (session, peer) = pair(mode).await;
+    carries_channels_both_ways_and_bulk(session, peer).await;
+}
+
+async fn carries_channels_both_ways_and_bulk(session: Session, mut peer: Peer) {
     spawn_echo(session.listen("echo").unwrap());
 
     // The yamux crate dials us: 4 MiB echoed, checksummed.
@@ -208,6 +215,32 @@ async fn channels_both_ways_and_bulk(mode: Mode) {
     .await;
     assert_eq!(checksum(&back), checksum(&data));
     assert!(!session.is_closed());
+}
+
+/// A session that passes file descriptors announces it with a ping; a peer without the
+/// extension just answers it, everything else works as usual, and no fds are ever sent to it.
+#[cfg(unix)]
+#[tokio::test]
+async fn a_session_passing_fds_works_with_the_yamux_crate_over_a_unix_socket() {
+    use std::os::fd::AsFd;
+    for mode in [Mode::Client, Mode::Server] {
+        let (a, b) = tokio::net::UnixStream::pair().unwrap();
+        let session = Session::with_fds(a, mode, Config::default());
+        let mut peer = Peer::start(b, their_mode(mode));
+        let (dialed, (theirs, _)) = within(10, "we dial", async {
+            tokio::join!(session.dial("fds?"), peer.accept())
+        })
+        .await;
+        let mut conn = dialed.unwrap();
+        assert!(!conn.can_send_fds());
+        let file = std::fs::File::open("/dev/null").unwrap();
+        assert!(matches!(
+            conn.send_fds(&[file.as_fd()]),
+            Err(netchan_mux::Error::FdsUnsupported { .. })
+        ));
+        drop((conn, theirs));
+        carries_channels_both_ways_and_bulk(session, peer).await;
+    }
 }
 
 #[tokio::test]
