@@ -691,21 +691,12 @@ impl Connection {
         len: usize,
         waker: &Waker,
     ) -> Poll<Result<Option<Header>, StreamError>> {
-        let ended = self.ended;
         let congested = self.out_bytes >= self.limits.out_limit;
         let max_frame = self.limits.max_frame;
-        let Some(s) = self.streams.get_mut(&id) else {
-            return Poll::Ready(Err(StreamError::SessionEnded));
+        let s = match self.writable(id) {
+            Ok(s) => s,
+            Err(e) => return Poll::Ready(Err(e)),
         };
-        if s.reset {
-            return Poll::Ready(Err(StreamError::Reset));
-        }
-        if s.local_fin {
-            return Poll::Ready(Err(StreamError::WriteClosed));
-        }
-        if ended {
-            return Poll::Ready(Err(StreamError::SessionEnded));
-        }
         if len == 0 {
             return Poll::Ready(Ok(None));
         }
@@ -730,20 +721,9 @@ impl Connection {
     /// Queues file descriptors for stream `id`, to reach the peer ahead of the stream's next
     /// data byte (after everything written so far). Empty `fds` is a no-op.
     pub(crate) fn send_fds(&mut self, id: u32, fds: Vec<Fd>) -> Result<(), StreamError> {
-        let ended = self.ended;
-        let Some(s) = self.streams.get_mut(&id) else {
-            return Err(StreamError::SessionEnded);
-        };
-        if s.reset {
-            return Err(StreamError::Reset);
-        }
-        if s.local_fin {
-            return Err(StreamError::WriteClosed);
-        }
-        if ended {
-            return Err(StreamError::SessionEnded);
-        }
-        if !self.peer_fds {
+        let peer_fds = self.peer_fds;
+        let syn_pending = self.writable(id)?.syn_pending;
+        if !peer_fds {
             return Err(StreamError::FdsUnsupported);
         }
         if fds.len() > MAX_FDS_PER_FRAME {
@@ -752,7 +732,7 @@ impl Connection {
         if fds.is_empty() {
             return Ok(());
         }
-        if s.syn_pending {
+        if syn_pending {
             // The peer must know the stream before fds can be delivered to it.
             self.queue_update(id, 0, 0);
         }
@@ -771,6 +751,23 @@ impl Connection {
             Some(s) => s.fds.take(),
             None => Vec::new(),
         }
+    }
+
+    /// Stream `id`, if it may still be written to: not reset, not half-closed by us, and the
+    /// session not ended.
+    fn writable(&mut self, id: u32) -> Result<&mut Stream, StreamError> {
+        let ended = self.ended;
+        let s = self.streams.get_mut(&id).ok_or(StreamError::SessionEnded)?;
+        if s.reset {
+            return Err(StreamError::Reset);
+        }
+        if s.local_fin {
+            return Err(StreamError::WriteClosed);
+        }
+        if ended {
+            return Err(StreamError::SessionEnded);
+        }
+        Ok(s)
     }
 
     /// Half-closes stream `id` (FIN after everything written so far).
