@@ -34,6 +34,13 @@ fn rss_kib(p: &Proc) -> u64 {
         .expect("VmRSS")
 }
 
+/// The names the hub lists to `client`: how a test checks that other clients carry on.
+async fn listed(client: &proto::HubClient) -> Vec<String> {
+    within(WAIT_S, "list", client.list(ListReq {}))
+        .await
+        .unwrap()
+}
+
 /// "alice" joins from the `i`-th loopback source: the client whose calls show that other
 /// clients are unaffected by what a test does to the hub.
 async fn alice_joins(addr: SocketAddr, i: usize) -> (netchan_mux::Session, proto::HubClient) {
@@ -146,12 +153,7 @@ async fn rpc_frames_claiming_16_mib_from_unpublished_clients_commit_nothing() {
     );
     // Other clients are unaffected.
     let (_s, alice) = alice_joins(addr, 100).await;
-    assert_eq!(
-        within(WAIT_S, "list", alice.list(ListReq {}))
-            .await
-            .unwrap(),
-        vec!["alice"]
-    );
+    assert_eq!(listed(&alice).await, vec!["alice"]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -180,12 +182,7 @@ async fn a_yamux_frame_over_the_limit_ends_only_that_session() {
     })
     .await;
     let (_s, alice) = alice_joins(addr, 2).await;
-    assert_eq!(
-        within(WAIT_S, "list", alice.list(ListReq {}))
-            .await
-            .unwrap(),
-        vec!["alice"]
-    );
+    assert_eq!(listed(&alice).await, vec!["alice"]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -237,12 +234,7 @@ async fn hand_written_fileshare_requests_good_and_bad_get_typed_answers() {
         .unwrap();
     assert_eq!(answer, [1, 3, 0, 4, b'h', b'a', b'n', b'd', 1]);
     let (_s, alice) = alice_joins(addr, 2).await;
-    assert_eq!(
-        within(WAIT_S, "list", alice.list(ListReq {}))
-            .await
-            .unwrap(),
-        vec!["alice", "hand"]
-    );
+    assert_eq!(listed(&alice).await, vec!["alice", "hand"]);
 }
 
 /// Each yamux protocol violation of issue 7 item 9, written by hand on its own connection:
@@ -297,13 +289,7 @@ async fn yamux_protocol_violations_get_go_away_1_and_end_only_that_session() {
         let _ = tcp.write_all(&bytes).await;
         let code = within(WAIT_S, what, raw::go_away_then_eof(&mut tcp)).await;
         assert_eq!(code, Some(1), "{what}: GoAway code");
-        assert_eq!(
-            within(WAIT_S, "list", alice.list(ListReq {}))
-                .await
-                .unwrap(),
-            vec!["alice"],
-            "after {what}"
-        );
+        assert_eq!(listed(&alice).await, vec!["alice"], "after {what}");
     }
     let after = rss_kib(&hub.proc);
     assert!(
@@ -361,12 +347,7 @@ async fn an_unsolicited_pong_and_the_stream_limit_leave_the_session_serving() {
     eprintln!("{resets} of {OPENED} streams reset");
     assert!(resets >= 320, "{resets} of {OPENED} streams reset");
     assert!(resets < OPENED as usize, "every stream reset");
-    assert_eq!(
-        within(WAIT_S, "list", alice.list(ListReq {}))
-            .await
-            .unwrap(),
-        vec!["alice"]
-    );
+    assert_eq!(listed(&alice).await, vec!["alice"]);
     let after = rss_kib(&hub.proc);
     assert!(
         after.saturating_sub(before) < 16 << 10,
@@ -432,12 +413,7 @@ async fn a_flood_of_one_byte_frames_costs_the_hub_about_a_byte_each() {
         after.saturating_sub(before) < 4 << 10,
         "hub RSS grew from {before} to {after} KiB"
     );
-    assert_eq!(
-        within(WAIT_S, "list", alice.list(ListReq {}))
-            .await
-            .unwrap(),
-        vec!["alice"]
-    );
+    assert_eq!(listed(&alice).await, vec!["alice"]);
 }
 
 /// A peer that answers the hub's round-trip probe late makes every drained window look
@@ -519,10 +495,5 @@ async fn a_late_pong_grows_a_window_no_further_than_the_mux_bound() {
         after.saturating_sub(before) < 64 << 10,
         "hub RSS grew from {before} to {after} KiB"
     );
-    assert_eq!(
-        within(WAIT_S, "list", alice.list(ListReq {}))
-            .await
-            .unwrap(),
-        vec!["alice"]
-    );
+    assert_eq!(listed(&alice).await, vec!["alice"]);
 }
