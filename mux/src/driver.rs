@@ -1,9 +1,9 @@
 //! The driver task: the owner of the byte stream's read side. It moves bytes between the link
 //! and the yamux core, and nothing else.
 //!
-//! - **Reads** go into 64 KiB `BytesMut` chunks without zeroing; a data frame's body is handed
-//!   to the core as slices of them (no copy), piece by piece as it arrives, so no frame needs
-//!   a buffer of its own size.
+//! - **Reads**: on every turn the driver reads what the link has and hands the frames to the
+//!   core (see `inbound.rs`, shared with the readers, which may read a large body straight
+//!   into their own buffers).
 //! - **Writes**: on every turn the driver writes what the core queued (see `outbound.rs`,
 //!   shared with the handles, which write directly when the link is free).
 //! - **Timers**: keepalive pings and the close grace.
@@ -15,31 +15,22 @@
 
 use crate::{
     error::CloseReason,
+    inbound::{Failed, Inbound},
     keepalive::{Due, Keepalive},
     link::{LinkRead, LinkWrite},
     outbound::{Outbound, WRITE_BATCH},
-    proto::{Fd, FrameType, GoAwayCode, Header, Violation, ACK, FIN, HEADER_LEN, RST, SYN},
+    proto::{GoAwayCode, Violation},
     shared::{Shared, StreamHandle},
     stream::RawStream,
 };
-use bytes::{Buf, BytesMut};
 use std::{
-    collections::VecDeque,
     future::Future,
     io,
     pin::Pin,
     sync::Arc,
     task::{Context, Poll},
 };
-use tokio::time::{Instant, Sleep};
-
-/// Read buffer space offered to the socket per read. Kept under glibc's 128 KiB `mmap`
-/// threshold so that receive memory comes from (and returns to) the heap instead of fresh
-/// pages the kernel must fault in and zero for every frame.
-const READ_CHUNK: usize = 64 * 1024;
-/// A large data frame is handed to its stream in pieces of at least this size as it arrives,
-/// so no frame needs a contiguous buffer of its own size.
-const PIECE_MIN: usize = 16 * 1024;
+use tokio::time::Sleep;
 /// Rounds of read + write per wake-up before yielding to other tasks.
 const ROUNDS: usize = 32;
 
@@ -65,18 +56,12 @@ enum State {
 }
 
 pub(crate) struct Driver {
-    /// The read side; the write side is the session's [`Outbound`].
-    io: Box<dyn LinkRead>,
-    /// File descriptors received (on a link that carries them) whose frame has not been
-    /// parsed yet, in arrival order.
-    fds: VecDeque<Fd>,
+    /// The link's two halves are the session's [`Inbound`] and [`Outbound`].
     shared: Arc<Shared>,
     on_inbound: OnInbound,
-    inbuf: BytesMut,
-    /// A header whose body has not fully arrived yet, the body bytes still to come, and
-    /// whether none of it has been handed on yet.
-    header: Option<(Header, usize, bool)>,
-    last_read: Instant,
+    /// Lets the readers run before the driver reads on, when one of them may read a body
+    /// straight into its own buffer (see `Inbound::defer_to_reader`).
+    yielding: Option<Pin<Box<dyn Future<Output = ()> + Send>>>,
     keepalive: Option<Keepalive>,
     state: State,
     eof: bool,
@@ -95,14 +80,11 @@ impl Driver {
     ) -> Self {
         let keepalive = Keepalive::new(&shared.config);
         *shared.outbound.lock().unwrap_or_else(|e| e.into_inner()) = Some(Outbound::new(write));
+        *shared.inbound.lock().unwrap_or_else(|e| e.into_inner()) = Some(Inbound::new(read));
         Driver {
-            io: read,
-            fds: VecDeque::new(),
             shared,
             on_inbound,
-            inbuf: BytesMut::with_capacity(READ_CHUNK),
-            header: None,
-            last_read: Instant::now(),
+            yielding: None,
             keepalive,
             state: State::Running,
             eof: false,
@@ -167,7 +149,14 @@ impl Driver {
             };
 
             if let Some(keepalive) = &mut self.keepalive {
-                match keepalive.poll(cx, self.last_read) {
+                let last_read = self
+                    .shared
+                    .inbound
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .as_ref()
+                    .map_or_else(tokio::time::Instant::now, |i| i.last_read);
+                match keepalive.poll(cx, last_read) {
                     Poll::Ready(Due::Ping(opaque)) => {
                         self.shared.core().ping(opaque);
                         continue;
@@ -310,92 +299,67 @@ impl Driver {
         if self.eof {
             return Ok(false);
         }
-        // Backpressure: a peer that does not read what we send (our answers to its pings,
-        // window updates, resets) gets nothing more read until it does.
-        if self.shared.core().out_bytes() >= self.shared.config.limits().out_limit {
+        if let Some(yielding) = &mut self.yielding {
+            if yielding.as_mut().poll(cx).is_pending() {
+                return Ok(false);
+            }
+            self.yielding = None;
+        }
+        let mut guard = self
+            .shared
+            .inbound
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        let Some(inbound) = guard.as_mut() else {
             return Ok(false);
+        };
+        match inbound.failed.take() {
+            Some(Failed::Violation(v)) => return Err(End::Violation(v)),
+            Some(Failed::Io(e)) => return Err(End::Reason(self.read_error(e))),
+            None => {}
         }
-        self.inbuf.reserve(READ_CHUNK);
-        match self.io.poll_read(cx, &mut self.inbuf, &mut self.fds) {
-            Poll::Ready(Ok(0)) => {
-                self.eof = true;
-                Err(End::Reason(self.eof_reason()))
-            }
-            Poll::Ready(Ok(_)) => {
-                self.last_read = Instant::now();
-                self.parse().map_err(End::Violation)?;
-                // Fds sent without a frame to claim them must not pile up either.
-                let limit = self.shared.config.max_received_fds;
-                if self.fds.len() > limit {
-                    return Err(End::Violation(Violation::TooManyFds { limit }));
-                }
-                Ok(true)
-            }
-            Poll::Ready(Err(e)) => Err(End::Reason(self.read_error(e))),
-            Poll::Pending => Ok(false),
-        }
-    }
-
-    /// Hands every complete frame in the read buffer to the core.
-    fn parse(&mut self) -> Result<(), Violation> {
-        let mut accepted = Vec::new();
-        let now = std::time::Instant::now();
         {
             let mut core = self.shared.core();
-            loop {
-                let (header, remaining, first) = match self.header {
-                    Some(pending) => pending,
-                    None => {
-                        if self.inbuf.len() < HEADER_LEN {
-                            break;
-                        }
-                        let mut raw = [0u8; HEADER_LEN];
-                        raw.copy_from_slice(&self.inbuf[..HEADER_LEN]);
-                        let header = Header::decode(&raw)?;
-                        let len = core.on_header(&header)?;
-                        self.inbuf.advance(HEADER_LEN);
-                        if header.ty == FrameType::Fds {
-                            // Its fds came with (or before) its first byte: they are here.
-                            let announced = header.length as usize;
-                            if self.fds.len() < announced {
-                                return Err(Violation::MissingFds {
-                                    stream: header.stream,
-                                    announced: header.length,
-                                    arrived: self.fds.len(),
-                                });
-                            }
-                            let fds: Vec<Fd> = self.fds.drain(..announced).collect();
-                            core.on_fds(header.stream, fds, self.fds.len())?;
-                            continue;
-                        }
-                        (header, len, true)
-                    }
-                };
-                let take = remaining.min(self.inbuf.len());
-                if take < remaining && take < PIECE_MIN {
-                    self.header = Some((header, remaining, first));
-                    break;
-                }
-                // A piece of a data frame reads as a frame of its own: SYN on the first piece,
-                // FIN and RST on the last, the window consumed piece by piece.
-                let last = take == remaining;
-                let mut flags = header.flags;
-                if !first {
-                    flags &= !(SYN | ACK);
-                }
-                if !last {
-                    flags &= !(FIN | RST);
-                }
-                let piece = Header::new(header.ty, flags, header.stream, take as u32);
-                let piece = if first && last { header } else { piece };
-                let body = self.inbuf.split_to(take);
-                self.header = (!last).then_some((header, remaining - take, false));
-                core.on_frame(piece, body, now)?;
+            // Backpressure: a peer that does not read what we send (our answers to its pings,
+            // window updates, resets) gets nothing more read until it does.
+            if core.out_bytes() >= self.shared.config.limits().out_limit {
+                return Ok(false);
             }
-            while let Some(id) = core.next_accepted() {
-                accepted.push(id);
+            if inbound.defer_to_reader(&mut core) {
+                // Back after the tasks already woken (the reader among them) have run.
+                drop(core);
+                drop(guard);
+                let mut yielding = Box::pin(tokio::task::yield_now());
+                if yielding.as_mut().poll(cx).is_pending() {
+                    self.yielding = Some(yielding);
+                }
+                return Ok(false);
             }
         }
+        let accepted = match inbound.poll_fill(cx) {
+            Poll::Ready(Ok(0)) => {
+                drop(guard);
+                self.eof = true;
+                return Err(End::Reason(self.eof_reason()));
+            }
+            Poll::Ready(Ok(_)) => {
+                let accepted = inbound
+                    .parse(&mut self.shared.core(), std::time::Instant::now())
+                    .map_err(End::Violation)?;
+                // Fds sent without a frame to claim them must not pile up either.
+                let limit = self.shared.config.max_received_fds;
+                if inbound.fds.len() > limit {
+                    return Err(End::Violation(Violation::TooManyFds { limit }));
+                }
+                accepted
+            }
+            Poll::Ready(Err(e)) => {
+                drop(guard);
+                return Err(End::Reason(self.read_error(e)));
+            }
+            Poll::Pending => return Ok(false),
+        };
+        drop(guard);
         for id in accepted {
             let handle = StreamHandle {
                 id,
@@ -403,7 +367,7 @@ impl Driver {
             };
             (self.on_inbound)(RawStream::new(handle));
         }
-        Ok(())
+        Ok(true)
     }
 
     /// Writes queued frames. Returns (wrote something, everything sent and flushed).

@@ -86,6 +86,7 @@ mod config;
 mod driver;
 mod error;
 mod handshake;
+mod inbound;
 mod keepalive;
 mod link;
 mod listener;

@@ -16,9 +16,9 @@ use std::{
     collections::VecDeque,
     io::{self, IoSlice},
     pin::Pin,
-    task::{Context, Poll},
+    task::{ready, Context, Poll},
 };
-use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 /// The read side of a link.
 pub(crate) trait LinkRead: Send {
@@ -28,6 +28,16 @@ pub(crate) trait LinkRead: Send {
         &mut self,
         cx: &mut Context<'_>,
         buf: &mut BytesMut,
+        fds: &mut VecDeque<Fd>,
+    ) -> Poll<io::Result<usize>>;
+
+    /// Reads into `dst` (a reader's own buffer: the read-through path); file descriptors that
+    /// arrived with the bytes are appended to `fds`. `Ok(0)` is the end of the stream, unless
+    /// `dst` is empty.
+    fn poll_read_into(
+        &mut self,
+        cx: &mut Context<'_>,
+        dst: &mut [u8],
         fds: &mut VecDeque<Fd>,
     ) -> Poll<io::Result<usize>>;
 }
@@ -62,6 +72,17 @@ impl<R: AsyncRead + Send + Unpin> LinkRead for Plain<R> {
         _fds: &mut VecDeque<Fd>,
     ) -> Poll<io::Result<usize>> {
         tokio_util::io::poll_read_buf(Pin::new(&mut self.0), cx, buf)
+    }
+
+    fn poll_read_into(
+        &mut self,
+        cx: &mut Context<'_>,
+        dst: &mut [u8],
+        _fds: &mut VecDeque<Fd>,
+    ) -> Poll<io::Result<usize>> {
+        let mut buf = ReadBuf::new(dst);
+        ready!(Pin::new(&mut self.0).poll_read(cx, &mut buf))?;
+        Poll::Ready(Ok(buf.filled().len()))
     }
 }
 

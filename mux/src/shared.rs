@@ -6,6 +6,7 @@
 use crate::{
     config::Config,
     error::{CloseReason, Error},
+    inbound::{Inbound, Through, READ_THROUGH_MIN},
     outbound::{Outbound, WRITE_BATCH},
     proto::{self, Connection, StreamError},
 };
@@ -18,7 +19,10 @@ use std::{
     },
     task::{Context, Poll, Waker},
 };
-use tokio::sync::{mpsc, Semaphore};
+use tokio::{
+    io::ReadBuf,
+    sync::{mpsc, Semaphore},
+};
 use tokio_util::sync::CancellationToken;
 
 static NEXT_SESSION_ID: AtomicU64 = AtomicU64::new(1);
@@ -65,6 +69,11 @@ pub(crate) struct Shared {
     io_waker: Mutex<Option<Waker>>,
     /// The link's write side, installed by the driver. Lock order: this, then `core`.
     pub(crate) outbound: Mutex<Option<Outbound>>,
+    /// Bytes readers took straight from the link (read-through), for tests and tracing.
+    pub(crate) read_through: AtomicU64,
+    /// The link's read side, installed by the driver. Lock order: this, then `core`; never
+    /// held together with `outbound`.
+    pub(crate) inbound: Mutex<Option<Inbound>>,
     /// Permits for our dials whose handshake is in flight.
     pub(crate) dial_slots: Semaphore,
     /// Permits for inbound handshakes being served.
@@ -99,6 +108,8 @@ impl Shared {
             driver_waker: AtomicWaker::new(),
             io_waker: Mutex::new(None),
             outbound: Mutex::new(None),
+            read_through: AtomicU64::new(0),
+            inbound: Mutex::new(None),
             dial_slots: Semaphore::new(pending),
             inbound_slots: Arc::new(Semaphore::new(pending)),
         }
@@ -187,6 +198,58 @@ impl Shared {
         Some(Poll::Ready(Ok(n)))
     }
 
+    /// A read on stream `id` made straight from the link into the caller's buffer, when the
+    /// link's next bytes are the body of a data frame on that stream and nothing read before
+    /// them is waiting (see `inbound.rs`). `None` when that is not possible right now (the
+    /// caller then reads what the driver buffered, or waits for it).
+    pub(crate) fn try_read_through(
+        &self,
+        id: u32,
+        buf: &mut ReadBuf<'_>,
+        waker: &Waker,
+    ) -> Option<Poll<Result<(), StreamError>>> {
+        if buf.remaining() < READ_THROUGH_MIN {
+            return None;
+        }
+        let io_waker = self
+            .io_waker
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()?;
+        let mut guard = self.inbound.try_lock().ok()?;
+        let inbound = guard.as_mut()?;
+        let max = inbound.read_through_len(id)?;
+        // Under the read side's lock nothing more is parsed, so if the stream has nothing
+        // buffered now, the link's next bytes are the first it has not read.
+        if !self.core().wait_readable(id, waker) {
+            return None;
+        }
+        let now = std::time::Instant::now();
+        // Room already initialised costs nothing to offer; fresh room is zeroed first, which
+        // is still cheaper than the copy it saves.
+        let dst = buf.initialize_unfilled_to(max.min(buf.remaining()));
+        let mut cx = Context::from_waker(&io_waker);
+        let through = inbound.read_through(id, &mut cx, dst, |piece| {
+            self.core().on_read_through(piece, now)
+        });
+        drop(guard);
+        match through {
+            Through::Read(n) => {
+                buf.advance(n);
+                self.read_through.fetch_add(n as u64, Ordering::Relaxed);
+                // The read may have earned the peer a window update.
+                self.send_now();
+                Some(Poll::Ready(Ok(())))
+            }
+            // Waits for the driver (its waker is registered with the core above).
+            Through::NotHere | Through::Pending => Some(Poll::Pending),
+            Through::Driver => {
+                self.driver_waker.wake();
+                Some(Poll::Pending)
+            }
+        }
+    }
+
     pub(crate) fn is_closing(&self) -> bool {
         self.closing.load(Ordering::SeqCst)
     }
@@ -242,6 +305,7 @@ impl Shared {
         // Nothing more is written: release the link now (the socket closes once the driver,
         // which owns the read side, is gone too), not when the last handle goes.
         *self.outbound.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        *self.inbound.lock().unwrap_or_else(|e| e.into_inner()) = None;
         self.listeners
             .lock()
             .unwrap_or_else(|e| e.into_inner())

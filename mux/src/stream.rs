@@ -1,7 +1,8 @@
 //! `RawStream`: one yamux stream as tokio `AsyncRead + AsyncWrite`, straight on the core.
 //!
 //! A read copies from the stream's receive buffer into the caller's buffer (no zeroing, no
-//! intermediate buffer). A write sends at most one frame: straight from the caller's buffer
+//! intermediate buffer), or, when the link's next bytes are a large body for this stream,
+//! reads them from the link straight into the caller's buffer (read-through, no copy). A write sends at most one frame: straight from the caller's buffer
 //! (header and body in one vectored write) when the link is free, otherwise copied into the
 //! session's output queue for the driver or the next writer.
 
@@ -90,6 +91,9 @@ impl AsyncRead for RawStream {
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
         let shared = &this.handle.shared;
+        if let Some(result) = shared.try_read_through(this.handle.id, buf, cx.waker()) {
+            return result.map_err(|e| this.error(e));
+        }
         let mut core = shared.core();
         let max = buf.remaining();
         let queued = core.out_bytes();

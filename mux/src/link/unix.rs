@@ -56,13 +56,28 @@ impl LinkRead for UnixRead {
         buf: &mut BytesMut,
         fds: &mut VecDeque<Fd>,
     ) -> Poll<io::Result<usize>> {
+        let start = buf.len();
+        buf.resize(start + READ_SPACE, 0);
+        let result = self.poll_read_into(cx, &mut buf[start..], fds);
+        let n = match &result {
+            Poll::Ready(Ok(n)) => *n,
+            _ => 0,
+        };
+        buf.truncate(start + n);
+        result
+    }
+
+    fn poll_read_into(
+        &mut self,
+        cx: &mut Context<'_>,
+        dst: &mut [u8],
+        fds: &mut VecDeque<Fd>,
+    ) -> Poll<io::Result<usize>> {
         let UnixRead { io, control } = self;
         loop {
             ready!(io.as_ref().poll_read_ready(cx))?;
-            let start = buf.len();
-            buf.resize(start + READ_SPACE, 0);
             let result = io.as_ref().try_io(Interest::READABLE, || {
-                let mut iov = [IoSliceMut::new(&mut buf[start..])];
+                let mut iov = [IoSliceMut::new(&mut *dst)];
                 let mut cmsg = RecvAncillaryBuffer::new(control);
                 let msg = rustix::net::recvmsg(
                     io.as_ref(),
@@ -84,17 +99,12 @@ impl LinkRead for UnixRead {
             });
             match result {
                 Ok((n, got)) => {
-                    buf.truncate(start + n);
                     fds.extend(got);
                     return Poll::Ready(Ok(n));
                 }
-                Err(e) => {
-                    buf.truncate(start);
-                    if e.kind() != io::ErrorKind::WouldBlock {
-                        return Poll::Ready(Err(e));
-                    }
-                    // Readiness was cleared: poll it again (registers the waker).
-                }
+                Err(e) if e.kind() != io::ErrorKind::WouldBlock => return Poll::Ready(Err(e)),
+                // Readiness was cleared: poll it again (registers the waker).
+                Err(_) => {}
             }
         }
     }

@@ -406,7 +406,7 @@ impl Connection {
                 self.goaway_received.get_or_insert(h.length);
                 Ok(())
             }
-            FrameType::Data | FrameType::WindowUpdate => self.on_stream_frame(h, body),
+            FrameType::Data | FrameType::WindowUpdate => self.on_stream_frame(h, Some(body)),
             // Handled by `on_fds`, which gets the descriptors too; no peer can get here with
             // one unless the I/O layer passes it, and it carries nothing else.
             FrameType::Fds => Ok(()),
@@ -473,7 +473,51 @@ impl Connection {
         }
     }
 
-    fn on_stream_frame(&mut self, h: Header, body: BytesMut) -> Result<(), Violation> {
+    /// A piece of a data frame that the I/O layer read straight from the link into the reader's
+    /// own buffer (see [`Connection::read_through_wanted`]): it counts as received and read at
+    /// once, with the same checks and flags as any data frame, and nothing is buffered.
+    pub(crate) fn on_read_through(&mut self, h: Header, now: Instant) -> Result<(), Violation> {
+        let (id, n) = (h.stream, h.length as usize);
+        self.on_stream_frame(h, None)?;
+        if let Some(s) = self.streams.get_mut(&id) {
+            if !s.reset {
+                s.fds.consumed(n);
+                self.consumed(id, n, now);
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether stream `id` has a reader who would take the rest of a data frame's body
+    /// straight from the link: it is open for reading and its reader is either waiting or
+    /// about to run for the data already buffered. Wakes that reader if it waits.
+    pub(crate) fn read_through_wanted(&mut self, id: u32) -> bool {
+        let Some(s) = self.streams.get_mut(&id) else {
+            return false;
+        };
+        if s.reset || s.remote_fin || (s.read_waker.is_none() && s.recv.len() == 0) {
+            return false;
+        }
+        s.wake_reader();
+        true
+    }
+
+    /// Whether a read on stream `id` would wait (open for reading, nothing buffered, not at a
+    /// batch of fds); if so, registers `waker` as its reader's, as a waiting read does.
+    pub(crate) fn wait_readable(&mut self, id: u32, waker: &Waker) -> bool {
+        let ended = self.ended;
+        let Some(s) = self.streams.get_mut(&id) else {
+            return false;
+        };
+        if ended || s.reset || s.remote_fin || s.recv.len() > 0 || s.fds.limit(1) == 0 {
+            return false;
+        }
+        s.read_waker = Some(waker.clone());
+        true
+    }
+
+    /// `body`: `None` for a piece the reader already has (see [`Connection::on_read_through`]).
+    fn on_stream_frame(&mut self, h: Header, body: Option<BytesMut>) -> Result<(), Violation> {
         let id = h.stream;
         if id == 0 {
             return Err(Violation::StreamZero {
@@ -537,10 +581,12 @@ impl Connection {
                 if s.remote_fin {
                     // Data after FIN is dropped; it still consumed window, which we return.
                     s.credit += h.length;
-                } else {
+                } else if let Some(body) = body {
                     s.fds.on_data(body.len());
                     s.recv.push(body);
                     s.wake_reader();
+                } else {
+                    s.fds.on_data(h.length as usize);
                 }
             }
             _ => unreachable!("only stream frames get here"),
@@ -580,10 +626,7 @@ impl Connection {
         if s.recv.len() > 0 && max > 0 {
             let n = s.recv.read(max, sink);
             s.fds.consumed(n);
-            s.credit += n as u32;
-            s.consumed += n as u64;
-            s.epoch.get_or_insert(now);
-            self.maybe_grant(id, now);
+            self.consumed(id, n, now);
             return Poll::Ready(Ok(n));
         }
         if s.remote_fin || max == 0 {
@@ -594,6 +637,16 @@ impl Connection {
         }
         s.read_waker = Some(waker.clone());
         Poll::Pending
+    }
+
+    /// The reader of stream `id` consumed `n` more bytes at `now`.
+    fn consumed(&mut self, id: u32, n: usize, now: Instant) {
+        if let Some(s) = self.streams.get_mut(&id) {
+            s.credit += n as u32;
+            s.consumed += n as u64;
+            s.epoch.get_or_insert(now);
+        }
+        self.maybe_grant(id, now);
     }
 
     /// Grants the peer what the reader consumed, once it is worth a frame, and auto-tunes the

@@ -865,3 +865,64 @@ mod fds {
         assert_eq!(c.take_fds(3).len(), 0);
     }
 }
+
+#[test]
+fn a_body_read_through_counts_as_received_and_read_and_its_fin_ends_the_stream() {
+    let mut c = tuned(Side::Server, limits());
+    feed(&mut c, hdr(FrameType::WindowUpdate, SYN, 1, 0), b"").unwrap();
+    sent(&mut c);
+    // Nothing buffered: a reader would wait, so it may read the body through.
+    assert!(c.wait_readable(1, &waker()));
+    assert!(c.read_through_wanted(1), "its reader waits");
+    let h = hdr(FrameType::Data, FIN, 1, 96 * 1024);
+    c.on_header(&h).unwrap();
+    // The I/O layer reads the body in two pieces straight into the reader's buffer.
+    c.on_read_through(hdr(FrameType::Data, 0, 1, 40 * 1024), Instant::now())
+        .unwrap();
+    assert_eq!(c.buffered(), 0, "nothing is buffered for a read-through");
+    assert!(sent(&mut c).is_empty(), "40 KiB is below a quarter window");
+    c.on_read_through(hdr(FrameType::Data, FIN, 1, 56 * 1024), Instant::now())
+        .unwrap();
+    // Everything read-through counted as consumed: the credit goes back as for any read...
+    assert_eq!(
+        sent(&mut c),
+        Vec::<u8>::new(),
+        "no grant after the peer's FIN: it sends no more"
+    );
+    // ...and the FIN on the last piece ends the reader's stream.
+    assert_eq!(read_all(&mut c, 1), Poll::Ready(Ok(Vec::new())));
+    assert!(
+        !c.wait_readable(1, &waker()),
+        "an ended stream is not read through"
+    );
+    assert!(!c.read_through_wanted(1));
+}
+
+#[test]
+fn read_through_is_granted_back_like_any_read_and_never_overdraws_the_window() {
+    let mut c = tuned(Side::Server, limits());
+    feed(&mut c, hdr(FrameType::WindowUpdate, SYN, 1, 0), b"").unwrap();
+    sent(&mut c);
+    for _ in 0..3 {
+        let h = hdr(FrameType::Data, 0, 1, 32 * 1024);
+        c.on_header(&h).unwrap();
+        c.on_read_through(h, Instant::now()).unwrap();
+    }
+    assert_eq!(
+        sent(&mut c),
+        hdr(FrameType::WindowUpdate, 0, 1, 64 * 1024).encode(),
+        "granted back at a quarter window, as reads out of the buffer are"
+    );
+    // The peer may now send at most one initial window: a frame beyond it is a violation
+    // before anything is read through.
+    let over = hdr(FrameType::Data, 0, 1, 256 * 1024 + 1);
+    assert!(matches!(
+        c.on_header(&over),
+        Err(Violation::WindowExceeded { .. })
+    ));
+    // Data the peer sends on a stream with data buffered is not read through.
+    feed(&mut c, hdr(FrameType::Data, 0, 1, 3), b"abc").unwrap();
+    assert!(!c.wait_readable(1, &waker()));
+    assert_eq!(read_all(&mut c, 1), Poll::Ready(Ok(b"abc".to_vec())));
+    assert!(c.wait_readable(1, &waker()));
+}

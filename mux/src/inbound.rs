@@ -1,0 +1,422 @@
+//! The read side of the link: bytes in, frames to the core. The driver reads and parses here
+//! on every turn; a stream's reader may read the rest of a large data frame's body straight
+//! into its own buffer instead (read-through), which saves the copy out of our read buffer.
+//!
+//! - **Reads** go into 64 KiB `BytesMut` chunks without zeroing; a data frame's body is handed
+//!   to the core as slices of them (no copy), piece by piece as it arrives, so no frame needs
+//!   a buffer of its own size.
+//! - **Read-through**: when every byte read so far is parsed and the link's next bytes are
+//!   the body of a data frame for stream `id`, the reader of `id` may take them with a read of
+//!   its own (bounded by the body's end) while it holds this state's lock; the core then
+//!   counts them as received and read at once ([`Connection::on_read_through`]). The driver
+//!   helps by leaving such a body on the link for one turn when its reader is about to run.
+//!
+//! Whoever reads holds the lock of this state (then the core's, never the other way round),
+//! so bytes are parsed in link order whichever task reads them.
+
+use crate::{
+    link::LinkRead,
+    proto::{Connection, Fd, FrameType, Header, Violation, ACK, FIN, HEADER_LEN, RST, SYN},
+};
+use bytes::{Buf, BytesMut};
+use std::{
+    collections::VecDeque,
+    io,
+    task::{Context, Poll},
+    time::Instant,
+};
+
+/// Read buffer space offered to the link per read. Kept under glibc's 128 KiB `mmap`
+/// threshold so that receive memory comes from (and returns to) the heap instead of fresh
+/// pages the kernel must fault in and zero for every frame.
+const READ_CHUNK: usize = 64 * 1024;
+/// A large data frame is handed to its stream in pieces of at least this size as it arrives,
+/// so no frame needs a contiguous buffer of its own size.
+const PIECE_MIN: usize = 16 * 1024;
+/// Body bytes left worth reading straight into a reader's buffer, and the least room a
+/// reader's buffer must have for it: below this the copy costs less than the extra read.
+pub(crate) const READ_THROUGH_MIN: usize = 16 * 1024;
+
+/// A data or window-update frame whose body has not all been handed on yet.
+#[derive(Clone, Copy)]
+struct Body {
+    header: Header,
+    /// Body bytes still to come.
+    remaining: usize,
+    /// Nothing of it has been handed on yet (the first piece carries SYN and ACK).
+    first: bool,
+}
+
+impl Body {
+    /// The header of the next `take` bytes, read as a frame of their own: SYN and ACK on the
+    /// first piece, FIN and RST on the last, each piece consuming its own share of window.
+    fn piece(&self, take: usize) -> Header {
+        let last = take == self.remaining;
+        if self.first && last {
+            return self.header;
+        }
+        let mut flags = self.header.flags;
+        if !self.first {
+            flags &= !(SYN | ACK);
+        }
+        if !last {
+            flags &= !(FIN | RST);
+        }
+        Header::new(self.header.ty, flags, self.header.stream, take as u32)
+    }
+
+    /// `take` bytes were handed on; what is left of the frame, if anything.
+    fn after(self, take: usize) -> Option<Body> {
+        (take < self.remaining).then_some(Body {
+            remaining: self.remaining - take,
+            first: false,
+            ..self
+        })
+    }
+}
+
+/// What ended the link during a read made outside the driver, for the driver to end the
+/// session with.
+pub(crate) enum Failed {
+    Violation(Violation),
+    Io(io::Error),
+}
+
+/// The link's read half and the parse state of what was read from it.
+pub(crate) struct Inbound {
+    io: Box<dyn LinkRead>,
+    /// Bytes read and not parsed yet.
+    buf: BytesMut,
+    /// The frame being received, when its header is parsed but not all of its body is here.
+    body: Option<Body>,
+    /// File descriptors received (on a link that carries them) whose frame has not been
+    /// parsed yet, in arrival order.
+    pub(crate) fds: VecDeque<Fd>,
+    /// When bytes last arrived (keepalive).
+    pub(crate) last_read: tokio::time::Instant,
+    /// Set by a read-through that met the end of the link, an error or a violation.
+    pub(crate) failed: Option<Failed>,
+    /// The body the driver left on the link for its reader: (stream, bytes left) when it did.
+    deferred: Option<(u32, usize)>,
+}
+
+impl Inbound {
+    pub(crate) fn new(io: Box<dyn LinkRead>) -> Inbound {
+        Inbound {
+            io,
+            buf: BytesMut::with_capacity(READ_CHUNK),
+            body: None,
+            fds: VecDeque::new(),
+            last_read: tokio::time::Instant::now(),
+            failed: None,
+            deferred: None,
+        }
+    }
+
+    /// Reads what the link has into the read buffer. `Ok(0)` is the end of the link.
+    pub(crate) fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
+        self.buf.reserve(READ_CHUNK);
+        let read = self.io.poll_read(cx, &mut self.buf, &mut self.fds);
+        if let Poll::Ready(Ok(n)) = read {
+            if n > 0 {
+                self.last_read = tokio::time::Instant::now();
+            }
+        }
+        read
+    }
+
+    /// Whether the driver should leave the link alone for this turn: the next bytes on it are
+    /// the body of a data frame whose reader is about to run and can take them straight into
+    /// its own buffer. Only once per piece of body: if the reader did not come, the driver
+    /// reads on.
+    pub(crate) fn defer_to_reader(&mut self, core: &mut Connection) -> bool {
+        let Some(body) = self.read_through_body() else {
+            self.deferred = None;
+            return false;
+        };
+        let key = (body.header.stream, body.remaining);
+        if self.deferred == Some(key) || !core.read_through_wanted(body.header.stream) {
+            return false;
+        }
+        self.deferred = Some(key);
+        true
+    }
+
+    /// The frame whose body the link's next bytes are, if a reader may read them through.
+    fn read_through_body(&self) -> Option<Body> {
+        self.body.filter(|b| {
+            self.buf.is_empty() && b.header.ty == FrameType::Data && b.remaining >= READ_THROUGH_MIN
+        })
+    }
+
+    /// Hands every complete frame in the read buffer (and the pieces of large data frames
+    /// that have arrived) to the core; returns the streams the peer opened.
+    pub(crate) fn parse(
+        &mut self,
+        core: &mut Connection,
+        now: Instant,
+    ) -> Result<Vec<u32>, Violation> {
+        loop {
+            let body = match self.body {
+                Some(body) => body,
+                None => {
+                    if self.buf.len() < HEADER_LEN {
+                        break;
+                    }
+                    let mut raw = [0u8; HEADER_LEN];
+                    raw.copy_from_slice(&self.buf[..HEADER_LEN]);
+                    let header = Header::decode(&raw)?;
+                    let len = core.on_header(&header)?;
+                    self.buf.advance(HEADER_LEN);
+                    if header.ty == FrameType::Fds {
+                        // Its fds came with (or before) its first byte: they are here.
+                        let announced = header.length as usize;
+                        if self.fds.len() < announced {
+                            return Err(Violation::MissingFds {
+                                stream: header.stream,
+                                announced: header.length,
+                                arrived: self.fds.len(),
+                            });
+                        }
+                        let fds: Vec<Fd> = self.fds.drain(..announced).collect();
+                        core.on_fds(header.stream, fds, self.fds.len())?;
+                        continue;
+                    }
+                    Body {
+                        header,
+                        remaining: len,
+                        first: true,
+                    }
+                }
+            };
+            let take = body.remaining.min(self.buf.len());
+            if take < body.remaining && take < PIECE_MIN {
+                // Wait for more, unless the rest may go straight to a waiting reader: then
+                // hand on what is here, so that nothing read stands before the rest.
+                let through = body.header.ty == FrameType::Data
+                    && body.remaining - take >= READ_THROUGH_MIN
+                    && core.read_through_wanted(body.header.stream);
+                if take == 0 || !through {
+                    self.body = Some(body);
+                    break;
+                }
+            }
+            let piece = body.piece(take);
+            let bytes = self.buf.split_to(take);
+            self.body = body.after(take);
+            core.on_frame(piece, bytes, now)?;
+        }
+        let mut accepted = Vec::new();
+        while let Some(id) = core.next_accepted() {
+            accepted.push(id);
+        }
+        Ok(accepted)
+    }
+
+    /// How many of the link's next bytes the reader of stream `id` may read through, if any.
+    pub(crate) fn read_through_len(&self, id: u32) -> Option<usize> {
+        self.read_through_body()
+            .filter(|b| b.header.stream == id && self.failed.is_none())
+            .map(|b| b.remaining)
+    }
+
+    /// The read-through: if the link's next bytes are the body of a data frame on stream
+    /// `id`, reads up to the end of that body (and at most `dst.len()` bytes) straight into
+    /// `dst`, with `cx` (the driver's: a link with nothing to read wakes the driver, which
+    /// reads on).
+    ///
+    /// `accept` is called with the piece's header before the bytes count as read; if it fails
+    /// (a violation), the bytes do not count and the driver ends the session.
+    pub(crate) fn read_through(
+        &mut self,
+        id: u32,
+        cx: &mut Context<'_>,
+        dst: &mut [u8],
+        accept: impl FnOnce(Header) -> Result<(), Violation>,
+    ) -> Through {
+        let Some(body) = self.read_through_body() else {
+            return Through::NotHere;
+        };
+        if body.header.stream != id || self.failed.is_some() {
+            return Through::NotHere;
+        }
+        let max = body.remaining.min(dst.len());
+        let n = match self.io.poll_read_into(cx, &mut dst[..max], &mut self.fds) {
+            // The end of the link: the driver reads it again and ends the session.
+            Poll::Ready(Ok(0)) => return Through::Driver,
+            Poll::Ready(Ok(n)) => n,
+            Poll::Ready(Err(e)) => {
+                self.failed = Some(Failed::Io(e));
+                return Through::Driver;
+            }
+            Poll::Pending => return Through::Pending,
+        };
+        self.last_read = tokio::time::Instant::now();
+        let piece = body.piece(n);
+        self.body = body.after(n);
+        match accept(piece) {
+            Ok(()) => Through::Read(n),
+            Err(v) => {
+                self.failed = Some(Failed::Violation(v));
+                Through::Driver
+            }
+        }
+    }
+}
+
+/// How a read-through went.
+pub(crate) enum Through {
+    /// The link's next bytes are not a body this reader may take.
+    NotHere,
+    /// This many bytes were read into the reader's buffer and counted as read.
+    Read(usize),
+    /// The link has nothing yet; the driver is woken when it has.
+    Pending,
+    /// The link ended or failed, or the peer violated the protocol: the driver must run to
+    /// end the session.
+    Driver,
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::{Config, Conn, Mode, Session};
+    use netchan_testkit::within;
+    use std::sync::atomic::Ordering;
+    use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+    const TOTAL: usize = 4 * 1024 * 1024;
+
+    fn byte(i: usize) -> u8 {
+        (i % 251) as u8 ^ (i >> 16) as u8
+    }
+
+    /// Both ends of a session over `a`/`b`, and a channel between them (`b` accepts).
+    async fn channel<T>(a: T, b: T) -> (Session, Session, Conn, Conn)
+    where
+        T: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+    {
+        let builder = Session::builder(b, Mode::Server, Config::default());
+        let mut listener = builder.listen("bulk").unwrap();
+        let server = builder.start();
+        let client = Session::new(a, Mode::Client, Config::default());
+        let (dialed, accepted) = tokio::join!(client.dial("bulk"), listener.accept());
+        (client, server, dialed.unwrap(), accepted.unwrap())
+    }
+
+    /// Writes `TOTAL` patterned bytes in 1 MiB writes, then FIN.
+    async fn send_pattern(mut conn: Conn) {
+        let data: Vec<u8> = (0..TOTAL).map(byte).collect();
+        for block in data.chunks(1024 * 1024) {
+            conn.write_all(block).await.unwrap();
+        }
+        conn.shutdown().await.unwrap();
+    }
+
+    /// Reads to the end with reads of at most `size` bytes; checks every byte.
+    async fn receive_pattern(conn: &mut Conn, size: usize) {
+        let mut buf = vec![0u8; size];
+        let mut at = 0;
+        loop {
+            let n = conn.read(&mut buf).await.unwrap();
+            if n == 0 {
+                break;
+            }
+            for (k, b) in buf[..n].iter().enumerate() {
+                assert_eq!(*b, byte(at + k), "byte {} differs", at + k);
+            }
+            at += n;
+        }
+        assert_eq!(at, TOTAL, "every byte, then the end");
+    }
+
+    #[tokio::test]
+    async fn large_reads_take_bodies_straight_from_the_link_and_every_byte_arrives() {
+        within(30, "read-through", async {
+            let (a, b) = tokio::io::duplex(1 << 20);
+            let (_client, server, dialed, mut accepted) = channel(a, b).await;
+            let sender = tokio::spawn(send_pattern(dialed));
+            receive_pattern(&mut accepted, 256 * 1024).await;
+            sender.await.unwrap();
+            let through = server.shared.read_through.load(Ordering::Relaxed);
+            assert!(
+                through > 0 && through <= TOTAL as u64,
+                "a waiting reader with room read bodies through ({through} bytes)"
+            );
+        })
+        .await;
+    }
+
+    #[tokio::test]
+    async fn small_reads_are_served_from_the_buffer() {
+        within(60, "small reads", async {
+            let (a, b) = tokio::io::duplex(1 << 20);
+            let (_client, server, dialed, mut accepted) = channel(a, b).await;
+            let sender = tokio::spawn(send_pattern(dialed));
+            receive_pattern(&mut accepted, 4096).await;
+            sender.await.unwrap();
+            assert_eq!(server.shared.read_through.load(Ordering::Relaxed), 0);
+        })
+        .await;
+    }
+
+    #[cfg(unix)]
+    #[tokio::test]
+    async fn a_read_through_stops_at_a_batch_of_fds() {
+        use netchan_testkit::fds::{contents, unlinked_file};
+        use std::os::fd::AsFd;
+        within(30, "read-through and fds", async {
+            let (a, b) = tokio::net::UnixStream::pair().unwrap();
+            let builder = Session::builder_with_fds(b, Mode::Server, Config::default());
+            let mut listener = builder.listen("fds").unwrap();
+            let server = builder.start();
+            let client = Session::with_fds(a, Mode::Client, Config::default());
+            let (dialed, accepted) = tokio::join!(client.dial("fds"), listener.accept());
+            let (mut tx, mut rx) = (dialed.unwrap(), accepted.unwrap());
+            const HALF: usize = 600 * 1024;
+            let file = unlinked_file("after the first half");
+            let sender = tokio::spawn(async move {
+                tx.write_all(&vec![1u8; HALF]).await.unwrap();
+                tx.send_fds(&[file.as_fd()]).unwrap();
+                tx.write_all(&vec![2u8; HALF]).await.unwrap();
+                tx.shutdown().await.unwrap();
+            });
+            let mut buf = vec![0u8; 1024 * 1024];
+            let mut first = 0;
+            let mut fds = Vec::new();
+            while first < HALF {
+                let n = rx.read(&mut buf).await.unwrap();
+                assert!(n > 0 && first + n <= HALF, "no read crosses the batch");
+                assert!(buf[..n].iter().all(|b| *b == 1));
+                first += n;
+                fds.extend(rx.take_fds());
+                assert!(
+                    fds.is_empty() || first == HALF,
+                    "not takeable before its place"
+                );
+            }
+            // The batch travels after the first half: once a read has returned bytes from
+            // beyond it, it is certainly here (it may be before, too).
+            let mut second = 0;
+            loop {
+                let n = rx.read(&mut buf).await.unwrap();
+                if n == 0 {
+                    break;
+                }
+                assert!(buf[..n].iter().all(|b| *b == 2));
+                if second == 0 {
+                    fds.extend(rx.take_fds());
+                }
+                second += n;
+            }
+            assert_eq!(fds.len(), 1, "the batch, once the bytes before it are read");
+            assert_eq!(
+                contents(fds.into_iter().next().unwrap()),
+                "after the first half"
+            );
+            assert_eq!(second, HALF);
+            sender.await.unwrap();
+            assert!(server.shared.read_through.load(Ordering::Relaxed) > 0);
+        })
+        .await;
+    }
+}
