@@ -98,6 +98,10 @@ pub(crate) struct Inbound {
     pub(crate) failed: Option<Failed>,
     /// The body the driver left on the link for its reader: (stream, bytes left) when it did.
     deferred: Option<(u32, usize)>,
+    /// A reader just read a body through to its end: the next read takes only the next
+    /// frame's header, so that if it is another body for a waiting reader, none of that body
+    /// lands in our buffer to be copied out again.
+    header_next: bool,
 }
 
 impl Inbound {
@@ -110,13 +114,23 @@ impl Inbound {
             last_read: tokio::time::Instant::now(),
             failed: None,
             deferred: None,
+            header_next: false,
         }
     }
 
     /// Reads what the link has into the read buffer. `Ok(0)` is the end of the link.
     pub(crate) fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
-        self.buf.reserve(READ_CHUNK);
-        let read = self.io.poll_read(cx, &mut self.buf, &mut self.fds);
+        let read = if std::mem::take(&mut self.header_next) && self.buf.is_empty() {
+            let mut header = [0u8; HEADER_LEN];
+            let read = self.io.poll_read_into(cx, &mut header, &mut self.fds);
+            if let Poll::Ready(Ok(n)) = read {
+                self.buf.extend_from_slice(&header[..n]);
+            }
+            read
+        } else {
+            self.buf.reserve(READ_CHUNK);
+            self.io.poll_read(cx, &mut self.buf, &mut self.fds)
+        };
         if let Poll::Ready(Ok(n)) = read {
             if n > 0 {
                 self.last_read = tokio::time::Instant::now();
@@ -254,6 +268,7 @@ impl Inbound {
         self.last_read = tokio::time::Instant::now();
         let piece = body.piece(n);
         self.body = body.after(n);
+        self.header_next = self.body.is_none();
         match accept(piece) {
             Ok(()) => Through::Read(n),
             Err(v) => {
