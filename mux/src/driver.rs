@@ -30,7 +30,7 @@ use std::{
     sync::Arc,
     task::{Context, Poll},
 };
-use tokio::time::Sleep;
+use tokio::time::{Instant, Sleep};
 /// Rounds of read + write per wake-up before yielding to other tasks.
 const ROUNDS: usize = 32;
 
@@ -62,6 +62,8 @@ pub(crate) struct Driver {
     /// Lets the readers run before the driver reads on, when one of them may read a body
     /// straight into its own buffer (see `Inbound::defer_to_reader`).
     yielding: Option<Pin<Box<dyn Future<Output = ()> + Send>>>,
+    /// When bytes last arrived, by the driver's reads or a reader's (keepalive).
+    last_read: Instant,
     keepalive: Option<Keepalive>,
     state: State,
     eof: bool,
@@ -85,6 +87,7 @@ impl Driver {
             shared,
             on_inbound,
             yielding: None,
+            last_read: Instant::now(),
             keepalive,
             state: State::Running,
             eof: false,
@@ -149,14 +152,7 @@ impl Driver {
             };
 
             if let Some(keepalive) = &mut self.keepalive {
-                let last_read = self
-                    .shared
-                    .inbound
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .as_ref()
-                    .map_or_else(tokio::time::Instant::now, |i| i.last_read);
-                match keepalive.poll(cx, last_read) {
+                match keepalive.poll(cx, self.last_read) {
                     Poll::Ready(Due::Ping(opaque)) => {
                         self.shared.core().ping(opaque);
                         continue;
@@ -313,6 +309,8 @@ impl Driver {
         let Some(inbound) = guard.as_mut() else {
             return Ok(false);
         };
+        // A reader's read-through counts as liveness too.
+        self.last_read = inbound.last_read;
         match inbound.failed.take() {
             Some(Failed::Violation(v)) => return Err(End::Violation(v)),
             Some(Failed::Io(e)) => return Err(End::Reason(self.read_error(e))),
@@ -343,6 +341,7 @@ impl Driver {
                 return Err(End::Reason(self.eof_reason()));
             }
             Poll::Ready(Ok(_)) => {
+                self.last_read = inbound.last_read;
                 let accepted = inbound
                     .parse(&mut self.shared.core(), std::time::Instant::now())
                     .map_err(End::Violation)?;

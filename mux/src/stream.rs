@@ -97,8 +97,13 @@ impl AsyncRead for RawStream {
         let mut core = shared.core();
         let max = buf.remaining();
         let queued = core.out_bytes();
-        let now = std::time::Instant::now();
-        let result = core.read(this.handle.id, max, cx.waker(), now, |s| buf.put_slice(s));
+        let result = core.read(
+            this.handle.id,
+            max,
+            cx.waker(),
+            std::time::Instant::now,
+            |s| buf.put_slice(s),
+        );
         // A read may have queued a window update for the driver to send.
         let wake = core.out_bytes() != queued;
         drop(core);

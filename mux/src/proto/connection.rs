@@ -605,14 +605,15 @@ impl Connection {
         Ok(())
     }
 
-    /// Reads up to `max` bytes of stream `id` into `sink` at time `now`. `Ok(0)` is the end
-    /// of the stream (the peer's FIN after all its data). Pending registers `waker`.
+    /// Reads up to `max` bytes of stream `id` into `sink`; `now` tells the time, asked only
+    /// when bytes are read. `Ok(0)` is the end of the stream (the peer's FIN after all its
+    /// data). Pending registers `waker`.
     pub(crate) fn read(
         &mut self,
         id: u32,
         max: usize,
         waker: &Waker,
-        now: Instant,
+        now: impl FnOnce() -> Instant,
         sink: impl FnMut(&[u8]),
     ) -> Poll<Result<usize, StreamError>> {
         let ended = self.ended;
@@ -626,7 +627,7 @@ impl Connection {
         if s.recv.len() > 0 && max > 0 {
             let n = s.recv.read(max, sink);
             s.fds.consumed(n);
-            self.consumed(id, n, now);
+            self.consumed(id, n, now());
             return Poll::Ready(Ok(n));
         }
         if s.remote_fin || max == 0 {

@@ -56,7 +56,7 @@ fn feed(c: &mut Connection, h: Header, body: &[u8]) -> Result<(), Violation> {
 
 fn read_all(c: &mut Connection, id: u32) -> Poll<Result<Vec<u8>, StreamError>> {
     let mut out = Vec::new();
-    c.read(id, usize::MAX, &waker(), Instant::now(), |s| {
+    c.read(id, usize::MAX, &waker(), Instant::now, |s| {
         out.extend_from_slice(s)
     })
     .map(|r| r.map(|_| out))
@@ -158,7 +158,7 @@ fn a_grown_window_whose_reader_is_slow_gives_half_its_growth_back() {
     let window = 256 * 1024u32;
     let read_at = |c: &mut Connection, at: Instant| {
         let mut n = 0;
-        let _ = c.read(1, usize::MAX, &waker(), at, |s| n += s.len());
+        let _ = c.read(1, usize::MAX, &waker(), || at, |s| n += s.len());
         n
     };
     // Drained within two round trips: the window doubles.
@@ -323,9 +323,9 @@ fn a_window_drained_slowly_is_not_grown_and_round_trips_are_probed_with_pings() 
     .unwrap();
     sent(&mut c);
     let mut n = 0;
-    let _ = c.read(1, 1024, &waker(), t0, |s| n += s.len());
+    let _ = c.read(1, 1024, &waker(), || t0, |s| n += s.len());
     // No round-trip sample yet: the first grant also probes for one.
-    let _ = c.read(1, usize::MAX, &waker(), t0, |s| n += s.len());
+    let _ = c.read(1, usize::MAX, &waker(), || t0, |s| n += s.len());
     let mut expected = hdr(FrameType::WindowUpdate, 0, 1, window).encode().to_vec();
     expected.extend_from_slice(&hdr(FrameType::Ping, SYN, 0, PROBE_BIT).encode());
     assert_eq!(sent(&mut c), expected);
@@ -342,7 +342,7 @@ fn a_window_drained_slowly_is_not_grown_and_round_trips_are_probed_with_pings() 
         t2,
     )
     .unwrap();
-    let _ = c.read(1, usize::MAX, &waker(), t2, |s| n += s.len());
+    let _ = c.read(1, usize::MAX, &waker(), || t2, |s| n += s.len());
     assert_eq!(
         sent(&mut c),
         hdr(FrameType::WindowUpdate, 0, 1, window).encode()
@@ -605,7 +605,7 @@ mod interleavings {
             let mut got = Vec::new();
             match self.ends[side]
                 .conn
-                .read(id, max, &waker(), Instant::now(), |s| {
+                .read(id, max, &waker(), Instant::now, |s| {
                     got.extend_from_slice(s)
                 }) {
                 Poll::Ready(Ok(0)) if max > 0 => {
@@ -841,7 +841,7 @@ mod fds {
         feed(&mut c, hdr(FrameType::Data, 0, 1, 2), b"cd").unwrap();
         assert!(c.take_fds(1).is_empty(), "not before \"ab\" is read");
         let mut out = Vec::new();
-        let r = c.read(1, usize::MAX, &waker(), Instant::now(), |s| {
+        let r = c.read(1, usize::MAX, &waker(), Instant::now, |s| {
             out.extend_from_slice(s)
         });
         assert_eq!(r, Poll::Ready(Ok(2)));
