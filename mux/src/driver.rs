@@ -380,7 +380,12 @@ impl Driver {
             return Ok((false, true));
         };
         let shared = &self.shared;
-        out.poll_send(cx, |q| shared.core().take_output(WRITE_BATCH, q))
+        let sent = out.poll_send(cx, |q| shared.core().take_output(WRITE_BATCH, q));
+        drop(guard);
+        if matches!(sent, Ok((_, true))) {
+            self.shared.link_free();
+        }
+        sent
     }
 }
 

@@ -98,10 +98,10 @@ pub(crate) struct Inbound {
     pub(crate) failed: Option<Failed>,
     /// The body the driver left on the link for its reader: (stream, bytes left) when it did.
     deferred: Option<(u32, usize)>,
-    /// A reader just read a body through to its end: the next read takes only the next
-    /// frame's header, so that if it is another body for a waiting reader, none of that body
-    /// lands in our buffer to be copied out again.
-    header_next: bool,
+    /// The last data frame was large: reads stop at the end of the next frame header, so
+    /// that if that frame is another large body for a waiting reader, none of it lands in our
+    /// buffer to be copied out again (see [`Inbound::read_limit`]).
+    large: bool,
 }
 
 impl Inbound {
@@ -114,29 +114,38 @@ impl Inbound {
             last_read: tokio::time::Instant::now(),
             failed: None,
             deferred: None,
-            header_next: false,
+            large: false,
         }
     }
 
     /// Reads what the link has into the read buffer. `Ok(0)` is the end of the link.
     pub(crate) fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
-        let read = if std::mem::take(&mut self.header_next) && self.buf.is_empty() {
-            let mut header = [0u8; HEADER_LEN];
-            let read = self.io.poll_read_into(cx, &mut header, &mut self.fds);
-            if let Poll::Ready(Ok(n)) = read {
-                self.buf.extend_from_slice(&header[..n]);
-            }
-            read
-        } else {
-            self.buf.reserve(READ_CHUNK);
-            self.io.poll_read(cx, &mut self.buf, &mut self.fds)
-        };
+        let max = self.read_limit();
+        self.buf.reserve(max);
+        let read = self.io.poll_read(cx, &mut self.buf, max, &mut self.fds);
         if let Poll::Ready(Ok(n)) = read {
             if n > 0 {
                 self.last_read = tokio::time::Instant::now();
             }
         }
         read
+    }
+
+    /// How much the next read may take. Normally a whole chunk; while large data frames
+    /// arrive, only up to the end of the next frame header, so that every large body starts
+    /// at a read of its own, which its reader may make (read-through). A large body then costs
+    /// two reads (header, body) instead of parts of one or two chunks plus a copy.
+    fn read_limit(&self) -> usize {
+        if !self.large {
+            return READ_CHUNK;
+        }
+        // What is buffered belongs to the frame in progress (a partial header, or part of
+        // the pending body): read its rest and the header after it.
+        let needed = match self.body {
+            Some(body) => body.remaining.saturating_sub(self.buf.len()) + HEADER_LEN,
+            None => HEADER_LEN - self.buf.len().min(HEADER_LEN - 1),
+        };
+        needed.min(READ_CHUNK)
     }
 
     /// Whether the driver should leave the link alone for this turn: the next bytes on it are
@@ -196,6 +205,7 @@ impl Inbound {
                         core.on_fds(header.stream, fds, self.fds.len())?;
                         continue;
                     }
+                    self.large = header.ty == FrameType::Data && len >= READ_THROUGH_MIN;
                     Body {
                         header,
                         remaining: len,
@@ -268,7 +278,6 @@ impl Inbound {
         self.last_read = tokio::time::Instant::now();
         let piece = body.piece(n);
         self.body = body.after(n);
-        self.header_next = self.body.is_none();
         match accept(piece) {
             Ok(()) => Through::Read(n),
             Err(v) => {

@@ -11,7 +11,7 @@
 pub(crate) mod unix;
 
 use crate::proto::Fd;
-use bytes::BytesMut;
+use bytes::{BufMut, BytesMut};
 use std::{
     collections::VecDeque,
     io::{self, IoSlice},
@@ -22,12 +22,14 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 /// The read side of a link.
 pub(crate) trait LinkRead: Send {
-    /// Reads into the spare capacity of `buf` (the caller reserved some); file descriptors
-    /// that arrived with the bytes are appended to `fds`. `Ok(0)` is the end of the stream.
+    /// Reads at most `max` bytes into the spare capacity of `buf` (the caller reserved at
+    /// least that); file descriptors that arrived with the bytes are appended to `fds`.
+    /// `Ok(0)` is the end of the stream.
     fn poll_read(
         &mut self,
         cx: &mut Context<'_>,
         buf: &mut BytesMut,
+        max: usize,
         fds: &mut VecDeque<Fd>,
     ) -> Poll<io::Result<usize>>;
 
@@ -69,9 +71,10 @@ impl<R: AsyncRead + Send + Unpin> LinkRead for Plain<R> {
         &mut self,
         cx: &mut Context<'_>,
         buf: &mut BytesMut,
+        max: usize,
         _fds: &mut VecDeque<Fd>,
     ) -> Poll<io::Result<usize>> {
-        tokio_util::io::poll_read_buf(Pin::new(&mut self.0), cx, buf)
+        tokio_util::io::poll_read_buf(Pin::new(&mut self.0), cx, &mut buf.limit(max))
     }
 
     fn poll_read_into(

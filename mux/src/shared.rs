@@ -69,6 +69,11 @@ pub(crate) struct Shared {
     io_waker: Mutex<Option<Waker>>,
     /// The link's write side, installed by the driver. Lock order: this, then `core`.
     pub(crate) outbound: Mutex<Option<Outbound>>,
+    /// Writers of large buffers waiting for the link to be free, so that their bytes go out
+    /// straight from their buffers instead of being copied into the output queue; woken
+    /// whenever the link is left idle (see [`Shared::wait_for_link`]). At most one per stream.
+    link_waiters: Mutex<Vec<Waker>>,
+    link_waiting: AtomicBool,
     /// Bytes readers took straight from the link (read-through), for tests and tracing.
     pub(crate) read_through: AtomicU64,
     /// The link's read side, installed by the driver. Lock order: this, then `core`; never
@@ -108,6 +113,8 @@ impl Shared {
             driver_waker: AtomicWaker::new(),
             io_waker: Mutex::new(None),
             outbound: Mutex::new(None),
+            link_waiters: Mutex::new(Vec::new()),
+            link_waiting: AtomicBool::new(false),
             read_through: AtomicU64::new(0),
             inbound: Mutex::new(None),
             dial_slots: Semaphore::new(pending),
@@ -189,13 +196,49 @@ impl Shared {
                 out.poll_send(&mut cx, |q| self.core().take_output(WRITE_BATCH, q))
                     .map(|_| ())
             });
+        let idle = out.is_idle();
         if let Err(e) = sent {
             // The link failed: the driver ends the session with this error.
             out.fail(e);
             drop(guard);
             self.driver_waker.wake();
+        } else if idle {
+            drop(guard);
+            self.link_free();
         }
         Some(Poll::Ready(Ok(n)))
+    }
+
+    /// Called by a writer of a large buffer that could not write it straight to the link
+    /// (someone else is writing, or frames are queued ahead): rather than copying its bytes
+    /// into the output queue, it waits for the link to be free, as a writer on a busy socket
+    /// does. `false` if it should not wait (the stream cannot take the write now anyway, or
+    /// the session is ending): the caller then goes the usual way, which reports why.
+    pub(crate) fn wait_for_link(&self, id: u32, waker: &Waker) -> bool {
+        if !self.core().can_write_now(id) {
+            return false;
+        }
+        {
+            let mut waiters = self.link_waiters.lock().unwrap_or_else(|e| e.into_inner());
+            if !waiters.iter().any(|w| w.will_wake(waker)) {
+                waiters.push(waker.clone());
+            }
+            self.link_waiting.store(true, Ordering::SeqCst);
+        }
+        // The driver wakes the waiters once the link is idle, whoever holds it now.
+        self.driver_waker.wake();
+        true
+    }
+
+    /// The link is idle: wakes the writers waiting for it.
+    pub(crate) fn link_free(&self) {
+        if self.link_waiting.swap(false, Ordering::SeqCst) {
+            let waiters =
+                std::mem::take(&mut *self.link_waiters.lock().unwrap_or_else(|e| e.into_inner()));
+            for w in waiters {
+                w.wake();
+            }
+        }
     }
 
     /// A read on stream `id` made straight from the link into the caller's buffer, when the
@@ -306,6 +349,7 @@ impl Shared {
         // which owns the read side, is gone too), not when the last handle goes.
         *self.outbound.lock().unwrap_or_else(|e| e.into_inner()) = None;
         *self.inbound.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        self.link_free();
         self.listeners
             .lock()
             .unwrap_or_else(|e| e.into_inner())

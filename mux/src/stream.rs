@@ -19,6 +19,11 @@ use std::{
 };
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
+/// Writes of at least this many bytes wait for a busy link instead of being copied into the
+/// output queue; smaller ones are copied (cheaper than the wait, and queued small frames are
+/// what keeps a small message from waiting behind bulk data).
+const LINK_WAIT_MIN: usize = 16 * 1024;
+
 /// One yamux stream of a session, owned by one user (a handshake, then a `Conn`).
 pub(crate) struct RawStream {
     handle: StreamHandle,
@@ -130,6 +135,10 @@ impl AsyncWrite for RawStream {
         let shared = &this.handle.shared;
         if let Some(result) = shared.try_write_direct(this.handle.id, buf, cx.waker()) {
             return result.map_err(|e| this.error(e));
+        }
+        // A large write waits for the link rather than be copied into the output queue.
+        if buf.len() >= LINK_WAIT_MIN && shared.wait_for_link(this.handle.id, cx.waker()) {
+            return Poll::Pending;
         }
         let result = shared.core().write(this.handle.id, buf, cx.waker());
         match result {

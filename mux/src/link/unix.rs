@@ -54,10 +54,11 @@ impl LinkRead for UnixRead {
         &mut self,
         cx: &mut Context<'_>,
         buf: &mut BytesMut,
+        max: usize,
         fds: &mut VecDeque<Fd>,
     ) -> Poll<io::Result<usize>> {
         let start = buf.len();
-        buf.resize(start + READ_SPACE, 0);
+        buf.resize(start + max.min(READ_SPACE), 0);
         let result = self.poll_read_into(cx, &mut buf[start..], fds);
         let n = match &result {
             Poll::Ready(Ok(n)) => *n,

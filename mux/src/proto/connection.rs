@@ -723,6 +723,13 @@ impl Connection {
         }
     }
 
+    /// Whether a write on stream `id` would take bytes now (open for writing, send window
+    /// left, output not congested).
+    pub(crate) fn can_write_now(&mut self, id: u32) -> bool {
+        let congested = self.out_bytes >= self.limits.out_limit;
+        !congested && self.writable(id).is_ok_and(|s| s.send_window > 0)
+    }
+
     /// Takes send window for one data frame of up to `len` bytes on stream `id` and returns
     /// its header, for a caller that writes the header and its own buffer to the link at
     /// once. Only while nothing else is queued (`None` then, and nothing is taken), so the
