@@ -130,6 +130,9 @@ impl Driver {
     fn poll_running(&mut self, cx: &mut Context<'_>) -> Poll<CloseReason> {
         self.shared.driver_waker.register(cx.waker());
         self.shared.set_io_waker(cx.waker());
+        // Whether the previous pass left everything sent: then a pass that reads nothing has
+        // nothing to do beyond that read (which registers the link's read interest).
+        let mut flushed = false;
         for _ in 0..ROUNDS {
             if self.shared.is_closing() {
                 if let State::Running = self.state {
@@ -146,6 +149,9 @@ impl Driver {
                 Err(End::Violation(v)) => return self.violation(cx, v),
                 Err(End::Reason(reason)) => return Poll::Ready(reason),
             };
+            if !read && flushed {
+                return Poll::Pending;
+            }
             let (wrote, idle) = match self.poll_outbound(cx) {
                 Ok(progress) => progress,
                 Err(e) => return Poll::Ready(self.io_reason(e)),
@@ -168,6 +174,7 @@ impl Driver {
             if !read && !wrote {
                 return Poll::Pending;
             }
+            flushed = idle;
         }
         // Plenty of work: let other tasks run, then carry on.
         cx.waker().wake_by_ref();
