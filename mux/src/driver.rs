@@ -308,11 +308,10 @@ impl Driver {
             }
             self.yielding = None;
         }
-        let mut guard = self
-            .shared
-            .inbound
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
+        // A reader reading a body through holds the read side; it wakes us when done.
+        let Some(mut guard) = self.shared.inbound_for_driver() else {
+            return Ok(false);
+        };
         let Some(inbound) = guard.as_mut() else {
             return Ok(false);
         };

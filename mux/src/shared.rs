@@ -14,8 +14,8 @@ use futures::task::AtomicWaker;
 use std::{
     collections::HashMap,
     sync::{
-        atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
-        Arc, Mutex, MutexGuard, OnceLock,
+        atomic::{fence, AtomicBool, AtomicU64, AtomicUsize, Ordering},
+        Arc, Mutex, MutexGuard, OnceLock, TryLockError,
     },
     task::{Context, Poll, Waker},
 };
@@ -79,6 +79,9 @@ pub(crate) struct Shared {
     /// The link's read side, installed by the driver. Lock order: this, then `core`; never
     /// held together with `outbound`.
     pub(crate) inbound: Mutex<Option<Inbound>>,
+    /// Set by the driver when it found the read side taken by a reader (a read-through): that
+    /// reader wakes it on letting go, instead of the driver blocking its thread on the lock.
+    driver_wants_inbound: AtomicBool,
     /// Permits for our dials whose handshake is in flight.
     pub(crate) dial_slots: Semaphore,
     /// Permits for inbound handshakes being served.
@@ -117,6 +120,7 @@ impl Shared {
             link_waiting: AtomicBool::new(false),
             read_through: AtomicU64::new(0),
             inbound: Mutex::new(None),
+            driver_wants_inbound: AtomicBool::new(false),
             dial_slots: Semaphore::new(pending),
             inbound_slots: Arc::new(Semaphore::new(pending)),
         }
@@ -259,8 +263,11 @@ impl Shared {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .clone()?;
-        let mut guard = self.inbound.try_lock().ok()?;
-        let inbound = guard.as_mut()?;
+        let mut hold = ReaderHold {
+            guard: Some(self.inbound.try_lock().ok()?),
+            shared: self,
+        };
+        let inbound = hold.guard.as_deref_mut()?.as_mut()?;
         let max = inbound.read_through_len(id)?;
         // Under the read side's lock nothing more is parsed, so if the stream has nothing
         // buffered now, the link's next bytes are the first it has not read.
@@ -275,7 +282,7 @@ impl Shared {
         let through = inbound.read_through(id, &mut cx, dst, |piece| {
             self.core().on_read_through(piece, now)
         });
-        drop(guard);
+        drop(hold);
         match through {
             Through::Read(n) => {
                 buf.advance(n);
@@ -291,6 +298,26 @@ impl Shared {
                 Some(Poll::Pending)
             }
         }
+    }
+
+    /// The read side for the driver's turn, unless a reader holds it (reading a body
+    /// through): then `None`, and that reader wakes the driver when it lets go.
+    pub(crate) fn inbound_for_driver(&self) -> Option<MutexGuard<'_, Option<Inbound>>> {
+        let try_lock = || match self.inbound.try_lock() {
+            Ok(guard) => Some(guard),
+            Err(TryLockError::Poisoned(e)) => Some(e.into_inner()),
+            Err(TryLockError::WouldBlock) => None,
+        };
+        if let Some(guard) = try_lock() {
+            return Some(guard);
+        }
+        self.driver_wants_inbound.store(true, Ordering::SeqCst);
+        // Pairs with the fence in `ReaderHold::drop`: either the reader sees the flag, or
+        // this second try sees the lock released.
+        fence(Ordering::SeqCst);
+        let guard = try_lock()?;
+        self.driver_wants_inbound.store(false, Ordering::SeqCst);
+        Some(guard)
     }
 
     pub(crate) fn is_closing(&self) -> bool {
@@ -369,6 +396,27 @@ impl Shared {
         let mut listeners = self.listeners.lock().unwrap_or_else(|e| e.into_inner());
         if listeners.get(name).is_some_and(|entry| entry.id == id) {
             listeners.remove(name);
+        }
+    }
+}
+
+/// A reader's hold on the read side (a read-through). Letting go wakes the driver if it
+/// found the read side taken meanwhile (see [`Shared::inbound_for_driver`]).
+struct ReaderHold<'a> {
+    guard: Option<MutexGuard<'a, Option<Inbound>>>,
+    shared: &'a Shared,
+}
+
+impl Drop for ReaderHold<'_> {
+    fn drop(&mut self) {
+        drop(self.guard.take());
+        fence(Ordering::SeqCst);
+        if self
+            .shared
+            .driver_wants_inbound
+            .swap(false, Ordering::SeqCst)
+        {
+            self.shared.driver_waker.wake();
         }
     }
 }
