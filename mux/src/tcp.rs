@@ -11,10 +11,13 @@ use std::io;
 use tokio::net::TcpStream;
 
 /// The unsent bytes the kernel holds per TCP link under a session, at most (plus about one
-/// write), when set by [`tune_tcp`] on Linux: 128 KiB. Chosen by measurement
-/// (docs/performance.md): less cost bulk throughput on loopback, more let a round trip beside
-/// a bulk channel wait longer. Bytes sent and not yet acknowledged are not counted, so the
-/// window a WAN link needs is untouched.
+/// write), when set by [`tune_tcp`] on Linux: 128 KiB, the middle of the usual range. On
+/// loopback, 32 KiB, 128 KiB, 512 KiB and no cap measured the same within noise, in
+/// throughput and in a round trip beside a bulk channel; one channel across 50 and 100 ms
+/// links kept raw TCP's throughput (docs/performance.md, "Fairness"). Bytes sent and not yet
+/// acknowledged are not counted, so the window a WAN link needs is untouched; what the cap
+/// bounds is how much a small frame can wait behind in the sender's kernel when the link is
+/// slower than the session's writers.
 pub const TCP_UNSENT_LIMIT: u32 = 128 * 1024;
 
 /// Prepares a TCP connection to carry a session: disables Nagle's algorithm (`TCP_NODELAY`:
