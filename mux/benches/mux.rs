@@ -12,10 +12,17 @@
 //! moves one stream through a delay-line proxy (`netchan_testkit::proxy::Link::wan`, 1 Gbit/s
 //! at 50 ms and 100 ms round trip) for the same three.
 //!
-//! `NETCHAN_BENCH_SPLIT_SEND_SIZE=<bytes>` overrides `Config::split_send_size` for tuning runs;
+//! `NETCHAN_BENCH_SPLIT_SEND_SIZE=<bytes>` and `NETCHAN_BENCH_MAX_WINDOW=<bytes>` override
+//! `Config::split_send_size` and `Config::max_stream_window` for tuning runs;
 //! `NETCHAN_BENCH_SUMMARY_ONLY=1` skips criterion and prints only the paired ratios;
-//! `NETCHAN_BENCH_NO_WAN=1` skips the WAN summary; `NETCHAN_BENCH_SNDBUF=<bytes>` sets the
-//! kernel send buffer of every loopback socket (raw and under the sessions alike).
+//! `NETCHAN_BENCH_NO_WAN=1` skips the WAN summary; `NETCHAN_BENCH_FAIRNESS_ONLY=1` runs only the
+//! `rtt-beside-bulk` lines; `NETCHAN_BENCH_SNDBUF=<bytes>` sets the kernel send buffer of every
+//! loopback socket (raw and under the sessions alike).
+//!
+//! The TCP connections under sessions get what `netchan::connect` and `netchan::bind` give
+//! theirs, [`netchan_mux::tune_tcp`]; raw TCP keeps the kernel's defaults (with `TCP_NODELAY`).
+//! `NETCHAN_BENCH_UNSENT=<bytes>` sets another `TCP_NOTSENT_LOWAT` under the sessions (`0`:
+//! none, the kernel's default) for tuning runs.
 
 use criterion::{Criterion, Throughput};
 use netchan_mux::{Config, Session};
@@ -78,8 +85,28 @@ async fn bench_tcp_pair() -> (tokio::net::TcpStream, tokio::net::TcpStream) {
     (client, server)
 }
 
+/// Sets up a TCP connection to carry a session as the `net` layer does ([`netchan_mux::tune_tcp`]),
+/// or with the `TCP_NOTSENT_LOWAT` of `NETCHAN_BENCH_UNSENT` (0: the kernel's default).
+fn tune_for_session(tcp: &tokio::net::TcpStream) {
+    match std::env::var("NETCHAN_BENCH_UNSENT")
+        .ok()
+        .and_then(|v| v.parse::<u32>().ok())
+    {
+        None => netchan_mux::tune_tcp(tcp).unwrap(),
+        Some(0) => {}
+        #[cfg(target_os = "linux")]
+        Some(bytes) => socket2::SockRef::from(tcp)
+            .set_tcp_notsent_lowat(bytes)
+            .unwrap(),
+        #[cfg(not(target_os = "linux"))]
+        Some(_) => {}
+    }
+}
+
 async fn session_pair() -> (Session, Session) {
     let (a, b) = bench_tcp_pair().await;
+    tune_for_session(&a);
+    tune_for_session(&b);
     // The default configuration (keepalive on): what users get.
     let mut config = Config::default();
     // Tuning knob: try other frame sizes without editing the benchmark.
@@ -88,6 +115,12 @@ async fn session_pair() -> (Session, Session) {
         .and_then(|v| v.parse().ok())
     {
         config = config.split_send_size(size);
+    }
+    if let Some(bytes) = std::env::var("NETCHAN_BENCH_MAX_WINDOW")
+        .ok()
+        .and_then(|v| v.parse().ok())
+    {
+        config = config.max_stream_window(bytes);
     }
     (
         Session::client(a, config.clone()),
@@ -647,6 +680,8 @@ fn wan_summary() -> Vec<String> {
             let (a, b, _p1) = Proxy::pair(link).await.unwrap();
             let mut raw = Lanes::new(vec![(a, b)]);
             let (a, b, _p2) = Proxy::pair(link).await.unwrap();
+            tune_for_session(&a);
+            tune_for_session(&b);
             let client = Session::client(a, Config::default());
             let server = Session::server(b, Config::default());
             let mut listener = server.listen("wan").unwrap();
@@ -722,11 +757,14 @@ fn main() {
         return;
     }
     let mut lines = Vec::new();
+    let fairness_only = std::env::var_os("NETCHAN_BENCH_FAIRNESS_ONLY").is_some();
     for flavour in ["current_thread", "multi_thread"] {
-        lines.extend(paired_summary(flavour));
+        if !fairness_only {
+            lines.extend(paired_summary(flavour));
+        }
         lines.extend(fairness_summary(flavour));
     }
-    if std::env::var_os("NETCHAN_BENCH_NO_WAN").is_none() {
+    if !fairness_only && std::env::var_os("NETCHAN_BENCH_NO_WAN").is_none() {
         lines.extend(wan_summary());
     }
     print_summary(&lines);

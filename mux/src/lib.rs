@@ -77,7 +77,8 @@
 //! - `handshake.rs` — the channel-open handshake's wire format;
 //! - `channel.rs` — [`Conn`], a channel;
 //! - `listener.rs` — [`Listener`] and the listening side of the handshake;
-//! - `session.rs` — [`Session`], [`SessionBuilder`] and the dialing side.
+//! - `session.rs` — [`Session`], [`SessionBuilder`] and the dialing side;
+//! - `tcp.rs` — [`tune_tcp`], the socket options of a TCP connection under a session.
 //!
 //! [yamux]: https://github.com/hashicorp/yamux/blob/master/spec.md
 
@@ -95,6 +96,7 @@ mod proto;
 mod session;
 mod shared;
 mod stream;
+mod tcp;
 
 pub use channel::Conn;
 #[cfg(unix)]
@@ -104,3 +106,4 @@ pub use error::{CloseReason, Error};
 pub use listener::Listener;
 pub use proto::Violation;
 pub use session::{Mode, Session, SessionBuilder};
+pub use tcp::{tune_tcp, TCP_UNSENT_LIMIT};

@@ -165,13 +165,29 @@ pub async fn connect(
     Ok(session)
 }
 
+/// A TCP connection set up to carry a session (TLS included): see [`netchan_mux::tune_tcp`].
 async fn tcp(host: &str, port: u16) -> std::io::Result<TcpStream> {
     let tcp = TcpStream::connect((host, port)).await?;
-    tcp.set_nodelay(true)?;
+    netchan_mux::tune_tcp(&tcp)?;
     Ok(tcp)
 }
 
 /// The path tokio takes for an abstract name: a leading NUL byte.
 pub(crate) fn abstract_path(name: &str) -> String {
     format!("\0{name}")
+}
+
+#[cfg(all(test, target_os = "linux"))]
+mod tests {
+    #[tokio::test]
+    async fn a_dialled_tcp_link_caps_its_unsent_bytes_and_sends_at_once() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let tcp = super::tcp("127.0.0.1", port).await.unwrap();
+        assert!(tcp.nodelay().unwrap());
+        assert_eq!(
+            socket2::SockRef::from(&tcp).tcp_notsent_lowat().unwrap(),
+            netchan_mux::TCP_UNSENT_LIMIT
+        );
+    }
 }

@@ -369,12 +369,36 @@ async fn accept_raw(raw: &Raw) -> io::Result<(Io, String)> {
     match raw {
         Raw::Tcp(listener) => {
             let (tcp, peer) = listener.accept().await?;
-            tcp.set_nodelay(true)?;
+            // Set up to carry a session, TLS included (see `netchan_mux::tune_tcp`).
+            netchan_mux::tune_tcp(&tcp)?;
             Ok((Io::Tcp(tcp), peer.to_string()))
         }
         Raw::Unix(listener) => {
             let (unix, _) = listener.accept().await?;
             Ok((Io::Unix(unix), "a unix socket peer".to_owned()))
         }
+    }
+}
+
+#[cfg(all(test, target_os = "linux"))]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn an_accepted_tcp_link_caps_its_unsent_bytes_and_sends_at_once() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let raw = Raw::Tcp(listener);
+        let (dialled, accepted) =
+            tokio::join!(tokio::net::TcpStream::connect(addr), accept_raw(&raw));
+        dialled.unwrap();
+        let Ok((Io::Tcp(tcp), _)) = accepted else {
+            panic!("a tcp listener accepts tcp links");
+        };
+        assert!(tcp.nodelay().unwrap());
+        assert_eq!(
+            socket2::SockRef::from(&tcp).tcp_notsent_lowat().unwrap(),
+            netchan_mux::TCP_UNSENT_LIMIT
+        );
     }
 }

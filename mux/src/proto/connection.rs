@@ -2,6 +2,7 @@
 
 use super::{
     frame::{FrameType, GoAwayCode, Header, ACK, FD_ANNOUNCE, FIN, MAX_FDS_PER_FRAME, RST, SYN},
+    output::Output,
     stream::Stream,
     Fd, Violation,
 };
@@ -129,9 +130,9 @@ pub(crate) struct Connection {
     limits: Limits,
     next_id: u32,
     streams: HashMap<u32, Stream>,
-    /// Frames to send, in order; `out_bytes` is their total in-memory cost ([`Frame::cost`]).
-    out: VecDeque<Frame>,
-    out_bytes: usize,
+    /// Frames to send: session frames and credit first, then streams in turn (see
+    /// `output.rs`); `out.bytes()` is the memory they hold ([`Frame::cost`]).
+    out: Output,
     /// Writers waiting for `out` to drain below `out_limit`.
     out_waiters: Vec<Waker>,
     /// Receive-window growth handed out, across all streams.
@@ -162,8 +163,7 @@ impl Connection {
             side,
             limits,
             streams: HashMap::new(),
-            out: VecDeque::new(),
-            out_bytes: 0,
+            out: Output::default(),
             out_waiters: Vec::new(),
             growth_used: 0,
             accepted: VecDeque::new(),
@@ -218,7 +218,7 @@ impl Connection {
 
     /// Queued output, in bytes of memory held ([`Frame::cost`]).
     pub(crate) fn out_bytes(&self) -> usize {
-        self.out_bytes
+        self.out.bytes()
     }
 
     fn queue(&mut self, header: Header, body: Bytes) {
@@ -230,8 +230,7 @@ impl Connection {
     }
 
     fn queue_frame(&mut self, frame: Frame) {
-        self.out_bytes += frame.cost();
-        self.out.push_back(frame);
+        self.out.push(frame);
     }
 
     /// Queues a control frame for `id`, carrying SYN if the peer has not seen the stream yet.
@@ -249,21 +248,22 @@ impl Connection {
         );
     }
 
-    /// Moves queued frames, up to about `max_bytes`, to the I/O layer's write queue.
+    /// Moves queued frames, up to about `max_bytes` (at least one frame), to the I/O layer's
+    /// write queue: session frames and window credit first, then one frame per stream per
+    /// turn, so a stream with much queued cannot hold back another's small frame.
     pub(crate) fn take_output(&mut self, max_bytes: usize, into: &mut VecDeque<Frame>) {
         let mut taken = 0;
         while taken < max_bytes {
-            let Some(frame) = self.out.pop_front() else {
+            let Some(frame) = self.out.pop() else {
                 break;
             };
             if frame.header[1] == FrameType::Ping as u8 && frame.header[3] & ACK as u8 != 0 {
                 self.ping_answers_queued = self.ping_answers_queued.saturating_sub(1);
             }
             taken += frame.len();
-            self.out_bytes -= frame.cost();
             into.push_back(frame);
         }
-        if self.out_bytes < self.limits.out_limit {
+        if self.out.bytes() < self.limits.out_limit {
             for w in self.out_waiters.drain(..) {
                 w.wake();
             }
@@ -752,7 +752,7 @@ impl Connection {
         len: usize,
         waker: &Waker,
     ) -> Poll<Result<Option<Header>, StreamError>> {
-        let congested = self.out_bytes >= self.limits.out_limit;
+        let congested = self.out.bytes() >= self.limits.out_limit;
         let max_frame = self.limits.max_frame;
         let s = match self.writable(id) {
             Ok(s) => s,
@@ -915,7 +915,6 @@ impl Connection {
         self.ended = true;
         // Nothing more is written: close the fds queued for the peer now.
         self.out.clear();
-        self.out_bytes = 0;
         for s in self.streams.values_mut() {
             s.wake_reader();
             s.wake_writer();

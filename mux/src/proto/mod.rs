@@ -13,6 +13,7 @@
 
 mod connection;
 mod frame;
+mod output;
 mod stream;
 
 pub(crate) use connection::{Connection, Frame, Limits, OpenError, Side, StreamError};

@@ -767,6 +767,91 @@ fn queued_control_frames_count_what_they_hold_in_memory_against_the_output_limit
     assert_eq!(c.out_bytes(), 0);
 }
 
+/// (stream, flags, body length) of each frame taken, `max_bytes` at a time, as the I/O layer
+/// takes them.
+fn frames_taken(c: &mut Connection, max_bytes: usize) -> Vec<(u32, u16, usize)> {
+    let mut q = VecDeque::new();
+    c.take_output(max_bytes, &mut q);
+    q.iter()
+        .map(|f| {
+            let h = Header::decode(&f.header).unwrap();
+            (h.stream, h.flags, f.body.len())
+        })
+        .collect()
+}
+
+/// Issue 8's fairness target: a bulk channel's queued frames held a round trip's small frame
+/// on another channel behind all of them (one FIFO for the session).
+#[test]
+fn a_small_frame_queued_behind_a_bulk_streams_frames_leaves_before_them() {
+    let mut c = tuned(Side::Client, limits());
+    let bulk = c.open().unwrap();
+    let small = c.open().unwrap();
+    let chunk = vec![7u8; 256 * 1024];
+    // The whole 256 KiB window in four 64 KiB frames.
+    assert_eq!(c.write(bulk, &chunk, &waker()), Poll::Ready(Ok(64 * 1024)));
+    for _ in 0..3 {
+        assert_eq!(c.write(bulk, &chunk, &waker()), Poll::Ready(Ok(64 * 1024)));
+    }
+    assert_eq!(c.write(small, b"ping", &waker()), Poll::Ready(Ok(4)));
+    // Credit for the bulk stream's other direction, and a ping, go first of all.
+    let inbound = vec![1u8; 64 * 1024];
+    feed(
+        &mut c,
+        hdr(FrameType::Data, 0, bulk, inbound.len() as u32),
+        &inbound,
+    )
+    .unwrap();
+    assert_eq!(read_all(&mut c, bulk), Poll::Ready(Ok(inbound)));
+    c.ping(42);
+    assert_eq!(
+        frames_taken(&mut c, usize::MAX),
+        [
+            (bulk, 0, 0),
+            (0, SYN, 0),
+            (bulk, SYN, 64 * 1024),
+            (small, SYN, 4),
+            (bulk, 0, 64 * 1024),
+            (bulk, 0, 64 * 1024),
+            (bulk, 0, 64 * 1024),
+        ]
+    );
+}
+
+#[test]
+fn streams_take_turns_batch_by_batch_and_each_keeps_its_order() {
+    let mut c = tuned(Side::Client, limits());
+    let bulk = c.open().unwrap();
+    let small = c.open().unwrap();
+    let chunk = vec![7u8; 64 * 1024];
+    for _ in 0..3 {
+        assert_eq!(c.write(bulk, &chunk, &waker()), Poll::Ready(Ok(64 * 1024)));
+    }
+    // One batch takes at least one frame, and stops once it holds `max_bytes`.
+    assert_eq!(frames_taken(&mut c, 1), [(bulk, SYN, 64 * 1024)]);
+    // Written after the bulk frames: leaves with the next batch, not after them.
+    assert_eq!(c.write(small, b"a", &waker()), Poll::Ready(Ok(1)));
+    assert_eq!(c.write(small, b"b", &waker()), Poll::Ready(Ok(1)));
+    c.finish(small).unwrap();
+    c.finish(bulk).unwrap();
+    assert_eq!(
+        frames_taken(&mut c, 1),
+        [(bulk, 0, 64 * 1024)],
+        "the bulk stream's turn came first"
+    );
+    assert_eq!(frames_taken(&mut c, 1), [(small, SYN, 1)]);
+    assert_eq!(
+        frames_taken(&mut c, usize::MAX),
+        [
+            (bulk, 0, 64 * 1024),
+            (small, 0, 1),
+            (bulk, FIN, 0),
+            (small, FIN, 0)
+        ]
+    );
+    assert_eq!(c.out_bytes(), 0);
+}
+
 #[cfg(unix)]
 mod fds {
     use super::*;
