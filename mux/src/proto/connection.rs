@@ -726,7 +726,7 @@ impl Connection {
     /// Whether a write on stream `id` would take bytes now (open for writing, send window
     /// left, output not congested).
     pub(crate) fn can_write_now(&mut self, id: u32) -> bool {
-        let congested = self.out_bytes >= self.limits.out_limit;
+        let congested = self.out.bytes() >= self.limits.out_limit;
         !congested && self.writable(id).is_ok_and(|s| s.send_window > 0)
     }
 
