@@ -218,9 +218,18 @@ impl Shared {
     /// into the output queue, it waits for the link to be free, as a writer on a busy socket
     /// does. `false` if it should not wait (the stream cannot take the write now anyway, or
     /// the session is ending): the caller then goes the usual way, which reports why.
+    ///
+    /// Only when the link is contended: another task is writing, other streams' frames are
+    /// queued, or other writers already wait. A lone writer that found the socket full copies
+    /// instead: that keeps the link fed without a task hop.
     pub(crate) fn wait_for_link(&self, id: u32, waker: &Waker) -> bool {
-        if !self.core().can_write_now(id) {
-            return false;
+        let contended = matches!(self.outbound.try_lock(), Err(TryLockError::WouldBlock))
+            || self.link_waiting.load(Ordering::SeqCst);
+        {
+            let mut core = self.core();
+            if !(contended || core.others_queued(id)) || !core.can_write_now(id) {
+                return false;
+            }
         }
         {
             let mut waiters = self.link_waiters.lock().unwrap_or_else(|e| e.into_inner());

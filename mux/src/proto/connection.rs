@@ -29,8 +29,18 @@ const GRANT_STEP: u32 = 512 * 1024;
 /// Opaque values of our round-trip probes have this bit set; keepalive pings do not.
 const PROBE_BIT: u32 = 0x8000_0000;
 
-/// A round-trip sample older than this is refreshed by a new probe while data flows.
-const RTT_REFRESH: Duration = Duration::from_secs(10);
+/// While data flows, a new round-trip probe goes out once the last sample is this old.
+const PROBE_EVERY: Duration = Duration::from_secs(2);
+
+/// The round trip that windows are tuned on is the smallest sample of this long (or the
+/// latest one, once the smallest is older). A sample taken while bulk data queues up on the
+/// link is inflated by that very queue, and growing a window on it puts yet more data in
+/// the queue: the smallest recent sample breaks that loop, and expiring it lets a link whose
+/// path really got longer be followed.
+const RTT_WINDOW: Duration = Duration::from_secs(10);
+
+/// An outstanding probe unanswered for this long is given up (a new one may go out).
+const PROBE_GIVE_UP: Duration = Duration::from_secs(10);
 
 /// A grown window whose reader takes longer than this many round trips (and at least
 /// [`SHRINK_MIN`]) to consume a whole window is not what limits its stream: it gives half of
@@ -143,8 +153,11 @@ pub(crate) struct Connection {
     goaway_received: Option<u32>,
     empty_frames: u32,
     ping_answers_queued: u32,
-    /// The latest round-trip time measured with a probe Ping, and when.
+    /// The smallest round-trip time measured with a probe Ping within [`RTT_WINDOW`], and
+    /// when it was measured.
     rtt: Option<(Duration, Instant)>,
+    /// When the last probe was answered.
+    sampled: Option<Instant>,
     /// Our outstanding round-trip probe: its opaque value and when it was queued.
     probe: Option<(u32, Instant)>,
     next_probe: u32,
@@ -172,6 +185,7 @@ impl Connection {
             empty_frames: 0,
             ping_answers_queued: 0,
             rtt: None,
+            sampled: None,
             probe: None,
             next_probe: 0,
             peer_fds: false,
@@ -436,28 +450,46 @@ impl Connection {
             if let Some((opaque, sent)) = self.probe {
                 if opaque == h.length {
                     self.probe = None;
-                    self.rtt = Some((now.saturating_duration_since(sent), now));
+                    self.on_rtt_sample(now.saturating_duration_since(sent), now);
                 }
             }
         }
         Ok(())
     }
 
+    /// A round trip of `sample` measured at `now`: kept if it is the smallest within
+    /// [`RTT_WINDOW`], or if the smallest has expired.
+    fn on_rtt_sample(&mut self, sample: Duration, now: Instant) {
+        let keep = self.rtt.is_some_and(|(min, at)| {
+            min <= sample && now.saturating_duration_since(at) <= RTT_WINDOW
+        });
+        if !keep {
+            self.rtt = Some((sample, now));
+        }
+        self.sampled = Some(now);
+    }
+
     /// Sets the round-trip sample (tests of window tuning).
     #[cfg(test)]
     pub(crate) fn set_rtt(&mut self, rtt: Duration, now: Instant) {
         self.rtt = Some((rtt, now));
+        self.sampled = Some(now);
+    }
+
+    /// Answers a round-trip probe of ours (tests).
+    #[cfg(test)]
+    pub(crate) fn probe_answered(&mut self, sent: Instant, now: Instant) {
+        self.on_rtt_sample(now.saturating_duration_since(sent), now);
     }
 
     /// Queues a round-trip probe if data flows and we have no recent sample.
     fn maybe_probe(&mut self, now: Instant) {
-        let stale = match self.rtt {
-            None => true,
-            Some((_, at)) => now.saturating_duration_since(at) > RTT_REFRESH,
-        };
+        let stale = self
+            .sampled
+            .is_none_or(|at| now.saturating_duration_since(at) > PROBE_EVERY);
         let outstanding = self
             .probe
-            .is_some_and(|(_, sent)| now.saturating_duration_since(sent) < RTT_REFRESH);
+            .is_some_and(|(_, sent)| now.saturating_duration_since(sent) < PROBE_GIVE_UP);
         if stale && !outstanding && !self.ended {
             let opaque = PROBE_BIT | (self.next_probe & !PROBE_BIT);
             self.next_probe = self.next_probe.wrapping_add(1);
@@ -721,6 +753,11 @@ impl Connection {
             Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
             Poll::Pending => Poll::Pending,
         }
+    }
+
+    /// Whether frames of streams other than `id` wait in the output queue.
+    pub(crate) fn others_queued(&self, id: u32) -> bool {
+        self.out.others_queued(id)
     }
 
     /// Whether a write on stream `id` would take bytes now (open for writing, send window

@@ -87,6 +87,11 @@ impl Output {
     }
 
     /// Whether nothing is queued.
+    /// Whether frames of a stream other than `id` are queued (session frames aside).
+    pub(crate) fn others_queued(&self, id: u32) -> bool {
+        self.lanes.len() > usize::from(self.lanes.contains_key(&id))
+    }
+
     pub(crate) fn is_empty(&self) -> bool {
         self.urgent.is_empty() && self.turns.is_empty()
     }

@@ -1034,3 +1034,24 @@ fn read_through_is_granted_back_like_any_read_and_never_overdraws_the_window() {
     assert_eq!(read_all(&mut c, 1), Poll::Ready(Ok(b"abc".to_vec())));
     assert!(c.wait_readable(1, &waker()));
 }
+
+#[test]
+fn windows_are_tuned_on_the_smallest_recent_round_trip() {
+    let mut c = Connection::new(Side::Server, limits());
+    let t0 = Instant::now();
+    c.probe_answered(t0, t0 + Duration::from_millis(10));
+    assert_eq!(c.rtt(), Some(Duration::from_millis(10)));
+    // A later sample inflated by our own queue does not raise it...
+    let t1 = t0 + Duration::from_secs(3);
+    c.probe_answered(t1, t1 + Duration::from_millis(40));
+    assert_eq!(c.rtt(), Some(Duration::from_millis(10)));
+    // ...a smaller one lowers it...
+    let t2 = t0 + Duration::from_secs(6);
+    c.probe_answered(t2, t2 + Duration::from_millis(8));
+    assert_eq!(c.rtt(), Some(Duration::from_millis(8)));
+    // ...and once the smallest is older than the window, the latest sample stands (a path
+    // that really got longer is followed).
+    let t3 = t2 + RTT_WINDOW + Duration::from_secs(1);
+    c.probe_answered(t3, t3 + Duration::from_millis(50));
+    assert_eq!(c.rtt(), Some(Duration::from_millis(50)));
+}
