@@ -353,34 +353,29 @@ mod tests {
         assert_eq!(at, TOTAL, "every byte, then the end");
     }
 
+    /// Moves the pattern over a duplex with reads of at most `read_size` bytes, checking
+    /// every byte; returns how many bytes the receiving session read through.
+    async fn transfer(read_size: usize) -> u64 {
+        let (a, b) = tokio::io::duplex(1 << 20);
+        let (_client, server, dialed, mut accepted) = channel(a, b).await;
+        let sender = tokio::spawn(send_pattern(dialed));
+        receive_pattern(&mut accepted, read_size).await;
+        sender.await.unwrap();
+        server.shared.read_through.load(Ordering::Relaxed)
+    }
+
     #[tokio::test]
     async fn large_reads_take_bodies_straight_from_the_link_and_every_byte_arrives() {
-        within(30, "read-through", async {
-            let (a, b) = tokio::io::duplex(1 << 20);
-            let (_client, server, dialed, mut accepted) = channel(a, b).await;
-            let sender = tokio::spawn(send_pattern(dialed));
-            receive_pattern(&mut accepted, 256 * 1024).await;
-            sender.await.unwrap();
-            let through = server.shared.read_through.load(Ordering::Relaxed);
-            assert!(
-                through > 0 && through <= TOTAL as u64,
-                "a waiting reader with room read bodies through ({through} bytes)"
-            );
-        })
-        .await;
+        let through = within(30, "read-through", transfer(256 * 1024)).await;
+        assert!(
+            through > 0 && through <= TOTAL as u64,
+            "a waiting reader with room read bodies through ({through} bytes)"
+        );
     }
 
     #[tokio::test]
     async fn small_reads_are_served_from_the_buffer() {
-        within(60, "small reads", async {
-            let (a, b) = tokio::io::duplex(1 << 20);
-            let (_client, server, dialed, mut accepted) = channel(a, b).await;
-            let sender = tokio::spawn(send_pattern(dialed));
-            receive_pattern(&mut accepted, 4096).await;
-            sender.await.unwrap();
-            assert_eq!(server.shared.read_through.load(Ordering::Relaxed), 0);
-        })
-        .await;
+        assert_eq!(within(60, "small reads", transfer(4096)).await, 0);
     }
 
     #[cfg(unix)]
