@@ -213,10 +213,9 @@ impl Shared {
         Some(Poll::Ready(Ok(n)))
     }
 
-    /// Called by a writer of a large buffer that could not write it straight to the link
-    /// (someone else is writing, or frames are queued ahead): rather than copying its bytes
-    /// into the output queue, it waits for the link to be free, as a writer on a busy socket
-    /// does. `false` if it should not wait (the stream cannot take the write now anyway, or
+    /// Called by a writer of a large buffer that could not write it straight to the link:
+    /// rather than copying its bytes into the output queue, it waits for the link to be free,
+    /// as a writer on a busy socket does. `false` if it should not wait (the stream cannot take the write now anyway, or
     /// the session is ending): the caller then goes the usual way, which reports why.
     ///
     /// Only when the link is contended: another task is writing, other streams' frames are

@@ -2,9 +2,12 @@
 //!
 //! A read copies from the stream's receive buffer into the caller's buffer (no zeroing, no
 //! intermediate buffer), or, when the link's next bytes are a large body for this stream,
-//! reads them from the link straight into the caller's buffer (read-through, no copy). A write sends at most one frame: straight from the caller's buffer
-//! (header and body in one vectored write) when the link is free, otherwise copied into the
-//! session's output queue for the driver or the next writer.
+//! reads them from the link straight into the caller's buffer (read-through, no copy).
+//!
+//! A write sends at most one frame: straight from the caller's buffer (header and body in one
+//! vectored write) when the link is free; otherwise a large write waits for a contended link,
+//! and anything else is copied into the session's output queue for the driver or the next
+//! writer.
 
 use crate::{
     error::CloseReason,
@@ -19,9 +22,10 @@ use std::{
 };
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-/// Writes of at least this many bytes wait for a busy link instead of being copied into the
-/// output queue; smaller ones are copied (cheaper than the wait, and queued small frames are
-/// what keeps a small message from waiting behind bulk data).
+/// Writes of at least this many bytes wait for a contended link (see `Shared::wait_for_link`)
+/// instead of being copied into the output queue; smaller ones are copied (cheaper than the
+/// wait, and queued small frames are what keeps a small message from waiting behind bulk
+/// data).
 const LINK_WAIT_MIN: usize = 16 * 1024;
 
 /// One yamux stream of a session, owned by one user (a handshake, then a `Conn`).
@@ -136,7 +140,7 @@ impl AsyncWrite for RawStream {
         if let Some(result) = shared.try_write_direct(this.handle.id, buf, cx.waker()) {
             return result.map_err(|e| this.error(e));
         }
-        // A large write waits for the link rather than be copied into the output queue.
+        // A large write waits for a contended link rather than be copied into the queue.
         if buf.len() >= LINK_WAIT_MIN && shared.wait_for_link(this.handle.id, cx.waker()) {
             return Poll::Pending;
         }
