@@ -119,21 +119,34 @@ fn consumed_data_is_granted_back_once_a_quarter_window_is_read() {
     );
 }
 
+/// Opens stream 1 with a whole initial window of data, reads it all at `at`, and checks that
+/// the grant gives it back doubled (the window grew by one initial window).
+fn drain_first_window_and_see_it_double(c: &mut Connection, at: Instant) {
+    let window = 256 * 1024u32;
+    feed(
+        c,
+        hdr(FrameType::Data, SYN, 1, window),
+        &vec![0u8; window as usize],
+    )
+    .unwrap();
+    sent(c);
+    let mut n = 0;
+    let _ = c.read(1, usize::MAX, &waker(), || at, |s| n += s.len());
+    assert_eq!(n, window as usize);
+    assert_eq!(
+        sent(c),
+        hdr(FrameType::WindowUpdate, 0, 1, 2 * window).encode()
+    );
+    assert_eq!(c.growth_used(), window as usize);
+}
+
 #[test]
 fn the_window_doubles_when_the_reader_drains_it_within_two_round_trips() {
     let mut c = tuned(Side::Server, limits());
     let window = 256 * 1024u32;
-    let body = vec![0u8; window as usize];
-    feed(&mut c, hdr(FrameType::Data, SYN, 1, window), &body).unwrap();
-    sent(&mut c);
-    let _ = read_all(&mut c, 1);
-    // The whole window was drained quickly (the round trip is long): grant it back and as
-    // much again.
-    assert_eq!(
-        sent(&mut c),
-        hdr(FrameType::WindowUpdate, 0, 1, 2 * window).encode()
-    );
-    assert_eq!(c.growth_used(), window as usize);
+    // The whole window drained quickly (the round trip is long): granted back and as much
+    // again.
+    drain_first_window_and_see_it_double(&mut c, Instant::now());
     // Over the doubled window, the frame is accepted; one byte more is not.
     let body = vec![0u8; 2 * window as usize];
     feed(&mut c, hdr(FrameType::Data, 0, 1, 2 * window), &body).unwrap();
@@ -162,19 +175,7 @@ fn a_grown_window_whose_reader_is_slow_gives_half_its_growth_back() {
         n
     };
     // Drained within two round trips: the window doubles.
-    feed(
-        &mut c,
-        hdr(FrameType::Data, SYN, 1, window),
-        &vec![0u8; window as usize],
-    )
-    .unwrap();
-    sent(&mut c);
-    assert_eq!(read_at(&mut c, start), window as usize);
-    assert_eq!(
-        sent(&mut c),
-        hdr(FrameType::WindowUpdate, 0, 1, 2 * window).encode()
-    );
-    assert_eq!(c.growth_used(), window as usize);
+    drain_first_window_and_see_it_double(&mut c, start);
     // The next whole window takes the reader 2 s (over 16 round trips and 1 s): half the
     // growth goes back, withheld from the grant.
     let body = vec![0u8; 2 * window as usize];
