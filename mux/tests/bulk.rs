@@ -78,3 +78,46 @@ async fn a_256_mib_transfer_arrives_intact_while_small_channels_stay_responsive(
     assert_eq!(total, TOTAL);
     assert_eq!(received, sent, "checksum mismatch");
 }
+
+/// A writer that keeps the session's output queue full must not keep a small write on another
+/// channel out of it: on one thread, a 64-byte round trip beside a flat-out bulk writer once
+/// waited for ever (the bulk writer was woken with it whenever the link took a batch, ran
+/// first and filled the queue again). Every round trip here must complete, on and off bulk.
+#[tokio::test(flavor = "current_thread")]
+async fn round_trips_beside_a_flat_out_writer_on_one_thread_all_complete() {
+    let (a, b) = common::tcp_pair().await;
+    netchan_mux::tune_tcp(&a).unwrap();
+    netchan_mux::tune_tcp(&b).unwrap();
+    let client = netchan_mux::Session::client(a, Config::default());
+    let server = netchan_mux::Session::server(b, Config::default());
+    spawn_echo(server.listen("small").unwrap());
+    let mut bulk_listener = server.listen("bulk").unwrap();
+    let mut small = within(5, "dial small", client.dial("small")).await.unwrap();
+    let (bulk_out, bulk_in) = tokio::join!(client.dial("bulk"), bulk_listener.accept());
+    let (mut bulk_out, mut bulk_in) = (bulk_out.unwrap(), bulk_in.unwrap());
+    let busy = tokio::sync::watch::channel(false).0;
+    let mut on = busy.subscribe();
+    let writer = tokio::spawn(async move {
+        let chunk = vec![1u8; BLOCK];
+        while on.wait_for(|b| *b).await.is_ok() {
+            bulk_out.write_all(&chunk).await.unwrap();
+        }
+    });
+    let reader = tokio::spawn(async move {
+        let mut buf = vec![0u8; BLOCK];
+        while bulk_in.read(&mut buf).await.unwrap() > 0 {}
+    });
+    let mut message = [7u8; 64];
+    for round in 0..20 {
+        busy.send_replace(round % 2 == 1);
+        for i in 0..100 {
+            within(5, &format!("round trip {i} of round {round}"), async {
+                small.write_all(&message).await.unwrap();
+                small.read_exact(&mut message).await.unwrap();
+            })
+            .await;
+        }
+    }
+    writer.abort();
+    reader.abort();
+}

@@ -2,7 +2,7 @@
 
 use super::{
     frame::{FrameType, GoAwayCode, Header, ACK, FD_ANNOUNCE, FIN, MAX_FDS_PER_FRAME, RST, SYN},
-    output::Output,
+    output::{Output, LANE_COST},
     stream::Stream,
     Fd, Violation,
 };
@@ -25,6 +25,14 @@ const PING_ANSWER_LIMIT: u32 = 64;
 /// window, if less): large windows are granted back in steps small enough that the sender
 /// never waits for a whole quarter of a big window.
 const GRANT_STEP: u32 = 512 * 1024;
+
+/// Room in the output queue beyond `out_limit` for the writes of streams that have nothing
+/// queued. Without it a writer that keeps the queue full (a bulk transfer on a busy link) takes
+/// every bit of room the link frees, and a small write on another stream waits behind it for
+/// as long as it keeps writing: one 64-byte write beside a bulk channel waited for ever. With
+/// it such a write is queued at once and leaves at its stream's next turn (see `output.rs`).
+/// Streams that already have frames queued wait for the queue to drain below `out_limit`.
+pub(crate) const OUT_RESERVE: usize = 64 * 1024;
 
 /// Opaque values of our round-trip probes have this bit set; keepalive pings do not.
 const PROBE_BIT: u32 = 0x8000_0000;
@@ -143,8 +151,9 @@ pub(crate) struct Connection {
     /// Frames to send: session frames and credit first, then streams in turn (see
     /// `output.rs`); `out.bytes()` is the memory they hold ([`Frame::cost`]).
     out: Output,
-    /// Writers waiting for `out` to drain below `out_limit`.
-    out_waiters: Vec<Waker>,
+    /// Writers waiting for room in `out` (see [`Connection::out_room`]), at most one per
+    /// stream.
+    out_waiters: Vec<(u32, Waker)>,
     /// Receive-window growth handed out, across all streams.
     growth_used: usize,
     /// Inbound streams the I/O layer has not yet picked up.
@@ -277,10 +286,44 @@ impl Connection {
             taken += frame.len();
             into.push_back(frame);
         }
-        if self.out.bytes() < self.limits.out_limit {
-            for w in self.out_waiters.drain(..) {
-                w.wake();
-            }
+        // Wake the writers that may queue now.
+        let queued = self.out.bytes();
+        let limit = self.limits.out_limit;
+        if queued < limit + OUT_RESERVE {
+            let out = &self.out;
+            self.out_waiters.retain(|(id, w)| {
+                let go = queued < limit || !out.has_lane(*id);
+                if go {
+                    w.wake_by_ref();
+                }
+                !go
+            });
+        }
+    }
+
+    /// How many bytes stream `id` may queue now, or `None` if it must wait for the output
+    /// queue to drain: any stream may while the queue holds less than `out_limit`; beyond it,
+    /// only a stream with nothing queued, and only within [`OUT_RESERVE`]. So the queue holds
+    /// at most `out_limit` plus one frame, or `out_limit` plus the reserve.
+    fn out_room(&self, id: u32) -> Option<usize> {
+        let queued = self.out.bytes();
+        if queued < self.limits.out_limit {
+            return Some(usize::MAX);
+        }
+        if self.out.has_lane(id) {
+            return None;
+        }
+        // What a frame and a new lane hold besides the body count too (see `Frame::cost`).
+        let room = (self.limits.out_limit + OUT_RESERVE)
+            .saturating_sub(queued + std::mem::size_of::<Frame>() + LANE_COST);
+        (room > 0).then_some(room)
+    }
+
+    /// Registers `waker` to be woken when stream `id` may queue again.
+    fn wait_for_room(&mut self, id: u32, waker: &Waker) {
+        match self.out_waiters.iter_mut().find(|(w_id, _)| *w_id == id) {
+            Some((_, w)) => w.clone_from(waker),
+            None => self.out_waiters.push((id, waker.clone())),
         }
     }
 
@@ -763,8 +806,7 @@ impl Connection {
     /// Whether a write on stream `id` would take bytes now (open for writing, send window
     /// left, output not congested).
     pub(crate) fn can_write_now(&mut self, id: u32) -> bool {
-        let congested = self.out.bytes() >= self.limits.out_limit;
-        !congested && self.writable(id).is_ok_and(|s| s.send_window > 0)
+        self.out_room(id).is_some() && self.writable(id).is_ok_and(|s| s.send_window > 0)
     }
 
     /// Takes send window for one data frame of up to `len` bytes on stream `id` and returns
@@ -789,7 +831,7 @@ impl Connection {
         len: usize,
         waker: &Waker,
     ) -> Poll<Result<Option<Header>, StreamError>> {
-        let congested = self.out.bytes() >= self.limits.out_limit;
+        let room = self.out_room(id);
         let max_frame = self.limits.max_frame;
         let s = match self.writable(id) {
             Ok(s) => s,
@@ -802,11 +844,11 @@ impl Connection {
             s.write_waker = Some(waker.clone());
             return Poll::Pending;
         }
-        if congested {
-            self.out_waiters.push(waker.clone());
+        let Some(room) = room else {
+            self.wait_for_room(id, waker);
             return Poll::Pending;
-        }
-        let n = len.min(s.send_window as usize).min(max_frame);
+        };
+        let n = len.min(s.send_window as usize).min(max_frame).min(room);
         s.send_window -= n as u32;
         let flags = if std::mem::take(&mut s.syn_pending) {
             SYN
@@ -956,7 +998,7 @@ impl Connection {
             s.wake_reader();
             s.wake_writer();
         }
-        for w in self.out_waiters.drain(..) {
+        for (_, w) in self.out_waiters.drain(..) {
             w.wake();
         }
     }

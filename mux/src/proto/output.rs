@@ -25,7 +25,8 @@ use std::collections::{HashMap, VecDeque};
 /// What a lane holds in memory besides its frames: its map entry and its place in the turn
 /// order. Counted against the output limit with the frames, so that many streams with one
 /// small frame each are bounded by what they really hold.
-const LANE_COST: usize = std::mem::size_of::<(u32, VecDeque<Frame>)>() + std::mem::size_of::<u32>();
+pub(crate) const LANE_COST: usize =
+    std::mem::size_of::<(u32, VecDeque<Frame>)>() + std::mem::size_of::<u32>();
 
 /// The output queue of one session; see the module docs for the order frames leave in.
 #[derive(Debug, Default)]
@@ -86,12 +87,17 @@ impl Output {
         Some(frame)
     }
 
-    /// Whether nothing is queued.
+    /// Whether frames of stream `id` are queued.
+    pub(crate) fn has_lane(&self, id: u32) -> bool {
+        self.lanes.contains_key(&id)
+    }
+
     /// Whether frames of a stream other than `id` are queued (session frames aside).
     pub(crate) fn others_queued(&self, id: u32) -> bool {
         self.lanes.len() > usize::from(self.lanes.contains_key(&id))
     }
 
+    /// Whether nothing is queued.
     pub(crate) fn is_empty(&self) -> bool {
         self.urgent.is_empty() && self.turns.is_empty()
     }

@@ -853,6 +853,98 @@ fn streams_take_turns_batch_by_batch_and_each_keeps_its_order() {
     assert_eq!(c.out_bytes(), 0);
 }
 
+/// Counts the wakes of [`counting_waker`]'s waker.
+struct Wakes(std::sync::atomic::AtomicUsize);
+
+impl futures::task::ArcWake for Wakes {
+    fn wake_by_ref(me: &std::sync::Arc<Self>) {
+        me.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+impl Wakes {
+    fn count(&self) -> usize {
+        self.0.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+/// A waker, and the count of its wakes.
+fn counting_waker() -> (Waker, std::sync::Arc<Wakes>) {
+    let wakes = std::sync::Arc::new(Wakes(std::sync::atomic::AtomicUsize::new(0)));
+    (futures::task::waker(wakes.clone()), wakes)
+}
+
+/// A writer that keeps the output queue full (a bulk channel on a busy link) must not keep a
+/// small write on another stream waiting: it was woken with the small writer each time the
+/// link took a batch, queued first, and a 64-byte round trip beside it hung for ever.
+#[test]
+fn a_full_output_queue_still_takes_a_write_from_a_stream_with_nothing_queued() {
+    let limits = Limits {
+        out_limit: 128 * 1024,
+        max_frame: 16 * 1024,
+        ..limits()
+    };
+    let mut c = tuned(Side::Client, limits);
+    let bulk = c.open().unwrap();
+    let small = c.open().unwrap();
+    let other = c.open().unwrap();
+    let chunk = vec![7u8; 256 * 1024];
+    let (bulk_waker, bulk_wakes) = counting_waker();
+    // The bulk stream fills the queue to its limit, then waits.
+    for _ in 0..8 {
+        assert_eq!(
+            c.write(bulk, &chunk, &bulk_waker),
+            Poll::Ready(Ok(16 * 1024))
+        );
+    }
+    assert_eq!(c.write(bulk, &chunk, &bulk_waker), Poll::Pending);
+    // Streams with nothing queued are taken at once, within the reserve ...
+    assert_eq!(c.write(small, b"ping", &waker()), Poll::Ready(Ok(4)));
+    assert_eq!(c.write(other, &chunk, &waker()), Poll::Ready(Ok(16 * 1024)));
+    // ... but once they have something queued, they wait like the bulk stream.
+    assert_eq!(c.write(other, &chunk, &waker()), Poll::Pending);
+    let (small_waker, small_wakes) = counting_waker();
+    assert_eq!(c.write(small, b"more", &small_waker), Poll::Pending);
+    assert!(c.out_bytes() <= 128 * 1024 + OUT_RESERVE);
+    // A bulk frame leaves; the queue is still over its limit: nobody is woken.
+    assert_eq!(frames_taken(&mut c, 1), [(bulk, SYN, 16 * 1024)]);
+    assert_eq!((bulk_wakes.count(), small_wakes.count()), (0, 0));
+    // The small frame leaves at its stream's first turn; that stream may queue again, the
+    // bulk stream not yet.
+    assert_eq!(frames_taken(&mut c, 1), [(small, SYN, 4)]);
+    assert_eq!((bulk_wakes.count(), small_wakes.count()), (0, 1));
+    assert_eq!(c.write(small, b"more", &small_waker), Poll::Ready(Ok(4)));
+    // Below the limit every writer may queue again.
+    frames_taken(&mut c, usize::MAX);
+    assert_eq!(bulk_wakes.count(), 1);
+    assert_eq!(
+        c.write(bulk, &chunk, &bulk_waker),
+        Poll::Ready(Ok(16 * 1024))
+    );
+}
+
+/// The reserve is room, not a frame per stream: a write from a stream with nothing queued
+/// takes what is left of it, so the queue never holds more than the limit plus the reserve.
+#[test]
+fn writes_from_the_reserve_never_take_more_than_it_has_left() {
+    let limits = Limits {
+        out_limit: 128 * 1024,
+        ..limits()
+    };
+    let mut c = tuned(Side::Client, limits);
+    let bulk = c.open().unwrap();
+    let other = c.open().unwrap();
+    let chunk = vec![7u8; 256 * 1024];
+    assert_eq!(c.write(bulk, &chunk, &waker()), Poll::Ready(Ok(64 * 1024)));
+    assert_eq!(c.write(bulk, &chunk, &waker()), Poll::Ready(Ok(64 * 1024)));
+    assert_eq!(c.write(bulk, &chunk, &waker()), Poll::Pending);
+    match c.write(other, &chunk, &waker()) {
+        Poll::Ready(Ok(n)) => assert!(0 < n && n < OUT_RESERVE, "took {n}"),
+        pending => panic!("a stream with nothing queued waited: {pending:?}"),
+    }
+    assert!(c.out_bytes() <= 128 * 1024 + OUT_RESERVE);
+}
+
 #[cfg(unix)]
 mod fds {
     use super::*;
