@@ -34,6 +34,15 @@ const GRANT_STEP: u32 = 512 * 1024;
 /// Streams that already have frames queued wait for the queue to drain below `out_limit`.
 pub(crate) const OUT_RESERVE: usize = 64 * 1024;
 
+/// A window stops growing once it alone lets its stream run this fast (bytes per second) at
+/// the measured round trip (window / RTT): 2.5 GB/s, 20 Gbit/s. Beyond that a bigger window
+/// does not make a stream faster, it only lets more of its data queue ahead of every other
+/// stream's frames. On loopback (a round trip of tens of microseconds, drained in bursts that
+/// look "quick") windows grew to 1–16 MiB, and a 64-byte round trip beside a bulk channel
+/// took 8× its idle time instead of under 4×; a 50 or 100 ms path still grows to its
+/// bandwidth-delay product.
+const MAX_TUNED_RATE: f64 = 2.5e9;
+
 /// Opaque values of our round-trip probes have this bit set; keepalive pings do not.
 const PROBE_BIT: u32 = 0x8000_0000;
 
@@ -728,7 +737,8 @@ impl Connection {
     /// Grants the peer what the reader consumed, once it is worth a frame, and auto-tunes the
     /// window: when the reader has drained a whole window within two round trips of starting
     /// it, the window (not the reader) limits the stream, and it doubles, up to the per-stream
-    /// maximum and within the session's growth budget. So a window grows towards the
+    /// maximum, within the session's growth budget, and while the window allows less than
+    /// [`MAX_TUNED_RATE`] at the measured round trip. So a window grows towards the
     /// bandwidth-delay product of the link, and no further. When a whole grown window takes
     /// the reader much longer than that (see [`SHRINK_AFTER_RTTS`]), the window is not what
     /// limits the stream any more: it halves (never below the initial window), by granting
@@ -750,7 +760,7 @@ impl Connection {
             let took = s.epoch.map(|start| now.saturating_duration_since(start));
             let (quick, slow) = match (rtt, took) {
                 (Some(rtt), Some(took)) => (
-                    took < 2 * rtt,
+                    took < 2 * rtt && f64::from(s.window) < MAX_TUNED_RATE * rtt.as_secs_f64(),
                     took > (SHRINK_AFTER_RTTS * rtt).max(SHRINK_MIN),
                 ),
                 _ => (false, false),
