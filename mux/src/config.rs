@@ -33,9 +33,9 @@ pub(crate) const OUT_LIMIT: usize = 1024 * 1024;
 /// per session in the worst case (every window filled and never read, which only a hostile
 /// peer does). On top of that the link itself holds at most one inbound frame being read
 /// (≤ `max_stream_window` + 64 KiB) and at most 1 MiB of queued output plus one frame
-/// (`split_send_size`), or plus 64 KiB kept for channels that have nothing queued. A channel whose reader
-/// keeps up holds far less: windows are granted back as data is consumed, so memory is only
-/// used by bytes in flight. A hub serving thousands of peers should lower `max_channels` and
+/// (`split_send_size`), or plus 64 KiB kept for channels that have nothing queued. A channel
+/// whose reader keeps up holds far less: windows are granted back as data is consumed, so
+/// memory is only used by bytes in flight. A hub serving thousands of peers should lower `max_channels` and
 /// `receive_window_growth` to what each peer needs.
 #[non_exhaustive]
 #[derive(Debug, Clone)]
