@@ -34,6 +34,11 @@ use tokio::time::{Instant, Sleep};
 /// Rounds of read + write per wake-up before yielding to other tasks.
 const ROUNDS: usize = 32;
 
+/// How long a session whose write failed as if the peer had gone (`EPIPE`, `ECONNRESET`)
+/// keeps reading for the peer's GoAway before it ends with the write's error (see
+/// `Driver::write_failed`).
+const GOAWAY_GRACE: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// Called with every new inbound stream.
 pub(crate) type OnInbound = Arc<dyn Fn(RawStream) + Send + Sync>;
 
@@ -71,6 +76,9 @@ pub(crate) struct Driver {
     explain: Option<Explain>,
     /// The explanation being worked out; the session ends with what it yields.
     explaining: Option<Pin<Box<dyn Future<Output = CloseReason> + Send>>>,
+    /// A write failed as if the peer had gone, before we read its GoAway: the error, and
+    /// until when we read on for the GoAway (see [`Driver::write_failed`]).
+    write_failed: Option<(io::Error, Pin<Box<Sleep>>)>,
 }
 
 impl Driver {
@@ -93,6 +101,7 @@ impl Driver {
             eof: false,
             explain: None,
             explaining: None,
+            write_failed: None,
         }
     }
 
@@ -130,6 +139,9 @@ impl Driver {
     fn poll_running(&mut self, cx: &mut Context<'_>) -> Poll<CloseReason> {
         self.shared.driver_waker.register(cx.waker());
         self.shared.set_io_waker(cx.waker());
+        if self.write_failed.is_some() {
+            return self.poll_write_failed(cx);
+        }
         // Whether the previous pass left everything sent: then a pass that reads nothing has
         // nothing to do beyond that read (which registers the link's read interest).
         let mut flushed = false;
@@ -154,7 +166,7 @@ impl Driver {
             }
             let (wrote, idle) = match self.poll_outbound(cx) {
                 Ok(progress) => progress,
-                Err(e) => return Poll::Ready(self.io_reason(e)),
+                Err(e) => return self.write_failed(cx, e),
             };
 
             if let Some(keepalive) = &mut self.keepalive {
@@ -247,17 +259,59 @@ impl Driver {
         Poll::Ready(CloseReason::ProtocolViolation(v))
     }
 
+    /// A write failed. If it failed as if the peer had gone while we have not read a GoAway
+    /// from it, the peer may have closed its session gracefully (GoAway, then the link) just
+    /// before our write, with its GoAway still unread on our side, possibly not yet even
+    /// reported readable. So the session reads on, for at most [`GOAWAY_GRACE`], writing
+    /// nothing: a GoAway read then ends it as `Peer`, anything else with the write's error.
+    fn write_failed(&mut self, cx: &mut Context<'_>, e: io::Error) -> Poll<CloseReason> {
+        if !is_gone(&e)
+            || !matches!(self.state, State::Running)
+            || self.shared.core().goaway_received().is_some()
+        {
+            return Poll::Ready(self.io_reason(e));
+        }
+        self.write_failed = Some((e, Box::pin(tokio::time::sleep(GOAWAY_GRACE))));
+        self.poll_write_failed(cx)
+    }
+
+    /// Reads after a failed write, for the peer's GoAway (see [`Driver::write_failed`]).
+    fn poll_write_failed(&mut self, cx: &mut Context<'_>) -> Poll<CloseReason> {
+        for _ in 0..ROUNDS {
+            let goaway = match self.poll_inbound(cx) {
+                Ok(true) => self.shared.core().goaway_received(),
+                Ok(false) => break,
+                // The end of the link, after a GoAway or not: `eof_reason` says which.
+                Err(End::Reason(CloseReason::Peer)) => return Poll::Ready(CloseReason::Peer),
+                Err(_) => self.shared.core().goaway_received().or(Some(u32::MAX)),
+            };
+            match goaway {
+                Some(0) => return Poll::Ready(CloseReason::Peer),
+                Some(_) => return Poll::Ready(self.write_error()),
+                None => {}
+            }
+        }
+        let Some((_, deadline)) = &mut self.write_failed else {
+            return Poll::Ready(CloseReason::Local);
+        };
+        if deadline.as_mut().poll(cx).is_ready() {
+            return Poll::Ready(self.write_error());
+        }
+        Poll::Pending
+    }
+
+    /// The error of the failed write (see [`Driver::write_failed`]).
+    fn write_error(&mut self) -> CloseReason {
+        match self.write_failed.take() {
+            Some((e, _)) => CloseReason::Io(Arc::new(e)),
+            None => CloseReason::Local,
+        }
+    }
+
     fn io_reason(&self, e: io::Error) -> CloseReason {
         // The peer closed the session (GoAway 0) and then its end of the link, before it read
         // what we still sent (a channel's FIN, say): its close was graceful all the same.
-        let gone = matches!(
-            e.kind(),
-            io::ErrorKind::ConnectionReset
-                | io::ErrorKind::BrokenPipe
-                | io::ErrorKind::ConnectionAborted
-                | io::ErrorKind::UnexpectedEof
-        );
-        if gone
+        if is_gone(&e)
             && matches!(self.state, State::Running)
             && self.shared.core().goaway_received() == Some(0)
         {
@@ -399,4 +453,15 @@ impl Driver {
 enum End {
     Violation(Violation),
     Reason(CloseReason),
+}
+
+/// Whether an I/O error says the peer's end of the link is gone.
+fn is_gone(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::ConnectionReset
+            | io::ErrorKind::BrokenPipe
+            | io::ErrorKind::ConnectionAborted
+            | io::ErrorKind::UnexpectedEof
+    )
 }
