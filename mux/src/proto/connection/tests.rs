@@ -163,33 +163,74 @@ fn the_window_doubles_when_the_reader_drains_it_within_two_round_trips() {
     assert_eq!(c.growth_used(), 0);
 }
 
-/// On a path of tens of microseconds (loopback), a 256 KiB window already allows more than
-/// [`MAX_TUNED_RATE`]: drained however quickly, it is granted back as it was, not doubled, so
-/// that no more of a bulk stream's data queues ahead of other streams' frames.
+/// Feeds stream 1 `len` bytes (opening it with the first), reads them all at once, and
+/// returns the window update that earned: the credit granted back.
+fn read_a_window_and_take_the_grant(c: &mut Connection, len: u32, first: bool) -> u32 {
+    let flags = if first { SYN } else { 0 };
+    feed(
+        c,
+        hdr(FrameType::Data, flags, 1, len),
+        &vec![0u8; len as usize],
+    )
+    .unwrap();
+    if first {
+        sent(c);
+    }
+    let mut n = 0;
+    let _ = c.read(1, usize::MAX, &waker(), Instant::now, |s| n += s.len());
+    assert_eq!(n, len as usize);
+    let update = sent(c);
+    assert_eq!(update.len(), HEADER_LEN, "one window update: {update:?}");
+    let h = Header::decode(update[..HEADER_LEN].try_into().unwrap()).unwrap();
+    assert_eq!((h.ty, h.stream), (FrameType::WindowUpdate, 1));
+    h.length
+}
+
+/// A 256 KiB window at an 80 µs round trip allows 3.3 GB/s, more than [`MAX_TUNED_RATE`]:
+/// drained however quickly, it is granted back as it was, not doubled. At 1 ms the same
+/// window allows 262 MB/s, and drained quickly it doubles.
 #[test]
 fn a_window_that_already_allows_the_top_rate_does_not_grow() {
     let window = 256 * 1024u32;
     let mut c = Connection::new(Side::Server, limits());
-    c.set_rtt(Duration::from_micros(50), Instant::now());
-    feed(
-        &mut c,
-        hdr(FrameType::Data, SYN, 1, window),
-        &vec![0u8; window as usize],
-    )
-    .unwrap();
-    sent(&mut c);
-    let mut n = 0;
-    let _ = c.read(1, usize::MAX, &waker(), Instant::now, |s| n += s.len());
-    assert_eq!(n, window as usize);
+    c.set_rtt(Duration::from_micros(80), Instant::now());
     assert_eq!(
-        sent(&mut c),
-        hdr(FrameType::WindowUpdate, 0, 1, window).encode()
+        read_a_window_and_take_the_grant(&mut c, window, true),
+        window
     );
     assert_eq!(c.growth_used(), 0);
-    // At 1 ms the same window allows 262 MB/s: drained quickly, it doubles.
     let mut c = Connection::new(Side::Server, limits());
     c.set_rtt(Duration::from_millis(1), Instant::now());
     drain_first_window_and_see_it_double(&mut c, Instant::now());
+}
+
+/// At a 20 µs round trip (loopback) even the initial 256 KiB allows 13 GB/s: the window gives
+/// back what allows more than twice [`MAX_TUNED_RATE`] (100 000 bytes), by granting back less
+/// than was read, and then stays there; the session's growth budget is not touched.
+#[test]
+fn a_window_on_a_very_fast_path_shrinks_below_the_initial_window() {
+    let window = 256 * 1024u32;
+    let mut c = Connection::new(Side::Server, limits());
+    c.set_rtt(Duration::from_micros(20), Instant::now());
+    assert_eq!(
+        read_a_window_and_take_the_grant(&mut c, window, true),
+        100_000
+    );
+    assert_eq!(c.growth_used(), 0);
+    // The peer may now send 100 000 bytes: one byte more overdraws.
+    assert_eq!(
+        c.on_header(&hdr(FrameType::Data, 0, 1, 100_001)),
+        Err(Violation::WindowExceeded {
+            stream: 1,
+            len: 100_001,
+            window: 100_000
+        })
+    );
+    // A whole shrunk window read is granted back in full: it shrinks no further.
+    assert_eq!(
+        read_a_window_and_take_the_grant(&mut c, 100_000, false),
+        100_000
+    );
 }
 
 #[test]
