@@ -231,6 +231,13 @@ fn a_window_on_a_very_fast_path_shrinks_below_the_initial_window() {
         read_a_window_and_take_the_grant(&mut c, 100_000, false),
         100_000
     );
+    // However short the round trip, a window keeps at least 64 KiB.
+    let mut c = Connection::new(Side::Server, limits());
+    c.set_rtt(Duration::from_micros(1), Instant::now());
+    assert_eq!(
+        read_a_window_and_take_the_grant(&mut c, window, true),
+        MIN_TUNED_WINDOW
+    );
 }
 
 #[test]
