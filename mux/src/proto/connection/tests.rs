@@ -119,25 +119,45 @@ fn consumed_data_is_granted_back_once_a_quarter_window_is_read() {
     );
 }
 
+/// Feeds stream 1 `len` bytes (opening it with the first), reads them all at `at`, and
+/// returns the credit the window update this earned grants back.
+fn read_a_window_and_take_the_grant(c: &mut Connection, len: u32, first: bool, at: Instant) -> u32 {
+    let flags = if first { SYN } else { 0 };
+    feed(
+        c,
+        hdr(FrameType::Data, flags, 1, len),
+        &vec![0u8; len as usize],
+    )
+    .unwrap();
+    if first {
+        sent(c);
+    }
+    let mut n = 0;
+    let _ = c.read(1, usize::MAX, &waker(), || at, |s| n += s.len());
+    assert_eq!(n, len as usize);
+    let update = sent(c);
+    assert_eq!(update.len(), HEADER_LEN, "one window update: {update:?}");
+    let h = Header::decode(update[..HEADER_LEN].try_into().unwrap()).unwrap();
+    assert_eq!((h.ty, h.flags, h.stream), (FrameType::WindowUpdate, 0, 1));
+    h.length
+}
+
 /// Opens stream 1 with a whole initial window of data, reads it all at `at`, and checks that
 /// the grant gives it back doubled (the window grew by one initial window).
 fn drain_first_window_and_see_it_double(c: &mut Connection, at: Instant) {
     let window = 256 * 1024u32;
-    feed(
-        c,
-        hdr(FrameType::Data, SYN, 1, window),
-        &vec![0u8; window as usize],
-    )
-    .unwrap();
-    sent(c);
-    let mut n = 0;
-    let _ = c.read(1, usize::MAX, &waker(), || at, |s| n += s.len());
-    assert_eq!(n, window as usize);
     assert_eq!(
-        sent(c),
-        hdr(FrameType::WindowUpdate, 0, 1, 2 * window).encode()
+        read_a_window_and_take_the_grant(c, window, true, at),
+        2 * window
     );
     assert_eq!(c.growth_used(), window as usize);
+}
+
+/// A server core whose smallest round trip is `rtt`.
+fn with_rtt(rtt: Duration) -> Connection {
+    let mut c = Connection::new(Side::Server, limits());
+    c.set_rtt(rtt, Instant::now());
+    c
 }
 
 #[test]
@@ -163,45 +183,17 @@ fn the_window_doubles_when_the_reader_drains_it_within_two_round_trips() {
     assert_eq!(c.growth_used(), 0);
 }
 
-/// Feeds stream 1 `len` bytes (opening it with the first), reads them all at once, and
-/// returns the window update that earned: the credit granted back.
-fn read_a_window_and_take_the_grant(c: &mut Connection, len: u32, first: bool) -> u32 {
-    let flags = if first { SYN } else { 0 };
-    feed(
-        c,
-        hdr(FrameType::Data, flags, 1, len),
-        &vec![0u8; len as usize],
-    )
-    .unwrap();
-    if first {
-        sent(c);
-    }
-    let mut n = 0;
-    let _ = c.read(1, usize::MAX, &waker(), Instant::now, |s| n += s.len());
-    assert_eq!(n, len as usize);
-    let update = sent(c);
-    assert_eq!(update.len(), HEADER_LEN, "one window update: {update:?}");
-    let h = Header::decode(update[..HEADER_LEN].try_into().unwrap()).unwrap();
-    assert_eq!((h.ty, h.stream), (FrameType::WindowUpdate, 1));
-    h.length
-}
-
 /// A 256 KiB window at an 80 µs round trip allows 3.3 GB/s, more than [`MAX_TUNED_RATE`]:
 /// drained however quickly, it is granted back as it was, not doubled. At 1 ms the same
 /// window allows 262 MB/s, and drained quickly it doubles.
 #[test]
 fn a_window_that_already_allows_the_top_rate_does_not_grow() {
     let window = 256 * 1024u32;
-    let mut c = Connection::new(Side::Server, limits());
-    c.set_rtt(Duration::from_micros(80), Instant::now());
-    assert_eq!(
-        read_a_window_and_take_the_grant(&mut c, window, true),
-        window
-    );
+    let mut c = with_rtt(Duration::from_micros(80));
+    let grant = read_a_window_and_take_the_grant(&mut c, window, true, Instant::now());
+    assert_eq!(grant, window);
     assert_eq!(c.growth_used(), 0);
-    let mut c = Connection::new(Side::Server, limits());
-    c.set_rtt(Duration::from_millis(1), Instant::now());
-    drain_first_window_and_see_it_double(&mut c, Instant::now());
+    drain_first_window_and_see_it_double(&mut with_rtt(Duration::from_millis(1)), Instant::now());
 }
 
 /// At a 20 µs round trip (loopback) even the initial 256 KiB allows 13 GB/s: the window gives
@@ -210,10 +202,10 @@ fn a_window_that_already_allows_the_top_rate_does_not_grow() {
 #[test]
 fn a_window_on_a_very_fast_path_shrinks_below_the_initial_window() {
     let window = 256 * 1024u32;
-    let mut c = Connection::new(Side::Server, limits());
-    c.set_rtt(Duration::from_micros(20), Instant::now());
+    let now = Instant::now();
+    let mut c = with_rtt(Duration::from_micros(20));
     assert_eq!(
-        read_a_window_and_take_the_grant(&mut c, window, true),
+        read_a_window_and_take_the_grant(&mut c, window, true, now),
         100_000
     );
     assert_eq!(c.growth_used(), 0);
@@ -228,14 +220,13 @@ fn a_window_on_a_very_fast_path_shrinks_below_the_initial_window() {
     );
     // A whole shrunk window read is granted back in full: it shrinks no further.
     assert_eq!(
-        read_a_window_and_take_the_grant(&mut c, 100_000, false),
+        read_a_window_and_take_the_grant(&mut c, 100_000, false, now),
         100_000
     );
     // However short the round trip, a window keeps at least 64 KiB.
-    let mut c = Connection::new(Side::Server, limits());
-    c.set_rtt(Duration::from_micros(1), Instant::now());
+    let mut c = with_rtt(Duration::from_micros(1));
     assert_eq!(
-        read_a_window_and_take_the_grant(&mut c, window, true),
+        read_a_window_and_take_the_grant(&mut c, window, true, now),
         MIN_TUNED_WINDOW
     );
 }
