@@ -43,12 +43,6 @@ pub(crate) const OUT_RESERVE: usize = 64 * 1024;
 /// bandwidth-delay product.
 const MAX_TUNED_RATE: f64 = 2.5e9;
 
-/// A window that allows more than twice [`MAX_TUNED_RATE`] at the measured round trip gives
-/// the excess back (below the initial 256 KiB if need be, by granting back less than was
-/// read), but never below this. On loopback a 256 KiB window of bulk data standing in the
-/// receiving socket was what a small frame of another stream still waited behind.
-const MIN_TUNED_WINDOW: u32 = 64 * 1024;
-
 /// Opaque values of our round-trip probes have this bit set; keepalive pings do not.
 const PROBE_BIT: u32 = 0x8000_0000;
 
@@ -748,10 +742,7 @@ impl Connection {
     /// bandwidth-delay product of the link, and no further. When a whole grown window takes
     /// the reader much longer than that (see [`SHRINK_AFTER_RTTS`]), the window is not what
     /// limits the stream any more: it halves (never below the initial window), by granting
-    /// back less than was consumed, and the growth returns to the budget. And a window that
-    /// allows more than twice [`MAX_TUNED_RATE`] at the measured round trip shrinks the same
-    /// way to what allows twice that rate, even below the initial window (never below
-    /// [`MIN_TUNED_WINDOW`]).
+    /// back less than was consumed, and the growth returns to the budget.
     fn maybe_grant(&mut self, id: u32, now: Instant) {
         let budget_left = self.limits.growth_budget.saturating_sub(self.growth_used);
         let max_window = self.limits.max_window;
@@ -765,7 +756,6 @@ impl Connection {
         }
         let mut extra = 0;
         let mut shrink = 0;
-        let mut returned = 0;
         if s.consumed >= u64::from(s.window) {
             let took = s.epoch.map(|start| now.saturating_duration_since(start));
             let (quick, slow) = match (rtt, took) {
@@ -775,11 +765,6 @@ impl Connection {
                 ),
                 _ => (false, false),
             };
-            // On a fast path, the window that allows twice the top rate (see below).
-            let enough = rtt.map(|rtt| {
-                // `as` saturates: a long round trip gives `u32::MAX`, never a wrap.
-                ((2.0 * MAX_TUNED_RATE * rtt.as_secs_f64()) as u32).max(MIN_TUNED_WINDOW)
-            });
             if quick && s.recv.len() == 0 && s.window < max_window {
                 let room = (max_window - s.window) as usize;
                 extra = (s.window as usize).min(room).min(budget_left) as u32;
@@ -788,22 +773,15 @@ impl Connection {
                 // Withheld from this grant (never more than it), so what the peer may send
                 // plus what is buffered stays equal to the window.
                 shrink = (s.window - (s.window / 2).max(initial)).min(s.credit);
-            } else if let Some(enough) = enough.filter(|&enough| s.window > enough) {
-                // The window allows more than twice the top rate at this round trip (on
-                // loopback even the initial 256 KiB does): what it allows beyond that only
-                // queues ahead of other streams' frames. Withheld the same way.
-                shrink = (s.window - enough).min(s.credit);
+                s.window -= shrink;
             }
-            // Only growth returns to the budget, not what a window gives below the initial.
-            returned = shrink.min(s.window.saturating_sub(initial));
-            s.window -= shrink;
             s.consumed = 0;
             s.epoch = Some(now);
         }
         let delta = s.credit + extra - shrink;
         s.credit = 0;
         s.recv_window += delta;
-        self.growth_used = (self.growth_used + extra as usize).saturating_sub(returned as usize);
+        self.growth_used = (self.growth_used + extra as usize).saturating_sub(shrink as usize);
         if delta > 0 {
             self.queue_update(id, 0, delta);
         }

@@ -196,41 +196,6 @@ fn a_window_that_already_allows_the_top_rate_does_not_grow() {
     drain_first_window_and_see_it_double(&mut with_rtt(Duration::from_millis(1)), Instant::now());
 }
 
-/// At a 20 µs round trip (loopback) even the initial 256 KiB allows 13 GB/s: the window gives
-/// back what allows more than twice [`MAX_TUNED_RATE`] (100 000 bytes), by granting back less
-/// than was read, and then stays there; the session's growth budget is not touched.
-#[test]
-fn a_window_on_a_very_fast_path_shrinks_below_the_initial_window() {
-    let window = 256 * 1024u32;
-    let now = Instant::now();
-    let mut c = with_rtt(Duration::from_micros(20));
-    assert_eq!(
-        read_a_window_and_take_the_grant(&mut c, window, true, now),
-        100_000
-    );
-    assert_eq!(c.growth_used(), 0);
-    // The peer may now send 100 000 bytes: one byte more overdraws.
-    assert_eq!(
-        c.on_header(&hdr(FrameType::Data, 0, 1, 100_001)),
-        Err(Violation::WindowExceeded {
-            stream: 1,
-            len: 100_001,
-            window: 100_000
-        })
-    );
-    // A whole shrunk window read is granted back in full: it shrinks no further.
-    assert_eq!(
-        read_a_window_and_take_the_grant(&mut c, 100_000, false, now),
-        100_000
-    );
-    // However short the round trip, a window keeps at least 64 KiB.
-    let mut c = with_rtt(Duration::from_micros(1));
-    assert_eq!(
-        read_a_window_and_take_the_grant(&mut c, window, true, now),
-        MIN_TUNED_WINDOW
-    );
-}
-
 #[test]
 fn a_grown_window_whose_reader_is_slow_gives_half_its_growth_back() {
     let mut c = Connection::new(Side::Server, limits());
