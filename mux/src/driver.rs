@@ -278,16 +278,17 @@ impl Driver {
     /// Reads after a failed write, for the peer's GoAway (see [`Driver::write_failed`]).
     fn poll_write_failed(&mut self, cx: &mut Context<'_>) -> Poll<CloseReason> {
         for _ in 0..ROUNDS {
-            let goaway = match self.poll_inbound(cx) {
-                Ok(true) => self.shared.core().goaway_received(),
+            // The link ended or failed: nothing more will come.
+            let ended = match self.poll_inbound(cx) {
+                Ok(true) => false,
                 Ok(false) => break,
-                // The end of the link, after a GoAway or not: `eof_reason` says which.
-                Err(End::Reason(CloseReason::Peer)) => return Poll::Ready(CloseReason::Peer),
-                Err(_) => self.shared.core().goaway_received().or(Some(u32::MAX)),
+                Err(_) => true,
             };
+            let goaway = self.shared.core().goaway_received();
             match goaway {
                 Some(0) => return Poll::Ready(CloseReason::Peer),
                 Some(_) => return Poll::Ready(self.write_error()),
+                None if ended => return Poll::Ready(self.write_error()),
                 None => {}
             }
         }
