@@ -89,8 +89,8 @@ impl Driver {
         on_inbound: OnInbound,
     ) -> Self {
         let keepalive = Keepalive::new(&shared.config);
-        *shared.outbound.lock().unwrap_or_else(|e| e.into_inner()) = Some(Outbound::new(write));
-        *shared.inbound.lock().unwrap_or_else(|e| e.into_inner()) = Some(Inbound::new(read));
+        *shared.outbound.lock() = Some(Outbound::new(write));
+        *shared.inbound.lock() = Some(Inbound::new(read));
         Driver {
             shared,
             on_inbound,
@@ -223,13 +223,7 @@ impl Driver {
         if let State::Finishing { deadline, reason } = &mut self.state {
             if idle || self.eof {
                 // Everything is sent: tell the peer the stream ends (errors do not matter now).
-                if let Some(out) = self
-                    .shared
-                    .outbound
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .as_mut()
-                {
+                if let Some(out) = self.shared.outbound.lock().as_mut() {
                     let _ = out.poll_shutdown(cx);
                 }
                 return Some(Poll::Ready(reason.clone()));
@@ -364,7 +358,7 @@ impl Driver {
             self.yielding = None;
         }
         // A reader reading a body through holds the read side; it wakes us when done.
-        let Some(mut guard) = self.shared.inbound_for_driver() else {
+        let Some(mut guard) = self.shared.inbound.for_driver() else {
             return Ok(false);
         };
         let Some(inbound) = guard.as_mut() else {
@@ -432,11 +426,10 @@ impl Driver {
 
     /// Writes queued frames. Returns (wrote something, everything sent and flushed).
     fn poll_outbound(&mut self, cx: &mut Context<'_>) -> io::Result<(bool, bool)> {
-        let mut guard = self
-            .shared
-            .outbound
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
+        // A handle writing holds the write side; it wakes us when done.
+        let Some(mut guard) = self.shared.outbound.for_driver() else {
+            return Ok((false, false));
+        };
         let Some(out) = guard.as_mut() else {
             return Ok((false, true));
         };

@@ -13,6 +13,7 @@ pub(crate) mod unix;
 use crate::proto::Fd;
 use bytes::{BufMut, BytesMut};
 use std::{
+    any::Any,
     collections::VecDeque,
     io::{self, IoSlice},
     pin::Pin,
@@ -66,6 +67,45 @@ pub(crate) trait LinkWrite: Send {
 /// A link that carries bytes only: one half of any tokio byte stream.
 pub(crate) struct Plain<T>(pub(crate) T);
 
+/// The read and write halves of `io`, for a link that carries bytes only.
+///
+/// A TCP or unix stream is split into its owned halves, which the kernel serves at once: the
+/// driver reads while a writer is inside a large `writev`. Any other type is split with
+/// [`tokio::io::split`], whose halves share a lock, so a read waits for a write in progress
+/// (as any split of a single-object stream such as TLS must).
+pub(crate) fn split<T>(io: T) -> (Box<dyn LinkRead>, Box<dyn LinkWrite>)
+where
+    T: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+{
+    fn halves<R, W>((read, write): (R, W)) -> (Box<dyn LinkRead>, Box<dyn LinkWrite>)
+    where
+        R: AsyncRead + Send + Unpin + 'static,
+        W: AsyncWrite + Send + Unpin + 'static,
+    {
+        (Box::new(Plain(read)), Box::new(Plain(write)))
+    }
+    // `T` is a concrete type here; the checks compile down to a comparison of type ids.
+    let mut io = Some(io);
+    let slot: &mut dyn Any = &mut io;
+    if let Some(tcp) = slot
+        .downcast_mut::<Option<tokio::net::TcpStream>>()
+        .and_then(Option::take)
+    {
+        return halves(tcp.into_split());
+    }
+    #[cfg(unix)]
+    if let Some(unix) = slot
+        .downcast_mut::<Option<tokio::net::UnixStream>>()
+        .and_then(Option::take)
+    {
+        return halves(unix.into_split());
+    }
+    match io {
+        Some(io) => halves(tokio::io::split(io)),
+        None => unreachable!("only a branch that returned takes the stream"),
+    }
+}
+
 impl<R: AsyncRead + Send + Unpin> LinkRead for Plain<R> {
     fn poll_read(
         &mut self,
@@ -112,5 +152,59 @@ impl<W: AsyncWrite + Send + Unpin> LinkWrite for Plain<W> {
 
     fn poll_shutdown(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.0).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use netchan_testkit::{tcp_pair, within};
+    use std::future::poll_fn;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// Reads once from `read` into a fresh buffer; what arrived (empty at the end).
+    async fn read_once(read: &mut dyn LinkRead) -> Vec<u8> {
+        let mut buf = BytesMut::with_capacity(64);
+        let n = poll_fn(|cx| read.poll_read(cx, &mut buf, 64, &mut VecDeque::new()))
+            .await
+            .unwrap();
+        buf[..n].to_vec()
+    }
+
+    /// A TCP stream is split into its owned halves (served by the kernel at once, no lock
+    /// between them). What tells them from tokio's lock-sharing split: dropping the write
+    /// half alone sends the FIN, and the read half still reads.
+    #[tokio::test]
+    async fn a_tcp_stream_splits_into_owned_halves() {
+        within(10, "owned halves", async {
+            let (ours, mut theirs) = tcp_pair().await;
+            let (mut read, write) = split(ours);
+            drop(write);
+            let mut rest = Vec::new();
+            theirs.read_to_end(&mut rest).await.unwrap();
+            assert!(rest.is_empty(), "the peer reads the end of our writing");
+            theirs.write_all(b"still read").await.unwrap();
+            assert_eq!(read_once(&mut *read).await, b"still read");
+        })
+        .await;
+    }
+
+    /// Any other stream goes through tokio's split and works the same way both ways.
+    #[tokio::test]
+    async fn other_streams_split_and_carry_bytes_both_ways() {
+        within(10, "duplex halves", async {
+            let (ours, mut theirs) = tokio::io::duplex(1024);
+            let (mut read, mut write) = split(ours);
+            let n = poll_fn(|cx| write.poll_write(cx, &[IoSlice::new(b"out")], &mut Vec::new()))
+                .await
+                .unwrap();
+            assert_eq!(n, 3);
+            let mut got = [0u8; 3];
+            theirs.read_exact(&mut got).await.unwrap();
+            assert_eq!(&got, b"out");
+            theirs.write_all(b"in").await.unwrap();
+            assert_eq!(read_once(&mut *read).await, b"in");
+        })
+        .await;
     }
 }

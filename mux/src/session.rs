@@ -6,7 +6,7 @@ use crate::{
     driver::{Driver, OnInbound},
     error::{CloseReason, Error},
     handshake,
-    link::{LinkRead, LinkWrite, Plain},
+    link::{LinkRead, LinkWrite},
     listener::{self, Listener},
     proto::OpenError,
     shared::{HandleToken, ListenerEntry, Shared, StreamHandle},
@@ -157,14 +157,8 @@ impl Session {
     where
         T: AsyncRead + AsyncWrite + Send + Unpin + 'static,
     {
-        let (read, write) = tokio::io::split(io);
-        Session::build(
-            Box::new(Plain(read)),
-            Box::new(Plain(write)),
-            false,
-            mode,
-            config,
-        )
+        let (read, write) = crate::link::split(io);
+        Session::build(read, write, false, mode, config)
     }
 
     /// Starts a session over a unix stream socket that also passes file descriptors: a

@@ -68,7 +68,7 @@ pub(crate) struct Shared {
     /// The driver's waker, for writes made by handles on its behalf (see `outbound.rs`).
     io_waker: Mutex<Option<Waker>>,
     /// The link's write side, installed by the driver. Lock order: this, then `core`.
-    pub(crate) outbound: Mutex<Option<Outbound>>,
+    pub(crate) outbound: LinkSide<Outbound>,
     /// Writers of large buffers waiting for the link to be free, so that their bytes go out
     /// straight from their buffers instead of being copied into the output queue; woken
     /// whenever the link is left idle (see [`Shared::wait_for_link`]). At most one per stream.
@@ -78,10 +78,7 @@ pub(crate) struct Shared {
     pub(crate) read_through: AtomicU64,
     /// The link's read side, installed by the driver. Lock order: this, then `core`; never
     /// held together with `outbound`.
-    pub(crate) inbound: Mutex<Option<Inbound>>,
-    /// Set by the driver when it found the read side taken by a reader (a read-through): that
-    /// reader wakes it on letting go, instead of the driver blocking its thread on the lock.
-    driver_wants_inbound: AtomicBool,
+    pub(crate) inbound: LinkSide<Inbound>,
     /// Permits for our dials whose handshake is in flight.
     pub(crate) dial_slots: Semaphore,
     /// Permits for inbound handshakes being served.
@@ -115,12 +112,11 @@ impl Shared {
             ended: CancellationToken::new(),
             driver_waker: AtomicWaker::new(),
             io_waker: Mutex::new(None),
-            outbound: Mutex::new(None),
+            outbound: LinkSide::new(),
             link_waiters: Mutex::new(Vec::new()),
             link_waiting: AtomicBool::new(false),
             read_through: AtomicU64::new(0),
-            inbound: Mutex::new(None),
-            driver_wants_inbound: AtomicBool::new(false),
+            inbound: LinkSide::new(),
             dial_slots: Semaphore::new(pending),
             inbound_slots: Arc::new(Semaphore::new(pending)),
         }
@@ -148,19 +144,20 @@ impl Shared {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .clone();
-        let (Some(waker), Ok(mut guard)) = (waker, self.outbound.try_lock()) else {
+        let (Some(waker), Some(mut hold)) = (waker, self.outbound.try_hold(&self.driver_waker))
+        else {
             self.driver_waker.wake();
             return;
         };
-        let Some(out) = guard.as_mut() else {
-            drop(guard);
+        let Some(out) = hold.get() else {
+            drop(hold);
             self.driver_waker.wake();
             return;
         };
         let mut cx = Context::from_waker(&waker);
         if let Err(e) = out.poll_send(&mut cx, |q| self.core().take_output(WRITE_BATCH, q)) {
             out.fail(e);
-            drop(guard);
+            drop(hold);
             self.driver_waker.wake();
         }
     }
@@ -180,8 +177,8 @@ impl Shared {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .clone()?;
-        let mut guard = self.outbound.try_lock().ok()?;
-        let out = guard.as_mut()?;
+        let mut hold = self.outbound.try_hold(&self.driver_waker)?;
+        let out = hold.get()?;
         if !out.is_idle() {
             return None;
         }
@@ -204,10 +201,10 @@ impl Shared {
         if let Err(e) = sent {
             // The link failed: the driver ends the session with this error.
             out.fail(e);
-            drop(guard);
+            drop(hold);
             self.driver_waker.wake();
         } else if idle {
-            drop(guard);
+            drop(hold);
             self.link_free();
         }
         Some(Poll::Ready(Ok(n)))
@@ -222,8 +219,7 @@ impl Shared {
     /// queued, or other writers already wait. A lone writer that found the socket full copies
     /// instead: that keeps the link fed without a task hop.
     pub(crate) fn wait_for_link(&self, id: u32, waker: &Waker) -> bool {
-        let contended = matches!(self.outbound.try_lock(), Err(TryLockError::WouldBlock))
-            || self.link_waiting.load(Ordering::SeqCst);
+        let contended = self.outbound.is_taken() || self.link_waiting.load(Ordering::SeqCst);
         {
             let mut core = self.core();
             if !(contended || core.others_queued(id)) || !core.can_write_now(id) {
@@ -271,11 +267,8 @@ impl Shared {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .clone()?;
-        let mut hold = ReaderHold {
-            guard: Some(self.inbound.try_lock().ok()?),
-            shared: self,
-        };
-        let inbound = hold.guard.as_deref_mut()?.as_mut()?;
+        let mut hold = self.inbound.try_hold(&self.driver_waker)?;
+        let inbound = hold.get()?;
         let max = inbound.read_through_len(id)?;
         // Under the read side's lock nothing more is parsed, so if the stream has nothing
         // buffered now, the link's next bytes are the first it has not read.
@@ -306,26 +299,6 @@ impl Shared {
                 Some(Poll::Pending)
             }
         }
-    }
-
-    /// The read side for the driver's turn, unless a reader holds it (reading a body
-    /// through): then `None`, and that reader wakes the driver when it lets go.
-    pub(crate) fn inbound_for_driver(&self) -> Option<MutexGuard<'_, Option<Inbound>>> {
-        let try_lock = || match self.inbound.try_lock() {
-            Ok(guard) => Some(guard),
-            Err(TryLockError::Poisoned(e)) => Some(e.into_inner()),
-            Err(TryLockError::WouldBlock) => None,
-        };
-        if let Some(guard) = try_lock() {
-            return Some(guard);
-        }
-        self.driver_wants_inbound.store(true, Ordering::SeqCst);
-        // Pairs with the fence in `ReaderHold::drop`: either the reader sees the flag, or
-        // this second try sees the lock released.
-        fence(Ordering::SeqCst);
-        let guard = try_lock()?;
-        self.driver_wants_inbound.store(false, Ordering::SeqCst);
-        Some(guard)
     }
 
     pub(crate) fn is_closing(&self) -> bool {
@@ -382,8 +355,8 @@ impl Shared {
         self.core().terminate();
         // Nothing more is written: release the link now (the socket closes once the driver,
         // which owns the read side, is gone too), not when the last handle goes.
-        *self.outbound.lock().unwrap_or_else(|e| e.into_inner()) = None;
-        *self.inbound.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        *self.outbound.lock() = None;
+        *self.inbound.lock() = None;
         self.link_free();
         self.listeners
             .lock()
@@ -408,23 +381,87 @@ impl Shared {
     }
 }
 
-/// A reader's hold on the read side (a read-through). Letting go wakes the driver if it
-/// found the read side taken meanwhile (see [`Shared::inbound_for_driver`]).
-struct ReaderHold<'a> {
-    guard: Option<MutexGuard<'a, Option<Inbound>>>,
-    shared: &'a Shared,
+/// One side of the link (its read or write half with its state), which the driver and the
+/// handles take turns on. The driver never blocks its thread on a handle's turn: it finds the
+/// side taken, leaves a note, and the handle wakes it on letting go.
+pub(crate) struct LinkSide<T> {
+    state: Mutex<Option<T>>,
+    /// Set by the driver when it found the side taken by a handle.
+    driver_wants: AtomicBool,
 }
 
-impl Drop for ReaderHold<'_> {
+impl<T> LinkSide<T> {
+    fn new() -> LinkSide<T> {
+        LinkSide {
+            state: Mutex::new(None),
+            driver_wants: AtomicBool::new(false),
+        }
+    }
+
+    /// Waits for the side: for installing it, ending the session, and the last shutdown.
+    pub(crate) fn lock(&self) -> MutexGuard<'_, Option<T>> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn try_lock(&self) -> Option<MutexGuard<'_, Option<T>>> {
+        match self.state.try_lock() {
+            Ok(guard) => Some(guard),
+            Err(TryLockError::Poisoned(e)) => Some(e.into_inner()),
+            Err(TryLockError::WouldBlock) => None,
+        }
+    }
+
+    /// Whether someone holds the side right now.
+    fn is_taken(&self) -> bool {
+        matches!(self.state.try_lock(), Err(TryLockError::WouldBlock))
+    }
+
+    /// The side for the driver's turn, unless a handle holds it: then `None`, and that handle
+    /// wakes the driver when it lets go.
+    pub(crate) fn for_driver(&self) -> Option<MutexGuard<'_, Option<T>>> {
+        if let Some(guard) = self.try_lock() {
+            return Some(guard);
+        }
+        self.driver_wants.store(true, Ordering::SeqCst);
+        // Pairs with the fence in `Hold::drop`: either the handle sees the note, or this
+        // second try sees the side released.
+        fence(Ordering::SeqCst);
+        let guard = self.try_lock()?;
+        self.driver_wants.store(false, Ordering::SeqCst);
+        Some(guard)
+    }
+
+    /// The side for a handle, if nobody holds it.
+    fn try_hold<'a>(&'a self, driver: &'a AtomicWaker) -> Option<Hold<'a, T>> {
+        Some(Hold {
+            guard: Some(self.try_lock()?),
+            side: self,
+            driver,
+        })
+    }
+}
+
+/// A handle's hold on one side of the link. Letting go wakes the driver if it found the side
+/// taken meanwhile (see [`LinkSide::for_driver`]).
+struct Hold<'a, T> {
+    guard: Option<MutexGuard<'a, Option<T>>>,
+    side: &'a LinkSide<T>,
+    driver: &'a AtomicWaker,
+}
+
+impl<T> Hold<'_, T> {
+    /// The side's state, unless the session has ended.
+    fn get(&mut self) -> Option<&mut T> {
+        self.guard.as_deref_mut()?.as_mut()
+    }
+}
+
+impl<T> Drop for Hold<'_, T> {
     fn drop(&mut self) {
         drop(self.guard.take());
         fence(Ordering::SeqCst);
-        if self
-            .shared
-            .driver_wants_inbound
-            .swap(false, Ordering::SeqCst)
-        {
-            self.shared.driver_waker.wake();
+        if self.side.driver_wants.swap(false, Ordering::SeqCst) {
+            self.driver.wake();
         }
     }
 }
@@ -490,5 +527,51 @@ impl HandleToken {
 impl Drop for HandleToken {
     fn drop(&mut self) {
         (self.on_last_drop)();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::AtomicUsize;
+
+    struct Wakes(AtomicUsize);
+
+    impl futures::task::ArcWake for Wakes {
+        fn wake_by_ref(me: &Arc<Self>) {
+            me.0.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    /// The driver never waits for a handle's turn on a side of the link: it finds the side
+    /// taken, and the handle wakes it on letting go (once), so no turn is lost.
+    #[test]
+    fn the_driver_skips_a_taken_side_and_is_woken_when_it_is_let_go() {
+        let side = LinkSide::new();
+        *side.lock() = Some(7u32);
+        let driver = AtomicWaker::new();
+        let wakes = Arc::new(Wakes(AtomicUsize::new(0)));
+        driver.register(&futures::task::waker(wakes.clone()));
+
+        // Nobody holds it: the driver takes it, and letting go wakes nobody.
+        assert_eq!(side.for_driver().as_deref(), Some(&Some(7)));
+        let mut hold = side.try_hold(&driver).unwrap();
+        assert_eq!(hold.get(), Some(&mut 7));
+        assert!(side.is_taken());
+        assert!(side.try_hold(&driver).is_none(), "one holder at a time");
+        drop(hold);
+        assert_eq!(wakes.0.load(Ordering::SeqCst), 0, "nobody asked for it");
+
+        // A handle holds it: the driver gets `None` at once, and is woken on release.
+        let hold = side.try_hold(&driver).unwrap();
+        assert!(side.for_driver().is_none());
+        assert_eq!(wakes.0.load(Ordering::SeqCst), 0);
+        drop(hold);
+        assert_eq!(wakes.0.load(Ordering::SeqCst), 1, "woken on letting go");
+        assert!(side.for_driver().is_some());
+
+        // The note is taken by that wake: the next release wakes nobody.
+        drop(side.try_hold(&driver).unwrap());
+        assert_eq!(wakes.0.load(Ordering::SeqCst), 1);
     }
 }
