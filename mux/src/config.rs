@@ -81,9 +81,10 @@ pub struct Config {
     /// is at most `window / round-trip time` (16 MiB over 100 ms is 168 MB/s).
     /// Clamped to 256 KiB..=1 GiB. Default: 16 MiB.
     pub max_stream_window: usize,
-    /// Largest yamux data frame this side sends; bigger writes are split. Larger frames mean
-    /// fewer frames (and wake-ups) per byte, smaller ones interleave channels more finely.
-    /// Clamped to 1 KiB..=1 MiB. Default: 120 KiB.
+    /// Largest yamux data frame this side sends; bigger writes are split (and no frame is
+    /// larger than the peer's window allows). Larger frames mean fewer frames, reads and
+    /// wake-ups per byte, smaller ones interleave channels more finely. Clamped to
+    /// 1 KiB..=1 MiB. Default: 256 KiB, the initial window (docs/performance.md, "Round 5").
     pub split_send_size: usize,
     /// On a session that passes file descriptors ([`Session::with_fds`](crate::Session::with_fds)):
     /// how many received descriptors it holds at most that no channel reader has taken yet.
@@ -105,7 +106,7 @@ impl Default for Config {
             close_grace: Duration::from_secs(5),
             receive_window_growth: 16 * 1024 * 1024,
             max_stream_window: 16 * 1024 * 1024,
-            split_send_size: 120 * 1024,
+            split_send_size: 256 * 1024,
             max_received_fds: 1024,
         }
     }
@@ -166,7 +167,7 @@ impl Config {
         self
     }
 
-    /// Sets [`Config::split_send_size`] (default: 120 KiB).
+    /// Sets [`Config::split_send_size`] (default: 256 KiB).
     pub fn split_send_size(mut self, bytes: usize) -> Self {
         self.split_send_size = bytes;
         self
