@@ -27,7 +27,7 @@ use std::{
     future::Future,
     io,
     pin::Pin,
-    sync::Arc,
+    sync::{Arc, MutexGuard},
     task::{Context, Poll},
 };
 use tokio::time::{Instant, Sleep};
@@ -249,7 +249,8 @@ impl Driver {
     fn violation(&mut self, cx: &mut Context<'_>, v: Violation) -> Poll<CloseReason> {
         tracing::info!(violation = %v, "peer violated the protocol");
         self.shared.core().go_away(GoAwayCode::ProtocolError);
-        let _ = self.poll_outbound(cx);
+        // Waits for a handle's write in progress (one frame at most), so the GoAway is tried.
+        let _ = self.send_with(cx, self.shared.outbound.lock());
         Poll::Ready(CloseReason::ProtocolViolation(v))
     }
 
@@ -427,9 +428,18 @@ impl Driver {
     /// Writes queued frames. Returns (wrote something, everything sent and flushed).
     fn poll_outbound(&mut self, cx: &mut Context<'_>) -> io::Result<(bool, bool)> {
         // A handle writing holds the write side; it wakes us when done.
-        let Some(mut guard) = self.shared.outbound.for_driver() else {
+        let Some(guard) = self.shared.outbound.for_driver() else {
             return Ok((false, false));
         };
+        self.send_with(cx, guard)
+    }
+
+    /// Writes queued frames with the write side held (see [`Driver::poll_outbound`]).
+    fn send_with(
+        &self,
+        cx: &mut Context<'_>,
+        mut guard: MutexGuard<'_, Option<Outbound>>,
+    ) -> io::Result<(bool, bool)> {
         let Some(out) = guard.as_mut() else {
             return Ok((false, true));
         };

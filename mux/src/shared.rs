@@ -219,7 +219,8 @@ impl Shared {
     /// queued, or other writers already wait. A lone writer that found the socket full copies
     /// instead: that keeps the link fed without a task hop.
     pub(crate) fn wait_for_link(&self, id: u32, waker: &Waker) -> bool {
-        let contended = self.outbound.is_taken() || self.link_waiting.load(Ordering::SeqCst);
+        let contended =
+            self.outbound.is_taken(&self.driver_waker) || self.link_waiting.load(Ordering::SeqCst);
         {
             let mut core = self.core();
             if !(contended || core.others_queued(id)) || !core.can_write_now(id) {
@@ -411,9 +412,11 @@ impl<T> LinkSide<T> {
         }
     }
 
-    /// Whether someone holds the side right now.
-    fn is_taken(&self) -> bool {
-        matches!(self.state.try_lock(), Err(TryLockError::WouldBlock))
+    /// Whether someone holds the side right now. Checked by taking it for a moment, as a
+    /// handle: letting go then wakes the driver if it found the side taken meanwhile (a plain
+    /// lock would swallow that note).
+    fn is_taken(&self, driver: &AtomicWaker) -> bool {
+        self.try_hold(driver).is_none()
     }
 
     /// The side for the driver's turn, unless a handle holds it: then `None`, and that handle
@@ -551,13 +554,14 @@ mod tests {
         *side.lock() = Some(7u32);
         let driver = AtomicWaker::new();
         let wakes = Arc::new(Wakes(AtomicUsize::new(0)));
-        driver.register(&futures::task::waker(wakes.clone()));
+        let waker = futures::task::waker(wakes.clone());
+        driver.register(&waker);
 
         // Nobody holds it: the driver takes it, and letting go wakes nobody.
         assert_eq!(side.for_driver().as_deref(), Some(&Some(7)));
         let mut hold = side.try_hold(&driver).unwrap();
         assert_eq!(hold.get(), Some(&mut 7));
-        assert!(side.is_taken());
+        assert!(side.is_taken(&driver));
         assert!(side.try_hold(&driver).is_none(), "one holder at a time");
         drop(hold);
         assert_eq!(wakes.0.load(Ordering::SeqCst), 0, "nobody asked for it");
@@ -571,7 +575,22 @@ mod tests {
         assert!(side.for_driver().is_some());
 
         // The note is taken by that wake: the next release wakes nobody.
+        driver.register(&waker); // as the driver does on every turn
         drop(side.try_hold(&driver).unwrap());
         assert_eq!(wakes.0.load(Ordering::SeqCst), 1);
+
+        // A note left while the side is held in a way that does not pass it on (the blocking
+        // lock, used only while a session ends) is passed on by the next handle that merely
+        // looks whether the side is taken.
+        let plain = side.lock();
+        assert!(side.for_driver().is_none());
+        drop(plain);
+        assert_eq!(wakes.0.load(Ordering::SeqCst), 1);
+        assert!(!side.is_taken(&driver));
+        assert_eq!(
+            wakes.0.load(Ordering::SeqCst),
+            2,
+            "looking passed the note on"
+        );
     }
 }
