@@ -536,15 +536,7 @@ impl Drop for HandleToken {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::atomic::AtomicUsize;
-
-    struct Wakes(AtomicUsize);
-
-    impl futures::task::ArcWake for Wakes {
-        fn wake_by_ref(me: &Arc<Self>) {
-            me.0.fetch_add(1, Ordering::SeqCst);
-        }
-    }
+    use netchan_testkit::counting_waker;
 
     /// The driver never waits for a handle's turn on a side of the link: it finds the side
     /// taken, and the handle wakes it on letting go (once), so no turn is lost.
@@ -553,8 +545,7 @@ mod tests {
         let side = LinkSide::new();
         *side.lock() = Some(7u32);
         let driver = AtomicWaker::new();
-        let wakes = Arc::new(Wakes(AtomicUsize::new(0)));
-        let waker = futures::task::waker(wakes.clone());
+        let (waker, wakes) = counting_waker();
         driver.register(&waker);
 
         // Nobody holds it: the driver takes it, and letting go wakes nobody.
@@ -564,20 +555,20 @@ mod tests {
         assert!(side.is_taken(&driver));
         assert!(side.try_hold(&driver).is_none(), "one holder at a time");
         drop(hold);
-        assert_eq!(wakes.0.load(Ordering::SeqCst), 0, "nobody asked for it");
+        assert_eq!(wakes.count(), 0, "nobody asked for it");
 
         // A handle holds it: the driver gets `None` at once, and is woken on release.
         let hold = side.try_hold(&driver).unwrap();
         assert!(side.for_driver().is_none());
-        assert_eq!(wakes.0.load(Ordering::SeqCst), 0);
+        assert_eq!(wakes.count(), 0);
         drop(hold);
-        assert_eq!(wakes.0.load(Ordering::SeqCst), 1, "woken on letting go");
+        assert_eq!(wakes.count(), 1, "woken on letting go");
         assert!(side.for_driver().is_some());
 
         // The note is taken by that wake: the next release wakes nobody.
         driver.register(&waker); // as the driver does on every turn
         drop(side.try_hold(&driver).unwrap());
-        assert_eq!(wakes.0.load(Ordering::SeqCst), 1);
+        assert_eq!(wakes.count(), 1);
 
         // A note left while the side is held in a way that does not pass it on (the blocking
         // lock, used only while a session ends) is passed on by the next handle that merely
@@ -585,12 +576,8 @@ mod tests {
         let plain = side.lock();
         assert!(side.for_driver().is_none());
         drop(plain);
-        assert_eq!(wakes.0.load(Ordering::SeqCst), 1);
+        assert_eq!(wakes.count(), 1);
         assert!(!side.is_taken(&driver));
-        assert_eq!(
-            wakes.0.load(Ordering::SeqCst),
-            2,
-            "looking passed the note on"
-        );
+        assert_eq!(wakes.count(), 2, "looking passed the note on");
     }
 }

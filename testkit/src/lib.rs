@@ -6,6 +6,7 @@
 //! # Layout
 //! - [`within`]: a hang guard for any future.
 //! - [`tcp_pair`]: a connected pair of loopback TCP sockets with `TCP_NODELAY`.
+//! - [`counting_waker`]: a waker that counts its wakes, for tests of who wakes whom.
 //! - [`proxy`]: a loopback TCP proxy that simulates a link (delay, bandwidth, faults).
 //! - [`fds`] (unix): unlinked files and open-descriptor counts for the fd-passing tests.
 
@@ -13,7 +14,15 @@
 pub mod fds;
 pub mod proxy;
 
-use std::{future::Future, time::Duration};
+use std::{
+    future::Future,
+    sync::{
+        atomic::{AtomicUsize, Ordering},
+        Arc,
+    },
+    task::{Wake, Waker},
+    time::Duration,
+};
 use tokio::net::{TcpListener, TcpStream};
 
 /// Awaits `fut`, panicking with `what` if it takes longer than `secs` seconds.
@@ -41,10 +50,48 @@ pub async fn tcp_pair() -> (TcpStream, TcpStream) {
     (client, server)
 }
 
+/// The count of a [`counting_waker`]'s wakes.
+#[derive(Debug, Default)]
+pub struct WakeCount(AtomicUsize);
+
+impl WakeCount {
+    /// How many times the waker (or a clone of it) was woken so far.
+    pub fn count(&self) -> usize {
+        self.0.load(Ordering::SeqCst)
+    }
+}
+
+impl Wake for WakeCount {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.0.fetch_add(1, Ordering::SeqCst);
+    }
+}
+
+/// A waker that only counts its wakes, and the count.
+pub fn counting_waker() -> (Waker, Arc<WakeCount>) {
+    let count = Arc::new(WakeCount::default());
+    (Waker::from(count.clone()), count)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    #[test]
+    fn a_counting_waker_counts_the_wakes_of_every_clone() {
+        let (waker, count) = counting_waker();
+        assert_eq!(count.count(), 0);
+        let clone = waker.clone();
+        waker.wake_by_ref();
+        waker.wake();
+        clone.wake();
+        assert_eq!(count.count(), 3);
+    }
 
     #[tokio::test]
     async fn tcp_pair_is_connected_both_ways() {

@@ -886,27 +886,6 @@ fn streams_take_turns_batch_by_batch_and_each_keeps_its_order() {
     assert_eq!(c.out_bytes(), 0);
 }
 
-/// Counts the wakes of [`counting_waker`]'s waker.
-struct Wakes(std::sync::atomic::AtomicUsize);
-
-impl futures::task::ArcWake for Wakes {
-    fn wake_by_ref(me: &std::sync::Arc<Self>) {
-        me.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-    }
-}
-
-impl Wakes {
-    fn count(&self) -> usize {
-        self.0.load(std::sync::atomic::Ordering::SeqCst)
-    }
-}
-
-/// A waker, and the count of its wakes.
-fn counting_waker() -> (Waker, std::sync::Arc<Wakes>) {
-    let wakes = std::sync::Arc::new(Wakes(std::sync::atomic::AtomicUsize::new(0)));
-    (futures::task::waker(wakes.clone()), wakes)
-}
-
 /// A writer that keeps the output queue full (a bulk channel on a busy link) must not keep a
 /// small write on another stream waiting: it was woken with the small writer each time the
 /// link took a batch, queued first, and a 64-byte round trip beside it hung for ever.
@@ -922,7 +901,7 @@ fn a_full_output_queue_still_takes_a_write_from_a_stream_with_nothing_queued() {
     let small = c.open().unwrap();
     let other = c.open().unwrap();
     let chunk = vec![7u8; 256 * 1024];
-    let (bulk_waker, bulk_wakes) = counting_waker();
+    let (bulk_waker, bulk_wakes) = netchan_testkit::counting_waker();
     // The bulk stream fills the queue to its limit, then waits.
     for _ in 0..8 {
         assert_eq!(
@@ -936,7 +915,7 @@ fn a_full_output_queue_still_takes_a_write_from_a_stream_with_nothing_queued() {
     assert_eq!(c.write(other, &chunk, &waker()), Poll::Ready(Ok(16 * 1024)));
     // ... but once they have something queued, they wait like the bulk stream.
     assert_eq!(c.write(other, &chunk, &waker()), Poll::Pending);
-    let (small_waker, small_wakes) = counting_waker();
+    let (small_waker, small_wakes) = netchan_testkit::counting_waker();
     assert_eq!(c.write(small, b"more", &small_waker), Poll::Pending);
     assert!(c.out_bytes() <= 128 * 1024 + OUT_RESERVE);
     // A bulk frame leaves; the queue is still over its limit: nobody is woken.
