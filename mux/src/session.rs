@@ -142,6 +142,11 @@ impl Session {
     /// The two ends of the link must pass different [`Mode`]s. To register listeners before
     /// the peer's first channel can arrive, use [`Session::builder`].
     ///
+    /// A [`tokio::net::TcpStream`] or [`tokio::net::UnixStream`] is read and written at the
+    /// same time (split into its owned halves). Any other `io`, such as a TLS stream, is split
+    /// with [`tokio::io::split`], whose halves share a lock: there the session's reads wait
+    /// for a write in progress, and its writes for a read.
+    ///
     /// # Panics
     ///
     /// Panics if called outside a tokio runtime (it spawns the driver task).
