@@ -16,7 +16,8 @@
 //! `Config::split_send_size` and `Config::max_stream_window` for tuning runs;
 //! `NETCHAN_BENCH_SUMMARY_ONLY=1` skips criterion and prints only the paired ratios;
 //! `NETCHAN_BENCH_NO_WAN=1` skips the WAN summary; `NETCHAN_BENCH_FAIRNESS_ONLY=1` runs only the
-//! `rtt-beside-bulk` lines; `NETCHAN_BENCH_SNDBUF=<bytes>` sets the kernel send buffer of every
+//! `rtt-beside-bulk` lines; `NETCHAN_BENCH_ONLY=<text>` runs only the summary lines whose name
+//! contains it (`rtt/current_thread`, `bulk/8`, `wan`); `NETCHAN_BENCH_SNDBUF=<bytes>` sets the kernel send buffer of every
 //! loopback socket (raw and under the sessions alike).
 //!
 //! The TCP connections under sessions get what `netchan::connect` and `netchan::bind` give
@@ -462,6 +463,9 @@ fn paired_summary(flavour: &str) -> Vec<String> {
     let rt = runtime(flavour);
     let mut lines = Vec::new();
     for lanes in [1usize, 8] {
+        if !wanted(&format!("bulk/{lanes}/{flavour}")) {
+            continue;
+        }
         let (raw_t, chan_t, yam_t, ratios, yam_ratios, cpu) = in_task(&rt, async move {
             let mut raw = tcp_lanes(lanes).await;
             let (mut chan, client, server) = channel_lanes(lanes).await;
@@ -516,6 +520,9 @@ fn paired_summary(flavour: &str) -> Vec<String> {
             median(&yam_ratios),
             cpu
         ));
+    }
+    if !wanted(&format!("rtt/{flavour}")) {
+        return lines;
     }
     let (raw_t, chan_t, yam_t, ratios, yam_ratios, cpu) = in_task(&rt, async move {
         let mut raw = {
@@ -743,6 +750,12 @@ fn print_summary(lines: &[String]) {
     );
 }
 
+/// Whether the summary line `name` should run: all of them, unless `NETCHAN_BENCH_ONLY` names
+/// a part of the lines wanted (`rtt/current_thread`, `bulk/8`, `multi_thread`, `wan`, ...).
+fn wanted(name: &str) -> bool {
+    std::env::var("NETCHAN_BENCH_ONLY").map_or(true, |only| name.contains(only.as_str()))
+}
+
 fn main() {
     // Tuning runs can skip the criterion part and only print the paired ratios.
     if std::env::var_os("NETCHAN_BENCH_SUMMARY_ONLY").is_none() {
@@ -762,9 +775,11 @@ fn main() {
         if !fairness_only {
             lines.extend(paired_summary(flavour));
         }
-        lines.extend(fairness_summary(flavour));
+        if wanted(&format!("rtt-beside-bulk/{flavour}")) {
+            lines.extend(fairness_summary(flavour));
+        }
     }
-    if !fairness_only && std::env::var_os("NETCHAN_BENCH_NO_WAN").is_none() {
+    if !fairness_only && std::env::var_os("NETCHAN_BENCH_NO_WAN").is_none() && wanted("wan") {
         lines.extend(wan_summary());
     }
     print_summary(&lines);
