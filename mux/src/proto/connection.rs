@@ -2,13 +2,14 @@
 
 use super::{
     frame::{FrameType, GoAwayCode, Header, ACK, FD_ANNOUNCE, FIN, MAX_FDS_PER_FRAME, RST, SYN},
+    ids::IdMap,
     output::{Output, LANE_COST},
     stream::Stream,
     Fd, Violation,
 };
 use bytes::{Bytes, BytesMut};
 use std::{
-    collections::{HashMap, VecDeque},
+    collections::VecDeque,
     task::{Poll, Waker},
     time::{Duration, Instant},
 };
@@ -156,7 +157,7 @@ pub(crate) struct Connection {
     side: Side,
     limits: Limits,
     next_id: u32,
-    streams: HashMap<u32, Stream>,
+    streams: IdMap<Stream>,
     /// Frames to send: session frames and credit first, then streams in turn (see
     /// `output.rs`); `out.bytes()` is the memory they hold ([`Frame::cost`]).
     out: Output,
@@ -193,7 +194,7 @@ impl Connection {
             },
             side,
             limits,
-            streams: HashMap::new(),
+            streams: IdMap::default(),
             out: Output::default(),
             out_waiters: Vec::new(),
             growth_used: 0,

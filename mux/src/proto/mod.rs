@@ -13,6 +13,7 @@
 
 mod connection;
 mod frame;
+mod ids;
 mod output;
 mod stream;
 

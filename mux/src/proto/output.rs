@@ -18,9 +18,10 @@
 
 use super::{
     frame::{FrameType, ACK},
+    ids::IdMap,
     Frame,
 };
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 
 /// What a lane holds in memory besides its frames: its map entry and its place in the turn
 /// order. Counted against the output limit with the frames, so that many streams with one
@@ -32,7 +33,7 @@ pub(crate) const LANE_COST: usize =
 #[derive(Debug, Default)]
 pub(crate) struct Output {
     urgent: VecDeque<Frame>,
-    lanes: HashMap<u32, VecDeque<Frame>>,
+    lanes: IdMap<VecDeque<Frame>>,
     /// The streams with a lane, each once, in the order they take their next turn.
     turns: VecDeque<u32>,
     /// Memory held: [`Frame::cost`] of every queued frame plus [`LANE_COST`] per lane.
