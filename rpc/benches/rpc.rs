@@ -15,7 +15,8 @@
 //! statistics; a summary with the ratios used in `docs/performance.md`
 //! (median of several alternating rounds) is printed at the end.
 //!
-//! Run: `cargo bench -p netchan-rpc` (add `-- --quick` for a fast pass).
+//! Run: `cargo bench -p netchan-rpc` (add `-- --quick` for a fast pass;
+//! `NETCHAN_BENCH_SUMMARY_ONLY=1` skips criterion and prints only the summary).
 
 use std::{
     hint::black_box,
@@ -293,7 +294,8 @@ fn main() {
         .sample_size(10)
         .warm_up_time(Duration::from_millis(500))
         .measurement_time(Duration::from_secs(2));
-    {
+    // Tuning runs can skip criterion and print only the summary's ratios.
+    if std::env::var_os("NETCHAN_BENCH_SUMMARY_ONLY").is_none() {
         let mut g = c.benchmark_group("a_sequential_32B");
         g.throughput(Throughput::Elements(1));
         g.bench_function("raw_tcp", |b| {
