@@ -25,6 +25,7 @@ use std::{
     task::{Context, Poll},
     time::Instant,
 };
+use tokio::io::ReadBuf;
 
 /// Read buffer space offered to the link per read. Kept under glibc's 128 KiB `mmap`
 /// threshold so that receive memory comes from (and returns to) the heap instead of fresh
@@ -237,17 +238,16 @@ impl Inbound {
         Ok(accepted)
     }
 
-    /// How many of the link's next bytes the reader of stream `id` may read through, if any.
-    pub(crate) fn read_through_len(&self, id: u32) -> Option<usize> {
+    /// Whether the reader of stream `id` may read the link's next bytes through.
+    pub(crate) fn may_read_through(&self, id: u32) -> bool {
         self.read_through_body()
-            .filter(|b| b.header.stream == id && self.failed.is_none())
-            .map(|b| b.remaining)
+            .is_some_and(|b| b.header.stream == id && self.failed.is_none())
     }
 
     /// The read-through: if the link's next bytes are the body of a data frame on stream
-    /// `id`, reads up to the end of that body (and at most `dst.len()` bytes) straight into
-    /// `dst`, with `cx` (the driver's: a link with nothing to read wakes the driver, which
-    /// reads on).
+    /// `id`, reads up to the end of that body (and at most what `dst` has room for) straight
+    /// into `dst`, with `cx` (the driver's: a link with nothing to read wakes the driver,
+    /// which reads on). `dst`'s room may be uninitialised.
     ///
     /// `accept` is called with the piece's header before the bytes count as read; if it fails
     /// (a violation), the bytes do not count and the driver ends the session.
@@ -255,7 +255,7 @@ impl Inbound {
         &mut self,
         id: u32,
         cx: &mut Context<'_>,
-        dst: &mut [u8],
+        dst: &mut ReadBuf<'_>,
         accept: impl FnOnce(Header) -> Result<(), Violation>,
     ) -> Through {
         let Some(body) = self.read_through_body() else {
@@ -264,8 +264,8 @@ impl Inbound {
         if body.header.stream != id || self.failed.is_some() {
             return Through::NotHere;
         }
-        let max = body.remaining.min(dst.len());
-        let n = match self.io.poll_read_into(cx, &mut dst[..max], &mut self.fds) {
+        let max = body.remaining.min(dst.remaining());
+        let n = match self.io.poll_read_into(cx, dst, max, &mut self.fds) {
             // The end of the link: the driver reads it again and ends the session.
             Poll::Ready(Ok(0)) => return Through::Driver,
             Poll::Ready(Ok(n)) => n,
@@ -371,6 +371,35 @@ mod tests {
             through > 0 && through <= TOTAL as u64,
             "a waiting reader with room read bodies through ({through} bytes)"
         );
+    }
+
+    /// Reads into uninitialised room (`read_buf` into a `BytesMut`, as the rpc layer reads
+    /// frames) take bodies through as well, and every byte arrives in place.
+    #[tokio::test]
+    async fn reads_into_uninitialised_room_take_bodies_straight_from_the_link() {
+        within(30, "read-through into uninitialised room", async {
+            let (a, b) = tokio::io::duplex(1 << 20);
+            let (_client, server, dialed, mut accepted) = channel(a, b).await;
+            let sender = tokio::spawn(send_pattern(dialed));
+            let mut at = 0;
+            loop {
+                let mut buf = bytes::BytesMut::with_capacity(512 * 1024);
+                let n = accepted.read_buf(&mut buf).await.unwrap();
+                if n == 0 {
+                    break;
+                }
+                assert_eq!(buf.len(), n, "filled exactly what was read");
+                for (k, b) in buf.iter().enumerate() {
+                    assert_eq!(*b, byte(at + k), "byte {} differs", at + k);
+                }
+                at += n;
+            }
+            assert_eq!(at, TOTAL, "every byte, then the end");
+            sender.await.unwrap();
+            let through = server.shared.read_through.load(Ordering::Relaxed);
+            assert!(through > 0, "bodies were read through ({through} bytes)");
+        })
+        .await;
     }
 
     #[tokio::test]

@@ -17,7 +17,7 @@ use std::{
     collections::VecDeque,
     io::{self, IoSlice},
     pin::Pin,
-    task::{ready, Context, Poll},
+    task::{Context, Poll},
 };
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
@@ -34,13 +34,16 @@ pub(crate) trait LinkRead: Send {
         fds: &mut VecDeque<Fd>,
     ) -> Poll<io::Result<usize>>;
 
-    /// Reads into `dst` (a reader's own buffer: the read-through path); file descriptors that
-    /// arrived with the bytes are appended to `fds`. `Ok(0)` is the end of the stream, unless
-    /// `dst` is empty.
+    /// Reads at most `max` bytes (at least one) into the unfilled part of `dst`, a reader's
+    /// own buffer (the read-through path), and advances its filled part by what was read;
+    /// file descriptors that arrived with the bytes are appended to `fds`. `dst`'s unfilled
+    /// part may be uninitialised: a link that can read into it as it is does not zero it
+    /// first. `Ok(0)` is the end of the stream.
     fn poll_read_into(
         &mut self,
         cx: &mut Context<'_>,
-        dst: &mut [u8],
+        dst: &mut ReadBuf<'_>,
+        max: usize,
         fds: &mut VecDeque<Fd>,
     ) -> Poll<io::Result<usize>>;
 }
@@ -120,12 +123,13 @@ impl<R: AsyncRead + Send + Unpin> LinkRead for Plain<R> {
     fn poll_read_into(
         &mut self,
         cx: &mut Context<'_>,
-        dst: &mut [u8],
+        dst: &mut ReadBuf<'_>,
+        max: usize,
         _fds: &mut VecDeque<Fd>,
     ) -> Poll<io::Result<usize>> {
-        let mut buf = ReadBuf::new(dst);
-        ready!(Pin::new(&mut self.0).poll_read(cx, &mut buf))?;
-        Poll::Ready(Ok(buf.filled().len()))
+        // Through tokio's `BufMut` for `ReadBuf`: uninitialised room is read into as it is
+        // (a socket never reads what it is given), and counted as filled after the read.
+        tokio_util::io::poll_read_buf(Pin::new(&mut self.0), cx, &mut dst.limit(max))
     }
 }
 

@@ -270,24 +270,24 @@ impl Shared {
             .clone()?;
         let mut hold = self.inbound.try_hold(&self.driver_waker)?;
         let inbound = hold.get()?;
-        let max = inbound.read_through_len(id)?;
+        if !inbound.may_read_through(id) {
+            return None;
+        }
         // Under the read side's lock nothing more is parsed, so if the stream has nothing
         // buffered now, the link's next bytes are the first it has not read.
         if !self.core().wait_readable(id, waker) {
             return None;
         }
         let now = std::time::Instant::now();
-        // Room already initialised costs nothing to offer; fresh room is zeroed first, which
-        // is still cheaper than the copy it saves.
-        let dst = buf.initialize_unfilled_to(max.min(buf.remaining()));
+        // The link reads into the caller's room as it is: uninitialised room is not zeroed
+        // first (except on a link that carries fds, whose `recvmsg` needs it initialised).
         let mut cx = Context::from_waker(&io_waker);
-        let through = inbound.read_through(id, &mut cx, dst, |piece| {
+        let through = inbound.read_through(id, &mut cx, buf, |piece| {
             self.core().on_read_through(piece, now)
         });
         drop(hold);
         match through {
             Through::Read(n) => {
-                buf.advance(n);
                 self.read_through.fetch_add(n as u64, Ordering::Relaxed);
                 // The read may have earned the peer a window update.
                 self.send_now();

@@ -17,7 +17,7 @@ use std::{
     task::{ready, Context, Poll},
 };
 use tokio::{
-    io::{AsyncWrite, Interest},
+    io::{AsyncWrite, Interest, ReadBuf},
     net::unix::{OwnedReadHalf, OwnedWriteHalf},
 };
 
@@ -58,8 +58,9 @@ impl LinkRead for UnixRead {
         fds: &mut VecDeque<Fd>,
     ) -> Poll<io::Result<usize>> {
         let start = buf.len();
-        buf.resize(start + max.min(READ_SPACE), 0);
-        let result = self.poll_read_into(cx, &mut buf[start..], fds);
+        let len = max.min(READ_SPACE);
+        buf.resize(start + len, 0);
+        let result = self.poll_read_into(cx, &mut ReadBuf::new(&mut buf[start..]), len, fds);
         let n = match &result {
             Poll::Ready(Ok(n)) => *n,
             _ => 0,
@@ -71,14 +72,17 @@ impl LinkRead for UnixRead {
     fn poll_read_into(
         &mut self,
         cx: &mut Context<'_>,
-        dst: &mut [u8],
+        dst: &mut ReadBuf<'_>,
+        max: usize,
         fds: &mut VecDeque<Fd>,
     ) -> Poll<io::Result<usize>> {
         let UnixRead { io, control } = self;
+        // `recvmsg` takes initialised memory: room not yet initialised is zeroed first.
+        let room = dst.initialize_unfilled_to(max.min(dst.remaining()));
         loop {
             ready!(io.as_ref().poll_read_ready(cx))?;
             let result = io.as_ref().try_io(Interest::READABLE, || {
-                let mut iov = [IoSliceMut::new(&mut *dst)];
+                let mut iov = [IoSliceMut::new(&mut *room)];
                 let mut cmsg = RecvAncillaryBuffer::new(control);
                 let msg = rustix::net::recvmsg(
                     io.as_ref(),
@@ -101,6 +105,7 @@ impl LinkRead for UnixRead {
             match result {
                 Ok((n, got)) => {
                     fds.extend(got);
+                    dst.advance(n);
                     return Poll::Ready(Ok(n));
                 }
                 Err(e) if e.kind() != io::ErrorKind::WouldBlock => return Poll::Ready(Err(e)),
