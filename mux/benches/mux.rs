@@ -2,7 +2,8 @@
 //!
 //! In one run, under both tokio runtime flavours (current-thread and a 2-worker multi-thread):
 //! - `bulk/1`: one raw TCP loopback connection vs one channel, large writes;
-//! - `bulk/8`: eight raw connections vs eight channels on one session, aggregate;
+//! - `bulk/8`: eight raw connections vs eight channels on one session, aggregate (the summary
+//!   also times one raw connection carrying the same bytes: what one link can carry);
 //! - `rtt`: a 64-byte round trip on raw TCP vs on a channel.
 //!
 //! Both ends run in this process, each side's I/O in its own tasks (for the channel, each
@@ -466,16 +467,27 @@ fn paired_summary(flavour: &str) -> Vec<String> {
         if !wanted(&format!("bulk/{lanes}/{flavour}")) {
             continue;
         }
-        let (raw_t, chan_t, yam_t, ratios, yam_ratios, cpu) = in_task(&rt, async move {
+        let (raw_t, chan_t, yam_t, ratios, yam_ratios, cpu, one_t) = in_task(&rt, async move {
             let mut raw = tcp_lanes(lanes).await;
             let (mut chan, client, server) = channel_lanes(lanes).await;
             let mut yam = yamux_lanes(lanes).await;
+            // Beside several raw connections, one raw connection carrying the same bytes: the
+            // most that the one connection under a session could carry.
+            let mut one = if lanes > 1 {
+                Some(tcp_lanes(1).await)
+            } else {
+                None
+            };
             // Warm up (windows grow over the first rounds).
             for _ in 0..WARM_UP_ROUNDS {
                 raw.round(BULK_BYTES).await;
                 chan.round(BULK_BYTES).await;
                 yam.round(BULK_BYTES).await;
+                if let Some(one) = &mut one {
+                    one.round(BULK_BYTES).await;
+                }
             }
+            let mut one_t = Vec::new();
             let (mut raw_t, mut chan_t, mut yam_t) = (Vec::new(), Vec::new(), Vec::new());
             let (mut ratios, mut yam_ratios) = (Vec::new(), Vec::new());
             let (mut raw_cpu, mut chan_cpu) = (0, 0);
@@ -491,6 +503,11 @@ fn paired_summary(flavour: &str) -> Vec<String> {
                 let start = Instant::now();
                 yam.round(BULK_BYTES).await;
                 let y = start.elapsed().as_secs_f64();
+                if let Some(one) = &mut one {
+                    let start = Instant::now();
+                    one.round(BULK_BYTES).await;
+                    one_t.push(start.elapsed().as_secs_f64());
+                }
                 ratios.push(r / c);
                 yam_ratios.push(r / y);
                 raw_t.push(r);
@@ -507,6 +524,7 @@ fn paired_summary(flavour: &str) -> Vec<String> {
                 ratios,
                 yam_ratios,
                 cpu_ratio(raw_cpu, chan_cpu),
+                one_t,
             )
         });
         let gbps = |t: f64| BULK_BYTES as f64 / t / 1e9;
@@ -520,6 +538,15 @@ fn paired_summary(flavour: &str) -> Vec<String> {
             median(&yam_ratios),
             cpu
         ));
+        if !one_t.is_empty() {
+            let one = median(&one_t);
+            lines.push(format!(
+                "  (one raw connection carrying the same bytes: {:.2} GB/s, {:.2}x of {lanes}; netchan {:.2}x of it)",
+                gbps(one),
+                median(&raw_t) / one,
+                one / median(&chan_t)
+            ));
+        }
     }
     if !wanted(&format!("rtt/{flavour}")) {
         return lines;
