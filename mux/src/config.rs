@@ -84,7 +84,8 @@ pub struct Config {
     /// Largest yamux data frame this side sends; bigger writes are split (and no frame is
     /// larger than the peer's window allows). Larger frames mean fewer frames, reads and
     /// wake-ups per byte, smaller ones interleave channels more finely. Clamped to
-    /// 1 KiB..=1 MiB. Default: 256 KiB, the initial window (docs/performance.md, "Round 5").
+    /// 1 KiB..=1 MiB. Default: 512 KiB (docs/performance.md, "Round 6"); a stream's frames
+    /// reach it only once its window has grown past the initial 256 KiB.
     pub split_send_size: usize,
     /// On a session that passes file descriptors ([`Session::with_fds`](crate::Session::with_fds)):
     /// how many received descriptors it holds at most that no channel reader has taken yet.
@@ -106,7 +107,7 @@ impl Default for Config {
             close_grace: Duration::from_secs(5),
             receive_window_growth: 16 * 1024 * 1024,
             max_stream_window: 16 * 1024 * 1024,
-            split_send_size: 256 * 1024,
+            split_send_size: 512 * 1024,
             max_received_fds: 1024,
         }
     }
@@ -167,7 +168,7 @@ impl Config {
         self
     }
 
-    /// Sets [`Config::split_send_size`] (default: 256 KiB).
+    /// Sets [`Config::split_send_size`] (default: 512 KiB).
     pub fn split_send_size(mut self, bytes: usize) -> Self {
         self.split_send_size = bytes;
         self

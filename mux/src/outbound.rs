@@ -16,7 +16,7 @@ use std::{
 /// Frames taken from the core per batch (bytes; at least one frame): bounds the write side's
 /// own queue. Small on purpose: the core decides which stream's frame goes next (round-robin),
 /// but a frame it queues while the link is busy still waits behind the batch already taken
-/// here. At 64 KiB that is one bulk frame (`split_send_size`, 256 KiB by default) or up to
+/// here. At 64 KiB that is one bulk frame (`split_send_size`, 512 KiB by default) or up to
 /// 32 small frames, which still leave together in one vectored write; at 512 KiB a 64-byte
 /// frame beside a bulk channel waited behind four bulk frames.
 pub(crate) const WRITE_BATCH: usize = 64 * 1024;
