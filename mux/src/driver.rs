@@ -27,7 +27,7 @@ use std::{
     future::Future,
     io,
     pin::Pin,
-    sync::{Arc, MutexGuard},
+    sync::{atomic::Ordering, Arc, MutexGuard},
     task::{Context, Poll},
 };
 use tokio::time::{Instant, Sleep};
@@ -357,6 +357,7 @@ impl Driver {
                 return Ok(false);
             }
             self.yielding = None;
+            self.shared.driver_yielding.store(false, Ordering::SeqCst);
         }
         // A reader reading a body through holds the read side; it wakes us when done.
         let Some(mut guard) = self.shared.inbound.for_driver() else {
@@ -385,6 +386,7 @@ impl Driver {
                 drop(guard);
                 let mut yielding = Box::pin(tokio::task::yield_now());
                 if yielding.as_mut().poll(cx).is_pending() {
+                    self.shared.driver_yielding.store(true, Ordering::SeqCst);
                     self.yielding = Some(yielding);
                 }
                 return Ok(false);

@@ -9,7 +9,8 @@
 //!   the body of a data frame for stream `id`, the reader of `id` may take them with a read of
 //!   its own (bounded by the body's end) while it holds this state's lock; the core then
 //!   counts them as received and read at once ([`Connection::on_read_through`]). The driver
-//!   helps by leaving such a body on the link for one turn when its reader is about to run.
+//!   helps by leaving such a body on the link for one turn when its reader is about to run,
+//!   and a read-through that ends a body wakes the driver to read the frames after it.
 //!
 //! Whoever reads holds the lock of this state (then the core's, never the other way round),
 //! so bytes are parsed in link order whichever task reads them.
@@ -279,7 +280,10 @@ impl Inbound {
         let piece = body.piece(n);
         self.body = body.after(n);
         match accept(piece) {
-            Ok(()) => Through::Read(n),
+            Ok(()) => Through::Read {
+                n,
+                ended_body: self.body.is_none(),
+            },
             Err(v) => {
                 self.failed = Some(Failed::Violation(v));
                 Through::Driver
@@ -292,8 +296,9 @@ impl Inbound {
 pub(crate) enum Through {
     /// The link's next bytes are not a body this reader may take.
     NotHere,
-    /// This many bytes were read into the reader's buffer and counted as read.
-    Read(usize),
+    /// `n` bytes were read into the reader's buffer and counted as read; `ended_body` if
+    /// they were the last of their frame's body (the link's next bytes start a frame).
+    Read { n: usize, ended_body: bool },
     /// The link has nothing yet; the driver is woken when it has.
     Pending,
     /// The link ended or failed, or the peer violated the protocol: the driver must run to

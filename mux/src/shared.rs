@@ -74,6 +74,10 @@ pub(crate) struct Shared {
     /// whenever the link is left idle (see [`Shared::wait_for_link`]). At most one per stream.
     link_waiters: Mutex<Vec<Waker>>,
     link_waiting: AtomicBool,
+    /// Set while the driver yields to the readers (see `Driver::poll_inbound`).
+    pub(crate) driver_yielding: AtomicBool,
+    /// The session was created on a multi-thread runtime (see [`Shared::wake_after_body`]).
+    multi_thread: bool,
     /// Bytes readers took straight from the link (read-through), for tests and tracing.
     pub(crate) read_through: AtomicU64,
     /// The link's read side, installed by the driver. Lock order: this, then `core`; never
@@ -115,6 +119,9 @@ impl Shared {
             outbound: LinkSide::new(),
             link_waiters: Mutex::new(Vec::new()),
             link_waiting: AtomicBool::new(false),
+            driver_yielding: AtomicBool::new(false),
+            multi_thread: tokio::runtime::Handle::try_current()
+                .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread),
             read_through: AtomicU64::new(0),
             inbound: LinkSide::new(),
             dial_slots: Semaphore::new(pending),
@@ -287,8 +294,11 @@ impl Shared {
         });
         drop(hold);
         match through {
-            Through::Read(n) => {
+            Through::Read { n, ended_body } => {
                 self.read_through.fetch_add(n as u64, Ordering::Relaxed);
+                if ended_body && self.wake_after_body() {
+                    self.driver_waker.wake();
+                }
                 // The read may have earned the peer a window update.
                 self.send_now();
                 Some(Poll::Ready(Ok(())))
@@ -300,6 +310,21 @@ impl Shared {
                 Some(Poll::Pending)
             }
         }
+    }
+
+    /// Whether a reader whose read-through ended a body should wake the driver.
+    ///
+    /// The frames after the body may be on the link already with nobody woken for them: the
+    /// link wakes the driver for an arrival only after a read of its found nothing, and the
+    /// reader's read found bytes. Woken, the driver reads on now, not at the next arrival,
+    /// which may be a round trip away (the peer may wait for the window update the read
+    /// earned it). On a multi-thread runtime that wake is worth it even while the driver
+    /// yields to its readers: a yielding task comes back only once its worker has run the
+    /// other tasks it holds. On a current-thread runtime the yield brings the driver back
+    /// right after the tasks already woken, once the runtime has polled the link, and waking
+    /// it earlier only runs it before the bytes it would read have arrived.
+    fn wake_after_body(&self) -> bool {
+        self.multi_thread || !self.driver_yielding.load(Ordering::SeqCst)
     }
 
     pub(crate) fn is_closing(&self) -> bool {
@@ -579,5 +604,128 @@ mod tests {
         assert_eq!(wakes.count(), 1);
         assert!(!side.is_taken(&driver));
         assert_eq!(wakes.count(), 2, "looking passed the note on");
+    }
+}
+
+#[cfg(test)]
+mod read_through_tests {
+    use super::*;
+    use crate::{
+        link,
+        proto::{FrameType, Header, SYN},
+        stream::RawStream,
+    };
+    use netchan_testkit::counting_waker;
+    use std::pin::Pin;
+    use tokio::io::{AsyncRead, AsyncWriteExt};
+
+    /// One turn of the driver's reading, by hand: reads what the link has (into the read
+    /// buffer) and parses it. Returns the streams the peer opened.
+    fn driver_turn(shared: &Shared, cx: &mut Context<'_>) -> Vec<u32> {
+        // As the driver does on every turn (a wake takes the registration).
+        shared.driver_waker.register(cx.waker());
+        let mut guard = shared.inbound.lock();
+        let inbound = guard.as_mut().unwrap();
+        assert!(inbound.poll_fill(cx).is_ready(), "the link has bytes");
+        inbound
+            .parse(&mut shared.core(), std::time::Instant::now())
+            .unwrap()
+    }
+
+    /// On a multi-thread runtime a yielding driver may come back only after its worker ran
+    /// everything else it holds: a reader that ends a body wakes it all the same.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn on_a_multi_thread_runtime_a_yielding_driver_is_woken_after_a_body() {
+        let shared = Shared::new(Config::default(), Mode::Server, false);
+        assert!(shared.wake_after_body());
+        shared.driver_yielding.store(true, Ordering::SeqCst);
+        assert!(shared.wake_after_body());
+    }
+
+    /// A reader that reads a body through to its end wakes the driver, which may have frames
+    /// to read after it with nobody woken for them; a read-through that leaves part of the
+    /// body does not. On a current-thread runtime a driver that yields to its readers is
+    /// left to come back by itself.
+    #[tokio::test]
+    async fn a_read_through_that_ends_a_body_wakes_the_driver() {
+        let shared = Arc::new(Shared::new(Config::default(), Mode::Server, false));
+        assert!(!shared.multi_thread);
+        let (mut peer, ours) = tokio::io::duplex(1 << 20);
+        let (read, write) = link::split(ours);
+        *shared.inbound.lock() = Some(Inbound::new(read));
+        // Our window updates go out to the peer (unread here) without waking the driver.
+        *shared.outbound.lock() = Some(Outbound::new(write));
+        let (driver, driver_wakes) = counting_waker();
+        shared.set_io_waker(&driver);
+        // Stream 1, opened by the peer: three large bodies (within the first window).
+        const FIRST: usize = 160 * 1024;
+        const NEXT: usize = 40 * 1024;
+        let bodies = [(SYN, FIRST, 1u8), (0, NEXT, 2u8), (0, NEXT, 3u8)];
+        for (flags, len, byte) in bodies {
+            let header = Header::new(FrameType::Data, flags, 1, len as u32).encode();
+            peer.write_all(&header).await.unwrap();
+            peer.write_all(&vec![byte; len]).await.unwrap();
+        }
+        let mut driver_cx = Context::from_waker(&driver);
+        let mut stream = RawStream::new(StreamHandle {
+            id: 1,
+            shared: shared.clone(),
+        });
+        let (reader, _) = counting_waker();
+        let mut reader_cx = Context::from_waker(&reader);
+        const ROOM: usize = 256 * 1024;
+        let mut room = vec![0u8; ROOM];
+        // A read into `max` bytes of room, which finds bytes there.
+        let mut read = |stream: &mut RawStream, max: usize| {
+            let mut buf = ReadBuf::new(&mut room[..max]);
+            match Pin::new(stream).poll_read(&mut reader_cx, &mut buf) {
+                Poll::Ready(Ok(())) => buf.filled().to_vec(),
+                other => panic!("a read with bytes there: {other:?}"),
+            }
+        };
+
+        // The driver reads a chunk: the header and the first part of the body, which it
+        // hands to the stream; the rest of the body stays on the link.
+        assert_eq!(driver_turn(&shared, &mut driver_cx), [1]);
+        let mut first = read(&mut stream, ROOM);
+        assert!(first.len() < FIRST, "the part the driver read");
+        let through = |shared: &Shared| shared.read_through.load(Ordering::Relaxed);
+        assert_eq!(through(&shared), 0);
+
+        // Part of the rest, straight from the link: no wake, the body goes on.
+        let wakes = driver_wakes.count();
+        first.extend(read(&mut stream, 32 * 1024));
+        assert_eq!(through(&shared), 32 * 1024, "read through");
+        assert_eq!(
+            driver_wakes.count(),
+            wakes,
+            "the body goes on: nothing for the driver"
+        );
+
+        // The rest, to the body's end, while the driver yields to its readers: on this
+        // current-thread runtime the yield brings it back, so nobody wakes it.
+        shared.driver_yielding.store(true, Ordering::SeqCst);
+        first.extend(read(&mut stream, ROOM));
+        assert_eq!(first, vec![1u8; FIRST], "the whole first body");
+        assert_eq!(
+            driver_wakes.count(),
+            wakes,
+            "a yielding driver comes back by itself"
+        );
+        shared.driver_yielding.store(false, Ordering::SeqCst);
+
+        // The next body: its header by the driver, its bytes through, to the end; the driver,
+        // not yielding, is woken to read the frame after it.
+        for byte in [2u8, 3] {
+            assert!(driver_turn(&shared, &mut driver_cx).is_empty());
+            let before = through(&shared);
+            let wakes = driver_wakes.count();
+            assert_eq!(read(&mut stream, ROOM), vec![byte; NEXT]);
+            assert_eq!(through(&shared) - before, NEXT as u64, "read through");
+            assert!(
+                driver_wakes.count() > wakes,
+                "the driver is woken to read on"
+            );
+        }
     }
 }
