@@ -561,7 +561,14 @@ impl Drop for HandleToken {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::{
+        link,
+        proto::{FrameType, Header, SYN},
+        stream::RawStream,
+    };
     use netchan_testkit::counting_waker;
+    use std::pin::Pin;
+    use tokio::io::{AsyncRead, AsyncWriteExt};
 
     /// The driver never waits for a handle's turn on a side of the link: it finds the side
     /// taken, and the handle wakes it on letting go (once), so no turn is lost.
@@ -605,19 +612,6 @@ mod tests {
         assert!(!side.is_taken(&driver));
         assert_eq!(wakes.count(), 2, "looking passed the note on");
     }
-}
-
-#[cfg(test)]
-mod read_through_tests {
-    use super::*;
-    use crate::{
-        link,
-        proto::{FrameType, Header, SYN},
-        stream::RawStream,
-    };
-    use netchan_testkit::counting_waker;
-    use std::pin::Pin;
-    use tokio::io::{AsyncRead, AsyncWriteExt};
 
     /// One turn of the driver's reading, by hand: reads what the link has (into the read
     /// buffer) and parses it. Returns the streams the peer opened.
