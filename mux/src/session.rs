@@ -113,6 +113,12 @@ where
     pub fn start(mut self) -> Session {
         if let Some(driver) = self.driver.take() {
             let shared = &self.session.shared;
+            // The runtime the driver runs on (see `Shared::wake_after_body`).
+            let flavour = tokio::runtime::Handle::current().runtime_flavor();
+            shared.multi_thread.store(
+                flavour == tokio::runtime::RuntimeFlavor::MultiThread,
+                std::sync::atomic::Ordering::Relaxed,
+            );
             let span = tracing::info_span!("session", id = shared.id, mode = ?shared.mode);
             tokio::spawn(driver.run().instrument(span));
         }

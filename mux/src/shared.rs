@@ -76,8 +76,9 @@ pub(crate) struct Shared {
     link_waiting: AtomicBool,
     /// Set while the driver yields to the readers (see `Driver::poll_inbound`).
     pub(crate) driver_yielding: AtomicBool,
-    /// The session was created on a multi-thread runtime (see [`Shared::wake_after_body`]).
-    multi_thread: bool,
+    /// The driver runs on a multi-thread runtime (see [`Shared::wake_after_body`]); set when
+    /// the session starts.
+    pub(crate) multi_thread: AtomicBool,
     /// Bytes readers took straight from the link (read-through), for tests and tracing.
     pub(crate) read_through: AtomicU64,
     /// The link's read side, installed by the driver. Lock order: this, then `core`; never
@@ -120,8 +121,7 @@ impl Shared {
             link_waiters: Mutex::new(Vec::new()),
             link_waiting: AtomicBool::new(false),
             driver_yielding: AtomicBool::new(false),
-            multi_thread: tokio::runtime::Handle::try_current()
-                .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread),
+            multi_thread: AtomicBool::new(false),
             read_through: AtomicU64::new(0),
             inbound: LinkSide::new(),
             dial_slots: Semaphore::new(pending),
@@ -324,7 +324,7 @@ impl Shared {
     /// right after the tasks already woken, once the runtime has polled the link, and waking
     /// it earlier only runs it before the bytes it would read have arrived.
     fn wake_after_body(&self) -> bool {
-        self.multi_thread || !self.driver_yielding.load(Ordering::SeqCst)
+        self.multi_thread.load(Ordering::Relaxed) || !self.driver_yielding.load(Ordering::SeqCst)
     }
 
     pub(crate) fn is_closing(&self) -> bool {
@@ -630,7 +630,9 @@ mod tests {
     /// everything else it holds: a reader that ends a body wakes it all the same.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn on_a_multi_thread_runtime_a_yielding_driver_is_woken_after_a_body() {
-        let shared = Shared::new(Config::default(), Mode::Server, false);
+        let (a, _b) = tokio::io::duplex(1024);
+        let session = crate::Session::new(a, Mode::Client, Config::default());
+        let shared = &session.shared;
         assert!(shared.wake_after_body());
         shared.driver_yielding.store(true, Ordering::SeqCst);
         assert!(shared.wake_after_body());
@@ -643,7 +645,10 @@ mod tests {
     #[tokio::test]
     async fn a_read_through_that_ends_a_body_wakes_the_driver() {
         let shared = Arc::new(Shared::new(Config::default(), Mode::Server, false));
-        assert!(!shared.multi_thread);
+        assert!(
+            !shared.multi_thread.load(Ordering::Relaxed),
+            "a current-thread runtime"
+        );
         let (mut peer, ours) = tokio::io::duplex(1 << 20);
         let (read, write) = link::split(ours);
         *shared.inbound.lock() = Some(Inbound::new(read));
