@@ -16,10 +16,11 @@
 //! `NETCHAN_BENCH_SPLIT_SEND_SIZE=<bytes>` and `NETCHAN_BENCH_MAX_WINDOW=<bytes>` override
 //! `Config::split_send_size` and `Config::max_stream_window` for tuning runs;
 //! `NETCHAN_BENCH_SUMMARY_ONLY=1` skips criterion and prints only the paired ratios;
-//! `NETCHAN_BENCH_NO_WAN=1` skips the WAN summary; `NETCHAN_BENCH_FAIRNESS_ONLY=1` runs only the
-//! `rtt-beside-bulk` lines; `NETCHAN_BENCH_ONLY=<text>` runs only the summary lines whose name
-//! contains it (`rtt/current_thread`, `bulk/8`, `wan`); `NETCHAN_BENCH_SNDBUF=<bytes>` sets the kernel send buffer of every
-//! loopback socket (raw and under the sessions alike).
+//! `NETCHAN_BENCH_NO_WAN=1` skips the WAN summary; `NETCHAN_BENCH_ONLY=<text>` runs only the
+//! summary lines whose name contains it (`rtt/current_thread`, `bulk/8`, `rtt-beside-bulk`,
+//! `wan`), and `NETCHAN_BENCH_FAIRNESS_ONLY=1` is the same as `NETCHAN_BENCH_ONLY=rtt-beside-bulk`;
+//! `NETCHAN_BENCH_SNDBUF=<bytes>` sets the kernel send buffer of every loopback socket (raw and
+//! under the sessions alike).
 //!
 //! The TCP connections under sessions get what `netchan::connect` and `netchan::bind` give
 //! theirs, [`netchan_mux::tune_tcp`]; raw TCP keeps the kernel's defaults (with `TCP_NODELAY`).
@@ -778,9 +779,13 @@ fn print_summary(lines: &[String]) {
 }
 
 /// Whether the summary line `name` should run: all of them, unless `NETCHAN_BENCH_ONLY` names
-/// a part of the lines wanted (`rtt/current_thread`, `bulk/8`, `multi_thread`, `wan`, ...).
+/// a part of the lines wanted (`rtt/current_thread`, `bulk/8`, `multi_thread`, `wan`, ...);
+/// `NETCHAN_BENCH_FAIRNESS_ONLY` names the `rtt-beside-bulk` lines.
 fn wanted(name: &str) -> bool {
-    std::env::var("NETCHAN_BENCH_ONLY").map_or(true, |only| name.contains(only.as_str()))
+    let only = std::env::var("NETCHAN_BENCH_ONLY").ok().or_else(|| {
+        std::env::var_os("NETCHAN_BENCH_FAIRNESS_ONLY").map(|_| "rtt-beside-bulk".to_owned())
+    });
+    only.is_none_or(|only| name.contains(only.as_str()))
 }
 
 fn main() {
@@ -797,16 +802,13 @@ fn main() {
         return;
     }
     let mut lines = Vec::new();
-    let fairness_only = std::env::var_os("NETCHAN_BENCH_FAIRNESS_ONLY").is_some();
     for flavour in ["current_thread", "multi_thread"] {
-        if !fairness_only {
-            lines.extend(paired_summary(flavour));
-        }
+        lines.extend(paired_summary(flavour));
         if wanted(&format!("rtt-beside-bulk/{flavour}")) {
             lines.extend(fairness_summary(flavour));
         }
     }
-    if !fairness_only && std::env::var_os("NETCHAN_BENCH_NO_WAN").is_none() && wanted("wan") {
+    if std::env::var_os("NETCHAN_BENCH_NO_WAN").is_none() && wanted("wan") {
         lines.extend(wan_summary());
     }
     print_summary(&lines);
