@@ -47,6 +47,22 @@ pub(crate) const OUT_RESERVE: usize = 64 * 1024;
 /// 65 µs, which loopback samples under load reach, and the round trip beside bulk did not move.
 const MAX_TUNED_RATE: f64 = 4e9;
 
+/// A data frame this small, on a stream whose peer is not using most of its window, marks the
+/// stream interactive: other streams then keep little in flight (see [`Limits::shared_window`]).
+const LIGHT_FRAME: u32 = 16 * 1024;
+
+/// How long after an interactive stream's last small frame the other streams stay capped
+/// (or four round trips, if longer): a stream that exchanges small messages back to back is
+/// served by the cap, and a bulk stream gets its whole window back within a millisecond of
+/// the last of them.
+const SHARED_HOLD: Duration = Duration::from_millis(1);
+
+/// While another stream is interactive, a stream's cap is at least what lets it run at this
+/// rate (bytes per second) at the measured round trip: 500 MB/s, 4 Gbit/s. On loopback that
+/// is a few KiB and `shared_window` decides; across a LAN or WAN it keeps a bulk stream near
+/// the link's rate, the queue that delays small frames there being the link's own.
+const SHARED_RATE: f64 = 5e8;
+
 /// Opaque values of our round-trip probes have this bit set; keepalive pings do not.
 const PROBE_BIT: u32 = 0x8000_0000;
 
@@ -98,6 +114,13 @@ pub(crate) struct Limits {
     pub(crate) fds: bool,
     /// Received file descriptors held unclaimed, at most, across the session.
     pub(crate) max_fds_held: usize,
+    /// While another stream is interactive (it received a small data frame lately, and its
+    /// peer is not using most of its window), a stream's peer may have at most this much in
+    /// flight towards us (or what [`SHARED_RATE`] needs at the measured round trip, if more;
+    /// never more than `initial_window`): consumed data beyond it is granted back once the
+    /// interactive stream has been quiet for [`SHARED_HOLD`]. The small frames then queue
+    /// behind that much of the bulk data, not behind a whole window. 0: no cap.
+    pub(crate) shared_window: u32,
 }
 
 /// A frame ready to be written: header and body, sent together, and for an
@@ -186,6 +209,8 @@ pub(crate) struct Connection {
     /// The peer announced that it takes file descriptors.
     peer_fds: bool,
     ended: bool,
+    /// The last stream that received a small data frame while not running bulk, and when.
+    light: Option<(u32, Instant)>,
 }
 
 impl Connection {
@@ -212,6 +237,7 @@ impl Connection {
             next_probe: 0,
             peer_fds: false,
             ended: false,
+            light: None,
         };
         if c.limits.fds {
             // First thing on the wire, so the peer knows before any stream exists.
@@ -476,7 +502,12 @@ impl Connection {
                 self.goaway_received.get_or_insert(h.length);
                 Ok(())
             }
-            FrameType::Data | FrameType::WindowUpdate => self.on_stream_frame(h, Some(body)),
+            FrameType::Data => {
+                self.on_stream_frame(h, Some(body))?;
+                self.note_arrival(h, now, true);
+                Ok(())
+            }
+            FrameType::WindowUpdate => self.on_stream_frame(h, Some(body)),
             // Handled by `on_fds`, which gets the descriptors too; no peer can get here with
             // one unless the I/O layer passes it, and it carries nothing else.
             FrameType::Fds => Ok(()),
@@ -567,6 +598,7 @@ impl Connection {
     pub(crate) fn on_read_through(&mut self, h: Header, now: Instant) -> Result<(), Violation> {
         let (id, n) = (h.stream, h.length as usize);
         self.on_stream_frame(h, None)?;
+        self.note_arrival(h, now, false);
         if let Some(s) = self.streams.get_mut(&id) {
             if !s.reset {
                 s.fds.consumed(n);
@@ -738,6 +770,47 @@ impl Connection {
         self.maybe_grant(id, now);
     }
 
+    /// Notes a data frame's arrival on its stream: whether the stream runs bulk (the peer used
+    /// most of its window), or is interactive (a small frame on a stream that does not).
+    fn note_arrival(&mut self, h: Header, now: Instant, whole: bool) {
+        let Some(s) = self.streams.get_mut(&h.stream) else {
+            return;
+        };
+        if s.recv_window < s.window / 2 {
+            s.heavy_at = Some(now);
+        } else if whole
+            && h.length > 0
+            && h.length <= LIGHT_FRAME
+            && s.heavy_at
+                .is_none_or(|at| now.saturating_duration_since(at) > self.shared_hold())
+        {
+            self.light = Some((h.stream, now));
+        }
+    }
+
+    /// How long other streams stay capped after an interactive stream's last small frame.
+    fn shared_hold(&self) -> Duration {
+        SHARED_HOLD.max(4 * self.rtt().unwrap_or_default())
+    }
+
+    /// The most stream `id` may have in flight towards us while another stream is interactive
+    /// (see [`Limits::shared_window`]), if one is.
+    fn shared_cap(&self, id: u32, now: Instant) -> Option<u32> {
+        let (light, at) = self.light?;
+        if self.limits.shared_window == 0
+            || light == id
+            || now.saturating_duration_since(at) > self.shared_hold()
+        {
+            return None;
+        }
+        let by_rate = SHARED_RATE * self.rtt().unwrap_or_default().as_secs_f64();
+        Some(
+            (by_rate.min(f64::from(u32::MAX)) as u32)
+                .max(self.limits.shared_window)
+                .min(self.limits.initial_window),
+        )
+    }
+
     /// Grants the peer what the reader consumed, once it is worth a frame, and auto-tunes the
     /// window: when the reader has drained a whole window within two round trips of starting
     /// it, the window (not the reader) limits the stream, and it doubles, up to the per-stream
@@ -752,10 +825,28 @@ impl Connection {
         let max_window = self.limits.max_window;
         let initial = self.limits.initial_window;
         let rtt = self.rtt();
+        let shared_cap = self.shared_cap(id, now);
         let Some(s) = self.streams.get_mut(&id) else {
             return;
         };
         if s.remote_fin || s.reset || s.credit < (s.window / 4).min(GRANT_STEP) {
+            return;
+        }
+        if let Some(cap) = shared_cap {
+            // Another stream is interactive: keep at most `cap` of ours in flight, so its
+            // small frames do not queue behind a whole window of ours.
+            if s.recv_window > cap / 2 {
+                return;
+            }
+            let delta = s.credit.min(cap - s.recv_window);
+            s.credit -= delta;
+            s.recv_window += delta;
+            s.consumed = 0;
+            s.epoch = Some(now);
+            if delta > 0 {
+                self.queue_update(id, 0, delta);
+            }
+            self.maybe_probe(now);
             return;
         }
         let mut extra = 0;

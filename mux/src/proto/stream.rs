@@ -180,6 +180,8 @@ pub(crate) struct Stream {
     /// (window auto-tuning).
     pub(crate) consumed: u64,
     pub(crate) epoch: Option<Instant>,
+    /// When a data frame last arrived with the peer having used most of the window.
+    pub(crate) heavy_at: Option<Instant>,
     /// How many more bytes we may send.
     pub(crate) send_window: u32,
     /// Outbound stream the peer has not seen yet: the next frame carries SYN.
@@ -204,6 +206,7 @@ impl Stream {
             credit: 0,
             consumed: 0,
             epoch: None,
+            heavy_at: None,
             send_window: initial_window,
             syn_pending: outbound,
             local_fin: false,

@@ -25,6 +25,7 @@ fn limits() -> Limits {
         out_limit: 1 << 20,
         fds: false,
         max_fds_held: 8,
+        shared_window: 16 * 1024,
     }
 }
 
@@ -1159,4 +1160,132 @@ fn windows_are_tuned_on_the_smallest_recent_round_trip() {
     let t3 = t2 + RTT_WINDOW + Duration::from_secs(1);
     c.probe_answered(t3, t3 + Duration::from_millis(50));
     assert_eq!(c.rtt(), Some(Duration::from_millis(50)));
+}
+
+/// Feeds one data frame of `len` bytes on stream `id` as arriving at `at`.
+fn feed_at(c: &mut Connection, flags: u16, id: u32, len: u32, at: Instant) {
+    let h = hdr(FrameType::Data, flags, id, len);
+    assert_eq!(c.on_header(&h), Ok(len as usize));
+    c.on_frame(h, BytesMut::from(&vec![3u8; len as usize][..]), at)
+        .unwrap();
+}
+
+/// Reads all of stream `id` at `at`; returns how many bytes.
+fn read_all_at(c: &mut Connection, id: u32, at: Instant) -> usize {
+    let mut n = 0;
+    let _ = c.read(id, usize::MAX, &waker(), || at, |s| n += s.len());
+    n
+}
+
+/// The window updates the core wants sent, as (stream, credit).
+fn grants(c: &mut Connection) -> Vec<(u32, u32)> {
+    let mut q = VecDeque::new();
+    c.take_output(usize::MAX, &mut q);
+    q.iter()
+        .map(|f| Header::decode(&f.header).unwrap())
+        .filter(|h| h.ty == FrameType::WindowUpdate && h.flags == 0)
+        .map(|h| (h.stream, h.length))
+        .collect()
+}
+
+/// Opens streams 1 (bulk: its peer sends a whole window) and 3 (its peer sends `small`
+/// bytes) at `at`, and reads both.
+fn bulk_beside(c: &mut Connection, small: u32, at: Instant) {
+    let window = 256 * 1024;
+    for k in 0..4 {
+        feed_at(c, if k == 0 { SYN } else { 0 }, 1, window / 4, at);
+    }
+    feed_at(c, SYN, 3, small, at);
+    assert_eq!(read_all_at(c, 3, at), small as usize);
+    assert_eq!(grants(c), []);
+    assert_eq!(read_all_at(c, 1, at), window as usize);
+}
+
+/// While another stream exchanges small frames, a bulk stream's reader earns its peer only
+/// `shared_window` in flight at a time; the rest of its window comes back once the small
+/// frames have stopped for the hold time. Every byte is accepted throughout, and the peer
+/// never has more than the window in flight.
+#[test]
+fn beside_an_interactive_stream_a_bulk_stream_keeps_only_the_shared_window_in_flight() {
+    let window = 256 * 1024u32;
+    let cap = 16 * 1024u32;
+    let t0 = Instant::now();
+    let mut c = with_rtt(Duration::from_micros(20));
+    bulk_beside(&mut c, 64, t0);
+    assert_eq!(grants(&mut c), [(1, cap)]);
+    // The peer uses that; each read earns it the cap again, nothing more, while the small
+    // frames go on.
+    let mut t = t0;
+    for _ in 0..8 {
+        t += Duration::from_micros(100);
+        feed_at(&mut c, 0, 3, 64, t);
+        feed_at(&mut c, 0, 1, cap, t);
+        assert_eq!(read_all_at(&mut c, 1, t), cap as usize);
+        assert_eq!(grants(&mut c), [(1, cap)]);
+    }
+    // Half the cap still in flight: no update yet.
+    feed_at(&mut c, 0, 1, cap / 2 - 1, t);
+    assert_eq!(read_all_at(&mut c, 1, t), (cap / 2 - 1) as usize);
+    assert_eq!(grants(&mut c), []);
+    // The small frames stop; after the hold the whole window is granted back.
+    t += SHARED_HOLD + Duration::from_micros(1);
+    feed_at(&mut c, 0, 1, cap / 2 + 1, t);
+    assert_eq!(read_all_at(&mut c, 1, t), (cap / 2 + 1) as usize);
+    assert_eq!(grants(&mut c), [(1, window)]);
+    assert_eq!(
+        c.on_header(&hdr(FrameType::Data, 0, 1, window + 1)),
+        Err(Violation::WindowExceeded {
+            stream: 1,
+            len: window + 1,
+            window
+        })
+    );
+}
+
+/// Streams whose peers use most of their windows are not interactive, whatever their frame
+/// sizes: the tail of a bulk write caps nobody. Nor does anything cap a session with
+/// `shared_window` 0, or a stream whose only neighbour is itself.
+#[test]
+fn small_frames_of_bulk_streams_and_a_zero_shared_window_cap_nobody() {
+    let window = 256 * 1024u32;
+    let t0 = Instant::now();
+    // Stream 3's small frame arrives when its peer has used most of its window.
+    let mut c = with_rtt(Duration::from_micros(20));
+    for k in 0..4 {
+        feed_at(&mut c, if k == 0 { SYN } else { 0 }, 1, window / 4, t0);
+    }
+    feed_at(&mut c, SYN, 3, window - 100, t0);
+    feed_at(&mut c, 0, 3, 64, t0);
+    assert_eq!(read_all_at(&mut c, 1, t0), window as usize);
+    assert_eq!(grants(&mut c), [(1, window)]);
+    // The same small frame on a fresh stream, with the cap turned off.
+    let mut c = Connection::new(
+        Side::Server,
+        Limits {
+            shared_window: 0,
+            ..limits()
+        },
+    );
+    c.set_rtt(Duration::from_micros(20), t0);
+    bulk_beside(&mut c, 64, t0);
+    assert_eq!(grants(&mut c), [(1, window)]);
+    // One stream alone, its own small frames before a bulk window.
+    let mut c = with_rtt(Duration::from_micros(20));
+    feed_at(&mut c, SYN, 1, 64, t0);
+    feed_at(&mut c, 0, 1, window - 64, t0);
+    assert_eq!(read_all_at(&mut c, 1, t0), window as usize);
+    assert_eq!(grants(&mut c), [(1, window)]);
+}
+
+/// At a long round trip the cap is what carries [`SHARED_RATE`] there (never more than the
+/// initial window), so a bulk stream across a WAN keeps its rate beside an interactive one.
+#[test]
+fn the_shared_window_grows_with_the_round_trip() {
+    let t0 = Instant::now();
+    let mut c = with_rtt(Duration::from_micros(100));
+    bulk_beside(&mut c, 64, t0);
+    assert_eq!(grants(&mut c), [(1, 50_000)]);
+    let mut c = with_rtt(Duration::from_millis(50));
+    bulk_beside(&mut c, 64, t0);
+    assert_eq!(grants(&mut c), [(1, 256 * 1024)]);
 }
