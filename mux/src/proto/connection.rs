@@ -47,9 +47,13 @@ pub(crate) const OUT_RESERVE: usize = 64 * 1024;
 /// 65 µs, which loopback samples under load reach, and the round trip beside bulk did not move.
 const MAX_TUNED_RATE: f64 = 4e9;
 
-/// A data frame this small, on a stream whose peer is not using most of its window, marks the
-/// stream interactive: other streams then keep little in flight (see [`Limits::shared_window`]).
+/// A data frame this small, on a stream that has not run bulk lately, marks the stream
+/// interactive: other streams then keep little in flight (see [`Limits::shared_window`]).
 const LIGHT_FRAME: u32 = 16 * 1024;
+
+/// A stream that ran bulk this recently does not count as interactive, whatever its frames:
+/// the tails of a bulk stream's writes are small too.
+const BULK_MEMORY: Duration = Duration::from_millis(100);
 
 /// How long after an interactive stream's last small frame the other streams stay capped
 /// (or four round trips, if longer): a stream that exchanges small messages back to back is
@@ -770,19 +774,22 @@ impl Connection {
         self.maybe_grant(id, now);
     }
 
-    /// Notes a data frame's arrival on its stream: whether the stream runs bulk (the peer used
-    /// most of its window), or is interactive (a small frame on a stream that does not).
+    /// Notes a data frame's arrival on its stream: whether the stream runs bulk (its window
+    /// has grown, or its peer has used more than half of it), or is interactive (a small frame
+    /// on a stream that has not run bulk for [`BULK_MEMORY`]).
     fn note_arrival(&mut self, h: Header, now: Instant, whole: bool) {
+        let memory = BULK_MEMORY.max(self.shared_hold());
+        let initial = self.limits.initial_window;
         let Some(s) = self.streams.get_mut(&h.stream) else {
             return;
         };
-        if s.recv_window < s.window / 2 {
+        if s.window > initial || s.recv_window < s.window / 2 {
             s.heavy_at = Some(now);
         } else if whole
             && h.length > 0
             && h.length <= LIGHT_FRAME
             && s.heavy_at
-                .is_none_or(|at| now.saturating_duration_since(at) > self.shared_hold())
+                .is_none_or(|at| now.saturating_duration_since(at) > memory)
         {
             self.light = Some((h.stream, now));
         }

@@ -1242,13 +1242,26 @@ fn beside_an_interactive_stream_a_bulk_stream_keeps_only_the_shared_window_in_fl
     );
 }
 
-/// Streams whose peers use most of their windows are not interactive, whatever their frame
-/// sizes: the tail of a bulk write caps nobody. Nor does anything cap a session with
-/// `shared_window` 0, or a stream whose only neighbour is itself.
+/// Streams that run bulk (their peers use most of their windows, or their windows have
+/// grown) are not interactive, whatever their frame sizes: the tail of a bulk write caps
+/// nobody. Nor does anything cap a session with `shared_window` 0, or a stream whose only
+/// neighbour is itself.
 #[test]
 fn small_frames_of_bulk_streams_and_a_zero_shared_window_cap_nobody() {
     let window = 256 * 1024u32;
     let t0 = Instant::now();
+    // Stream 1's window grew (drained quickly at a 1 ms round trip); long after, on a fast
+    // link, its peer sends a small frame while using little of it.
+    let mut c = with_rtt(Duration::from_millis(1));
+    drain_first_window_and_see_it_double(&mut c, t0);
+    let later = t0 + 2 * BULK_MEMORY;
+    c.set_rtt(Duration::from_micros(20), later);
+    feed_at(&mut c, 0, 1, 436, later);
+    for k in 0..4 {
+        feed_at(&mut c, if k == 0 { SYN } else { 0 }, 3, window / 4, later);
+    }
+    assert_eq!(read_all_at(&mut c, 3, later), window as usize);
+    assert_eq!(grants(&mut c), [(3, window)]);
     // Stream 3's small frame arrives when its peer has used most of its window.
     let mut c = with_rtt(Duration::from_micros(20));
     for k in 0..4 {
