@@ -121,7 +121,7 @@ pub(crate) struct Limits {
     /// While another stream is interactive (it received a small data frame lately, and its
     /// peer is not using most of its window), a stream's peer may have at most this much in
     /// flight towards us (or what [`SHARED_RATE`] needs at the measured round trip, if more;
-    /// never more than `initial_window`): consumed data beyond it is granted back once the
+    /// a cap at or above the stream's window changes nothing): consumed data beyond it is granted back once the
     /// interactive stream has been quiet for [`SHARED_HOLD`]. The small frames then queue
     /// behind that much of the bulk data, not behind a whole window. 0: no cap.
     pub(crate) shared_window: u32,
@@ -811,11 +811,7 @@ impl Connection {
             return None;
         }
         let by_rate = SHARED_RATE * self.rtt().unwrap_or_default().as_secs_f64();
-        Some(
-            (by_rate.min(f64::from(u32::MAX)) as u32)
-                .max(self.limits.shared_window)
-                .min(self.limits.initial_window),
-        )
+        Some((by_rate.min(f64::from(u32::MAX)) as u32).max(self.limits.shared_window))
     }
 
     /// Grants the peer what the reader consumed, once it is worth a frame, and auto-tunes the
@@ -839,9 +835,10 @@ impl Connection {
         if s.remote_fin || s.reset || s.credit < (s.window / 4).min(GRANT_STEP) {
             return;
         }
-        if let Some(cap) = shared_cap {
+        if let Some(cap) = shared_cap.filter(|&cap| cap < s.window) {
             // Another stream is interactive: keep at most `cap` of ours in flight, so its
-            // small frames do not queue behind a whole window of ours.
+            // small frames do not queue behind a whole window of ours. (A cap the window
+            // does not reach, as at a WAN's round trip, leaves the window to grow as ever.)
             if s.recv_window > cap / 2 {
                 return;
             }
