@@ -11,10 +11,12 @@
 //! `yamux` crate (0.14, default config, the engine netchan used before) again in rotating
 //! rounds (so all see the same background load) and prints the ratios; then a WAN summary
 //! moves one stream through a delay-line proxy (`netchan_testkit::proxy::Link::wan`, 1 Gbit/s
-//! at 50 ms and 100 ms round trip) for the same three.
+//! at 50 ms and 100 ms round trip) for the same three, and for a netchan channel beside another
+//! that exchanges 64-byte messages back to back.
 //!
-//! `NETCHAN_BENCH_SPLIT_SEND_SIZE=<bytes>` and `NETCHAN_BENCH_MAX_WINDOW=<bytes>` override
-//! `Config::split_send_size` and `Config::max_stream_window` for tuning runs;
+//! `NETCHAN_BENCH_SPLIT_SEND_SIZE=<bytes>`, `NETCHAN_BENCH_MAX_WINDOW=<bytes>` and
+//! `NETCHAN_BENCH_WINDOW_BESIDE_INTERACTIVE=<bytes>` override `Config::split_send_size`,
+//! `Config::max_stream_window` and `Config::window_beside_interactive` for tuning runs;
 //! `NETCHAN_BENCH_SUMMARY_ONLY=1` skips criterion and prints only the paired ratios;
 //! `NETCHAN_BENCH_NO_WAN=1` skips the WAN summary; `NETCHAN_BENCH_ONLY=<text>` runs only the
 //! summary lines whose name contains it (`rtt/current_thread`, `bulk/8`, `rtt-beside-bulk`,
@@ -110,25 +112,28 @@ async fn session_pair() -> (Session, Session) {
     let (a, b) = bench_tcp_pair().await;
     tune_for_session(&a);
     tune_for_session(&b);
-    // The default configuration (keepalive on): what users get.
-    let mut config = Config::default();
-    // Tuning knob: try other frame sizes without editing the benchmark.
-    if let Some(size) = std::env::var("NETCHAN_BENCH_SPLIT_SEND_SIZE")
-        .ok()
-        .and_then(|v| v.parse().ok())
-    {
-        config = config.split_send_size(size);
-    }
-    if let Some(bytes) = std::env::var("NETCHAN_BENCH_MAX_WINDOW")
-        .ok()
-        .and_then(|v| v.parse().ok())
-    {
-        config = config.max_stream_window(bytes);
-    }
+    let config = bench_config();
     (
         Session::client(a, config.clone()),
         Session::server(b, config),
     )
+}
+
+/// The default configuration (keepalive on: what users get), with the tuning knobs of the
+/// environment applied, so other settings can be tried without editing the benchmark.
+fn bench_config() -> Config {
+    let knob = |name: &str| -> Option<usize> { std::env::var(name).ok()?.parse().ok() };
+    let mut config = Config::default();
+    if let Some(size) = knob("NETCHAN_BENCH_SPLIT_SEND_SIZE") {
+        config = config.split_send_size(size);
+    }
+    if let Some(bytes) = knob("NETCHAN_BENCH_MAX_WINDOW") {
+        config = config.max_stream_window(bytes);
+    }
+    if let Some(bytes) = knob("NETCHAN_BENCH_WINDOW_BESIDE_INTERACTIVE") {
+        config = config.window_beside_interactive(bytes);
+    }
+    config
 }
 
 /// A writer task and a reader task per lane, each moving as many bytes as asked per round.
@@ -741,23 +746,44 @@ fn wan_summary() -> Vec<String> {
     let mut lines = Vec::new();
     for rtt_ms in [50u64, 100] {
         let link = Link::wan(Duration::from_millis(rtt_ms), 1_000_000_000);
-        let (raw_t, chan_t, yam_t) = rt.block_on(async {
+        let (raw_t, chan_t, yam_t, beside_t) = rt.block_on(async {
             let (a, b, _p1) = Proxy::pair(link).await.unwrap();
             let mut raw = Lanes::new(vec![(a, b)]);
             let (a, b, _p2) = Proxy::pair(link).await.unwrap();
             tune_for_session(&a);
             tune_for_session(&b);
-            let client = Session::client(a, Config::default());
-            let server = Session::server(b, Config::default());
+            let client = Session::client(a, bench_config());
+            let server = Session::server(b, bench_config());
             let mut listener = server.listen("wan").unwrap();
             let (dialed, accepted) = tokio::join!(client.dial("wan"), listener.accept());
             let mut chan = Lanes::new(vec![(dialed.unwrap(), accepted.unwrap())]);
             let (a, b, _p3) = Proxy::pair(link).await.unwrap();
             let mut yam = Lanes::new(yamux_pairs(a, b, 1).await);
+            // A second session whose bulk channel runs beside a channel exchanging 64-byte
+            // messages back to back (one per round trip): the bulk channel must keep its rate.
+            let (a, b, _p4) = Proxy::pair(link).await.unwrap();
+            tune_for_session(&a);
+            tune_for_session(&b);
+            let client2 = Session::client(a, bench_config());
+            let server2 = Session::server(b, bench_config());
+            let mut bulk_listener = server2.listen("wan").unwrap();
+            let mut chat_listener = server2.listen("chat").unwrap();
+            let (dialed, accepted) = tokio::join!(client2.dial("wan"), bulk_listener.accept());
+            let mut beside = Lanes::new(vec![(dialed.unwrap(), accepted.unwrap())]);
+            let (mut chat, echo) = tokio::join!(client2.dial("chat"), chat_listener.accept());
+            spawn_echo(echo.unwrap());
+            let chatter = tokio::spawn(async move {
+                let chat = chat.as_mut().unwrap();
+                loop {
+                    ping_pong(chat, 1).await;
+                }
+            });
             raw.round(WAN_BYTES / 2).await;
             chan.round(WAN_BYTES / 2).await;
             yam.round(WAN_BYTES / 2).await;
-            let (mut raw_t, mut chan_t, mut yam_t) = (Vec::new(), Vec::new(), Vec::new());
+            beside.round(WAN_BYTES / 2).await;
+            let (mut raw_t, mut chan_t, mut yam_t, mut beside_t) =
+                (Vec::new(), Vec::new(), Vec::new(), Vec::new());
             for _ in 0..WAN_ROUNDS {
                 let start = Instant::now();
                 raw.round(WAN_BYTES).await;
@@ -768,8 +794,17 @@ fn wan_summary() -> Vec<String> {
                 let start = Instant::now();
                 yam.round(WAN_BYTES).await;
                 yam_t.push(start.elapsed().as_secs_f64());
+                let start = Instant::now();
+                beside.round(WAN_BYTES).await;
+                beside_t.push(start.elapsed().as_secs_f64());
             }
-            (median(&raw_t), median(&chan_t), median(&yam_t))
+            chatter.abort();
+            (
+                median(&raw_t),
+                median(&chan_t),
+                median(&yam_t),
+                median(&beside_t),
+            )
         });
         let mbps = |t: f64| WAN_BYTES as f64 / t / 1e6;
         lines.push(format!(
@@ -780,6 +815,11 @@ fn wan_summary() -> Vec<String> {
             raw_t / chan_t,
             mbps(yam_t),
             raw_t / yam_t,
+        ));
+        lines.push(format!(
+            "  (netchan's channel beside a channel exchanging 64-byte messages: {:.1} MB/s, {:.2}x)",
+            mbps(beside_t),
+            raw_t / beside_t,
         ));
     }
     lines
