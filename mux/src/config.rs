@@ -97,13 +97,14 @@ pub struct Config {
     /// most 16 KiB, and has not run bulk in the last 100 ms: its window has not grown and its
     /// peer has not used more than half of it), each other channel's peer may have at most
     /// this many bytes in flight towards us, or what carries 500 MB/s at the measured round
-    /// trip if that is more (across a WAN that is more than any window, and nothing changes). The interactive channel's small frames then wait behind that
-    /// much of a bulk transfer on the shared link, not behind a whole window: on loopback a
-    /// 64-byte round trip beside a bulk channel takes about 2× its idle time instead of 5×,
-    /// and the bulk channel runs at 0.7–1.3 GB/s instead of 4–5 GB/s while it lasts
-    /// (docs/performance.md, "Round 8"). A bulk channel gets its whole window back within
-    /// about a millisecond (or four round trips) of the last small message. Clamped to at
-    /// most 256 KiB; 0 turns the cap off. Default: 16 KiB.
+    /// trip if that is more (across a WAN that is more than any window, and nothing
+    /// changes). The interactive channel's small frames then wait behind that much of a bulk
+    /// transfer on the shared link, not behind a whole window: on loopback a 64-byte round
+    /// trip beside a bulk channel takes about 2× its idle time instead of 5×, and the bulk
+    /// channel runs at 0.7–1.3 GB/s instead of 4–5 GB/s while it lasts (docs/performance.md,
+    /// "Round 8"). A bulk channel gets its whole window back within about a millisecond (or
+    /// four round trips) of the last small message. Clamped to at most 256 KiB; 0 turns the
+    /// cap off. Default: 16 KiB.
     pub window_beside_interactive: usize,
 }
 

@@ -118,10 +118,11 @@ pub(crate) struct Limits {
     pub(crate) fds: bool,
     /// Received file descriptors held unclaimed, at most, across the session.
     pub(crate) max_fds_held: usize,
-    /// While another stream is interactive (it received a small data frame lately, and its
-    /// peer is not using most of its window), a stream's peer may have at most this much in
-    /// flight towards us (or what [`SHARED_RATE`] needs at the measured round trip, if more;
-    /// a cap at or above the stream's window changes nothing): consumed data beyond it is granted back once the
+    /// While another stream is interactive (it received a data frame of at most
+    /// [`LIGHT_FRAME`] within [`SHARED_HOLD`], and has not run bulk for [`BULK_MEMORY`]), a
+    /// stream's peer may have at most this much in flight towards us (or what
+    /// [`SHARED_RATE`] needs at the measured round trip, if more; a cap at or above the
+    /// stream's window changes nothing). Consumed data beyond it is granted back once the
     /// interactive stream has been quiet for [`SHARED_HOLD`]. The small frames then queue
     /// behind that much of the bulk data, not behind a whole window. 0: no cap.
     pub(crate) shared_window: u32,

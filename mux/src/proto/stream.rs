@@ -180,7 +180,8 @@ pub(crate) struct Stream {
     /// (window auto-tuning).
     pub(crate) consumed: u64,
     pub(crate) epoch: Option<Instant>,
-    /// When a data frame last arrived with the peer having used most of the window.
+    /// When a data frame last arrived while the stream ran bulk: its window grown, or the
+    /// peer having used more than half of it.
     pub(crate) heavy_at: Option<Instant>,
     /// How many more bytes we may send.
     pub(crate) send_window: u32,
