@@ -136,6 +136,19 @@ fn bench_config() -> Config {
     config
 }
 
+/// A client and a server session across a delay-line proxy on `link`; the link lasts as long
+/// as the returned proxy.
+async fn proxied_sessions(link: Link) -> (Session, Session, Proxy) {
+    let (a, b, proxy) = Proxy::pair(link).await.unwrap();
+    tune_for_session(&a);
+    tune_for_session(&b);
+    (
+        Session::client(a, bench_config()),
+        Session::server(b, bench_config()),
+        proxy,
+    )
+}
+
 /// A writer task and a reader task per lane, each moving as many bytes as asked per round.
 struct Lanes {
     writers: Vec<mpsc::Sender<u64>>,
@@ -749,11 +762,7 @@ fn wan_summary() -> Vec<String> {
         let (raw_t, chan_t, yam_t, beside_t) = rt.block_on(async {
             let (a, b, _p1) = Proxy::pair(link).await.unwrap();
             let mut raw = Lanes::new(vec![(a, b)]);
-            let (a, b, _p2) = Proxy::pair(link).await.unwrap();
-            tune_for_session(&a);
-            tune_for_session(&b);
-            let client = Session::client(a, bench_config());
-            let server = Session::server(b, bench_config());
+            let (client, server, _p2) = proxied_sessions(link).await;
             let mut listener = server.listen("wan").unwrap();
             let (dialed, accepted) = tokio::join!(client.dial("wan"), listener.accept());
             let mut chan = Lanes::new(vec![(dialed.unwrap(), accepted.unwrap())]);
@@ -761,11 +770,7 @@ fn wan_summary() -> Vec<String> {
             let mut yam = Lanes::new(yamux_pairs(a, b, 1).await);
             // A second session whose bulk channel runs beside a channel exchanging 64-byte
             // messages back to back (one per round trip): the bulk channel must keep its rate.
-            let (a, b, _p4) = Proxy::pair(link).await.unwrap();
-            tune_for_session(&a);
-            tune_for_session(&b);
-            let client2 = Session::client(a, bench_config());
-            let server2 = Session::server(b, bench_config());
+            let (client2, server2, _p4) = proxied_sessions(link).await;
             let mut bulk_listener = server2.listen("wan").unwrap();
             let mut chat_listener = server2.listen("chat").unwrap();
             let (dialed, accepted) = tokio::join!(client2.dial("wan"), bulk_listener.accept());
