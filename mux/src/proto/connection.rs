@@ -836,27 +836,20 @@ impl Connection {
         if s.remote_fin || s.reset || s.credit < (s.window / 4).min(GRANT_STEP) {
             return;
         }
-        if let Some(cap) = shared_cap.filter(|&cap| cap < s.window) {
-            // Another stream is interactive: keep at most `cap` of ours in flight, so its
-            // small frames do not queue behind a whole window of ours. (A cap the window
-            // does not reach, as at a WAN's round trip, leaves the window to grow as ever.)
-            if s.recv_window > cap / 2 {
-                return;
-            }
-            let delta = s.credit.min(cap - s.recv_window);
-            s.credit -= delta;
-            s.recv_window += delta;
-            s.consumed = 0;
-            s.epoch = Some(now);
-            if delta > 0 {
-                self.queue_update(id, 0, delta);
-            }
-            self.maybe_probe(now);
+        // Another stream is interactive: keep at most `cap` of ours in flight, so its small
+        // frames do not queue behind a whole window of ours. A cap the window does not reach
+        // (as at a WAN's round trip) changes nothing.
+        let cap = shared_cap.filter(|&cap| cap < s.window);
+        if cap.is_some_and(|cap| s.recv_window > cap / 2) {
             return;
         }
         let mut extra = 0;
         let mut shrink = 0;
-        if s.consumed >= u64::from(s.window) {
+        if cap.is_some() {
+            // Capped, the window is not what limits the stream: no tuning on this stretch.
+            s.consumed = 0;
+            s.epoch = Some(now);
+        } else if s.consumed >= u64::from(s.window) {
             let took = s.epoch.map(|start| now.saturating_duration_since(start));
             let (quick, slow) = match (rtt, took) {
                 (Some(rtt), Some(took)) => (
@@ -878,8 +871,10 @@ impl Connection {
             s.consumed = 0;
             s.epoch = Some(now);
         }
-        let delta = s.credit + extra - shrink;
-        s.credit = 0;
+        // Capped, the rest of the credit is held until the cap is lifted.
+        let granted = cap.map_or(s.credit, |cap| s.credit.min(cap - s.recv_window));
+        s.credit -= granted;
+        let delta = granted + extra - shrink;
         s.recv_window += delta;
         self.growth_used = (self.growth_used + extra as usize).saturating_sub(shrink as usize);
         if delta > 0 {
