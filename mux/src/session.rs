@@ -105,7 +105,8 @@ where
         self
     }
 
-    /// Starts the session: spawns its driver task on the current tokio runtime.
+    /// Starts the session: spawns its driver task on the current tokio runtime (tracked by the
+    /// session: [`Session::closed`] resolves only once it has returned).
     ///
     /// # Panics
     ///
@@ -120,7 +121,7 @@ where
                 std::sync::atomic::Ordering::Relaxed,
             );
             let span = tracing::info_span!("session", id = shared.id, mode = ?shared.mode);
-            tokio::spawn(driver.run().instrument(span));
+            shared.tasks.spawn(driver.run().instrument(span));
         }
         self.session.clone()
     }
@@ -371,7 +372,8 @@ impl Session {
     /// Closes the session gracefully and resolves once it has ended: the peer is told at once
     /// (yamux GoAway) and new channels are refused in both directions, open ones may finish
     /// within [`Config::close_grace`], then the session ends (channels still open are cut and
-    /// report [`Error::SessionClosed`]).
+    /// report [`Error::SessionClosed`]). When it resolves, every task of the session (its
+    /// driver, the handshakes of inbound channels) has returned.
     ///
     /// Cancel-safe: the close proceeds even if this future is dropped.
     pub async fn close(&self) {
@@ -380,9 +382,12 @@ impl Session {
     }
 
     /// Resolves with why the session ended; any number of callers, at any time (also long after
-    /// the end). Cancel-safe.
+    /// the end). It resolves once every task of the session (its driver, the handshakes of
+    /// inbound channels) has returned: they end with the session, so this waits only for them
+    /// to notice. Cancel-safe.
     pub async fn closed(&self) -> CloseReason {
         self.shared.ended.cancelled().await;
+        self.shared.tasks.wait().await;
         self.shared.reason().unwrap_or(CloseReason::Local)
     }
 

@@ -23,7 +23,7 @@ use tokio::{
     io::ReadBuf,
     sync::{mpsc, Semaphore},
 };
-use tokio_util::sync::CancellationToken;
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
 
 static NEXT_SESSION_ID: AtomicU64 = AtomicU64::new(1);
 
@@ -88,6 +88,10 @@ pub(crate) struct Shared {
     pub(crate) dial_slots: Semaphore,
     /// Permits for inbound handshakes being served.
     pub(crate) inbound_slots: Arc<Semaphore>,
+    /// Every task of the session: the driver and the inbound handshakes. Closed when the
+    /// session ends; [`Session::closed`](crate::Session::closed) waits for it to empty, so
+    /// no task outlives its session.
+    pub(crate) tasks: TaskTracker,
 }
 
 impl Shared {
@@ -126,6 +130,7 @@ impl Shared {
             inbound: LinkSide::new(),
             dial_slots: Semaphore::new(pending),
             inbound_slots: Arc::new(Semaphore::new(pending)),
+            tasks: TaskTracker::new(),
         }
     }
 
@@ -390,6 +395,9 @@ impl Shared {
             .clear();
         self.dial_slots.close();
         self.inbound_slots.close();
+        // The tasks still running end on the cancellation below (the driver returns after
+        // this call, the handshakes select on `ended`); the tracker empties once they have.
+        self.tasks.close();
         self.ended.cancel();
         self.reason().unwrap_or(CloseReason::Local)
     }
