@@ -6,7 +6,7 @@ use crate::{
     driver::{Driver, OnInbound},
     error::{CloseReason, Error},
     handshake,
-    link::{LinkRead, LinkWrite},
+    io::transport::{self, LinkRead, LinkWrite},
     listener::{self, Listener},
     proto::OpenError,
     shared::{HandleToken, ListenerEntry, Shared, StreamHandle},
@@ -114,12 +114,11 @@ where
     pub fn start(mut self) -> Session {
         if let Some(driver) = self.driver.take() {
             let shared = &self.session.shared;
-            // The runtime the driver runs on (see `Shared::wake_after_body`).
+            // The runtime the driver runs on (see `Link::wake_after_body`).
             let flavour = tokio::runtime::Handle::current().runtime_flavor();
-            shared.multi_thread.store(
-                flavour == tokio::runtime::RuntimeFlavor::MultiThread,
-                std::sync::atomic::Ordering::Relaxed,
-            );
+            shared
+                .link
+                .set_multi_thread(flavour == tokio::runtime::RuntimeFlavor::MultiThread);
             let span = tracing::info_span!("session", id = shared.id, mode = ?shared.mode);
             shared.tasks.spawn(driver.run().instrument(span));
         }
@@ -169,7 +168,7 @@ impl Session {
     where
         T: AsyncRead + AsyncWrite + Send + Unpin + 'static,
     {
-        let (read, write) = crate::link::split(io);
+        let (read, write) = transport::split(io);
         Session::build(read, write, false, mode, config)
     }
 
@@ -224,7 +223,7 @@ impl Session {
         mode: Mode,
         config: Config,
     ) -> SessionBuilder<tokio::net::UnixStream> {
-        use crate::link::unix::{UnixRead, UnixWrite};
+        use crate::io::transport::unix::{UnixRead, UnixWrite};
         let (read, write) = stream.into_split();
         Session::build(
             Box::new(UnixRead::new(read)),
@@ -242,7 +241,7 @@ impl Session {
         mode: Mode,
         config: Config,
     ) -> SessionBuilder<T> {
-        let shared = Arc::new(Shared::new(config, mode, fds));
+        let shared = Arc::new(Shared::new(config, mode, read, write, fds));
         let on_last_drop = {
             let shared = shared.clone();
             Arc::new(move || {
@@ -254,7 +253,7 @@ impl Session {
         let token = Arc::new(HandleToken::new(on_last_drop));
         let weak = Arc::downgrade(&token);
         let on_inbound: OnInbound = Arc::new(move |stream| listener::on_inbound(stream, &weak));
-        let driver = Driver::new(read, write, shared.clone(), on_inbound);
+        let driver = Driver::new(shared.clone(), on_inbound);
         SessionBuilder {
             session: Session { shared, token },
             driver: Some(driver),
