@@ -166,7 +166,7 @@ impl ConnFds {
         };
         match result {
             Ok(()) => {
-                self.shared.send_now();
+                self.shared.link.send_now(&self.shared.core);
                 Ok(())
             }
             Err(StreamError::FdsUnsupported) => Err(Error::FdsUnsupported {

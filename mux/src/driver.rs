@@ -1,11 +1,12 @@
 //! The driver task: the owner of the byte stream's read side. It moves bytes between the link
 //! and the yamux core, and nothing else.
 //!
-//! - **Reads**: on every turn the driver reads what the link has and hands the frames to the
-//!   core (see `inbound.rs`, shared with the readers, which may read a large body straight
-//!   into their own buffers).
-//! - **Writes**: on every turn the driver writes what the core queued (see `outbound.rs`,
-//!   shared with the handles, which write directly when the link is free).
+//! - **Reads**: on every turn the driver has the link read what arrived and hand the frames
+//!   to the core ([`Link::poll_read`](crate::io::Link::poll_read); readers may read a large
+//!   body straight into their own buffers, see `io/`).
+//! - **Writes**: on every turn the driver has the link write what the core queued
+//!   ([`Link::poll_write`](crate::io::Link::poll_write); handles write themselves when the
+//!   link is free).
 //! - **Timers**: keepalive pings and the close grace.
 //! - **New inbound streams** are handed to the session's handshake callback, which runs each
 //!   in a task of its own: per-stream work never blocks the session.
@@ -15,10 +16,8 @@
 
 use crate::{
     error::CloseReason,
-    inbound::{Failed, Inbound},
+    io::{Read, ReadTurn},
     keepalive::{Due, Keepalive},
-    link::{LinkRead, LinkWrite},
-    outbound::{Outbound, WRITE_BATCH},
     proto::{GoAwayCode, Violation},
     shared::{Shared, StreamHandle},
     stream::RawStream,
@@ -27,10 +26,11 @@ use std::{
     future::Future,
     io,
     pin::Pin,
-    sync::{atomic::Ordering, Arc, MutexGuard},
+    sync::Arc,
     task::{Context, Poll},
 };
-use tokio::time::{Instant, Sleep};
+use tokio::time::Sleep;
+
 /// Rounds of read + write per wake-up before yielding to other tasks.
 const ROUNDS: usize = 32;
 
@@ -61,14 +61,11 @@ enum State {
 }
 
 pub(crate) struct Driver {
-    /// The link's two halves are the session's [`Inbound`] and [`Outbound`].
+    /// The session, whose link the driver reads and writes.
     shared: Arc<Shared>,
     on_inbound: OnInbound,
-    /// Lets the readers run before the driver reads on, when one of them may read a body
-    /// straight into its own buffer (see `Inbound::defer_to_reader`).
-    yielding: Option<Pin<Box<dyn Future<Output = ()> + Send>>>,
-    /// When bytes last arrived, by the driver's reads or a reader's (keepalive).
-    last_read: Instant,
+    /// The driver's state between its reads, with when bytes last arrived (keepalive).
+    read: ReadTurn,
     keepalive: Option<Keepalive>,
     state: State,
     eof: bool,
@@ -82,20 +79,12 @@ pub(crate) struct Driver {
 }
 
 impl Driver {
-    pub(crate) fn new(
-        read: Box<dyn LinkRead>,
-        write: Box<dyn LinkWrite>,
-        shared: Arc<Shared>,
-        on_inbound: OnInbound,
-    ) -> Self {
+    pub(crate) fn new(shared: Arc<Shared>, on_inbound: OnInbound) -> Self {
         let keepalive = Keepalive::new(&shared.config);
-        *shared.outbound.lock() = Some(Outbound::new(write));
-        *shared.inbound.lock() = Some(Inbound::new(read));
         Driver {
             shared,
             on_inbound,
-            yielding: None,
-            last_read: Instant::now(),
+            read: ReadTurn::new(),
             keepalive,
             state: State::Running,
             eof: false,
@@ -137,8 +126,7 @@ impl Driver {
     }
 
     fn poll_running(&mut self, cx: &mut Context<'_>) -> Poll<CloseReason> {
-        self.shared.driver_waker.register(cx.waker());
-        self.shared.set_io_waker(cx.waker());
+        self.shared.link.register_driver(cx.waker());
         if self.write_failed.is_some() {
             return self.poll_write_failed(cx);
         }
@@ -170,7 +158,7 @@ impl Driver {
             };
 
             if let Some(keepalive) = &mut self.keepalive {
-                match keepalive.poll(cx, self.last_read) {
+                match keepalive.poll(cx, self.read.last_read) {
                     Poll::Ready(Due::Ping(opaque)) => {
                         self.shared.core().ping(opaque);
                         continue;
@@ -222,10 +210,8 @@ impl Driver {
         }
         if let State::Finishing { deadline, reason } = &mut self.state {
             if idle || self.eof {
-                // Everything is sent: tell the peer the stream ends (errors do not matter now).
-                if let Some(out) = self.shared.outbound.lock().as_mut() {
-                    let _ = out.poll_shutdown(cx);
-                }
+                // Everything is sent: tell the peer the stream ends.
+                self.shared.link.shutdown(cx);
                 return Some(Poll::Ready(reason.clone()));
             }
             if deadline.as_mut().poll(cx).is_ready() {
@@ -242,7 +228,7 @@ impl Driver {
             reason,
         };
         // Let the finishing state be polled at once (its timer registered).
-        self.shared.driver_waker.wake();
+        self.shared.link.wake_driver();
     }
 
     /// Answers a violation with a GoAway (best effort, without waiting) and ends.
@@ -250,7 +236,7 @@ impl Driver {
         tracing::info!(violation = %v, "peer violated the protocol");
         self.shared.core().go_away(GoAwayCode::ProtocolError);
         // Waits for a handle's write in progress (one frame at most), so the GoAway is tried.
-        let _ = self.send_with(cx, self.shared.outbound.lock());
+        self.shared.link.send_last(&self.shared.core, cx);
         Poll::Ready(CloseReason::ProtocolViolation(v))
     }
 
@@ -321,7 +307,7 @@ impl Driver {
     fn read_error(&self, e: io::Error) -> CloseReason {
         #[cfg(unix)]
         if e.get_ref()
-            .is_some_and(|inner| inner.is::<crate::link::unix::Truncated>())
+            .is_some_and(|inner| inner.is::<crate::io::transport::unix::Truncated>())
         {
             return CloseReason::FdsTruncated;
         }
@@ -346,77 +332,26 @@ impl Driver {
         }
     }
 
-    /// Reads what the link has and feeds every complete frame to the core. `Ok(true)` if
-    /// bytes arrived.
+    /// Has the link read what arrived and feed it to the core; hands the streams the peer
+    /// opened to the handshake callback. `Ok(true)` if bytes arrived.
     fn poll_inbound(&mut self, cx: &mut Context<'_>) -> Result<bool, End> {
         if self.eof {
             return Ok(false);
         }
-        if let Some(yielding) = &mut self.yielding {
-            if yielding.as_mut().poll(cx).is_pending() {
-                return Ok(false);
-            }
-            self.yielding = None;
-            self.shared.driver_yielding.store(false, Ordering::SeqCst);
-        }
-        // A reader reading a body through holds the read side; it wakes us when done.
-        let Some(mut guard) = self.shared.inbound.for_driver() else {
-            return Ok(false);
-        };
-        let Some(inbound) = guard.as_mut() else {
-            return Ok(false);
-        };
-        // A reader's read-through counts as liveness too.
-        self.last_read = inbound.last_read;
-        match inbound.failed.take() {
-            Some(Failed::Violation(v)) => return Err(End::Violation(v)),
-            Some(Failed::Io(e)) => return Err(End::Reason(self.read_error(e))),
-            None => {}
-        }
+        let accepted = match self
+            .shared
+            .link
+            .poll_read(&self.shared.core, cx, &mut self.read)
         {
-            let mut core = self.shared.core();
-            // Backpressure: a peer that does not read what we send (our answers to its pings,
-            // window updates, resets) gets nothing more read until it does.
-            if core.out_bytes() >= self.shared.config.limits().out_limit {
-                return Ok(false);
-            }
-            if inbound.defer_to_reader(&mut core) {
-                // Back after the tasks already woken (the reader among them) have run.
-                drop(core);
-                drop(guard);
-                let mut yielding = Box::pin(tokio::task::yield_now());
-                if yielding.as_mut().poll(cx).is_pending() {
-                    self.shared.driver_yielding.store(true, Ordering::SeqCst);
-                    self.yielding = Some(yielding);
-                }
-                return Ok(false);
-            }
-        }
-        let accepted = match inbound.poll_fill(cx) {
-            Poll::Ready(Ok(0)) => {
-                drop(guard);
+            Read::Nothing => return Ok(false),
+            Read::Frames(accepted) => accepted,
+            Read::Eof => {
                 self.eof = true;
                 return Err(End::Reason(self.eof_reason()));
             }
-            Poll::Ready(Ok(_)) => {
-                self.last_read = inbound.last_read;
-                let accepted = inbound
-                    .parse(&mut self.shared.core(), std::time::Instant::now())
-                    .map_err(End::Violation)?;
-                // Fds sent without a frame to claim them must not pile up either.
-                let limit = self.shared.config.max_received_fds;
-                if inbound.fds.len() > limit {
-                    return Err(End::Violation(Violation::TooManyFds { limit }));
-                }
-                accepted
-            }
-            Poll::Ready(Err(e)) => {
-                drop(guard);
-                return Err(End::Reason(self.read_error(e)));
-            }
-            Poll::Pending => return Ok(false),
+            Read::Failed(e) => return Err(End::Reason(self.read_error(e))),
+            Read::Violation(v) => return Err(End::Violation(v)),
         };
-        drop(guard);
         for id in accepted {
             let handle = StreamHandle {
                 id,
@@ -427,31 +362,10 @@ impl Driver {
         Ok(true)
     }
 
-    /// Writes queued frames. Returns (wrote something, everything sent and flushed).
+    /// Has the link write what the core queued. Returns (wrote something, everything sent
+    /// and flushed).
     fn poll_outbound(&mut self, cx: &mut Context<'_>) -> io::Result<(bool, bool)> {
-        // A handle writing holds the write side; it wakes us when done.
-        let Some(guard) = self.shared.outbound.for_driver() else {
-            return Ok((false, false));
-        };
-        self.send_with(cx, guard)
-    }
-
-    /// Writes queued frames with the write side held (see [`Driver::poll_outbound`]).
-    fn send_with(
-        &self,
-        cx: &mut Context<'_>,
-        mut guard: MutexGuard<'_, Option<Outbound>>,
-    ) -> io::Result<(bool, bool)> {
-        let Some(out) = guard.as_mut() else {
-            return Ok((false, true));
-        };
-        let shared = &self.shared;
-        let sent = out.poll_send(cx, |q| shared.core().take_output(WRITE_BATCH, q));
-        drop(guard);
-        if matches!(sent, Ok((_, true))) {
-            self.shared.link_free();
-        }
-        sent
+        self.shared.link.poll_write(&self.shared.core, cx)
     }
 }
 

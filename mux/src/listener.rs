@@ -116,7 +116,8 @@ impl fmt::Debug for Listener {
     }
 }
 
-/// Takes a new inbound stream from the driver: serves its handshake in a task of its own, or
+/// Takes a new inbound stream from the driver: serves its handshake in a task of its own
+/// (tracked by the session, and ended with it), or
 /// resets it at once if too many handshakes are in flight (that stream only).
 pub(crate) fn on_inbound(stream: RawStream, token: &Weak<HandleToken>) {
     let shared = stream.shared().clone();
@@ -124,7 +125,8 @@ pub(crate) fn on_inbound(stream: RawStream, token: &Weak<HandleToken>) {
         Ok(permit) => {
             let span = tracing::debug_span!("inbound", stream = stream.id());
             let token = token.clone();
-            tokio::spawn(
+            let tasks = shared.tasks.clone();
+            tasks.spawn(
                 async move {
                     tokio::select! {
                         _ = serve_inbound(stream, permit, &shared, token) => {}

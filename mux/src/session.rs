@@ -6,7 +6,7 @@ use crate::{
     driver::{Driver, OnInbound},
     error::{CloseReason, Error},
     handshake,
-    link::{LinkRead, LinkWrite},
+    io::transport::{self, LinkRead, LinkWrite},
     listener::{self, Listener},
     proto::OpenError,
     shared::{HandleToken, ListenerEntry, Shared, StreamHandle},
@@ -105,7 +105,8 @@ where
         self
     }
 
-    /// Starts the session: spawns its driver task on the current tokio runtime.
+    /// Starts the session: spawns its driver task on the current tokio runtime (tracked by the
+    /// session: [`Session::closed`] resolves only once it has returned).
     ///
     /// # Panics
     ///
@@ -113,14 +114,13 @@ where
     pub fn start(mut self) -> Session {
         if let Some(driver) = self.driver.take() {
             let shared = &self.session.shared;
-            // The runtime the driver runs on (see `Shared::wake_after_body`).
+            // The runtime the driver runs on (see `Link::wake_after_body`).
             let flavour = tokio::runtime::Handle::current().runtime_flavor();
-            shared.multi_thread.store(
-                flavour == tokio::runtime::RuntimeFlavor::MultiThread,
-                std::sync::atomic::Ordering::Relaxed,
-            );
+            shared
+                .link
+                .set_multi_thread(flavour == tokio::runtime::RuntimeFlavor::MultiThread);
             let span = tracing::info_span!("session", id = shared.id, mode = ?shared.mode);
-            tokio::spawn(driver.run().instrument(span));
+            shared.tasks.spawn(driver.run().instrument(span));
         }
         self.session.clone()
     }
@@ -168,7 +168,7 @@ impl Session {
     where
         T: AsyncRead + AsyncWrite + Send + Unpin + 'static,
     {
-        let (read, write) = crate::link::split(io);
+        let (read, write) = transport::split(io);
         Session::build(read, write, false, mode, config)
     }
 
@@ -223,7 +223,7 @@ impl Session {
         mode: Mode,
         config: Config,
     ) -> SessionBuilder<tokio::net::UnixStream> {
-        use crate::link::unix::{UnixRead, UnixWrite};
+        use crate::io::transport::unix::{UnixRead, UnixWrite};
         let (read, write) = stream.into_split();
         Session::build(
             Box::new(UnixRead::new(read)),
@@ -241,7 +241,7 @@ impl Session {
         mode: Mode,
         config: Config,
     ) -> SessionBuilder<T> {
-        let shared = Arc::new(Shared::new(config, mode, fds));
+        let shared = Arc::new(Shared::new(config, mode, read, write, fds));
         let on_last_drop = {
             let shared = shared.clone();
             Arc::new(move || {
@@ -253,7 +253,7 @@ impl Session {
         let token = Arc::new(HandleToken::new(on_last_drop));
         let weak = Arc::downgrade(&token);
         let on_inbound: OnInbound = Arc::new(move |stream| listener::on_inbound(stream, &weak));
-        let driver = Driver::new(read, write, shared.clone(), on_inbound);
+        let driver = Driver::new(shared.clone(), on_inbound);
         SessionBuilder {
             session: Session { shared, token },
             driver: Some(driver),
@@ -371,7 +371,8 @@ impl Session {
     /// Closes the session gracefully and resolves once it has ended: the peer is told at once
     /// (yamux GoAway) and new channels are refused in both directions, open ones may finish
     /// within [`Config::close_grace`], then the session ends (channels still open are cut and
-    /// report [`Error::SessionClosed`]).
+    /// report [`Error::SessionClosed`]). When it resolves, every task of the session (its
+    /// driver, the handshakes of inbound channels) has returned.
     ///
     /// Cancel-safe: the close proceeds even if this future is dropped.
     pub async fn close(&self) {
@@ -380,9 +381,12 @@ impl Session {
     }
 
     /// Resolves with why the session ended; any number of callers, at any time (also long after
-    /// the end). Cancel-safe.
+    /// the end). It resolves once every task of the session (its driver, the handshakes of
+    /// inbound channels) has returned: they end with the session, so this waits only for them
+    /// to notice. Cancel-safe.
     pub async fn closed(&self) -> CloseReason {
         self.shared.ended.cancelled().await;
+        self.shared.tasks.wait().await;
         self.shared.reason().unwrap_or(CloseReason::Local)
     }
 

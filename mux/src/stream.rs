@@ -22,7 +22,7 @@ use std::{
 };
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-/// Writes of at least this many bytes wait for a contended link (see `Shared::wait_for_link`)
+/// Writes of at least this many bytes wait for a contended link (see `Link::wait_for_link`)
 /// instead of being copied into the output queue; smaller ones are copied (cheaper than the
 /// wait, and queued small frames are what keeps a small message from waiting behind bulk
 /// data).
@@ -100,7 +100,11 @@ impl AsyncRead for RawStream {
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
         let shared = &this.handle.shared;
-        if let Some(result) = shared.try_read_through(this.handle.id, buf, cx.waker()) {
+        if let Some(result) =
+            shared
+                .link
+                .try_read_through(&shared.core, this.handle.id, buf, cx.waker())
+        {
             return result.map_err(|e| this.error(e));
         }
         let mut core = shared.core();
@@ -119,7 +123,7 @@ impl AsyncRead for RawStream {
         if wake {
             // Sent from this task if the link is free: the window update is what the peer's
             // writer is waiting for.
-            shared.send_now();
+            shared.link.send_now(&shared.core);
         }
         match result {
             Poll::Ready(Ok(_)) => Poll::Ready(Ok(())),
@@ -137,18 +141,26 @@ impl AsyncWrite for RawStream {
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
         let shared = &this.handle.shared;
-        if let Some(result) = shared.try_write_direct(this.handle.id, buf, cx.waker()) {
+        if let Some(result) =
+            shared
+                .link
+                .try_write_direct(&shared.core, this.handle.id, buf, cx.waker())
+        {
             return result.map_err(|e| this.error(e));
         }
         // A large write waits for a contended link rather than be copied into the queue.
-        if buf.len() >= LINK_WAIT_MIN && shared.wait_for_link(this.handle.id, cx.waker()) {
+        if buf.len() >= LINK_WAIT_MIN
+            && shared
+                .link
+                .wait_for_link(&shared.core, this.handle.id, cx.waker())
+        {
             return Poll::Pending;
         }
         let result = shared.core().write(this.handle.id, buf, cx.waker());
         match result {
             Poll::Ready(Ok(n)) => {
                 if n > 0 {
-                    shared.send_now();
+                    shared.link.send_now(&shared.core);
                 }
                 Poll::Ready(Ok(n))
             }
@@ -166,7 +178,300 @@ impl AsyncWrite for RawStream {
         let this = self.get_mut();
         let shared = &this.handle.shared;
         let result = shared.core().finish(this.handle.id);
-        shared.driver_waker.wake();
+        shared.link.wake_driver();
         Poll::Ready(result.map_err(|e| this.error(e)))
+    }
+}
+
+/// The wakes between a reader reading through and the driver.
+#[cfg(test)]
+mod wakes {
+    use super::*;
+    use crate::{
+        config::Config,
+        io::transport,
+        proto::{FrameType, Header, SYN},
+        shared::{Mode, Shared},
+    };
+    use netchan_testkit::counting_waker;
+    use tokio::io::AsyncWriteExt;
+
+    /// One turn of the driver's reading, by hand: reads what the link has (into the read
+    /// buffer) and parses it. Returns the streams the peer opened.
+    fn driver_turn(shared: &Shared, cx: &mut Context<'_>) -> Vec<u32> {
+        // As the driver does on every turn (a wake takes the registration).
+        shared.link.register_driver(cx.waker());
+        shared.link.fill_and_parse(&shared.core, cx)
+    }
+
+    /// On a multi-thread runtime a yielding driver may come back only after its worker ran
+    /// everything else it holds: a reader that ends a body wakes it all the same.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn on_a_multi_thread_runtime_a_yielding_driver_is_woken_after_a_body() {
+        let (a, _b) = tokio::io::duplex(1024);
+        let session = crate::Session::new(a, Mode::Client, Config::default());
+        let link = &session.shared.link;
+        assert!(link.wake_after_body());
+        link.set_yielding(true);
+        assert!(link.wake_after_body());
+    }
+
+    /// A reader that reads a body through to its end wakes the driver, which may have frames
+    /// to read after it with nobody woken for them; a read-through that leaves part of the
+    /// body does not. On a current-thread runtime a driver that yields to its readers is
+    /// left to come back by itself.
+    #[tokio::test]
+    async fn a_read_through_that_ends_a_body_wakes_the_driver() {
+        let (mut peer, ours) = tokio::io::duplex(1 << 20);
+        let (read, write) = transport::split(ours);
+        // Not started: the test plays the driver (on a current-thread runtime). Our window
+        // updates go out to the peer (unread here) without waking the driver.
+        let shared = Arc::new(Shared::new(
+            Config::default(),
+            Mode::Server,
+            read,
+            write,
+            false,
+        ));
+        let (driver, driver_wakes) = counting_waker();
+        shared.link.register_driver(&driver);
+        // Stream 1, opened by the peer: three large bodies (within the first window).
+        const FIRST: usize = 160 * 1024;
+        const NEXT: usize = 40 * 1024;
+        let bodies = [(SYN, FIRST, 1u8), (0, NEXT, 2u8), (0, NEXT, 3u8)];
+        for (flags, len, byte) in bodies {
+            let header = Header::new(FrameType::Data, flags, 1, len as u32).encode();
+            peer.write_all(&header).await.unwrap();
+            peer.write_all(&vec![byte; len]).await.unwrap();
+        }
+        let mut driver_cx = Context::from_waker(&driver);
+        let mut stream = RawStream::new(StreamHandle {
+            id: 1,
+            shared: shared.clone(),
+        });
+        let (reader, _) = counting_waker();
+        let mut reader_cx = Context::from_waker(&reader);
+        const ROOM: usize = 256 * 1024;
+        let mut room = vec![0u8; ROOM];
+        // A read into `max` bytes of room, which finds bytes there.
+        let mut read = |stream: &mut RawStream, max: usize| {
+            let mut buf = ReadBuf::new(&mut room[..max]);
+            match Pin::new(stream).poll_read(&mut reader_cx, &mut buf) {
+                Poll::Ready(Ok(())) => buf.filled().to_vec(),
+                other => panic!("a read with bytes there: {other:?}"),
+            }
+        };
+
+        // The driver reads a chunk: the header and the first part of the body, which it
+        // hands to the stream; the rest of the body stays on the link.
+        assert_eq!(driver_turn(&shared, &mut driver_cx), [1]);
+        let mut first = read(&mut stream, ROOM);
+        assert!(first.len() < FIRST, "the part the driver read");
+        let through = |shared: &Shared| shared.link.read_through_bytes();
+        assert_eq!(through(&shared), 0);
+
+        // Part of the rest, straight from the link: no wake, the body goes on.
+        let wakes = driver_wakes.count();
+        first.extend(read(&mut stream, 32 * 1024));
+        assert_eq!(through(&shared), 32 * 1024, "read through");
+        assert_eq!(
+            driver_wakes.count(),
+            wakes,
+            "the body goes on: nothing for the driver"
+        );
+
+        // The rest, to the body's end, while the driver yields to its readers: on this
+        // current-thread runtime the yield brings it back, so nobody wakes it.
+        shared.link.set_yielding(true);
+        first.extend(read(&mut stream, ROOM));
+        assert_eq!(first, vec![1u8; FIRST], "the whole first body");
+        assert_eq!(
+            driver_wakes.count(),
+            wakes,
+            "a yielding driver comes back by itself"
+        );
+        shared.link.set_yielding(false);
+
+        // The next body: its header by the driver, its bytes through, to the end; the driver,
+        // not yielding, is woken to read the frame after it.
+        for byte in [2u8, 3] {
+            assert!(driver_turn(&shared, &mut driver_cx).is_empty());
+            let before = through(&shared);
+            let wakes = driver_wakes.count();
+            assert_eq!(read(&mut stream, ROOM), vec![byte; NEXT]);
+            assert_eq!(through(&shared) - before, NEXT as u64, "read through");
+            assert!(
+                driver_wakes.count() > wakes,
+                "the driver is woken to read on"
+            );
+        }
+    }
+}
+
+/// Read-through end to end: large reads take bodies straight from the link.
+#[cfg(test)]
+mod read_through {
+    use crate::{Config, Conn, Mode, Session};
+    use netchan_testkit::within;
+    use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+    const TOTAL: usize = 4 * 1024 * 1024;
+
+    fn byte(i: usize) -> u8 {
+        (i % 251) as u8 ^ (i >> 16) as u8
+    }
+
+    /// Both ends of a session over `a`/`b`, and a channel between them (`b` accepts).
+    async fn channel<T>(a: T, b: T) -> (Session, Session, Conn, Conn)
+    where
+        T: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+    {
+        let builder = Session::builder(b, Mode::Server, Config::default());
+        let mut listener = builder.listen("bulk").unwrap();
+        let server = builder.start();
+        let client = Session::new(a, Mode::Client, Config::default());
+        let (dialed, accepted) = tokio::join!(client.dial("bulk"), listener.accept());
+        (client, server, dialed.unwrap(), accepted.unwrap())
+    }
+
+    /// Writes `TOTAL` patterned bytes in 1 MiB writes, then FIN.
+    async fn send_pattern(mut conn: Conn) {
+        let data: Vec<u8> = (0..TOTAL).map(byte).collect();
+        for block in data.chunks(1024 * 1024) {
+            conn.write_all(block).await.unwrap();
+        }
+        conn.shutdown().await.unwrap();
+    }
+
+    /// Reads to the end with reads of at most `size` bytes; checks every byte.
+    async fn receive_pattern(conn: &mut Conn, size: usize) {
+        let mut buf = vec![0u8; size];
+        let mut at = 0;
+        loop {
+            let n = conn.read(&mut buf).await.unwrap();
+            if n == 0 {
+                break;
+            }
+            for (k, b) in buf[..n].iter().enumerate() {
+                assert_eq!(*b, byte(at + k), "byte {} differs", at + k);
+            }
+            at += n;
+        }
+        assert_eq!(at, TOTAL, "every byte, then the end");
+    }
+
+    /// Moves the pattern over a duplex with reads of at most `read_size` bytes, checking
+    /// every byte; returns how many bytes the receiving session read through.
+    async fn transfer(read_size: usize) -> u64 {
+        let (a, b) = tokio::io::duplex(1 << 20);
+        let (_client, server, dialed, mut accepted) = channel(a, b).await;
+        let sender = tokio::spawn(send_pattern(dialed));
+        receive_pattern(&mut accepted, read_size).await;
+        sender.await.unwrap();
+        server.shared.link.read_through_bytes()
+    }
+
+    #[tokio::test]
+    async fn large_reads_take_bodies_straight_from_the_link_and_every_byte_arrives() {
+        let through = within(30, "read-through", transfer(256 * 1024)).await;
+        assert!(
+            through > 0 && through <= TOTAL as u64,
+            "a waiting reader with room read bodies through ({through} bytes)"
+        );
+    }
+
+    /// Reads into uninitialised room (`read_buf` into a `BytesMut`, as the rpc layer reads
+    /// frames) take bodies through as well, and every byte arrives in place.
+    #[tokio::test]
+    async fn reads_into_uninitialised_room_take_bodies_straight_from_the_link() {
+        within(30, "read-through into uninitialised room", async {
+            let (a, b) = tokio::io::duplex(1 << 20);
+            let (_client, server, dialed, mut accepted) = channel(a, b).await;
+            let sender = tokio::spawn(send_pattern(dialed));
+            let mut at = 0;
+            loop {
+                let mut buf = bytes::BytesMut::with_capacity(512 * 1024);
+                let n = accepted.read_buf(&mut buf).await.unwrap();
+                if n == 0 {
+                    break;
+                }
+                assert_eq!(buf.len(), n, "filled exactly what was read");
+                for (k, b) in buf.iter().enumerate() {
+                    assert_eq!(*b, byte(at + k), "byte {} differs", at + k);
+                }
+                at += n;
+            }
+            assert_eq!(at, TOTAL, "every byte, then the end");
+            sender.await.unwrap();
+            let through = server.shared.link.read_through_bytes();
+            assert!(through > 0, "bodies were read through ({through} bytes)");
+        })
+        .await;
+    }
+
+    #[tokio::test]
+    async fn small_reads_are_served_from_the_buffer() {
+        assert_eq!(within(60, "small reads", transfer(4096)).await, 0);
+    }
+
+    #[cfg(unix)]
+    #[tokio::test]
+    async fn a_read_through_stops_at_a_batch_of_fds() {
+        use netchan_testkit::fds::{contents, unlinked_file};
+        use std::os::fd::AsFd;
+        within(30, "read-through and fds", async {
+            let (a, b) = tokio::net::UnixStream::pair().unwrap();
+            let builder = Session::builder_with_fds(b, Mode::Server, Config::default());
+            let mut listener = builder.listen("fds").unwrap();
+            let server = builder.start();
+            let client = Session::with_fds(a, Mode::Client, Config::default());
+            let (dialed, accepted) = tokio::join!(client.dial("fds"), listener.accept());
+            let (mut tx, mut rx) = (dialed.unwrap(), accepted.unwrap());
+            const HALF: usize = 600 * 1024;
+            let file = unlinked_file("after the first half");
+            let sender = tokio::spawn(async move {
+                tx.write_all(&vec![1u8; HALF]).await.unwrap();
+                tx.send_fds(&[file.as_fd()]).unwrap();
+                tx.write_all(&vec![2u8; HALF]).await.unwrap();
+                tx.shutdown().await.unwrap();
+            });
+            let mut buf = vec![0u8; 1024 * 1024];
+            let mut first = 0;
+            let mut fds = Vec::new();
+            while first < HALF {
+                let n = rx.read(&mut buf).await.unwrap();
+                assert!(n > 0 && first + n <= HALF, "no read crosses the batch");
+                assert!(buf[..n].iter().all(|b| *b == 1));
+                first += n;
+                fds.extend(rx.take_fds());
+                assert!(
+                    fds.is_empty() || first == HALF,
+                    "not takeable before its place"
+                );
+            }
+            // The batch travels after the first half: once a read has returned bytes from
+            // beyond it, it is certainly here (it may be before, too).
+            let mut second = 0;
+            loop {
+                let n = rx.read(&mut buf).await.unwrap();
+                if n == 0 {
+                    break;
+                }
+                assert!(buf[..n].iter().all(|b| *b == 2));
+                if second == 0 {
+                    fds.extend(rx.take_fds());
+                }
+                second += n;
+            }
+            assert_eq!(fds.len(), 1, "the batch, once the bytes before it are read");
+            assert_eq!(
+                contents(fds.into_iter().next().unwrap()),
+                "after the first half"
+            );
+            assert_eq!(second, HALF);
+            sender.await.unwrap();
+            assert!(server.shared.link.read_through_bytes() > 0);
+        })
+        .await;
     }
 }

@@ -295,3 +295,53 @@ async fn keepalive_with_a_huge_timeout_does_not_overflow_and_panic_the_driver() 
         assert_eq!(reply, b"alive");
     }
 }
+
+/// A peer's new stream whose handshake request never comes: a yamux Data frame with SYN on
+/// stream `id` and no body. The handshake task serving it waits for the request.
+fn stalled_open(id: u32) -> [u8; 12] {
+    let mut frame = [0u8; 12];
+    frame[2..4].copy_from_slice(&1u16.to_be_bytes()); // SYN
+    frame[4..8].copy_from_slice(&id.to_be_bytes());
+    frame
+}
+
+/// Every task a session spawns (its driver, the handshakes of inbound channels) has
+/// returned once `close()` resolves, and once `closed()` does when the peer ends the link:
+/// the runtime counts no task of it left, even with handshakes in flight.
+#[tokio::test(flavor = "current_thread")]
+async fn no_task_outlives_its_session() {
+    let metrics = tokio::runtime::Handle::current().metrics();
+    let before = metrics.num_alive_tasks();
+    let config = Config::default().handshake_timeout(Duration::from_secs(60));
+
+    // Ended by `close()`.
+    let (mut peer, ours) = tokio::io::duplex(64 * 1024);
+    let server = netchan_mux::Session::server(ours, config.clone());
+    let _listener = server.listen("x").unwrap();
+    peer.write_all(&stalled_open(1)).await.unwrap();
+    peer.write_all(&stalled_open(3)).await.unwrap();
+    // Both handshakes are being served: the driver and two tasks.
+    within(5, "the handshakes start", async {
+        while metrics.num_alive_tasks() < before + 3 {
+            tokio::task::yield_now().await;
+        }
+    })
+    .await;
+    within(5, "close", server.close()).await;
+    assert_eq!(metrics.num_alive_tasks(), before, "every task returned");
+
+    // Ended by the peer (its end of the link gone).
+    let (mut peer, ours) = tokio::io::duplex(64 * 1024);
+    let server = netchan_mux::Session::server(ours, config);
+    peer.write_all(&stalled_open(1)).await.unwrap();
+    within(5, "the handshake starts", async {
+        while metrics.num_alive_tasks() < before + 2 {
+            tokio::task::yield_now().await;
+        }
+    })
+    .await;
+    drop(peer);
+    let reason = within(5, "the end", server.closed()).await;
+    assert!(matches!(reason, CloseReason::Io(_)), "{reason:?}");
+    assert_eq!(metrics.num_alive_tasks(), before, "every task returned");
+}

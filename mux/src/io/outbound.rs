@@ -6,7 +6,8 @@
 //! the driver task on the common path. Either way the writes are made with the driver's
 //! waker, so when the link is full it is the driver that is woken once it drains.
 
-use crate::{link::LinkWrite, proto::Frame};
+use super::transport::LinkWrite;
+use crate::proto::Frame;
 use std::{
     collections::VecDeque,
     io::{self, IoSlice},

@@ -1,0 +1,506 @@
+//! The I/O room: the only code that touches a session's byte stream. It sits on the core
+//! (`proto/`, which it takes by reference, as [`Core`]) and under the handles and the
+//! driver task, which call in here and never touch the stream themselves.
+//!
+//! - `transport.rs` (and `transport/unix.rs`) — the byte stream's two halves as the room
+//!   uses them, with file descriptors on a unix socket that carries them;
+//! - `inbound.rs` — the read side: bytes in, frames to the core, and the read-through;
+//! - `outbound.rs` — the write side: vectored writes of the frames the core queued;
+//! - `side.rs` — turn-taking on one side between the driver and the handles;
+//! - this file — [`Link`], which owns both sides, the driver's wakers and the writers
+//!   waiting for the link, and the contract below.
+//!
+//! # Who touches the socket when
+//!
+//! Each side of the link (read, write) is held by one task at a time, and nobody waits for
+//! it: whoever finds it taken does something else.
+//!
+//! - **The driver task** takes each side on every turn ([`Link::poll_read`],
+//!   [`Link::poll_write`]): it reads and parses what arrived and writes what the core queued.
+//!   Finding a side taken by a handle, it leaves a note and skips it; the handle wakes it on
+//!   letting go. Nothing is read from the link unless the driver runs.
+//! - **A handle that queued output** ([`Link::send_now`]) or writes a frame
+//!   ([`Link::try_write_direct`]: header and body straight from its buffer, the one-channel
+//!   fast path) does so itself when the write side is free and nothing is queued ahead. It
+//!   writes with the driver's waker (the io waker), so a full socket wakes the driver, which
+//!   finishes the write; the handle never waits on the socket.
+//! - **A writer of a large buffer** on a contended link waits for the link to be free
+//!   ([`Link::wait_for_link`]) instead of copying its bytes into the queue; whoever leaves
+//!   the write side idle wakes the waiters.
+//! - **A reader** may take the read side only when the link's next bytes are the body of a
+//!   data frame for its own stream ([`Link::try_read_through`], the other fast path): it reads
+//!   them straight into its buffer, with the driver's waker. The driver leaves such a body on
+//!   the link for one turn when its reader is about to run (it yields to it), and a reader
+//!   that ends a body wakes the driver to read the frames after it.
+//! - **The end** ([`Link::release`]) drops both halves: from then on nobody touches the
+//!   socket.
+//!
+//! Lock order: a side, then the core; never both sides at once.
+
+mod inbound;
+mod outbound;
+mod side;
+pub(crate) mod transport;
+
+use crate::proto::{Connection, StreamError, Violation};
+use futures::task::AtomicWaker;
+use inbound::{Failed, Inbound, Through, READ_THROUGH_MIN};
+use outbound::{Outbound, WRITE_BATCH};
+use side::LinkSide;
+use std::{
+    future::Future,
+    io,
+    pin::Pin,
+    sync::{
+        atomic::{AtomicBool, AtomicU64, Ordering},
+        Mutex, MutexGuard,
+    },
+    task::{Context, Poll, Waker},
+};
+use tokio::{io::ReadBuf, time::Instant};
+use transport::{LinkRead, LinkWrite};
+
+/// The yamux state of one session behind its lock, shared by the I/O room and the handles.
+/// Locked for one short, non-blocking call at a time, never across `.await`.
+pub(crate) struct Core(Mutex<Connection>);
+
+impl Core {
+    pub(crate) fn new(connection: Connection) -> Core {
+        Core(Mutex::new(connection))
+    }
+
+    pub(crate) fn lock(&self) -> MutexGuard<'_, Connection> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// The bounds the driver's reads keep (from the session's config).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct ReadLimits {
+    /// Output queued in the core beyond which nothing more is read: a peer that does not read
+    /// what we send (answers to its pings, window updates, resets) gets nothing more read
+    /// until it does.
+    pub(crate) out_limit: usize,
+    /// File descriptors received and not yet claimed by a frame, at most.
+    pub(crate) max_fds: usize,
+}
+
+/// The driver's own state between its reads (see [`Link::poll_read`]).
+pub(crate) struct ReadTurn {
+    /// Lets the readers run before the driver reads on, when one of them may read a body
+    /// straight into its own buffer.
+    yielding: Option<Pin<Box<dyn Future<Output = ()> + Send>>>,
+    /// When bytes last arrived, by the driver's reads or a reader's (keepalive).
+    pub(crate) last_read: Instant,
+}
+
+impl ReadTurn {
+    pub(crate) fn new() -> ReadTurn {
+        ReadTurn {
+            yielding: None,
+            last_read: Instant::now(),
+        }
+    }
+}
+
+/// What a read by the driver found.
+pub(crate) enum Read {
+    /// Nothing this turn: no bytes, the side taken by a reader, a reader given the turn, or
+    /// the output queue full.
+    Nothing,
+    /// Bytes arrived and were handed to the core; the streams the peer opened with them.
+    Frames(Vec<u32>),
+    /// The byte stream ended.
+    Eof,
+    /// Reading failed (the driver's read or a reader's).
+    Failed(io::Error),
+    /// The peer broke the protocol.
+    Violation(Violation),
+}
+
+/// The link of one session: its two sides, the driver's wakers and the writers waiting for
+/// it (see the module docs for who touches what when).
+pub(crate) struct Link {
+    /// Wakes the driver: output queued, a side let go, close requested, a channel gone.
+    driver: AtomicWaker,
+    /// The driver's waker, for reads and writes made by handles on its behalf.
+    io_waker: Mutex<Option<Waker>>,
+    /// The write side, installed when the session is built.
+    outbound: LinkSide<Outbound>,
+    /// The read side, installed when the session is built.
+    inbound: LinkSide<Inbound>,
+    /// Writers of large buffers waiting for the link to be free, so that their bytes go out
+    /// straight from their buffers instead of being copied into the output queue; woken
+    /// whenever the link is left idle (see [`Link::wait_for_link`]). At most one per stream.
+    waiters: Mutex<Vec<Waker>>,
+    waiting: AtomicBool,
+    /// Set while the driver yields to the readers (see [`Link::poll_read`]).
+    yielding: AtomicBool,
+    /// The driver runs on a multi-thread runtime (see [`Link::wake_after_body`]).
+    multi_thread: AtomicBool,
+    /// Bytes readers took straight from the link (read-through), for tests.
+    read_through: AtomicU64,
+    limits: ReadLimits,
+}
+
+impl Link {
+    pub(crate) fn new(
+        read: Box<dyn LinkRead>,
+        write: Box<dyn LinkWrite>,
+        limits: ReadLimits,
+    ) -> Link {
+        let link = Link {
+            driver: AtomicWaker::new(),
+            io_waker: Mutex::new(None),
+            outbound: LinkSide::new(),
+            inbound: LinkSide::new(),
+            waiters: Mutex::new(Vec::new()),
+            waiting: AtomicBool::new(false),
+            yielding: AtomicBool::new(false),
+            multi_thread: AtomicBool::new(false),
+            read_through: AtomicU64::new(0),
+            limits,
+        };
+        *link.outbound.lock() = Some(Outbound::new(write));
+        *link.inbound.lock() = Some(Inbound::new(read));
+        link
+    }
+
+    /// Records the runtime flavour the driver runs on (see [`Link::wake_after_body`]).
+    pub(crate) fn set_multi_thread(&self, multi_thread: bool) {
+        self.multi_thread.store(multi_thread, Ordering::Relaxed);
+    }
+
+    /// Wakes the driver task.
+    pub(crate) fn wake_driver(&self) {
+        self.driver.wake();
+    }
+
+    /// Remembers the driver's waker (called by the driver on every turn): for the wakes of
+    /// [`Link::wake_driver`], and as the waker of the reads and writes handles make.
+    pub(crate) fn register_driver(&self, waker: &Waker) {
+        self.driver.register(waker);
+        let mut slot = self.io_waker.lock().unwrap_or_else(|e| e.into_inner());
+        if !slot.as_ref().is_some_and(|w| w.will_wake(waker)) {
+            *slot = Some(waker.clone());
+        }
+    }
+
+    fn io_waker(&self) -> Option<Waker> {
+        self.io_waker
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Bytes readers took straight from the link so far.
+    #[cfg(test)]
+    pub(crate) fn read_through_bytes(&self) -> u64 {
+        self.read_through.load(Ordering::Relaxed)
+    }
+
+    /// Ends the link: drops both sides (nothing more is read or written; the socket closes
+    /// with them) and wakes the writers waiting for it.
+    pub(crate) fn release(&self) {
+        *self.outbound.lock() = None;
+        *self.inbound.lock() = None;
+        self.link_free();
+    }
+
+    // The handles' side.
+
+    /// Called by a handle that just queued output: writes it now if nobody else is writing
+    /// (with the driver's waker, so a full link wakes the driver), else leaves it to the
+    /// driver.
+    pub(crate) fn send_now(&self, core: &Core) {
+        let (Some(waker), Some(mut hold)) = (self.io_waker(), self.outbound.try_hold(&self.driver))
+        else {
+            self.driver.wake();
+            return;
+        };
+        let Some(out) = hold.get() else {
+            drop(hold);
+            self.driver.wake();
+            return;
+        };
+        let mut cx = Context::from_waker(&waker);
+        if let Err(e) = out.poll_send(&mut cx, |q| core.lock().take_output(WRITE_BATCH, q)) {
+            out.fail(e);
+            drop(hold);
+            self.driver.wake();
+        }
+    }
+
+    /// A write on stream `id` made straight from the caller's buffer: header and body leave
+    /// in one vectored write, without copying the body, when nobody else is writing and
+    /// nothing is queued ahead. `None` when that is not possible right now (the caller then
+    /// queues the write instead).
+    pub(crate) fn try_write_direct(
+        &self,
+        core: &Core,
+        id: u32,
+        buf: &[u8],
+        waker: &Waker,
+    ) -> Option<Poll<Result<usize, StreamError>>> {
+        let io_waker = self.io_waker()?;
+        let mut hold = self.outbound.try_hold(&self.driver)?;
+        let out = hold.get()?;
+        if !out.is_idle() {
+            return None;
+        }
+        let header = match core.lock().write_direct(id, buf.len(), waker)? {
+            Poll::Ready(Ok(Some(header))) => header,
+            Poll::Ready(Ok(None)) => return Some(Poll::Ready(Ok(0))),
+            Poll::Ready(Err(e)) => return Some(Poll::Ready(Err(e))),
+            Poll::Pending => return Some(Poll::Pending),
+        };
+        let n = header.length as usize;
+        let mut cx = Context::from_waker(&io_waker);
+        let sent = out
+            .write_frame(&mut cx, header.encode(), &buf[..n])
+            .and_then(|()| {
+                // Frames queued meanwhile, and the flush.
+                out.poll_send(&mut cx, |q| core.lock().take_output(WRITE_BATCH, q))
+                    .map(|_| ())
+            });
+        let idle = out.is_idle();
+        if let Err(e) = sent {
+            // The link failed: the driver ends the session with this error.
+            out.fail(e);
+            drop(hold);
+            self.driver.wake();
+        } else if idle {
+            drop(hold);
+            self.link_free();
+        }
+        Some(Poll::Ready(Ok(n)))
+    }
+
+    /// Called by a writer of a large buffer that could not write it straight to the link:
+    /// rather than copying its bytes into the output queue, it waits for the link to be free,
+    /// as a writer on a busy socket does. `false` if it should not wait (the stream cannot
+    /// take the write now anyway, or the session is ending): the caller then goes the usual
+    /// way, which reports why.
+    ///
+    /// Only when the link is contended: another task is writing, other streams' frames are
+    /// queued, or other writers already wait. A lone writer that found the socket full copies
+    /// instead: that keeps the link fed without a task hop.
+    pub(crate) fn wait_for_link(&self, core: &Core, id: u32, waker: &Waker) -> bool {
+        let contended = self.outbound.is_taken(&self.driver) || self.waiting.load(Ordering::SeqCst);
+        {
+            let mut core = core.lock();
+            if !(contended || core.others_queued(id)) || !core.can_write_now(id) {
+                return false;
+            }
+        }
+        {
+            let mut waiters = self.waiters.lock().unwrap_or_else(|e| e.into_inner());
+            if !waiters.iter().any(|w| w.will_wake(waker)) {
+                waiters.push(waker.clone());
+            }
+            self.waiting.store(true, Ordering::SeqCst);
+        }
+        // The driver wakes the waiters once the link is idle, whoever holds it now.
+        self.driver.wake();
+        true
+    }
+
+    /// The link is idle: wakes the writers waiting for it.
+    fn link_free(&self) {
+        if self.waiting.swap(false, Ordering::SeqCst) {
+            let waiters =
+                std::mem::take(&mut *self.waiters.lock().unwrap_or_else(|e| e.into_inner()));
+            for w in waiters {
+                w.wake();
+            }
+        }
+    }
+
+    /// A read on stream `id` made straight from the link into the caller's buffer, when the
+    /// link's next bytes are the body of a data frame on that stream and nothing read before
+    /// them is waiting (see `inbound.rs`). `None` when that is not possible right now (the
+    /// caller then reads what the driver buffered, or waits for it).
+    pub(crate) fn try_read_through(
+        &self,
+        core: &Core,
+        id: u32,
+        buf: &mut ReadBuf<'_>,
+        waker: &Waker,
+    ) -> Option<Poll<Result<(), StreamError>>> {
+        if buf.remaining() < READ_THROUGH_MIN {
+            return None;
+        }
+        let io_waker = self.io_waker()?;
+        let mut hold = self.inbound.try_hold(&self.driver)?;
+        let inbound = hold.get()?;
+        if !inbound.may_read_through(id) {
+            return None;
+        }
+        // Under the read side's lock nothing more is parsed, so if the stream has nothing
+        // buffered now, the link's next bytes are the first it has not read.
+        if !core.lock().wait_readable(id, waker) {
+            return None;
+        }
+        let now = std::time::Instant::now();
+        // The link reads into the caller's room as it is: uninitialised room is not zeroed
+        // first (except on a link that carries fds, whose `recvmsg` needs it initialised).
+        let mut cx = Context::from_waker(&io_waker);
+        let through = inbound.read_through(id, &mut cx, buf, |piece| {
+            core.lock().on_read_through(piece, now)
+        });
+        drop(hold);
+        match through {
+            Through::Read { n, ended_body } => {
+                self.read_through.fetch_add(n as u64, Ordering::Relaxed);
+                if ended_body && self.wake_after_body() {
+                    self.driver.wake();
+                }
+                // The read may have earned the peer a window update.
+                self.send_now(core);
+                Some(Poll::Ready(Ok(())))
+            }
+            // Waits for the driver (its waker is registered with the core above).
+            Through::NotHere | Through::Pending => Some(Poll::Pending),
+            Through::Driver => {
+                self.driver.wake();
+                Some(Poll::Pending)
+            }
+        }
+    }
+
+    /// Whether a reader whose read-through ended a body should wake the driver.
+    ///
+    /// The frames after the body may be on the link already with nobody woken for them: the
+    /// link wakes the driver for an arrival only after a read of its found nothing, and the
+    /// reader's read found bytes. Woken, the driver reads on now, not at the next arrival,
+    /// which may be a round trip away (the peer may wait for the window update the read
+    /// earned it). On a multi-thread runtime that wake is worth it even while the driver
+    /// yields to its readers: a yielding task comes back only once its worker has run the
+    /// other tasks it holds. On a current-thread runtime the yield brings the driver back
+    /// right after the tasks already woken, once the runtime has polled the link, and waking
+    /// it earlier only runs it before the bytes it would read have arrived.
+    pub(crate) fn wake_after_body(&self) -> bool {
+        self.multi_thread.load(Ordering::Relaxed) || !self.yielding.load(Ordering::SeqCst)
+    }
+
+    // The driver's side.
+
+    /// The driver's read: reads what the link has and feeds every complete frame to the
+    /// core. Yields to a reader about to read a body through (once per piece of body).
+    pub(crate) fn poll_read(&self, core: &Core, cx: &mut Context<'_>, turn: &mut ReadTurn) -> Read {
+        if let Some(yielding) = &mut turn.yielding {
+            if yielding.as_mut().poll(cx).is_pending() {
+                return Read::Nothing;
+            }
+            turn.yielding = None;
+            self.yielding.store(false, Ordering::SeqCst);
+        }
+        // A reader reading a body through holds the read side; it wakes us when done.
+        let Some(mut guard) = self.inbound.for_driver() else {
+            return Read::Nothing;
+        };
+        let Some(inbound) = guard.as_mut() else {
+            return Read::Nothing;
+        };
+        // A reader's read-through counts as liveness too.
+        turn.last_read = inbound.last_read;
+        match inbound.failed.take() {
+            Some(Failed::Violation(v)) => return Read::Violation(v),
+            Some(Failed::Io(e)) => return Read::Failed(e),
+            None => {}
+        }
+        {
+            let mut core = core.lock();
+            if core.out_bytes() >= self.limits.out_limit {
+                return Read::Nothing;
+            }
+            if inbound.defer_to_reader(&mut core) {
+                // Back after the tasks already woken (the reader among them) have run.
+                drop(core);
+                drop(guard);
+                let mut yielding = Box::pin(tokio::task::yield_now());
+                if yielding.as_mut().poll(cx).is_pending() {
+                    self.yielding.store(true, Ordering::SeqCst);
+                    turn.yielding = Some(yielding);
+                }
+                return Read::Nothing;
+            }
+        }
+        match inbound.poll_fill(cx) {
+            Poll::Ready(Ok(0)) => Read::Eof,
+            Poll::Ready(Ok(_)) => {
+                turn.last_read = inbound.last_read;
+                match inbound.parse(&mut core.lock(), std::time::Instant::now()) {
+                    // Fds sent without a frame to claim them must not pile up either.
+                    Ok(_) if inbound.fds.len() > self.limits.max_fds => {
+                        Read::Violation(Violation::TooManyFds {
+                            limit: self.limits.max_fds,
+                        })
+                    }
+                    Ok(accepted) => Read::Frames(accepted),
+                    Err(v) => Read::Violation(v),
+                }
+            }
+            Poll::Ready(Err(e)) => Read::Failed(e),
+            Poll::Pending => Read::Nothing,
+        }
+    }
+
+    /// The driver's write: writes the frames the core queued, unless a handle is writing
+    /// (it wakes the driver when done). Returns (wrote something, everything sent and
+    /// flushed).
+    pub(crate) fn poll_write(&self, core: &Core, cx: &mut Context<'_>) -> io::Result<(bool, bool)> {
+        let Some(guard) = self.outbound.for_driver() else {
+            return Ok((false, false));
+        };
+        self.send_with(core, cx, guard)
+    }
+
+    /// Writes what the core queued, waiting for a handle's write in progress (one frame at
+    /// most): for the last frames of a session ending at once (a GoAway after a violation).
+    pub(crate) fn send_last(&self, core: &Core, cx: &mut Context<'_>) {
+        let _ = self.send_with(core, cx, self.outbound.lock());
+    }
+
+    fn send_with(
+        &self,
+        core: &Core,
+        cx: &mut Context<'_>,
+        mut guard: MutexGuard<'_, Option<Outbound>>,
+    ) -> io::Result<(bool, bool)> {
+        let Some(out) = guard.as_mut() else {
+            return Ok((false, true));
+        };
+        let sent = out.poll_send(cx, |q| core.lock().take_output(WRITE_BATCH, q));
+        drop(guard);
+        if matches!(sent, Ok((_, true))) {
+            self.link_free();
+        }
+        sent
+    }
+
+    /// Shuts the write direction down (the peer reads the end of the stream); errors do not
+    /// matter any more at that point.
+    pub(crate) fn shutdown(&self, cx: &mut Context<'_>) {
+        if let Some(out) = self.outbound.lock().as_mut() {
+            let _ = out.poll_shutdown(cx);
+        }
+    }
+
+    /// One read by hand, without yielding to readers: for tests that play the driver.
+    #[cfg(test)]
+    pub(crate) fn fill_and_parse(&self, core: &Core, cx: &mut Context<'_>) -> Vec<u32> {
+        let mut guard = self.inbound.lock();
+        let inbound = guard.as_mut().expect("the link is installed");
+        assert!(inbound.poll_fill(cx).is_ready(), "the link has bytes");
+        inbound
+            .parse(&mut core.lock(), std::time::Instant::now())
+            .expect("well-formed frames")
+    }
+
+    /// Sets whether the driver is yielding to its readers, for tests that play the driver.
+    #[cfg(test)]
+    pub(crate) fn set_yielding(&self, yielding: bool) {
+        self.yielding.store(yielding, Ordering::SeqCst);
+    }
+}
