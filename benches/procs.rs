@@ -24,7 +24,8 @@
 //!
 //! Run: `cargo bench -p netchan --bench procs` (a few minutes at most); add `-- --quick` for a
 //! short pass, `-- --rounds N` to change the number of rounds, and `NETCHAN_PROCS_ONLY=word`
-//! to run only the rows whose name contains `word`.
+//! to run only the rows whose name contains `word`. For profiling, `-- --variant LABEL` runs only
+//! that variant of each row (`raw`, `channel`, `tcp`...), with no raw samples in between.
 
 use std::{
     io::{BufRead, BufReader},
@@ -731,6 +732,10 @@ fn main() {
         }
     };
     let only = std::env::var("NETCHAN_PROCS_ONLY").ok();
+    let profile = args
+        .iter()
+        .position(|a| a == "--variant")
+        .and_then(|i| args.get(i + 1).cloned());
     let rt = tokio::runtime::Runtime::new().expect("bench runtime");
     println!(
         "== netchan vs raw TCP, separate processes ({rounds} rounds, medians; {} MiB bulk) ==",
@@ -738,6 +743,17 @@ fn main() {
     );
     for row in rows() {
         if only.as_deref().is_some_and(|w| !row.name.contains(w)) {
+            continue;
+        }
+        if let Some(label) = &profile {
+            // One variant alone, for profilers: no raw samples in between.
+            let workload = std::iter::once(("raw", row.raw))
+                .chain(row.netchan.iter().copied())
+                .find(|(l, _)| l == label);
+            if let Some((_, workload)) = workload {
+                let v: Vec<f64> = (0..rounds).map(|_| sample(&rt, workload, sizes)).collect();
+                println!("{:<46} {label} {:>10}", row.name, row.unit.show(median(v)));
+            }
             continue;
         }
         let mut raw = Vec::new();
