@@ -45,11 +45,13 @@ pub enum Error {
         max: usize,
     },
     /// A message we were asked to send is larger than the maximum message
-    /// size; nothing was written.
-    #[error("message exceeds the {max}-byte limit; refused before sending")]
+    /// size, ours or the one the peer announced; nothing was written.
+    #[error("message exceeds {} limit of {max} bytes; refused before sending", whose(*.by_peer))]
     MessageTooLarge {
-        /// The configured maximum.
+        /// The limit it is over.
         max: usize,
+        /// Whether that is the peer's announced `max_message_size` (else ours).
+        by_peer: bool,
     },
     /// The peer began a frame but did not complete it within the frame
     /// deadline ([`Config::frame_timeout`](crate::Config::frame_timeout)).
@@ -112,6 +114,14 @@ impl Error {
             Error::Encode(e) => Status::internal(format!("{self}: {e}")),
             _ => Status::conn_lost(chain(self)),
         }
+    }
+}
+
+fn whose(by_peer: bool) -> &'static str {
+    if by_peer {
+        "the peer's"
+    } else {
+        "our"
     }
 }
 
