@@ -163,7 +163,11 @@ async fn connect_errors_name_the_address_and_the_problem() {
     .await
     .unwrap_err();
     assert!(matches!(err, ConnectError::Io { .. }), "{err:?}");
-    assert!(err.to_string().contains("nobody.sock"), "{err}");
+    // The cause is in the message itself (issue 24, item 10), and not
+    // repeated as a source.
+    assert!(err.to_string().contains("nobody.sock: "), "{err}");
+    assert!(err.to_string().contains("No such file"), "{err}");
+    assert!(std::error::Error::source(&err).is_none());
     let _ = std::fs::remove_dir_all(&dir);
 
     let err = within(

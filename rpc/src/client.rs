@@ -262,6 +262,8 @@ impl Client {
             config,
             fds: FdLink::of(&conn),
         });
+        // First after the preamble, ahead of any request.
+        shared.outbox.announce_limit();
         let fd_link = FdLink::of(&conn);
         let reader_fds = fd_link.clone();
         let (rd, mut wr) = tokio::io::split(conn);
@@ -520,8 +522,13 @@ impl Client {
                 Error::Closed => shared
                     .closed_status()
                     .unwrap_or_else(|| Status::conn_lost("rpc conn closed")),
-                Error::MessageTooLarge { max } => Status::resource_exhausted(format!(
-                    "request to {method} exceeds the {max}-byte message limit; not sent"
+                Error::MessageTooLarge { max, by_peer } => Status::resource_exhausted(format!(
+                    "request to {method} is over {} max_message_size of {max} bytes; not sent",
+                    if by_peer {
+                        "the server's"
+                    } else {
+                        "this client's"
+                    }
                 )),
                 e => e.to_status(),
             })?;

@@ -19,9 +19,14 @@ pub const MIN_MESSAGE_SIZE: usize = 512;
 #[non_exhaustive]
 pub struct Config {
     /// Largest encoded message (one frame: envelope plus payload) sent or
-    /// accepted. Sending a larger one fails that call with
-    /// `ResourceExhausted` before anything is written; receiving a larger
-    /// length prefix ends the conn before any buffer is allocated. Values
+    /// accepted. Each side announces it when the conn starts, and sends
+    /// nothing larger than the smaller of its own and the peer's: a larger
+    /// message fails that call with `ResourceExhausted` naming whose limit
+    /// it is over, before anything is written. A larger message that
+    /// arrives anyway (sent before the peer learned this limit) is dropped
+    /// unread and its call alone fails the same way; from a peer that
+    /// announced no limit it ends the conn, before any buffer is allocated
+    /// (see `docs/protocol.md`, Part 2). Values
     /// above [`MAX_MESSAGE_SIZE_CAP`] are clamped to it, values below
     /// [`MIN_MESSAGE_SIZE`] raised to it. Default: 16 MiB.
     pub max_message_size: usize,

@@ -12,9 +12,10 @@ use crate::{codec::CodecError, Status};
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
-    /// Reading or writing the conn failed.
-    #[error("i/o error on rpc conn")]
-    Io(#[from] io::Error),
+    /// Reading or writing the conn failed (the cause is in the message, so
+    /// not also a `source`, as with [`Status`]).
+    #[error("i/o error on rpc conn: {0}")]
+    Io(io::Error),
     /// The peer's first bytes were not the netchan-rpc preamble.
     #[error("peer is not speaking netchan-rpc (preamble bytes {got:02x?})")]
     BadPreamble {
@@ -45,11 +46,13 @@ pub enum Error {
         max: usize,
     },
     /// A message we were asked to send is larger than the maximum message
-    /// size; nothing was written.
-    #[error("message exceeds the {max}-byte limit; refused before sending")]
+    /// size, ours or the one the peer announced; nothing was written.
+    #[error("message exceeds {} limit of {max} bytes; refused before sending", whose(*.by_peer))]
     MessageTooLarge {
-        /// The configured maximum.
+        /// The limit it is over.
         max: usize,
+        /// Whether that is the peer's announced `max_message_size` (else ours).
+        by_peer: bool,
     },
     /// The peer began a frame but did not complete it within the frame
     /// deadline ([`Config::frame_timeout`](crate::Config::frame_timeout)).
@@ -86,11 +89,11 @@ pub enum Error {
         limit: usize,
     },
     /// The peer sent a frame that does not decode.
-    #[error("malformed frame from peer")]
-    Malformed(#[source] CodecError),
+    #[error("malformed frame from peer: {0}")]
+    Malformed(CodecError),
     /// A message could not be encoded.
-    #[error("could not encode message")]
-    Encode(#[source] CodecError),
+    #[error("could not encode message: {0}")]
+    Encode(CodecError),
     /// The peer sent a well-formed frame that breaks the protocol.
     #[error("protocol violation by peer: {reason}")]
     Protocol {
@@ -102,6 +105,12 @@ pub enum Error {
     Closed,
 }
 
+impl From<io::Error> for Error {
+    fn from(error: io::Error) -> Error {
+        Error::Io(error)
+    }
+}
+
 impl Error {
     /// The status a caller sees when its call fails because of this error.
     pub(crate) fn to_status(&self) -> Status {
@@ -109,9 +118,17 @@ impl Error {
             Error::MessageTooLarge { .. } | Error::OutboundFull { .. } => {
                 Status::resource_exhausted(self.to_string())
             }
-            Error::Encode(e) => Status::internal(format!("{self}: {e}")),
+            Error::Encode(_) => Status::internal(self.to_string()),
             _ => Status::conn_lost(chain(self)),
         }
+    }
+}
+
+fn whose(by_peer: bool) -> &'static str {
+    if by_peer {
+        "the peer's"
+    } else {
+        "our"
     }
 }
 
@@ -125,4 +142,22 @@ pub(crate) fn chain(err: &dyn std::error::Error) -> String {
         cur = e.source();
     }
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Issue 24, item 10: the cause is in the message, as with `Status`,
+    /// and not repeated as a source.
+    #[test]
+    fn an_io_error_shows_its_cause_once() {
+        let err = Error::from(io::Error::other("connection reset by peer"));
+        assert_eq!(
+            err.to_string(),
+            "i/o error on rpc conn: connection reset by peer"
+        );
+        assert!(std::error::Error::source(&err).is_none());
+        assert_eq!(chain(&err), err.to_string());
+    }
 }

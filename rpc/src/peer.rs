@@ -6,7 +6,7 @@ use netchan_mux::Session;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use crate::{context::Origin, Client, Server};
+use crate::{context::Origin, Client, Config, Server};
 
 /// The mux channel name both sides of a [`Peer`] listen on and dial.
 pub const PEER_CHANNEL: &str = "netchan-rpc/peer";
@@ -118,9 +118,35 @@ impl Peer {
     /// (default 10 s): then [`PeerError::Timeout`]. One `Peer` per session
     /// (the channel name is taken while connecting).
     ///
+    /// Settings: `server`'s [`Config`] governs both halves here, serving
+    /// the other side's calls and this side's client to it;
+    /// [`Peer::connect_with`] gives the client its own.
+    ///
     /// Not cancel-safe: a dropped `connect` abandons the half-built link,
     /// and the other side's `connect` times out.
     pub async fn connect(session: &Session, server: Server) -> Result<Peer, PeerError> {
+        let client = server.config().clone();
+        Peer::connect_with(session, server, client).await
+    }
+
+    /// [`Peer::connect`], with `client` as the settings of this side's
+    /// client to the other side. Which settings apply where:
+    ///
+    /// - `server.config()` governs serving the other side's calls (the limits
+    ///   on its requests: `max_in_flight`, `max_in_flight_bytes`,
+    ///   `max_outbound_bytes`; the message size it accepts and announces on
+    ///   that conn; timeouts there), and bounds the wait for the other side
+    ///   to set up its `Peer` (`handshake_timeout`);
+    /// - `client` governs this side's calls (the message size it accepts and
+    ///   announces on its conn, `stream_window`, `write_queue_bytes`, the
+    ///   frame, handshake and write-stall timeouts there).
+    ///
+    /// Not cancel-safe, as [`Peer::connect`].
+    pub async fn connect_with(
+        session: &Session,
+        server: Server,
+        client: Config,
+    ) -> Result<Peer, PeerError> {
         let mux = |source| PeerError::Mux {
             name: PEER_CHANNEL,
             source,
@@ -148,7 +174,7 @@ impl Peer {
         // Frees the name; a later dial to it is refused.
         drop(listener);
 
-        let client = Client::with_config(outgoing, server.config().clone());
+        let client = Client::with_config(outgoing, client);
         let origin = Origin {
             label: Some(Arc::from("peer")),
             callback: Some(client.downgrade()),

@@ -16,7 +16,10 @@
 use std::{
     io::{self, IoSlice, Write},
     pin::pin,
-    sync::{Mutex, MutexGuard},
+    sync::{
+        atomic::{AtomicUsize, Ordering},
+        Mutex, MutexGuard,
+    },
     time::Duration,
 };
 
@@ -29,8 +32,9 @@ use tokio::{
 
 use crate::{
     codec::{self, CodecError},
+    config::{MAX_MESSAGE_SIZE_CAP, MIN_MESSAGE_SIZE},
     fds::{FdBatch, FdLink},
-    wire::{Header, LEN_PREFIX, MAX_TIMEOUT, PREAMBLE, VERSION},
+    wire::{Frame, Header, CONN_ID, LEN_PREFIX, MAX_TIMEOUT, PREAMBLE, VERSION},
     Config, Error,
 };
 
@@ -43,7 +47,11 @@ pub(crate) struct Outbox {
     /// Wakes senders waiting for room (all of them, after each swap).
     room: Notify,
     high_water: usize,
+    /// Our own `max_message_size` (what we announce and accept).
     max_message: usize,
+    /// The peer's announced `max_message_size`; 0 until it arrives (a peer
+    /// that predates the announcement never sends one).
+    peer_max: AtomicUsize,
     /// Most bytes of replies parked (see [`Outbox::push_reply`]).
     budget: usize,
     /// How long the writer waits for the peer to accept any bytes.
@@ -131,6 +139,14 @@ impl Drop for Parked<'_> {
     }
 }
 
+/// The size limit a frame is encoded under: the smaller of ours and the
+/// peer's, and whose it is.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Limit {
+    max: usize,
+    by_peer: bool,
+}
+
 /// Blocks at least this large are queued by reference instead of copied.
 const ZERO_COPY_MIN: usize = 32 << 10;
 
@@ -211,13 +227,13 @@ fn encode_message<F>(
     state: &mut OutState,
     fds: Option<WithFds>,
     encode: F,
-    max: usize,
+    limit: Limit,
 ) -> Result<(), Error>
 where
     F: FnOnce(&mut FrameWriter<'_>) -> Result<(), CodecError>,
 {
     let Some(WithFds { id, fds }) = fds.filter(|f| !f.fds.is_empty()) else {
-        return encode_frame(state, encode, max);
+        return encode_frame(state, encode, limit);
     };
     let mut rb = Rollback {
         start: state.buf.len(),
@@ -232,16 +248,16 @@ where
     encode_frame(
         rb.state,
         |w| codec::encode(w, &Header::Fds { id, count }, "fds envelope"),
-        max,
+        limit,
     )?;
-    encode_frame(rb.state, encode, max)?;
+    encode_frame(rb.state, encode, limit)?;
     rb.armed = false;
     Ok(())
 }
 
 /// Encodes one frame (length prefix and the body `encode` writes) at the
 /// end of `state`; on any failure `state` is left as it was.
-fn encode_frame<F>(state: &mut OutState, encode: F, max: usize) -> Result<(), Error>
+fn encode_frame<F>(state: &mut OutState, encode: F, limit: Limit) -> Result<(), Error>
 where
     F: FnOnce(&mut FrameWriter<'_>) -> Result<(), CodecError>,
 {
@@ -257,14 +273,19 @@ where
     let mut w = FrameWriter {
         state: rb.state,
         len: 0,
-        max,
+        max: limit.max,
         overflowed: false,
     };
     let res = encode(&mut w);
     let (len, overflowed) = (w.len, w.overflowed);
     match res {
         Ok(()) => {}
-        Err(_) if overflowed => return Err(Error::MessageTooLarge { max }),
+        Err(_) if overflowed => {
+            return Err(Error::MessageTooLarge {
+                max: limit.max,
+                by_peer: limit.by_peer,
+            })
+        }
         Err(e) => return Err(Error::Encode(e)),
     }
     // Fits in u32: max_message is capped far below 4 GiB.
@@ -281,8 +302,43 @@ impl Outbox {
             room: Notify::new(),
             high_water: config.write_queue_bytes.max(1),
             max_message: config.message_limit(),
+            peer_max: AtomicUsize::new(0),
             budget: config.max_outbound_bytes,
             stall: config.write_stall_timeout.min(MAX_TIMEOUT),
+        }
+    }
+
+    /// Queues our `max_message_size` announcement (`Credit` for
+    /// [`CONN_ID`]). A client sends it first thing, a server in answer to
+    /// the client's, so a peer that predates it never receives one.
+    pub(crate) fn announce_limit(&self) {
+        // Fits in u32: the limit is capped at 64 MiB.
+        let (id, n) = (CONN_ID, self.max_message as u32);
+        let _ =
+            self.push_now(|w| codec::encode(w, &Header::Credit { id, n }, "limit announcement"));
+    }
+
+    /// Takes the peer's announced `max_message_size` (clamped as a `Config`
+    /// would be): from now on no frame larger than it is queued. Returns the
+    /// clamped limit, and whether it is the peer's first announcement.
+    pub(crate) fn learn_peer_limit(&self, bytes: u32) -> (usize, bool) {
+        let bytes = (bytes as usize).clamp(MIN_MESSAGE_SIZE, MAX_MESSAGE_SIZE_CAP);
+        let first = self.peer_max.swap(bytes, Ordering::Relaxed) == 0;
+        tracing::debug!(bytes, "rpc peer announced its max_message_size");
+        (bytes, first)
+    }
+
+    /// The limit frames are encoded under now.
+    fn limit(&self) -> Limit {
+        match self.peer_max.load(Ordering::Relaxed) {
+            peer if peer != 0 && peer < self.max_message => Limit {
+                max: peer,
+                by_peer: true,
+            },
+            _ => Limit {
+                max: self.max_message,
+                by_peer: false,
+            },
         }
     }
 
@@ -369,7 +425,7 @@ impl Outbox {
             return Err(Error::Closed);
         };
         let mut frame = OutState::default();
-        encode_message(&mut frame, fds, encode, self.max_message)?;
+        encode_message(&mut frame, fds, encode, self.limit())?;
         let _parked = self.park(frame.queued(), when_full)?;
         loop {
             let mut room = pin!(self.room.notified());
@@ -427,7 +483,7 @@ impl Outbox {
         }
         let (fds, encode) = encode.take()?;
         let was_empty = st.queued() == 0;
-        if let Err(e) = encode_message(&mut st, fds, encode, self.max_message) {
+        if let Err(e) = encode_message(&mut st, fds, encode, self.limit()) {
             return Some(Err(e));
         }
         drop(st);
@@ -666,7 +722,87 @@ pub(crate) struct FrameReader<R> {
     started: Option<Instant>,
     /// Bytes to offer the next read.
     span: usize,
+    /// Bytes of an over-limit frame still to be read and thrown away.
+    skip: usize,
+    /// The peer's announced `max_message_size` (0 until it arrives): a
+    /// frame over our limit but within the peer's own was sent before the
+    /// peer learned ours, and is answered alone ([`Incoming::TooLarge`]);
+    /// any larger one ends the conn.
+    peer_max: usize,
 }
+
+/// What [`FrameReader::next_frame`] read.
+#[derive(Debug)]
+pub(crate) enum Incoming {
+    /// A whole frame body.
+    Frame(Bytes),
+    /// A frame over the receiver's limit but within the limit the peer
+    /// announced (so the peer may have sent it before it learned ours): only
+    /// its first bytes, enough for the envelope header, are kept;
+    /// the rest is read and dropped as it arrives, so its call can be
+    /// answered alone.
+    TooLarge {
+        /// The first bytes of the body (at most [`TOO_LARGE_HEAD`]).
+        head: Bytes,
+        /// The announced body length.
+        len: usize,
+        /// The receiver's limit.
+        max: usize,
+    },
+}
+
+/// An over-limit message frame, as [`Incoming::decode`] reports it.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Oversize {
+    /// The announced body length.
+    pub(crate) len: usize,
+    /// The receiver's limit.
+    pub(crate) max: usize,
+}
+
+impl Incoming {
+    /// Decodes the frame. An over-limit frame comes back with its header
+    /// and an empty payload, and its size: only a message (a `Request`,
+    /// `Response` or `StreamItem`) can be answered alone, so any other kind
+    /// fails with `FrameTooLarge`, as does a header not within the frame's
+    /// first bytes.
+    pub(crate) fn decode(self) -> Result<(Frame, Option<Oversize>), Error> {
+        match self {
+            Incoming::Frame(body) => Ok((Frame::decode(body).map_err(Error::Malformed)?, None)),
+            Incoming::TooLarge { head, len, max } => match Header::decode_head(&head) {
+                Ok(
+                    header @ (Header::Request { .. }
+                    | Header::Response { .. }
+                    | Header::StreamItem { .. }),
+                ) => Ok((
+                    Frame {
+                        header,
+                        payload: Bytes::new(),
+                    },
+                    Some(Oversize { len, max }),
+                )),
+                _ => Err(Error::FrameTooLarge {
+                    len: len as u64,
+                    max,
+                }),
+            },
+        }
+    }
+}
+
+#[cfg(test)]
+impl Incoming {
+    /// The body of a whole frame; panics on an over-limit one.
+    fn body(self) -> Bytes {
+        match self {
+            Incoming::Frame(body) => body,
+            other => panic!("expected a whole frame, got {other:?}"),
+        }
+    }
+}
+
+/// Most bytes of an over-limit frame kept to read its envelope header.
+pub(crate) const TOO_LARGE_HEAD: usize = 4 << 10;
 
 /// Read granularity for small frames.
 const READ_CHUNK: usize = 64 << 10;
@@ -708,22 +844,62 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
             // Small at first: an idle conn over a zero-filling conn type
             // commits 4 KiB, not 64.
             span: READ_MIN,
+            skip: 0,
+            peer_max: 0,
         }
+    }
+
+    /// Sets the peer's announced `max_message_size` (see
+    /// [`Outbox::learn_peer_limit`]).
+    pub(crate) fn set_peer_limit(&mut self, bytes: usize) {
+        self.peer_max = bytes;
     }
 
     pub(crate) fn io_mut(&mut self) -> &mut R {
         &mut self.io
     }
 
-    /// The next frame body, or `None` at a clean end of stream. Fails with
-    /// `FrameTooLarge` for a length prefix over the limit (nothing is
-    /// allocated for it) and `FrameTimeout` for a frame that does not
-    /// complete within the frame deadline.
+    /// The next frame, or `None` at a clean end of stream. A length prefix
+    /// over our limit but within the peer's announced one yields
+    /// [`Incoming::TooLarge`] with the body's first bytes (the rest is
+    /// dropped as it arrives, within the same frame deadline); any other
+    /// over our limit fails with `FrameTooLarge` (nothing is allocated for
+    /// it). Fails
+    /// with `FrameTimeout` for a frame that does not complete within the
+    /// frame deadline.
     ///
     /// Cancel-safe: bytes read so far stay buffered, and the frame deadline
     /// keeps running.
-    pub(crate) async fn next_frame(&mut self) -> Result<Option<Bytes>, Error> {
+    pub(crate) async fn next_frame(&mut self) -> Result<Option<Incoming>, Error> {
         loop {
+            if self.skip > 0 {
+                if !self.buf.is_empty() {
+                    let n = self.skip.min(self.buf.len());
+                    self.buf.advance(n);
+                    self.skip -= n;
+                    if self.skip == 0 {
+                        self.started = None;
+                    }
+                    continue;
+                }
+                self.buf.reserve(READ_CHUNK);
+                let started = *self.started.get_or_insert_with(Instant::now);
+                let want = self.span.min(READ_CHUNK);
+                let n = read_span(
+                    &mut self.io,
+                    &mut self.buf,
+                    want,
+                    deadline_after(started, self.frame_timeout),
+                    self.frame_timeout,
+                    0,
+                )
+                .await?;
+                if n == 0 {
+                    return Err(eof_inside_frame(self.skip));
+                }
+                self.span = next_span(n);
+                continue;
+            }
             if let Some((big, len)) = &mut self.partial {
                 let len = *len;
                 if big.len() >= len {
@@ -734,7 +910,7 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
                         }
                     }
                     self.started = None;
-                    return Ok(Some(frame));
+                    return Ok(Some(Incoming::Frame(frame)));
                 }
                 // Read at most the rest of this frame into its buffer,
                 // growing it only as far as this read can fill.
@@ -763,18 +939,30 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
                 let mut prefix = [0u8; LEN_PREFIX];
                 prefix.copy_from_slice(&self.buf[..LEN_PREFIX]);
                 let len = u32::from_be_bytes(prefix) as usize;
-                if len > self.max {
+                if len > self.max && len > self.peer_max {
                     return Err(Error::FrameTooLarge {
                         len: len as u64,
                         max: self.max,
                     });
                 }
-                if self.buf.len() >= LEN_PREFIX + len {
+                if len > self.max {
+                    let head = TOO_LARGE_HEAD.min(self.max);
+                    if self.buf.len() >= LEN_PREFIX + head {
+                        self.buf.advance(LEN_PREFIX);
+                        let head = self.buf.split_to(head).freeze();
+                        self.skip = len - head.len();
+                        return Ok(Some(Incoming::TooLarge {
+                            head,
+                            len,
+                            max: self.max,
+                        }));
+                    }
+                    self.buf.reserve(LEN_PREFIX + head - self.buf.len());
+                } else if self.buf.len() >= LEN_PREFIX + len {
                     self.buf.advance(LEN_PREFIX);
                     self.started = None;
-                    return Ok(Some(self.buf.split_to(len).freeze()));
-                }
-                if len > BIG_FRAME {
+                    return Ok(Some(Incoming::Frame(self.buf.split_to(len).freeze())));
+                } else if len > BIG_FRAME {
                     // `len` was checked against the limit above.
                     self.buf.advance(LEN_PREFIX);
                     let mut big = self.big_buffer(len);
@@ -782,9 +970,10 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
                     self.buf.clear();
                     self.partial = Some((big, len));
                     continue;
+                } else {
+                    let need = LEN_PREFIX + len - self.buf.len();
+                    self.buf.reserve(need.max(READ_CHUNK));
                 }
-                let need = LEN_PREFIX + len - self.buf.len();
-                self.buf.reserve(need.max(READ_CHUNK));
             } else {
                 self.buf.reserve(READ_CHUNK);
             }
@@ -881,6 +1070,39 @@ mod tests {
                 max: 1024
             })
         ));
+    }
+
+    /// A frame over our limit but within the peer's announced one is handed
+    /// out as its head, and its rest is dropped however the bytes are cut,
+    /// leaving the next frame whole.
+    #[tokio::test]
+    async fn a_frame_within_the_peers_limit_but_over_ours_is_skipped_after_its_head() {
+        let mut wire = frame_bytes(b"a");
+        let mut big = vec![3u8; 9000];
+        big[0] = 9;
+        wire.extend(frame_bytes(&big));
+        wire.extend(frame_bytes(b"b"));
+        for sizes in [vec![1], vec![700, 3, 5000], vec![100_000]] {
+            let io = ZeroFilling::new(cut(&wire, &sizes.repeat(40))).then_eof();
+            let mut r = FrameReader::with_limits(io, 1024, Duration::from_secs(30));
+            r.set_peer_limit(16 << 10);
+            assert_eq!(&r.next_frame().await.unwrap().unwrap().body()[..], b"a");
+            match r.next_frame().await.unwrap().unwrap() {
+                Incoming::TooLarge { head, len, max } => {
+                    assert_eq!((head.len(), len, max), (1024, 9000, 1024));
+                    assert_eq!(head[0], 9);
+                }
+                other => panic!("{other:?}"),
+            }
+            assert_eq!(&r.next_frame().await.unwrap().unwrap().body()[..], b"b");
+            assert!(r.next_frame().await.unwrap().is_none());
+        }
+    }
+
+    fn frame_bytes(body: &[u8]) -> Vec<u8> {
+        let mut f = (body.len() as u32).to_be_bytes().to_vec();
+        f.extend_from_slice(body);
+        f
     }
 
     /// Replays `chunks` (as much of each as fits a read), then stays
@@ -990,7 +1212,7 @@ mod tests {
             let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
             rt.block_on(async {
                 for body in &bodies {
-                    let frame = r.next_frame().await.unwrap().unwrap();
+                    let frame = r.next_frame().await.unwrap().unwrap().body();
                     assert!(frame[..] == body[..], "frame of {} bytes differs", body.len());
                     let offered: usize = r.io.spans.iter().sum();
                     let arrived: usize = r.io.delivered.iter().sum();
@@ -1016,8 +1238,12 @@ mod tests {
                 // Each frame takes at least 4 bytes, so this loop is bounded.
                 for _ in 0..=wire.len() / LEN_PREFIX {
                     match r.next_frame().await {
-                        Ok(Some(body)) => {
+                        Ok(Some(Incoming::Frame(body))) => {
                             let _ = crate::wire::Frame::decode(body);
+                        }
+                        Ok(Some(Incoming::TooLarge { head, .. })) => {
+                            assert!(head.len() <= TOO_LARGE_HEAD);
+                            let _ = crate::wire::Header::decode_head(&head);
                         }
                         Ok(None) => return,
                         Err(Error::FrameTooLarge { .. }) | Err(Error::Io(_)) => {
@@ -1063,7 +1289,7 @@ mod tests {
         chunks.push(vec![5u8; 296_900]);
         let mut r =
             FrameReader::with_limits(ZeroFilling::new(chunks), 1 << 20, Duration::from_secs(30));
-        let frame = r.next_frame().await.unwrap().unwrap();
+        let frame = r.next_frame().await.unwrap().unwrap().body();
         assert!(frame.len() == 300_000 && frame.iter().all(|&b| b == 5));
         let (spans, delivered) = (&r.io.spans, &r.io.delivered);
         assert_eq!(spans[0], READ_MIN);
@@ -1122,9 +1348,9 @@ mod tests {
             tx.write_all(&[9]).await.unwrap();
             tx
         });
-        let big = r.next_frame().await.unwrap().unwrap();
+        let big = r.next_frame().await.unwrap().unwrap().body();
         assert!(big.len() == 200_000 && big.iter().all(|&b| b == 3));
-        assert_eq!(&r.next_frame().await.unwrap().unwrap()[..], &[9, 9]);
+        assert_eq!(&r.next_frame().await.unwrap().unwrap().body()[..], &[9, 9]);
         drop(writer.await.unwrap());
         assert!(r.next_frame().await.unwrap().is_none());
     }
@@ -1133,7 +1359,7 @@ mod tests {
     async fn frames_are_split_and_eof_mid_frame_is_an_error() {
         let bytes: &[u8] = &[0, 0, 0, 2, b'h', b'i', 0, 0, 0, 1];
         let mut r = FrameReader::with_limits(bytes, 1024, Duration::from_secs(30));
-        assert_eq!(&r.next_frame().await.unwrap().unwrap()[..], b"hi");
+        assert_eq!(&r.next_frame().await.unwrap().unwrap().body()[..], b"hi");
         assert!(matches!(r.next_frame().await, Err(Error::Io(_))));
     }
 
@@ -1187,7 +1413,7 @@ mod tests {
         let mut r =
             FrameReader::with_limits(&conn.data[PREAMBLE.len()..], 1024, Duration::from_secs(30));
         for i in 0..100u32 {
-            let body = r.next_frame().await.unwrap().unwrap();
+            let body = r.next_frame().await.unwrap().unwrap().body();
             assert_eq!(codec::decode::<u32>(&body, "n").unwrap(), i);
         }
         assert!(r.next_frame().await.unwrap().is_none());
@@ -1236,18 +1462,18 @@ mod tests {
         }
         wire.extend_from_slice(&[0, 0, 0, 1, 9]);
         let mut r = FrameReader::with_limits(&wire[..], 1 << 20, Duration::from_secs(30));
-        let first = r.next_frame().await.unwrap().unwrap();
+        let first = r.next_frame().await.unwrap().unwrap().body();
         assert!(first.iter().all(|&b| b == 1) && first.len() == 200_000);
         let first_ptr = first.as_ptr();
         drop(first);
-        let second = r.next_frame().await.unwrap().unwrap();
+        let second = r.next_frame().await.unwrap().unwrap().body();
         assert!(second.iter().all(|&b| b == 2));
         assert_eq!(second.as_ptr(), first_ptr, "the released buffer is reused");
         // While `second` is alive its buffer is not reused.
-        let third = r.next_frame().await.unwrap().unwrap();
+        let third = r.next_frame().await.unwrap().unwrap().body();
         assert!(third.iter().all(|&b| b == 3));
         assert_ne!(third.as_ptr(), second.as_ptr());
-        assert_eq!(&r.next_frame().await.unwrap().unwrap()[..], &[9]);
+        assert_eq!(&r.next_frame().await.unwrap().unwrap().body()[..], &[9]);
         assert!(r.next_frame().await.unwrap().is_none());
     }
 
@@ -1333,7 +1559,13 @@ mod tests {
                 })
             })
             .unwrap_err();
-        assert!(matches!(err, Error::MessageTooLarge { max: 512 }));
+        assert!(matches!(
+            err,
+            Error::MessageTooLarge {
+                max: 512,
+                by_peer: false
+            }
+        ));
         assert!(outbox.lock().buf.is_empty() && outbox.lock().segments.is_empty());
         outbox
             .push_now(|w| {

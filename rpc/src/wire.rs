@@ -33,6 +33,13 @@ pub(crate) const LEN_PREFIX: usize = 4;
 /// `Instant`) are clamped to it, so any value on the wire is safe.
 pub(crate) const MAX_TIMEOUT: Duration = Duration::from_secs(365 * 24 * 3600);
 
+/// The id no call uses (clients count theirs up from 1): frames with it
+/// concern the conn itself. `Credit { id: CONN_ID, n }` announces the
+/// sender's `max_message_size` (`n` bytes); each side sends it right after
+/// its preamble. Peers that predate it ignore it, as any credit for an
+/// unknown call.
+pub(crate) const CONN_ID: u64 = 0;
+
 /// The envelope header that starts every frame body.
 ///
 /// Variant order is part of the wire format (the codec writes the variant
@@ -146,6 +153,14 @@ impl Frame {
         let (header, used) = codec::decode_prefix::<Header<'static>>(&body, "frame header")?;
         let payload = body.slice(used..);
         Ok(Frame { header, payload })
+    }
+}
+
+impl Header<'static> {
+    /// Decodes the header at the start of `head`, the first bytes of a body
+    /// whose payload may be cut short.
+    pub(crate) fn decode_head(head: &[u8]) -> Result<Header<'static>, CodecError> {
+        codec::decode_prefix::<Header<'static>>(head, "frame header").map(|(header, _)| header)
     }
 }
 

@@ -159,17 +159,175 @@ async fn an_oversize_length_prefix_ends_that_conn_only() {
     assert_eq!(ok, "unaffected");
 }
 
+/// Regression for issue 24, item 1: a response over the client's limit
+/// reset the whole conn (`UNAVAILABLE`), every other call with it. The
+/// server knows the client's limit from its announcement and refuses the
+/// response before sending it.
 #[tokio::test]
-async fn an_oversize_response_frame_fails_the_client_conn_with_unavailable() {
-    // A server allowing 1 MiB talking to a client allowing 4 KiB: the
-    // client rejects the length prefix before allocating.
+async fn a_response_over_the_clients_limit_fails_alone_naming_the_limit() {
     let server = test_server(Config::default());
     let (client, _t) = duplex_pair(&server, Config::default().max_message_size(4096));
+    let slow = {
+        let c = client.clone();
+        tokio::spawn(async move { c.call::<_, u64>("Test.sleep_ms", &50u64).await })
+    };
     let err = guard(client.call::<_, Vec<u8>>("Test.blob", &100_000usize))
         .await
         .unwrap_err();
-    assert_eq!(err.code(), Code::Unavailable);
-    assert!(err.message().contains("4096"), "{err}");
+    assert_eq!(err.code(), Code::ResourceExhausted, "{err}");
+    assert!(
+        err.message()
+            .contains("is over the client's max_message_size of 4096 bytes"),
+        "{err}"
+    );
+    let small: Vec<u8> = guard(client.call("Test.blob", &100usize)).await.unwrap();
+    assert_eq!(small.len(), 100);
+    assert_eq!(guard(slow).await.unwrap().unwrap(), 50);
+}
+
+/// The other direction of issue 24, item 1: a request over the server's
+/// limit fails alone. The first one races the server's announcement (the
+/// server answers it alone); once the client knows the limit it refuses
+/// before sending.
+#[tokio::test]
+async fn a_request_over_the_servers_limit_fails_alone_and_later_ones_are_not_sent() {
+    let server = test_server(Config::default().max_message_size(4096));
+    let (client, _t) = duplex_pair(&server, Config::default());
+    let slow = {
+        let c = client.clone();
+        tokio::spawn(async move { c.call::<_, u64>("Test.sleep_ms", &50u64).await })
+    };
+    let big = "x".repeat(10_000);
+    let err = guard(client.call::<_, String>("Test.echo", &big))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::ResourceExhausted, "{err}");
+    assert!(
+        err.message()
+            .contains("the server's max_message_size of 4096 bytes"),
+        "{err}"
+    );
+    let ok: String = guard(client.call("Test.echo", "small")).await.unwrap();
+    assert_eq!(ok, "small");
+    // The server's announcement came before that answer: refused locally now.
+    let err = guard(client.call::<_, String>("Test.echo", &big))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::ResourceExhausted, "{err}");
+    assert_eq!(
+        err.message(),
+        "request to Test.echo is over the server's max_message_size of 4096 bytes; not sent"
+    );
+    assert_eq!(guard(slow).await.unwrap().unwrap(), 50);
+}
+
+/// The limit announcement: `Credit` for call 0 with the sender's
+/// `max_message_size` (docs/protocol.md, Part 2).
+fn announcement(max: u32) -> Vec<u8> {
+    let mut body = vec![0x05, 0x00, 0xfc];
+    body.extend_from_slice(&max.to_le_bytes());
+    frame(&body)
+}
+
+#[tokio::test]
+async fn a_server_answers_an_oversized_request_alone_once_the_client_announced_its_limit() {
+    let server = test_server(Config::default().max_message_size(4096));
+    let (mut raw, task) = raw_server(&server);
+    raw.write_all(PREAMBLE).await.unwrap();
+    // A client allowing 1 MiB announces it, then sends a 10 000-byte request
+    // before it could learn the server's limit, then a small one.
+    raw.write_all(&announcement(1 << 20)).await.unwrap();
+    let mut big = request(1, "Test.echo", None);
+    big.extend_from_slice(&[0xfb, 0x10, 0x27]); // string of 10 000 bytes
+    big.extend_from_slice(&[b'x'; 10_000]);
+    raw.write_all(&frame(&big)).await.unwrap();
+    let mut small = request(2, "Test.echo", None);
+    small.extend_from_slice(&[0x02, b'h', b'i']);
+    raw.write_all(&frame(&small)).await.unwrap();
+    let mut preamble = [0u8; 6];
+    guard(raw.read_exact(&mut preamble)).await.unwrap();
+    assert_eq!(&preamble, PREAMBLE);
+    // The server's own announcement: 4096 = fb 00 10.
+    assert_eq!(
+        guard(read_frame(&mut raw)).await,
+        [0x05, 0x00, 0xfb, 0x00, 0x10]
+    );
+    // Response { id 1, Some(RESOURCE_EXHAUSTED = 8, message) }.
+    let resp = guard(read_frame(&mut raw)).await;
+    assert_eq!(&resp[..4], &[0x01, 0x01, 0x01, 0x08], "{resp:02x?}");
+    let message = String::from_utf8_lossy(&resp[5..]);
+    assert_eq!(
+        message,
+        "the 10018-byte request to Test.echo is over the server's max_message_size of 4096 bytes"
+    );
+    let resp = guard(read_frame(&mut raw)).await;
+    assert_eq!(resp, [0x01, 0x02, 0x00, 0x02, b'h', b'i']);
+    drop(raw);
+    assert!(guard(task).await.unwrap().is_ok());
+}
+
+#[tokio::test]
+async fn a_client_fails_an_oversized_response_alone_and_keeps_the_conn() {
+    // A hand-driven server that announces a 1 MiB limit and then answers
+    // call 1 with more than the client's 4 KiB.
+    let (conn, mut raw) = tokio::io::duplex(64 << 10);
+    let client = Client::with_config(conn, Config::default().max_message_size(4096));
+    let first = {
+        let c = client.clone();
+        tokio::spawn(async move { c.call::<_, Vec<u8>>("Test.blob", &5000usize).await })
+    };
+    raw.write_all(PREAMBLE).await.unwrap();
+    raw.write_all(&announcement(1 << 20)).await.unwrap();
+    let mut preamble = [0u8; 6];
+    guard(raw.read_exact(&mut preamble)).await.unwrap();
+    assert_eq!(
+        guard(read_frame(&mut raw)).await,
+        [0x05, 0x00, 0xfb, 0x00, 0x10]
+    );
+    let req = guard(read_frame(&mut raw)).await;
+    assert_eq!(&req[..2], &[0x00, 0x01], "{req:02x?}");
+    // Response { id 1, None }, then a 5000-byte payload (fb 88 13 = 5000).
+    let mut resp = vec![0x01, 0x01, 0x00, 0xfb, 0x88, 0x13];
+    resp.extend_from_slice(&[7; 5000]);
+    raw.write_all(&frame(&resp)).await.unwrap();
+    let err = guard(first).await.unwrap().unwrap_err();
+    assert_eq!(err.code(), Code::ResourceExhausted, "{err}");
+    assert_eq!(
+        err.message(),
+        "the server sent a 5006-byte response, over this client's max_message_size of 4096 bytes"
+    );
+    // The conn carries on: call 2 is answered.
+    let second = {
+        let c = client.clone();
+        tokio::spawn(async move { c.call::<_, String>("Test.echo", "ok").await })
+    };
+    let req = guard(read_frame(&mut raw)).await;
+    assert_eq!(&req[..2], &[0x00, 0x02], "{req:02x?}");
+    raw.write_all(&frame(&[0x01, 0x02, 0x00, 0x02, b'o', b'k']))
+        .await
+        .unwrap();
+    assert_eq!(guard(second).await.unwrap().unwrap(), "ok");
+}
+
+#[tokio::test]
+async fn a_frame_over_the_limit_from_a_peer_that_announced_none_still_ends_the_conn() {
+    // A peer of the version before the announcement: nothing says the frame
+    // was sent in ignorance of our limit, so the conn ends before reading it.
+    let server = test_server(Config::default().max_message_size(4096));
+    let (mut raw, task) = raw_server(&server);
+    raw.write_all(PREAMBLE).await.unwrap();
+    raw.write_all(&5000u32.to_be_bytes()).await.unwrap();
+    let res = guard(task).await.unwrap();
+    assert!(
+        matches!(
+            res,
+            Err(Error::FrameTooLarge {
+                len: 5000,
+                max: 4096
+            })
+        ),
+        "{res:?}"
+    );
 }
 
 #[tokio::test]

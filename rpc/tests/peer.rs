@@ -192,3 +192,72 @@ async fn shutdown_cuts_calls_still_running_after_the_grace() {
     let err = guard(parked).await.unwrap().unwrap_err();
     assert!(err.is_conn_lost(), "{err}");
 }
+
+/// Issue 24, item 2: `Peer::connect` gave its client the server's
+/// `Config`; `connect_with` gives the client half its own, and the server
+/// half keeps the server's.
+#[tokio::test]
+async fn connect_with_gives_the_client_half_its_own_config() {
+    let (near_session, far_session) = mux_sessions().await;
+    let mut far = Server::new();
+    far.register("Far.text", |_ctx, n: usize| async move {
+        Ok::<_, Status>("x".repeat(n))
+    });
+    let mut near = Server::new();
+    near.register("Near.text", |_ctx, n: usize| async move {
+        Ok::<_, Status>("y".repeat(n))
+    });
+    let small = Config::default().max_message_size(4096);
+    let (near_peer, far_peer) = guard(async {
+        tokio::try_join!(
+            Peer::connect_with(&near_session, near, small),
+            Peer::connect(&far_session, far),
+        )
+    })
+    .await
+    .unwrap();
+    // Near's client accepts 4 KiB: far refuses a larger answer, naming it.
+    let err = guard(
+        near_peer
+            .client()
+            .call::<_, String>("Far.text", &10_000usize),
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(err.code(), Code::ResourceExhausted, "{err}");
+    assert!(
+        err.message()
+            .contains("the client's max_message_size of 4096 bytes"),
+        "{err}"
+    );
+    let ok: String = guard(near_peer.client().call("Far.text", &100usize))
+        .await
+        .unwrap();
+    assert_eq!(ok.len(), 100);
+    // Near's server half kept the default limit: far may send it 10 000 bytes.
+    let n = guard(
+        far_peer
+            .client()
+            .call::<_, String>("Near.text", &10_000usize),
+    )
+    .await
+    .unwrap();
+    assert_eq!(n.len(), 10_000);
+}
+
+/// Issue 24, item 12: serving until the source of conns ends is one call.
+#[tokio::test]
+async fn serve_all_serves_until_the_source_ends_and_its_conns_close() {
+    let server = test_server(Config::default());
+    let (client_io, server_io) = tokio::io::duplex(64 << 10);
+    let serving = tokio::spawn(async move {
+        server
+            .serve_all(FromStream::new(stream::iter([Ok(server_io)])))
+            .await
+    });
+    let client = Client::new(client_io);
+    let echoed: String = guard(client.call("Test.echo", "hi")).await.unwrap();
+    assert_eq!(echoed, "hi");
+    drop(client);
+    guard(serving).await.unwrap();
+}

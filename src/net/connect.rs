@@ -115,7 +115,7 @@ pub async fn connect(
     };
     let io_err = |addr: &Addr| {
         let addr = addr.clone();
-        move |source| ConnectError::Io { addr, source }
+        move |error| ConnectError::Io { addr, error }
     };
     let session = match &addr {
         Addr::Tcp { host, port } => {

@@ -21,13 +21,12 @@ pub enum ConnectError {
         after: Duration,
     },
     /// The connection failed (refused, unreachable, no such socket file...).
-    #[error("cannot connect to {addr}")]
+    #[error("cannot connect to {addr}: {error}")]
     Io {
         /// Where to.
         addr: Addr,
-        /// Why.
-        #[source]
-        source: io::Error,
+        /// Why (shown in the message, so not also a `source`).
+        error: io::Error,
     },
     /// A `tls://` address with no [`TlsClient`](crate::net::TlsClient) in the options.
     #[error("{addr} needs TLS but no TLS client configuration was given")]
@@ -62,13 +61,12 @@ pub enum BindError {
     #[error(transparent)]
     Addr(#[from] AddrError),
     /// The socket could not be bound (address in use, permission, no such directory...).
-    #[error("cannot bind {addr}")]
+    #[error("cannot bind {addr}: {error}")]
     Io {
         /// Where.
         addr: Addr,
-        /// Why.
-        #[source]
-        source: io::Error,
+        /// Why (shown in the message, so not also a `source`).
+        error: io::Error,
     },
     /// A Unix socket file at the path has a live listener behind it.
     #[error("unix socket {path} is in use: a listener answers on it")]
@@ -104,11 +102,10 @@ pub enum BindError {
 #[derive(Debug, thiserror::Error)]
 pub enum AcceptError {
     /// `accept(2)` failed (out of file descriptors, say); the listener backs off briefly.
-    #[error("accepting a connection failed")]
+    #[error("accepting a connection failed: {error}")]
     Io {
-        /// Why.
-        #[source]
-        source: io::Error,
+        /// Why (shown in the message, so not also a `source`).
+        error: io::Error,
     },
     /// A connection came in but its TLS handshake failed: the source says which side did not
     /// trust whom.

@@ -131,7 +131,7 @@ impl Listener {
             // The task ends only when aborted by our drop, so this cannot happen while `self`
             // lives; answer with an error rather than a panic all the same.
             None => Err(AcceptError::Io {
-                source: io::Error::new(io::ErrorKind::BrokenPipe, "the accept task ended"),
+                error: io::Error::new(io::ErrorKind::BrokenPipe, "the accept task ended"),
             }),
         }
     }
@@ -203,7 +203,7 @@ pub async fn bind(addr: impl IntoAddr, options: BindOptions) -> Result<Listener,
     }
     let io_err = |addr: &Addr| {
         let addr = addr.clone();
-        move |source| BindError::Io { addr, source }
+        move |error| BindError::Io { addr, error }
     };
     let mut socket_file = None;
     let (raw, local) = match &addr {
@@ -255,9 +255,9 @@ pub async fn bind(addr: impl IntoAddr, options: BindOptions) -> Result<Listener,
 
 /// Binds a Unix socket at `path`, replacing a stale socket file (see [`bind`]).
 fn bind_unix_path(path: &Path, addr: &Addr) -> Result<UnixListener, BindError> {
-    let io_err = |source| BindError::Io {
+    let io_err = |error| BindError::Io {
         addr: addr.clone(),
-        source,
+        error,
     };
     match UnixListener::bind(path) {
         Err(e) if e.kind() == io::ErrorKind::AddrInUse => {}
@@ -309,9 +309,9 @@ async fn accept_loop(
         };
         let (io, peer) = match accepted {
             Ok(accepted) => accepted,
-            Err(source) => {
-                tracing::warn!(error = %source, "accept failed");
-                if ready.send(Err(AcceptError::Io { source })).await.is_err() {
+            Err(error) => {
+                tracing::warn!(%error, "accept failed");
+                if ready.send(Err(AcceptError::Io { error })).await.is_err() {
                     return;
                 }
                 // EMFILE and its kin persist for a while: do not spin on them.

@@ -18,8 +18,8 @@ use crate::{
     codec,
     fds::{Fd, FdInbox, FdLink},
     stream::StreamEvent,
-    transport::{read_preamble, FrameReader, Outbox},
-    wire::{Frame, Header},
+    transport::{read_preamble, FrameReader, Outbox, Oversize},
+    wire::{Frame, Header, CONN_ID},
     Config, Error, Metadata, Status,
 };
 
@@ -167,6 +167,50 @@ impl Shared {
         }
         self.outbox.close();
         self.token.cancel();
+    }
+
+    /// Fails the call whose response or stream item was over our
+    /// `max_message_size` (its payload was dropped unread); the conn carries
+    /// on. A stream is cancelled at the server.
+    pub(super) fn refuse(&self, header: Header<'static>, oversize: Oversize) -> Result<(), Error> {
+        let Oversize { len, max } = oversize;
+        let status = |what: &str| {
+            Status::resource_exhausted(format!(
+                "the server sent a {len}-byte {what}, over this client's max_message_size of \
+                 {max} bytes"
+            ))
+        };
+        match header {
+            Header::Response { id, .. } => {
+                let status = status("response");
+                tracing::debug!(id, %status, "rpc response refused");
+                self.dispatch(
+                    Frame {
+                        header: Header::Response {
+                            id,
+                            status: Some(status),
+                        },
+                        payload: Bytes::new(),
+                    },
+                    Vec::new(),
+                )
+            }
+            Header::StreamItem { id } => {
+                if let Some(Pending::Unary(_)) = self.lock().pending.get(&id) {
+                    return Err(Error::Protocol {
+                        reason: format!("stream item for unary call {id}"),
+                    });
+                }
+                let status = status("stream item");
+                tracing::debug!(id, %status, "rpc stream item refused");
+                self.fail(id, status);
+                Ok(())
+            }
+            _ => Err(Error::FrameTooLarge {
+                len: len as u64,
+                max,
+            }),
+        }
     }
 
     /// Routes one frame from the server to its call.
@@ -319,10 +363,19 @@ where
     tokio::time::timeout(after, read_preamble(reader.io_mut()))
         .await
         .map_err(|_| Error::HandshakeTimeout { after })??;
-    while let Some(body) = reader.next_frame().await? {
-        let frame = Frame::decode(body).map_err(Error::Malformed)?;
+    while let Some(incoming) = reader.next_frame().await? {
+        let (frame, oversize) = incoming.decode()?;
+        if let Header::Credit { id: CONN_ID, n } = frame.header {
+            let (limit, _) = shared.outbox.learn_peer_limit(n);
+            reader.set_peer_limit(limit);
+            continue;
+        }
         if let Some((frame, fds)) = inbox.route(frame)? {
-            shared.dispatch(frame, fds)?;
+            match oversize {
+                None => shared.dispatch(frame, fds)?,
+                // Descriptors sent with it are closed with the message.
+                Some(oversize) => shared.refuse(frame.header, oversize)?,
+            }
         }
     }
     Ok(())

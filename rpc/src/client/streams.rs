@@ -502,10 +502,17 @@ impl<T: Serialize> RequestSink<T> {
                 permit.forget();
                 Ok(())
             }
-            Err(Error::MessageTooLarge { max }) => Err(Status::resource_exhausted(format!(
-                "a request item for {} exceeds the {max}-byte message limit; not sent",
-                self.method
-            ))),
+            Err(Error::MessageTooLarge { max, by_peer }) => {
+                Err(Status::resource_exhausted(format!(
+                    "a request item for {} is over {} max_message_size of {max} bytes; not sent",
+                    self.method,
+                    if by_peer {
+                        "the server's"
+                    } else {
+                        "this client's"
+                    }
+                )))
+            }
             Err(Error::Closed) => Err(self.ended()),
             Err(e) => Err(e.to_status()),
         }

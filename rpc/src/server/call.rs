@@ -119,9 +119,10 @@ impl Call {
                     .await;
                 match pushed {
                     Ok(()) => {}
-                    Err(Error::MessageTooLarge { max }) => {
+                    Err(Error::MessageTooLarge { max, by_peer }) => {
                         return Err(Status::resource_exhausted(format!(
-                            "a stream item exceeds the {max}-byte message limit"
+                            "a stream item is over {} max_message_size of {max} bytes",
+                            whose(by_peer)
                         )))
                     }
                     Err(e) => return Err(e.to_status()),
@@ -213,9 +214,12 @@ impl Call {
                     .await;
                 match pushed {
                     Ok(()) | Err(Error::Closed) => return,
-                    Err(Error::MessageTooLarge { max }) => Status::resource_exhausted(format!(
-                        "the response of {method} exceeds the {max}-byte message limit"
-                    )),
+                    Err(Error::MessageTooLarge { max, by_peer }) => {
+                        Status::resource_exhausted(format!(
+                            "the response of {method} is over {} max_message_size of {max} bytes",
+                            whose(by_peer)
+                        ))
+                    }
                     Err(e @ Error::OutboundFull { .. }) => e.to_status(),
                     Err(e) => Status::internal(format!(
                         "could not send the response of {method}: {}",
@@ -226,6 +230,15 @@ impl Call {
             Err(status) => status,
         };
         let _ = self.conn.send_status(id, false, Some(status)).await;
+    }
+}
+
+/// Whose `max_message_size` a reply was over, as the caller reads it.
+fn whose(by_peer: bool) -> &'static str {
+    if by_peer {
+        "the client's"
+    } else {
+        "the server's"
     }
 }
 

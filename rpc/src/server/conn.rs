@@ -25,7 +25,7 @@ use crate::{
     fds::{Fd, FdInbox, FdLink},
     stream::{GrantCredit, StreamEvent},
     transport::{read_preamble, FrameReader},
-    wire::{deadline_from_wire, Frame, Header},
+    wire::{deadline_from_wire, Frame, Header, CONN_ID},
     Context, Error, Status,
 };
 
@@ -100,9 +100,22 @@ impl Server {
                         };
                     }
                 };
-                let frame = Frame::decode(body).map_err(Error::Malformed)?;
+                let (frame, oversize) = body.decode()?;
+                if let Header::Credit { id: CONN_ID, n } = frame.header {
+                    // The client's limit: answer with ours (once).
+                    let (limit, first) = conn.outbox.learn_peer_limit(n);
+                    reader.set_peer_limit(limit);
+                    if first {
+                        conn.outbox.announce_limit();
+                    }
+                    continue;
+                }
                 if let Some((frame, fds)) = inbox.route(frame)? {
-                    self.dispatch(&conn, frame, peer, &drain, fds).await?;
+                    match oversize {
+                        None => self.dispatch(&conn, frame, peer, &drain, fds).await?,
+                        // Descriptors sent with it are closed with the message.
+                        Some(oversize) => conn.refuse(frame.header, oversize).await?,
+                    }
                 }
             }
         }

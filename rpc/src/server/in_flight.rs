@@ -16,7 +16,7 @@ use tokio_util::sync::CancellationToken;
 use crate::{
     codec,
     stream::{Held, StreamEvent},
-    transport::{FrameWriter, Outbox, BIG_FRAME},
+    transport::{FrameWriter, Outbox, Oversize, BIG_FRAME},
     wire::Header,
     Config, Error, Status,
 };
@@ -199,6 +199,61 @@ impl ConnState {
         }
     }
 
+    /// Answers the request, or ends the bidi call whose request item, was
+    /// over our `max_message_size` (its payload was dropped unread): the
+    /// caller gets `ResourceExhausted` naming the limit, and the conn
+    /// carries on.
+    pub(super) async fn refuse(
+        &self,
+        header: Header<'static>,
+        oversize: Oversize,
+    ) -> Result<(), Error> {
+        let Oversize { len, max } = oversize;
+        match header {
+            Header::Request {
+                id,
+                method,
+                stream_credit,
+                ..
+            } => {
+                if self.lock_calls().map.contains_key(&id) {
+                    return Err(Error::Protocol {
+                        reason: format!("request reuses the id of call {id}, still in flight"),
+                    });
+                }
+                let status = Status::resource_exhausted(format!(
+                    "the {len}-byte request to {method} is over the server's max_message_size \
+                     of {max} bytes"
+                ));
+                self.reply_error(id, stream_credit.is_some(), status).await
+            }
+            Header::StreamItem { id } => {
+                let calls = self.lock_calls();
+                let Some(entry) = calls.map.get(&id) else {
+                    return Ok(());
+                };
+                if entry.inbound.is_none() {
+                    return Err(Error::Protocol {
+                        reason: format!(
+                            "request stream frame for call {id}, which takes no stream"
+                        ),
+                    });
+                }
+                let status = Status::resource_exhausted(format!(
+                    "a {len}-byte request item is over the server's max_message_size of {max} bytes"
+                ));
+                tracing::debug!(id, %status, "rpc call ended: request item too large");
+                let _ = entry.abort.set(status);
+                entry.token.cancel();
+                Ok(())
+            }
+            _ => Err(Error::FrameTooLarge {
+                len: len as u64,
+                max,
+            }),
+        }
+    }
+
     /// Answers call `id` with `status` in the form its caller expects.
     pub(super) async fn reply_error(
         &self,
@@ -228,7 +283,7 @@ impl ConnState {
             move |w: &mut FrameWriter<'_>| codec::encode(w, &header, "envelope")
         };
         let res = match self.outbox.push(encode(status)).await {
-            Err(Error::MessageTooLarge { max }) => {
+            Err(Error::MessageTooLarge { max, .. }) => {
                 let short = Status::resource_exhausted(format!(
                     "the error status exceeded the {max}-byte message limit"
                 ));

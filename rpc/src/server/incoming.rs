@@ -107,6 +107,25 @@ where
 
 impl Server {
     /// Serves every conn `incoming` yields, each in its own task, until
+    /// `incoming` ends (a mux listener ends with its session; a TCP or Unix
+    /// listener never does) and its last conn has closed: for a server that
+    /// stops with its process. [`Server::serve_incoming`] adds graceful
+    /// shutdown.
+    ///
+    /// ```no_run
+    /// # use netchan_rpc::Server;
+    /// # async fn run(server: Server) -> std::io::Result<()> {
+    /// let listener = tokio::net::TcpListener::bind("127.0.0.1:7000").await?;
+    /// server.serve_all(listener).await;
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub async fn serve_all<I: Incoming>(&self, incoming: I) {
+        self.serve_incoming(incoming, std::future::pending(), Duration::ZERO)
+            .await
+    }
+
+    /// Serves every conn `incoming` yields, each in its own task, until
     /// `shutdown` resolves (or `incoming` ends and its conns are done);
     /// then shuts down gracefully:
     ///
