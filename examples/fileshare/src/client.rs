@@ -811,6 +811,36 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_full_hub_or_a_missing_one_is_worth_retrying_a_wrong_token_is_not() {
+        let refused = ConnectError::from(AuthError::Refused {
+            reason: "the hub is full".into(),
+        });
+        assert!(matches!(refused, ConnectError::Refused { .. }));
+        assert!(refused.is_transient());
+        assert_eq!(refused.to_string(), "the hub is full");
+        let tcp = ConnectError::Tcp {
+            addr: "127.0.0.1:9".into(),
+            source: std::io::ErrorKind::ConnectionRefused.into(),
+        };
+        assert!(tcp.is_transient());
+        assert_eq!(
+            tcp.to_string(),
+            "cannot connect to 127.0.0.1:9 (is the hub running?)"
+        );
+        assert!(!ConnectError::from(AuthError::BadToken).is_transient());
+        let taken = ConnectError::Publish {
+            name: "bob".into(),
+            status: Status::already_exists("taken"),
+        };
+        assert!(taken.is_transient(), "the old session may still hold it");
+        let bad = ConnectError::Publish {
+            name: "b b".into(),
+            status: Status::invalid_argument("whitespace"),
+        };
+        assert!(!bad.is_transient());
+    }
+
+    #[test]
     fn backoff_grows_exponentially_with_jitter_and_is_capped() {
         let mut rng = rand::rngs::StdRng::seed_from_u64(7);
         for attempt in 0..40 {
