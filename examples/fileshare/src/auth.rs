@@ -27,6 +27,10 @@ const MAX_MSG_LEN: usize = 1024;
 /// How long each side waits for the other's half of the exchange.
 pub(crate) const TIMEOUT: Duration = Duration::from_secs(10);
 
+/// What a client refused at the per-address cap is told.
+pub(crate) const TOO_MANY_FROM_ADDRESS: &str = "the hub refused the connection: too many \
+     connections from your address are still joining; try again in a moment";
+
 /// The hub's verdict codes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(u8)]
@@ -36,6 +40,8 @@ enum Code {
     TokenRequired = 2,
     BadVersion = 3,
     TlsRequired = 4,
+    /// Refused at admission (a cap); the text says which, for the user.
+    Refused = 5,
 }
 
 /// A refusal the hub sends without looking at the hello's contents.
@@ -43,6 +49,8 @@ enum Code {
 pub(crate) enum Refusal {
     /// The hub speaks TLS and the client connected in plaintext.
     TlsRequired,
+    /// Too many connections from the client's address are still saying hello.
+    TooManyFromAddress,
 }
 
 /// Why the hello exchange failed.
@@ -64,6 +72,12 @@ pub(crate) enum AuthError {
     /// The hub requires TLS and the client connected in plaintext.
     #[error("the hub requires TLS: connect with --tls-ca CERT (the hub's certificate or its CA)")]
     TlsRequired,
+    /// The hub turned the connection away at one of its caps; worth retrying later.
+    #[error("{reason}")]
+    Refused {
+        /// The hub's sentence.
+        reason: String,
+    },
     /// An empty token was configured.
     #[error("the token is empty")]
     EmptyToken,
@@ -166,6 +180,7 @@ where
             c if c == Code::TokenRequired as u8 => Err(AuthError::TokenRequired),
             c if c == Code::BadVersion as u8 => Err(AuthError::BadVersion { detail: text }),
             c if c == Code::TlsRequired as u8 => Err(AuthError::TlsRequired),
+            c if c == Code::Refused as u8 => Err(AuthError::Refused { reason: text }),
             other => Err(AuthError::Malformed {
                 detail: format!("unknown reply code {other}: {text}"),
             }),
@@ -252,6 +267,12 @@ where
     .await?;
     let (code, err) = match refusal {
         Refusal::TlsRequired => (Code::TlsRequired, AuthError::TlsRequired),
+        Refusal::TooManyFromAddress => (
+            Code::Refused,
+            AuthError::Refused {
+                reason: TOO_MANY_FROM_ADDRESS.to_owned(),
+            },
+        ),
     };
     answer(io, code, &err.to_string()).await
 }
@@ -372,6 +393,23 @@ mod tests {
         let err = c.unwrap_err();
         assert!(matches!(err, AuthError::TlsRequired), "{err:?}");
         assert!(err.to_string().contains("requires TLS"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn a_client_refused_at_admission_is_told_why_in_a_sentence() {
+        let (mut a, mut b) = tokio::io::duplex(4096);
+        let (c, h) = tokio::join!(
+            client_hello(&mut a, None),
+            server_refuse(&mut b, Refusal::TooManyFromAddress)
+        );
+        h.unwrap();
+        let err = c.unwrap_err();
+        assert!(matches!(err, AuthError::Refused { .. }), "{err:?}");
+        assert!(
+            err.to_string()
+                .contains("too many connections from your address"),
+            "{err}"
+        );
     }
 
     #[tokio::test]

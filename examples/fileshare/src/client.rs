@@ -43,7 +43,7 @@ const CHUNK_TIMEOUT: Duration = Duration::from_secs(60);
 const BACKOFF_BASE: Duration = Duration::from_millis(200);
 
 /// Longest delay between reconnect attempts.
-const BACKOFF_MAX: Duration = Duration::from_secs(10);
+pub(crate) const BACKOFF_MAX: Duration = Duration::from_secs(10);
 
 /// How a client reaches the hub and what it exports.
 #[derive(Debug, Clone)]
@@ -62,12 +62,13 @@ pub(crate) struct ClientOptions {
     pub(crate) mux: mux::Config,
 }
 
-/// Why connecting to the hub failed.
+/// Why connecting to the hub failed. Each message is one sentence about the user's situation;
+/// the layers below are kept as sources, shown with `-v`.
 #[non_exhaustive]
 #[derive(Debug, thiserror::Error)]
 pub(crate) enum ConnectError {
     /// No TCP connection.
-    #[error("cannot connect to the hub at {addr}")]
+    #[error("cannot connect to {addr} (is the hub running?)")]
     Tcp {
         /// The address.
         addr: String,
@@ -75,29 +76,38 @@ pub(crate) enum ConnectError {
         #[source]
         source: std::io::Error,
     },
-    /// The TLS handshake failed.
-    #[error("tls handshake with the hub at {addr} failed")]
+    /// The TLS handshake failed; `why` says it in plain words.
+    #[error("{why}")]
     Tls {
         /// The address.
         addr: String,
-        /// Why.
+        /// The plain words ([`crate::tls::explain_handshake`]).
+        why: String,
+        /// What the TLS layer said.
         #[source]
         source: std::io::Error,
     },
     /// Everything together took longer than [`CONNECT_TIMEOUT`].
-    #[error("connecting to the hub at {addr} timed out after {CONNECT_TIMEOUT:?}")]
+    #[error("the hub at {addr} did not let us in within {}s", CONNECT_TIMEOUT.as_secs())]
     Timeout {
         /// The address.
         addr: String,
     },
     /// The mux session failed before publishing.
-    #[error("session with the hub failed")]
+    #[error("the connection to the hub broke while joining")]
     Mux(#[from] mux::Error),
-    /// The hub refused the hello (token).
-    #[error("the hub refused the connection")]
-    Hello(#[from] AuthError),
+    /// The hub refused the hello (token, version, TLS).
+    #[error(transparent)]
+    Hello(AuthError),
+    /// The hub turned the connection away at one of its caps ("the hub is full", "too many
+    /// connections from your address"); trying again later may work.
+    #[error("{reason}")]
+    Refused {
+        /// The hub's sentence.
+        reason: String,
+    },
     /// The rpc link with the hub (both directions over the session) could not be set up.
-    #[error("could not set up rpc with the hub")]
+    #[error("the connection to the hub broke while joining")]
     Rpc(#[from] rpc::PeerError),
     /// The hub refused the name.
     #[error("the hub refused the name {name:?}: {}", status.message())]
@@ -107,6 +117,36 @@ pub(crate) enum ConnectError {
         /// The hub's answer.
         status: Status,
     },
+}
+
+impl From<AuthError> for ConnectError {
+    fn from(e: AuthError) -> ConnectError {
+        match e {
+            AuthError::Refused { reason } => ConnectError::Refused { reason },
+            other => ConnectError::Hello(other),
+        }
+    }
+}
+
+impl ConnectError {
+    /// Whether trying again later may succeed without the user changing anything: the hub
+    /// is not up yet, is full, or still holds our name for a session that is ending. A wrong
+    /// token, version, certificate or name is not.
+    pub(crate) fn is_transient(&self) -> bool {
+        match self {
+            ConnectError::Tcp { .. }
+            | ConnectError::Timeout { .. }
+            | ConnectError::Mux(_)
+            | ConnectError::Refused { .. }
+            | ConnectError::Rpc(_) => true,
+            ConnectError::Tls { source, .. } => crate::tls::is_transient(source),
+            ConnectError::Hello(e) => matches!(e, AuthError::Io(_) | AuthError::Timeout { .. }),
+            ConnectError::Publish { status, .. } => matches!(
+                status.code(),
+                Code::AlreadyExists | Code::Unavailable | Code::DeadlineExceeded
+            ),
+        }
+    }
 }
 
 /// A published connection to the hub.
@@ -138,7 +178,8 @@ pub(crate) async fn connect(opts: &ClientOptions) -> Result<Link, ConnectError> 
                     .await
                     .map_err(|source| ConnectError::Tls {
                         addr: opts.addr.clone(),
-                        source: plaintext_hub_hint(source),
+                        why: crate::tls::explain_handshake(&opts.addr, &source),
+                        source,
                     })?;
                 establish(tls, opts).await
             }
@@ -148,18 +189,6 @@ pub(crate) async fn connect(opts: &ClientOptions) -> Result<Link, ConnectError> 
     .map_err(|_| ConnectError::Timeout {
         addr: opts.addr.clone(),
     })?
-}
-
-/// A hub without TLS hangs up on a TLS handshake: say so instead of "eof".
-fn plaintext_hub_hint(e: std::io::Error) -> std::io::Error {
-    use std::io::ErrorKind::{ConnectionReset, UnexpectedEof};
-    if !matches!(e.kind(), UnexpectedEof | ConnectionReset) {
-        return e;
-    }
-    std::io::Error::new(
-        e.kind(),
-        format!("the hub hung up during the TLS handshake; it may be a plaintext hub ({e})"),
-    )
 }
 
 /// Runs the client half of the protocol over `io`: session, hello, export listener, publish.
@@ -187,9 +216,15 @@ where
         name: opts.name.clone(),
     })
     .await
-    .map_err(|status| ConnectError::Publish {
-        name: opts.name.clone(),
-        status,
+    .map_err(|status| match status.code() {
+        // The hub is full: not about the name.
+        Code::ResourceExhausted => ConnectError::Refused {
+            reason: status.message().to_owned(),
+        },
+        _ => ConnectError::Publish {
+            name: opts.name.clone(),
+            status,
+        },
     })?;
     Ok(Link {
         session,
@@ -774,6 +809,36 @@ pub(crate) fn chain(e: &dyn std::error::Error) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_full_hub_or_a_missing_one_is_worth_retrying_a_wrong_token_is_not() {
+        let refused = ConnectError::from(AuthError::Refused {
+            reason: "the hub is full".into(),
+        });
+        assert!(matches!(refused, ConnectError::Refused { .. }));
+        assert!(refused.is_transient());
+        assert_eq!(refused.to_string(), "the hub is full");
+        let tcp = ConnectError::Tcp {
+            addr: "127.0.0.1:9".into(),
+            source: std::io::ErrorKind::ConnectionRefused.into(),
+        };
+        assert!(tcp.is_transient());
+        assert_eq!(
+            tcp.to_string(),
+            "cannot connect to 127.0.0.1:9 (is the hub running?)"
+        );
+        assert!(!ConnectError::from(AuthError::BadToken).is_transient());
+        let taken = ConnectError::Publish {
+            name: "bob".into(),
+            status: Status::already_exists("taken"),
+        };
+        assert!(taken.is_transient(), "the old session may still hold it");
+        let bad = ConnectError::Publish {
+            name: "b b".into(),
+            status: Status::invalid_argument("whitespace"),
+        };
+        assert!(!bad.is_transient());
+    }
 
     #[test]
     fn backoff_grows_exponentially_with_jitter_and_is_capped() {

@@ -9,14 +9,18 @@
 //! with `ctx.callback()`, and checks that the client serves [`EXPORT_CHANNEL`], where the hub
 //! dials its reads, over the same session. The hub never connects to a client.
 //!
-//! Admission: a connection counts as *pending* from accept until it has published. Pending
-//! connections are capped overall ([`HubOptions::max_pending`]) and per source address
-//! ([`HubOptions::max_pending_per_addr`]), so a flood from one address cannot lock out
-//! another; beyond a cap the TCP connection is closed right after accept. Every deadline is
-//! absolute: the TLS handshake and the hello together must finish within
-//! [`HubOptions::hello_timeout`] of accept, and the publish within
-//! [`HubOptions::publish_timeout`] of the hello's end (the dial back to the client's export
-//! service included), else the session is closed.
+//! Admission ([`admission`]): a connection counts as *pending* from accept until it has
+//! published. Pending connections are capped overall ([`HubOptions::max_pending`]) and per
+//! source address ([`HubOptions::max_pending_per_addr`]); at a cap the hub sheds the oldest
+//! silent connection rather than turn the newcomer away, and refuses only a newcomer whose
+//! address already has its cap of connections all talking. A refused client is told why in
+//! its hello ("too many connections from your address"); a client that publishes when
+//! [`HubOptions::max_connections`] clients are published is told "the hub is full". A pending
+//! connection costs a socket and a small task until its first byte arrives (its session is
+//! made only then), so the hub can hold thousands. Every deadline is absolute: the TLS
+//! handshake and the hello together must finish within [`HubOptions::hello_timeout`] of
+//! accept, and the publish within [`HubOptions::publish_timeout`] of the hello's end (the dial
+//! back to the client's export service included), else the session is closed.
 //!
 //! Only a published connection may use `list`/`ls`/`stat`/`read`. A name is never taken from a
 //! live connection: publishing a name another connection holds is refused ("already taken")
@@ -52,7 +56,7 @@
 //!   `ls`/`stat` channel over [`MAX_MESSAGE`], the largest `ls` reply).
 
 use std::collections::HashMap;
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -76,6 +80,10 @@ use crate::proto::{
 };
 use crate::registry::{validate_name, ConnId, NameError, Registry};
 
+mod admission;
+
+use admission::{Admission, LogLimit, Pending, Refused};
+
 /// How long the hub waits to open the channel to a publishing client's export service (and
 /// never past the connection's publish deadline).
 const EXPORT_DIAL_TIMEOUT: Duration = Duration::from_secs(10);
@@ -94,8 +102,16 @@ pub(crate) const MAX_CHUNK_FRAME: usize = CHUNK_SIZE + 1024;
 /// The first byte of a TLS record carrying a handshake (a ClientHello starts with it).
 const TLS_HANDSHAKE_RECORD: u8 = 0x16;
 
-/// The largest offset a file can have (`off_t` is signed).
-const MAX_OFFSET: u64 = i64::MAX as u64;
+/// The largest offset a read may start at. `off_t` is signed, so no file holds a byte at
+/// `i64::MAX` or beyond: a read from there is refused as out of range.
+const MAX_OFFSET: u64 = i64::MAX as u64 - 1;
+
+/// Refused connections told why at once (each costs a session for at most
+/// [`REFUSAL_TIME`]); more are closed without a word.
+const MAX_REFUSALS: usize = 64;
+
+/// How long a refused client has to send its hello and take the answer.
+const REFUSAL_TIME: Duration = Duration::from_secs(3);
 
 /// The hub's settings.
 #[derive(Clone)]
@@ -119,12 +135,16 @@ pub(crate) struct HubOptions {
     /// granted, or the reader's socket not read) before the hub gives the read up and frees
     /// its slot. Default: 30 s.
     pub(crate) reader_stall: Duration,
-    /// Most client connections at once; more are closed right after accept. Default: 1024.
+    /// Most published clients at once; a client that publishes beyond it is refused with
+    /// "the hub is full". Default: 1024.
     pub(crate) max_connections: usize,
     /// Most connections that have not published yet (hello included), from all addresses
-    /// together. Default: 256.
+    /// together; beyond it the oldest silent one is shed. Each holds a file descriptor: the
+    /// hub needs `max_connections + max_pending` of them and some more. Default: 2048.
     pub(crate) max_pending: usize,
-    /// Most connections that have not published yet from one source IP address. Default: 8.
+    /// Most connections that have not published yet from one source IP address; beyond it
+    /// the oldest silent one from that address is shed, or the newcomer refused if none is
+    /// silent. Default: 8.
     pub(crate) max_pending_per_addr: usize,
     /// How long after accept the TLS handshake (if any) and the hello must be done. Default:
     /// 10 s.
@@ -158,7 +178,7 @@ impl Default for HubOptions {
             peer_timeout: Duration::from_secs(30),
             reader_stall: Duration::from_secs(30),
             max_connections: 1024,
-            max_pending: 256,
+            max_pending: 2048,
             max_pending_per_addr: 8,
             hello_timeout: Duration::from_secs(10),
             publish_timeout: Duration::from_secs(10),
@@ -188,55 +208,20 @@ struct PeerHandle {
     calls: Arc<Semaphore>,
 }
 
-/// Counts connections that have not published yet, overall and per source address.
-struct Admission {
-    limit: usize,
-    per_addr: usize,
-    // A std mutex: a few map operations, never held across `.await`.
-    counts: Mutex<(usize, HashMap<IpAddr, usize>)>,
+/// What admission decided for an accepted connection.
+pub(crate) enum Admit {
+    /// Serve it, holding this pending place (none: tests that drive the hub directly).
+    Pending(Option<Pending>),
+    /// Tell it why it is refused, holding one of the [`MAX_REFUSALS`] places.
+    Refuse(Refused, OwnedSemaphorePermit),
 }
 
-/// One admitted, not yet published connection; dropping it frees its place.
-pub(crate) struct Pending {
-    admission: Arc<Admission>,
-    ip: IpAddr,
-}
-
-impl Admission {
-    fn lock(&self) -> std::sync::MutexGuard<'_, (usize, HashMap<IpAddr, usize>)> {
-        self.counts
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-    }
-
-    /// Admits one more pending connection from `ip`, or says which cap it hit.
-    fn admit(self: &Arc<Self>, ip: IpAddr) -> Result<Pending, &'static str> {
-        let mut counts = self.lock();
-        if counts.0 >= self.limit {
-            return Err("too many connections still saying hello");
-        }
-        let from_ip = counts.1.entry(ip).or_insert(0);
-        if *from_ip >= self.per_addr {
-            return Err("too many connections from this address still saying hello");
-        }
-        *from_ip += 1;
-        counts.0 += 1;
-        Ok(Pending {
-            admission: self.clone(),
-            ip,
-        })
-    }
-}
-
-impl Drop for Pending {
-    fn drop(&mut self) {
-        let mut counts = self.admission.lock();
-        counts.0 = counts.0.saturating_sub(1);
-        if let Some(n) = counts.1.get_mut(&self.ip) {
-            *n = n.saturating_sub(1);
-            if *n == 0 {
-                counts.1.remove(&self.ip);
-            }
+impl Admit {
+    /// Cancelled if the connection is shed before it publishes.
+    fn shed(&self) -> CancellationToken {
+        match self {
+            Admit::Pending(Some(p)) => p.shed(),
+            _ => CancellationToken::new(),
         }
     }
 }
@@ -246,8 +231,15 @@ pub(crate) struct HubState {
     opts: HubOptions,
     peers: Registry<PeerHandle>,
     next_conn: AtomicU64,
+    /// Seats of published clients ([`HubOptions::max_connections`]).
     connections: Arc<Semaphore>,
     admission: Arc<Admission>,
+    /// Refusals being told to their clients at once; beyond it a refused connection is
+    /// simply closed.
+    refusals: Arc<Semaphore>,
+    /// Rate limits of the refusal and shedding log lines.
+    refusal_log: LogLimit,
+    shed_log: LogLimit,
     /// Origin of the `heard` clocks.
     epoch: Instant,
     /// Bumped whenever the set of peers changes (lets tests await a departure).
@@ -260,17 +252,16 @@ impl HubState {
     /// A hub with no peers.
     pub(crate) fn new(opts: HubOptions) -> Arc<HubState> {
         let connections = Arc::new(Semaphore::new(opts.max_connections.max(1)));
-        let admission = Arc::new(Admission {
-            limit: opts.max_pending.max(1),
-            per_addr: opts.max_pending_per_addr.max(1),
-            counts: Mutex::new((0, HashMap::new())),
-        });
+        let admission = Admission::new(opts.max_pending, opts.max_pending_per_addr);
         Arc::new(HubState {
             opts,
             peers: Registry::new(),
             next_conn: AtomicU64::new(1),
             connections,
             admission,
+            refusals: Arc::new(Semaphore::new(MAX_REFUSALS)),
+            refusal_log: LogLimit::new(),
+            shed_log: LogLimit::new(),
             epoch: Instant::now(),
             changes: tokio::sync::watch::Sender::new(0),
             stop: CancellationToken::new(),
@@ -290,36 +281,46 @@ impl HubState {
     pub(crate) async fn serve(self: Arc<Self>, listener: TcpListener) {
         let mut conns = JoinSet::new();
         // Bounded: one iteration per accepted connection; connection tasks are reaped as they
-        // finish so the set holds at most `max_connections` (+ the ones being refused).
+        // finish, so the set holds at most `max_connections` published ones (their seats),
+        // `max_pending` pending ones and `MAX_REFUSALS` being refused (plus the publishes in
+        // progress that will be refused a seat).
         loop {
             tokio::select! {
                 accepted = listener.accept() => match accepted {
                     Ok((tcp, addr)) => {
-                        let Ok(permit) = self.connections.clone().try_acquire_owned() else {
-                            warn!(%addr, limit = self.opts.max_connections, "refusing connection: too many clients");
-                            continue;
-                        };
-                        let pending = match self.admission.admit(addr.ip()) {
-                            Ok(pending) => pending,
-                            Err(why) => {
-                                debug!(%addr, "refusing connection: {why}");
-                                continue;
-                            }
-                        };
-                        let deadline = Instant::now() + self.opts.hello_timeout;
                         let _ = tcp.set_nodelay(true);
-                        let hub = self.clone();
                         let id = self.next_conn.fetch_add(1, Ordering::Relaxed);
                         let span = tracing::info_span!("conn", id, %addr);
-                        conns.spawn(async move {
-                            hub.accept_tcp(tcp, id, addr, Some(pending), deadline).await;
-                            drop(permit);
-                        }.instrument(span));
+                        let admit = match self.admission.admit(addr.ip()) {
+                            Ok((pending, shed)) => {
+                                if let Some(shed) = shed {
+                                    self.log_shed(shed);
+                                }
+                                Admit::Pending(Some(pending))
+                            }
+                            Err(refused) => {
+                                let Ok(permit) = self.refusals.clone().try_acquire_owned() else {
+                                    self.log_refusal(addr, refused, false);
+                                    continue;
+                                };
+                                self.log_refusal(addr, refused, true);
+                                Admit::Refuse(refused, permit)
+                            }
+                        };
+                        let deadline = Instant::now() + match admit {
+                            Admit::Pending(_) => self.opts.hello_timeout,
+                            Admit::Refuse(..) => self.opts.hello_timeout.min(REFUSAL_TIME),
+                        };
+                        let hub = self.clone();
+                        conns.spawn(hub.accept_tcp(tcp, id, addr, admit, deadline).instrument(span));
                     }
                     Err(e) => {
-                        // Typically EMFILE: back off briefly instead of spinning.
-                        warn!("accept failed: {e}");
-                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        // Typically EMFILE: free a descriptor held by a silent connection, and
+                        // back off briefly instead of spinning.
+                        let shed = self.admission.shed_oldest_silent();
+                        warn!(shed = shed.is_some(), "accept failed: {e}");
+                        let pause = if shed.is_some() { 10 } else { 100 };
+                        tokio::time::sleep(Duration::from_millis(pause)).await;
                     }
                 },
                 Some(_) = conns.join_next(), if !conns.is_empty() => {}
@@ -337,23 +338,26 @@ impl HubState {
         info!("every session closed");
     }
 
-    /// Serves one accepted TCP connection: looks at its first byte (a TLS hub tells a
+    /// Serves one accepted TCP connection: waits for its first byte (a TLS hub tells a
     /// plaintext client so in the hello; a plaintext hub logs a TLS client and hangs up), runs
-    /// the TLS handshake if any, then the session. Everything before the hello's end is
-    /// bounded by `deadline`.
+    /// the TLS handshake if any, then the session, or tells the client it is refused.
+    /// Everything before the hello's end is bounded by `deadline`; a pending connection that
+    /// is shed before it has published is closed.
     pub(crate) async fn accept_tcp(
         self: Arc<Self>,
         tcp: tokio::net::TcpStream,
         id: ConnId,
         addr: SocketAddr,
-        pending: Option<Pending>,
+        admit: Admit,
         deadline: Instant,
     ) {
         let label = addr.to_string();
+        let shed = admit.shed();
         let mut first = [0u8; 1];
         let peeked = tokio::select! {
             peeked = tokio::time::timeout_at(deadline, tcp.peek(&mut first)) => peeked,
             () = self.stop.cancelled() => return,
+            () = shed.cancelled() => return debug!("shed while silent"),
         };
         match peeked {
             Ok(Ok(1)) => {}
@@ -361,9 +365,12 @@ impl HubState {
             Ok(Err(e)) => return debug!("connection failed before sending anything: {e}"),
             Err(_) => return warn!("refused: sent nothing within {:?}", self.opts.hello_timeout),
         }
+        if let Admit::Pending(Some(p)) = &admit {
+            p.heard();
+        }
         let speaks_tls = first[0] == TLS_HANDSHAKE_RECORD;
         match (&self.opts.tls, speaks_tls) {
-            (None, false) => self.serve_conn(tcp, id, label, pending, deadline).await,
+            (None, false) => self.serve_or_refuse(tcp, id, label, admit, deadline).await,
             (None, true) => {
                 warn!(
                     "refused: the client started a TLS handshake, but this hub is plaintext \
@@ -378,7 +385,7 @@ impl HubState {
             }
             (Some(_), false) => {
                 warn!("refusing a plaintext client: this hub requires TLS");
-                self.refuse_plaintext(tcp, deadline).await;
+                self.refuse(tcp, auth::Refusal::TlsRequired, deadline).await;
             }
             (Some(acceptor), true) => {
                 let limit = deadline.min(Instant::now() + crate::tls::HANDSHAKE_TIMEOUT);
@@ -387,9 +394,10 @@ impl HubState {
                 let done = tokio::select! {
                     done = handshake => done,
                     () = self.stop.cancelled() => return,
+                    () = shed.cancelled() => return debug!("shed during the tls handshake"),
                 };
                 match done {
-                    Ok(Ok(tls)) => self.serve_conn(tls, id, label, pending, deadline).await,
+                    Ok(Ok(tls)) => self.serve_or_refuse(tls, id, label, admit, deadline).await,
                     Ok(Err(e)) => warn!("tls handshake failed: {e}"),
                     Err(_) => warn!("tls handshake timed out"),
                 }
@@ -397,25 +405,84 @@ impl HubState {
         }
     }
 
-    /// Answers a plaintext client of a TLS hub in its own protocol: its hello gets "this hub
-    /// requires TLS", so it can say so instead of reporting a broken connection.
-    async fn refuse_plaintext(&self, tcp: tokio::net::TcpStream, deadline: Instant) {
-        let session = Session::server(tcp, self.opts.mux.clone().max_channels(2));
+    /// Serves an admitted connection, or tells a refused one why.
+    async fn serve_or_refuse<T>(
+        self: Arc<Self>,
+        io: T,
+        id: ConnId,
+        label: String,
+        admit: Admit,
+        deadline: Instant,
+    ) where
+        T: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+    {
+        match admit {
+            // Boxed: the session's state is allocated only once the client has said something,
+            // so that a silent connection costs little.
+            Admit::Pending(pending) => {
+                Box::pin(self.serve_conn(io, id, label, pending, deadline)).await;
+            }
+            Admit::Refuse(refused, _permit) => {
+                let refusal = match refused {
+                    Refused::TooManyFromAddress { .. } => auth::Refusal::TooManyFromAddress,
+                };
+                self.refuse(io, refusal, deadline).await;
+            }
+        }
+    }
+
+    /// Answers a client's hello with `refusal` whatever it says, so that it can tell its user
+    /// why instead of reporting a broken connection.
+    async fn refuse<T>(&self, io: T, refusal: auth::Refusal, deadline: Instant)
+    where
+        T: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+    {
+        let session = Session::server(io, self.opts.mux.clone().max_channels(2));
         let refuse = async {
             let mut hello = session.listen(auth::CHANNEL)?;
             let mut ch = hello.accept().await?;
-            auth::server_refuse(&mut ch, auth::Refusal::TlsRequired).await?;
+            auth::server_refuse(&mut ch, refusal).await?;
+            let _ = tokio::io::AsyncWriteExt::shutdown(&mut ch).await;
             anyhow::Ok(())
         };
         tokio::select! {
             done = tokio::time::timeout_at(deadline, refuse) => {
                 if let Ok(Err(e)) = done {
-                    debug!("could not tell the plaintext client: {e:#}");
+                    debug!("could not tell the client it is refused: {e:#}");
                 }
             }
             () = self.stop.cancelled() => {}
         }
         session.close().await;
+    }
+
+    /// Logs a refusal at admission, at most one line a second.
+    fn log_refusal(&self, addr: SocketAddr, refused: Refused, told: bool) {
+        if let Some(more) = self.refusal_log.allow() {
+            let Refused::TooManyFromAddress { limit } = refused;
+            warn!(
+                %addr,
+                limit,
+                told,
+                more_since_last_line = more,
+                "refusing a connection: too many connections from its address are still \
+                 saying hello"
+            );
+        }
+    }
+
+    /// Logs a connection shed to make room, at most one line a second.
+    fn log_shed(&self, shed: admission::Shed) {
+        if let Some(more) = self.shed_log.allow() {
+            info!(
+                addr = %shed.ip,
+                silent = shed.silent,
+                more_since_last_line = more,
+                pending = self.admission.len(),
+                "shedding the oldest {} pending connection to make room for a new one",
+                if shed.silent { "silent" } else { "unpublished" }
+            );
+        }
     }
 
     /// Serves one client connection over `io` (any byte stream) until it ends, with the
@@ -441,10 +508,14 @@ impl HubState {
     ) where
         T: AsyncRead + AsyncWrite + Send + Unpin + 'static,
     {
+        let shed = pending
+            .as_ref()
+            .map_or_else(CancellationToken::new, Pending::shed);
         let session = Session::server(io, self.opts.mux.clone());
         let hello = tokio::select! {
             hello = self.hello(&session, deadline) => hello,
             () = self.stop.cancelled() => Err(anyhow::anyhow!("the hub is shutting down")),
+            () = shed.cancelled() => Err(anyhow::anyhow!("shed to make room for a newer connection")),
         };
         match hello {
             Ok(()) => {}
@@ -465,6 +536,8 @@ impl HubState {
             is_published: AtomicBool::new(false),
             publish_deadline: Instant::now() + self.opts.publish_timeout,
             pending: Mutex::new(pending),
+            shed,
+            seat: Mutex::new(None),
             reads: Mutex::new(HashMap::new()),
         });
         // A client gets at most this many calls running at once on its peer link: plenty for a
@@ -487,6 +560,11 @@ impl HubState {
                 rpc::Peer::connect(&session, server),
             ) => peer,
             () = self.stop.cancelled() => {
+                session.close().await;
+                return;
+            }
+            () = conn.shed.cancelled() => {
+                debug!("shed before its rpc link was up");
                 session.close().await;
                 return;
             }
@@ -564,7 +642,7 @@ impl HubState {
     /// Connections admitted but not yet published.
     #[cfg(test)]
     pub(crate) fn pending(&self) -> usize {
-        self.admission.lock().0
+        self.admission.len()
     }
 
     /// The handle of peer `name`, if it is published.
@@ -665,6 +743,14 @@ async fn watch_conn(conn: &ConnState) -> mux::CloseReason {
                 session.close().await;
                 return session.closed().await;
             }
+            () = conn.shed.cancelled(), if awaiting_publish => {
+                awaiting_publish = false;
+                if !conn.is_published.load(Ordering::SeqCst) {
+                    debug!("closing: shed to make room for a newer connection");
+                    session.close().await;
+                    return session.closed().await;
+                }
+            }
             () = &mut publish_deadline, if awaiting_publish => {
                 awaiting_publish = false;
                 if !conn.is_published.load(Ordering::SeqCst) {
@@ -703,6 +789,10 @@ struct ConnState {
     publish_deadline: Instant,
     /// Its admission place, released when it publishes.
     pending: Mutex<Option<Pending>>,
+    /// Cancelled if admission sheds the connection before it has published.
+    shed: CancellationToken,
+    /// Its seat among the published clients, taken by the publish.
+    seat: Mutex<Option<OwnedSemaphorePermit>>,
     /// Calls this connection has forwarded to each exporter right now.
     reads: Mutex<HashMap<String, usize>>,
 }
@@ -979,6 +1069,16 @@ impl Hub for HubService {
         // The client must serve its export channel (where reads go) before it is listed: open
         // one and let it go (the reads channel is opened on first use).
         drop(conn.dial_export().await?);
+        // A seat among the published clients, or "the hub is full".
+        let Ok(seat) = conn.hub.connections.clone().try_acquire_owned() else {
+            let limit = conn.hub.opts.max_connections;
+            if let Some(more) = conn.hub.refusal_log.allow() {
+                warn!(peer = %name, conn = conn.id, limit, more_since_last_line = more, "refused: the hub is full");
+            }
+            return Err(Status::resource_exhausted(format!(
+                "the hub is full: it serves {limit} clients, its limit; try again later"
+            )));
+        };
         let handle = PeerHandle {
             session: conn.session.clone(),
             export,
@@ -994,6 +1094,10 @@ impl Hub for HubService {
             });
         }
         *published = Published::As(name.clone());
+        *conn
+            .seat
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(seat);
         conn.is_published.store(true, Ordering::SeqCst);
         drop(
             conn.pending

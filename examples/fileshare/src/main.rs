@@ -203,6 +203,49 @@ async fn run_hub(args: HubArgs) -> anyhow::Result<bool> {
     Ok(true)
 }
 
+/// A connect error as one sentence, with the layers below it only in verbose mode.
+fn one_sentence(e: &client::ConnectError) -> String {
+    format!("{e}{}", client::detail_if_verbose(&client::chain(e)))
+}
+
+/// Joins the hub for `--serve`: a hub that is not up yet, full, or still holding our name
+/// for a session that is ending is tried again with backoff (said on the first failure and
+/// every 10th); anything the user must fix ends it. `None` if a signal came first.
+async fn join_retrying(
+    opts: client::ClientOptions,
+    notify: client::Notify,
+    signals: &mut StopSignals,
+) -> anyhow::Result<Option<client::Peer>> {
+    use rand::SeedableRng as _;
+    let mut rng = rand::rngs::StdRng::from_entropy();
+    let mut attempt: u32 = 0;
+    // Bounded by the user: every failure waits its backoff, and a signal ends it.
+    loop {
+        let started = tokio::select! {
+            started = client::Peer::start(opts.clone(), notify.clone()) => started,
+            () = signals.recv() => return Ok(None),
+        };
+        let e = match started {
+            Ok(peer) => return Ok(Some(peer)),
+            Err(e) if e.is_transient() => e,
+            Err(e) => anyhow::bail!(one_sentence(&e)),
+        };
+        let wait = client::backoff(attempt, &mut rng);
+        if attempt % 10 == 0 {
+            eprintln!(
+                "share: {}; trying again in the background (every {}s at most)",
+                one_sentence(&e),
+                client::BACKOFF_MAX.as_secs()
+            );
+        }
+        attempt = attempt.saturating_add(1);
+        tokio::select! {
+            () = tokio::time::sleep(wait) => {}
+            () = signals.recv() => return Ok(None),
+        }
+    }
+}
+
 /// The directory a client exports: `--root`, or the current directory unless that is the
 /// home directory or `/` (sharing those by accident exposes dotfiles, keys and history).
 fn export_dir(root: Option<&std::path::Path>) -> anyhow::Result<std::path::PathBuf> {
@@ -324,9 +367,17 @@ async fn run_client(args: ClientArgs) -> anyhow::Result<bool> {
     // Before connecting, so that a SIGTERM in --serve mode always ends in a graceful close.
     // (Only then: the REPL handles Ctrl-C itself.)
     let mut signals = args.serve.then(StopSignals::new);
-    let peer = client::Peer::start(opts, notify)
-        .await
-        .map_err(|e| anyhow::anyhow!(client::chain(&e)))?;
+    let peer = if let Some(s) = signals.as_mut() {
+        match join_retrying(opts, notify, s).await? {
+            Some(peer) => peer,
+            // Stopped before the hub let us in.
+            None => return Ok(true),
+        }
+    } else {
+        client::Peer::start(opts, notify)
+            .await
+            .map_err(|e| anyhow::anyhow!(one_sentence(&e)))?
+    };
     let peer = Arc::new(peer);
     let interactive = !args.serve && std::io::stdin().is_terminal();
     // The sharer (a server or a person at a terminal) must know; a script's stderr stays

@@ -59,6 +59,56 @@ fn host_of(addr: &str) -> &str {
     }
 }
 
+/// The rustls error inside an i/o error from a TLS stream, if that is what it is.
+fn rustls_error(e: &std::io::Error) -> Option<&rustls::Error> {
+    e.get_ref()?.downcast_ref::<rustls::Error>()
+}
+
+/// A failed client handshake with the hub at `addr`, in plain words: who did not trust whom
+/// and what to pass, or that the hub hung up (a plaintext hub does that to a TLS client).
+pub(crate) fn explain_handshake(addr: &str, e: &std::io::Error) -> String {
+    use rustls::AlertDescription as A;
+    use std::io::ErrorKind::{ConnectionReset, UnexpectedEof};
+    match rustls_error(e) {
+        Some(rustls::Error::InvalidCertificate(why)) => format!(
+            "this client does not trust the hub's certificate ({why:?}): --tls-ca must be the \
+             CA that signed the hub's certificate, and the certificate must name {}",
+            host_of(addr)
+        ),
+        Some(rustls::Error::AlertReceived(A::CertificateRequired)) => {
+            "the hub requires a client certificate: pass --tls-cert and --tls-key (signed by \
+             the CA the hub was given with --tls-client-ca)"
+                .to_owned()
+        }
+        Some(rustls::Error::AlertReceived(
+            A::BadCertificate
+            | A::UnknownCA
+            | A::CertificateUnknown
+            | A::UnsupportedCertificate
+            | A::CertificateExpired
+            | A::CertificateRevoked
+            | A::AccessDenied
+            | A::DecryptError,
+        )) => "the hub does not trust this client's certificate: it must be signed by the CA \
+               the hub was given with --tls-client-ca"
+            .to_owned(),
+        _ if matches!(e.kind(), UnexpectedEof | ConnectionReset) => format!(
+            "the hub at {addr} hung up during the TLS handshake; it may be a plaintext hub \
+             (connect without --tls-ca)"
+        ),
+        _ => format!("the TLS handshake with the hub at {addr} failed"),
+    }
+}
+
+/// Whether a failed handshake may succeed later unchanged: anything but a certificate that
+/// one side does not trust (or does not have).
+pub(crate) fn is_transient(e: &std::io::Error) -> bool {
+    !matches!(
+        rustls_error(e),
+        Some(rustls::Error::InvalidCertificate(_) | rustls::Error::AlertReceived(_))
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

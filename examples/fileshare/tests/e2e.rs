@@ -209,11 +209,10 @@ fn unknown_peers_bad_commands_and_a_missing_hub_fail_clearly() {
     drop(free);
     let out = run_script(&addr, "alice", ra.path(), "list\n");
     assert_eq!(out.status.code(), Some(1));
-    assert!(
-        out.stderr
-            .contains(&format!("cannot connect to the hub at {addr}")),
-        "{}",
-        out.stderr
+    // One sentence about the situation, not the layers below it.
+    assert_eq!(
+        out.stderr.trim_end(),
+        format!("share: cannot connect to {addr} (is the hub running?)"),
     );
 }
 
@@ -588,4 +587,36 @@ fn the_hub_ends_the_hello_stream_with_fin_never_a_reset() {
         }
     }
     panic!("no FIN on the hello stream; data so far {data:?}");
+}
+
+/// A `--serve` client started before its hub says why it cannot join and keeps trying with
+/// backoff instead of exiting; it joins once the hub is up.
+#[test]
+fn a_serve_client_started_before_its_hub_waits_and_joins_once_the_hub_is_up() {
+    let addr = format!("127.0.0.1:{}", free_fixed_port());
+    let (rb, ra) = (tempdir(), tempdir());
+    std::fs::write(rb.path().join("hello.txt"), b"hi\n").unwrap();
+    let mut child = share()
+        .args(["--name", "bob", "--root"])
+        .arg(rb.path())
+        .args(["--serve", &addr])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn client");
+    let mut log = Lines::new(child.stderr.take().unwrap());
+    let bob = Proc {
+        child,
+        name: "bob".into(),
+    };
+    log.wait_for(
+        &format!("share: cannot connect to {addr} (is the hub running?); trying again"),
+        WAIT,
+    );
+    let _hub = start_hub_at(&addr, &[]);
+    log.wait_for("connected to the hub", WAIT);
+    let out = run_script(&addr, "alice", ra.path(), "read bob hello.txt\n");
+    assert_eq!(out.out(), "hi\n", "{}", out.stderr);
+    drop(bob);
 }

@@ -361,36 +361,72 @@ async fn a_connection_that_does_not_publish_in_time_is_closed_and_frees_its_slot
 }
 
 #[tokio::test]
-async fn a_silent_connection_cannot_keep_the_last_slot() {
+async fn a_client_beyond_the_connection_cap_is_told_the_hub_is_full_and_gets_in_later() {
     let hub = start_hub(HubOptions {
         max_connections: 1,
-        // Long enough that the refused attempt below surely comes before it on a busy machine.
-        publish_timeout: Duration::from_secs(2),
         mux: netchan_mux::Config::default().close_grace(Duration::from_millis(100)),
         ..HubOptions::default()
     })
     .await;
-    let (silent, _raw) = raw_client(&hub, None).await;
-    let root = root_with(0);
-    // Refused while the silent one holds the only slot.
-    assert!(Peer::start(client_opts(&hub, "bob", root.path()), quiet())
-        .await
-        .is_err());
-    tokio::time::timeout(WAIT, silent.closed())
-        .await
-        .expect("the silent connection is closed");
-    let bob = tokio::time::timeout(WAIT, async {
-        // Bounded by the timeout: the slot is released right after the close completes.
-        loop {
-            if let Ok(peer) = Peer::start(client_opts(&hub, "bob", root.path()), quiet()).await {
-                return peer;
-            }
-            tokio::task::yield_now().await;
-        }
-    })
+    // A connection that says hello and publishes nothing takes no seat.
+    let (_silent, _raw) = raw_client(&hub, None).await;
+    let (rb, ra) = (root_with(0), root_with(0));
+    let bob = join(&hub, "bob", rb.path()).await;
+    let err = within(
+        WAIT_S,
+        "alice is refused",
+        Peer::start(client_opts(&hub, "alice", ra.path()), quiet()),
+    )
     .await
-    .expect("bob gets the slot");
-    assert_eq!(bob.list().await.unwrap(), vec!["bob"]);
+    .err()
+    .expect("alice is refused while bob holds the only seat");
+    assert!(matches!(err, ConnectError::Refused { .. }), "{err:?}");
+    assert!(err.to_string().contains("the hub is full"), "{err}");
+    bob.close().await;
+    drop(bob);
+    until_peers(&hub, |names| names.is_empty()).await;
+    let alice = join(&hub, "alice", ra.path()).await;
+    assert_eq!(alice.list().await.unwrap(), vec!["alice"]);
+}
+
+#[tokio::test]
+async fn a_client_refused_at_the_address_cap_is_told_why() {
+    let hub = start_hub(HubOptions {
+        max_pending_per_addr: 1,
+        ..HubOptions::default()
+    })
+    .await;
+    // One connection from 127.0.0.1 is talking (hello done) and has not published.
+    let (_talking, _raw) = raw_client(&hub, None).await;
+    let root = root_with(0);
+    let err = within(
+        WAIT_S,
+        "bob is refused",
+        Peer::start(client_opts(&hub, "bob", root.path()), quiet()),
+    )
+    .await
+    .err()
+    .expect("bob is refused");
+    assert!(matches!(err, ConnectError::Refused { .. }), "{err:?}");
+    assert!(
+        err.to_string()
+            .contains("too many connections from your address"),
+        "{err}"
+    );
+    // From another address bob gets in at once.
+    let tcp = raw_tcp_from(2, hub.addr).await;
+    let opts = client_opts(&hub, "bob", root.path());
+    within(WAIT_S, "bob joins", client::establish(tcp, &opts))
+        .await
+        .unwrap();
+}
+
+/// A TCP connection to `hub` from the loopback address 127.0.0.`last` (Linux routes all of
+/// 127/8 to the loopback interface).
+async fn raw_tcp_from(last: u8, hub: SocketAddr) -> tokio::net::TcpStream {
+    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    sock.bind(SocketAddr::from(([127, 0, 0, last], 0))).unwrap();
+    sock.connect(hub).await.unwrap()
 }
 
 #[tokio::test]
@@ -851,7 +887,12 @@ async fn shutdown_does_not_wait_for_a_tls_handshake_in_progress() {
     let mut silent = _silent;
     silent.write_all(&[0x16]).await.unwrap();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(3600);
-    let conn = tokio::spawn(state.clone().accept_tcp(tcp, 1, addr, None, deadline));
+    let conn =
+        tokio::spawn(
+            state
+                .clone()
+                .accept_tcp(tcp, 1, addr, super::Admit::Pending(None), deadline),
+        );
     let start = tokio::time::Instant::now();
     state.shutdown();
     tokio::time::timeout(WAIT, conn)
@@ -1299,9 +1340,16 @@ async fn an_absurd_offset_is_refused_naming_the_offset() {
     // A published reader gets the offset named.
     let tcp = tokio::net::TcpStream::connect(hub.addr).await.unwrap();
     let (_s, alice_hub, _e) = publish_over(tcp, "alice", RuleBreakingExport).await;
-    let err = refusal(&alice_hub, read).await;
-    assert_eq!(err.code(), Code::OutOfRange, "{err}");
-    assert!(err.message().contains(&offset.to_string()), "{err}");
+    // 2^63 − 1 too: no file holds a byte there (`off_t` is signed).
+    for offset in [i64::MAX as u64, 1 << 63, u64::MAX] {
+        let read = PeerRead {
+            offset,
+            ..read.clone()
+        };
+        let err = refusal(&alice_hub, read).await;
+        assert_eq!(err.code(), Code::OutOfRange, "{offset}: {err}");
+        assert!(err.message().contains(&offset.to_string()), "{err}");
+    }
 }
 
 #[test]
@@ -1327,25 +1375,6 @@ fn hard_linked_files_are_refused_unless_the_sharer_allows_them() {
     assert_eq!(f.read_at(0, 100).unwrap(), b"outside the root\n");
 }
 
-#[test]
-fn admission_caps_pending_connections_overall_and_per_address() {
-    let state = HubState::new(HubOptions {
-        max_pending: 3,
-        max_pending_per_addr: 2,
-        ..HubOptions::default()
-    });
-    let ip = |last: u8| std::net::IpAddr::from([127, 0, 0, last]);
-    let a1 = state.admission.admit(ip(1)).unwrap();
-    let _a2 = state.admission.admit(ip(1)).unwrap();
-    assert!(state.admission.admit(ip(1)).is_err(), "per-address cap");
-    let _b1 = state.admission.admit(ip(2)).unwrap();
-    assert!(state.admission.admit(ip(3)).is_err(), "overall cap");
-    assert_eq!(state.pending(), 3);
-    drop(a1);
-    let _c1 = state.admission.admit(ip(3)).unwrap();
-    assert!(state.admission.admit(ip(1)).is_err(), "still full overall");
-}
-
 #[tokio::test]
 async fn a_flood_of_silent_connections_from_one_address_does_not_lock_out_another() {
     let hub = start_hub(HubOptions {
@@ -1359,7 +1388,7 @@ async fn a_flood_of_silent_connections_from_one_address_does_not_lock_out_anothe
     for _ in 0..32 {
         flood.push(tokio::net::TcpStream::connect(hub.addr).await.unwrap());
     }
-    // All but the first 4 are hung up on at once.
+    // All but the last 4 are shed (the oldest silent ones go first).
     let mut ends = JoinSet::new();
     for mut tcp in flood {
         ends.spawn(async move {
@@ -1388,6 +1417,107 @@ async fn a_flood_of_silent_connections_from_one_address_does_not_lock_out_anothe
     // Publishing released alice's place; the flood still holds its four.
     assert_eq!(hub.state.pending(), 4);
     ends.abort_all();
+}
+
+/// The soft limit on open file descriptors of this process (`/proc/self/limits`).
+fn fd_limit() -> usize {
+    let limits = std::fs::read_to_string("/proc/self/limits").unwrap_or_default();
+    limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .and_then(|l| l.split_whitespace().nth(3))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(1024)
+}
+
+/// One attacker's connection from 127.0.0.`last`, held silent; whenever the hub closes it,
+/// it comes back after `pause`, until `stop`.
+async fn silent_attacker(
+    hub: SocketAddr,
+    last: u8,
+    pause: Duration,
+    stop: tokio_util::sync::CancellationToken,
+) {
+    use tokio::io::AsyncReadExt as _;
+    // Bounded by `stop`; every round waits for the hub to close the connection.
+    while !stop.is_cancelled() {
+        let mut tcp = raw_tcp_from(last, hub).await;
+        let mut b = [0u8; 1];
+        tokio::select! {
+            _ = tcp.read(&mut b) => {}
+            () = stop.cancelled() => return,
+        }
+        tokio::select! {
+            () = tokio::time::sleep(pause) => {}
+            () = stop.cancelled() => return,
+        }
+    }
+}
+
+/// Regression (distributed admission lockout): 1,030 silent connections, 8 from each of 129
+/// loopback addresses, filled the hub's 256 pending places, and every newcomer was closed at
+/// once while the attacker reconnected. Now the oldest silent ones are shed for newcomers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_distributed_flood_of_silent_connections_locks_out_no_honest_client() {
+    const PER_ADDR: usize = 8;
+    // The test holds both ends of every connection: 129 addresses if the limit allows.
+    let addrs = 129
+        .min(fd_limit().saturating_sub(256) / (2 * PER_ADDR))
+        .max(40);
+    let hub = start_hub(HubOptions {
+        // The old cap, well under the flood, so that the flood must be shed.
+        max_pending: 256,
+        max_pending_per_addr: PER_ADDR,
+        hello_timeout: Duration::from_secs(120),
+        ..HubOptions::default()
+    })
+    .await;
+    let stop = tokio_util::sync::CancellationToken::new();
+    let mut flood = JoinSet::new();
+    for a in 0..addrs {
+        for _ in 0..PER_ADDR {
+            let last = 1 + a as u8;
+            flood.spawn(silent_attacker(
+                hub.addr,
+                last,
+                Duration::from_secs(1),
+                stop.clone(),
+            ));
+        }
+    }
+    // The flood is in when the hub holds its cap of pending connections.
+    within(WAIT_S, "the flood fills the pending places", async {
+        // Bounded by the timeout; the flood connects within moments.
+        while hub.state.pending() < 256 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    let root = root_with(0);
+    let mut honest = Vec::new();
+    for i in 0..20u8 {
+        // From the attacker's own addresses: the per-address cap sheds its silent ones too.
+        let last = 1 + i * 6 % addrs as u8;
+        let opts = client_opts(&hub, &format!("honest{i}"), root.path());
+        let start = tokio::time::Instant::now();
+        let joined = tokio::time::timeout(Duration::from_secs(2), async {
+            let tcp = raw_tcp_from(last, hub.addr).await;
+            client::establish(tcp, &opts).await
+        })
+        .await;
+        let took = start.elapsed();
+        let link = joined
+            .unwrap_or_else(|_| panic!("honest client {i} not in after {took:?}"))
+            .unwrap_or_else(|e| panic!("honest client {i} refused: {e}"));
+        honest.push(link);
+    }
+    assert_eq!(hub.state.names().len(), 20);
+    assert!(hub.state.pending() <= 256, "{}", hub.state.pending());
+    stop.cancel();
+    within(WAIT_S, "the attackers stop", async {
+        while flood.join_next().await.is_some() {}
+    })
+    .await;
 }
 
 #[tokio::test(start_paused = true)]
