@@ -1,13 +1,21 @@
 //! A `get` through the hub against a raw TCP copy of the same file over the same link:
-//! `cargo bench -p fileshare --bench forward -- [--mib 64] [--runs 5]`.
+//! `cargo bench -p fileshare --bench forward -- [--mib 1024] [--wan-mib 256] [--runs 3]
+//! [--concurrent 8] [--concurrent-mib 256]`.
 //!
-//! A real `share hub` and a real `share --serve` exporter; the reader is in-process (the
-//! hand-written client of tests/common/raw.rs) and checks every byte. Two links between the
-//! exporter and the hub: loopback, and a 50 ms round trip built with the delay-line proxy of
-//! `netchan_testkit::proxy` (25 ms each way, no rate limit, 4 MiB in flight per direction).
-//! The raw copy sends the file over one TCP connection: direct on loopback, through an
-//! identical proxy for the 50 ms link. Prints the
-//! median of `--runs` runs of each, and the ratio raw time / hub time.
+//! A real `share hub` and real `share --serve` exporters; the reader of the first two parts is
+//! in-process (the hand-written client of tests/common/raw.rs) and checks every byte.
+//! 1. Loopback: a get of `--mib` MiB through the hub against a raw TCP copy of the same bytes.
+//! 2. The exporter 50 ms away at 1 Gbit/s (`Link::wan` of `netchan_testkit::proxy`, the
+//!    bandwidth-delay product in flight per direction), a get of `--wan-mib` MiB against a
+//!    raw TCP copy through an identical proxy.
+//! 3. `--concurrent` readers (one connection each) getting `--concurrent-mib` MiB at once
+//!    from the loopback exporter: the hub process's CPU time (user + system, from /proc) per
+//!    GiB forwarded and its largest resident set size during the run.
+//! 4. The real `share` client in scripted mode (commands on stdin): `get -f near big.bin
+//!    FILE` (into a file) against `get near big.bin -` (to stdout, into /dev/null), whole
+//!    process wall time.
+//!
+//! Prints the median of `--runs` runs of each, and the ratio raw time / hub time.
 
 #[path = "../src/auth.rs"]
 #[allow(dead_code, unused_imports, unreachable_pub, missing_docs)]
@@ -21,9 +29,12 @@ mod proto;
 #[path = "../tests/common/raw.rs"]
 mod raw;
 
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Write as _};
 use std::net::SocketAddr;
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
@@ -80,11 +91,11 @@ fn arg(name: &str, default: u64) -> u64 {
 }
 
 /// Reads `big.bin` of `peer` through the hub and checks it against `data`; returns the time.
-async fn get(hub: &HubClient, peer: &str, data: &[u8]) -> Duration {
+async fn get(hub: &HubClient, peer: &str, path: &str, data: &[u8]) -> Duration {
     let start = Instant::now();
     let req = PeerRead {
         peer: peer.into(),
-        path: "big.bin".into(),
+        path: path.into(),
         offset: 0,
     };
     let mut stream = hub.read(req).await.expect("read");
@@ -145,31 +156,102 @@ fn median(mut v: Vec<Duration>) -> Duration {
     v[v.len() / 2]
 }
 
-fn main() {
-    let mib = arg("--mib", 64) as usize;
-    let runs = arg("--runs", 5) as usize;
-    let data: &'static [u8] = Box::leak(
-        (0..mib << 20)
-            .map(|i| (i % 251) as u8)
-            .collect::<Vec<u8>>()
-            .into_boxed_slice(),
+fn median_f(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+/// User + system CPU time of process `pid` so far (/proc/PID/stat, in clock ticks of 1/100 s).
+fn cpu_time(pid: u32) -> Duration {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("/proc stat");
+    // Fields after the command name (which is in parentheses and may hold spaces).
+    let rest = &stat[stat.rfind(')').expect("stat format") + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: u64 = f[11].parse::<u64>().expect("utime") + f[12].parse::<u64>().expect("stime");
+    Duration::from_millis(ticks * 10)
+}
+
+/// Resident set size of process `pid`, in bytes (/proc/PID/status VmRSS).
+fn rss(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("/proc status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .expect("VmRSS")
+        * 1024
+}
+
+/// Runs `share` as a client of `hub` in scripted mode with `script` on stdin, its stdout into
+/// /dev/null; returns the wall time of the whole process. Panics unless it exits 0.
+fn scripted(hub: SocketAddr, root: &Path, name: &str, script: &str) -> Duration {
+    let start = Instant::now();
+    let mut child = share()
+        .args(["--name", name, "--root"])
+        .arg(root)
+        .arg(hub.to_string())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start a scripted client");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(script.as_bytes())
+        .expect("write the script");
+    let out = child.wait_with_output().expect("scripted client");
+    assert!(
+        out.status.success(),
+        "scripted client failed: {}",
+        String::from_utf8_lossy(&out.stderr)
     );
+    start.elapsed()
+}
+
+fn main() {
+    let mib = arg("--mib", 1024) as usize;
+    let wan_mib = arg("--wan-mib", 256) as usize;
+    let runs = arg("--runs", 3) as usize;
+    let concurrent = arg("--concurrent", 8) as usize;
+    let concurrent_mib = arg("--concurrent-mib", 256) as usize;
+    let pattern = |len: usize| -> &'static [u8] {
+        Box::leak(
+            (0..len)
+                .map(|i| (i % 251) as u8)
+                .collect::<Vec<u8>>()
+                .into_boxed_slice(),
+        )
+    };
+    // One pattern, prefixes of it for the smaller files.
+    let data = pattern(mib.max(wan_mib).max(concurrent_mib) << 20);
     let dir = std::env::temp_dir().join(format!("share-forward-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).expect("temp dir");
-    std::fs::write(dir.join("big.bin"), data).expect("write the file");
+    let downloads = dir.join("downloads");
+    std::fs::create_dir_all(&downloads).expect("temp dir");
+    let root = dir.join("root");
+    std::fs::create_dir_all(&root).expect("temp dir");
+    for (name, len) in [
+        ("big.bin", mib),
+        ("wan.bin", wan_mib),
+        ("each.bin", concurrent_mib),
+    ] {
+        std::fs::write(root.join(name), &data[..len << 20]).expect("write a file");
+    }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .expect("runtime");
-    let (_hub, hub_addr) = start_hub();
+    let (hub_proc, hub_addr) = start_hub();
+    let hub_pid = hub_proc.0.id();
+    let far_link = Link::wan(Duration::from_millis(50), 1_000_000_000);
     rt.block_on(async {
-        let far_link = Link::delayed(Duration::from_millis(25));
         let proxy = Proxy::start(hub_addr, far_link).await.expect("proxy");
         let exporter = |name: &str, addr: SocketAddr| {
             Proc(
                 share()
                     .args(["--serve", "--name", name, "--root"])
-                    .arg(&dir)
+                    .arg(&root)
                     .arg(addr.to_string())
                     .stdin(Stdio::null())
                     .stdout(Stdio::null())
@@ -191,28 +273,103 @@ fn main() {
             assert!(t0.elapsed() < Duration::from_secs(60), "exporters missing");
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        for (label, peer, link) in [
-            ("loopback", "near", None),
-            ("50 ms RTT", "far", Some(far_link)),
+        for (label, peer, path, size, link) in [
+            ("loopback", "near", "big.bin", mib, None),
+            ("50 ms RTT, 1 Gbit/s", "far", "wan.bin", wan_mib, Some(far_link)),
         ] {
+            let bytes = &data[..size << 20];
             let mut hub_times = Vec::new();
             let mut raw_times = Vec::new();
+            let mut ratios = Vec::new();
             for _ in 0..runs {
-                hub_times.push(get(&hub, peer, data).await);
-                raw_times.push(raw_copy(data, link).await);
+                let h = get(&hub, peer, path, bytes).await;
+                let r = raw_copy(bytes, link).await;
+                ratios.push(r.as_secs_f64() / h.as_secs_f64());
+                hub_times.push(h);
+                raw_times.push(r);
             }
             let (h, r) = (median(hub_times), median(raw_times));
-            let rate = |d: Duration| mib as f64 / d.as_secs_f64();
+            let rate = |d: Duration| size as f64 / d.as_secs_f64();
             println!(
-                "{label}: get of {mib} MiB through the hub {:.3} s ({:.1} MiB/s); raw TCP {:.3} s \
-                 ({:.1} MiB/s); hub/raw throughput {:.2} (median of {runs})",
+                "{label}: get of {size} MiB through the hub {:.3} s ({:.1} MiB/s); raw TCP {:.3} s \
+                 ({:.1} MiB/s); hub/raw throughput {:.2} (median of {runs} per-run ratios)",
                 h.as_secs_f64(),
                 rate(h),
                 r.as_secs_f64(),
                 rate(r),
-                r.as_secs_f64() / h.as_secs_f64()
+                median_f(ratios)
             );
         }
+        let mut readers = Vec::new();
+        for i in 0..concurrent {
+            readers.push(raw::join(hub_addr, raw::source(2 + i), format!("reader{i}")).await);
+        }
+        let bytes = &data[..concurrent_mib << 20];
+        let mut cpu = Vec::new();
+        let mut peak = Vec::new();
+        let mut took = Vec::new();
+        for _ in 0..runs {
+            let done = Arc::new(AtomicBool::new(false));
+            let sampler = {
+                let done = done.clone();
+                std::thread::spawn(move || {
+                    let mut max = 0;
+                    // Bounded by the run: `done` is set when every get has finished.
+                    while !done.load(Ordering::Relaxed) {
+                        max = max.max(rss(hub_pid));
+                        std::thread::sleep(Duration::from_millis(20));
+                    }
+                    max
+                })
+            };
+            let before = cpu_time(hub_pid);
+            let start = Instant::now();
+            futures::future::join_all(
+                readers
+                    .iter()
+                    .map(|(_, reader)| get(reader, "near", "each.bin", bytes)),
+            )
+            .await;
+            took.push(start.elapsed());
+            let spent = cpu_time(hub_pid) - before;
+            done.store(true, Ordering::Relaxed);
+            peak.push(sampler.join().expect("rss sampler"));
+            let gib = (concurrent * concurrent_mib) as f64 / 1024.0;
+            cpu.push(spent.as_secs_f64() / gib);
+        }
+        println!(
+            "{concurrent} concurrent gets of {concurrent_mib} MiB: {:.3} s; hub CPU {:.3} core-s per \
+             GiB forwarded; hub RSS at most {:.1} MiB (median of {runs})",
+            median(took).as_secs_f64(),
+            median_f(cpu),
+            median_f(peak.into_iter().map(|b| b as f64).collect()) / f64::from(1 << 20)
+        );
+        // The real client, scripted: into a file against to stdout (blocking this thread only;
+        // the proxy runs on the runtime's workers).
+        let target = downloads.join("big.bin");
+        let mut to_file = Vec::new();
+        let mut to_stdout = Vec::new();
+        for run in 0..runs {
+            let name = format!("stdout{run}");
+            to_stdout.push(scripted(hub_addr, &downloads, &name, "get near big.bin -\n"));
+            let script = format!("get -f near big.bin {}\n", target.display());
+            let name = format!("file{run}");
+            to_file.push(scripted(hub_addr, &downloads, &name, &script));
+            assert_eq!(
+                std::fs::metadata(&target).expect("the copy").len(),
+                (mib << 20) as u64
+            );
+            std::fs::remove_file(&target).expect("remove the copy");
+        }
+        let (f, o) = (median(to_file), median(to_stdout));
+        println!(
+            "share scripted, {mib} MiB: get into a file {:.3} s; get - {:.3} s; file/stdout time {:.2} \
+             (median of {runs})",
+            f.as_secs_f64(),
+            o.as_secs_f64(),
+            f.as_secs_f64() / o.as_secs_f64()
+        );
     });
+    drop(hub_proc);
     let _ = std::fs::remove_dir_all(&dir);
 }
