@@ -12,6 +12,7 @@
 //! an `.await` or a syscall.
 
 mod connection;
+mod flow;
 mod frame;
 mod ids;
 mod output;
