@@ -1,5 +1,6 @@
-//! The driver task: the owner of the byte stream's read side. It moves bytes between the link
-//! and the yamux core, and nothing else.
+//! The driver task: the session's one task that runs for as long as the session. It has the
+//! link (`io/`) move bytes between the byte stream and the yamux core on every turn, and
+//! runs the session's timers and its end.
 //!
 //! - **Reads**: on every turn the driver has the link read what arrived and hand the frames
 //!   to the core ([`Link::poll_read`](crate::io::Link::poll_read); readers may read a large
@@ -11,8 +12,8 @@
 //! - **New inbound streams** are handed to the session's handshake callback, which runs each
 //!   in a task of its own: per-stream work never blocks the session.
 //!
-//! Contract: nothing is read from the link unless the driver runs; the session spawns it and
-//! it ends (recording the [`CloseReason`]) when the session ends.
+//! Contract: nothing is read from the link unless the driver runs; the session spawns it on
+//! its task tracker and it ends (recording the [`CloseReason`]) when the session ends.
 
 use crate::{
     error::CloseReason,

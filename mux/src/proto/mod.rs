@@ -1,14 +1,15 @@
 //! The sans-I/O yamux core: frame codec, stream states and flow control.
 //!
 //! Nothing here touches a socket, a timer or a runtime. [`Connection`] is a deterministic state
-//! machine: the I/O layer (`driver.rs`) feeds it decoded frames and takes the frames it wants
-//! sent; the handles call it to read, write, half-close, reset and drop streams. Wakers are
+//! machine: the I/O room (`io/`) feeds it decoded frames and takes the frames it wants sent;
+//! the handles call it to read, write, half-close, reset and drop streams. Its flow-control
+//! policy (grants, window tuning, round-trip probes) is `flow.rs`. Wakers are
 //! the only link to the outside: a blocked reader or writer leaves its `std::task::Waker`
 //! with its stream and is woken when a frame changes what it waits for.
 //!
-//! Who drives what: the driver task is the only caller of [`Connection::on_header`],
-//! [`Connection::on_frame`] and [`Connection::take_output`]; handles call the stream
-//! operations. Both hold the session's mutex only for the duration of one call, never across
+//! Who drives what: the I/O room is the only caller of [`Connection::on_header`],
+//! [`Connection::on_frame`] and [`Connection::take_output`] (on the driver's turns, or a
+//! handle's read-through or direct write); handles call the stream operations. Both hold the session's mutex only for the duration of one call, never across
 //! an `.await` or a syscall.
 
 mod connection;
