@@ -64,7 +64,8 @@
 //! - `proto/` — the sans-I/O yamux core: `frame.rs` (the 12-byte header), `stream.rs` (one
 //!   stream's buffer, windows and half-close state), `connection.rs` (the session state machine:
 //!   stream table, GoAway, Ping, what to send next), `flow.rs` (its flow-control policy: grants,
-//!   window tuning, round-trip probes, the cap beside an interactive stream), `output.rs` (the
+//!   window tuning, round-trip probes, the cap beside an interactive stream), `keepalive.rs`
+//!   (the Ping timer, a deadline the driver sleeps to), `output.rs` (the
 //!   order frames leave in), `ids.rs` (maps keyed by stream id). No tokio, no sockets;
 //! - `config.rs` — [`Config`] and the core's bounds derived from it;
 //! - `error.rs` — [`Error`], [`CloseReason`] (and the core's [`Violation`]);
@@ -76,7 +77,6 @@
 //! - `shared.rs` — the state one session shares ([`Mode`], the core, the link, the listener
 //!   table, channel slots, stream ownership, its tasks); plain state, no I/O;
 //! - `stream.rs` — one yamux stream as `AsyncRead + AsyncWrite` over the core and the link;
-//! - `keepalive.rs` — the Ping timer;
 //! - `driver.rs` — the session's task: has the link read and write on every turn, runs the
 //!   timers and the graceful end, hands new inbound streams to handshake tasks;
 //! - `handshake.rs` — the channel-open handshake's wire format;
@@ -93,7 +93,6 @@ mod driver;
 mod error;
 mod handshake;
 mod io;
-mod keepalive;
 mod listener;
 mod proto;
 mod session;

@@ -4,6 +4,7 @@ use super::{
     flow::{self, Flow},
     frame::{FrameType, GoAwayCode, Header, ACK, FD_ANNOUNCE, FIN, MAX_FDS_PER_FRAME, RST, SYN},
     ids::IdMap,
+    keepalive::{Due, Keepalive},
     output::{Output, LANE_COST},
     stream::Stream,
     Fd, Violation,
@@ -12,7 +13,7 @@ use bytes::{Bytes, BytesMut};
 use std::{
     collections::VecDeque,
     task::{Poll, Waker},
-    time::Instant,
+    time::{Duration, Instant},
 };
 
 /// Consecutive frames that carry nothing (no data, no credit, no flags) before the peer is
@@ -143,6 +144,8 @@ pub(crate) struct Connection {
     /// The flow-control policy: round-trip measurement, window tuning, the cap beside an
     /// interactive stream.
     flow: Flow,
+    /// The keepalive timer, once started.
+    keepalive: Option<Keepalive>,
     /// The peer announced that it takes file descriptors.
     peer_fds: bool,
     ended: bool,
@@ -157,6 +160,7 @@ impl Connection {
             },
             side,
             flow: Flow::new(&limits),
+            keepalive: None,
             limits,
             streams: IdMap::default(),
             out: Output::default(),
@@ -395,7 +399,7 @@ impl Connection {
 
     /// The latest round-trip time measured, if any.
     #[cfg(test)]
-    pub(crate) fn rtt(&self) -> Option<std::time::Duration> {
+    pub(crate) fn rtt(&self) -> Option<Duration> {
         self.flow.rtt()
     }
 
@@ -473,7 +477,7 @@ impl Connection {
 
     /// Sets the round-trip sample (tests of window tuning).
     #[cfg(test)]
-    pub(crate) fn set_rtt(&mut self, rtt: std::time::Duration, now: Instant) {
+    pub(crate) fn set_rtt(&mut self, rtt: Duration, now: Instant) {
         self.flow.set_rtt(rtt, now);
     }
 
@@ -919,6 +923,29 @@ impl Connection {
     /// Queues a Ping the peer must answer.
     pub(crate) fn ping(&mut self, opaque: u32) {
         self.queue(Header::new(FrameType::Ping, SYN, 0, opaque), Bytes::new());
+    }
+
+    /// Starts the keepalive timer at `now`: a Ping after `interval` of silence, and the peer
+    /// given up on after a further `timeout` (see `keepalive.rs`).
+    pub(crate) fn start_keepalive(&mut self, interval: Duration, timeout: Duration, now: Instant) {
+        self.keepalive = Some(Keepalive::new(interval, timeout, now));
+    }
+
+    /// When the core's timers next want [`Connection::handle_timeout`] called, if ever.
+    pub(crate) fn poll_timeout(&self) -> Option<Instant> {
+        self.keepalive.as_ref().map(Keepalive::deadline)
+    }
+
+    /// Runs the timers whose deadline has passed at `now`; `last_read` is when bytes last
+    /// arrived (the I/O room stamps them, as it reads without the core). A keepalive Ping
+    /// that is due is queued, and returned as [`Due::Ping`]; [`Due::Dead`] says the peer has
+    /// been silent for too long.
+    pub(crate) fn handle_timeout(&mut self, now: Instant, last_read: Instant) -> Option<Due> {
+        let due = self.keepalive.as_mut()?.on_timeout(now, last_read)?;
+        if let Due::Ping(opaque) = due {
+            self.ping(opaque);
+        }
+        Some(due)
     }
 
     /// Ends the session: every stream operation fails from now on, blocked tasks are woken.

@@ -1,6 +1,8 @@
 //! The sans-I/O yamux core: frame codec, stream states and flow control.
 //!
-//! Nothing here touches a socket, a timer or a runtime. [`Connection`] is a deterministic state
+//! Nothing here touches a socket, a clock or a runtime: time comes in as `now` arguments, and
+//! the core's timers (keepalive) are deadlines it reports ([`Connection::poll_timeout`]) and
+//! handles when told they passed ([`Connection::handle_timeout`]). [`Connection`] is a deterministic state
 //! machine: the I/O room (`io/`) feeds it decoded frames and takes the frames it wants sent;
 //! the handles call it to read, write, half-close, reset and drop streams. Its flow-control
 //! policy (grants, window tuning, round-trip probes) is `flow.rs`. Wakers are
@@ -16,6 +18,7 @@ mod connection;
 mod flow;
 mod frame;
 mod ids;
+mod keepalive;
 mod output;
 mod stream;
 
@@ -23,6 +26,7 @@ pub(crate) use connection::{Connection, Frame, Limits, OpenError, Side, StreamEr
 pub(crate) use frame::{
     FrameType, GoAwayCode, Header, ACK, FIN, HEADER_LEN, MAX_FDS_PER_FRAME, RST, SYN,
 };
+pub(crate) use keepalive::Due;
 
 /// A file descriptor travelling with a stream's bytes (unix only; elsewhere no value exists).
 #[cfg(unix)]
