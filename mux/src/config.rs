@@ -250,7 +250,8 @@ impl Config {
             out_limit: OUT_LIMIT,
             fds: false,
             max_fds_held: self.max_received_fds,
-            shared_window: self.window_beside_interactive.min(STREAM_INITIAL_WINDOW) as u32,
+            window_beside_interactive: self.window_beside_interactive.min(STREAM_INITIAL_WINDOW)
+                as u32,
         }
     }
 }

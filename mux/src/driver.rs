@@ -1,5 +1,6 @@
-//! The driver task: the owner of the byte stream's read side. It moves bytes between the link
-//! and the yamux core, and nothing else.
+//! The driver task: the session's one task that runs for as long as the session. It has the
+//! link (`io/`) move bytes between the byte stream and the yamux core on every turn, and
+//! runs the session's timers and its end.
 //!
 //! - **Reads**: on every turn the driver has the link read what arrived and hand the frames
 //!   to the core ([`Link::poll_read`](crate::io::Link::poll_read); readers may read a large
@@ -11,14 +12,13 @@
 //! - **New inbound streams** are handed to the session's handshake callback, which runs each
 //!   in a task of its own: per-stream work never blocks the session.
 //!
-//! Contract: nothing is read from the link unless the driver runs; the session spawns it and
-//! it ends (recording the [`CloseReason`]) when the session ends.
+//! Contract: nothing is read from the link unless the driver runs; the session spawns it on
+//! its task tracker and it ends (recording the [`CloseReason`]) when the session ends.
 
 use crate::{
     error::CloseReason,
     io::{Read, ReadTurn},
-    keepalive::{Due, Keepalive},
-    proto::{GoAwayCode, Violation},
+    proto::{Due, GoAwayCode, Violation},
     shared::{Shared, StreamHandle},
     stream::RawStream,
 };
@@ -29,7 +29,7 @@ use std::{
     sync::Arc,
     task::{Context, Poll},
 };
-use tokio::time::Sleep;
+use tokio::time::{Instant, Sleep};
 
 /// Rounds of read + write per wake-up before yielding to other tasks.
 const ROUNDS: usize = 32;
@@ -66,7 +66,8 @@ pub(crate) struct Driver {
     on_inbound: OnInbound,
     /// The driver's state between its reads, with when bytes last arrived (keepalive).
     read: ReadTurn,
-    keepalive: Option<Keepalive>,
+    /// The core's next timer deadline (keepalive), and the sleep armed for it.
+    timer: Option<(std::time::Instant, Pin<Box<Sleep>>)>,
     state: State,
     eof: bool,
     /// Asked for the reason when the link fails, if set.
@@ -80,12 +81,20 @@ pub(crate) struct Driver {
 
 impl Driver {
     pub(crate) fn new(shared: Arc<Shared>, on_inbound: OnInbound) -> Self {
-        let keepalive = Keepalive::new(&shared.config);
+        if let Some(interval) = shared.config.keepalive_interval {
+            let now = Instant::now().into_std();
+            let timeout = shared.config.keepalive_timeout;
+            shared.core().start_keepalive(interval, timeout, now);
+        }
+        let timer = shared
+            .core()
+            .poll_timeout()
+            .map(|at| (at, Box::pin(sleep(at))));
         Driver {
             shared,
             on_inbound,
             read: ReadTurn::new(),
-            keepalive,
+            timer,
             state: State::Running,
             eof: false,
             explain: None,
@@ -157,15 +166,10 @@ impl Driver {
                 Err(e) => return self.write_failed(cx, e),
             };
 
-            if let Some(keepalive) = &mut self.keepalive {
-                match keepalive.poll(cx, self.read.last_read) {
-                    Poll::Ready(Due::Ping(opaque)) => {
-                        self.shared.core().ping(opaque);
-                        continue;
-                    }
-                    Poll::Ready(Due::Dead(reason)) => return Poll::Ready(reason),
-                    Poll::Pending => {}
-                }
+            match self.poll_timer(cx) {
+                Ok(true) => continue,
+                Ok(false) => {}
+                Err(reason) => return Poll::Ready(reason),
             }
 
             if let Some(done) = self.poll_end(cx, idle) {
@@ -179,6 +183,47 @@ impl Driver {
         // Plenty of work: let other tasks run, then carry on.
         cx.waker().wake_by_ref();
         Poll::Pending
+    }
+
+    /// Runs the core's timers (keepalive) once their deadline has passed: `Ok(true)` if that
+    /// queued output (a Ping), `Err` if the peer is given up on.
+    fn poll_timer(&mut self, cx: &mut Context<'_>) -> Result<bool, CloseReason> {
+        // Bounded: each pass either returns or re-arms the timer at a later deadline.
+        for _ in 0..4 {
+            let Some((_, sleep)) = &mut self.timer else {
+                return Ok(false);
+            };
+            if sleep.as_mut().poll(cx).is_pending() {
+                return Ok(false);
+            }
+            let now = Instant::now().into_std();
+            let last_read = self.read.last_read.into_std();
+            let mut core = self.shared.core();
+            let due = core.handle_timeout(now, last_read);
+            let next = core.poll_timeout();
+            drop(core);
+            match (next, &mut self.timer) {
+                (Some(at), Some((armed, sleep))) if *armed != at => {
+                    *armed = at;
+                    sleep.as_mut().reset(Instant::from_std(at));
+                }
+                (Some(_), _) => {}
+                (None, timer) => *timer = None,
+            }
+            match due {
+                Some(Due::Ping(_)) => {
+                    tracing::trace!(quiet = ?now.saturating_duration_since(last_read), "link quiet; pinging");
+                    return Ok(true);
+                }
+                Some(Due::Dead(quiet)) => {
+                    tracing::info!(?quiet, "peer silent for too long");
+                    return Err(CloseReason::KeepaliveTimeout { after: quiet });
+                }
+                None => {}
+            }
+        }
+        cx.waker().wake_by_ref();
+        Ok(false)
     }
 
     /// Graceful endings: our close once the channels are done, the peer's GoAway once its
@@ -384,4 +429,9 @@ fn is_gone(e: &io::Error) -> bool {
             | io::ErrorKind::ConnectionAborted
             | io::ErrorKind::UnexpectedEof
     )
+}
+
+/// A sleep until `at`, an instant of the core's clock.
+fn sleep(at: std::time::Instant) -> Sleep {
+    tokio::time::sleep_until(Instant::from_std(at))
 }

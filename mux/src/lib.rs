@@ -63,17 +63,22 @@
 //!
 //! - `proto/` — the sans-I/O yamux core: `frame.rs` (the 12-byte header), `stream.rs` (one
 //!   stream's buffer, windows and half-close state), `connection.rs` (the session state machine:
-//!   stream table, flow control, GoAway, Ping, what to send next). No tokio, no sockets;
+//!   stream table, GoAway, Ping, what to send next), `flow.rs` (its flow-control policy: grants,
+//!   window tuning, round-trip probes, the cap beside an interactive stream), `keepalive.rs`
+//!   (the Ping timer, a deadline the driver sleeps to), `output.rs` (the
+//!   order frames leave in), `ids.rs` (maps keyed by stream id). No tokio, no sockets;
 //! - `config.rs` — [`Config`] and the core's bounds derived from it;
 //! - `error.rs` — [`Error`], [`CloseReason`] (and the core's [`Violation`]);
-//! - `shared.rs` — the state one session shares ([`Mode`], the core behind its mutex, the
-//!   listener table, channel slots, stream ownership);
-//! - `stream.rs` — one yamux stream as `AsyncRead + AsyncWrite` straight on the core;
-//! - `keepalive.rs` — the Ping timer;
-//! - `outbound.rs` — the link's write side: vectored writes of queued frames, made by the
-//!   driver or directly by the handle that queued them;
-//! - `driver.rs` — the task that owns the byte stream's read side: feeds frames to the core,
-//!   flushes the core's output through `outbound.rs`, runs the timers;
+//! - `io/` — the I/O room, the only code that touches the byte stream: `mod.rs` (`Link`, and
+//!   the contract of who touches the socket when), `inbound.rs` (the read side, read-through),
+//!   `outbound.rs` (the write side, vectored writes), `side.rs` (turns on a side between the
+//!   driver and the handles), `transport.rs` and `transport/unix.rs` (the byte stream's halves,
+//!   with file descriptors on a unix socket);
+//! - `shared.rs` — the state one session shares ([`Mode`], the core, the link, the listener
+//!   table, channel slots, stream ownership, its tasks); plain state, no I/O;
+//! - `stream.rs` — one yamux stream as `AsyncRead + AsyncWrite` over the core and the link;
+//! - `driver.rs` — the session's task: has the link read and write on every turn, runs the
+//!   timers and the graceful end, hands new inbound streams to handshake tasks;
 //! - `handshake.rs` — the channel-open handshake's wire format;
 //! - `channel.rs` — [`Conn`], a channel;
 //! - `listener.rs` — [`Listener`] and the listening side of the handshake;
@@ -88,7 +93,6 @@ mod driver;
 mod error;
 mod handshake;
 mod io;
-mod keepalive;
 mod listener;
 mod proto;
 mod session;

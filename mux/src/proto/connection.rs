@@ -1,8 +1,10 @@
 //! [`Connection`]: the state machine of one yamux session, without I/O.
 
 use super::{
+    flow::{self, Flow},
     frame::{FrameType, GoAwayCode, Header, ACK, FD_ANNOUNCE, FIN, MAX_FDS_PER_FRAME, RST, SYN},
     ids::IdMap,
+    keepalive::{Due, Keepalive},
     output::{Output, LANE_COST},
     stream::Stream,
     Fd, Violation,
@@ -22,11 +24,6 @@ const EMPTY_FRAME_LIMIT: u32 = 1024;
 /// us: a peer that pings without reading our answers would otherwise grow our output.
 const PING_ANSWER_LIMIT: u32 = 64;
 
-/// Window updates are sent once the reader has consumed this much (or a quarter of the
-/// window, if less): large windows are granted back in steps small enough that the sender
-/// never waits for a whole quarter of a big window.
-const GRANT_STEP: u32 = 512 * 1024;
-
 /// Room in the output queue beyond `out_limit` for the writes of streams that have nothing
 /// queued. Without it a writer that keeps the queue full (a bulk transfer on a busy link) takes
 /// every bit of room the link frees, and a small write on another stream waits behind it for
@@ -34,60 +31,6 @@ const GRANT_STEP: u32 = 512 * 1024;
 /// it such a write is queued at once and leaves at its stream's next turn (see `output.rs`).
 /// Streams that already have frames queued wait for the queue to drain below `out_limit`.
 pub(crate) const OUT_RESERVE: usize = 64 * 1024;
-
-/// A window stops growing once it alone lets its stream run this fast (bytes per second) at
-/// the measured round trip (window / RTT): 4 GB/s, 32 Gbit/s. Beyond that a bigger window
-/// does not make a stream faster, it only lets more of its data queue ahead of every other
-/// stream's frames. On loopback (a round trip of tens of microseconds, drained in bursts that
-/// look "quick") windows grew to 1–16 MiB without a cap, and a 64-byte round trip beside a
-/// bulk channel took 8× its idle time instead of under 4×; a 50 or 100 ms path still grows to
-/// its bandwidth-delay product. At 2.5 GB/s (Round 4) the initial 256 KiB window grew only
-/// when a round-trip sample happened to exceed 105 µs, so one loopback channel ran at either
-/// about 3.9 or 5.7 GB/s from one session to the next; at 4 GB/s (Round 6) it grows above
-/// 65 µs, which loopback samples under load reach, and the round trip beside bulk did not move.
-const MAX_TUNED_RATE: f64 = 4e9;
-
-/// A data frame this small, on a stream that has not run bulk lately, marks the stream
-/// interactive: other streams then keep little in flight (see [`Limits::shared_window`]).
-const LIGHT_FRAME: u32 = 16 * 1024;
-
-/// A stream that ran bulk this recently does not count as interactive, whatever its frames:
-/// the tails of a bulk stream's writes are small too.
-const BULK_MEMORY: Duration = Duration::from_millis(100);
-
-/// How long after an interactive stream's last small frame the other streams stay capped
-/// (or four round trips, if longer): a stream that exchanges small messages back to back is
-/// served by the cap, and a bulk stream gets its whole window back within a millisecond of
-/// the last of them.
-const SHARED_HOLD: Duration = Duration::from_millis(1);
-
-/// While another stream is interactive, a stream's cap is at least what lets it run at this
-/// rate (bytes per second) at the measured round trip: 500 MB/s, 4 Gbit/s. On loopback that
-/// is a few KiB and `shared_window` decides; across a LAN or WAN it keeps a bulk stream near
-/// the link's rate, the queue that delays small frames there being the link's own.
-const SHARED_RATE: f64 = 5e8;
-
-/// Opaque values of our round-trip probes have this bit set; keepalive pings do not.
-const PROBE_BIT: u32 = 0x8000_0000;
-
-/// While data flows, a new round-trip probe goes out once the last sample is this old.
-const PROBE_EVERY: Duration = Duration::from_secs(2);
-
-/// The round trip that windows are tuned on is the smallest sample of this long (or the
-/// latest one, once the smallest is older). A sample taken while bulk data queues up on the
-/// link is inflated by that very queue, and growing a window on it puts yet more data in
-/// the queue: the smallest recent sample breaks that loop, and expiring it lets a link whose
-/// path really got longer be followed.
-const RTT_WINDOW: Duration = Duration::from_secs(10);
-
-/// An outstanding probe unanswered for this long is given up (a new one may go out).
-const PROBE_GIVE_UP: Duration = Duration::from_secs(10);
-
-/// A grown window whose reader takes longer than this many round trips (and at least
-/// [`SHRINK_MIN`]) to consume a whole window is not what limits its stream: it gives half of
-/// its growth back to the session's budget.
-const SHRINK_AFTER_RTTS: u32 = 16;
-const SHRINK_MIN: Duration = Duration::from_secs(1);
 
 /// Which end of the session we are; decides the parity of the stream ids we allocate.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -118,14 +61,9 @@ pub(crate) struct Limits {
     pub(crate) fds: bool,
     /// Received file descriptors held unclaimed, at most, across the session.
     pub(crate) max_fds_held: usize,
-    /// While another stream is interactive (it received a data frame of at most
-    /// [`LIGHT_FRAME`] within [`SHARED_HOLD`], and has not run bulk for [`BULK_MEMORY`]), a
-    /// stream's peer may have at most this much in flight towards us (or what
-    /// [`SHARED_RATE`] needs at the measured round trip, if more; a cap at or above the
-    /// stream's window changes nothing). Consumed data beyond it is granted back once the
-    /// interactive stream has been quiet for [`SHARED_HOLD`]. The small frames then queue
-    /// behind that much of the bulk data, not behind a whole window. 0: no cap.
-    pub(crate) shared_window: u32,
+    /// While another stream is interactive, what a stream's peer may have in flight towards
+    /// us (see `flow.rs`, [`Flow::cap_beside_interactive`]). 0: no cap.
+    pub(crate) window_beside_interactive: u32,
 }
 
 /// A frame ready to be written: header and body, sent together, and for an
@@ -203,19 +141,14 @@ pub(crate) struct Connection {
     goaway_received: Option<u32>,
     empty_frames: u32,
     ping_answers_queued: u32,
-    /// The smallest round-trip time measured with a probe Ping within [`RTT_WINDOW`], and
-    /// when it was measured.
-    rtt: Option<(Duration, Instant)>,
-    /// When the last probe was answered.
-    sampled: Option<Instant>,
-    /// Our outstanding round-trip probe: its opaque value and when it was queued.
-    probe: Option<(u32, Instant)>,
-    next_probe: u32,
+    /// The flow-control policy: round-trip measurement, window tuning, the cap beside an
+    /// interactive stream.
+    flow: Flow,
+    /// The keepalive timer, once started.
+    keepalive: Option<Keepalive>,
     /// The peer announced that it takes file descriptors.
     peer_fds: bool,
     ended: bool,
-    /// The last stream that received a small data frame while not running bulk, and when.
-    light: Option<(u32, Instant)>,
 }
 
 impl Connection {
@@ -226,6 +159,8 @@ impl Connection {
                 Side::Server => 2,
             },
             side,
+            flow: Flow::new(&limits),
+            keepalive: None,
             limits,
             streams: IdMap::default(),
             out: Output::default(),
@@ -236,13 +171,8 @@ impl Connection {
             goaway_received: None,
             empty_frames: 0,
             ping_answers_queued: 0,
-            rtt: None,
-            sampled: None,
-            probe: None,
-            next_probe: 0,
             peer_fds: false,
             ended: false,
-            light: None,
         };
         if c.limits.fds {
             // First thing on the wire, so the peer knows before any stream exists.
@@ -468,8 +398,9 @@ impl Connection {
     }
 
     /// The latest round-trip time measured, if any.
+    #[cfg(test)]
     pub(crate) fn rtt(&self) -> Option<Duration> {
-        self.rtt.map(|(rtt, _)| rtt)
+        self.flow.rtt()
     }
 
     /// Handles one frame (for Data, with its body) that arrived at `now`.
@@ -539,53 +470,29 @@ impl Connection {
             }
             self.queue(Header::new(FrameType::Ping, ACK, 0, h.length), Bytes::new());
         } else if h.has(ACK) {
-            if let Some((opaque, sent)) = self.probe {
-                if opaque == h.length {
-                    self.probe = None;
-                    self.on_rtt_sample(now.saturating_duration_since(sent), now);
-                }
-            }
+            self.flow.on_pong(h.length, now);
         }
         Ok(())
-    }
-
-    /// A round trip of `sample` measured at `now`: kept if it is the smallest within
-    /// [`RTT_WINDOW`], or if the smallest has expired.
-    fn on_rtt_sample(&mut self, sample: Duration, now: Instant) {
-        let keep = self.rtt.is_some_and(|(min, at)| {
-            min <= sample && now.saturating_duration_since(at) <= RTT_WINDOW
-        });
-        if !keep {
-            self.rtt = Some((sample, now));
-        }
-        self.sampled = Some(now);
     }
 
     /// Sets the round-trip sample (tests of window tuning).
     #[cfg(test)]
     pub(crate) fn set_rtt(&mut self, rtt: Duration, now: Instant) {
-        self.rtt = Some((rtt, now));
-        self.sampled = Some(now);
+        self.flow.set_rtt(rtt, now);
     }
 
     /// Answers a round-trip probe of ours (tests).
     #[cfg(test)]
     pub(crate) fn probe_answered(&mut self, sent: Instant, now: Instant) {
-        self.on_rtt_sample(now.saturating_duration_since(sent), now);
+        self.flow.probe_answered(sent, now);
     }
 
-    /// Queues a round-trip probe if data flows and we have no recent sample.
+    /// Queues a round-trip probe if the policy wants one now.
     fn maybe_probe(&mut self, now: Instant) {
-        let stale = self
-            .sampled
-            .is_none_or(|at| now.saturating_duration_since(at) > PROBE_EVERY);
-        let outstanding = self
-            .probe
-            .is_some_and(|(_, sent)| now.saturating_duration_since(sent) < PROBE_GIVE_UP);
-        if stale && !outstanding && !self.ended {
-            let opaque = PROBE_BIT | (self.next_probe & !PROBE_BIT);
-            self.next_probe = self.next_probe.wrapping_add(1);
-            self.probe = Some((opaque, now));
+        if self.ended {
+            return;
+        }
+        if let Some(opaque) = self.flow.probe_due(now) {
             self.ping(opaque);
         }
     }
@@ -775,108 +682,32 @@ impl Connection {
         self.maybe_grant(id, now);
     }
 
-    /// Notes a data frame's arrival on its stream: whether the stream runs bulk (its window
-    /// has grown, or its peer has used more than half of it), or is interactive (a small frame
-    /// on a stream that has not run bulk for [`BULK_MEMORY`]).
+    /// Notes a data frame's arrival on its stream, for the cap beside an interactive stream.
     fn note_arrival(&mut self, h: Header, now: Instant, whole: bool) {
-        let memory = BULK_MEMORY.max(self.shared_hold());
-        let initial = self.limits.initial_window;
-        let Some(s) = self.streams.get_mut(&h.stream) else {
-            return;
-        };
-        if s.window > initial || s.recv_window < s.window / 2 {
-            s.heavy_at = Some(now);
-        } else if whole
-            && h.length > 0
-            && h.length <= LIGHT_FRAME
-            && s.heavy_at
-                .is_none_or(|at| now.saturating_duration_since(at) > memory)
-        {
-            self.light = Some((h.stream, now));
+        if let Some(s) = self.streams.get_mut(&h.stream) {
+            self.flow.on_data(h, s, whole, now);
         }
     }
 
-    /// How long other streams stay capped after an interactive stream's last small frame.
-    fn shared_hold(&self) -> Duration {
-        SHARED_HOLD.max(4 * self.rtt().unwrap_or_default())
-    }
-
-    /// The most stream `id` may have in flight towards us while another stream is interactive
-    /// (see [`Limits::shared_window`]), if one is.
-    fn shared_cap(&self, id: u32, now: Instant) -> Option<u32> {
-        let (light, at) = self.light?;
-        if self.limits.shared_window == 0
-            || light == id
-            || now.saturating_duration_since(at) > self.shared_hold()
-        {
-            return None;
-        }
-        let by_rate = SHARED_RATE * self.rtt().unwrap_or_default().as_secs_f64();
-        Some((by_rate.min(f64::from(u32::MAX)) as u32).max(self.limits.shared_window))
-    }
-
-    /// Grants the peer what the reader consumed, once it is worth a frame, and auto-tunes the
-    /// window: when the reader has drained a whole window within two round trips of starting
-    /// it, the window (not the reader) limits the stream, and it doubles, up to the per-stream
-    /// maximum, within the session's growth budget, and while the window allows less than
-    /// [`MAX_TUNED_RATE`] at the measured round trip. So a window grows towards the
-    /// bandwidth-delay product of the link, and no further. When a whole grown window takes
-    /// the reader much longer than that (see [`SHRINK_AFTER_RTTS`]), the window is not what
-    /// limits the stream any more: it halves (never below the initial window), by granting
-    /// back less than was consumed, and the growth returns to the budget.
+    /// Grants the peer what the reader of stream `id` consumed, once it is worth a frame,
+    /// with the window resized and capped as the flow policy decides (see `flow.rs`).
     fn maybe_grant(&mut self, id: u32, now: Instant) {
         let budget_left = self.limits.growth_budget.saturating_sub(self.growth_used);
-        let max_window = self.limits.max_window;
-        let initial = self.limits.initial_window;
-        let rtt = self.rtt();
-        let shared_cap = self.shared_cap(id, now);
         let Some(s) = self.streams.get_mut(&id) else {
             return;
         };
-        if s.remote_fin || s.reset || s.credit < (s.window / 4).min(GRANT_STEP) {
+        if s.remote_fin || s.reset || !flow::grant_due(s) {
             return;
         }
-        // Another stream is interactive: keep at most `cap` of ours in flight, so its small
-        // frames do not queue behind a whole window of ours. A cap the window does not reach
-        // (as at a WAN's round trip) changes nothing.
-        let cap = shared_cap.filter(|&cap| cap < s.window);
-        if cap.is_some_and(|cap| s.recv_window > cap / 2) {
+        let Some(grant) = self.flow.grant(id, s, budget_left, now) else {
             return;
-        }
-        let mut extra = 0;
-        let mut shrink = 0;
-        if cap.is_some() {
-            // Capped, the window is not what limits the stream: no tuning on this stretch.
-            s.consumed = 0;
-            s.epoch = Some(now);
-        } else if s.consumed >= u64::from(s.window) {
-            let took = s.epoch.map(|start| now.saturating_duration_since(start));
-            let (quick, slow) = match (rtt, took) {
-                (Some(rtt), Some(took)) => (
-                    took < 2 * rtt && f64::from(s.window) < MAX_TUNED_RATE * rtt.as_secs_f64(),
-                    took > (SHRINK_AFTER_RTTS * rtt).max(SHRINK_MIN),
-                ),
-                _ => (false, false),
-            };
-            if quick && s.recv.len() == 0 && s.window < max_window {
-                let room = (max_window - s.window) as usize;
-                extra = (s.window as usize).min(room).min(budget_left) as u32;
-                s.window += extra;
-            } else if slow && s.window > initial {
-                // Withheld from this grant (never more than it), so what the peer may send
-                // plus what is buffered stays equal to the window.
-                shrink = (s.window - (s.window / 2).max(initial)).min(s.credit);
-                s.window -= shrink;
-            }
-            s.consumed = 0;
-            s.epoch = Some(now);
-        }
-        // Capped, the rest of the credit is held until the cap is lifted.
-        let granted = cap.map_or(s.credit, |cap| s.credit.min(cap - s.recv_window));
-        s.credit -= granted;
-        let delta = granted + extra - shrink;
+        };
+        let delta = grant.credit + grant.extra - grant.shrink;
+        s.credit -= grant.credit;
+        s.window = s.window + grant.extra - grant.shrink;
         s.recv_window += delta;
-        self.growth_used = (self.growth_used + extra as usize).saturating_sub(shrink as usize);
+        self.growth_used =
+            (self.growth_used + grant.extra as usize).saturating_sub(grant.shrink as usize);
         if delta > 0 {
             self.queue_update(id, 0, delta);
         }
@@ -1092,6 +923,29 @@ impl Connection {
     /// Queues a Ping the peer must answer.
     pub(crate) fn ping(&mut self, opaque: u32) {
         self.queue(Header::new(FrameType::Ping, SYN, 0, opaque), Bytes::new());
+    }
+
+    /// Starts the keepalive timer at `now`: a Ping after `interval` of silence, and the peer
+    /// given up on after a further `timeout` (see `keepalive.rs`).
+    pub(crate) fn start_keepalive(&mut self, interval: Duration, timeout: Duration, now: Instant) {
+        self.keepalive = Some(Keepalive::new(interval, timeout, now));
+    }
+
+    /// When the core's timers next want [`Connection::handle_timeout`] called, if ever.
+    pub(crate) fn poll_timeout(&self) -> Option<Instant> {
+        self.keepalive.as_ref().map(Keepalive::deadline)
+    }
+
+    /// Runs the timers whose deadline has passed at `now`; `last_read` is when bytes last
+    /// arrived (the I/O room stamps them, as it reads without the core). A keepalive Ping
+    /// that is due is queued, and returned as [`Due::Ping`]; [`Due::Dead`] says the peer has
+    /// been silent for too long.
+    pub(crate) fn handle_timeout(&mut self, now: Instant, last_read: Instant) -> Option<Due> {
+        let due = self.keepalive.as_mut()?.on_timeout(now, last_read)?;
+        if let Due::Ping(opaque) = due {
+            self.ping(opaque);
+        }
+        Some(due)
     }
 
     /// Ends the session: every stream operation fails from now on, blocked tasks are woken.

@@ -1,19 +1,24 @@
 //! The sans-I/O yamux core: frame codec, stream states and flow control.
 //!
-//! Nothing here touches a socket, a timer or a runtime. [`Connection`] is a deterministic state
-//! machine: the I/O layer (`driver.rs`) feeds it decoded frames and takes the frames it wants
-//! sent; the handles call it to read, write, half-close, reset and drop streams. Wakers are
+//! Nothing here touches a socket, a clock or a runtime: time comes in as `now` arguments, and
+//! the core's timers (keepalive) are deadlines it reports ([`Connection::poll_timeout`]) and
+//! handles when told they passed ([`Connection::handle_timeout`]). [`Connection`] is a deterministic state
+//! machine: the I/O room (`io/`) feeds it decoded frames and takes the frames it wants sent;
+//! the handles call it to read, write, half-close, reset and drop streams. Its flow-control
+//! policy (grants, window tuning, round-trip probes) is `flow.rs`. Wakers are
 //! the only link to the outside: a blocked reader or writer leaves its `std::task::Waker`
 //! with its stream and is woken when a frame changes what it waits for.
 //!
-//! Who drives what: the driver task is the only caller of [`Connection::on_header`],
-//! [`Connection::on_frame`] and [`Connection::take_output`]; handles call the stream
-//! operations. Both hold the session's mutex only for the duration of one call, never across
+//! Who drives what: the I/O room is the only caller of [`Connection::on_header`],
+//! [`Connection::on_frame`] and [`Connection::take_output`] (on the driver's turns, or a
+//! handle's read-through or direct write); handles call the stream operations. Both hold the session's mutex only for the duration of one call, never across
 //! an `.await` or a syscall.
 
 mod connection;
+mod flow;
 mod frame;
 mod ids;
+mod keepalive;
 mod output;
 mod stream;
 
@@ -21,6 +26,7 @@ pub(crate) use connection::{Connection, Frame, Limits, OpenError, Side, StreamEr
 pub(crate) use frame::{
     FrameType, GoAwayCode, Header, ACK, FIN, HEADER_LEN, MAX_FDS_PER_FRAME, RST, SYN,
 };
+pub(crate) use keepalive::Due;
 
 /// A file descriptor travelling with a stream's bytes (unix only; elsewhere no value exists).
 #[cfg(unix)]

@@ -1,7 +1,10 @@
 //! Exact-bytes tests of the core: what it sends on each event, and how it treats the peer.
 
 use super::*;
-use crate::proto::frame::HEADER_LEN;
+use crate::proto::{
+    flow::{BULK_MEMORY, INTERACTIVE_HOLD, PROBE_BIT, RTT_WINDOW},
+    frame::HEADER_LEN,
+};
 use std::{
     task::Waker,
     time::{Duration, Instant},
@@ -25,7 +28,7 @@ fn limits() -> Limits {
         out_limit: 1 << 20,
         fds: false,
         max_fds_held: 8,
-        shared_window: 16 * 1024,
+        window_beside_interactive: 16 * 1024,
     }
 }
 
@@ -184,7 +187,7 @@ fn the_window_doubles_when_the_reader_drains_it_within_two_round_trips() {
     assert_eq!(c.growth_used(), 0);
 }
 
-/// A 256 KiB window at a 50 µs round trip allows 5.2 GB/s, more than [`MAX_TUNED_RATE`]:
+/// A 256 KiB window at a 50 µs round trip allows 5.2 GB/s, more than `flow::MAX_TUNED_RATE`:
 /// drained however quickly, it is granted back as it was, not doubled. At 1 ms the same
 /// window allows 262 MB/s, and drained quickly it doubles.
 #[test]
@@ -1202,11 +1205,11 @@ fn bulk_beside(c: &mut Connection, small: u32, at: Instant) {
 }
 
 /// While another stream exchanges small frames, a bulk stream's reader earns its peer only
-/// `shared_window` in flight at a time; the rest of its window comes back once the small
+/// `window_beside_interactive` in flight at a time; the rest of its window comes back once the small
 /// frames have stopped for the hold time. Every byte is accepted throughout, and the peer
 /// never has more than the window in flight.
 #[test]
-fn beside_an_interactive_stream_a_bulk_stream_keeps_only_the_shared_window_in_flight() {
+fn beside_an_interactive_stream_a_bulk_stream_keeps_only_the_window_beside_interactive_in_flight() {
     let window = 256 * 1024u32;
     let cap = 16 * 1024u32;
     let t0 = Instant::now();
@@ -1228,7 +1231,7 @@ fn beside_an_interactive_stream_a_bulk_stream_keeps_only_the_shared_window_in_fl
     assert_eq!(read_all_at(&mut c, 1, t), (cap / 2 - 1) as usize);
     assert_eq!(grants(&mut c), []);
     // The small frames stop; after the hold the whole window is granted back.
-    t += SHARED_HOLD + Duration::from_micros(1);
+    t += INTERACTIVE_HOLD + Duration::from_micros(1);
     feed_at(&mut c, 0, 1, cap / 2 + 1, t);
     assert_eq!(read_all_at(&mut c, 1, t), (cap / 2 + 1) as usize);
     assert_eq!(grants(&mut c), [(1, window)]);
@@ -1244,10 +1247,10 @@ fn beside_an_interactive_stream_a_bulk_stream_keeps_only_the_shared_window_in_fl
 
 /// Streams that run bulk (their peers use most of their windows, or their windows have
 /// grown) are not interactive, whatever their frame sizes: the tail of a bulk write caps
-/// nobody. Nor does anything cap a session with `shared_window` 0, or a stream whose only
+/// nobody. Nor does anything cap a session with `window_beside_interactive` 0, or a stream whose only
 /// neighbour is itself.
 #[test]
-fn small_frames_of_bulk_streams_and_a_zero_shared_window_cap_nobody() {
+fn small_frames_of_bulk_streams_and_a_zero_window_beside_interactive_cap_nobody() {
     let window = 256 * 1024u32;
     let t0 = Instant::now();
     // Stream 1's window grew (drained quickly at a 1 ms round trip); long after, on a fast
@@ -1275,7 +1278,7 @@ fn small_frames_of_bulk_streams_and_a_zero_shared_window_cap_nobody() {
     let mut c = Connection::new(
         Side::Server,
         Limits {
-            shared_window: 0,
+            window_beside_interactive: 0,
             ..limits()
         },
     );
@@ -1290,11 +1293,11 @@ fn small_frames_of_bulk_streams_and_a_zero_shared_window_cap_nobody() {
     assert_eq!(grants(&mut c), [(1, window)]);
 }
 
-/// At a longer round trip the cap is what carries [`SHARED_RATE`] there, and once that is
+/// At a longer round trip the cap is what carries `flow::RATE_BESIDE_INTERACTIVE` there, and once that is
 /// beyond the window, as across a WAN, nothing is capped: the window is granted back and
 /// grows as it would without the interactive stream.
 #[test]
-fn the_shared_window_grows_with_the_round_trip() {
+fn the_window_beside_interactive_grows_with_the_round_trip() {
     let t0 = Instant::now();
     let mut c = with_rtt(Duration::from_micros(100));
     bulk_beside(&mut c, 64, t0);
