@@ -318,7 +318,20 @@ impl Server {
             token,
             abort,
         };
-        tokio::spawn(call.run(handler, ctx, input, credits).instrument(span));
+        let run = call.run(handler, ctx, input, credits).instrument(span);
+        if streaming {
+            tokio::spawn(run);
+            return Ok(());
+        }
+        // A unary handler that answers at once (most do) runs to its reply
+        // right here, without a task of its own: no spawn, no wake-up of a
+        // worker, and its reply joins the batch this frame arrived in. One
+        // that waits is moved into its own task; what its first poll
+        // registered may wake this reader once, spuriously.
+        let mut run = Box::pin(run);
+        if futures::poll!(run.as_mut()).is_pending() {
+            tokio::spawn(run);
+        }
         Ok(())
     }
 }
