@@ -18,7 +18,7 @@ use crate::{
     codec,
     fds::{Fd, FdInbox, FdLink},
     stream::StreamEvent,
-    transport::{read_preamble, FrameReader, Outbox},
+    transport::{read_preamble, Batch, FrameReader, Outbox},
     wire::{Frame, Header},
     Config, Error, Metadata, Status,
 };
@@ -319,7 +319,9 @@ where
     tokio::time::timeout(after, read_preamble(reader.io_mut()))
         .await
         .map_err(|_| Error::HandshakeTimeout { after })??;
-    while let Some(body) = reader.next_frame().await? {
+    let mut batch = Batch::new(&shared.outbox);
+    while let Some(body) = batch.next(reader.next_frame()).await? {
+        batch.add();
         let frame = Frame::decode(body).map_err(Error::Malformed)?;
         if let Some((frame, fds)) = inbox.route(frame)? {
             shared.dispatch(frame, fds)?;

@@ -24,7 +24,7 @@ use crate::{
     error::chain,
     fds::{Fd, FdInbox, FdLink},
     stream::{GrantCredit, StreamEvent},
-    transport::{read_preamble, FrameReader},
+    transport::{read_preamble, Batch, FrameReader},
     wire::{deadline_from_wire, Frame, Header},
     Context, Error, Status,
 };
@@ -79,9 +79,11 @@ impl Server {
             tokio::time::timeout(after, read_preamble(reader.io_mut()))
                 .await
                 .map_err(|_| Error::HandshakeTimeout { after })??;
+            let mut batch = Batch::new(&conn.outbox);
             loop {
+                let next = batch.next(reader.next_frame());
                 let body = tokio::select! {
-                    frame = reader.next_frame() => match frame? {
+                    frame = next => match frame? {
                         Some(body) => body,
                         None => return Ok(()),
                     },
@@ -100,6 +102,7 @@ impl Server {
                         };
                     }
                 };
+                batch.add();
                 let frame = Frame::decode(body).map_err(Error::Malformed)?;
                 if let Some((frame, fds)) = inbox.route(frame)? {
                     self.dispatch(&conn, frame, peer, &drain, fds).await?;
