@@ -18,7 +18,7 @@ use crate::{
     codec,
     fds::{Fd, FdInbox, FdLink},
     stream::StreamEvent,
-    transport::{read_preamble, FrameReader, Outbox, Oversize},
+    transport::{read_preamble, Batch, FrameReader, Outbox, Oversize},
     wire::{Frame, Header, CONN_ID},
     Config, Error, Metadata, Status,
 };
@@ -363,13 +363,15 @@ where
     tokio::time::timeout(after, read_preamble(reader.io_mut()))
         .await
         .map_err(|_| Error::HandshakeTimeout { after })??;
-    while let Some(incoming) = reader.next_frame().await? {
+    let mut batch = Batch::new(&shared.outbox);
+    while let Some(incoming) = batch.next(reader.next_frame()).await? {
         let (frame, oversize) = incoming.decode()?;
         if let Header::Credit { id: CONN_ID, n } = frame.header {
             let (limit, _) = shared.outbox.learn_peer_limit(n);
             reader.set_peer_limit(limit);
             continue;
         }
+        batch.add();
         if let Some((frame, fds)) = inbox.route(frame)? {
             match oversize {
                 None => shared.dispatch(frame, fds)?,

@@ -24,7 +24,7 @@ use crate::{
     error::chain,
     fds::{Fd, FdInbox, FdLink},
     stream::{GrantCredit, StreamEvent},
-    transport::{read_preamble, FrameReader},
+    transport::{read_preamble, Batch, FrameReader},
     wire::{deadline_from_wire, Frame, Header, CONN_ID},
     Context, Error, Status,
 };
@@ -79,9 +79,11 @@ impl Server {
             tokio::time::timeout(after, read_preamble(reader.io_mut()))
                 .await
                 .map_err(|_| Error::HandshakeTimeout { after })??;
+            let mut batch = Batch::new(&conn.outbox);
             loop {
+                let next = batch.next(reader.next_frame());
                 let body = tokio::select! {
-                    frame = reader.next_frame() => match frame? {
+                    frame = next => match frame? {
                         Some(body) => body,
                         None => return Ok(()),
                     },
@@ -110,6 +112,7 @@ impl Server {
                     }
                     continue;
                 }
+                batch.add();
                 if let Some((frame, fds)) = inbox.route(frame)? {
                     match oversize {
                         None => self.dispatch(&conn, frame, peer, &drain, fds).await?,
@@ -331,7 +334,20 @@ impl Server {
             token,
             abort,
         };
-        tokio::spawn(call.run(handler, ctx, input, credits).instrument(span));
+        let run = call.run(handler, ctx, input, credits).instrument(span);
+        if streaming {
+            tokio::spawn(run);
+            return Ok(());
+        }
+        // A unary handler that answers at once (most do) runs to its reply
+        // right here, without a task of its own: no spawn, no wake-up of a
+        // worker, and its reply joins the batch this frame arrived in. One
+        // that waits is moved into its own task; what its first poll
+        // registered may wake this reader once, spuriously.
+        let mut run = Box::pin(run);
+        if futures::poll!(run.as_mut()).is_pending() {
+            tokio::spawn(run);
+        }
         Ok(())
     }
 }
