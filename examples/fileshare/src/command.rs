@@ -380,14 +380,42 @@ pub(crate) fn parse(line: &str) -> Result<Option<Cmd>, ParseError> {
 
 /// The help text.
 pub(crate) fn help_text() -> String {
+    /// Width of the help text, in columns.
+    const WIDTH: usize = 80;
+    let synopses: Vec<String> = COMMANDS
+        .iter()
+        .map(|(name, args, _)| format!("{name} {args}").trim_end().to_owned())
+        .collect();
+    // Every description starts in one column, two spaces after the longest synopsis.
+    let col = 2
+        + synopses
+            .iter()
+            .map(|s| s.chars().count())
+            .max()
+            .unwrap_or(0)
+        + 2;
     let mut out = String::from("commands:\n");
-    for (name, args, what) in COMMANDS {
-        let synopsis = format!("{name} {args}");
-        out.push_str(&format!("  {synopsis:<32}{what}\n"));
+    for (synopsis, (_, _, what)) in synopses.iter().zip(COMMANDS) {
+        let mut line = format!("  {synopsis:<w$}", w = col - 2);
+        // Wrapped at WIDTH, continuation lines indented to the column.
+        for word in what.split_whitespace() {
+            let at_start = line.chars().count() == col;
+            if !at_start && line.chars().count() + 1 + word.chars().count() > WIDTH {
+                out.push_str(line.trim_end());
+                out.push('\n');
+                line = " ".repeat(col);
+            } else if !at_start {
+                line.push(' ');
+            }
+            line.push_str(word);
+        }
+        out.push_str(line.trim_end());
+        out.push('\n');
     }
     out.push_str(
         "quote paths with spaces: read bob \"my file.txt\"; LOCAL may start with ~\n\
-         Tab completes commands, peers, remote paths and get's LOCAL; Ctrl-C cancels a command\n",
+         Tab completes commands, peers, remote paths and get's LOCAL\n\
+         Ctrl-C cancels a command\n",
     );
     out
 }
@@ -700,5 +728,24 @@ mod tests {
             assert!(help.contains(name));
         }
         assert!(help.contains("  exit "), "{help}");
+    }
+
+    #[test]
+    fn help_puts_every_description_in_one_column_within_80_columns() {
+        let help = help_text();
+        let col = help
+            .lines()
+            .find_map(|l| l.strip_prefix("  get "))
+            .map(|rest| 2 + "get ".len() + rest.find("  ").unwrap() + 2)
+            .unwrap();
+        for line in help.lines().skip(1) {
+            assert!(line.chars().count() <= 80, "{line:?}");
+            if line.starts_with("  ") && !line.starts_with("   ") {
+                // A command line: its description starts at the column, after 2+ spaces.
+                let (left, right) = line.split_at(col);
+                assert!(left.ends_with("  "), "{line:?}");
+                assert!(!right.starts_with(' '), "{line:?}");
+            }
+        }
     }
 }
