@@ -132,6 +132,14 @@ pub(crate) enum ParseError {
         /// The command's synopsis.
         usage: String,
     },
+    /// More words than the command takes: most likely a path with spaces, unquoted.
+    #[error("{cmd} takes one PATH; quote a path with spaces: {quoted}")]
+    Unquoted {
+        /// The command.
+        cmd: String,
+        /// The line as it was probably meant, quoted.
+        quoted: String,
+    },
     /// An option the command does not have.
     #[error("{cmd} has no option {flag}; usage: {usage}")]
     UnknownFlag {
@@ -361,6 +369,17 @@ pub(crate) fn parse(line: &str) -> Result<Option<Cmd>, ParseError> {
                 flags,
             }
         }
+        // `read bob my file.txt`: a path with spaces the user did not quote.
+        ("read", [peer, path @ ..]) if path.len() > 1 => {
+            return Err(ParseError::Unquoted {
+                cmd: "read".into(),
+                quoted: format!(
+                    "read {} {}",
+                    quote_word(peer, false),
+                    quote_word(&path.join(" "), false)
+                ),
+            })
+        }
         ("whoami", []) => Cmd::Whoami,
         ("info", [peer]) => Cmd::Info {
             peer: (*peer).into(),
@@ -439,6 +458,41 @@ pub(crate) fn human_size(n: u64) -> String {
     }
 }
 
+/// `text` safe to print on a terminal, in the one escape style `ls` and `read` share:
+/// control characters and bidirectional overrides are shown as `\x1b` (below U+0080) or
+/// `\u{202e}`, so a name or a file cannot drive the terminal. `keep_lines` keeps newline
+/// and tab as they are (file contents); names escape them too (`\x0a`), one entry a line.
+pub(crate) fn escape_controls(text: &str, keep_lines: bool) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        let bidi = matches!(c, '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}');
+        let kept = keep_lines && matches!(c, '\n' | '\t');
+        if (c.is_control() && !kept) || bidi {
+            if (c as u32) < 0x80 {
+                out.push_str(&format!("\\x{:02x}", c as u32));
+            } else {
+                out.push_str(&format!("\\u{{{:x}}}", c as u32));
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// `n` bytes in words for a sentence: `1 byte`, `512 bytes`, `1.5 KiB`, `12 MiB`.
+pub(crate) fn human_bytes(n: u64) -> String {
+    match n {
+        1 => "1 byte".to_owned(),
+        0..1024 => format!("{n} bytes"),
+        _ => {
+            let short = human_size(n);
+            let (number, unit) = short.split_at(short.len() - 1);
+            format!("{number} {unit}iB")
+        }
+    }
+}
+
 /// `secs` since the Unix epoch as `YYYY-MM-DD HH:MM` in UTC.
 pub(crate) fn format_utc(secs: i64) -> String {
     let days = secs.div_euclid(86_400);
@@ -492,7 +546,7 @@ pub(crate) fn format_listing(listing: &Listing, long: bool) -> String {
             Kind::Symlink => "@",
             _ => "",
         };
-        let name = name.escape_debug();
+        let name = escape_controls(name, false);
         if long {
             let size = if *kind == Kind::File {
                 size.to_string()
@@ -657,6 +711,14 @@ mod tests {
     }
 
     #[test]
+    fn an_unquoted_path_with_spaces_gets_the_quoted_line() {
+        assert_eq!(
+            parse("read bob my file.txt").unwrap_err().to_string(),
+            "read takes one PATH; quote a path with spaces: read bob 'my file.txt'"
+        );
+    }
+
+    #[test]
     fn a_typo_gets_a_did_you_mean() {
         assert_eq!(
             parse("lsit").unwrap_err().to_string(),
@@ -710,12 +772,34 @@ mod tests {
     }
 
     #[test]
+    fn ls_escapes_names_in_the_same_style_as_read() {
+        let listing = Listing {
+            entries: vec![entry("a\u{1b}[31m\nb\u{202e}c\"d", Kind::File, 1)],
+            truncated: false,
+        };
+        assert_eq!(
+            format_listing(&listing, false),
+            "       1  a\\x1b[31m\\x0ab\\u{202e}c\"d\n"
+        );
+        // File contents keep their lines; the escapes are the same.
+        assert_eq!(
+            escape_controls("a\u{1b}\nb\u{202e}", true),
+            "a\\x1b\nb\\u{202e}"
+        );
+    }
+
+    #[test]
     fn sizes_and_times_read_like_ls() {
         assert_eq!(human_size(0), "0");
         assert_eq!(human_size(1023), "1023");
         assert_eq!(human_size(1536), "1.5K");
         assert_eq!(human_size(200 << 20), "200M");
         assert_eq!(human_size(3 << 30), "3.0G");
+        assert_eq!(human_bytes(0), "0 bytes");
+        assert_eq!(human_bytes(1), "1 byte");
+        assert_eq!(human_bytes(1023), "1023 bytes");
+        assert_eq!(human_bytes(1536), "1.5 KiB");
+        assert_eq!(human_bytes(200 << 20), "200 MiB");
         assert_eq!(format_utc(0), "1970-01-01 00:00");
         assert_eq!(format_utc(951_782_400), "2000-02-29 00:00");
         assert_eq!(format_utc(-86_400), "1969-12-31 00:00");
