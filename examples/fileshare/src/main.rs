@@ -162,8 +162,9 @@ async fn run_hub(args: HubArgs) -> anyhow::Result<bool> {
     let mut signals = StopSignals::new();
     info!(%addr, tls = tls.is_some(), token = token.is_some(), "hub listening");
     // A plain line on stdout, whatever the log level: scripts and tests read the address here.
-    println!("hub listening on {addr}");
-    let _ = std::io::stdout().flush();
+    // Informational: a hub whose stdout is closed serves all the same.
+    let mut stdout = std::io::stdout();
+    let _ = writeln!(stdout, "hub listening on {addr}").and_then(|()| stdout.flush());
     let hub = hub::HubState::new(hub::HubOptions {
         token,
         tls,

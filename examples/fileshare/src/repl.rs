@@ -965,6 +965,8 @@ pub(crate) async fn run_script(peer: &Peer, me: &Me) -> bool {
         match execute(peer, me, cmd, &ui).await {
             Ok(Flow::Quit) => break,
             Ok(Flow::Continue) => {}
+            // Whoever read our output stopped (`share … | head`): nobody is left to tell.
+            Err(e) if stdout_closed(&e) => break,
             Err(e) => {
                 eprintln!("error: {e:#}");
                 ok = false;
@@ -972,6 +974,14 @@ pub(crate) async fn run_script(peer: &Peer, me: &Me) -> bool {
         }
     }
     ok
+}
+
+/// Whether `e` is a write to a closed pipe (the reader of our output went away).
+fn stdout_closed(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        c.downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+    })
 }
 
 /// Prints status lines: above the prompt while the terminal REPL runs, else on stderr.
