@@ -14,6 +14,27 @@ use netchan::{
     rpc::{self, rpc_service, CallOptions, Context, Status},
 };
 
+/// Writes one line to stdout; a closed stdout (`child … | head`) ends the program quietly
+/// with status 0, as it does a shell tool, instead of a panic.
+fn say(line: std::fmt::Arguments<'_>) {
+    use std::io::Write as _;
+    let mut out = std::io::stdout().lock();
+    if let Err(e) = out.write_fmt(line).and_then(|()| out.write_all(b"\n")) {
+        if e.kind() == std::io::ErrorKind::BrokenPipe {
+            std::process::exit(0);
+        }
+        eprintln!("child: cannot write to stdout: {e}");
+        std::process::exit(1);
+    }
+}
+
+/// `println!` through [`say`].
+macro_rules! say {
+    ($($arg:tt)*) => {
+        say(format_args!($($arg)*))
+    };
+}
+
 /// What the parent serves to its child.
 #[rpc_service(crate = "netchan::rpc")]
 pub trait Parent {
@@ -135,7 +156,7 @@ async fn run_parent() -> anyhow::Result<()> {
             serve(server, calls);
         }
     })?;
-    println!(
+    say!(
         "parent: spawned child pid {} with the link at fd 3",
         link.id()
     );
@@ -143,20 +164,20 @@ async fn run_parent() -> anyhow::Result<()> {
     let worker = WorkerClient::new(rpc::Client::new(link.session().dial("worker").await?))
         .with_options(CallOptions::default().timeout(Duration::from_secs(10)));
     let fds = worker.fds().await?;
-    println!("parent: the child was born with fds {fds:?}");
+    say!("parent: the child was born with fds {fds:?}");
     let greeting = worker.greet("ada".to_string()).await?;
-    println!("parent: child.greet(\"ada\") = {greeting:?} (the child called parent.title back)");
+    say!("parent: child.greet(\"ada\") = {greeting:?} (the child called parent.title back)");
     let sum = worker.sum((1..=100).collect()).await?;
-    println!("parent: child.sum(1..=100) = {sum}");
+    say!("parent: child.sum(1..=100) = {sum}");
     let err = worker.sum(vec![u64::MAX, 1]).await.unwrap_err();
-    println!("parent: child.sum([u64::MAX, 1]) failed: {err}");
+    say!("parent: child.sum([u64::MAX, 1]) failed: {err}");
 
     link.session().close().await;
     let status = tokio::time::timeout(Duration::from_secs(30), link.wait())
         .await
         .context("the child did not exit within 30 s of the close")?
         .context("the child's exit status is unknown")?;
-    println!("parent: child exited ({status})");
+    say!("parent: child exited ({status})");
     anyhow::ensure!(status.success(), "the child failed: {status}");
     Ok(())
 }

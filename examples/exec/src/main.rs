@@ -17,6 +17,27 @@ use netchan::{
     Addr, ConnectOptions,
 };
 
+/// Writes one line to stdout; a closed stdout (`exec … | head`) ends the program quietly
+/// with status 0, as it does a shell tool, instead of a panic.
+fn say(line: std::fmt::Arguments<'_>) {
+    use std::io::Write as _;
+    let mut out = std::io::stdout().lock();
+    if let Err(e) = out.write_fmt(line).and_then(|()| out.write_all(b"\n")) {
+        if e.kind() == std::io::ErrorKind::BrokenPipe {
+            std::process::exit(0);
+        }
+        eprintln!("exec: cannot write to stdout: {e}");
+        std::process::exit(1);
+    }
+}
+
+/// `println!` through [`say`].
+macro_rules! say {
+    ($($arg:tt)*) => {
+        say(format_args!($($arg)*))
+    };
+}
+
 #[derive(Parser)]
 #[command(
     name = "exec",
@@ -119,7 +140,7 @@ async fn print_run(client: &ExecClient, cmd: CommandLine) -> anyhow::Result<i32>
     };
     while let Some(item) = output.next().await {
         match item {
-            Ok(Output::Stdout(line)) => println!("{line}"),
+            Ok(Output::Stdout(line)) => say!("{line}"),
             Ok(Output::Stderr(line)) => eprintln!("{line}"),
             Ok(Output::Exited(info)) => {
                 eprintln!("exec: {program} ended with {info}");
@@ -138,7 +159,7 @@ async fn demo() -> anyhow::Result<()> {
     let addr: Addr = format!("unix:{}", dir.join("exec.sock").display()).parse()?;
     let allow = ["echo", "sh"].map(String::from);
     let listener = bind(&addr, ExecServer::new(allow.clone())).await?;
-    println!("server: listening on {addr}, allowing {allow:?}");
+    say!("server: listening on {addr}, allowing {allow:?}");
     tokio::spawn(serve(listener));
 
     let steps: [(&str, Option<Duration>, &[&str]); 4] = [
@@ -174,7 +195,7 @@ async fn demo() -> anyhow::Result<()> {
                 }
             })
             .collect();
-        println!(
+        say!(
             "\n$ exec run{timeout_arg} -- {}   # {what}",
             quoted.join(" ")
         );
@@ -184,7 +205,7 @@ async fn demo() -> anyhow::Result<()> {
             command.iter().map(|s| s.to_string()).collect(),
         )
         .await?;
-        println!("(exec exits with {code})");
+        say!("(exec exits with {code})");
     }
     let _ = std::fs::remove_dir_all(&dir);
     Ok(())
@@ -200,7 +221,7 @@ async fn main() {
         Cmd::Serve { addr, allow } => {
             async {
                 let listener = bind(&addr, ExecServer::new(allow.clone())).await?;
-                println!(
+                say!(
                     "exec: listening on {}, allowing {allow:?}",
                     listener.local_addr()
                 );

@@ -51,6 +51,27 @@ use tokio::{
     task::{JoinHandle, JoinSet},
 };
 
+/// Writes one line to stdout; a closed stdout (`fdpass … | head`) ends the program quietly
+/// with status 0, as it does a shell tool, instead of a panic.
+fn say(line: std::fmt::Arguments<'_>) {
+    use std::io::Write as _;
+    let mut out = std::io::stdout().lock();
+    if let Err(e) = out.write_fmt(line).and_then(|()| out.write_all(b"\n")) {
+        if e.kind() == std::io::ErrorKind::BrokenPipe {
+            std::process::exit(0);
+        }
+        eprintln!("fdpass: cannot write to stdout: {e}");
+        std::process::exit(1);
+    }
+}
+
+/// `println!` through [`say`].
+macro_rules! say {
+    ($($arg:tt)*) => {
+        say(format_args!($($arg)*))
+    };
+}
+
 /// The longest any one call, connect or read of the example may take.
 const WAIT: Duration = Duration::from_secs(10);
 
@@ -383,10 +404,12 @@ async fn pass_unlinked_file(worker: &WorkerClient) -> anyhow::Result<()> {
         report.cloexec,
         "the fd reached the child without close-on-exec"
     );
-    println!(
+    say!(
         "parent: 1. the child could not open {path} ({path_error}); through the fd \
          (close-on-exec) it read {} lines, {} bytes, the first {:?}",
-        report.lines, report.bytes, report.first_line
+        report.lines,
+        report.bytes,
+        report.first_line
     );
     Ok(())
 }
@@ -398,7 +421,7 @@ async fn pass_denied_file(worker: &WorkerClient) -> anyhow::Result<()> {
     let result = async {
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o000))?;
         if File::open(&path).is_ok() {
-            println!(
+            say!(
                 "parent: 1. skipped the denied path: this process opens a mode-000 file anyway \
                  (root, CAP_DAC_OVERRIDE), so permissions deny its child nothing; the unlinked \
                  file above is the case that holds everywhere"
@@ -418,10 +441,11 @@ async fn pass_denied_file(worker: &WorkerClient) -> anyhow::Result<()> {
             report.bytes == text.len() as u64,
             "the child read something else: {report:?}"
         );
-        println!(
+        say!(
             "parent: 1. the child is denied {shown} ({path_error}); through the fd it read \
              {} line, the first {:?}",
-            report.lines, report.first_line
+            report.lines,
+            report.first_line
         );
         Ok(())
     }
@@ -463,7 +487,7 @@ async fn fetch_primes(worker: &WorkerClient) -> anyhow::Result<()> {
         primes.len(),
         text.len()
     );
-    println!(
+    say!(
         "parent: 2. the child answered primes(1000) with a memfd ({target}, sealed against \
          writes: {}): {} primes in {} bytes, the last {}",
         seals.contains(SealFlags::WRITE),
@@ -503,7 +527,7 @@ async fn hand_over_socket(worker: &WorkerClient, child_pid: u32) -> anyhow::Resu
         served_at == addr.to_string(),
         "the child serves {served_at}, not our {addr}"
     );
-    println!("parent: 3. bound {addr} and passed it to the child; our copy is closed");
+    say!("parent: 3. bound {addr} and passed it to the child; our copy is closed");
     let expected = format!("hello from the child (pid {child_pid}), connection ");
     for n in 1..=3 {
         let line = fetch_line(addr).await?;
@@ -511,14 +535,14 @@ async fn hand_over_socket(worker: &WorkerClient, child_pid: u32) -> anyhow::Resu
             line == format!("{expected}{n}\n"),
             "connection {n} to {addr} got {line:?}"
         );
-        println!("parent: 3. connection {n} to {addr}: {:?}", line.trim_end());
+        say!("parent: 3. connection {n} to {addr}: {:?}", line.trim_end());
     }
     let answered = worker.stop_serving().await.context("child.stop_serving")?;
     ensure!(
         answered == 3,
         "the child answered {answered} connections, not 3"
     );
-    println!("parent: 3. the child answered {answered} connections and closed the socket");
+    say!("parent: 3. the child answered {answered} connections and closed the socket");
     Ok(())
 }
 
@@ -570,20 +594,20 @@ async fn run_parent() -> anyhow::Result<()> {
     let config = mux::Config::default().close_grace(Duration::from_millis(200));
     let link = child::spawn_with(cmd, config, |_| {})?;
     let pid = link.id();
-    println!("parent: spawned child pid {pid} with the link at fd 3");
+    say!("parent: spawned child pid {pid} with the link at fd 3");
     let conn = tokio::time::timeout(WAIT, link.session().dial("worker"))
         .await
         .context("dialling the child's worker")??;
     let worker = WorkerClient::new(rpc::Client::new(conn)).with_options(opts());
 
     let (child_before, parent_before) = (worker.open_fds().await?, open_fds());
-    println!("parent: the child's fds before the calls: {child_before:?}");
+    say!("parent: the child's fds before the calls: {child_before:?}");
     pass_unlinked_file(&worker).await?;
     pass_denied_file(&worker).await?;
     fetch_primes(&worker).await?;
     hand_over_socket(&worker, pid).await?;
     let (child_after, parent_after) = (worker.open_fds().await?, open_fds());
-    println!("parent: the child's fds after the calls: {child_after:?}");
+    say!("parent: the child's fds after the calls: {child_after:?}");
     ensure!(
         child_after == child_before,
         "the child leaked fds: {child_before:?} before, {child_after:?} after"
@@ -592,11 +616,11 @@ async fn run_parent() -> anyhow::Result<()> {
         parent_after == parent_before,
         "the parent leaked fds: {parent_before:?} before, {parent_after:?} after"
     );
-    println!("parent: no fd leaked, in the child or here");
+    say!("parent: no fd leaked, in the child or here");
 
     let (request, reply) = refusals_over_tcp().await?;
-    println!("parent: 4. over TCP, a call with an fd is refused: {request}");
-    println!("parent: 4. over TCP, a response with an fd is refused: {reply}");
+    say!("parent: 4. over TCP, a call with an fd is refused: {request}");
+    say!("parent: 4. over TCP, a response with an fd is refused: {reply}");
     ensure!(
         request.code() == Code::FailedPrecondition && reply.code() == Code::FailedPrecondition,
         "expected FAILED_PRECONDITION over TCP"
@@ -611,7 +635,7 @@ async fn run_parent() -> anyhow::Result<()> {
         .await
         .context("the child did not exit within 30 s of the close")?
         .context("the child's exit status is unknown")?;
-    println!("parent: child exited ({status})");
+    say!("parent: child exited ({status})");
     ensure!(status.success(), "the child failed: {status}");
     Ok(())
 }

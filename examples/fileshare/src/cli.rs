@@ -50,6 +50,9 @@ pub(crate) struct HubArgs {
     /// --token and TLS: the link is otherwise plaintext and unauthenticated).
     #[arg(long, value_name = "ADDR", default_value = DEFAULT_ADDR)]
     pub(crate) listen: String,
+    /// The same as --listen ADDR (`share hub 0.0.0.0:8765`).
+    #[arg(value_name = "ADDR", conflicts_with = "listen")]
+    pub(crate) addr: Option<String>,
     /// Shared secret every peer must present before anything else (prefer the environment
     /// variable: command lines are visible to other local users).
     #[arg(
@@ -76,6 +79,13 @@ pub(crate) struct HubArgs {
     /// Seconds of silence after which a peer's connection is declared dead.
     #[arg(long, value_name = "SECS", default_value = "15", value_parser = parse_secs)]
     pub(crate) keepalive: Duration,
+}
+
+impl HubArgs {
+    /// Where the hub listens: the positional ADDR, else --listen.
+    pub(crate) fn listen_addr(&self) -> &str {
+        self.addr.as_deref().unwrap_or(&self.listen)
+    }
 }
 
 /// Options of a client (`share --name NAME [ADDR]`).
@@ -108,7 +118,8 @@ pub(crate) struct ClientArgs {
         value_name = "SECRET"
     )]
     pub(crate) token: Option<String>,
-    /// PEM CA certificates to verify the hub with: connect over TLS.
+    /// PEM file with the CA that signed the hub's certificate (or that certificate itself):
+    /// connect over TLS and trust only a hub it vouches for.
     #[arg(long, value_name = "FILE")]
     pub(crate) tls_ca: Option<PathBuf>,
     /// PEM client certificate chain for mutual TLS (needs --tls-ca and --tls-key).
@@ -291,6 +302,30 @@ mod tests {
         assert_eq!(h.listen, "0.0.0.0:9000");
         assert_eq!(h.tls_client_ca, Some(PathBuf::from("ca.pem")));
         assert_eq!(h.keepalive, Duration::from_millis(1500));
+    }
+
+    #[test]
+    fn the_hub_takes_its_address_as_a_word_too() {
+        let hub = |words: &[&str]| match parse_words(words).unwrap().command {
+            Some(Command::Hub(h)) => h.listen_addr().to_owned(),
+            None => panic!("expected hub"),
+        };
+        assert_eq!(hub(&["share", "hub", "127.0.0.1:9000"]), "127.0.0.1:9000");
+        assert_eq!(
+            hub(&["share", "hub", "--listen", "127.0.0.1:9001"]),
+            "127.0.0.1:9001"
+        );
+        assert_eq!(hub(&["share", "hub"]), DEFAULT_ADDR);
+        assert!(parse_words(&["share", "hub", "--listen", "a:1", "b:2"]).is_err());
+    }
+
+    #[test]
+    fn the_tls_ca_help_names_the_ca_that_signed_the_hubs_certificate() {
+        let help = Cli::command().render_long_help().to_string();
+        assert!(
+            help.contains("the CA that signed the hub's certificate"),
+            "{help}"
+        );
     }
 
     #[test]

@@ -198,8 +198,15 @@ where
     T: AsyncRead + AsyncWrite + Send + Unpin + 'static,
 {
     let session = Session::client(io, opts.mux.clone());
-    let mut hello = session.dial(auth::CHANNEL).await?;
-    auth::client_hello(&mut hello, opts.token.as_deref()).await?;
+    let hello = async {
+        let mut hello = session.dial(auth::CHANNEL).await?;
+        auth::client_hello(&mut hello, opts.token.as_deref()).await?;
+        Ok::<_, ConnectError>(hello)
+    };
+    let mut hello = match hello.await {
+        Ok(hello) => hello,
+        Err(e) => return Err(tls_refusal(&session, &opts.addr).await.unwrap_or(e)),
+    };
     // The hub has half-closed after its answer; closing our side too ends the channel without
     // a reset.
     let _ = tokio::time::timeout(auth::TIMEOUT, hello.shutdown()).await;
@@ -231,6 +238,23 @@ where
         hub,
         _rpc: link,
         _export: export_tasks,
+    })
+}
+
+/// Why the hub refused us, in plain words, if it was TLS: under TLS 1.3 a hub that refuses a
+/// client certificate (or wants one) says so in an alert after the client's handshake is done,
+/// so it ends the session at its first read instead of failing the handshake.
+async fn tls_refusal(session: &Session, addr: &str) -> Option<ConnectError> {
+    // The failure may reach us just before the session records why it ended.
+    let reason = tokio::time::timeout(Duration::from_millis(200), session.closed()).await;
+    let Ok(mux::CloseReason::Io(e)) = reason else {
+        return None;
+    };
+    let refusal = crate::tls::rustls_error(&e)?.clone();
+    crate::tls::is_tls_refusal(&e).then(|| ConnectError::Tls {
+        addr: addr.to_owned(),
+        why: crate::tls::explain_handshake(addr, &e),
+        source: std::io::Error::new(e.kind(), refusal),
     })
 }
 

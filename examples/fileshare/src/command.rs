@@ -132,6 +132,14 @@ pub(crate) enum ParseError {
         /// The command's synopsis.
         usage: String,
     },
+    /// More words than the command takes: most likely a path with spaces, unquoted.
+    #[error("{cmd} takes one PATH; quote a path with spaces: {quoted}")]
+    Unquoted {
+        /// The command.
+        cmd: String,
+        /// The line as it was probably meant, quoted.
+        quoted: String,
+    },
     /// An option the command does not have.
     #[error("{cmd} has no option {flag}; usage: {usage}")]
     UnknownFlag {
@@ -361,6 +369,17 @@ pub(crate) fn parse(line: &str) -> Result<Option<Cmd>, ParseError> {
                 flags,
             }
         }
+        // `read bob my file.txt`: a path with spaces the user did not quote.
+        ("read", [peer, path @ ..]) if path.len() > 1 => {
+            return Err(ParseError::Unquoted {
+                cmd: "read".into(),
+                quoted: format!(
+                    "read {} {}",
+                    quote_word(peer, false),
+                    quote_word(&path.join(" "), false)
+                ),
+            })
+        }
         ("whoami", []) => Cmd::Whoami,
         ("info", [peer]) => Cmd::Info {
             peer: (*peer).into(),
@@ -380,14 +399,42 @@ pub(crate) fn parse(line: &str) -> Result<Option<Cmd>, ParseError> {
 
 /// The help text.
 pub(crate) fn help_text() -> String {
+    /// Width of the help text, in columns.
+    const WIDTH: usize = 80;
+    let synopses: Vec<String> = COMMANDS
+        .iter()
+        .map(|(name, args, _)| format!("{name} {args}").trim_end().to_owned())
+        .collect();
+    // Every description starts in one column, two spaces after the longest synopsis.
+    let col = 2
+        + synopses
+            .iter()
+            .map(|s| s.chars().count())
+            .max()
+            .unwrap_or(0)
+        + 2;
     let mut out = String::from("commands:\n");
-    for (name, args, what) in COMMANDS {
-        let synopsis = format!("{name} {args}");
-        out.push_str(&format!("  {synopsis:<32}{what}\n"));
+    for (synopsis, (_, _, what)) in synopses.iter().zip(COMMANDS) {
+        let mut line = format!("  {synopsis:<w$}", w = col - 2);
+        // Wrapped at WIDTH, continuation lines indented to the column.
+        for word in what.split_whitespace() {
+            let at_start = line.chars().count() == col;
+            if !at_start && line.chars().count() + 1 + word.chars().count() > WIDTH {
+                out.push_str(line.trim_end());
+                out.push('\n');
+                line = " ".repeat(col);
+            } else if !at_start {
+                line.push(' ');
+            }
+            line.push_str(word);
+        }
+        out.push_str(line.trim_end());
+        out.push('\n');
     }
     out.push_str(
         "quote paths with spaces: read bob \"my file.txt\"; LOCAL may start with ~\n\
-         Tab completes commands, peers, remote paths and get's LOCAL; Ctrl-C cancels a command\n",
+         Tab completes commands, peers, remote paths and get's LOCAL\n\
+         Ctrl-C cancels a command\n",
     );
     out
 }
@@ -408,6 +455,41 @@ pub(crate) fn human_size(n: u64) -> String {
         format!("{v:.1}{}", UNITS[unit])
     } else {
         format!("{}{}", v.round() as u64, UNITS[unit])
+    }
+}
+
+/// `text` safe to print on a terminal, in the one escape style `ls` and `read` share:
+/// control characters and bidirectional overrides are shown as `\x1b` (below U+0080) or
+/// `\u{202e}`, so a name or a file cannot drive the terminal. `keep_lines` keeps newline
+/// and tab as they are (file contents); names escape them too (`\x0a`), one entry a line.
+pub(crate) fn escape_controls(text: &str, keep_lines: bool) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        let bidi = matches!(c, '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}');
+        let kept = keep_lines && matches!(c, '\n' | '\t');
+        if (c.is_control() && !kept) || bidi {
+            if (c as u32) < 0x80 {
+                out.push_str(&format!("\\x{:02x}", c as u32));
+            } else {
+                out.push_str(&format!("\\u{{{:x}}}", c as u32));
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// `n` bytes in words for a sentence: `1 byte`, `512 bytes`, `1.5 KiB`, `12 MiB`.
+pub(crate) fn human_bytes(n: u64) -> String {
+    match n {
+        1 => "1 byte".to_owned(),
+        0..1024 => format!("{n} bytes"),
+        _ => {
+            let short = human_size(n);
+            let (number, unit) = short.split_at(short.len() - 1);
+            format!("{number} {unit}iB")
+        }
     }
 }
 
@@ -464,7 +546,7 @@ pub(crate) fn format_listing(listing: &Listing, long: bool) -> String {
             Kind::Symlink => "@",
             _ => "",
         };
-        let name = name.escape_debug();
+        let name = escape_controls(name, false);
         if long {
             let size = if *kind == Kind::File {
                 size.to_string()
@@ -629,6 +711,14 @@ mod tests {
     }
 
     #[test]
+    fn an_unquoted_path_with_spaces_gets_the_quoted_line() {
+        assert_eq!(
+            parse("read bob my file.txt").unwrap_err().to_string(),
+            "read takes one PATH; quote a path with spaces: read bob 'my file.txt'"
+        );
+    }
+
+    #[test]
     fn a_typo_gets_a_did_you_mean() {
         assert_eq!(
             parse("lsit").unwrap_err().to_string(),
@@ -682,12 +772,34 @@ mod tests {
     }
 
     #[test]
+    fn ls_escapes_names_in_the_same_style_as_read() {
+        let listing = Listing {
+            entries: vec![entry("a\u{1b}[31m\nb\u{202e}c\"d", Kind::File, 1)],
+            truncated: false,
+        };
+        assert_eq!(
+            format_listing(&listing, false),
+            "       1  a\\x1b[31m\\x0ab\\u{202e}c\"d\n"
+        );
+        // File contents keep their lines; the escapes are the same.
+        assert_eq!(
+            escape_controls("a\u{1b}\nb\u{202e}", true),
+            "a\\x1b\nb\\u{202e}"
+        );
+    }
+
+    #[test]
     fn sizes_and_times_read_like_ls() {
         assert_eq!(human_size(0), "0");
         assert_eq!(human_size(1023), "1023");
         assert_eq!(human_size(1536), "1.5K");
         assert_eq!(human_size(200 << 20), "200M");
         assert_eq!(human_size(3 << 30), "3.0G");
+        assert_eq!(human_bytes(0), "0 bytes");
+        assert_eq!(human_bytes(1), "1 byte");
+        assert_eq!(human_bytes(1023), "1023 bytes");
+        assert_eq!(human_bytes(1536), "1.5 KiB");
+        assert_eq!(human_bytes(200 << 20), "200 MiB");
         assert_eq!(format_utc(0), "1970-01-01 00:00");
         assert_eq!(format_utc(951_782_400), "2000-02-29 00:00");
         assert_eq!(format_utc(-86_400), "1969-12-31 00:00");
@@ -700,5 +812,24 @@ mod tests {
             assert!(help.contains(name));
         }
         assert!(help.contains("  exit "), "{help}");
+    }
+
+    #[test]
+    fn help_puts_every_description_in_one_column_within_80_columns() {
+        let help = help_text();
+        let col = help
+            .lines()
+            .find_map(|l| l.strip_prefix("  get "))
+            .map(|rest| 2 + "get ".len() + rest.find("  ").unwrap() + 2)
+            .unwrap();
+        for line in help.lines().skip(1) {
+            assert!(line.chars().count() <= 80, "{line:?}");
+            if line.starts_with("  ") && !line.starts_with("   ") {
+                // A command line: its description starts at the column, after 2+ spaces.
+                let (left, right) = line.split_at(col);
+                assert!(left.ends_with("  "), "{line:?}");
+                assert!(!right.starts_with(' '), "{line:?}");
+            }
+        }
     }
 }

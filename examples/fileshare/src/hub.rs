@@ -268,6 +268,12 @@ impl HubState {
         })
     }
 
+    /// File descriptors the hub may hold at its caps: published clients, pending
+    /// connections, refusals being told, and some to spare (listener, logs, runtime).
+    pub(crate) fn descriptors_wanted(&self) -> usize {
+        self.opts.max_connections + self.opts.max_pending + MAX_REFUSALS + 64
+    }
+
     /// Asks the hub to shut down: [`HubState::serve`] stops accepting, every connection task
     /// closes its session gracefully (bounded by the session's `close_grace`), and `serve`
     /// returns once they have all ended.

@@ -140,9 +140,10 @@ async fn run_hub(args: HubArgs) -> anyhow::Result<bool> {
         .map(auth::Token::new)
         .transpose()
         .context("invalid --token")?;
-    let listener = tokio::net::TcpListener::bind(&args.listen)
+    let listen = args.listen_addr();
+    let listener = tokio::net::TcpListener::bind(listen)
         .await
-        .with_context(|| format!("cannot listen on {}", args.listen))?;
+        .with_context(|| format!("cannot listen on {listen}"))?;
     let addr = listener.local_addr()?;
     match (&token, &tls, &args.tls_client_ca) {
         (None, None, _) => warn!(
@@ -161,8 +162,9 @@ async fn run_hub(args: HubArgs) -> anyhow::Result<bool> {
     let mut signals = StopSignals::new();
     info!(%addr, tls = tls.is_some(), token = token.is_some(), "hub listening");
     // A plain line on stdout, whatever the log level: scripts and tests read the address here.
-    println!("hub listening on {addr}");
-    let _ = std::io::stdout().flush();
+    // Informational: a hub whose stdout is closed serves all the same.
+    let mut stdout = std::io::stdout();
+    let _ = writeln!(stdout, "hub listening on {addr}").and_then(|()| stdout.flush());
     let hub = hub::HubState::new(hub::HubOptions {
         token,
         tls,
@@ -179,6 +181,7 @@ async fn run_hub(args: HubArgs) -> anyhow::Result<bool> {
             .max_pending_handshakes(4),
         ..hub::HubOptions::default()
     });
+    warn_if_few_descriptors(hub.descriptors_wanted());
     let mut serve = tokio::spawn(hub.clone().serve(listener));
     tokio::select! {
         done = &mut serve => {
@@ -243,6 +246,27 @@ async fn join_retrying(
             () = tokio::time::sleep(wait) => {}
             () = signals.recv() => return Ok(None),
         }
+    }
+}
+
+/// Warns when this process may open fewer files than the hub wants to hold (its published
+/// clients, its pending connections and some to spare): it would then shed pending
+/// connections early. Reads the soft limit from `/proc/self/limits` (Linux).
+fn warn_if_few_descriptors(wanted: usize) {
+    let limits = std::fs::read_to_string("/proc/self/limits").unwrap_or_default();
+    let soft = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .and_then(|l| l.split_whitespace().nth(3))
+        .and_then(|n| n.parse::<usize>().ok());
+    if let Some(soft) = soft.filter(|&soft| soft < wanted) {
+        warn!(
+            soft,
+            wanted,
+            "this process may open {soft} files, and the hub wants up to {wanted} at once; \
+             raise the limit (ulimit -n {wanted}) or, when it is reached, the hub sheds \
+             connections that have not joined yet"
+        );
     }
 }
 

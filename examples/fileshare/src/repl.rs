@@ -211,9 +211,10 @@ async fn run(peer: &Peer, me: &Me, cmd: Cmd, ui: &Ui) -> anyhow::Result<Flow> {
             }
             let you = if p == me.name { " (you)" } else { "" };
             let text = format!(
-                "{p}{you}: connected; its root holds {files} file{} ({}) and {dirs} director{}{}\n",
+                "{p}{you}: connected; its root holds {files} file{} ({} in all) and {dirs} \
+                 director{}{}\n",
                 if files == 1 { "" } else { "s" },
-                command::human_size(bytes),
+                command::human_bytes(bytes),
                 if dirs == 1 { "y" } else { "ies" },
                 if listing.truncated { ", and more" } else { "" }
             );
@@ -276,8 +277,8 @@ async fn read(peer: &Peer, p: &str, path: &str, ui: &Ui) -> anyhow::Result<()> {
     if !complete || shown < buf.len() {
         text.push_str(&format!(
             "(showing the first {} of {}; use get to save the whole file)\n",
-            command::human_size(shown as u64),
-            command::human_size(size)
+            command::human_bytes(shown as u64),
+            command::human_bytes(size)
         ));
     }
     out.write_all(text.as_bytes()).await?;
@@ -301,20 +302,7 @@ pub(crate) fn terminal_text(bytes: &[u8], truncated: bool) -> Option<String> {
         }
         Err(_) => return None,
     };
-    let mut out = String::with_capacity(text.len());
-    for c in text.chars() {
-        let bidi = matches!(c, '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}');
-        if (c.is_control() && c != '\n' && c != '\t') || bidi {
-            if (c as u32) < 0x80 {
-                out.push_str(&format!("\\x{:02x}", c as u32));
-            } else {
-                out.push_str(&format!("\\u{{{:x}}}", c as u32));
-            }
-        } else {
-            out.push(c);
-        }
-    }
-    Some(out)
+    Some(command::escape_controls(text, true))
 }
 
 /// `~` and `~/...` expanded to $HOME.
@@ -977,6 +965,8 @@ pub(crate) async fn run_script(peer: &Peer, me: &Me) -> bool {
         match execute(peer, me, cmd, &ui).await {
             Ok(Flow::Quit) => break,
             Ok(Flow::Continue) => {}
+            // Whoever read our output stopped (`share … | head`): nobody is left to tell.
+            Err(e) if stdout_closed(&e) => break,
             Err(e) => {
                 eprintln!("error: {e:#}");
                 ok = false;
@@ -984,6 +974,14 @@ pub(crate) async fn run_script(peer: &Peer, me: &Me) -> bool {
         }
     }
     ok
+}
+
+/// Whether `e` is a write to a closed pipe (the reader of our output went away).
+fn stdout_closed(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        c.downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+    })
 }
 
 /// Prints status lines: above the prompt while the terminal REPL runs, else on stderr.

@@ -60,7 +60,7 @@ fn host_of(addr: &str) -> &str {
 }
 
 /// The rustls error inside an i/o error from a TLS stream, if that is what it is.
-fn rustls_error(e: &std::io::Error) -> Option<&rustls::Error> {
+pub(crate) fn rustls_error(e: &std::io::Error) -> Option<&rustls::Error> {
     e.get_ref()?.downcast_ref::<rustls::Error>()
 }
 
@@ -98,6 +98,11 @@ pub(crate) fn explain_handshake(addr: &str, e: &std::io::Error) -> String {
         ),
         _ => format!("the TLS handshake with the hub at {addr} failed"),
     }
+}
+
+/// Whether `e` is a certificate refusal from either side (not a broken link).
+pub(crate) fn is_tls_refusal(e: &std::io::Error) -> bool {
+    !is_transient(e)
 }
 
 /// Whether a failed handshake may succeed later unchanged: anything but a certificate that

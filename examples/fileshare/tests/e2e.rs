@@ -620,3 +620,31 @@ fn a_serve_client_started_before_its_hub_waits_and_joins_once_the_hub_is_up() {
     assert_eq!(out.out(), "hi\n", "{}", out.stderr);
     drop(bob);
 }
+
+/// `share … | head`: a reader that goes away ends the client quietly (status 0, no panic,
+/// no error per remaining command).
+#[test]
+fn a_closed_stdout_ends_a_scripted_client_quietly() {
+    let hub = start_hub(&[]);
+    let (rb, ra) = (tempdir(), tempdir());
+    write_pattern(&rb.path().join("big.bin"), 4 << 20, 1);
+    let _bob = start_server(&hub.addr, "bob", rb.path(), &[]);
+    let mut p = spawn_script(&hub.addr, "alice", ra.path(), &[], &[]);
+    drop(p.child.stdout.take());
+    let mut stdin = stdin_of(&mut p);
+    stdin
+        .write_all(b"read bob big.bin\nread bob big.bin\nlist\n")
+        .unwrap();
+    drop(stdin);
+    // Bounded: stderr ends when the client exits.
+    let stderr = reader(p.child.stderr.take().unwrap())
+        .recv_timeout(WAIT)
+        .expect("the client ends");
+    let stderr = String::from_utf8_lossy(&stderr).into_owned();
+    let status = p.reap();
+    assert!(status.success(), "{status:?}: {stderr}");
+    assert!(
+        !stderr.contains("panicked") && !stderr.contains("error"),
+        "{stderr}"
+    );
+}

@@ -287,7 +287,7 @@ fn get_to_stdout_is_byte_exact_and_ls_l_whoami_and_info_describe() {
     );
     assert_eq!(
         lines[5],
-        "bob: connected; its root holds 2 files (1.0M) and 1 directory"
+        "bob: connected; its root holds 2 files (1.0 MiB in all) and 1 directory"
     );
 }
 

@@ -275,7 +275,7 @@ fn the_terminal_repl_is_safe_and_aware_and_cancels_a_get_cleanly() {
     // At most 64 KiB of a long file, and a pointer to the rest.
     type_keys("read bob long.txt\r");
     screen.expect(
-        "(showing the first 64K of 100K; use get to save the whole file)",
+        "(showing the first 64 KiB of 100 KiB; use get to save the whole file)",
         WAIT,
     );
     screen.expect(&prompt, WAIT);

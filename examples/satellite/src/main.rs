@@ -22,6 +22,27 @@ use satellite::{
     bind, call_options, connect, pki, serve, Area, Location, SatelliteClient, SatelliteServer,
 };
 
+/// Writes one line to stdout; a closed stdout (`satellite … | head`) ends the program quietly
+/// with status 0, as it does a shell tool, instead of a panic.
+fn say(line: std::fmt::Arguments<'_>) {
+    use std::io::Write as _;
+    let mut out = std::io::stdout().lock();
+    if let Err(e) = out.write_fmt(line).and_then(|()| out.write_all(b"\n")) {
+        if e.kind() == std::io::ErrorKind::BrokenPipe {
+            std::process::exit(0);
+        }
+        eprintln!("satellite: cannot write to stdout: {e}");
+        std::process::exit(1);
+    }
+}
+
+/// `println!` through [`say`].
+macro_rules! say {
+    ($($arg:tt)*) => {
+        say(format_args!($($arg)*))
+    };
+}
+
 #[derive(Parser)]
 #[command(
     name = "satellite",
@@ -127,7 +148,7 @@ fn show(image: &satellite::Image) -> String {
 
 async fn get_image(client: &SatelliteClient, x: i32, y: i32) -> anyhow::Result<()> {
     let image = client.get_image(Location { x, y }).await?;
-    println!("{}", show(&image));
+    say!("{}", show(&image));
     Ok(())
 }
 
@@ -145,7 +166,7 @@ async fn get_images(
     let mut count = 0;
     while let Some(image) = images.next().await {
         let image = image.with_context(|| format!("after {count} images"))?;
-        println!("{}", show(&image));
+        say!("{}", show(&image));
         count += 1;
     }
     Ok(count)
@@ -155,7 +176,7 @@ async fn demo() -> anyhow::Result<()> {
     let dir = std::env::temp_dir().join(format!("netchan-satellite-demo-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     let files = pki::generate(&dir, "demo")?;
-    println!(
+    say!(
         "generated a throwaway CA, server and client certificate in {}",
         dir.display()
     );
@@ -169,17 +190,17 @@ async fn demo() -> anyhow::Result<()> {
     };
     tokio::spawn(serve(listener));
     let addr: Addr = format!("tls://localhost:{port}").parse()?;
-    println!("server: mutual TLS on {addr}, token required, 100 ms per streamed image\n");
+    say!("server: mutual TLS on {addr}, token required, 100 ms per streamed image\n");
 
     let mutual = || TlsClient::mutual_from_pem_files(&files.ca, &files.client.0, &files.client.1);
     let client = connect(&addr, Some(mutual()?), Some("s3cret")).await?;
-    println!("> GetImage(3, 4)");
+    say!("> GetImage(3, 4)");
     get_image(&client, 3, 4).await?;
-    println!("> GetImage(99, 4)");
+    say!("> GetImage(99, 4)");
     if let Err(e) = get_image(&client, 99, 4).await {
-        println!("error: {e:#}");
+        say!("error: {e:#}");
     }
-    println!("> GetImages((0, 0)-(3, 1))");
+    say!("> GetImages((0, 0)-(3, 1))");
     let n = get_images(
         &client,
         Some("s3cret"),
@@ -190,8 +211,8 @@ async fn demo() -> anyhow::Result<()> {
         },
     )
     .await?;
-    println!("{n} images");
-    println!("> GetImages((0, 0)-(79, 31)) with a 350 ms deadline");
+    say!("{n} images");
+    say!("> GetImages((0, 0)-(79, 31)) with a 350 ms deadline");
     if let Err(e) = get_images(
         &client,
         Some("s3cret"),
@@ -203,18 +224,18 @@ async fn demo() -> anyhow::Result<()> {
     )
     .await
     {
-        println!("error: {e:#}");
+        say!("error: {e:#}");
     }
     tokio::time::timeout(Duration::from_secs(10), cancelled.wait_for(|n| *n > 0))
         .await
         .context("the server did not see the cancellation")??;
-    println!("server: saw the stream cancelled");
-    println!("> GetImage(3, 4) without the token");
+    say!("server: saw the stream cancelled");
+    say!("> GetImage(3, 4) without the token");
     let anonymous = connect(&addr, Some(mutual()?), None).await?;
     if let Err(e) = get_image(&anonymous, 3, 4).await {
-        println!("error: {e:#}");
+        say!("error: {e:#}");
     }
-    println!("> GetImage(3, 4) with no client certificate");
+    say!("> GetImage(3, 4) with no client certificate");
     let outcome = async {
         let no_cert = connect(
             &addr,
@@ -225,7 +246,7 @@ async fn demo() -> anyhow::Result<()> {
         get_image(&no_cert, 3, 4).await
     };
     if let Err(e) = outcome.await {
-        println!("error: {e:#}");
+        say!("error: {e:#}");
     }
     let _ = std::fs::remove_dir_all(&dir);
     Ok(())
@@ -256,7 +277,7 @@ async fn main() {
                 };
                 let server = SatelliteServer::new(token, Duration::from_millis(delay_ms));
                 let listener = bind(&addr, tls, server).await?;
-                println!("satellite: serving on {}", listener.local_addr());
+                say!("satellite: serving on {}", listener.local_addr());
                 serve(listener).await;
                 Ok(())
             }

@@ -309,3 +309,36 @@ async fn the_binary_serves_and_queries_with_pem_files() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("UNAUTHENTICATED"));
 }
+
+/// `satellite get-images … | head`: a reader that goes away ends the client quietly (status
+/// 0, no panic).
+#[tokio::test]
+async fn a_closed_stdout_ends_the_client_quietly() {
+    let mut server = tokio::process::Command::new(env!("CARGO_BIN_EXE_satellite"))
+        .args(["serve", "--addr", "127.0.0.1:0"])
+        .stdout(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(server.stdout.take().unwrap()).lines();
+    let first = within(20, "the server is up", lines.next_line())
+        .await
+        .unwrap()
+        .unwrap();
+    let port = first.rsplit(':').next().unwrap().to_string();
+    let mut client = tokio::process::Command::new(env!("CARGO_BIN_EXE_satellite"))
+        .args(["get-images", "--addr", &format!("127.0.0.1:{port}")])
+        .args(["0", "0", "79", "31"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    drop(client.stdout.take());
+    let out = within(60, "the client ends", client.wait_with_output())
+        .await
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{:?}: {stderr}", out.status);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}

@@ -1695,6 +1695,49 @@ async fn plaintext_and_tls_mismatches_are_named_in_both_directions() {
     assert_eq!(carol.list().await.unwrap(), vec!["carol"]);
 }
 
+#[tokio::test]
+async fn tls_failures_are_said_in_plain_words() {
+    let (dir, other) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let (cert, key) = self_signed(dir.path());
+    let (stranger, _) = self_signed(other.path());
+    // Mutual TLS: client certificates must chain to the hub's own (self-signed) one.
+    let config = crate::tls::server_config(&cert, &key, Some(&cert)).unwrap();
+    let hub = start_hub(HubOptions {
+        tls: Some(tokio_rustls::TlsAcceptor::from(config)),
+        ..HubOptions::default()
+    })
+    .await;
+    let root = root_with(0);
+    let refusal = |opts| async {
+        within(WAIT_S, "refused", Peer::start(opts, quiet()))
+            .await
+            .err()
+            .expect("refused")
+    };
+    // Trusting another CA: one sentence, our side.
+    let err = refusal(tls_client_opts(&hub, "alice", root.path(), &stranger)).await;
+    assert!(matches!(err, ConnectError::Tls { .. }), "{err:?}");
+    let text = err.to_string();
+    assert!(
+        text.starts_with("this client does not trust the hub's certificate"),
+        "{text}"
+    );
+    assert!(
+        text.contains("the CA that signed the hub's certificate"),
+        "{text}"
+    );
+    assert!(!err.is_transient());
+    // No client certificate for a hub that requires one: the hub's side, said as such.
+    let err = refusal(tls_client_opts(&hub, "alice", root.path(), &cert)).await;
+    assert!(matches!(err, ConnectError::Tls { .. }), "{err:?}");
+    let text = err.to_string();
+    assert!(
+        text.starts_with("the hub requires a client certificate"),
+        "{text}"
+    );
+    assert!(!err.is_transient());
+}
+
 #[test]
 fn the_read_window_follows_the_round_trip_within_the_budget() {
     let opts = HubOptions::default();

@@ -117,9 +117,13 @@ pub(crate) fn source(i: usize) -> IpAddr {
     IpAddr::from([127, 0, 1 + (i / 250) as u8, 1 + (i % 250) as u8])
 }
 
-/// Says hello by hand on a new session over `tcp`; panics unless the hub answers OK.
-pub(crate) async fn hello(tcp: TcpStream) -> Session {
-    let session = Session::client(tcp, netchan_mux::Config::default());
+/// Says hello by hand on a new session over `io` (a TCP connection to the hub); panics unless
+/// the hub answers OK.
+pub(crate) async fn hello<T>(io: T) -> Session
+where
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static,
+{
+    let session = Session::client(io, netchan_mux::Config::default());
     let mut ch = session
         .dial("fileshare.hello")
         .await
