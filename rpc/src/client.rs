@@ -57,6 +57,7 @@ pub struct CallOptions {
     deadline: Option<Instant>,
     metadata: Metadata,
     fds: Option<FdBatch>,
+    stream_window: Option<u32>,
 }
 
 impl CallOptions {
@@ -112,6 +113,16 @@ impl CallOptions {
     pub fn fds(mut self, fds: impl IntoIterator<Item = std::os::fd::OwnedFd>) -> CallOptions {
         let fds: Vec<_> = fds.into_iter().collect();
         self.fds = (!fds.is_empty()).then(|| Arc::new(fds));
+        self
+    }
+
+    /// Sets this call's response stream window: how many items the server may send ahead of
+    /// what the stream has consumed (at least 1). Lets one client give a call over a long
+    /// link more items in flight than its others. Streaming calls only. Default: the
+    /// client's [`Config::stream_window`].
+    #[must_use]
+    pub fn stream_window(mut self, items: u32) -> CallOptions {
+        self.stream_window = Some(items.max(1));
         self
     }
 
@@ -558,7 +569,9 @@ impl Client {
         Item: DeserializeOwned,
     {
         let deadline = opts.resolve_deadline(Instant::now());
-        let window = self.shared().config.window();
+        let window = opts
+            .stream_window
+            .unwrap_or_else(|| self.shared().config.window());
         // Three extra slots so the acceptance, the trailers and the end always fit.
         let (tx, rx) = mpsc::channel(window as usize + 3);
         let start = self.start(
@@ -690,7 +703,9 @@ impl Client {
         Item: DeserializeOwned,
     {
         let deadline = opts.resolve_deadline(Instant::now());
-        let window = self.shared().config.window();
+        let window = opts
+            .stream_window
+            .unwrap_or_else(|| self.shared().config.window());
         // Three extra slots so the acceptance, the trailers and the end always fit.
         let (tx, rx) = mpsc::channel(window as usize + 3);
         let credits = Arc::new(Semaphore::new(0));

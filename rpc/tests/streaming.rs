@@ -79,6 +79,33 @@ async fn a_slow_consumer_bounds_the_sender_and_stalls_no_other_call() {
 }
 
 #[tokio::test]
+async fn a_call_with_its_own_stream_window_gets_that_much_credit() {
+    let produced = Arc::new(AtomicUsize::new(0));
+    let progress = Arc::new(Notify::new());
+    let server = counting_server(Arc::clone(&produced), Arc::clone(&progress));
+    let (client, _t) = duplex_pair(&server, Config::default().stream_window(16));
+    for window in [3u32, 40] {
+        produced.store(0, Ordering::SeqCst);
+        let opts = CallOptions::default().stream_window(window);
+        let mut items: ResponseStream<u64> =
+            guard(client.call_stream("S.count", &1_000_000u64, opts))
+                .await
+                .unwrap();
+        // Not consuming: the server produces exactly this call's window, not the client's.
+        until_count(&produced, &progress, window as usize).await;
+        guard(client.call::<_, String>("Test.echo", &"sync".to_owned()))
+            .await
+            .unwrap();
+        assert_eq!(produced.load(Ordering::SeqCst), window as usize);
+        for want in 0..100u64 {
+            assert_eq!(guard(items.next()).await.unwrap().unwrap(), want);
+            let ahead = produced.load(Ordering::SeqCst) - (want as usize + 1);
+            assert!(ahead <= window as usize, "server ran {ahead} items ahead");
+        }
+    }
+}
+
+#[tokio::test]
 async fn an_err_item_ends_the_stream_with_that_status() {
     let mut server = Server::new();
     server.register_stream("S.fail_after_two", |_ctx, ()| async {

@@ -39,12 +39,17 @@
 //! - `ls`/`stat` go over the exporter's own peer link (the one it calls the hub on); reads use
 //!   a channel the hub opens on first use, so an idle client costs no more than its session
 //!   and peer link;
-//! - reads use a channel of their own to the exporter, whose stream window is sized from the
-//!   round trip of that channel's dial (the bandwidth-delay product at
-//!   [`HubOptions::forward_rate`]), between [`HubOptions::forward_window`] and what
-//!   [`HubOptions::forward_budget`] allows; the hub holds at most `window + 2` chunks of a
-//!   read (the exporter's credit window, the hand-over and the chunk in the pump's hands):
-//!   1 MiB on a LAN, and 32 MiB per exporter at most with every slot busy;
+//! - reads use a channel of their own to the exporter. Each read's stream window (chunks the
+//!   exporter may send ahead) is sized from the round trip of that channel's dial: twice the
+//!   bandwidth-delay product at [`HubOptions::forward_rate`] (credit comes back in half-window
+//!   batches, so only half a window is sure to be in flight), at least
+//!   [`HubOptions::forward_window`]. Beyond that floor a read reserves its window from the
+//!   exporter's [`HubOptions::forward_budget`] and gets what is left of it when others hold
+//!   the rest. So the hub holds at most `forward_budget + max_reads_per_peer ×
+//!   (forward_window + 2) × 256 KiB` of one exporter's reads (the `+ 2`: the hand-over and
+//!   the chunk in the pump's hands): 32 + 8 × 10 × 0.25 = 52 MiB with the defaults, whatever
+//!   the readers do, and 2.5 MiB per read on a LAN. Chunks are forwarded as they arrived
+//!   (their bytes shared with the received frame, never copied at the hub);
 //! - "peer sent nothing" fires only when the *exporter* has been silent for
 //!   [`HubOptions::peer_timeout`] on every read (a chunk of another read proves it is alive,
 //!   so a read queued behind others on a slow link is not failed);
@@ -153,14 +158,15 @@ pub(crate) struct HubOptions {
     /// it cannot hold a connection slot). Default: 10 s.
     pub(crate) publish_timeout: Duration,
     /// Smallest stream window (chunks the exporter may send ahead) of a read the hub
-    /// forwards. Default: 2.
+    /// forwards, granted whatever the budget. Default: 8 (2 MiB).
     pub(crate) forward_window: u32,
-    /// Rate one forwarded read should reach on a long link: the window is sized to carry it
-    /// over the exporter's round trip (the bandwidth-delay product). Default: 100 MiB/s.
+    /// Rate one forwarded read should reach on a long link, in bytes per second: the window
+    /// is sized to carry it over the exporter's round trip (twice the bandwidth-delay
+    /// product). Default: 125,000,000 (1 Gbit/s).
     pub(crate) forward_rate: u64,
-    /// Most bytes the hub may hold for one exporter's forwarded reads when every read slot
-    /// is busy and every reader is slower than the exporter: caps the window at
-    /// `forward_budget / (max_reads_per_peer × 256 KiB) − 2` chunks. Default: 32 MiB.
+    /// Bytes of window beyond the floor that one exporter's reads may reserve together: a
+    /// read gets the window its round trip wants, or what is left of this budget. Default:
+    /// 32 MiB.
     pub(crate) forward_budget: usize,
     /// Session settings (keepalive bounds how fast a silent peer is dropped, and so how soon
     /// its name is free again). Default: `mux::Config::default()`.
@@ -182,8 +188,8 @@ impl Default for HubOptions {
             max_pending_per_addr: 8,
             hello_timeout: Duration::from_secs(10),
             publish_timeout: Duration::from_secs(10),
-            forward_window: 2,
-            forward_rate: 100 << 20,
+            forward_window: 8,
+            forward_rate: 125_000_000,
             forward_budget: 32 << 20,
             mux: mux::Config::default(),
         }
@@ -197,10 +203,13 @@ struct PeerHandle {
     session: Session,
     /// The exporter's service for `ls` and `stat`: the callback client of its peer link.
     export: ExportClient,
-    /// The same service on a channel of its own for reads, dialed on the first read: frames
-    /// over one chunk are refused there, and its stream window is sized from the round trip
-    /// of that dial.
-    reads: Arc<tokio::sync::OnceCell<ExportClient>>,
+    /// The same service on a channel of its own for reads, dialed on the first read (frames
+    /// over one chunk are refused there), and the stream window a read wants, sized from the
+    /// round trip of that dial.
+    reads: Arc<tokio::sync::OnceCell<(ExportClient, u32)>>,
+    /// Chunks of window beyond the floor that reads of this exporter may still reserve
+    /// ([`HubOptions::forward_budget`]).
+    window_budget: Arc<Semaphore>,
     /// When the hub last received anything from this exporter (a chunk of any read, an
     /// `ls`/`stat` answer), in milliseconds since the hub's epoch.
     heard: Arc<AtomicU64>,
@@ -672,8 +681,13 @@ impl HubState {
     }
 
     /// The client of `peer`'s export service for reads, dialing its channel if this is the
-    /// first read; the dial's round trip sizes the stream window ([`window_for`]).
-    async fn reads_client(&self, name: &str, peer: &PeerHandle) -> Result<ExportClient, Status> {
+    /// first read, and the stream window a read of it wants ([`window_for`] the dial's round
+    /// trip).
+    async fn reads_client(
+        &self,
+        name: &str,
+        peer: &PeerHandle,
+    ) -> Result<(ExportClient, u32), Status> {
         peer.reads
             .get_or_try_init(|| async {
                 let start = Instant::now();
@@ -681,15 +695,37 @@ impl HubState {
                 let rtt = start.elapsed();
                 let window = window_for(&self.opts, rtt);
                 debug!(peer = %name, ?rtt, window, "read window sized from the round trip");
-                Ok(ExportClient::new(rpc::Client::with_config(
+                let client = ExportClient::new(rpc::Client::with_config(
                     ch,
                     rpc::Config::default()
-                        .stream_window(window)
+                        .stream_window(self.opts.forward_window.max(1))
                         .max_message_size(MAX_CHUNK_FRAME),
-                )))
+                ));
+                Ok((client, window))
             })
             .await
             .cloned()
+    }
+
+    /// The window of a new read of `peer` that wants `wanted` chunks: the floor
+    /// ([`HubOptions::forward_window`]) plus what it can reserve of the exporter's budget,
+    /// held until the returned permit is dropped.
+    fn reserve_window(
+        &self,
+        peer: &PeerHandle,
+        wanted: u32,
+    ) -> (u32, Option<OwnedSemaphorePermit>) {
+        let floor = self.opts.forward_window.max(1);
+        let extra = wanted.saturating_sub(floor);
+        // Bounded: each round asks for fewer chunks; racing reservations only shrink it.
+        let mut ask = extra.min(peer.window_budget.available_permits() as u32);
+        while ask > 0 {
+            if let Ok(permit) = peer.window_budget.clone().try_acquire_many_owned(ask) {
+                return (floor + ask, Some(permit));
+            }
+            ask = ask.min(peer.window_budget.available_permits() as u32);
+        }
+        (floor, None)
     }
 
     /// Waits up to `busy_wait` for a call slot on `peer`.
@@ -943,16 +979,14 @@ fn from_peer(name: &str, s: Status) -> Status {
     }
 }
 
-/// The stream window of reads forwarded from an exporter whose round trip is `rtt`: enough
-/// chunks to carry `forward_rate` over it (the bandwidth-delay product), at least
-/// `forward_window`, at most what `forward_budget` allows with every read slot busy (each read
-/// holds its window plus 2 chunks at the hub).
+/// The stream window a read forwarded from an exporter whose round trip is `rtt` wants:
+/// twice the chunks that carry `forward_rate` over it (credit comes back in half-window
+/// batches, so half a window must cover the bandwidth-delay product), at least
+/// `forward_window`. [`HubState::reserve_window`] bounds what a read gets.
 fn window_for(opts: &HubOptions, rtt: Duration) -> u32 {
     let bdp = (opts.forward_rate as f64 * rtt.as_secs_f64() / CHUNK_SIZE as f64).ceil() as u64;
-    let per_read = opts.forward_budget / (opts.max_reads_per_peer.max(1) * CHUNK_SIZE);
     let floor = u64::from(opts.forward_window.max(1));
-    let cap = (per_read as u64).saturating_sub(2).max(floor);
-    bdp.clamp(floor, cap).min(u64::from(u32::MAX)) as u32
+    bdp.saturating_mul(2).max(floor).min(u64::from(u32::MAX)) as u32
 }
 
 /// Checks one chunk of a forwarded read against the protocol: at most [`CHUNK_SIZE`] bytes,
@@ -986,8 +1020,13 @@ struct Pump {
     offset: u64,
     /// Why the pump gave up on the reader, for the reader's stream to report.
     why: Arc<Mutex<Option<Status>>>,
-    /// The slots, freed when the pump ends.
-    _slots: (OwnedSemaphorePermit, ReaderSlot),
+    /// The slots and the window reserved from the exporter's budget, freed when the pump
+    /// ends.
+    _slots: (
+        OwnedSemaphorePermit,
+        ReaderSlot,
+        Option<OwnedSemaphorePermit>,
+    ),
 }
 
 impl Pump {
@@ -1089,6 +1128,7 @@ impl Hub for HubService {
             session: conn.session.clone(),
             export,
             reads: Arc::new(tokio::sync::OnceCell::new()),
+            window_budget: Arc::new(Semaphore::new(conn.hub.opts.forward_budget / CHUNK_SIZE)),
             heard: Arc::new(AtomicU64::new(0)),
             calls: Arc::new(Semaphore::new(conn.hub.opts.max_reads_per_peer.max(1))),
         };
@@ -1147,11 +1187,15 @@ impl Hub for HubService {
         let peer = hub.peer(&name)?;
         let mine = self.0.reader_slot(&name)?;
         let slot = hub.slot(&name, &peer).await?;
-        info!(%reader, peer = %name, path = %req.path, "read");
-        let upstream = hub
-            .reads_client(&name, &peer)
-            .await?
-            .with_options(CallOptions::default().metadata(READER_KEY, reader.clone()))
+        let (client, wanted) = hub.reads_client(&name, &peer).await?;
+        let (window, reserved) = hub.reserve_window(&peer, wanted);
+        info!(%reader, peer = %name, path = %req.path, window, "read");
+        let upstream = client
+            .with_options(
+                CallOptions::default()
+                    .metadata(READER_KEY, reader.clone())
+                    .stream_window(window),
+            )
             .read(ReadReq {
                 path: req.path,
                 offset: req.offset,
@@ -1170,7 +1214,7 @@ impl Hub for HubService {
             peer,
             offset: req.offset,
             why: why.clone(),
-            _slots: (slot, mine),
+            _slots: (slot, mine, reserved),
         };
         tokio::spawn(pump.run(upstream, tx).in_current_span());
         let forwarded = futures::stream::unfold(Some((rx, why)), |state| async move {

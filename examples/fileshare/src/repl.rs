@@ -34,6 +34,10 @@ use crate::export::{Entry, Kind};
 /// Longest command line read from a non-terminal stdin.
 const MAX_LINE: usize = 64 * 1024;
 
+/// How long a `get` on a terminal waits for the next chunk before its progress bar says it is
+/// waiting for the peer.
+const STALL_NOTICE: Duration = Duration::from_secs(2);
+
 /// How long tab completion may wait for the hub.
 const COMPLETION_TIMEOUT: Duration = Duration::from_secs(1);
 
@@ -430,6 +434,9 @@ struct Item {
     remote: String,
     rel: PathBuf,
     size: u64,
+    /// Modification time as listed (seconds since the Unix epoch): with the peer, the path
+    /// and the size, what ties a partial download to the file it is part of.
+    mtime: i64,
 }
 
 /// What one `get` copies: files, and the directories to create first (relative).
@@ -443,11 +450,16 @@ struct Plan {
 }
 
 impl Plan {
-    fn add_file(&mut self, remote: String, rel: PathBuf, size: u64) -> anyhow::Result<()> {
+    fn add_file(&mut self, remote: String, rel: PathBuf, entry: &Entry) -> anyhow::Result<()> {
         if self.files.len() >= MAX_TREE_FILES {
             bail!("more than {MAX_TREE_FILES} files; copy a smaller directory");
         }
-        self.files.push(Item { remote, rel, size });
+        self.files.push(Item {
+            remote,
+            rel,
+            size: entry.size,
+            mtime: entry.mtime,
+        });
         Ok(())
     }
 
@@ -464,7 +476,7 @@ impl Plan {
         depth: usize,
     ) -> anyhow::Result<()> {
         match entry.kind {
-            Kind::File => self.add_file(remote, rel, entry.size),
+            Kind::File => self.add_file(remote, rel, entry),
             Kind::Dir if !flags.recursive => {
                 bail!("{p}:{remote} is a directory; use get -r to copy it with its content")
             }
@@ -492,7 +504,7 @@ impl Plan {
                             // Follow links to files; never links to directories (no loops).
                             match peer.stat(p, &child).await {
                                 Ok(t) if t.kind == Kind::File => {
-                                    self.add_file(child, child_rel, t.size)?
+                                    self.add_file(child, child_rel, &t)?
                                 }
                                 _ => self.notes.push(format!(
                                     "skipped {child}: a link to something other than a file"
@@ -613,6 +625,16 @@ async fn get(
         // Relative names as typed: "saved 12 bytes to hello.txt".
         None => (PathBuf::new(), false),
         Some(l) if l.is_dir() => (l, false),
+        // `downloads/dir/` names a directory: one that does not exist, or a file, is an
+        // error, never a file called `dir`.
+        // (Its components, so that the trailing slash does not make a file an error.)
+        Some(l) if names_a_directory(&l) => match std::fs::metadata(l.components().as_path()) {
+            Ok(_) => bail!("cannot save into {}: not a directory", l.display()),
+            Err(_) => bail!(
+                "cannot save into {}: no such directory (create it first)",
+                l.display()
+            ),
+        },
         Some(l) if !plan.many => (l, true),
         Some(l) if paths.len() == 1 && !plan.dirs.is_empty() && !is_glob(&paths[0]) => (l, true),
         Some(l) => bail!(
@@ -682,24 +704,21 @@ async fn get(
     }
     let total: u64 = plan.files.iter().map(|i| i.size).sum();
     let bar = ui.progress.then(|| progress_bar(total));
+    let started = std::time::Instant::now();
     let mut done: u64 = 0;
     let mut saved = Vec::new();
     for (item, target) in plan.files.iter().zip(&targets) {
-        let n = get_one(
-            peer,
-            p,
-            &item.remote,
-            target,
-            flags.force,
-            ui,
-            bar.as_ref(),
-            done,
-        )
-        .await?;
+        let n = get_one(peer, p, item, target, flags.force, ui, bar.as_ref(), done).await?;
         done += n;
         saved.push((n, target.clone()));
     }
     if let Some(bar) = bar {
+        let took = started.elapsed().as_secs_f64();
+        bar.println(format!(
+            "{} in {took:.1} s ({}/s)",
+            command::human_size(done),
+            command::human_size((done as f64 / took.max(1e-3)) as u64)
+        ));
         bar.finish_and_clear();
     }
     let mut text = String::new();
@@ -728,6 +747,16 @@ async fn get(
     Ok(())
 }
 
+/// Whether the local path as typed can only mean a directory (`dir/`, `.`, `..`).
+fn names_a_directory(l: &Path) -> bool {
+    let text = l.as_os_str().as_encoded_bytes();
+    text.ends_with(b"/")
+        || matches!(
+            l.components().next_back(),
+            Some(std::path::Component::CurDir | std::path::Component::ParentDir)
+        )
+}
+
 /// The partial file of a download into `target`: hidden, next to it, stable across runs (so
 /// that running the same get again resumes).
 fn partial_path(target: &Path) -> PathBuf {
@@ -737,15 +766,52 @@ fn partial_path(target: &Path) -> PathBuf {
     target.with_file_name(format!(".{name}.share-part"))
 }
 
-/// Removes the partial file on drop if nothing was received (so a cancel right away leaves
-/// nothing behind); a partial with content stays for resume.
+/// The file next to a partial download that says what it is part of (see [`identity`]).
+fn identity_path(part: &Path) -> PathBuf {
+    let mut name = part.as_os_str().to_owned();
+    name.push(".id");
+    PathBuf::from(name)
+}
+
+/// What a partial download is part of: the peer, the remote path, and the file's size and
+/// modification time as listed. A partial is resumed only for the same identity.
+fn identity(peer: &str, item: &Item) -> String {
+    format!(
+        "share partial download\npeer {peer:?}\npath {:?}\nsize {}\nmtime {}\n",
+        item.remote, item.size, item.mtime
+    )
+}
+
+/// Removes a partial download and its identity file.
+fn remove_partial(part: &Path) {
+    let _ = std::fs::remove_file(part);
+    let _ = std::fs::remove_file(identity_path(part));
+}
+
+/// Removes the partial file (and its identity) on drop if nothing was received (so a cancel
+/// right away leaves nothing behind); a partial with content stays for resume.
 struct EmptyPartial(PathBuf);
 
 impl Drop for EmptyPartial {
     fn drop(&mut self) {
-        if std::fs::metadata(&self.0).is_ok_and(|m| m.len() == 0) {
-            let _ = std::fs::remove_file(&self.0);
+        if std::fs::metadata(&self.0).map_or(true, |m| m.len() == 0) {
+            remove_partial(&self.0);
         }
+    }
+}
+
+/// Appends `data` to a partial download. On the calling worker thread (tokio's
+/// `block_in_place`, the runtime moves other tasks away): one `write` per chunk straight from
+/// the received buffer, which is then free for the next frame. Buffered or queued writes
+/// would copy each chunk or keep its frame buffer alive, so that every frame needs fresh
+/// pages the kernel must zero (measured: twice the system time of the whole get).
+fn append(file: &mut std::fs::File, data: &[u8]) -> std::io::Result<()> {
+    use std::io::Write as _;
+    match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
+        Ok(tokio::runtime::RuntimeFlavor::MultiThread) => {
+            tokio::task::block_in_place(|| file.write_all(data))
+        }
+        _ => file.write_all(data),
     }
 }
 
@@ -777,62 +843,104 @@ async fn hash_partial(part: &Path) -> std::io::Result<(u64, ring::digest::Contex
 async fn get_one(
     peer: &Peer,
     p: &str,
-    remote: &str,
+    item: &Item,
     target: &Path,
     force: bool,
     ui: &Ui,
     bar: Option<&ProgressBar>,
     before: u64,
 ) -> anyhow::Result<u64> {
+    let remote = item.remote.as_str();
     let part = partial_path(target);
+    let id_file = identity_path(&part);
+    let id = identity(p, item);
     let dir = match target.parent() {
         Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
         _ => PathBuf::from("."),
     };
-    let (offset, prefix) = match std::fs::symlink_metadata(&part) {
-        Ok(m) if m.is_file() && m.len() > 0 => hash_partial(&part)
+    let say = |msg: String| match bar {
+        Some(bar) => bar.println(msg),
+        None => eprintln!("{msg}"),
+    };
+    let had_partial = std::fs::symlink_metadata(&part).is_ok_and(|m| m.is_file() && m.len() > 0);
+    let same_file = std::fs::read_to_string(&id_file).is_ok_and(|text| text == id);
+    if had_partial && !same_file {
+        // Never resume from bytes of another file, or of another version of this one.
+        remove_partial(&part);
+        say(format!(
+            "discarded the partial download of {}: it was of another file or version of \
+             {p}:{remote}; starting over",
+            target.display()
+        ));
+    }
+    let (offset, prefix) = if had_partial && same_file {
+        hash_partial(&part)
             .await
-            .with_context(|| format!("cannot read the partial download of {}", target.display()))?,
-        _ => (0, crate::client::new_hasher()),
+            .with_context(|| format!("cannot read the partial download of {}", target.display()))?
+    } else {
+        (0, crate::client::new_hasher())
     };
     let resumed = offset > 0;
-    let mut out = tokio::fs::OpenOptions::new()
+    std::fs::write(&id_file, &id).with_context(|| format!("cannot save into {}", dir.display()))?;
+    let mut file = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
         .open(&part)
-        .await
         .with_context(|| format!("cannot save into {}", dir.display()))?;
     let _empty = EmptyPartial(part.clone());
     ui.set_partial(Some(part.clone()));
     if resumed {
-        let msg = format!(
+        say(format!(
             "resuming {} at {} (already received)",
             target.display(),
             command::human_size(offset)
-        );
-        match bar {
-            Some(bar) => bar.println(msg),
-            None => eprintln!("{msg}"),
-        }
+        ));
+    }
+    let name = target
+        .file_name()
+        .map_or_else(|| remote.to_owned(), |n| n.to_string_lossy().into_owned());
+    if let Some(bar) = bar {
+        bar.set_message(name.clone());
     }
     let result = async {
         let mut stream = peer.read_from(p, remote, offset, prefix).await?;
         let mut total = offset;
         let mut meta = None;
-        // Bounded by the file: one chunk per iteration until the eof chunk.
-        while let Some(chunk) = stream.next().await? {
-            out.write_all(&chunk.data)
-                .await
-                .with_context(|| format!("cannot write {}", target.display()))?;
+        let mut waiting = false;
+        // Bounded by the file: one chunk per iteration until the eof chunk (the stream
+        // itself gives up on a silence longer than its chunk timeout).
+        loop {
+            let next = match bar {
+                Some(bar) => {
+                    let next = stream.next();
+                    tokio::pin!(next);
+                    // Bounded: the stream gives up on a silence of its chunk timeout.
+                    loop {
+                        tokio::select! {
+                            next = &mut next => break next,
+                            () = tokio::time::sleep(STALL_NOTICE), if !waiting => {
+                                waiting = true;
+                                bar.set_message(format!("{name}: waiting for {p}"));
+                            }
+                        }
+                    }
+                }
+                None => stream.next().await,
+            };
+            let Some(chunk) = next? else { break };
+            if std::mem::take(&mut waiting) {
+                if let Some(bar) = bar {
+                    bar.set_message(name.clone());
+                }
+            }
             total += chunk.data.len() as u64;
             meta = Some((chunk.mode, chunk.mtime, chunk.mtime_nanos));
+            append(&mut file, &chunk.data)
+                .with_context(|| format!("cannot write {}", target.display()))?;
             if let Some(bar) = bar {
                 bar.set_position(before + total);
             }
         }
-        out.flush()
-            .await
-            .with_context(|| format!("cannot write {}", target.display()))?;
         anyhow::Ok((total, meta))
     }
     .await;
@@ -845,8 +953,8 @@ async fn get_one(
                 _ => false,
             });
             if bad_copy {
-                drop(out);
-                let _ = std::fs::remove_file(&part);
+                drop(file);
+                remove_partial(&part);
                 ui.set_partial(None);
                 let also = if resumed {
                     " (the partial download was of an older version)"
@@ -868,7 +976,6 @@ async fn get_one(
             return Err(e.context("nothing saved"));
         }
     };
-    let file = out.into_std().await;
     if let Some((mode, secs, nanos)) = meta {
         // Permission bits without set-id and sticky bits; the modification time as sent.
         use std::os::unix::fs::PermissionsExt;
@@ -882,6 +989,7 @@ async fn get_one(
     }
     drop(file);
     install(&part, target, force)?;
+    let _ = std::fs::remove_file(&id_file);
     ui.set_partial(None);
     Ok(total)
 }
@@ -919,8 +1027,11 @@ fn install(part: &Path, target: &Path, force: bool) -> anyhow::Result<()> {
 fn progress_bar(size: u64) -> ProgressBar {
     // Cleared when dropped, so a cancelled get leaves no frozen half bar.
     let bar = ProgressBar::new(size).with_finish(ProgressFinish::AndClear);
+    // Redrawn every second even when no byte arrives, so that a stalled transfer's rate
+    // is seen falling.
+    bar.enable_steady_tick(Duration::from_secs(1));
     if let Ok(style) = ProgressStyle::with_template(
-        "{bytes:>10}/{total_bytes} {binary_bytes_per_sec:>12} ETA {eta:>4} [{wide_bar}]",
+        "{msg} {bytes:>10}/{total_bytes} {binary_bytes_per_sec:>12} ETA {eta:>4} [{wide_bar}]",
     ) {
         bar.set_style(style.progress_chars("=> "));
     }

@@ -19,6 +19,101 @@ fn names_in(dir: &std::path::Path) -> Vec<String> {
     v
 }
 
+/// The identity file `get` keeps beside a partial download of `path` on `peer` (`src` is the
+/// exporter's file).
+fn partial_identity(peer: &str, path: &str, src: &std::path::Path) -> String {
+    let meta = std::fs::metadata(src).unwrap();
+    let mtime = meta
+        .modified()
+        .unwrap()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    format!(
+        "share partial download\npeer {peer:?}\npath {path:?}\nsize {}\nmtime {mtime}\n",
+        meta.len()
+    )
+}
+
+#[test]
+fn a_directory_destination_that_is_missing_or_a_file_fails_before_any_byte_moves() {
+    let hub = start_hub(&[]);
+    let (rb, ra) = (demo_root(), tempdir());
+    let _bob = start_server(&hub.addr, "bob", rb.path(), &[]);
+    std::fs::create_dir(ra.path().join("downloads")).unwrap();
+    std::fs::write(ra.path().join("downloads/file"), "mine\n").unwrap();
+    for (dest, says) in [
+        ("downloads/dir/", "no such directory"),
+        ("downloads/file/", "not a directory"),
+    ] {
+        let local = ra.path().join(dest);
+        let out = run_script(
+            &hub.addr,
+            "alice",
+            ra.path(),
+            &format!("get bob hello.txt {}\n", s(&local)),
+        );
+        assert_eq!(out.status.code(), Some(1), "{out:?}");
+        assert!(
+            out.stderr
+                .contains(&format!("cannot save into {}: {says}", s(&local))),
+            "{}",
+            out.stderr
+        );
+        // Nothing was written: no file named like the directory, no partial.
+        assert_eq!(names_in(&ra.path().join("downloads")), ["file"]);
+        assert_eq!(
+            std::fs::read(ra.path().join("downloads/file")).unwrap(),
+            b"mine\n"
+        );
+    }
+}
+
+#[test]
+fn a_partial_download_of_another_file_is_never_resumed_from() {
+    let hub = start_hub(&[]);
+    let (rb, ra) = (tempdir(), tempdir());
+    let big = rb.path().join("big.bin");
+    write_pattern(&big, 2 << 20, 5);
+    std::fs::write(rb.path().join("hello.txt"), "hello world\n").unwrap();
+    let _bob = start_server(&hub.addr, "bob", rb.path(), &[]);
+    // A partial left by a get of hello.txt into big.bin's place.
+    let part = ra.path().join(".big.bin.share-part");
+    std::fs::write(&part, "hello world\n").unwrap();
+    std::fs::write(
+        ra.path().join(".big.bin.share-part.id"),
+        partial_identity("bob", "hello.txt", &rb.path().join("hello.txt")),
+    )
+    .unwrap();
+    let local = ra.path().join("big.bin");
+    let out = run_script(
+        &hub.addr,
+        "alice",
+        ra.path(),
+        &format!("get bob big.bin {}\n", s(&local)),
+    );
+    assert!(out.status.success(), "{out:?}");
+    assert!(
+        out.stderr.contains("discarded the partial download") && !out.stderr.contains("resuming"),
+        "{}",
+        out.stderr
+    );
+    assert!(same_bytes(&local, &big));
+    // A partial with no identity at all is not trusted either.
+    std::fs::remove_file(&local).unwrap();
+    std::fs::write(&part, vec![0x55; 1000]).unwrap();
+    let out = run_script(
+        &hub.addr,
+        "alice",
+        ra.path(),
+        &format!("get bob big.bin {}\n", s(&local)),
+    );
+    assert!(out.status.success(), "{out:?}");
+    assert!(out.stderr.contains("starting over"), "{}", out.stderr);
+    assert!(same_bytes(&local, &big));
+    assert_eq!(names_in(ra.path()), ["big.bin"]);
+}
+
 #[test]
 fn a_file_that_shrinks_during_a_get_is_an_error_not_a_short_copy() {
     let hub = start_hub(&[]);
@@ -134,9 +229,13 @@ fn an_interrupted_get_resumes_verified_and_a_stale_partial_is_never_taken_for_go
     write_pattern(&src, 3 << 20, 11);
     let _bob = start_server(&hub.addr, "bob", rb.path(), &[]);
     let bytes = std::fs::read(&src).unwrap();
-    // What an interrupted get leaves: the first bytes, in the hidden partial file.
+    // What an interrupted get leaves: the first bytes, in the hidden partial file, and what
+    // they are part of beside it.
     let part = ra.path().join(".data.bin.share-part");
     std::fs::write(&part, &bytes[..(1 << 20) + 123]).unwrap();
+    let identity = partial_identity("bob", "data.bin", &src);
+    let id_file = ra.path().join(".data.bin.share-part.id");
+    std::fs::write(&id_file, &identity).unwrap();
     let local = ra.path().join("data.bin");
     let out = run_script(
         &hub.addr,
@@ -152,6 +251,7 @@ fn an_interrupted_get_resumes_verified_and_a_stale_partial_is_never_taken_for_go
     // the stale partial is gone, and the next get makes a good copy.
     std::fs::remove_file(&local).unwrap();
     std::fs::write(&part, vec![0x55; 1 << 20]).unwrap();
+    std::fs::write(&id_file, &identity).unwrap();
     let script = format!(
         "get bob data.bin {d}\nget bob data.bin {d}\n",
         d = s(ra.path())

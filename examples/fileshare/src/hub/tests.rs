@@ -792,6 +792,7 @@ async fn a_stalled_reader_makes_the_hub_pull_at_most_its_forward_window_ahead() 
     use futures::StreamExt as _;
     let state = HubState::new(HubOptions {
         forward_window: 2,
+        forward_budget: 0,
         ..HubOptions::default()
     });
     let pulled = Arc::new(std::sync::atomic::AtomicUsize::new(0));
@@ -1739,25 +1740,44 @@ async fn tls_failures_are_said_in_plain_words() {
 }
 
 #[test]
-fn the_read_window_follows_the_round_trip_within_the_budget() {
+fn the_read_window_follows_the_round_trip() {
     let opts = HubOptions::default();
     let window = |ms| super::window_for(&opts, Duration::from_millis(ms));
-    // A LAN: the floor of 2 chunks (1 MiB held per read).
-    assert_eq!(window(0), 2);
-    assert_eq!(window(1), 2);
-    // 10 ms at 100 MiB/s is 1 MiB in flight: 4 chunks.
-    assert_eq!(window(10), 4);
-    // 50 ms would want 20 chunks; the 32 MiB budget over 8 slots allows 16 - 2 = 14.
-    assert_eq!(window(50), 14);
-    assert_eq!(window(10_000), 14);
-    let worst = opts.max_reads_per_peer * (window(50) as usize + 2) * crate::export::CHUNK_SIZE;
-    assert_eq!(worst, opts.forward_budget);
-    // Fewer slots, bigger windows; never below the floor whatever the budget.
-    let tight = HubOptions {
-        forward_budget: 0,
+    // A LAN: the floor of 8 chunks.
+    assert_eq!(window(0), 8);
+    assert_eq!(window(1), 8);
+    // 50 ms at 1 Gbit/s is 6.25 MB in flight: 24 chunks, twice that for half-window credit.
+    assert_eq!(window(50), 48);
+    assert_eq!(window(200), 2 * 96);
+}
+
+#[tokio::test]
+async fn reads_share_the_exporters_window_budget_and_give_it_back() {
+    let hub = HubState::new(HubOptions {
+        forward_budget: 100 * crate::export::CHUNK_SIZE,
         ..HubOptions::default()
+    });
+    let (io, _conn) = duplex_conn(&hub, 1);
+    let export = CountingExport {
+        pulled: Arc::new(std::sync::atomic::AtomicUsize::new(0)),
+        stat_hangs: false,
     };
-    assert_eq!(super::window_for(&tight, Duration::from_secs(1)), 2);
+    let (_bob, _bob_hub, _bob_export) = publish_over(io, "bob", export).await;
+    let bob = hub.peer("bob").unwrap();
+    // A long link wants 8 + 60 chunks: the first read gets it, the second what is left
+    // (8 + 40), the third only the floor.
+    let (first, a) = hub.reserve_window(&bob, 68);
+    assert_eq!(first, 68);
+    let (second, b) = hub.reserve_window(&bob, 68);
+    assert_eq!(second, 48);
+    let (third, c) = hub.reserve_window(&bob, 68);
+    assert_eq!((third, c.is_none()), (8, true));
+    // A read that wants no more than the floor takes nothing from the budget.
+    drop(a);
+    assert_eq!(hub.reserve_window(&bob, 8).0, 8);
+    assert_eq!(bob.window_budget.available_permits(), 60);
+    drop(b);
+    assert_eq!(bob.window_budget.available_permits(), 100);
 }
 
 #[tokio::test]
