@@ -1598,7 +1598,7 @@ mod tests {
         let mut r =
             FrameReader::with_limits(&data[PREAMBLE.len()..], 1024, Duration::from_secs(30));
         for i in 0..10u32 {
-            let body = r.next_frame().await.unwrap().unwrap();
+            let body = r.next_frame().await.unwrap().unwrap().body();
             assert_eq!(codec::decode::<u32>(&body, "n").unwrap(), i);
         }
     }
