@@ -101,7 +101,7 @@ pub use bytebuf::ByteBuf;
 pub use client::{CallOptions, Client, PendingResponse, RequestSink, ResponseStream};
 pub use codec::CodecError;
 pub use config::{Config, MAX_MESSAGE_SIZE_CAP, MIN_MESSAGE_SIZE};
-pub use context::Context;
+pub use context::{Context, EndReason};
 pub use error::Error;
 pub use fds::MAX_FDS_PER_MESSAGE;
 pub use metadata::{Interceptor, Metadata};
