@@ -133,17 +133,13 @@ fn expand(attr: TokenStream, item: ItemTrait) -> syn::Result<TokenStream> {
         let call_self = quote! {
             let this = ::std::sync::Arc::clone(&this);
         };
-        // Spanned at the user's error type (and the client calls below at the user's
-        // method), so a type that does not fit is reported there, not at the attribute.
-        let into_status = quote_spanned! {err.span()=> #krate::__private::into_status};
-        let untyped = quote_spanned! {mname.span()=> self.client};
         registrations.push(match kind {
             Kind::Unary => quote! {{
                 let this = ::std::sync::Arc::clone(&this);
                 def.unary(#method_lit, move |ctx, #req_pat: #req_ty| {
                     #call_self
                     async move {
-                        this.#mname(ctx, #(#arg_names),*).await.map_err(#into_status)
+                        this.#mname(ctx, #(#arg_names),*).await.map_err(#krate::__private::into_status)
                     }
                 });
             }},
@@ -152,7 +148,7 @@ fn expand(attr: TokenStream, item: ItemTrait) -> syn::Result<TokenStream> {
                 def.stream(#method_lit, move |ctx, #req_pat: #req_ty| {
                     #call_self
                     async move {
-                        this.#mname(ctx, #(#arg_names),*).await.map_err(#into_status)
+                        this.#mname(ctx, #(#arg_names),*).await.map_err(#krate::__private::into_status)
                     }
                 });
             }},
@@ -161,7 +157,7 @@ fn expand(attr: TokenStream, item: ItemTrait) -> syn::Result<TokenStream> {
                 def.bidi(#method_lit, move |ctx, requests| {
                     #call_self
                     async move {
-                        this.#mname(ctx, requests).await.map_err(#into_status)
+                        this.#mname(ctx, requests).await.map_err(#krate::__private::into_status)
                     }
                 });
             }},
@@ -173,7 +169,7 @@ fn expand(attr: TokenStream, item: ItemTrait) -> syn::Result<TokenStream> {
                         let response = this
                             .#mname(ctx, requests)
                             .await
-                            .map_err(#into_status)?;
+                            .map_err(#krate::__private::into_status)?;
                         ::std::result::Result::Ok(#krate::__private::once(response))
                     }
                 });
@@ -213,7 +209,7 @@ fn expand(attr: TokenStream, item: ItemTrait) -> syn::Result<TokenStream> {
                         }
                         #[cfg(not(unix))]
                         {
-                            #untyped.call_with(#wire, #req_expr, self.options.clone()).await
+                            self.client.call_with(#wire, #req_expr, self.options.clone()).await
                         }
                     }
 
@@ -222,7 +218,7 @@ fn expand(attr: TokenStream, item: ItemTrait) -> syn::Result<TokenStream> {
                     pub async fn #with_fds(&self, #(#arg_names: #arg_tys),*)
                         -> ::std::result::Result<(#ok, ::std::vec::Vec<::std::os::fd::OwnedFd>), #krate::Status>
                     {
-                        #untyped.call_with_fds(#wire, #req_expr, self.options.clone()).await
+                        self.client.call_with_fds(#wire, #req_expr, self.options.clone()).await
                     }
                 }
             }
@@ -233,7 +229,7 @@ fn expand(attr: TokenStream, item: ItemTrait) -> syn::Result<TokenStream> {
                 pub async fn #mname(&self, #(#arg_names: #arg_tys),*)
                     -> ::std::result::Result<#krate::ResponseStream<#ok>, #krate::Status>
                 {
-                    #untyped.call_stream(#wire, #req_expr, self.options.clone()).await
+                    self.client.call_stream(#wire, #req_expr, self.options.clone()).await
                 }
             },
             Kind::ClientStreaming => {
@@ -247,7 +243,7 @@ fn expand(attr: TokenStream, item: ItemTrait) -> syn::Result<TokenStream> {
                         #requests: impl #krate::__private::Stream<Item = #req_item>
                             + ::std::marker::Send + 'static,
                     ) -> ::std::result::Result<#ok, #krate::Status> {
-                        #untyped
+                        self.client
                             .call_client_stream(#wire, #requests, self.options.clone())
                             .await
                     }
@@ -264,7 +260,7 @@ fn expand(attr: TokenStream, item: ItemTrait) -> syn::Result<TokenStream> {
                         #requests: impl #krate::__private::Stream<Item = #req_item>
                             + ::std::marker::Send + 'static,
                     ) -> ::std::result::Result<#krate::ResponseStream<#ok>, #krate::Status> {
-                        #untyped
+                        self.client
                             .call_bidi(#wire, #requests, self.options.clone())
                             .await
                     }
