@@ -7,7 +7,7 @@
 //! - [`mux`] (`netchan-mux`): a [`mux::Session`] over any byte stream, where either side can
 //!   [`listen`](mux::Session::listen) on a name and [`dial`](mux::Session::dial) the peer's.
 //! - [`rpc`] (`netchan-rpc`): RPC over any conn, typically a mux channel: typed services
-//!   ([`rpc::rpc_service`]), deadlines, cancellation, metadata, status codes and streaming with
+//!   ([`rpc_service`](macro@rpc::rpc_service)), deadlines, cancellation, metadata, status codes and streaming with
 //!   flow control; [`rpc::Peer`] runs both directions over one session.
 //!
 //! and adds the links users bring, each a one-liner ([`net`]):
@@ -25,7 +25,7 @@
 //! use netchan::mux::{Config, Session};
 //! use netchan::rpc::{rpc_service, Context, Peer, Server, Status};
 //!
-//! #[rpc_service(crate = "netchan::rpc")]
+//! #[rpc_service]
 //! pub trait Device {
 //!     async fn name(&self, ctx: Context) -> Result<String, Status>;
 //! }
@@ -57,7 +57,8 @@
 //!
 //! Dependencies for that: `netchan`, `tokio` (features `full`), and for your own message types
 //! `serde` (feature `derive`); `futures` for streams. See the repository's `README.md` and
-//! `docs/guide.md` for a walk-through, and over TCP set `TCP_NODELAY` on both ends.
+//! `docs/guide.md` for a walk-through. [`connect`] and [`bind`] set up TCP sockets for small
+//! messages themselves (`TCP_NODELAY`, see [`net`]).
 //!
 //! # Layout
 //!

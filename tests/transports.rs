@@ -25,7 +25,7 @@ async fn bounded<F: Future>(f: F) -> F::Output {
 }
 
 /// What the hub serves to its clients.
-#[rpc_service(crate = "netchan::rpc")]
+#[rpc_service]
 pub trait Hub {
     /// Asks the hub to relay `text` back through the caller's own `Phone` service.
     async fn relay(&self, ctx: Context, text: String) -> Result<String, Status>;
@@ -34,7 +34,7 @@ pub trait Hub {
 }
 
 /// What each client exports to the hub, over the client's own connection.
-#[rpc_service(crate = "netchan::rpc")]
+#[rpc_service]
 pub trait Phone {
     /// Answers with `text` in upper case.
     async fn shout(&self, ctx: Context, text: String) -> Result<String, Status>;

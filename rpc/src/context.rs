@@ -1,7 +1,7 @@
 //! [`Context`]: what a handler knows about the call it serves.
 
 use std::{
-    sync::{Arc, Mutex},
+    sync::{Arc, Mutex, OnceLock},
     time::Duration,
 };
 
@@ -25,6 +25,24 @@ pub(crate) struct Origin {
     pub(crate) fds: FdLink,
 }
 
+/// Why a call ended, as [`Context::end_reason`] reports it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum EndReason {
+    /// The handler finished (its answer, or its stream's end, was sent).
+    Completed,
+    /// The caller cancelled it: dropped the call or its response stream
+    /// (the client sent `Cancel`).
+    Cancelled,
+    /// Its deadline passed before the handler finished.
+    DeadlineExceeded,
+    /// The server ended it for exceeding a limit of the conn (request
+    /// bytes held, a request item over the message size).
+    Refused,
+    /// Its conn ended (lost, or cut at the end of a graceful shutdown).
+    ConnClosed,
+}
+
 /// Per-call information handed to a handler: the caller's metadata, the
 /// deadline, a cancellation signal, the peer's label and, for calls that
 /// came in through a [`Peer`](crate::Peer), a client to call the caller
@@ -43,6 +61,9 @@ struct Inner {
     deadline: Option<Instant>,
     origin: Origin,
     cancel: CancellationToken,
+    /// Why the call ended; set just before `cancel` fires (by whoever ends
+    /// the call), or on first read after it fired unset (the conn ended).
+    end: Arc<OnceLock<EndReason>>,
     /// Response metadata set by the handler; sent before the answer.
     trailers: Mutex<Metadata>,
     /// Descriptors the request carried, until the handler takes them.
@@ -66,11 +87,20 @@ impl Context {
                 deadline,
                 origin,
                 cancel,
+                end: Arc::new(OnceLock::new()),
                 trailers: Mutex::new(Metadata::new()),
                 request_fds: Mutex::new(Vec::new()),
                 reply_fds: Mutex::new(None),
             }),
         }
+    }
+
+    /// Shares the call's end reason with the server, which sets it.
+    pub(crate) fn with_end(mut self, end: Arc<OnceLock<EndReason>>) -> Context {
+        if let Some(inner) = Arc::get_mut(&mut self.inner) {
+            inner.end = end;
+        }
+        self
     }
 
     /// Hands the request's descriptors to the context (the server, before the handler runs).
@@ -204,18 +234,34 @@ impl Context {
         self.inner.origin.fds.check_send(1, "").is_ok()
     }
 
-    /// True once the call is over: cancelled by the caller, timed out, its
-    /// conn lost, or answered. The handler future itself is dropped when
-    /// the call is cancelled; this is for work it spawned with a clone of
-    /// the context.
+    /// True once the call is over, for any reason: cancelled by the
+    /// caller, timed out, its conn lost, or answered ([`Context::end_reason`]
+    /// tells which). The handler future itself is dropped when the call
+    /// ends early; this is for work it spawned with a clone of the context.
     pub fn is_cancelled(&self) -> bool {
         self.inner.cancel.is_cancelled()
     }
 
-    /// Resolves when the call is cancelled (see [`Context::is_cancelled`]).
-    /// Cancel-safe.
+    /// Resolves when the call is over, for any reason (see
+    /// [`Context::is_cancelled`]); then [`Context::end_reason`] says why,
+    /// so spawned work can tell a caller that gave up
+    /// ([`EndReason::Cancelled`]) from a call that completed. Cancel-safe.
     pub async fn cancelled(&self) {
         self.inner.cancel.cancelled().await
+    }
+
+    /// Why the call ended, or `None` while it runs. Once `Some`, it never
+    /// changes.
+    pub fn end_reason(&self) -> Option<EndReason> {
+        if let Some(reason) = self.inner.end.get() {
+            return Some(*reason);
+        }
+        // Ended with no reason recorded: only the conn's end cancels a call
+        // without recording one.
+        self.inner
+            .cancel
+            .is_cancelled()
+            .then(|| *self.inner.end.get_or_init(|| EndReason::ConnClosed))
     }
 }
 

@@ -1,5 +1,6 @@
-//! RPC over any conn: `netchan-rpc` runs request/response and
-//! server-streaming calls over any Tokio `AsyncRead + AsyncWrite` — a
+//! RPC over any conn: `netchan-rpc` runs unary (request/response),
+//! server-streaming, client-streaming and bidi-streaming calls over any
+//! Tokio `AsyncRead + AsyncWrite` — a
 //! netchan-mux channel, a `TcpStream`, a `UnixStream`, an in-memory duplex —
 //! in the spirit of Go's `net/rpc` `ServeConn`/`NewClient`, with what gRPC
 //! users rely on: [`Status`] codes, deadlines that travel with the call,
@@ -11,8 +12,8 @@
 //! [`Client`] calls over it. For both sides to serve and call on one link,
 //! use a [`Peer`] on a netchan-mux session: it sets up both directions, and
 //! a handler reaches the peer that called it with [`Context::callback`]
-//! (see `examples/bidirectional.rs`). [`Server::serve_incoming`] serves a
-//! listener's conns with graceful shutdown.
+//! (see [`Peer`]'s example). [`Server::serve_all`] serves a listener's
+//! conns; [`Server::serve_incoming`] adds graceful shutdown.
 //!
 //! ```
 //! use netchan_rpc::{CallOptions, Client, Code, Server, Status};
@@ -59,6 +60,9 @@
 //!
 //! # Layout
 //!
+//! The source, for readers of the code (these modules are private; what
+//! they define is re-exported at the crate root):
+//!
 //! - `wire` — preamble, frame layout and the envelope header kinds.
 //! - `codec` — the only module that knows the codec (bincode 2 via serde).
 //! - `transport` — the batching outbox, its writer task and the frame reader.
@@ -101,7 +105,7 @@ pub use bytebuf::ByteBuf;
 pub use client::{CallOptions, Client, PendingResponse, RequestSink, ResponseStream};
 pub use codec::CodecError;
 pub use config::{Config, MAX_MESSAGE_SIZE_CAP, MIN_MESSAGE_SIZE};
-pub use context::Context;
+pub use context::{Context, EndReason};
 pub use error::Error;
 pub use fds::MAX_FDS_PER_MESSAGE;
 pub use metadata::{Interceptor, Metadata};
@@ -125,9 +129,13 @@ pub use metadata::{Interceptor, Metadata};
 /// of requests (sent while the call runs, see [`Client::call_bidi`]); a
 /// client-streaming one resolves with the answer, a bidi or
 /// server-streaming one with a [`ResponseStream`] once the server's
-/// handler accepted the call (its early error is the call's error). On the wire the methods are `"Trait.method"`. Use
-/// `#[rpc_service(crate = "netchan::rpc")]` when depending on the facade
-/// crate `netchan` rather than `netchan-rpc`.
+/// handler accepted the call (its early error is the call's error). On the wire the methods are `"Trait.method"`.
+///
+/// The generated code names this crate as the calling crate's `Cargo.toml`
+/// does: `netchan_rpc` (or its renamed name) for a direct dependency, else
+/// `netchan::rpc` through the facade crate `netchan`. Where that guess is
+/// wrong (a re-export of your own), name the path:
+/// `#[rpc_service(crate = "my_lib::rpc")]`.
 ///
 /// ```
 /// use futures::StreamExt;

@@ -47,9 +47,12 @@ pub enum PeerError {
 /// very client whose call it is serving — also when that client is behind
 /// a NAT and only it could open the connection.
 ///
-/// Cheap to clone. When the last clone is dropped, this side stops serving
-/// and closes its client (the session itself lives on while other handles
-/// to it do).
+/// Cheap to clone. **Keep a clone for as long as this side should serve:**
+/// when the last clone is dropped, this side stops serving at once, so the
+/// other side's calls to it (and callbacks from the other side's handlers)
+/// fail with `Unavailable`, even while clones of [`Peer::client`] still
+/// call the other side. The session itself lives on while other handles to
+/// it do.
 ///
 /// ```
 /// use netchan_mux::{Config as MuxConfig, Session};

@@ -164,3 +164,41 @@ async fn client_and_bidi_streaming_methods_take_a_request_stream() {
         .unwrap_err();
     assert_eq!(err.code(), Code::PermissionDenied, "{err}");
 }
+
+/// Issue 24, item 4: `BoxStream<'static, Result<T, Status>>` is the same
+/// type as `ItemStream<T>` and is recognised as a server stream.
+#[rpc_service]
+pub trait Spelled {
+    /// `0..n`, spelled with futures' alias.
+    async fn upto(
+        &self,
+        ctx: Context,
+        n: u64,
+    ) -> Result<futures::stream::BoxStream<'static, Result<u64, Status>>, Status>;
+}
+
+struct SpelledImpl;
+
+impl Spelled for SpelledImpl {
+    async fn upto(
+        &self,
+        _ctx: Context,
+        n: u64,
+    ) -> Result<futures::stream::BoxStream<'static, Result<u64, Status>>, Status> {
+        Ok(futures::stream::iter((0..n).map(Ok)).boxed())
+    }
+}
+
+#[tokio::test]
+async fn a_box_stream_return_type_is_a_server_stream() {
+    let mut server = Server::new();
+    server.add(SpelledImpl.into_service());
+    let (client, _t) = duplex_pair(&server, Config::default());
+    let client = SpelledClient::new(client);
+    let items: Vec<u64> = guard(async {
+        let stream = client.upto(4).await.unwrap();
+        stream.map(Result::unwrap).collect().await
+    })
+    .await;
+    assert_eq!(items, [0, 1, 2, 3]);
+}

@@ -36,14 +36,14 @@ macro_rules! say {
 }
 
 /// What the parent serves to its child.
-#[rpc_service(crate = "netchan::rpc")]
+#[rpc_service]
 pub trait Parent {
     /// How the parent would address `name`.
     async fn title(&self, ctx: Context, name: String) -> Result<String, Status>;
 }
 
 /// What the child serves to its parent.
-#[rpc_service(crate = "netchan::rpc")]
+#[rpc_service]
 pub trait Worker {
     /// The fds the child was born with (read from `/proc/self/fd` before anything else).
     async fn fds(&self, ctx: Context) -> Result<Vec<i32>, Status>;

@@ -84,7 +84,7 @@ impl std::fmt::Display for ExitInfo {
 }
 
 /// Runs allowlisted commands.
-#[rpc_service(crate = "netchan::rpc")]
+#[rpc_service]
 pub trait Exec {
     /// Runs `cmd` and streams its output lines, then its exit status.
     /// `PermissionDenied` for a program not on the allowlist, `NotFound` if it cannot start.
@@ -131,7 +131,10 @@ impl ExecServer {
 
 impl Exec for ExecServer {
     async fn run(&self, ctx: Context, cmd: CommandLine) -> Result<ItemStream<Output>, Status> {
+        // Who: the session the call came on (see `bind`).
+        let who = ctx.peer().unwrap_or("unknown").to_owned();
         if !self.allow.contains(&cmd.program) {
+            tracing::info!(%who, program = %cmd.program, args = ?cmd.args, "refused: not on the allowlist");
             return Err(Status::permission_denied(format!(
                 "command {:?} is not on this server's allowlist",
                 cmd.program
@@ -150,7 +153,14 @@ impl Exec for ExecServer {
         let pgid = child
             .id()
             .and_then(|id| rustix::process::Pid::from_raw(id as i32));
-        tracing::info!(peer = ?ctx.peer(), program = %cmd.program, pid = ?pgid, "running");
+        tracing::info!(
+            %who,
+            program = %cmd.program,
+            args = ?cmd.args,
+            pid = pgid.map(|p| p.as_raw_nonzero().get()),
+            "running"
+        );
+        let program = cmd.program.clone();
         let (stdout, stderr) = (child.stdout.take(), child.stderr.take());
         let (lines, queue) = mpsc::channel(LINE_QUEUE);
         let stats = self.stats.clone();
@@ -216,6 +226,7 @@ impl Exec for ExecServer {
                     signal: None,
                 },
             };
+            tracing::info!(%who, %program, status = %info, "finished");
             let _ = lines.send(Output::Exited(info)).await;
         });
         self.running.send_modify(|n| *n += 1);
@@ -268,15 +279,19 @@ pub async fn bind(
 ) -> Result<netchan::Listener, netchan::net::BindError> {
     let mut rpc_server = rpc::Server::new();
     rpc_server.add(server.into_service());
+    let sessions = AtomicU64::new(0);
     let options = BindOptions::default().on_session(move |session| {
         let Ok(mut calls) = session.listen(CHANNEL) else {
             return;
         };
+        // Calls are logged with the session they came on.
+        let who = format!("session {}", sessions.fetch_add(1, Ordering::Relaxed) + 1);
+        tracing::info!(%who, "client connected");
         let rpc_server = rpc_server.clone();
         tokio::spawn(async move {
             while let Ok(conn) = calls.accept().await {
-                let rpc_server = rpc_server.clone();
-                tokio::spawn(async move { rpc_server.serve(conn).await });
+                let (rpc_server, who) = (rpc_server.clone(), who.clone());
+                tokio::spawn(async move { rpc_server.serve_named(conn, who).await });
             }
         });
     });

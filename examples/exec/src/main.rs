@@ -213,11 +213,19 @@ async fn demo() -> anyhow::Result<()> {
 
 #[tokio::main]
 async fn main() {
+    let cli = Cli::parse();
+    // A server logs who ran what (at info) unless RUST_LOG says otherwise; clients stay quiet.
+    let default = match cli.command {
+        Cmd::Serve { .. } => "exec=info",
+        _ => "warn",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .init();
-    let result = match Cli::parse().command {
+    let result = match cli.command {
         Cmd::Serve { addr, allow } => {
             async {
                 let listener = bind(&addr, ExecServer::new(allow.clone())).await?;

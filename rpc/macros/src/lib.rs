@@ -10,8 +10,7 @@ use syn::{
     TraitItemFn, Type,
 };
 
-/// Declares a typed rpc service from a trait. Documented, with an example,
-/// where it is re-exported: `netchan_rpc::rpc_service`.
+/// (The attribute is implemented in the `netchan-rpc-macros` crate.)
 #[proc_macro_attribute]
 pub fn rpc_service(
     attr: proc_macro::TokenStream,
@@ -327,13 +326,38 @@ fn expand(attr: TokenStream, item: ItemTrait) -> syn::Result<TokenStream> {
     })
 }
 
-/// `crate = "path"` (default `::netchan_rpc`).
+/// Where the calling crate finds netchan-rpc, from its `Cargo.toml`: its own
+/// name for a direct (possibly renamed) dependency, else `netchan::rpc`
+/// through the facade (possibly renamed), else `::netchan_rpc`.
+fn default_crate_path() -> TokenStream {
+    use proc_macro_crate::{crate_name, FoundCrate};
+    match crate_name("netchan-rpc") {
+        Ok(FoundCrate::Name(name)) => {
+            let name = format_ident!("{name}");
+            return quote!(::#name);
+        }
+        // netchan-rpc's own doctests and examples: the library itself never
+        // uses the attribute, so `crate` would be wrong.
+        Ok(FoundCrate::Itself) => return quote!(::netchan_rpc),
+        Err(_) => {}
+    }
+    match crate_name("netchan") {
+        Ok(FoundCrate::Name(name)) => {
+            let name = format_ident!("{name}");
+            quote!(::#name::rpc)
+        }
+        Ok(FoundCrate::Itself) => quote!(::netchan::rpc),
+        Err(_) => quote!(::netchan_rpc),
+    }
+}
+
+/// `crate = "path"` (default: [`default_crate_path`]).
 fn parse_crate_path(attr: TokenStream) -> syn::Result<TokenStream> {
     if attr.is_empty() {
-        return Ok(quote!(::netchan_rpc));
+        return Ok(default_crate_path());
     }
     let metas = Punctuated::<syn::MetaNameValue, Token![,]>::parse_terminated.parse2(attr)?;
-    let mut krate = quote!(::netchan_rpc);
+    let mut krate = default_crate_path();
     for meta in metas {
         if !meta.path.is_ident("crate") {
             return Err(syn::Error::new(
@@ -393,7 +417,16 @@ fn parse_method(f: &TraitItemFn) -> syn::Result<Method> {
         }
     }
     let ctx = match inputs.next() {
-        Some(FnArg::Typed(pt)) => ((*pt.pat).clone(), (*pt.ty).clone()),
+        Some(FnArg::Typed(pt)) if last_ident_is(&pt.ty, "Context") => {
+            ((*pt.pat).clone(), (*pt.ty).clone())
+        }
+        Some(FnArg::Typed(pt)) => {
+            return Err(syn::Error::new(
+                pt.span(),
+                "an rpc method takes `ctx: Context` right after `&self`, before its \
+                 arguments: write `ctx: Context` here (use `_ctx: Context` if unused)",
+            ))
+        }
         _ => {
             return Err(syn::Error::new(
                 sig.paren_token.span.join(),
@@ -438,7 +471,15 @@ fn parse_method(f: &TraitItemFn) -> syn::Result<Method> {
     let req_stream = args
         .iter()
         .find_map(|(_, t)| generic_of(t, "RequestStream"));
-    let item = generic_of(&ok, "ItemStream");
+    let item = stream_item(&ok);
+    if item.is_none() && last_ident_ends_with(&ok, "Stream") {
+        return Err(syn::Error::new(
+            ok.span(),
+            "a server-streaming rpc method returns `Result<ItemStream<T>, Status>` \
+             (or the same type spelled `BoxStream<'static, Result<T, Status>>`); \
+             return your stream with `Box::pin(stream)` or `stream.boxed()`",
+        ));
+    }
     if req_stream.is_some() && args.len() != 1 {
         return Err(syn::Error::new(
             sig.inputs.span(),
@@ -494,6 +535,39 @@ fn result_parts(ty: &Type) -> syn::Result<(Type, Type)> {
         [ok, err] => Ok(((*ok).clone(), (*err).clone())),
         _ => Err(wrong()),
     }
+}
+
+/// The item type `T` of a server stream: `ItemStream<T>`, or the same type
+/// spelled `BoxStream<'static, Result<T, E>>` (futures' alias).
+fn stream_item(ty: &Type) -> Option<Type> {
+    if let Some(item) = generic_of(ty, "ItemStream") {
+        return Some(item);
+    }
+    let Type::Path(p) = ty else { return None };
+    let last = p.path.segments.last()?;
+    if last.ident != "BoxStream" {
+        return None;
+    }
+    let PathArguments::AngleBracketed(args) = &last.arguments else {
+        return None;
+    };
+    let item = args.args.iter().find_map(|a| match a {
+        GenericArgument::Type(t) => Some(t),
+        _ => None,
+    })?;
+    result_parts(item).ok().map(|(ok, _)| ok)
+}
+
+/// Whether `ty` is a path whose last segment is `name` (`Context`,
+/// `netchan::rpc::Context`).
+fn last_ident_is(ty: &Type, name: &str) -> bool {
+    matches!(ty, Type::Path(p) if p.path.segments.last().is_some_and(|s| s.ident == name))
+}
+
+/// Whether `ty` is a path whose last segment's name ends with `suffix`.
+fn last_ident_ends_with(ty: &Type, suffix: &str) -> bool {
+    matches!(ty, Type::Path(p)
+        if p.path.segments.last().is_some_and(|s| s.ident.to_string().ends_with(suffix)))
 }
 
 /// `T` when `ty` is `Name<T>` (by its last path segment).

@@ -23,7 +23,7 @@ use crate::{
     error::chain,
     transport::{WhenFull, WithFds},
     wire::Header,
-    Context, Error, Status,
+    Context, EndReason, Error, Status,
 };
 
 /// One running call.
@@ -34,11 +34,22 @@ pub(super) struct Call {
     pub(super) token: CancellationToken,
     /// Why the conn ended this call, if it did (see [`CallEntry::abort`]).
     pub(super) abort: Arc<OnceLock<Status>>,
+    /// Why the call ended (shared with its `Context`), set before `token`
+    /// is cancelled.
+    pub(super) end: Arc<OnceLock<EndReason>>,
 }
 
 impl Drop for Call {
     fn drop(&mut self) {
-        // The call is over: work spawned with its context stops too.
+        // The call is over: work spawned with its context stops too. An
+        // earlier reason (cancel, deadline, limit) stays; a token cancelled
+        // with none recorded was cancelled by its conn's end.
+        let reason = if self.token.is_cancelled() {
+            EndReason::ConnClosed
+        } else {
+            EndReason::Completed
+        };
+        let _ = self.end.set(reason);
         self.token.cancel();
         self.conn.remove(self.id);
     }
@@ -160,6 +171,7 @@ impl Call {
             }
             _ = expired => {
                 tracing::trace!("rpc handler dropped: deadline passed");
+                let _ = self.end.set(EndReason::DeadlineExceeded);
                 self.token.cancel();
                 Some(Err(Status::deadline_exceeded("deadline passed while the handler ran")))
             }
@@ -290,6 +302,7 @@ mod tests {
             deadline: None,
             token: token.clone(),
             abort: Arc::new(OnceLock::new()),
+            end: Arc::new(OnceLock::new()),
         };
         let ctx = Context::new(
             "T.park".into(),

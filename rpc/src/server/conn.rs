@@ -26,7 +26,7 @@ use crate::{
     stream::{GrantCredit, StreamEvent},
     transport::{read_preamble, Batch, FrameReader},
     wire::{deadline_from_wire, Frame, Header, CONN_ID},
-    Context, Error, Status,
+    Context, EndReason, Error, Status,
 };
 
 /// Most stream credit a caller may have outstanding; larger grants are
@@ -191,6 +191,7 @@ impl Server {
             Header::Cancel { id } => {
                 conn.with_call(id, |entry| {
                     tracing::trace!(id, "rpc call cancelled by the client");
+                    let _ = entry.end.set(EndReason::Cancelled);
                     entry.token.cancel();
                 });
                 Ok(())
@@ -276,9 +277,11 @@ impl Server {
             }
         };
         let abort = Arc::new(OnceLock::new());
+        let end = Arc::new(OnceLock::new());
         let entry = CallEntry {
             token: token.clone(),
             abort: Arc::clone(&abort),
+            end: Arc::clone(&end),
             credits: credits.clone(),
             inbound: inbound_tx,
             bytes: payload.as_ref().map_or(0, Bytes::len),
@@ -326,13 +329,15 @@ impl Server {
         };
         let span = tracing::debug_span!("rpc_call", id, method = %method);
         let ctx = Context::new(method, metadata, deadline, peer.clone(), token.clone())
-            .with_request_fds(fds);
+            .with_request_fds(fds)
+            .with_end(Arc::clone(&end));
         let call = Call {
             conn: Arc::clone(conn),
             id,
             deadline,
             token,
             abort,
+            end,
         };
         let run = call.run(handler, ctx, input, credits).instrument(span);
         if streaming {

@@ -18,7 +18,7 @@ use crate::{
     stream::{Held, StreamEvent},
     transport::{FrameWriter, Outbox, Oversize, BIG_FRAME},
     wire::Header,
-    Config, Error, Status,
+    Config, EndReason, Error, Status,
 };
 
 pub(super) struct CallEntry {
@@ -26,6 +26,8 @@ pub(super) struct CallEntry {
     /// Set, before `token` is cancelled, when the conn ends the call itself
     /// (request bytes over budget): the status the call task answers with.
     pub(super) abort: Arc<OnceLock<Status>>,
+    /// Why the call ended, set before `token` is cancelled.
+    pub(super) end: Arc<OnceLock<EndReason>>,
     /// Response credit of a streaming call.
     pub(super) credits: Option<Arc<Semaphore>>,
     /// Request items of a bidi call (bounded by the credit we
@@ -139,6 +141,7 @@ impl ConnState {
                      bytes (limit {limit})"
                 ));
                 tracing::debug!(id, %status, "rpc call ended: request bytes over budget");
+                let _ = entry.end.set(EndReason::Refused);
                 let _ = entry.abort.set(status);
                 entry.token.cancel();
                 return Ok(());
@@ -243,6 +246,7 @@ impl ConnState {
                     "a {len}-byte request item is over the server's max_message_size of {max} bytes"
                 ));
                 tracing::debug!(id, %status, "rpc call ended: request item too large");
+                let _ = entry.end.set(EndReason::Refused);
                 let _ = entry.abort.set(status);
                 entry.token.cancel();
                 Ok(())
@@ -314,6 +318,7 @@ mod tests {
         let entry = CallEntry {
             token: CancellationToken::new(),
             abort: Arc::new(OnceLock::new()),
+            end: Arc::new(OnceLock::new()),
             credits: None,
             inbound: Some(tx),
             bytes: 0,
