@@ -1,6 +1,6 @@
-//! The byte stream under a session, as the driver (reads) and the write side use it: any
+//! The byte stream under a session, as the read side and the write side use it: any
 //! tokio `AsyncRead`/`AsyncWrite`, or a unix socket that also carries file descriptors
-//! (`link/unix.rs`).
+//! (`transport/unix.rs`).
 //!
 //! Contract of the fd-carrying kind: received descriptors are handed over in the order they
 //! arrived, with the read that returned the first byte sent with them (the kernel delivers
