@@ -1,7 +1,10 @@
 //! The per-conn loop: the reader runs inline, the writer is spawned, and
 //! each frame is dispatched; `Request` and `Open` frames become call tasks.
 
-use std::sync::{Arc, OnceLock};
+use std::{
+    collections::HashSet,
+    sync::{Arc, OnceLock},
+};
 
 use bytes::Bytes;
 use tokio::{
@@ -80,6 +83,7 @@ impl Server {
                 .await
                 .map_err(|_| Error::HandshakeTimeout { after })??;
             let mut batch = Batch::new(&conn.outbox);
+            let mut waits = Waits::default();
             loop {
                 let next = batch.next(reader.next_frame());
                 let body = tokio::select! {
@@ -105,7 +109,8 @@ impl Server {
                 batch.add();
                 let frame = Frame::decode(body).map_err(Error::Malformed)?;
                 if let Some((frame, fds)) = inbox.route(frame)? {
-                    self.dispatch(&conn, frame, peer, &drain, fds).await?;
+                    self.dispatch(&conn, frame, peer, &drain, fds, &mut waits)
+                        .await?;
                 }
             }
         }
@@ -118,13 +123,14 @@ impl Server {
         res
     }
 
-    async fn dispatch(
-        &self,
+    async fn dispatch<'s>(
+        &'s self,
         conn: &Arc<ConnState>,
         frame: Frame,
         peer: &Origin,
         drain: &CancellationToken,
         fds: Vec<Fd>,
+        waits: &mut Waits<'s>,
     ) -> Result<(), Error> {
         let Frame { header, payload } = frame;
         match header {
@@ -147,7 +153,7 @@ impl Server {
                     credit,
                     want,
                 };
-                self.start_call(conn, peer, drain, open, Some(payload), fds)
+                self.start_call(conn, peer, drain, open, Some(payload), fds, waits)
                     .await
             }
             Header::Open {
@@ -165,7 +171,7 @@ impl Server {
                     credit,
                     want: Kind::Bidi,
                 };
-                self.start_call(conn, peer, drain, open, None, Vec::new())
+                self.start_call(conn, peer, drain, open, None, Vec::new(), waits)
                     .await
             }
             Header::StreamItem { id } => {
@@ -200,14 +206,16 @@ impl Server {
 
     /// Admits and spawns one call (`payload` is `None` for a bidirectional
     /// call), or answers it with an error status.
-    async fn start_call(
-        &self,
+    #[allow(clippy::too_many_arguments)]
+    async fn start_call<'s>(
+        &'s self,
         conn: &Arc<ConnState>,
         peer: &Origin,
         drain: &CancellationToken,
         open: Open,
         payload: Option<Bytes>,
         fds: Vec<Fd>,
+        waits: &mut Waits<'s>,
     ) -> Result<(), Error> {
         let Open {
             id,
@@ -218,12 +226,12 @@ impl Server {
             want,
         } = open;
         let streaming = want != Kind::Unary;
-        let handler = match self.inner.methods.get(&method) {
+        let (name, handler) = match self.inner.methods.get_key_value(&method) {
             None => {
                 let s = Status::unimplemented(format!("unknown method {method:?}"));
                 return conn.reply_error(id, streaming, s).await;
             }
-            Some(m) if m.kind() != want => {
+            Some((_, m)) if m.kind() != want => {
                 let s = Status::unimplemented(format!(
                     "{method} is a {} method, called as {}",
                     m.kind().name(),
@@ -231,7 +239,7 @@ impl Server {
                 ));
                 return conn.reply_error(id, streaming, s).await;
             }
-            Some(m) => m.clone(),
+            Some((name, m)) => (name.as_str(), m.clone()),
         };
         for interceptor in &self.inner.interceptors {
             if let Err(s) = interceptor(&method, &mut metadata) {
@@ -322,22 +330,31 @@ impl Server {
             abort,
         };
         let run = call.run(handler, ctx, input, credits).instrument(span);
-        if streaming {
+        if streaming || waits.0.contains(name) {
             tokio::spawn(run);
             return Ok(());
         }
         // A unary handler that answers at once (most do) runs to its reply
         // right here, without a task of its own: no spawn, no wake-up of a
         // worker, and its reply joins the batch this frame arrived in. One
-        // that waits is moved into its own task; what its first poll
-        // registered may wake this reader once, spuriously.
+        // that waits is moved into its own task (what its first poll
+        // registered may wake this reader once, spuriously), and its
+        // method's later calls on this conn are spawned at once.
         let mut run = Box::pin(run);
         if futures::poll!(run.as_mut()).is_pending() {
+            waits.0.insert(name);
             tokio::spawn(run);
         }
         Ok(())
     }
 }
+
+/// The unary methods whose handler waited (did not answer on its first
+/// poll) when it last ran on this conn: their calls get a task at once, since
+/// a handler polled in the reader and then moved into a task costs more than
+/// one spawned straight away. At most one entry per registered method.
+#[derive(Default)]
+struct Waits<'s>(HashSet<&'s str>);
 
 /// A call as requested by the client.
 struct Open {
