@@ -338,21 +338,33 @@ impl Server {
         // right here, without a task of its own: no spawn, no wake-up of a
         // worker, and its reply joins the batch this frame arrived in. One
         // that waits is moved into its own task (what its first poll
-        // registered may wake this reader once, spuriously), and its
-        // method's later calls on this conn are spawned at once.
+        // registered may wake this reader once, spuriously). Either that or
+        // a first poll that kept the reader busy past `INLINE_BUDGET` sends
+        // the method's later calls on this conn straight to tasks, so a
+        // handler that computes at length delays the conn's other calls once.
         let mut run = Box::pin(run);
-        if futures::poll!(run.as_mut()).is_pending() {
+        let started = std::time::Instant::now();
+        let pending = futures::poll!(run.as_mut()).is_pending();
+        if pending || started.elapsed() > INLINE_BUDGET {
             waits.0.insert(name);
+        }
+        if pending {
             tokio::spawn(run);
         }
         Ok(())
     }
 }
 
+/// The longest a unary handler's first poll may keep the conn's reader busy
+/// before its method's calls get tasks of their own (see [`Waits`]).
+const INLINE_BUDGET: std::time::Duration = std::time::Duration::from_micros(200);
+
 /// The unary methods whose handler waited (did not answer on its first
-/// poll) when it last ran on this conn: their calls get a task at once, since
-/// a handler polled in the reader and then moved into a task costs more than
-/// one spawned straight away. At most one entry per registered method.
+/// poll) or computed past [`INLINE_BUDGET`] when it ran on this conn: their
+/// calls get a task at once, since a handler polled in the reader and then
+/// moved into a task costs more than one spawned straight away, and a long
+/// one would hold up the calls behind it. At most one entry per registered
+/// method.
 #[derive(Default)]
 struct Waits<'s>(HashSet<&'s str>);
 
