@@ -1,7 +1,10 @@
 //! The per-conn loop: the reader runs inline, the writer is spawned, and
 //! each frame is dispatched; `Request` and `Open` frames become call tasks.
 
-use std::sync::{Arc, OnceLock};
+use std::{
+    collections::HashSet,
+    sync::{Arc, OnceLock},
+};
 
 use bytes::Bytes;
 use tokio::{
@@ -80,6 +83,7 @@ impl Server {
                 .await
                 .map_err(|_| Error::HandshakeTimeout { after })??;
             let mut batch = Batch::new(&conn.outbox);
+            let mut waits = Waits::default();
             loop {
                 let next = batch.next(reader.next_frame());
                 let body = tokio::select! {
@@ -115,7 +119,10 @@ impl Server {
                 batch.add();
                 if let Some((frame, fds)) = inbox.route(frame)? {
                     match oversize {
-                        None => self.dispatch(&conn, frame, peer, &drain, fds).await?,
+                        None => {
+                            self.dispatch(&conn, frame, peer, &drain, fds, &mut waits)
+                                .await?
+                        }
                         // Descriptors sent with it are closed with the message.
                         Some(oversize) => conn.refuse(frame.header, oversize).await?,
                     }
@@ -131,13 +138,14 @@ impl Server {
         res
     }
 
-    async fn dispatch(
-        &self,
+    async fn dispatch<'s>(
+        &'s self,
         conn: &Arc<ConnState>,
         frame: Frame,
         peer: &Origin,
         drain: &CancellationToken,
         fds: Vec<Fd>,
+        waits: &mut Waits<'s>,
     ) -> Result<(), Error> {
         let Frame { header, payload } = frame;
         match header {
@@ -160,7 +168,7 @@ impl Server {
                     credit,
                     want,
                 };
-                self.start_call(conn, peer, drain, open, Some(payload), fds)
+                self.start_call(conn, peer, drain, open, Some(payload), fds, waits)
                     .await
             }
             Header::Open {
@@ -178,7 +186,7 @@ impl Server {
                     credit,
                     want: Kind::Bidi,
                 };
-                self.start_call(conn, peer, drain, open, None, Vec::new())
+                self.start_call(conn, peer, drain, open, None, Vec::new(), waits)
                     .await
             }
             Header::StreamItem { id } => {
@@ -214,14 +222,16 @@ impl Server {
 
     /// Admits and spawns one call (`payload` is `None` for a bidirectional
     /// call), or answers it with an error status.
-    async fn start_call(
-        &self,
+    #[allow(clippy::too_many_arguments)]
+    async fn start_call<'s>(
+        &'s self,
         conn: &Arc<ConnState>,
         peer: &Origin,
         drain: &CancellationToken,
         open: Open,
         payload: Option<Bytes>,
         fds: Vec<Fd>,
+        waits: &mut Waits<'s>,
     ) -> Result<(), Error> {
         let Open {
             id,
@@ -232,12 +242,12 @@ impl Server {
             want,
         } = open;
         let streaming = want != Kind::Unary;
-        let handler = match self.inner.methods.get(&method) {
+        let (name, handler) = match self.inner.methods.get_key_value(&method) {
             None => {
                 let s = Status::unimplemented(format!("unknown method {method:?}"));
                 return conn.reply_error(id, streaming, s).await;
             }
-            Some(m) if m.kind() != want => {
+            Some((_, m)) if m.kind() != want => {
                 let s = Status::unimplemented(format!(
                     "{method} is a {} method, called as {}",
                     m.kind().name(),
@@ -245,7 +255,7 @@ impl Server {
                 ));
                 return conn.reply_error(id, streaming, s).await;
             }
-            Some(m) => m.clone(),
+            Some((name, m)) => (name.as_str(), m.clone()),
         };
         for interceptor in &self.inner.interceptors {
             if let Err(s) = interceptor(&method, &mut metadata) {
@@ -340,22 +350,43 @@ impl Server {
             end,
         };
         let run = call.run(handler, ctx, input, credits).instrument(span);
-        if streaming {
+        if streaming || waits.0.contains(name) {
             tokio::spawn(run);
             return Ok(());
         }
         // A unary handler that answers at once (most do) runs to its reply
         // right here, without a task of its own: no spawn, no wake-up of a
         // worker, and its reply joins the batch this frame arrived in. One
-        // that waits is moved into its own task; what its first poll
-        // registered may wake this reader once, spuriously.
+        // that waits is moved into its own task (what its first poll
+        // registered may wake this reader once, spuriously). Either that or
+        // a first poll that kept the reader busy past `INLINE_BUDGET` sends
+        // the method's later calls on this conn straight to tasks, so a
+        // handler that computes at length delays the conn's other calls once.
         let mut run = Box::pin(run);
-        if futures::poll!(run.as_mut()).is_pending() {
+        let started = std::time::Instant::now();
+        let pending = futures::poll!(run.as_mut()).is_pending();
+        if pending || started.elapsed() > INLINE_BUDGET {
+            waits.0.insert(name);
+        }
+        if pending {
             tokio::spawn(run);
         }
         Ok(())
     }
 }
+
+/// The longest a unary handler's first poll may keep the conn's reader busy
+/// before its method's calls get tasks of their own (see [`Waits`]).
+const INLINE_BUDGET: std::time::Duration = std::time::Duration::from_micros(200);
+
+/// The unary methods whose handler waited (did not answer on its first
+/// poll) or computed past [`INLINE_BUDGET`] when it ran on this conn: their
+/// calls get a task at once, since a handler polled in the reader and then
+/// moved into a task costs more than one spawned straight away, and a long
+/// one would hold up the calls behind it. At most one entry per registered
+/// method.
+#[derive(Default)]
+struct Waits<'s>(HashSet<&'s str>);
 
 /// A call as requested by the client.
 struct Open {
