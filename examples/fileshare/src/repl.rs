@@ -179,8 +179,13 @@ async fn run(peer: &Peer, me: &Me, cmd: Cmd, ui: &Ui) -> anyhow::Result<Flow> {
             } else {
                 "hidden files not shared"
             };
+            let token = match peer.hub_checks_token() {
+                Some(true) => "; the hub checks the token",
+                Some(false) => "; the hub checks no token: anyone who can reach it can join",
+                None => "",
+            };
             let text = format!(
-                "{}@{}: {state}; {}\nexporting {} ({hidden})\n",
+                "{}@{}: {state}; {}{token}\nexporting {} ({hidden})\n",
                 me.name,
                 me.addr,
                 me.link,
