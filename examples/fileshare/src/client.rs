@@ -801,11 +801,12 @@ async fn supervise(opts: ClientOptions, tx: watch::Sender<Option<Arc<Link>>>, no
                 }
             }
         };
+        // Up before it is said, so that whatever shows the notice sees the link up.
+        tx.send_replace(Some(Arc::new(link)));
         notify(format!(
             "reconnected to the hub at {}; published as {}",
             opts.addr, opts.name
         ));
-        tx.send_replace(Some(Arc::new(link)));
     }
 }
 

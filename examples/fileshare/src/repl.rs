@@ -1190,7 +1190,17 @@ impl Completer for ShareHelper {
 impl Hinter for ShareHelper {
     type Hint = String;
 }
-impl Highlighter for ShareHelper {}
+/// The prompt follows the link as it changes: rustyline redraws the line whenever a notice
+/// is printed above it (the link lost, back again), and the prompt shown then says so.
+impl Highlighter for ShareHelper {
+    fn highlight_prompt<'b, 's: 'b, 'p: 'b>(
+        &'s self,
+        prompt: &'p str,
+        _default: bool,
+    ) -> std::borrow::Cow<'b, str> {
+        std::borrow::Cow::Owned(live_prompt(prompt, self.peer.is_connected()))
+    }
+}
 impl Validator for ShareHelper {}
 impl Helper for ShareHelper {}
 
@@ -1199,12 +1209,31 @@ fn history_file() -> Option<PathBuf> {
 }
 
 /// The prompt: who and where you are, and whether the link is up.
+/// The end of the prompt while connected, and while not: the same width, so that the prompt
+/// shown can change while a line is being edited (rustyline lays the line out by the width of
+/// the prompt it was given).
+const ONLINE: &str = " (online)> ";
+const OFFLINE: &str = " (offline)>";
+
 fn prompt(me: &Me, connected: bool) -> String {
-    if connected {
-        format!("{}@{}> ", me.name, me.addr)
-    } else {
-        format!("{}@{} (offline)> ", me.name, me.addr)
+    format!(
+        "{}@{}{}",
+        me.name,
+        me.addr,
+        if connected { ONLINE } else { OFFLINE }
+    )
+}
+
+/// `prompt` (made by [`prompt`]) saying `connected` as it is now.
+fn live_prompt(prompt: &str, connected: bool) -> String {
+    let base = prompt
+        .strip_suffix(ONLINE)
+        .or_else(|| prompt.strip_suffix(OFFLINE))
+        .unwrap_or(prompt);
+    if base.len() == prompt.len() {
+        return prompt.to_owned();
     }
+    format!("{base}{}", if connected { ONLINE } else { OFFLINE })
 }
 
 /// Announces peers joining and leaving, by asking the hub every [`PEER_WATCH_INTERVAL`].
@@ -1245,6 +1274,9 @@ pub(crate) fn run_terminal(
         .auto_add_history(true)
         .max_history_size(1000)?
         .completion_type(rustyline::CompletionType::List)
+        // The highlighter is what redraws the prompt as the link changes; it adds no colour,
+        // so it runs under NO_COLOR too.
+        .color_mode(rustyline::ColorMode::Forced)
         .build();
     let mut editor: Editor<ShareHelper, DefaultHistory> = Editor::with_config(config)?;
     editor.set_helper(Some(ShareHelper {
@@ -1417,7 +1449,13 @@ mod tests {
             hidden: false,
             link: String::new(),
         };
-        assert_eq!(prompt(&me, true), "alice@127.0.0.1:8765> ");
-        assert_eq!(prompt(&me, false), "alice@127.0.0.1:8765 (offline)> ");
+        let (on, off) = (prompt(&me, true), prompt(&me, false));
+        assert_eq!(on, "alice@127.0.0.1:8765 (online)> ");
+        assert_eq!(off, "alice@127.0.0.1:8765 (offline)>");
+        // Redrawn as the link changes, at the same width.
+        assert_eq!(live_prompt(&on, false), off);
+        assert_eq!(live_prompt(&off, true), on);
+        assert_eq!(on.chars().count(), off.chars().count());
+        assert_eq!(live_prompt("other> ", true), "other> ");
     }
 }
