@@ -237,9 +237,10 @@ pub(crate) struct HubState {
     /// Refusals being told to their clients at once; beyond it a refused connection is
     /// simply closed.
     refusals: Arc<Semaphore>,
-    /// Rate limits of the refusal and shedding log lines.
+    /// Rate limits of the log lines about refusals, sheds and silent connections closed.
     refusal_log: LogLimit,
     shed_log: LogLimit,
+    silent_log: LogLimit,
     /// Origin of the `heard` clocks.
     epoch: Instant,
     /// Bumped whenever the set of peers changes (lets tests await a departure).
@@ -262,6 +263,7 @@ impl HubState {
             refusals: Arc::new(Semaphore::new(MAX_REFUSALS)),
             refusal_log: LogLimit::new(),
             shed_log: LogLimit::new(),
+            silent_log: LogLimit::new(),
             epoch: Instant::now(),
             changes: tokio::sync::watch::Sender::new(0),
             stop: CancellationToken::new(),
@@ -369,7 +371,16 @@ impl HubState {
             Ok(Ok(1)) => {}
             Ok(Ok(_)) => return debug!("closed before sending anything"),
             Ok(Err(e)) => return debug!("connection failed before sending anything: {e}"),
-            Err(_) => return warn!("refused: sent nothing within {:?}", self.opts.hello_timeout),
+            Err(_) => {
+                // At most a line a second: a flood of silent connections must not flood the log.
+                if let Some(more) = self.silent_log.allow() {
+                    warn!(
+                        more_since_last_line = more,
+                        "closing: sent nothing within {:?}", self.opts.hello_timeout
+                    );
+                }
+                return;
+            }
         }
         if let Admit::Pending(Some(p)) = &admit {
             p.heard();
