@@ -125,8 +125,24 @@ pub(crate) async fn execute(peer: &Peer, me: &Me, cmd: Cmd, ui: &Ui) -> anyhow::
     }
 }
 
-/// Adds what the user can do to an error: "did you mean" for an unknown peer.
+/// Adds what the user can do to an error: "did you mean" for an unknown peer; a peer that
+/// left during the command is said as such, the hub's details only with `-v`.
 async fn explain(peer: &Peer, target: Option<&str>, e: anyhow::Error) -> anyhow::Error {
+    let peer_gone = e.downcast_ref::<CallError>().and_then(|c| match c {
+        CallError::Status(s)
+            if s.code() == Code::Unavailable && s.message().starts_with("peer gone") =>
+        {
+            Some(s.message().to_owned())
+        }
+        _ => None,
+    });
+    if let (Some(detail), Some(name)) = (peer_gone, target) {
+        return anyhow::anyhow!(
+            "{name} went away during the command; run it again once {name} is back (list \
+             shows who is connected){}",
+            crate::client::detail_if_verbose(&detail)
+        );
+    }
     let unknown_peer = e.downcast_ref::<CallError>().is_some_and(|c| {
         matches!(c, CallError::Status(s) if s.code() == Code::NotFound
             && s.message().starts_with("unknown peer"))
