@@ -146,10 +146,23 @@ async fn with_timeout<T>(
         .map_err(|_| AuthError::Timeout { after: TIMEOUT })?
 }
 
+/// The hub's OK answer from a hub that checks tokens (a hub without one says [`WELCOME`]).
+pub(crate) const WELCOME_TOKEN_CHECKED: &str = "welcome; token checked";
+
+/// The hub's OK answer from a hub that admits anyone.
+pub(crate) const WELCOME: &str = "welcome";
+
+/// What a client learns from an accepted hello.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Welcome {
+    /// The hub checked the client's token (it has one of its own).
+    pub(crate) token_checked: bool,
+}
+
 /// Client side: presents `token` (if any) and waits for the hub's verdict.
 ///
 /// Not cancel-safe (a partial exchange leaves the channel unusable; drop it).
-pub(crate) async fn client_hello<S>(io: &mut S, token: Option<&str>) -> Result<(), AuthError>
+pub(crate) async fn client_hello<S>(io: &mut S, token: Option<&str>) -> Result<Welcome, AuthError>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
@@ -175,7 +188,9 @@ where
         io.read_exact(&mut text).await?;
         let text = String::from_utf8_lossy(&text).into_owned();
         match code {
-            c if c == Code::Ok as u8 => Ok(()),
+            c if c == Code::Ok as u8 => Ok(Welcome {
+                token_checked: text == WELCOME_TOKEN_CHECKED,
+            }),
             c if c == Code::BadToken as u8 => Err(AuthError::BadToken),
             c if c == Code::TokenRequired as u8 => Err(AuthError::TokenRequired),
             c if c == Code::BadVersion as u8 => Err(AuthError::BadVersion { detail: text }),
@@ -241,7 +256,8 @@ where
         })
     });
     let (code, text, result) = match verdict {
-        Ok(()) => (Code::Ok, String::from("welcome"), Ok(())),
+        Ok(()) if expected.is_some() => (Code::Ok, WELCOME_TOKEN_CHECKED.to_owned(), Ok(())),
+        Ok(()) => (Code::Ok, WELCOME.to_owned(), Ok(())),
         Err((code, err)) => (code, err.to_string(), Err(err)),
     };
     answer(io, code, &text).await?;
@@ -298,7 +314,7 @@ mod tests {
     async fn exchange(
         hub_token: Option<&str>,
         client_token: Option<&str>,
-    ) -> (Result<(), AuthError>, Result<(), AuthError>) {
+    ) -> (Result<Welcome, AuthError>, Result<(), AuthError>) {
         let (mut a, mut b) = tokio::io::duplex(4096);
         let expected = hub_token.map(|t| Token::new(t).unwrap());
         let client = async { client_hello(&mut a, client_token).await };
@@ -343,10 +359,13 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn the_right_token_is_accepted() {
+    async fn the_right_token_is_accepted_and_the_client_learns_it_was_checked() {
         let (c, h) = exchange(Some("s3cret"), Some("s3cret")).await;
-        c.unwrap();
+        assert!(c.unwrap().token_checked);
         h.unwrap();
+        // A hub without a token admits anyone, and says so.
+        let (c, _) = exchange(None, Some("s3cret")).await;
+        assert!(!c.unwrap().token_checked);
     }
 
     #[tokio::test]

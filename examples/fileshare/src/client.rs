@@ -152,6 +152,8 @@ impl ConnectError {
 /// A published connection to the hub.
 pub(crate) struct Link {
     session: Session,
+    /// What the hub said when it let us in.
+    welcome: auth::Welcome,
     hub: HubClient,
     /// Both directions of rpc with the hub; the hub's `ls`/`stat` calls arrive here.
     _rpc: rpc::Peer,
@@ -200,10 +202,10 @@ where
     let session = Session::client(io, opts.mux.clone());
     let hello = async {
         let mut hello = session.dial(auth::CHANNEL).await?;
-        auth::client_hello(&mut hello, opts.token.as_deref()).await?;
-        Ok::<_, ConnectError>(hello)
+        let welcome = auth::client_hello(&mut hello, opts.token.as_deref()).await?;
+        Ok::<_, ConnectError>((hello, welcome))
     };
-    let mut hello = match hello.await {
+    let (mut hello, welcome) = match hello.await {
         Ok(hello) => hello,
         Err(e) => return Err(tls_refusal(&session, &opts.addr).await.unwrap_or(e)),
     };
@@ -235,6 +237,7 @@ where
     })?;
     Ok(Link {
         session,
+        welcome,
         hub,
         _rpc: link,
         _export: export_tasks,
@@ -562,6 +565,15 @@ impl Peer {
         })
     }
 
+    /// Whether the hub checks tokens, as it said when it last let us in (`None` while not
+    /// connected).
+    pub(crate) fn hub_checks_token(&self) -> Option<bool> {
+        self.link
+            .borrow()
+            .as_ref()
+            .map(|link| link.welcome.token_checked)
+    }
+
     /// Whether the link to the hub is up right now.
     pub(crate) fn is_connected(&self) -> bool {
         matches!(&*self.link.borrow(), Some(link) if !link.session.is_closed())
@@ -789,11 +801,12 @@ async fn supervise(opts: ClientOptions, tx: watch::Sender<Option<Arc<Link>>>, no
                 }
             }
         };
+        // Up before it is said, so that whatever shows the notice sees the link up.
+        tx.send_replace(Some(Arc::new(link)));
         notify(format!(
             "reconnected to the hub at {}; published as {}",
             opts.addr, opts.name
         ));
-        tx.send_replace(Some(Arc::new(link)));
     }
 }
 

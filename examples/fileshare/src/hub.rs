@@ -246,9 +246,11 @@ pub(crate) struct HubState {
     /// Refusals being told to their clients at once; beyond it a refused connection is
     /// simply closed.
     refusals: Arc<Semaphore>,
-    /// Rate limits of the refusal and shedding log lines.
+    /// Rate limits of the log lines about refusals, sheds, and connections closed before they
+    /// published (silent, failed hello, no publish in time): a flood must not flood the log.
     refusal_log: LogLimit,
     shed_log: LogLimit,
+    early_log: LogLimit,
     /// Origin of the `heard` clocks.
     epoch: Instant,
     /// Bumped whenever the set of peers changes (lets tests await a departure).
@@ -271,6 +273,7 @@ impl HubState {
             refusals: Arc::new(Semaphore::new(MAX_REFUSALS)),
             refusal_log: LogLimit::new(),
             shed_log: LogLimit::new(),
+            early_log: LogLimit::new(),
             epoch: Instant::now(),
             changes: tokio::sync::watch::Sender::new(0),
             stop: CancellationToken::new(),
@@ -378,7 +381,16 @@ impl HubState {
             Ok(Ok(1)) => {}
             Ok(Ok(_)) => return debug!("closed before sending anything"),
             Ok(Err(e)) => return debug!("connection failed before sending anything: {e}"),
-            Err(_) => return warn!("refused: sent nothing within {:?}", self.opts.hello_timeout),
+            Err(_) => {
+                // At most a line a second: a flood of silent connections must not flood the log.
+                if let Some(more) = self.early_log.allow() {
+                    warn!(
+                        more_since_last_line = more,
+                        "closing: sent nothing within {:?}", self.opts.hello_timeout
+                    );
+                }
+                return;
+            }
         }
         if let Admit::Pending(Some(p)) = &admit {
             p.heard();
@@ -535,7 +547,12 @@ impl HubState {
         match hello {
             Ok(()) => {}
             Err(e) => {
-                warn!("refused before publishing: {e:#}");
+                if let Some(more) = self.early_log.allow() {
+                    warn!(
+                        more_since_last_line = more,
+                        "refused before publishing: {e:#}"
+                    );
+                }
                 // Let the refusal reach the client before the link goes.
                 session.close().await;
                 return;
@@ -797,7 +814,13 @@ async fn watch_conn(conn: &ConnState) -> mux::CloseReason {
                 awaiting_publish = false;
                 if !conn.is_published.load(Ordering::SeqCst) {
                     let after = conn.hub.opts.publish_timeout;
-                    warn!(?after, "closing: the connection did not publish in time");
+                    if let Some(more) = conn.hub.early_log.allow() {
+                        warn!(
+                            ?after,
+                            more_since_last_line = more,
+                            "closing: the connection did not publish in time"
+                        );
+                    }
                     session.close().await;
                     return session.closed().await;
                 }

@@ -298,33 +298,31 @@ fn export_dir(root: Option<&std::path::Path>) -> anyhow::Result<std::path::PathB
 }
 
 /// How the link is protected, in words, and the warning a client prints when it is not.
-/// A client that sent no token and was accepted knows the hub admits anyone.
+/// A client that sent no token and was accepted knows the hub admits anyone; whether a hub
+/// checks a token it was sent, `whoami` says once the hub has answered.
 fn link_safety(tls: bool, token: bool, client_cert: bool) -> (String, Option<&'static str>) {
-    match (tls, token || client_cert) {
-        (false, false) => (
-            "plaintext, no authentication".to_owned(),
-            Some(
-                "warning: the link to the hub is plaintext and unauthenticated: anyone who can \
-                 reach the hub can join and read what you export, and the files cross the \
-                 network unencrypted (use --token and TLS)",
-            ),
+    let transport = match (tls, client_cert) {
+        (false, _) => "plaintext",
+        (true, false) => "TLS (the hub's certificate checked; no client certificate)",
+        (true, true) => "mutual TLS (the hub's certificate and ours checked)",
+    };
+    let warning = match (tls, token || client_cert) {
+        (false, false) => Some(
+            "warning: the link to the hub is plaintext and unauthenticated: anyone who can \
+             reach the hub can join and read what you export, and the files cross the \
+             network unencrypted (use --token and TLS)",
         ),
-        (false, true) => (
-            "plaintext, token".to_owned(),
-            Some(
-                "warning: the link to the hub is plaintext: the token and the files cross the \
-                 network unencrypted (use TLS)",
-            ),
+        (false, true) => Some(
+            "warning: the link to the hub is plaintext: the token and the files cross the \
+             network unencrypted (use TLS)",
         ),
-        (true, false) => (
-            "tls, no authentication".to_owned(),
-            Some(
-                "warning: the hub admits peers without a token: anyone who can reach it can join \
-                 and read what you export",
-            ),
+        (true, false) => Some(
+            "warning: the hub admits peers without a token: anyone who can reach it can join \
+             and read what you export",
         ),
-        (true, true) => ("tls, authenticated".to_owned(), None),
-    }
+        (true, true) => None,
+    };
+    (transport.to_owned(), warning)
 }
 
 async fn run_client(args: ClientArgs) -> anyhow::Result<bool> {
@@ -436,4 +434,20 @@ async fn run_client(args: ClientArgs) -> anyhow::Result<bool> {
     };
     peer.close().await;
     Ok(ok)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_link_tells_server_only_tls_from_mutual_tls() {
+        assert_eq!(link_safety(false, true, false).0, "plaintext");
+        let (server_only, warning) = link_safety(true, false, false);
+        assert!(server_only.starts_with("TLS (the hub's certificate checked; no client"));
+        assert!(warning.is_some());
+        let (mutual, warning) = link_safety(true, false, true);
+        assert!(mutual.starts_with("mutual TLS"), "{mutual}");
+        assert!(warning.is_none());
+    }
 }

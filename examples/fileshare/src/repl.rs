@@ -129,8 +129,24 @@ pub(crate) async fn execute(peer: &Peer, me: &Me, cmd: Cmd, ui: &Ui) -> anyhow::
     }
 }
 
-/// Adds what the user can do to an error: "did you mean" for an unknown peer.
+/// Adds what the user can do to an error: "did you mean" for an unknown peer; a peer that
+/// left during the command is said as such, the hub's details only with `-v`.
 async fn explain(peer: &Peer, target: Option<&str>, e: anyhow::Error) -> anyhow::Error {
+    let peer_gone = e.downcast_ref::<CallError>().and_then(|c| match c {
+        CallError::Status(s)
+            if s.code() == Code::Unavailable && s.message().starts_with("peer gone") =>
+        {
+            Some(s.message().to_owned())
+        }
+        _ => None,
+    });
+    if let (Some(detail), Some(name)) = (peer_gone, target) {
+        return anyhow::anyhow!(
+            "{name} went away during the command; run it again once {name} is back (list \
+             shows who is connected){}",
+            crate::client::detail_if_verbose(&detail)
+        );
+    }
     let unknown_peer = e.downcast_ref::<CallError>().is_some_and(|c| {
         matches!(c, CallError::Status(s) if s.code() == Code::NotFound
             && s.message().starts_with("unknown peer"))
@@ -183,8 +199,13 @@ async fn run(peer: &Peer, me: &Me, cmd: Cmd, ui: &Ui) -> anyhow::Result<Flow> {
             } else {
                 "hidden files not shared"
             };
+            let token = match peer.hub_checks_token() {
+                Some(true) => "; the hub checks the token",
+                Some(false) => "; the hub checks no token: anyone who can reach it can join",
+                None => "",
+            };
             let text = format!(
-                "{}@{}: {state}; {}\nexporting {} ({hidden})\n",
+                "{}@{}: {state}; {}{token}\nexporting {} ({hidden})\n",
                 me.name,
                 me.addr,
                 me.link,
@@ -1296,7 +1317,17 @@ impl Completer for ShareHelper {
 impl Hinter for ShareHelper {
     type Hint = String;
 }
-impl Highlighter for ShareHelper {}
+/// The prompt follows the link as it changes: rustyline redraws the line whenever a notice
+/// is printed above it (the link lost, back again), and the prompt shown then says so.
+impl Highlighter for ShareHelper {
+    fn highlight_prompt<'b, 's: 'b, 'p: 'b>(
+        &'s self,
+        prompt: &'p str,
+        _default: bool,
+    ) -> std::borrow::Cow<'b, str> {
+        std::borrow::Cow::Owned(live_prompt(prompt, self.peer.is_connected()))
+    }
+}
 impl Validator for ShareHelper {}
 impl Helper for ShareHelper {}
 
@@ -1305,12 +1336,31 @@ fn history_file() -> Option<PathBuf> {
 }
 
 /// The prompt: who and where you are, and whether the link is up.
+/// The end of the prompt while connected, and while not: the same width, so that the prompt
+/// shown can change while a line is being edited (rustyline lays the line out by the width of
+/// the prompt it was given).
+const ONLINE: &str = " (online)> ";
+const OFFLINE: &str = " (offline)>";
+
 fn prompt(me: &Me, connected: bool) -> String {
-    if connected {
-        format!("{}@{}> ", me.name, me.addr)
-    } else {
-        format!("{}@{} (offline)> ", me.name, me.addr)
+    format!(
+        "{}@{}{}",
+        me.name,
+        me.addr,
+        if connected { ONLINE } else { OFFLINE }
+    )
+}
+
+/// `prompt` (made by [`prompt`]) saying `connected` as it is now.
+fn live_prompt(prompt: &str, connected: bool) -> String {
+    let base = prompt
+        .strip_suffix(ONLINE)
+        .or_else(|| prompt.strip_suffix(OFFLINE))
+        .unwrap_or(prompt);
+    if base.len() == prompt.len() {
+        return prompt.to_owned();
     }
+    format!("{base}{}", if connected { ONLINE } else { OFFLINE })
 }
 
 /// Announces peers joining and leaving, by asking the hub every [`PEER_WATCH_INTERVAL`].
@@ -1351,6 +1401,9 @@ pub(crate) fn run_terminal(
         .auto_add_history(true)
         .max_history_size(1000)?
         .completion_type(rustyline::CompletionType::List)
+        // The highlighter is what redraws the prompt as the link changes; it adds no colour,
+        // so it runs under NO_COLOR too.
+        .color_mode(rustyline::ColorMode::Forced)
         .build();
     let mut editor: Editor<ShareHelper, DefaultHistory> = Editor::with_config(config)?;
     editor.set_helper(Some(ShareHelper {
@@ -1523,7 +1576,13 @@ mod tests {
             hidden: false,
             link: String::new(),
         };
-        assert_eq!(prompt(&me, true), "alice@127.0.0.1:8765> ");
-        assert_eq!(prompt(&me, false), "alice@127.0.0.1:8765 (offline)> ");
+        let (on, off) = (prompt(&me, true), prompt(&me, false));
+        assert_eq!(on, "alice@127.0.0.1:8765 (online)> ");
+        assert_eq!(off, "alice@127.0.0.1:8765 (offline)>");
+        // Redrawn as the link changes, at the same width.
+        assert_eq!(live_prompt(&on, false), off);
+        assert_eq!(live_prompt(&off, true), on);
+        assert_eq!(on.chars().count(), off.chars().count());
+        assert_eq!(live_prompt("other> ", true), "other> ");
     }
 }

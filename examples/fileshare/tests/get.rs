@@ -377,7 +377,8 @@ fn get_to_stdout_is_byte_exact_and_ls_l_whoami_and_info_describe() {
     assert_eq!(
         lines[3],
         format!(
-            "alice@{}: connected; plaintext, no authentication",
+            "alice@{}: connected; plaintext; the hub checks no token: anyone who can reach it \
+             can join",
             hub.addr
         )
     );

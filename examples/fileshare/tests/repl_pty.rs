@@ -244,7 +244,7 @@ fn the_terminal_repl_is_safe_and_aware_and_cancels_a_get_cleanly() {
     };
     // The person at the terminal is warned, and the prompt says who and where.
     screen.expect("plaintext and unauthenticated", WAIT);
-    let prompt = format!("alice@{}> ", hub.addr);
+    let prompt = format!("alice@{} (online)> ", hub.addr);
     screen.expect(&prompt, WAIT);
     // Completion quotes what it completes, so the command then works.
     type_keys("read bob wi\t");
@@ -329,6 +329,32 @@ fn the_terminal_repl_is_safe_and_aware_and_cancels_a_get_cleanly() {
     screen.expect("  exit ", WAIT);
     screen.expect(&prompt, WAIT);
     type_keys("exit\r");
+    screen.expect(EXITED_0, WAIT);
+    screen.expect_end(WAIT);
+    repl.reap();
+}
+
+#[test]
+fn the_prompt_shows_offline_and_online_as_the_link_changes_without_a_key_pressed() {
+    if !have_script() {
+        eprintln!("skipping: util-linux `script` is not installed, so no pseudo-terminal");
+        return;
+    }
+    let addr = format!("127.0.0.1:{}", free_fixed_port());
+    let mut hub = start_hub_at(&addr, &[]);
+    let (ra, home) = (tempdir(), tempdir());
+    let mut repl = spawn_repl(&addr, ra.path(), home.path());
+    let mut keys = stdin_of(&mut repl);
+    let mut screen = Screen::new(repl.child.stdout.take().unwrap());
+    screen.expect(&format!("alice@{addr} (online)> "), WAIT);
+    // The hub goes: the prompt says so at once, with nothing typed.
+    hub.proc.kill();
+    screen.expect(&format!("alice@{addr} (offline)>"), WAIT);
+    // It comes back: so does the prompt.
+    let _hub = start_hub_at(&addr, &[]);
+    screen.expect(&format!("alice@{addr} (online)> "), WAIT);
+    keys.write_all(b"\x04").unwrap();
+    keys.flush().unwrap();
     screen.expect(EXITED_0, WAIT);
     screen.expect_end(WAIT);
     repl.reap();
