@@ -51,7 +51,7 @@
 //!   so a read queued behind others on a slow link is not failed);
 //! - a reader that takes nothing for [`HubOptions::reader_stall`] (grants no credit, or does
 //!   not read its socket) loses the read: the pump ends, the exporter's call is cancelled and
-//!   the slot is free; the reader gets a "you read nothing" error if it ever asks again;
+//!   the slot is free, and the reader is told "you took nothing" at once, credit or not;
 //! - a chunk larger than [`CHUNK_SIZE`] or not at the expected offset is a protocol error, and
 //!   the reads channel refuses any frame over [`MAX_CHUNK_FRAME`] before buffering it (the
 //!   `ls`/`stat` channel over [`MAX_MESSAGE`], the largest `ls` reply).
@@ -1024,6 +1024,8 @@ struct Pump {
     offset: u64,
     /// Why the pump gave up on the reader, for the reader's stream to report.
     why: Arc<Mutex<Option<Status>>>,
+    /// The reader's call, to end it when the pump gives up.
+    ctx: Context,
     /// The slots and the window reserved from the exporter's budget, freed when the pump
     /// ends.
     _slots: (
@@ -1048,9 +1050,11 @@ impl Drop for Pump {
 }
 
 impl Pump {
-    /// Ends the read for the reader with `why` (reported once the hand-over is empty).
+    /// Ends the read for the reader with `why`: at once, even when the reader grants no
+    /// credit (the call is aborted with it), and else once the hand-over is empty.
     fn give_up(&self, why: Status) {
         debug!(peer = %self.name, "forwarded read given up: {why}");
+        self.ctx.abort(why.clone());
         *self
             .why
             .lock()
@@ -1119,15 +1123,10 @@ impl Pump {
                 Ok(_) => return,
                 Err(_) => {
                     warn!(peer = %name, ?stall, "the reader took nothing: giving up its read");
-                    *self
-                        .why
-                        .lock()
-                        .unwrap_or_else(std::sync::PoisonError::into_inner) =
-                        Some(Status::deadline_exceeded(format!(
-                            "you took nothing of this read for {stall:?}; the hub gave it up \
-                             to free peer {name:?} for others"
-                        )));
-                    return;
+                    return self.give_up(Status::deadline_exceeded(format!(
+                        "you took nothing of this read for {stall:?}; the hub gave it up to free \
+                         peer {name:?} for others"
+                    )));
                 }
             }
         }
@@ -1208,7 +1207,7 @@ impl Hub for HubService {
             .await
     }
 
-    async fn read(&self, _ctx: Context, req: PeerRead) -> Result<ItemStream<Chunk>, Status> {
+    async fn read(&self, ctx: Context, req: PeerRead) -> Result<ItemStream<Chunk>, Status> {
         let reader = self.0.published_name().await?;
         if req.offset > MAX_OFFSET {
             return Err(Status::out_of_range(format!(
@@ -1259,6 +1258,7 @@ impl Hub for HubService {
             peer,
             offset: req.offset,
             why: why.clone(),
+            ctx,
             _slots: (slot, mine, reserved),
             id,
             took,

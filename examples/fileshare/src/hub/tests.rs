@@ -1812,3 +1812,46 @@ async fn readers_that_take_nothing_and_reissue_their_reads_never_lock_others_out
     let held: usize = attackers.iter().map(|a| a.4.len()).sum();
     assert!(held >= 6, "attackers hold {held} reads");
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_stalled_reader_that_grants_no_credit_is_told_it_took_nothing() {
+    use futures::StreamExt as _;
+    let state = HubState::new(HubOptions {
+        reader_stall: Duration::from_secs(30),
+        ..HubOptions::default()
+    });
+    let export = || CountingExport {
+        pulled: Arc::new(std::sync::atomic::AtomicUsize::new(0)),
+        stat_hangs: false,
+    };
+    let (io, _bob_conn) = duplex_conn(&state, 1);
+    let (_bob, _bob_hub, _bob_export) = publish_over(io, "bob", export()).await;
+    let (io, _alice_conn) = duplex_conn(&state, 2);
+    let (_alice, alice_hub, _alice_export) = publish_over(io, "alice", export()).await;
+    // One item of credit, and none after it: alice never consumes.
+    let alice_hub = alice_hub.with_options(rpc::CallOptions::default().stream_window(1));
+    let read = PeerRead {
+        peer: "bob".into(),
+        path: "endless".into(),
+        offset: 0,
+    };
+    let stream = alice_hub.read(read).await.unwrap();
+    let start = tokio::time::Instant::now();
+    // Only the end matters: collecting would grant credit, so wait for the call to end first
+    // (the stream's end arrives without any).
+    let items: Vec<_> = tokio::time::timeout(Duration::from_secs(40), async {
+        // Let the stall run out with nothing consumed, then read what arrived.
+        tokio::time::sleep(Duration::from_secs(31)).await;
+        stream.take(2).collect::<Vec<_>>().await
+    })
+    .await
+    .expect("the read ends");
+    // The one chunk alice had credit for, then at once the end: it was sent while she
+    // granted nothing (consuming that chunk would have let the hub send another first).
+    assert_eq!(items.len(), 2, "{items:?}");
+    assert!(items[0].is_ok(), "{items:?}");
+    let end = items[1].as_ref().expect_err("the end, not another chunk");
+    assert_eq!(end.code(), Code::DeadlineExceeded, "{end}");
+    assert!(end.message().contains("you took nothing"), "{end}");
+    assert!(start.elapsed() >= Duration::from_secs(30));
+}
