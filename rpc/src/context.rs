@@ -41,6 +41,8 @@ pub enum EndReason {
     Refused,
     /// Its conn ended (lost, or cut at the end of a graceful shutdown).
     ConnClosed,
+    /// Work of the handler ended it with a status ([`Context::abort`]).
+    Aborted,
 }
 
 /// Per-call information handed to a handler: the caller's metadata, the
@@ -70,6 +72,8 @@ struct Inner {
     request_fds: Mutex<Vec<Fd>>,
     /// Descriptors for the response, set by the handler.
     reply_fds: Mutex<Option<FdBatch>>,
+    /// Where [`Context::abort`] leaves its status for the server (none when detached).
+    abort: Option<Arc<std::sync::OnceLock<Status>>>,
 }
 
 impl Context {
@@ -91,6 +95,7 @@ impl Context {
                 trailers: Mutex::new(Metadata::new()),
                 request_fds: Mutex::new(Vec::new()),
                 reply_fds: Mutex::new(None),
+                abort: None,
             }),
         }
     }
@@ -106,6 +111,15 @@ impl Context {
     /// Hands the request's descriptors to the context (the server, before the handler runs).
     pub(crate) fn with_request_fds(self, fds: Vec<Fd>) -> Context {
         *lock(&self.inner.request_fds) = fds;
+        self
+    }
+
+    /// Lets [`Context::abort`] end the call through `abort` (the server, before the handler
+    /// runs; the context is not shared yet).
+    pub(crate) fn with_abort(mut self, abort: Arc<std::sync::OnceLock<Status>>) -> Context {
+        if let Some(inner) = Arc::get_mut(&mut self.inner) {
+            inner.abort = Some(abort);
+        }
         self
     }
 
@@ -240,6 +254,23 @@ impl Context {
     /// ends early; this is for work it spawned with a clone of the context.
     pub fn is_cancelled(&self) -> bool {
         self.inner.cancel.is_cancelled()
+    }
+
+    /// Ends the call now with `status`, which the caller receives at once: also while a
+    /// streaming call waits for the caller's credit (the server does not poll the handler's
+    /// stream then, so an error item could not reach a caller that grants none). The handler
+    /// future and its stream are dropped, as on cancellation. The first status given wins;
+    /// on a call that is already over, or a detached context, nothing happens. For work the
+    /// handler spawned (with a clone of the context) that finds the call must end.
+    /// [`Context::end_reason`] then says [`EndReason::Aborted`].
+    pub fn abort(&self, status: Status) {
+        if let Some(abort) = &self.inner.abort {
+            if !self.inner.cancel.is_cancelled() {
+                let _ = abort.set(status);
+                let _ = self.inner.end.set(EndReason::Aborted);
+                self.inner.cancel.cancel();
+            }
+        }
     }
 
     /// Resolves when the call is over, for any reason (see

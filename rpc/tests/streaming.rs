@@ -106,6 +106,40 @@ async fn a_call_with_its_own_stream_window_gets_that_much_credit() {
 }
 
 #[tokio::test]
+async fn a_handler_can_end_its_stream_with_a_status_while_the_caller_grants_no_credit() {
+    let aborted = Arc::new(Notify::new());
+    let mut server = test_server(Config::default());
+    let signal = Arc::clone(&aborted);
+    server.register_stream("S.endless", move |ctx, ()| {
+        let signal = Arc::clone(&signal);
+        async move {
+            // Work the handler spawned decides the call must end, whatever the credit.
+            tokio::spawn(async move {
+                ctx.abort(Status::deadline_exceeded("you took nothing"));
+                ctx.abort(Status::internal("the first status wins"));
+                signal.notify_one();
+            });
+            Ok(stream::iter(0u64..).map(Ok::<_, Status>))
+        }
+    });
+    let (client, _t) = duplex_pair(&server, Config::default());
+    let opts = CallOptions::default().stream_window(1);
+    let items: ResponseStream<u64> = guard(client.call_stream("S.endless", &(), opts))
+        .await
+        .unwrap();
+    // Nothing consumed (so no credit beyond the first item) until the call was aborted.
+    guard(aborted.notified()).await;
+    let got: Vec<Result<u64, Status>> = guard(items.collect()).await;
+    let (end, before) = got.split_last().unwrap();
+    assert!(before.len() <= 1, "{got:?}");
+    let end = end.as_ref().unwrap_err();
+    assert_eq!(end.code(), Code::DeadlineExceeded, "{end}");
+    assert_eq!(end.message(), "you took nothing");
+    // A detached context has no call to end.
+    netchan_rpc::Context::detached("x").abort(Status::internal("nothing"));
+}
+
+#[tokio::test]
 async fn an_err_item_ends_the_stream_with_that_status() {
     let mut server = Server::new();
     server.register_stream("S.fail_after_two", |_ctx, ()| async {

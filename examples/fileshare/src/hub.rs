@@ -55,7 +55,7 @@
 //!   so a read queued behind others on a slow link is not failed);
 //! - a reader that takes nothing for [`HubOptions::reader_stall`] (grants no credit, or does
 //!   not read its socket) loses the read: the pump ends, the exporter's call is cancelled and
-//!   the slot is free; the reader gets a "you read nothing" error if it ever asks again;
+//!   the slot is free, and the reader is told "you took nothing" at once, credit or not;
 //! - a chunk larger than [`CHUNK_SIZE`] or not at the expected offset is a protocol error, and
 //!   the reads channel refuses any frame over [`MAX_CHUNK_FRAME`] before buffering it (the
 //!   `ls`/`stat` channel over [`MAX_MESSAGE`], the largest `ls` reply).
@@ -206,7 +206,9 @@ struct PeerHandle {
     /// The same service on a channel of its own for reads, dialed on the first read (frames
     /// over one chunk are refused there), and the stream window a read wants, sized from the
     /// round trip of that dial.
-    reads: Arc<tokio::sync::OnceCell<(ExportClient, u32)>>,
+    /// Dialed again on the next read once its conn has ended (an exporter that broke the
+    /// protocol on it loses that channel, not its session).
+    reads: Arc<tokio::sync::Mutex<Option<(ExportClient, u32)>>>,
     /// Chunks of window beyond the floor that reads of this exporter may still reserve
     /// ([`HubOptions::forward_budget`]).
     window_budget: Arc<Semaphore>,
@@ -215,6 +217,38 @@ struct PeerHandle {
     heard: Arc<AtomicU64>,
     /// Slots for forwarded reads (and ls/stat) to this peer.
     calls: Arc<Semaphore>,
+    /// The forwarded reads holding those slots, for a newcomer to take an idle one's.
+    active: Arc<Mutex<Vec<ActiveRead>>>,
+}
+
+/// One forwarded read holding a slot of its exporter.
+struct ActiveRead {
+    /// Distinguishes it from the reader's other reads.
+    id: u64,
+    /// The reader's connection.
+    conn: ConnId,
+    /// When the reader last took a chunk of it (or it started), in milliseconds since the
+    /// hub's epoch.
+    took: Arc<AtomicU64>,
+    /// Whether a chunk waits for the reader to take it (so the reader, not the exporter,
+    /// holds the read up).
+    blocked: Arc<AtomicBool>,
+    /// Cancelled to give its slot to another reader.
+    stop: CancellationToken,
+}
+
+/// How long a read must have taken nothing before a reader waiting for a slot of the same
+/// exporter may take it over (when its own reader holds more than its fair share).
+const IDLE_BEFORE_PREEMPT: Duration = Duration::from_secs(1);
+
+/// How often a call waiting for a slot looks for an idle read to take it from.
+const PREEMPT_CHECK: Duration = Duration::from_millis(250);
+
+/// Takes `peer`'s active-reads list; a poisoned lock still holds a consistent list.
+fn active_reads(peer: &PeerHandle) -> std::sync::MutexGuard<'_, Vec<ActiveRead>> {
+    peer.active
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// What admission decided for an accepted connection.
@@ -240,6 +274,8 @@ pub(crate) struct HubState {
     opts: HubOptions,
     peers: Registry<PeerHandle>,
     next_conn: AtomicU64,
+    /// Ids of forwarded reads.
+    next_read: AtomicU64,
     /// Seats of published clients ([`HubOptions::max_connections`]).
     connections: Arc<Semaphore>,
     admission: Arc<Admission>,
@@ -268,6 +304,7 @@ impl HubState {
             opts,
             peers: Registry::new(),
             next_conn: AtomicU64::new(1),
+            next_read: AtomicU64::new(1),
             connections,
             admission,
             refusals: Arc::new(Semaphore::new(MAX_REFUSALS)),
@@ -705,23 +742,26 @@ impl HubState {
         name: &str,
         peer: &PeerHandle,
     ) -> Result<(ExportClient, u32), Status> {
-        peer.reads
-            .get_or_try_init(|| async {
-                let start = Instant::now();
-                let ch = dial_peer(name, &peer.session).await?;
-                let rtt = start.elapsed();
-                let window = window_for(&self.opts, rtt);
-                debug!(peer = %name, ?rtt, window, "read window sized from the round trip");
-                let client = ExportClient::new(rpc::Client::with_config(
-                    ch,
-                    rpc::Config::default()
-                        .stream_window(self.opts.forward_window.max(1))
-                        .max_message_size(MAX_CHUNK_FRAME),
-                ));
-                Ok((client, window))
-            })
-            .await
-            .cloned()
+        // A tokio mutex: held across the dial, so that concurrent first reads dial once.
+        let mut reads = peer.reads.lock().await;
+        if let Some((client, window)) = &*reads {
+            if !client.client().is_closed() {
+                return Ok((client.clone(), *window));
+            }
+        }
+        let start = Instant::now();
+        let ch = dial_peer(name, &peer.session).await?;
+        let rtt = start.elapsed();
+        let window = window_for(&self.opts, rtt);
+        debug!(peer = %name, ?rtt, window, "read window sized from the round trip");
+        let client = ExportClient::new(rpc::Client::with_config(
+            ch,
+            rpc::Config::default()
+                .stream_window(self.opts.forward_window.max(1))
+                .max_message_size(MAX_CHUNK_FRAME),
+        ));
+        *reads = Some((client.clone(), window));
+        Ok((client, window))
     }
 
     /// The window of a new read of `peer` that wants `wanted` chunks: the floor
@@ -745,18 +785,71 @@ impl HubState {
         (floor, None)
     }
 
-    /// Waits up to `busy_wait` for a call slot on `peer`.
-    async fn slot(&self, name: &str, peer: &PeerHandle) -> Result<OwnedSemaphorePermit, Status> {
-        match tokio::time::timeout(self.opts.busy_wait, peer.calls.clone().acquire_owned()).await {
-            Ok(Ok(permit)) => Ok(permit),
-            Ok(Err(_)) => Err(peer_gone(name, "it left")),
-            Err(_) => {
-                warn!(peer = %name, limit = self.opts.max_reads_per_peer, "busy: refusing a call");
-                Err(Status::resource_exhausted(format!(
-                    "peer {name:?} is busy: {} calls to it are already in flight; try again later",
-                    self.opts.max_reads_per_peer
-                )))
+    /// Waits up to `busy_wait` for a call slot on `peer`, for connection `conn`. When every
+    /// slot is taken and `conn` holds fewer than its fair share of them (the slots divided
+    /// among the readers holding some, itself included), the idlest read of a reader over
+    /// its share that has taken nothing for [`IDLE_BEFORE_PREEMPT`] is given up for it: a
+    /// reader that takes nothing cannot keep others out by holding or re-issuing reads.
+    async fn slot(
+        &self,
+        name: &str,
+        peer: &PeerHandle,
+        conn: ConnId,
+    ) -> Result<OwnedSemaphorePermit, Status> {
+        if let Ok(permit) = peer.calls.clone().try_acquire_owned() {
+            return Ok(permit);
+        }
+        // The place in the semaphore's queue is kept while reads are looked at for one to
+        // give up (they may become idle during the wait).
+        let acquire = peer.calls.clone().acquire_owned();
+        tokio::pin!(acquire);
+        let give_up = tokio::time::sleep(self.opts.busy_wait);
+        tokio::pin!(give_up);
+        let mut look = tokio::time::interval(PREEMPT_CHECK);
+        // Bounded by `give_up`.
+        loop {
+            tokio::select! {
+                permit = &mut acquire => {
+                    return permit.map_err(|_| peer_gone(name, "it left"));
+                }
+                () = &mut give_up => {
+                    warn!(peer = %name, limit = self.opts.max_reads_per_peer, "busy: refusing a call");
+                    return Err(Status::resource_exhausted(format!(
+                        "peer {name:?} is busy: {} calls to it are already in flight; try again \
+                         later",
+                        self.opts.max_reads_per_peer
+                    )));
+                }
+                _ = look.tick() => self.preempt_for(name, peer, conn),
             }
+        }
+    }
+
+    /// Gives up one idle read of `peer` for connection `conn`, if `conn` is under its fair
+    /// share of slots and some reader over its share has a read idle long enough.
+    fn preempt_for(&self, name: &str, peer: &PeerHandle, conn: ConnId) {
+        let active = active_reads(peer);
+        let mut held: HashMap<ConnId, usize> = HashMap::new();
+        for read in active.iter() {
+            *held.entry(read.conn).or_insert(0) += 1;
+        }
+        let mine = held.get(&conn).copied().unwrap_or(0);
+        let readers = held.len() + usize::from(mine == 0);
+        let fair = (self.opts.max_reads_per_peer.max(1) / readers.max(1)).max(1);
+        if mine >= fair {
+            return;
+        }
+        let now = self.epoch.elapsed().as_millis() as u64;
+        let idle_ms = IDLE_BEFORE_PREEMPT.as_millis() as u64;
+        let victim = active
+            .iter()
+            .filter(|r| held.get(&r.conn).copied().unwrap_or(0) > fair)
+            .filter(|r| !r.stop.is_cancelled() && r.blocked.load(Ordering::Relaxed))
+            .filter(|r| now.saturating_sub(r.took.load(Ordering::Relaxed)) >= idle_ms)
+            .min_by_key(|r| r.took.load(Ordering::Relaxed));
+        if let Some(victim) = victim {
+            info!(peer = %name, from = victim.conn, to = conn, "giving an idle read's slot to another reader");
+            victim.stop.cancel();
         }
     }
 
@@ -960,7 +1053,7 @@ impl HubService {
         let hub = &self.0.hub;
         let peer = hub.peer(name)?;
         let _mine = self.0.reader_slot(name)?;
-        let _slot = hub.slot(name, &peer).await?;
+        let _slot = hub.slot(name, &peer, self.0.id).await?;
         let export = peer.export.with_options(
             CallOptions::default()
                 .timeout(hub.opts.peer_timeout)
@@ -1012,6 +1105,13 @@ fn window_for(opts: &HubOptions, rtt: Duration) -> u32 {
     bdp.saturating_mul(2).max(floor).min(u64::from(u32::MAX)) as u32
 }
 
+/// Whether `s` ended a forwarded read because the exporter announced a frame over the reads
+/// channel's limit (the rpc conn refuses it unread and ends: a protocol error of the
+/// exporter, not a departure).
+fn oversized_frame(s: &Status) -> bool {
+    s.is_conn_lost() && s.message().contains("-byte frame, over the")
+}
+
 /// Checks one chunk of a forwarded read against the protocol: at most [`CHUNK_SIZE`] bytes,
 /// at the offset where the previous one ended.
 fn check_chunk(name: &str, chunk: &Chunk, expected: u64) -> Result<(), Status> {
@@ -1043,6 +1143,8 @@ struct Pump {
     offset: u64,
     /// Why the pump gave up on the reader, for the reader's stream to report.
     why: Arc<Mutex<Option<Status>>>,
+    /// The reader's call, to end it when the pump gives up.
+    ctx: Context,
     /// The slots and the window reserved from the exporter's budget, freed when the pump
     /// ends.
     _slots: (
@@ -1050,9 +1152,34 @@ struct Pump {
         ReaderSlot,
         Option<OwnedSemaphorePermit>,
     ),
+    /// This read in its exporter's active list (taken out when the pump ends).
+    id: u64,
+    /// When the reader last took a chunk (shared with the active list).
+    took: Arc<AtomicU64>,
+    /// Set while a chunk waits for the reader (shared with the active list).
+    blocked: Arc<AtomicBool>,
+    /// Cancelled when the slot goes to another reader.
+    stop: CancellationToken,
+}
+
+impl Drop for Pump {
+    fn drop(&mut self) {
+        active_reads(&self.peer).retain(|r| r.id != self.id);
+    }
 }
 
 impl Pump {
+    /// Ends the read for the reader with `why`: at once, even when the reader grants no
+    /// credit (the call is aborted with it), and else once the hand-over is empty.
+    fn give_up(&self, why: Status) {
+        debug!(peer = %self.name, "forwarded read given up: {why}");
+        self.ctx.abort(why.clone());
+        *self
+            .why
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(why);
+    }
+
     /// Moves chunks from the exporter to the reader's hand-over until the read is done, the
     /// reader is gone, or one side stays stuck past its bound (see the module docs).
     async fn run<S>(mut self, mut up: S, tx: mpsc::Sender<Result<Chunk, Status>>)
@@ -1066,6 +1193,10 @@ impl Pump {
             let next = tokio::select! {
                 next = hub.next_from(&self.peer, &mut up) => next,
                 () = tx.closed() => return debug!(peer = %name, "reader gone: read cancelled"),
+                () = self.stop.cancelled() => return self.give_up(Status::resource_exhausted(format!(
+                    "peer {name:?} is busy and you took nothing of this read for {IDLE_BEFORE_PREEMPT:?} \
+                     or more: the hub gave its slot to another reader"
+                ))),
             };
             let item = match next {
                 None => Err(Status::deadline_exceeded(format!(
@@ -1073,6 +1204,10 @@ impl Pump {
                     hub.opts.peer_timeout
                 ))),
                 Some(None) => Err(peer_gone(&name, "the transfer was cut short")),
+                Some(Some(Err(s))) if oversized_frame(&s) => Err(Status::internal(format!(
+                    "peer {name:?} broke the protocol: it sent a message over the \
+                     {MAX_CHUNK_FRAME}-byte limit of a chunk"
+                ))),
                 Some(Some(Err(s))) => Err(from_peer(&name, s)),
                 Some(Some(Ok(chunk))) => {
                     hub.heard(&self.peer);
@@ -1090,20 +1225,27 @@ impl Pump {
                 }
             };
             let stall = hub.opts.reader_stall;
-            match tokio::time::timeout(stall, tx.send(item)).await {
-                Ok(Ok(())) if !last => {}
+            self.blocked.store(true, Ordering::Relaxed);
+            let sent = tokio::select! {
+                sent = tokio::time::timeout(stall, tx.send(item)) => sent,
+                () = self.stop.cancelled() => return self.give_up(Status::resource_exhausted(format!(
+                    "peer {name:?} is busy and you took nothing of this read for {IDLE_BEFORE_PREEMPT:?} \
+                     or more: the hub gave its slot to another reader"
+                ))),
+            };
+            self.blocked.store(false, Ordering::Relaxed);
+            match sent {
+                Ok(Ok(())) if !last => {
+                    let now = hub.epoch.elapsed().as_millis() as u64;
+                    self.took.fetch_max(now, Ordering::Relaxed);
+                }
                 Ok(_) => return,
                 Err(_) => {
                     warn!(peer = %name, ?stall, "the reader took nothing: giving up its read");
-                    *self
-                        .why
-                        .lock()
-                        .unwrap_or_else(std::sync::PoisonError::into_inner) =
-                        Some(Status::deadline_exceeded(format!(
-                            "you took nothing of this read for {stall:?}; the hub gave it up \
-                             to free peer {name:?} for others"
-                        )));
-                    return;
+                    return self.give_up(Status::deadline_exceeded(format!(
+                        "you took nothing of this read for {stall:?}; the hub gave it up to free \
+                         peer {name:?} for others"
+                    )));
                 }
             }
         }
@@ -1150,10 +1292,11 @@ impl Hub for HubService {
         let handle = PeerHandle {
             session: conn.session.clone(),
             export,
-            reads: Arc::new(tokio::sync::OnceCell::new()),
+            reads: Arc::new(tokio::sync::Mutex::new(None)),
             window_budget: Arc::new(Semaphore::new(conn.hub.opts.forward_budget / CHUNK_SIZE)),
             heard: Arc::new(AtomicU64::new(0)),
             calls: Arc::new(Semaphore::new(conn.hub.opts.max_reads_per_peer.max(1))),
+            active: Arc::new(Mutex::new(Vec::new())),
         };
         if let Err(e) = conn.hub.peers.insert(&name, conn.id, handle) {
             warn!(peer = %name, conn = conn.id, "refused: {e}");
@@ -1197,7 +1340,7 @@ impl Hub for HubService {
             .await
     }
 
-    async fn read(&self, _ctx: Context, req: PeerRead) -> Result<ItemStream<Chunk>, Status> {
+    async fn read(&self, ctx: Context, req: PeerRead) -> Result<ItemStream<Chunk>, Status> {
         let reader = self.0.published_name().await?;
         if req.offset > MAX_OFFSET {
             return Err(Status::out_of_range(format!(
@@ -1209,7 +1352,7 @@ impl Hub for HubService {
         let name = req.peer;
         let peer = hub.peer(&name)?;
         let mine = self.0.reader_slot(&name)?;
-        let slot = hub.slot(&name, &peer).await?;
+        let slot = hub.slot(&name, &peer, self.0.id).await?;
         let (client, wanted) = hub.reads_client(&name, &peer).await?;
         let (window, reserved) = hub.reserve_window(&peer, wanted);
         info!(%reader, peer = %name, path = %req.path, window, "read");
@@ -1231,13 +1374,29 @@ impl Hub for HubService {
         // pump gave up, if it did, once the hand-over is empty.
         let (tx, rx) = mpsc::channel(1);
         let why = Arc::new(Mutex::new(None));
+        let id = hub.next_read.fetch_add(1, Ordering::Relaxed);
+        let took = Arc::new(AtomicU64::new(hub.epoch.elapsed().as_millis() as u64));
+        let stop = CancellationToken::new();
+        let blocked = Arc::new(AtomicBool::new(false));
+        active_reads(&peer).push(ActiveRead {
+            id,
+            conn: self.0.id,
+            took: took.clone(),
+            blocked: blocked.clone(),
+            stop: stop.clone(),
+        });
         let pump = Pump {
             hub: hub.clone(),
             name,
             peer,
             offset: req.offset,
             why: why.clone(),
+            ctx,
             _slots: (slot, mine, reserved),
+            id,
+            took,
+            blocked,
+            stop,
         };
         tokio::spawn(pump.run(upstream, tx).in_current_span());
         let forwarded = futures::stream::unfold(Some((rx, why)), |state| async move {

@@ -1286,12 +1286,24 @@ async fn an_exporter_that_breaks_the_chunk_rules_fails_only_its_own_reads() {
             other => panic!("{path}: unexpected {other:?}"),
         }
     }
-    // A frame over the export channel's limit is refused before it is buffered: eve's export
-    // channel is gone, the read fails, and nobody else notices.
-    let err = within(WAIT_S, "huge", read_all(&alice, "eve", "huge"))
-        .await
-        .unwrap_err();
-    assert!(!err.to_string().is_empty());
+    // A frame over the export channel's limit is refused before it is buffered: eve's reads
+    // channel is gone, the read fails as her protocol error (not "peer gone"), and nobody
+    // else notices. The next read dials a new channel and meets her next error.
+    match within(WAIT_S, "huge", read_all(&alice, "eve", "huge")).await {
+        Err(CallError::Status(s)) => {
+            assert_eq!(s.code(), Code::Internal, "{s}");
+            assert!(
+                s.message()
+                    .starts_with("peer \"eve\" broke the protocol: it sent a message over"),
+                "{s}"
+            );
+        }
+        other => panic!("huge: unexpected {other:?}"),
+    }
+    match within(WAIT_S, "big again", read_all(&alice, "eve", "big")).await {
+        Err(CallError::Status(s)) => assert!(s.message().contains("a chunk of 262145"), "{s}"),
+        other => panic!("big again: unexpected {other:?}"),
+    }
     // Eve's ls/stat channel is separate and still works.
     let listing = within(WAIT_S, "eve's ls", alice.ls("eve", ""))
         .await
@@ -1917,4 +1929,114 @@ async fn ls_and_stat_reach_the_exporter_over_its_own_peer_link() {
     .await
     .unwrap();
     assert_eq!(st.size, 12);
+}
+
+#[tokio::test(start_paused = true)]
+async fn readers_that_take_nothing_and_reissue_their_reads_never_lock_others_out() {
+    use futures::StreamExt as _;
+    let state = HubState::new(HubOptions::default());
+    let export = || CountingExport {
+        pulled: Arc::new(std::sync::atomic::AtomicUsize::new(0)),
+        stat_hangs: false,
+    };
+    let (io, _bob_conn) = duplex_conn(&state, 1);
+    let (_bob, _bob_hub, _bob_export) = publish_over(io, "bob", export()).await;
+    let mut attackers = Vec::new();
+    for i in 0..2u64 {
+        let (io, conn) = duplex_conn(&state, 10 + i);
+        let (session, hub, task) = publish_over(io, &format!("mallory{i}"), export()).await;
+        // One item of credit, never consumed: these reads take nothing.
+        let hub = hub.with_options(rpc::CallOptions::default().stream_window(1));
+        attackers.push((session, hub, task, conn, Vec::new()));
+    }
+    let (io, _alice_conn) = duplex_conn(&state, 2);
+    let (_alice, alice_hub, _alice_export) = publish_over(io, "alice", export()).await;
+    let read = || PeerRead {
+        peer: "bob".into(),
+        path: "endless".into(),
+        offset: 0,
+    };
+    let start = tokio::time::Instant::now();
+    let mut next_reissue = start;
+    let mut gets = 0;
+    // Bounded: 90 simulated seconds in steps of at least 5 s.
+    while start.elapsed() < Duration::from_secs(90) {
+        if tokio::time::Instant::now() >= next_reissue {
+            // Every 25 s (before the 30 s "took nothing" limit) each attacker cancels its reads
+            // and issues 4 new ones, as many as the hub lets it hold.
+            for (_, hub, _, _, held) in &mut attackers {
+                held.clear();
+                for _ in 0..4 {
+                    if let Ok(Ok(s)) =
+                        tokio::time::timeout(Duration::from_secs(3), hub.read(read())).await
+                    {
+                        held.push(s);
+                    }
+                }
+            }
+            next_reissue += Duration::from_secs(25);
+        }
+        // Alice's read gets a slot and flows within 5 s, whatever the attackers hold.
+        let got = tokio::time::timeout(Duration::from_secs(5), async {
+            let mut s = alice_hub.read(read()).await?;
+            for _ in 0..20 {
+                s.next().await.expect("a chunk")?;
+            }
+            Ok::<_, rpc::Status>(())
+        })
+        .await;
+        match got {
+            Ok(Ok(())) => gets += 1,
+            Ok(Err(s)) => panic!("alice's read failed at {:?}: {s}", start.elapsed()),
+            Err(_) => panic!("alice's read took over 5 s at {:?}", start.elapsed()),
+        }
+        tokio::time::sleep(Duration::from_secs(5)).await;
+    }
+    assert!(gets >= 15, "{gets} reads");
+    // The attackers did hold slots meanwhile: the hub was full when alice came.
+    let held: usize = attackers.iter().map(|a| a.4.len()).sum();
+    assert!(held >= 6, "attackers hold {held} reads");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_stalled_reader_that_grants_no_credit_is_told_it_took_nothing() {
+    use futures::StreamExt as _;
+    let state = HubState::new(HubOptions {
+        reader_stall: Duration::from_secs(30),
+        ..HubOptions::default()
+    });
+    let export = || CountingExport {
+        pulled: Arc::new(std::sync::atomic::AtomicUsize::new(0)),
+        stat_hangs: false,
+    };
+    let (io, _bob_conn) = duplex_conn(&state, 1);
+    let (_bob, _bob_hub, _bob_export) = publish_over(io, "bob", export()).await;
+    let (io, _alice_conn) = duplex_conn(&state, 2);
+    let (_alice, alice_hub, _alice_export) = publish_over(io, "alice", export()).await;
+    // One item of credit, and none after it: alice never consumes.
+    let alice_hub = alice_hub.with_options(rpc::CallOptions::default().stream_window(1));
+    let read = PeerRead {
+        peer: "bob".into(),
+        path: "endless".into(),
+        offset: 0,
+    };
+    let stream = alice_hub.read(read).await.unwrap();
+    let start = tokio::time::Instant::now();
+    // Only the end matters: collecting would grant credit, so wait for the call to end first
+    // (the stream's end arrives without any).
+    let items: Vec<_> = tokio::time::timeout(Duration::from_secs(40), async {
+        // Let the stall run out with nothing consumed, then read what arrived.
+        tokio::time::sleep(Duration::from_secs(31)).await;
+        stream.take(2).collect::<Vec<_>>().await
+    })
+    .await
+    .expect("the read ends");
+    // The one chunk alice had credit for, then at once the end: it was sent while she
+    // granted nothing (consuming that chunk would have let the hub send another first).
+    assert_eq!(items.len(), 2, "{items:?}");
+    assert!(items[0].is_ok(), "{items:?}");
+    let end = items[1].as_ref().expect_err("the end, not another chunk");
+    assert_eq!(end.code(), Code::DeadlineExceeded, "{end}");
+    assert!(end.message().contains("you took nothing"), "{end}");
+    assert!(start.elapsed() >= Duration::from_secs(30));
 }
