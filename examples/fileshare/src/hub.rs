@@ -1105,11 +1105,14 @@ fn window_for(opts: &HubOptions, rtt: Duration) -> u32 {
     bdp.saturating_mul(2).max(floor).min(u64::from(u32::MAX)) as u32
 }
 
-/// Whether `s` ended a forwarded read because the exporter announced a frame over the reads
-/// channel's limit (the rpc conn refuses it unread and ends: a protocol error of the
-/// exporter, not a departure).
+/// Whether `s` ended a forwarded read because the exporter produced a message over the reads
+/// channel's limit: a protocol error of the exporter, not a departure. An exporter whose rpc
+/// layer learnt the hub's limit refuses to send such a chunk and ends the read with
+/// `RESOURCE_EXHAUSTED` (an exporter's reads answer that code for nothing else); one that
+/// sends it anyway meets the hub's rpc conn, which refuses the frame unread and ends.
 fn oversized_frame(s: &Status) -> bool {
-    s.is_conn_lost() && s.message().contains("-byte frame, over the")
+    s.code() == Code::ResourceExhausted
+        || (s.is_conn_lost() && s.message().contains("-byte frame, over the"))
 }
 
 /// Checks one chunk of a forwarded read against the protocol: at most [`CHUNK_SIZE`] bytes,
