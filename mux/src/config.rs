@@ -84,8 +84,8 @@ pub struct Config {
     /// Largest yamux data frame this side sends; bigger writes are split (and no frame is
     /// larger than the peer's window allows). Larger frames mean fewer frames, reads and
     /// wake-ups per byte, smaller ones interleave channels more finely. Clamped to
-    /// 1 KiB..=1 MiB. Default: 512 KiB (docs/performance.md, "Round 6"); a stream's frames
-    /// reach it only once its window has grown past the initial 256 KiB.
+    /// 1 KiB..=1 MiB. Default: 512 KiB; a stream's frames reach it only once its window has
+    /// grown past the initial 256 KiB.
     pub split_send_size: usize,
     /// On a session that passes file descriptors ([`Session::with_fds`](crate::Session::with_fds)):
     /// how many received descriptors it holds at most that no channel reader has taken yet.
@@ -102,9 +102,9 @@ pub struct Config {
     /// transfer on the shared link, not behind a whole window: on loopback a 64-byte round
     /// trip beside a bulk channel takes about 2× its idle time instead of 5×, and the bulk
     /// channel runs at 0.7–1.3 GB/s instead of 4–5 GB/s while it lasts (docs/performance.md,
-    /// "Round 8"). A bulk channel gets its whole window back within about a millisecond (or
-    /// four round trips) of the last small message. Clamped to at most 256 KiB; 0 turns the
-    /// cap off. Default: 16 KiB.
+    /// "Where the time goes"). A bulk channel gets its whole window back within about a
+    /// millisecond (or four round trips) of the last small message. Clamped to at most
+    /// 256 KiB; 0 turns the cap off. Default: 16 KiB.
     pub window_beside_interactive: usize,
 }
 
