@@ -7,7 +7,7 @@
 //! The reason is present only when status ≠ 0 (refused). Nothing else is read or written on
 //! the stream before the handshake is complete, so application bytes are never mixed in.
 
-use crate::Error;
+use crate::error::Error;
 use tokio::io::{AsyncRead, AsyncReadExt};
 
 /// The handshake version this implementation speaks.

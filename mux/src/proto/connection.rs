@@ -5,6 +5,7 @@ use super::{
     frame::{FrameType, GoAwayCode, Header, ACK, FD_ANNOUNCE, FIN, MAX_FDS_PER_FRAME, RST, SYN},
     ids::IdMap,
     keepalive::{Due, Keepalive},
+    limits::Limits,
     output::{Output, LANE_COST},
     stream::Stream,
     Fd, Violation,
@@ -39,31 +40,6 @@ pub(crate) enum Side {
     Client,
     /// Allocates even ids.
     Server,
-}
-
-/// The bounds a [`Connection`] enforces.
-#[derive(Debug, Clone)]
-pub(crate) struct Limits {
-    /// Every stream's initial receive and send window (256 KiB in the spec).
-    pub(crate) initial_window: u32,
-    /// The largest receive window one stream may be granted.
-    pub(crate) max_window: u32,
-    /// Bytes by which all streams' receive windows together may exceed their initial ones.
-    pub(crate) growth_budget: usize,
-    /// Streams in the table at once; an inbound SYN beyond it is answered with RST.
-    pub(crate) max_streams: usize,
-    /// The largest data frame we send.
-    pub(crate) max_frame: usize,
-    /// Bytes of queued output beyond which writers wait for the link.
-    pub(crate) out_limit: usize,
-    /// Whether this side receives file descriptors (its link carries them): it announces so
-    /// to the peer, and accepts [`FrameType::Fds`] frames.
-    pub(crate) fds: bool,
-    /// Received file descriptors held unclaimed, at most, across the session.
-    pub(crate) max_fds_held: usize,
-    /// While another stream is interactive, what a stream's peer may have in flight towards
-    /// us (see `flow.rs`, [`Flow::cap_beside_interactive`]). 0: no cap.
-    pub(crate) window_beside_interactive: u32,
 }
 
 /// A frame ready to be written: header and body, sent together, and for an

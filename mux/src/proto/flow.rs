@@ -5,7 +5,7 @@
 //! tells it what arrived. Every tuned number of the core is here, measured on the bench
 //! (`cargo bench -p netchan-mux`, see docs/performance.md).
 
-use super::{connection::Limits, frame::Header, stream::Stream};
+use super::{frame::Header, limits::Limits, stream::Stream};
 use std::time::{Duration, Instant};
 
 /// Window updates are sent once the reader has consumed this much (or a quarter of the

@@ -19,14 +19,16 @@ mod flow;
 mod frame;
 mod ids;
 mod keepalive;
+mod limits;
 mod output;
 mod stream;
 
-pub(crate) use connection::{Connection, Frame, Limits, OpenError, Side, StreamError};
+pub(crate) use connection::{Connection, Frame, OpenError, Side, StreamError};
 pub(crate) use frame::{
     FrameType, GoAwayCode, Header, ACK, FIN, HEADER_LEN, MAX_FDS_PER_FRAME, RST, SYN,
 };
 pub(crate) use keepalive::Due;
+pub(crate) use limits::Limits;
 
 /// A file descriptor travelling with a stream's bytes (unix only; elsewhere no value exists).
 #[cfg(unix)]
