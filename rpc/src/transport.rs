@@ -761,9 +761,10 @@ where
     while !slices.is_empty() {
         // A large leading slice goes alone through `write`: when the socket
         // takes only part of it, tokio learns from that partial write that the
-        // send buffer is full and waits for room, where after a partial
-        // vectored write it would try once more and fail with `WouldBlock`
-        // (one wasted syscall per partial write of a large message).
+        // send buffer is full and waits for the kernel's write-space wakeup.
+        // A partial vectored write leaves the socket marked writable, so the
+        // next write went out at once with the little room the peer had freed
+        // meanwhile (or failed with `WouldBlock`): more, smaller writes.
         let write = if slices[0].len() >= ZERO_COPY_MIN || slices.len() == 1 {
             tokio::time::timeout(stall, io.write(&slices[0])).await
         } else {
