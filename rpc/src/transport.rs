@@ -759,9 +759,18 @@ where
     let mut pending: usize = slices.iter().map(|s| s.len()).sum();
     let mut slices = &mut slices[..];
     while !slices.is_empty() {
-        let n = tokio::time::timeout(stall, io.write_vectored(slices))
-            .await
-            .map_err(|_| stalled(pending))??;
+        // A large leading slice goes alone through `write`: when the socket
+        // takes only part of it, tokio learns from that partial write that the
+        // send buffer is full and waits for the kernel's write-space wakeup.
+        // A partial vectored write leaves the socket marked writable, so the
+        // next write went out at once with the little room the peer had freed
+        // meanwhile (or failed with `WouldBlock`): more, smaller writes.
+        let write = if slices[0].len() >= ZERO_COPY_MIN || slices.len() == 1 {
+            tokio::time::timeout(stall, io.write(&slices[0])).await
+        } else {
+            tokio::time::timeout(stall, io.write_vectored(slices)).await
+        };
+        let n = write.map_err(|_| stalled(pending))??;
         if n == 0 {
             return Err(io::Error::from(io::ErrorKind::WriteZero).into());
         }
@@ -1520,6 +1529,105 @@ mod tests {
             let body = r.next_frame().await.unwrap().unwrap().body();
             assert_eq!(codec::decode::<u32>(&body, "n").unwrap(), i);
         }
+        assert!(r.next_frame().await.unwrap().is_none());
+    }
+
+    /// Takes at most `per_call` bytes per write, like a socket whose send
+    /// buffer is full, and records each call's kind and size.
+    struct ShortWriter {
+        data: Vec<u8>,
+        per_call: usize,
+        /// (vectored, bytes taken) per call.
+        calls: Vec<(bool, usize)>,
+    }
+
+    impl AsyncWrite for ShortWriter {
+        fn poll_write(
+            mut self: std::pin::Pin<&mut Self>,
+            _cx: &mut std::task::Context<'_>,
+            buf: &[u8],
+        ) -> std::task::Poll<io::Result<usize>> {
+            let n = buf.len().min(self.per_call);
+            self.data.extend_from_slice(&buf[..n]);
+            self.calls.push((false, n));
+            std::task::Poll::Ready(Ok(n))
+        }
+
+        fn poll_write_vectored(
+            mut self: std::pin::Pin<&mut Self>,
+            _cx: &mut std::task::Context<'_>,
+            bufs: &[IoSlice<'_>],
+        ) -> std::task::Poll<io::Result<usize>> {
+            let mut n = 0;
+            for b in bufs {
+                let take = b.len().min(self.per_call - n);
+                self.data.extend_from_slice(&b[..take]);
+                n += take;
+            }
+            self.calls.push((true, n));
+            std::task::Poll::Ready(Ok(n))
+        }
+
+        fn is_write_vectored(&self) -> bool {
+            true
+        }
+
+        fn poll_flush(
+            self: std::pin::Pin<&mut Self>,
+            _cx: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<io::Result<()>> {
+            std::task::Poll::Ready(Ok(()))
+        }
+
+        fn poll_shutdown(
+            self: std::pin::Pin<&mut Self>,
+            _cx: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<io::Result<()>> {
+            std::task::Poll::Ready(Ok(()))
+        }
+    }
+
+    /// A large block queued by reference leaves with its header in one
+    /// gathered write; what a short write leaves of the block goes out in
+    /// plain writes of the block alone (a partial plain write tells the
+    /// runtime that the socket is full), and the bytes arrive exactly.
+    #[tokio::test]
+    async fn a_large_block_cut_by_short_writes_continues_in_plain_writes() {
+        let blob = crate::ByteBuf::from((0..300_000u32).map(|i| i as u8).collect::<Vec<u8>>());
+        let outbox = Outbox::new(&Config::default());
+        outbox
+            .push(|w| codec::encode(w, &(7u32, &blob, 9u8), "m"))
+            .await
+            .unwrap();
+        outbox.close();
+        let mut conn = ShortWriter {
+            data: Vec::new(),
+            per_call: 100_000,
+            calls: Vec::new(),
+        };
+        outbox
+            .run_writer(&mut conn, &crate::fds::FdLink::default())
+            .await
+            .unwrap();
+        let calls = &conn.calls[1..]; // after the preamble
+        assert!(
+            calls[0].0,
+            "the header and the block start in one gathered write"
+        );
+        let plain = calls.iter().filter(|c| !c.0).count();
+        assert!(
+            plain >= 2,
+            "the rest of the block in plain writes: {calls:?}"
+        );
+        let mut r = FrameReader::with_limits(
+            &conn.data[PREAMBLE.len()..],
+            1 << 20,
+            Duration::from_secs(30),
+        );
+        let body = r.next_frame().await.unwrap().unwrap().body();
+        let (a, b, c): (u32, crate::ByteBuf, u8) = codec::decode(&body, "m").unwrap();
+        assert_eq!((a, c), (7, 9));
+        assert!(b[..] == blob[..], "the block differs");
         assert!(r.next_frame().await.unwrap().is_none());
     }
 
