@@ -101,10 +101,12 @@ fn expand(attr: TokenStream, item: ItemTrait) -> syn::Result<TokenStream> {
                     + ::std::marker::Send;
         });
 
-        let err_check = quote_spanned! {err.span()=>
-            #krate::__private::assert_error::<#err>();
+        // Spanned, path included, at the user's error type: a type that
+        // does not convert into `Status` is reported there, once.
+        let krate_at_err = respanned(&krate, err.span());
+        let to_status = quote_spanned! {err.span()=>
+            |e| <#krate_at_err::Status as #krate_at_err::__private::StatusFrom<#err>>::status_from(e)
         };
-        checks.push(err_check);
         let msg_types: Vec<&Type> = match kind {
             Kind::Unary | Kind::ServerStreaming => arg_tys.iter().copied().chain([ok]).collect(),
             Kind::ClientStreaming | Kind::Bidi => req_item.iter().chain([ok]).collect(),
@@ -139,7 +141,7 @@ fn expand(attr: TokenStream, item: ItemTrait) -> syn::Result<TokenStream> {
                 def.unary(#method_lit, move |ctx, #req_pat: #req_ty| {
                     #call_self
                     async move {
-                        this.#mname(ctx, #(#arg_names),*).await.map_err(#krate::__private::into_status)
+                        this.#mname(ctx, #(#arg_names),*).await.map_err(#to_status)
                     }
                 });
             }},
@@ -148,7 +150,7 @@ fn expand(attr: TokenStream, item: ItemTrait) -> syn::Result<TokenStream> {
                 def.stream(#method_lit, move |ctx, #req_pat: #req_ty| {
                     #call_self
                     async move {
-                        this.#mname(ctx, #(#arg_names),*).await.map_err(#krate::__private::into_status)
+                        this.#mname(ctx, #(#arg_names),*).await.map_err(#to_status)
                     }
                 });
             }},
@@ -157,7 +159,7 @@ fn expand(attr: TokenStream, item: ItemTrait) -> syn::Result<TokenStream> {
                 def.bidi(#method_lit, move |ctx, requests| {
                     #call_self
                     async move {
-                        this.#mname(ctx, requests).await.map_err(#krate::__private::into_status)
+                        this.#mname(ctx, requests).await.map_err(#to_status)
                     }
                 });
             }},
@@ -169,7 +171,7 @@ fn expand(attr: TokenStream, item: ItemTrait) -> syn::Result<TokenStream> {
                         let response = this
                             .#mname(ctx, requests)
                             .await
-                            .map_err(#krate::__private::into_status)?;
+                            .map_err(#to_status)?;
                         ::std::result::Result::Ok(#krate::__private::once(response))
                     }
                 });
@@ -285,6 +287,9 @@ fn expand(attr: TokenStream, item: ItemTrait) -> syn::Result<TokenStream> {
 
             /// Bundles this implementation as a service for
             /// `Server::add` (methods served as `"Trait.method"`).
+            // The error conversions are closures spanned at the user's
+            // error types (see `to_status`), which clippy would flag there.
+            #[allow(clippy::redundant_closure)]
             fn into_service(self) -> #krate::ServiceDef
             where
                 Self: ::std::marker::Sized,
@@ -329,6 +334,26 @@ fn expand(attr: TokenStream, item: ItemTrait) -> syn::Result<TokenStream> {
 /// Where the calling crate finds netchan-rpc, from its `Cargo.toml`: its own
 /// name for a direct (possibly renamed) dependency, else `netchan::rpc`
 /// through the facade (possibly renamed), else `::netchan_rpc`.
+/// `tokens` with every span set to `span`, so that an error in code built
+/// from them points at `span` as a whole.
+fn respanned(tokens: &TokenStream, span: proc_macro2::Span) -> TokenStream {
+    tokens
+        .clone()
+        .into_iter()
+        .map(|mut tt| {
+            if let proc_macro2::TokenTree::Group(g) = &tt {
+                let mut group =
+                    proc_macro2::Group::new(g.delimiter(), respanned(&g.stream(), span));
+                group.set_span(span);
+                tt = proc_macro2::TokenTree::Group(group);
+            } else {
+                tt.set_span(span);
+            }
+            tt
+        })
+        .collect()
+}
+
 fn default_crate_path() -> TokenStream {
     use proc_macro_crate::{crate_name, FoundCrate};
     match crate_name("netchan-rpc") {
