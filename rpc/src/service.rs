@@ -382,12 +382,9 @@ pub mod __private {
         label = "not `Serialize + DeserializeOwned + Send + 'static`",
         note = "derive `serde::Serialize` and `serde::Deserialize` for it, with no references or borrowed fields"
     )]
-    pub trait Message {}
+    pub trait Message: Serialize + DeserializeOwned + Send + 'static {}
 
     impl<T: Serialize + DeserializeOwned + Send + 'static> Message for T {}
-
-    /// Fails to compile unless `T` is a [`Message`].
-    pub fn assert_message<T: Message>() {}
 
     /// A stream of one response (client streaming answers once).
     pub fn once<T: Send + 'static>(value: T) -> ItemStream<T> {

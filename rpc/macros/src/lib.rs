@@ -77,7 +77,7 @@ fn expand(attr: TokenStream, item: ItemTrait) -> syn::Result<TokenStream> {
     let service_name = LitStr::new(&name.to_string(), name.span());
 
     let mut trait_fns = Vec::new();
-    let mut checks = Vec::new();
+    let mut service_bounds = Vec::new();
     let mut registrations = Vec::new();
     let mut client_fns = Vec::new();
     for m in &methods {
@@ -111,11 +111,18 @@ fn expand(attr: TokenStream, item: ItemTrait) -> syn::Result<TokenStream> {
             Kind::Unary | Kind::ServerStreaming => arg_tys.iter().copied().chain([ok]).collect(),
             Kind::ClientStreaming | Kind::Bidi => req_item.iter().chain([ok]).collect(),
         };
-        for ty in msg_types {
-            checks.push(quote_spanned! {ty.span()=>
-                #krate::__private::assert_message::<#ty>();
-            });
-        }
+        // Each message type must be a `Message`: required by where-clauses
+        // spanned at the user's type, so a type that does not fit is
+        // reported there (with `Message`'s own wording), and the code
+        // generated under them, which relies on them, adds no error.
+        let bounds: Vec<TokenStream> = msg_types
+            .iter()
+            .map(|ty| {
+                let krate_at_ty = respanned(&krate, ty.span());
+                quote_spanned! {ty.span()=> #ty: #krate_at_ty::__private::Message, }
+            })
+            .collect();
+        service_bounds.extend(bounds.iter().cloned());
 
         let method_lit = LitStr::new(&mname.to_string(), mname.span());
         let wire = LitStr::new(&format!("{name}.{mname}"), mname.span());
@@ -202,7 +209,10 @@ fn expand(attr: TokenStream, item: ItemTrait) -> syn::Result<TokenStream> {
                     #(#attrs)*
                     ///
                     #[doc = #doc_call]
-                    pub async fn #mname(&self, #(#arg_names: #arg_tys),*) -> ::std::result::Result<#ok, #krate::Status> {
+                    pub async fn #mname(&self, #(#arg_names: #arg_tys),*) -> ::std::result::Result<#ok, #krate::Status>
+                    where
+                        #(#bounds)*
+                    {
                         // One call site (one set of trait bounds, so one error for a type
                         // that does not fit); descriptors nobody asked for are closed.
                         #[cfg(unix)]
@@ -219,6 +229,8 @@ fn expand(attr: TokenStream, item: ItemTrait) -> syn::Result<TokenStream> {
                     #[cfg(unix)]
                     pub async fn #with_fds(&self, #(#arg_names: #arg_tys),*)
                         -> ::std::result::Result<(#ok, ::std::vec::Vec<::std::os::fd::OwnedFd>), #krate::Status>
+                    where
+                        #(#bounds)*
                     {
                         self.client.call_with_fds(#wire, #req_expr, self.options.clone()).await
                     }
@@ -230,6 +242,8 @@ fn expand(attr: TokenStream, item: ItemTrait) -> syn::Result<TokenStream> {
                 #[doc = #doc_call]
                 pub async fn #mname(&self, #(#arg_names: #arg_tys),*)
                     -> ::std::result::Result<#krate::ResponseStream<#ok>, #krate::Status>
+                where
+                    #(#bounds)*
                 {
                     self.client.call_stream(#wire, #req_expr, self.options.clone()).await
                 }
@@ -244,7 +258,10 @@ fn expand(attr: TokenStream, item: ItemTrait) -> syn::Result<TokenStream> {
                         &self,
                         #requests: impl #krate::__private::Stream<Item = #req_item>
                             + ::std::marker::Send + 'static,
-                    ) -> ::std::result::Result<#ok, #krate::Status> {
+                    ) -> ::std::result::Result<#ok, #krate::Status>
+                    where
+                        #(#bounds)*
+                    {
                         self.client
                             .call_client_stream(#wire, #requests, self.options.clone())
                             .await
@@ -261,7 +278,10 @@ fn expand(attr: TokenStream, item: ItemTrait) -> syn::Result<TokenStream> {
                         &self,
                         #requests: impl #krate::__private::Stream<Item = #req_item>
                             + ::std::marker::Send + 'static,
-                    ) -> ::std::result::Result<#krate::ResponseStream<#ok>, #krate::Status> {
+                    ) -> ::std::result::Result<#krate::ResponseStream<#ok>, #krate::Status>
+                    where
+                        #(#bounds)*
+                    {
                         self.client
                             .call_bidi(#wire, #requests, self.options.clone())
                             .await
@@ -273,14 +293,6 @@ fn expand(attr: TokenStream, item: ItemTrait) -> syn::Result<TokenStream> {
 
     let client_doc = format!("Typed client for [`{name}`]: one method per service method.");
     Ok(quote! {
-        const _: () = {
-            // Compile-time checks with readable messages; never called.
-            #[allow(dead_code)]
-            fn __netchan_rpc_checks() {
-                #(#checks)*
-            }
-        };
-
         #(#attrs)*
         #vis trait #name: ::std::marker::Send + ::std::marker::Sync + 'static {
             #(#trait_fns)*
@@ -293,6 +305,7 @@ fn expand(attr: TokenStream, item: ItemTrait) -> syn::Result<TokenStream> {
             fn into_service(self) -> #krate::ServiceDef
             where
                 Self: ::std::marker::Sized,
+                #(#service_bounds)*
             {
                 let this = ::std::sync::Arc::new(self);
                 let mut def = #krate::ServiceDef::new(#service_name);
