@@ -203,10 +203,14 @@ async fn spawning_a_missing_program_names_it() {
     let cmd = tokio::process::Command::new("/nonexistent/netchan-child");
     let err = child::spawn(cmd, mux::Config::default()).unwrap_err();
     assert!(matches!(err, ChildError::Spawn { .. }), "{err:?}");
+    // The cause is in the message, once: not also a source.
     assert!(
-        err.to_string().contains("/nonexistent/netchan-child"),
+        err.to_string()
+            .starts_with("cannot spawn /nonexistent/netchan-child: "),
         "{err}"
     );
+    assert!(err.to_string().contains("No such file"), "{err}");
+    assert!(std::error::Error::source(&err).is_none(), "{err:?}");
 }
 
 #[test]

@@ -330,24 +330,39 @@ async fn a_client_that_does_not_trust_the_server_says_so_and_so_does_the_server(
         matches!(
             &err,
             ConnectError::Tls {
-                source: TlsError::ClientDoesNotTrustServer { .. },
+                error: TlsError::ClientDoesNotTrustServer { .. },
                 ..
             }
         ),
         "{err:?}"
     );
-    assert!(anyhow_chain(&err).contains("this client does not trust the server"));
+    // The whole reason is in the message, once (not repeated by a source).
+    let shown = err.to_string();
+    assert!(
+        shown.starts_with("TLS with tls://")
+            && shown.contains("failed: this client does not trust the server's certificate: ")
+            && shown.contains("invalid peer certificate"),
+        "{shown}"
+    );
+    assert_eq!(anyhow_chain(&err), shown);
     let err = server.unwrap_err();
     assert!(
         matches!(
             &err,
             AcceptError::Tls {
-                source: TlsError::ClientDoesNotTrustThisServer { .. },
+                error: TlsError::ClientDoesNotTrustThisServer { .. },
                 ..
             }
         ),
         "{err:?}"
     );
+    let shown = err.to_string();
+    assert!(
+        shown.starts_with("TLS with 127.0.0.1:")
+            && shown.contains("failed: the client does not trust this server's certificate"),
+        "{shown}"
+    );
+    assert_eq!(anyhow_chain(&err), shown);
 }
 
 #[tokio::test]
@@ -361,7 +376,7 @@ async fn a_server_requiring_a_client_certificate_refuses_a_client_without_one_an
         matches!(
             &err,
             AcceptError::Tls {
-                source: TlsError::ClientSentNoCertificate,
+                error: TlsError::ClientSentNoCertificate,
                 ..
             }
         ),
@@ -395,7 +410,7 @@ async fn a_server_that_does_not_trust_the_client_certificate_says_so_and_so_does
         matches!(
             &err,
             AcceptError::Tls {
-                source: TlsError::ServerDoesNotTrustClientCertificate { .. },
+                error: TlsError::ServerDoesNotTrustClientCertificate { .. },
                 ..
             }
         ),
@@ -432,7 +447,7 @@ async fn a_stalled_tls_handshake_times_out_on_either_side() {
         matches!(
             &err,
             ConnectError::Tls {
-                source: TlsError::HandshakeTimeout { .. },
+                error: TlsError::HandshakeTimeout { .. },
                 ..
             }
         ),
@@ -461,7 +476,7 @@ async fn a_stalled_tls_handshake_times_out_on_either_side() {
         matches!(
             &err,
             AcceptError::Tls {
-                source: TlsError::HandshakeTimeout { .. },
+                error: TlsError::HandshakeTimeout { .. },
                 ..
             }
         ),

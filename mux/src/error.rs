@@ -86,8 +86,14 @@ pub enum Error {
     #[error("session closed: {0}")]
     SessionClosed(CloseReason),
     /// An I/O error on a channel.
-    #[error("channel i/o error")]
-    Io(#[from] io::Error),
+    #[error("channel i/o error: {0}")]
+    Io(io::Error),
+}
+
+impl From<io::Error> for Error {
+    fn from(error: io::Error) -> Error {
+        Error::Io(error)
+    }
 }
 
 impl Error {
@@ -199,5 +205,17 @@ impl fmt::Display for CloseReason {
                  message (is this process out of file descriptors?)",
             ),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_io_error_shows_its_cause_once() {
+        let err = Error::from(io::Error::other("broken pipe"));
+        assert_eq!(err.to_string(), "channel i/o error: broken pipe");
+        assert!(std::error::Error::source(&err).is_none());
     }
 }

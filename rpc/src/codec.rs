@@ -31,22 +31,20 @@ fn config() -> impl bincode::config::Config {
 pub enum CodecError {
     /// Encoding `what` failed (a `Serialize` impl errored, or the writer
     /// refused more bytes because the message grew past its limit).
-    #[error("could not encode {what}")]
+    #[error("could not encode {what}: {error}")]
     Encode {
         /// What was being encoded ("request", "response", "envelope", ...).
         what: &'static str,
-        /// The codec's error.
-        #[source]
-        source: Box<dyn std::error::Error + Send + Sync>,
+        /// The codec's error (shown in the message, so not also a `source`).
+        error: Box<dyn std::error::Error + Send + Sync>,
     },
     /// Decoding `what` failed: truncated, invalid or over-limit data.
-    #[error("could not decode {what}")]
+    #[error("could not decode {what}: {error}")]
     Decode {
         /// What was being decoded.
         what: &'static str,
-        /// The codec's error.
-        #[source]
-        source: Box<dyn std::error::Error + Send + Sync>,
+        /// The codec's error (shown in the message, so not also a `source`).
+        error: Box<dyn std::error::Error + Send + Sync>,
     },
     /// `what` decoded but left unread bytes: the peer used another type.
     #[error("{what} has {extra} trailing bytes after a complete value")]
@@ -68,7 +66,7 @@ where
         .map(|_| ())
         .map_err(|e| CodecError::Encode {
             what,
-            source: Box::new(e),
+            error: Box::new(e),
         })
 }
 
@@ -80,7 +78,7 @@ pub(crate) fn decode_prefix<T: DeserializeOwned>(
 ) -> Result<(T, usize), CodecError> {
     bincode::serde::decode_from_slice(bytes, config()).map_err(|e| CodecError::Decode {
         what,
-        source: Box::new(e),
+        error: Box::new(e),
     })
 }
 
@@ -163,7 +161,7 @@ pub(crate) fn decode_payload<T: DeserializeOwned>(
         bincode::serde::borrow_decode_from_slice::<T, _>(bytes, config()).map_err(|e| {
             CodecError::Decode {
                 what,
-                source: Box::new(e),
+                error: Box::new(e),
             }
         })?;
     if used != bytes.len() {
@@ -200,6 +198,11 @@ mod tests {
         assert!(matches!(err, CodecError::Decode { .. }), "{err:?}");
         let err = decode::<Vec<u64>>(&bytes, "vec").unwrap_err();
         assert!(matches!(err, CodecError::Decode { .. }), "{err:?}");
+        // The codec's reason is in the message, once: not also a source.
+        let shown = err.to_string();
+        assert!(shown.starts_with("could not decode vec: "), "{shown}");
+        assert!(shown.len() > "could not decode vec: ".len(), "{shown}");
+        assert!(std::error::Error::source(&err).is_none());
     }
 
     #[test]

@@ -21,13 +21,12 @@ const MAX_DIAL_BACKOFF: Duration = Duration::from_millis(100);
 pub enum PeerError {
     /// The session refused the peer channel (closed, name in use, too many
     /// channels).
-    #[error("could not open the rpc peer channel {name:?}")]
+    #[error("could not open the rpc peer channel {name:?}: {error}")]
     Mux {
         /// The channel name, [`PEER_CHANNEL`].
         name: &'static str,
-        /// What the session said.
-        #[source]
-        source: netchan_mux::Error,
+        /// What the session said (shown in the message, so not also a `source`).
+        error: netchan_mux::Error,
     },
     /// The other side did not set up its `Peer` in time.
     #[error("the other side set up no rpc peer within {after:?}")]
@@ -150,9 +149,9 @@ impl Peer {
         server: Server,
         client: Config,
     ) -> Result<Peer, PeerError> {
-        let mux = |source| PeerError::Mux {
+        let mux = |error| PeerError::Mux {
             name: PEER_CHANNEL,
-            source,
+            error,
         };
         let mut listener = session.listen(PEER_CHANNEL).map_err(mux)?;
         let after = server.config().handshake_timeout;

@@ -350,21 +350,29 @@ pub mod __private {
 
     use crate::{ItemStream, Status};
 
-    /// The error type of a service method: `Status` or anything that
-    /// converts into it.
+    /// `Status` made from the error type `E` of a service method: `Status`
+    /// itself or anything with `From<E> for Status`.
+    ///
+    /// Implemented by `Status` (not by `E`) so that an `E` without the
+    /// `From` impl fails on this trait's own bound, whose self type is
+    /// `Status` as in the `From` bound beneath it: rustc then shows the
+    /// message below rather than a bare `Status: From<E>`.
     #[diagnostic::on_unimplemented(
-        message = "`{Self}` cannot be the error type of an rpc method",
-        label = "not `Status`, and there is no `From<{Self}> for Status`",
-        note = "return `Result<T, Status>`, or implement `From<{Self}> for Status`"
+        message = "`{E}` cannot be the error type of an rpc method",
+        label = "not `Status`, and there is no `From<{E}> for Status`",
+        note = "return `Result<T, Status>`, or implement `From<{E}> for Status`"
     )]
-    pub trait IntoStatus {
+    pub trait StatusFrom<E> {
         /// The status sent to the caller.
-        fn into_status(self) -> Status;
+        fn status_from(err: E) -> Status;
     }
 
-    impl<E: Into<Status>> IntoStatus for E {
-        fn into_status(self) -> Status {
-            self.into()
+    impl<E> StatusFrom<E> for Status
+    where
+        Status: From<E>,
+    {
+        fn status_from(err: E) -> Status {
+            Status::from(err)
         }
     }
 
@@ -374,20 +382,9 @@ pub mod __private {
         label = "not `Serialize + DeserializeOwned + Send + 'static`",
         note = "derive `serde::Serialize` and `serde::Deserialize` for it, with no references or borrowed fields"
     )]
-    pub trait Message {}
+    pub trait Message: Serialize + DeserializeOwned + Send + 'static {}
 
     impl<T: Serialize + DeserializeOwned + Send + 'static> Message for T {}
-
-    /// Fails to compile unless `E` converts into a [`Status`].
-    pub fn assert_error<E: IntoStatus>() {}
-
-    /// Fails to compile unless `T` is a [`Message`].
-    pub fn assert_message<T: Message>() {}
-
-    /// `err` as a status.
-    pub fn into_status<E: IntoStatus>(err: E) -> Status {
-        err.into_status()
-    }
 
     /// A stream of one response (client streaming answers once).
     pub fn once<T: Send + 'static>(value: T) -> ItemStream<T> {

@@ -1806,7 +1806,7 @@ mod tests {
         move |w| {
             w.write_all(&vec![1; n]).map_err(|e| CodecError::Encode {
                 what: "test",
-                source: Box::new(e),
+                error: Box::new(e),
             })
         }
     }
@@ -1861,7 +1861,7 @@ mod tests {
             .push_now(|w| {
                 w.write_all(&[0; 513]).map_err(|e| CodecError::Encode {
                     what: "test",
-                    source: Box::new(e),
+                    error: Box::new(e),
                 })
             })
             .unwrap_err();
@@ -1877,7 +1877,7 @@ mod tests {
             .push_now(|w| {
                 w.write_all(&[7; 512]).map_err(|e| CodecError::Encode {
                     what: "test",
-                    source: Box::new(e),
+                    error: Box::new(e),
                 })
             })
             .unwrap();

@@ -52,16 +52,15 @@ const EXIT_GRACE: Duration = Duration::from_secs(5);
 #[derive(Debug, thiserror::Error)]
 pub enum ChildError {
     /// The socket pair could not be created (out of fds?).
-    #[error("cannot create the socket pair for the child")]
-    SocketPair(#[source] io::Error),
+    #[error("cannot create the socket pair for the child: {0}")]
+    SocketPair(io::Error),
     /// The program could not be started.
-    #[error("cannot spawn {program}")]
+    #[error("cannot spawn {program}: {error}")]
     Spawn {
         /// The program.
         program: String,
-        /// Why.
-        #[source]
-        source: io::Error,
+        /// Why (shown in the message, so not also a `source`).
+        error: io::Error,
     },
     /// Child side: [`FD_ENV`] is not set, so this process was not spawned by [`spawn`].
     #[error("{FD_ENV} is not set: this process was not spawned with netchan::net::child::spawn")]
@@ -73,13 +72,12 @@ pub enum ChildError {
         value: String,
     },
     /// Child side: the fd named by [`FD_ENV`] is not an open Unix socket.
-    #[error("fd {fd} named by {FD_ENV} is not an open unix socket")]
+    #[error("fd {fd} named by {FD_ENV} is not an open unix socket: {error}")]
     NotASocket {
         /// The fd number.
         fd: i32,
-        /// What the check said.
-        #[source]
-        source: io::Error,
+        /// What the check said (shown in the message, so not also a `source`).
+        error: io::Error,
     },
     /// Child side: [`from_env`] was already called in this process; the fd has one owner.
     #[error("the inherited link was already taken by an earlier from_env call")]
@@ -155,9 +153,9 @@ pub fn spawn_with(
     // The parent keeps no copy of the child's end: when the child exits, the link's last
     // other fd is gone and our reads see it.
     drop(child_end);
-    let mut child = spawned.map_err(|source| ChildError::Spawn {
+    let mut child = spawned.map_err(|error| ChildError::Spawn {
         program: program.clone(),
-        source,
+        error,
     })?;
     let pid = child.id().unwrap_or(0);
 
@@ -180,7 +178,7 @@ pub fn spawn_with(
         }
     });
 
-    let map_err = |source| ChildError::SocketPair(source);
+    let map_err = |error| ChildError::SocketPair(error);
     parent_end.set_nonblocking(true).map_err(map_err)?;
     let io = UnixStream::from_std(parent_end).map_err(map_err)?;
     let builder = Session::builder_with_fds(io, mux::Mode::Client, config);
@@ -278,7 +276,7 @@ pub fn stream_from_env() -> Result<UnixStream, ChildError> {
     if TAKEN.swap(true, Ordering::SeqCst) {
         return Err(ChildError::AlreadyTaken);
     }
-    let not_a_socket = |source| ChildError::NotASocket { fd, source };
+    let not_a_socket = |error| ChildError::NotASocket { fd, error };
     let owned = fd::take(fd).map_err(not_a_socket)?;
     let std = std::os::unix::net::UnixStream::from(owned);
     // getsockname fails on anything that is not a Unix socket.

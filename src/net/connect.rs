@@ -152,9 +152,9 @@ pub async fn connect(
             let stream =
                 tls.handshake(tcp, host, left)
                     .await
-                    .map_err(|source| ConnectError::Tls {
+                    .map_err(|error| ConnectError::Tls {
                         addr: addr.clone(),
-                        source,
+                        error,
                     })?;
             start(stream, options.mux, options.on_session.as_ref())
         }

@@ -41,15 +41,14 @@ pub enum ConnectError {
         /// The address.
         addr: Addr,
     },
-    /// The TLS handshake failed: the source says which side did not trust whom.
+    /// The TLS handshake failed: the error says which side did not trust whom.
     #[cfg(feature = "tls")]
-    #[error("TLS with {addr} failed")]
+    #[error("TLS with {addr} failed: {error}")]
     Tls {
         /// Where to.
         addr: Addr,
-        /// What went wrong.
-        #[source]
-        source: super::TlsError,
+        /// What went wrong (shown in the message, so not also a `source`).
+        error: super::TlsError,
     },
 }
 
@@ -107,15 +106,14 @@ pub enum AcceptError {
         /// Why (shown in the message, so not also a `source`).
         error: io::Error,
     },
-    /// A connection came in but its TLS handshake failed: the source says which side did not
+    /// A connection came in but its TLS handshake failed: the error says which side did not
     /// trust whom.
     #[cfg(feature = "tls")]
-    #[error("TLS with {peer} failed")]
+    #[error("TLS with {peer} failed: {error}")]
     Tls {
         /// The peer's address.
         peer: String,
-        /// What went wrong.
-        #[source]
-        source: super::TlsError,
+        /// What went wrong (shown in the message, so not also a `source`).
+        error: super::TlsError,
     },
 }

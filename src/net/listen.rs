@@ -332,9 +332,9 @@ async fn accept_loop(
                 };
                 let next = match result {
                     Ok(stream) => Ok(start(stream, config, setup.as_ref())),
-                    Err(source) => {
-                        tracing::info!(%peer, error = %source, "TLS handshake failed");
-                        Err(AcceptError::Tls { peer, source })
+                    Err(error) => {
+                        tracing::info!(%peer, %error, "TLS handshake failed");
+                        Err(AcceptError::Tls { peer, error })
                     }
                 };
                 let _ = ready.send(next).await;
@@ -356,7 +356,7 @@ async fn accept_loop(
 fn unreachable_unix_tls(
 ) -> Result<tokio_rustls::server::TlsStream<tokio::net::TcpStream>, super::TlsError> {
     Err(super::TlsError::Handshake {
-        source: io::Error::new(io::ErrorKind::Unsupported, "TLS over a unix socket"),
+        error: io::Error::new(io::ErrorKind::Unsupported, "TLS over a unix socket"),
     })
 }
 

@@ -36,22 +36,20 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
     /// A PEM file could not be read.
-    #[error("cannot read {path}")]
+    #[error("cannot read {path}: {error}")]
     Read {
         /// The file.
         path: PathBuf,
-        /// Why.
-        #[source]
-        source: io::Error,
+        /// Why (shown in the message, so not also a `source`).
+        error: io::Error,
     },
     /// A PEM file could not be parsed.
-    #[error("cannot parse PEM in {path}")]
+    #[error("cannot parse PEM in {path}: {error}")]
     Pem {
         /// The file.
         path: PathBuf,
-        /// What the PEM parser said.
-        #[source]
-        source: rustls::pki_types::pem::Error,
+        /// What the PEM parser said (shown in the message, so not also a `source`).
+        error: rustls::pki_types::pem::Error,
     },
     /// A certificate file holds no certificate.
     #[error("no PEM certificate found in {path}")]
@@ -72,13 +70,12 @@ pub enum TlsError {
         name: String,
     },
     /// rustls refused the configuration (a bad key, an unusable CA...).
-    #[error("invalid TLS configuration: {context}")]
+    #[error("invalid TLS configuration: {context}: {error}")]
     Config {
         /// Which part.
         context: &'static str,
-        /// What rustls said.
-        #[source]
-        source: Box<dyn std::error::Error + Send + Sync>,
+        /// What rustls said (shown in the message, so not also a `source`).
+        error: Box<dyn std::error::Error + Send + Sync>,
     },
     /// The handshake did not finish in time (a peer that does not speak, or not TLS).
     #[error("the TLS handshake did not finish within {after:?}")]
@@ -88,11 +85,10 @@ pub enum TlsError {
     },
     /// Client side: the server's certificate does not verify against this client's roots (or
     /// is not valid for the name dialled).
-    #[error("this client does not trust the server's certificate")]
+    #[error("this client does not trust the server's certificate: {error}")]
     ClientDoesNotTrustServer {
-        /// The verification failure.
-        #[source]
-        source: rustls::Error,
+        /// The verification failure (shown in the message, so not also a `source`).
+        error: rustls::Error,
     },
     /// Client side: the server requires a client certificate and this client sent none.
     #[error("the server requires a client certificate and this client sent none")]
@@ -107,11 +103,10 @@ pub enum TlsError {
     #[error("the client sent no certificate and this server requires one")]
     ClientSentNoCertificate,
     /// Server side: the client's certificate does not verify against this server's client CA.
-    #[error("this server does not trust the client's certificate")]
+    #[error("this server does not trust the client's certificate: {error}")]
     ServerDoesNotTrustClientCertificate {
-        /// The verification failure.
-        #[source]
-        source: rustls::Error,
+        /// The verification failure (shown in the message, so not also a `source`).
+        error: rustls::Error,
     },
     /// Server side: the client refused this server's certificate.
     #[error("the client does not trust this server's certificate (alert {alert:?})")]
@@ -120,11 +115,10 @@ pub enum TlsError {
         alert: AlertDescription,
     },
     /// Any other handshake failure (not TLS at all, no common cipher suite, a reset...).
-    #[error("TLS handshake failed")]
+    #[error("TLS handshake failed: {error}")]
     Handshake {
-        /// The i/o or rustls error.
-        #[source]
-        source: io::Error,
+        /// The i/o or rustls error (shown in the message, so not also a `source`).
+        error: io::Error,
     },
 }
 
@@ -157,7 +151,7 @@ pub(crate) fn classify(side: Side, err: io::Error) -> TlsError {
         .cloned();
     match (side, rustls_err) {
         (Side::Client, Some(e @ rustls::Error::InvalidCertificate(_))) => {
-            TlsError::ClientDoesNotTrustServer { source: e }
+            TlsError::ClientDoesNotTrustServer { error: e }
         }
         (
             Side::Client,
@@ -170,12 +164,12 @@ pub(crate) fn classify(side: Side, err: io::Error) -> TlsError {
             TlsError::ClientSentNoCertificate
         }
         (Side::Server, Some(e @ rustls::Error::InvalidCertificate(_))) => {
-            TlsError::ServerDoesNotTrustClientCertificate { source: e }
+            TlsError::ServerDoesNotTrustClientCertificate { error: e }
         }
         (Side::Server, Some(rustls::Error::AlertReceived(alert))) if is_trust_alert(alert) => {
             TlsError::ClientDoesNotTrustThisServer { alert }
         }
-        _ => TlsError::Handshake { source: err },
+        _ => TlsError::Handshake { error: err },
     }
 }
 
@@ -184,9 +178,9 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
 }
 
 fn read_file(path: &Path) -> Result<Vec<u8>, TlsError> {
-    std::fs::read(path).map_err(|source| TlsError::Read {
+    std::fs::read(path).map_err(|error| TlsError::Read {
         path: path.to_owned(),
-        source,
+        error,
     })
 }
 
@@ -196,9 +190,9 @@ pub fn load_certs(path: impl AsRef<Path>) -> Result<Vec<CertificateDer<'static>>
     let pem = read_file(path)?;
     let certs = CertificateDer::pem_slice_iter(&pem)
         .collect::<Result<Vec<_>, _>>()
-        .map_err(|source| TlsError::Pem {
+        .map_err(|error| TlsError::Pem {
             path: path.to_owned(),
-            source,
+            error,
         })?;
     if certs.is_empty() {
         return Err(TlsError::NoCertificate {
@@ -212,13 +206,13 @@ pub fn load_certs(path: impl AsRef<Path>) -> Result<Vec<CertificateDer<'static>>
 pub fn load_key(path: impl AsRef<Path>) -> Result<PrivateKeyDer<'static>, TlsError> {
     let path = path.as_ref();
     let pem = read_file(path)?;
-    PrivateKeyDer::from_pem_slice(&pem).map_err(|source| match source {
+    PrivateKeyDer::from_pem_slice(&pem).map_err(|error| match error {
         rustls::pki_types::pem::Error::NoItemsFound => TlsError::NoKey {
             path: path.to_owned(),
         },
-        source => TlsError::Pem {
+        error => TlsError::Pem {
             path: path.to_owned(),
-            source,
+            error,
         },
     })
 }
@@ -236,7 +230,7 @@ fn config_err<E: std::error::Error + Send + Sync + 'static>(
 ) -> impl FnOnce(E) -> TlsError {
     move |e| TlsError::Config {
         context,
-        source: Box::new(e),
+        error: Box::new(e),
     }
 }
 
@@ -426,7 +420,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for ClientTlsStream<S> {
             Poll::Ready(Err(e)) => {
                 let kind = e.kind();
                 Poll::Ready(Err(match classify(Side::Client, e) {
-                    TlsError::Handshake { source } => source,
+                    TlsError::Handshake { error } => error,
                     named => io::Error::new(kind, named),
                 }))
             }
@@ -473,10 +467,20 @@ mod tests {
     fn rustls_failures_are_worded_from_each_side() {
         let io_err = |e: rustls::Error| io::Error::new(io::ErrorKind::InvalidData, e);
         let bad = || rustls::Error::InvalidCertificate(rustls::CertificateError::UnknownIssuer);
-        assert!(matches!(
-            classify(Side::Client, io_err(bad())),
-            TlsError::ClientDoesNotTrustServer { .. }
-        ));
+        let err = classify(Side::Client, io_err(bad()));
+        assert!(
+            matches!(err, TlsError::ClientDoesNotTrustServer { .. }),
+            "{err:?}"
+        );
+        // The cause is in the message, once: not also a source.
+        assert_eq!(
+            err.to_string(),
+            format!(
+                "this client does not trust the server's certificate: {}",
+                bad()
+            )
+        );
+        assert!(std::error::Error::source(&err).is_none());
         assert!(matches!(
             classify(Side::Server, io_err(bad())),
             TlsError::ServerDoesNotTrustClientCertificate { .. }
@@ -519,7 +523,11 @@ mod tests {
             TlsError::NoKey { .. }
         ));
         let err = load_certs(dir.join("missing.pem")).unwrap_err();
-        assert!(err.to_string().contains("missing.pem"), "{err}");
+        assert!(
+            err.to_string().contains("missing.pem: No such file"),
+            "{err}"
+        );
+        assert!(std::error::Error::source(&err).is_none(), "{err:?}");
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -118,6 +118,9 @@ async fn run(addr: &Addr, timeout: Option<Duration>, command: Vec<String>) -> an
             Ok(130)
         }
     };
+    // The client's channel is closed first: a session closed with a channel still open
+    // waits for it up to its `close_grace` (5 s) before ending.
+    drop(client);
     session.close().await;
     outcome
 }

@@ -364,3 +364,30 @@ async fn a_closed_stdout_ends_the_client_quietly() {
     assert!(!stderr.contains("panicked"), "{stderr}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// `exec run` exits once its command has ended: closing its session does not wait out the
+/// session's close grace (5 s) for a channel it still held. The bound starts after the client
+/// reported the exit status, so it covers only the close.
+#[tokio::test]
+async fn the_run_command_exits_as_soon_as_its_command_has_ended() {
+    let dir = temp_dir("prompt-exit");
+    let (_server, addr) = exec_server(&dir).await;
+    let mut client = tokio::process::Command::new(env!("CARGO_BIN_EXE_exec"))
+        .args(["run", "--addr", &addr, "--", "sh", "-c", "exit 3"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(client.stderr.take().unwrap()).lines();
+    let last = within(30, "the exit status line", lines.next_line())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(last.contains("sh ended with exit code 3"), "{last}");
+    let status = within(3, "the client exits after the command ended", client.wait())
+        .await
+        .unwrap();
+    assert_eq!(status.code(), Some(3));
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -77,7 +77,7 @@ fn expand(attr: TokenStream, item: ItemTrait) -> syn::Result<TokenStream> {
     let service_name = LitStr::new(&name.to_string(), name.span());
 
     let mut trait_fns = Vec::new();
-    let mut checks = Vec::new();
+    let mut service_bounds = Vec::new();
     let mut registrations = Vec::new();
     let mut client_fns = Vec::new();
     for m in &methods {
@@ -101,19 +101,28 @@ fn expand(attr: TokenStream, item: ItemTrait) -> syn::Result<TokenStream> {
                     + ::std::marker::Send;
         });
 
-        let err_check = quote_spanned! {err.span()=>
-            #krate::__private::assert_error::<#err>();
+        // Spanned, path included, at the user's error type: a type that
+        // does not convert into `Status` is reported there, once.
+        let krate_at_err = respanned(&krate, err.span());
+        let to_status = quote_spanned! {err.span()=>
+            |e| <#krate_at_err::Status as #krate_at_err::__private::StatusFrom<#err>>::status_from(e)
         };
-        checks.push(err_check);
         let msg_types: Vec<&Type> = match kind {
             Kind::Unary | Kind::ServerStreaming => arg_tys.iter().copied().chain([ok]).collect(),
             Kind::ClientStreaming | Kind::Bidi => req_item.iter().chain([ok]).collect(),
         };
-        for ty in msg_types {
-            checks.push(quote_spanned! {ty.span()=>
-                #krate::__private::assert_message::<#ty>();
-            });
-        }
+        // Each message type must be a `Message`: required by where-clauses
+        // spanned at the user's type, so a type that does not fit is
+        // reported there (with `Message`'s own wording), and the code
+        // generated under them, which relies on them, adds no error.
+        let bounds: Vec<TokenStream> = msg_types
+            .iter()
+            .map(|ty| {
+                let krate_at_ty = respanned(&krate, ty.span());
+                quote_spanned! {ty.span()=> #ty: #krate_at_ty::__private::Message, }
+            })
+            .collect();
+        service_bounds.extend(bounds.iter().cloned());
 
         let method_lit = LitStr::new(&mname.to_string(), mname.span());
         let wire = LitStr::new(&format!("{name}.{mname}"), mname.span());
@@ -139,7 +148,7 @@ fn expand(attr: TokenStream, item: ItemTrait) -> syn::Result<TokenStream> {
                 def.unary(#method_lit, move |ctx, #req_pat: #req_ty| {
                     #call_self
                     async move {
-                        this.#mname(ctx, #(#arg_names),*).await.map_err(#krate::__private::into_status)
+                        this.#mname(ctx, #(#arg_names),*).await.map_err(#to_status)
                     }
                 });
             }},
@@ -148,7 +157,7 @@ fn expand(attr: TokenStream, item: ItemTrait) -> syn::Result<TokenStream> {
                 def.stream(#method_lit, move |ctx, #req_pat: #req_ty| {
                     #call_self
                     async move {
-                        this.#mname(ctx, #(#arg_names),*).await.map_err(#krate::__private::into_status)
+                        this.#mname(ctx, #(#arg_names),*).await.map_err(#to_status)
                     }
                 });
             }},
@@ -157,7 +166,7 @@ fn expand(attr: TokenStream, item: ItemTrait) -> syn::Result<TokenStream> {
                 def.bidi(#method_lit, move |ctx, requests| {
                     #call_self
                     async move {
-                        this.#mname(ctx, requests).await.map_err(#krate::__private::into_status)
+                        this.#mname(ctx, requests).await.map_err(#to_status)
                     }
                 });
             }},
@@ -169,7 +178,7 @@ fn expand(attr: TokenStream, item: ItemTrait) -> syn::Result<TokenStream> {
                         let response = this
                             .#mname(ctx, requests)
                             .await
-                            .map_err(#krate::__private::into_status)?;
+                            .map_err(#to_status)?;
                         ::std::result::Result::Ok(#krate::__private::once(response))
                     }
                 });
@@ -200,7 +209,10 @@ fn expand(attr: TokenStream, item: ItemTrait) -> syn::Result<TokenStream> {
                     #(#attrs)*
                     ///
                     #[doc = #doc_call]
-                    pub async fn #mname(&self, #(#arg_names: #arg_tys),*) -> ::std::result::Result<#ok, #krate::Status> {
+                    pub async fn #mname(&self, #(#arg_names: #arg_tys),*) -> ::std::result::Result<#ok, #krate::Status>
+                    where
+                        #(#bounds)*
+                    {
                         // One call site (one set of trait bounds, so one error for a type
                         // that does not fit); descriptors nobody asked for are closed.
                         #[cfg(unix)]
@@ -217,6 +229,8 @@ fn expand(attr: TokenStream, item: ItemTrait) -> syn::Result<TokenStream> {
                     #[cfg(unix)]
                     pub async fn #with_fds(&self, #(#arg_names: #arg_tys),*)
                         -> ::std::result::Result<(#ok, ::std::vec::Vec<::std::os::fd::OwnedFd>), #krate::Status>
+                    where
+                        #(#bounds)*
                     {
                         self.client.call_with_fds(#wire, #req_expr, self.options.clone()).await
                     }
@@ -228,6 +242,8 @@ fn expand(attr: TokenStream, item: ItemTrait) -> syn::Result<TokenStream> {
                 #[doc = #doc_call]
                 pub async fn #mname(&self, #(#arg_names: #arg_tys),*)
                     -> ::std::result::Result<#krate::ResponseStream<#ok>, #krate::Status>
+                where
+                    #(#bounds)*
                 {
                     self.client.call_stream(#wire, #req_expr, self.options.clone()).await
                 }
@@ -242,7 +258,10 @@ fn expand(attr: TokenStream, item: ItemTrait) -> syn::Result<TokenStream> {
                         &self,
                         #requests: impl #krate::__private::Stream<Item = #req_item>
                             + ::std::marker::Send + 'static,
-                    ) -> ::std::result::Result<#ok, #krate::Status> {
+                    ) -> ::std::result::Result<#ok, #krate::Status>
+                    where
+                        #(#bounds)*
+                    {
                         self.client
                             .call_client_stream(#wire, #requests, self.options.clone())
                             .await
@@ -259,7 +278,10 @@ fn expand(attr: TokenStream, item: ItemTrait) -> syn::Result<TokenStream> {
                         &self,
                         #requests: impl #krate::__private::Stream<Item = #req_item>
                             + ::std::marker::Send + 'static,
-                    ) -> ::std::result::Result<#krate::ResponseStream<#ok>, #krate::Status> {
+                    ) -> ::std::result::Result<#krate::ResponseStream<#ok>, #krate::Status>
+                    where
+                        #(#bounds)*
+                    {
                         self.client
                             .call_bidi(#wire, #requests, self.options.clone())
                             .await
@@ -271,23 +293,19 @@ fn expand(attr: TokenStream, item: ItemTrait) -> syn::Result<TokenStream> {
 
     let client_doc = format!("Typed client for [`{name}`]: one method per service method.");
     Ok(quote! {
-        const _: () = {
-            // Compile-time checks with readable messages; never called.
-            #[allow(dead_code)]
-            fn __netchan_rpc_checks() {
-                #(#checks)*
-            }
-        };
-
         #(#attrs)*
         #vis trait #name: ::std::marker::Send + ::std::marker::Sync + 'static {
             #(#trait_fns)*
 
             /// Bundles this implementation as a service for
             /// `Server::add` (methods served as `"Trait.method"`).
+            // The error conversions are closures spanned at the user's
+            // error types (see `to_status`), which clippy would flag there.
+            #[allow(clippy::redundant_closure)]
             fn into_service(self) -> #krate::ServiceDef
             where
                 Self: ::std::marker::Sized,
+                #(#service_bounds)*
             {
                 let this = ::std::sync::Arc::new(self);
                 let mut def = #krate::ServiceDef::new(#service_name);
@@ -329,6 +347,26 @@ fn expand(attr: TokenStream, item: ItemTrait) -> syn::Result<TokenStream> {
 /// Where the calling crate finds netchan-rpc, from its `Cargo.toml`: its own
 /// name for a direct (possibly renamed) dependency, else `netchan::rpc`
 /// through the facade (possibly renamed), else `::netchan_rpc`.
+/// `tokens` with every span set to `span`, so that an error in code built
+/// from them points at `span` as a whole.
+fn respanned(tokens: &TokenStream, span: proc_macro2::Span) -> TokenStream {
+    tokens
+        .clone()
+        .into_iter()
+        .map(|mut tt| {
+            if let proc_macro2::TokenTree::Group(g) = &tt {
+                let mut group =
+                    proc_macro2::Group::new(g.delimiter(), respanned(&g.stream(), span));
+                group.set_span(span);
+                tt = proc_macro2::TokenTree::Group(group);
+            } else {
+                tt.set_span(span);
+            }
+            tt
+        })
+        .collect()
+}
+
 fn default_crate_path() -> TokenStream {
     use proc_macro_crate::{crate_name, FoundCrate};
     match crate_name("netchan-rpc") {
