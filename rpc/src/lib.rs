@@ -77,8 +77,8 @@
 //!   `server/in_flight` admission and in-flight tracking, `server/call` one
 //!   call's task, `server/incoming` [`Server::serve_incoming`] and its
 //!   [`Incoming`] sources.
-//! - `service` — [`ServiceDef`] and the deprecated [`service!`] macro
-//!   (`#[rpc_service]` itself lives in the `netchan-rpc-macros` crate).
+//! - `service` — [`ServiceDef`] and what `#[rpc_service]` expands to relies
+//!   on (the attribute itself lives in the `netchan-rpc-macros` crate).
 //! - `peer` — [`Peer`]: both directions over one mux session.
 //! - `context`, `status`, `metadata`, `config`, `error`, `bytebuf` — the
 //!   small types ([`ByteBuf`]: a byte payload that encodes as one block).
@@ -110,9 +110,8 @@ pub use error::Error;
 pub use fds::MAX_FDS_PER_MESSAGE;
 pub use metadata::{Interceptor, Metadata};
 /// Declares a typed service from a trait: the trait to implement, a typed
-/// client (`{Trait}Client`) and a registration (`into_service`), the
-/// successor of the deprecated [`service!`] (in the spirit of
-/// `#[tarpc::service]`).
+/// client (`{Trait}Client`) and a registration (`into_service`), in the
+/// spirit of `#[tarpc::service]`.
 ///
 /// Each method is `async fn name(&self, ctx: Context, args...) -> Result<T, E>`:
 ///
@@ -193,4 +192,4 @@ pub use server::{FromStream, Handler, Incoming, Server};
 pub use service::__private;
 pub use service::ServiceDef;
 pub use status::{Code, Status};
-pub use stream::{ItemStream, RequestStream, StreamArg, StreamReturn};
+pub use stream::{ItemStream, RequestStream};
