@@ -16,7 +16,7 @@
 //! conns; [`Server::serve_incoming`] adds graceful shutdown.
 //!
 //! ```
-//! use netchan_rpc::{CallOptions, Client, Code, Server, Status};
+//! use netchan_rpc::{CallOptions, Client, Code, Server, ServiceDef, Status};
 //! use std::time::Duration;
 //!
 //! # #[tokio::main(flavor = "current_thread")]
@@ -24,12 +24,12 @@
 //! let (client_io, server_io) = tokio::io::duplex(64 << 10);
 //!
 //! let mut server = Server::new();
-//! server.register("Greeter.hello", |ctx, name: String| async move {
+//! server.add(ServiceDef::new("Greeter").unary("hello", |ctx, name: String| async move {
 //!     if ctx.metadata().get("token") != Some("s3cret") {
 //!         return Err(Status::unauthenticated("bad token"));
 //!     }
 //!     Ok(format!("hello, {name}"))
-//! });
+//! }));
 //! tokio::spawn(async move { server.serve(server_io).await });
 //!
 //! let client = Client::new(client_io);
@@ -50,7 +50,7 @@
 //!   calls over. A netchan-mux channel (the mux's `Conn` type) is one kind
 //!   of conn; a `TcpStream` is another.
 //! - **bidi**: a streaming *kind* of call, with a stream of requests and a
-//!   stream of responses in one call ([`Server::register_bidi`],
+//!   stream of responses in one call ([`ServiceDef::bidi`],
 //!   [`Client::call_bidi`]).
 //! - **bidirectional**: two *peers* that each serve and call the other over
 //!   one link ([`Peer`]).

@@ -7,8 +7,23 @@ use serde::{de::DeserializeOwned, Serialize};
 use crate::{server::Method, Handler, RequestStream, Server, Status};
 
 /// A named set of methods ready to be added to a [`Server`] with
-/// [`Server::add`]. [`#[rpc_service]`](crate::rpc_service) builds one from a
-/// trait implementation (`MyImpl.into_service()`); it can also be built by hand.
+/// [`Server::add`]: the one way methods get onto a server.
+/// [`#[rpc_service]`](crate::rpc_service) builds one from a trait
+/// implementation (`MyImpl.into_service()`); built by hand, it needs no
+/// trait (method names chosen at run time, closures capturing state).
+///
+/// Each method is served as `"name.method"`. A handler gets the call's
+/// [`Context`](crate::Context) and the decoded request; a request that does
+/// not decode as its `Req` is answered `InvalidArgument` without calling it.
+///
+/// ```
+/// # use netchan_rpc::{Server, ServiceDef, Status};
+/// let mut server = Server::new();
+/// server.add(ServiceDef::new("Math").unary("double", |_ctx, n: u64| async move {
+///     n.checked_mul(2).ok_or_else(|| Status::out_of_range("too big"))
+/// }));
+/// ```
+#[must_use = "a ServiceDef serves nothing until it is added with `Server::add`"]
 pub struct ServiceDef {
     name: String,
     methods: Vec<(String, Method)>,
@@ -41,8 +56,9 @@ impl ServiceDef {
         &self.name
     }
 
-    /// Adds unary `method` (see [`Server::register`]).
-    pub fn unary<Req, Resp>(&mut self, method: &str, handler: impl Handler<Req, Resp>) -> &mut Self
+    /// Adds unary `method`: one request, one response (or a status). A
+    /// later method of the same name replaces it.
+    pub fn unary<Req, Resp>(mut self, method: &str, handler: impl Handler<Req, Resp>) -> Self
     where
         Req: DeserializeOwned + Send + 'static,
         Resp: Serialize + Send + 'static,
@@ -52,8 +68,10 @@ impl ServiceDef {
         self
     }
 
-    /// Adds server-streaming `method` (see [`Server::register_stream`]).
-    pub fn stream<Req, Item, S>(&mut self, method: &str, handler: impl Handler<Req, S>) -> &mut Self
+    /// Adds server-streaming `method`: the handler returns a stream of
+    /// items; an `Err` item ends the call with that status. Items are pulled
+    /// from the stream only as the caller grants credit.
+    pub fn stream<Req, Item, S>(mut self, method: &str, handler: impl Handler<Req, S>) -> Self
     where
         Req: DeserializeOwned + Send + 'static,
         Item: Serialize + Send + 'static,
@@ -66,12 +84,15 @@ impl ServiceDef {
 }
 
 impl ServiceDef {
-    /// Adds bidi-streaming `method` (see [`Server::register_bidi`]).
+    /// Adds bidi-streaming `method`: the handler gets the caller's requests
+    /// as a [`RequestStream`] and returns a stream of responses (client
+    /// streaming: a stream of one). Requests flow only as the handler
+    /// consumes them (credit-based, like responses).
     pub fn bidi<Req, Item, S>(
-        &mut self,
+        mut self,
         method: &str,
         handler: impl Handler<RequestStream<Req>, S>,
-    ) -> &mut Self
+    ) -> Self
     where
         Req: DeserializeOwned + Send + 'static,
         Item: Serialize + Send + 'static,
@@ -84,7 +105,8 @@ impl ServiceDef {
 }
 
 impl Server {
-    /// Registers every method of `service` (replacing same-named ones).
+    /// Serves every method of `service` (replacing same-named ones) on the
+    /// conns served from now on.
     pub fn add(&mut self, service: ServiceDef) -> &mut Self {
         for (name, method) in service.methods {
             self.insert(name, method);

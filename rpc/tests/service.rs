@@ -158,17 +158,16 @@ async fn with_options_applies_metadata_and_timeouts_to_typed_calls() {
 /// `Files` built by hand as a [`ServiceDef`], its streaming method taking its two
 /// arguments as one tuple, the way `#[rpc_service]` sends them.
 fn hand_built_files() -> ServiceDef {
-    let mut def = ServiceDef::new("Files");
-    def.unary("stat", |ctx: Context, req: StatReq| async move {
-        MemFiles.stat(ctx, req).await
-    })
-    .stream("read", |_ctx, (path, n): (String, usize)| async move {
-        chunks_of(&path, n)
-    })
-    .unary("hang", |_ctx, ()| async move {
-        std::future::pending::<Result<(), Status>>().await
-    });
-    def
+    ServiceDef::new("Files")
+        .unary("stat", |ctx: Context, req: StatReq| async move {
+            MemFiles.stat(ctx, req).await
+        })
+        .stream("read", |_ctx, (path, n): (String, usize)| async move {
+            chunks_of(&path, n)
+        })
+        .unary("hang", |_ctx, ()| async move {
+            std::future::pending::<Result<(), Status>>().await
+        })
 }
 
 /// Moving a service from a hand-built `ServiceDef` to `#[rpc_service]` is no wire change:
