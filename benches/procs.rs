@@ -39,7 +39,7 @@ use std::{
 
 use netchan::{
     mux::{tune_tcp, Session},
-    rpc::{ByteBuf, Client, Context, Peer, Server, Status},
+    rpc::{ByteBuf, Client, Context, Peer, Server, ServiceDef, Status},
     BindOptions,
 };
 use tokio::{
@@ -110,12 +110,14 @@ impl Serve {
 fn bench_server() -> Server {
     let blob = ByteBuf::from(vec![7u8; BLOB]);
     let mut server = Server::new();
-    server
-        .register("Bench.echo", |_ctx, b: ByteBuf| async move { Ok(b) })
-        .register("Bench.blob", move |_ctx, ()| {
-            let blob = blob.clone();
-            async move { Ok(blob) }
-        });
+    server.add(
+        ServiceDef::new("Bench")
+            .unary("echo", |_ctx, b: ByteBuf| async move { Ok(b) })
+            .unary("blob", move |_ctx, ()| {
+                let blob = blob.clone();
+                async move { Ok(blob) }
+            }),
+    );
     server
 }
 
@@ -245,10 +247,13 @@ fn run_server(serve: Serve) {
                 let mut peers = Vec::new();
                 while let Ok(session) = listener.accept().await {
                     let mut hub = Server::new();
-                    hub.register("Hub.ask", |ctx: Context, b: ByteBuf| async move {
-                        let back: ByteBuf = ctx.callback()?.call("Dev.ping", &b).await?;
-                        Ok::<_, Status>(back)
-                    });
+                    hub.add(ServiceDef::new("Hub").unary(
+                        "ask",
+                        |ctx: Context, b: ByteBuf| async move {
+                            let back: ByteBuf = ctx.callback()?.call("Dev.ping", &b).await?;
+                            Ok::<_, Status>(back)
+                        },
+                    ));
                     if let Ok(peer) = Peer::connect(&session, hub).await {
                         peers.push(peer);
                     }
@@ -481,7 +486,7 @@ async fn call_blobs(client: Client, n: u64) -> f64 {
 /// Seconds per call that the server answers after calling back into the caller.
 async fn calls_with_callback(session: Session, n: u64) -> f64 {
     let mut dev = Server::new();
-    dev.register("Dev.ping", |_ctx, b: ByteBuf| async move { Ok(b) });
+    dev.add(ServiceDef::new("Dev").unary("ping", |_ctx, b: ByteBuf| async move { Ok(b) }));
     let peer = Peer::connect(&session, dev).await.expect("peer");
     let client = peer.client().clone();
     let secs = tokio::spawn(async move {

@@ -23,7 +23,7 @@
 //!
 //! ```
 //! use netchan::mux::{Config, Session};
-//! use netchan::rpc::{rpc_service, Context, Peer, Server, Status};
+//! use netchan::rpc::{rpc_service, Context, Peer, Server, ServiceDef, Status};
 //!
 //! #[rpc_service]
 //! pub trait Device {
@@ -39,10 +39,10 @@
 //!     let (out, inn) = tokio::io::duplex(64 << 10); // the TCP connection the device opened
 //!     let (dialer, acceptor) = (Session::client(out, Config::default()), Session::server(inn, Config::default()));
 //!     let mut hub = Server::new();
-//!     hub.register("Hub.greet", |ctx: Context, ()| async move {
+//!     hub.add(ServiceDef::new("Hub").unary("greet", |ctx: Context, ()| async move {
 //!         let device = DeviceClient::new(ctx.callback()?); // the caller, called back
 //!         Ok::<_, Status>(format!("hello, {}", device.name().await?))
-//!     });
+//!     }));
 //!     let mut device = Server::new();
 //!     device.add(Alice.into_service());
 //!     let (device, _hub) = tokio::try_join!(

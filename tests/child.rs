@@ -6,7 +6,7 @@
 use netchan::{
     mux::{self, CloseReason},
     net::child::{self, ChildError, ChildLink},
-    rpc::{Client, Server, Status},
+    rpc::{Client, Server, ServiceDef, Status},
 };
 use netchan_testkit::within;
 
@@ -71,23 +71,30 @@ fn child_role() {
             tokio::spawn(async move {
                 let parent = Client::new(session.dial("parent").await.expect("dial parent"));
                 let mut server = Server::new();
-                server.register("Child.fds", move |_ctx, (): ()| {
+                server.add(ServiceDef::new("Child").unary("fds", move |_ctx, (): ()| {
                     let fds = fds.clone();
                     async move { Ok::<_, Status>(fds) }
-                });
-                server.register("Child.greet", move |_ctx, name: String| {
-                    let parent = parent.clone();
-                    async move {
-                        // Calls the parent back while the parent's call to us is open.
-                        let title: String = parent.call("Parent.title", &name).await?;
-                        Ok::<_, Status>(format!("hello, {title}, from pid {}", std::process::id()))
-                    }
-                });
-                server.register("Child.exit", |_ctx, code: i32| async move {
-                    std::process::exit(code);
-                    #[allow(unreachable_code)]
-                    Ok::<(), Status>(())
-                });
+                }));
+                server.add(
+                    ServiceDef::new("Child").unary("greet", move |_ctx, name: String| {
+                        let parent = parent.clone();
+                        async move {
+                            // Calls the parent back while the parent's call to us is open.
+                            let title: String = parent.call("Parent.title", &name).await?;
+                            Ok::<_, Status>(format!(
+                                "hello, {title}, from pid {}",
+                                std::process::id()
+                            ))
+                        }
+                    }),
+                );
+                server.add(
+                    ServiceDef::new("Child").unary("exit", |_ctx, code: i32| async move {
+                        std::process::exit(code);
+                        #[allow(unreachable_code)]
+                        Ok::<(), Status>(())
+                    }),
+                );
                 while let Ok(conn) = calls.accept().await {
                     let server = server.clone();
                     tokio::spawn(async move { server.serve(conn).await });
@@ -116,9 +123,11 @@ fn spawn_child(role: &str) -> ChildLink {
     child::spawn_with(cmd, mux::Config::default(), |session| {
         let mut calls = session.listen("parent").expect("listen parent");
         let mut server = Server::new();
-        server.register("Parent.title", |_ctx, name: String| async move {
-            Ok::<_, Status>(format!("dear {name}"))
-        });
+        server.add(
+            ServiceDef::new("Parent").unary("title", |_ctx, name: String| async move {
+                Ok::<_, Status>(format!("dear {name}"))
+            }),
+        );
         tokio::spawn(async move {
             while let Ok(conn) = calls.accept().await {
                 let server = server.clone();

@@ -137,9 +137,6 @@ pub enum CloseReason {
     },
     /// The underlying byte stream failed, or ended without the peer closing the session.
     Io(Arc<io::Error>),
-    /// The peer violated the yamux protocol (kept for compatibility: this crate now reports
-    /// violations as [`CloseReason::ProtocolViolation`]).
-    Protocol(String),
     /// The peer violated the yamux protocol; says how. We answered with a GoAway carrying
     /// the protocol-error code.
     ProtocolViolation(Violation),
@@ -170,9 +167,7 @@ impl CloseReason {
                 io::ErrorKind::UnexpectedEof => io::ErrorKind::ConnectionAborted,
                 kind => kind,
             },
-            CloseReason::Protocol(_) | CloseReason::ProtocolViolation(_) => {
-                io::ErrorKind::InvalidData
-            }
+            CloseReason::ProtocolViolation(_) => io::ErrorKind::InvalidData,
             CloseReason::PeerError { .. } => io::ErrorKind::ConnectionAborted,
             CloseReason::FdsTruncated => io::ErrorKind::Other,
         }
@@ -195,7 +190,6 @@ impl fmt::Display for CloseReason {
                 )
             }
             CloseReason::Io(e) => write!(f, "connection i/o error: {e}"),
-            CloseReason::Protocol(detail) => write!(f, "peer violated the protocol: {detail}"),
             CloseReason::ProtocolViolation(v) => write!(f, "peer violated the protocol: {v}"),
             CloseReason::PeerError { code } => {
                 write!(f, "peer ended the session with go-away error code {code}")

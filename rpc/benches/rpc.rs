@@ -29,7 +29,7 @@ use std::{
 };
 
 use criterion::{Criterion, Throughput};
-use netchan_rpc::{ByteBuf, Client, Server};
+use netchan_rpc::{ByteBuf, Client, Server, ServiceDef};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::{TcpListener, TcpStream},
@@ -103,12 +103,14 @@ fn start_servers() -> Addrs {
             });
             let blob = ByteBuf::from(vec![7u8; BLOB]);
             let mut server = Server::new();
-            server
-                .register("Bench.echo", |_ctx, b: ByteBuf| async move { Ok(b) })
-                .register("Bench.blob", move |_ctx, ()| {
-                    let blob = blob.clone();
-                    async move { Ok(blob) }
-                });
+            server.add(
+                ServiceDef::new("Bench")
+                    .unary("echo", |_ctx, b: ByteBuf| async move { Ok(b) })
+                    .unary("blob", move |_ctx, ()| {
+                        let blob = blob.clone();
+                        async move { Ok(blob) }
+                    }),
+            );
             let mux_server = server.clone();
             tokio::spawn(async move {
                 while let Ok((conn, _)) = rpc_mux.accept().await {

@@ -13,7 +13,7 @@
 
 use std::{net::SocketAddr, time::Instant};
 
-use netchan_rpc::{ByteBuf, Client, Server};
+use netchan_rpc::{ByteBuf, Client, Server, ServiceDef};
 use tokio::{
     io::{AsyncRead, AsyncWrite},
     net::{TcpListener, TcpStream},
@@ -47,12 +47,14 @@ fn start_server(wrap: bool) -> SocketAddr {
                 .expect("send addr");
             let mut server = Server::new();
             let blob = ByteBuf::from(vec![7u8; BLOB]);
-            server
-                .register("B.echo", |_ctx, s: ByteBuf| async move { Ok(s) })
-                .register("B.blob", move |_ctx, ()| {
-                    let blob = blob.clone();
-                    async move { Ok(blob) }
-                });
+            server.add(
+                ServiceDef::new("B")
+                    .unary("echo", |_ctx, s: ByteBuf| async move { Ok(s) })
+                    .unary("blob", move |_ctx, ()| {
+                        let blob = blob.clone();
+                        async move { Ok(blob) }
+                    }),
+            );
             loop {
                 let (tcp, _) = listener.accept().await.expect("accept");
                 let server = server.clone();

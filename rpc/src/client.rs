@@ -38,7 +38,7 @@ use crate::{
     fds::{FdBatch, FdLink},
     transport::{Outbox, WithFds},
     wire::{timeout_to_wire, Header},
-    Config, Context, Error, Interceptor, Metadata, Status,
+    Config, Error, Interceptor, Metadata, Status,
 };
 
 /// Options for one call: a timeout or deadline, metadata, and file descriptors to send
@@ -126,16 +126,6 @@ impl CallOptions {
         self
     }
 
-    /// Options carrying `ctx`'s deadline, for a call made while serving
-    /// another (the nested call gives up when the outer caller would).
-    #[must_use]
-    pub fn propagate(ctx: &Context) -> CallOptions {
-        CallOptions {
-            deadline: ctx.deadline(),
-            ..CallOptions::default()
-        }
-    }
-
     /// The call's deadline: the earlier of timeout and deadline, never more
     /// than [`MAX_TIMEOUT`](crate::wire::MAX_TIMEOUT) away (tokio's timer
     /// panics on instants near the end of `Instant`'s range).
@@ -189,7 +179,7 @@ impl std::fmt::Debug for Client {
     }
 }
 
-/// A client that does not keep its conn open: what a [`Context`] holds so
+/// A client that does not keep its conn open: what a [`Context`](crate::Context) holds so
 /// a handler can call its caller back without keeping that peer alive.
 #[derive(Clone)]
 pub(crate) struct WeakClient(std::sync::Weak<Handle>);

@@ -12,7 +12,7 @@ use tokio_util::sync::CancellationToken;
 use crate::{
     client::WeakClient,
     fds::{Fd, FdBatch, FdLink},
-    Client, Metadata, Status,
+    CallOptions, Client, Metadata, Status,
 };
 
 /// Where a call came from: the conn's label and, when the conn belongs to a
@@ -23,6 +23,21 @@ pub(crate) struct Origin {
     pub(crate) callback: Option<WeakClient>,
     /// The conn's descriptor handle (set by the server for each conn it serves).
     pub(crate) fds: FdLink,
+}
+
+// Defined here rather than beside the rest of `CallOptions`: a context
+// knows the client (its way back to the caller), so the client must not
+// know the context, or the two modules would depend on each other.
+impl CallOptions {
+    /// Options carrying `ctx`'s deadline, for a call made while serving
+    /// another (the nested call gives up when the outer caller would).
+    #[must_use]
+    pub fn propagate(ctx: &Context) -> CallOptions {
+        match ctx.deadline() {
+            Some(deadline) => CallOptions::default().deadline(deadline),
+            None => CallOptions::default(),
+        }
+    }
 }
 
 /// Why a call ended, as [`Context::end_reason`] reports it.

@@ -16,7 +16,7 @@
 //! conns; [`Server::serve_incoming`] adds graceful shutdown.
 //!
 //! ```
-//! use netchan_rpc::{CallOptions, Client, Code, Server, Status};
+//! use netchan_rpc::{CallOptions, Client, Code, Server, ServiceDef, Status};
 //! use std::time::Duration;
 //!
 //! # #[tokio::main(flavor = "current_thread")]
@@ -24,12 +24,12 @@
 //! let (client_io, server_io) = tokio::io::duplex(64 << 10);
 //!
 //! let mut server = Server::new();
-//! server.register("Greeter.hello", |ctx, name: String| async move {
+//! server.add(ServiceDef::new("Greeter").unary("hello", |ctx, name: String| async move {
 //!     if ctx.metadata().get("token") != Some("s3cret") {
 //!         return Err(Status::unauthenticated("bad token"));
 //!     }
 //!     Ok(format!("hello, {name}"))
-//! });
+//! }));
 //! tokio::spawn(async move { server.serve(server_io).await });
 //!
 //! let client = Client::new(client_io);
@@ -50,7 +50,7 @@
 //!   calls over. A netchan-mux channel (the mux's `Conn` type) is one kind
 //!   of conn; a `TcpStream` is another.
 //! - **bidi**: a streaming *kind* of call, with a stream of requests and a
-//!   stream of responses in one call ([`Server::register_bidi`],
+//!   stream of responses in one call ([`ServiceDef::bidi`],
 //!   [`Client::call_bidi`]).
 //! - **bidirectional**: two *peers* that each serve and call the other over
 //!   one link ([`Peer`]).
@@ -77,8 +77,8 @@
 //!   `server/in_flight` admission and in-flight tracking, `server/call` one
 //!   call's task, `server/incoming` [`Server::serve_incoming`] and its
 //!   [`Incoming`] sources.
-//! - `service` — [`ServiceDef`] and the deprecated [`service!`] macro
-//!   (`#[rpc_service]` itself lives in the `netchan-rpc-macros` crate).
+//! - `service` — [`ServiceDef`] and what `#[rpc_service]` expands to relies
+//!   on (the attribute itself lives in the `netchan-rpc-macros` crate).
 //! - `peer` — [`Peer`]: both directions over one mux session.
 //! - `context`, `status`, `metadata`, `config`, `error`, `bytebuf` — the
 //!   small types ([`ByteBuf`]: a byte payload that encodes as one block).
@@ -110,9 +110,8 @@ pub use error::Error;
 pub use fds::MAX_FDS_PER_MESSAGE;
 pub use metadata::{Interceptor, Metadata};
 /// Declares a typed service from a trait: the trait to implement, a typed
-/// client (`{Trait}Client`) and a registration (`into_service`), the
-/// successor of the deprecated [`service!`] (in the spirit of
-/// `#[tarpc::service]`).
+/// client (`{Trait}Client`) and a registration (`into_service`), in the
+/// spirit of `#[tarpc::service]`.
 ///
 /// Each method is `async fn name(&self, ctx: Context, args...) -> Result<T, E>`:
 ///
@@ -193,4 +192,4 @@ pub use server::{FromStream, Handler, Incoming, Server};
 pub use service::__private;
 pub use service::ServiceDef;
 pub use status::{Code, Status};
-pub use stream::{ItemStream, RequestStream, StreamArg, StreamReturn};
+pub use stream::{ItemStream, RequestStream};

@@ -55,7 +55,7 @@ pub enum PeerError {
 ///
 /// ```
 /// use netchan_mux::{Config as MuxConfig, Session};
-/// use netchan_rpc::{Peer, Server, Status};
+/// use netchan_rpc::{Peer, Server, ServiceDef, Status};
 ///
 /// # #[tokio::main(flavor = "current_thread")]
 /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -64,12 +64,14 @@ pub enum PeerError {
 ///
 /// // The far side serves `Far.name` and, inside it, calls the caller back.
 /// let mut far_server = Server::new();
-/// far_server.register("Far.greet", |ctx, ()| async move {
+/// far_server.add(ServiceDef::new("Far").unary("greet", |ctx, ()| async move {
 ///     let name: String = ctx.callback()?.call("Near.name", &()).await?;
 ///     Ok(format!("hello, {name}"))
-/// });
+/// }));
 /// let mut near_server = Server::new();
-/// near_server.register("Near.name", |_ctx, ()| async move { Ok::<_, Status>("ada".to_string()) });
+/// near_server.add(ServiceDef::new("Near").unary("name", |_ctx, ()| async move {
+///     Ok::<_, Status>("ada".to_string())
+/// }));
 ///
 /// let (near, _far) = tokio::try_join!(
 ///     Peer::connect(&near, near_server),

@@ -1,4 +1,4 @@
-//! [`Server`]: serves registered methods on any number of conns.
+//! [`Server`]: serves its services' methods on any number of conns.
 //!
 //! The server is split the way its work is:
 //!
@@ -24,8 +24,6 @@ mod incoming;
 
 use std::{collections::HashMap, fmt, sync::Arc};
 
-use futures::Stream;
-use serde::{de::DeserializeOwned, Serialize};
 use tokio::io::{AsyncRead, AsyncWrite};
 
 pub use handler::Handler;
@@ -34,18 +32,11 @@ pub use incoming::{FromStream, Incoming};
 
 use tokio_util::sync::CancellationToken;
 
-use crate::{context::Origin, Config, Error, Interceptor, Metadata, RequestStream, Status};
+use crate::{context::Origin, Config, Error, Interceptor, Metadata, Status};
 
-/// Serves registered methods; cheap to clone, serves many conns at once
-/// with shared state (whatever the handlers capture).
-///
-/// ```
-/// # use netchan_rpc::{Server, Status};
-/// let mut server = Server::new();
-/// server.register("Math.double", |_ctx, n: u64| async move {
-///     n.checked_mul(2).ok_or_else(|| Status::out_of_range("too big"))
-/// });
-/// ```
+/// Serves the methods of the [`ServiceDef`](crate::ServiceDef)s added to it
+/// ([`Server::add`]); cheap to clone, serves many conns at once with shared
+/// state (whatever the handlers capture).
 #[derive(Clone, Default)]
 pub struct Server {
     inner: Arc<Registry>,
@@ -97,7 +88,7 @@ impl Server {
     /// call's metadata (the handler sees the result in
     /// [`Context::metadata`](crate::Context::metadata)) or refuse the call
     /// with a status, which the caller gets as the call's answer. Like
-    /// registering, it applies to conns served from now on.
+    /// [`Server::add`], it applies to conns served from now on.
     ///
     /// ```
     /// # use netchan_rpc::{Server, Status};
@@ -128,57 +119,6 @@ impl Server {
             tracing::debug!(method = %name, "rpc method re-registered; the new handler wins");
         }
         self
-    }
-
-    /// Registers a unary handler under `method` (`"Service.Method"`); a
-    /// later registration of the same name replaces it.
-    ///
-    /// The handler gets the call's [`Context`](crate::Context) and the decoded request; a
-    /// request that does not decode as `Req` is answered `InvalidArgument`
-    /// without calling it.
-    pub fn register<Req, Resp>(
-        &mut self,
-        method: &str,
-        handler: impl Handler<Req, Resp>,
-    ) -> &mut Self
-    where
-        Req: DeserializeOwned + Send + 'static,
-        Resp: Serialize + Send + 'static,
-    {
-        self.insert(method.to_owned(), Method::unary(handler))
-    }
-
-    /// Registers a server-streaming handler under `method`: it returns a
-    /// stream of items; an `Err` item ends the call with that status.
-    /// Items are pulled from the stream only as the caller grants credit.
-    pub fn register_stream<Req, Item, S>(
-        &mut self,
-        method: &str,
-        handler: impl Handler<Req, S>,
-    ) -> &mut Self
-    where
-        Req: DeserializeOwned + Send + 'static,
-        Item: Serialize + Send + 'static,
-        S: Stream<Item = Result<Item, Status>> + Send + 'static,
-    {
-        self.insert(method.to_owned(), Method::stream(handler))
-    }
-
-    /// Registers a bidi-streaming handler under `method`: it gets
-    /// the caller's requests as a [`RequestStream`] and returns a stream of
-    /// responses (client streaming: a stream of one). Requests flow only as
-    /// the handler consumes them (credit-based, like responses).
-    pub fn register_bidi<Req, Item, S>(
-        &mut self,
-        method: &str,
-        handler: impl Handler<RequestStream<Req>, S>,
-    ) -> &mut Self
-    where
-        Req: DeserializeOwned + Send + 'static,
-        Item: Serialize + Send + 'static,
-        S: Stream<Item = Result<Item, Status>> + Send + 'static,
-    {
-        self.insert(method.to_owned(), Method::bidi(handler))
     }
 
     /// Serves one conn until the peer closes it (`Ok`) or it fails (a

@@ -1,5 +1,5 @@
-//! Typed services: [`ServiceDef`], the [`rpc_service`](crate::rpc_service)
-//! attribute's support, and the older [`service!`](crate::service) macro.
+//! Typed services: [`ServiceDef`] and the [`rpc_service`](crate::rpc_service)
+//! attribute's support.
 
 use futures::Stream;
 use serde::{de::DeserializeOwned, Serialize};
@@ -7,8 +7,23 @@ use serde::{de::DeserializeOwned, Serialize};
 use crate::{server::Method, Handler, RequestStream, Server, Status};
 
 /// A named set of methods ready to be added to a [`Server`] with
-/// [`Server::add`]. [`service!`](crate::service) builds one from a trait
-/// implementation (`MyImpl.into_service()`); it can also be built by hand.
+/// [`Server::add`]: the one way methods get onto a server.
+/// [`#[rpc_service]`](crate::rpc_service) builds one from a trait
+/// implementation (`MyImpl.into_service()`); built by hand, it needs no
+/// trait (method names chosen at run time, closures capturing state).
+///
+/// Each method is served as `"name.method"`. A handler gets the call's
+/// [`Context`](crate::Context) and the decoded request; a request that does
+/// not decode as its `Req` is answered `InvalidArgument` without calling it.
+///
+/// ```
+/// # use netchan_rpc::{Server, ServiceDef, Status};
+/// let mut server = Server::new();
+/// server.add(ServiceDef::new("Math").unary("double", |_ctx, n: u64| async move {
+///     n.checked_mul(2).ok_or_else(|| Status::out_of_range("too big"))
+/// }));
+/// ```
+#[must_use = "a ServiceDef serves nothing until it is added with `Server::add`"]
 pub struct ServiceDef {
     name: String,
     methods: Vec<(String, Method)>,
@@ -41,8 +56,9 @@ impl ServiceDef {
         &self.name
     }
 
-    /// Adds unary `method` (see [`Server::register`]).
-    pub fn unary<Req, Resp>(&mut self, method: &str, handler: impl Handler<Req, Resp>) -> &mut Self
+    /// Adds unary `method`: one request, one response (or a status). A
+    /// later method of the same name replaces it.
+    pub fn unary<Req, Resp>(mut self, method: &str, handler: impl Handler<Req, Resp>) -> Self
     where
         Req: DeserializeOwned + Send + 'static,
         Resp: Serialize + Send + 'static,
@@ -52,8 +68,10 @@ impl ServiceDef {
         self
     }
 
-    /// Adds server-streaming `method` (see [`Server::register_stream`]).
-    pub fn stream<Req, Item, S>(&mut self, method: &str, handler: impl Handler<Req, S>) -> &mut Self
+    /// Adds server-streaming `method`: the handler returns a stream of
+    /// items; an `Err` item ends the call with that status. Items are pulled
+    /// from the stream only as the caller grants credit.
+    pub fn stream<Req, Item, S>(mut self, method: &str, handler: impl Handler<Req, S>) -> Self
     where
         Req: DeserializeOwned + Send + 'static,
         Item: Serialize + Send + 'static,
@@ -66,12 +84,15 @@ impl ServiceDef {
 }
 
 impl ServiceDef {
-    /// Adds bidi-streaming `method` (see [`Server::register_bidi`]).
+    /// Adds bidi-streaming `method`: the handler gets the caller's requests
+    /// as a [`RequestStream`] and returns a stream of responses (client
+    /// streaming: a stream of one). Requests flow only as the handler
+    /// consumes them (credit-based, like responses).
     pub fn bidi<Req, Item, S>(
-        &mut self,
+        mut self,
         method: &str,
         handler: impl Handler<RequestStream<Req>, S>,
-    ) -> &mut Self
+    ) -> Self
     where
         Req: DeserializeOwned + Send + 'static,
         Item: Serialize + Send + 'static,
@@ -84,262 +105,14 @@ impl ServiceDef {
 }
 
 impl Server {
-    /// Registers every method of `service` (replacing same-named ones).
+    /// Serves every method of `service` (replacing same-named ones) on the
+    /// conns served from now on.
     pub fn add(&mut self, service: ServiceDef) -> &mut Self {
         for (name, method) in service.methods {
             self.insert(name, method);
         }
         self
     }
-}
-
-/// Declares a typed service: a trait to implement, a typed client and a
-/// registration, from one trait-like definition.
-///
-/// **Deprecated: use [`#[rpc_service]`](crate::rpc_service)**, which takes
-/// any number of arguments, checks the error and message types with clear
-/// messages, and generates the same `"Trait.method"` names on the wire (so
-/// moving a service over changes nothing for deployed peers). This macro
-/// keeps working.
-///
-/// Methods are `async fn` (unary), `stream fn` (server streaming, returning
-/// `Result<ItemStream<Item>, Status>`) or `bidi fn` (bidi streaming:
-/// the request argument is a [`RequestStream<Req>`](crate::RequestStream),
-/// the return type as for `stream fn`); each takes `&self`, a [`Context`](crate::Context)
-/// and one request. The block ends with the name of the client struct to
-/// generate. On the wire the methods are `"Trait.method"`.
-///
-/// Generated:
-/// - the trait, with every method as `fn m(&self, ctx, req) -> impl
-///   Future<Output = ...> + Send` (implement it with `async fn`), plus a
-///   provided `into_service(self) -> ServiceDef` for [`Server::add`];
-/// - the client struct wrapping a [`Client`](crate::Client), with one
-///   `async fn m(&self, req)` per method (for `bidi fn`: `async fn
-///   m(&self, requests)` taking a `Stream` of requests and returning the
-///   [`ResponseStream`](crate::ResponseStream) once the server accepted
-///   the call, as [`Client::call_bidi`](crate::Client::call_bidi)) and `with_options(CallOptions)` to
-///   set a deadline or metadata for the calls made through the copy it
-///   returns.
-///
-/// ```
-/// # #![allow(deprecated)]
-/// use futures::StreamExt;
-/// use netchan_rpc::{service, Client, Context, ItemStream, RequestStream, Server, Status};
-///
-/// service! {
-///     /// Counts things.
-///     pub trait Counter {
-///         /// Adds one.
-///         async fn incr(&self, ctx: Context, n: u64) -> Result<u64, Status>;
-///         /// Counts from zero to `n`.
-///         stream fn upto(&self, ctx: Context, n: u64) -> Result<ItemStream<u64>, Status>;
-///         /// Adds up the numbers sent (client streaming: one answer).
-///         bidi fn sum(&self, ctx: Context, ns: RequestStream<u64>) -> Result<ItemStream<u64>, Status>;
-///     }
-///     /// Typed client for [`Counter`].
-///     pub struct CounterClient;
-/// }
-///
-/// struct MyCounter;
-///
-/// impl Counter for MyCounter {
-///     async fn incr(&self, _ctx: Context, n: u64) -> Result<u64, Status> {
-///         n.checked_add(1).ok_or_else(|| Status::out_of_range("overflow"))
-///     }
-///     async fn upto(&self, _ctx: Context, n: u64) -> Result<ItemStream<u64>, Status> {
-///         Ok(Box::pin(futures::stream::iter((0..n).map(Ok))))
-///     }
-///     async fn sum(&self, _ctx: Context, mut ns: RequestStream<u64>) -> Result<ItemStream<u64>, Status> {
-///         let mut total = 0u64;
-///         while let Some(n) = ns.next().await {
-///             total += n?;
-///         }
-///         Ok(Box::pin(futures::stream::once(async move { Ok(total) })))
-///     }
-/// }
-///
-/// # #[tokio::main(flavor = "current_thread")]
-/// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
-/// let (a, b) = tokio::io::duplex(64 << 10);
-/// let mut server = Server::new();
-/// server.add(MyCounter.into_service());
-/// tokio::spawn(async move { server.serve(b).await });
-///
-/// let counter = CounterClient::new(Client::new(a));
-/// assert_eq!(counter.incr(41).await?, 42);
-/// let all: Vec<u64> = counter.upto(3).await?.map(|r| r.unwrap()).collect().await;
-/// assert_eq!(all, [0, 1, 2]);
-///
-/// let mut total = counter.sum(futures::stream::iter([1, 2, 3])).await?;
-/// assert_eq!(total.next().await.transpose()?, Some(6));
-/// # Ok(())
-/// # }
-/// ```
-#[macro_export]
-#[deprecated(note = "use `#[rpc_service]`")]
-macro_rules! service {
-    (
-        $(#[$attr:meta])*
-        $vis:vis trait $name:ident {
-            $(
-                $(#[$mattr:meta])*
-                $kind:ident fn $method:ident(
-                    &self, $ctx:ident : $ctx_ty:ty, $req:ident : $req_ty:ty $(,)?
-                ) -> Result<$ret:ty, $err:ty>;
-            )*
-        }
-        $(#[$cattr:meta])*
-        $cvis:vis struct $client:ident;
-    ) => {
-        $(#[$attr])*
-        $vis trait $name: ::std::marker::Send + ::std::marker::Sync + 'static {
-            $(
-                $(#[$mattr])*
-                fn $method(
-                    &self,
-                    $ctx: $ctx_ty,
-                    $req: $req_ty,
-                ) -> impl ::std::future::Future<Output = ::std::result::Result<$ret, $crate::Status>>
-                       + ::std::marker::Send;
-            )*
-
-            /// Bundles this implementation as a service for
-            /// [`Server::add`]($crate::Server::add).
-            fn into_service(self) -> $crate::ServiceDef
-            where
-                Self: ::std::marker::Sized,
-            {
-                let this = ::std::sync::Arc::new(self);
-                let mut def = $crate::ServiceDef::new(::std::stringify!($name));
-                $(
-                    $crate::__service_register!($kind def, this, $method);
-                )*
-                def
-            }
-        }
-
-        $(#[$cattr])*
-        #[derive(Clone, Debug)]
-        $cvis struct $client {
-            client: $crate::Client,
-            options: $crate::CallOptions,
-        }
-
-        impl $client {
-            /// Wraps `client`; calls use default options.
-            pub fn new(client: $crate::Client) -> Self {
-                Self { client, options: $crate::CallOptions::default() }
-            }
-
-            /// A copy whose calls use `options` (deadline, metadata); a
-            /// timeout counts from the start of each call.
-            pub fn with_options(&self, options: $crate::CallOptions) -> Self {
-                Self { client: self.client.clone(), options }
-            }
-
-            /// The underlying untyped client.
-            pub fn client(&self) -> &$crate::Client {
-                &self.client
-            }
-
-            $(
-                $crate::__service_client_method!(
-                    $kind $name, $method, $req_ty, $ret, $(#[$mattr])*
-                );
-            )*
-        }
-    };
-}
-
-/// Implementation detail of [`service!`].
-#[doc(hidden)]
-#[macro_export]
-macro_rules! __service_register {
-    (async $def:ident, $this:ident, $method:ident) => {{
-        let this = ::std::sync::Arc::clone(&$this);
-        $def.unary(::std::stringify!($method), move |ctx, req| {
-            let this = ::std::sync::Arc::clone(&this);
-            async move { this.$method(ctx, req).await }
-        });
-    }};
-    (stream $def:ident, $this:ident, $method:ident) => {{
-        let this = ::std::sync::Arc::clone(&$this);
-        $def.stream(::std::stringify!($method), move |ctx, req| {
-            let this = ::std::sync::Arc::clone(&this);
-            async move { this.$method(ctx, req).await }
-        });
-    }};
-    (bidi $def:ident, $this:ident, $method:ident) => {{
-        let this = ::std::sync::Arc::clone(&$this);
-        $def.bidi(::std::stringify!($method), move |ctx, req| {
-            let this = ::std::sync::Arc::clone(&this);
-            async move { this.$method(ctx, req).await }
-        });
-    }};
-}
-
-/// Implementation detail of [`service!`].
-#[doc(hidden)]
-#[macro_export]
-macro_rules! __service_client_method {
-    (async $name:ident, $method:ident, $req_ty:ty, $ret:ty, $(#[$mattr:meta])*) => {
-        $(#[$mattr])*
-        ///
-        /// Calls the remote method; dropping the future cancels the call.
-        pub async fn $method(&self, req: $req_ty) -> ::std::result::Result<$ret, $crate::Status> {
-            self.client
-                .call_with(
-                    ::std::concat!(::std::stringify!($name), ".", ::std::stringify!($method)),
-                    &req,
-                    self.options.clone(),
-                )
-                .await
-        }
-    };
-    (stream $name:ident, $method:ident, $req_ty:ty, $ret:ty, $(#[$mattr:meta])*) => {
-        $(#[$mattr])*
-        ///
-        /// Starts the remote stream; dropping the stream cancels the call.
-        pub async fn $method(
-            &self,
-            req: $req_ty,
-        ) -> ::std::result::Result<
-            $crate::ResponseStream<<$ret as $crate::StreamReturn>::Item>,
-            $crate::Status,
-        > {
-            self.client
-                .call_stream(
-                    ::std::concat!(::std::stringify!($name), ".", ::std::stringify!($method)),
-                    &req,
-                    self.options.clone(),
-                )
-                .await
-        }
-    };
-    (bidi $name:ident, $method:ident, $req_ty:ty, $ret:ty, $(#[$mattr:meta])*) => {
-        $(#[$mattr])*
-        ///
-        /// Starts the remote call with a stream of requests (sent while the
-        /// call runs): resolves once the server accepted the call, then
-        /// yields the responses; dropping the stream cancels the call.
-        pub async fn $method(
-            &self,
-            requests: impl $crate::__private::Stream<Item = <$req_ty as $crate::StreamArg>::Item>
-                + ::std::marker::Send
-                + 'static,
-        ) -> ::std::result::Result<
-            $crate::ResponseStream<<$ret as $crate::StreamReturn>::Item>,
-            $crate::Status,
-        > {
-            self.client
-                .call_bidi(
-                    ::std::concat!(::std::stringify!($name), ".", ::std::stringify!($method)),
-                    requests,
-                    self.options.clone(),
-                )
-                .await
-        }
-    };
 }
 
 /// What the code `#[rpc_service]` generates relies on; not a public API.

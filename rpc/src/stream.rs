@@ -64,18 +64,6 @@ impl Drop for Held {
 /// return (`Ok(Box::pin(stream))`).
 pub type ItemStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
 
-/// Names the item type of a server-streaming method's return type; used by
-/// [`service!`](crate::service) to derive client signatures from
-/// `Result<ItemStream<T>, Status>`.
-pub trait StreamReturn {
-    /// The item type.
-    type Item;
-}
-
-impl<T> StreamReturn for ItemStream<T> {
-    type Item = T;
-}
-
 /// Counts one item consumed from a stream with credit `window`; returns the credit to grant
 /// back once half a window (at least 1) has been consumed, and starts counting again.
 /// Replenishing in batches of half a window means few credit frames, and the sender never
@@ -174,16 +162,4 @@ impl<T: DeserializeOwned> Stream for RequestStream<T> {
             };
         }
     }
-}
-
-/// Names the item type of a bidi method's request argument; used
-/// by [`service!`](crate::service) to derive the client signature from
-/// `RequestStream<T>`.
-pub trait StreamArg {
-    /// The item type.
-    type Item;
-}
-
-impl<T> StreamArg for RequestStream<T> {
-    type Item = T;
 }

@@ -9,44 +9,51 @@ use std::time::Duration;
 use common::*;
 use futures::{stream, StreamExt};
 use netchan_rpc::{
-    CallOptions, Code, Config, Error, PendingResponse, RequestSink, RequestStream, Server, Status,
+    CallOptions, Code, Config, Error, PendingResponse, RequestSink, RequestStream, Server,
+    ServiceDef, Status,
 };
 use tokio::io::AsyncWriteExt;
 
 fn bidi_server(config: Config) -> Server {
     let mut server = test_server(config);
     server
-        .register_bidi("B.echo", |_ctx, reqs: RequestStream<u64>| async move {
-            Ok(reqs.map(|r| r.map(|n| n * 10)))
-        })
-        .register_bidi("B.sum", |_ctx, mut reqs: RequestStream<u64>| async move {
-            let mut total = 0u64;
-            while let Some(n) = reqs.next().await {
-                total += n?;
-            }
-            Ok(stream::once(async move { Ok::<_, Status>(total) }))
-        })
-        .register_bidi("B.deaf", |_ctx, _reqs: RequestStream<u64>| async move {
-            std::future::pending::<Result<stream::Empty<Result<u64, Status>>, Status>>().await
-        })
-        .register_bidi("B.ignore", |_ctx, _reqs: RequestStream<u64>| async move {
-            Ok(stream::empty::<Result<u64, Status>>())
-        })
-        .register_bidi("B.refuse", |ctx, _reqs: RequestStream<u64>| async move {
-            if ctx.metadata().get("token") != Some("s3cret") {
-                return Err(Status::permission_denied("bad token"));
-            }
-            Ok(stream::iter([Ok::<_, Status>(1u64)]))
-        })
+        .add(
+            ServiceDef::new("B")
+                .bidi("echo", |_ctx, reqs: RequestStream<u64>| async move {
+                    Ok(reqs.map(|r| r.map(|n| n * 10)))
+                })
+                .bidi("sum", |_ctx, mut reqs: RequestStream<u64>| async move {
+                    let mut total = 0u64;
+                    while let Some(n) = reqs.next().await {
+                        total += n?;
+                    }
+                    Ok(stream::once(async move { Ok::<_, Status>(total) }))
+                })
+                .bidi("deaf", |_ctx, _reqs: RequestStream<u64>| async move {
+                    std::future::pending::<Result<stream::Empty<Result<u64, Status>>, Status>>()
+                        .await
+                })
+                .bidi("ignore", |_ctx, _reqs: RequestStream<u64>| async move {
+                    Ok(stream::empty::<Result<u64, Status>>())
+                })
+                .bidi("refuse", |ctx, _reqs: RequestStream<u64>| async move {
+                    if ctx.metadata().get("token") != Some("s3cret") {
+                        return Err(Status::permission_denied("bad token"));
+                    }
+                    Ok(stream::iter([Ok::<_, Status>(1u64)]))
+                }),
+        )
         // Reads the first request (a login) before accepting, then echoes.
-        .register_bidi("B.login", |_ctx, mut reqs: RequestStream<u64>| async move {
-            match reqs.next().await {
-                Some(Ok(42)) => Ok(reqs.map(|r| r.map(|n| n + 1))),
-                Some(Ok(n)) => Err(Status::unauthenticated(format!("wrong login {n}"))),
-                Some(Err(status)) => Err(status),
-                None => Err(Status::invalid_argument("no login")),
-            }
-        });
+        .add(
+            ServiceDef::new("B").bidi("login", |_ctx, mut reqs: RequestStream<u64>| async move {
+                match reqs.next().await {
+                    Some(Ok(42)) => Ok(reqs.map(|r| r.map(|n| n + 1))),
+                    Some(Ok(n)) => Err(Status::unauthenticated(format!("wrong login {n}"))),
+                    Some(Err(status)) => Err(status),
+                    None => Err(Status::invalid_argument("no login")),
+                }
+            }),
+        );
     server
 }
 
@@ -180,12 +187,12 @@ async fn a_bidi_call_resolves_on_accept_and_not_before() {
 #[tokio::test]
 async fn a_request_the_pump_cannot_send_fails_the_call() {
     let mut server = test_server(Config::default());
-    server.register_bidi(
-        "B.count",
+    server.add(ServiceDef::new("B").bidi(
+        "count",
         |_ctx, reqs: RequestStream<netchan_rpc::ByteBuf>| async move {
             Ok(reqs.map(|r| r.map(|b| b.len() as u64)))
         },
-    );
+    ));
     let small = Config::default().max_message_size(netchan_rpc::MIN_MESSAGE_SIZE);
     let (client, _t) = duplex_pair(&server, small);
     let big = netchan_rpc::ByteBuf::from(vec![0u8; 4 * netchan_rpc::MIN_MESSAGE_SIZE]);
@@ -407,14 +414,14 @@ async fn a_deadline_at_the_end_of_time_is_clamped_not_a_panic() {
 async fn unread_request_items_count_against_the_in_flight_byte_budget() {
     let budget = 64 << 10;
     let mut server = test_server(Config::default().max_in_flight_bytes(budget));
-    server.register_bidi(
-        "B.hoard",
+    server.add(ServiceDef::new("B").bidi(
+        "hoard",
         |_ctx, reqs: RequestStream<netchan_rpc::ByteBuf>| async move {
             // Holds the request stream (and what is queued in it) unread.
             let _reqs = reqs;
             std::future::pending::<Result<stream::Empty<Result<u64, Status>>, Status>>().await
         },
-    );
+    ));
     let (client, _t) = duplex_pair(&server, Config::default());
     let (mut sink, responses) =
         guard(client.open_bidi::<netchan_rpc::ByteBuf, u64>("B.hoard", CallOptions::default()))

@@ -7,13 +7,13 @@ use std::{sync::Mutex, time::Duration};
 
 use common::*;
 use futures::StreamExt;
-use netchan_rpc::{CallOptions, Code, Config, Context, EndReason, Server};
+use netchan_rpc::{CallOptions, Code, Config, Context, EndReason, Server, ServiceDef};
 use tokio::sync::oneshot;
 
 fn forever_server() -> (Server, oneshot::Receiver<()>, oneshot::Receiver<()>) {
     let mut server = Server::new();
     let (started, dropped) = register_forever(&mut server, "C.forever");
-    server.register("C.echo", |_ctx, s: String| async move { Ok(s) });
+    server.add(ServiceDef::new("C").unary("echo", |_ctx, s: String| async move { Ok(s) }));
     (server, started, dropped)
 }
 
@@ -65,18 +65,20 @@ async fn work_spawned_with_the_context_sees_the_call_end() {
     let (seen_tx, seen_rx) = oneshot::channel();
     let slot = Mutex::new(Some(seen_tx));
     let mut server = Server::new();
-    server.register("C.spawns", move |ctx: netchan_rpc::Context, ()| {
-        let seen = slot.lock().unwrap().take();
-        async move {
-            tokio::spawn(async move {
-                ctx.cancelled().await;
-                if let Some(seen) = seen {
-                    let _ = seen.send(());
-                }
-            });
-            Ok(())
-        }
-    });
+    server.add(
+        ServiceDef::new("C").unary("spawns", move |ctx: netchan_rpc::Context, ()| {
+            let seen = slot.lock().unwrap().take();
+            async move {
+                tokio::spawn(async move {
+                    ctx.cancelled().await;
+                    if let Some(seen) = seen {
+                        let _ = seen.send(());
+                    }
+                });
+                Ok(())
+            }
+        }),
+    );
     let (client, _t) = duplex_pair(&server, Config::default());
     guard(client.call::<_, ()>("C.spawns", &())).await.unwrap();
     guard(seen_rx)
@@ -97,16 +99,19 @@ where
     let (seen_tx, seen_rx) = oneshot::channel();
     let slot = Mutex::new(Some(seen_tx));
     let mut server = Server::new();
-    server.register(method, move |ctx: Context, ()| {
-        let seen = slot.lock().unwrap().take();
-        tokio::spawn(async move {
-            ctx.cancelled().await;
-            if let (Some(seen), Some(reason)) = (seen, ctx.end_reason()) {
-                let _ = seen.send(reason);
-            }
-        });
-        answer()
-    });
+    let (service, method) = method.split_once('.').expect("a \"Service.method\" name");
+    server.add(
+        ServiceDef::new(service).unary(method, move |ctx: Context, ()| {
+            let seen = slot.lock().unwrap().take();
+            tokio::spawn(async move {
+                ctx.cancelled().await;
+                if let (Some(seen), Some(reason)) = (seen, ctx.end_reason()) {
+                    let _ = seen.send(reason);
+                }
+            });
+            answer()
+        }),
+    );
     (server, seen_rx)
 }
 
@@ -154,27 +159,29 @@ async fn a_streaming_producer_stops_when_the_client_drops_the_stream() {
     let (stopped_tx, stopped) = oneshot::channel();
     let slot = Mutex::new(Some(stopped_tx));
     let mut server = Server::new();
-    server.register_stream("C.ticks", move |ctx: Context, ()| {
-        let stopped = slot.lock().unwrap().take();
-        async move {
-            let (tx, rx) = tokio::sync::mpsc::channel(4);
-            tokio::spawn(async move {
-                let mut n = 0u64;
-                // Ends when the call does: the client dropped the stream.
-                while let Some(Ok(permit)) = tokio::select! {
-                    permit = tx.reserve() => Some(permit),
-                    _ = ctx.cancelled() => None,
-                } {
-                    permit.send(Ok(n));
-                    n += 1;
-                }
-                if let Some(stopped) = stopped {
-                    let _ = stopped.send((n, ctx.end_reason()));
-                }
-            });
-            Ok(tokio_stream_from(rx))
-        }
-    });
+    server.add(
+        ServiceDef::new("C").stream("ticks", move |ctx: Context, ()| {
+            let stopped = slot.lock().unwrap().take();
+            async move {
+                let (tx, rx) = tokio::sync::mpsc::channel(4);
+                tokio::spawn(async move {
+                    let mut n = 0u64;
+                    // Ends when the call does: the client dropped the stream.
+                    while let Some(Ok(permit)) = tokio::select! {
+                        permit = tx.reserve() => Some(permit),
+                        _ = ctx.cancelled() => None,
+                    } {
+                        permit.send(Ok(n));
+                        n += 1;
+                    }
+                    if let Some(stopped) = stopped {
+                        let _ = stopped.send((n, ctx.end_reason()));
+                    }
+                });
+                Ok(tokio_stream_from(rx))
+            }
+        }),
+    );
     let (client, _t) = duplex_pair(&server, Config::default());
     let mut ticks = guard(client.call_stream::<_, u64>("C.ticks", &(), CallOptions::default()))
         .await

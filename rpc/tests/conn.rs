@@ -6,7 +6,7 @@ mod common;
 use std::time::Duration;
 
 use common::*;
-use netchan_rpc::{CallOptions, Client, Code, Config, Error, Server, Status};
+use netchan_rpc::{CallOptions, Client, Code, Config, Error, Server, ServiceDef, Status};
 use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
 
 const PREAMBLE: &[u8] = b"NCRPC\x02";
@@ -78,9 +78,9 @@ async fn losing_the_conn_fails_every_pending_call_with_unavailable_promptly() {
 #[tokio::test]
 async fn an_unavailable_status_sent_by_the_server_is_not_a_lost_conn() {
     let mut server = Server::new();
-    server.register("T.down", |_ctx, ()| async move {
+    server.add(ServiceDef::new("T").unary("down", |_ctx, ()| async move {
         Err::<(), _>(Status::unavailable("backend down"))
-    });
+    }));
     let (client, _task) = tcp_pair(&server, Config::default()).await;
     let err = guard(client.call::<_, ()>("T.down", &()))
         .await

@@ -6,7 +6,7 @@ mod common;
 use std::time::Duration;
 
 use common::*;
-use netchan_rpc::{CallOptions, Code, Config, Server, Status};
+use netchan_rpc::{CallOptions, Code, Config, Server, ServiceDef, Status};
 use tokio::{sync::oneshot, time::Instant};
 
 #[tokio::test(start_paused = true)]
@@ -43,14 +43,14 @@ async fn server_drops_the_handler_when_the_deadline_passes() {
     let (dropped_tx, dropped_rx) = oneshot::channel();
     let slot = std::sync::Mutex::new(Some(dropped_tx));
     let mut server = Server::new();
-    server.register("D.forever", move |_ctx, ()| {
+    server.add(ServiceDef::new("D").unary("forever", move |_ctx, ()| {
         let signal = DropSignal(slot.lock().unwrap().take());
         async move {
             let _signal = signal;
             std::future::pending::<()>().await;
             Ok(())
         }
-    });
+    }));
     let (client, _t) = duplex_pair(&server, Config::default());
     let err = guard(client.call_with::<_, ()>(
         "D.forever",
@@ -68,7 +68,7 @@ async fn a_handler_watching_its_context_is_dropped_at_the_deadline() {
     let (dropped_tx, dropped_rx) = oneshot::channel();
     let slot = std::sync::Mutex::new(Some(dropped_tx));
     let mut server = Server::new();
-    server.register("D.ctx", move |ctx, ()| {
+    server.add(ServiceDef::new("D").unary("ctx", move |ctx, ()| {
         let signal = DropSignal(slot.lock().unwrap().take());
         async move {
             let _signal = signal;
@@ -76,7 +76,7 @@ async fn a_handler_watching_its_context_is_dropped_at_the_deadline() {
             ctx.cancelled().await;
             Err::<(), _>(Status::cancelled("saw cancellation"))
         }
-    });
+    }));
     let (client, _t) = duplex_pair(&server, Config::default());
     let err = guard(client.call_with::<_, ()>(
         "D.ctx",

@@ -6,7 +6,7 @@
 mod common;
 
 use common::*;
-use netchan_rpc::{Code, Config, Server, Status};
+use netchan_rpc::{Code, Config, Server, ServiceDef, Status};
 use serde::{Deserialize, Serialize};
 
 /// The request as deployed peers know it.
@@ -25,17 +25,19 @@ struct HelloV2 {
 
 fn evolved_server() -> Server {
     let mut server = Server::new();
-    server
-        .register("G.hello", |_ctx, req: HelloV1| async move {
-            Ok::<_, Status>(format!("hello, {}", req.name))
-        })
-        .register("G.hello_v2", |_ctx, req: HelloV2| async move {
-            let greeting = match req.lang.as_deref() {
-                Some("fr") => "bonjour",
-                _ => "hello",
-            };
-            Ok::<_, Status>(format!("{greeting}, {}", req.name))
-        });
+    server.add(
+        ServiceDef::new("G")
+            .unary("hello", |_ctx, req: HelloV1| async move {
+                Ok::<_, Status>(format!("hello, {}", req.name))
+            })
+            .unary("hello_v2", |_ctx, req: HelloV2| async move {
+                let greeting = match req.lang.as_deref() {
+                    Some("fr") => "bonjour",
+                    _ => "hello",
+                };
+                Ok::<_, Status>(format!("{greeting}, {}", req.name))
+            }),
+    );
     server
 }
 

@@ -5,7 +5,7 @@
 #![cfg(target_os = "linux")]
 
 use netchan_mux::{Config as MuxConfig, Mode, Session};
-use netchan_rpc::{CallOptions, Client, Context, Server, Status};
+use netchan_rpc::{CallOptions, Client, Context, Server, ServiceDef, Status};
 use netchan_testkit::{
     fds::{back_to, open_fds, unlinked_file},
     within,
@@ -47,31 +47,37 @@ async fn no_descriptor_outlives_its_call() {
         let started = Arc::new(Notify::new());
         let reply_file = Arc::new(unlinked_file("x"));
         let mut server = Server::new();
-        server.register("T.fail", |_ctx: Context, (): ()| async move {
-            // Leaves the request's descriptors untaken and fails.
-            Err::<(), _>(Status::internal("no"))
-        });
+        server.add(
+            ServiceDef::new("T").unary("fail", |_ctx: Context, (): ()| async move {
+                // Leaves the request's descriptors untaken and fails.
+                Err::<(), _>(Status::internal("no"))
+            }),
+        );
         let s = started.clone();
-        server.register("T.hang", move |ctx: Context, (): ()| {
-            let s = s.clone();
-            async move {
-                let _mine = ctx.take_fds();
-                s.notify_one();
-                std::future::pending::<()>().await;
-                Ok(())
-            }
-        });
+        server.add(
+            ServiceDef::new("T").unary("hang", move |ctx: Context, (): ()| {
+                let s = s.clone();
+                async move {
+                    let _mine = ctx.take_fds();
+                    s.notify_one();
+                    std::future::pending::<()>().await;
+                    Ok(())
+                }
+            }),
+        );
         let (s, r) = (started.clone(), reply_file.clone());
-        server.register("T.late", move |ctx: Context, (): ()| {
-            let (s, r) = (s.clone(), r.clone());
-            async move {
-                s.notify_one();
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                ctx.reply_fds(dups(&r, 3))?;
-                Ok(())
-            }
-        });
-        server.register("T.fail_after_reply_fds", {
+        server.add(
+            ServiceDef::new("T").unary("late", move |ctx: Context, (): ()| {
+                let (s, r) = (s.clone(), r.clone());
+                async move {
+                    s.notify_one();
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    ctx.reply_fds(dups(&r, 3))?;
+                    Ok(())
+                }
+            }),
+        );
+        server.add(ServiceDef::new("T").unary("fail_after_reply_fds", {
             let r = reply_file.clone();
             move |ctx: Context, (): ()| {
                 let r = r.clone();
@@ -80,7 +86,7 @@ async fn no_descriptor_outlives_its_call() {
                     Err::<(), _>(Status::aborted("changed my mind"))
                 }
             }
-        });
+        }));
         // The server's reply file stays open throughout (one descriptor).
         let baseline = baseline + 1;
         let (client, client_session, server_session) = setup(server).await;

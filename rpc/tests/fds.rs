@@ -4,7 +4,7 @@
 #![cfg(unix)]
 
 use netchan_mux::{Config as MuxConfig, Mode, Session};
-use netchan_rpc::{rpc_service, CallOptions, Client, Code, Context, Server, Status};
+use netchan_rpc::{rpc_service, CallOptions, Client, Code, Context, Server, ServiceDef, Status};
 use netchan_testkit::{fds::contents, within};
 use std::{
     fs::File,
@@ -45,26 +45,32 @@ fn files_server() -> Server {
     let mut server = Server::new();
     server.add(NotesImpl.into_service());
     // Reads the file it is handed; answers with a new file holding the text reversed.
-    server.register("Files.reverse", |ctx: Context, tag: String| async move {
-        let mut fds = ctx.take_fds();
-        if fds.len() != 1 {
-            return Err(Status::invalid_argument(format!("{} fds", fds.len())));
-        }
-        let text = contents(fds.remove(0));
-        if !text.starts_with(&tag) {
-            return Err(Status::internal(format!("{tag}: got the file of {text}")));
-        }
-        ctx.reply_fds(vec![unlinked_file(&text.chars().rev().collect::<String>())])?;
-        Ok(text.len() as u64)
-    });
-    server.register("Files.count", |ctx: Context, (): ()| async move {
-        Ok(ctx.take_fds().len() as u64)
-    });
-    server.register("Files.plain", |ctx: Context, (): ()| async move {
-        // Tries to answer with a descriptor where the link cannot carry it.
-        ctx.reply_fds(vec![unlinked_file("x")])?;
-        Ok(())
-    });
+    server.add(
+        ServiceDef::new("Files").unary("reverse", |ctx: Context, tag: String| async move {
+            let mut fds = ctx.take_fds();
+            if fds.len() != 1 {
+                return Err(Status::invalid_argument(format!("{} fds", fds.len())));
+            }
+            let text = contents(fds.remove(0));
+            if !text.starts_with(&tag) {
+                return Err(Status::internal(format!("{tag}: got the file of {text}")));
+            }
+            ctx.reply_fds(vec![unlinked_file(&text.chars().rev().collect::<String>())])?;
+            Ok(text.len() as u64)
+        }),
+    );
+    server.add(
+        ServiceDef::new("Files").unary("count", |ctx: Context, (): ()| async move {
+            Ok(ctx.take_fds().len() as u64)
+        }),
+    );
+    server.add(
+        ServiceDef::new("Files").unary("plain", |ctx: Context, (): ()| async move {
+            // Tries to answer with a descriptor where the link cannot carry it.
+            ctx.reply_fds(vec![unlinked_file("x")])?;
+            Ok(())
+        }),
+    );
     server
 }
 

@@ -16,7 +16,7 @@ use std::{
 };
 
 use common::{test_server, until_count};
-use netchan_rpc::{ByteBuf, Client, Code, Config, Error, Server};
+use netchan_rpc::{ByteBuf, Client, Code, Config, Error, Server, ServiceDef};
 use netchan_testkit::within;
 use serde::{Serialize, Serializer};
 use tokio::{
@@ -221,7 +221,7 @@ fn big_server(config: Config) -> (Server, Arc<(AtomicUsize, Notify)>) {
     let dropped = Arc::new((AtomicUsize::new(0), Notify::new()));
     let mut server = Server::with_config(config);
     let d = Arc::clone(&dropped);
-    server.register("Big.make", move |_ctx, ()| {
+    server.add(ServiceDef::new("Big").unary("make", move |_ctx, ()| {
         let dropped = Arc::clone(&d);
         async move {
             Ok(Counted {
@@ -229,7 +229,7 @@ fn big_server(config: Config) -> (Server, Arc<(AtomicUsize, Notify)>) {
                 dropped,
             })
         }
-    });
+    }));
     (server, dropped)
 }
 
@@ -275,7 +275,7 @@ async fn a_peer_that_never_reads_is_closed_on_write_stall_while_others_keep_work
     let _serial = SERIAL.lock().await;
     let config = Config::default().write_stall_timeout(Duration::from_secs(5));
     let (mut server, _dropped) = big_server(config.clone());
-    server.register("Test.echo", |_ctx, s: String| async move { Ok(s) });
+    server.add(ServiceDef::new("Test").unary("echo", |_ctx, s: String| async move { Ok(s) }));
     let (mut peer, conn) = tokio::io::duplex(16 << 10);
     let serving = serve(&server, conn);
     let mut wire = PREAMBLE.to_vec();

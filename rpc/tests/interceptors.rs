@@ -10,17 +10,17 @@ use std::sync::{
 
 use common::*;
 use futures::StreamExt;
-use netchan_rpc::{CallOptions, Code, Config, Server, Status};
+use netchan_rpc::{CallOptions, Code, Config, Server, ServiceDef, Status};
 
 /// `T.whoami` answers the metadata its handler sees under "user".
 fn server_with_auth(served: Arc<AtomicUsize>) -> Server {
     let mut server = Server::new();
     server
-        .register("T.whoami", move |ctx, ()| {
+        .add(ServiceDef::new("T").unary("whoami", move |ctx, ()| {
             served.fetch_add(1, Ordering::SeqCst);
             let user = ctx.metadata().get("user").map(str::to_owned);
             async move { user.ok_or_else(|| Status::internal("no user")) }
-        })
+        }))
         .intercept(|_method, md| match md.get("token") {
             Some("s3cret") => {
                 md.set("user", "ada");
@@ -86,17 +86,19 @@ async fn a_refusing_client_interceptor_sends_nothing_and_others_are_unaffected()
 #[tokio::test]
 async fn handlers_send_trailers_with_answers_and_stream_ends() {
     let mut server = Server::new();
-    server
-        .register("T.unary", |ctx, n: u32| async move {
-            ctx.set_trailer("cost", format!("{n} units"));
-            ctx.set_trailer("cost", format!("{} units", n * 2)); // replaces
-            Ok::<_, Status>(n + 1)
-        })
-        .register("T.plain", |_ctx, n: u32| async move { Ok::<_, Status>(n) })
-        .register_stream("T.stream", |ctx, n: u32| async move {
-            ctx.set_trailer("count", n.to_string());
-            Ok(futures::stream::iter((0..n).map(Ok::<_, Status>)))
-        });
+    server.add(
+        ServiceDef::new("T")
+            .unary("unary", |ctx, n: u32| async move {
+                ctx.set_trailer("cost", format!("{n} units"));
+                ctx.set_trailer("cost", format!("{} units", n * 2)); // replaces
+                Ok::<_, Status>(n + 1)
+            })
+            .unary("plain", |_ctx, n: u32| async move { Ok::<_, Status>(n) })
+            .stream("stream", |ctx, n: u32| async move {
+                ctx.set_trailer("count", n.to_string());
+                Ok(futures::stream::iter((0..n).map(Ok::<_, Status>)))
+            }),
+    );
     let (client, _t) = duplex_pair(&server, Config::default());
 
     let (reply, trailers): (u32, _) =

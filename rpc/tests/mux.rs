@@ -13,7 +13,7 @@ use std::{
 
 use common::*;
 use futures::{stream, StreamExt};
-use netchan_rpc::{CallOptions, Client, Code, Config, Error, ResponseStream, Status};
+use netchan_rpc::{CallOptions, Client, Code, Config, Error, ResponseStream, ServiceDef, Status};
 use tokio::{
     io::AsyncWriteExt,
     sync::{oneshot, Notify},
@@ -163,7 +163,7 @@ async fn a_slow_stream_consumer_over_mux_is_bounded_and_blocks_nothing() {
     let progress = Arc::new(Notify::new());
     let mut server = test_server(Config::default());
     let (p, n) = (Arc::clone(&produced), Arc::clone(&progress));
-    server.register_stream("M.count", move |_ctx, ()| {
+    server.add(ServiceDef::new("M").stream("count", move |_ctx, ()| {
         let (p, n) = (Arc::clone(&p), Arc::clone(&n));
         async move {
             Ok(stream::iter(0u64..).map(move |i| {
@@ -172,7 +172,7 @@ async fn a_slow_stream_consumer_over_mux_is_bounded_and_blocks_nothing() {
                 Ok::<_, Status>(i)
             }))
         }
-    });
+    }));
     let (client, _near, _far) = mux_pair(&server, Config::default().stream_window(WINDOW)).await;
     let mut items: ResponseStream<u64> =
         guard(client.call_stream("M.count", &(), CallOptions::default()))
@@ -196,7 +196,7 @@ async fn calls_beyond_the_in_flight_limit_over_mux_are_resource_exhausted() {
     let started = Arc::new(tokio::sync::Semaphore::new(0));
     let mut server = test_server(Config::default().max_in_flight(2));
     let (r, s) = (Arc::clone(&release), Arc::clone(&started));
-    server.register("M.park", move |_ctx, ()| {
+    server.add(ServiceDef::new("M").unary("park", move |_ctx, ()| {
         let (r, s) = (Arc::clone(&r), Arc::clone(&s));
         async move {
             let parked = r.notified();
@@ -204,7 +204,7 @@ async fn calls_beyond_the_in_flight_limit_over_mux_are_resource_exhausted() {
             parked.await;
             Ok(())
         }
-    });
+    }));
     let (client, _near, _far) = mux_pair(&server, Config::default()).await;
     let parked = spawn_calls(&client, "M.park", 2);
     guard(started.acquire_many(2)).await.unwrap().forget();
@@ -223,14 +223,14 @@ async fn dropping_a_stream_over_mux_cancels_it_on_the_server() {
     let (dropped_tx, dropped_rx) = oneshot::channel();
     let slot = Mutex::new(Some(dropped_tx));
     let mut server = test_server(Config::default());
-    server.register_stream("M.endless", move |_ctx, ()| {
+    server.add(ServiceDef::new("M").stream("endless", move |_ctx, ()| {
         let signal = DropSignal(slot.lock().unwrap().take());
         async move {
             Ok(stream::unfold((0u64, signal), |(i, signal)| async move {
                 Some((Ok::<_, Status>(i), (i + 1, signal)))
             }))
         }
-    });
+    }));
     let (client, _near, _far) = mux_pair(&server, Config::default()).await;
     let mut s: ResponseStream<u64> =
         guard(client.call_stream("M.endless", &(), CallOptions::default()))
@@ -270,11 +270,13 @@ async fn a_version_mismatch_on_a_mux_channel_is_reported_and_ends_only_it() {
 #[tokio::test]
 async fn bidirectional_streaming_works_over_mux() {
     let mut server = test_server(Config::default());
-    server.register_bidi(
-        "M.double",
-        |_ctx, reqs: netchan_rpc::RequestStream<u64>| async move {
-            Ok(reqs.map(|r| r.map(|n| n * 2)))
-        },
+    server.add(
+        ServiceDef::new("M").bidi(
+            "double",
+            |_ctx, reqs: netchan_rpc::RequestStream<u64>| async move {
+                Ok(reqs.map(|r| r.map(|n| n * 2)))
+            },
+        ),
     );
     let (client, _near, _far) = mux_pair(&server, Config::default().stream_window(4)).await;
     let responses = guard(client.call_bidi::<u64, u64, _>(

@@ -11,7 +11,9 @@ use std::{
 
 use common::*;
 use futures::{stream, StreamExt};
-use netchan_rpc::{CallOptions, Client, Code, Config, FromStream, Peer, PeerError, Server, Status};
+use netchan_rpc::{
+    CallOptions, Client, Code, Config, FromStream, Peer, PeerError, Server, ServiceDef, Status,
+};
 use tokio::sync::oneshot;
 
 /// The NAT case: only the "device" side can open the connection, yet the
@@ -21,15 +23,18 @@ async fn a_hub_handler_calls_back_the_peer_whose_call_it_serves() {
     let (device_session, hub_session) = mux_sessions().await;
 
     let mut hub = Server::new();
-    hub.register("Hub.report", |ctx, ()| async move {
-        let back = ctx.callback()?;
-        let temp: i32 = back.call("Device.temperature", &()).await?;
-        Ok(format!("device says {temp} C"))
-    });
+    hub.add(
+        ServiceDef::new("Hub").unary("report", |ctx, ()| async move {
+            let back = ctx.callback()?;
+            let temp: i32 = back.call("Device.temperature", &()).await?;
+            Ok(format!("device says {temp} C"))
+        }),
+    );
     let mut device = Server::new();
-    device.register("Device.temperature", |_ctx, ()| async move {
-        Ok::<_, Status>(21)
-    });
+    device.add(
+        ServiceDef::new("Device")
+            .unary("temperature", |_ctx, ()| async move { Ok::<_, Status>(21) }),
+    );
 
     let (device_peer, hub_peer) = guard(async {
         tokio::try_join!(
@@ -55,9 +60,9 @@ async fn a_hub_handler_calls_back_the_peer_whose_call_it_serves() {
 async fn a_peer_that_connects_before_the_other_side_listens_still_connects() {
     let (a, b) = mux_sessions().await;
     let mut server_b = Server::new();
-    server_b.register("B.ping", |_ctx, ()| async move {
+    server_b.add(ServiceDef::new("B").unary("ping", |_ctx, ()| async move {
         Ok::<_, Status>("pong".to_string())
-    });
+    }));
     // A starts alone: nobody listens on B yet, so its dial is refused and
     // retried; B joins once A is known to be waiting.
     let early = tokio::spawn(async move { Peer::connect(&a, Server::new()).await });
@@ -87,10 +92,10 @@ async fn connecting_a_peer_alone_times_out_with_a_typed_error() {
 #[tokio::test]
 async fn callback_outside_a_peer_is_a_failed_precondition() {
     let mut server = Server::new();
-    server.register("T.back", |ctx, ()| async move {
+    server.add(ServiceDef::new("T").unary("back", |ctx, ()| async move {
         let _caller = ctx.callback()?;
         Ok(())
-    });
+    }));
     let (client, _t) = duplex_pair(&server, Config::default());
     let err = guard(client.call::<_, ()>("T.back", &()))
         .await
@@ -105,17 +110,19 @@ fn parking_server() -> (Server, oneshot::Receiver<()>, oneshot::Sender<()>) {
     let (release, release_rx) = oneshot::channel::<()>();
     let hooks = Arc::new(Mutex::new(Some((started_tx, release_rx))));
     let mut server = Server::new();
-    server
-        .register("T.park", move |_ctx, ()| {
-            let hooks = hooks.lock().unwrap().take();
-            async move {
-                let (started, release) = hooks.expect("parked once");
-                let _ = started.send(());
-                let _ = release.await;
-                Ok::<_, Status>("finished".to_string())
-            }
-        })
-        .register("T.echo", |_ctx, s: String| async move { Ok(s) });
+    server.add(
+        ServiceDef::new("T")
+            .unary("park", move |_ctx, ()| {
+                let hooks = hooks.lock().unwrap().take();
+                async move {
+                    let (started, release) = hooks.expect("parked once");
+                    let _ = started.send(());
+                    let _ = release.await;
+                    Ok::<_, Status>("finished".to_string())
+                }
+            })
+            .unary("echo", |_ctx, s: String| async move { Ok(s) }),
+    );
     (server, started, release)
 }
 
@@ -200,13 +207,17 @@ async fn shutdown_cuts_calls_still_running_after_the_grace() {
 async fn connect_with_gives_the_client_half_its_own_config() {
     let (near_session, far_session) = mux_sessions().await;
     let mut far = Server::new();
-    far.register("Far.text", |_ctx, n: usize| async move {
-        Ok::<_, Status>("x".repeat(n))
-    });
+    far.add(
+        ServiceDef::new("Far").unary("text", |_ctx, n: usize| async move {
+            Ok::<_, Status>("x".repeat(n))
+        }),
+    );
     let mut near = Server::new();
-    near.register("Near.text", |_ctx, n: usize| async move {
-        Ok::<_, Status>("y".repeat(n))
-    });
+    near.add(
+        ServiceDef::new("Near").unary("text", |_ctx, n: usize| async move {
+            Ok::<_, Status>("y".repeat(n))
+        }),
+    );
     let small = Config::default().max_message_size(4096);
     let (near_peer, far_peer) = guard(async {
         tokio::try_join!(

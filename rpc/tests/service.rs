@@ -1,6 +1,5 @@
-//! The `service!` macro (deprecated, kept working): a typed trait, client stub and
-//! registration, and its wire names, which `#[rpc_service]` shares.
-#![allow(deprecated)]
+//! A typed service end to end: the `#[rpc_service]` trait, client stub and
+//! registration, and its wire names, which a hand-built `ServiceDef` shares.
 
 mod common;
 
@@ -9,7 +8,7 @@ use std::time::Duration;
 use common::*;
 use futures::{stream, StreamExt};
 use netchan_rpc::{
-    service, CallOptions, Client, Code, Config, Context, ItemStream, Server, Status,
+    rpc_service, CallOptions, Client, Code, Config, Context, ItemStream, Server, ServiceDef, Status,
 };
 use serde::{Deserialize, Serialize};
 
@@ -29,18 +28,20 @@ pub struct StatResp {
     pub who: Option<String>,
 }
 
-service! {
-    /// A toy file service.
-    pub trait Files {
-        /// Stats a file.
-        async fn stat(&self, ctx: Context, req: StatReq) -> Result<StatResp, Status>;
-        /// Reads a file in chunks of `n` bytes.
-        stream fn read(&self, ctx: Context, req: (String, usize)) -> Result<ItemStream<Vec<u8>>, Status>;
-        /// Never answers.
-        async fn hang(&self, ctx: Context, req: ()) -> Result<(), Status>;
-    }
-    /// Typed client for [`Files`].
-    pub struct FilesClient;
+/// A toy file service.
+#[rpc_service]
+pub trait Files {
+    /// Stats a file.
+    async fn stat(&self, ctx: Context, req: StatReq) -> Result<StatResp, Status>;
+    /// Reads a file in chunks of `n` bytes.
+    async fn read(
+        &self,
+        ctx: Context,
+        path: String,
+        n: usize,
+    ) -> Result<ItemStream<Vec<u8>>, Status>;
+    /// Never answers.
+    async fn hang(&self, ctx: Context) -> Result<(), Status>;
 }
 
 struct MemFiles;
@@ -59,21 +60,26 @@ impl Files for MemFiles {
     async fn read(
         &self,
         _ctx: Context,
-        req: (String, usize),
+        path: String,
+        n: usize,
     ) -> Result<ItemStream<Vec<u8>>, Status> {
-        let (path, n) = req;
-        if path != "a.txt" {
-            return Err(Status::not_found(path));
-        }
-        let data = b"hello world".to_vec();
-        let chunks: Vec<Result<Vec<u8>, Status>> =
-            data.chunks(n.max(1)).map(|c| Ok(c.to_vec())).collect();
-        Ok(Box::pin(stream::iter(chunks)))
+        chunks_of(&path, n)
     }
 
-    async fn hang(&self, _ctx: Context, _req: ()) -> Result<(), Status> {
+    async fn hang(&self, _ctx: Context) -> Result<(), Status> {
         std::future::pending().await
     }
+}
+
+/// The file `path` (only `a.txt` exists) in chunks of `n` bytes.
+fn chunks_of(path: &str, n: usize) -> Result<ItemStream<Vec<u8>>, Status> {
+    if path != "a.txt" {
+        return Err(Status::not_found(path.to_owned()));
+    }
+    let data = b"hello world".to_vec();
+    let chunks: Vec<Result<Vec<u8>, Status>> =
+        data.chunks(n.max(1)).map(|c| Ok(c.to_vec())).collect();
+    Ok(Box::pin(stream::iter(chunks)))
 }
 
 fn files_server() -> Server {
@@ -104,7 +110,7 @@ async fn typed_client_calls_unary_and_streaming_methods_over_tcp() {
     assert_eq!(err.code(), Code::NotFound);
     let chunks: Vec<Vec<u8>> = guard(async {
         files
-            .read(("a.txt".into(), 4))
+            .read("a.txt".into(), 4)
             .await
             .unwrap()
             .map(|c| c.unwrap())
@@ -142,45 +148,37 @@ async fn with_options_applies_metadata_and_timeouts_to_typed_calls() {
     .unwrap();
     assert_eq!(st.who.as_deref(), Some("ada"));
     let quick = files.with_options(CallOptions::default().timeout(Duration::from_millis(50)));
-    let err = guard(quick.hang(())).await.unwrap_err();
+    let err = guard(quick.hang()).await.unwrap_err();
     assert_eq!(err.code(), Code::DeadlineExceeded);
     // The stub exposes the untyped client too.
     assert!(!quick.client().is_closed());
     let _: &Client = files.client();
 }
 
-/// The same service declared with `#[rpc_service]`, several arguments and none where
-/// `service!` needed a tuple or `()`: the encodings match.
-mod attr {
-    use netchan_rpc::{rpc_service, Context, ItemStream, Status};
-
-    use super::{StatReq, StatResp};
-
-    /// `Files` again, the way a user moves it to the attribute.
-    #[rpc_service]
-    pub trait Files {
-        /// Stats a file.
-        async fn stat(&self, ctx: Context, req: StatReq) -> Result<StatResp, Status>;
-        /// Reads a file in chunks of `n` bytes.
-        async fn read(
-            &self,
-            ctx: Context,
-            path: String,
-            n: usize,
-        ) -> Result<ItemStream<Vec<u8>>, Status>;
-        /// Never answers.
-        async fn hang(&self, ctx: Context) -> Result<(), Status>;
-    }
+/// `Files` built by hand as a [`ServiceDef`], its streaming method taking its two
+/// arguments as one tuple, the way `#[rpc_service]` sends them.
+fn hand_built_files() -> ServiceDef {
+    ServiceDef::new("Files")
+        .unary("stat", |ctx: Context, req: StatReq| async move {
+            MemFiles.stat(ctx, req).await
+        })
+        .stream("read", |_ctx, (path, n): (String, usize)| async move {
+            chunks_of(&path, n)
+        })
+        .unary("hang", |_ctx, ()| async move {
+            std::future::pending::<Result<(), Status>>().await
+        })
 }
 
-/// Moving a service from `service!` to `#[rpc_service]` is no wire change: a client
-/// generated by the attribute calls a server generated by the macro, method by method.
+/// Moving a service from a hand-built `ServiceDef` to `#[rpc_service]` is no wire change:
+/// the generated client calls the hand-built server, method by method.
 #[tokio::test]
-async fn an_rpc_service_client_calls_a_service_macro_server() {
+async fn an_rpc_service_client_calls_a_hand_built_service_def() {
     let (a, b) = tokio::io::duplex(64 << 10);
-    let server = files_server();
+    let mut server = Server::new();
+    server.add(hand_built_files());
     let _serving = tokio::spawn(async move { server.serve(b).await });
-    let files = attr::FilesClient::new(Client::new(a));
+    let files = FilesClient::new(Client::new(a));
     let stat = guard(files.stat(StatReq {
         path: "a.txt".into(),
     }))

@@ -13,12 +13,12 @@ use std::{
 
 use common::*;
 use futures::{stream, StreamExt};
-use netchan_rpc::{CallOptions, Code, Config, ResponseStream, Server, Status};
+use netchan_rpc::{CallOptions, Code, Config, ResponseStream, Server, ServiceDef, Status};
 use tokio::sync::{oneshot, Notify};
 
 fn counting_server(produced: Arc<AtomicUsize>, progress: Arc<Notify>) -> Server {
     let mut server = test_server(Config::default());
-    server.register_stream("S.count", move |_ctx, n: u64| {
+    server.add(ServiceDef::new("S").stream("count", move |_ctx, n: u64| {
         let (produced, progress) = (Arc::clone(&produced), Arc::clone(&progress));
         async move {
             Ok(stream::iter(0..n).map(move |i| {
@@ -27,7 +27,7 @@ fn counting_server(produced: Arc<AtomicUsize>, progress: Arc<Notify>) -> Server 
                 Ok::<_, Status>(i)
             }))
         }
-    });
+    }));
     server
 }
 
@@ -110,7 +110,7 @@ async fn a_handler_can_end_its_stream_with_a_status_while_the_caller_grants_no_c
     let aborted = Arc::new(Notify::new());
     let mut server = test_server(Config::default());
     let signal = Arc::clone(&aborted);
-    server.register_stream("S.endless", move |ctx, ()| {
+    server.add(ServiceDef::new("S").stream("endless", move |ctx, ()| {
         let signal = Arc::clone(&signal);
         async move {
             // Work the handler spawned decides the call must end, whatever the credit.
@@ -121,7 +121,7 @@ async fn a_handler_can_end_its_stream_with_a_status_while_the_caller_grants_no_c
             });
             Ok(stream::iter(0u64..).map(Ok::<_, Status>))
         }
-    });
+    }));
     let (client, _t) = duplex_pair(&server, Config::default());
     let opts = CallOptions::default().stream_window(1);
     let items: ResponseStream<u64> = guard(client.call_stream("S.endless", &(), opts))
@@ -142,17 +142,19 @@ async fn a_handler_can_end_its_stream_with_a_status_while_the_caller_grants_no_c
 #[tokio::test]
 async fn an_err_item_ends_the_stream_with_that_status() {
     let mut server = Server::new();
-    server.register_stream("S.fail_after_two", |_ctx, ()| async {
-        Ok(stream::iter(vec![
-            Ok(1u32),
-            Ok(2),
-            Err(Status::data_loss("disk ate it")),
-            Ok(3),
-        ]))
-    });
-    server.register_stream("S.refuse", |_ctx, ()| async {
+    server.add(
+        ServiceDef::new("S").stream("fail_after_two", |_ctx, ()| async {
+            Ok(stream::iter(vec![
+                Ok(1u32),
+                Ok(2),
+                Err(Status::data_loss("disk ate it")),
+                Ok(3),
+            ]))
+        }),
+    );
+    server.add(ServiceDef::new("S").stream("refuse", |_ctx, ()| async {
         Err::<stream::Empty<Result<u32, Status>>, _>(Status::permission_denied("no"))
-    });
+    }));
     let (client, _t) = duplex_pair(&server, Config::default());
     let got: Vec<Result<u32, Status>> = guard(async {
         client
@@ -182,7 +184,7 @@ async fn a_stream_call_resolves_only_once_its_handler_accepted_it() {
     let (release_tx, release) = oneshot::channel::<()>();
     let hooks = Arc::new(Mutex::new(Some((started_tx, release))));
     let mut server = Server::new();
-    server.register_stream("S.slow_accept", move |_ctx, ()| {
+    server.add(ServiceDef::new("S").stream("slow_accept", move |_ctx, ()| {
         let hooks = hooks.lock().unwrap().take();
         async move {
             let (started_tx, release) = hooks.expect("called once");
@@ -190,7 +192,7 @@ async fn a_stream_call_resolves_only_once_its_handler_accepted_it() {
             let _ = release.await;
             Ok(stream::iter([Ok::<_, Status>(7u32)]))
         }
-    });
+    }));
     let (client, _t) = duplex_pair(&server, Config::default());
     let call = client.call_stream::<_, u32>("S.slow_accept", &(), CallOptions::default());
     let mut call = Box::pin(call);
@@ -227,14 +229,14 @@ async fn dropping_the_stream_cancels_the_call_on_the_server() {
     let (dropped_tx, dropped_rx) = oneshot::channel();
     let slot = Mutex::new(Some(dropped_tx));
     let mut server = Server::new();
-    server.register_stream("S.endless", move |_ctx, ()| {
+    server.add(ServiceDef::new("S").stream("endless", move |_ctx, ()| {
         let signal = DropSignal(slot.lock().unwrap().take());
         async move {
             Ok(stream::unfold((0u64, signal), |(i, signal)| async move {
                 Some((Ok::<_, Status>(i), (i + 1, signal)))
             }))
         }
-    });
+    }));
     let (client, _t) = duplex_pair(&server, Config::default());
     let mut s: ResponseStream<u64> =
         guard(client.call_stream("S.endless", &(), CallOptions::default()))
@@ -250,12 +252,12 @@ async fn dropping_the_stream_cancels_the_call_on_the_server() {
 #[tokio::test(start_paused = true)]
 async fn a_stream_deadline_covers_the_whole_stream() {
     let mut server = Server::new();
-    server.register_stream("S.tick", |_ctx, ()| async {
+    server.add(ServiceDef::new("S").stream("tick", |_ctx, ()| async {
         Ok(stream::unfold(0u64, |i| async move {
             tokio::time::sleep(Duration::from_millis(100)).await;
             Some((Ok::<_, Status>(i), i + 1))
         }))
-    });
+    }));
     let (client, _t) = duplex_pair(&server, Config::default());
     let got: Vec<Result<u64, Status>> = guard(async {
         client

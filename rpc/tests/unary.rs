@@ -6,7 +6,7 @@ mod common;
 use std::{sync::Arc, time::Duration};
 
 use common::*;
-use netchan_rpc::{CallOptions, Client, Code, Config, Server, Status};
+use netchan_rpc::{CallOptions, Client, Code, Config, Server, ServiceDef, Status};
 use tokio::sync::{Barrier, Notify};
 
 #[tokio::test]
@@ -99,12 +99,12 @@ async fn panicking_handler_fails_only_its_call() {
 #[tokio::test]
 async fn a_panic_before_the_handler_future_exists_is_also_contained() {
     let mut server = Server::new();
-    server.register(
-        "P.sync",
+    server.add(ServiceDef::new("P").unary(
+        "sync",
         |_ctx, (): ()| -> std::future::Ready<Result<(), Status>> {
             panic!("synchronous part of the handler")
         },
-    );
+    ));
     let (client, _t) = duplex_pair(&server, Config::default());
     let err = guard(client.call::<_, ()>("P.sync", &()))
         .await
@@ -121,15 +121,17 @@ async fn a_slow_call_does_not_block_a_fast_one_on_the_same_conn() {
     let release = Arc::new(Notify::new());
     let mut server = Server::new();
     let r = Arc::clone(&release);
-    server
-        .register("S.slow", move |_ctx, ()| {
-            let r = Arc::clone(&r);
-            async move {
-                r.notified().await;
-                Ok("slow")
-            }
-        })
-        .register("S.fast", |_ctx, ()| async { Ok("fast") });
+    server.add(
+        ServiceDef::new("S")
+            .unary("slow", move |_ctx, ()| {
+                let r = Arc::clone(&r);
+                async move {
+                    r.notified().await;
+                    Ok("slow")
+                }
+            })
+            .unary("fast", |_ctx, ()| async { Ok("fast") }),
+    );
     let (client, _t) = duplex_pair(&server, Config::default());
     let slow_client = client.clone();
     let slow = tokio::spawn(async move { slow_client.call::<_, String>("S.slow", &()).await });
@@ -162,17 +164,19 @@ async fn calls_beyond_the_in_flight_limit_are_resource_exhausted() {
     let release = Arc::new(Notify::new());
     let mut server = Server::with_config(Config::default().max_in_flight(LIMIT));
     let (b, r) = (Arc::clone(&barrier), Arc::clone(&release));
-    server
-        .register("L.park", move |_ctx, ()| {
-            let (b, r) = (Arc::clone(&b), Arc::clone(&r));
-            async move {
-                let parked = r.notified();
-                b.wait().await;
-                parked.await;
-                Ok(())
-            }
-        })
-        .register("L.quick", |_ctx, ()| async { Ok(()) });
+    server.add(
+        ServiceDef::new("L")
+            .unary("park", move |_ctx, ()| {
+                let (b, r) = (Arc::clone(&b), Arc::clone(&r));
+                async move {
+                    let parked = r.notified();
+                    b.wait().await;
+                    parked.await;
+                    Ok(())
+                }
+            })
+            .unary("quick", |_ctx, ()| async { Ok(()) }),
+    );
     let (client, _t) = duplex_pair(&server, Config::default());
     let parked = spawn_calls(&client, "L.park", LIMIT);
     // All LIMIT handlers are running.
@@ -196,15 +200,17 @@ async fn requests_beyond_the_in_flight_byte_budget_are_resource_exhausted() {
     let (started_tx, mut started_rx) = tokio::sync::mpsc::channel::<()>(4);
     let mut server = Server::with_config(Config::default().max_in_flight_bytes(100_000));
     let r = Arc::clone(&release);
-    server.register("B.park", move |_ctx, blob: netchan_rpc::ByteBuf| {
-        let (r, started) = (Arc::clone(&r), started_tx.clone());
-        async move {
-            let parked = r.notified();
-            let _ = started.send(()).await;
-            parked.await;
-            Ok(blob.len())
-        }
-    });
+    server.add(
+        ServiceDef::new("B").unary("park", move |_ctx, blob: netchan_rpc::ByteBuf| {
+            let (r, started) = (Arc::clone(&r), started_tx.clone());
+            async move {
+                let parked = r.notified();
+                let _ = started.send(()).await;
+                parked.await;
+                Ok(blob.len())
+            }
+        }),
+    );
     let (client, _t) = duplex_pair(&server, Config::default());
     let blob = |n: usize| netchan_rpc::ByteBuf::from(vec![7u8; n]);
 
@@ -269,10 +275,10 @@ async fn one_server_serves_many_conns_with_shared_state() {
     let hits = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let mut server = Server::new();
     let h = Arc::clone(&hits);
-    server.register("C.hit", move |_ctx, ()| {
+    server.add(ServiceDef::new("C").unary("hit", move |_ctx, ()| {
         let h = Arc::clone(&h);
         async move { Ok(h.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1) }
-    });
+    }));
     let clients: Vec<Client> = (0..5)
         .map(|_| duplex_pair(&server, Config::default()).0)
         .collect();
@@ -294,9 +300,9 @@ async fn dropping_every_client_handle_ends_serve_cleanly() {
 #[tokio::test]
 async fn the_handler_sees_the_callers_deadline() {
     let mut server = Server::new();
-    server.register("D.left", |ctx, ()| async move {
+    server.add(ServiceDef::new("D").unary("left", |ctx, ()| async move {
         Ok(ctx.remaining().map(|d| d.as_millis() as u64))
-    });
+    }));
     let (client, _t) = duplex_pair(&server, Config::default());
     let left: Option<u64> = guard(client.call_with(
         "D.left",

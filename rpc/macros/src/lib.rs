@@ -145,7 +145,7 @@ fn expand(attr: TokenStream, item: ItemTrait) -> syn::Result<TokenStream> {
         registrations.push(match kind {
             Kind::Unary => quote! {{
                 let this = ::std::sync::Arc::clone(&this);
-                def.unary(#method_lit, move |ctx, #req_pat: #req_ty| {
+                def = def.unary(#method_lit, move |ctx, #req_pat: #req_ty| {
                     #call_self
                     async move {
                         this.#mname(ctx, #(#arg_names),*).await.map_err(#to_status)
@@ -154,7 +154,7 @@ fn expand(attr: TokenStream, item: ItemTrait) -> syn::Result<TokenStream> {
             }},
             Kind::ServerStreaming => quote! {{
                 let this = ::std::sync::Arc::clone(&this);
-                def.stream(#method_lit, move |ctx, #req_pat: #req_ty| {
+                def = def.stream(#method_lit, move |ctx, #req_pat: #req_ty| {
                     #call_self
                     async move {
                         this.#mname(ctx, #(#arg_names),*).await.map_err(#to_status)
@@ -163,7 +163,7 @@ fn expand(attr: TokenStream, item: ItemTrait) -> syn::Result<TokenStream> {
             }},
             Kind::Bidi => quote! {{
                 let this = ::std::sync::Arc::clone(&this);
-                def.bidi(#method_lit, move |ctx, requests| {
+                def = def.bidi(#method_lit, move |ctx, requests| {
                     #call_self
                     async move {
                         this.#mname(ctx, requests).await.map_err(#to_status)
@@ -172,7 +172,7 @@ fn expand(attr: TokenStream, item: ItemTrait) -> syn::Result<TokenStream> {
             }},
             Kind::ClientStreaming => quote! {{
                 let this = ::std::sync::Arc::clone(&this);
-                def.bidi(#method_lit, move |ctx, requests| {
+                def = def.bidi(#method_lit, move |ctx, requests| {
                     #call_self
                     async move {
                         let response = this

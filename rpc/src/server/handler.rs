@@ -21,8 +21,7 @@ use crate::{
 /// Future<Output = Result<T, Status>>`, shareable across tasks.
 ///
 /// Every such closure or `fn` implements it; it exists so that the
-/// registration methods ([`Server::register`](crate::Server::register) and
-/// friends, [`ServiceDef`](crate::ServiceDef)) spell the bound once. `Arg`
+/// methods of [`ServiceDef`](crate::ServiceDef) spell the bound once. `Arg`
 /// is the decoded request (or a [`RequestStream`] for bidi methods); `T`
 /// is the response (or the stream of response items).
 pub trait Handler<Arg, T>:

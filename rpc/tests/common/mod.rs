@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use netchan_rpc::{Client, Config, Server, Status};
+use netchan_rpc::{Client, Config, Server, ServiceDef, Status};
 use tokio::{
     net::{TcpListener, TcpStream},
     sync::oneshot,
@@ -21,35 +21,34 @@ pub async fn guard<F: std::future::Future>(fut: F) -> F::Output {
 /// A server with a handful of test methods.
 pub fn test_server(config: Config) -> Server {
     let mut server = Server::with_config(config);
-    server
-        .register("Test.echo", |_ctx, s: String| async move { Ok(s) })
-        .register("Test.add", |_ctx, (a, b): (u64, u64)| async move {
-            a.checked_add(b)
-                .ok_or_else(|| Status::out_of_range("sum overflows"))
-        })
-        .register("Test.sleep_ms", |_ctx, ms: u64| async move {
-            tokio::time::sleep(Duration::from_millis(ms)).await;
-            Ok(ms)
-        })
-        .register("Test.fail", |_ctx, msg: String| async move {
-            Err::<(), _>(Status::not_found(msg))
-        })
-        .register("Test.panic", |_ctx, msg: String| async move {
-            if !msg.is_empty() {
-                panic!("{msg}");
-            }
-            Ok(())
-        })
-        .register("Test.metadata", |ctx, key: String| async move {
-            Ok(ctx.metadata().get(&key).map(str::to_owned))
-        })
-        .register("Test.peer", |ctx, ()| async move {
-            Ok(ctx.peer().map(str::to_owned))
-        })
-        .register(
-            "Test.blob",
-            |_ctx, n: usize| async move { Ok(vec![7u8; n]) },
-        );
+    server.add(
+        ServiceDef::new("Test")
+            .unary("echo", |_ctx, s: String| async move { Ok(s) })
+            .unary("add", |_ctx, (a, b): (u64, u64)| async move {
+                a.checked_add(b)
+                    .ok_or_else(|| Status::out_of_range("sum overflows"))
+            })
+            .unary("sleep_ms", |_ctx, ms: u64| async move {
+                tokio::time::sleep(Duration::from_millis(ms)).await;
+                Ok(ms)
+            })
+            .unary("fail", |_ctx, msg: String| async move {
+                Err::<(), _>(Status::not_found(msg))
+            })
+            .unary("panic", |_ctx, msg: String| async move {
+                if !msg.is_empty() {
+                    panic!("{msg}");
+                }
+                Ok(())
+            })
+            .unary("metadata", |ctx, key: String| async move {
+                Ok(ctx.metadata().get(&key).map(str::to_owned))
+            })
+            .unary("peer", |ctx, ()| async move {
+                Ok(ctx.peer().map(str::to_owned))
+            })
+            .unary("blob", |_ctx, n: usize| async move { Ok(vec![7u8; n]) }),
+    );
     server
 }
 
@@ -123,7 +122,7 @@ pub fn spawn_calls(
         .collect()
 }
 
-/// Registers under `method` a handler that never finishes. Returns two receivers: the first
+/// Serves under `method` (`"Service.method"`) a handler that never finishes. Returns two receivers: the first
 /// fires when the first call's handler starts, the second when the server drops it.
 pub fn register_forever(
     server: &mut Server,
@@ -132,7 +131,8 @@ pub fn register_forever(
     let (started_tx, started_rx) = oneshot::channel();
     let (dropped_tx, dropped_rx) = oneshot::channel();
     let slots = std::sync::Mutex::new((Some(started_tx), Some(dropped_tx)));
-    server.register(method, move |_ctx, ()| {
+    let (service, method) = method.split_once('.').expect("a \"Service.method\" name");
+    server.add(ServiceDef::new(service).unary(method, move |_ctx, ()| {
         let (started, dropped) = {
             let mut s = slots.lock().unwrap();
             (s.0.take(), s.1.take())
@@ -146,7 +146,7 @@ pub fn register_forever(
             std::future::pending::<()>().await;
             Ok(())
         }
-    });
+    }));
     (started_rx, dropped_rx)
 }
 
