@@ -34,11 +34,15 @@ pub use streams::{PendingResponse, RequestSink, ResponseStream};
 
 use crate::{
     codec,
+    config::Config,
     error::chain,
+    error::Error,
     fds::{FdBatch, FdLink},
+    metadata::Interceptor,
+    metadata::Metadata,
+    status::Status,
     transport::{Outbox, WithFds},
     wire::{timeout_to_wire, Header},
-    Config, Error, Interceptor, Metadata, Status,
 };
 
 /// Options for one call: a timeout or deadline, metadata, and file descriptors to send

@@ -10,9 +10,12 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::{
+    client::CallOptions,
+    client::Client,
     client::WeakClient,
     fds::{Fd, FdBatch, FdLink},
-    CallOptions, Client, Metadata, Status,
+    metadata::Metadata,
+    status::Status,
 };
 
 /// Where a call came from: the conn's label and, when the conn belongs to a

@@ -2,7 +2,7 @@
 
 use std::{io, time::Duration};
 
-use crate::{codec::CodecError, Status};
+use crate::{codec::CodecError, status::Status};
 
 /// A transport or protocol failure of one conn.
 ///

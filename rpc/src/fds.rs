@@ -9,8 +9,9 @@
 //! `Fds` frame, and attaches them to the call's next frame.
 
 use crate::{
+    error::Error,
+    status::Status,
     wire::{Frame, Header},
-    Error, Status,
 };
 use std::{collections::HashMap, sync::Arc};
 

@@ -4,7 +4,7 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
-use crate::Status;
+use crate::status::Status;
 
 /// A hook run on every call before it goes out (client) or before its
 /// handler runs (server): it gets the method (`"Service.Method"`) and the

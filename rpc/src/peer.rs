@@ -6,7 +6,7 @@ use netchan_mux::Session;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use crate::{context::Origin, Client, Config, Server};
+use crate::{client::Client, config::Config, context::Origin, server::Server};
 
 /// The mux channel name both sides of a [`Peer`] listen on and dial.
 pub const PEER_CHANNEL: &str = "netchan-rpc/peer";

@@ -32,7 +32,10 @@ pub use incoming::{FromStream, Incoming};
 
 use tokio_util::sync::CancellationToken;
 
-use crate::{context::Origin, Config, Error, Interceptor, Metadata, Status};
+use crate::{
+    config::Config, context::Origin, error::Error, metadata::Interceptor, metadata::Metadata,
+    status::Status,
+};
 
 /// Serves the methods of the [`ServiceDef`](crate::ServiceDef)s added to it
 /// ([`Server::add`]); cheap to clone, serves many conns at once with shared

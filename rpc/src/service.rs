@@ -4,7 +4,9 @@
 use futures::Stream;
 use serde::{de::DeserializeOwned, Serialize};
 
-use crate::{server::Method, Handler, RequestStream, Server, Status};
+use crate::{
+    server::Handler, server::Method, server::Server, status::Status, stream::RequestStream,
+};
 
 /// A named set of methods ready to be added to a [`Server`] with
 /// [`Server::add`]: the one way methods get onto a server.
@@ -121,7 +123,7 @@ pub mod __private {
     pub use futures::Stream;
     use serde::{de::DeserializeOwned, Serialize};
 
-    use crate::{ItemStream, Status};
+    use crate::{status::Status, stream::ItemStream};
 
     /// `Status` made from the error type `E` of a service method: `Status`
     /// itself or anything with `From<E> for Status`.

@@ -21,7 +21,7 @@ use futures::Stream;
 use serde::de::DeserializeOwned;
 use tokio::sync::mpsc;
 
-use crate::{codec, error::chain, Status};
+use crate::{codec, error::chain, status::Status};
 
 /// What the reader hands a stream: an item's payload or the end.
 pub(crate) enum StreamEvent {
@@ -33,7 +33,7 @@ pub(crate) enum StreamEvent {
     /// calls): sent before any item.
     Accepted,
     /// The handler's trailers (client side), just before the end.
-    Trailers(crate::Metadata),
+    Trailers(crate::metadata::Metadata),
 }
 
 /// Request bytes a server holds for a call (an unconsumed request item),

@@ -33,10 +33,11 @@ use tokio::{
 
 use crate::{
     codec::{self, CodecError},
+    config::Config,
     config::{MAX_MESSAGE_SIZE_CAP, MIN_MESSAGE_SIZE},
+    error::Error,
     fds::{FdBatch, FdLink},
     wire::{Frame, Header, CONN_ID, LEN_PREFIX, MAX_TIMEOUT, PREAMBLE, VERSION},
-    Config, Error,
 };
 
 /// Frames queued for the writer.

@@ -20,7 +20,8 @@ use tokio::time::Instant;
 
 use crate::{
     codec::{self, CodecError},
-    Metadata, Status,
+    metadata::Metadata,
+    status::Status,
 };
 
 /// Protocol version; bumped on any incompatible change.

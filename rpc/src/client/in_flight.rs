@@ -16,11 +16,14 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{
     codec,
+    config::Config,
+    error::Error,
     fds::{Fd, FdInbox, FdLink},
+    metadata::Metadata,
+    status::Status,
     stream::StreamEvent,
     transport::{read_preamble, Batch, FrameReader, Outbox, Oversize},
     wire::{Frame, Header, CONN_ID},
-    Config, Error, Metadata, Status,
 };
 
 /// Closes the outbox when the last `Client` clone goes away.

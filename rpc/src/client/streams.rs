@@ -23,9 +23,11 @@ use super::Client;
 use crate::{
     codec,
     error::chain,
+    error::Error,
+    metadata::Metadata,
+    status::Status,
     stream::{count_consumed, StreamEvent},
     wire::Header,
-    Error, Metadata, Status,
 };
 
 /// The items of a server-streaming call, as returned by

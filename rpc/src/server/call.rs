@@ -20,10 +20,13 @@ use super::{
 };
 use crate::{
     codec,
+    context::Context,
+    context::EndReason,
     error::chain,
+    error::Error,
+    status::Status,
     transport::{WhenFull, WithFds},
     wire::Header,
-    Context, EndReason, Error, Status,
 };
 
 /// One running call.
@@ -261,7 +264,7 @@ mod tests {
     use bytes::Bytes;
 
     use super::*;
-    use crate::Config;
+    use crate::config::Config;
 
     /// Regression: `Call::run` kept a clone of a unary request's payload for
     /// the whole call, so a parked handler pinned the received frame (often a

@@ -23,13 +23,16 @@ use super::{
 };
 use crate::{
     codec,
+    context::Context,
+    context::EndReason,
     context::Origin,
     error::chain,
+    error::Error,
     fds::{Fd, FdInbox, FdLink},
+    status::Status,
     stream::{GrantCredit, StreamEvent},
     transport::{read_preamble, Batch, FrameReader},
     wire::{deadline_from_wire, Frame, Header, CONN_ID},
-    Context, EndReason, Error, Status,
 };
 
 /// Most stream credit a caller may have outstanding; larger grants are
@@ -394,7 +397,7 @@ struct Open {
     id: u64,
     method: String,
     timeout_ns: Option<u64>,
-    metadata: crate::Metadata,
+    metadata: crate::metadata::Metadata,
     /// Initial response credit (streaming kinds).
     credit: u32,
     /// The kind of method the caller expects.

@@ -11,10 +11,11 @@ use tokio::sync::mpsc;
 
 use crate::{
     codec::{self, CodecError},
+    context::Context,
     error::chain,
+    status::Status,
     stream::{GrantCredit, RequestStream, StreamEvent},
     transport::FrameWriter,
-    Context, Status,
 };
 
 /// A function that serves one method: `Fn(Context, Arg) -> impl

@@ -15,10 +15,13 @@ use tokio_util::sync::CancellationToken;
 
 use crate::{
     codec,
+    config::Config,
+    context::EndReason,
+    error::Error,
+    status::Status,
     stream::{Held, StreamEvent},
     transport::{FrameWriter, Outbox, Oversize, BIG_FRAME},
     wire::Header,
-    Config, EndReason, Error, Status,
 };
 
 pub(super) struct CallEntry {

@@ -202,7 +202,7 @@ impl Server {
     }
 }
 
-fn log_conn_end(done: Result<Result<(), crate::Error>, tokio::task::JoinError>) {
+fn log_conn_end(done: Result<Result<(), crate::error::Error>, tokio::task::JoinError>) {
     match done {
         Ok(Ok(())) => {}
         Ok(Err(e)) => tracing::debug!(error = %crate::error::chain(&e), "rpc conn failed"),
