@@ -28,11 +28,12 @@ mod export;
 mod proto;
 #[path = "../tests/common/raw.rs"]
 mod raw;
+mod support;
 
 use std::io::{BufRead, BufReader, Write as _};
 use std::net::SocketAddr;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::Stdio;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -42,24 +43,7 @@ use netchan_testkit::proxy::{Link, Proxy};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::proto::{HubClient, PeerRead};
-
-/// A child process killed when dropped.
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn share() -> Command {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_share"));
-    cmd.env_remove("SHARE_TOKEN")
-        .env("NO_COLOR", "1")
-        .env("RUST_LOG", "warn");
-    cmd
-}
+use support::{cpu_time, share, status_kib, Proc};
 
 fn start_hub() -> (Proc, SocketAddr) {
     let mut child = share()
@@ -159,27 +143,6 @@ fn median(mut v: Vec<Duration>) -> Duration {
 fn median_f(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     v[v.len() / 2]
-}
-
-/// User + system CPU time of process `pid` so far (/proc/PID/stat, in clock ticks of 1/100 s).
-fn cpu_time(pid: u32) -> Duration {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("/proc stat");
-    // Fields after the command name (which is in parentheses and may hold spaces).
-    let rest = &stat[stat.rfind(')').expect("stat format") + 2..];
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let ticks: u64 = f[11].parse::<u64>().expect("utime") + f[12].parse::<u64>().expect("stime");
-    Duration::from_millis(ticks * 10)
-}
-
-/// Resident set size of process `pid`, in bytes (/proc/PID/status VmRSS).
-fn rss(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("/proc status");
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-        .expect("VmRSS")
-        * 1024
 }
 
 /// Runs `share` as a client of `hub` in scripted mode with `script` on stdin, its stdout into
@@ -316,7 +279,7 @@ fn main() {
                     let mut max = 0;
                     // Bounded by the run: `done` is set when every get has finished.
                     while !done.load(Ordering::Relaxed) {
-                        max = max.max(rss(hub_pid));
+                        max = max.max(status_kib(hub_pid, "VmRSS") * 1024);
                         std::thread::sleep(Duration::from_millis(20));
                     }
                     max

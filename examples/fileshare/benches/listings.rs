@@ -21,10 +21,11 @@ mod export;
 mod proto;
 #[path = "../tests/common/raw.rs"]
 mod raw;
+mod support;
 
 use std::io::{BufRead, BufReader};
 use std::pin::Pin;
-use std::process::{Child, Command, Stdio};
+use std::process::Stdio;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -33,36 +34,10 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use crate::proto::{ListReq, PeerPath, PublishReq};
+use support::{share, status_kib, Proc};
 
 /// Bound on any single step (a connect, a join, a departure).
 const STEP: Duration = Duration::from_secs(60);
-
-/// A child process killed when dropped.
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn share() -> Command {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_share"));
-    cmd.env_remove("SHARE_TOKEN")
-        .env("NO_COLOR", "1")
-        .env("RUST_LOG", "warn");
-    cmd
-}
-
-/// VmRSS of `pid` in KiB.
-fn rss_kib(pid: u32) -> u64 {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    text.lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap_or(0)
-}
 
 /// A TCP connection that can stop reading: once `deaf` is set, reads never complete (the
 /// hub's bytes pile up in its buffers), while writes still go out.
@@ -191,7 +166,7 @@ fn main() {
             8 * clients
         );
         for round in 1..=rounds {
-            let before = rss_kib(pid);
+            let before = status_kib(pid, "VmRSS");
             let mut sessions = Vec::new();
             let mut calls_in_flight = tokio::task::JoinSet::new();
             for c in 0..clients {
@@ -230,7 +205,7 @@ fn main() {
             let mut peak = 0;
             // 5 s of sampling, 50 ms apart.
             for _ in 0..100 {
-                peak = peak.max(rss_kib(pid));
+                peak = peak.max(status_kib(pid, "VmRSS"));
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
             calls_in_flight.abort_all();
@@ -244,7 +219,7 @@ fn main() {
             .await
             .expect("the greedy clients leave");
             tokio::time::sleep(Duration::from_secs(1)).await;
-            let after = rss_kib(pid);
+            let after = status_kib(pid, "VmRSS");
             println!(
                 "round {round}: hub RSS before {:.1} MiB, peak {:.1} MiB (+{:.1} MiB, {:.1} per \
                  client), after they left {:.1} MiB (+{:.1} MiB)",

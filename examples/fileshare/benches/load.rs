@@ -24,10 +24,11 @@ mod export;
 mod proto;
 #[path = "../tests/common/raw.rs"]
 mod raw;
+mod support;
 
 use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::Stdio;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -36,6 +37,7 @@ use futures::StreamExt;
 use netchan_mux::Session;
 
 use crate::proto::{HubClient, PeerRead};
+use support::{cpu_time, share, status_kib, Proc};
 
 /// Sizes of the generated files, served round-robin (mixed small and large reads).
 const SIZES: [usize; 5] = [1024, 64 << 10, 300 << 10, 1 << 20, 4 << 20];
@@ -108,24 +110,6 @@ fn write_files(dir: &Path) -> Vec<Vec<u8>> {
     all
 }
 
-/// A child process killed when dropped.
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn share() -> Command {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_share"));
-    cmd.env_remove("SHARE_TOKEN")
-        .env("NO_COLOR", "1")
-        .env("RUST_LOG", "warn");
-    cmd
-}
-
 /// Starts `share hub` on a free loopback port; returns it and its address.
 fn start_hub(max_reads: usize) -> (Proc, String) {
     let mut child = share()
@@ -146,29 +130,6 @@ fn start_hub(max_reads: usize) -> (Proc, String) {
         .unwrap_or_else(|| panic!("unexpected hub output {line:?}"))
         .to_owned();
     (Proc(child), addr)
-}
-
-/// A field of /proc/PID/status in KiB (VmRSS, VmHWM).
-fn status_kib(pid: u32, field: &str) -> u64 {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    text.lines()
-        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap_or(0)
-}
-
-/// User + system CPU time of PID so far.
-fn cpu_time(pid: u32) -> Duration {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    // Fields after the command name (which is in parentheses and may contain spaces).
-    let rest = text.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
-    let fields: Vec<u64> = rest
-        .split_whitespace()
-        .map(|f| f.parse().unwrap_or(0))
-        .collect();
-    // utime and stime are fields 14 and 15 of the whole line: 12 and 13 after the name.
-    let ticks = fields.get(11).copied().unwrap_or(0) + fields.get(12).copied().unwrap_or(0);
-    Duration::from_millis(ticks * 10)
 }
 
 /// Connects from `source` and publishes `name` (see tests/common/raw.rs).
