@@ -7,6 +7,8 @@
 //! - [`within`]: a hang guard for any future.
 //! - [`tcp_pair`]: a connected pair of loopback TCP sockets with `TCP_NODELAY`.
 //! - [`counting_waker`]: a waker that counts its wakes, for tests of who wakes whom.
+//! - [`ends_quietly_without_stdout`]: a program whose stdout reader goes away (`… | head`)
+//!   must end with status 0 and no panic.
 //! - [`proxy`]: a loopback TCP proxy that simulates a link (delay, bandwidth, faults).
 //! - [`fds`] (unix): unlinked files and open-descriptor counts for the fd-passing tests.
 
@@ -75,6 +77,26 @@ impl Wake for WakeCount {
 pub fn counting_waker() -> (Waker, Arc<WakeCount>) {
     let count = Arc::new(WakeCount::default());
     (Waker::from(count.clone()), count)
+}
+
+/// Runs `cmd` with its stdout closed at once (as `cmd | head` does once `head` has had
+/// enough) and asserts that it ends within `secs` seconds with status 0 and nothing about a
+/// panic on stderr. Returns its stderr.
+pub async fn ends_quietly_without_stdout(mut cmd: tokio::process::Command, secs: u64) -> String {
+    let mut child = cmd
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("start the program");
+    drop(child.stdout.take());
+    let out = within(secs, "the program ends", child.wait_with_output())
+        .await
+        .expect("wait for the program");
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(out.status.success(), "{:?}: {stderr}", out.status);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    stderr
 }
 
 #[cfg(test)]

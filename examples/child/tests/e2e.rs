@@ -32,17 +32,8 @@ fn the_parent_and_its_child_call_each_other_and_the_child_inherits_only_the_link
 }
 
 /// `child | head`: a reader that goes away ends the example quietly (status 0, no panic).
-#[test]
-fn a_closed_stdout_ends_the_example_quietly() {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_child"))
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("run the example");
-    drop(child.stdout.take());
-    // Bounded: the example makes a few calls and exits (the first test shows it does).
-    let out = child.wait_with_output().expect("the example ends");
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{:?}: {stderr}", out.status);
-    assert!(!stderr.contains("panicked"), "{stderr}");
+#[tokio::test]
+async fn a_closed_stdout_ends_the_example_quietly() {
+    let cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_child"));
+    netchan_testkit::ends_quietly_without_stdout(cmd, 60).await;
 }
