@@ -4,7 +4,7 @@
 use crate::{error::Error, proto::StreamError, shared::Shared};
 use crate::{
     shared::{ChannelSlot, HandleToken},
-    stream::RawStream,
+    stream::{self, RawStream},
 };
 #[cfg(unix)]
 use std::os::fd::{BorrowedFd, OwnedFd};
@@ -183,14 +183,9 @@ impl ConnFds {
                 count: fds.len(),
                 limit,
             }),
-            Err(StreamError::Reset) => Err(Error::Io(std::io::Error::new(
-                std::io::ErrorKind::ConnectionReset,
-                format!("channel {:?} was reset", self.name),
-            ))),
-            Err(StreamError::WriteClosed) => Err(Error::Io(std::io::Error::new(
-                std::io::ErrorKind::BrokenPipe,
-                format!("channel {:?}: send after shutdown", self.name),
-            ))),
+            Err(e @ (StreamError::Reset | StreamError::WriteClosed)) => {
+                Err(Error::Io(stream::io_error(&self.name, &self.shared, e)))
+            }
             Err(StreamError::SessionEnded) => Err(self.shared.closed_error()),
         }
     }

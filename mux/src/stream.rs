@@ -66,29 +66,27 @@ impl RawStream {
     }
 
     fn error(&self, e: StreamError) -> io::Error {
-        match e {
-            StreamError::Reset => io::Error::new(
-                io::ErrorKind::ConnectionReset,
-                format!("channel {:?} was reset by the peer", self.name),
-            ),
-            StreamError::WriteClosed => io::Error::new(
-                io::ErrorKind::BrokenPipe,
-                format!("channel {:?}: write after shutdown", self.name),
-            ),
-            StreamError::FdsUnsupported | StreamError::TooManyFds => io::Error::new(
-                io::ErrorKind::Unsupported,
-                format!(
-                    "channel {:?}: file descriptors cannot be sent here",
-                    self.name
-                ),
-            ),
-            StreamError::SessionEnded => self
-                .handle
-                .shared
-                .reason()
-                .unwrap_or(CloseReason::Local)
-                .to_io_error(),
-        }
+        io_error(&self.name, &self.handle.shared, e)
+    }
+}
+
+/// The `io::Error` a read, write or fd send on channel `name` meets for `e`: the one wording
+/// of each stream error, for the `AsyncRead`/`AsyncWrite` side and for `ConnFds` alike.
+pub(crate) fn io_error(name: &str, shared: &Shared, e: StreamError) -> io::Error {
+    match e {
+        StreamError::Reset => io::Error::new(
+            io::ErrorKind::ConnectionReset,
+            format!("channel {name:?} was reset by the peer"),
+        ),
+        StreamError::WriteClosed => io::Error::new(
+            io::ErrorKind::BrokenPipe,
+            format!("channel {name:?}: write after shutdown"),
+        ),
+        StreamError::FdsUnsupported | StreamError::TooManyFds => io::Error::new(
+            io::ErrorKind::Unsupported,
+            format!("channel {name:?}: file descriptors cannot be sent here"),
+        ),
+        StreamError::SessionEnded => shared.reason().unwrap_or(CloseReason::Local).to_io_error(),
     }
 }
 
