@@ -1477,39 +1477,6 @@ mod tests {
         assert!(matches!(r.next_frame().await, Err(Error::Io(_))));
     }
 
-    /// Counts the `poll_write` calls that reach the conn.
-    #[derive(Default)]
-    struct CountingWriter {
-        data: Vec<u8>,
-        writes: usize,
-    }
-
-    impl AsyncWrite for CountingWriter {
-        fn poll_write(
-            mut self: std::pin::Pin<&mut Self>,
-            _cx: &mut std::task::Context<'_>,
-            buf: &[u8],
-        ) -> std::task::Poll<io::Result<usize>> {
-            self.writes += 1;
-            self.data.extend_from_slice(buf);
-            std::task::Poll::Ready(Ok(buf.len()))
-        }
-
-        fn poll_flush(
-            self: std::pin::Pin<&mut Self>,
-            _cx: &mut std::task::Context<'_>,
-        ) -> std::task::Poll<io::Result<()>> {
-            std::task::Poll::Ready(Ok(()))
-        }
-
-        fn poll_shutdown(
-            self: std::pin::Pin<&mut Self>,
-            _cx: &mut std::task::Context<'_>,
-        ) -> std::task::Poll<io::Result<()>> {
-            std::task::Poll::Ready(Ok(()))
-        }
-    }
-
     #[tokio::test]
     async fn frames_queued_while_the_writer_is_busy_go_out_in_one_write() {
         let outbox = Outbox::new(&Config::default());
@@ -1517,13 +1484,13 @@ mod tests {
             outbox.push(|w| codec::encode(w, &i, "n")).await.unwrap();
         }
         outbox.close();
-        let mut conn = CountingWriter::default();
+        let mut conn = RecordingWriter::taking(usize::MAX);
         outbox
             .run_writer(&mut conn, &crate::fds::FdLink::default())
             .await
             .unwrap();
         // One write for the preamble, one for all 100 frames.
-        assert_eq!(conn.writes, 2);
+        assert_eq!(conn.calls.len(), 2);
         let mut r =
             FrameReader::with_limits(&conn.data[PREAMBLE.len()..], 1024, Duration::from_secs(30));
         for i in 0..100u32 {
@@ -1533,16 +1500,27 @@ mod tests {
         assert!(r.next_frame().await.unwrap().is_none());
     }
 
-    /// Takes at most `per_call` bytes per write, like a socket whose send
-    /// buffer is full, and records each call's kind and size.
-    struct ShortWriter {
+    /// Records every write that reaches the conn (its kind and size) and
+    /// what it took; takes at most `per_call` bytes per write, like a socket
+    /// whose send buffer is full (`usize::MAX`: all of it).
+    struct RecordingWriter {
         data: Vec<u8>,
         per_call: usize,
         /// (vectored, bytes taken) per call.
         calls: Vec<(bool, usize)>,
     }
 
-    impl AsyncWrite for ShortWriter {
+    impl RecordingWriter {
+        fn taking(per_call: usize) -> RecordingWriter {
+            RecordingWriter {
+                data: Vec::new(),
+                per_call,
+                calls: Vec::new(),
+            }
+        }
+    }
+
+    impl AsyncWrite for RecordingWriter {
         fn poll_write(
             mut self: std::pin::Pin<&mut Self>,
             _cx: &mut std::task::Context<'_>,
@@ -1601,11 +1579,7 @@ mod tests {
             .await
             .unwrap();
         outbox.close();
-        let mut conn = ShortWriter {
-            data: Vec::new(),
-            per_call: 100_000,
-            calls: Vec::new(),
-        };
+        let mut conn = RecordingWriter::taking(100_000);
         outbox
             .run_writer(&mut conn, &crate::fds::FdLink::default())
             .await
@@ -1634,12 +1608,20 @@ mod tests {
 
     /// Counts the writes made to it, shared with the test while a writer
     /// task owns it.
-    #[derive(Clone, Default)]
-    struct SharedWrites(std::sync::Arc<Mutex<CountingWriter>>);
+    #[derive(Clone)]
+    struct SharedWrites(std::sync::Arc<Mutex<RecordingWriter>>);
+
+    impl Default for SharedWrites {
+        fn default() -> Self {
+            SharedWrites(std::sync::Arc::new(Mutex::new(RecordingWriter::taking(
+                usize::MAX,
+            ))))
+        }
+    }
 
     impl SharedWrites {
         fn writes(&self) -> usize {
-            self.0.lock().unwrap().writes
+            self.0.lock().unwrap().calls.len()
         }
     }
 
