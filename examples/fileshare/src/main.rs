@@ -9,8 +9,8 @@
 //!
 //! - `cli` — command-line options (and the article's Go-style `-name` flags).
 //! - `proto` — the `Hub` and `Export` services and their messages.
-//! - `hub` — the hub: sessions, hello, publish, forwarding with per-peer limits.
-//! - `registry` — the hub's table of published names.
+//! - `hub` — the hub: admission, connection life, forwarding with per-peer limits, the `Hub`
+//!   service, and its table of published names (`hub::registry`).
 //! - `client` — connecting, the exported service, reconnection with backoff.
 //! - `export` — file access confined to the exported root (cap-std).
 //! - `command`, `repl` — REPL syntax and the terminal/scripted front ends.
@@ -23,7 +23,6 @@ mod command;
 mod export;
 mod hub;
 mod proto;
-mod registry;
 mod repl;
 mod tls;
 
@@ -329,7 +328,7 @@ async fn run_client(args: ClientArgs) -> anyhow::Result<bool> {
     client::set_verbose(args.verbose || std::env::var_os("RUST_LOG").is_some());
     init_tracing("error");
     let name = args.name.clone().unwrap_or_default();
-    registry::validate_name(&name).context("invalid --name")?;
+    hub::registry::validate_name(&name).context("invalid --name")?;
     let dir = export_dir(args.root.as_deref())?;
     let notifier = Arc::new(repl::Notifier::default());
     let access: export::AccessLog = {

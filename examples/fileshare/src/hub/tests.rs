@@ -1766,7 +1766,7 @@ async fn tls_failures_are_said_in_plain_words() {
 #[test]
 fn the_read_window_follows_the_round_trip() {
     let opts = HubOptions::default();
-    let window = |ms| super::window_for(&opts, Duration::from_millis(ms));
+    let window = |ms| super::forward::window_for(&opts, Duration::from_millis(ms));
     // A LAN: the floor of 8 chunks.
     assert_eq!(window(0), 8);
     assert_eq!(window(1), 8);
