@@ -1,12 +1,12 @@
-//! The hub: accepts one connection per client, serves [`Hub`], forwards calls to exporters.
+//! The hub: accepts one connection per client, serves [`Hub`](crate::proto::Hub), forwards calls to exporters.
 //!
 //! Per connection (one task, in a `conn` span): optional TLS handshake, a server-side mux
 //! session, the hello exchange (the only channel listened on before it succeeds), then an
-//! [`rpc::Peer`] over the session: the hub serves [`Hub`] to the client and holds a client of
+//! [`rpc::Peer`](netchan_rpc::Peer) over the session: the hub serves [`Hub`](crate::proto::Hub) to the client and holds a client of
 //! the client's [`Export`](crate::proto::Export) service. The service instance is per
 //! connection and holds that connection's session and publish state, so the hub knows who
 //! calls by the connection a call arrives on; `Hub.publish` takes the caller's export client
-//! with `ctx.callback()`, and checks that the client serves [`EXPORT_CHANNEL`], where the hub
+//! with `ctx.callback()`, and checks that the client serves [`EXPORT_CHANNEL`](crate::proto::EXPORT_CHANNEL), where the hub
 //! dials its reads, over the same session. The hub never connects to a client.
 //!
 //! Admission ([`admission`]): a connection counts as *pending* from accept until it has
@@ -59,20 +59,19 @@
 //! - a chunk larger than [`CHUNK_SIZE`] or not at the expected offset is a protocol error, and
 //!   the reads channel refuses any frame over [`MAX_CHUNK_FRAME`] before buffering it (the
 //!   `ls`/`stat` channel over [`MAX_MESSAGE`], the largest `ls` reply).
-
 //!
 //! # Layout
 //!
 //! - this module: [`HubOptions`], [`HubState`] (the accept loop, admission's verdicts,
 //!   refusals, shutdown) and the hub's name table: `HubState::peers`, a
-//!   [`Registry`](registry::Registry) of [`PeerHandle`](forward::PeerHandle)s, reached only
+//!   [`Registry`] of [`PeerHandle`]s, reached only
 //!   through `HubState::peer`, `HubState::names` and the publish/departure paths (the one seam
 //!   a directory of many hubs replaces);
 //! - [`registry`]: the name table itself (pure bookkeeping, valid names);
 //! - [`admission`]: pending connections, per-address caps, shedding;
 //! - [`conn`]: one connection's life (hello, rpc peer link, publish deadline, departure);
 //! - [`forward`]: forwarding to an exporter (slots, windows, the pump of a read);
-//! - [`service`]: the [`Hub`] service one connection sees.
+//! - [`service`]: the [`Hub`](crate::proto::Hub) service one connection sees.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
