@@ -8,11 +8,12 @@
 //! # Layout
 //!
 //! - `cli` — command-line options (and the article's Go-style `-name` flags).
-//! - `proto` — the `Hub` and `Export` services and their messages.
+//! - `proto` — the `Hub` and `Export` services and their messages (`Entry`, `Listing`, `Chunk`).
 //! - `hub` — the hub: admission, connection life, forwarding with per-peer limits, the `Hub`
 //!   service, and its table of published names (`hub::registry`).
-//! - `client` — connecting, the exported service, reconnection with backoff.
-//! - `export` — file access confined to the exported root (cap-std).
+//! - `client` — connecting, reconnection with backoff, the reader's check of a transfer.
+//! - `export` — file access confined to the exported root (cap-std), and the `Export` service
+//!   over it.
 //! - `command`, `repl` — REPL syntax and the terminal/scripted front ends.
 //! - `auth`, `tls` — the token exchange and rustls configuration.
 

@@ -16,7 +16,7 @@
 use netchan_rpc::{rpc_service, ByteBuf, Code, Context, ItemStream, Status};
 use serde::{Deserialize, Serialize};
 
-use crate::export::{Entry, ExportError, Listing};
+use crate::export::ExportError;
 
 /// Mux channel the client listens on for the [`Export`] service the hub reads files with.
 pub(crate) const EXPORT_CHANNEL: &str = "export";
@@ -27,6 +27,11 @@ pub(crate) const READER_KEY: &str = "fileshare-reader";
 
 /// Length of [`Chunk::sha256`] on the last chunk.
 pub(crate) const DIGEST_LEN: usize = 32;
+
+/// A fresh SHA-256 context: the digest of [`Chunk::sha256`].
+pub(crate) fn new_hasher() -> ring::digest::Context {
+    ring::digest::Context::new(&ring::digest::SHA256)
+}
 
 /// The hub's service, called by clients over their peer link. The caller is identified by the
 /// connection the call arrives on, never by a name in the request.
@@ -56,6 +61,65 @@ pub(crate) trait Export {
     async fn stat(&self, ctx: Context, req: String) -> Result<Entry, Status>;
     /// Streams a regular file from `offset`, in chunks, the last one marked `eof`.
     async fn read(&self, ctx: Context, req: ReadReq) -> Result<ItemStream<Chunk>, Status>;
+}
+
+/// What kind of object a directory entry or path is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub(crate) enum Kind {
+    /// A regular file (the only kind that can be read).
+    File,
+    /// A directory.
+    Dir,
+    /// A symbolic link (listed, not followed, by `ls`).
+    Symlink,
+    /// A FIFO.
+    Fifo,
+    /// A socket.
+    Socket,
+    /// A character device.
+    CharDevice,
+    /// A block device.
+    BlockDevice,
+    /// Anything else.
+    Other,
+}
+
+impl Kind {
+    /// A human name for the kind, used in errors.
+    pub(crate) fn describe(self) -> &'static str {
+        match self {
+            Kind::File => "regular file",
+            Kind::Dir => "directory",
+            Kind::Symlink => "symbolic link",
+            Kind::Fifo => "fifo",
+            Kind::Socket => "socket",
+            Kind::CharDevice => "character device",
+            Kind::BlockDevice => "block device",
+            Kind::Other => "special file",
+        }
+    }
+}
+
+/// One directory entry or the result of a stat.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub(crate) struct Entry {
+    /// The entry's name (lossily converted to UTF-8).
+    pub(crate) name: String,
+    /// What it is.
+    pub(crate) kind: Kind,
+    /// Size in bytes (0 for directories and special files).
+    pub(crate) size: u64,
+    /// Last modification, in seconds since the Unix epoch (0 if unknown).
+    pub(crate) mtime: i64,
+}
+
+/// A directory listing.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub(crate) struct Listing {
+    /// Entries sorted by name.
+    pub(crate) entries: Vec<Entry>,
+    /// True if the directory had more than [`MAX_LIST_ENTRIES`](crate::export::MAX_LIST_ENTRIES) entries.
+    pub(crate) truncated: bool,
 }
 
 /// `Hub.publish` request.

@@ -29,7 +29,7 @@ use tokio_util::codec::{FramedRead, LinesCodec};
 
 use crate::client::{CallError, Peer};
 use crate::command::{self, Cmd, GetFlags, Local, COMMANDS};
-use crate::export::{Entry, Kind};
+use crate::proto::{Entry, Kind};
 
 /// Longest command line read from a non-terminal stdin.
 const MAX_LINE: usize = 64 * 1024;
@@ -842,7 +842,7 @@ async fn hash_partial(part: &Path) -> std::io::Result<(u64, ring::digest::Contex
     tokio::task::spawn_blocking(move || {
         use std::io::Read as _;
         let mut f = std::fs::File::open(&part)?;
-        let mut ctx = crate::client::new_hasher();
+        let mut ctx = crate::proto::new_hasher();
         let mut buf = vec![0u8; 1 << 20];
         let mut n = 0u64;
         // Bounded by the file's length.
@@ -899,7 +899,7 @@ async fn get_one(
             .await
             .with_context(|| format!("cannot read the partial download of {}", target.display()))?
     } else {
-        (0, crate::client::new_hasher())
+        (0, crate::proto::new_hasher())
     };
     let resumed = offset > 0;
     std::fs::write(&id_file, &id).with_context(|| format!("cannot save into {}", dir.display()))?;

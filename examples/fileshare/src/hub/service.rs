@@ -13,10 +13,10 @@ use super::conn::{ConnState, Published};
 use super::forward::{active_reads, from_peer, ActiveRead, PeerHandle, Pump};
 use super::registry::{validate_name, NameError};
 use super::MAX_OFFSET;
-use crate::export::{Entry, Listing, CHUNK_SIZE};
+use crate::export::CHUNK_SIZE;
 use crate::proto::{
-    Chunk, ExportClient, Hub, ListReq, PeerPath, PeerRead, PublishReq, PublishResp, ReadReq,
-    READER_KEY,
+    Chunk, Entry, ExportClient, Hub, ListReq, Listing, PeerPath, PeerRead, PublishReq, PublishResp,
+    ReadReq, READER_KEY,
 };
 
 /// The [`Hub`] service as seen by one connection.

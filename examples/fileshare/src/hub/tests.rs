@@ -17,8 +17,8 @@ use tokio::task::JoinSet;
 use super::{HubOptions, HubState};
 use crate::auth;
 use crate::client::{self, CallError, ClientOptions, ConnectError, Peer};
-use crate::export::{Kind, Root};
-use crate::proto::{HubClient, ListReq, PeerPath, PeerRead, PublishReq};
+use crate::export::Root;
+use crate::proto::{HubClient, Kind, ListReq, PeerPath, PeerRead, PublishReq};
 
 /// Generous bound for anything that should happen promptly.
 /// [`WAIT`] in whole seconds, for [`within`].
@@ -225,7 +225,7 @@ async fn a_connection_publishes_at_most_once() {
     let mut server = rpc::Server::new();
     use crate::proto::Export as _;
     server.add(
-        client::ExportService {
+        crate::export::ExportService {
             root: Root::open(root.path()).unwrap(),
         }
         .into_service(),
@@ -751,7 +751,7 @@ impl crate::proto::Export for CountingExport {
         &self,
         _ctx: rpc::Context,
         _req: String,
-    ) -> Result<crate::export::Listing, rpc::Status> {
+    ) -> Result<crate::proto::Listing, rpc::Status> {
         Err(rpc::Status::unimplemented("not here"))
     }
 
@@ -759,7 +759,7 @@ impl crate::proto::Export for CountingExport {
         &self,
         _ctx: rpc::Context,
         _req: String,
-    ) -> Result<crate::export::Entry, rpc::Status> {
+    ) -> Result<crate::proto::Entry, rpc::Status> {
         if self.stat_hangs {
             std::future::pending::<()>().await;
         }
@@ -804,7 +804,7 @@ async fn a_stalled_reader_makes_the_hub_pull_at_most_its_forward_window_ahead() 
     let (_bob, _bob_hub, _bob_export) = publish_over(io, "bob", export).await;
     let (io, _alice_conn) = duplex_conn(&state, 2);
     let root = root_with(0);
-    let export = client::ExportService {
+    let export = crate::export::ExportService {
         root: Root::open(root.path()).unwrap(),
     };
     let (_alice, alice_hub, _alice_export) = publish_over(io, "alice", export).await;
@@ -916,7 +916,7 @@ impl crate::proto::Export for StallingExport {
         &self,
         _ctx: rpc::Context,
         _req: String,
-    ) -> Result<crate::export::Listing, rpc::Status> {
+    ) -> Result<crate::proto::Listing, rpc::Status> {
         Err(rpc::Status::unimplemented("not here"))
     }
 
@@ -924,7 +924,7 @@ impl crate::proto::Export for StallingExport {
         &self,
         _ctx: rpc::Context,
         _req: String,
-    ) -> Result<crate::export::Entry, rpc::Status> {
+    ) -> Result<crate::proto::Entry, rpc::Status> {
         Err(rpc::Status::unimplemented("not here"))
     }
 
@@ -978,7 +978,7 @@ async fn a_read_from_an_exporter_that_goes_quiet_fails_after_the_peer_timeout() 
 
 /// Every item of `export`'s read of `n.txt` from `offset`, called directly (no hub).
 async fn read_n_txt(
-    export: &client::ExportService,
+    export: &crate::export::ExportService,
     offset: u64,
 ) -> Vec<Result<crate::proto::Chunk, rpc::Status>> {
     use crate::proto::Export as _;
@@ -999,7 +999,7 @@ async fn read_n_txt(
 async fn the_exporter_streams_from_an_offset_and_marks_the_last_chunk() {
     let root = root_with(0);
     std::fs::write(root.path().join("n.txt"), b"0123456789").unwrap();
-    let export = client::ExportService {
+    let export = crate::export::ExportService {
         root: Root::open(root.path()).unwrap(),
     };
     let chunks = read_n_txt(&export, 4).await;
@@ -1108,7 +1108,7 @@ impl crate::proto::Export for TwoSpeedExport {
         &self,
         _ctx: rpc::Context,
         _req: String,
-    ) -> Result<crate::export::Listing, rpc::Status> {
+    ) -> Result<crate::proto::Listing, rpc::Status> {
         Err(rpc::Status::unimplemented("not here"))
     }
 
@@ -1116,7 +1116,7 @@ impl crate::proto::Export for TwoSpeedExport {
         &self,
         _ctx: rpc::Context,
         _req: String,
-    ) -> Result<crate::export::Entry, rpc::Status> {
+    ) -> Result<crate::proto::Entry, rpc::Status> {
         Err(rpc::Status::unimplemented("not here"))
     }
 
@@ -1185,7 +1185,7 @@ async fn peer_sent_nothing_measures_the_exporters_silence_not_one_reads_wait() {
     let (_bob, _bob_hub, _bob_export) = publish_over(io, "bob", export).await;
     let (io, _alice_conn) = duplex_conn(&state, 2);
     let root = root_with(0);
-    let export = client::ExportService {
+    let export = crate::export::ExportService {
         root: Root::open(root.path()).unwrap(),
     };
     let (_alice, alice_hub, _alice_export) = publish_over(io, "alice", export).await;
@@ -1229,8 +1229,8 @@ impl crate::proto::Export for RuleBreakingExport {
         &self,
         _ctx: rpc::Context,
         _req: String,
-    ) -> Result<crate::export::Listing, rpc::Status> {
-        Ok(crate::export::Listing {
+    ) -> Result<crate::proto::Listing, rpc::Status> {
+        Ok(crate::proto::Listing {
             entries: Vec::new(),
             truncated: false,
         })
@@ -1240,7 +1240,7 @@ impl crate::proto::Export for RuleBreakingExport {
         &self,
         _ctx: rpc::Context,
         _req: String,
-    ) -> Result<crate::export::Entry, rpc::Status> {
+    ) -> Result<crate::proto::Entry, rpc::Status> {
         Err(rpc::Status::unimplemented("not here"))
     }
 
@@ -1905,7 +1905,7 @@ async fn ls_and_stat_reach_the_exporter_over_its_own_peer_link() {
     let _exports = session.listen(crate::proto::EXPORT_CHANNEL).unwrap();
     let bob = peer_link(
         &session,
-        client::export_server(Root::open(rb.path()).unwrap()),
+        crate::export::export_server(Root::open(rb.path()).unwrap()),
     )
     .await;
     within(
