@@ -106,7 +106,7 @@ pub use client::{CallOptions, Client, PendingResponse, RequestSink, ResponseStre
 pub use codec::CodecError;
 pub use config::{Config, MAX_MESSAGE_SIZE_CAP, MIN_MESSAGE_SIZE};
 pub use context::{Context, EndReason};
-pub use error::Error;
+pub use error::{chain, Error};
 pub use fds::MAX_FDS_PER_MESSAGE;
 pub use metadata::{Interceptor, Metadata};
 /// Declares a typed service from a trait: the trait to implement, a typed

@@ -33,6 +33,23 @@ pub(crate) fn new_hasher() -> ring::digest::Context {
     ring::digest::Context::new(&ring::digest::SHA256)
 }
 
+/// The hub's answer to a call forwarded to an exporter that is gone (its session ended, it
+/// left mid-transfer, or no channel to it could be opened): `Unavailable`, naming the peer.
+///
+/// The wire has only a code and a message, so the code carries the meaning: the hub answers
+/// `Unavailable` for nothing but a gone peer (and for a call on its own connection while that
+/// connection ends, an answer that never arrives). A client tells this from a lost link to
+/// the hub with [`Status::is_conn_lost`], set only on the status its own rpc layer makes when
+/// the link broke and never sent; [`is_peer_gone`] is that test. No message is parsed.
+pub(crate) fn peer_gone(name: &str, detail: impl std::fmt::Display) -> Status {
+    Status::unavailable(format!("peer gone: {name:?} disconnected ({detail})"))
+}
+
+/// Whether `s` is the hub's [`peer_gone`] answer (not a lost link to the hub).
+pub(crate) fn is_peer_gone(s: &Status) -> bool {
+    s.code() == Code::Unavailable && !s.is_conn_lost()
+}
+
 /// The hub's service, called by clients over their peer link. The caller is identified by the
 /// connection the call arrives on, never by a name in the request.
 #[rpc_service]

@@ -10,7 +10,6 @@
 //! [`transfer`] checks a read's chunks as they come ([`FileStream`]); the exported service
 //! itself is [`crate::export`]'s.
 
-use std::sync::atomic::{AtomicBool, Ordering as AtomicOrdering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -58,6 +57,9 @@ pub(crate) struct ClientOptions {
     pub(crate) token: Option<String>,
     /// TLS settings; `None` for plaintext.
     pub(crate) tls: Option<(Arc<rustls::ClientConfig>, ServerName<'static>)>,
+    /// Show error details (the layers below a message) in what the client tells its user:
+    /// `-v`, or `RUST_LOG` set. Default: off.
+    pub(crate) verbose: bool,
     /// Session settings.
     pub(crate) mux: mux::Config,
 }
@@ -297,11 +299,10 @@ pub(crate) enum CallError {
     /// The link to the hub broke during the call.
     #[error(
         "lost the connection to the hub during the command; it reconnects in the background: \
-         try again in a moment{}",
-        detail_if_verbose(.detail)
+         try again in a moment"
     )]
     HubLost {
-        /// What the rpc layer said (shown with -v or RUST_LOG).
+        /// What the rpc layer said (the REPL shows it with -v or RUST_LOG).
         detail: String,
     },
     /// The hub (or the peer behind it) answered with an error.
@@ -327,8 +328,9 @@ pub(crate) enum CallError {
 impl From<Status> for CallError {
     fn from(s: Status) -> CallError {
         match s.code() {
-            // The hub link itself failed mid-call (the hub marks a gone *peer* in the message).
-            Code::Unavailable if !s.message().starts_with("peer gone") => CallError::HubLost {
+            // The hub link itself failed mid-call: a verdict of our own rpc layer, never a
+            // status the hub sent (a gone *peer* is one, see `proto::peer_gone`).
+            Code::Unavailable if s.is_conn_lost() => CallError::HubLost {
                 detail: s.message().to_owned(),
             },
             _ => CallError::Status(s),
@@ -336,17 +338,10 @@ impl From<Status> for CallError {
     }
 }
 
-/// Whether error details (the layers below a message) are shown: `-v`, or `RUST_LOG` set.
-static VERBOSE: AtomicBool = AtomicBool::new(false);
-
-/// Shows error details from now on (see [`VERBOSE`]).
-pub(crate) fn set_verbose(yes: bool) {
-    VERBOSE.store(yes, AtomicOrdering::Relaxed);
-}
-
-/// ` (detail: ...)` when verbose, else a pointer to `-v`.
-pub(crate) fn detail_if_verbose(detail: &str) -> String {
-    if VERBOSE.load(AtomicOrdering::Relaxed) {
+/// ` (detail: ...)` when `verbose` (error details asked for: `-v`, or `RUST_LOG` set), else
+/// nothing.
+pub(crate) fn detail_if(verbose: bool, detail: &str) -> String {
+    if verbose {
         format!(" (detail: {detail})")
     } else {
         String::new()
@@ -494,7 +489,7 @@ async fn supervise(opts: ClientOptions, tx: watch::Sender<Option<Arc<Link>>>, no
             let reason = link.session.closed().await;
             tx.send_replace(None);
             drop(link);
-            notify(lost_message(&opts.addr, &reason));
+            notify(lost_message(&opts.addr, &reason, opts.verbose));
         }
         let mut attempt: u32 = 0;
         let link = loop {
@@ -507,7 +502,7 @@ async fn supervise(opts: ClientOptions, tx: watch::Sender<Option<Arc<Link>>>, no
                         notify(format!(
                             "cannot reach the hub at {} yet; still trying (is it running?){}",
                             opts.addr,
-                            detail_if_verbose(&chain(&e))
+                            detail_if(opts.verbose, &rpc::chain(&e))
                         ));
                     }
                     attempt = attempt.saturating_add(1);
@@ -525,7 +520,7 @@ async fn supervise(opts: ClientOptions, tx: watch::Sender<Option<Arc<Link>>>, no
 
 /// What the user is told when the session with the hub ends: a hub that shut down closed the
 /// session gracefully, anything else is a loss.
-pub(crate) fn lost_message(addr: &str, reason: &mux::CloseReason) -> String {
+pub(crate) fn lost_message(addr: &str, reason: &mux::CloseReason, verbose: bool) -> String {
     match reason {
         mux::CloseReason::Peer => {
             format!("the hub at {addr} closed the connection (shutting down?); reconnecting")
@@ -534,26 +529,13 @@ pub(crate) fn lost_message(addr: &str, reason: &mux::CloseReason) -> String {
             "lost the hub at {addr}: it stopped answering for {}s; reconnecting in the \
              background{}",
             after.as_secs(),
-            detail_if_verbose(&reason.to_string())
+            detail_if(verbose, &reason.to_string())
         ),
         other => format!(
             "lost the hub at {addr}: the connection broke; reconnecting in the background{}",
-            detail_if_verbose(&other.to_string())
+            detail_if(verbose, &other.to_string())
         ),
     }
-}
-
-/// `error: cause: cause` on one line.
-pub(crate) fn chain(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut src = e.source();
-    // Bounded by the (finite) source chain.
-    while let Some(s) = src {
-        out.push_str(": ");
-        out.push_str(&s.to_string());
-        src = s.source();
-    }
-    out
 }
 
 #[cfg(test)]
@@ -613,13 +595,13 @@ mod tests {
 
     #[test]
     fn a_hub_that_closed_the_session_reads_differently_from_a_lost_link() {
-        let msg = lost_message("h:1", &mux::CloseReason::Peer);
+        let msg = lost_message("h:1", &mux::CloseReason::Peer, false);
         assert_eq!(
             msg,
             "the hub at h:1 closed the connection (shutting down?); reconnecting"
         );
         let io = std::io::Error::from(std::io::ErrorKind::ConnectionReset);
-        let msg = lost_message("h:1", &mux::CloseReason::Io(Arc::new(io)));
+        let msg = lost_message("h:1", &mux::CloseReason::Io(Arc::new(io)), false);
         assert_eq!(
             msg,
             "lost the hub at h:1: the connection broke; reconnecting in the background"
@@ -629,6 +611,7 @@ mod tests {
             &mux::CloseReason::KeepaliveTimeout {
                 after: Duration::from_millis(15_001),
             },
+            false,
         );
         assert_eq!(
             msg,
@@ -636,18 +619,42 @@ mod tests {
         );
     }
 
-    #[test]
-    fn a_lost_hub_and_a_gone_peer_read_differently() {
-        let e = CallError::from(Status::unavailable("connection reset"));
+    #[tokio::test]
+    async fn a_lost_hub_and_a_gone_peer_read_differently() {
+        // A call on a link whose far end is gone: our rpc layer's own verdict.
+        let (near, far) = tokio::io::duplex(64);
+        drop(far);
+        let lost = rpc::Client::new(near)
+            .call::<_, ()>("Hub.list", &())
+            .await
+            .unwrap_err();
+        assert!(lost.is_conn_lost(), "{lost:?}");
+        let e = CallError::from(lost);
+        assert!(matches!(e, CallError::HubLost { .. }), "{e:?}");
         assert!(
             e.to_string().starts_with("lost the connection to the hub"),
             "{e}"
         );
-        assert!(
-            !e.to_string().contains("connection reset"),
-            "detail only with -v: {e}"
-        );
-        let e = CallError::from(Status::unavailable("peer gone: \"bob\" disconnected (x)"));
-        assert!(e.to_string().starts_with("peer gone"), "{e}");
+        // The hub's answer for a peer that left has the same code, and is not a lost hub
+        // whatever its words.
+        for gone in [
+            crate::proto::peer_gone("bob", "x"),
+            Status::unavailable("connection reset"),
+        ] {
+            assert!(crate::proto::is_peer_gone(&gone), "{gone:?}");
+            let e = CallError::from(gone.clone());
+            assert!(matches!(e, CallError::Status(_)), "{e:?}");
+            assert_eq!(e.to_string(), gone.message());
+        }
+    }
+
+    #[test]
+    fn details_of_a_lost_hub_show_only_when_asked() {
+        let io = std::io::Error::other("reset by peer");
+        let reason = mux::CloseReason::Io(Arc::new(io));
+        assert!(!lost_message("h:1", &reason, false).contains("detail"));
+        let verbose = lost_message("h:1", &reason, true);
+        assert!(verbose.contains("(detail: "), "{verbose}");
+        assert_eq!(detail_if(false, "x"), "");
     }
 }

@@ -19,7 +19,7 @@ use super::conn::ReaderSlot;
 use super::registry::ConnId;
 use super::{HubOptions, HubState, EXPORT_DIAL_TIMEOUT, MAX_CHUNK_FRAME};
 use crate::export::CHUNK_SIZE;
-use crate::proto::{Chunk, ExportClient, EXPORT_CHANNEL};
+use crate::proto::{peer_gone, Chunk, ExportClient, EXPORT_CHANNEL};
 
 /// What the hub keeps per published peer.
 #[derive(Clone)]
@@ -241,10 +241,6 @@ async fn dial_peer(name: &str, session: &Session) -> Result<mux::Conn, Status> {
             "peer {name:?} did not open a channel within {EXPORT_DIAL_TIMEOUT:?}"
         ))),
     }
-}
-
-fn peer_gone(name: &str, detail: impl std::fmt::Display) -> Status {
-    Status::unavailable(format!("peer gone: {name:?} disconnected ({detail})"))
 }
 
 /// Rewrites a status from an exporter for the reader: connection loss becomes "peer gone",

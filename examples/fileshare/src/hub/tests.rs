@@ -52,6 +52,7 @@ fn client_opts(hub: &TestHub, name: &str, root: &Path) -> ClientOptions {
         addr: hub.addr.to_string(),
         token: None,
         tls: None,
+        verbose: false,
         mux: netchan_mux::Config::default().close_grace(Duration::from_millis(100)),
     }
 }
@@ -334,6 +335,7 @@ async fn a_connection_that_does_not_publish_in_time_is_closed_and_frees_its_slot
         addr: "duplex".into(),
         token: None,
         tls: None,
+        verbose: false,
         mux: netchan_mux::Config::default(),
     };
     let _bob = client::establish(io, &opts).await.unwrap();
@@ -444,7 +446,7 @@ async fn a_wrong_or_missing_token_is_refused() {
         let mut opts = client_opts(&hub, "eve", root.path());
         opts.token = token.map(str::to_owned);
         let err = Peer::start(opts, quiet()).await.err().expect("refused");
-        let text = client::chain(&err);
+        let text = netchan_rpc::chain(&err);
         assert!(text.contains(want), "{text}");
     }
     let mut opts = client_opts(&hub, "alice", root.path());
@@ -1700,7 +1702,7 @@ async fn plaintext_and_tls_mismatches_are_named_in_both_directions() {
     .await
     .err()
     .expect("refused");
-    let text = client::chain(&err);
+    let text = netchan_rpc::chain(&err);
     assert!(text.contains("requires TLS"), "{text}");
     // A TLS client of the plaintext hub is told the hub may be plaintext.
     let opts = tls_client_opts(&plain_hub, "alice", root.path(), &cert);
@@ -1708,7 +1710,7 @@ async fn plaintext_and_tls_mismatches_are_named_in_both_directions() {
         .await
         .err()
         .expect("refused");
-    let text = client::chain(&err);
+    let text = netchan_rpc::chain(&err);
     assert!(text.contains("plaintext hub"), "{text}");
     // Both hubs serve matching clients as before.
     let opts = tls_client_opts(&tls_hub, "bob", root.path(), &cert);

@@ -64,6 +64,8 @@ pub(crate) struct Ui {
     /// stdout is a terminal: `read` escapes control characters, refuses binary content and
     /// caps what it prints; results end with a newline (keeps the prompt tidy).
     pub(crate) terminal: bool,
+    /// Show error details (the layers below a message): `-v`, or `RUST_LOG` set.
+    pub(crate) verbose: bool,
     /// What a cancelled `get` left behind, for the Ctrl-C message.
     pub(crate) partial: Arc<Mutex<Option<PathBuf>>>,
 }
@@ -115,26 +117,31 @@ pub(crate) async fn execute(peer: &Peer, me: &Me, cmd: Cmd, ui: &Ui) -> anyhow::
     };
     match run(peer, me, cmd, ui).await {
         Ok(flow) => Ok(flow),
-        Err(e) => Err(explain(peer, target.as_deref(), e).await),
+        Err(e) => Err(explain(peer, target.as_deref(), e, ui.verbose).await),
     }
 }
 
 /// Adds what the user can do to an error: "did you mean" for an unknown peer; a peer that
-/// left during the command is said as such, the hub's details only with `-v`.
-async fn explain(peer: &Peer, target: Option<&str>, e: anyhow::Error) -> anyhow::Error {
+/// left during the command is said as such, the hub's details and what the rpc layer said of a
+/// lost hub link only with `-v`.
+async fn explain(
+    peer: &Peer,
+    target: Option<&str>,
+    e: anyhow::Error,
+    verbose: bool,
+) -> anyhow::Error {
+    if let (true, Some(CallError::HubLost { detail })) = (verbose, e.downcast_ref::<CallError>()) {
+        return anyhow::anyhow!("{e:#}{}", crate::client::detail_if(verbose, detail));
+    }
     let peer_gone = e.downcast_ref::<CallError>().and_then(|c| match c {
-        CallError::Status(s)
-            if s.code() == Code::Unavailable && s.message().starts_with("peer gone") =>
-        {
-            Some(s.message().to_owned())
-        }
+        CallError::Status(s) if crate::proto::is_peer_gone(s) => Some(s.message().to_owned()),
         _ => None,
     });
     if let (Some(detail), Some(name)) = (peer_gone, target) {
         return anyhow::anyhow!(
             "{name} went away during the command; run it again once {name} is back (list \
              shows who is connected){}",
-            crate::client::detail_if_verbose(&detail)
+            crate::client::detail_if(verbose, &detail)
         );
     }
     let unknown_peer = e.downcast_ref::<CallError>().is_some_and(|c| {

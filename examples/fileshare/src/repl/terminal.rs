@@ -30,8 +30,9 @@ const PEER_WATCH_INTERVAL: Duration = Duration::from_secs(2);
 
 /// Reads commands from a non-terminal stdin until EOF or `quit`. Returns whether every
 /// command succeeded.
-pub(crate) async fn run_script(peer: &Peer, me: &Me) -> bool {
+pub(crate) async fn run_script(peer: &Peer, me: &Me, verbose: bool) -> bool {
     let ui = Ui {
+        verbose,
         progress: false,
         terminal: std::io::IsTerminal::is_terminal(&std::io::stdout()),
         partial: Arc::default(),
@@ -365,6 +366,7 @@ pub(crate) fn run_terminal(
     me: Me,
     rt: tokio::runtime::Handle,
     notifier: Arc<Notifier>,
+    verbose: bool,
 ) -> anyhow::Result<()> {
     let config = rustyline::Config::builder()
         .auto_add_history(true)
@@ -389,6 +391,7 @@ pub(crate) fn run_terminal(
     }
     let watcher = rt.spawn(watch_peers(peer.clone(), me.name.clone(), notifier.clone()));
     let ui = Ui {
+        verbose,
         progress: std::io::IsTerminal::is_terminal(&std::io::stderr()),
         terminal: std::io::IsTerminal::is_terminal(&std::io::stdout()),
         partial: Arc::default(),
