@@ -1,6 +1,6 @@
 //! Test support shared by netchan's test suites and benchmarks (dev-only, never published).
 //!
-//! It depends on tokio (and, for its [`yamux`] peer, on the `yamux` crate), not on any
+//! It depends on tokio (and, with feature `yamux`, on the `yamux` crate), not on any
 //! netchan crate, so every crate of the workspace can take it as a dev-dependency without a
 //! cycle.
 //!
@@ -13,11 +13,13 @@
 //! - [`proxy`]: a loopback TCP proxy that simulates a link (delay, bandwidth, faults).
 //! - [`fds`] (unix): unlinked files, open-descriptor counts and listings for the fd-passing
 //!   tests and examples.
-//! - [`yamux`]: a `yamux` crate peer in a task of its own, the interop oracle and baseline.
+//! - `yamux` (feature `yamux`): a `yamux` crate peer in a task of its own, the interop oracle
+//!   and baseline of the mux's tests and benchmarks.
 
 #[cfg(unix)]
 pub mod fds;
 pub mod proxy;
+#[cfg(feature = "yamux")]
 pub mod yamux;
 
 use std::{
