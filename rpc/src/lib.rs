@@ -65,7 +65,8 @@
 //!
 //! - `wire` — preamble, frame layout and the envelope header kinds.
 //! - `codec` — the only module that knows the codec (bincode 2 via serde).
-//! - `transport` — the batching outbox, its writer task and the frame reader.
+//! - `transport` — frame I/O: `transport/write` the batching outbox and its
+//!   writer task, `transport/read` the preamble check and the frame reader.
 //! - `client` — [`Client`] and [`CallOptions`]; `client/in_flight` holds
 //!   the in-flight map and the reader, `client/streams` the client's ends
 //!   of streaming calls ([`ResponseStream`], [`PendingResponse`],
