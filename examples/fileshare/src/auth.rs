@@ -51,7 +51,13 @@ pub(crate) enum Refusal {
     TlsRequired,
     /// Too many connections from the client's address are still saying hello.
     TooManyFromAddress,
+    /// The client dialed a hub's hub-to-hub listener, which serves only the fleet's hubs.
+    HubToHubOnly,
 }
+
+/// What a client that dials a hub's hub-to-hub listener is told.
+pub(crate) const HUB_TO_HUB_ONLY: &str = "this address is a hub's hub-to-hub listener, for the \
+     other hubs of its fleet: connect to the hub's client address (its --listen) instead";
 
 /// Why the hello exchange failed.
 #[non_exhaustive]
@@ -118,6 +124,12 @@ impl Token {
             return Err(AuthError::EmptyToken);
         }
         Ok(Token(secret.as_bytes().to_vec()))
+    }
+
+    /// The secret, to present it in a hello.
+    pub(crate) fn secret(&self) -> &str {
+        // Made from a `&str` by `Token::new`.
+        std::str::from_utf8(&self.0).unwrap_or_default()
     }
 
     /// Constant-time comparison: the time taken depends only on the secret's length, never on
@@ -287,6 +299,12 @@ where
             Code::Refused,
             AuthError::Refused {
                 reason: TOO_MANY_FROM_ADDRESS.to_owned(),
+            },
+        ),
+        Refusal::HubToHubOnly => (
+            Code::Refused,
+            AuthError::Refused {
+                reason: HUB_TO_HUB_ONLY.to_owned(),
             },
         ),
     };

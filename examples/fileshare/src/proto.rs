@@ -45,6 +45,15 @@ pub(crate) fn peer_gone(name: &str, detail: impl std::fmt::Display) -> Status {
     Status::unavailable(format!("peer gone: {name:?} disconnected ({detail})"))
 }
 
+/// The hub's answer to a call it routed to the hub holding peer `name` when that hub is gone
+/// (its session ended mid-call, or it cannot be reached): `Unavailable`, like [`peer_gone`],
+/// so a client resumes the same way.
+pub(crate) fn hub_gone(name: &str, detail: impl std::fmt::Display) -> Status {
+    Status::unavailable(format!(
+        "peer gone: the hub holding {name:?} is gone ({detail})"
+    ))
+}
+
 /// Whether `s` is the hub's [`peer_gone`] answer (not a lost link to the hub).
 pub(crate) fn is_peer_gone(s: &Status) -> bool {
     s.code() == Code::Unavailable && !s.is_conn_lost()
@@ -66,6 +75,21 @@ pub(crate) trait Hub {
     async fn stat(&self, ctx: Context, req: PeerPath) -> Result<Entry, Status>;
     /// Streams a file of a peer, from `offset`.
     async fn read(&self, ctx: Context, req: PeerRead) -> Result<ItemStream<Chunk>, Status>;
+}
+
+/// The hub-to-hub service, served on a hub's fleet listener to the other hubs of the fleet
+/// (never to clients): a hub forwards `Hub.ls`/`stat`/`read` of a peer another hub holds as
+/// these calls to that hub, which serves them exactly as its own `Hub` calls (slots,
+/// fairness, windows and the exporter's checks apply there). Same answers and codes as
+/// [`Hub`]; `reader` names the reader (`alice@hub-a`) for slots and logs.
+#[rpc_service]
+pub(crate) trait Relay {
+    /// `Hub.ls` of a peer held by the called hub.
+    async fn ls(&self, ctx: Context, req: RelayPath) -> Result<Listing, Status>;
+    /// `Hub.stat` of a peer held by the called hub.
+    async fn stat(&self, ctx: Context, req: RelayPath) -> Result<Entry, Status>;
+    /// `Hub.read` of a peer held by the called hub.
+    async fn read(&self, ctx: Context, req: RelayRead) -> Result<ItemStream<Chunk>, Status>;
 }
 
 /// What every client exports to the hub, over its peer link (`ls`, `stat`) and on
@@ -171,6 +195,30 @@ pub(crate) struct PeerPath {
 /// `Hub.read` request.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub(crate) struct PeerRead {
+    /// The peer's published name.
+    pub(crate) peer: String,
+    /// Path relative to the peer's root.
+    pub(crate) path: String,
+    /// Where to start, in bytes.
+    pub(crate) offset: u64,
+}
+
+/// `Relay.ls` and `Relay.stat` request.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(crate) struct RelayPath {
+    /// Who reads, as `NAME@HUB`.
+    pub(crate) reader: String,
+    /// The peer's published name.
+    pub(crate) peer: String,
+    /// Path relative to the peer's root.
+    pub(crate) path: String,
+}
+
+/// `Relay.read` request.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(crate) struct RelayRead {
+    /// Who reads, as `NAME@HUB`.
+    pub(crate) reader: String,
     /// The peer's published name.
     pub(crate) peer: String,
     /// Path relative to the peer's root.

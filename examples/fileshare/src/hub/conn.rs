@@ -79,7 +79,7 @@ impl HubState {
             pending: Mutex::new(pending),
             shed,
             seat: Mutex::new(None),
-            reads: Mutex::new(HashMap::new()),
+            reads: Arc::new(Mutex::new(HashMap::new())),
         });
         // A client gets at most this many calls running at once on its peer link: plenty for a
         // REPL, a bound against floods. Requests are small (a name, a path); replies can be
@@ -241,7 +241,7 @@ pub(super) struct ConnState {
     /// Its seat among the published clients, taken by the publish.
     pub(super) seat: Mutex<Option<OwnedSemaphorePermit>>,
     /// Calls this connection has forwarded to each exporter right now.
-    pub(super) reads: Mutex<HashMap<String, usize>>,
+    pub(super) reads: ReaderCounts,
 }
 
 impl ConnState {
@@ -280,46 +280,58 @@ impl ConnState {
     /// Takes one of this reader's places for calls to exporter `peer`, or refuses at once if
     /// it already holds `max_reads_per_reader` of them.
     pub(super) fn reader_slot(self: &Arc<Self>, peer: &str) -> Result<ReaderSlot, Status> {
-        let opts = &self.hub.opts;
-        let limit = opts
-            .max_reads_per_reader
-            .clamp(1, opts.max_reads_per_peer.max(1));
-        let mut reads = self
-            .reads
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let n = reads.entry(peer.to_owned()).or_insert(0);
-        if *n >= limit {
-            return Err(Status::resource_exhausted(format!(
-                "you already have {limit} calls to peer {peer:?} in flight (the most one reader \
-                 may have); wait for one to finish"
-            )));
-        }
-        *n += 1;
-        Ok(ReaderSlot {
-            conn: self.clone(),
-            peer: peer.to_owned(),
-        })
+        reader_slot(&self.hub.opts, &self.reads, peer.to_owned(), peer)
     }
+}
+
+/// Calls in flight per key (an exporter's name, or a remote reader and an exporter), each
+/// entry removed when its count falls to zero.
+pub(super) type ReaderCounts = Arc<Mutex<HashMap<String, usize>>>;
+
+/// Takes one place under `key` in `counts` for a call to exporter `peer`, or refuses at once
+/// if `key` already holds `max_reads_per_reader` of them.
+pub(super) fn reader_slot(
+    opts: &super::HubOptions,
+    counts: &ReaderCounts,
+    key: String,
+    peer: &str,
+) -> Result<ReaderSlot, Status> {
+    let limit = opts
+        .max_reads_per_reader
+        .clamp(1, opts.max_reads_per_peer.max(1));
+    let mut reads = counts
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let n = reads.entry(key.clone()).or_insert(0);
+    if *n >= limit {
+        return Err(Status::resource_exhausted(format!(
+            "you already have {limit} calls to peer {peer:?} in flight (the most one reader \
+             may have); wait for one to finish"
+        )));
+    }
+    *n += 1;
+    Ok(ReaderSlot {
+        counts: counts.clone(),
+        key,
+    })
 }
 
 /// One of a reader's places for calls to one exporter; dropping it frees it.
 pub(super) struct ReaderSlot {
-    conn: Arc<ConnState>,
-    peer: String,
+    counts: ReaderCounts,
+    key: String,
 }
 
 impl Drop for ReaderSlot {
     fn drop(&mut self) {
         let mut reads = self
-            .conn
-            .reads
+            .counts
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if let Some(n) = reads.get_mut(&self.peer) {
+        if let Some(n) = reads.get_mut(&self.key) {
             *n = n.saturating_sub(1);
             if *n == 0 {
-                reads.remove(&self.peer);
+                reads.remove(&self.key);
             }
         }
     }

@@ -71,7 +71,10 @@
 //! - [`admission`]: pending connections, per-address caps, shedding;
 //! - [`conn`]: one connection's life (hello, rpc peer link, publish deadline, departure);
 //! - [`forward`]: forwarding to an exporter (slots, windows, the pump of a read);
-//! - [`service`]: the [`Hub`](crate::proto::Hub) service one connection sees.
+//! - [`service`]: the [`Hub`](crate::proto::Hub) service one connection sees, and where a
+//!   named peer is (here, or on another hub of the fleet);
+//! - [`relay`]: hub-to-hub routing: the fleet listener, the `Relay` service, and the links
+//!   to other hubs.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -95,6 +98,7 @@ mod admission;
 mod conn;
 mod forward;
 pub(crate) mod registry;
+pub(crate) mod relay;
 mod service;
 
 use admission::{Admission, LogLimit, Pending, Refused};
@@ -181,8 +185,12 @@ pub(crate) struct HubOptions {
     /// 32 MiB.
     pub(crate) forward_budget: usize,
     /// Session settings (keepalive bounds how fast a silent peer is dropped, and so how soon
-    /// its name is free again). Default: `mux::Config::default()`.
+    /// its name is free again). Hub-to-hub sessions use them too. Default:
+    /// `mux::Config::default()`.
     pub(crate) mux: mux::Config,
+    /// This hub's part in a fleet of hubs (its id, the hubs' shared token, where other hubs'
+    /// peers are); `None` for a hub on its own. Default: `None`.
+    pub(crate) fleet: Option<relay::FleetOptions>,
 }
 
 impl Default for HubOptions {
@@ -204,6 +212,7 @@ impl Default for HubOptions {
             forward_rate: 125_000_000,
             forward_budget: 32 << 20,
             mux: mux::Config::default(),
+            fleet: None,
         }
     }
 }
@@ -250,6 +259,8 @@ pub(crate) struct HubState {
     changes: tokio::sync::watch::Sender<u64>,
     /// Cancelled by [`HubState::shutdown`]: every connection task closes its session.
     stop: CancellationToken,
+    /// Links to the other hubs of the fleet.
+    links: relay::Links,
 }
 
 impl HubState {
@@ -271,6 +282,7 @@ impl HubState {
             epoch: Instant::now(),
             changes: tokio::sync::watch::Sender::new(0),
             stop: CancellationToken::new(),
+            links: relay::Links::new(),
         })
     }
 
@@ -541,5 +553,7 @@ impl HubState {
 
 #[cfg(test)]
 mod fuzz;
+#[cfg(test)]
+mod relay_tests;
 #[cfg(test)]
 mod tests;

@@ -9,10 +9,11 @@ use tokio::sync::{mpsc, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn, Instrument};
 
-use super::conn::{ConnState, Published};
+use super::conn::{ConnState, Published, ReaderSlot};
 use super::forward::{active_reads, from_peer, ActiveRead, PeerHandle, Pump};
-use super::registry::{validate_name, NameError};
-use super::MAX_OFFSET;
+use super::registry::{validate_name, ConnId, NameError};
+use super::relay::RemoteHub;
+use super::{HubState, MAX_OFFSET};
 use crate::export::CHUNK_SIZE;
 use crate::proto::{
     Chunk, Entry, ExportClient, Hub, ListReq, Listing, PeerPath, PeerRead, PublishReq, PublishResp,
@@ -22,32 +23,145 @@ use crate::proto::{
 /// The [`Hub`] service as seen by one connection.
 pub(super) struct HubService(pub(super) Arc<ConnState>);
 
-impl HubService {
-    /// Forwards one unary call to the exporter published as `name`: only a published caller
-    /// may ask, the call holds one of this reader's places and one of that peer's slots while
-    /// it runs, is bounded by `peer_timeout`, and the peer's error comes back rewritten by
-    /// [`from_peer`].
-    async fn forward<T, F, Fut>(&self, name: &str, call: F) -> Result<T, Status>
+/// Where a peer named in a call is published.
+pub(super) enum Located {
+    /// On this hub.
+    Here(PeerHandle),
+    /// On another hub of the fleet.
+    There(RemoteHub),
+}
+
+impl HubState {
+    /// Finds peer `name`: published here, else held by another hub of the fleet (as the
+    /// fleet's [`Route`](super::relay::Route) says), else `NotFound`.
+    pub(super) fn locate(&self, name: &str) -> Result<Located, Status> {
+        if let Some(peer) = self.peers.get(name) {
+            return Ok(Located::Here(peer));
+        }
+        match self.remote_holder(name) {
+            Some(remote) => Ok(Located::There(remote)),
+            None => self.peer(name).map(Located::Here),
+        }
+    }
+
+    /// Forwards one unary call from `reader` (on connection `conn`, holding `mine`, one of
+    /// its places for this exporter) to the exporter `peer` published here as `name`: the
+    /// call holds one of that peer's slots while it runs, is bounded by `peer_timeout`, and
+    /// the peer's error comes back rewritten by [`from_peer`].
+    pub(super) async fn forward_call<T, F, Fut>(
+        &self,
+        reader: String,
+        conn: ConnId,
+        mine: ReaderSlot,
+        name: &str,
+        peer: PeerHandle,
+        call: F,
+    ) -> Result<T, Status>
     where
         F: FnOnce(ExportClient) -> Fut,
         Fut: std::future::Future<Output = Result<T, Status>>,
     {
-        let reader = self.0.published_name().await?;
-        let hub = &self.0.hub;
-        let peer = hub.peer(name)?;
-        let _mine = self.0.reader_slot(name)?;
-        let _slot = hub.slot(name, &peer, self.0.id).await?;
+        let _mine = mine;
+        let _slot = self.slot(name, &peer, conn).await?;
         let export = peer.export.with_options(
             CallOptions::default()
-                .timeout(hub.opts.peer_timeout)
+                .timeout(self.opts.peer_timeout)
                 .metadata(READER_KEY, reader),
         );
         let result = call(export).await;
         if result.is_ok() {
-            hub.heard(&peer);
+            self.heard(&peer);
         }
         result.map_err(|s| from_peer(name, s))
     }
+
+    /// Forwards `Hub.read` of `req` from `reader` (on connection `conn`, holding `mine`) to
+    /// the exporter `peer` published here: one of its slots, a window sized from its round
+    /// trip, and a pump that streams the chunks back through a one-item hand-over. `ctx` is
+    /// the reader's call, ended when the pump gives up.
+    pub(super) async fn forward_read(
+        self: &Arc<Self>,
+        reader: String,
+        conn: ConnId,
+        mine: ReaderSlot,
+        peer: PeerHandle,
+        ctx: Context,
+        req: PeerRead,
+    ) -> Result<ItemStream<Chunk>, Status> {
+        let hub = self;
+        let name = req.peer;
+        let slot = hub.slot(&name, &peer, conn).await?;
+        let (client, wanted) = hub.reads_client(&name, &peer).await?;
+        let (window, reserved) = hub.reserve_window(&peer, wanted);
+        info!(%reader, peer = %name, path = %req.path, window, "read");
+        let upstream = client
+            .with_options(
+                CallOptions::default()
+                    .metadata(READER_KEY, reader.clone())
+                    .stream_window(window),
+            )
+            .read(ReadReq {
+                path: req.path,
+                offset: req.offset,
+            })
+            .await
+            .map_err(|s| from_peer(&name, s))?;
+        hub.heard(&peer);
+        // The pump pulls from the exporter while the reader takes; the one-item hand-over and
+        // the exporter's window bound what the hub holds. The reader's stream reports why the
+        // pump gave up, if it did, once the hand-over is empty.
+        let (tx, rx) = mpsc::channel(1);
+        let why = Arc::new(Mutex::new(None));
+        let id = hub.next_read.fetch_add(1, Ordering::Relaxed);
+        let took = Arc::new(AtomicU64::new(hub.epoch.elapsed().as_millis() as u64));
+        let stop = CancellationToken::new();
+        let blocked = Arc::new(AtomicBool::new(false));
+        active_reads(&peer).push(ActiveRead {
+            id,
+            conn,
+            took: took.clone(),
+            blocked: blocked.clone(),
+            stop: stop.clone(),
+        });
+        let pump = Pump {
+            hub: hub.clone(),
+            name,
+            peer,
+            offset: req.offset,
+            why: why.clone(),
+            ctx,
+            _slots: (slot, mine, reserved),
+            id,
+            took,
+            blocked,
+            stop,
+        };
+        tokio::spawn(pump.run(upstream, tx).in_current_span());
+        let forwarded = futures::stream::unfold(Some((rx, why)), |state| async move {
+            let (mut rx, why) = state?;
+            match rx.recv().await {
+                Some(item) => Some((item, Some((rx, why)))),
+                None => {
+                    let why = why
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner)
+                        .take();
+                    why.map(|s| (Err(s), None))
+                }
+            }
+        });
+        Ok(Box::pin(forwarded))
+    }
+}
+
+/// Refuses a read from an offset no file can have.
+pub(super) fn check_offset(offset: u64) -> Result<(), Status> {
+    if offset > MAX_OFFSET {
+        return Err(Status::out_of_range(format!(
+            "offset {offset} is past the largest possible file offset ({MAX_OFFSET})"
+        )));
+    }
+    Ok(())
 }
 
 impl Hub for HubService {
@@ -127,89 +241,60 @@ impl Hub for HubService {
     }
 
     async fn ls(&self, _ctx: Context, req: PeerPath) -> Result<Listing, Status> {
-        let PeerPath { peer, path } = req;
-        self.forward(&peer, |export| async move { export.ls(path).await })
-            .await
+        let conn = &self.0;
+        let reader = conn.published_name().await?;
+        let PeerPath { peer: name, path } = req;
+        match conn.hub.locate(&name)? {
+            Located::Here(peer) => {
+                let mine = conn.reader_slot(&name)?;
+                let call = |export: ExportClient| async move { export.ls(path).await };
+                (conn.hub)
+                    .forward_call(reader, conn.id, mine, &name, peer, call)
+                    .await
+            }
+            Located::There(remote) => {
+                let mine = conn.reader_slot(&name)?;
+                conn.hub.relay_ls(&remote, &reader, mine, name, path).await
+            }
+        }
     }
 
     async fn stat(&self, _ctx: Context, req: PeerPath) -> Result<Entry, Status> {
-        let PeerPath { peer, path } = req;
-        self.forward(&peer, |export| async move { export.stat(path).await })
-            .await
+        let conn = &self.0;
+        let reader = conn.published_name().await?;
+        let PeerPath { peer: name, path } = req;
+        match conn.hub.locate(&name)? {
+            Located::Here(peer) => {
+                let mine = conn.reader_slot(&name)?;
+                let call = |export: ExportClient| async move { export.stat(path).await };
+                (conn.hub)
+                    .forward_call(reader, conn.id, mine, &name, peer, call)
+                    .await
+            }
+            Located::There(remote) => {
+                let mine = conn.reader_slot(&name)?;
+                conn.hub
+                    .relay_stat(&remote, &reader, mine, name, path)
+                    .await
+            }
+        }
     }
 
     async fn read(&self, ctx: Context, req: PeerRead) -> Result<ItemStream<Chunk>, Status> {
-        let reader = self.0.published_name().await?;
-        if req.offset > MAX_OFFSET {
-            return Err(Status::out_of_range(format!(
-                "offset {} is past the largest possible file offset ({MAX_OFFSET})",
-                req.offset
-            )));
-        }
-        let hub = &self.0.hub;
-        let name = req.peer;
-        let peer = hub.peer(&name)?;
-        let mine = self.0.reader_slot(&name)?;
-        let slot = hub.slot(&name, &peer, self.0.id).await?;
-        let (client, wanted) = hub.reads_client(&name, &peer).await?;
-        let (window, reserved) = hub.reserve_window(&peer, wanted);
-        info!(%reader, peer = %name, path = %req.path, window, "read");
-        let upstream = client
-            .with_options(
-                CallOptions::default()
-                    .metadata(READER_KEY, reader.clone())
-                    .stream_window(window),
-            )
-            .read(ReadReq {
-                path: req.path,
-                offset: req.offset,
-            })
-            .await
-            .map_err(|s| from_peer(&name, s))?;
-        hub.heard(&peer);
-        // The pump pulls from the exporter while the reader takes; the one-item hand-over and
-        // the exporter's window bound what the hub holds. The reader's stream reports why the
-        // pump gave up, if it did, once the hand-over is empty.
-        let (tx, rx) = mpsc::channel(1);
-        let why = Arc::new(Mutex::new(None));
-        let id = hub.next_read.fetch_add(1, Ordering::Relaxed);
-        let took = Arc::new(AtomicU64::new(hub.epoch.elapsed().as_millis() as u64));
-        let stop = CancellationToken::new();
-        let blocked = Arc::new(AtomicBool::new(false));
-        active_reads(&peer).push(ActiveRead {
-            id,
-            conn: self.0.id,
-            took: took.clone(),
-            blocked: blocked.clone(),
-            stop: stop.clone(),
-        });
-        let pump = Pump {
-            hub: hub.clone(),
-            name,
-            peer,
-            offset: req.offset,
-            why: why.clone(),
-            ctx,
-            _slots: (slot, mine, reserved),
-            id,
-            took,
-            blocked,
-            stop,
-        };
-        tokio::spawn(pump.run(upstream, tx).in_current_span());
-        let forwarded = futures::stream::unfold(Some((rx, why)), |state| async move {
-            let (mut rx, why) = state?;
-            match rx.recv().await {
-                Some(item) => Some((item, Some((rx, why)))),
-                None => {
-                    let why = why
-                        .lock()
-                        .unwrap_or_else(std::sync::PoisonError::into_inner)
-                        .take();
-                    why.map(|s| (Err(s), None))
-                }
+        let conn = &self.0;
+        let reader = conn.published_name().await?;
+        check_offset(req.offset)?;
+        match conn.hub.locate(&req.peer)? {
+            Located::Here(peer) => {
+                let mine = conn.reader_slot(&req.peer)?;
+                (conn.hub)
+                    .forward_read(reader, conn.id, mine, peer, ctx, req)
+                    .await
             }
-        });
-        Ok(Box::pin(forwarded))
+            Located::There(remote) => {
+                let mine = conn.reader_slot(&req.peer)?;
+                conn.hub.relay_read(&remote, &reader, mine, req).await
+            }
+        }
     }
 }

@@ -1,0 +1,409 @@
+//! In-process tests of hub-to-hub routing: two real hubs and real clients in one runtime,
+//! over loopback TCP, with a shared in-memory table standing in for the fleet's directory.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use netchan_rpc::Code;
+use tokio::net::TcpListener;
+
+use super::relay::{dial_hub, FleetOptions, LinkError, RemoteHub, Route};
+use super::{HubOptions, HubState};
+use crate::auth::{self, AuthError, Token};
+use crate::client::{self, CallError, ClientOptions, Peer};
+use crate::export::Root;
+use crate::proto::{is_peer_gone, new_hasher};
+
+/// Generous bound for anything that should happen promptly.
+const WAIT: Duration = Duration::from_secs(20);
+
+/// Who holds which name, shared by the test's hubs: each hub sees the names of the others.
+#[derive(Clone, Default)]
+struct Table(Arc<Mutex<HashMap<String, RemoteHub>>>);
+
+impl Table {
+    fn put(&self, name: &str, hub: &TestHub) {
+        let remote = RemoteHub {
+            id: hub.id.clone(),
+            addr: hub.fleet_addr.to_string(),
+        };
+        self.0.lock().unwrap().insert(name.to_owned(), remote);
+    }
+}
+
+/// The [`Route`] of one hub: the table, minus the names it holds itself.
+struct TableRoute {
+    table: Table,
+    me: String,
+}
+
+impl Route for TableRoute {
+    fn remote(&self, name: &str) -> Option<RemoteHub> {
+        let table = self.table.0.lock().unwrap();
+        table.get(name).filter(|r| r.id != self.me).cloned()
+    }
+}
+
+struct TestHub {
+    id: String,
+    state: Arc<HubState>,
+    addr: SocketAddr,
+    fleet_addr: SocketAddr,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Drop for TestHub {
+    /// Stops the hub abruptly, as if its process died: with its tasks and its state go every
+    /// session.
+    fn drop(&mut self) {
+        for t in self.tasks.drain(..) {
+            t.abort();
+        }
+    }
+}
+
+/// A hub of the fleet `table` with id `id` and fleet token `token`, on fresh loopback ports
+/// (or on `addrs`, to restart a hub where it was).
+async fn start_hub(
+    id: &str,
+    table: &Table,
+    token: &str,
+    addrs: Option<(SocketAddr, SocketAddr)>,
+) -> TestHub {
+    let (a, f) = addrs.map_or(
+        ("127.0.0.1:0".to_owned(), "127.0.0.1:0".to_owned()),
+        |(a, f)| (a.to_string(), f.to_string()),
+    );
+    let listener = TcpListener::bind(a).await.unwrap();
+    let fleet = TcpListener::bind(f).await.unwrap();
+    let (addr, fleet_addr) = (listener.local_addr().unwrap(), fleet.local_addr().unwrap());
+    let opts = HubOptions {
+        fleet: Some(FleetOptions {
+            hub_id: id.to_owned(),
+            token: Token::new(token).unwrap(),
+            route: Arc::new(TableRoute {
+                table: table.clone(),
+                me: id.to_owned(),
+            }),
+        }),
+        ..HubOptions::default()
+    };
+    let state = HubState::new(opts);
+    let tasks = vec![
+        tokio::spawn(state.clone().serve(listener)),
+        tokio::spawn(state.clone().serve_fleet(fleet)),
+    ];
+    TestHub {
+        id: id.to_owned(),
+        state,
+        addr,
+        fleet_addr,
+        tasks,
+    }
+}
+
+fn client_opts(addr: SocketAddr, name: &str, root: &Path) -> ClientOptions {
+    ClientOptions {
+        name: name.to_owned(),
+        root: Root::open(root).unwrap(),
+        addr: addr.to_string(),
+        token: None,
+        tls: None,
+        verbose: false,
+        mux: netchan_mux::Config::default().close_grace(Duration::from_millis(100)),
+    }
+}
+
+fn quiet() -> client::Notify {
+    Arc::new(|_msg: String| {})
+}
+
+/// `name` joins `hub` exporting `root`, and the table says so.
+async fn join(hub: &TestHub, table: &Table, name: &str, root: &Path) -> Peer {
+    let peer = tokio::time::timeout(
+        WAIT,
+        Peer::start(client_opts(hub.addr, name, root), quiet()),
+    )
+    .await
+    .expect("join in time")
+    .expect("join succeeds");
+    table.put(name, hub);
+    peer
+}
+
+/// A root with `hello.txt`, `sub/`, `data.bin` (`size` pseudo-random bytes) and a sparse
+/// `big.bin` of `big` bytes with data at both ends.
+fn root_with(size: usize, big: u64) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("hello.txt"), b"hello world\n").unwrap();
+    std::fs::create_dir(dir.path().join("sub")).unwrap();
+    let mut data = vec![0u8; size];
+    rand::RngCore::fill_bytes(&mut rand::thread_rng(), &mut data);
+    std::fs::write(dir.path().join("data.bin"), &data).unwrap();
+    let f = std::fs::File::create(dir.path().join("big.bin")).unwrap();
+    f.set_len(big).unwrap();
+    use std::os::unix::fs::FileExt;
+    f.write_all_at(&data[..data.len().min(1 << 20)], 0).unwrap();
+    f.write_all_at(b"the end", big.saturating_sub(7)).unwrap();
+    dir
+}
+
+fn sha256(bytes: &[u8]) -> Vec<u8> {
+    ring::digest::digest(&ring::digest::SHA256, bytes)
+        .as_ref()
+        .to_vec()
+}
+
+async fn read_all(peer: &Peer, who: &str, path: &str) -> Result<Vec<u8>, CallError> {
+    let mut s = peer.read(who, path).await?;
+    let mut out = Vec::new();
+    // Bounded: the file is finite and every chunk is checked.
+    while let Some(chunk) = s.next().await? {
+        out.extend_from_slice(&chunk.data);
+    }
+    Ok(out)
+}
+
+/// Waits until `hub` has published `name`.
+async fn until_published(hub: &TestHub, name: &str) {
+    let mut changes = hub.state.subscribe();
+    tokio::time::timeout(WAIT, async {
+        // Bounded by the timeout; each iteration waits for a change.
+        while !hub.state.names().iter().any(|n| n == name) {
+            changes.changed().await.unwrap();
+        }
+    })
+    .await
+    .expect("published in time");
+}
+
+fn status_of<T: std::fmt::Debug>(r: Result<T, CallError>) -> (Code, String) {
+    match r {
+        Err(CallError::Status(s)) => (s.code(), s.message().to_owned()),
+        other => panic!("expected a status, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn a_reader_on_one_hub_reads_a_peer_on_another_exactly_over_one_link() {
+    let table = Table::default();
+    let (hub_a, hub_b) = (
+        start_hub("hub-a", &table, "fleet secret", None).await,
+        start_hub("hub-b", &table, "fleet secret", None).await,
+    );
+    let (rb, ra, rc) = (
+        root_with(3 << 20 | 12345, 0),
+        root_with(0, 0),
+        root_with(0, 0),
+    );
+    let _bob = join(&hub_b, &table, "bob", rb.path()).await;
+    let alice = join(&hub_a, &table, "alice", ra.path()).await;
+    let carol = join(&hub_a, &table, "carol", rc.path()).await;
+    let want = std::fs::read(rb.path().join("data.bin")).unwrap();
+    let got = read_all(&alice, "bob", "data.bin").await.unwrap();
+    assert_eq!(got.len(), want.len());
+    assert_eq!(sha256(&got), sha256(&want));
+    assert_eq!(
+        read_all(&carol, "bob", "hello.txt").await.unwrap(),
+        b"hello world\n"
+    );
+    let listing = alice.ls("bob", "").await.unwrap();
+    let names: Vec<_> = listing.entries.iter().map(|e| e.name.as_str()).collect();
+    assert_eq!(names, ["big.bin", "data.bin", "hello.txt", "sub"]);
+    let st = alice.stat("bob", "data.bin").await.unwrap();
+    assert_eq!(st.size, want.len() as u64);
+    // From an offset, too (what a resumed get asks).
+    let mut s = alice
+        .read_from("bob", "data.bin", 1 << 20, {
+            let mut h = new_hasher();
+            h.update(&want[..1 << 20]);
+            h
+        })
+        .await
+        .unwrap();
+    let mut rest = Vec::new();
+    while let Some(chunk) = s.next().await.unwrap() {
+        rest.extend_from_slice(&chunk.data);
+    }
+    assert_eq!(rest, want[1 << 20..]);
+    // Every routed call of both readers went over one link to hub B.
+    assert_eq!(hub_a.state.live_links(), 1);
+}
+
+#[tokio::test]
+async fn errors_keep_their_codes_across_hubs() {
+    let table = Table::default();
+    let (hub_a, hub_b) = (
+        start_hub("hub-a", &table, "fleet secret", None).await,
+        start_hub("hub-b", &table, "fleet secret", None).await,
+    );
+    let (rb, ra) = (root_with(0, 0), root_with(0, 0));
+    let _bob = join(&hub_b, &table, "bob", rb.path()).await;
+    let alice = join(&hub_a, &table, "alice", ra.path()).await;
+    let (code, msg) = status_of(read_all(&alice, "bob", "nope.txt").await);
+    assert_eq!(code, Code::NotFound);
+    assert!(msg.starts_with("bob: no such file"), "{msg}");
+    let (code, msg) = status_of(read_all(&alice, "bob", "../x").await);
+    assert_eq!(code, Code::PermissionDenied);
+    assert!(msg.contains("outside"), "{msg}");
+    let (code, _) = status_of(read_all(&alice, "bob", "sub").await);
+    assert_eq!(code, Code::FailedPrecondition);
+    let (code, msg) = status_of(alice.stat("bob", "nope").await);
+    assert_eq!(code, Code::NotFound);
+    assert!(msg.starts_with("bob: "), "{msg}");
+    let (code, _) = status_of(alice.ls("bob", "hello.txt").await);
+    assert_eq!(code, Code::FailedPrecondition);
+    let (code, msg) = status_of(alice.ls("bob", "../..").await);
+    assert_eq!(code, Code::PermissionDenied, "{msg}");
+    // A peer no hub holds, and one the table names but its hub does not hold.
+    let (code, msg) = status_of(read_all(&alice, "dave", "x").await);
+    assert_eq!(code, Code::NotFound);
+    assert!(msg.contains("unknown peer \"dave\""), "{msg}");
+    table.put("erin", &hub_b);
+    let (code, msg) = status_of(alice.stat("erin", "x").await);
+    assert_eq!(code, Code::NotFound);
+    assert!(msg.contains("unknown peer \"erin\""), "{msg}");
+    let (code, msg) = status_of(
+        alice
+            .read_from("bob", "hello.txt", u64::MAX, new_hasher())
+            .await
+            .map(|_| ()),
+    );
+    assert_eq!(code, Code::OutOfRange, "{msg}");
+}
+
+#[tokio::test]
+async fn a_client_dialing_the_fleet_listener_is_told_it_is_for_hubs_only() {
+    let table = Table::default();
+    let hub = start_hub("hub-b", &table, "fleet secret", None).await;
+    let root = root_with(0, 0);
+    let err = Peer::start(client_opts(hub.fleet_addr, "mallory", root.path()), quiet())
+        .await
+        .err()
+        .expect("refused");
+    let text = err.to_string();
+    assert!(text.contains("hub-to-hub listener"), "{text}");
+    // Whatever token it brings, a client hello there gets nothing but the refusal.
+    let tcp = tokio::net::TcpStream::connect(hub.fleet_addr)
+        .await
+        .unwrap();
+    let session = netchan_mux::Session::client(tcp, netchan_mux::Config::default());
+    let mut ch = session.dial(auth::CHANNEL).await.unwrap();
+    let err = auth::client_hello(&mut ch, Some("fleet secret"))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, AuthError::Refused { .. }), "{err:?}");
+    // And a hub dialing a client address is told it is no fleet listener.
+    let err = dial_hub(
+        &hub.addr.to_string(),
+        &Token::new("fleet secret").unwrap(),
+        netchan_mux::Config::default(),
+    )
+    .await
+    .err()
+    .expect("refused");
+    assert!(matches!(err, LinkError::NotFleet { .. }), "{err:?}");
+}
+
+#[tokio::test]
+async fn a_hub_with_the_wrong_fleet_token_is_refused() {
+    let table = Table::default();
+    let (hub_a, hub_b) = (
+        start_hub("hub-a", &table, "not the secret", None).await,
+        start_hub("hub-b", &table, "fleet secret", None).await,
+    );
+    let err = dial_hub(
+        &hub_b.fleet_addr.to_string(),
+        &Token::new("not the secret").unwrap(),
+        netchan_mux::Config::default(),
+    )
+    .await
+    .err()
+    .expect("refused");
+    assert!(
+        matches!(
+            err,
+            LinkError::Refused {
+                cause: AuthError::BadToken,
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    let (rb, ra) = (root_with(0, 0), root_with(0, 0));
+    let _bob = join(&hub_b, &table, "bob", rb.path()).await;
+    let alice = join(&hub_a, &table, "alice", ra.path()).await;
+    let (code, msg) = status_of(read_all(&alice, "bob", "hello.txt").await);
+    assert_eq!(code, Code::Internal);
+    assert!(msg.contains("refused this hub"), "{msg}");
+    assert_eq!(hub_a.state.live_links(), 0);
+}
+
+#[tokio::test]
+async fn a_read_through_a_hub_that_dies_fails_clearly_and_resumes_once_it_is_back() {
+    let table = Table::default();
+    let hub_a = start_hub("hub-a", &table, "fleet secret", None).await;
+    let hub_b = start_hub("hub-b", &table, "fleet secret", None).await;
+    let big: u64 = 64 << 20;
+    let (rb, ra) = (root_with(1 << 20, big), root_with(0, 0));
+    let bob = join(&hub_b, &table, "bob", rb.path()).await;
+    let alice = join(&hub_a, &table, "alice", ra.path()).await;
+    let mut stream = alice.read("bob", "big.bin").await.unwrap();
+    let mut got = new_hasher();
+    let mut offset = 0u64;
+    let first = stream.next().await.unwrap().unwrap();
+    got.update(&first.data);
+    offset += first.data.len() as u64;
+    let b_addrs = (hub_b.addr, hub_b.fleet_addr);
+    drop(hub_b);
+    let err = tokio::time::timeout(WAIT, async {
+        // Bounded: at most `big / CHUNK_SIZE` chunks, and the read fails long before.
+        loop {
+            match stream.next().await {
+                Ok(Some(chunk)) => {
+                    got.update(&chunk.data);
+                    offset += chunk.data.len() as u64;
+                }
+                Ok(None) => panic!("the read completed through a dead hub"),
+                Err(e) => return e,
+            }
+        }
+    })
+    .await
+    .expect("the read ends in time");
+    match &err {
+        CallError::Status(s) => {
+            assert!(is_peer_gone(s), "{s:?}");
+            assert!(
+                s.message()
+                    .starts_with("peer gone: the hub holding \"bob\" is gone"),
+                "{s}"
+            );
+        }
+        other => panic!("expected the hub-gone status, got {other:?}"),
+    }
+    assert!(offset < big, "the hub died before the end");
+    // Hub B comes back where it was; bob reconnects to it by itself, and the retry resumes
+    // from where the read stopped, over a new link.
+    let hub_b2 = start_hub("hub-b", &table, "fleet secret", Some(b_addrs)).await;
+    tokio::time::timeout(WAIT, bob.connected()).await.unwrap();
+    until_published(&hub_b2, "bob").await;
+    let mut stream = alice
+        .read_from("bob", "big.bin", offset, got.clone())
+        .await
+        .unwrap();
+    let mut tail = Vec::new();
+    // Bounded: the file is finite; the stream checks the whole file's digest at the end.
+    while let Some(chunk) = stream.next().await.unwrap() {
+        if chunk.offset + chunk.data.len() as u64 > big - 7 {
+            tail = chunk.data.to_vec();
+        }
+        offset += chunk.data.len() as u64;
+    }
+    assert_eq!(offset, big);
+    assert!(tail.ends_with(b"the end"));
+    assert_eq!(hub_a.state.live_links(), 1);
+}
