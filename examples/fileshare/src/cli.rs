@@ -79,12 +79,63 @@ pub(crate) struct HubArgs {
     /// Seconds of silence after which a peer's connection is declared dead.
     #[arg(long, value_name = "SECS", default_value = "15", value_parser = parse_secs)]
     pub(crate) keepalive: Duration,
+    /// Secret the hubs of a fleet share: with it the hub serves the other hubs on its fleet
+    /// listener (--fleet-listen) and presents it to them. Clients never use it.
+    #[arg(
+        long,
+        env = "SHARE_FLEET_TOKEN",
+        hide_env_values = true,
+        value_name = "SECRET"
+    )]
+    pub(crate) fleet_token: Option<String>,
+    /// Address the other hubs of the fleet dial (hub-to-hub reads); clients are refused there.
+    /// Default: the --listen host, port + 1.
+    #[arg(
+        long,
+        env = "SHARE_FLEET_LISTEN",
+        value_name = "ADDR",
+        requires = "fleet_token"
+    )]
+    pub(crate) fleet_listen: Option<String>,
+    /// This hub's id in the fleet, in other hubs' logs (default: its fleet listener's address).
+    #[arg(
+        long,
+        env = "SHARE_HUB_ID",
+        value_name = "ID",
+        requires = "fleet_token"
+    )]
+    pub(crate) hub_id: Option<String>,
 }
 
 impl HubArgs {
     /// Where the hub listens: the positional ADDR, else --listen.
     pub(crate) fn listen_addr(&self) -> &str {
         self.addr.as_deref().unwrap_or(&self.listen)
+    }
+
+    /// Where the fleet listener listens: --fleet-listen, else the client address's host with
+    /// the next port. `None` for a hub without --fleet-token.
+    pub(crate) fn fleet_listen_addr(&self) -> Result<Option<String>, String> {
+        if self.fleet_token.is_none() {
+            return Ok(None);
+        }
+        if let Some(addr) = &self.fleet_listen {
+            return Ok(Some(addr.clone()));
+        }
+        let listen = self.listen_addr();
+        let (host, port) = listen
+            .rsplit_once(':')
+            .ok_or_else(|| format!("--listen {listen:?} has no port: give --fleet-listen"))?;
+        let port: u16 = port
+            .parse()
+            .map_err(|_| format!("--listen {listen:?} has no port number: give --fleet-listen"))?;
+        match port {
+            0 => Err("--listen uses port 0: give --fleet-listen too".to_owned()),
+            u16::MAX => Err(format!(
+                "--listen port {port} has no next port: give --fleet-listen"
+            )),
+            _ => Ok(Some(format!("{host}:{}", port + 1))),
+        }
     }
 }
 
@@ -332,6 +383,44 @@ mod tests {
     fn a_tls_key_without_a_certificate_is_an_error() {
         assert!(parse_words(&["share", "hub", "--tls-key", "k.pem"]).is_err());
         assert!(parse_words(&["share", "--name", "a", "--tls-cert", "c.pem"]).is_err());
+    }
+
+    #[test]
+    fn the_fleet_listener_defaults_to_the_next_port_and_needs_the_fleet_token() {
+        let fleet = |words: &[&str]| match parse_words(words).unwrap().command {
+            Some(Command::Hub(h)) => h.fleet_listen_addr(),
+            _ => panic!("not a hub command"),
+        };
+        assert_eq!(fleet(&["share", "hub"]), Ok(None));
+        assert_eq!(
+            fleet(&["share", "hub", "--fleet-token", "s", "127.0.0.1:9000"]),
+            Ok(Some("127.0.0.1:9001".to_owned()))
+        );
+        assert_eq!(
+            fleet(&[
+                "share",
+                "hub",
+                "--fleet-token",
+                "s",
+                "--listen",
+                "[::1]:7000"
+            ]),
+            Ok(Some("[::1]:7001".to_owned()))
+        );
+        assert_eq!(
+            fleet(&[
+                "share",
+                "hub",
+                "--fleet-token",
+                "s",
+                "--fleet-listen",
+                "0.0.0.0:7777"
+            ]),
+            Ok(Some("0.0.0.0:7777".to_owned()))
+        );
+        assert!(fleet(&["share", "hub", "--fleet-token", "s", "127.0.0.1:0"]).is_err());
+        assert!(fleet(&["share", "hub", "--fleet-token", "s", "h:65535"]).is_err());
+        assert!(parse_words(&["share", "hub", "--fleet-listen", "127.0.0.1:7"]).is_err());
     }
 
     #[test]

@@ -145,6 +145,25 @@ async fn run_hub(args: HubArgs) -> anyhow::Result<bool> {
         .await
         .with_context(|| format!("cannot listen on {listen}"))?;
     let addr = listener.local_addr()?;
+    let fleet = match args.fleet_listen_addr().map_err(anyhow::Error::msg)? {
+        None => None,
+        Some(fleet_addr) => {
+            let fleet_token = args.fleet_token.as_deref().unwrap_or_default();
+            let fleet_token = auth::Token::new(fleet_token).context("invalid --fleet-token")?;
+            let fleet_listener = tokio::net::TcpListener::bind(&fleet_addr)
+                .await
+                .with_context(|| format!("cannot listen on {fleet_addr} (--fleet-listen)"))?;
+            let bound = fleet_listener.local_addr()?;
+            let hub_id = args.hub_id.clone().unwrap_or_else(|| bound.to_string());
+            let options = hub::relay::FleetOptions {
+                hub_id,
+                token: fleet_token,
+                // No directory of other hubs yet: this hub serves them, and routes nothing.
+                route: std::sync::Arc::new(hub::relay::NoOtherHubs),
+            };
+            Some((fleet_listener, bound, options))
+        }
+    };
     match (&token, &tls, &args.tls_client_ca) {
         (None, None, _) => warn!(
             "the link is plaintext and unauthenticated: anyone who can reach {addr} can join \
@@ -165,6 +184,14 @@ async fn run_hub(args: HubArgs) -> anyhow::Result<bool> {
     // Informational: a hub whose stdout is closed serves all the same.
     let mut stdout = std::io::stdout();
     let _ = writeln!(stdout, "hub listening on {addr}").and_then(|()| stdout.flush());
+    if let Some((_, bound, options)) = &fleet {
+        info!(addr = %bound, hub_id = %options.hub_id, "fleet listener: serving the other hubs");
+        let _ = writeln!(stdout, "fleet listener on {bound}").and_then(|()| stdout.flush());
+    }
+    let (fleet_listener, fleet) = match fleet {
+        Some((l, _, options)) => (Some(l), Some(options)),
+        None => (None, None),
+    };
     let hub = hub::HubState::new(hub::HubOptions {
         token,
         tls,
@@ -179,9 +206,12 @@ async fn run_hub(args: HubArgs) -> anyhow::Result<bool> {
             // it: see docs/reliability.md, "The hub's bounds and timeouts".
             .max_channels(HUB_MAX_CHANNELS)
             .max_pending_handshakes(4),
+        fleet,
         ..hub::HubOptions::default()
     });
     warn_if_few_descriptors(hub.descriptors_wanted());
+    // Ends with the hub's shutdown, after its hub-to-hub sessions have closed.
+    let fleet_task = fleet_listener.map(|l| tokio::spawn(hub.clone().serve_fleet(l)));
     let mut serve = tokio::spawn(hub.clone().serve(listener));
     tokio::select! {
         done = &mut serve => {
@@ -201,6 +231,11 @@ async fn run_hub(args: HubArgs) -> anyhow::Result<bool> {
             Err(_) => warn!("some sessions did not close within {limit:?}; exiting anyway"),
         },
         () = signals.recv() => warn!("second signal: exiting without waiting"),
+    }
+    if let Some(task) = fleet_task {
+        if tokio::time::timeout(limit, task).await.is_err() {
+            warn!("some hub-to-hub sessions did not close within {limit:?}; exiting anyway");
+        }
     }
     info!("hub stopped");
     Ok(true)

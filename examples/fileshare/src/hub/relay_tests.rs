@@ -297,14 +297,15 @@ async fn a_client_dialing_the_fleet_listener_is_told_it_is_for_hubs_only() {
         .unwrap_err();
     assert!(matches!(err, AuthError::Refused { .. }), "{err:?}");
     // And a hub dialing a client address is told it is no fleet listener.
-    let err = dial_hub(
+    let Err(err) = dial_hub(
         &hub.addr.to_string(),
         &Token::new("fleet secret").unwrap(),
         netchan_mux::Config::default(),
     )
     .await
-    .err()
-    .expect("refused");
+    else {
+        panic!("the dial should be refused");
+    };
     assert!(matches!(err, LinkError::NotFleet { .. }), "{err:?}");
 }
 
@@ -315,14 +316,15 @@ async fn a_hub_with_the_wrong_fleet_token_is_refused() {
         start_hub("hub-a", &table, "not the secret", None).await,
         start_hub("hub-b", &table, "fleet secret", None).await,
     );
-    let err = dial_hub(
+    let Err(err) = dial_hub(
         &hub_b.fleet_addr.to_string(),
         &Token::new("not the secret").unwrap(),
         netchan_mux::Config::default(),
     )
     .await
-    .err()
-    .expect("refused");
+    else {
+        panic!("the dial should be refused");
+    };
     assert!(
         matches!(
             err,
