@@ -11,7 +11,9 @@
 //!   must end with status 0 and no panic.
 //! - [`proxy`]: a loopback TCP proxy that simulates a link (delay, bandwidth, faults).
 //! - [`fds`] (unix): unlinked files and open-descriptor counts for the fd-passing tests.
+//! - [`etcd`]: real etcd clusters on loopback (start, kill, restart a member, find the leader).
 
+pub mod etcd;
 #[cfg(unix)]
 pub mod fds;
 pub mod proxy;
