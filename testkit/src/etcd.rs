@@ -57,12 +57,16 @@ pub fn available() -> bool {
         .unwrap_or(false)
 }
 
-/// A loopback port that was free a moment ago (bound to port 0, then released).
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("bind a loopback port")
+/// `n` distinct loopback ports that were free a moment ago (all bound to port 0 at once,
+/// so none is handed out twice, then released for etcd to bind).
+fn free_ports(n: usize) -> Vec<u16> {
+    let listeners: Vec<std::net::TcpListener> = (0..n)
+        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").expect("bind a loopback port"))
+        .collect();
+    listeners
+        .iter()
+        .map(|l| l.local_addr().expect("local address").port())
+        .collect()
 }
 
 /// A fresh, empty directory under the system's temporary directory.
@@ -173,11 +177,12 @@ impl Cluster {
 
     fn configure(members: usize) -> Cluster {
         let dir = temp_dir();
+        let ports = free_ports(2 * members);
         let specs = (0..members)
             .map(|i| Spec {
                 name: format!("m{i}"),
-                client_port: free_port(),
-                peer_port: free_port(),
+                client_port: ports[2 * i],
+                peer_port: ports[2 * i + 1],
                 data_dir: dir.join(format!("m{i}")),
             })
             .collect();

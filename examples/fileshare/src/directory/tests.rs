@@ -22,7 +22,9 @@ fn config(endpoints: Vec<String>, id: &str) -> EtcdConfig {
     c.hub_addr = format!("{id}.test:7000");
     c.lease_ttl = TTL;
     c.keepalive_every = Duration::from_millis(500);
-    c.call_timeout = Duration::from_secs(1);
+    // Generous for a loaded machine (etcd syncs every write to disk); the lease is renewed
+    // every 500 ms, so a renewal may take this long and the 2 s lease still lives.
+    c.call_timeout = Duration::from_millis(1500);
     c.retry_min = Duration::from_millis(50);
     c.retry_max = Duration::from_millis(500);
     c
