@@ -25,6 +25,11 @@ pub(crate) const EXPORT_CHANNEL: &str = "export";
 /// published name), on every forwarded `Export` call. Absent on the hub's own probes.
 pub(crate) const READER_KEY: &str = "fileshare-reader";
 
+/// The largest offset a read may start at, at the hub and at the exporter alike. `off_t` is
+/// signed, so no file holds a byte at `i64::MAX` or beyond (and a read there cannot even
+/// probe one byte): a read from there is refused as out of range.
+pub(crate) const MAX_OFFSET: u64 = i64::MAX as u64 - 1;
+
 /// Length of [`Chunk::sha256`] on the last chunk.
 pub(crate) const DIGEST_LEN: usize = 32;
 

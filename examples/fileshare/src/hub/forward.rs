@@ -269,10 +269,16 @@ pub(super) fn window_for(opts: &HubOptions, rtt: Duration) -> u32 {
 /// channel's limit: a protocol error of the exporter, not a departure. An exporter whose rpc
 /// layer learnt the hub's limit refuses to send such a chunk and ends the read with
 /// `RESOURCE_EXHAUSTED` (an exporter's reads answer that code for nothing else); one that
-/// sends it anyway meets the hub's rpc conn, which refuses the frame unread and ends.
-fn oversized_frame(s: &Status) -> bool {
-    s.code() == Code::ResourceExhausted
-        || (s.is_conn_lost() && s.message().contains("-byte frame, over the"))
+/// sends it anyway meets the hub's rpc conn, which refuses the frame unread and ends: the
+/// status is then our own conn-lost verdict whose source is the rpc layer's
+/// [`rpc::Error::FrameTooLarge`]. The check reads the code and that typed source, never the
+/// words of a message (a status an exporter sent carries no source).
+pub(super) fn oversized_frame(s: &Status) -> bool {
+    if s.code() == Code::ResourceExhausted {
+        return true;
+    }
+    let source = std::error::Error::source(s).and_then(|e| e.downcast_ref::<rpc::Error>());
+    s.is_conn_lost() && matches!(source, Some(rpc::Error::FrameTooLarge { .. }))
 }
 
 /// Checks one chunk of a forwarded read against the protocol: at most [`CHUNK_SIZE`] bytes,
