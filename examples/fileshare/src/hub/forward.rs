@@ -19,7 +19,7 @@ use super::conn::ReaderSlot;
 use super::registry::ConnId;
 use super::{HubOptions, HubState, EXPORT_DIAL_TIMEOUT, MAX_CHUNK_FRAME};
 use crate::export::CHUNK_SIZE;
-use crate::proto::{peer_gone, Chunk, ExportClient, EXPORT_CHANNEL};
+use crate::proto::{peer_gone, window_for_rtt, Chunk, ExportClient, EXPORT_CHANNEL};
 
 /// What the hub keeps per published peer.
 #[derive(Clone)]
@@ -260,9 +260,7 @@ pub(super) fn from_peer(name: &str, s: Status) -> Status {
 /// batches, so half a window must cover the bandwidth-delay product), at least
 /// `forward_window`. [`HubState::reserve_window`] bounds what a read gets.
 pub(super) fn window_for(opts: &HubOptions, rtt: Duration) -> u32 {
-    let bdp = (opts.forward_rate as f64 * rtt.as_secs_f64() / CHUNK_SIZE as f64).ceil() as u64;
-    let floor = u64::from(opts.forward_window.max(1));
-    bdp.saturating_mul(2).max(floor).min(u64::from(u32::MAX)) as u32
+    window_for_rtt(opts.forward_rate, rtt, opts.forward_window)
 }
 
 /// Whether `s` ended a forwarded read because the exporter produced a message over the reads

@@ -2061,3 +2061,24 @@ fn an_oversized_chunk_is_told_by_code_and_typed_source_not_by_words() {
         assert!(!oversized_frame(&s), "{s:?}");
     }
 }
+
+/// Issue 22: the reader's own hop is sized from the round trip it measured to the hub: over a
+/// link of at least 50 ms it is at least the 50 ms window (the delay line never shortens it).
+#[tokio::test]
+async fn a_reader_far_from_the_hub_sizes_its_window_from_the_round_trip() {
+    let hub = start_hub(HubOptions::default()).await;
+    let proxy = Proxy::start(hub.addr, Link::delayed(Duration::from_millis(25)))
+        .await
+        .unwrap();
+    let root = root_with(0);
+    let mut opts = client_opts(&hub, "faraway", root.path());
+    opts.addr = proxy.addr().to_string();
+    let far = within(WAIT_S, "the far reader joins", Peer::start(opts, quiet()))
+        .await
+        .unwrap();
+    let window = far.read_window().expect("connected");
+    let at_least = crate::client::read_window(Duration::from_millis(50));
+    assert!(at_least > 16, "{at_least}");
+    assert!(window >= at_least, "{window} < {at_least}");
+    assert!(window <= 128, "{window}");
+}
