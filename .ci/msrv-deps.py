@@ -13,7 +13,7 @@ Reads `cargo metadata --format-version 1 --locked` on stdin.
 import json
 import sys
 
-LIBRARIES = {"netchan", "netchan-mux", "netchan-rpc", "netchan-rpc-macros"}
+LIBRARIES = {"netchan", "netchan-mux", "netchan-mux-proto", "netchan-rpc", "netchan-rpc-macros"}
 
 
 def version(text):

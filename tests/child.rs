@@ -8,26 +8,10 @@ use netchan::{
     net::child::{self, ChildError, ChildLink},
     rpc::{Client, Server, ServiceDef, Status},
 };
-use netchan_testkit::within;
+use netchan_testkit::{fds::open_fd_list as open_fds, within};
 
 /// Tells the re-executed test binary which child to be.
 const ROLE_ENV: &str = "NETCHAN_TEST_CHILD_ROLE";
-
-/// The fds open in this process, each with what it points at (`readlink /proc/self/fd/N`).
-fn open_fds() -> Vec<(i32, String)> {
-    let names: Vec<i32> = std::fs::read_dir("/proc/self/fd")
-        .expect("read /proc/self/fd")
-        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
-        .collect();
-    // The directory's own fd is closed by now: its readlink fails and it drops out.
-    names
-        .into_iter()
-        .filter_map(|fd| {
-            let target = std::fs::read_link(format!("/proc/self/fd/{fd}")).ok()?;
-            Some((fd, target.display().to_string()))
-        })
-        .collect()
-}
 
 /// Not a test: the body of the child process. The parent runs this binary with
 /// `child_role --exact --ignored` and `NETCHAN_TEST_CHILD_ROLE` set.

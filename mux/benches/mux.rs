@@ -31,19 +31,17 @@
 
 use criterion::{Criterion, Throughput};
 use netchan_mux::{Config, Session};
+use netchan_testkit::yamux::{YamuxPeer, YamuxStream};
 use netchan_testkit::{
     proxy::{Link, Proxy},
     tcp_pair,
 };
-use std::task::Poll;
 use std::time::{Duration, Instant};
-use tokio::sync::oneshot;
 use tokio::{
     io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt},
     runtime::Runtime,
     sync::mpsc,
 };
-use tokio_util::compat::{Compat, FuturesAsyncReadCompatExt, TokioAsyncReadCompatExt};
 
 /// Bytes moved per iteration of a bulk benchmark (split over the lanes).
 const BULK_BYTES: u64 = 64 * 1024 * 1024;
@@ -237,71 +235,26 @@ async fn channel_lanes(n: usize) -> (Lanes, Session, Session) {
     (Lanes::new(pairs), client, server)
 }
 
-/// A `yamux` crate connection driven in its own task: `opens` asks for outbound streams,
-/// `inbound` yields the peer's.
-struct YamuxEnd {
-    opens: mpsc::Sender<oneshot::Sender<yamux::Stream>>,
-    inbound: mpsc::Receiver<yamux::Stream>,
-}
-
-impl YamuxEnd {
-    fn start<T>(io: T, mode: yamux::Mode) -> YamuxEnd
-    where
-        T: AsyncRead + AsyncWrite + Send + Unpin + 'static,
-    {
-        let (opens, mut open_rx) = mpsc::channel::<oneshot::Sender<yamux::Stream>>(16);
-        let (inbound_tx, inbound) = mpsc::channel(64);
-        let mut conn = yamux::Connection::new(io.compat(), yamux::Config::default(), mode);
-        tokio::spawn(async move {
-            let mut waiting: Option<oneshot::Sender<yamux::Stream>> = None;
-            futures::future::poll_fn(|cx| loop {
-                if waiting.is_none() {
-                    if let Poll::Ready(Some(reply)) = open_rx.poll_recv(cx) {
-                        waiting = Some(reply);
-                    }
-                }
-                if waiting.is_some() {
-                    if let Poll::Ready(Ok(stream)) = conn.poll_new_outbound(cx) {
-                        let _ = waiting.take().unwrap().send(stream);
-                        continue;
-                    }
-                }
-                match conn.poll_next_inbound(cx) {
-                    Poll::Ready(Some(Ok(stream))) => {
-                        let _ = inbound_tx.try_send(stream);
-                    }
-                    Poll::Ready(_) => return Poll::Ready(()),
-                    Poll::Pending => return Poll::Pending,
-                }
-            })
-            .await;
-        });
-        YamuxEnd { opens, inbound }
-    }
-}
-
 /// `n` yamux-crate streams over `(a, b)`: opened by `a`, accepted by `b` (made visible to
 /// `b` by a first byte, which the pair's reader skips).
-async fn yamux_pairs<T>(a: T, b: T, n: usize) -> Vec<(Compat<yamux::Stream>, Compat<yamux::Stream>)>
+async fn yamux_pairs<T>(a: T, b: T, n: usize) -> Vec<(YamuxStream, YamuxStream)>
 where
     T: AsyncRead + AsyncWrite + Send + Unpin + 'static,
 {
-    let client = YamuxEnd::start(a, yamux::Mode::Client);
-    let mut server = YamuxEnd::start(b, yamux::Mode::Server);
+    let client = YamuxPeer::start(a, yamux::Mode::Client);
+    let mut server = YamuxPeer::start(b, yamux::Mode::Server);
     let mut pairs = Vec::new();
     for _ in 0..n {
-        let (tx, rx) = oneshot::channel();
-        client.opens.send(tx).await.unwrap();
-        let mut out = rx.await.unwrap().compat();
+        let mut out = client.open().await;
         out.write_all(&[0]).await.unwrap();
         out.flush().await.unwrap();
-        let mut inc = server.inbound.recv().await.unwrap().compat();
+        let mut inc = server.accept().await.unwrap();
         let mut first = [0u8; 1];
         inc.read_exact(&mut first).await.unwrap();
         pairs.push((out, inc));
     }
     // Keep the connections' handles alive as long as the streams.
-    std::mem::forget(client.opens);
+    std::mem::forget(client);
     std::mem::forget(server);
     pairs
 }

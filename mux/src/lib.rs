@@ -61,12 +61,12 @@
 //!
 //! Protocol core under I/O under handles, each layer importing only the ones below it:
 //!
-//! - `proto/` — the sans-I/O yamux core: `frame.rs` (the 12-byte header), `stream.rs` (one
-//!   stream's buffer, windows and half-close state), `connection.rs` (the session state machine:
-//!   stream table, GoAway, Ping, what to send next), `flow.rs` (its flow-control policy: grants,
-//!   window tuning, round-trip probes, the cap beside an interactive stream), `keepalive.rs`
-//!   (the Ping timer, a deadline the driver sleeps to), `output.rs` (the
-//!   order frames leave in), `ids.rs` (maps keyed by stream id). No tokio, no sockets;
+//! - the crate `netchan-mux-proto` (`mux/proto/`, imported here as `proto`) — the sans-I/O
+//!   yamux core: the 12-byte header, one stream's buffer, windows and half-close state, the
+//!   session state machine (stream table, GoAway, Ping, what to send next), its flow-control
+//!   policy, the Ping timer (a deadline the driver sleeps to) and the order frames leave in.
+//!   A crate of its own with no runtime among its dependencies: no tokio, no sockets, and it
+//!   cannot import anything of this crate;
 //! - `config.rs` — [`Config`] and the core's bounds derived from it;
 //! - `error.rs` — [`Error`], [`CloseReason`] (and the core's [`Violation`]);
 //! - `io/` — the I/O room, the only code that touches the byte stream: `mod.rs` (`Link`, and
@@ -94,7 +94,8 @@ mod error;
 mod handshake;
 mod io;
 mod listener;
-mod proto;
+/// The protocol core, under the name the layers above it use.
+use netchan_mux_proto as proto;
 mod session;
 mod shared;
 mod stream;

@@ -5,91 +5,26 @@ mod common;
 
 use common::{spawn_echo, within};
 use netchan_mux::{CloseReason, Config, Mode, Session};
-use std::{io, task::Poll};
-use tokio::{
-    io::{AsyncReadExt, AsyncWriteExt},
-    sync::{mpsc, oneshot},
-};
-use tokio_util::compat::{Compat, FuturesAsyncReadCompatExt, TokioAsyncReadCompatExt};
+use netchan_testkit::yamux::{YamuxPeer, YamuxStream};
+use std::io;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-type YStream = Compat<yamux::Stream>;
+type YStream = YamuxStream;
 
-enum Cmd {
-    Open(oneshot::Sender<yamux::Stream>),
-    Close(oneshot::Sender<()>),
-}
-
-/// A `yamux::Connection` in a task: opens streams, hands out inbound ones, closes on request.
-/// `ended` resolves when the connection has ended (how, as text).
-struct Peer {
-    cmds: mpsc::Sender<Cmd>,
-    inbound: mpsc::Receiver<yamux::Stream>,
-    ended: oneshot::Receiver<String>,
-}
+/// The `yamux` crate's end of the link, speaking our channel handshake by hand on top.
+struct Peer(YamuxPeer);
 
 impl Peer {
     fn start<T>(io: T, mode: yamux::Mode) -> Peer
     where
         T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static,
     {
-        let (cmds, mut cmd_rx) = mpsc::channel::<Cmd>(16);
-        let (inbound_tx, inbound) = mpsc::channel(64);
-        let (ended_tx, ended) = oneshot::channel();
-        let mut conn = yamux::Connection::new(io.compat(), yamux::Config::default(), mode);
-        tokio::spawn(async move {
-            let mut opening: Option<oneshot::Sender<yamux::Stream>> = None;
-            let mut closing: Option<oneshot::Sender<()>> = None;
-            let how = futures::future::poll_fn(|cx| loop {
-                if let Some(done) = &closing {
-                    let _ = done;
-                    return match conn.poll_close(cx) {
-                        Poll::Ready(r) => {
-                            let _ = closing.take().unwrap().send(());
-                            Poll::Ready(format!("closed by us: {r:?}"))
-                        }
-                        Poll::Pending => Poll::Pending,
-                    };
-                }
-                if opening.is_none() {
-                    match cmd_rx.poll_recv(cx) {
-                        Poll::Ready(Some(Cmd::Open(reply))) => opening = Some(reply),
-                        Poll::Ready(Some(Cmd::Close(done))) => {
-                            closing = Some(done);
-                            continue;
-                        }
-                        _ => {}
-                    }
-                }
-                if opening.is_some() {
-                    if let Poll::Ready(Ok(stream)) = conn.poll_new_outbound(cx) {
-                        let _ = opening.take().unwrap().send(stream);
-                        continue;
-                    }
-                }
-                match conn.poll_next_inbound(cx) {
-                    Poll::Ready(Some(Ok(stream))) => {
-                        let _ = inbound_tx.try_send(stream);
-                    }
-                    Poll::Ready(Some(Err(e))) => return Poll::Ready(format!("error: {e}")),
-                    Poll::Ready(None) => return Poll::Ready("ended by the peer".to_owned()),
-                    Poll::Pending => return Poll::Pending,
-                }
-            })
-            .await;
-            let _ = ended_tx.send(how);
-        });
-        Peer {
-            cmds,
-            inbound,
-            ended,
-        }
+        Peer(YamuxPeer::start(io, mode))
     }
 
     /// Dials our session's listener `name` with the channel handshake.
     async fn dial(&self, name: &str) -> YStream {
-        let (tx, rx) = oneshot::channel();
-        self.cmds.send(Cmd::Open(tx)).await.unwrap();
-        let mut s = rx.await.unwrap().compat();
+        let mut s = self.0.open().await;
         let mut req = vec![1, name.len() as u8];
         req.extend_from_slice(name.as_bytes());
         s.write_all(&req).await.unwrap();
@@ -102,7 +37,7 @@ impl Peer {
 
     /// Accepts the next inbound stream and answers its handshake; returns it and the name.
     async fn accept(&mut self) -> (YStream, String) {
-        let mut s = self.inbound.recv().await.unwrap().compat();
+        let mut s = self.0.accept().await.expect("an inbound stream");
         let mut head = [0u8; 2];
         s.read_exact(&mut head).await.unwrap();
         assert_eq!(head[0], 1);
@@ -114,9 +49,7 @@ impl Peer {
     }
 
     async fn close(&self) {
-        let (tx, rx) = oneshot::channel();
-        self.cmds.send(Cmd::Close(tx)).await.unwrap();
-        let _ = rx.await;
+        self.0.close().await;
     }
 }
 
@@ -296,9 +229,11 @@ async fn half_close_and_reset_reach_the_yamux_crate_and_back() {
 
 #[tokio::test]
 async fn our_close_sends_go_away_and_the_yamux_crate_sees_the_end() {
-    let (session, peer) = pair(Mode::Server).await;
+    let (session, mut peer) = pair(Mode::Server).await;
     within(10, "our close", session.close()).await;
-    let how = within(10, "yamux sees the end", peer.ended).await.unwrap();
+    let how = within(10, "yamux sees the end", peer.0.ended())
+        .await
+        .unwrap();
     assert!(
         how.contains("ended by the peer") || how.contains("error"),
         "{how}"

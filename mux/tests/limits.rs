@@ -2,15 +2,15 @@
 
 mod common;
 
-use common::{tcp_sessions, within, RawPeer};
+use common::{tcp_sessions, within};
 use netchan_mux::{Config, Error, Session};
+use netchan_testkit::yamux::{YamuxPeer, YamuxStream};
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio_util::compat::Compat;
 
 /// Opens a raw yamux stream to the session and sends `request` on it (the whole or a part of
 /// a channel handshake).
-async fn open_with(raw: &RawPeer, request: &[u8]) -> Compat<yamux::Stream> {
+async fn open_with(raw: &YamuxPeer, request: &[u8]) -> YamuxStream {
     let mut s = raw.open().await;
     s.write_all(request).await.unwrap();
     s.flush().await.unwrap();
@@ -19,7 +19,7 @@ async fn open_with(raw: &RawPeer, request: &[u8]) -> Compat<yamux::Stream> {
 
 /// Sends `request` on a fresh raw stream and reads all the session answers until it closes
 /// the stream (`what` names the wait).
-async fn whole_answer(raw: &RawPeer, request: &[u8], what: &str) -> Vec<u8> {
+async fn whole_answer(raw: &YamuxPeer, request: &[u8], what: &str) -> Vec<u8> {
     let mut s = open_with(raw, request).await;
     let mut reply = Vec::new();
     within(5, what, s.read_to_end(&mut reply)).await.unwrap();
@@ -28,7 +28,7 @@ async fn whole_answer(raw: &RawPeer, request: &[u8], what: &str) -> Vec<u8> {
 
 /// Sends a proper handshake for channel `abc` on a fresh raw stream; returns the stream (still
 /// open) and the two-byte reply.
-async fn handshake_for_abc(raw: &RawPeer) -> (Compat<yamux::Stream>, [u8; 2]) {
+async fn handshake_for_abc(raw: &YamuxPeer) -> (YamuxStream, [u8; 2]) {
     let mut good = open_with(raw, &[1, 3, b'a', b'b', b'c']).await;
     let mut reply = [0u8; 2];
     within(5, "reply", good.read_exact(&mut reply))
@@ -111,7 +111,7 @@ async fn a_handshake_with_no_answer_fails_after_the_timeout() {
     let timeout = Duration::from_secs(3);
     let client = Session::client(a, Config::default().handshake_timeout(timeout));
     // The peer speaks yamux but never answers our handshake.
-    let mut raw = RawPeer::start(b, yamux::Mode::Server);
+    let mut raw = YamuxPeer::start(b, yamux::Mode::Server);
     let started = tokio::time::Instant::now();
     match within(60, "dial", client.dial("silent")).await {
         Err(Error::HandshakeTimeout { name, after }) => {
@@ -122,7 +122,7 @@ async fn a_handshake_with_no_answer_fails_after_the_timeout() {
     }
     assert!(started.elapsed() >= timeout);
     // The stream did reach the peer; the session is fine.
-    assert!(raw.inbound.try_recv().is_ok());
+    assert!(raw.try_accept().is_some());
     assert!(!client.is_closed());
 }
 
@@ -132,7 +132,7 @@ async fn an_inbound_handshake_that_never_finishes_is_dropped_after_the_timeout()
     let timeout = Duration::from_secs(3);
     let server = Session::server(a, Config::default().handshake_timeout(timeout));
     let _listener = server.listen("abc").unwrap();
-    let raw = RawPeer::start(b, yamux::Mode::Client);
+    let raw = YamuxPeer::start(b, yamux::Mode::Client);
 
     // Half a request, then silence.
     let mut stuck = open_with(&raw, &[1]).await;
@@ -154,7 +154,7 @@ async fn an_inbound_handshake_that_never_finishes_is_dropped_after_the_timeout()
 async fn unsupported_version_and_bad_names_are_refused_with_a_reason() {
     let (a, b) = tokio::io::duplex(64 * 1024);
     let server = Session::server(a, Config::default());
-    let raw = RawPeer::start(b, yamux::Mode::Client);
+    let raw = YamuxPeer::start(b, yamux::Mode::Client);
 
     let reply = whole_answer(&raw, &[9, 1, b'x'], "version refusal").await;
     assert_eq!(&reply[..2], &[1, 5]);
@@ -178,7 +178,7 @@ async fn a_flood_of_unfinished_handshakes_is_reset_stream_by_stream_and_the_sess
         .handshake_timeout(Duration::from_secs(5));
     let server = Session::server(a, config);
     let _listener = server.listen("abc").unwrap();
-    let raw = RawPeer::start(b, yamux::Mode::Client);
+    let raw = YamuxPeer::start(b, yamux::Mode::Client);
 
     // 200 streams, each stuck after one byte of its request: far more than the 16 + 2 × 8 + 8
     // streams yamux would accept before killing the whole connection.

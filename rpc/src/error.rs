@@ -132,8 +132,15 @@ fn whose(by_peer: bool) -> &'static str {
     }
 }
 
-/// `err` and its sources joined with ": ".
-pub(crate) fn chain(err: &dyn std::error::Error) -> String {
+/// `err` and its sources joined with ": " on one line (`outer: cause: root cause`), for a
+/// message or a log line that shows every layer of an error. Bounded by the (finite) source
+/// chain.
+///
+/// ```
+/// let err = netchan_rpc::Error::from(std::io::Error::other("reset"));
+/// assert_eq!(netchan_rpc::chain(&err), "i/o error on rpc conn: reset");
+/// ```
+pub fn chain(err: &dyn std::error::Error) -> String {
     let mut s = err.to_string();
     let mut cur = err.source();
     while let Some(e) = cur {

@@ -65,7 +65,8 @@
 //!
 //! - `wire` — preamble, frame layout and the envelope header kinds.
 //! - `codec` — the only module that knows the codec (bincode 2 via serde).
-//! - `transport` — the batching outbox, its writer task and the frame reader.
+//! - `transport` — frame I/O: `transport/write` the batching outbox and its
+//!   writer task, `transport/read` the preamble check and the frame reader.
 //! - `client` — [`Client`] and [`CallOptions`]; `client/in_flight` holds
 //!   the in-flight map and the reader, `client/streams` the client's ends
 //!   of streaming calls ([`ResponseStream`], [`PendingResponse`],
@@ -106,7 +107,7 @@ pub use client::{CallOptions, Client, PendingResponse, RequestSink, ResponseStre
 pub use codec::CodecError;
 pub use config::{Config, MAX_MESSAGE_SIZE_CAP, MIN_MESSAGE_SIZE};
 pub use context::{Context, EndReason};
-pub use error::Error;
+pub use error::{chain, Error};
 pub use fds::MAX_FDS_PER_MESSAGE;
 pub use metadata::{Interceptor, Metadata};
 /// Declares a typed service from a trait: the trait to implement, a typed

@@ -59,3 +59,24 @@ pub async fn back_to(baseline: usize, scenario: &str) {
         open_fds()
     );
 }
+
+/// The descriptors open in this process, sorted, each with what it points at (`readlink
+/// /proc/self/fd/N`, Linux). The descriptor that reads the directory is closed again by the
+/// time its link is read, so it is not listed.
+pub fn open_fd_list() -> Vec<(i32, String)> {
+    let Ok(dir) = std::fs::read_dir("/proc/self/fd") else {
+        return Vec::new();
+    };
+    let names: Vec<i32> = dir
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+        .collect();
+    let mut fds: Vec<(i32, String)> = names
+        .into_iter()
+        .filter_map(|fd| {
+            let target = std::fs::read_link(format!("/proc/self/fd/{fd}")).ok()?;
+            Some((fd, target.display().to_string()))
+        })
+        .collect();
+    fds.sort_unstable();
+    fds
+}

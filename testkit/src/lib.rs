@@ -1,7 +1,8 @@
 //! Test support shared by netchan's test suites and benchmarks (dev-only, never published).
 //!
-//! It depends on tokio alone, not on any netchan crate, so every crate of the workspace can
-//! take it as a dev-dependency without a cycle.
+//! It depends on tokio (and, with feature `yamux`, on the `yamux` crate), not on any
+//! netchan crate, so every crate of the workspace can take it as a dev-dependency without a
+//! cycle.
 //!
 //! # Layout
 //! - [`within`]: a hang guard for any future.
@@ -10,13 +11,18 @@
 //! - [`ends_quietly_without_stdout`]: a program whose stdout reader goes away (`… | head`)
 //!   must end with status 0 and no panic.
 //! - [`proxy`]: a loopback TCP proxy that simulates a link (delay, bandwidth, faults).
-//! - [`fds`] (unix): unlinked files and open-descriptor counts for the fd-passing tests.
+//! - [`fds`] (unix): unlinked files, open-descriptor counts and listings for the fd-passing
+//!   tests and examples.
+//! - `yamux` (feature `yamux`): a `yamux` crate peer in a task of its own, the interop oracle
+//!   and baseline of the mux's tests and benchmarks.
 //! - [`etcd`]: real etcd clusters on loopback (start, kill, restart a member, find the leader).
 
 pub mod etcd;
 #[cfg(unix)]
 pub mod fds;
 pub mod proxy;
+#[cfg(feature = "yamux")]
+pub mod yamux;
 
 use std::{
     future::Future,

@@ -90,31 +90,18 @@ impl Worker for WorkerImpl {
     }
 }
 
-/// Serves `server` on every channel opened to `listener`.
-fn serve(server: rpc::Server, mut listener: mux::Listener) {
-    tokio::spawn(async move {
-        while let Ok(conn) = listener.accept().await {
-            let server = server.clone();
-            tokio::spawn(async move { server.serve(conn).await });
-        }
-    });
+/// Serves `server` on every channel opened to `listener`, in a task that ends with the
+/// listener's session.
+fn serve(server: rpc::Server, listener: mux::Listener) {
+    tokio::spawn(async move { server.serve_all(listener).await });
 }
 
 /// The fds open in this process right now.
 fn open_fds() -> Vec<i32> {
-    let names: Vec<i32> = match std::fs::read_dir("/proc/self/fd") {
-        Ok(dir) => dir
-            .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
-            .collect(),
-        Err(_) => return Vec::new(),
-    };
-    // The directory's own fd is closed again by now; keep the fds that still exist.
-    let mut fds: Vec<i32> = names
+    netchan_testkit::fds::open_fd_list()
         .into_iter()
-        .filter(|fd| std::fs::read_link(format!("/proc/self/fd/{fd}")).is_ok())
-        .collect();
-    fds.sort_unstable();
-    fds
+        .map(|(fd, _)| fd)
+        .collect()
 }
 
 async fn run_child(born_with: Vec<i32>) -> anyhow::Result<()> {

@@ -13,7 +13,7 @@
 #[path = "../src/auth.rs"]
 #[allow(dead_code, unused_imports, unreachable_pub, missing_docs)]
 mod auth;
-#[path = "../src/export.rs"]
+#[path = "../src/export/mod.rs"]
 #[allow(dead_code, unused_imports, unreachable_pub, missing_docs)]
 mod export;
 #[path = "../src/proto.rs"]

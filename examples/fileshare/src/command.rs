@@ -6,7 +6,7 @@
 
 use std::path::PathBuf;
 
-use crate::export::{Entry, Kind, Listing};
+use crate::proto::{Entry, Kind, Listing};
 
 /// The commands, their arguments and one line of help each (also drives tab completion).
 pub(crate) const COMMANDS: &[(&str, &str, &str)] = &[

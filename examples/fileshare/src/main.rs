@@ -8,12 +8,13 @@
 //! # Layout
 //!
 //! - `cli` — command-line options (and the article's Go-style `-name` flags).
-//! - `proto` — the `Hub` and `Export` services and their messages.
-//! - `hub` — the hub: sessions, hello, publish, forwarding with per-peer limits.
-//! - `registry` — the hub's table of published names.
+//! - `proto` — the `Hub` and `Export` services and their messages (`Entry`, `Listing`, `Chunk`).
+//! - `hub` — the hub: admission, connection life, forwarding with per-peer limits, the `Hub`
+//!   service, and its table of published names (`hub::registry`).
+//! - `client` — connecting, reconnection with backoff, the reader's check of a transfer.
+//! - `export` — file access confined to the exported root (cap-std), and the `Export` service
+//!   over it.
 //! - `directory` — the fleet's directory: names held fleet-wide, in process or on etcd.
-//! - `client` — connecting, the exported service, reconnection with backoff.
-//! - `export` — file access confined to the exported root (cap-std).
 //! - `command`, `repl` — REPL syntax and the terminal/scripted front ends.
 //! - `auth`, `tls` — the token exchange and rustls configuration.
 
@@ -27,7 +28,6 @@ mod directory;
 mod export;
 mod hub;
 mod proto;
-mod registry;
 mod repl;
 mod tls;
 
@@ -210,9 +210,9 @@ async fn run_hub(args: HubArgs) -> anyhow::Result<bool> {
     Ok(true)
 }
 
-/// A connect error as one sentence, with the layers below it only in verbose mode.
-fn one_sentence(e: &client::ConnectError) -> String {
-    format!("{e}{}", client::detail_if_verbose(&client::chain(e)))
+/// A connect error as one sentence, with the layers below it only in `verbose` mode.
+fn one_sentence(e: &client::ConnectError, verbose: bool) -> String {
+    format!("{e}{}", client::detail_if(verbose, &netchan_rpc::chain(e)))
 }
 
 /// Joins the hub for `--serve`: a hub that is not up yet, full, or still holding our name
@@ -235,13 +235,13 @@ async fn join_retrying(
         let e = match started {
             Ok(peer) => return Ok(Some(peer)),
             Err(e) if e.is_transient() => e,
-            Err(e) => anyhow::bail!(one_sentence(&e)),
+            Err(e) => anyhow::bail!(one_sentence(&e, opts.verbose)),
         };
         let wait = client::backoff(attempt, &mut rng);
         if attempt % 10 == 0 {
             eprintln!(
                 "share: {}; trying again in the background (every {}s at most)",
-                one_sentence(&e),
+                one_sentence(&e, opts.verbose),
                 client::BACKOFF_MAX.as_secs()
             );
         }
@@ -330,10 +330,10 @@ fn link_safety(tls: bool, token: bool, client_cert: bool) -> (String, Option<&'s
 }
 
 async fn run_client(args: ClientArgs) -> anyhow::Result<bool> {
-    client::set_verbose(args.verbose || std::env::var_os("RUST_LOG").is_some());
+    let verbose = args.verbose || std::env::var_os("RUST_LOG").is_some();
     init_tracing("error");
     let name = args.name.clone().unwrap_or_default();
-    registry::validate_name(&name).context("invalid --name")?;
+    hub::registry::validate_name(&name).context("invalid --name")?;
     let dir = export_dir(args.root.as_deref())?;
     let notifier = Arc::new(repl::Notifier::default());
     let access: export::AccessLog = {
@@ -367,6 +367,7 @@ async fn run_client(args: ClientArgs) -> anyhow::Result<bool> {
         addr: args.addr.clone(),
         token: args.token.clone(),
         tls,
+        verbose,
         // Quitting should not wait for the hub's idle channels to the export service.
         mux: mux_config(args.keepalive).close_grace(Duration::from_millis(300)),
     };
@@ -402,7 +403,7 @@ async fn run_client(args: ClientArgs) -> anyhow::Result<bool> {
     } else {
         client::Peer::start(opts, notify)
             .await
-            .map_err(|e| anyhow::anyhow!(one_sentence(&e)))?
+            .map_err(|e| anyhow::anyhow!(one_sentence(&e, verbose)))?
     };
     let peer = Arc::new(peer);
     let interactive = !args.serve && std::io::stdin().is_terminal();
@@ -429,12 +430,12 @@ async fn run_client(args: ClientArgs) -> anyhow::Result<bool> {
         );
         let rt = tokio::runtime::Handle::current();
         let (p, n) = (peer.clone(), notifier.clone());
-        tokio::task::spawn_blocking(move || repl::run_terminal(p, me, rt, n))
+        tokio::task::spawn_blocking(move || repl::run_terminal(p, me, rt, n, verbose))
             .await
             .context("the REPL failed")??;
         true
     } else {
-        repl::run_script(&peer, &me).await
+        repl::run_script(&peer, &me, verbose).await
     };
     peer.close().await;
     Ok(ok)

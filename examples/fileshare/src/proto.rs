@@ -16,7 +16,9 @@
 use netchan_rpc::{rpc_service, ByteBuf, Code, Context, ItemStream, Status};
 use serde::{Deserialize, Serialize};
 
-use crate::export::{Entry, ExportError, Listing};
+use std::time::Duration;
+
+use crate::export::{ExportError, CHUNK_SIZE};
 
 /// Mux channel the client listens on for the [`Export`] service the hub reads files with.
 pub(crate) const EXPORT_CHANNEL: &str = "export";
@@ -25,8 +27,46 @@ pub(crate) const EXPORT_CHANNEL: &str = "export";
 /// published name), on every forwarded `Export` call. Absent on the hub's own probes.
 pub(crate) const READER_KEY: &str = "fileshare-reader";
 
+/// The largest offset a read may start at, at the hub and at the exporter alike. `off_t` is
+/// signed, so no file holds a byte at `i64::MAX` or beyond (and a read there cannot even
+/// probe one byte): a read from there is refused as out of range.
+pub(crate) const MAX_OFFSET: u64 = i64::MAX as u64 - 1;
+
+/// The stream window, in chunks, that carries `rate` bytes per second over a hop whose round
+/// trip is `rtt`: twice the bandwidth-delay product (credit comes back in half-window batches,
+/// so only half a window is sure to be in flight), at least `floor` (and at least 1). Both
+/// hops of a forwarded read size their windows this way: the hub's to the exporter, the
+/// reader's to the hub.
+pub(crate) fn window_for_rtt(rate: u64, rtt: Duration, floor: u32) -> u32 {
+    let bdp = (rate as f64 * rtt.as_secs_f64() / CHUNK_SIZE as f64).ceil() as u64;
+    let floor = u64::from(floor.max(1));
+    bdp.saturating_mul(2).max(floor).min(u64::from(u32::MAX)) as u32
+}
+
 /// Length of [`Chunk::sha256`] on the last chunk.
 pub(crate) const DIGEST_LEN: usize = 32;
+
+/// A fresh SHA-256 context: the digest of [`Chunk::sha256`].
+pub(crate) fn new_hasher() -> ring::digest::Context {
+    ring::digest::Context::new(&ring::digest::SHA256)
+}
+
+/// The hub's answer to a call forwarded to an exporter that is gone (its session ended, it
+/// left mid-transfer, or no channel to it could be opened): `Unavailable`, naming the peer.
+///
+/// The wire has only a code and a message, so the code carries the meaning: the hub answers
+/// `Unavailable` for nothing but a gone peer (and for a call on its own connection while that
+/// connection ends, an answer that never arrives). A client tells this from a lost link to
+/// the hub with [`Status::is_conn_lost`], set only on the status its own rpc layer makes when
+/// the link broke and never sent; [`is_peer_gone`] is that test. No message is parsed.
+pub(crate) fn peer_gone(name: &str, detail: impl std::fmt::Display) -> Status {
+    Status::unavailable(format!("peer gone: {name:?} disconnected ({detail})"))
+}
+
+/// Whether `s` is the hub's [`peer_gone`] answer (not a lost link to the hub).
+pub(crate) fn is_peer_gone(s: &Status) -> bool {
+    s.code() == Code::Unavailable && !s.is_conn_lost()
+}
 
 /// The hub's service, called by clients over their peer link. The caller is identified by the
 /// connection the call arrives on, never by a name in the request.
@@ -56,6 +96,65 @@ pub(crate) trait Export {
     async fn stat(&self, ctx: Context, req: String) -> Result<Entry, Status>;
     /// Streams a regular file from `offset`, in chunks, the last one marked `eof`.
     async fn read(&self, ctx: Context, req: ReadReq) -> Result<ItemStream<Chunk>, Status>;
+}
+
+/// What kind of object a directory entry or path is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub(crate) enum Kind {
+    /// A regular file (the only kind that can be read).
+    File,
+    /// A directory.
+    Dir,
+    /// A symbolic link (listed, not followed, by `ls`).
+    Symlink,
+    /// A FIFO.
+    Fifo,
+    /// A socket.
+    Socket,
+    /// A character device.
+    CharDevice,
+    /// A block device.
+    BlockDevice,
+    /// Anything else.
+    Other,
+}
+
+impl Kind {
+    /// A human name for the kind, used in errors.
+    pub(crate) fn describe(self) -> &'static str {
+        match self {
+            Kind::File => "regular file",
+            Kind::Dir => "directory",
+            Kind::Symlink => "symbolic link",
+            Kind::Fifo => "fifo",
+            Kind::Socket => "socket",
+            Kind::CharDevice => "character device",
+            Kind::BlockDevice => "block device",
+            Kind::Other => "special file",
+        }
+    }
+}
+
+/// One directory entry or the result of a stat.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub(crate) struct Entry {
+    /// The entry's name (lossily converted to UTF-8).
+    pub(crate) name: String,
+    /// What it is.
+    pub(crate) kind: Kind,
+    /// Size in bytes (0 for directories and special files).
+    pub(crate) size: u64,
+    /// Last modification, in seconds since the Unix epoch (0 if unknown).
+    pub(crate) mtime: i64,
+}
+
+/// A directory listing.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub(crate) struct Listing {
+    /// Entries sorted by name.
+    pub(crate) entries: Vec<Entry>,
+    /// True if the directory had more than [`MAX_LIST_ENTRIES`](crate::export::MAX_LIST_ENTRIES) entries.
+    pub(crate) truncated: bool,
 }
 
 /// `Hub.publish` request.
@@ -119,7 +218,7 @@ pub(crate) struct Chunk {
     pub(crate) size: u64,
     /// Offset of `data` in the file.
     pub(crate) offset: u64,
-    /// The bytes (at most [`CHUNK_SIZE`](crate::export::CHUNK_SIZE)); a `ByteBuf` travels as
+    /// The bytes (at most [`CHUNK_SIZE`]); a `ByteBuf` travels as
     /// one block, shared with the received frame and sent without a copy.
     pub(crate) data: ByteBuf,
     /// True on the last chunk. A stream that ends without it was cut short.

@@ -5,7 +5,7 @@
 #[allow(dead_code, unused_imports, unreachable_pub, missing_docs)]
 mod auth;
 mod common;
-#[path = "../src/export.rs"]
+#[path = "../src/export/mod.rs"]
 #[allow(dead_code, unused_imports, unreachable_pub, missing_docs)]
 mod export;
 #[path = "../src/proto.rs"]

@@ -223,16 +223,11 @@ pub async fn bind(
     let mut rpc_server = rpc::Server::new();
     rpc_server.add(server.into_service());
     let mut options = BindOptions::default().on_session(move |session| {
-        let Ok(mut calls) = session.listen(CHANNEL) else {
+        let Ok(calls) = session.listen(CHANNEL) else {
             return;
         };
         let rpc_server = rpc_server.clone();
-        tokio::spawn(async move {
-            while let Ok(conn) = calls.accept().await {
-                let rpc_server = rpc_server.clone();
-                tokio::spawn(async move { rpc_server.serve(conn).await });
-            }
-        });
+        tokio::spawn(async move { rpc_server.serve_all(calls).await });
     });
     if let Some(tls) = tls {
         options = options.tls(tls);

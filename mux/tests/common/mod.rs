@@ -53,60 +53,6 @@ pub async fn round_trip(session: &Session, name: &str, payload: &[u8]) -> Vec<u8
     back
 }
 
-/// A bare yamux peer (no netchan handshake) for tests that misbehave on purpose: open
-/// outbound streams through `opens`, receive inbound ones from `inbound`.
-pub struct RawPeer {
-    pub opens: tokio::sync::mpsc::Sender<tokio::sync::oneshot::Sender<yamux::Stream>>,
-    pub inbound: tokio::sync::mpsc::Receiver<yamux::Stream>,
-}
-
-impl RawPeer {
-    pub fn start<T>(io: T, mode: yamux::Mode) -> RawPeer
-    where
-        T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static,
-    {
-        use std::task::Poll;
-        use tokio_util::compat::TokioAsyncReadCompatExt;
-        let (opens, mut open_rx) =
-            tokio::sync::mpsc::channel::<tokio::sync::oneshot::Sender<yamux::Stream>>(16);
-        let (inbound_tx, inbound) = tokio::sync::mpsc::channel(1024);
-        let mut conn = yamux::Connection::new(io.compat(), yamux::Config::default(), mode);
-        tokio::spawn(async move {
-            let mut waiting: Option<tokio::sync::oneshot::Sender<yamux::Stream>> = None;
-            futures::future::poll_fn(|cx| loop {
-                if waiting.is_none() {
-                    if let Poll::Ready(Some(reply)) = open_rx.poll_recv(cx) {
-                        waiting = Some(reply);
-                    }
-                }
-                if waiting.is_some() {
-                    if let Poll::Ready(Ok(stream)) = conn.poll_new_outbound(cx) {
-                        let _ = waiting.take().unwrap().send(stream);
-                        continue;
-                    }
-                }
-                match conn.poll_next_inbound(cx) {
-                    Poll::Ready(Some(Ok(stream))) => {
-                        let _ = inbound_tx.try_send(stream);
-                    }
-                    Poll::Ready(_) => return Poll::Ready(()),
-                    Poll::Pending => return Poll::Pending,
-                }
-            })
-            .await;
-        });
-        RawPeer { opens, inbound }
-    }
-
-    /// Opens an outbound stream (visible to the peer once something is written on it).
-    pub async fn open(&self) -> tokio_util::compat::Compat<yamux::Stream> {
-        use tokio_util::compat::FuturesAsyncReadCompatExt;
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        self.opens.send(tx).await.expect("raw peer gone");
-        rx.await.expect("raw peer gone").compat()
-    }
-}
-
 /// A client session talking through a [`Proxy`] to a server session; returns both and the
 /// proxy. `bytes_per_sec`: if set, each direction forwards at most that many bytes per
 /// second (a slow link); otherwise it forwards as fast as it can.

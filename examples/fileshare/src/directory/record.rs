@@ -208,7 +208,7 @@ impl Layout {
         if let Some(name) = rest.strip_prefix("peers/") {
             // Names are checked the same way as on publish: a key no hub could have
             // written is not a peer.
-            return crate::registry::validate_name(name)
+            return crate::hub::registry::validate_name(name)
                 .ok()
                 .map(|()| Key::Peer(name.to_owned()));
         }

@@ -7,8 +7,8 @@ use proptest::prelude::*;
 use tokio::io::AsyncWriteExt;
 
 use crate::auth;
-use crate::export::{check_path, Entry, Listing, Root};
-use crate::proto::{Chunk, PeerPath, PeerRead, PublishReq, ReadReq};
+use crate::export::{check_path, Root};
+use crate::proto::{Chunk, Entry, Listing, PeerPath, PeerRead, PublishReq, ReadReq};
 
 /// The codec's configuration, as in netchan-rpc's codec module.
 fn config() -> impl bincode::config::Config {

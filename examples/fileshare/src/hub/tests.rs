@@ -17,8 +17,8 @@ use tokio::task::JoinSet;
 use super::{HubOptions, HubState};
 use crate::auth;
 use crate::client::{self, CallError, ClientOptions, ConnectError, Peer};
-use crate::export::{Kind, Root};
-use crate::proto::{HubClient, ListReq, PeerPath, PeerRead, PublishReq};
+use crate::export::Root;
+use crate::proto::{HubClient, Kind, ListReq, PeerPath, PeerRead, PublishReq};
 
 /// Generous bound for anything that should happen promptly.
 /// [`WAIT`] in whole seconds, for [`within`].
@@ -52,6 +52,7 @@ fn client_opts(hub: &TestHub, name: &str, root: &Path) -> ClientOptions {
         addr: hub.addr.to_string(),
         token: None,
         tls: None,
+        verbose: false,
         mux: netchan_mux::Config::default().close_grace(Duration::from_millis(100)),
     }
 }
@@ -225,7 +226,7 @@ async fn a_connection_publishes_at_most_once() {
     let mut server = rpc::Server::new();
     use crate::proto::Export as _;
     server.add(
-        client::ExportService {
+        crate::export::ExportService {
             root: Root::open(root.path()).unwrap(),
         }
         .into_service(),
@@ -334,6 +335,7 @@ async fn a_connection_that_does_not_publish_in_time_is_closed_and_frees_its_slot
         addr: "duplex".into(),
         token: None,
         tls: None,
+        verbose: false,
         mux: netchan_mux::Config::default(),
     };
     let _bob = client::establish(io, &opts).await.unwrap();
@@ -444,7 +446,7 @@ async fn a_wrong_or_missing_token_is_refused() {
         let mut opts = client_opts(&hub, "eve", root.path());
         opts.token = token.map(str::to_owned);
         let err = Peer::start(opts, quiet()).await.err().expect("refused");
-        let text = client::chain(&err);
+        let text = netchan_rpc::chain(&err);
         assert!(text.contains(want), "{text}");
     }
     let mut opts = client_opts(&hub, "alice", root.path());
@@ -751,7 +753,7 @@ impl crate::proto::Export for CountingExport {
         &self,
         _ctx: rpc::Context,
         _req: String,
-    ) -> Result<crate::export::Listing, rpc::Status> {
+    ) -> Result<crate::proto::Listing, rpc::Status> {
         Err(rpc::Status::unimplemented("not here"))
     }
 
@@ -759,7 +761,7 @@ impl crate::proto::Export for CountingExport {
         &self,
         _ctx: rpc::Context,
         _req: String,
-    ) -> Result<crate::export::Entry, rpc::Status> {
+    ) -> Result<crate::proto::Entry, rpc::Status> {
         if self.stat_hangs {
             std::future::pending::<()>().await;
         }
@@ -804,7 +806,7 @@ async fn a_stalled_reader_makes_the_hub_pull_at_most_its_forward_window_ahead() 
     let (_bob, _bob_hub, _bob_export) = publish_over(io, "bob", export).await;
     let (io, _alice_conn) = duplex_conn(&state, 2);
     let root = root_with(0);
-    let export = client::ExportService {
+    let export = crate::export::ExportService {
         root: Root::open(root.path()).unwrap(),
     };
     let (_alice, alice_hub, _alice_export) = publish_over(io, "alice", export).await;
@@ -916,7 +918,7 @@ impl crate::proto::Export for StallingExport {
         &self,
         _ctx: rpc::Context,
         _req: String,
-    ) -> Result<crate::export::Listing, rpc::Status> {
+    ) -> Result<crate::proto::Listing, rpc::Status> {
         Err(rpc::Status::unimplemented("not here"))
     }
 
@@ -924,7 +926,7 @@ impl crate::proto::Export for StallingExport {
         &self,
         _ctx: rpc::Context,
         _req: String,
-    ) -> Result<crate::export::Entry, rpc::Status> {
+    ) -> Result<crate::proto::Entry, rpc::Status> {
         Err(rpc::Status::unimplemented("not here"))
     }
 
@@ -978,7 +980,7 @@ async fn a_read_from_an_exporter_that_goes_quiet_fails_after_the_peer_timeout() 
 
 /// Every item of `export`'s read of `n.txt` from `offset`, called directly (no hub).
 async fn read_n_txt(
-    export: &client::ExportService,
+    export: &crate::export::ExportService,
     offset: u64,
 ) -> Vec<Result<crate::proto::Chunk, rpc::Status>> {
     use crate::proto::Export as _;
@@ -999,7 +1001,7 @@ async fn read_n_txt(
 async fn the_exporter_streams_from_an_offset_and_marks_the_last_chunk() {
     let root = root_with(0);
     std::fs::write(root.path().join("n.txt"), b"0123456789").unwrap();
-    let export = client::ExportService {
+    let export = crate::export::ExportService {
         root: Root::open(root.path()).unwrap(),
     };
     let chunks = read_n_txt(&export, 4).await;
@@ -1108,7 +1110,7 @@ impl crate::proto::Export for TwoSpeedExport {
         &self,
         _ctx: rpc::Context,
         _req: String,
-    ) -> Result<crate::export::Listing, rpc::Status> {
+    ) -> Result<crate::proto::Listing, rpc::Status> {
         Err(rpc::Status::unimplemented("not here"))
     }
 
@@ -1116,7 +1118,7 @@ impl crate::proto::Export for TwoSpeedExport {
         &self,
         _ctx: rpc::Context,
         _req: String,
-    ) -> Result<crate::export::Entry, rpc::Status> {
+    ) -> Result<crate::proto::Entry, rpc::Status> {
         Err(rpc::Status::unimplemented("not here"))
     }
 
@@ -1185,7 +1187,7 @@ async fn peer_sent_nothing_measures_the_exporters_silence_not_one_reads_wait() {
     let (_bob, _bob_hub, _bob_export) = publish_over(io, "bob", export).await;
     let (io, _alice_conn) = duplex_conn(&state, 2);
     let root = root_with(0);
-    let export = client::ExportService {
+    let export = crate::export::ExportService {
         root: Root::open(root.path()).unwrap(),
     };
     let (_alice, alice_hub, _alice_export) = publish_over(io, "alice", export).await;
@@ -1229,8 +1231,8 @@ impl crate::proto::Export for RuleBreakingExport {
         &self,
         _ctx: rpc::Context,
         _req: String,
-    ) -> Result<crate::export::Listing, rpc::Status> {
-        Ok(crate::export::Listing {
+    ) -> Result<crate::proto::Listing, rpc::Status> {
+        Ok(crate::proto::Listing {
             entries: Vec::new(),
             truncated: false,
         })
@@ -1240,7 +1242,7 @@ impl crate::proto::Export for RuleBreakingExport {
         &self,
         _ctx: rpc::Context,
         _req: String,
-    ) -> Result<crate::export::Entry, rpc::Status> {
+    ) -> Result<crate::proto::Entry, rpc::Status> {
         Err(rpc::Status::unimplemented("not here"))
     }
 
@@ -1700,7 +1702,7 @@ async fn plaintext_and_tls_mismatches_are_named_in_both_directions() {
     .await
     .err()
     .expect("refused");
-    let text = client::chain(&err);
+    let text = netchan_rpc::chain(&err);
     assert!(text.contains("requires TLS"), "{text}");
     // A TLS client of the plaintext hub is told the hub may be plaintext.
     let opts = tls_client_opts(&plain_hub, "alice", root.path(), &cert);
@@ -1708,7 +1710,7 @@ async fn plaintext_and_tls_mismatches_are_named_in_both_directions() {
         .await
         .err()
         .expect("refused");
-    let text = client::chain(&err);
+    let text = netchan_rpc::chain(&err);
     assert!(text.contains("plaintext hub"), "{text}");
     // Both hubs serve matching clients as before.
     let opts = tls_client_opts(&tls_hub, "bob", root.path(), &cert);
@@ -1766,7 +1768,7 @@ async fn tls_failures_are_said_in_plain_words() {
 #[test]
 fn the_read_window_follows_the_round_trip() {
     let opts = HubOptions::default();
-    let window = |ms| super::window_for(&opts, Duration::from_millis(ms));
+    let window = |ms| super::forward::window_for(&opts, Duration::from_millis(ms));
     // A LAN: the floor of 8 chunks.
     assert_eq!(window(0), 8);
     assert_eq!(window(1), 8);
@@ -1905,7 +1907,7 @@ async fn ls_and_stat_reach_the_exporter_over_its_own_peer_link() {
     let _exports = session.listen(crate::proto::EXPORT_CHANNEL).unwrap();
     let bob = peer_link(
         &session,
-        client::export_server(Root::open(rb.path()).unwrap()),
+        crate::export::export_server(Root::open(rb.path()).unwrap()),
     )
     .await;
     within(
@@ -2039,4 +2041,44 @@ async fn a_stalled_reader_that_grants_no_credit_is_told_it_took_nothing() {
     assert_eq!(end.code(), Code::DeadlineExceeded, "{end}");
     assert!(end.message().contains("you took nothing"), "{end}");
     assert!(start.elapsed() >= Duration::from_secs(30));
+}
+
+/// Issue 22: what marks an exporter's oversized chunk is the code its rpc layer answers
+/// (`RESOURCE_EXHAUSTED`) or our own rpc layer's typed verdict on the reads channel (seen end
+/// to end in `an_exporter_that_breaks_the_chunk_rules_fails_only_its_own_reads`), never the
+/// words of a message: an exporter that sends the rpc layer's wording is not taken at its word.
+#[test]
+fn an_oversized_chunk_is_told_by_code_and_typed_source_not_by_words() {
+    use super::forward::oversized_frame;
+    assert!(oversized_frame(&rpc::Status::resource_exhausted(
+        "message exceeds the peer's limit"
+    )));
+    for s in [
+        rpc::Status::unavailable("peer announced a 9000000-byte frame, over the 263168-byte limit"),
+        rpc::Status::internal("peer announced a 9000000-byte frame, over the 263168-byte limit"),
+        rpc::Status::not_found("no such file"),
+    ] {
+        assert!(!oversized_frame(&s), "{s:?}");
+    }
+}
+
+/// Issue 22: the reader's own hop is sized from the round trip it measured to the hub: over a
+/// link of at least 50 ms it is at least the 50 ms window (the delay line never shortens it).
+#[tokio::test]
+async fn a_reader_far_from_the_hub_sizes_its_window_from_the_round_trip() {
+    let hub = start_hub(HubOptions::default()).await;
+    let proxy = Proxy::start(hub.addr, Link::delayed(Duration::from_millis(25)))
+        .await
+        .unwrap();
+    let root = root_with(0);
+    let mut opts = client_opts(&hub, "faraway", root.path());
+    opts.addr = proxy.addr().to_string();
+    let far = within(WAIT_S, "the far reader joins", Peer::start(opts, quiet()))
+        .await
+        .unwrap();
+    let window = far.read_window().expect("connected");
+    let at_least = crate::client::read_window(Duration::from_millis(50));
+    assert!(at_least > 16, "{at_least}");
+    assert!(window >= at_least, "{window} < {at_least}");
+    assert!(window <= 128, "{window}");
 }

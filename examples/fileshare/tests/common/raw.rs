@@ -12,8 +12,8 @@ use netchan_rpc::{self as rpc, Context, ItemStream, Status};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use crate::export::{Entry, Listing};
 use crate::proto::{Chunk, Export, HubClient, PublishReq, ReadReq, EXPORT_CHANNEL};
+use crate::proto::{Entry, Listing};
 
 /// The rpc preamble: magic `NCRPC`, version 2 (docs/protocol.md, Part 2).
 pub(crate) const RPC_PREAMBLE: [u8; 6] = *b"NCRPC\x02";

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 /// What a keepalive deadline that passed asks for.
 #[derive(Debug, PartialEq, Eq)]
-pub(crate) enum Due {
+pub enum Due {
     /// Send a Ping with this opaque value.
     Ping(u32),
     /// Give up: the peer has been silent for this long.

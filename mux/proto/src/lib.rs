@@ -1,18 +1,36 @@
-//! The sans-I/O yamux core: frame codec, stream states and flow control.
+//! The sans-I/O yamux core of `netchan-mux`: frame codec, stream states, flow control and
+//! timers, as a deterministic state machine.
 //!
-//! Nothing here touches a socket, a clock or a runtime: time comes in as `now` arguments, and
-//! the core's timers (keepalive) are deadlines it reports ([`Connection::poll_timeout`]) and
-//! handles when told they passed ([`Connection::handle_timeout`]). [`Connection`] is a deterministic state
-//! machine: the I/O room (`io/`) feeds it decoded frames and takes the frames it wants sent;
-//! the handles call it to read, write, half-close, reset and drop streams. Its flow-control
-//! policy (grants, window tuning, round-trip probes) is `flow.rs`. Wakers are
-//! the only link to the outside: a blocked reader or writer leaves its `std::task::Waker`
-//! with its stream and is woken when a frame changes what it waits for.
+//! Nothing here touches a socket, a clock or a runtime, and the crate depends on no runtime,
+//! so the compiler keeps it that way. Time comes in as `now` arguments; the core's timers
+//! (keepalive) are deadlines it reports ([`Connection::poll_timeout`]) and runs when told
+//! they passed ([`Connection::handle_timeout`]). Wakers are the only link to the outside: a
+//! blocked reader or writer leaves its `std::task::Waker` with its stream and is woken when
+//! a frame changes what it waits for.
 //!
-//! Who drives what: the I/O room is the only caller of [`Connection::on_header`],
-//! [`Connection::on_frame`] and [`Connection::take_output`] (on the driver's turns, or a
-//! handle's read-through or direct write); handles call the stream operations. Both hold the session's mutex only for the duration of one call, never across
-//! an `.await` or a syscall.
+//! Who drives what: `netchan-mux`'s I/O layer is the only caller of
+//! [`Connection::on_header`], [`Connection::on_frame`] and [`Connection::take_output`] (it
+//! decodes frames from the byte stream and writes the frames the core queued); its stream
+//! handles call the stream operations ([`Connection::read`], [`Connection::write`],
+//! [`Connection::finish`], [`Connection::reset`], [`Connection::drop_handle`]). The caller
+//! serialises all calls (`netchan-mux` holds a mutex for the duration of one call, never
+//! across an `.await` or a syscall).
+//!
+//! Only what `netchan-mux` needs is public; the crate has no other user.
+//!
+//! # Layout
+//!
+//! - `frame.rs` — the 12-byte header ([`Header`], [`FrameType`], the flags);
+//! - `stream.rs` — one stream's receive buffer, windows and half-close state;
+//! - `connection.rs` — [`Connection`], the session state machine: stream table, GoAway,
+//!   Ping, what to send next;
+//! - `flow.rs` — its flow-control policy: grants, window tuning, round-trip probes, the cap
+//!   beside an interactive stream;
+//! - `keepalive.rs` — the Ping timer, a deadline in [`Connection::poll_timeout`];
+//! - `output.rs` — the order queued frames leave in;
+//! - `ids.rs` — maps keyed by stream id;
+//! - `limits.rs` — [`Limits`], the bounds the core keeps;
+//! - this file — [`Violation`], how a peer broke the protocol.
 
 mod connection;
 mod flow;
@@ -23,24 +41,22 @@ mod limits;
 mod output;
 mod stream;
 
-pub(crate) use connection::{Connection, Frame, OpenError, Side, StreamError};
-pub(crate) use frame::{
-    FrameType, GoAwayCode, Header, ACK, FIN, HEADER_LEN, MAX_FDS_PER_FRAME, RST, SYN,
-};
-pub(crate) use keepalive::Due;
-pub(crate) use limits::Limits;
+pub use connection::{Connection, Frame, OpenError, Side, StreamError};
+pub use frame::{FrameType, GoAwayCode, Header, ACK, FIN, HEADER_LEN, MAX_FDS_PER_FRAME, RST, SYN};
+pub use keepalive::Due;
+pub use limits::Limits;
 
 /// A file descriptor travelling with a stream's bytes (unix only; elsewhere no value exists).
 #[cfg(unix)]
-pub(crate) type Fd = std::os::fd::OwnedFd;
+pub type Fd = std::os::fd::OwnedFd;
 /// A file descriptor travelling with a stream's bytes (unix only; elsewhere no value exists).
 #[cfg(not(unix))]
 #[derive(Debug)]
-pub(crate) enum Fd {}
+pub enum Fd {}
 
-/// How a peer broke the yamux protocol. The session that received it ends with
-/// [`CloseReason::ProtocolViolation`](crate::CloseReason::ProtocolViolation), after sending a
-/// GoAway with the protocol-error code; other sessions are unaffected.
+/// How a peer broke the yamux protocol. The session that received it ends (in netchan-mux,
+/// with `CloseReason::ProtocolViolation`), after sending a GoAway with the protocol-error
+/// code; other sessions are unaffected.
 #[non_exhaustive]
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum Violation {
@@ -125,7 +141,7 @@ pub enum Violation {
         arrived: usize,
     },
     /// More received file descriptors than the session holds unclaimed
-    /// ([`Config::max_received_fds`](crate::Config::max_received_fds)).
+    /// ([`Limits::max_fds_held`], netchan-mux's `Config::max_received_fds`).
     #[error("peer sent more file descriptors than the {limit} this session holds unclaimed")]
     TooManyFds {
         /// The limit.

@@ -12,14 +12,14 @@
 use super::Violation;
 
 /// Size of every frame header.
-pub(crate) const HEADER_LEN: usize = 12;
+pub const HEADER_LEN: usize = 12;
 
 /// The only protocol version yamux defines.
 pub(crate) const VERSION: u8 = 0;
 
 /// The four frame types of yamux, and netchan's file-descriptor frame.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum FrameType {
+pub enum FrameType {
     /// Stream data; `length` bytes of body follow the header.
     Data = 0,
     /// Grants the peer `length` more bytes of send window on a stream.
@@ -30,7 +30,8 @@ pub(crate) enum FrameType {
     GoAway = 3,
     /// netchan's extension: `length` file descriptors travel with this frame as `SCM_RIGHTS`
     /// ancillary data, for the stream it names, ahead of that stream's next data byte. No
-    /// body. Only ever sent to a peer that announced it takes them ([`FD_ANNOUNCE`]).
+    /// body. Only ever sent to a peer that announced it takes them (its first frame, a Ping
+    /// with the opaque value "NCFD").
     Fds = 4,
 }
 
@@ -41,20 +42,20 @@ pub(crate) const FD_ANNOUNCE: u32 = 0x4E43_4644;
 
 /// The most file descriptors one frame carries: the kernel's own limit for one
 /// `SCM_RIGHTS` message (`SCM_MAX_FD`).
-pub(crate) const MAX_FDS_PER_FRAME: usize = 253;
+pub const MAX_FDS_PER_FRAME: usize = 253;
 
 /// SYN: opens a stream.
-pub(crate) const SYN: u16 = 0x1;
+pub const SYN: u16 = 0x1;
 /// ACK: acknowledges a stream's SYN, or answers a Ping.
-pub(crate) const ACK: u16 = 0x2;
+pub const ACK: u16 = 0x2;
 /// FIN: the sender will send no more data on the stream (half-close).
-pub(crate) const FIN: u16 = 0x4;
+pub const FIN: u16 = 0x4;
 /// RST: the stream is aborted in both directions.
-pub(crate) const RST: u16 = 0x8;
+pub const RST: u16 = 0x8;
 
 /// The error codes a GoAway frame carries.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum GoAwayCode {
+pub enum GoAwayCode {
     /// A graceful end: no new streams, open ones finish.
     Normal = 0,
     /// The sender saw a protocol violation from the receiver. (The spec's third code,
@@ -64,15 +65,22 @@ pub(crate) enum GoAwayCode {
 
 /// A decoded frame header.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct Header {
-    pub(crate) ty: FrameType,
-    pub(crate) flags: u16,
-    pub(crate) stream: u32,
-    pub(crate) length: u32,
+pub struct Header {
+    /// The frame's type.
+    pub ty: FrameType,
+    /// Its flags: [`SYN`], [`ACK`], [`FIN`], [`RST`] (others are ignored).
+    pub flags: u16,
+    /// The stream it is for; 0 for the session's own frames (Ping, GoAway).
+    pub stream: u32,
+    /// What the type makes of it: a Data frame's body length, a window update's credit, a
+    /// Ping's opaque value, a GoAway's code, an Fds frame's descriptor count.
+    pub length: u32,
 }
 
 impl Header {
-    pub(crate) fn new(ty: FrameType, flags: u16, stream: u32, length: u32) -> Header {
+    /// A header with these fields.
+    #[inline]
+    pub fn new(ty: FrameType, flags: u16, stream: u32, length: u32) -> Header {
         Header {
             ty,
             flags,
@@ -82,12 +90,14 @@ impl Header {
     }
 
     /// Whether all the bits of `flag` are set.
+    #[inline]
     pub(crate) fn has(&self, flag: u16) -> bool {
         self.flags & flag == flag
     }
 
     /// The 12 bytes of this header on the wire.
-    pub(crate) fn encode(&self) -> [u8; HEADER_LEN] {
+    #[inline]
+    pub fn encode(&self) -> [u8; HEADER_LEN] {
         let mut b = [0u8; HEADER_LEN];
         b[0] = VERSION;
         b[1] = self.ty as u8;
@@ -100,7 +110,8 @@ impl Header {
     /// Decodes a header; rejects an unknown version or type. Flags outside SYN/ACK/FIN/RST
     /// are ignored, as the spec leaves them unassigned. (Whether an [`FrameType::Fds`] frame
     /// is acceptable depends on the session: the connection checks that.)
-    pub(crate) fn decode(b: &[u8; HEADER_LEN]) -> Result<Header, Violation> {
+    #[inline]
+    pub fn decode(b: &[u8; HEADER_LEN]) -> Result<Header, Violation> {
         if b[0] != VERSION {
             return Err(Violation::BadVersion { version: b[0] });
         }

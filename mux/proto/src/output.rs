@@ -126,7 +126,7 @@ fn parse(h: &[u8; super::HEADER_LEN]) -> (u8, u16, u32) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::proto::{Header, FIN, RST, SYN};
+    use crate::{Header, FIN, RST, SYN};
     use bytes::Bytes;
 
     fn frame(ty: FrameType, flags: u16, stream: u32, body: &'static [u8]) -> Frame {

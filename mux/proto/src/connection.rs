@@ -35,7 +35,7 @@ pub(crate) const OUT_RESERVE: usize = 64 * 1024;
 
 /// Which end of the session we are; decides the parity of the stream ids we allocate.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Side {
+pub enum Side {
     /// Allocates odd ids.
     Client,
     /// Allocates even ids.
@@ -45,14 +45,22 @@ pub(crate) enum Side {
 /// A frame ready to be written: header and body, sent together, and for an
 /// [`FrameType::Fds`] frame the file descriptors that go with its first byte.
 #[derive(Debug)]
-pub(crate) struct Frame {
-    pub(crate) header: [u8; super::HEADER_LEN],
-    pub(crate) body: Bytes,
-    pub(crate) fds: Vec<Fd>,
+pub struct Frame {
+    /// The encoded header.
+    pub header: [u8; super::HEADER_LEN],
+    /// The body: a data frame's bytes, empty for every other type.
+    pub body: Bytes,
+    /// For an [`FrameType::Fds`] frame, the descriptors that go with its first byte; empty
+    /// for every other type.
+    pub fds: Vec<Fd>,
 }
 
 impl Frame {
-    pub(crate) fn len(&self) -> usize {
+    /// Bytes on the wire: header and body.
+    // A frame always has its 12-byte header: an `is_empty` would always say no.
+    #[allow(clippy::len_without_is_empty)]
+    #[inline]
+    pub fn len(&self) -> usize {
         self.header.len() + self.body.len()
     }
 
@@ -68,7 +76,7 @@ impl Frame {
 
 /// Why a stream operation failed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum StreamError {
+pub enum StreamError {
     /// The peer does not take file descriptors (it never announced it does).
     FdsUnsupported,
     /// More file descriptors than one frame carries.
@@ -83,7 +91,7 @@ pub(crate) enum StreamError {
 
 /// Why a stream could not be opened.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum OpenError {
+pub enum OpenError {
     /// The peer sent GoAway: it accepts no new streams.
     GoAway,
     /// We sent GoAway (closing).
@@ -98,7 +106,7 @@ pub(crate) enum OpenError {
 
 /// The yamux state of one session. See the module docs of `proto` for who calls what.
 #[derive(Debug)]
-pub(crate) struct Connection {
+pub struct Connection {
     side: Side,
     limits: Limits,
     next_id: u32,
@@ -128,7 +136,9 @@ pub(crate) struct Connection {
 }
 
 impl Connection {
-    pub(crate) fn new(side: Side, limits: Limits) -> Connection {
+    /// The core of a new session on `side`, keeping `limits`. If the limits say the link
+    /// carries file descriptors, the first frame queued tells the peer so.
+    pub fn new(side: Side, limits: Limits) -> Connection {
         let mut c = Connection {
             next_id: match side {
                 Side::Client => 1,
@@ -158,12 +168,14 @@ impl Connection {
     }
 
     /// Whether this session's link carries file descriptors.
-    pub(crate) fn carries_fds(&self) -> bool {
+    #[inline]
+    pub fn carries_fds(&self) -> bool {
         self.limits.fds
     }
 
     /// Whether the peer takes file descriptors (it announced so).
-    pub(crate) fn peer_takes_fds(&self) -> bool {
+    #[inline]
+    pub fn peer_takes_fds(&self) -> bool {
         self.peer_fds
     }
 
@@ -174,7 +186,8 @@ impl Connection {
     }
 
     /// The peer's GoAway code, once it sent one.
-    pub(crate) fn goaway_received(&self) -> Option<u32> {
+    #[inline]
+    pub fn goaway_received(&self) -> Option<u32> {
         self.goaway_received
     }
 
@@ -185,12 +198,14 @@ impl Connection {
     }
 
     /// Bytes received on all streams and not yet read.
-    pub(crate) fn buffered(&self) -> usize {
+    pub fn buffered(&self) -> usize {
         self.streams.values().map(|s| s.recv.len()).sum()
     }
 
-    /// Queued output, in bytes of memory held ([`Frame::cost`]).
-    pub(crate) fn out_bytes(&self) -> usize {
+    /// Queued output, in bytes of memory held: each frame's body plus what the frame itself
+    /// holds in the queue, so queued control frames count too.
+    #[inline]
+    pub fn out_bytes(&self) -> usize {
         self.out.bytes()
     }
 
@@ -224,7 +239,7 @@ impl Connection {
     /// Moves queued frames, up to about `max_bytes` (at least one frame), to the I/O layer's
     /// write queue: session frames and window credit first, then one frame per stream per
     /// turn, so a stream with much queued cannot hold back another's small frame.
-    pub(crate) fn take_output(&mut self, max_bytes: usize, into: &mut VecDeque<Frame>) {
+    pub fn take_output(&mut self, max_bytes: usize, into: &mut VecDeque<Frame>) {
         let mut taken = 0;
         while taken < max_bytes {
             let Some(frame) = self.out.pop() else {
@@ -278,7 +293,7 @@ impl Connection {
     }
 
     /// Opens an outbound stream. The peer learns of it with the first frame sent on it.
-    pub(crate) fn open(&mut self) -> Result<u32, OpenError> {
+    pub fn open(&mut self) -> Result<u32, OpenError> {
         if self.ended {
             return Err(OpenError::Ended);
         }
@@ -299,7 +314,7 @@ impl Connection {
     }
 
     /// The next inbound stream the peer opened, if any.
-    pub(crate) fn next_accepted(&mut self) -> Option<u32> {
+    pub fn next_accepted(&mut self) -> Option<u32> {
         self.accepted.pop_front()
     }
 
@@ -307,7 +322,7 @@ impl Connection {
     /// Only Data frames have a body, and it must fit the window we granted (or, for a stream
     /// we do not know, the largest window we ever grant), so a hostile length cannot make the
     /// I/O layer buffer more than that.
-    pub(crate) fn on_header(&self, h: &Header) -> Result<usize, Violation> {
+    pub fn on_header(&self, h: &Header) -> Result<usize, Violation> {
         match h.ty {
             FrameType::Data => {
                 if h.stream == 0 {
@@ -351,12 +366,7 @@ impl Connection {
     /// `unframed` is how many more the I/O layer holds, received but not yet framed: with
     /// them, the session may hold at most `max_fds_held`. Fds for a stream that is gone, reset
     /// or finished are closed.
-    pub(crate) fn on_fds(
-        &mut self,
-        id: u32,
-        fds: Vec<Fd>,
-        unframed: usize,
-    ) -> Result<(), Violation> {
+    pub fn on_fds(&mut self, id: u32, fds: Vec<Fd>, unframed: usize) -> Result<(), Violation> {
         self.empty_frames = 0;
         let held: usize = self.streams.values().map(|s| s.fds.held()).sum();
         if held + unframed + fds.len() > self.limits.max_fds_held {
@@ -380,12 +390,7 @@ impl Connection {
     }
 
     /// Handles one frame (for Data, with its body) that arrived at `now`.
-    pub(crate) fn on_frame(
-        &mut self,
-        h: Header,
-        body: BytesMut,
-        now: Instant,
-    ) -> Result<(), Violation> {
+    pub fn on_frame(&mut self, h: Header, body: BytesMut, now: Instant) -> Result<(), Violation> {
         let empty = match h.ty {
             FrameType::Data => h.length == 0 && h.flags == 0,
             FrameType::WindowUpdate => h.length == 0 && h.flags == 0,
@@ -483,7 +488,7 @@ impl Connection {
     /// A piece of a data frame that the I/O layer read straight from the link into the reader's
     /// own buffer (see [`Connection::read_through_wanted`]): it counts as received and read at
     /// once, with the same checks and flags as any data frame, and nothing is buffered.
-    pub(crate) fn on_read_through(&mut self, h: Header, now: Instant) -> Result<(), Violation> {
+    pub fn on_read_through(&mut self, h: Header, now: Instant) -> Result<(), Violation> {
         let (id, n) = (h.stream, h.length as usize);
         self.on_stream_frame(h, None)?;
         self.note_arrival(h, now, false);
@@ -499,7 +504,8 @@ impl Connection {
     /// Whether stream `id` has a reader who would take the rest of a data frame's body
     /// straight from the link: it is open for reading and its reader is either waiting or
     /// about to run for the data already buffered. Wakes that reader if it waits.
-    pub(crate) fn read_through_wanted(&mut self, id: u32) -> bool {
+    #[inline]
+    pub fn read_through_wanted(&mut self, id: u32) -> bool {
         let Some(s) = self.streams.get_mut(&id) else {
             return false;
         };
@@ -512,7 +518,8 @@ impl Connection {
 
     /// Whether a read on stream `id` would wait (open for reading, nothing buffered, not at a
     /// batch of fds); if so, registers `waker` as its reader's, as a waiting read does.
-    pub(crate) fn wait_readable(&mut self, id: u32, waker: &Waker) -> bool {
+    #[inline]
+    pub fn wait_readable(&mut self, id: u32, waker: &Waker) -> bool {
         let ended = self.ended;
         let Some(s) = self.streams.get_mut(&id) else {
             return false;
@@ -616,7 +623,7 @@ impl Connection {
     /// Reads up to `max` bytes of stream `id` into `sink`; `now` tells the time, asked only
     /// when bytes are read. `Ok(0)` is the end of the stream (the peer's FIN after all its
     /// data). Pending registers `waker`.
-    pub(crate) fn read(
+    pub fn read(
         &mut self,
         id: u32,
         max: usize,
@@ -692,7 +699,7 @@ impl Connection {
 
     /// Writes up to one frame of `buf` on stream `id` into the output queue (copying it);
     /// returns how much was taken.
-    pub(crate) fn write(
+    pub fn write(
         &mut self,
         id: u32,
         buf: &[u8],
@@ -711,13 +718,15 @@ impl Connection {
     }
 
     /// Whether frames of streams other than `id` wait in the output queue.
-    pub(crate) fn others_queued(&self, id: u32) -> bool {
+    #[inline]
+    pub fn others_queued(&self, id: u32) -> bool {
         self.out.others_queued(id)
     }
 
     /// Whether a write on stream `id` would take bytes now (open for writing, send window
     /// left, output not congested).
-    pub(crate) fn can_write_now(&mut self, id: u32) -> bool {
+    #[inline]
+    pub fn can_write_now(&mut self, id: u32) -> bool {
         self.out_room(id).is_some() && self.writable(id).is_ok_and(|s| s.send_window > 0)
     }
 
@@ -725,7 +734,7 @@ impl Connection {
     /// its header, for a caller that writes the header and its own buffer to the link at
     /// once. Only while nothing else is queued (`None` then, and nothing is taken), so the
     /// frame cannot overtake queued ones; the caller queues what it could not write.
-    pub(crate) fn write_direct(
+    pub fn write_direct(
         &mut self,
         id: u32,
         len: usize,
@@ -772,7 +781,7 @@ impl Connection {
 
     /// Queues file descriptors for stream `id`, to reach the peer ahead of the stream's next
     /// data byte (after everything written so far). Empty `fds` is a no-op.
-    pub(crate) fn send_fds(&mut self, id: u32, fds: Vec<Fd>) -> Result<(), StreamError> {
+    pub fn send_fds(&mut self, id: u32, fds: Vec<Fd>) -> Result<(), StreamError> {
         let peer_fds = self.peer_fds;
         let syn_pending = self.writable(id)?.syn_pending;
         if !peer_fds {
@@ -798,7 +807,7 @@ impl Connection {
 
     /// Takes the file descriptors the reader of stream `id` has reached (all that arrived
     /// before the bytes it has read, and any after the last of them).
-    pub(crate) fn take_fds(&mut self, id: u32) -> Vec<Fd> {
+    pub fn take_fds(&mut self, id: u32) -> Vec<Fd> {
         match self.streams.get_mut(&id) {
             Some(s) => s.fds.take(),
             None => Vec::new(),
@@ -823,7 +832,7 @@ impl Connection {
     }
 
     /// Half-closes stream `id` (FIN after everything written so far).
-    pub(crate) fn finish(&mut self, id: u32) -> Result<(), StreamError> {
+    pub fn finish(&mut self, id: u32) -> Result<(), StreamError> {
         let ended = self.ended;
         let Some(s) = self.streams.get_mut(&id) else {
             return Err(StreamError::SessionEnded);
@@ -843,7 +852,7 @@ impl Connection {
     }
 
     /// Aborts stream `id` in both directions (RST) and forgets it.
-    pub(crate) fn reset(&mut self, id: u32) {
+    pub fn reset(&mut self, id: u32) {
         let Some(s) = self.streams.remove(&id) else {
             return;
         };
@@ -859,7 +868,7 @@ impl Connection {
     /// The handle of stream `id` is gone: like a TCP close, everything written is still
     /// delivered and then FIN is sent; unread data is dropped, and its window granted back so
     /// that a peer still writing learns (from our RST to its next data) that nobody reads.
-    pub(crate) fn drop_handle(&mut self, id: u32) {
+    pub fn drop_handle(&mut self, id: u32) {
         let Some(mut s) = self.streams.remove(&id) else {
             return;
         };
@@ -886,7 +895,7 @@ impl Connection {
     }
 
     /// Queues a GoAway (once): the peer may open no more streams.
-    pub(crate) fn go_away(&mut self, code: GoAwayCode) {
+    pub fn go_away(&mut self, code: GoAwayCode) {
         if !self.goaway_sent {
             self.goaway_sent = true;
             self.queue(
@@ -903,12 +912,12 @@ impl Connection {
 
     /// Starts the keepalive timer at `now`: a Ping after `interval` of silence, and the peer
     /// given up on after a further `timeout` (see `keepalive.rs`).
-    pub(crate) fn start_keepalive(&mut self, interval: Duration, timeout: Duration, now: Instant) {
+    pub fn start_keepalive(&mut self, interval: Duration, timeout: Duration, now: Instant) {
         self.keepalive = Some(Keepalive::new(interval, timeout, now));
     }
 
     /// When the core's timers next want [`Connection::handle_timeout`] called, if ever.
-    pub(crate) fn poll_timeout(&self) -> Option<Instant> {
+    pub fn poll_timeout(&self) -> Option<Instant> {
         self.keepalive.as_ref().map(Keepalive::deadline)
     }
 
@@ -916,7 +925,7 @@ impl Connection {
     /// arrived (the I/O room stamps them, as it reads without the core). A keepalive Ping
     /// that is due is queued, and returned as [`Due::Ping`]; [`Due::Dead`] says the peer has
     /// been silent for too long.
-    pub(crate) fn handle_timeout(&mut self, now: Instant, last_read: Instant) -> Option<Due> {
+    pub fn handle_timeout(&mut self, now: Instant, last_read: Instant) -> Option<Due> {
         let due = self.keepalive.as_mut()?.on_timeout(now, last_read)?;
         if let Due::Ping(opaque) = due {
             self.ping(opaque);
@@ -925,7 +934,7 @@ impl Connection {
     }
 
     /// Ends the session: every stream operation fails from now on, blocked tasks are woken.
-    pub(crate) fn terminate(&mut self) {
+    pub fn terminate(&mut self) {
         self.ended = true;
         // Nothing more is written: close the fds queued for the peer now.
         self.out.clear();

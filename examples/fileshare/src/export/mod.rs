@@ -20,6 +20,8 @@
 //! Hidden files and directories (a name starting with `.`) are neither listed nor served unless
 //! the sharer opted in ([`Root::open`]'s `show_hidden`): a path with a hidden component is
 //! refused before any system call, and a symlink that resolves to one is refused too.
+//!
+//! [`service`] serves this to the hub as the [`Export`](crate::proto::Export) rpc service.
 
 use std::io;
 use std::path::{Component, Path, PathBuf};
@@ -27,6 +29,14 @@ use std::sync::Arc;
 
 use cap_std::ambient_authority;
 use cap_std::fs::{Dir, FileType, FileTypeExt, OpenOptions, OpenOptionsExt};
+
+use crate::proto::{Entry, Kind, Listing};
+
+mod service;
+
+pub(crate) use service::export_server;
+#[cfg(test)]
+pub(crate) use service::ExportService;
 
 /// Largest chunk one read returns: 256 KiB keeps per-transfer memory small while keeping the
 /// per-message overhead negligible.
@@ -101,7 +111,8 @@ pub(crate) enum ExportError {
         /// Its link count.
         links: u64,
     },
-    /// The requested offset is past the largest offset a file can have (2^63 - 1).
+    /// The requested offset is past the largest offset a read may start at
+    /// ([`MAX_OFFSET`](crate::proto::MAX_OFFSET), 2^63 - 2).
     #[error("offset {offset} in {path:?} is past the largest possible file offset")]
     BadOffset {
         /// The path as requested.
@@ -164,27 +175,7 @@ impl ExportError {
     }
 }
 
-/// What kind of object a directory entry or path is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub(crate) enum Kind {
-    /// A regular file (the only kind that can be read).
-    File,
-    /// A directory.
-    Dir,
-    /// A symbolic link (listed, not followed, by `ls`).
-    Symlink,
-    /// A FIFO.
-    Fifo,
-    /// A socket.
-    Socket,
-    /// A character device.
-    CharDevice,
-    /// A block device.
-    BlockDevice,
-    /// Anything else.
-    Other,
-}
-
+/// Classifying local objects into the wire's kinds.
 impl Kind {
     /// Classifies a cap-std file type.
     pub(crate) fn of(t: FileType) -> Kind {
@@ -206,33 +197,6 @@ impl Kind {
             Kind::Other
         }
     }
-
-    /// A human name for the kind, used in errors.
-    pub(crate) fn describe(self) -> &'static str {
-        match self {
-            Kind::File => "regular file",
-            Kind::Dir => "directory",
-            Kind::Symlink => "symbolic link",
-            Kind::Fifo => "fifo",
-            Kind::Socket => "socket",
-            Kind::CharDevice => "character device",
-            Kind::BlockDevice => "block device",
-            Kind::Other => "special file",
-        }
-    }
-}
-
-/// One directory entry or the result of a stat.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub(crate) struct Entry {
-    /// The entry's name (lossily converted to UTF-8).
-    pub(crate) name: String,
-    /// What it is.
-    pub(crate) kind: Kind,
-    /// Size in bytes (0 for directories and special files).
-    pub(crate) size: u64,
-    /// Last modification, in seconds since the Unix epoch (0 if unknown).
-    pub(crate) mtime: i64,
 }
 
 /// Seconds since the Unix epoch of `t` (negative before it), 0 if unknown.
@@ -258,15 +222,6 @@ fn has_hidden_component(p: &Path) -> bool {
         Component::Normal(n) => is_hidden_name(&n.to_string_lossy()),
         _ => false,
     })
-}
-
-/// A directory listing.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub(crate) struct Listing {
-    /// Entries sorted by name.
-    pub(crate) entries: Vec<Entry>,
-    /// True if the directory had more than [`MAX_LIST_ENTRIES`] entries.
-    pub(crate) truncated: bool,
 }
 
 /// Checks a requested path lexically and returns it as a relative path for cap-std.
@@ -645,7 +600,7 @@ impl OpenFile {
     /// Reads up to `max` bytes at `offset` (fewer only at end of file; empty at or past it).
     pub(crate) fn read_at(&self, offset: u64, max: usize) -> Result<Vec<u8>, ExportError> {
         use std::os::unix::fs::FileExt;
-        if offset > i64::MAX as u64 {
+        if offset > crate::proto::MAX_OFFSET {
             return Err(ExportError::BadOffset {
                 path: self.path.clone(),
                 offset,

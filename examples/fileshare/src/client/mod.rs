@@ -1,21 +1,20 @@
 //! The client side: one connection to the hub, the exported service, and reconnection.
 //!
 //! [`establish`] turns any byte stream into a published [`Link`]: a client-side mux session,
-//! the hello exchange, an [`rpc::Peer`] link that serves [`Export`] over the root to the hub
+//! the hello exchange, an [`rpc::Peer`] link that serves [`Export`](crate::proto::Export) over the root to the hub
 //! and gives the [`HubClient`], which has called `Hub.publish`, and a listener on
-//! [`EXPORT_CHANNEL`] serving [`Export`] too (the hub reads files over channels it opens there). [`Peer`] keeps a link up:
+//! [`EXPORT_CHANNEL`] serving [`Export`](crate::proto::Export) too (the hub reads files over channels it opens there). [`Peer`] keeps a link up:
 //! when the session ends it says so and reconnects with exponential backoff and jitter,
 //! re-publishing under the same name; commands issued meanwhile fail with "not connected".
+//!
+//! [`transfer`] checks a read's chunks as they come ([`FileStream`]); the exported service
+//! itself is [`crate::export`]'s.
 
-use std::sync::atomic::{AtomicBool, Ordering as AtomicOrdering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::StreamExt;
 use netchan_mux::{self as mux, Session};
-use netchan_rpc::{
-    self as rpc, ByteBuf, CallOptions, Code, Context, ItemStream, ResponseStream, Status,
-};
+use netchan_rpc::{self as rpc, CallOptions, Code, Status};
 use rand::{Rng, SeedableRng};
 use rustls::pki_types::ServerName;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt as _};
@@ -24,20 +23,22 @@ use tokio::task::JoinSet;
 use tracing::{debug, Instrument};
 
 use crate::auth::{self, AuthError};
-use crate::export::{Entry, ExportError, Listing, OpenFile, Root, CHUNK_SIZE};
+use crate::export::{export_server, Root};
+
+mod transfer;
+
 use crate::proto::{
-    Chunk, Export, HubClient, ListReq, PeerPath, PeerRead, PublishReq, ReadReq, DIGEST_LEN,
-    EXPORT_CHANNEL, READER_KEY,
+    Entry, HubClient, ListReq, Listing, PeerPath, PeerRead, PublishReq, EXPORT_CHANNEL,
 };
+#[cfg(test)]
+pub(crate) use transfer::read_window;
+pub(crate) use transfer::FileStream;
 
 /// How long connecting (TCP, TLS, hello, publish) may take as a whole.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Deadline of unary calls to the hub (list, ls, stat).
 const CALL_TIMEOUT: Duration = Duration::from_secs(60);
-
-/// Longest wait for the next chunk of a file (above the hub's own per-chunk bound).
-const CHUNK_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// First reconnect delay; doubles per failed attempt up to [`BACKOFF_MAX`].
 const BACKOFF_BASE: Duration = Duration::from_millis(200);
@@ -58,6 +59,9 @@ pub(crate) struct ClientOptions {
     pub(crate) token: Option<String>,
     /// TLS settings; `None` for plaintext.
     pub(crate) tls: Option<(Arc<rustls::ClientConfig>, ServerName<'static>)>,
+    /// Show error details (the layers below a message) in what the client tells its user:
+    /// `-v`, or `RUST_LOG` set. Default: off.
+    pub(crate) verbose: bool,
     /// Session settings.
     pub(crate) mux: mux::Config,
 }
@@ -155,6 +159,9 @@ pub(crate) struct Link {
     /// What the hub said when it let us in.
     welcome: auth::Welcome,
     hub: HubClient,
+    /// The stream window of a read from the hub: [`transfer::read_window`] of the round trip
+    /// measured when the link was made.
+    read_window: u32,
     /// Both directions of rpc with the hub; the hub's `ls`/`stat` calls arrive here.
     _rpc: rpc::Peer,
     /// Serves the hub's calls to our export; aborted when the link is dropped.
@@ -201,11 +208,15 @@ where
 {
     let session = Session::client(io, opts.mux.clone());
     let hello = async {
+        // The dial is one round trip to the hub (it resolves once the hub has accepted the
+        // channel): the reader's hop of every read is sized from it.
+        let start = tokio::time::Instant::now();
         let mut hello = session.dial(auth::CHANNEL).await?;
+        let rtt = start.elapsed();
         let welcome = auth::client_hello(&mut hello, opts.token.as_deref()).await?;
-        Ok::<_, ConnectError>((hello, welcome))
+        Ok::<_, ConnectError>((hello, welcome, rtt))
     };
-    let (mut hello, welcome) = match hello.await {
+    let (mut hello, welcome, rtt) = match hello.await {
         Ok(hello) => hello,
         Err(e) => return Err(tls_refusal(&session, &opts.addr).await.unwrap_or(e)),
     };
@@ -235,10 +246,13 @@ where
             status,
         },
     })?;
+    let read_window = transfer::read_window(rtt);
+    debug!(?rtt, read_window, "read window sized from the round trip");
     Ok(Link {
         session,
         welcome,
         hub,
+        read_window,
         _rpc: link,
         _export: export_tasks,
     })
@@ -261,15 +275,7 @@ async fn tls_refusal(session: &Session, addr: &str) -> Option<ConnectError> {
     })
 }
 
-/// The rpc server of [`Export`] over `root`, for the peer link and the reads channels.
-pub(crate) fn export_server(root: Root) -> rpc::Server {
-    // The hub forwards at most --max-reads-per-peer calls at once; this is a backstop.
-    let mut server = rpc::Server::with_config(rpc::Config::default().max_in_flight(64));
-    server.add(ExportService { root }.into_service());
-    server
-}
-
-/// Serves [`Export`] on every channel the hub opens to [`EXPORT_CHANNEL`].
+/// Serves [`Export`](crate::proto::Export) on every channel the hub opens to [`EXPORT_CHANNEL`].
 async fn serve_exports(mut listener: mux::Listener, server: rpc::Server) {
     let mut channels = JoinSet::new();
     // Bounded: ends when the session does (accept fails); live channels are bounded by the
@@ -295,174 +301,6 @@ async fn serve_exports(mut listener: mux::Listener, server: rpc::Server) {
     }
 }
 
-/// The exported service: read-only access to the root (see [`crate::export`]).
-pub(crate) struct ExportService {
-    /// The confined root.
-    pub(crate) root: Root,
-}
-
-/// Who is calling, as the hub names the reader (`a peer` when it does not say).
-fn reader_of(ctx: &Context) -> String {
-    ctx.metadata()
-        .get(READER_KEY)
-        .map_or_else(|| "a peer".to_owned(), |r| format!("{r:?}"))
-}
-
-/// How [`ExportService::read`] walks one file: hash the prefix before `offset` (for a
-/// resumed read, so that the final digest covers the whole file), then one chunk per poll.
-struct ReadState {
-    file: OpenFile,
-    offset: u64,
-    start: u64,
-    hasher: Option<ring::digest::Context>,
-    done: bool,
-}
-
-impl ReadState {
-    /// The next chunk, on the blocking pool: reads, hashes and, at the end, checks that the
-    /// file is still the version it was when opened.
-    async fn step(&mut self) -> Result<Chunk, ExportError> {
-        let (offset, start) = (self.offset, self.start);
-        let mut hasher = self.hasher.take().unwrap_or_else(new_hasher);
-        let (chunk, hasher) = self
-            .file
-            .blocking(move |f| {
-                let v = f.version();
-                if offset == start && start > 0 {
-                    hash_prefix(f, start.min(v.size), &mut hasher)?;
-                }
-                let changed = |detail: String| ExportError::Changed {
-                    path: f.path().to_owned(),
-                    detail,
-                };
-                let want = v.size.saturating_sub(offset).min(CHUNK_SIZE as u64) as usize;
-                // Past the end a probe read still runs: it errors on an absurd offset and
-                // tells a grown file from an unchanged one.
-                let data = f.read_at(offset, want.max(usize::from(offset >= v.size)))?;
-                if data.len() != want {
-                    return Err(changed(format!(
-                        "{} bytes at offset {offset} where {want} were expected",
-                        data.len()
-                    )));
-                }
-                hasher.update(&data);
-                let eof = offset.saturating_add(want as u64) >= v.size;
-                let sha256 = if eof {
-                    f.check_unchanged()?;
-                    ByteBuf::from(hasher.clone().finish().as_ref().to_vec())
-                } else {
-                    ByteBuf::default()
-                };
-                let chunk = Chunk {
-                    size: v.size,
-                    offset,
-                    data: ByteBuf::from(data),
-                    eof,
-                    mtime: v.mtime.0,
-                    mtime_nanos: v.mtime.1,
-                    mode: v.mode,
-                    sha256,
-                };
-                Ok((chunk, hasher))
-            })
-            .await?;
-        self.hasher = Some(hasher);
-        self.offset = offset.saturating_add(chunk.data.len() as u64);
-        self.done = chunk.eof;
-        Ok(chunk)
-    }
-}
-
-/// A fresh SHA-256 context.
-pub(crate) fn new_hasher() -> ring::digest::Context {
-    ring::digest::Context::new(&ring::digest::SHA256)
-}
-
-/// Feeds `[0, len)` of `f` into `hasher`, chunk by chunk.
-fn hash_prefix(
-    f: &OpenFile,
-    len: u64,
-    hasher: &mut ring::digest::Context,
-) -> Result<(), ExportError> {
-    let mut at = 0;
-    // Bounded by `len`: every iteration advances by a full chunk or fails.
-    while at < len {
-        let want = (len - at).min(CHUNK_SIZE as u64) as usize;
-        let data = f.read_at(at, want)?;
-        if data.len() != want {
-            return Err(ExportError::Changed {
-                path: f.path().to_owned(),
-                detail: "it shrank".to_owned(),
-            });
-        }
-        hasher.update(&data);
-        at += want as u64;
-    }
-    Ok(())
-}
-
-impl Export for ExportService {
-    async fn ls(&self, ctx: Context, req: String) -> Result<Listing, Status> {
-        self.root.log_access(
-            &reader_of(&ctx),
-            format_args!("listed /{}", req.trim_start_matches('/')),
-        );
-        Ok(self.root.list_async(req).await?)
-    }
-
-    async fn stat(&self, ctx: Context, req: String) -> Result<Entry, Status> {
-        // The hub's own liveness probe carries no reader and is not an access.
-        if ctx.metadata().get(READER_KEY).is_some() {
-            self.root
-                .log_access(&reader_of(&ctx), format_args!("looked up {req}"));
-        }
-        Ok(self.root.stat_async(req).await?)
-    }
-
-    async fn read(&self, ctx: Context, req: ReadReq) -> Result<ItemStream<Chunk>, Status> {
-        let reader = reader_of(&ctx);
-        let file = match self.root.open_file_async(req.path.clone()).await {
-            Ok(file) => file,
-            Err(e) => {
-                self.root
-                    .log_access(&reader, format_args!("was refused {}: {e}", req.path));
-                return Err(e.into());
-            }
-        };
-        let from = if req.offset > 0 {
-            format!(" from byte {}", req.offset)
-        } else {
-            String::new()
-        };
-        self.root.log_access(
-            &reader,
-            format_args!("reads {} ({} bytes){from}", req.path, file.size()),
-        );
-        debug!(path = %req.path, size = file.size(), offset = req.offset, "serving read");
-        let state = ReadState {
-            file,
-            offset: req.offset,
-            start: req.offset,
-            hasher: None,
-            done: false,
-        };
-        // One chunk is read per poll, i.e. only when the hub's credit allows another item.
-        let chunks = futures::stream::unfold(state, |mut st| async move {
-            if st.done {
-                return None;
-            }
-            match st.step().await {
-                Ok(chunk) => Some((Ok(chunk), st)),
-                Err(e) => {
-                    st.done = true;
-                    Some((Err(Status::from(e)), st))
-                }
-            }
-        });
-        Ok(Box::pin(chunks))
-    }
-}
-
 /// Why a command could not reach its result.
 #[non_exhaustive]
 #[derive(Debug, thiserror::Error)]
@@ -473,11 +311,10 @@ pub(crate) enum CallError {
     /// The link to the hub broke during the call.
     #[error(
         "lost the connection to the hub during the command; it reconnects in the background: \
-         try again in a moment{}",
-        detail_if_verbose(.detail)
+         try again in a moment"
     )]
     HubLost {
-        /// What the rpc layer said (shown with -v or RUST_LOG).
+        /// What the rpc layer said (the REPL shows it with -v or RUST_LOG).
         detail: String,
     },
     /// The hub (or the peer behind it) answered with an error.
@@ -503,8 +340,9 @@ pub(crate) enum CallError {
 impl From<Status> for CallError {
     fn from(s: Status) -> CallError {
         match s.code() {
-            // The hub link itself failed mid-call (the hub marks a gone *peer* in the message).
-            Code::Unavailable if !s.message().starts_with("peer gone") => CallError::HubLost {
+            // The hub link itself failed mid-call: a verdict of our own rpc layer, never a
+            // status the hub sent (a gone *peer* is one, see `proto::peer_gone`).
+            Code::Unavailable if s.is_conn_lost() => CallError::HubLost {
                 detail: s.message().to_owned(),
             },
             _ => CallError::Status(s),
@@ -512,17 +350,10 @@ impl From<Status> for CallError {
     }
 }
 
-/// Whether error details (the layers below a message) are shown: `-v`, or `RUST_LOG` set.
-static VERBOSE: AtomicBool = AtomicBool::new(false);
-
-/// Shows error details from now on (see [`VERBOSE`]).
-pub(crate) fn set_verbose(yes: bool) {
-    VERBOSE.store(yes, AtomicOrdering::Relaxed);
-}
-
-/// ` (detail: ...)` when verbose, else a pointer to `-v`.
-pub(crate) fn detail_if_verbose(detail: &str) -> String {
-    if VERBOSE.load(AtomicOrdering::Relaxed) {
+/// ` (detail: ...)` when `verbose` (error details asked for: `-v`, or `RUST_LOG` set), else
+/// nothing.
+pub(crate) fn detail_if(verbose: bool, detail: &str) -> String {
+    if verbose {
         format!(" (detail: {detail})")
     } else {
         String::new()
@@ -617,7 +448,8 @@ impl Peer {
 
     /// `Hub.read`: the file's chunks, verified. Dropping the stream cancels the transfer.
     pub(crate) async fn read(&self, peer: &str, path: &str) -> Result<FileStream, CallError> {
-        self.read_from(peer, path, 0, new_hasher()).await
+        self.read_from(peer, path, 0, crate::proto::new_hasher())
+            .await
     }
 
     /// `Hub.read` from `offset`, to resume a copy whose first `offset` bytes the caller has
@@ -635,12 +467,15 @@ impl Peer {
             path: path.to_owned(),
             offset,
         };
-        let inner = self.hub()?.read(req).await?;
-        Ok(FileStream {
-            inner,
-            done: false,
-            check: Verifier::resume(offset, prefix),
-        })
+        let (hub, window) = match &*self.link.borrow() {
+            Some(link) if !link.session.is_closed() => (link.hub.clone(), link.read_window),
+            _ => return Err(CallError::NotConnected),
+        };
+        let inner = hub
+            .with_options(CallOptions::default().stream_window(window))
+            .read(req)
+            .await?;
+        Ok(FileStream::new(inner, offset, prefix))
     }
 
     /// Closes the link gracefully (the hub sees the departure at once), bounded in time.
@@ -652,6 +487,12 @@ impl Peer {
         }
     }
 
+    /// The stream window of a read from the hub on the current link, if connected.
+    #[cfg(test)]
+    pub(crate) fn read_window(&self) -> Option<u32> {
+        self.link.borrow().as_ref().map(|link| link.read_window)
+    }
+
     /// Resolves when the link is up again (or at once if it is). Cancel-safe.
     #[cfg(test)]
     pub(crate) async fn connected(&self) {
@@ -659,114 +500,6 @@ impl Peer {
         let _ = rx
             .wait_for(|l| l.as_ref().is_some_and(|l| !l.session.is_closed()))
             .await;
-    }
-}
-
-/// The chunks of one file, checked as they come: in order, within the announced size, and at
-/// the end complete and matching the exporter's SHA-256.
-pub(crate) struct FileStream {
-    inner: ResponseStream<Chunk>,
-    done: bool,
-    check: Verifier,
-}
-
-/// The reader's check of a streamed file.
-pub(crate) struct Verifier {
-    next_offset: u64,
-    size: Option<u64>,
-    hasher: Option<ring::digest::Context>,
-}
-
-impl Verifier {
-    /// For a stream from `offset`, the first `offset` bytes already fed into `prefix`.
-    pub(crate) fn resume(offset: u64, prefix: ring::digest::Context) -> Verifier {
-        Verifier {
-            next_offset: offset,
-            size: None,
-            hasher: Some(prefix),
-        }
-    }
-
-    /// Checks `chunk` against what came before; on the last one, checks size and digest.
-    pub(crate) fn verify(&mut self, chunk: &Chunk) -> Result<(), CallError> {
-        let corrupt = |detail: String| CallError::Corrupt { detail };
-        let size = *self.size.get_or_insert(chunk.size);
-        if chunk.size != size {
-            return Err(corrupt(format!(
-                "the announced size changed from {size} to {} bytes mid-transfer",
-                chunk.size
-            )));
-        }
-        if chunk.offset != self.next_offset {
-            return Err(corrupt(format!(
-                "a chunk for byte {} arrived where byte {} was due",
-                chunk.offset, self.next_offset
-            )));
-        }
-        let end = chunk.offset.saturating_add(chunk.data.len() as u64);
-        if end > size {
-            return Err(corrupt(format!(
-                "{end} bytes arrived of a file announced as {size} bytes"
-            )));
-        }
-        self.next_offset = end;
-        let hasher = self.hasher.get_or_insert_with(new_hasher);
-        hasher.update(&chunk.data);
-        if chunk.eof {
-            if end != size {
-                return Err(corrupt(format!(
-                    "the transfer ended at byte {end} of {size}"
-                )));
-            }
-            let got = hasher.clone().finish();
-            if chunk.sha256.len() != DIGEST_LEN {
-                return Err(corrupt("the exporter sent no SHA-256".to_owned()));
-            }
-            if got.as_ref() != &chunk.sha256[..] {
-                return Err(corrupt(
-                    "SHA-256 mismatch: the bytes received differ from the exporter's file"
-                        .to_owned(),
-                ));
-            }
-        }
-        Ok(())
-    }
-}
-
-impl FileStream {
-    /// The next chunk, verified; `Ok(None)` after the last one. A stream that ends without
-    /// its `eof` chunk is an error ([`CallError::CutShort`]); so is any mismatch
-    /// ([`CallError::Corrupt`]). Cancel-safe.
-    pub(crate) async fn next(&mut self) -> Result<Option<Chunk>, CallError> {
-        if self.done {
-            return Ok(None);
-        }
-        let next = tokio::time::timeout(CHUNK_TIMEOUT, self.inner.next())
-            .await
-            .map_err(|_| {
-                self.done = true;
-                CallError::Stalled {
-                    after: CHUNK_TIMEOUT,
-                }
-            })?;
-        match next {
-            Some(Ok(chunk)) => {
-                self.done = chunk.eof;
-                if let Err(e) = self.check.verify(&chunk) {
-                    self.done = true;
-                    return Err(e);
-                }
-                Ok(Some(chunk))
-            }
-            Some(Err(s)) => {
-                self.done = true;
-                Err(s.into())
-            }
-            None => {
-                self.done = true;
-                Err(CallError::CutShort)
-            }
-        }
     }
 }
 
@@ -781,7 +514,7 @@ async fn supervise(opts: ClientOptions, tx: watch::Sender<Option<Arc<Link>>>, no
             let reason = link.session.closed().await;
             tx.send_replace(None);
             drop(link);
-            notify(lost_message(&opts.addr, &reason));
+            notify(lost_message(&opts.addr, &reason, opts.verbose));
         }
         let mut attempt: u32 = 0;
         let link = loop {
@@ -794,7 +527,7 @@ async fn supervise(opts: ClientOptions, tx: watch::Sender<Option<Arc<Link>>>, no
                         notify(format!(
                             "cannot reach the hub at {} yet; still trying (is it running?){}",
                             opts.addr,
-                            detail_if_verbose(&chain(&e))
+                            detail_if(opts.verbose, &rpc::chain(&e))
                         ));
                     }
                     attempt = attempt.saturating_add(1);
@@ -812,7 +545,7 @@ async fn supervise(opts: ClientOptions, tx: watch::Sender<Option<Arc<Link>>>, no
 
 /// What the user is told when the session with the hub ends: a hub that shut down closed the
 /// session gracefully, anything else is a loss.
-pub(crate) fn lost_message(addr: &str, reason: &mux::CloseReason) -> String {
+pub(crate) fn lost_message(addr: &str, reason: &mux::CloseReason, verbose: bool) -> String {
     match reason {
         mux::CloseReason::Peer => {
             format!("the hub at {addr} closed the connection (shutting down?); reconnecting")
@@ -821,26 +554,13 @@ pub(crate) fn lost_message(addr: &str, reason: &mux::CloseReason) -> String {
             "lost the hub at {addr}: it stopped answering for {}s; reconnecting in the \
              background{}",
             after.as_secs(),
-            detail_if_verbose(&reason.to_string())
+            detail_if(verbose, &reason.to_string())
         ),
         other => format!(
             "lost the hub at {addr}: the connection broke; reconnecting in the background{}",
-            detail_if_verbose(&other.to_string())
+            detail_if(verbose, &other.to_string())
         ),
     }
-}
-
-/// `error: cause: cause` on one line.
-pub(crate) fn chain(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut src = e.source();
-    // Bounded by the (finite) source chain.
-    while let Some(s) = src {
-        out.push_str(": ");
-        out.push_str(&s.to_string());
-        src = s.source();
-    }
-    out
 }
 
 #[cfg(test)]
@@ -900,13 +620,13 @@ mod tests {
 
     #[test]
     fn a_hub_that_closed_the_session_reads_differently_from_a_lost_link() {
-        let msg = lost_message("h:1", &mux::CloseReason::Peer);
+        let msg = lost_message("h:1", &mux::CloseReason::Peer, false);
         assert_eq!(
             msg,
             "the hub at h:1 closed the connection (shutting down?); reconnecting"
         );
         let io = std::io::Error::from(std::io::ErrorKind::ConnectionReset);
-        let msg = lost_message("h:1", &mux::CloseReason::Io(Arc::new(io)));
+        let msg = lost_message("h:1", &mux::CloseReason::Io(Arc::new(io)), false);
         assert_eq!(
             msg,
             "lost the hub at h:1: the connection broke; reconnecting in the background"
@@ -916,6 +636,7 @@ mod tests {
             &mux::CloseReason::KeepaliveTimeout {
                 after: Duration::from_millis(15_001),
             },
+            false,
         );
         assert_eq!(
             msg,
@@ -923,152 +644,42 @@ mod tests {
         );
     }
 
-    /// Every item of `export`'s read of `path` from `offset`, called directly (no hub).
-    async fn read_items(root: &Root, path: &str, offset: u64) -> Vec<Result<Chunk, Status>> {
-        let export = ExportService { root: root.clone() };
-        let req = ReadReq {
-            path: path.into(),
-            offset,
-        };
-        match export.read(Context::detached("Export.read"), req).await {
-            Ok(s) => s.collect().await,
-            Err(e) => vec![Err(e)],
-        }
-    }
-
-    fn sha256(bytes: &[u8]) -> Vec<u8> {
-        ring::digest::digest(&ring::digest::SHA256, bytes)
-            .as_ref()
-            .to_vec()
-    }
-
     #[tokio::test]
-    async fn the_last_chunk_carries_the_whole_files_sha256_also_from_an_offset() {
-        let dir = tempfile::tempdir().unwrap();
-        let data: Vec<u8> = (0..CHUNK_SIZE * 2 + 7).map(|i| (i % 253) as u8).collect();
-        std::fs::write(dir.path().join("f"), &data).unwrap();
-        let root = Root::open(dir.path()).unwrap();
-        for offset in [0, 5, CHUNK_SIZE as u64 * 2 + 7, 1 << 40] {
-            let items = read_items(&root, "f", offset).await;
-            let chunks: Vec<Chunk> = items.into_iter().map(Result::unwrap).collect();
-            let last = chunks.last().unwrap();
-            assert!(last.eof, "offset {offset}");
-            assert_eq!(&last.sha256[..], &sha256(&data)[..], "offset {offset}");
-            assert!(chunks[..chunks.len() - 1]
-                .iter()
-                .all(|c| !c.eof && c.sha256.is_empty()));
-            // The reader, given the prefix, accepts it; with a wrong prefix it does not.
-            let start = offset.min(data.len() as u64) as usize;
-            let mut prefix = new_hasher();
-            prefix.update(&data[..start]);
-            let mut v = Verifier::resume(offset, prefix);
-            let ok = chunks.iter().try_for_each(|c| v.verify(c));
-            assert_eq!(
-                ok.is_ok(),
-                offset <= data.len() as u64,
-                "offset {offset}: {ok:?}"
-            );
-            if offset > 0 && offset <= data.len() as u64 {
-                let mut wrong = new_hasher();
-                wrong.update(&vec![0xAA; start]);
-                let mut v = Verifier::resume(offset, wrong);
-                let err = chunks.iter().try_for_each(|c| v.verify(c)).unwrap_err();
-                assert!(err.to_string().contains("SHA-256 mismatch"), "{err}");
-            }
-        }
-    }
-
-    #[test]
-    fn the_reader_refuses_gaps_short_ends_and_bad_digests() {
-        let chunk = |offset: u64, data: &[u8], eof: bool, digest: &[u8]| Chunk {
-            size: 6,
-            offset,
-            data: ByteBuf::from(data.to_vec()),
-            eof,
-            sha256: ByteBuf::from(digest.to_vec()),
-            ..Chunk::default()
-        };
-        let good = sha256(b"abcdef");
-        let mut v = Verifier::resume(0, new_hasher());
-        v.verify(&chunk(0, b"abc", false, &[])).unwrap();
-        v.verify(&chunk(3, b"def", true, &good)).unwrap();
-        let cases = [
-            (
-                vec![chunk(0, b"abc", false, &[]), chunk(4, b"ef", true, &good)],
-                "where byte 3 was due",
-            ),
-            (vec![chunk(0, b"abc", true, &good)], "ended at byte 3 of 6"),
-            (vec![chunk(0, b"abcdeX", true, &good)], "SHA-256 mismatch"),
-            (vec![chunk(0, b"abcdef", true, &[])], "no SHA-256"),
-            (vec![chunk(0, b"abcdefg", true, &good)], "announced as 6"),
-        ];
-        for (chunks, want) in cases {
-            let mut v = Verifier::resume(0, new_hasher());
-            let err = chunks.iter().try_for_each(|c| v.verify(c)).unwrap_err();
-            assert!(err.to_string().contains(want), "{err} lacks {want:?}");
-        }
-    }
-
-    #[tokio::test]
-    async fn a_file_that_changes_during_a_read_is_an_error_that_says_so() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("f");
-        std::fs::write(&path, vec![1u8; CHUNK_SIZE * 3]).unwrap();
-        let root = Root::open(dir.path()).unwrap();
-        for change in ["grow", "shrink", "rewrite"] {
-            std::fs::write(&path, vec![1u8; CHUNK_SIZE * 3]).unwrap();
-            // An old mtime, so that the rewrite below moves it whatever the clock's grain.
-            std::fs::File::options()
-                .write(true)
-                .open(&path)
-                .unwrap()
-                .set_modified(std::time::UNIX_EPOCH + Duration::from_secs(1_000_000))
-                .unwrap();
-            let export = ExportService { root: root.clone() };
-            let req = ReadReq {
-                path: "f".into(),
-                offset: 0,
-            };
-            let mut s = export
-                .read(Context::detached("Export.read"), req)
-                .await
-                .unwrap();
-            s.next().await.unwrap().unwrap();
-            let f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
-            match change {
-                "grow" => f.set_len(CHUNK_SIZE as u64 * 4).unwrap(),
-                "shrink" => f.set_len(CHUNK_SIZE as u64).unwrap(),
-                _ => {
-                    use std::os::unix::fs::FileExt;
-                    // Same size, new content, a new mtime.
-                    f.write_at(b"X", 0).unwrap();
-                }
-            }
-            let rest: Vec<_> = s.collect().await;
-            let err = rest
-                .into_iter()
-                .find_map(Result::err)
-                .unwrap_or_else(|| panic!("{change}: no error"));
-            assert_eq!(err.code(), Code::Aborted, "{change}: {err}");
-            assert!(
-                err.message().contains("changed while it was being read"),
-                "{change}: {err}"
-            );
-        }
-    }
-
-    #[test]
-    fn a_lost_hub_and_a_gone_peer_read_differently() {
-        let e = CallError::from(Status::unavailable("connection reset"));
+    async fn a_lost_hub_and_a_gone_peer_read_differently() {
+        // A call on a link whose far end is gone: our rpc layer's own verdict.
+        let (near, far) = tokio::io::duplex(64);
+        drop(far);
+        let lost = rpc::Client::new(near)
+            .call::<_, ()>("Hub.list", &())
+            .await
+            .unwrap_err();
+        assert!(lost.is_conn_lost(), "{lost:?}");
+        let e = CallError::from(lost);
+        assert!(matches!(e, CallError::HubLost { .. }), "{e:?}");
         assert!(
             e.to_string().starts_with("lost the connection to the hub"),
             "{e}"
         );
-        assert!(
-            !e.to_string().contains("connection reset"),
-            "detail only with -v: {e}"
-        );
-        let e = CallError::from(Status::unavailable("peer gone: \"bob\" disconnected (x)"));
-        assert!(e.to_string().starts_with("peer gone"), "{e}");
+        // The hub's answer for a peer that left has the same code, and is not a lost hub
+        // whatever its words.
+        for gone in [
+            crate::proto::peer_gone("bob", "x"),
+            Status::unavailable("connection reset"),
+        ] {
+            assert!(crate::proto::is_peer_gone(&gone), "{gone:?}");
+            let e = CallError::from(gone.clone());
+            assert!(matches!(e, CallError::Status(_)), "{e:?}");
+            assert_eq!(e.to_string(), gone.message());
+        }
+    }
+
+    #[test]
+    fn details_of_a_lost_hub_show_only_when_asked() {
+        let io = std::io::Error::other("reset by peer");
+        let reason = mux::CloseReason::Io(Arc::new(io));
+        assert!(!lost_message("h:1", &reason, false).contains("detail"));
+        let verbose = lost_message("h:1", &reason, true);
+        assert!(verbose.contains("(detail: "), "{verbose}");
+        assert_eq!(detail_if(false, "x"), "");
     }
 }

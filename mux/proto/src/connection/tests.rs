@@ -1,7 +1,7 @@
 //! Exact-bytes tests of the core: what it sends on each event, and how it treats the peer.
 
 use super::*;
-use crate::proto::{
+use crate::{
     flow::{BULK_MEMORY, INTERACTIVE_HOLD, PROBE_BIT, RTT_WINDOW},
     frame::HEADER_LEN,
 };
@@ -33,7 +33,7 @@ fn limits() -> Limits {
 }
 
 fn waker() -> Waker {
-    futures::task::noop_waker()
+    Waker::noop().clone()
 }
 
 /// Everything the core wants sent, as bytes.
@@ -510,7 +510,7 @@ fn a_flood_of_one_byte_frames_is_held_in_bounded_memory() {
 /// random schedule says, with random write and read sizes.
 mod interleavings {
     use super::*;
-    use crate::proto::frame::Header;
+    use crate::frame::Header;
     use proptest::prelude::*;
     use std::collections::BTreeMap;
 

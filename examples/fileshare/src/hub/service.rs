@@ -1,0 +1,214 @@
+//! The [`Hub`] service as one connection sees it: publish, list, and the calls forwarded to
+//! exporters.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use netchan_rpc::{CallOptions, Context, ItemStream, Status};
+use tokio::sync::{mpsc, Semaphore};
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn, Instrument};
+
+use super::conn::{ConnState, Published};
+use super::forward::{active_reads, from_peer, ActiveRead, PeerHandle, Pump};
+use super::registry::{validate_name, NameError};
+use crate::export::CHUNK_SIZE;
+use crate::proto::{
+    Chunk, Entry, ExportClient, Hub, ListReq, Listing, PeerPath, PeerRead, PublishReq, PublishResp,
+    ReadReq, MAX_OFFSET, READER_KEY,
+};
+
+/// The [`Hub`] service as seen by one connection.
+pub(super) struct HubService(pub(super) Arc<ConnState>);
+
+impl HubService {
+    /// Forwards one unary call to the exporter published as `name`: only a published caller
+    /// may ask, the call holds one of this reader's places and one of that peer's slots while
+    /// it runs, is bounded by `peer_timeout`, and the peer's error comes back rewritten by
+    /// [`from_peer`].
+    async fn forward<T, F, Fut>(&self, name: &str, call: F) -> Result<T, Status>
+    where
+        F: FnOnce(ExportClient) -> Fut,
+        Fut: std::future::Future<Output = Result<T, Status>>,
+    {
+        let reader = self.0.published_name().await?;
+        let hub = &self.0.hub;
+        let peer = hub.peer(name)?;
+        let _mine = self.0.reader_slot(name)?;
+        let _slot = hub.slot(name, &peer, self.0.id).await?;
+        let export = peer.export.with_options(
+            CallOptions::default()
+                .timeout(hub.opts.peer_timeout)
+                .metadata(READER_KEY, reader),
+        );
+        let result = call(export).await;
+        if result.is_ok() {
+            hub.heard(&peer);
+        }
+        result.map_err(|s| from_peer(name, s))
+    }
+}
+
+impl Hub for HubService {
+    async fn publish(&self, ctx: Context, req: PublishReq) -> Result<PublishResp, Status> {
+        let conn = &self.0;
+        // The caller's export service, over its own peer link: how the hub calls it back.
+        let export = ExportClient::new(ctx.callback()?);
+        let name = req.name;
+        validate_name(&name).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let mut published = conn.published.lock().await;
+        match &*published {
+            Published::No => {}
+            Published::As(old) => {
+                return Err(Status::failed_precondition(format!(
+                    "this connection is already published as {old:?}"
+                )))
+            }
+            Published::Gone => return Err(Status::unavailable("the connection is closing")),
+        }
+        let taken = || Status::already_exists(NameError::Taken { name: name.clone() }.to_string());
+        // A live holder keeps its name: only the end of its session (quit, crash, keepalive)
+        // frees it. Checked again atomically by the insert below.
+        if conn.hub.peers.get(&name).is_some() {
+            warn!(peer = %name, conn = conn.id, "refused: name already taken");
+            return Err(taken());
+        }
+        // The client must serve its export channel (where reads go) before it is listed: open
+        // one and let it go (the reads channel is opened on first use).
+        drop(conn.dial_export().await?);
+        // A seat among the published clients, or "the hub is full".
+        let Ok(seat) = conn.hub.connections.clone().try_acquire_owned() else {
+            let limit = conn.hub.opts.max_connections;
+            if let Some(more) = conn.hub.refusal_log.allow() {
+                warn!(peer = %name, conn = conn.id, limit, more_since_last_line = more, "refused: the hub is full");
+            }
+            return Err(Status::resource_exhausted(format!(
+                "the hub is full: it serves {limit} clients, its limit; try again later"
+            )));
+        };
+        let handle = PeerHandle {
+            session: conn.session.clone(),
+            export,
+            reads: Arc::new(tokio::sync::Mutex::new(None)),
+            window_budget: Arc::new(Semaphore::new(conn.hub.opts.forward_budget / CHUNK_SIZE)),
+            heard: Arc::new(AtomicU64::new(0)),
+            calls: Arc::new(Semaphore::new(conn.hub.opts.max_reads_per_peer.max(1))),
+            active: Arc::new(Mutex::new(Vec::new())),
+        };
+        if let Err(e) = conn.hub.peers.insert(&name, conn.id, handle) {
+            warn!(peer = %name, conn = conn.id, "refused: {e}");
+            return Err(match e {
+                NameError::Taken { .. } => taken(),
+                other => Status::invalid_argument(other.to_string()),
+            });
+        }
+        *published = Published::As(name.clone());
+        *conn
+            .seat
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(seat);
+        conn.is_published.store(true, Ordering::SeqCst);
+        drop(
+            conn.pending
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .take(),
+        );
+        conn.hub.changed();
+        let peers = conn.hub.peers.len() as u32;
+        info!(peer = %name, conn = conn.id, addr = %conn.label, peers, "joined");
+        Ok(PublishResp { name, peers })
+    }
+
+    async fn list(&self, _ctx: Context, _req: ListReq) -> Result<Vec<String>, Status> {
+        self.0.published_name().await?;
+        Ok(self.0.hub.names())
+    }
+
+    async fn ls(&self, _ctx: Context, req: PeerPath) -> Result<Listing, Status> {
+        let PeerPath { peer, path } = req;
+        self.forward(&peer, |export| async move { export.ls(path).await })
+            .await
+    }
+
+    async fn stat(&self, _ctx: Context, req: PeerPath) -> Result<Entry, Status> {
+        let PeerPath { peer, path } = req;
+        self.forward(&peer, |export| async move { export.stat(path).await })
+            .await
+    }
+
+    async fn read(&self, ctx: Context, req: PeerRead) -> Result<ItemStream<Chunk>, Status> {
+        let reader = self.0.published_name().await?;
+        if req.offset > MAX_OFFSET {
+            return Err(Status::out_of_range(format!(
+                "offset {} is past the largest possible file offset ({MAX_OFFSET})",
+                req.offset
+            )));
+        }
+        let hub = &self.0.hub;
+        let name = req.peer;
+        let peer = hub.peer(&name)?;
+        let mine = self.0.reader_slot(&name)?;
+        let slot = hub.slot(&name, &peer, self.0.id).await?;
+        let (client, wanted) = hub.reads_client(&name, &peer).await?;
+        let (window, reserved) = hub.reserve_window(&peer, wanted);
+        info!(%reader, peer = %name, path = %req.path, window, "read");
+        let upstream = client
+            .with_options(
+                CallOptions::default()
+                    .metadata(READER_KEY, reader.clone())
+                    .stream_window(window),
+            )
+            .read(ReadReq {
+                path: req.path,
+                offset: req.offset,
+            })
+            .await
+            .map_err(|s| from_peer(&name, s))?;
+        hub.heard(&peer);
+        // The pump pulls from the exporter while the reader takes; the one-item hand-over and
+        // the exporter's window bound what the hub holds. The reader's stream reports why the
+        // pump gave up, if it did, once the hand-over is empty.
+        let (tx, rx) = mpsc::channel(1);
+        let why = Arc::new(Mutex::new(None));
+        let id = hub.next_read.fetch_add(1, Ordering::Relaxed);
+        let took = Arc::new(AtomicU64::new(hub.epoch.elapsed().as_millis() as u64));
+        let stop = CancellationToken::new();
+        let blocked = Arc::new(AtomicBool::new(false));
+        active_reads(&peer).push(ActiveRead {
+            id,
+            conn: self.0.id,
+            took: took.clone(),
+            blocked: blocked.clone(),
+            stop: stop.clone(),
+        });
+        let pump = Pump {
+            hub: hub.clone(),
+            name,
+            peer,
+            offset: req.offset,
+            why: why.clone(),
+            ctx,
+            _slots: (slot, mine, reserved),
+            id,
+            took,
+            blocked,
+            stop,
+        };
+        tokio::spawn(pump.run(upstream, tx).in_current_span());
+        let forwarded = futures::stream::unfold(Some((rx, why)), |state| async move {
+            let (mut rx, why) = state?;
+            match rx.recv().await {
+                Some(item) => Some((item, Some((rx, why)))),
+                None => {
+                    let why = why
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner)
+                        .take();
+                    why.map(|s| (Err(s), None))
+                }
+            }
+        });
+        Ok(Box::pin(forwarded))
+    }
+}
