@@ -13,11 +13,11 @@ use super::conn::{ConnState, Published, ReaderSlot};
 use super::forward::{active_reads, from_peer, ActiveRead, PeerHandle, Pump};
 use super::registry::{validate_name, ConnId, NameError};
 use super::relay::RemoteHub;
-use super::{HubState, MAX_OFFSET};
+use super::HubState;
 use crate::export::CHUNK_SIZE;
 use crate::proto::{
     Chunk, Entry, ExportClient, Hub, ListReq, Listing, PeerPath, PeerRead, PublishReq, PublishResp,
-    ReadReq, READER_KEY,
+    ReadReq, MAX_OFFSET, READER_KEY,
 };
 
 /// The [`Hub`] service as seen by one connection.

@@ -2042,3 +2042,43 @@ async fn a_stalled_reader_that_grants_no_credit_is_told_it_took_nothing() {
     assert!(end.message().contains("you took nothing"), "{end}");
     assert!(start.elapsed() >= Duration::from_secs(30));
 }
+
+/// Issue 22: what marks an exporter's oversized chunk is the code its rpc layer answers
+/// (`RESOURCE_EXHAUSTED`) or our own rpc layer's typed verdict on the reads channel (seen end
+/// to end in `an_exporter_that_breaks_the_chunk_rules_fails_only_its_own_reads`), never the
+/// words of a message: an exporter that sends the rpc layer's wording is not taken at its word.
+#[test]
+fn an_oversized_chunk_is_told_by_code_and_typed_source_not_by_words() {
+    use super::forward::oversized_frame;
+    assert!(oversized_frame(&rpc::Status::resource_exhausted(
+        "message exceeds the peer's limit"
+    )));
+    for s in [
+        rpc::Status::unavailable("peer announced a 9000000-byte frame, over the 263168-byte limit"),
+        rpc::Status::internal("peer announced a 9000000-byte frame, over the 263168-byte limit"),
+        rpc::Status::not_found("no such file"),
+    ] {
+        assert!(!oversized_frame(&s), "{s:?}");
+    }
+}
+
+/// Issue 22: the reader's own hop is sized from the round trip it measured to the hub: over a
+/// link of at least 50 ms it is at least the 50 ms window (the delay line never shortens it).
+#[tokio::test]
+async fn a_reader_far_from_the_hub_sizes_its_window_from_the_round_trip() {
+    let hub = start_hub(HubOptions::default()).await;
+    let proxy = Proxy::start(hub.addr, Link::delayed(Duration::from_millis(25)))
+        .await
+        .unwrap();
+    let root = root_with(0);
+    let mut opts = client_opts(&hub, "faraway", root.path());
+    opts.addr = proxy.addr().to_string();
+    let far = within(WAIT_S, "the far reader joins", Peer::start(opts, quiet()))
+        .await
+        .unwrap();
+    let window = far.read_window().expect("connected");
+    let at_least = crate::client::read_window(Duration::from_millis(50));
+    assert!(at_least > 16, "{at_least}");
+    assert!(window >= at_least, "{window} < {at_least}");
+    assert!(window <= 128, "{window}");
+}
