@@ -10,10 +10,11 @@ use std::time::Duration;
 use netchan_rpc::Code;
 use tokio::net::TcpListener;
 
-use super::relay::{dial_hub, FleetOptions, LinkError, RemoteHub, Route};
+use super::relay::{dial_hub, DirectoryRoute, FleetOptions, LinkError, RemoteHub, Route};
 use super::{HubOptions, HubState};
 use crate::auth::{self, AuthError, Token};
 use crate::client::{self, CallError, ClientOptions, Peer};
+use crate::directory::{Directory, Etcd, EtcdConfig, Event, HubId};
 use crate::export::Root;
 use crate::proto::{is_peer_gone, new_hasher};
 
@@ -77,17 +78,31 @@ async fn start_hub(
         ("127.0.0.1:0".to_owned(), "127.0.0.1:0".to_owned()),
         |(a, f)| (a.to_string(), f.to_string()),
     );
-    let listener = TcpListener::bind(a).await.unwrap();
-    let fleet = TcpListener::bind(f).await.unwrap();
+    let listeners = (
+        TcpListener::bind(a).await.unwrap(),
+        TcpListener::bind(f).await.unwrap(),
+    );
+    let route = Arc::new(TableRoute {
+        table: table.clone(),
+        me: id.to_owned(),
+    });
+    start_hub_on(id, token, route, listeners)
+}
+
+/// A hub with id `id`, fleet token `token` and `route`, serving clients and other hubs on
+/// `listeners`.
+fn start_hub_on(
+    id: &str,
+    token: &str,
+    route: Arc<dyn Route>,
+    (listener, fleet): (TcpListener, TcpListener),
+) -> TestHub {
     let (addr, fleet_addr) = (listener.local_addr().unwrap(), fleet.local_addr().unwrap());
     let opts = HubOptions {
         fleet: Some(FleetOptions {
             hub_id: id.to_owned(),
             token: Token::new(token).unwrap(),
-            route: Arc::new(TableRoute {
-                table: table.clone(),
-                me: id.to_owned(),
-            }),
+            route,
         }),
         ..HubOptions::default()
     };
@@ -408,4 +423,93 @@ async fn a_read_through_a_hub_that_dies_fails_clearly_and_resumes_once_it_is_bac
     assert_eq!(offset, big);
     assert!(tail.ends_with(b"the end"));
     assert_eq!(hub_a.state.live_links(), 1);
+}
+
+/// Loopback listeners for a hub's clients and for the other hubs.
+async fn listeners() -> (TcpListener, TcpListener) {
+    (
+        TcpListener::bind("127.0.0.1:0").await.unwrap(),
+        TcpListener::bind("127.0.0.1:0").await.unwrap(),
+    )
+}
+
+/// The directory of hub `id` on `endpoints`, advertising `fleet_addr`, up.
+async fn etcd_directory(endpoints: Vec<String>, id: &str, fleet_addr: SocketAddr) -> Arc<Etcd> {
+    let mut config = EtcdConfig::new(endpoints, HubId::new(id).unwrap());
+    config.hub_addr = fleet_addr.to_string();
+    config.lease_ttl = Duration::from_secs(5);
+    config.keepalive_every = Duration::from_millis(500);
+    config.call_timeout = Duration::from_millis(1500);
+    let dir = Etcd::start(config).await.expect("start the directory");
+    tokio::time::timeout(WAIT, dir.wait_up())
+        .await
+        .expect("the directory comes up");
+    Arc::new(dir)
+}
+
+/// Waits for the directory event `want` on `rx`, skipping others.
+async fn until_event(
+    rx: &mut tokio::sync::broadcast::Receiver<Event>,
+    want: impl Fn(&Event) -> bool,
+) {
+    tokio::time::timeout(WAIT, async {
+        // Bounded by the timeout; each iteration takes one event.
+        loop {
+            match rx.recv().await {
+                Ok(e) if want(&e) => return,
+                Ok(_) => {}
+                Err(e) => panic!("directory events: {e}"),
+            }
+        }
+    })
+    .await
+    .expect("the directory event in time");
+}
+
+#[tokio::test]
+async fn reads_are_routed_by_the_fleets_directory_on_a_real_etcd() {
+    let Some(cluster) = netchan_testkit::etcd::Cluster::start_or_skip(1).await else {
+        return;
+    };
+    let (la, lb) = (listeners().await, listeners().await);
+    let dir_a = etcd_directory(cluster.endpoints(), "hub-a", la.1.local_addr().unwrap()).await;
+    let dir_b = etcd_directory(cluster.endpoints(), "hub-b", lb.1.local_addr().unwrap()).await;
+    let route_a = Arc::new(DirectoryRoute(dir_a.clone()));
+    let route_b = Arc::new(DirectoryRoute(dir_b.clone()));
+    let hub_a = start_hub_on("hub-a", "fleet secret", route_a, la);
+    let hub_b = start_hub_on("hub-b", "fleet secret", route_b, lb);
+    let (rb, ra) = (root_with(2 << 20 | 777, 0), root_with(0, 0));
+    let mut events_a = dir_a.subscribe();
+    let table = Table::default();
+    let _bob = join(&hub_b, &table, "bob", rb.path()).await;
+    let alice = join(&hub_a, &table, "alice", ra.path()).await;
+    dir_b.publish("bob").await.unwrap();
+    dir_a.publish("alice").await.unwrap();
+    until_event(
+        &mut events_a,
+        |e| matches!(e, Event::Joined { name, .. } if name == "bob"),
+    )
+    .await;
+    let want = std::fs::read(rb.path().join("data.bin")).unwrap();
+    let got = read_all(&alice, "bob", "data.bin").await.unwrap();
+    assert_eq!(sha256(&got), sha256(&want));
+    let (code, msg) = status_of(alice.stat("bob", "nope").await);
+    assert_eq!(
+        (code, msg.starts_with("bob: ")),
+        (Code::NotFound, true),
+        "{msg}"
+    );
+    assert_eq!(hub_a.state.live_links(), 1);
+    // Once bob's name is released, hub A no longer routes it.
+    dir_b.release("bob").await.unwrap();
+    until_event(
+        &mut events_a,
+        |e| matches!(e, Event::Left { name, .. } if name == "bob"),
+    )
+    .await;
+    let (code, msg) = status_of(alice.stat("bob", "data.bin").await);
+    assert_eq!(code, Code::NotFound);
+    assert!(msg.contains("unknown peer \"bob\""), "{msg}");
+    dir_a.close().await;
+    dir_b.close().await;
 }
