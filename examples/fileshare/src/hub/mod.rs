@@ -599,6 +599,8 @@ impl HubState {
 }
 
 #[cfg(test)]
+mod fleet_tests;
+#[cfg(test)]
 mod fuzz;
 #[cfg(test)]
 mod tests;
