@@ -585,7 +585,8 @@ impl HubState {
                  unreachable; try again once it is back"
             ))),
             None => match self.directory.lookup(name) {
-                Some(holder) if !holder.here => Err(Status::unavailable(format!(
+                // Not "unavailable": clients read that code as the peer having gone.
+                Some(holder) if !holder.here => Err(Status::failed_precondition(format!(
                     "peer {name:?} is connected to another hub ({}), which this hub does not \
                      route to",
                     holder.hub
