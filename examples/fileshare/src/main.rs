@@ -22,8 +22,6 @@ mod auth;
 mod cli;
 mod client;
 mod command;
-// The hub uses it once `share hub --etcd` is wired in; until then only its tests do.
-#[allow(dead_code, unused_imports)]
 mod directory;
 mod export;
 mod hub;
@@ -39,6 +37,7 @@ use anyhow::Context as _;
 use tracing::{info, warn};
 
 use crate::cli::{ClientArgs, Command, HubArgs};
+use crate::directory::Directory as _;
 
 fn main() {
     let cli = cli::parse();
@@ -149,23 +148,49 @@ async fn run_hub(args: HubArgs) -> anyhow::Result<bool> {
         .await
         .with_context(|| format!("cannot listen on {listen}"))?;
     let addr = listener.local_addr()?;
-    let fleet = match args.fleet_listen_addr().map_err(anyhow::Error::msg)? {
+    // The fleet listener first: its address goes into this hub's records in the directory.
+    let fleet_listener = match args.fleet_listen_addr().map_err(anyhow::Error::msg)? {
         None => None,
         Some(fleet_addr) => {
-            let fleet_token = args.fleet_token.as_deref().unwrap_or_default();
-            let fleet_token = auth::Token::new(fleet_token).context("invalid --fleet-token")?;
-            let fleet_listener = tokio::net::TcpListener::bind(&fleet_addr)
+            let listener = tokio::net::TcpListener::bind(&fleet_addr)
                 .await
                 .with_context(|| format!("cannot listen on {fleet_addr} (--fleet-listen)"))?;
-            let bound = fleet_listener.local_addr()?;
-            let hub_id = args.hub_id.clone().unwrap_or_else(|| bound.to_string());
-            let options = hub::relay::FleetOptions {
-                hub_id,
-                token: fleet_token,
-                // No directory of other hubs yet: this hub serves them, and routes nothing.
-                route: std::sync::Arc::new(hub::relay::NoOtherHubs),
+            let bound = listener.local_addr()?;
+            Some((listener, bound))
+        }
+    };
+    let directory = start_directory(
+        &args,
+        addr,
+        fleet_listener.as_ref().map(|(_, b)| b.to_string()),
+    )
+    .await?;
+    let fleet = match &fleet_listener {
+        None => {
+            if directory.is_some() {
+                warn!(
+                    "no --fleet-token: this hub neither serves the other hubs nor routes reads \
+                     of their peers (a peer on another hub is listed but cannot be read from here)"
+                );
+            }
+            None
+        }
+        Some((_, bound)) => {
+            let fleet_token = args.fleet_token.as_deref().unwrap_or_default();
+            let token = auth::Token::new(fleet_token).context("invalid --fleet-token")?;
+            let (hub_id, route): (String, Arc<dyn hub::relay::Route>) = match &directory {
+                Some(d) => (
+                    d.hub_id().to_string(),
+                    Arc::new(hub::relay::DirectoryRoute(d.clone())),
+                ),
+                // No directory of other hubs: this hub serves them, and routes nothing.
+                None => (bound.to_string(), Arc::new(hub::relay::NoOtherHubs)),
             };
-            Some((fleet_listener, bound, options))
+            Some(hub::relay::FleetOptions {
+                hub_id,
+                token,
+                route,
+            })
         }
     };
     match (&token, &tls, &args.tls_client_ca) {
@@ -188,14 +213,10 @@ async fn run_hub(args: HubArgs) -> anyhow::Result<bool> {
     // Informational: a hub whose stdout is closed serves all the same.
     let mut stdout = std::io::stdout();
     let _ = writeln!(stdout, "hub listening on {addr}").and_then(|()| stdout.flush());
-    if let Some((_, bound, options)) = &fleet {
+    if let (Some((_, bound)), Some(options)) = (&fleet_listener, &fleet) {
         info!(addr = %bound, hub_id = %options.hub_id, "fleet listener: serving the other hubs");
         let _ = writeln!(stdout, "fleet listener on {bound}").and_then(|()| stdout.flush());
     }
-    let (fleet_listener, fleet) = match fleet {
-        Some((l, _, options)) => (Some(l), Some(options)),
-        None => (None, None),
-    };
     let hub = hub::HubState::new(hub::HubOptions {
         token,
         tls,
@@ -211,11 +232,12 @@ async fn run_hub(args: HubArgs) -> anyhow::Result<bool> {
             .max_channels(HUB_MAX_CHANNELS)
             .max_pending_handshakes(4),
         fleet,
+        directory: directory.clone(),
         ..hub::HubOptions::default()
     });
     warn_if_few_descriptors(hub.descriptors_wanted());
     // Ends with the hub's shutdown, after its hub-to-hub sessions have closed.
-    let fleet_task = fleet_listener.map(|l| tokio::spawn(hub.clone().serve_fleet(l)));
+    let fleet_task = fleet_listener.map(|(l, _)| tokio::spawn(hub.clone().serve_fleet(l)));
     let mut serve = tokio::spawn(hub.clone().serve(listener));
     tokio::select! {
         done = &mut serve => {
@@ -241,8 +263,74 @@ async fn run_hub(args: HubArgs) -> anyhow::Result<bool> {
             warn!("some hub-to-hub sessions did not close within {limit:?}; exiting anyway");
         }
     }
+    if let Some(directory) = directory {
+        // Revokes the lease: this hub's names are free at once (bounded by the directory's
+        // call timeouts).
+        directory.close().await;
+    }
     info!("hub stopped");
     Ok(true)
+}
+
+/// The fleet's directory of `share hub --etcd`; `None` without --etcd (the hub then uses an
+/// in-process one).
+async fn start_directory(
+    args: &HubArgs,
+    addr: std::net::SocketAddr,
+    fleet_addr: Option<String>,
+) -> anyhow::Result<Option<Arc<dyn directory::Directory>>> {
+    if args.etcd.is_empty() {
+        return Ok(None);
+    }
+    let id = match &args.hub_id {
+        Some(id) => id.clone(),
+        None => default_hub_id(addr.port()),
+    };
+    let id = directory::HubId::new(id).context("invalid --hub-id")?;
+    let mut config = directory::EtcdConfig::new(args.etcd.clone(), id.clone());
+    config.lease_ttl = args.lease_ttl;
+    // Where the other hubs reach this one for reads of its peers (none without a fleet token).
+    config.hub_addr = fleet_addr.unwrap_or_default();
+    config.keepalive_every = args.lease_ttl / 3;
+    config.call_timeout = config.call_timeout.min(args.lease_ttl / 2);
+    let etcd = directory::Etcd::start(config)
+        .await
+        .context("cannot use the fleet's directory (--etcd)")?;
+    info!(hub_id = %id, endpoints = ?args.etcd, lease_ttl = ?args.lease_ttl, "fleet directory on etcd");
+    // A moment for etcd to answer, so that the first clients are not refused at once. A hub
+    // whose etcd is down serves all the same, and takes names once it is back.
+    if tokio::time::timeout(Duration::from_secs(5), etcd.wait_up())
+        .await
+        .is_err()
+    {
+        warn!("the fleet's directory is unreachable: new names are refused until it answers");
+    } else {
+        info!(
+            hubs = etcd.hubs().len(),
+            "the fleet's directory is reachable"
+        );
+    }
+    Ok(Some(Arc::new(etcd)))
+}
+
+/// This machine's host name and `port`, as a hub id (characters a hub id cannot hold become
+/// `-`).
+fn default_hub_id(port: u16) -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+    let host: String = host
+        .trim()
+        .chars()
+        .take(directory::MAX_HUB_ID_LEN - 6)
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-') {
+                c
+            } else {
+                '-'
+            }
+        })
+        .collect();
+    let host = if host.is_empty() { "hub".into() } else { host };
+    format!("{host}:{port}")
 }
 
 /// A connect error as one sentence, with the layers below it only in `verbose` mode.

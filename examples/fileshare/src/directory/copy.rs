@@ -214,6 +214,7 @@ impl Copy {
     }
 
     /// The record of hub `id`.
+    #[cfg(test)]
     pub(crate) fn hub(&self, id: &HubId) -> Option<&HubValue> {
         self.hubs.get(id)
     }

@@ -268,12 +268,6 @@ impl Etcd {
         // Err only if the sender is gone, which `self` prevents.
         let _ = up.wait_for(|up| *up).await;
     }
-
-    /// This process's instance number (in its records).
-    #[cfg(test)]
-    pub(crate) fn instance(&self) -> Instance {
-        self.shared.instance
-    }
 }
 
 impl Drop for Etcd {

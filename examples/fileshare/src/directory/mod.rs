@@ -35,7 +35,7 @@ use tokio::sync::broadcast;
 
 pub(crate) use self::etcd::{Etcd, EtcdConfig};
 pub(crate) use self::local::InProcess;
-pub(crate) use self::record::HubId;
+pub(crate) use self::record::{HubId, MAX_HUB_ID_LEN};
 
 /// How many directory events a subscriber may fall behind before it misses some (it then
 /// gets [`broadcast::error::RecvError::Lagged`] and re-reads [`Directory::names`]).
@@ -153,7 +153,7 @@ impl From<Unreachable> for DirectoryError {
 ///
 /// Names given to it are already valid peer names (`registry::validate_name`).
 pub(crate) trait Directory: Send + Sync + 'static {
-    /// This hub's id.
+    /// This hub's id (the `hub` of the events about its own names).
     fn hub_id(&self) -> &HubId;
 
     /// Claims `name` for this hub: succeeds only if no hub of the fleet holds it (this hub

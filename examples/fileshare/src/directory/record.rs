@@ -18,8 +18,9 @@ use serde::{Deserialize, Serialize};
 /// Longest hub id, in bytes.
 pub(crate) const MAX_HUB_ID_LEN: usize = 64;
 
-/// A hub's id in the fleet: 1 to 64 bytes of ASCII letters, digits, `.`, `_` and `-`
-/// (it is a key segment in etcd and appears in logs).
+/// A hub's id in the fleet: 1 to 64 bytes of ASCII letters, digits, `.`, `_`, `-`, `:`,
+/// `[` and `]`, so a host name or a `host:port` address serves (it is a key segment in etcd
+/// and appears in logs: no `/`, no spaces).
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(try_from = "String", into = "String")]
 pub(crate) struct HubId(String);
@@ -30,8 +31,8 @@ pub(crate) enum HubIdError {
     /// Empty, or longer than [`MAX_HUB_ID_LEN`].
     #[error("hub id must be 1 to {MAX_HUB_ID_LEN} bytes long, not {0}")]
     Length(usize),
-    /// A character other than ASCII letters, digits, `.`, `_` and `-`.
-    #[error("hub id {0:?} may hold only ASCII letters, digits, '.', '_' and '-'")]
+    /// A character other than ASCII letters, digits, `.`, `_`, `-`, `:`, `[` and `]`.
+    #[error("hub id {0:?} may hold only ASCII letters, digits, '.', '_', '-', ':', '[' and ']'")]
     Char(String),
 }
 
@@ -42,18 +43,12 @@ impl HubId {
         if id.is_empty() || id.len() > MAX_HUB_ID_LEN {
             return Err(HubIdError::Length(id.len()));
         }
-        if !id
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
-        {
+        if !id.bytes().all(|b| {
+            b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-' | b':' | b'[' | b']')
+        }) {
             return Err(HubIdError::Char(id));
         }
         Ok(HubId(id))
-    }
-
-    /// The id as text.
-    pub(crate) fn as_str(&self) -> &str {
-        &self.0
     }
 }
 
@@ -225,7 +220,13 @@ mod tests {
 
     #[test]
     fn hub_ids_are_short_plain_words() {
-        for ok in ["hub-1", "eu.west_2", &"h".repeat(64)] {
+        for ok in [
+            "hub-1",
+            "eu.west_2",
+            "127.0.0.1:8766",
+            "[::1]:8766",
+            &"h".repeat(64),
+        ] {
             HubId::new(ok).unwrap();
         }
         assert_eq!(HubId::new(""), Err(HubIdError::Length(0)));

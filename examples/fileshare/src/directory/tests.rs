@@ -65,7 +65,7 @@ async fn expect_event(
 }
 
 fn is_joined(name: &'static str, hub: &'static str) -> impl Fn(&Event) -> bool {
-    move |e| matches!(e, Event::Joined { name: n, hub: h } if n == name && h.as_str() == hub)
+    move |e| matches!(e, Event::Joined { name: n, hub: h } if n == name && h.to_string() == hub)
 }
 
 fn is_left(name: &'static str) -> impl Fn(&Event) -> bool {
@@ -171,7 +171,7 @@ async fn publish_release_lookup_and_watch_between_two_hubs() {
     expect_event(
         &mut b_events,
         5,
-        |e| matches!(e, Event::HubDown { id } if id.as_str() == "hub-a"),
+        |e| matches!(e, Event::HubDown { id } if id.to_string() == "hub-a"),
     )
     .await;
     b.close().await;
@@ -245,7 +245,7 @@ async fn a_hub_that_stops_renewing_frees_its_names_within_the_ttl_plus_2_s() {
             while left < 3 || !down {
                 match b_events.recv().await.unwrap() {
                     Event::Left { .. } => left += 1,
-                    Event::HubDown { id } if id.as_str() == "hub-a" => down = true,
+                    Event::HubDown { id } if id.to_string() == "hub-a" => down = true,
                     _ => {}
                 }
             }

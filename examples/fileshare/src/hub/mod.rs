@@ -27,6 +27,14 @@
 //! until the transport declares the holder dead (its session ends: quit, crash, or the mux
 //! keepalive), and only then is the name free. No application-level probe decides it.
 //!
+//! Names are claimed through the fleet's [directory](crate::directory) (`HubState::directory`)
+//! before they enter the name table, and released from it when their connection ends. A hub
+//! on its own uses the in-process directory (the rules above, nothing more); a hub of a fleet
+//! (`share hub --etcd`) claims each name in etcd, so a name another hub holds is "already
+//! taken" too, and `list` shows the whole fleet from the directory's watched copy. A peer
+//! published here is served only while the directory can prove this hub holds its name (see
+//! `crate::directory::Etcd`); otherwise calls to it fail as unavailable until it can.
+//!
 //! When a session ends its task removes the peer, and calls in flight to it fail with "peer
 //! gone". [`HubState::shutdown`] stops the accept loop and closes every session gracefully (a
 //! yamux GoAway, so clients see "closed by the peer", not an i/o error), each within the
@@ -85,13 +93,14 @@ use netchan_mux::{self as mux, Session};
 use netchan_rpc::Status;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{broadcast, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn, Instrument};
 
 use crate::auth::{self, Token};
+use crate::directory::{Directory, Event, HubId, InProcess};
 use crate::export::CHUNK_SIZE;
 
 mod admission;
@@ -187,6 +196,9 @@ pub(crate) struct HubOptions {
     /// This hub's part in a fleet of hubs (its id, the hubs' shared token, where other hubs'
     /// peers are); `None` for a hub on its own. Default: `None`.
     pub(crate) fleet: Option<relay::FleetOptions>,
+    /// The fleet's directory, where names are claimed. Default: `None`, an in-process
+    /// directory (a hub on its own).
+    pub(crate) directory: Option<Arc<dyn Directory>>,
 }
 
 impl Default for HubOptions {
@@ -209,6 +221,7 @@ impl Default for HubOptions {
             forward_budget: 32 << 20,
             mux: mux::Config::default(),
             fleet: None,
+            directory: None,
         }
     }
 }
@@ -257,6 +270,8 @@ pub(crate) struct HubState {
     stop: CancellationToken,
     /// Links to the other hubs of the fleet.
     links: relay::Links,
+    /// Where names are claimed, fleet-wide ([`HubOptions::directory`]).
+    directory: Arc<dyn Directory>,
 }
 
 impl HubState {
@@ -264,6 +279,10 @@ impl HubState {
     pub(crate) fn new(opts: HubOptions) -> Arc<HubState> {
         let connections = Arc::new(Semaphore::new(opts.max_connections.max(1)));
         let admission = Admission::new(opts.max_pending, opts.max_pending_per_addr);
+        let directory = opts.directory.clone().unwrap_or_else(|| {
+            let id = HubId::new("local").expect("a valid hub id");
+            Arc::new(InProcess::new(id)) as Arc<dyn Directory>
+        });
         Arc::new(HubState {
             opts,
             peers: Registry::new(),
@@ -279,6 +298,7 @@ impl HubState {
             changes: tokio::sync::watch::Sender::new(0),
             stop: CancellationToken::new(),
             links: relay::Links::new(),
+            directory,
         })
     }
 
@@ -300,7 +320,9 @@ impl HubState {
     /// connection task abruptly. Not meant to be cancelled and restarted.
     pub(crate) async fn serve(self: Arc<Self>, listener: TcpListener) {
         let mut conns = JoinSet::new();
-        // Bounded: one iteration per accepted connection; connection tasks are reaped as they
+        let mut directory_events = self.directory.subscribe();
+        let mut directory_open = true;
+        // Bounded: one iteration per accepted connection or directory event; connection tasks are reaped as they
         // finish, so the set holds at most `max_connections` published ones (their seats),
         // `max_pending` pending ones and `MAX_REFUSALS` being refused (plus the publishes in
         // progress that will be refused a seat).
@@ -344,6 +366,34 @@ impl HubState {
                     }
                 },
                 Some(_) = conns.join_next(), if !conns.is_empty() => {}
+                event = directory_events.recv(), if directory_open => match event {
+                    Ok(Event::Lost { name }) => {
+                        // Another hub took the name while this hub could not prove its claim:
+                        // the client here no longer owns it. Its session ends (gracefully);
+                        // its departure frees the table entry, and it reconnects.
+                        if let Some(peer) = self.peers.get(&name) {
+                            warn!(peer = %name, "closing: another hub of the fleet took this name");
+                            conns.spawn(async move { peer.session.close().await });
+                        }
+                    }
+                    // A join or leave, here or on another hub (or missed ones): `list` changed.
+                    Ok(event) => {
+                        match &event {
+                            Event::Joined { name, hub } if hub != self.directory.hub_id() => {
+                                info!(peer = %name, %hub, "joined on another hub");
+                            }
+                            Event::Left { name, hub } if hub != self.directory.hub_id() => {
+                                info!(peer = %name, %hub, "left on another hub");
+                            }
+                            Event::HubUp(h) => info!(hub = %h.id, addr = %h.addr, "a hub joined the fleet"),
+                            Event::HubDown { id } => info!(hub = %id, "a hub left the fleet"),
+                            _ => {}
+                        }
+                        self.changed();
+                    }
+                    Err(broadcast::error::RecvError::Lagged(_)) => self.changed(),
+                    Err(broadcast::error::RecvError::Closed) => directory_open = false,
+                },
                 () = self.stop.cancelled() => break,
             }
         }
@@ -532,21 +582,37 @@ impl HubState {
 
     // The name table: who is published here, and how to reach them.
 
-    /// Names of the published peers (sorted).
+    /// Names of the published peers (sorted): the whole fleet's, from the directory.
     pub(crate) fn names(&self) -> Vec<String> {
-        self.peers.names()
+        self.directory.names()
     }
 
-    /// The handle of peer `name`, if it is published.
+    /// The handle of peer `name`, if it is published here and the directory can prove this
+    /// hub holds the name.
     fn peer(&self, name: &str) -> Result<PeerHandle, Status> {
-        self.peers.get(name).ok_or_else(|| {
-            Status::not_found(format!(
-                "unknown peer {name:?} (list shows the connected peers)"
-            ))
-        })
+        match self.peers.get(name) {
+            Some(peer) if self.directory.holds(name) => Ok(peer),
+            Some(_) => Err(Status::unavailable(format!(
+                "this hub cannot prove it still holds {name:?}: the fleet's directory is \
+                 unreachable; try again once it is back"
+            ))),
+            None => match self.directory.lookup(name) {
+                // Not "unavailable": clients read that code as the peer having gone.
+                Some(holder) if !holder.here => Err(Status::failed_precondition(format!(
+                    "peer {name:?} is connected to another hub ({}), which this hub does not \
+                     route to",
+                    holder.hub
+                ))),
+                _ => Err(Status::not_found(format!(
+                    "unknown peer {name:?} (list shows the connected peers)"
+                ))),
+            },
+        }
     }
 }
 
+#[cfg(test)]
+mod fleet_tests;
 #[cfg(test)]
 mod fuzz;
 #[cfg(test)]

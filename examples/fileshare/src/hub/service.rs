@@ -14,6 +14,7 @@ use super::forward::{active_reads, from_peer, ActiveRead, PeerHandle, Pump};
 use super::registry::{validate_name, ConnId, NameError};
 use super::relay::RemoteHub;
 use super::HubState;
+use crate::directory::DirectoryError;
 use crate::export::CHUNK_SIZE;
 use crate::proto::{
     Chunk, Entry, ExportClient, Hub, ListReq, Listing, PeerPath, PeerRead, PublishReq, PublishResp,
@@ -35,13 +36,12 @@ impl HubState {
     /// Finds peer `name`: published here, else held by another hub of the fleet (as the
     /// fleet's [`Route`](super::relay::Route) says), else `NotFound`.
     pub(super) fn locate(&self, name: &str) -> Result<Located, Status> {
-        if let Some(peer) = self.peers.get(name) {
-            return Ok(Located::Here(peer));
+        if self.peers.get(name).is_none() {
+            if let Some(remote) = self.remote_holder(name) {
+                return Ok(Located::There(remote));
+            }
         }
-        match self.remote_holder(name) {
-            Some(remote) => Ok(Located::There(remote)),
-            None => self.peer(name).map(Located::Here),
-        }
+        self.peer(name).map(Located::Here)
     }
 
     /// Forwards one unary call from `reader` (on connection `conn`, holding `mine`, one of
@@ -210,8 +210,23 @@ impl Hub for HubService {
             calls: Arc::new(Semaphore::new(conn.hub.opts.max_reads_per_peer.max(1))),
             active: Arc::new(Mutex::new(Vec::new())),
         };
+        // Claimed fleet-wide first: another hub may hold the name, or the directory may be
+        // out of reach (then nothing is claimed, and the client tries again later).
+        if let Err(e) = conn.hub.directory.publish(&name).await {
+            warn!(peer = %name, conn = conn.id, "refused: {e}");
+            return Err(match e {
+                DirectoryError::Taken { .. } => taken(),
+                DirectoryError::Unreachable { .. } => Status::unavailable(e.to_string()),
+                DirectoryError::Closed => Status::unavailable("the hub is shutting down"),
+                other => Status::internal(other.to_string()),
+            });
+        }
         if let Err(e) = conn.hub.peers.insert(&name, conn.id, handle) {
             warn!(peer = %name, conn = conn.id, "refused: {e}");
+            // The directory's claim was this connection's; give it back.
+            if let Err(e) = conn.hub.directory.release(&name).await {
+                warn!(peer = %name, "could not release the name in the fleet's directory: {e}");
+            }
             return Err(match e {
                 NameError::Taken { .. } => taken(),
                 other => Status::invalid_argument(other.to_string()),
