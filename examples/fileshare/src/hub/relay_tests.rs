@@ -490,12 +490,12 @@ async fn reads_are_routed_by_the_fleets_directory_on_a_real_etcd() {
     // The hubs claim the names in etcd themselves; the table is not used by these hubs.
     let bob = join(&hub_b, &table, "bob", rb.path()).await;
     let alice = join(&hub_a, &table, "alice", ra.path()).await;
-    assert_eq!(alice.list().await.unwrap(), ["alice", "bob"]);
     until_event(
         &mut events_a,
         |e| matches!(e, Event::Joined { name, .. } if name == "bob"),
     )
     .await;
+    assert_eq!(alice.list().await.unwrap(), ["alice", "bob"]);
     let want = std::fs::read(rb.path().join("data.bin")).unwrap();
     let got = read_all(&alice, "bob", "data.bin").await.unwrap();
     assert_eq!(sha256(&got), sha256(&want));
