@@ -244,6 +244,9 @@ async fn start_directory(
         .await
         .is_err()
     {
+        if etcd.id_in_use() {
+            anyhow::bail!("hub id {id} is in use by another live hub of the fleet: give --hub-id");
+        }
         warn!("the fleet's directory is unreachable: new names are refused until it answers");
     } else {
         info!(
