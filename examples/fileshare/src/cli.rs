@@ -106,9 +106,15 @@ pub(crate) struct ClientArgs {
     /// Show the details behind errors (as RUST_LOG=debug would, without the log).
     #[arg(short, long)]
     pub(crate) verbose: bool,
-    /// Hub address (host:port).
-    #[arg(value_name = "ADDR", default_value = DEFAULT_ADDR)]
-    pub(crate) addr: String,
+    /// Hub address (host:port). A fleet's hubs: several, separated by commas
+    /// (a,b,c), tried in turn; a name with several addresses is tried at each.
+    #[arg(
+        value_name = "ADDR",
+        default_value = DEFAULT_ADDR,
+        value_delimiter = ',',
+        num_args = 1..=crate::client::MAX_HUBS
+    )]
+    pub(crate) addr: Vec<String>,
     /// Shared secret the hub requires (prefer the environment variable: command lines are
     /// visible to other local users).
     #[arg(
@@ -254,7 +260,7 @@ mod tests {
         let cli = parse_words(&["share", "-name", "second-client", "localhost:8765"]).unwrap();
         assert!(cli.command.is_none());
         assert_eq!(cli.client.name.as_deref(), Some("second-client"));
-        assert_eq!(cli.client.addr, "localhost:8765");
+        assert_eq!(cli.client.addr, ["localhost:8765"]);
         assert_eq!(cli.client.root, None);
         assert!(!cli.client.hidden);
     }
@@ -262,7 +268,7 @@ mod tests {
     #[test]
     fn a_client_defaults_to_the_loopback_hub() {
         let cli = parse_words(&["share", "--name", "alice", "--root", "/srv"]).unwrap();
-        assert_eq!(cli.client.addr, DEFAULT_ADDR);
+        assert_eq!(cli.client.addr, [DEFAULT_ADDR]);
         assert_eq!(cli.client.root, Some(PathBuf::from("/srv")));
         assert!(!cli.client.serve);
     }

@@ -49,7 +49,7 @@ fn client_opts(hub: &TestHub, name: &str, root: &Path) -> ClientOptions {
     ClientOptions {
         name: name.to_owned(),
         root: Root::open(root).unwrap(),
-        addr: hub.addr.to_string(),
+        hubs: vec![hub.addr.to_string()],
         token: None,
         tls: None,
         verbose: false,
@@ -62,7 +62,7 @@ fn tls_client_opts(hub: &TestHub, name: &str, root: &Path, ca: &Path) -> ClientO
     let mut opts = client_opts(hub, name, root);
     opts.tls = Some((
         crate::tls::client_config(ca, None).unwrap(),
-        crate::tls::server_name(&hub.addr.to_string(), None).unwrap(),
+        Some(crate::tls::server_name(&hub.addr.to_string(), None).unwrap()),
     ));
     opts
 }
@@ -332,7 +332,7 @@ async fn a_connection_that_does_not_publish_in_time_is_closed_and_frees_its_slot
     let opts = ClientOptions {
         name: "bob".into(),
         root: Root::open(root.path()).unwrap(),
-        addr: "duplex".into(),
+        hubs: vec!["duplex".into()],
         token: None,
         tls: None,
         verbose: false,
@@ -651,7 +651,7 @@ async fn a_name_held_by_a_silent_connection_is_free_only_once_keepalive_ends_its
     let (r_old, r_new, ra) = (root_with(0), root_with(0), root_with(0));
     std::fs::write(r_new.path().join("hello.txt"), b"the new bob\n").unwrap();
     let mut opts = client_opts(&hub, "bob", r_old.path());
-    opts.addr = proxy.addr().to_string();
+    opts.hubs = vec![proxy.addr().to_string()];
     let old_bob = Peer::start(opts, quiet()).await.unwrap();
     let alice = join(&hub, "alice", ra.path()).await;
     assert_eq!(
@@ -1819,7 +1819,7 @@ async fn a_reader_whose_socket_is_not_read_loses_its_read_and_frees_the_slot() {
     let (rb, ra, rc) = (root_with(256 << 20), root_with(0), root_with(0));
     let _bob = join(&hub, "bob", rb.path()).await;
     let mut opts = client_opts(&hub, "alice", ra.path());
-    opts.addr = proxy.addr().to_string();
+    opts.hubs = vec![proxy.addr().to_string()];
     let alice = within(WAIT_S, "alice joins", Peer::start(opts, quiet()))
         .await
         .unwrap();
@@ -1851,7 +1851,7 @@ async fn concurrent_reads_over_a_slow_exporter_link_all_finish_without_false_sil
         .unwrap();
     let (rb, ra) = (root_with(4 << 20), root_with(0));
     let mut opts = client_opts(&hub, "bob", rb.path());
-    opts.addr = proxy.addr().to_string();
+    opts.hubs = vec![proxy.addr().to_string()];
     let _bob = within(WAIT_S, "bob joins", Peer::start(opts, quiet()))
         .await
         .unwrap();
