@@ -344,6 +344,7 @@ async fn run_client(args: ClientArgs) -> anyhow::Result<bool> {
         .show_hidden(args.hidden)
         .access_log(access)
         .allow_hard_links(args.allow_hard_links);
+    let hubs = args.hubs()?;
     let tls = match &args.tls_ca {
         None => None,
         Some(ca) => {
@@ -357,7 +358,7 @@ async fn run_client(args: ClientArgs) -> anyhow::Result<bool> {
             let server_name = match args.tls_server_name.as_deref() {
                 Some(name) => Some(tls::server_name("", Some(name))?),
                 None => {
-                    for hub in &args.addr {
+                    for hub in &hubs {
                         tls::server_name(hub, None)?;
                     }
                     None
@@ -370,7 +371,7 @@ async fn run_client(args: ClientArgs) -> anyhow::Result<bool> {
     let opts = client::ClientOptions {
         name: name.clone(),
         root,
-        hubs: args.addr.clone(),
+        hubs: hubs.clone(),
         token: args.token.clone(),
         tls,
         verbose,
@@ -383,7 +384,7 @@ async fn run_client(args: ClientArgs) -> anyhow::Result<bool> {
     };
     let me = repl::Me {
         name: name.clone(),
-        addr: args.addr.join(","),
+        addr: hubs.join(","),
         root: opts.root.display_path().to_path_buf(),
         hidden: args.hidden,
         link,
@@ -423,7 +424,7 @@ async fn run_client(args: ClientArgs) -> anyhow::Result<bool> {
     let ok = if args.serve {
         eprintln!(
             "share: connected to the hub at {} as {name}, exporting {root_shown}",
-            peer.hub_addr().unwrap_or_else(|| args.addr.join(","))
+            peer.hub_addr().unwrap_or_else(|| hubs.join(","))
         );
         if let Some(s) = signals.as_mut() {
             s.recv().await;
@@ -432,7 +433,7 @@ async fn run_client(args: ClientArgs) -> anyhow::Result<bool> {
     } else if interactive {
         eprintln!(
             "connected to the hub at {} as {name}, exporting {root_shown}; type help",
-            peer.hub_addr().unwrap_or_else(|| args.addr.join(","))
+            peer.hub_addr().unwrap_or_else(|| hubs.join(","))
         );
         let rt = tokio::runtime::Handle::current();
         let (p, n) = (peer.clone(), notifier.clone());

@@ -16,7 +16,9 @@
 use netchan_rpc::{rpc_service, ByteBuf, Code, Context, ItemStream, Status};
 use serde::{Deserialize, Serialize};
 
-use crate::export::ExportError;
+use std::time::Duration;
+
+use crate::export::{ExportError, CHUNK_SIZE};
 
 /// Mux channel the client listens on for the [`Export`] service the hub reads files with.
 pub(crate) const EXPORT_CHANNEL: &str = "export";
@@ -24,6 +26,22 @@ pub(crate) const EXPORT_CHANNEL: &str = "export";
 /// Call metadata key under which the hub tells an exporter who is reading (the reader's
 /// published name), on every forwarded `Export` call. Absent on the hub's own probes.
 pub(crate) const READER_KEY: &str = "fileshare-reader";
+
+/// The largest offset a read may start at, at the hub and at the exporter alike. `off_t` is
+/// signed, so no file holds a byte at `i64::MAX` or beyond (and a read there cannot even
+/// probe one byte): a read from there is refused as out of range.
+pub(crate) const MAX_OFFSET: u64 = i64::MAX as u64 - 1;
+
+/// The stream window, in chunks, that carries `rate` bytes per second over a hop whose round
+/// trip is `rtt`: twice the bandwidth-delay product (credit comes back in half-window batches,
+/// so only half a window is sure to be in flight), at least `floor` (and at least 1). Both
+/// hops of a forwarded read size their windows this way: the hub's to the exporter, the
+/// reader's to the hub.
+pub(crate) fn window_for_rtt(rate: u64, rtt: Duration, floor: u32) -> u32 {
+    let bdp = (rate as f64 * rtt.as_secs_f64() / CHUNK_SIZE as f64).ceil() as u64;
+    let floor = u64::from(floor.max(1));
+    bdp.saturating_mul(2).max(floor).min(u64::from(u32::MAX)) as u32
+}
 
 /// Length of [`Chunk::sha256`] on the last chunk.
 pub(crate) const DIGEST_LEN: usize = 32;
@@ -200,7 +218,7 @@ pub(crate) struct Chunk {
     pub(crate) size: u64,
     /// Offset of `data` in the file.
     pub(crate) offset: u64,
-    /// The bytes (at most [`CHUNK_SIZE`](crate::export::CHUNK_SIZE)); a `ByteBuf` travels as
+    /// The bytes (at most [`CHUNK_SIZE`]); a `ByteBuf` travels as
     /// one block, shared with the received frame and sent without a copy.
     pub(crate) data: ByteBuf,
     /// True on the last chunk. A stream that ends without it was cut short.

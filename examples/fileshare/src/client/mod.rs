@@ -34,6 +34,8 @@ mod transfer;
 use crate::proto::{
     Entry, HubClient, ListReq, Listing, PeerPath, PeerRead, PublishReq, EXPORT_CHANNEL,
 };
+#[cfg(test)]
+pub(crate) use transfer::read_window;
 pub(crate) use transfer::FileStream;
 
 /// How long connecting (TCP, TLS, hello, publish) to one address may take as a whole.
@@ -175,6 +177,9 @@ pub(crate) struct Link {
     /// What the hub said when it let us in.
     welcome: auth::Welcome,
     hub: HubClient,
+    /// The stream window of a read from the hub: [`transfer::read_window`] of the round trip
+    /// measured when the link was made.
+    read_window: u32,
     /// Both directions of rpc with the hub; the hub's `ls`/`stat` calls arrive here.
     _rpc: rpc::Peer,
     /// Serves the hub's calls to our export; aborted when the link is dropped.
@@ -226,7 +231,10 @@ async fn connect_hub(opts: &ClientOptions, hub: &str, index: usize) -> Result<Li
         .map_err(|_| {
             tcp_error(std::io::Error::new(
                 std::io::ErrorKind::TimedOut,
-                format!("resolving {hub} took longer than {}s", RESOLVE_TIMEOUT.as_secs()),
+                format!(
+                    "resolving {hub} took longer than {}s",
+                    RESOLVE_TIMEOUT.as_secs()
+                ),
             ))
         })?
         .map_err(tcp_error)?;
@@ -314,11 +322,15 @@ where
 {
     let session = Session::client(io, opts.mux.clone());
     let hello = async {
+        // The dial is one round trip to the hub (it resolves once the hub has accepted the
+        // channel): the reader's hop of every read is sized from it.
+        let start = tokio::time::Instant::now();
         let mut hello = session.dial(auth::CHANNEL).await?;
+        let rtt = start.elapsed();
         let welcome = auth::client_hello(&mut hello, opts.token.as_deref()).await?;
-        Ok::<_, ConnectError>((hello, welcome))
+        Ok::<_, ConnectError>((hello, welcome, rtt))
     };
-    let (mut hello, welcome) = match hello.await {
+    let (mut hello, welcome, rtt) = match hello.await {
         Ok(hello) => hello,
         Err(e) => return Err(tls_refusal(&session, hub).await.unwrap_or(e)),
     };
@@ -334,26 +346,30 @@ where
         .spawn(serve_exports(exports, server.clone()).instrument(tracing::debug_span!("export")));
     let link = rpc::Peer::connect(&session, server).await?;
     let hub_client = HubClient::new(link.client().clone());
-    hub_client.publish(PublishReq {
-        name: opts.name.clone(),
-    })
-    .await
-    .map_err(|status| match status.code() {
-        // The hub is full: not about the name.
-        Code::ResourceExhausted => ConnectError::Refused {
-            reason: status.message().to_owned(),
-        },
-        _ => ConnectError::Publish {
+    hub_client
+        .publish(PublishReq {
             name: opts.name.clone(),
-            status,
-        },
-    })?;
+        })
+        .await
+        .map_err(|status| match status.code() {
+            // The hub is full: not about the name.
+            Code::ResourceExhausted => ConnectError::Refused {
+                reason: status.message().to_owned(),
+            },
+            _ => ConnectError::Publish {
+                name: opts.name.clone(),
+                status,
+            },
+        })?;
+    let read_window = transfer::read_window(rtt);
+    debug!(?rtt, read_window, "read window sized from the round trip");
     Ok(Link {
         addr: hub.to_owned(),
         index: 0,
         session,
         welcome,
         hub: hub_client,
+        read_window,
         _rpc: link,
         _export: export_tasks,
     })
@@ -576,7 +592,14 @@ impl Peer {
             path: path.to_owned(),
             offset,
         };
-        let inner = self.hub()?.read(req).await?;
+        let (hub, window) = match &*self.link.borrow() {
+            Some(link) if !link.session.is_closed() => (link.hub.clone(), link.read_window),
+            _ => return Err(CallError::NotConnected),
+        };
+        let inner = hub
+            .with_options(CallOptions::default().stream_window(window))
+            .read(req)
+            .await?;
         Ok(FileStream::new(inner, offset, prefix))
     }
 
@@ -587,6 +610,12 @@ impl Peer {
         if let Some(link) = link {
             let _ = tokio::time::timeout(Duration::from_secs(1), link.session.close()).await;
         }
+    }
+
+    /// The stream window of a read from the hub on the current link, if connected.
+    #[cfg(test)]
+    pub(crate) fn read_window(&self) -> Option<u32> {
+        self.link.borrow().as_ref().map(|link| link.read_window)
     }
 
     /// Resolves when the link is up again (or at once if it is). Cancel-safe.

@@ -8,10 +8,29 @@ use futures::StreamExt as _;
 use netchan_rpc::ResponseStream;
 
 use super::CallError;
-use crate::proto::{new_hasher, Chunk, DIGEST_LEN};
+use crate::proto::{new_hasher, window_for_rtt, Chunk, DIGEST_LEN};
 
 /// Longest wait for the next chunk of a file (above the hub's own per-chunk bound).
 const CHUNK_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Rate one read should reach over a long link to the hub, in bytes per second: the reader's
+/// window carries it over the round trip (1 Gbit/s, as the hub's default forward rate).
+const READ_RATE: u64 = 125_000_000;
+
+/// Smallest window of a read's hop from the hub: rpc's default stream window (16 chunks,
+/// 4 MiB), enough for a LAN.
+const READ_WINDOW_MIN: u32 = 16;
+
+/// Largest window of a read's hop from the hub, whatever the round trip: what one read may
+/// hold at the reader is bounded by 128 chunks (32 MiB).
+const READ_WINDOW_MAX: u32 = 128;
+
+/// The stream window of a read from the hub over a link whose round trip is `rtt`: sized like
+/// the hub's window to the exporter ([`window_for_rtt`] at [`READ_RATE`]), between
+/// [`READ_WINDOW_MIN`] and [`READ_WINDOW_MAX`] chunks.
+pub(crate) fn read_window(rtt: Duration) -> u32 {
+    window_for_rtt(READ_RATE, rtt, READ_WINDOW_MIN).min(READ_WINDOW_MAX)
+}
 
 /// The chunks of one file, checked as they come: in order, within the announced size, and at
 /// the end complete and matching the exporter's SHA-256.
@@ -227,5 +246,20 @@ mod tests {
             let err = chunks.iter().try_for_each(|c| v.verify(c)).unwrap_err();
             assert!(err.to_string().contains(want), "{err} lacks {want:?}");
         }
+    }
+
+    /// Issue 22: the reader's hop is sized from its round trip like the hub's hop to the
+    /// exporter, within bounds.
+    #[test]
+    fn the_readers_window_follows_its_round_trip_within_bounds() {
+        let window = |ms| read_window(Duration::from_millis(ms));
+        // A LAN: rpc's default of 16 chunks.
+        assert_eq!(window(0), 16);
+        assert_eq!(window(5), 16);
+        // 50 ms at 1 Gbit/s is 6.25 MB in flight: 24 chunks, twice that for half-window credit.
+        assert_eq!(window(50), 48);
+        // Beyond 128 chunks (32 MiB) a long round trip gets no more.
+        assert_eq!(window(200), 128);
+        assert_eq!(window(60_000), 128);
     }
 }

@@ -111,7 +111,8 @@ pub(crate) enum ExportError {
         /// Its link count.
         links: u64,
     },
-    /// The requested offset is past the largest offset a file can have (2^63 - 1).
+    /// The requested offset is past the largest offset a read may start at
+    /// ([`MAX_OFFSET`](crate::proto::MAX_OFFSET), 2^63 - 2).
     #[error("offset {offset} in {path:?} is past the largest possible file offset")]
     BadOffset {
         /// The path as requested.
@@ -599,7 +600,7 @@ impl OpenFile {
     /// Reads up to `max` bytes at `offset` (fewer only at end of file; empty at or past it).
     pub(crate) fn read_at(&self, offset: u64, max: usize) -> Result<Vec<u8>, ExportError> {
         use std::os::unix::fs::FileExt;
-        if offset > i64::MAX as u64 {
+        if offset > crate::proto::MAX_OFFSET {
             return Err(ExportError::BadOffset {
                 path: self.path.clone(),
                 offset,

@@ -234,4 +234,44 @@ mod tests {
             );
         }
     }
+
+    /// Issue 22: 2^63 − 1 is out of range at the exporter too (it used to reach the system
+    /// call and fail as an i/o error), as are the offsets above it; the one below reads as
+    /// the end of the file.
+    #[tokio::test]
+    async fn offsets_from_2_63_minus_1_are_out_of_range_at_the_exporter() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("f"), b"0123456789").unwrap();
+        let export = ExportService {
+            root: Root::open(dir.path()).unwrap(),
+        };
+        for offset in [i64::MAX as u64, 1 << 63, u64::MAX] {
+            let req = ReadReq {
+                path: "f".into(),
+                offset,
+            };
+            let items: Vec<_> = export
+                .read(Context::detached("Export.read"), req)
+                .await
+                .unwrap()
+                .collect()
+                .await;
+            assert_eq!(items.len(), 1, "offset {offset}");
+            let err = items[0].as_ref().expect_err("out of range");
+            assert_eq!(err.code(), Code::OutOfRange, "{offset}: {err}");
+            assert!(err.message().contains(&offset.to_string()), "{err}");
+        }
+        let req = ReadReq {
+            path: "f".into(),
+            offset: crate::proto::MAX_OFFSET,
+        };
+        let items: Vec<_> = export
+            .read(Context::detached("Export.read"), req)
+            .await
+            .unwrap()
+            .collect()
+            .await;
+        let last = items[0].as_ref().expect("the end of the file");
+        assert!(last.eof && last.data.is_empty(), "{last:?}");
+    }
 }

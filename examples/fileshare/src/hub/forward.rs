@@ -19,7 +19,7 @@ use super::conn::ReaderSlot;
 use super::registry::ConnId;
 use super::{HubOptions, HubState, EXPORT_DIAL_TIMEOUT, MAX_CHUNK_FRAME};
 use crate::export::CHUNK_SIZE;
-use crate::proto::{peer_gone, Chunk, ExportClient, EXPORT_CHANNEL};
+use crate::proto::{peer_gone, window_for_rtt, Chunk, ExportClient, EXPORT_CHANNEL};
 
 /// What the hub keeps per published peer.
 #[derive(Clone)]
@@ -260,19 +260,23 @@ pub(super) fn from_peer(name: &str, s: Status) -> Status {
 /// batches, so half a window must cover the bandwidth-delay product), at least
 /// `forward_window`. [`HubState::reserve_window`] bounds what a read gets.
 pub(super) fn window_for(opts: &HubOptions, rtt: Duration) -> u32 {
-    let bdp = (opts.forward_rate as f64 * rtt.as_secs_f64() / CHUNK_SIZE as f64).ceil() as u64;
-    let floor = u64::from(opts.forward_window.max(1));
-    bdp.saturating_mul(2).max(floor).min(u64::from(u32::MAX)) as u32
+    window_for_rtt(opts.forward_rate, rtt, opts.forward_window)
 }
 
 /// Whether `s` ended a forwarded read because the exporter produced a message over the reads
 /// channel's limit: a protocol error of the exporter, not a departure. An exporter whose rpc
 /// layer learnt the hub's limit refuses to send such a chunk and ends the read with
 /// `RESOURCE_EXHAUSTED` (an exporter's reads answer that code for nothing else); one that
-/// sends it anyway meets the hub's rpc conn, which refuses the frame unread and ends.
-fn oversized_frame(s: &Status) -> bool {
-    s.code() == Code::ResourceExhausted
-        || (s.is_conn_lost() && s.message().contains("-byte frame, over the"))
+/// sends it anyway meets the hub's rpc conn, which refuses the frame unread and ends: the
+/// status is then our own conn-lost verdict whose source is the rpc layer's
+/// [`rpc::Error::FrameTooLarge`]. The check reads the code and that typed source, never the
+/// words of a message (a status an exporter sent carries no source).
+pub(super) fn oversized_frame(s: &Status) -> bool {
+    if s.code() == Code::ResourceExhausted {
+        return true;
+    }
+    let source = std::error::Error::source(s).and_then(|e| e.downcast_ref::<rpc::Error>());
+    s.is_conn_lost() && matches!(source, Some(rpc::Error::FrameTooLarge { .. }))
 }
 
 /// Checks one chunk of a forwarded read against the protocol: at most [`CHUNK_SIZE`] bytes,

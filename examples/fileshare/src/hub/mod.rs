@@ -119,10 +119,6 @@ pub(crate) const MAX_CHUNK_FRAME: usize = CHUNK_SIZE + 1024;
 /// The first byte of a TLS record carrying a handshake (a ClientHello starts with it).
 const TLS_HANDSHAKE_RECORD: u8 = 0x16;
 
-/// The largest offset a read may start at. `off_t` is signed, so no file holds a byte at
-/// `i64::MAX` or beyond: a read from there is refused as out of range.
-const MAX_OFFSET: u64 = i64::MAX as u64 - 1;
-
 /// Refused connections told why at once (each costs a session for at most
 /// [`REFUSAL_TIME`]); more are closed without a word.
 const MAX_REFUSALS: usize = 64;

@@ -12,11 +12,10 @@ use tracing::{info, warn, Instrument};
 use super::conn::{ConnState, Published};
 use super::forward::{active_reads, from_peer, ActiveRead, PeerHandle, Pump};
 use super::registry::{validate_name, NameError};
-use super::MAX_OFFSET;
 use crate::export::CHUNK_SIZE;
 use crate::proto::{
     Chunk, Entry, ExportClient, Hub, ListReq, Listing, PeerPath, PeerRead, PublishReq, PublishResp,
-    ReadReq, READER_KEY,
+    ReadReq, MAX_OFFSET, READER_KEY,
 };
 
 /// The [`Hub`] service as seen by one connection.

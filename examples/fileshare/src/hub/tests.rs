@@ -597,6 +597,91 @@ async fn a_client_reconnects_and_republishes_after_the_hub_restarts() {
     assert!(said_reconnected);
 }
 
+/// A loopback address nothing listens on (a listener bound and closed again).
+async fn dead_addr() -> String {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    listener.local_addr().unwrap().to_string()
+}
+
+#[tokio::test]
+async fn a_client_given_several_hubs_joins_the_first_that_lets_it_in() {
+    let hub = start_hub(HubOptions::default()).await;
+    let root = root_with(0);
+    let mut opts = client_opts(&hub, "bob", root.path());
+    opts.hubs = vec![dead_addr().await, hub.addr.to_string()];
+    let bob = within(WAIT_S, "bob joins", Peer::start(opts, quiet()))
+        .await
+        .unwrap();
+    assert_eq!(bob.hub_addr(), Some(hub.addr.to_string()));
+    until_peers(&hub, |p| p == ["bob"]).await;
+    bob.close().await;
+}
+
+#[tokio::test]
+async fn a_client_given_only_dead_hubs_names_them_all_in_its_error() {
+    let root = root_with(0);
+    let hub = start_hub(HubOptions::default()).await;
+    let mut opts = client_opts(&hub, "bob", root.path());
+    let (a, b) = (dead_addr().await, dead_addr().await);
+    opts.hubs = vec![a.clone(), b.clone()];
+    let err = within(WAIT_S, "bob fails", Peer::start(opts.clone(), quiet()))
+        .await
+        .err()
+        .expect("no hub lets bob in");
+    // The last hub tried is the one named; the notice names every hub.
+    assert!(
+        matches!(&err, ConnectError::Tcp { addr, .. } if *addr == b),
+        "{err:?}"
+    );
+    assert!(err.is_transient());
+    assert_eq!(
+        client::hubs_phrase(&opts.hubs),
+        format!("any of the hubs {a}, {b}")
+    );
+}
+
+#[tokio::test]
+async fn a_client_that_loses_its_hub_reconnects_to_the_next_one() {
+    let (first, second) = (
+        start_hub(HubOptions::default()).await,
+        start_hub(HubOptions::default()).await,
+    );
+    let root = root_with(0);
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<String>(64);
+    let notify: client::Notify = Arc::new(move |msg: String| {
+        let _ = tx.try_send(msg);
+    });
+    let mut opts = client_opts(&first, "bob", root.path());
+    opts.hubs = vec![first.addr.to_string(), second.addr.to_string()];
+    let bob = within(WAIT_S, "bob joins", Peer::start(opts, notify))
+        .await
+        .unwrap();
+    assert_eq!(bob.hub_addr(), Some(first.addr.to_string()));
+    // The first hub goes (its tasks and sessions with it): bob is back on the second, under
+    // its name, and says where.
+    drop(first);
+    let said = within(WAIT_S, "bob reconnects", async {
+        loop {
+            let msg = rx.recv().await.expect("bob's notices");
+            if msg.starts_with("reconnected") {
+                return msg;
+            }
+        }
+    })
+    .await;
+    assert_eq!(
+        said,
+        format!(
+            "reconnected to the hub at {}; published as bob",
+            second.addr
+        )
+    );
+    until_peers(&second, |p| p == ["bob"]).await;
+    assert_eq!(bob.hub_addr(), Some(second.addr.to_string()));
+    assert_eq!(bob.list().await.unwrap(), vec!["bob"]);
+    bob.close().await;
+}
+
 #[tokio::test]
 async fn shutdown_closes_every_session_gracefully_and_clients_say_the_hub_closed_it() {
     let mut hub = start_hub(HubOptions {
@@ -2041,4 +2126,44 @@ async fn a_stalled_reader_that_grants_no_credit_is_told_it_took_nothing() {
     assert_eq!(end.code(), Code::DeadlineExceeded, "{end}");
     assert!(end.message().contains("you took nothing"), "{end}");
     assert!(start.elapsed() >= Duration::from_secs(30));
+}
+
+/// Issue 22: what marks an exporter's oversized chunk is the code its rpc layer answers
+/// (`RESOURCE_EXHAUSTED`) or our own rpc layer's typed verdict on the reads channel (seen end
+/// to end in `an_exporter_that_breaks_the_chunk_rules_fails_only_its_own_reads`), never the
+/// words of a message: an exporter that sends the rpc layer's wording is not taken at its word.
+#[test]
+fn an_oversized_chunk_is_told_by_code_and_typed_source_not_by_words() {
+    use super::forward::oversized_frame;
+    assert!(oversized_frame(&rpc::Status::resource_exhausted(
+        "message exceeds the peer's limit"
+    )));
+    for s in [
+        rpc::Status::unavailable("peer announced a 9000000-byte frame, over the 263168-byte limit"),
+        rpc::Status::internal("peer announced a 9000000-byte frame, over the 263168-byte limit"),
+        rpc::Status::not_found("no such file"),
+    ] {
+        assert!(!oversized_frame(&s), "{s:?}");
+    }
+}
+
+/// Issue 22: the reader's own hop is sized from the round trip it measured to the hub: over a
+/// link of at least 50 ms it is at least the 50 ms window (the delay line never shortens it).
+#[tokio::test]
+async fn a_reader_far_from_the_hub_sizes_its_window_from_the_round_trip() {
+    let hub = start_hub(HubOptions::default()).await;
+    let proxy = Proxy::start(hub.addr, Link::delayed(Duration::from_millis(25)))
+        .await
+        .unwrap();
+    let root = root_with(0);
+    let mut opts = client_opts(&hub, "faraway", root.path());
+    opts.hubs = vec![proxy.addr().to_string()];
+    let far = within(WAIT_S, "the far reader joins", Peer::start(opts, quiet()))
+        .await
+        .unwrap();
+    let window = far.read_window().expect("connected");
+    let at_least = crate::client::read_window(Duration::from_millis(50));
+    assert!(at_least > 16, "{at_least}");
+    assert!(window >= at_least, "{window} < {at_least}");
+    assert!(window <= 128, "{window}");
 }

@@ -324,12 +324,7 @@ pub(super) async fn get(
         saved.push((n, target.clone()));
     }
     if let Some(bar) = bar {
-        let took = started.elapsed().as_secs_f64();
-        bar.println(format!(
-            "{} in {took:.1} s ({}/s)",
-            command::human_size(done),
-            command::human_size((done as f64 / took.max(1e-3)) as u64)
-        ));
+        bar.println(summary(done, started.elapsed()));
         bar.finish_and_clear();
     }
     let mut text = String::new();
@@ -511,39 +506,31 @@ async fn get_one(
         .file_name()
         .map_or_else(|| remote.to_owned(), |n| n.to_string_lossy().into_owned());
     if let Some(bar) = bar {
-        bar.set_message(name.clone());
+        bar.set_message(bar_message(&name, p, false));
     }
     let result = async {
         let mut stream = peer.read_from(p, remote, offset, prefix).await?;
         let mut total = offset;
         let mut meta = None;
-        let mut waiting = false;
         // Bounded by the file: one chunk per iteration until the eof chunk (the stream
         // itself gives up on a silence longer than its chunk timeout).
         loop {
             let next = match bar {
                 Some(bar) => {
-                    let next = stream.next();
-                    tokio::pin!(next);
-                    // Bounded: the stream gives up on a silence of its chunk timeout.
-                    loop {
-                        tokio::select! {
-                            next = &mut next => break next,
-                            () = tokio::time::sleep(STALL_NOTICE), if !waiting => {
-                                waiting = true;
-                                bar.set_message(format!("{name}: waiting for {p}"));
-                            }
-                        }
+                    let mut stalled = false;
+                    let next = noting_stall(stream.next(), || {
+                        stalled = true;
+                        bar.set_message(bar_message(&name, p, true));
+                    })
+                    .await;
+                    if stalled {
+                        bar.set_message(bar_message(&name, p, false));
                     }
+                    next
                 }
                 None => stream.next().await,
             };
             let Some(chunk) = next? else { break };
-            if std::mem::take(&mut waiting) {
-                if let Some(bar) = bar {
-                    bar.set_message(name.clone());
-                }
-            }
             total += chunk.data.len() as u64;
             meta = Some((chunk.mode, chunk.mtime, chunk.mtime_nanos));
             append(&mut file, &chunk.data)
@@ -635,6 +622,38 @@ pub(super) fn install(part: &Path, target: &Path, force: bool) -> anyhow::Result
     }
 }
 
+/// What the progress bar says while `name` is copied from `peer`: the file's name, and once
+/// nothing has arrived for [`STALL_NOTICE`] (`stalled`), that the copy waits for the peer.
+/// Meanwhile the bar's steady tick shows the rate falling.
+fn bar_message(name: &str, peer: &str, stalled: bool) -> String {
+    if stalled {
+        format!("{name}: waiting for {peer}")
+    } else {
+        name.to_owned()
+    }
+}
+
+/// The last line of a `get` shown with a progress bar: how much, in how long, at what rate.
+fn summary(bytes: u64, took: Duration) -> String {
+    let secs = took.as_secs_f64();
+    format!(
+        "{} in {secs:.1} s ({}/s)",
+        command::human_size(bytes),
+        command::human_size((bytes as f64 / secs.max(1e-3)) as u64)
+    )
+}
+
+/// Awaits `next`; if it has not resolved within [`STALL_NOTICE`], calls `stalled` once and
+/// keeps waiting (the caller's own bound, the stream's chunk timeout, ends the wait).
+async fn noting_stall<T>(next: impl std::future::Future<Output = T>, stalled: impl FnOnce()) -> T {
+    tokio::pin!(next);
+    tokio::select! {
+        item = &mut next => return item,
+        () = tokio::time::sleep(STALL_NOTICE) => stalled(),
+    }
+    next.await
+}
+
 fn progress_bar(size: u64) -> ProgressBar {
     // Cleared when dropped, so a cancelled get leaves no frozen half bar.
     let bar = ProgressBar::new(size).with_finish(ProgressFinish::AndClear);
@@ -647,4 +666,60 @@ fn progress_bar(size: u64) -> ProgressBar {
         bar.set_style(style.progress_chars("=> "));
     }
     bar
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Issue 22: a stalled transfer says so (naming the file and the peer) after
+    /// [`STALL_NOTICE`] of silence, once, and not before.
+    #[tokio::test(start_paused = true)]
+    async fn a_stalled_copy_says_it_waits_for_the_peer_after_the_notice_and_only_then() {
+        let mut said = Vec::new();
+        // A chunk that comes in time: nothing said.
+        let quick = noting_stall(
+            async {
+                tokio::time::sleep(STALL_NOTICE / 2).await;
+                1
+            },
+            || said.push(bar_message("big.iso", "bob", true)),
+        )
+        .await;
+        assert_eq!(quick, 1);
+        assert!(said.is_empty(), "{said:?}");
+        // A chunk that takes 10 s: said once, at the notice, and the chunk still arrives.
+        let start = tokio::time::Instant::now();
+        let mut at = None;
+        let slow = noting_stall(
+            async {
+                tokio::time::sleep(Duration::from_secs(10)).await;
+                2
+            },
+            || {
+                at = Some(start.elapsed());
+                said.push(bar_message("big.iso", "bob", true));
+            },
+        )
+        .await;
+        assert_eq!(slow, 2);
+        assert_eq!(at, Some(STALL_NOTICE));
+        assert_eq!(said, vec!["big.iso: waiting for bob".to_owned()]);
+        assert_eq!(start.elapsed(), Duration::from_secs(10));
+        // Once data flows again the bar names the file alone.
+        assert_eq!(bar_message("big.iso", "bob", false), "big.iso");
+    }
+
+    #[test]
+    fn the_last_line_gives_size_time_and_rate() {
+        let line = summary(10 << 20, Duration::from_secs(4));
+        assert!(line.contains("in 4.0 s"), "{line}");
+        assert!(line.ends_with("/s)"), "{line}");
+        assert!(
+            line.contains(&format!("({}/s)", command::human_size(10 << 20 >> 2))),
+            "{line}"
+        );
+        // No time at all is no division by zero.
+        assert!(summary(5, Duration::ZERO).contains("in 0.0 s"));
+    }
 }
