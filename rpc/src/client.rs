@@ -271,7 +271,7 @@ impl Client {
         shared.outbox.announce_limit();
         let fd_link = FdLink::of(&conn);
         let reader_fds = fd_link.clone();
-        let (rd, mut wr) = tokio::io::split(conn);
+        let (rd, wr) = tokio::io::split(conn);
         let span = tracing::debug_span!("rpc_client");
 
         let s = Arc::clone(&shared);
@@ -279,7 +279,7 @@ impl Client {
             async move {
                 let res = tokio::select! {
                     _ = s.token.cancelled() => return,
-                    res = s.outbox.run_writer(&mut wr, &fd_link) => res,
+                    res = s.outbox.run_writer(wr, &fd_link) => res,
                 };
                 let status = match res {
                     Ok(()) => Status::conn_lost("client closed"),

@@ -60,7 +60,7 @@ impl Server {
         let peer = &origin;
         let span = tracing::debug_span!("rpc_serve", peer = peer.label.as_deref().unwrap_or(""));
         let config = &self.inner.config;
-        let (rd, mut wr) = tokio::io::split(conn);
+        let (rd, wr) = tokio::io::split(conn);
         let mut inbox = FdInbox::new(fd_link.clone());
         let conn = Arc::new(ConnState::new(config));
         // However serving ends (or if this future is dropped), cancel every
@@ -71,7 +71,7 @@ impl Server {
             async move {
                 let res = tokio::select! {
                     _ = c.token.cancelled() => Ok(()),
-                    res = c.outbox.run_writer(&mut wr, &fd_link) => res,
+                    res = c.outbox.run_writer(wr, &fd_link) => res,
                 };
                 // Senders waiting for room must not wait for a dead writer.
                 c.outbox.close();
