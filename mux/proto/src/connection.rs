@@ -4,10 +4,11 @@ use super::{
     flow::{self, Flow},
     frame::{FrameType, GoAwayCode, Header, ACK, FD_ANNOUNCE, FIN, MAX_FDS_PER_FRAME, RST, SYN},
     ids::IdMap,
-    keepalive::{Due, Keepalive},
+    keepalive::Keepalive,
     limits::Limits,
     output::{Output, LANE_COST},
     stream::Stream,
+    timers::{Due, EndTimers},
     Fd, Violation,
 };
 use bytes::{Bytes, BytesMut};
@@ -130,6 +131,8 @@ pub struct Connection {
     flow: Flow,
     /// The keepalive timer, once started.
     keepalive: Option<Keepalive>,
+    /// The timers of the session's end.
+    end: EndTimers,
     /// The peer announced that it takes file descriptors.
     peer_fds: bool,
     ended: bool,
@@ -147,6 +150,7 @@ impl Connection {
             side,
             flow: Flow::new(&limits),
             keepalive: None,
+            end: EndTimers::default(),
             limits,
             streams: IdMap::default(),
             out: Output::default(),
@@ -916,16 +920,49 @@ impl Connection {
         self.keepalive = Some(Keepalive::new(interval, timeout, now));
     }
 
-    /// When the core's timers next want [`Connection::handle_timeout`] called, if ever.
-    pub fn poll_timeout(&self) -> Option<Instant> {
-        self.keepalive.as_ref().map(Keepalive::deadline)
+    /// Starts a graceful close at `now`: queues a GoAway (normal; once), so the peer opens no
+    /// more streams, and gives the open ones until `now + grace`, when
+    /// [`handle_timeout`](Self::handle_timeout) reports [`Due::CloseGraceOver`]. A second
+    /// call keeps the first deadline.
+    pub fn close(&mut self, now: Instant, grace: Duration) {
+        self.go_away(GoAwayCode::Normal);
+        self.end.close(now, grace);
     }
 
-    /// Runs the timers whose deadline has passed at `now`; `last_read` is when bytes last
-    /// arrived (the I/O room stamps them, as it reads without the core). A keepalive Ping
-    /// that is due is queued, and returned as [`Due::Ping`]; [`Due::Dead`] says the peer has
-    /// been silent for too long.
+    /// The session ends once its queued frames are written: gives the peer until
+    /// `now + within` to take them, when [`handle_timeout`](Self::handle_timeout) reports
+    /// [`Due::FlushOver`]. Ends the close grace.
+    pub fn flush_by(&mut self, now: Instant, within: Duration) {
+        self.end.flush_by(now, within);
+    }
+
+    /// A write failed as if the peer had gone: the peer may have sent a GoAway just before,
+    /// still unread. Waits for it until `now + within`, when
+    /// [`handle_timeout`](Self::handle_timeout) reports [`Due::GoAwayWaitOver`].
+    pub fn await_goaway(&mut self, now: Instant, within: Duration) {
+        self.end.await_goaway(now, within);
+    }
+
+    /// When the core's timers next want [`Connection::handle_timeout`] called, if ever: the
+    /// earliest deadline of keepalive and the session's end.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        let keepalive = self.keepalive.as_ref().map(Keepalive::deadline);
+        match (self.end.deadline(), keepalive) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// Runs the first timer whose deadline has passed at `now` and returns what it asks for
+    /// (the session's end before keepalive); call again until `None` for the others. Each
+    /// end timer is reported once. `last_read` is when bytes last arrived (the I/O layer
+    /// stamps them, as it reads without the core). A keepalive Ping that is due is queued,
+    /// and returned as [`Due::Ping`]; [`Due::Dead`] says the peer has been silent for too
+    /// long, and is reported again on every call until the session ends.
     pub fn handle_timeout(&mut self, now: Instant, last_read: Instant) -> Option<Due> {
+        if let Some(due) = self.end.on_timeout(now) {
+            return Some(due);
+        }
         let due = self.keepalive.as_mut()?.on_timeout(now, last_read)?;
         if let Due::Ping(opaque) = due {
             self.ping(opaque);

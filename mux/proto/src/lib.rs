@@ -2,9 +2,13 @@
 //! timers, as a deterministic state machine.
 //!
 //! Nothing here touches a socket, a clock or a runtime, and the crate depends on no runtime,
-//! so the compiler keeps it that way. Time comes in as `now` arguments; the core's timers
-//! (keepalive) are deadlines it reports ([`Connection::poll_timeout`]) and runs when told
-//! they passed ([`Connection::handle_timeout`]). Wakers are the only link to the outside: a
+//! so the compiler keeps it that way. Time comes in as `now` arguments, all on one clock
+//! (`std::time::Instant`, which the caller may read from any source: netchan-mux reads
+//! tokio's, so paused-time tests drive the core too). Every timer of a session is the core's
+//! (keepalive, the close grace, the flush of the last frames, the wait for the peer's GoAway
+//! after a failed write): the core reports its earliest deadline
+//! ([`Connection::poll_timeout`]) and runs what passed when told ([`Connection::handle_timeout`]),
+//! handing back what each asks for ([`Due`]); the caller keeps no deadline of its own. Wakers are the only link to the outside: a
 //! blocked reader or writer leaves its `std::task::Waker` with its stream and is woken when
 //! a frame changes what it waits for.
 //!
@@ -27,6 +31,8 @@
 //! - `flow.rs` — its flow-control policy: grants, window tuning, round-trip probes, the cap
 //!   beside an interactive stream;
 //! - `keepalive.rs` — the Ping timer, a deadline in [`Connection::poll_timeout`];
+//! - `timers.rs` — the timers of the session's end (close grace, flush, the wait for a
+//!   GoAway) and [`Due`], what a deadline that passed asks for;
 //! - `output.rs` — the order queued frames leave in;
 //! - `ids.rs` — maps keyed by stream id;
 //! - `limits.rs` — [`Limits`], the bounds the core keeps;
@@ -40,11 +46,12 @@ mod keepalive;
 mod limits;
 mod output;
 mod stream;
+mod timers;
 
 pub use connection::{Connection, Frame, OpenError, Side, StreamError};
 pub use frame::{FrameType, GoAwayCode, Header, ACK, FIN, HEADER_LEN, MAX_FDS_PER_FRAME, RST, SYN};
-pub use keepalive::Due;
 pub use limits::Limits;
+pub use timers::Due;
 
 /// A file descriptor travelling with a stream's bytes (unix only; elsewhere no value exists).
 #[cfg(unix)]

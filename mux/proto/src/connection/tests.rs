@@ -425,6 +425,40 @@ fn go_away_stops_new_streams_but_open_ones_carry_on() {
 }
 
 #[test]
+fn close_sends_one_go_away_and_its_grace_is_a_deadline_of_the_core() {
+    let second = Duration::from_secs(1);
+    let t0 = Instant::now();
+    let mut c = Connection::new(Side::Server, limits());
+    c.start_keepalive(30 * second, 10 * second, t0);
+    assert_eq!(c.poll_timeout(), Some(t0 + 30 * second));
+    c.close(t0, 5 * second);
+    c.close(t0 + second, 5 * second);
+    assert_eq!(sent(&mut c), [0, 3, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]);
+    assert_eq!(c.open(), Err(OpenError::Closing));
+    // One clock: the earliest deadline of all the core's timers.
+    assert_eq!(c.poll_timeout(), Some(t0 + 5 * second));
+    assert_eq!(c.handle_timeout(t0 + 4 * second, t0), None);
+    assert_eq!(
+        c.handle_timeout(t0 + 5 * second, t0),
+        Some(Due::CloseGraceOver)
+    );
+    c.flush_by(t0 + 5 * second, 2 * second);
+    assert_eq!(c.poll_timeout(), Some(t0 + 7 * second));
+    // Both the flush and an earlier wait for a GoAway passed: the end first, one at a time.
+    c.await_goaway(t0 + 5 * second, second);
+    let late = t0 + 8 * second;
+    assert_eq!(c.handle_timeout(late, t0), Some(Due::GoAwayWaitOver));
+    assert_eq!(c.handle_timeout(late, t0), Some(Due::FlushOver));
+    assert_eq!(c.handle_timeout(late, late), None);
+    assert_eq!(
+        c.poll_timeout(),
+        Some(t0 + 30 * second),
+        "keepalive is left"
+    );
+    assert!(sent(&mut c).is_empty(), "the end timers send nothing");
+}
+
+#[test]
 fn hostile_frames_are_typed_violations() {
     let mut c = Connection::new(Side::Server, limits());
     assert_eq!(
