@@ -72,7 +72,8 @@
 //! - `config.rs` — [`Config`] and the core's bounds derived from it;
 //! - `error.rs` — [`Error`], [`CloseReason`] (and the core's [`Violation`]);
 //! - `io/` — the I/O room, the only code that touches the byte stream: `mod.rs` (`Link`, and
-//!   the contract of who touches the socket when), `inbound.rs` (the read side, read-through),
+//!   the contract of who touches the socket when), `core_lock.rs` (the core behind its lock,
+//!   turning its readiness reports into wakes of the waiting tasks), `inbound.rs` (the read side, read-through),
 //!   `outbound.rs` (the write side, vectored writes), `side.rs` (turns on a side between the
 //!   driver and the handles), `transport.rs` and `transport/unix.rs` (the byte stream's halves,
 //!   with file descriptors on a unix socket);
