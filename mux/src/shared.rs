@@ -8,7 +8,7 @@ use crate::{
     error::{CloseReason, Error},
     io::{
         transport::{LinkRead, LinkWrite},
-        Core, Link, ReadLimits,
+        Core, CoreGuard, Link, ReadLimits,
     },
     proto::{self, Connection},
 };
@@ -16,7 +16,7 @@ use std::{
     collections::HashMap,
     sync::{
         atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
-        Arc, Mutex, MutexGuard, OnceLock,
+        Arc, Mutex, OnceLock,
     },
 };
 use tokio::sync::{mpsc, Semaphore};
@@ -110,7 +110,7 @@ impl Shared {
     }
 
     /// Locks the yamux state. Callers hold it for one core call and never across `.await`.
-    pub(crate) fn core(&self) -> MutexGuard<'_, Connection> {
+    pub(crate) fn core(&self) -> CoreGuard<'_> {
         self.core.lock()
     }
 
