@@ -10,7 +10,7 @@
 //!   link is free).
 //! - **Timers**: all of them are the core's (keepalive, the close grace, the flush of the
 //!   last frames, the wait for a GoAway after a failed write): the driver sleeps until the
-//!   core's earliest deadline ([`Connection::poll_timeout`](crate::proto::Connection::poll_timeout)),
+//!   core's earliest deadline ([`Connection::poll_timeout`](netchan_mux_proto::Connection::poll_timeout)),
 //!   tells the core when it passed, and acts on what the core says is due ([`Due`]).
 //! - **New inbound streams** are handed to the session's handshake callback, which runs each
 //!   in a task of its own: per-stream work never blocks the session.
@@ -18,10 +18,11 @@
 //! Contract: nothing is read from the link unless the driver runs; the session spawns it on
 //! its task tracker and it ends (recording the [`CloseReason`]) when the session ends.
 
+use netchan_mux_proto::{Due, GoAwayCode, Violation};
+
 use crate::{
     error::CloseReason,
     io::{Read, ReadTurn},
-    proto::{Due, GoAwayCode, Violation},
     shared::{Shared, StreamHandle},
     stream::RawStream,
 };

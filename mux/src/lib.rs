@@ -98,8 +98,6 @@ mod error;
 mod handshake;
 mod io;
 mod listener;
-/// The protocol core, under the name the layers above it use.
-use netchan_mux_proto as proto;
 mod session;
 mod shared;
 mod stream;
@@ -111,6 +109,6 @@ pub use channel::ConnFds;
 pub use config::Config;
 pub use error::{CloseReason, Error};
 pub use listener::Listener;
-pub use proto::Violation;
+pub use netchan_mux_proto::Violation;
 pub use session::{Mode, Session, SessionBuilder};
 pub use tcp::{tune_tcp, TCP_UNSENT_LIMIT};

@@ -10,8 +10,8 @@ use crate::{
         transport::{LinkRead, LinkWrite},
         Core, CoreGuard, Link, ReadLimits,
     },
-    proto::{self, Connection},
 };
+use netchan_mux_proto::Connection;
 use std::{
     collections::HashMap,
     sync::{
@@ -83,8 +83,8 @@ impl Shared {
     ) -> Shared {
         let pending = config.pending_limit();
         let side = match mode {
-            Mode::Client => proto::Side::Client,
-            Mode::Server => proto::Side::Server,
+            Mode::Client => netchan_mux_proto::Side::Client,
+            Mode::Server => netchan_mux_proto::Side::Server,
         };
         let limits = config.limits();
         let read_limits = ReadLimits {
@@ -94,7 +94,10 @@ impl Shared {
         Shared {
             id: NEXT_SESSION_ID.fetch_add(1, Ordering::Relaxed),
             mode,
-            core: Core::new(Connection::new(side, proto::Limits { fds, ..limits })),
+            core: Core::new(Connection::new(
+                side,
+                netchan_mux_proto::Limits { fds, ..limits },
+            )),
             link: Link::new(read, write, read_limits),
             config,
             listeners: Mutex::new(HashMap::new()),

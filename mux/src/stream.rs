@@ -9,9 +9,10 @@
 //! and anything else is copied into the session's output queue for the driver or the next
 //! writer.
 
+use netchan_mux_proto::StreamError;
+
 use crate::{
     error::CloseReason,
-    proto::StreamError,
     shared::{Shared, StreamHandle},
 };
 use std::{
@@ -188,9 +189,9 @@ mod wakes {
     use crate::{
         config::Config,
         io::transport,
-        proto::{FrameType, Header, SYN},
         shared::{Mode, Shared},
     };
+    use netchan_mux_proto::{FrameType, Header, SYN};
     use netchan_testkit::counting_waker;
     use tokio::io::AsyncWriteExt;
 

@@ -5,7 +5,7 @@
 //! every time the lock is let go the core's reports are turned into wakes (under the lock, so
 //! a report cannot be lost between a pending return and its waker being kept).
 
-use crate::proto::{Connection, Header, IdMap, Ready, StreamError};
+use netchan_mux_proto::{Connection, Header, IdMap, Ready, StreamError};
 use std::{
     collections::hash_map::Entry,
     ops::{Deref, DerefMut},
@@ -183,11 +183,9 @@ impl Core {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{
-        proto::{FrameType, Side, ACK},
-        Config,
-    };
+    use crate::Config;
     use bytes::BytesMut;
+    use netchan_mux_proto::{FrameType, Side, ACK};
     use netchan_testkit::counting_waker;
 
     /// A core with one open stream whose reader waits; the stream's id.

@@ -25,8 +25,10 @@
 //! so bytes are parsed in link order whichever task reads them.
 
 use super::transport::LinkRead;
-use crate::proto::{Connection, Fd, FrameType, Header, Violation, ACK, FIN, HEADER_LEN, RST, SYN};
 use bytes::{Buf, BytesMut};
+use netchan_mux_proto::{
+    Connection, Fd, FrameType, Header, Violation, ACK, FIN, HEADER_LEN, RST, SYN,
+};
 use std::{
     collections::VecDeque,
     io,

@@ -46,10 +46,10 @@ mod outbound;
 mod side;
 pub(crate) mod transport;
 
-use crate::proto::{StreamError, Violation};
 pub(crate) use core_lock::{Core, CoreGuard};
 use futures::task::AtomicWaker;
 use inbound::{Failed, Inbound, Through, READ_THROUGH_MIN};
+use netchan_mux_proto::{StreamError, Violation};
 use outbound::{Outbound, WRITE_BATCH};
 use side::LinkSide;
 use std::{
