@@ -1,11 +1,12 @@
 //! `Conn`: one open channel, a tokio `AsyncRead + AsyncWrite` over a yamux stream.
 
 #[cfg(unix)]
-use crate::{error::Error, proto::StreamError, shared::Shared};
+use crate::{error::Error, shared::Shared};
 use crate::{
     shared::{ChannelSlot, HandleToken},
     stream::{self, RawStream},
 };
+use netchan_mux_proto::StreamError;
 #[cfg(unix)]
 use std::os::fd::{BorrowedFd, OwnedFd};
 use std::{
@@ -145,7 +146,7 @@ impl ConnFds {
     ///
     /// As for [`Conn::send_fds`].
     pub fn send(&self, fds: &[BorrowedFd<'_>]) -> Result<(), Error> {
-        let limit = crate::proto::MAX_FDS_PER_FRAME;
+        let limit = netchan_mux_proto::MAX_FDS_PER_FRAME;
         if fds.len() > limit {
             return Err(Error::TooManyFds {
                 name: self.name.to_string(),

@@ -1,6 +1,6 @@
 //! Session configuration: limits, timeouts and the yamux core's bounds derived from them.
 
-use crate::proto::Limits;
+use netchan_mux_proto::Limits;
 use std::time::Duration;
 
 /// Every yamux stream may receive this much before its peer must wait for a window update

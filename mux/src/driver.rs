@@ -8,17 +8,21 @@
 //! - **Writes**: on every turn the driver has the link write what the core queued
 //!   ([`Link::poll_write`](crate::io::Link::poll_write); handles write themselves when the
 //!   link is free).
-//! - **Timers**: keepalive pings and the close grace.
+//! - **Timers**: all of them are the core's (keepalive, the close grace, the flush of the
+//!   last frames, the wait for a GoAway after a failed write): the driver sleeps until the
+//!   core's earliest deadline ([`Connection::poll_timeout`](netchan_mux_proto::Connection::poll_timeout)),
+//!   tells the core when it passed, and acts on what the core says is due ([`Due`]).
 //! - **New inbound streams** are handed to the session's handshake callback, which runs each
 //!   in a task of its own: per-stream work never blocks the session.
 //!
 //! Contract: nothing is read from the link unless the driver runs; the session spawns it on
 //! its task tracker and it ends (recording the [`CloseReason`]) when the session ends.
 
+use netchan_mux_proto::{Due, GoAwayCode, Violation};
+
 use crate::{
     error::CloseReason,
     io::{Read, ReadTurn},
-    proto::{Due, GoAwayCode, Violation},
     shared::{Shared, StreamHandle},
     stream::RawStream,
 };
@@ -48,14 +52,12 @@ pub(crate) type Explain =
 
 enum State {
     Running,
-    /// Closing gracefully (GoAway sent): wait for open channels until the deadline.
-    Draining {
-        deadline: Pin<Box<Sleep>>,
-    },
-    /// Sending what is queued, then shutting the stream down, bounded by a deadline in case
-    /// the peer stops reading.
+    /// Closing gracefully (GoAway sent): wait for open channels until the core's close grace
+    /// passes ([`Due::CloseGraceOver`]).
+    Draining,
+    /// Sending what is queued, then shutting the stream down, bounded by the core's flush
+    /// deadline ([`Due::FlushOver`]) in case the peer stops reading.
     Finishing {
-        deadline: Pin<Box<Sleep>>,
         reason: CloseReason,
     },
 }
@@ -66,7 +68,7 @@ pub(crate) struct Driver {
     on_inbound: OnInbound,
     /// The driver's state between its reads, with when bytes last arrived (keepalive).
     read: ReadTurn,
-    /// The core's next timer deadline (keepalive), and the sleep armed for it.
+    /// The core's next timer deadline, and the sleep armed for it.
     timer: Option<(std::time::Instant, Pin<Box<Sleep>>)>,
     state: State,
     eof: bool,
@@ -74,33 +76,31 @@ pub(crate) struct Driver {
     explain: Option<Explain>,
     /// The explanation being worked out; the session ends with what it yields.
     explaining: Option<Pin<Box<dyn Future<Output = CloseReason> + Send>>>,
-    /// A write failed as if the peer had gone, before we read its GoAway: the error, and
-    /// until when we read on for the GoAway (see [`Driver::write_failed`]).
-    write_failed: Option<(io::Error, Pin<Box<Sleep>>)>,
+    /// A write failed as if the peer had gone, before we read its GoAway: the error (the
+    /// core's [`Due::GoAwayWaitOver`] says until when we read on for the GoAway; see
+    /// [`Driver::write_failed`]).
+    write_failed: Option<io::Error>,
 }
 
 impl Driver {
     pub(crate) fn new(shared: Arc<Shared>, on_inbound: OnInbound) -> Self {
         if let Some(interval) = shared.config.keepalive_interval {
-            let now = Instant::now().into_std();
             let timeout = shared.config.keepalive_timeout;
-            shared.core().start_keepalive(interval, timeout, now);
+            shared.core().start_keepalive(interval, timeout, now());
         }
-        let timer = shared
-            .core()
-            .poll_timeout()
-            .map(|at| (at, Box::pin(sleep(at))));
-        Driver {
+        let mut driver = Driver {
             shared,
             on_inbound,
             read: ReadTurn::new(),
-            timer,
+            timer: None,
             state: State::Running,
             eof: false,
             explain: None,
             explaining: None,
             write_failed: None,
-        }
+        };
+        driver.arm_timer();
+        driver
     }
 
     pub(crate) fn set_explain(&mut self, explain: Explain) {
@@ -146,10 +146,10 @@ impl Driver {
             if self.shared.is_closing() {
                 if let State::Running = self.state {
                     tracing::debug!(open = self.shared.open_channels(), "closing");
-                    self.shared.core().go_away(GoAwayCode::Normal);
-                    self.state = State::Draining {
-                        deadline: Box::pin(tokio::time::sleep(self.shared.config.close_grace)),
-                    };
+                    let grace = self.shared.config.close_grace;
+                    self.shared.core().close(now(), grace);
+                    self.state = State::Draining;
+                    self.arm_timer();
                 }
             }
 
@@ -185,45 +185,80 @@ impl Driver {
         Poll::Pending
     }
 
-    /// Runs the core's timers (keepalive) once their deadline has passed: `Ok(true)` if that
-    /// queued output (a Ping), `Err` if the peer is given up on.
+    /// Acts on what the core's timers say is due: `Ok(true)` if that queued output (a Ping),
+    /// `Err` if it ends the session.
     fn poll_timer(&mut self, cx: &mut Context<'_>) -> Result<bool, CloseReason> {
-        // Bounded: each pass either returns or re-arms the timer at a later deadline.
-        for _ in 0..4 {
-            let Some((_, sleep)) = &mut self.timer else {
-                return Ok(false);
-            };
-            if sleep.as_mut().poll(cx).is_pending() {
-                return Ok(false);
-            }
-            let now = Instant::now().into_std();
-            let last_read = self.read.last_read.into_std();
-            let mut core = self.shared.core();
-            let due = core.handle_timeout(now, last_read);
-            let next = core.poll_timeout();
-            drop(core);
-            match (next, &mut self.timer) {
-                (Some(at), Some((armed, sleep))) if *armed != at => {
-                    *armed = at;
-                    sleep.as_mut().reset(Instant::from_std(at));
-                }
-                (Some(_), _) => {}
-                (None, timer) => *timer = None,
-            }
-            match due {
+        let mut pinged = false;
+        // Bounded: every end timer is reported once, keepalive's Ping once per deadline.
+        for _ in 0..8 {
+            match self.next_due(cx) {
+                None => return Ok(pinged),
                 Some(Due::Ping(_)) => {
-                    tracing::trace!(quiet = ?now.saturating_duration_since(last_read), "link quiet; pinging");
-                    return Ok(true);
+                    tracing::trace!("link quiet; pinging");
+                    pinged = true;
                 }
                 Some(Due::Dead(quiet)) => {
                     tracing::info!(?quiet, "peer silent for too long");
                     return Err(CloseReason::KeepaliveTimeout { after: quiet });
                 }
-                None => {}
+                Some(Due::CloseGraceOver) => {
+                    if let State::Draining = self.state {
+                        tracing::debug!(
+                            open = self.shared.open_channels(),
+                            "close grace expired; cutting open channels"
+                        );
+                        self.finishing(CloseReason::Local);
+                    }
+                }
+                Some(Due::FlushOver) => {
+                    if let State::Finishing { reason } = &self.state {
+                        tracing::debug!(
+                            "peer did not take our last frames in time; dropping the link"
+                        );
+                        return Err(reason.clone());
+                    }
+                }
+                // Set only while a failed write waits, whose loop takes it.
+                Some(Due::GoAwayWaitOver) => {}
             }
         }
         cx.waker().wake_by_ref();
-        Ok(false)
+        Ok(pinged)
+    }
+
+    /// What the core's timers say is due, one at a time, once the earliest deadline has
+    /// passed; `None` while nothing is (the sleep for the next deadline then registered).
+    fn next_due(&mut self, cx: &mut Context<'_>) -> Option<Due> {
+        // Bounded: each pass returns, or runs the timers, which re-arm at a later deadline.
+        for _ in 0..4 {
+            let (_, sleep) = self.timer.as_mut()?;
+            if sleep.as_mut().poll(cx).is_pending() {
+                return None;
+            }
+            let last_read = self.read.last_read.into_std();
+            let due = self.shared.core().handle_timeout(now(), last_read);
+            self.arm_timer();
+            if due.is_some() {
+                return due;
+            }
+        }
+        cx.waker().wake_by_ref();
+        None
+    }
+
+    /// Arms the sleep for the core's next deadline (after anything that may have moved it).
+    fn arm_timer(&mut self) {
+        let next = self.shared.core().poll_timeout();
+        match (next, &mut self.timer) {
+            (Some(at), Some((armed, sleep))) => {
+                if *armed != at {
+                    *armed = at;
+                    sleep.as_mut().reset(Instant::from_std(at));
+                }
+            }
+            (Some(at), timer @ None) => *timer = Some((at, Box::pin(sleep(at)))),
+            (None, timer) => *timer = None,
+        }
     }
 
     /// Graceful endings: our close once the channels are done, the peer's GoAway once its
@@ -241,26 +276,16 @@ impl Driver {
                 _ => {}
             }
         }
-        if let State::Draining { deadline } = &mut self.state {
-            let done = self.shared.open_channels() == 0;
-            if done || deadline.as_mut().poll(cx).is_ready() {
-                if !done {
-                    tracing::debug!(
-                        open = self.shared.open_channels(),
-                        "close grace expired; cutting open channels"
-                    );
-                }
+        // The close grace and the flush deadline are the core's timers (`poll_timer`).
+        if let State::Draining = self.state {
+            if self.shared.open_channels() == 0 {
                 self.finishing(CloseReason::Local);
             }
         }
-        if let State::Finishing { deadline, reason } = &mut self.state {
+        if let State::Finishing { reason } = &self.state {
             if idle || self.eof {
                 // Everything is sent: tell the peer the stream ends.
                 self.shared.link.shutdown(cx);
-                return Some(Poll::Ready(reason.clone()));
-            }
-            if deadline.as_mut().poll(cx).is_ready() {
-                tracing::debug!("peer did not take our last frames in time; dropping the link");
                 return Some(Poll::Ready(reason.clone()));
             }
         }
@@ -268,10 +293,10 @@ impl Driver {
     }
 
     fn finishing(&mut self, reason: CloseReason) {
-        self.state = State::Finishing {
-            deadline: Box::pin(tokio::time::sleep(self.shared.config.handshake_timeout)),
-            reason,
-        };
+        let within = self.shared.config.handshake_timeout;
+        self.shared.core().flush_by(now(), within);
+        self.arm_timer();
+        self.state = State::Finishing { reason };
         // Let the finishing state be polled at once (its timer registered).
         self.shared.link.wake_driver();
     }
@@ -297,7 +322,9 @@ impl Driver {
         {
             return Poll::Ready(self.io_reason(e));
         }
-        self.write_failed = Some((e, Box::pin(tokio::time::sleep(GOAWAY_GRACE))));
+        self.shared.core().await_goaway(now(), GOAWAY_GRACE);
+        self.arm_timer();
+        self.write_failed = Some(e);
         self.poll_write_failed(cx)
     }
 
@@ -318,19 +345,24 @@ impl Driver {
                 None => {}
             }
         }
-        let Some((_, deadline)) = &mut self.write_failed else {
-            return Poll::Ready(CloseReason::Local);
-        };
-        if deadline.as_mut().poll(cx).is_ready() {
-            return Poll::Ready(self.write_error());
+        // Bounded: the wait is reported once; a Ping (queued, never written now) once per
+        // deadline.
+        for _ in 0..8 {
+            match self.next_due(cx) {
+                None => return Poll::Pending,
+                // A peer silent for too long is as gone as the write said.
+                Some(Due::GoAwayWaitOver | Due::Dead(_)) => return Poll::Ready(self.write_error()),
+                Some(_) => {}
+            }
         }
+        cx.waker().wake_by_ref();
         Poll::Pending
     }
 
     /// The error of the failed write (see [`Driver::write_failed`]).
     fn write_error(&mut self) -> CloseReason {
         match self.write_failed.take() {
-            Some((e, _)) => CloseReason::Io(Arc::new(e)),
+            Some(e) => CloseReason::Io(Arc::new(e)),
             None => CloseReason::Local,
         }
     }
@@ -434,4 +466,9 @@ fn is_gone(e: &io::Error) -> bool {
 /// A sleep until `at`, an instant of the core's clock.
 fn sleep(at: std::time::Instant) -> Sleep {
     tokio::time::sleep_until(Instant::from_std(at))
+}
+
+/// Now on the core's clock, read from tokio's (so paused-time tests drive the core's timers).
+fn now() -> std::time::Instant {
+    Instant::now().into_std()
 }

@@ -1,6 +1,6 @@
 //! Errors of sessions and channels, and why a session ended.
 
-use crate::proto::Violation;
+use netchan_mux_proto::Violation;
 use std::{fmt, io, sync::Arc, time::Duration};
 
 /// What went wrong with a session or channel operation.

@@ -64,21 +64,25 @@
 //! - the crate `netchan-mux-proto` (`mux/proto/`, imported here as `proto`) — the sans-I/O
 //!   yamux core: the 12-byte header, one stream's buffer, windows and half-close state, the
 //!   session state machine (stream table, GoAway, Ping, what to send next), its flow-control
-//!   policy, the Ping timer (a deadline the driver sleeps to) and the order frames leave in.
+//!   policy, every timer of a session (keepalive, the close grace, the flush of the last
+//!   frames, the wait for a GoAway: deadlines the driver sleeps to) and the order frames
+//!   leave in.
 //!   A crate of its own with no runtime among its dependencies: no tokio, no sockets, and it
 //!   cannot import anything of this crate;
 //! - `config.rs` — [`Config`] and the core's bounds derived from it;
 //! - `error.rs` — [`Error`], [`CloseReason`] (and the core's [`Violation`]);
 //! - `io/` — the I/O room, the only code that touches the byte stream: `mod.rs` (`Link`, and
-//!   the contract of who touches the socket when), `inbound.rs` (the read side, read-through),
+//!   the contract of who touches the socket when), `core_lock.rs` (the core behind its lock,
+//!   turning its readiness reports into wakes of the waiting tasks), `inbound.rs` (the read side, read-through),
 //!   `outbound.rs` (the write side, vectored writes), `side.rs` (turns on a side between the
 //!   driver and the handles), `transport.rs` and `transport/unix.rs` (the byte stream's halves,
 //!   with file descriptors on a unix socket);
 //! - `shared.rs` — the state one session shares ([`Mode`], the core, the link, the listener
 //!   table, channel slots, stream ownership, its tasks); plain state, no I/O;
 //! - `stream.rs` — one yamux stream as `AsyncRead + AsyncWrite` over the core and the link;
-//! - `driver.rs` — the session's task: has the link read and write on every turn, runs the
-//!   timers and the graceful end, hands new inbound streams to handshake tasks;
+//! - `driver.rs` — the session's task: has the link read and write on every turn, sleeps to
+//!   the core's timers and acts on them, runs the graceful end, hands new inbound streams to
+//!   handshake tasks;
 //! - `handshake.rs` — the channel-open handshake's wire format;
 //! - `channel.rs` — [`Conn`], a channel;
 //! - `listener.rs` — [`Listener`] and the listening side of the handshake;
@@ -94,8 +98,6 @@ mod error;
 mod handshake;
 mod io;
 mod listener;
-/// The protocol core, under the name the layers above it use.
-use netchan_mux_proto as proto;
 mod session;
 mod shared;
 mod stream;
@@ -107,6 +109,6 @@ pub use channel::ConnFds;
 pub use config::Config;
 pub use error::{CloseReason, Error};
 pub use listener::Listener;
-pub use proto::Violation;
+pub use netchan_mux_proto::Violation;
 pub use session::{Mode, Session, SessionBuilder};
 pub use tcp::{tune_tcp, TCP_UNSENT_LIMIT};

@@ -1,5 +1,7 @@
 //! The `Session` handle, its builder, and the dialing side of the channel-open handshake.
 
+use netchan_mux_proto::OpenError;
+
 use crate::{
     channel::Conn,
     config::Config,
@@ -8,7 +10,6 @@ use crate::{
     handshake,
     io::transport::{self, LinkRead, LinkWrite},
     listener::{self, Listener},
-    proto::OpenError,
     shared::{HandleToken, ListenerEntry, Shared, StreamHandle},
     stream::RawStream,
 };

@@ -8,15 +8,15 @@ use crate::{
     error::{CloseReason, Error},
     io::{
         transport::{LinkRead, LinkWrite},
-        Core, Link, ReadLimits,
+        Core, CoreGuard, Link, ReadLimits,
     },
-    proto::{self, Connection},
 };
+use netchan_mux_proto::Connection;
 use std::{
     collections::HashMap,
     sync::{
         atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
-        Arc, Mutex, MutexGuard, OnceLock,
+        Arc, Mutex, OnceLock,
     },
 };
 use tokio::sync::{mpsc, Semaphore};
@@ -83,8 +83,8 @@ impl Shared {
     ) -> Shared {
         let pending = config.pending_limit();
         let side = match mode {
-            Mode::Client => proto::Side::Client,
-            Mode::Server => proto::Side::Server,
+            Mode::Client => netchan_mux_proto::Side::Client,
+            Mode::Server => netchan_mux_proto::Side::Server,
         };
         let limits = config.limits();
         let read_limits = ReadLimits {
@@ -94,7 +94,10 @@ impl Shared {
         Shared {
             id: NEXT_SESSION_ID.fetch_add(1, Ordering::Relaxed),
             mode,
-            core: Core::new(Connection::new(side, proto::Limits { fds, ..limits })),
+            core: Core::new(Connection::new(
+                side,
+                netchan_mux_proto::Limits { fds, ..limits },
+            )),
             link: Link::new(read, write, read_limits),
             config,
             listeners: Mutex::new(HashMap::new()),
@@ -110,7 +113,7 @@ impl Shared {
     }
 
     /// Locks the yamux state. Callers hold it for one core call and never across `.await`.
-    pub(crate) fn core(&self) -> MutexGuard<'_, Connection> {
+    pub(crate) fn core(&self) -> CoreGuard<'_> {
         self.core.lock()
     }
 

@@ -3,8 +3,13 @@
 mod common;
 
 use common::{proxied_sessions, spawn_echo, within};
-use netchan_mux::{CloseReason, Config, Error};
-use std::{io, time::Duration};
+use netchan_mux::{CloseReason, Config, Error, Session};
+use std::{
+    io,
+    pin::Pin,
+    task::{Context, Poll},
+    time::Duration,
+};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 fn quick_keepalive() -> Config {
@@ -344,4 +349,88 @@ async fn no_task_outlives_its_session() {
     let reason = within(5, "the end", server.closed()).await;
     assert!(matches!(reason, CloseReason::Io(_)), "{reason:?}");
     assert_eq!(metrics.num_alive_tasks(), before, "every task returned");
+}
+
+/// The close grace and then the flush of the last frames are timers of the core: a closing
+/// session with a channel open whose peer reads nothing ends after both have passed, with
+/// our own close as the reason (paused time: the deadlines are checked exactly).
+#[tokio::test(start_paused = true)]
+async fn a_closing_session_whose_peer_reads_nothing_ends_after_the_grace_and_the_flush() {
+    let grace = Duration::from_secs(2);
+    let flush = Duration::from_secs(3);
+    // Room for 8 bytes: the dial's request alone fills it.
+    let (ours, mut theirs) = tokio::io::duplex(8);
+    let config = Config::default()
+        .keepalive_interval(None)
+        .close_grace(grace)
+        .handshake_timeout(flush);
+    let client = Session::client(ours, config);
+    let dialer = client.clone();
+    let dial = tokio::spawn(async move { dialer.dial("never-answered").await });
+    // The dial's first byte arrived: its channel is open, and the link is full again.
+    within(5, "the dial's first byte", theirs.read_u8())
+        .await
+        .unwrap();
+
+    let started = tokio::time::Instant::now();
+    within(60, "close", client.close()).await;
+    assert!(
+        started.elapsed() >= grace + flush,
+        "ended after {:?}",
+        started.elapsed()
+    );
+    assert!(started.elapsed() < grace + flush + Duration::from_secs(1));
+    assert!(matches!(client.closed().await, CloseReason::Local));
+    assert!(within(5, "dial", dial).await.unwrap().is_err());
+}
+
+/// A byte stream whose reads never complete and whose writes fail as if the peer had gone.
+struct WritesGone;
+
+impl tokio::io::AsyncRead for WritesGone {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        _cx: &mut Context<'_>,
+        _buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Poll::Pending
+    }
+}
+
+impl tokio::io::AsyncWrite for WritesGone {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        _cx: &mut Context<'_>,
+        _buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Poll::Ready(Err(io::ErrorKind::BrokenPipe.into()))
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+}
+
+/// After a write that failed as if the peer had gone, the session reads on for the peer's
+/// GoAway for one second, a timer of the core, then ends with the write's error.
+#[tokio::test(start_paused = true)]
+async fn a_failed_write_waits_one_second_for_a_go_away_then_ends_with_its_error() {
+    let client = Session::client(WritesGone, Config::default().keepalive_interval(None));
+    let started = tokio::time::Instant::now();
+    let dial = within(5, "dial", client.dial("anyone")).await;
+    assert!(dial.is_err());
+    let reason = within(5, "end", client.closed()).await;
+    assert!(
+        matches!(&reason, CloseReason::Io(e) if e.kind() == io::ErrorKind::BrokenPipe),
+        "{reason:?}"
+    );
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_secs(1) && waited < Duration::from_secs(2),
+        "ended after {waited:?}"
+    );
 }

@@ -132,8 +132,13 @@ impl CallOptions {
 
     /// The call's deadline: the earlier of timeout and deadline, never more
     /// than [`MAX_TIMEOUT`](crate::wire::MAX_TIMEOUT) away (tokio's timer
-    /// panics on instants near the end of `Instant`'s range).
-    fn resolve_deadline(&self, now: Instant) -> Option<Instant> {
+    /// panics on instants near the end of `Instant`'s range). The clock is
+    /// read only for a call that has one.
+    fn resolve_deadline(&self) -> Option<Instant> {
+        if self.timeout.is_none() && self.deadline.is_none() {
+            return None;
+        }
+        let now = Instant::now();
         let latest = now.checked_add(crate::wire::MAX_TIMEOUT).unwrap_or(now);
         let from_timeout = self.timeout.map(|t| {
             now.checked_add(t.min(crate::wire::MAX_TIMEOUT))
@@ -271,7 +276,7 @@ impl Client {
         shared.outbox.announce_limit();
         let fd_link = FdLink::of(&conn);
         let reader_fds = fd_link.clone();
-        let (rd, mut wr) = tokio::io::split(conn);
+        let (rd, wr) = tokio::io::split(conn);
         let span = tracing::debug_span!("rpc_client");
 
         let s = Arc::clone(&shared);
@@ -279,7 +284,7 @@ impl Client {
             async move {
                 let res = tokio::select! {
                     _ = s.token.cancelled() => return,
-                    res = s.outbox.run_writer(&mut wr, &fd_link) => res,
+                    res = s.outbox.run_writer(wr, &fd_link) => res,
                 };
                 let status = match res {
                     Ok(()) => Status::conn_lost("client closed"),
@@ -395,7 +400,7 @@ impl Client {
         Req: Serialize + ?Sized,
         Resp: DeserializeOwned,
     {
-        let deadline = opts.resolve_deadline(Instant::now());
+        let deadline = opts.resolve_deadline();
         let call = self.unary(method, req, opts.metadata, deadline, opts.fds);
         let (bytes, trailers, fds) = within_deadline(method, deadline, call).await?;
         let resp = codec::decode_payload(&bytes, "response").map_err(|e| {
@@ -562,7 +567,7 @@ impl Client {
         Req: Serialize + ?Sized,
         Item: DeserializeOwned,
     {
-        let deadline = opts.resolve_deadline(Instant::now());
+        let deadline = opts.resolve_deadline();
         let window = opts
             .stream_window
             .unwrap_or_else(|| self.shared().config.window());
@@ -696,7 +701,7 @@ impl Client {
         Req: Serialize,
         Item: DeserializeOwned,
     {
-        let deadline = opts.resolve_deadline(Instant::now());
+        let deadline = opts.resolve_deadline();
         let window = opts
             .stream_window
             .unwrap_or_else(|| self.shared().config.window());

@@ -165,6 +165,23 @@ impl HubArgs {
     }
 }
 
+impl ClientArgs {
+    /// The hubs to try, in order: at most [`MAX_HUBS`](crate::client::MAX_HUBS), none empty.
+    pub(crate) fn hubs(&self) -> anyhow::Result<Vec<String>> {
+        let max = crate::client::MAX_HUBS;
+        anyhow::ensure!(
+            self.addr.len() <= max,
+            "{} hub addresses given; at most {max} are taken",
+            self.addr.len()
+        );
+        anyhow::ensure!(
+            self.addr.iter().all(|a| !a.trim().is_empty()),
+            "an empty hub address was given (two commas in a row?)"
+        );
+        Ok(self.addr.clone())
+    }
+}
+
 /// Options of a client (`share --name NAME [ADDR]`).
 #[derive(Debug, Args)]
 pub(crate) struct ClientArgs {
@@ -183,9 +200,10 @@ pub(crate) struct ClientArgs {
     /// Show the details behind errors (as RUST_LOG=debug would, without the log).
     #[arg(short, long)]
     pub(crate) verbose: bool,
-    /// Hub address (host:port).
-    #[arg(value_name = "ADDR", default_value = DEFAULT_ADDR)]
-    pub(crate) addr: String,
+    /// Hub address (host:port). A fleet's hubs: several, separated by commas
+    /// (a,b,c), tried in turn; a name with several addresses is tried at each.
+    #[arg(value_name = "ADDR", default_value = DEFAULT_ADDR, value_delimiter = ',')]
+    pub(crate) addr: Vec<String>,
     /// Shared secret the hub requires (prefer the environment variable: command lines are
     /// visible to other local users).
     #[arg(
@@ -331,7 +349,7 @@ mod tests {
         let cli = parse_words(&["share", "-name", "second-client", "localhost:8765"]).unwrap();
         assert!(cli.command.is_none());
         assert_eq!(cli.client.name.as_deref(), Some("second-client"));
-        assert_eq!(cli.client.addr, "localhost:8765");
+        assert_eq!(cli.client.addr, ["localhost:8765"]);
         assert_eq!(cli.client.root, None);
         assert!(!cli.client.hidden);
     }
@@ -339,9 +357,27 @@ mod tests {
     #[test]
     fn a_client_defaults_to_the_loopback_hub() {
         let cli = parse_words(&["share", "--name", "alice", "--root", "/srv"]).unwrap();
-        assert_eq!(cli.client.addr, DEFAULT_ADDR);
+        assert_eq!(cli.client.addr, [DEFAULT_ADDR]);
         assert_eq!(cli.client.root, Some(PathBuf::from("/srv")));
         assert!(!cli.client.serve);
+    }
+
+    #[test]
+    fn a_client_takes_a_fleets_hubs_with_commas_or_as_words() {
+        let cli = parse_words(&["share", "-name", "alice", "a:1,b:2"]).unwrap();
+        assert_eq!(cli.client.addr, ["a:1", "b:2"]);
+        let cli = parse_words(&["share", "-name", "alice", "a:1", "b:2", "c:3"]).unwrap();
+        assert_eq!(cli.client.addr, ["a:1", "b:2", "c:3"]);
+        let many: Vec<String> = (0..=crate::client::MAX_HUBS)
+            .map(|i| format!("h{i}:1"))
+            .collect();
+        let mut words = vec!["share".to_owned(), "-name".into(), "alice".into()];
+        words.push(many.join(","));
+        let words: Vec<&str> = words.iter().map(String::as_str).collect();
+        let err = parse_words(&words).unwrap().client.hubs().unwrap_err();
+        assert!(err.to_string().contains("at most 16"), "{err}");
+        let cli = parse_words(&["share", "-name", "alice", "a:1,,b:2"]).unwrap();
+        assert!(cli.client.hubs().is_err());
     }
 
     #[test]

@@ -303,6 +303,9 @@ async fn start_directory(
         .await
         .is_err()
     {
+        if etcd.id_in_use() {
+            anyhow::bail!("hub id {id} is in use by another live hub of the fleet: give --hub-id");
+        }
         warn!("the fleet's directory is unreachable: new names are refused until it answers");
     } else {
         info!(
@@ -471,6 +474,7 @@ async fn run_client(args: ClientArgs) -> anyhow::Result<bool> {
         .show_hidden(args.hidden)
         .access_log(access)
         .allow_hard_links(args.allow_hard_links);
+    let hubs = args.hubs()?;
     let tls = match &args.tls_ca {
         None => None,
         Some(ca) => {
@@ -479,7 +483,17 @@ async fn run_client(args: ClientArgs) -> anyhow::Result<bool> {
                 _ => None,
             };
             let config = tls::client_config(ca, client_cert)?;
-            let server_name = tls::server_name(&args.addr, args.tls_server_name.as_deref())?;
+            // A name given is what every hub's certificate must carry; otherwise each hub's
+            // host, checked here for the first so that a bad one fails before connecting.
+            let server_name = match args.tls_server_name.as_deref() {
+                Some(name) => Some(tls::server_name("", Some(name))?),
+                None => {
+                    for hub in &hubs {
+                        tls::server_name(hub, None)?;
+                    }
+                    None
+                }
+            };
             Some((config, server_name))
         }
     };
@@ -487,7 +501,7 @@ async fn run_client(args: ClientArgs) -> anyhow::Result<bool> {
     let opts = client::ClientOptions {
         name: name.clone(),
         root,
-        addr: args.addr.clone(),
+        hubs: hubs.clone(),
         token: args.token.clone(),
         tls,
         verbose,
@@ -500,7 +514,7 @@ async fn run_client(args: ClientArgs) -> anyhow::Result<bool> {
     };
     let me = repl::Me {
         name: name.clone(),
-        addr: args.addr.clone(),
+        addr: hubs.join(","),
         root: opts.root.display_path().to_path_buf(),
         hidden: args.hidden,
         link,
@@ -540,7 +554,7 @@ async fn run_client(args: ClientArgs) -> anyhow::Result<bool> {
     let ok = if args.serve {
         eprintln!(
             "share: connected to the hub at {} as {name}, exporting {root_shown}",
-            args.addr
+            peer.hub_addr().unwrap_or_else(|| hubs.join(","))
         );
         if let Some(s) = signals.as_mut() {
             s.recv().await;
@@ -549,7 +563,7 @@ async fn run_client(args: ClientArgs) -> anyhow::Result<bool> {
     } else if interactive {
         eprintln!(
             "connected to the hub at {} as {name}, exporting {root_shown}; type help",
-            args.addr
+            peer.hub_addr().unwrap_or_else(|| hubs.join(","))
         );
         let rt = tokio::runtime::Handle::current();
         let (p, n) = (peer.clone(), notifier.clone());

@@ -111,6 +111,32 @@ async fn a_killed_hub_frees_its_names_within_the_lease_ttl_plus_2_s() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_clients_of_a_killed_hub_are_back_on_another_hub_within_15_s() {
+    let Some(etcd) = Cluster::start_or_skip(1).await else {
+        return;
+    };
+    let mut a = fleet_hub(&etcd, "hub-a");
+    let mut b = fleet_hub(&etcd, "hub-b");
+    let rb = demo_root();
+    // bob knows both hubs and joins the first.
+    let hubs = format!("{},{}", a.addr, b.addr);
+    let _bob = start_server(&hubs, "bob", rb.path(), &[]);
+    a.log.wait_for("joined peer=bob", WAIT);
+
+    a.proc.kill();
+    let killed = Instant::now();
+    // bob reconnects to hub b; his name is taken there until hub a's lease expires, then his
+    // publish (retried with his backoff) gets it.
+    b.log.wait_for("joined peer=bob", Duration::from_secs(15));
+    eprintln!(
+        "bob published on hub b {:?} after hub a was killed (lease TTL {TTL_S} s)",
+        killed.elapsed()
+    );
+    let out = run_script(&b.addr, "alice", tempdir().path(), "list\n");
+    assert_eq!(out.out(), "alice\nbob\n", "{out:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_etcd_new_names_are_refused_clearly_and_taken_again_once_it_is_back() {
     let Some(mut etcd) = Cluster::start_or_skip(1).await else {
         return;

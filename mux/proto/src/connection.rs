@@ -4,16 +4,17 @@ use super::{
     flow::{self, Flow},
     frame::{FrameType, GoAwayCode, Header, ACK, FD_ANNOUNCE, FIN, MAX_FDS_PER_FRAME, RST, SYN},
     ids::IdMap,
-    keepalive::{Due, Keepalive},
+    keepalive::Keepalive,
     limits::Limits,
     output::{Output, LANE_COST},
     stream::Stream,
+    timers::{Due, EndTimers},
     Fd, Violation,
 };
 use bytes::{Bytes, BytesMut};
 use std::{
     collections::VecDeque,
-    task::{Poll, Waker},
+    task::Poll,
     time::{Duration, Instant},
 };
 
@@ -104,7 +105,20 @@ pub enum OpenError {
     Ended,
 }
 
-/// The yamux state of one session. See the module docs of `proto` for who calls what.
+/// A stream operation that returned [`Poll::Pending`] may make progress now: the caller of
+/// that operation is to be woken (see [`Connection::drain_ready`]). Each pending operation is
+/// reported at most once, at the first change that may concern it: data, file descriptors,
+/// the end of the stream or its reset for a reader; send window, room in the output queue or
+/// a reset for a writer; the end of the session for both.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ready {
+    /// The reader of this stream.
+    Read(u32),
+    /// The writer of this stream.
+    Write(u32),
+}
+
+/// The yamux state of one session. See the crate docs for who calls what.
 #[derive(Debug)]
 pub struct Connection {
     side: Side,
@@ -114,9 +128,14 @@ pub struct Connection {
     /// Frames to send: session frames and credit first, then streams in turn (see
     /// `output.rs`); `out.bytes()` is the memory they hold ([`Frame::cost`]).
     out: Output,
-    /// Writers waiting for room in `out` (see [`Connection::out_room`]), at most one per
-    /// stream.
-    out_waiters: Vec<(u32, Waker)>,
+    /// Streams whose writer waits for room in `out` (see [`Connection::out_room`]), each at
+    /// most once.
+    out_waiters: Vec<u32>,
+    /// Pending operations that may make progress now, for the caller to wake
+    /// ([`Connection::drain_ready`]). Bounded: an entry is added only for an operation
+    /// waiting, and a waiting operation is reported once (a stream's reader, its writer
+    /// waiting for window, its writer waiting for room: at most three per stream).
+    ready: Vec<Ready>,
     /// Receive-window growth handed out, across all streams.
     growth_used: usize,
     /// Inbound streams the I/O layer has not yet picked up.
@@ -130,6 +149,8 @@ pub struct Connection {
     flow: Flow,
     /// The keepalive timer, once started.
     keepalive: Option<Keepalive>,
+    /// The timers of the session's end.
+    end: EndTimers,
     /// The peer announced that it takes file descriptors.
     peer_fds: bool,
     ended: bool,
@@ -147,10 +168,12 @@ impl Connection {
             side,
             flow: Flow::new(&limits),
             keepalive: None,
+            end: EndTimers::default(),
             limits,
             streams: IdMap::default(),
             out: Output::default(),
             out_waiters: Vec::new(),
+            ready: Vec::new(),
             growth_used: 0,
             accepted: VecDeque::new(),
             goaway_sent: false,
@@ -251,15 +274,16 @@ impl Connection {
             taken += frame.len();
             into.push_back(frame);
         }
-        // Wake the writers that may queue now.
+        // Report the writers that may queue now.
         let queued = self.out.bytes();
         let limit = self.limits.out_limit;
         if queued < limit + OUT_RESERVE {
             let out = &self.out;
-            self.out_waiters.retain(|(id, w)| {
-                let go = queued < limit || !out.has_lane(*id);
+            let ready = &mut self.ready;
+            self.out_waiters.retain(|&id| {
+                let go = queued < limit || !out.has_lane(id);
                 if go {
-                    w.wake_by_ref();
+                    ready.push(Ready::Write(id));
                 }
                 !go
             });
@@ -284,12 +308,26 @@ impl Connection {
         (room > 0).then_some(room)
     }
 
-    /// Registers `waker` to be woken when stream `id` may queue again.
-    fn wait_for_room(&mut self, id: u32, waker: &Waker) {
-        match self.out_waiters.iter_mut().find(|(w_id, _)| *w_id == id) {
-            Some((_, w)) => w.clone_from(waker),
-            None => self.out_waiters.push((id, waker.clone())),
+    /// Notes that the writer of stream `id` waits for room in the output queue.
+    fn wait_for_room(&mut self, id: u32) {
+        if !self.out_waiters.contains(&id) {
+            self.out_waiters.push(id);
         }
+    }
+
+    /// Whether pending operations may make progress now ([`Connection::drain_ready`]).
+    #[inline]
+    pub fn has_ready(&self) -> bool {
+        !self.ready.is_empty()
+    }
+
+    /// The pending operations that may make progress now, in the order their changes
+    /// happened, each reported once: the caller wakes whoever waits for them. The core
+    /// keeps no wakers; any call may add to this, so the caller drains it after every call
+    /// (`netchan-mux` does when it lets go of the core's lock).
+    #[inline]
+    pub fn drain_ready(&mut self) -> std::vec::Drain<'_, Ready> {
+        self.ready.drain(..)
     }
 
     /// Opens an outbound stream. The peer learns of it with the first frame sent on it.
@@ -377,7 +415,7 @@ impl Connection {
         if let Some(s) = self.streams.get_mut(&id) {
             if !s.reset && !s.remote_fin {
                 s.fds.on_fds(fds);
-                s.wake_reader();
+                s.wake_reader(id, &mut self.ready);
             }
         }
         Ok(())
@@ -503,23 +541,23 @@ impl Connection {
 
     /// Whether stream `id` has a reader who would take the rest of a data frame's body
     /// straight from the link: it is open for reading and its reader is either waiting or
-    /// about to run for the data already buffered. Wakes that reader if it waits.
+    /// about to run for the data already buffered. Reports that reader ready if it waits.
     #[inline]
     pub fn read_through_wanted(&mut self, id: u32) -> bool {
         let Some(s) = self.streams.get_mut(&id) else {
             return false;
         };
-        if s.reset || s.remote_fin || (s.read_waker.is_none() && s.recv.len() == 0) {
+        if s.reset || s.remote_fin || (!s.read_waiting && s.recv.len() == 0) {
             return false;
         }
-        s.wake_reader();
+        s.wake_reader(id, &mut self.ready);
         true
     }
 
     /// Whether a read on stream `id` would wait (open for reading, nothing buffered, not at a
-    /// batch of fds); if so, registers `waker` as its reader's, as a waiting read does.
+    /// batch of fds); if so, its reader waits, as after a pending read ([`Ready::Read`]).
     #[inline]
-    pub fn wait_readable(&mut self, id: u32, waker: &Waker) -> bool {
+    pub fn wait_readable(&mut self, id: u32) -> bool {
         let ended = self.ended;
         let Some(s) = self.streams.get_mut(&id) else {
             return false;
@@ -527,7 +565,7 @@ impl Connection {
         if ended || s.reset || s.remote_fin || s.recv.len() > 0 || s.fds.limit(1) == 0 {
             return false;
         }
-        s.read_waker = Some(waker.clone());
+        s.read_waiting = true;
         true
     }
 
@@ -587,7 +625,7 @@ impl Connection {
                     .checked_add(h.length)
                     .ok_or(Violation::WindowOverflow { stream: id })?;
                 if h.length > 0 {
-                    s.wake_writer();
+                    s.wake_writer(id, &mut self.ready);
                 }
             }
             FrameType::Data => {
@@ -599,7 +637,7 @@ impl Connection {
                 } else if let Some(body) = body {
                     s.fds.on_data(body.len());
                     s.recv.push(body);
-                    s.wake_reader();
+                    s.wake_reader(id, &mut self.ready);
                 } else {
                     s.fds.on_data(h.length as usize);
                 }
@@ -608,26 +646,25 @@ impl Connection {
         }
         if h.has(FIN) {
             s.remote_fin = true;
-            s.wake_reader();
+            s.wake_reader(id, &mut self.ready);
         }
         if h.has(RST) {
             s.reset = true;
             s.recv.clear();
             s.fds.clear();
-            s.wake_reader();
-            s.wake_writer();
+            s.wake_reader(id, &mut self.ready);
+            s.wake_writer(id, &mut self.ready);
         }
         Ok(())
     }
 
     /// Reads up to `max` bytes of stream `id` into `sink`; `now` tells the time, asked only
     /// when bytes are read. `Ok(0)` is the end of the stream (the peer's FIN after all its
-    /// data). Pending registers `waker`.
+    /// data). Pending: the reader waits, until [`Ready::Read`].
     pub fn read(
         &mut self,
         id: u32,
         max: usize,
-        waker: &Waker,
         now: impl FnOnce() -> Instant,
         sink: impl FnMut(&[u8]),
     ) -> Poll<Result<usize, StreamError>> {
@@ -651,7 +688,7 @@ impl Connection {
         if ended {
             return Poll::Ready(Err(StreamError::SessionEnded));
         }
-        s.read_waker = Some(waker.clone());
+        s.read_waiting = true;
         Poll::Pending
     }
 
@@ -698,14 +735,9 @@ impl Connection {
     }
 
     /// Writes up to one frame of `buf` on stream `id` into the output queue (copying it);
-    /// returns how much was taken.
-    pub fn write(
-        &mut self,
-        id: u32,
-        buf: &[u8],
-        waker: &Waker,
-    ) -> Poll<Result<usize, StreamError>> {
-        match self.reserve(id, buf.len(), waker) {
+    /// returns how much was taken. Pending: the writer waits, until [`Ready::Write`].
+    pub fn write(&mut self, id: u32, buf: &[u8]) -> Poll<Result<usize, StreamError>> {
+        match self.reserve(id, buf.len()) {
             Poll::Ready(Ok(Some(header))) => {
                 let n = header.length as usize;
                 self.queue(header, Bytes::copy_from_slice(&buf[..n]));
@@ -738,20 +770,16 @@ impl Connection {
         &mut self,
         id: u32,
         len: usize,
-        waker: &Waker,
     ) -> Option<Poll<Result<Option<Header>, StreamError>>> {
         if !self.out.is_empty() {
             return None;
         }
-        Some(self.reserve(id, len, waker))
+        Some(self.reserve(id, len))
     }
 
-    fn reserve(
-        &mut self,
-        id: u32,
-        len: usize,
-        waker: &Waker,
-    ) -> Poll<Result<Option<Header>, StreamError>> {
+    /// Takes send window for one frame of up to `len` bytes on stream `id`. Pending: the
+    /// writer waits for window or for room in the output queue, until [`Ready::Write`].
+    fn reserve(&mut self, id: u32, len: usize) -> Poll<Result<Option<Header>, StreamError>> {
         let room = self.out_room(id);
         let max_frame = self.limits.max_frame;
         let s = match self.writable(id) {
@@ -762,11 +790,11 @@ impl Connection {
             return Poll::Ready(Ok(None));
         }
         if s.send_window == 0 {
-            s.write_waker = Some(waker.clone());
+            s.write_waiting = true;
             return Poll::Pending;
         }
         let Some(room) = room else {
-            self.wait_for_room(id, waker);
+            self.wait_for_room(id);
             return Poll::Pending;
         };
         let n = len.min(s.send_window as usize).min(max_frame).min(room);
@@ -916,16 +944,49 @@ impl Connection {
         self.keepalive = Some(Keepalive::new(interval, timeout, now));
     }
 
-    /// When the core's timers next want [`Connection::handle_timeout`] called, if ever.
-    pub fn poll_timeout(&self) -> Option<Instant> {
-        self.keepalive.as_ref().map(Keepalive::deadline)
+    /// Starts a graceful close at `now`: queues a GoAway (normal; once), so the peer opens no
+    /// more streams, and gives the open ones until `now + grace`, when
+    /// [`handle_timeout`](Self::handle_timeout) reports [`Due::CloseGraceOver`]. A second
+    /// call keeps the first deadline.
+    pub fn close(&mut self, now: Instant, grace: Duration) {
+        self.go_away(GoAwayCode::Normal);
+        self.end.close(now, grace);
     }
 
-    /// Runs the timers whose deadline has passed at `now`; `last_read` is when bytes last
-    /// arrived (the I/O room stamps them, as it reads without the core). A keepalive Ping
-    /// that is due is queued, and returned as [`Due::Ping`]; [`Due::Dead`] says the peer has
-    /// been silent for too long.
+    /// The session ends once its queued frames are written: gives the peer until
+    /// `now + within` to take them, when [`handle_timeout`](Self::handle_timeout) reports
+    /// [`Due::FlushOver`]. Ends the close grace.
+    pub fn flush_by(&mut self, now: Instant, within: Duration) {
+        self.end.flush_by(now, within);
+    }
+
+    /// A write failed as if the peer had gone: the peer may have sent a GoAway just before,
+    /// still unread. Waits for it until `now + within`, when
+    /// [`handle_timeout`](Self::handle_timeout) reports [`Due::GoAwayWaitOver`].
+    pub fn await_goaway(&mut self, now: Instant, within: Duration) {
+        self.end.await_goaway(now, within);
+    }
+
+    /// When the core's timers next want [`Connection::handle_timeout`] called, if ever: the
+    /// earliest deadline of keepalive and the session's end.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        let keepalive = self.keepalive.as_ref().map(Keepalive::deadline);
+        match (self.end.deadline(), keepalive) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// Runs the first timer whose deadline has passed at `now` and returns what it asks for
+    /// (the session's end before keepalive); call again until `None` for the others. Each
+    /// end timer is reported once. `last_read` is when bytes last arrived (the I/O layer
+    /// stamps them, as it reads without the core). A keepalive Ping that is due is queued,
+    /// and returned as [`Due::Ping`]; [`Due::Dead`] says the peer has been silent for too
+    /// long, and is reported again on every call until the session ends.
     pub fn handle_timeout(&mut self, now: Instant, last_read: Instant) -> Option<Due> {
+        if let Some(due) = self.end.on_timeout(now) {
+            return Some(due);
+        }
         let due = self.keepalive.as_mut()?.on_timeout(now, last_read)?;
         if let Due::Ping(opaque) = due {
             self.ping(opaque);
@@ -933,18 +994,18 @@ impl Connection {
         Some(due)
     }
 
-    /// Ends the session: every stream operation fails from now on, blocked tasks are woken.
+    /// Ends the session: every stream operation fails from now on, and every waiting one is
+    /// reported ready.
     pub fn terminate(&mut self) {
         self.ended = true;
         // Nothing more is written: close the fds queued for the peer now.
         self.out.clear();
-        for s in self.streams.values_mut() {
-            s.wake_reader();
-            s.wake_writer();
+        for (&id, s) in self.streams.iter_mut() {
+            s.wake_reader(id, &mut self.ready);
+            s.wake_writer(id, &mut self.ready);
         }
-        for (_, w) in self.out_waiters.drain(..) {
-            w.wake();
-        }
+        self.ready
+            .extend(self.out_waiters.drain(..).map(Ready::Write));
     }
 }
 

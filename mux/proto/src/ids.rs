@@ -11,11 +11,11 @@ use std::{
 };
 
 /// A `HashMap` keyed by stream id.
-pub(crate) type IdMap<V> = std::collections::HashMap<u32, V, IdHash>;
+pub type IdMap<V> = std::collections::HashMap<u32, V, IdHash>;
 
 /// Builds [`IdHasher`]s with a key drawn once per map.
 #[derive(Clone)]
-pub(crate) struct IdHash {
+pub struct IdHash {
     key: u64,
 }
 
@@ -46,7 +46,7 @@ impl BuildHasher for IdHash {
 /// a bijection in which every output bit depends on every input bit, so both the bucket (low
 /// bits) and the tag (high bits) spread whatever the key (a single folded multiply did not:
 /// with some keys half of a run of ids shared one bucket of 64).
-pub(crate) struct IdHasher {
+pub struct IdHasher {
     state: u64,
 }
 

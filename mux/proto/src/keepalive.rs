@@ -8,16 +8,8 @@
 //! ([`Connection::poll_timeout`](super::Connection::poll_timeout)); whoever runs the clock
 //! calls [`Connection::handle_timeout`](super::Connection::handle_timeout) once it passes.
 
+use super::timers::{later, Due};
 use std::time::{Duration, Instant};
-
-/// What a keepalive deadline that passed asks for.
-#[derive(Debug, PartialEq, Eq)]
-pub enum Due {
-    /// Send a Ping with this opaque value.
-    Ping(u32),
-    /// Give up: the peer has been silent for this long.
-    Dead(Duration),
-}
 
 /// The keepalive timer of one session.
 #[derive(Debug)]
@@ -49,8 +41,9 @@ impl Keepalive {
         self.deadline
     }
 
-    /// What is due at `now`, given that bytes last arrived at `last_read`; re-arms the
-    /// timer. `None` before the deadline, or when the link was not quiet for long enough.
+    /// What is due at `now` ([`Due::Ping`] or [`Due::Dead`]), given that bytes last arrived
+    /// at `last_read`; re-arms the timer. `None` before the deadline, or when the link was
+    /// not quiet for long enough.
     pub(crate) fn on_timeout(&mut self, now: Instant, last_read: Instant) -> Option<Due> {
         if now < self.deadline {
             return None;
@@ -72,15 +65,6 @@ impl Keepalive {
         self.next_opaque = self.next_opaque.wrapping_add(1);
         Some(Due::Ping(opaque))
     }
-}
-
-/// `at + after`, or a far-future instant when that is not representable (a huge configured
-/// interval or timeout means "practically never"; `Instant + Duration` would panic).
-fn later(at: Instant, after: Duration) -> Instant {
-    const FAR: Duration = Duration::from_secs(30 * 365 * 24 * 3600);
-    at.checked_add(after)
-        .or_else(|| at.checked_add(FAR))
-        .unwrap_or(at)
 }
 
 #[cfg(test)]

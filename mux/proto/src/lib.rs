@@ -1,12 +1,23 @@
 //! The sans-I/O yamux core of `netchan-mux`: frame codec, stream states, flow control and
 //! timers, as a deterministic state machine.
 //!
-//! Nothing here touches a socket, a clock or a runtime, and the crate depends on no runtime,
-//! so the compiler keeps it that way. Time comes in as `now` arguments; the core's timers
-//! (keepalive) are deadlines it reports ([`Connection::poll_timeout`]) and runs when told
-//! they passed ([`Connection::handle_timeout`]). Wakers are the only link to the outside: a
-//! blocked reader or writer leaves its `std::task::Waker` with its stream and is woken when
-//! a frame changes what it waits for.
+//! Nothing here touches a socket, a clock, a waker or a runtime, and the crate depends on no
+//! runtime, so the compiler keeps it that way. The core talks to the outside only through
+//! its calls' arguments and results:
+//!
+//! - **Time** comes in as `now` arguments, all on one clock (`std::time::Instant`, which the
+//!   caller may read from any source: netchan-mux reads tokio's, so paused-time tests drive
+//!   the core too). Every timer of a session is the core's (keepalive, the close grace, the
+//!   flush of the last frames, the wait for the peer's GoAway after a failed write): the core
+//!   reports its earliest deadline ([`Connection::poll_timeout`]) and runs what passed when
+//!   told ([`Connection::handle_timeout`]), handing back what each asks for ([`Due`]); the
+//!   caller keeps no deadline of its own.
+//! - **Readiness**: a stream operation that cannot make progress returns
+//!   `Poll::Pending` (the plain `std` enum: nothing is registered anywhere), and the core
+//!   later reports it ready ([`Ready`], from [`Connection::drain_ready`]) when a frame or a
+//!   call changes what it waits for. The caller keeps the waiting tasks' wakers and wakes
+//!   them on those reports.
+//! - **Output**: the frames to send ([`Connection::take_output`]).
 //!
 //! Who drives what: `netchan-mux`'s I/O layer is the only caller of
 //! [`Connection::on_header`], [`Connection::on_frame`] and [`Connection::take_output`] (it
@@ -14,7 +25,8 @@
 //! handles call the stream operations ([`Connection::read`], [`Connection::write`],
 //! [`Connection::finish`], [`Connection::reset`], [`Connection::drop_handle`]). The caller
 //! serialises all calls (`netchan-mux` holds a mutex for the duration of one call, never
-//! across an `.await` or a syscall).
+//! across an `.await` or a syscall) and drains the readiness reports after them (it does
+//! when it lets go of the mutex).
 //!
 //! Only what `netchan-mux` needs is public; the crate has no other user.
 //!
@@ -27,8 +39,10 @@
 //! - `flow.rs` — its flow-control policy: grants, window tuning, round-trip probes, the cap
 //!   beside an interactive stream;
 //! - `keepalive.rs` — the Ping timer, a deadline in [`Connection::poll_timeout`];
+//! - `timers.rs` — the timers of the session's end (close grace, flush, the wait for a
+//!   GoAway) and [`Due`], what a deadline that passed asks for;
 //! - `output.rs` — the order queued frames leave in;
-//! - `ids.rs` — maps keyed by stream id;
+//! - `ids.rs` — maps keyed by stream id ([`IdMap`], also netchan-mux's for its wakers);
 //! - `limits.rs` — [`Limits`], the bounds the core keeps;
 //! - this file — [`Violation`], how a peer broke the protocol.
 
@@ -40,11 +54,13 @@ mod keepalive;
 mod limits;
 mod output;
 mod stream;
+mod timers;
 
-pub use connection::{Connection, Frame, OpenError, Side, StreamError};
+pub use connection::{Connection, Frame, OpenError, Ready, Side, StreamError};
 pub use frame::{FrameType, GoAwayCode, Header, ACK, FIN, HEADER_LEN, MAX_FDS_PER_FRAME, RST, SYN};
-pub use keepalive::Due;
+pub use ids::{IdHash, IdHasher, IdMap};
 pub use limits::Limits;
+pub use timers::Due;
 
 /// A file descriptor travelling with a stream's bytes (unix only; elsewhere no value exists).
 #[cfg(unix)]

@@ -1,8 +1,8 @@
 //! One stream's state: receive buffer, windows, half-close flags and blocked tasks.
 
-use super::Fd;
+use super::{Fd, Ready};
 use bytes::{Buf, BytesMut};
-use std::{collections::VecDeque, task::Waker, time::Instant};
+use std::{collections::VecDeque, time::Instant};
 
 /// Frames up to this size are copied into the stream's own tail buffer instead of being kept
 /// as slices of the connection's read buffer: a slice pins its whole read chunk, so a peer
@@ -193,8 +193,12 @@ pub(crate) struct Stream {
     pub(crate) remote_fin: bool,
     /// Reset by either side: reads and writes fail.
     pub(crate) reset: bool,
-    pub(crate) read_waker: Option<Waker>,
-    pub(crate) write_waker: Option<Waker>,
+    /// A read is waiting (it returned pending): the next change it waits for is reported as
+    /// [`Ready::Read`], once.
+    pub(crate) read_waiting: bool,
+    /// A write is waiting for send window: the next window update is reported as
+    /// [`Ready::Write`], once.
+    pub(crate) write_waiting: bool,
 }
 
 impl Stream {
@@ -213,20 +217,24 @@ impl Stream {
             local_fin: false,
             remote_fin: false,
             reset: false,
-            read_waker: None,
-            write_waker: None,
+            read_waiting: false,
+            write_waiting: false,
         }
     }
 
-    pub(crate) fn wake_reader(&mut self) {
-        if let Some(w) = self.read_waker.take() {
-            w.wake();
+    /// Reports to `ready` that the reader of this stream (`id`) may make progress, if it
+    /// waits.
+    pub(crate) fn wake_reader(&mut self, id: u32, ready: &mut Vec<Ready>) {
+        if std::mem::take(&mut self.read_waiting) {
+            ready.push(Ready::Read(id));
         }
     }
 
-    pub(crate) fn wake_writer(&mut self) {
-        if let Some(w) = self.write_waker.take() {
-            w.wake();
+    /// Reports to `ready` that the writer of this stream (`id`) may make progress, if it
+    /// waits for send window.
+    pub(crate) fn wake_writer(&mut self, id: u32, ready: &mut Vec<Ready>) {
+        if std::mem::take(&mut self.write_waiting) {
+            ready.push(Ready::Write(id));
         }
     }
 }

@@ -1,7 +1,10 @@
 //! The I/O room: the only code that touches a session's byte stream. It sits on the core
-//! (`proto/`, which it takes by reference, as [`Core`]) and under the handles and the
-//! driver task, which call in here and never touch the stream themselves.
+//! (the crate `netchan-mux-proto`, which it takes by reference, as [`Core`]) and under the
+//! handles and the driver task, which call in here and never touch the stream themselves.
 //!
+//! - `core_lock.rs` — [`Core`], the core behind its lock, with the wakers of the tasks whose
+//!   stream operation waits: the core reports what may make progress, and letting go of the
+//!   lock wakes those tasks;
 //! - `transport.rs` (and `transport/unix.rs`) — the byte stream's two halves as the room
 //!   uses them, with file descriptors on a unix socket that carries them;
 //! - `inbound.rs` — the read side: bytes in, frames to the core, and the read-through;
@@ -37,14 +40,16 @@
 //!
 //! Lock order: a side, then the core; never both sides at once.
 
+mod core_lock;
 mod inbound;
 mod outbound;
 mod side;
 pub(crate) mod transport;
 
-use crate::proto::{Connection, StreamError, Violation};
+pub(crate) use core_lock::{Core, CoreGuard};
 use futures::task::AtomicWaker;
 use inbound::{Failed, Inbound, Through, READ_THROUGH_MIN};
+use netchan_mux_proto::{StreamError, Violation};
 use outbound::{Outbound, WRITE_BATCH};
 use side::LinkSide;
 use std::{
@@ -59,20 +64,6 @@ use std::{
 };
 use tokio::{io::ReadBuf, time::Instant};
 use transport::{LinkRead, LinkWrite};
-
-/// The yamux state of one session behind its lock, shared by the I/O room and the handles.
-/// Locked for one short, non-blocking call at a time, never across `.await`.
-pub(crate) struct Core(Mutex<Connection>);
-
-impl Core {
-    pub(crate) fn new(connection: Connection) -> Core {
-        Core(Mutex::new(connection))
-    }
-
-    pub(crate) fn lock(&self) -> MutexGuard<'_, Connection> {
-        self.0.lock().unwrap_or_else(|e| e.into_inner())
-    }
-}
 
 /// The bounds the driver's reads keep (from the session's config).
 #[derive(Debug, Clone, Copy)]

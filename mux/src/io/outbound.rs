@@ -7,7 +7,7 @@
 //! waker, so when the link is full it is the driver that is woken once it drains.
 
 use super::transport::LinkWrite;
-use crate::proto::Frame;
+use netchan_mux_proto::Frame;
 use std::{
     collections::VecDeque,
     io::{self, IoSlice},
@@ -61,7 +61,7 @@ impl Outbound {
     pub(crate) fn write_frame(
         &mut self,
         cx: &mut Context<'_>,
-        header: [u8; crate::proto::HEADER_LEN],
+        header: [u8; netchan_mux_proto::HEADER_LEN],
         body: &[u8],
     ) -> io::Result<()> {
         debug_assert!(self.is_idle());

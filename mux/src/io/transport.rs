@@ -10,8 +10,8 @@
 #[cfg(unix)]
 pub(crate) mod unix;
 
-use crate::proto::Fd;
 use bytes::{BufMut, BytesMut};
+use netchan_mux_proto::Fd;
 use std::{
     any::Any,
     collections::VecDeque,

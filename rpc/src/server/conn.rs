@@ -2,7 +2,7 @@
 //! each frame is dispatched; `Request` and `Open` frames become call tasks.
 
 use std::{
-    collections::HashSet,
+    collections::HashMap,
     sync::{Arc, OnceLock},
 };
 
@@ -60,7 +60,7 @@ impl Server {
         let peer = &origin;
         let span = tracing::debug_span!("rpc_serve", peer = peer.label.as_deref().unwrap_or(""));
         let config = &self.inner.config;
-        let (rd, mut wr) = tokio::io::split(conn);
+        let (rd, wr) = tokio::io::split(conn);
         let mut inbox = FdInbox::new(fd_link.clone());
         let conn = Arc::new(ConnState::new(config));
         // However serving ends (or if this future is dropped), cancel every
@@ -71,7 +71,7 @@ impl Server {
             async move {
                 let res = tokio::select! {
                     _ = c.token.cancelled() => Ok(()),
-                    res = c.outbox.run_writer(&mut wr, &fd_link) => res,
+                    res = c.outbox.run_writer(wr, &fd_link) => res,
                 };
                 // Senders waiting for room must not wait for a dead writer.
                 c.outbox.close();
@@ -354,7 +354,7 @@ impl Server {
             end,
         };
         let run = call.run(handler, ctx, input, credits).instrument(span);
-        if streaming || waits.0.contains(name) {
+        if streaming || waits.spawned(name) {
             tokio::spawn(run);
             return Ok(());
         }
@@ -363,14 +363,18 @@ impl Server {
         // worker, and its reply joins the batch this frame arrived in. One
         // that waits is moved into its own task (what its first poll
         // registered may wake this reader once, spuriously). Either that or
-        // a first poll that kept the reader busy past `INLINE_BUDGET` sends
-        // the method's later calls on this conn straight to tasks, so a
-        // handler that computes at length delays the conn's other calls once.
+        // `INLINE_STRIKES` first polls that kept the reader busy past
+        // `INLINE_BUDGET` send the method's later calls on this conn straight
+        // to tasks, so a handler that computes at length delays the conn's
+        // other calls a few times, and one preemption of the reader (a busy
+        // machine) does not take the inline path away for good.
         let mut run = Box::pin(run);
         let started = std::time::Instant::now();
         let pending = futures::poll!(run.as_mut()).is_pending();
-        if pending || started.elapsed() > INLINE_BUDGET {
-            waits.0.insert(name);
+        if pending {
+            waits.waited(name);
+        } else if started.elapsed() > INLINE_BUDGET {
+            waits.over_budget(name);
         }
         if pending {
             tokio::spawn(run);
@@ -383,14 +387,34 @@ impl Server {
 /// before its method's calls get tasks of their own (see [`Waits`]).
 const INLINE_BUDGET: std::time::Duration = std::time::Duration::from_micros(200);
 
-/// The unary methods whose handler waited (did not answer on its first
-/// poll) or computed past [`INLINE_BUDGET`] when it ran on this conn: their
-/// calls get a task at once, since a handler polled in the reader and then
-/// moved into a task costs more than one spawned straight away, and a long
-/// one would hold up the calls behind it. At most one entry per registered
-/// method.
+/// Over-budget first polls after which a unary method's calls on the conn
+/// get a task of their own (see [`Waits`]).
+const INLINE_STRIKES: u8 = 3;
+
+/// Per unary method, how its handler fared when polled in the reader on
+/// this conn: once it waited (did not answer on its first poll), or once it
+/// computed past [`INLINE_BUDGET`] [`INLINE_STRIKES`] times, its calls get a
+/// task at once, since a handler polled in the reader and then moved into a
+/// task costs more than one spawned straight away, and a long one would hold
+/// up the calls behind it. At most one entry per registered method.
 #[derive(Default)]
-struct Waits<'s>(HashSet<&'s str>);
+struct Waits<'s>(HashMap<&'s str, u8>);
+
+impl<'s> Waits<'s> {
+    /// Whether `method`'s calls go straight to tasks.
+    fn spawned(&self, method: &str) -> bool {
+        self.0.get(method).is_some_and(|&n| n >= INLINE_STRIKES)
+    }
+
+    fn waited(&mut self, method: &'s str) {
+        self.0.insert(method, INLINE_STRIKES);
+    }
+
+    fn over_budget(&mut self, method: &'s str) {
+        let strikes = self.0.entry(method).or_insert(0);
+        *strikes = strikes.saturating_add(1);
+    }
+}
 
 /// A call as requested by the client.
 struct Open {

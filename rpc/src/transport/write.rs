@@ -7,18 +7,22 @@
 //! it with one `write_all`, so frames queued while a write is in progress
 //! go out together in the next one (few syscalls under load). The two
 //! buffers are swapped back and forth and keep their capacity, so the
-//! steady state allocates nothing. The writer gives up on a peer that
+//! steady state allocates nothing. A sender that finds the writer idle and
+//! the queue holding only small frames writes them to the conn itself, once,
+//! without waiting (see [`Outbox::write_now`]): a lone call costs no wake-up
+//! of the writer task, and what the conn does not take at once is left to it. The writer gives up on a peer that
 //! accepts no bytes for the write-stall bound; replies that find the write
 //! queue full count against an outbound byte budget.
 
 use std::{
     future::{poll_fn, Future},
     io::{self, IoSlice, Write},
-    pin::pin,
+    pin::{pin, Pin},
     sync::{
         atomic::{AtomicBool, AtomicUsize, Ordering},
         Mutex, MutexGuard,
     },
+    task::{Context, Poll},
     time::Duration,
 };
 
@@ -62,6 +66,9 @@ pub(crate) struct Outbox {
     stall: Duration,
 }
 
+/// The conn's write half, once the writer task has sent the preamble.
+type Io = Box<dyn AsyncWrite + Send + Unpin>;
+
 #[derive(Default)]
 struct OutState {
     /// Encoded frames, except large shared byte blocks (see `segments`).
@@ -77,6 +84,24 @@ struct OutState {
     /// File descriptors to hand to the channel when the writer reaches their offset in
     /// `buf` (the start of an `Fds` frame), in order.
     fd_marks: Vec<FdMark>,
+    /// The conn's write half while nobody writes to it: `None` before the
+    /// preamble is out, while the writer task or a sender writes (whoever
+    /// takes it out owns the conn's write side until it puts it back), and
+    /// once the writer has ended.
+    io: Option<Io>,
+    /// Someone took `io` out to write (the writer task or a sender); what is
+    /// queued meanwhile is theirs to hand on when they put it back.
+    writing: bool,
+    /// The writer task has ended: a sender holding `io` drops it instead of
+    /// putting it back.
+    ended: bool,
+    /// A sender's direct write failed: the writer ends the conn with it.
+    failed: Option<io::Error>,
+    /// A sender's direct write left the conn to flush (its flush was pending).
+    unflushed: bool,
+    /// The empty buffer a sender's direct write puts in place of `buf`
+    /// (keeps its capacity across writes).
+    spare: Vec<u8>,
 }
 
 struct Segment {
@@ -98,6 +123,18 @@ impl OutState {
     /// always admitted into an empty queue, whatever its size.
     fn has_room(&self, high_water: usize) -> bool {
         self.queued() == 0 || self.queued() < high_water
+    }
+
+    /// Puts `rest`, bytes taken out of `buf` to be written and not
+    /// written, back in front of what was queued since.
+    fn unshift(&mut self, rest: &[u8]) {
+        self.buf.splice(0..0, rest.iter().copied());
+        for seg in &mut self.segments {
+            seg.at += rest.len();
+        }
+        for mark in &mut self.fd_marks {
+            mark.at += rest.len();
+        }
     }
 
     /// Appends the frames of `other` (encoded elsewhere).
@@ -375,7 +412,8 @@ impl Outbox {
         loop {
             let mut room = pin!(self.room.notified());
             room.as_mut().enable();
-            if let Some(res) = self.append(&mut encode, true) {
+            let appended = poll_fn(|cx| Poll::Ready(self.append(&mut encode, true, Some(cx))));
+            if let Some(res) = appended.await {
                 return res;
             }
             self.kick_writer();
@@ -390,7 +428,7 @@ impl Outbox {
     where
         F: FnOnce(&mut FrameWriter<'_>) -> Result<(), CodecError>,
     {
-        self.append(&mut Some((None, encode)), false)
+        self.append(&mut Some((None, encode)), false, None)
             .unwrap_or(Err(Error::Closed))
     }
 
@@ -424,7 +462,8 @@ impl Outbox {
         F: FnOnce(&mut FrameWriter<'_>) -> Result<(), CodecError>,
     {
         let mut encode = Some((fds, encode));
-        if let Some(res) = self.append(&mut encode, true) {
+        let appended = poll_fn(|cx| Poll::Ready(self.append(&mut encode, true, Some(cx))));
+        if let Some(res) = appended.await {
             return res;
         }
         let Some((fds, encode)) = encode.take() else {
@@ -446,7 +485,7 @@ impl Outbox {
                     st.splice(frame);
                     drop(st);
                     if was_empty {
-                        self.wake_writer_unless_held();
+                        self.send_unless_held(None);
                     }
                     return Ok(());
                 }
@@ -473,10 +512,14 @@ impl Outbox {
         Ok(Parked { outbox: self, len })
     }
 
+    /// Queues the frame `encode` writes (unless `wait_for_room` and the
+    /// queue is full: then `None`, and `encode` is left in place) and sends
+    /// it on (see [`Outbox::send`]; from the calling task if `cx` is given).
     fn append<F>(
         &self,
         encode: &mut Option<(Option<WithFds>, F)>,
         wait_for_room: bool,
+        cx: Option<&mut Context<'_>>,
     ) -> Option<Result<(), Error>>
     where
         F: FnOnce(&mut FrameWriter<'_>) -> Result<(), CodecError>,
@@ -495,17 +538,112 @@ impl Outbox {
         }
         drop(st);
         if was_empty {
-            self.wake_writer_unless_held();
+            self.send_unless_held(cx);
         }
         Some(Ok(()))
     }
 
-    /// Wakes the writer for frames just queued into an empty outbox, unless
-    /// it is held (then [`Outbox::release`] wakes it).
-    fn wake_writer_unless_held(&self) {
+    /// Sends frames just queued into an empty outbox, unless it is held
+    /// (then [`Outbox::release`] does): written at once from the calling
+    /// task when it can (`cx`, see [`Outbox::write_now`]), else by the
+    /// writer task.
+    fn send_unless_held(&self, cx: Option<&mut Context<'_>>) {
         if !self.held.load(Ordering::SeqCst) {
+            self.send(cx);
+        }
+    }
+
+    /// Writes what is queued from the calling task if it can, else wakes
+    /// the writer task unless someone is writing (they pick up what was
+    /// queued meanwhile when they finish).
+    fn send(&self, cx: Option<&mut Context<'_>>) {
+        if let Some(cx) = cx {
+            if self.write_now(cx) {
+                return;
+            }
+        }
+        if !self.lock().writing {
             self.wake_writer.notify_one();
         }
+    }
+
+    /// Writes the queue to the conn from the calling task, without waiting:
+    /// only while the writer task is idle and the queue holds nothing but
+    /// copied frames (no block queued by reference, no descriptors). Returns
+    /// whether it did. What the conn does not take at once goes back to the
+    /// front of the queue for the writer task, as does the flush a conn
+    /// left pending; a write error is left for the writer task to end the
+    /// conn with. The conn may keep `cx`'s waker for its write readiness
+    /// (one spurious wake-up of the caller at most).
+    fn write_now(&self, cx: &mut Context<'_>) -> bool {
+        let (mut io, mut data) = {
+            let mut st = self.lock();
+            if st.writing
+                || st.buf.is_empty()
+                || !st.segments.is_empty()
+                || !st.fd_marks.is_empty()
+                || st.failed.is_some()
+                || st.unflushed
+            {
+                return false;
+            }
+            let Some(io) = st.io.take() else {
+                return false;
+            };
+            st.writing = true;
+            let spare = std::mem::take(&mut st.spare);
+            (io, std::mem::replace(&mut st.buf, spare))
+        };
+        self.room.notify_waiters();
+        let mut written = 0;
+        let mut failed = None;
+        while written < data.len() {
+            match Pin::new(&mut io).poll_write(cx, &data[written..]) {
+                Poll::Ready(Ok(0)) => {
+                    failed = Some(io::Error::from(io::ErrorKind::WriteZero));
+                    break;
+                }
+                Poll::Ready(Ok(n)) => written += n,
+                Poll::Ready(Err(e)) => {
+                    failed = Some(e);
+                    break;
+                }
+                Poll::Pending => break,
+            }
+        }
+        let mut unflushed = false;
+        if written == data.len() && failed.is_none() {
+            match Pin::new(&mut io).poll_flush(cx) {
+                Poll::Ready(Ok(())) => {}
+                Poll::Ready(Err(e)) => failed = Some(e),
+                Poll::Pending => unflushed = true,
+            }
+        }
+        let wake = {
+            let mut st = self.lock();
+            st.writing = false;
+            if !st.ended {
+                st.io = Some(io);
+            }
+            if failed.is_some() {
+                st.failed = failed;
+            } else if written < data.len() {
+                st.unshift(&data[written..]);
+            }
+            st.unflushed |= unflushed;
+            data.clear();
+            if data.capacity() <= self.high_water && st.spare.capacity() == 0 {
+                st.spare = data;
+            }
+            (st.queued() > 0 && !self.held.load(Ordering::SeqCst))
+                || st.closed
+                || st.unflushed
+                || st.failed.is_some()
+        };
+        if wake {
+            self.wake_writer.notify_one();
+        }
+        true
     }
 
     /// Wakes the writer, held or not, for a sender about to wait for room:
@@ -524,14 +662,15 @@ impl Outbox {
         self.held.store(true, Ordering::SeqCst);
     }
 
-    /// Ends a [`hold`](Outbox::hold) and wakes the writer if frames were
-    /// queued meanwhile.
-    pub(crate) fn release(&self) {
+    /// Ends a [`hold`](Outbox::hold) and sends the frames queued meanwhile:
+    /// from the calling task if `cx` is given and it can (see
+    /// [`Outbox::write_now`]), else by the writer task.
+    pub(crate) fn release(&self, cx: Option<&mut Context<'_>>) {
         if !self.held.swap(false, Ordering::SeqCst) {
             return;
         }
         if self.lock().queued() > 0 {
-            self.wake_writer.notify_one();
+            self.send(cx);
         }
     }
 
@@ -544,37 +683,67 @@ impl Outbox {
     }
 
     /// The writer: sends the preamble, then batches until closed. Returns
-    /// `Ok` after a graceful close, and `WriteStalled` if the peer accepts
-    /// no bytes for the write-stall bound while some wait. Not cancel-safe
-    /// (a cancelled write may leave a partial frame on the wire), so cancel
-    /// it only when the conn is being abandoned anyway.
-    pub(crate) async fn run_writer<W>(&self, io: &mut W, fds: &FdLink) -> Result<(), Error>
+    /// `Ok` after a graceful close, `WriteStalled` if the peer accepts no
+    /// bytes for the write-stall bound while some wait, and the error of a
+    /// sender's failed direct write. Between batches it leaves `io` in the
+    /// outbox for senders to write to directly ([`Outbox::write_now`]);
+    /// once it returns or is cancelled nobody writes to `io` any more, and
+    /// it is dropped. Not cancel-safe (a cancelled write may leave a partial
+    /// frame on the wire), so cancel it only when the conn is being
+    /// abandoned anyway.
+    pub(crate) async fn run_writer<W>(&self, io: W, fds: &FdLink) -> Result<(), Error>
     where
-        W: AsyncWrite + Unpin,
+        W: AsyncWrite + Send + Unpin + 'static,
     {
-        write_gathered(io, &PREAMBLE, &[], self.stall).await?;
-        self.flush(io).await?;
+        let _end = WriterEnd(self);
+        let mut io: Io = Box::new(io);
+        write_gathered(&mut io, &PREAMBLE, &[], self.stall).await?;
+        self.flush(&mut io).await?;
+        let mut io = Some(io);
         let mut spare: Vec<u8> = Vec::new();
         let mut spare_segments: Vec<Segment> = Vec::new();
         let mut spare_marks: Vec<FdMark> = Vec::new();
         loop {
-            let closed = {
+            // Take the next batch and the conn, or hand the conn back to
+            // senders and wait.
+            let (closed, flush) = {
                 let mut st = self.lock();
-                if st.queued() > 0 {
+                if let Some(io) = io.take() {
+                    st.io = Some(io);
+                    st.writing = false;
+                }
+                if let Some(e) = st.failed.take() {
+                    return Err(e.into());
+                }
+                let flush = std::mem::take(&mut st.unflushed);
+                if !st.writing && (st.queued() > 0 || flush || st.closed) {
+                    io = st.io.take();
+                    st.writing = io.is_some();
                     std::mem::swap(&mut st.buf, &mut spare);
                     std::mem::swap(&mut st.segments, &mut spare_segments);
                     std::mem::swap(&mut st.fd_marks, &mut spare_marks);
                     st.segment_bytes = 0;
+                } else {
+                    st.unflushed |= flush;
                 }
-                st.closed
+                (st.closed, flush)
+            };
+            let Some(conn) = io.as_mut() else {
+                // Nothing to send, or a sender is writing (it wakes us when
+                // it is done if anything is left).
+                self.wake_writer.notified().await;
+                continue;
             };
             if spare.is_empty() {
+                if flush {
+                    self.flush(conn).await?;
+                    continue;
+                }
                 if closed {
                     // Best effort: the peer may already be gone.
-                    let _ = io.shutdown().await;
+                    let _ = conn.shutdown().await;
                     return Ok(());
                 }
-                self.wake_writer.notified().await;
                 continue;
             }
             self.room.notify_waiters();
@@ -589,7 +758,7 @@ impl Outbox {
                         .take_while(|s| s.at <= mark.at)
                         .count();
                 write_gathered_from(
-                    io,
+                    conn,
                     &spare[..mark.at],
                     pos,
                     &spare_segments[seg..end],
@@ -599,9 +768,9 @@ impl Outbox {
                 fds.send(&mark.fds)?;
                 (pos, seg) = (mark.at, end);
             }
-            write_gathered_from(io, &spare, pos, &spare_segments[seg..], self.stall).await?;
+            write_gathered_from(conn, &spare, pos, &spare_segments[seg..], self.stall).await?;
             spare_segments.clear();
-            self.flush(io).await?;
+            self.flush(conn).await?;
             spare.clear();
             // Keep the buffer across batches (no fresh allocations, no page
             // faults) unless one huge message inflated it.
@@ -610,6 +779,21 @@ impl Outbox {
             }
             tracing::trace!("rpc writer flushed a batch");
         }
+    }
+}
+
+/// Ends the writer's ownership of the conn however it returns: the write
+/// half is dropped, now or by the sender writing to it when it is done.
+struct WriterEnd<'a>(&'a Outbox);
+
+impl Drop for WriterEnd<'_> {
+    fn drop(&mut self) {
+        let io = {
+            let mut st = self.0.lock();
+            st.ended = true;
+            st.io.take()
+        };
+        drop(io);
     }
 }
 
@@ -648,7 +832,7 @@ impl<'a> Batch<'a> {
     /// Counts one frame about to be dispatched, holding the outbox.
     pub(crate) fn add(&mut self) {
         if self.frames == MAX_BATCH {
-            self.outbox.release();
+            self.outbox.release(None);
             self.frames = 0;
         }
         self.outbox.hold();
@@ -673,7 +857,7 @@ impl<'a> Batch<'a> {
                 // One frame is a lone call: its sender waits for nothing else,
                 // and rescheduling the reader would only wake another worker.
                 if deferred || self.frames == 1 {
-                    self.outbox.release();
+                    self.outbox.release(Some(cx));
                     self.frames = 0;
                 } else {
                     deferred = true;
@@ -790,15 +974,16 @@ mod tests {
             outbox.push(|w| codec::encode(w, &i, "n")).await.unwrap();
         }
         outbox.close();
-        let mut conn = RecordingWriter::taking(usize::MAX);
+        let conn = SharedWrites::taking(usize::MAX);
         outbox
-            .run_writer(&mut conn, &crate::fds::FdLink::default())
+            .run_writer(conn.clone(), &crate::fds::FdLink::default())
             .await
             .unwrap();
         // One write for the preamble, one for all 100 frames.
-        assert_eq!(conn.calls.len(), 2);
+        assert_eq!(conn.writes(), 2);
+        let data = conn.data();
         let mut r =
-            FrameReader::with_limits(&conn.data[PREAMBLE.len()..], 1024, Duration::from_secs(30));
+            FrameReader::with_limits(&data[PREAMBLE.len()..], 1024, Duration::from_secs(30));
         for i in 0..100u32 {
             let body = r.next_frame().await.unwrap().unwrap().body();
             assert_eq!(codec::decode::<u32>(&body, "n").unwrap(), i);
@@ -885,12 +1070,13 @@ mod tests {
             .await
             .unwrap();
         outbox.close();
-        let mut conn = RecordingWriter::taking(100_000);
+        let conn = SharedWrites::taking(100_000);
         outbox
-            .run_writer(&mut conn, &crate::fds::FdLink::default())
+            .run_writer(conn.clone(), &crate::fds::FdLink::default())
             .await
             .unwrap();
-        let calls = &conn.calls[1..]; // after the preamble
+        let (calls, data) = (conn.calls(), conn.data());
+        let calls = &calls[1..]; // after the preamble
         assert!(
             calls[0].0,
             "the header and the block start in one gathered write"
@@ -900,11 +1086,8 @@ mod tests {
             plain >= 2,
             "the rest of the block in plain writes: {calls:?}"
         );
-        let mut r = FrameReader::with_limits(
-            &conn.data[PREAMBLE.len()..],
-            1 << 20,
-            Duration::from_secs(30),
-        );
+        let mut r =
+            FrameReader::with_limits(&data[PREAMBLE.len()..], 1 << 20, Duration::from_secs(30));
         let body = r.next_frame().await.unwrap().unwrap().body();
         let (a, b, c): (u32, crate::ByteBuf, u8) = codec::decode(&body, "m").unwrap();
         assert_eq!((a, c), (7, 9));
@@ -912,22 +1095,56 @@ mod tests {
         assert!(r.next_frame().await.unwrap().is_none());
     }
 
-    /// Counts the writes made to it, shared with the test while a writer
-    /// task owns it.
+    /// A [`RecordingWriter`] shared with the test while the outbox owns
+    /// it; the test can make it stall (pending until resumed) or fail.
     #[derive(Clone)]
-    struct SharedWrites(std::sync::Arc<Mutex<RecordingWriter>>);
+    struct SharedWrites(std::sync::Arc<Mutex<Shared>>);
 
-    impl Default for SharedWrites {
-        fn default() -> Self {
-            SharedWrites(std::sync::Arc::new(Mutex::new(RecordingWriter::taking(
-                usize::MAX,
-            ))))
-        }
+    struct Shared {
+        rec: RecordingWriter,
+        /// Bytes it takes before it stalls (`usize::MAX`: never).
+        budget: usize,
+        stalled: Option<std::task::Waker>,
+        fail: bool,
     }
 
     impl SharedWrites {
+        fn taking(per_call: usize) -> SharedWrites {
+            SharedWrites(std::sync::Arc::new(Mutex::new(Shared {
+                rec: RecordingWriter::taking(per_call),
+                budget: usize::MAX,
+                stalled: None,
+                fail: false,
+            })))
+        }
+
         fn writes(&self) -> usize {
-            self.0.lock().unwrap().calls.len()
+            self.0.lock().unwrap().rec.calls.len()
+        }
+
+        fn calls(&self) -> Vec<(bool, usize)> {
+            self.0.lock().unwrap().rec.calls.clone()
+        }
+
+        fn data(&self) -> Vec<u8> {
+            self.0.lock().unwrap().rec.data.clone()
+        }
+
+        /// Takes `bytes` more, then stays pending until [`SharedWrites::resume`].
+        fn stall_after(&self, bytes: usize) {
+            self.0.lock().unwrap().budget = bytes;
+        }
+
+        fn resume(&self) {
+            let mut sh = self.0.lock().unwrap();
+            sh.budget = usize::MAX;
+            if let Some(waker) = sh.stalled.take() {
+                waker.wake();
+            }
+        }
+
+        fn fail(&self) {
+            self.0.lock().unwrap().fail = true;
         }
     }
 
@@ -937,7 +1154,32 @@ mod tests {
             cx: &mut std::task::Context<'_>,
             buf: &[u8],
         ) -> std::task::Poll<io::Result<usize>> {
-            std::pin::Pin::new(&mut *self.0.lock().unwrap()).poll_write(cx, buf)
+            let mut sh = self.0.lock().unwrap();
+            if sh.fail {
+                return std::task::Poll::Ready(Err(io::ErrorKind::ConnectionReset.into()));
+            }
+            if sh.budget == 0 {
+                sh.stalled = Some(cx.waker().clone());
+                return std::task::Poll::Pending;
+            }
+            let take = buf.len().min(sh.budget);
+            let res = std::pin::Pin::new(&mut sh.rec).poll_write(cx, &buf[..take]);
+            if let std::task::Poll::Ready(Ok(n)) = res {
+                sh.budget = sh.budget.saturating_sub(n);
+            }
+            res
+        }
+
+        fn poll_write_vectored(
+            self: std::pin::Pin<&mut Self>,
+            cx: &mut std::task::Context<'_>,
+            bufs: &[IoSlice<'_>],
+        ) -> std::task::Poll<io::Result<usize>> {
+            std::pin::Pin::new(&mut self.0.lock().unwrap().rec).poll_write_vectored(cx, bufs)
+        }
+
+        fn is_write_vectored(&self) -> bool {
+            true
         }
 
         fn poll_flush(
@@ -956,14 +1198,14 @@ mod tests {
     }
 
     /// Starts a writer task for `outbox` and waits until it has written the
-    /// preamble (the single-threaded test runtime runs it only when the test
-    /// yields).
+    /// preamble and waits for frames, leaving the conn to direct writes (the
+    /// single-threaded test runtime runs it only when the test yields).
     async fn idle_writer(outbox: &std::sync::Arc<Outbox>) -> SharedWrites {
-        let conn = SharedWrites::default();
-        let (o, mut c) = (std::sync::Arc::clone(outbox), conn.clone());
-        tokio::spawn(async move { o.run_writer(&mut c, &crate::fds::FdLink::default()).await });
+        let conn = SharedWrites::taking(usize::MAX);
+        let (o, c) = (std::sync::Arc::clone(outbox), conn.clone());
+        tokio::spawn(async move { o.run_writer(c, &crate::fds::FdLink::default()).await });
         for _ in 0..100 {
-            if conn.writes() == 1 {
+            if conn.writes() == 1 && outbox.lock().io.is_some() {
                 return conn;
             }
             tokio::task::yield_now().await;
@@ -983,7 +1225,7 @@ mod tests {
             tokio::task::yield_now().await;
         }
         assert_eq!(conn.writes(), 1, "a held outbox does not wake the writer");
-        outbox.release();
+        outbox.release(None);
         for _ in 0..100 {
             if conn.writes() > 1 {
                 break;
@@ -991,7 +1233,7 @@ mod tests {
             tokio::task::yield_now().await;
         }
         assert_eq!(conn.writes(), 2, "the ten frames leave in one write");
-        let data = conn.0.lock().unwrap().data.clone();
+        let data = conn.data();
         let mut r =
             FrameReader::with_limits(&data[PREAMBLE.len()..], 1024, Duration::from_secs(30));
         for i in 0..10u32 {
@@ -1035,17 +1277,95 @@ mod tests {
         ));
         assert_eq!(outbox.lock().segments.len(), 1);
         outbox.close();
-        let mut wire = Vec::new();
+        let conn = SharedWrites::taking(usize::MAX);
         outbox
-            .run_writer(&mut wire, &crate::fds::FdLink::default())
+            .run_writer(conn.clone(), &crate::fds::FdLink::default())
             .await
             .unwrap();
+        let wire = conn.data();
         let mut want = PREAMBLE.to_vec();
         let mut body = Vec::new();
         codec::encode(&mut body, &(1u8, vec![5u8; 100_000], 2u8), "test").unwrap();
         want.extend_from_slice(&(body.len() as u32).to_be_bytes());
         want.extend_from_slice(&body);
         assert_eq!(wire, want);
+    }
+
+    /// Reads back the `u32` frames written after the preamble.
+    async fn numbers(data: &[u8]) -> Vec<u32> {
+        let mut r =
+            FrameReader::with_limits(&data[PREAMBLE.len()..], 1024, Duration::from_secs(30));
+        let mut got = Vec::new();
+        while let Some(frame) = r.next_frame().await.unwrap() {
+            got.push(codec::decode::<u32>(&frame.body(), "n").unwrap());
+        }
+        got
+    }
+
+    #[tokio::test]
+    async fn a_frame_sent_while_the_writer_is_idle_is_written_by_its_sender_at_once() {
+        let outbox = std::sync::Arc::new(Outbox::new(&Config::default()));
+        let conn = idle_writer(&outbox).await;
+        for i in 0..3u32 {
+            outbox.push(|w| codec::encode(w, &i, "n")).await.unwrap();
+            // No yield: the sender itself wrote the frame.
+            assert_eq!(conn.writes(), 2 + i as usize);
+        }
+        assert_eq!(numbers(&conn.data()).await, [0, 1, 2]);
+    }
+
+    #[tokio::test]
+    async fn what_a_stalled_conn_leaves_of_a_direct_write_goes_out_first_via_the_writer() {
+        let outbox = std::sync::Arc::new(Outbox::new(&Config::default()));
+        let conn = idle_writer(&outbox).await;
+        conn.stall_after(3);
+        outbox.push(|w| codec::encode(w, &0u32, "n")).await.unwrap();
+        // Three bytes went out; the rest waits in front of the next frames.
+        assert_eq!(conn.data().len(), PREAMBLE.len() + 3);
+        for i in 1..4u32 {
+            outbox.push(|w| codec::encode(w, &i, "n")).await.unwrap();
+        }
+        conn.resume();
+        for _ in 0..100 {
+            if numbers_ready(&conn.data(), 4) {
+                break;
+            }
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(numbers(&conn.data()).await, [0, 1, 2, 3]);
+        assert!(outbox.lock().queued() == 0 && !outbox.lock().writing);
+    }
+
+    /// Whether `data` holds the preamble and `n` one-byte-body frames.
+    fn numbers_ready(data: &[u8], n: usize) -> bool {
+        data.len() >= PREAMBLE.len() + n * (LEN_PREFIX + 1)
+    }
+
+    #[tokio::test]
+    async fn a_failed_direct_write_ends_the_writer_with_its_error() {
+        let outbox = std::sync::Arc::new(Outbox::new(&Config::default()));
+        let conn = SharedWrites::taking(usize::MAX);
+        let (o, c) = (std::sync::Arc::clone(&outbox), conn.clone());
+        let writer =
+            tokio::spawn(async move { o.run_writer(c, &crate::fds::FdLink::default()).await });
+        for _ in 0..100 {
+            if outbox.lock().io.is_some() {
+                break;
+            }
+            tokio::task::yield_now().await;
+        }
+        conn.fail();
+        outbox.push(|w| codec::encode(w, &1u32, "n")).await.unwrap();
+        let res = tokio::time::timeout(Duration::from_secs(5), writer)
+            .await
+            .expect("the writer ended")
+            .unwrap();
+        assert!(
+            matches!(&res, Err(Error::Io(e)) if e.kind() == io::ErrorKind::ConnectionReset),
+            "{res:?}"
+        );
+        // The conn's write half is gone with the writer.
+        assert!(outbox.lock().io.is_none());
     }
 
     fn bytes_frame(n: usize) -> impl FnOnce(&mut FrameWriter<'_>) -> Result<(), CodecError> {

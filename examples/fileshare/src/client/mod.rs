@@ -7,6 +7,10 @@
 //! when the session ends it says so and reconnects with exponential backoff and jitter,
 //! re-publishing under the same name; commands issued meanwhile fail with "not connected".
 //!
+//! A client may be given several hubs (the hubs of a fleet), and a hub's name may resolve to
+//! several addresses: [`connect`] tries them in turn, and after a loss the reconnection starts
+//! with the hub after the one that was lost, so a dead hub is tried last.
+//!
 //! [`transfer`] checks a read's chunks as they come ([`FileStream`]); the exported service
 //! itself is [`crate::export`]'s.
 
@@ -15,7 +19,7 @@ use std::time::Duration;
 
 use netchan_mux::{self as mux, Session};
 use netchan_rpc::{self as rpc, CallOptions, Code, Status};
-use rand::{Rng, SeedableRng};
+use rand::{seq::SliceRandom, Rng, SeedableRng};
 use rustls::pki_types::ServerName;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt as _};
 use tokio::sync::watch;
@@ -34,8 +38,17 @@ use crate::proto::{
 pub(crate) use transfer::read_window;
 pub(crate) use transfer::FileStream;
 
-/// How long connecting (TCP, TLS, hello, publish) may take as a whole.
+/// How long connecting (TCP, TLS, hello, publish) to one address may take as a whole.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How long resolving one hub's name may take.
+const RESOLVE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Most hubs a client takes ([`ClientOptions::hubs`]).
+pub(crate) const MAX_HUBS: usize = 16;
+
+/// Most addresses of one hub name that are tried.
+const MAX_RESOLVED: usize = 8;
 
 /// Deadline of unary calls to the hub (list, ls, stat).
 const CALL_TIMEOUT: Duration = Duration::from_secs(60);
@@ -53,12 +66,13 @@ pub(crate) struct ClientOptions {
     pub(crate) name: String,
     /// Exported directory.
     pub(crate) root: Root,
-    /// Hub address (`host:port`).
-    pub(crate) addr: String,
+    /// Hub addresses (`host:port`), at least one and at most [`MAX_HUBS`], tried in turn.
+    pub(crate) hubs: Vec<String>,
     /// Token for the hello exchange.
     pub(crate) token: Option<String>,
-    /// TLS settings; `None` for plaintext.
-    pub(crate) tls: Option<(Arc<rustls::ClientConfig>, ServerName<'static>)>,
+    /// TLS settings; `None` for plaintext. The server name is the one every hub's certificate
+    /// must carry; `None`: each hub's own host name.
+    pub(crate) tls: Option<(Arc<rustls::ClientConfig>, Option<ServerName<'static>>)>,
     /// Show error details (the layers below a message) in what the client tells its user:
     /// `-v`, or `RUST_LOG` set. Default: off.
     pub(crate) verbose: bool,
@@ -155,6 +169,10 @@ impl ConnectError {
 
 /// A published connection to the hub.
 pub(crate) struct Link {
+    /// The hub's address as configured (one of [`ClientOptions::hubs`]).
+    addr: String,
+    /// Its place in [`ClientOptions::hubs`].
+    index: usize,
     session: Session,
     /// What the hub said when it let us in.
     welcome: auth::Welcome,
@@ -168,41 +186,137 @@ pub(crate) struct Link {
     _export: JoinSet<()>,
 }
 
-/// Opens TCP (and TLS) to the hub and establishes a published [`Link`], all within
-/// [`CONNECT_TIMEOUT`]. Cancel-safe (a half-made link is dropped).
+/// Establishes a published [`Link`] with the first of [`ClientOptions::hubs`] that lets us in,
+/// trying them in order. See [`connect_from`].
 pub(crate) async fn connect(opts: &ClientOptions) -> Result<Link, ConnectError> {
-    tokio::time::timeout(CONNECT_TIMEOUT, async {
-        let tcp = tokio::net::TcpStream::connect(&opts.addr)
-            .await
-            .map_err(|source| ConnectError::Tcp {
-                addr: opts.addr.clone(),
-                source,
-            })?;
-        let _ = tcp.set_nodelay(true);
-        match &opts.tls {
-            None => establish(tcp, opts).await,
-            Some((config, name)) => {
-                let tls = tokio_rustls::TlsConnector::from(config.clone())
-                    .connect(name.clone(), tcp)
-                    .await
-                    .map_err(|source| ConnectError::Tls {
-                        addr: opts.addr.clone(),
-                        why: crate::tls::explain_handshake(&opts.addr, &source),
-                        source,
-                    })?;
-                establish(tls, opts).await
-            }
-        }
-    })
-    .await
-    .map_err(|_| ConnectError::Timeout {
-        addr: opts.addr.clone(),
-    })?
+    connect_from(opts, 0).await
 }
 
-/// Runs the client half of the protocol over `io`: session, hello, export listener, publish.
-/// Not bounded in time by itself (see [`connect`]).
+/// Establishes a published [`Link`] with one of [`ClientOptions::hubs`], trying them in
+/// order from `first` (wrapping round), and each hub's addresses in random order. Moves on
+/// only past failures that another hub may not have ([`ConnectError::is_transient`]); a wrong
+/// token or certificate, or a name the fleet refuses, ends the attempt. Each address is bounded
+/// by [`CONNECT_TIMEOUT`], each name's resolution by [`RESOLVE_TIMEOUT`]. Cancel-safe.
+pub(crate) async fn connect_from(opts: &ClientOptions, first: usize) -> Result<Link, ConnectError> {
+    let n = opts.hubs.len().clamp(1, MAX_HUBS);
+    let mut failed = None;
+    for i in 0..n {
+        let index = (first + i) % n;
+        let Some(hub) = opts.hubs.get(index) else {
+            break;
+        };
+        match connect_hub(opts, hub, index).await {
+            Ok(link) => return Ok(link),
+            Err(e) if e.is_transient() => {
+                debug!(hub = %hub, error = %rpc::chain(&e), "cannot join this hub; trying the next");
+                failed = Some(e);
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Err(failed.unwrap_or_else(|| ConnectError::Tcp {
+        addr: String::new(),
+        source: std::io::Error::new(std::io::ErrorKind::InvalidInput, "no hub address given"),
+    }))
+}
+
+/// [`connect_from`] for the one hub `hub`, trying each address its name resolves to.
+async fn connect_hub(opts: &ClientOptions, hub: &str, index: usize) -> Result<Link, ConnectError> {
+    let tcp_error = |source| ConnectError::Tcp {
+        addr: hub.to_owned(),
+        source,
+    };
+    let resolved = tokio::time::timeout(RESOLVE_TIMEOUT, tokio::net::lookup_host(hub))
+        .await
+        .map_err(|_| {
+            tcp_error(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!(
+                    "resolving {hub} took longer than {}s",
+                    RESOLVE_TIMEOUT.as_secs()
+                ),
+            ))
+        })?
+        .map_err(tcp_error)?;
+    let mut addrs: Vec<std::net::SocketAddr> = resolved.take(MAX_RESOLVED).collect();
+    // Spread the clients of a name with several addresses over them.
+    addrs.shuffle(&mut rand::thread_rng());
+    let mut failed = None;
+    for sa in addrs {
+        match tokio::time::timeout(CONNECT_TIMEOUT, connect_addr(opts, hub, sa)).await {
+            Ok(Ok(mut link)) => {
+                link.index = index;
+                return Ok(link);
+            }
+            Ok(Err(e)) if e.is_transient() => failed = Some(e),
+            Ok(Err(e)) => return Err(e),
+            Err(_) => {
+                failed = Some(ConnectError::Timeout {
+                    addr: hub.to_owned(),
+                })
+            }
+        }
+    }
+    Err(failed.unwrap_or_else(|| {
+        tcp_error(std::io::Error::new(
+            std::io::ErrorKind::NotFound,
+            format!("{hub} resolves to no address"),
+        ))
+    }))
+}
+
+/// Opens TCP (and TLS) to `sa`, one address of `hub`, and establishes a published [`Link`].
+/// Not bounded in time by itself (see [`connect_hub`]).
+async fn connect_addr(
+    opts: &ClientOptions,
+    hub: &str,
+    sa: std::net::SocketAddr,
+) -> Result<Link, ConnectError> {
+    let tcp = tokio::net::TcpStream::connect(sa)
+        .await
+        .map_err(|source| ConnectError::Tcp {
+            addr: hub.to_owned(),
+            source,
+        })?;
+    let _ = tcp.set_nodelay(true);
+    match &opts.tls {
+        None => establish_at(tcp, opts, hub).await,
+        Some((config, name)) => {
+            let name = match name {
+                Some(name) => name.clone(),
+                None => crate::tls::server_name(hub, None).map_err(|e| ConnectError::Tls {
+                    addr: hub.to_owned(),
+                    why: e.to_string(),
+                    source: std::io::Error::new(std::io::ErrorKind::InvalidInput, e.to_string()),
+                })?,
+            };
+            let tls = tokio_rustls::TlsConnector::from(config.clone())
+                .connect(name, tcp)
+                .await
+                .map_err(|source| ConnectError::Tls {
+                    addr: hub.to_owned(),
+                    why: crate::tls::explain_handshake(hub, &source),
+                    source,
+                })?;
+            establish_at(tls, opts, hub).await
+        }
+    }
+}
+
+/// Runs the client half of the protocol over `io`, a connection to the first of
+/// [`ClientOptions::hubs`]: session, hello, export listener, publish. Not bounded in time by
+/// itself (see [`connect`]).
+#[cfg(test)]
 pub(crate) async fn establish<T>(io: T, opts: &ClientOptions) -> Result<Link, ConnectError>
+where
+    T: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+{
+    let hub = opts.hubs.first().map(String::as_str).unwrap_or_default();
+    establish_at(io, opts, hub).await
+}
+
+/// [`establish`] over `io`, a connection to `hub`.
+async fn establish_at<T>(io: T, opts: &ClientOptions, hub: &str) -> Result<Link, ConnectError>
 where
     T: AsyncRead + AsyncWrite + Send + Unpin + 'static,
 {
@@ -218,7 +332,7 @@ where
     };
     let (mut hello, welcome, rtt) = match hello.await {
         Ok(hello) => hello,
-        Err(e) => return Err(tls_refusal(&session, &opts.addr).await.unwrap_or(e)),
+        Err(e) => return Err(tls_refusal(&session, hub).await.unwrap_or(e)),
     };
     // The hub has half-closed after its answer; closing our side too ends the channel without
     // a reset.
@@ -231,27 +345,30 @@ where
     export_tasks
         .spawn(serve_exports(exports, server.clone()).instrument(tracing::debug_span!("export")));
     let link = rpc::Peer::connect(&session, server).await?;
-    let hub = HubClient::new(link.client().clone());
-    hub.publish(PublishReq {
-        name: opts.name.clone(),
-    })
-    .await
-    .map_err(|status| match status.code() {
-        // The hub is full: not about the name.
-        Code::ResourceExhausted => ConnectError::Refused {
-            reason: status.message().to_owned(),
-        },
-        _ => ConnectError::Publish {
+    let hub_client = HubClient::new(link.client().clone());
+    hub_client
+        .publish(PublishReq {
             name: opts.name.clone(),
-            status,
-        },
-    })?;
+        })
+        .await
+        .map_err(|status| match status.code() {
+            // The hub is full: not about the name.
+            Code::ResourceExhausted => ConnectError::Refused {
+                reason: status.message().to_owned(),
+            },
+            _ => ConnectError::Publish {
+                name: opts.name.clone(),
+                status,
+            },
+        })?;
     let read_window = transfer::read_window(rtt);
     debug!(?rtt, read_window, "read window sized from the round trip");
     Ok(Link {
+        addr: hub.to_owned(),
+        index: 0,
         session,
         welcome,
-        hub,
+        hub: hub_client,
         read_window,
         _rpc: link,
         _export: export_tasks,
@@ -405,6 +522,14 @@ impl Peer {
             .map(|link| link.welcome.token_checked)
     }
 
+    /// The address of the hub the link is up with (as configured), `None` while not connected.
+    pub(crate) fn hub_addr(&self) -> Option<String> {
+        match &*self.link.borrow() {
+            Some(link) if !link.session.is_closed() => Some(link.addr.clone()),
+            _ => None,
+        }
+    }
+
     /// Whether the link to the hub is up right now.
     pub(crate) fn is_connected(&self) -> bool {
         matches!(&*self.link.borrow(), Some(link) if !link.session.is_closed())
@@ -508,25 +633,28 @@ async fn supervise(opts: ClientOptions, tx: watch::Sender<Option<Arc<Link>>>, no
     let mut rng = rand::rngs::StdRng::from_entropy();
     // Runs for the life of the client (aborted by `Peer`'s drop); each iteration waits for a
     // session to end, so it never spins.
+    // Where the next reconnection starts: the hub after the one lost.
+    let mut first = 0;
     loop {
         let current = tx.borrow().clone();
         if let Some(link) = current {
             let reason = link.session.closed().await;
             tx.send_replace(None);
+            first = link.index + 1;
+            notify(lost_message(&link.addr, &reason, opts.verbose));
             drop(link);
-            notify(lost_message(&opts.addr, &reason, opts.verbose));
         }
         let mut attempt: u32 = 0;
         let link = loop {
             tokio::time::sleep(backoff(attempt, &mut rng)).await;
-            match connect(&opts).await {
+            match connect_from(&opts, first).await {
                 Ok(link) => break link,
                 Err(e) => {
                     // Say it on the first failure and then every 10th, not on every attempt.
                     if attempt % 10 == 0 {
                         notify(format!(
-                            "cannot reach the hub at {} yet; still trying (is it running?){}",
-                            opts.addr,
+                            "cannot reach {} yet; still trying (is it running?){}",
+                            hubs_phrase(&opts.hubs),
                             detail_if(opts.verbose, &rpc::chain(&e))
                         ));
                     }
@@ -534,12 +662,21 @@ async fn supervise(opts: ClientOptions, tx: watch::Sender<Option<Arc<Link>>>, no
                 }
             }
         };
+        let addr = link.addr.clone();
         // Up before it is said, so that whatever shows the notice sees the link up.
         tx.send_replace(Some(Arc::new(link)));
         notify(format!(
-            "reconnected to the hub at {}; published as {}",
-            opts.addr, opts.name
+            "reconnected to the hub at {addr}; published as {}",
+            opts.name
         ));
+    }
+}
+
+/// "the hub at A" or "any of the hubs A, B", for what the user is told.
+pub(crate) fn hubs_phrase(hubs: &[String]) -> String {
+    match hubs {
+        [one] => format!("the hub at {one}"),
+        many => format!("any of the hubs {}", many.join(", ")),
     }
 }
 

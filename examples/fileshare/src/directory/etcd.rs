@@ -122,8 +122,19 @@ struct Shared {
     suspect: Notify,
     state: Mutex<State>,
     events: broadcast::Sender<Event>,
-    /// Whether a session is up (publishes are accepted).
-    up: watch::Sender<bool>,
+    /// Whether a session is up (publishes are accepted), or why not.
+    phase: watch::Sender<Phase>,
+}
+
+/// Where the driver is, as waiters see it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    /// No session has been up or failed yet.
+    Starting,
+    /// A session is up.
+    Up,
+    /// The last session failed (or the directory closed), for this reason.
+    Down(Down),
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -143,7 +154,7 @@ struct Claim {
 }
 
 /// Why the last session is down, for publishes refused meanwhile.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Down {
     NoLease,
     HubIdInUse,
@@ -250,7 +261,7 @@ impl Etcd {
                 closed: false,
             }),
             events: broadcast::channel(EVENTS_CAPACITY).0,
-            up: watch::channel(false).0,
+            phase: watch::channel(Phase::Starting).0,
             config,
         });
         let (stop, stop_rx) = watch::channel(false);
@@ -262,11 +273,26 @@ impl Etcd {
         })
     }
 
+    /// Whether the last session failed because another live hub process uses this hub's id
+    /// (a configuration mistake that retrying does not fix while that hub lives).
+    pub(crate) fn id_in_use(&self) -> bool {
+        matches!(self.shared.lock().down, Down::HubIdInUse)
+    }
+
     /// Waits until a session is up (the lease held, the copy read, the watch on). Cancel-safe.
     pub(crate) async fn wait_up(&self) {
-        let mut up = self.shared.up.subscribe();
+        let mut phase = self.shared.phase.subscribe();
         // Err only if the sender is gone, which `self` prevents.
-        let _ = up.wait_for(|up| *up).await;
+        let _ = phase.wait_for(|p| *p == Phase::Up).await;
+    }
+
+    /// Waits until a session has failed because this hub's id is in use. Cancel-safe.
+    #[cfg(test)]
+    pub(crate) async fn wait_id_in_use(&self) {
+        let mut phase = self.shared.phase.subscribe();
+        let _ = phase
+            .wait_for(|p| *p == Phase::Down(Down::HubIdInUse))
+            .await;
     }
 }
 
@@ -340,7 +366,7 @@ impl Directory for Etcd {
                 state.held.clear();
                 state.lease.take()
             };
-            self.shared.up.send_replace(false);
+            self.shared.phase.send_replace(Phase::Down(Down::NoLease));
             let _ = self.stop.send(true);
             let driver = self
                 .driver
@@ -623,7 +649,8 @@ impl Shared {
             state.up = up;
             state.down = down;
         }
-        self.up.send_replace(up);
+        self.phase
+            .send_replace(if up { Phase::Up } else { Phase::Down(down) });
     }
 }
 

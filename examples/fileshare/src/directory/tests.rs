@@ -116,6 +116,29 @@ async fn a_bad_configuration_is_refused_at_start() {
 }
 
 #[tokio::test]
+async fn a_second_hub_with_the_same_id_stays_out_and_says_why() {
+    let Some(etcd) = Cluster::start_or_skip(1).await else {
+        return;
+    };
+    let a = hub(etcd.endpoints(), "same").await;
+    let b = Etcd::start(config(etcd.endpoints(), "same")).await.unwrap();
+    within(10, "the second hub finds its id in use", b.wait_id_in_use()).await;
+    assert!(b.id_in_use());
+    match b.publish("bob").await {
+        Err(DirectoryError::Unreachable {
+            cause: Unreachable::HubIdInUse(id),
+        }) => assert_eq!(id.to_string(), "same"),
+        other => panic!("expected the id to be in use, got {other:?}"),
+    }
+    a.publish("bob").await.unwrap();
+    // Once the first hub has left, the id is free.
+    a.close().await;
+    within(10, "the second hub comes up", b.wait_up()).await;
+    b.publish("bob").await.unwrap();
+    b.close().await;
+}
+
+#[tokio::test]
 async fn publish_release_lookup_and_watch_between_two_hubs() {
     let Some(etcd) = Cluster::start_or_skip(1).await else {
         return;

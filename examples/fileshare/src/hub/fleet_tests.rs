@@ -50,7 +50,7 @@ fn client_opts(hub: &FleetHub, name: &str, root: &std::path::Path) -> ClientOpti
     ClientOptions {
         name: name.to_owned(),
         root: Root::open(root).unwrap(),
-        addr: hub.addr.to_string(),
+        hubs: vec![hub.addr.to_string()],
         token: None,
         tls: None,
         verbose: false,

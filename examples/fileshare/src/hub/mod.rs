@@ -226,6 +226,15 @@ impl Default for HubOptions {
     }
 }
 
+/// A task aborted when this is dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 /// What admission decided for an accepted connection.
 pub(crate) enum Admit {
     /// Serve it, holding this pending place (none: tests that drive the hub directly).
@@ -320,9 +329,9 @@ impl HubState {
     /// connection task abruptly. Not meant to be cancelled and restarted.
     pub(crate) async fn serve(self: Arc<Self>, listener: TcpListener) {
         let mut conns = JoinSet::new();
-        let mut directory_events = self.directory.subscribe();
-        let mut directory_open = true;
-        // Bounded: one iteration per accepted connection or directory event; connection tasks are reaped as they
+        // Owned by this call: aborted when it returns.
+        let watcher = AbortOnDrop(tokio::spawn(self.clone().watch_directory()));
+        // Bounded: one iteration per accepted connection; connection tasks are reaped as they
         // finish, so the set holds at most `max_connections` published ones (their seats),
         // `max_pending` pending ones and `MAX_REFUSALS` being refused (plus the publishes in
         // progress that will be refused a seat).
@@ -366,34 +375,6 @@ impl HubState {
                     }
                 },
                 Some(_) = conns.join_next(), if !conns.is_empty() => {}
-                event = directory_events.recv(), if directory_open => match event {
-                    Ok(Event::Lost { name }) => {
-                        // Another hub took the name while this hub could not prove its claim:
-                        // the client here no longer owns it. Its session ends (gracefully);
-                        // its departure frees the table entry, and it reconnects.
-                        if let Some(peer) = self.peers.get(&name) {
-                            warn!(peer = %name, "closing: another hub of the fleet took this name");
-                            conns.spawn(async move { peer.session.close().await });
-                        }
-                    }
-                    // A join or leave, here or on another hub (or missed ones): `list` changed.
-                    Ok(event) => {
-                        match &event {
-                            Event::Joined { name, hub } if hub != self.directory.hub_id() => {
-                                info!(peer = %name, %hub, "joined on another hub");
-                            }
-                            Event::Left { name, hub } if hub != self.directory.hub_id() => {
-                                info!(peer = %name, %hub, "left on another hub");
-                            }
-                            Event::HubUp(h) => info!(hub = %h.id, addr = %h.addr, "a hub joined the fleet"),
-                            Event::HubDown { id } => info!(hub = %id, "a hub left the fleet"),
-                            _ => {}
-                        }
-                        self.changed();
-                    }
-                    Err(broadcast::error::RecvError::Lagged(_)) => self.changed(),
-                    Err(broadcast::error::RecvError::Closed) => directory_open = false,
-                },
                 () = self.stop.cancelled() => break,
             }
         }
@@ -405,6 +386,7 @@ impl HubState {
         );
         // Bounded: no new tasks are added, and each one closes its session within its grace.
         while conns.join_next().await.is_some() {}
+        drop(watcher);
         info!("every session closed");
     }
 
@@ -561,6 +543,47 @@ impl HubState {
                 "shedding the oldest {} pending connection to make room for a new one",
                 if shed.silent { "silent" } else { "unpublished" }
             );
+        }
+    }
+
+    /// Follows the directory's events until it closes: joins and leaves (here or on other
+    /// hubs) change `list`; a name another hub took from this one ends the local holder's
+    /// session.
+    async fn watch_directory(self: Arc<Self>) {
+        let mut events = self.directory.subscribe();
+        let own = self.directory.hub_id().clone();
+        // Bounded: one iteration per event; ends when the directory does.
+        loop {
+            match events.recv().await {
+                Ok(Event::Lost { name }) => {
+                    // Another hub took the name while this hub could not prove its claim:
+                    // the client here no longer owns it. Its session ends (gracefully); its
+                    // departure frees the table entry, and it reconnects.
+                    if let Some(peer) = self.peers.get(&name) {
+                        warn!(peer = %name, "closing: another hub of the fleet took this name");
+                        peer.session.close().await;
+                    }
+                }
+                Ok(event) => {
+                    match &event {
+                        Event::Joined { name, hub } if *hub != own => {
+                            info!(peer = %name, %hub, "joined on another hub");
+                        }
+                        Event::Left { name, hub } if *hub != own => {
+                            info!(peer = %name, %hub, "left on another hub");
+                        }
+                        Event::HubUp(h) => {
+                            info!(hub = %h.id, addr = %h.addr, "a hub joined the fleet")
+                        }
+                        Event::HubDown { id } => info!(hub = %id, "a hub left the fleet"),
+                        _ => {}
+                    }
+                    self.changed();
+                }
+                // Missed events: `list` may have changed.
+                Err(broadcast::error::RecvError::Lagged(_)) => self.changed(),
+                Err(broadcast::error::RecvError::Closed) => return,
+            }
         }
     }
 

@@ -49,7 +49,7 @@ fn client_opts(hub: &TestHub, name: &str, root: &Path) -> ClientOptions {
     ClientOptions {
         name: name.to_owned(),
         root: Root::open(root).unwrap(),
-        addr: hub.addr.to_string(),
+        hubs: vec![hub.addr.to_string()],
         token: None,
         tls: None,
         verbose: false,
@@ -62,7 +62,7 @@ fn tls_client_opts(hub: &TestHub, name: &str, root: &Path, ca: &Path) -> ClientO
     let mut opts = client_opts(hub, name, root);
     opts.tls = Some((
         crate::tls::client_config(ca, None).unwrap(),
-        crate::tls::server_name(&hub.addr.to_string(), None).unwrap(),
+        Some(crate::tls::server_name(&hub.addr.to_string(), None).unwrap()),
     ));
     opts
 }
@@ -332,7 +332,7 @@ async fn a_connection_that_does_not_publish_in_time_is_closed_and_frees_its_slot
     let opts = ClientOptions {
         name: "bob".into(),
         root: Root::open(root.path()).unwrap(),
-        addr: "duplex".into(),
+        hubs: vec!["duplex".into()],
         token: None,
         tls: None,
         verbose: false,
@@ -597,6 +597,91 @@ async fn a_client_reconnects_and_republishes_after_the_hub_restarts() {
     assert!(said_reconnected);
 }
 
+/// A loopback address nothing listens on (a listener bound and closed again).
+async fn dead_addr() -> String {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    listener.local_addr().unwrap().to_string()
+}
+
+#[tokio::test]
+async fn a_client_given_several_hubs_joins_the_first_that_lets_it_in() {
+    let hub = start_hub(HubOptions::default()).await;
+    let root = root_with(0);
+    let mut opts = client_opts(&hub, "bob", root.path());
+    opts.hubs = vec![dead_addr().await, hub.addr.to_string()];
+    let bob = within(WAIT_S, "bob joins", Peer::start(opts, quiet()))
+        .await
+        .unwrap();
+    assert_eq!(bob.hub_addr(), Some(hub.addr.to_string()));
+    until_peers(&hub, |p| p == ["bob"]).await;
+    bob.close().await;
+}
+
+#[tokio::test]
+async fn a_client_given_only_dead_hubs_names_them_all_in_its_error() {
+    let root = root_with(0);
+    let hub = start_hub(HubOptions::default()).await;
+    let mut opts = client_opts(&hub, "bob", root.path());
+    let (a, b) = (dead_addr().await, dead_addr().await);
+    opts.hubs = vec![a.clone(), b.clone()];
+    let err = within(WAIT_S, "bob fails", Peer::start(opts.clone(), quiet()))
+        .await
+        .err()
+        .expect("no hub lets bob in");
+    // The last hub tried is the one named; the notice names every hub.
+    assert!(
+        matches!(&err, ConnectError::Tcp { addr, .. } if *addr == b),
+        "{err:?}"
+    );
+    assert!(err.is_transient());
+    assert_eq!(
+        client::hubs_phrase(&opts.hubs),
+        format!("any of the hubs {a}, {b}")
+    );
+}
+
+#[tokio::test]
+async fn a_client_that_loses_its_hub_reconnects_to_the_next_one() {
+    let (first, second) = (
+        start_hub(HubOptions::default()).await,
+        start_hub(HubOptions::default()).await,
+    );
+    let root = root_with(0);
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<String>(64);
+    let notify: client::Notify = Arc::new(move |msg: String| {
+        let _ = tx.try_send(msg);
+    });
+    let mut opts = client_opts(&first, "bob", root.path());
+    opts.hubs = vec![first.addr.to_string(), second.addr.to_string()];
+    let bob = within(WAIT_S, "bob joins", Peer::start(opts, notify))
+        .await
+        .unwrap();
+    assert_eq!(bob.hub_addr(), Some(first.addr.to_string()));
+    // The first hub goes (its tasks and sessions with it): bob is back on the second, under
+    // its name, and says where.
+    drop(first);
+    let said = within(WAIT_S, "bob reconnects", async {
+        loop {
+            let msg = rx.recv().await.expect("bob's notices");
+            if msg.starts_with("reconnected") {
+                return msg;
+            }
+        }
+    })
+    .await;
+    assert_eq!(
+        said,
+        format!(
+            "reconnected to the hub at {}; published as bob",
+            second.addr
+        )
+    );
+    until_peers(&second, |p| p == ["bob"]).await;
+    assert_eq!(bob.hub_addr(), Some(second.addr.to_string()));
+    assert_eq!(bob.list().await.unwrap(), vec!["bob"]);
+    bob.close().await;
+}
+
 #[tokio::test]
 async fn shutdown_closes_every_session_gracefully_and_clients_say_the_hub_closed_it() {
     let mut hub = start_hub(HubOptions {
@@ -651,7 +736,7 @@ async fn a_name_held_by_a_silent_connection_is_free_only_once_keepalive_ends_its
     let (r_old, r_new, ra) = (root_with(0), root_with(0), root_with(0));
     std::fs::write(r_new.path().join("hello.txt"), b"the new bob\n").unwrap();
     let mut opts = client_opts(&hub, "bob", r_old.path());
-    opts.addr = proxy.addr().to_string();
+    opts.hubs = vec![proxy.addr().to_string()];
     let old_bob = Peer::start(opts, quiet()).await.unwrap();
     let alice = join(&hub, "alice", ra.path()).await;
     assert_eq!(
@@ -1819,7 +1904,7 @@ async fn a_reader_whose_socket_is_not_read_loses_its_read_and_frees_the_slot() {
     let (rb, ra, rc) = (root_with(256 << 20), root_with(0), root_with(0));
     let _bob = join(&hub, "bob", rb.path()).await;
     let mut opts = client_opts(&hub, "alice", ra.path());
-    opts.addr = proxy.addr().to_string();
+    opts.hubs = vec![proxy.addr().to_string()];
     let alice = within(WAIT_S, "alice joins", Peer::start(opts, quiet()))
         .await
         .unwrap();
@@ -1851,7 +1936,7 @@ async fn concurrent_reads_over_a_slow_exporter_link_all_finish_without_false_sil
         .unwrap();
     let (rb, ra) = (root_with(4 << 20), root_with(0));
     let mut opts = client_opts(&hub, "bob", rb.path());
-    opts.addr = proxy.addr().to_string();
+    opts.hubs = vec![proxy.addr().to_string()];
     let _bob = within(WAIT_S, "bob joins", Peer::start(opts, quiet()))
         .await
         .unwrap();
@@ -2072,7 +2157,7 @@ async fn a_reader_far_from_the_hub_sizes_its_window_from_the_round_trip() {
         .unwrap();
     let root = root_with(0);
     let mut opts = client_opts(&hub, "faraway", root.path());
-    opts.addr = proxy.addr().to_string();
+    opts.hubs = vec![proxy.addr().to_string()];
     let far = within(WAIT_S, "the far reader joins", Peer::start(opts, quiet()))
         .await
         .unwrap();

@@ -46,7 +46,7 @@ pub(crate) const READ_TERMINAL_CAP: usize = 64 * 1024;
 pub(crate) struct Me {
     /// Published name.
     pub(crate) name: String,
-    /// Hub address.
+    /// Hub address, or the hubs' addresses separated by commas.
     pub(crate) addr: String,
     /// Absolute exported root.
     pub(crate) root: PathBuf,
@@ -204,7 +204,7 @@ async fn run(peer: &Peer, me: &Me, cmd: Cmd, ui: &Ui) -> anyhow::Result<Flow> {
             let text = format!(
                 "{}@{}: {state}; {}{token}\nexporting {} ({hidden})\n",
                 me.name,
-                me.addr,
+                peer.hub_addr().unwrap_or_else(|| me.addr.clone()),
                 me.link,
                 me.root.display()
             );

@@ -5,10 +5,7 @@ use crate::{
     flow::{BULK_MEMORY, INTERACTIVE_HOLD, PROBE_BIT, RTT_WINDOW},
     frame::HEADER_LEN,
 };
-use std::{
-    task::Waker,
-    time::{Duration, Instant},
-};
+use std::time::{Duration, Instant};
 
 /// A core whose round trip is known to be long: any window drained counts as quick (window
 /// tuning is then decided by the budget and the reader alone), and no probe is sent.
@@ -32,8 +29,9 @@ fn limits() -> Limits {
     }
 }
 
-fn waker() -> Waker {
-    Waker::noop().clone()
+/// The pending operations the core reports ready, in order.
+fn ready(c: &mut Connection) -> Vec<Ready> {
+    c.drain_ready().collect()
 }
 
 /// Everything the core wants sent, as bytes.
@@ -60,10 +58,8 @@ fn feed(c: &mut Connection, h: Header, body: &[u8]) -> Result<(), Violation> {
 
 fn read_all(c: &mut Connection, id: u32) -> Poll<Result<Vec<u8>, StreamError>> {
     let mut out = Vec::new();
-    c.read(id, usize::MAX, &waker(), Instant::now, |s| {
-        out.extend_from_slice(s)
-    })
-    .map(|r| r.map(|_| out))
+    c.read(id, usize::MAX, Instant::now, |s| out.extend_from_slice(s))
+        .map(|r| r.map(|_| out))
 }
 
 #[test]
@@ -71,8 +67,8 @@ fn first_write_carries_syn_and_the_body_follows_its_header() {
     let mut c = Connection::new(Side::Client, limits());
     let id = c.open().unwrap();
     assert_eq!(id, 1);
-    assert_eq!(c.write(id, b"hi", &waker()), Poll::Ready(Ok(2)));
-    assert_eq!(c.write(id, b"!", &waker()), Poll::Ready(Ok(1)));
+    assert_eq!(c.write(id, b"hi"), Poll::Ready(Ok(2)));
+    assert_eq!(c.write(id, b"!"), Poll::Ready(Ok(1)));
     assert_eq!(
         sent(&mut c),
         [
@@ -137,7 +133,7 @@ fn read_a_window_and_take_the_grant(c: &mut Connection, len: u32, first: bool, a
         sent(c);
     }
     let mut n = 0;
-    let _ = c.read(1, usize::MAX, &waker(), || at, |s| n += s.len());
+    let _ = c.read(1, usize::MAX, || at, |s| n += s.len());
     assert_eq!(n, len as usize);
     let update = sent(c);
     assert_eq!(update.len(), HEADER_LEN, "one window update: {update:?}");
@@ -208,7 +204,7 @@ fn a_grown_window_whose_reader_is_slow_gives_half_its_growth_back() {
     let window = 256 * 1024u32;
     let read_at = |c: &mut Connection, at: Instant| {
         let mut n = 0;
-        let _ = c.read(1, usize::MAX, &waker(), || at, |s| n += s.len());
+        let _ = c.read(1, usize::MAX, || at, |s| n += s.len());
         n
     };
     // Drained within two round trips: the window doubles.
@@ -256,7 +252,7 @@ fn dropping_a_handle_sends_fin_after_the_data_and_grants_back_unread_bytes() {
     let mut c = Connection::new(Side::Server, limits());
     feed(&mut c, hdr(FrameType::Data, SYN, 1, 5), b"hello").unwrap();
     sent(&mut c);
-    assert_eq!(c.write(1, b"bye", &waker()), Poll::Ready(Ok(3)));
+    assert_eq!(c.write(1, b"bye"), Poll::Ready(Ok(3)));
     c.drop_handle(1);
     let mut expected = hdr(FrameType::Data, 0, 1, 3).encode().to_vec();
     expected.extend_from_slice(b"bye");
@@ -308,22 +304,19 @@ fn a_peer_reset_fails_reads_and_writes_and_a_fin_ends_reads_after_the_data() {
     assert_eq!(read_all(&mut c, 1), Poll::Ready(Ok(b"ab".to_vec())));
     assert_eq!(read_all(&mut c, 1), Poll::Ready(Ok(Vec::new())));
     // Half-closed by the peer, we can still write.
-    assert_eq!(c.write(1, b"x", &waker()), Poll::Ready(Ok(1)));
+    assert_eq!(c.write(1, b"x"), Poll::Ready(Ok(1)));
 
     feed(&mut c, hdr(FrameType::Data, SYN, 3, 2), b"cd").unwrap();
     feed(&mut c, hdr(FrameType::WindowUpdate, RST, 3, 0), b"").unwrap();
     assert_eq!(read_all(&mut c, 3), Poll::Ready(Err(StreamError::Reset)));
-    assert_eq!(
-        c.write(3, b"x", &waker()),
-        Poll::Ready(Err(StreamError::Reset))
-    );
+    assert_eq!(c.write(3, b"x"), Poll::Ready(Err(StreamError::Reset)));
 }
 
 #[test]
 fn a_local_reset_sends_rst() {
     let mut c = Connection::new(Side::Client, limits());
     let id = c.open().unwrap();
-    let _ = c.write(id, b"a", &waker());
+    let _ = c.write(id, b"a");
     sent(&mut c);
     c.reset(id);
     assert_eq!(
@@ -339,11 +332,41 @@ fn writes_wait_for_window_and_resume_on_an_update() {
     let id = c.open().unwrap();
     let big = vec![0u8; 64 * 1024];
     for _ in 0..4 {
-        assert_eq!(c.write(id, &big, &waker()), Poll::Ready(Ok(64 * 1024)));
+        assert_eq!(c.write(id, &big), Poll::Ready(Ok(64 * 1024)));
     }
-    assert_eq!(c.write(id, &big, &waker()), Poll::Pending);
+    assert_eq!(c.write(id, &big), Poll::Pending);
     feed(&mut c, hdr(FrameType::WindowUpdate, ACK, id, 10), b"").unwrap();
-    assert_eq!(c.write(id, &big, &waker()), Poll::Ready(Ok(10)));
+    assert_eq!(c.write(id, &big), Poll::Ready(Ok(10)));
+}
+
+#[test]
+fn a_waiting_reader_or_writer_is_reported_ready_once_at_the_change_it_waits_for() {
+    let mut c = Connection::new(Side::Client, limits());
+    let id = c.open().unwrap();
+    let big = vec![0u8; 64 * 1024];
+    for _ in 0..4 {
+        assert_eq!(c.write(id, &big), Poll::Ready(Ok(64 * 1024)));
+    }
+    assert_eq!(c.write(id, &big), Poll::Pending);
+    assert_eq!(read_all(&mut c, id), Poll::Pending);
+    assert_eq!(ready(&mut c), [], "nothing changed yet");
+    // Data wakes the reader (once, however many frames), window the writer.
+    feed(&mut c, hdr(FrameType::Data, ACK, id, 2), b"ab").unwrap();
+    feed(&mut c, hdr(FrameType::Data, 0, id, 2), b"cd").unwrap();
+    feed(&mut c, hdr(FrameType::WindowUpdate, 0, id, 10), b"").unwrap();
+    assert_eq!(ready(&mut c), [Ready::Read(id), Ready::Write(id)]);
+    assert_eq!(read_all(&mut c, id), Poll::Ready(Ok(b"abcd".to_vec())));
+    // A reader that does not wait is not reported; one that waits is, at the session's end.
+    feed(&mut c, hdr(FrameType::Data, 0, id, 1), b"e").unwrap();
+    assert_eq!(ready(&mut c), []);
+    assert_eq!(read_all(&mut c, id), Poll::Ready(Ok(b"e".to_vec())));
+    assert_eq!(read_all(&mut c, id), Poll::Pending);
+    c.terminate();
+    assert_eq!(ready(&mut c), [Ready::Read(id)]);
+    assert_eq!(
+        read_all(&mut c, id),
+        Poll::Ready(Err(StreamError::SessionEnded))
+    );
 }
 
 #[test]
@@ -361,9 +384,9 @@ fn a_window_drained_slowly_is_not_grown_and_round_trips_are_probed_with_pings() 
     .unwrap();
     sent(&mut c);
     let mut n = 0;
-    let _ = c.read(1, 1024, &waker(), || t0, |s| n += s.len());
+    let _ = c.read(1, 1024, || t0, |s| n += s.len());
     // No round-trip sample yet: the first grant also probes for one.
-    let _ = c.read(1, usize::MAX, &waker(), || t0, |s| n += s.len());
+    let _ = c.read(1, usize::MAX, || t0, |s| n += s.len());
     let mut expected = hdr(FrameType::WindowUpdate, 0, 1, window).encode().to_vec();
     expected.extend_from_slice(&hdr(FrameType::Ping, SYN, 0, PROBE_BIT).encode());
     assert_eq!(sent(&mut c), expected);
@@ -380,7 +403,7 @@ fn a_window_drained_slowly_is_not_grown_and_round_trips_are_probed_with_pings() 
         t2,
     )
     .unwrap();
-    let _ = c.read(1, usize::MAX, &waker(), || t2, |s| n += s.len());
+    let _ = c.read(1, usize::MAX, || t2, |s| n += s.len());
     assert_eq!(
         sent(&mut c),
         hdr(FrameType::WindowUpdate, 0, 1, window).encode()
@@ -411,7 +434,7 @@ fn go_away_stops_new_streams_but_open_ones_carry_on() {
     feed(&mut c, hdr(FrameType::GoAway, 0, 0, 0), b"").unwrap();
     assert_eq!(c.goaway_received(), Some(0));
     assert_eq!(c.open(), Err(OpenError::GoAway));
-    assert_eq!(c.write(id, b"still", &waker()), Poll::Ready(Ok(5)));
+    assert_eq!(c.write(id, b"still"), Poll::Ready(Ok(5)));
 
     let mut s = Connection::new(Side::Server, limits());
     s.go_away(GoAwayCode::Normal);
@@ -422,6 +445,40 @@ fn go_away_stops_new_streams_but_open_ones_carry_on() {
         hdr(FrameType::WindowUpdate, RST, 1, 0).encode()
     );
     assert_eq!(s.open(), Err(OpenError::Closing));
+}
+
+#[test]
+fn close_sends_one_go_away_and_its_grace_is_a_deadline_of_the_core() {
+    let second = Duration::from_secs(1);
+    let t0 = Instant::now();
+    let mut c = Connection::new(Side::Server, limits());
+    c.start_keepalive(30 * second, 10 * second, t0);
+    assert_eq!(c.poll_timeout(), Some(t0 + 30 * second));
+    c.close(t0, 5 * second);
+    c.close(t0 + second, 5 * second);
+    assert_eq!(sent(&mut c), [0, 3, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]);
+    assert_eq!(c.open(), Err(OpenError::Closing));
+    // One clock: the earliest deadline of all the core's timers.
+    assert_eq!(c.poll_timeout(), Some(t0 + 5 * second));
+    assert_eq!(c.handle_timeout(t0 + 4 * second, t0), None);
+    assert_eq!(
+        c.handle_timeout(t0 + 5 * second, t0),
+        Some(Due::CloseGraceOver)
+    );
+    c.flush_by(t0 + 5 * second, 2 * second);
+    assert_eq!(c.poll_timeout(), Some(t0 + 7 * second));
+    // Both the flush and an earlier wait for a GoAway passed: the end first, one at a time.
+    c.await_goaway(t0 + 5 * second, second);
+    let late = t0 + 8 * second;
+    assert_eq!(c.handle_timeout(late, t0), Some(Due::GoAwayWaitOver));
+    assert_eq!(c.handle_timeout(late, t0), Some(Due::FlushOver));
+    assert_eq!(c.handle_timeout(late, late), None);
+    assert_eq!(
+        c.poll_timeout(),
+        Some(t0 + 30 * second),
+        "keepalive is left"
+    );
+    assert!(sent(&mut c).is_empty(), "the end timers send nothing");
 }
 
 #[test]
@@ -624,7 +681,7 @@ mod interleavings {
             let data: Vec<u8> = (flow.written..flow.written + n)
                 .map(|o| byte(id, side as u8, o))
                 .collect();
-            if let Poll::Ready(r) = self.ends[side].conn.write(id, &data, &waker()) {
+            if let Poll::Ready(r) = self.ends[side].conn.write(id, &data) {
                 flow.written += r.unwrap();
             }
         }
@@ -643,9 +700,8 @@ mod interleavings {
             let mut got = Vec::new();
             match self.ends[side]
                 .conn
-                .read(id, max, &waker(), Instant::now, |s| {
-                    got.extend_from_slice(s)
-                }) {
+                .read(id, max, Instant::now, |s| got.extend_from_slice(s))
+            {
                 Poll::Ready(Ok(0)) if max > 0 => {
                     assert_eq!(flow.read, flow.total, "stream {id} dir {dir}: EOF early");
                     flow.eof = true;
@@ -702,7 +758,7 @@ mod interleavings {
                     && h.ty == FrameType::Data
                     && len > 0
                     && !self.ends[to].dropped.contains(&id)
-                    && self.ends[to].conn.wait_readable(id, &waker());
+                    && self.ends[to].conn.wait_readable(id);
                 if reader {
                     self.ends[to]
                         .conn
@@ -827,11 +883,11 @@ fn a_small_frame_queued_behind_a_bulk_streams_frames_leaves_before_them() {
     let small = c.open().unwrap();
     let chunk = vec![7u8; 256 * 1024];
     // The whole 256 KiB window in four 64 KiB frames.
-    assert_eq!(c.write(bulk, &chunk, &waker()), Poll::Ready(Ok(64 * 1024)));
+    assert_eq!(c.write(bulk, &chunk), Poll::Ready(Ok(64 * 1024)));
     for _ in 0..3 {
-        assert_eq!(c.write(bulk, &chunk, &waker()), Poll::Ready(Ok(64 * 1024)));
+        assert_eq!(c.write(bulk, &chunk), Poll::Ready(Ok(64 * 1024)));
     }
-    assert_eq!(c.write(small, b"ping", &waker()), Poll::Ready(Ok(4)));
+    assert_eq!(c.write(small, b"ping"), Poll::Ready(Ok(4)));
     // Credit for the bulk stream's other direction, and a ping, go first of all.
     let inbound = vec![1u8; 64 * 1024];
     feed(
@@ -863,13 +919,13 @@ fn streams_take_turns_batch_by_batch_and_each_keeps_its_order() {
     let small = c.open().unwrap();
     let chunk = vec![7u8; 64 * 1024];
     for _ in 0..3 {
-        assert_eq!(c.write(bulk, &chunk, &waker()), Poll::Ready(Ok(64 * 1024)));
+        assert_eq!(c.write(bulk, &chunk), Poll::Ready(Ok(64 * 1024)));
     }
     // One batch takes at least one frame, and stops once it holds `max_bytes`.
     assert_eq!(frames_taken(&mut c, 1), [(bulk, SYN, 64 * 1024)]);
     // Written after the bulk frames: leaves with the next batch, not after them.
-    assert_eq!(c.write(small, b"a", &waker()), Poll::Ready(Ok(1)));
-    assert_eq!(c.write(small, b"b", &waker()), Poll::Ready(Ok(1)));
+    assert_eq!(c.write(small, b"a"), Poll::Ready(Ok(1)));
+    assert_eq!(c.write(small, b"b"), Poll::Ready(Ok(1)));
     c.finish(small).unwrap();
     c.finish(bulk).unwrap();
     assert_eq!(
@@ -905,38 +961,31 @@ fn a_full_output_queue_still_takes_a_write_from_a_stream_with_nothing_queued() {
     let small = c.open().unwrap();
     let other = c.open().unwrap();
     let chunk = vec![7u8; 256 * 1024];
-    let (bulk_waker, bulk_wakes) = netchan_testkit::counting_waker();
     // The bulk stream fills the queue to its limit, then waits.
     for _ in 0..8 {
-        assert_eq!(
-            c.write(bulk, &chunk, &bulk_waker),
-            Poll::Ready(Ok(16 * 1024))
-        );
+        assert_eq!(c.write(bulk, &chunk), Poll::Ready(Ok(16 * 1024)));
     }
-    assert_eq!(c.write(bulk, &chunk, &bulk_waker), Poll::Pending);
+    assert_eq!(c.write(bulk, &chunk), Poll::Pending);
     // Streams with nothing queued are taken at once, within the reserve ...
-    assert_eq!(c.write(small, b"ping", &waker()), Poll::Ready(Ok(4)));
-    assert_eq!(c.write(other, &chunk, &waker()), Poll::Ready(Ok(16 * 1024)));
+    assert_eq!(c.write(small, b"ping"), Poll::Ready(Ok(4)));
+    assert_eq!(c.write(other, &chunk), Poll::Ready(Ok(16 * 1024)));
     // ... but once they have something queued, they wait like the bulk stream.
-    assert_eq!(c.write(other, &chunk, &waker()), Poll::Pending);
-    let (small_waker, small_wakes) = netchan_testkit::counting_waker();
-    assert_eq!(c.write(small, b"more", &small_waker), Poll::Pending);
+    assert_eq!(c.write(other, &chunk), Poll::Pending);
+    assert_eq!(c.write(small, b"more"), Poll::Pending);
     assert!(c.out_bytes() <= 128 * 1024 + OUT_RESERVE);
-    // A bulk frame leaves; the queue is still over its limit: nobody is woken.
+    // A bulk frame leaves; the queue is still over its limit: nobody is ready.
     assert_eq!(frames_taken(&mut c, 1), [(bulk, SYN, 16 * 1024)]);
-    assert_eq!((bulk_wakes.count(), small_wakes.count()), (0, 0));
+    assert_eq!(ready(&mut c), []);
     // The small frame leaves at its stream's first turn; that stream may queue again, the
     // bulk stream not yet.
     assert_eq!(frames_taken(&mut c, 1), [(small, SYN, 4)]);
-    assert_eq!((bulk_wakes.count(), small_wakes.count()), (0, 1));
-    assert_eq!(c.write(small, b"more", &small_waker), Poll::Ready(Ok(4)));
-    // Below the limit every writer may queue again.
+    assert_eq!(ready(&mut c), [Ready::Write(small)]);
+    assert_eq!(c.write(small, b"more"), Poll::Ready(Ok(4)));
+    // Below the limit every writer may queue again, each reported once.
     frames_taken(&mut c, usize::MAX);
-    assert_eq!(bulk_wakes.count(), 1);
-    assert_eq!(
-        c.write(bulk, &chunk, &bulk_waker),
-        Poll::Ready(Ok(16 * 1024))
-    );
+    assert_eq!(ready(&mut c), [Ready::Write(bulk), Ready::Write(other)]);
+    assert_eq!(ready(&mut c), []);
+    assert_eq!(c.write(bulk, &chunk), Poll::Ready(Ok(16 * 1024)));
 }
 
 /// The reserve is room, not a frame per stream: a write from a stream with nothing queued
@@ -951,10 +1000,10 @@ fn writes_from_the_reserve_never_take_more_than_it_has_left() {
     let bulk = c.open().unwrap();
     let other = c.open().unwrap();
     let chunk = vec![7u8; 256 * 1024];
-    assert_eq!(c.write(bulk, &chunk, &waker()), Poll::Ready(Ok(64 * 1024)));
-    assert_eq!(c.write(bulk, &chunk, &waker()), Poll::Ready(Ok(64 * 1024)));
-    assert_eq!(c.write(bulk, &chunk, &waker()), Poll::Pending);
-    match c.write(other, &chunk, &waker()) {
+    assert_eq!(c.write(bulk, &chunk), Poll::Ready(Ok(64 * 1024)));
+    assert_eq!(c.write(bulk, &chunk), Poll::Ready(Ok(64 * 1024)));
+    assert_eq!(c.write(bulk, &chunk), Poll::Pending);
+    match c.write(other, &chunk) {
         Poll::Ready(Ok(n)) => assert!(0 < n && n < OUT_RESERVE, "took {n}"),
         pending => panic!("a stream with nothing queued waited: {pending:?}"),
     }
@@ -1036,9 +1085,9 @@ mod fds {
         );
         feed(&mut c, hdr(FrameType::Ping, SYN, 0, FD_ANNOUNCE), b"").unwrap();
         let _ = sent(&mut c);
-        assert_eq!(c.write(id, b"a", &waker()), Poll::Ready(Ok(1)));
+        assert_eq!(c.write(id, b"a"), Poll::Ready(Ok(1)));
         c.send_fds(id, some_fds(2)).unwrap();
-        assert_eq!(c.write(id, b"b", &waker()), Poll::Ready(Ok(1)));
+        assert_eq!(c.write(id, b"b"), Poll::Ready(Ok(1)));
         let mut q = VecDeque::new();
         c.take_output(usize::MAX, &mut q);
         let frames: Vec<(u8, usize, usize)> = q
@@ -1058,9 +1107,7 @@ mod fds {
         feed(&mut c, hdr(FrameType::Data, 0, 1, 2), b"cd").unwrap();
         assert!(c.take_fds(1).is_empty(), "not before \"ab\" is read");
         let mut out = Vec::new();
-        let r = c.read(1, usize::MAX, &waker(), Instant::now, |s| {
-            out.extend_from_slice(s)
-        });
+        let r = c.read(1, usize::MAX, Instant::now, |s| out.extend_from_slice(s));
         assert_eq!(r, Poll::Ready(Ok(2)));
         assert_eq!(out, b"ab", "the read stops where they arrived");
         assert_eq!(c.take_fds(1).len(), 1);
@@ -1089,7 +1136,7 @@ fn a_body_read_through_counts_as_received_and_read_and_its_fin_ends_the_stream()
     feed(&mut c, hdr(FrameType::WindowUpdate, SYN, 1, 0), b"").unwrap();
     sent(&mut c);
     // Nothing buffered: a reader would wait, so it may read the body through.
-    assert!(c.wait_readable(1, &waker()));
+    assert!(c.wait_readable(1));
     assert!(c.read_through_wanted(1), "its reader waits");
     let h = hdr(FrameType::Data, FIN, 1, 96 * 1024);
     c.on_header(&h).unwrap();
@@ -1108,10 +1155,7 @@ fn a_body_read_through_counts_as_received_and_read_and_its_fin_ends_the_stream()
     );
     // ...and the FIN on the last piece ends the reader's stream.
     assert_eq!(read_all(&mut c, 1), Poll::Ready(Ok(Vec::new())));
-    assert!(
-        !c.wait_readable(1, &waker()),
-        "an ended stream is not read through"
-    );
+    assert!(!c.wait_readable(1), "an ended stream is not read through");
     assert!(!c.read_through_wanted(1));
 }
 
@@ -1139,9 +1183,9 @@ fn read_through_is_granted_back_like_any_read_and_never_overdraws_the_window() {
     ));
     // Data the peer sends on a stream with data buffered is not read through.
     feed(&mut c, hdr(FrameType::Data, 0, 1, 3), b"abc").unwrap();
-    assert!(!c.wait_readable(1, &waker()));
+    assert!(!c.wait_readable(1));
     assert_eq!(read_all(&mut c, 1), Poll::Ready(Ok(b"abc".to_vec())));
-    assert!(c.wait_readable(1, &waker()));
+    assert!(c.wait_readable(1));
 }
 
 #[test]
@@ -1176,7 +1220,7 @@ fn feed_at(c: &mut Connection, flags: u16, id: u32, len: u32, at: Instant) {
 /// Reads all of stream `id` at `at`; returns how many bytes.
 fn read_all_at(c: &mut Connection, id: u32, at: Instant) -> usize {
     let mut n = 0;
-    let _ = c.read(id, usize::MAX, &waker(), || at, |s| n += s.len());
+    let _ = c.read(id, usize::MAX, || at, |s| n += s.len());
     n
 }
 

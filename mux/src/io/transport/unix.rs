@@ -2,8 +2,8 @@
 //! rustix's safe `sendmsg`/`recvmsg` (no `unsafe` here).
 
 use super::{LinkRead, LinkWrite};
-use crate::proto::{Fd, MAX_FDS_PER_FRAME};
 use bytes::BytesMut;
+use netchan_mux_proto::{Fd, MAX_FDS_PER_FRAME};
 use rustix::net::{
     RecvAncillaryBuffer, RecvAncillaryMessage, RecvFlags, ReturnFlags, SendAncillaryBuffer,
     SendAncillaryMessage, SendFlags,
