@@ -126,7 +126,7 @@ fn client_opts(addr: SocketAddr, name: &str, root: &Path) -> ClientOptions {
     ClientOptions {
         name: name.to_owned(),
         root: Root::open(root).unwrap(),
-        addr: addr.to_string(),
+        hubs: vec![addr.to_string()],
         token: None,
         tls: None,
         verbose: false,
