@@ -15,7 +15,9 @@
 //!   tests and examples.
 //! - `yamux` (feature `yamux`): a `yamux` crate peer in a task of its own, the interop oracle
 //!   and baseline of the mux's tests and benchmarks.
+//! - [`etcd`]: real etcd clusters on loopback (start, kill, restart a member, find the leader).
 
+pub mod etcd;
 #[cfg(unix)]
 pub mod fds;
 pub mod proxy;

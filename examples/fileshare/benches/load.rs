@@ -7,10 +7,12 @@
 //!    `--seconds S`, every payload checked byte for byte against the generated file. Prints
 //!    calls/s, MiB/s, latency p50/p99, errors (must be 0) and the hub's peak RSS (VmHWM).
 //! 2. **Idle soak**: `--idle K` more clients connect and publish, then sit idle for
-//!    `--soak S` seconds. Prints the hub's RSS growth per idle client and its CPU use while
-//!    they sit there.
+//!    `--soak S` seconds. Prints how long joining (connect, hello, publish) took each of them
+//!    (p50/p99/max), the hub's RSS growth per idle client and its CPU use while they sit there.
 //!
-//! Options: `--clients 4 --calls 4 --seconds 10 --exporters 4 --idle 1000 --soak 10`.
+//! Options: `--clients 4 --calls 4 --seconds 10 --exporters 4 --idle 1000 --soak 10`, and
+//! `--hub-arg ARG` (repeatable) passed on to `share hub`: `--hub-arg --etcd --hub-arg
+//! http://127.0.0.1:2379` measures a hub of a fleet, whose publishes are etcd transactions.
 //! Exits non-zero if any call failed or any payload differed.
 
 #[path = "../src/auth.rs"]
@@ -52,6 +54,7 @@ struct Opts {
     exporters: usize,
     idle: usize,
     soak: u64,
+    hub_args: Vec<String>,
 }
 
 fn parse_opts() -> Opts {
@@ -62,6 +65,7 @@ fn parse_opts() -> Opts {
         exporters: 4,
         idle: 1000,
         soak: 10,
+        hub_args: Vec::new(),
     };
     let args: Vec<String> = std::env::args().skip(1).collect();
     let mut i = 0;
@@ -79,6 +83,11 @@ fn parse_opts() -> Opts {
             "--exporters" => o.exporters = value() as usize,
             "--idle" => o.idle = value() as usize,
             "--soak" => o.soak = value(),
+            "--hub-arg" => o.hub_args.push(
+                args.get(i + 1)
+                    .unwrap_or_else(|| panic!("--hub-arg needs a value"))
+                    .clone(),
+            ),
             // cargo bench passes --bench; anything else unknown is ignored the same way.
             _ => {
                 i += 1;
@@ -111,10 +120,11 @@ fn write_files(dir: &Path) -> Vec<Vec<u8>> {
 }
 
 /// Starts `share hub` on a free loopback port; returns it and its address.
-fn start_hub(max_reads: usize) -> (Proc, String) {
+fn start_hub(max_reads: usize, extra: &[String]) -> (Proc, String) {
     let mut child = share()
         .args(["hub", "--listen", "127.0.0.1:0", "--max-reads-per-peer"])
         .arg(max_reads.to_string())
+        .args(extra)
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
@@ -191,7 +201,7 @@ fn main() {
         .enable_all()
         .build()
         .expect("runtime");
-    let (hub, addr) = start_hub(o.clients * o.calls);
+    let (hub, addr) = start_hub(o.clients * o.calls, &o.hub_args);
     let hub_pid = hub.0.id();
     let dir = std::env::temp_dir().join(format!("share-load-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("temp dir");
@@ -297,25 +307,38 @@ fn main() {
         }
         let rss_before = status_kib(hub_pid, "VmRSS");
         let mut idle = Vec::with_capacity(o.idle);
+        let mut joins = Vec::with_capacity(o.idle);
         let connect_start = Instant::now();
         for chunk in (0..o.idle).collect::<Vec<_>>().chunks(8) {
             let mut wave = tokio::task::JoinSet::new();
             for &i in chunk {
                 let addr = addr.clone();
                 wave.spawn(async move {
-                    tokio::time::timeout(
+                    let t = Instant::now();
+                    let c = tokio::time::timeout(
                         STEP,
                         connect(&addr, source(100 + i), format!("idle{i}")),
                     )
                     .await
-                    .expect("an idle client connects in time")
+                    .expect("an idle client connects in time");
+                    (c, t.elapsed())
                 });
             }
             while let Some(c) = wave.join_next().await {
-                idle.push(c.expect("connect task"));
+                let (c, took) = c.expect("connect task");
+                idle.push(c);
+                joins.push(took);
             }
         }
         let connect_took = connect_start.elapsed();
+        joins.sort();
+        let at = |q: f64| joins[((joins.len() - 1) as f64 * q) as usize].as_secs_f64() * 1e3;
+        println!(
+            "joins (connect, hello, publish; 8 at a time): p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms",
+            at(0.5),
+            at(0.99),
+            at(1.0)
+        );
         let names = probe.list(proto::ListReq {}).await.expect("list");
         assert!(names.len() > o.idle, "only {} peers listed", names.len());
         let cpu0 = cpu_time(hub_pid);

@@ -40,6 +40,12 @@ pub(crate) struct Cli {
 pub(crate) enum Command {
     /// Run the hub that peers connect to. SIGINT or SIGTERM stops it gracefully: every
     /// peer's session is closed (peers then reconnect with backoff) and it exits 0.
+    ///
+    /// With --etcd the hub joins a fleet of hubs sharing one etcd cluster: a name is held
+    /// once in the whole fleet (a client publishing a name another hub holds is told it is
+    /// taken), `list` shows every hub's peers, and a hub that dies frees its names within its
+    /// lease TTL (--lease-ttl, 10 s). While etcd is out of reach the hub keeps its clients but
+    /// refuses new names ("the fleet's directory is unreachable") and recovers by itself.
     Hub(HubArgs),
 }
 
@@ -79,6 +85,34 @@ pub(crate) struct HubArgs {
     /// Seconds of silence after which a peer's connection is declared dead.
     #[arg(long, value_name = "SECS", default_value = "15", value_parser = parse_secs)]
     pub(crate) keepalive: Duration,
+    /// Join a fleet of hubs: the etcd cluster's client URLs, comma-separated
+    /// (http://10.0.0.5:2379,http://10.0.0.6:2379). Without it the hub is on its own.
+    #[arg(
+        long,
+        env = "SHARE_ETCD",
+        value_name = "URL[,URL]",
+        value_delimiter = ','
+    )]
+    pub(crate) etcd: Vec<String>,
+    /// This hub's id in the fleet: letters, digits and . _ - : [ ] (default: this machine's
+    /// host name and the port the hub listens on).
+    #[arg(long, env = "SHARE_HUB_ID", value_name = "ID", requires = "etcd")]
+    pub(crate) hub_id: Option<String>,
+    /// Seconds after a hub stops renewing its etcd lease (it died, or lost etcd) before the
+    /// other hubs may take its names; renewed every third of that.
+    #[arg(long, value_name = "SECS", default_value = "10", value_parser = parse_lease_ttl, requires = "etcd")]
+    pub(crate) lease_ttl: Duration,
+}
+
+/// A lease TTL: whole seconds, 2 to 3600 (etcd counts leases in seconds; renewing every
+/// third of a second-long lease would leave no margin).
+fn parse_lease_ttl(s: &str) -> Result<Duration, String> {
+    match s.parse::<u64>() {
+        Ok(n) if (2..=3600).contains(&n) => Ok(Duration::from_secs(n)),
+        _ => Err(format!(
+            "{s:?} is not a whole number of seconds from 2 to 3600"
+        )),
+    }
 }
 
 impl HubArgs {
@@ -376,6 +410,49 @@ mod tests {
         let hub = cmd.find_subcommand_mut("hub").unwrap();
         let help = hub.render_long_help().to_string();
         assert!(help.contains("0.0.0.0:8765"), "{help}");
+    }
+
+    #[test]
+    fn a_hub_joins_a_fleet_with_etcd_urls_an_id_and_a_lease_ttl() {
+        let hub = |words: &[&str]| match parse_words(words).map(|c| c.command) {
+            Ok(Some(Command::Hub(h))) => Ok(h),
+            Ok(_) => panic!("not a hub command"),
+            Err(e) => Err(e),
+        };
+        let h = hub(&["share", "hub"]).unwrap();
+        assert!(h.etcd.is_empty() && h.hub_id.is_none());
+        assert_eq!(h.lease_ttl, Duration::from_secs(10));
+        let h = hub(&[
+            "share",
+            "hub",
+            "--etcd",
+            "http://127.0.0.1:2379,http://127.0.0.1:2479",
+            "--hub-id",
+            "eu-1",
+            "--lease-ttl",
+            "4",
+        ])
+        .unwrap();
+        assert_eq!(h.etcd, ["http://127.0.0.1:2379", "http://127.0.0.1:2479"]);
+        assert_eq!(h.hub_id.as_deref(), Some("eu-1"));
+        assert_eq!(h.lease_ttl, Duration::from_secs(4));
+        assert!(
+            hub(&["share", "hub", "--hub-id", "eu-1"]).is_err(),
+            "needs --etcd"
+        );
+        for ttl in ["1", "0", "2.5", "3601"] {
+            assert!(
+                hub(&["share", "hub", "--etcd", "http://e:1", "--lease-ttl", ttl]).is_err(),
+                "{ttl}"
+            );
+        }
+        let mut cmd = Cli::command();
+        let help = cmd
+            .find_subcommand_mut("hub")
+            .unwrap()
+            .render_long_help()
+            .to_string();
+        assert!(help.contains("--etcd") && help.contains("fleet"), "{help}");
     }
 
     #[test]

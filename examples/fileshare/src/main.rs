@@ -14,6 +14,7 @@
 //! - `client` — connecting, reconnection with backoff, the reader's check of a transfer.
 //! - `export` — file access confined to the exported root (cap-std), and the `Export` service
 //!   over it.
+//! - `directory` — the fleet's directory: names held fleet-wide, in process or on etcd.
 //! - `command`, `repl` — REPL syntax and the terminal/scripted front ends.
 //! - `auth`, `tls` — the token exchange and rustls configuration.
 
@@ -21,6 +22,7 @@ mod auth;
 mod cli;
 mod client;
 mod command;
+mod directory;
 mod export;
 mod hub;
 mod proto;
@@ -35,6 +37,7 @@ use anyhow::Context as _;
 use tracing::{info, warn};
 
 use crate::cli::{ClientArgs, Command, HubArgs};
+use crate::directory::Directory as _;
 
 fn main() {
     let cli = cli::parse();
@@ -145,6 +148,7 @@ async fn run_hub(args: HubArgs) -> anyhow::Result<bool> {
         .await
         .with_context(|| format!("cannot listen on {listen}"))?;
     let addr = listener.local_addr()?;
+    let directory = start_directory(&args, addr).await?;
     match (&token, &tls, &args.tls_client_ca) {
         (None, None, _) => warn!(
             "the link is plaintext and unauthenticated: anyone who can reach {addr} can join \
@@ -179,6 +183,7 @@ async fn run_hub(args: HubArgs) -> anyhow::Result<bool> {
             // it: see docs/reliability.md, "The hub's bounds and timeouts".
             .max_channels(HUB_MAX_CHANNELS)
             .max_pending_handshakes(4),
+        directory: directory.clone(),
         ..hub::HubOptions::default()
     });
     warn_if_few_descriptors(hub.descriptors_wanted());
@@ -202,8 +207,74 @@ async fn run_hub(args: HubArgs) -> anyhow::Result<bool> {
         },
         () = signals.recv() => warn!("second signal: exiting without waiting"),
     }
+    if let Some(directory) = directory {
+        // Revokes the lease: this hub's names are free at once (bounded by the directory's
+        // call timeouts).
+        directory.close().await;
+    }
     info!("hub stopped");
     Ok(true)
+}
+
+/// The fleet's directory of `share hub --etcd`; `None` without --etcd (the hub then uses an
+/// in-process one).
+async fn start_directory(
+    args: &HubArgs,
+    addr: std::net::SocketAddr,
+) -> anyhow::Result<Option<Arc<dyn directory::Directory>>> {
+    if args.etcd.is_empty() {
+        return Ok(None);
+    }
+    let id = match &args.hub_id {
+        Some(id) => id.clone(),
+        None => default_hub_id(addr.port()),
+    };
+    let id = directory::HubId::new(id).context("invalid --hub-id")?;
+    let mut config = directory::EtcdConfig::new(args.etcd.clone(), id.clone());
+    config.lease_ttl = args.lease_ttl;
+    config.keepalive_every = args.lease_ttl / 3;
+    config.call_timeout = config.call_timeout.min(args.lease_ttl / 2);
+    let etcd = directory::Etcd::start(config)
+        .await
+        .context("cannot use the fleet's directory (--etcd)")?;
+    info!(hub_id = %id, endpoints = ?args.etcd, lease_ttl = ?args.lease_ttl, "fleet directory on etcd");
+    // A moment for etcd to answer, so that the first clients are not refused at once. A hub
+    // whose etcd is down serves all the same, and takes names once it is back.
+    if tokio::time::timeout(Duration::from_secs(5), etcd.wait_up())
+        .await
+        .is_err()
+    {
+        if etcd.id_in_use() {
+            anyhow::bail!("hub id {id} is in use by another live hub of the fleet: give --hub-id");
+        }
+        warn!("the fleet's directory is unreachable: new names are refused until it answers");
+    } else {
+        info!(
+            hubs = etcd.hubs().len(),
+            "the fleet's directory is reachable"
+        );
+    }
+    Ok(Some(Arc::new(etcd)))
+}
+
+/// This machine's host name and `port`, as a hub id (characters a hub id cannot hold become
+/// `-`).
+fn default_hub_id(port: u16) -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+    let host: String = host
+        .trim()
+        .chars()
+        .take(directory::MAX_HUB_ID_LEN - 6)
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-') {
+                c
+            } else {
+                '-'
+            }
+        })
+        .collect();
+    let host = if host.is_empty() { "hub".into() } else { host };
+    format!("{host}:{port}")
 }
 
 /// A connect error as one sentence, with the layers below it only in `verbose` mode.

@@ -132,6 +132,11 @@ impl HubState {
         let mut published = conn.published.lock().await;
         if let Published::As(name) = &*published {
             if self.peers.remove(name, id) {
+                // Bounded by the directory's call timeout; if it fails, the directory removes
+                // the key itself once it can (or it expires with this hub's lease).
+                if let Err(e) = self.directory.release(name).await {
+                    warn!(peer = %name, "could not release the name in the fleet's directory: {e}");
+                }
                 self.changed();
                 if reason.is_error() {
                     info!(peer = %name, "left: {reason}");

@@ -27,6 +27,14 @@
 //! until the transport declares the holder dead (its session ends: quit, crash, or the mux
 //! keepalive), and only then is the name free. No application-level probe decides it.
 //!
+//! Names are claimed through the fleet's [directory](crate::directory) (`HubState::directory`)
+//! before they enter the name table, and released from it when their connection ends. A hub
+//! on its own uses the in-process directory (the rules above, nothing more); a hub of a fleet
+//! (`share hub --etcd`) claims each name in etcd, so a name another hub holds is "already
+//! taken" too, and `list` shows the whole fleet from the directory's watched copy. A peer
+//! published here is served only while the directory can prove this hub holds its name (see
+//! `crate::directory::Etcd`); otherwise calls to it fail as unavailable until it can.
+//!
 //! When a session ends its task removes the peer, and calls in flight to it fail with "peer
 //! gone". [`HubState::shutdown`] stops the accept loop and closes every session gracefully (a
 //! yamux GoAway, so clients see "closed by the peer", not an i/o error), each within the
@@ -82,13 +90,14 @@ use netchan_mux::{self as mux, Session};
 use netchan_rpc::Status;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{broadcast, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn, Instrument};
 
 use crate::auth::{self, Token};
+use crate::directory::{Directory, Event, HubId, InProcess};
 use crate::export::CHUNK_SIZE;
 
 mod admission;
@@ -179,6 +188,9 @@ pub(crate) struct HubOptions {
     /// Session settings (keepalive bounds how fast a silent peer is dropped, and so how soon
     /// its name is free again). Default: `mux::Config::default()`.
     pub(crate) mux: mux::Config,
+    /// The fleet's directory, where names are claimed. Default: `None`, an in-process
+    /// directory (a hub on its own).
+    pub(crate) directory: Option<Arc<dyn Directory>>,
 }
 
 impl Default for HubOptions {
@@ -200,7 +212,17 @@ impl Default for HubOptions {
             forward_rate: 125_000_000,
             forward_budget: 32 << 20,
             mux: mux::Config::default(),
+            directory: None,
         }
+    }
+}
+
+/// A task aborted when this is dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 
@@ -246,6 +268,8 @@ pub(crate) struct HubState {
     changes: tokio::sync::watch::Sender<u64>,
     /// Cancelled by [`HubState::shutdown`]: every connection task closes its session.
     stop: CancellationToken,
+    /// Where names are claimed, fleet-wide ([`HubOptions::directory`]).
+    directory: Arc<dyn Directory>,
 }
 
 impl HubState {
@@ -253,6 +277,10 @@ impl HubState {
     pub(crate) fn new(opts: HubOptions) -> Arc<HubState> {
         let connections = Arc::new(Semaphore::new(opts.max_connections.max(1)));
         let admission = Admission::new(opts.max_pending, opts.max_pending_per_addr);
+        let directory = opts.directory.clone().unwrap_or_else(|| {
+            let id = HubId::new("local").expect("a valid hub id");
+            Arc::new(InProcess::new(id)) as Arc<dyn Directory>
+        });
         Arc::new(HubState {
             opts,
             peers: Registry::new(),
@@ -267,6 +295,7 @@ impl HubState {
             epoch: Instant::now(),
             changes: tokio::sync::watch::Sender::new(0),
             stop: CancellationToken::new(),
+            directory,
         })
     }
 
@@ -288,6 +317,8 @@ impl HubState {
     /// connection task abruptly. Not meant to be cancelled and restarted.
     pub(crate) async fn serve(self: Arc<Self>, listener: TcpListener) {
         let mut conns = JoinSet::new();
+        // Owned by this call: aborted when it returns.
+        let watcher = AbortOnDrop(tokio::spawn(self.clone().watch_directory()));
         // Bounded: one iteration per accepted connection; connection tasks are reaped as they
         // finish, so the set holds at most `max_connections` published ones (their seats),
         // `max_pending` pending ones and `MAX_REFUSALS` being refused (plus the publishes in
@@ -343,6 +374,7 @@ impl HubState {
         );
         // Bounded: no new tasks are added, and each one closes its session within its grace.
         while conns.join_next().await.is_some() {}
+        drop(watcher);
         info!("every session closed");
     }
 
@@ -502,6 +534,47 @@ impl HubState {
         }
     }
 
+    /// Follows the directory's events until it closes: joins and leaves (here or on other
+    /// hubs) change `list`; a name another hub took from this one ends the local holder's
+    /// session.
+    async fn watch_directory(self: Arc<Self>) {
+        let mut events = self.directory.subscribe();
+        let own = self.directory.hub_id().clone();
+        // Bounded: one iteration per event; ends when the directory does.
+        loop {
+            match events.recv().await {
+                Ok(Event::Lost { name }) => {
+                    // Another hub took the name while this hub could not prove its claim:
+                    // the client here no longer owns it. Its session ends (gracefully); its
+                    // departure frees the table entry, and it reconnects.
+                    if let Some(peer) = self.peers.get(&name) {
+                        warn!(peer = %name, "closing: another hub of the fleet took this name");
+                        peer.session.close().await;
+                    }
+                }
+                Ok(event) => {
+                    match &event {
+                        Event::Joined { name, hub } if *hub != own => {
+                            info!(peer = %name, %hub, "joined on another hub");
+                        }
+                        Event::Left { name, hub } if *hub != own => {
+                            info!(peer = %name, %hub, "left on another hub");
+                        }
+                        Event::HubUp(h) => {
+                            info!(hub = %h.id, addr = %h.addr, "a hub joined the fleet")
+                        }
+                        Event::HubDown { id } => info!(hub = %id, "a hub left the fleet"),
+                        _ => {}
+                    }
+                    self.changed();
+                }
+                // Missed events: `list` may have changed.
+                Err(broadcast::error::RecvError::Lagged(_)) => self.changed(),
+                Err(broadcast::error::RecvError::Closed) => return,
+            }
+        }
+    }
+
     fn changed(&self) {
         self.changes.send_modify(|n| *n += 1);
     }
@@ -520,21 +593,37 @@ impl HubState {
 
     // The name table: who is published here, and how to reach them.
 
-    /// Names of the published peers (sorted).
+    /// Names of the published peers (sorted): the whole fleet's, from the directory.
     pub(crate) fn names(&self) -> Vec<String> {
-        self.peers.names()
+        self.directory.names()
     }
 
-    /// The handle of peer `name`, if it is published.
+    /// The handle of peer `name`, if it is published here and the directory can prove this
+    /// hub holds the name.
     fn peer(&self, name: &str) -> Result<PeerHandle, Status> {
-        self.peers.get(name).ok_or_else(|| {
-            Status::not_found(format!(
-                "unknown peer {name:?} (list shows the connected peers)"
-            ))
-        })
+        match self.peers.get(name) {
+            Some(peer) if self.directory.holds(name) => Ok(peer),
+            Some(_) => Err(Status::unavailable(format!(
+                "this hub cannot prove it still holds {name:?}: the fleet's directory is \
+                 unreachable; try again once it is back"
+            ))),
+            None => match self.directory.lookup(name) {
+                // Not "unavailable": clients read that code as the peer having gone.
+                Some(holder) if !holder.here => Err(Status::failed_precondition(format!(
+                    "peer {name:?} is connected to another hub ({}), which this hub does not \
+                     route to",
+                    holder.hub
+                ))),
+                _ => Err(Status::not_found(format!(
+                    "unknown peer {name:?} (list shows the connected peers)"
+                ))),
+            },
+        }
     }
 }
 
+#[cfg(test)]
+mod fleet_tests;
 #[cfg(test)]
 mod fuzz;
 #[cfg(test)]

@@ -114,6 +114,7 @@ impl<T: Clone> Registry<T> {
     }
 
     /// All published names, sorted.
+    #[cfg(test)]
     pub(crate) fn names(&self) -> Vec<String> {
         let mut names: Vec<String> = self.lock().keys().cloned().collect();
         names.sort();

@@ -12,6 +12,7 @@ use tracing::{info, warn, Instrument};
 use super::conn::{ConnState, Published};
 use super::forward::{active_reads, from_peer, ActiveRead, PeerHandle, Pump};
 use super::registry::{validate_name, NameError};
+use crate::directory::DirectoryError;
 use crate::export::CHUNK_SIZE;
 use crate::proto::{
     Chunk, Entry, ExportClient, Hub, ListReq, Listing, PeerPath, PeerRead, PublishReq, PublishResp,
@@ -95,8 +96,23 @@ impl Hub for HubService {
             calls: Arc::new(Semaphore::new(conn.hub.opts.max_reads_per_peer.max(1))),
             active: Arc::new(Mutex::new(Vec::new())),
         };
+        // Claimed fleet-wide first: another hub may hold the name, or the directory may be
+        // out of reach (then nothing is claimed, and the client tries again later).
+        if let Err(e) = conn.hub.directory.publish(&name).await {
+            warn!(peer = %name, conn = conn.id, "refused: {e}");
+            return Err(match e {
+                DirectoryError::Taken { .. } => taken(),
+                DirectoryError::Unreachable { .. } => Status::unavailable(e.to_string()),
+                DirectoryError::Closed => Status::unavailable("the hub is shutting down"),
+                other => Status::internal(other.to_string()),
+            });
+        }
         if let Err(e) = conn.hub.peers.insert(&name, conn.id, handle) {
             warn!(peer = %name, conn = conn.id, "refused: {e}");
+            // The directory's claim was this connection's; give it back.
+            if let Err(e) = conn.hub.directory.release(&name).await {
+                warn!(peer = %name, "could not release the name in the fleet's directory: {e}");
+            }
             return Err(match e {
                 NameError::Taken { .. } => taken(),
                 other => Status::invalid_argument(other.to_string()),
