@@ -1,6 +1,6 @@
 //! The client side: one connection to the hub, the exported service, and reconnection.
 //!
-//! [`establish`] turns any byte stream into a published [`Link`]: a client-side mux session,
+//! `establish_at` turns any byte stream into a published [`Link`]: a client-side mux session,
 //! the hello exchange, an [`rpc::Peer`] link that serves [`Export`](crate::proto::Export) over the root to the hub
 //! and gives the [`HubClient`], which has called `Hub.publish`, and a listener on
 //! [`EXPORT_CHANNEL`] serving [`Export`](crate::proto::Export) too (the hub reads files over channels it opens there). [`Peer`] keeps a link up:
@@ -315,7 +315,8 @@ where
     establish_at(io, opts, hub).await
 }
 
-/// [`establish`] over `io`, a connection to `hub`.
+/// Runs the client half of the protocol over `io`, a connection to `hub`: session, hello,
+/// export listener, publish. Not bounded in time by itself (see [`connect`]).
 async fn establish_at<T>(io: T, opts: &ClientOptions, hub: &str) -> Result<Link, ConnectError>
 where
     T: AsyncRead + AsyncWrite + Send + Unpin + 'static,
