@@ -2,34 +2,19 @@
 //! hubs' directories on a real etcd (netchan_testkit::etcd; skipped without etcd, except
 //! under `CI=true`).
 
-use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
 
 use netchan_rpc::Code;
 use netchan_testkit::etcd::Cluster;
 use netchan_testkit::within;
 use tokio::net::TcpListener;
 
+use super::tests::{client_opts, TestHub};
 use super::{HubOptions, HubState};
-use crate::client::{ClientOptions, ConnectError, Peer};
+use crate::client::{ConnectError, Peer};
 use crate::directory::{Directory, Etcd, EtcdConfig, HubId};
-use crate::export::Root;
 
-struct FleetHub {
-    state: Arc<HubState>,
-    addr: SocketAddr,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl Drop for FleetHub {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
-}
-
-/// A hub whose directory is on `etcd`, once that directory is up.
-async fn fleet_hub(etcd: &Cluster, id: &str) -> FleetHub {
+async fn fleet_hub(etcd: &Cluster, id: &str) -> TestHub {
     let config = EtcdConfig::new(etcd.endpoints(), HubId::new(id).unwrap());
     let directory = Etcd::start(config).await.unwrap();
     within(15, "the hub's directory comes up", directory.wait_up()).await;
@@ -43,19 +28,7 @@ async fn fleet_hub(etcd: &Cluster, id: &str) -> FleetHub {
         ..HubOptions::default()
     });
     let task = tokio::spawn(state.clone().serve(listener));
-    FleetHub { state, addr, task }
-}
-
-fn client_opts(hub: &FleetHub, name: &str, root: &std::path::Path) -> ClientOptions {
-    ClientOptions {
-        name: name.to_owned(),
-        root: Root::open(root).unwrap(),
-        hubs: vec![hub.addr.to_string()],
-        token: None,
-        tls: None,
-        verbose: false,
-        mux: netchan_mux::Config::default().close_grace(Duration::from_millis(100)),
-    }
+    TestHub { state, addr, task }
 }
 
 fn quiet() -> crate::client::Notify {

@@ -11,6 +11,7 @@ use netchan_rpc::Code;
 use tokio::net::TcpListener;
 
 use super::relay::{dial_hub, DirectoryRoute, FleetOptions, LinkError, RemoteHub, Route};
+use super::tests::read_all;
 use super::{HubOptions, HubState};
 use crate::auth::{self, AuthError, Token};
 use crate::client::{self, CallError, ClientOptions, Peer};
@@ -172,16 +173,6 @@ fn sha256(bytes: &[u8]) -> Vec<u8> {
     ring::digest::digest(&ring::digest::SHA256, bytes)
         .as_ref()
         .to_vec()
-}
-
-async fn read_all(peer: &Peer, who: &str, path: &str) -> Result<Vec<u8>, CallError> {
-    let mut s = peer.read(who, path).await?;
-    let mut out = Vec::new();
-    // Bounded: the file is finite and every chunk is checked.
-    while let Some(chunk) = s.next().await? {
-        out.extend_from_slice(&chunk.data);
-    }
-    Ok(out)
 }
 
 /// Waits until `hub` has published `name`.

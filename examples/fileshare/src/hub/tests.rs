@@ -25,10 +25,10 @@ use crate::proto::{HubClient, Kind, ListReq, PeerPath, PeerRead, PublishReq};
 const WAIT_S: u64 = 20;
 const WAIT: Duration = Duration::from_secs(WAIT_S);
 
-struct TestHub {
-    state: Arc<HubState>,
-    addr: SocketAddr,
-    task: tokio::task::JoinHandle<()>,
+pub(super) struct TestHub {
+    pub(super) state: Arc<HubState>,
+    pub(super) addr: SocketAddr,
+    pub(super) task: tokio::task::JoinHandle<()>,
 }
 
 impl Drop for TestHub {
@@ -45,7 +45,7 @@ async fn start_hub(opts: HubOptions) -> TestHub {
     TestHub { state, addr, task }
 }
 
-fn client_opts(hub: &TestHub, name: &str, root: &Path) -> ClientOptions {
+pub(super) fn client_opts(hub: &TestHub, name: &str, root: &Path) -> ClientOptions {
     ClientOptions {
         name: name.to_owned(),
         root: Root::open(root).unwrap(),
@@ -125,7 +125,7 @@ async fn raw_client(hub: &TestHub, token: Option<&str>) -> (Session, HubClient) 
     (session, hub_client)
 }
 
-async fn read_all(peer: &Peer, who: &str, path: &str) -> Result<Vec<u8>, CallError> {
+pub(super) async fn read_all(peer: &Peer, who: &str, path: &str) -> Result<Vec<u8>, CallError> {
     let mut s = peer.read(who, path).await?;
     let mut out = Vec::new();
     while let Some(chunk) = s.next().await? {
