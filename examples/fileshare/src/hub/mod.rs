@@ -226,6 +226,13 @@ impl Default for HubOptions {
     }
 }
 
+/// Whether bytes from the client are waiting on `tcp` now (one non-blocking peek, whatever the
+/// runtime has been told about the socket so far).
+fn has_spoken(tcp: &tokio::net::TcpStream) -> bool {
+    let mut byte = [std::mem::MaybeUninit::<u8>::uninit(); 1];
+    matches!(socket2::SockRef::from(tcp).peek(&mut byte), Ok(n) if n > 0)
+}
+
 /// A task aborted when this is dropped.
 struct AbortOnDrop(tokio::task::JoinHandle<()>);
 
@@ -342,7 +349,8 @@ impl HubState {
                         let _ = tcp.set_nodelay(true);
                         let id = self.next_conn.fetch_add(1, Ordering::Relaxed);
                         let span = tracing::info_span!("conn", id, %addr);
-                        let admit = match self.admission.admit(addr.ip()) {
+                        let talking = has_spoken(&tcp);
+                        let admit = match self.admission.admit(addr.ip(), talking) {
                             Ok((pending, shed)) => {
                                 if let Some(shed) = shed {
                                     self.log_shed(shed);
@@ -404,13 +412,34 @@ impl HubState {
         deadline: Instant,
     ) {
         let label = addr.to_string();
-        let shed = admit.shed();
+        let mut admit = admit;
         let mut first = [0u8; 1];
-        let peeked = tokio::select! {
-            peeked = tokio::time::timeout_at(deadline, tcp.peek(&mut first)) => peeked,
-            () = self.stop.cancelled() => return,
-            () = shed.cancelled() => return debug!("shed while silent"),
+        let mut readmitted = false;
+        // Bounded: a second round only after a readmission, which happens at most once.
+        let peeked = loop {
+            let shed = admit.shed();
+            tokio::select! {
+                peeked = tokio::time::timeout_at(deadline, tcp.peek(&mut first)) => break peeked,
+                () = self.stop.cancelled() => return,
+                () = shed.cancelled() => {
+                    // Shed as silent, but this task may not have run since its first bytes
+                    // came: a connection that has spoken takes a silent one's place instead.
+                    if readmitted || !has_spoken(&tcp) {
+                        return debug!("shed while silent");
+                    }
+                    let Some((pending, also_shed)) = self.admission.readmit(addr.ip()) else {
+                        return debug!("shed just after it spoke: no silent connection to shed");
+                    };
+                    debug!("shed as silent just after it spoke: took a silent one's place");
+                    if let Some(also_shed) = also_shed {
+                        self.log_shed(also_shed);
+                    }
+                    admit = Admit::Pending(Some(pending));
+                    readmitted = true;
+                }
+            }
         };
+        let shed = admit.shed();
         match peeked {
             Ok(Ok(1)) => {}
             Ok(Ok(_)) => return debug!("closed before sending anything"),
