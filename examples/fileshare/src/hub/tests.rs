@@ -1634,7 +1634,9 @@ async fn a_distributed_flood_of_silent_connections_locks_out_no_honest_client() 
         .await;
         let took = start.elapsed();
         let link = joined
-            .unwrap_or_else(|_| panic!("honest client {i} not in after {took:?}"))
+            .unwrap_or_else(|_| {
+                panic!("honest client {i} not in after {took:?}; shed: {shed_while_joining:#?}")
+            })
             .unwrap_or_else(|e| panic!("honest client {i} refused: {e}"));
         honest.push(link);
         slowest = slowest.max(took);
