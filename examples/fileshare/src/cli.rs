@@ -43,9 +43,17 @@ pub(crate) enum Command {
     ///
     /// With --etcd the hub joins a fleet of hubs sharing one etcd cluster: a name is held
     /// once in the whole fleet (a client publishing a name another hub holds is told it is
-    /// taken), `list` shows every hub's peers, and a hub that dies frees its names within its
-    /// lease TTL (--lease-ttl, 10 s). While etcd is out of reach the hub keeps its clients but
-    /// refuses new names ("the fleet's directory is unreachable") and recovers by itself.
+    /// taken), `list` shows every hub's peers, reads of a peer on another hub are routed to
+    /// that hub, and a hub that dies frees its names within its lease TTL (--lease-ttl,
+    /// 10 s). The hubs must authenticate each other: --fleet-token, --fleet-ca (mutual TLS),
+    /// or both.
+    ///
+    /// While etcd is out of reach the hub keeps its clients, and reads between two of its own
+    /// clients go on, but it refuses new names ("the fleet's directory is unreachable") and
+    /// recovers by itself. Once a lease TTL has passed without a renewal it no longer serves
+    /// the other hubs' reads of its clients (another hub may hold those names by then); when
+    /// etcd answers again it claims each name again, and a client whose name another hub
+    /// took meanwhile is disconnected.
     Hub(HubArgs),
 }
 

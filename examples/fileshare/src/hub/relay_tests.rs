@@ -461,9 +461,19 @@ async fn etcd_directory(
     id: &str,
     fleet_addr: SocketAddr,
 ) -> Arc<dyn Directory> {
+    etcd_directory_with_ttl(endpoints, id, fleet_addr, Duration::from_secs(5)).await
+}
+
+/// [`etcd_directory`] with a lease of `ttl`.
+async fn etcd_directory_with_ttl(
+    endpoints: Vec<String>,
+    id: &str,
+    fleet_addr: SocketAddr,
+    ttl: Duration,
+) -> Arc<dyn Directory> {
     let mut config = EtcdConfig::new(endpoints, HubId::new(id).unwrap());
     config.hub_addr = fleet_addr.to_string();
-    config.lease_ttl = Duration::from_secs(5);
+    config.lease_ttl = ttl;
     config.keepalive_every = Duration::from_millis(500);
     config.call_timeout = Duration::from_millis(1500);
     let dir = Etcd::start(config).await.expect("start the directory");
@@ -772,4 +782,65 @@ async fn plaintext_peers_dialing_a_mutual_tls_fleet_listener_are_refused() {
     opts.tls = Some((crate::tls::client_config(&ca, None).unwrap(), None));
     let err = Peer::start(opts, quiet()).await.err().expect("refused");
     assert!(err.to_string().contains("certificate"), "{err}");
+}
+
+/// Waits (bounded, checking every 50 ms: the lease's proof runs out with time, not with an
+/// event) until `dir`'s claim on `name` is proven or not, as `want` says.
+async fn until_holds(dir: &Arc<dyn Directory>, name: &str, want: bool) {
+    tokio::time::timeout(WAIT, async {
+        // Bounded by the timeout.
+        while dir.holds(name) != want {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("holds({name}) is not {want} within {WAIT:?}"));
+}
+
+#[tokio::test]
+async fn past_its_lease_ttl_without_etcd_a_hub_serves_its_own_readers_but_no_other_hub() {
+    let Some(mut cluster) = netchan_testkit::etcd::Cluster::start_or_skip(1).await else {
+        return;
+    };
+    let ttl = Duration::from_secs(2);
+    let (la, lb) = (listeners().await, listeners().await);
+    let (fa, fb) = (la.1.local_addr().unwrap(), lb.1.local_addr().unwrap());
+    let dir_a = etcd_directory_with_ttl(cluster.endpoints(), "hub-a", fa, ttl).await;
+    let dir_b = etcd_directory_with_ttl(cluster.endpoints(), "hub-b", fb, ttl).await;
+    let route_a = Arc::new(DirectoryRoute(dir_a.clone()));
+    let route_b = Arc::new(DirectoryRoute(dir_b.clone()));
+    let hub_a = start_hub_on("hub-a", "fleet secret", route_a, Some(dir_a.clone()), la);
+    let hub_b = start_hub_on("hub-b", "fleet secret", route_b, Some(dir_b.clone()), lb);
+    let (rb, ra, rc) = (root_with(0, 0), root_with(0, 0), root_with(0, 0));
+    let mut events_a = dir_a.subscribe();
+    let table = Table::default();
+    let _bob = join(&hub_b, &table, "bob", rb.path()).await;
+    let carol = join(&hub_b, &table, "carol", rc.path()).await;
+    let alice = join(&hub_a, &table, "alice", ra.path()).await;
+    until_event(
+        &mut events_a,
+        |e| matches!(e, Event::Joined { name, .. } if name == "bob"),
+    )
+    .await;
+    assert!(alice.stat("bob", "hello.txt").await.is_ok());
+
+    cluster.kill(0).await;
+    until_holds(&dir_b, "bob", false).await;
+    // carol and bob are both on hub b: carol reads on.
+    let got = read_all(&carol, "bob", "hello.txt").await.unwrap();
+    assert_eq!(got, b"hello world\n");
+    // alice's read, routed from hub a, is refused: hub b cannot prove it still holds bob.
+    let (code, msg) = status_of(alice.stat("bob", "hello.txt").await);
+    assert_eq!(code, Code::Unavailable, "{msg}");
+    assert!(
+        msg.contains("cannot prove it still holds the name"),
+        "{msg}"
+    );
+
+    // Once etcd is back (it kept the lease), hub b proves its claim again and serves alice.
+    cluster.restart(0).await;
+    until_holds(&dir_b, "bob", true).await;
+    assert!(alice.stat("bob", "hello.txt").await.is_ok());
+    dir_a.close().await;
+    dir_b.close().await;
 }
