@@ -10,10 +10,11 @@
 //! requires a certificate signed by the fleet's CA, and a dialing hub presents its own and
 //! checks the other hub's against that CA (and the host of the address it dials). A
 //! plaintext connection to such a listener is answered, in its hello, that the hub-to-hub
-//! listener requires mutual TLS (or, for a client, that it serves hubs only). A client that dials the fleet listener speaks the client hello
-//! on [`auth::CHANNEL`] and is told, in its hello's answer, that this is a hub-to-hub listener;
-//! the client-facing listener never listens on [`FLEET_HELLO`], so a hub that dials a client
-//! address by mistake is told so by the mux (no such channel). At most
+//! listener requires mutual TLS (or, for a client, that it serves hubs only). A client that
+//! dials the fleet listener speaks the client hello on [`auth::CHANNEL`] and is told, in its
+//! hello's answer, that this is a hub-to-hub listener; the client-facing listener never
+//! listens on [`FLEET_HELLO`], so a hub that dials a client address by mistake is told so by
+//! the mux (no such channel). At most
 //! [`MAX_FLEET_SESSIONS`] hub-to-hub sessions are served at once; the hello must be done
 //! within [`HubOptions::hello_timeout`](super::HubOptions::hello_timeout) of accept.
 //!
@@ -22,7 +23,9 @@
 //! checks apply there, so an exporter is protected the same way whoever reads. The reader is
 //! named `alice@hub-a` and holds at most `max_reads_per_reader` places per exporter, like a
 //! local reader. Only peers published on the serving hub are served (a relayed call is never
-//! relayed again, so no call loops between hubs).
+//! relayed again, so no call loops between hubs), and only while the fleet's directory can
+//! prove that hub holds their names: past its lease's TTL without reaching etcd, another hub
+//! may hold them, so routed calls fail as unavailable until it has proven its claims again.
 //!
 //! **Routing.** A hub that gets `Hub.ls`/`stat`/`read` of a peer it does not hold asks the
 //! fleet's [`Route`] which hub holds it and calls that hub over its [link](Links): one mux
@@ -233,7 +236,7 @@ fn explain_fleet_tls(addr: &str, e: &std::io::Error) -> (String, bool) {
             format!(
                 "this hub does not trust the certificate of the hub at {addr} ({why:?}): it \
                  must be signed by the fleet's CA (--fleet-ca) and name the host {}",
-                host_part(addr)
+                tls::host_of(addr)
             ),
             true,
         ),
@@ -263,14 +266,6 @@ fn explain_fleet_tls(addr: &str, e: &std::io::Error) -> (String, bool) {
             false,
         ),
         None => (format!("the TLS handshake failed: {e}"), false),
-    }
-}
-
-/// The host part of `host:port`, for messages.
-fn host_part(addr: &str) -> &str {
-    match addr.rsplit_once(':') {
-        Some((host, _)) => host.trim_start_matches('[').trim_end_matches(']'),
-        None => addr,
     }
 }
 
