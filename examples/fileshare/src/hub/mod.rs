@@ -32,8 +32,11 @@
 //! on its own uses the in-process directory (the rules above, nothing more); a hub of a fleet
 //! (`share hub --etcd`) claims each name in etcd, so a name another hub holds is "already
 //! taken" too, and `list` shows the whole fleet from the directory's watched copy. A peer
-//! published here is served only while the directory can prove this hub holds its name (see
-//! `crate::directory::Etcd`); otherwise calls to it fail as unavailable until it can.
+//! published here is served to the other hubs only while the directory can prove this hub
+//! holds its name (see `crate::directory::Etcd`); otherwise their routed calls fail as
+//! unavailable until it can. Readers connected to this hub keep reading it meanwhile (both
+//! ends are here); when the directory learns that another hub took the name, the local
+//! holder's session is closed.
 //!
 //! When a session ends its task removes the peer, and calls in flight to it fail with "peer
 //! gone". [`HubState::shutdown`] stops the accept loop and closes every session gracefully (a
@@ -639,15 +642,14 @@ impl HubState {
         self.directory.names()
     }
 
-    /// The handle of peer `name`, if it is published here and the directory can prove this
-    /// hub holds the name.
+    /// The handle of peer `name` for a reader connected to this hub, if it is published here.
+    /// Served whether or not the directory can prove the claim right now: both ends are
+    /// connected to this hub, so a read between them needs no one else (an etcd outage does
+    /// not stop it). Once the directory learns another hub took the name, the local holder's
+    /// session is closed and the name leaves the table.
     fn peer(&self, name: &str) -> Result<PeerHandle, Status> {
         match self.peers.get(name) {
-            Some(peer) if self.directory.holds(name) => Ok(peer),
-            Some(_) => Err(Status::unavailable(format!(
-                "this hub cannot prove it still holds {name:?}: the fleet's directory is \
-                 unreachable; try again once it is back"
-            ))),
+            Some(peer) => Ok(peer),
             None => match self.directory.lookup(name) {
                 // Not "unavailable": clients read that code as the peer having gone.
                 Some(holder) if !holder.here => Err(Status::failed_precondition(format!(
@@ -659,6 +661,22 @@ impl HubState {
                     "unknown peer {name:?} (list shows the connected peers)"
                 ))),
             },
+        }
+    }
+
+    /// The handle of peer `name` for a call routed here by another hub: only while the
+    /// directory can prove this hub holds the name (its lease is known to be alive). A hub
+    /// cut off from etcd past its lease's TTL may have lost the name to another hub, so it
+    /// serves no other hub for it until it has renewed or re-claimed it.
+    fn peer_for_fleet(&self, name: &str) -> Result<PeerHandle, Status> {
+        let peer = self.peer(name)?;
+        if self.directory.holds(name) {
+            Ok(peer)
+        } else {
+            Err(Status::unavailable(format!(
+                "the hub holding {name:?} cannot prove it still holds the name: the fleet's \
+                 directory is unreachable from there; try again once it is back"
+            )))
         }
     }
 }
