@@ -145,7 +145,7 @@ async fn run_hub(args: HubArgs) -> anyhow::Result<bool> {
         .transpose()
         .context("invalid --token")?;
     let listen = args.listen_addr();
-    let listener = tokio::net::TcpListener::bind(listen)
+    let listener = hub::bind_listener(listen)
         .await
         .with_context(|| format!("cannot listen on {listen}"))?;
     let addr = listener.local_addr()?;
@@ -153,7 +153,7 @@ async fn run_hub(args: HubArgs) -> anyhow::Result<bool> {
     let fleet_listener = match args.fleet_listen_addr().map_err(anyhow::Error::msg)? {
         None => None,
         Some(fleet_addr) => {
-            let listener = tokio::net::TcpListener::bind(&fleet_addr)
+            let listener = hub::bind_listener(&fleet_addr)
                 .await
                 .with_context(|| format!("cannot listen on {fleet_addr} (--fleet-listen)"))?;
             let bound = listener.local_addr()?;

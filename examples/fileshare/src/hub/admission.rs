@@ -26,8 +26,40 @@ use std::net::IpAddr;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
+use tokio::net::{TcpListener, TcpSocket};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
+
+/// How many connections the kernel may queue for the hub before it accepts them (Linux caps
+/// it at `net.core.somaxconn`, 4096 by default). A flood of connections fills a short queue
+/// faster than the accept loop can shed silent ones, and a full queue drops the SYNs of
+/// honest clients too, which then wait a second for their retransmit.
+const LISTEN_BACKLOG: u32 = 4096;
+
+/// Listens on `addr` (host:port, resolved; the first address that binds) with a listen
+/// queue of [`LISTEN_BACKLOG`].
+pub(crate) async fn bind_listener(addr: &str) -> std::io::Result<TcpListener> {
+    let mut last = None;
+    for sa in tokio::net::lookup_host(addr).await? {
+        let socket = if sa.is_ipv4() {
+            TcpSocket::new_v4()?
+        } else {
+            TcpSocket::new_v6()?
+        };
+        socket.set_reuseaddr(true)?;
+        if let Err(e) = socket.bind(sa) {
+            last = Some(e);
+            continue;
+        }
+        return socket.listen(LISTEN_BACKLOG);
+    }
+    Err(last.unwrap_or_else(|| {
+        std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!("{addr} resolves to no address"),
+        )
+    }))
+}
 
 /// Why a newcomer was turned away at admission.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -417,5 +449,19 @@ mod tests {
         tokio::time::advance(LogLimit::EVERY).await;
         assert_eq!(limit.allow(), Some(2));
         assert_eq!(limit.allow(), None);
+    }
+
+    #[tokio::test]
+    async fn the_hub_listener_accepts_and_a_taken_or_unknown_address_is_an_error() {
+        let listener = bind_listener("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (dialed, accepted) = tokio::join!(tokio::net::TcpStream::connect(addr), async {
+            tokio::time::timeout(Duration::from_secs(5), listener.accept()).await
+        });
+        let (_conn, from) = accepted.expect("accepted within 5 s").unwrap();
+        assert_eq!(from, dialed.unwrap().local_addr().unwrap());
+        let taken = bind_listener(&addr.to_string()).await.unwrap_err();
+        assert_eq!(taken.kind(), std::io::ErrorKind::AddrInUse);
+        assert!(bind_listener("127.0.0.1").await.is_err(), "no port");
     }
 }

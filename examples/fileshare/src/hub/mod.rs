@@ -113,6 +113,7 @@ pub(crate) mod registry;
 pub(crate) mod relay;
 mod service;
 
+pub(crate) use admission::bind_listener;
 use admission::{Admission, LogLimit, Pending, Refused};
 use forward::PeerHandle;
 use registry::{ConnId, Registry};

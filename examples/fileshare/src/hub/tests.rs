@@ -38,7 +38,7 @@ impl Drop for TestHub {
 }
 
 async fn start_hub(opts: HubOptions) -> TestHub {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let listener = super::bind_listener("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let state = HubState::new(opts);
     let task = tokio::spawn(state.clone().serve(listener));
