@@ -666,8 +666,15 @@ async fn wave(label: &str, hubs: &[FleetHub], n: usize, prefix: &str) -> Result<
         );
         for j in missing.iter().take(3) {
             println!(
-                "    {} after {} attempts: {:?}",
-                j.name, j.attempts, j.errors
+                "    {} after {} attempts (session {}): {:?}",
+                j.name,
+                j.attempts,
+                if j.session.is_closed() {
+                    "closed"
+                } else {
+                    "open"
+                },
+                j.errors
             );
         }
     }
