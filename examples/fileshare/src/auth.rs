@@ -53,7 +53,14 @@ pub(crate) enum Refusal {
     TooManyFromAddress,
     /// The client dialed a hub's hub-to-hub listener, which serves only the fleet's hubs.
     HubToHubOnly,
+    /// A hub dialed another hub's fleet listener in plaintext, and that listener requires
+    /// mutual TLS.
+    FleetTlsRequired,
 }
+
+/// What a hub that dials a fleet listener requiring mutual TLS in plaintext is told.
+pub(crate) const FLEET_TLS_REQUIRED: &str = "this hub-to-hub listener requires mutual TLS: \
+     give every hub of the fleet --fleet-ca and a --tls-cert signed by that CA";
 
 /// What a client that dials a hub's hub-to-hub listener is told.
 pub(crate) const HUB_TO_HUB_ONLY: &str = "this address is a hub's hub-to-hub listener, for the \
@@ -305,6 +312,12 @@ where
             Code::Refused,
             AuthError::Refused {
                 reason: HUB_TO_HUB_ONLY.to_owned(),
+            },
+        ),
+        Refusal::FleetTlsRequired => (
+            Code::Refused,
+            AuthError::Refused {
+                reason: FLEET_TLS_REQUIRED.to_owned(),
             },
         ),
     };

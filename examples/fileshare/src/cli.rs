@@ -43,14 +43,23 @@ pub(crate) enum Command {
     ///
     /// With --etcd the hub joins a fleet of hubs sharing one etcd cluster: a name is held
     /// once in the whole fleet (a client publishing a name another hub holds is told it is
-    /// taken), `list` shows every hub's peers, and a hub that dies frees its names within its
-    /// lease TTL (--lease-ttl, 10 s). While etcd is out of reach the hub keeps its clients but
-    /// refuses new names ("the fleet's directory is unreachable") and recovers by itself.
+    /// taken), `list` shows every hub's peers, reads of a peer on another hub are routed to
+    /// that hub, and a hub that dies frees its names within its lease TTL (--lease-ttl,
+    /// 10 s). The hubs must authenticate each other: --fleet-token, --fleet-ca (mutual TLS),
+    /// or both.
+    ///
+    /// While etcd is out of reach the hub keeps its clients, and reads between two of its own
+    /// clients go on, but it refuses new names ("the fleet's directory is unreachable") and
+    /// recovers by itself. Once a lease TTL has passed without a renewal it no longer serves
+    /// the other hubs' reads of its clients (another hub may hold those names by then); when
+    /// etcd answers again it claims each name again, and a client whose name another hub
+    /// took meanwhile is disconnected.
     Hub(HubArgs),
 }
 
 /// Options of `share hub`.
 #[derive(Debug, Args)]
+#[command(group(clap::ArgGroup::new("fleet_auth").multiple(true)))]
 pub(crate) struct HubArgs {
     /// Address to listen on. Use 0.0.0.0:8765 to accept peers on all interfaces (then also use
     /// --token and TLS: the link is otherwise plaintext and unauthenticated).
@@ -91,16 +100,30 @@ pub(crate) struct HubArgs {
         long,
         env = "SHARE_FLEET_TOKEN",
         hide_env_values = true,
-        value_name = "SECRET"
+        value_name = "SECRET",
+        group = "fleet_auth"
     )]
     pub(crate) fleet_token: Option<String>,
+    /// PEM CA certificates that sign every hub's certificate: hubs authenticate each other
+    /// with mutual TLS. The fleet listener then serves TLS with --tls-cert/--tls-key and
+    /// requires a certificate signed by this CA; this hub presents its own to the hubs it
+    /// dials and trusts theirs only if this CA signed it and it names the host of their fleet
+    /// address. May be combined with --fleet-token.
+    #[arg(
+        long,
+        env = "SHARE_FLEET_CA",
+        value_name = "FILE",
+        requires = "tls_cert",
+        group = "fleet_auth"
+    )]
+    pub(crate) fleet_ca: Option<PathBuf>,
     /// Address the other hubs of the fleet dial (hub-to-hub reads); clients are refused there.
     /// Default: the --listen host, port + 1.
     #[arg(
         long,
         env = "SHARE_FLEET_LISTEN",
         value_name = "ADDR",
-        requires = "fleet_token"
+        requires = "fleet_auth"
     )]
     pub(crate) fleet_listen: Option<String>,
     /// Join a fleet of hubs: the etcd cluster's client URLs, comma-separated
@@ -139,10 +162,31 @@ impl HubArgs {
         self.addr.as_deref().unwrap_or(&self.listen)
     }
 
+    /// Whether hubs authenticate each other (--fleet-token, --fleet-ca or both): only then
+    /// does this hub serve and dial the other hubs.
+    pub(crate) fn fleet_auth(&self) -> bool {
+        self.fleet_token.is_some() || self.fleet_ca.is_some()
+    }
+
+    /// Refuses a fleet hub (--etcd) whose hubs do not authenticate each other: its clients
+    /// would list the other hubs' peers and fail to read every one of them.
+    pub(crate) fn check_fleet(&self) -> Result<(), String> {
+        if !self.etcd.is_empty() && !self.fleet_auth() {
+            return Err(
+                "a hub of a fleet (--etcd) needs hub-to-hub authentication to route \
+                        reads between the hubs: give --fleet-token SECRET (better: \
+                        SHARE_FLEET_TOKEN), the same on every hub, or --fleet-ca FILE with \
+                        --tls-cert/--tls-key (mutual TLS), or both"
+                    .to_owned(),
+            );
+        }
+        Ok(())
+    }
+
     /// Where the fleet listener listens: --fleet-listen, else the client address's host with
-    /// the next port. `None` for a hub without --fleet-token.
+    /// the next port. `None` for a hub without --fleet-token or --fleet-ca.
     pub(crate) fn fleet_listen_addr(&self) -> Result<Option<String>, String> {
-        if self.fleet_token.is_none() {
+        if !self.fleet_auth() {
             return Ok(None);
         }
         if let Some(addr) = &self.fleet_listen {
@@ -483,6 +527,46 @@ mod tests {
         assert!(fleet(&["share", "hub", "--fleet-token", "s", "127.0.0.1:0"]).is_err());
         assert!(fleet(&["share", "hub", "--fleet-token", "s", "h:65535"]).is_err());
         assert!(parse_words(&["share", "hub", "--fleet-listen", "127.0.0.1:7"]).is_err());
+    }
+
+    #[test]
+    fn a_fleet_hub_needs_a_fleet_token_or_a_fleet_ca() {
+        let hub = |words: &[&str]| match parse_words(words).map(|c| c.command) {
+            Ok(Some(Command::Hub(h))) => Ok(h),
+            Ok(_) => panic!("not a hub command"),
+            Err(e) => Err(e),
+        };
+        let err = hub(&["share", "hub", "--etcd", "http://e:1"])
+            .unwrap()
+            .check_fleet()
+            .unwrap_err();
+        assert!(
+            err.contains("--fleet-token") && err.contains("--fleet-ca"),
+            "{err}"
+        );
+        let h = hub(&["share", "hub", "--etcd", "http://e:1", "--fleet-token", "s"]).unwrap();
+        assert_eq!(h.check_fleet(), Ok(()));
+        let mtls = [
+            "share",
+            "hub",
+            "--etcd",
+            "http://e:1",
+            "--fleet-ca",
+            "ca.pem",
+            "--tls-cert",
+            "c.pem",
+            "--tls-key",
+            "k.pem",
+            "127.0.0.1:9000",
+        ];
+        let h = hub(&mtls).unwrap();
+        assert_eq!(h.check_fleet(), Ok(()));
+        assert_eq!(h.fleet_ca, Some(PathBuf::from("ca.pem")));
+        assert_eq!(h.fleet_listen_addr(), Ok(Some("127.0.0.1:9001".to_owned())));
+        // The fleet CA checks certificates: this hub needs its own.
+        assert!(hub(&["share", "hub", "--fleet-ca", "ca.pem"]).is_err());
+        // A hub on its own needs neither.
+        assert_eq!(hub(&["share", "hub"]).unwrap().check_fleet(), Ok(()));
     }
 
     #[test]

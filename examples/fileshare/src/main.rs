@@ -130,6 +130,7 @@ impl StopSignals {
 
 async fn run_hub(args: HubArgs) -> anyhow::Result<bool> {
     init_tracing("info");
+    args.check_fleet().map_err(anyhow::Error::msg)?;
     let tls = match (&args.tls_cert, &args.tls_key) {
         (Some(cert), Some(key)) => {
             let config = tls::server_config(cert, key, args.tls_client_ca.as_deref())?;
@@ -166,18 +167,27 @@ async fn run_hub(args: HubArgs) -> anyhow::Result<bool> {
     )
     .await?;
     let fleet = match &fleet_listener {
-        None => {
-            if directory.is_some() {
+        None => None,
+        Some((_, bound)) => {
+            let token = args
+                .fleet_token
+                .as_deref()
+                .map(auth::Token::new)
+                .transpose()
+                .context("invalid --fleet-token")?;
+            let fleet_tls = match (&args.fleet_ca, &args.tls_cert, &args.tls_key) {
+                (Some(ca), Some(cert), Some(key)) => Some(
+                    hub::relay::FleetTls::from_pem(cert, key, ca)
+                        .context("cannot set up mutual TLS between the hubs (--fleet-ca)")?,
+                ),
+                _ => None,
+            };
+            if token.is_some() && fleet_tls.is_none() {
                 warn!(
-                    "no --fleet-token: this hub neither serves the other hubs nor routes reads \
-                     of their peers (a peer on another hub is listed but cannot be read from here)"
+                    "the hub-to-hub link is plaintext: the fleet token and the files cross the \
+                     network unencrypted; use --fleet-ca with --tls-cert/--tls-key"
                 );
             }
-            None
-        }
-        Some((_, bound)) => {
-            let fleet_token = args.fleet_token.as_deref().unwrap_or_default();
-            let token = auth::Token::new(fleet_token).context("invalid --fleet-token")?;
             let (hub_id, route): (String, Arc<dyn hub::relay::Route>) = match &directory {
                 Some(d) => (
                     d.hub_id().to_string(),
@@ -189,6 +199,7 @@ async fn run_hub(args: HubArgs) -> anyhow::Result<bool> {
             Some(hub::relay::FleetOptions {
                 hub_id,
                 token,
+                tls: fleet_tls,
                 route,
             })
         }
@@ -214,7 +225,13 @@ async fn run_hub(args: HubArgs) -> anyhow::Result<bool> {
     let mut stdout = std::io::stdout();
     let _ = writeln!(stdout, "hub listening on {addr}").and_then(|()| stdout.flush());
     if let (Some((_, bound)), Some(options)) = (&fleet_listener, &fleet) {
-        info!(addr = %bound, hub_id = %options.hub_id, "fleet listener: serving the other hubs");
+        info!(
+            addr = %bound,
+            hub_id = %options.hub_id,
+            mutual_tls = options.tls.is_some(),
+            token = options.token.is_some(),
+            "fleet listener: serving the other hubs"
+        );
         let _ = writeln!(stdout, "fleet listener on {bound}").and_then(|()| stdout.flush());
     }
     let hub = hub::HubState::new(hub::HubOptions {

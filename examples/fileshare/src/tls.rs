@@ -49,7 +49,7 @@ pub(crate) fn server_name(
 }
 
 /// The host part of `host:port`, `[v6]:port` or a bare host.
-fn host_of(addr: &str) -> &str {
+pub(crate) fn host_of(addr: &str) -> &str {
     if let Some(rest) = addr.strip_prefix('[') {
         return rest.split(']').next().unwrap_or(rest);
     }

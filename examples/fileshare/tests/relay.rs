@@ -54,3 +54,77 @@ async fn a_client_of_one_hub_reads_lists_and_gets_a_peer_of_another_exactly() {
     b.log.wait_for("read routed to another hub", WAIT);
     a.log.wait_for("read reader=alice@hub-b peer=bob", WAIT);
 }
+
+/// Writes a CA (`ca.pem`) and, for each of `names`, a certificate it signs for 127.0.0.1
+/// (`NAME.pem`, `NAME.key`) into `dir`.
+fn write_pki(dir: &std::path::Path, names: &[&str]) {
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let ca = ca_params.self_signed(&ca_key).unwrap();
+    let issuer = rcgen::Issuer::new(ca_params, ca_key);
+    std::fs::write(dir.join("ca.pem"), ca.pem()).unwrap();
+    for name in names {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = rcgen::CertificateParams::new(vec!["127.0.0.1".to_owned()])
+            .unwrap()
+            .signed_by(&key, &issuer)
+            .unwrap();
+        std::fs::write(dir.join(format!("{name}.pem")), cert.pem()).unwrap();
+        std::fs::write(dir.join(format!("{name}.key")), key.serialize_pem()).unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hubs_with_a_fleet_ca_route_reads_over_mutual_tls() {
+    let Some(etcd) = Cluster::start_or_skip(1).await else {
+        return;
+    };
+    let pki = tempdir();
+    write_pki(pki.path(), &["hub-a", "hub-b"]);
+    let p = |f: &str| s(&pki.path().join(f)).to_owned();
+    let endpoints = etcd.endpoints().join(",");
+    let tls_hub = |id: &str| {
+        let (cert, key, ca) = (
+            p(&format!("{id}.pem")),
+            p(&format!("{id}.key")),
+            p("ca.pem"),
+        );
+        start_hub(&[
+            "--etcd",
+            &endpoints,
+            "--hub-id",
+            id,
+            "--tls-cert",
+            &cert,
+            "--tls-key",
+            &key,
+            "--fleet-ca",
+            &ca,
+            "--fleet-listen",
+            "127.0.0.1:0",
+        ])
+    };
+    let mut a = tls_hub("hub-a");
+    let mut b = tls_hub("hub-b");
+    a.log.wait_for("mutual_tls=true", WAIT);
+    let (rb, ra) = (demo_root(), tempdir());
+    let ca = p("ca.pem");
+    let tls_client = ["--tls-ca", ca.as_str()];
+    let _bob = start_server(&a.addr, "bob", rb.path(), &tls_client);
+    b.log
+        .wait_for("joined on another hub peer=bob hub=hub-a", WAIT);
+    let out = run_script_with(
+        &b.addr,
+        "alice",
+        ra.path(),
+        "read bob hello.txt\nls bob sub\n",
+        &tls_client,
+        &[],
+        WAIT,
+    );
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(out.out(), "hello world\n\x20      6  inner.txt\n");
+    b.log.wait_for("hub-to-hub link up", WAIT);
+    a.log.wait_for("read reader=alice@hub-b peer=bob", WAIT);
+}

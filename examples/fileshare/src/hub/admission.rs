@@ -4,6 +4,10 @@
 //! overall ([`HubOptions::max_pending`](super::HubOptions::max_pending)) and per source address
 //! ([`HubOptions::max_pending_per_addr`](super::HubOptions::max_pending_per_addr)). A pending
 //! connection is *silent* until its first byte arrives, then *talking* (TLS, hello, publish).
+//! The hub looks for that byte when it accepts the connection (a client that speaks at once is
+//! talking from the start), and again when it sheds a connection as silent: its task may not
+//! have run since the byte came, and a connection found talking then takes a place again as a
+//! talking one ([`Admission::readmit`]) if a silent one can be shed for it.
 //!
 //! At a cap the hub makes room rather than turning the newcomer away, since a flood of silent
 //! connections would otherwise lock out every honest client:
@@ -62,6 +66,8 @@ struct State {
     talking: BTreeMap<u64, Entry>,
     /// Pending connections per source address (both maps).
     per_ip: HashMap<IpAddr, usize>,
+    /// Connections shed as silent that had spoken by then and took a place again.
+    readmitted: u64,
 }
 
 struct Entry {
@@ -131,8 +137,13 @@ impl Admission {
     }
 
     /// Admits a connection from `ip`, shedding an older one if a cap is reached (see the
-    /// module docs); says which one it shed, or why the newcomer is refused.
-    pub(crate) fn admit(self: &Arc<Self>, ip: IpAddr) -> Result<(Pending, Option<Shed>), Refused> {
+    /// module docs); says which one it shed, or why the newcomer is refused. `talking`: its
+    /// first byte has arrived already.
+    pub(crate) fn admit(
+        self: &Arc<Self>,
+        ip: IpAddr,
+        talking: bool,
+    ) -> Result<(Pending, Option<Shed>), Refused> {
         let mut state = self.lock();
         let mut shed = None;
         if state.per_ip.get(&ip).copied().unwrap_or(0) >= self.per_addr {
@@ -152,23 +163,53 @@ impl Admission {
                 shed = state.shed(victim);
             }
         }
+        Ok((self.insert(&mut state, ip, talking), shed))
+    }
+
+    /// Gives a talking connection from `ip`, just shed as silent, a place again, if a silent
+    /// connection can be shed for it (from `ip` at the per-address cap); else `None`, and it
+    /// stays shed. A talking connection never takes the place of another talking one here.
+    pub(crate) fn readmit(self: &Arc<Self>, ip: IpAddr) -> Option<(Pending, Option<Shed>)> {
+        let mut state = self.lock();
+        let at_addr_cap = state.per_ip.get(&ip).copied().unwrap_or(0) >= self.per_addr;
+        let victim = if at_addr_cap {
+            Some(state.oldest_silent(Some(ip))?)
+        } else if state.len() >= self.limit {
+            Some(state.oldest_silent(None)?)
+        } else {
+            None
+        };
+        let shed = victim.and_then(|victim| state.shed(victim));
+        state.readmitted += 1;
+        Some((self.insert(&mut state, ip, true), shed))
+    }
+
+    /// Adds a connection from `ip` (the caps are the caller's concern).
+    fn insert(self: &Arc<Self>, state: &mut State, ip: IpAddr, talking: bool) -> Pending {
         let id = state.next;
         state.next += 1;
         let token = CancellationToken::new();
-        state.silent.insert(
-            id,
-            Entry {
-                ip,
-                shed: token.clone(),
-            },
-        );
+        let entry = Entry {
+            ip,
+            shed: token.clone(),
+        };
+        if talking {
+            state.talking.insert(id, entry);
+        } else {
+            state.silent.insert(id, entry);
+        }
         *state.per_ip.entry(ip).or_insert(0) += 1;
-        let pending = Pending {
+        Pending {
             admission: self.clone(),
             id,
             shed: token,
-        };
-        Ok((pending, shed))
+        }
+    }
+
+    /// Connections shed as silent that had spoken by then and took a place again.
+    #[cfg(test)]
+    pub(crate) fn readmitted(&self) -> u64 {
+        self.lock().readmitted
     }
 
     /// Sheds the oldest silent connection, if any (the hub is out of file descriptors).
@@ -252,10 +293,10 @@ mod tests {
     #[test]
     fn at_the_address_cap_the_oldest_silent_one_from_that_address_is_shed() {
         let adm = Admission::new(100, 2);
-        let (a1, _) = adm.admit(ip(1)).unwrap();
-        let (a2, _) = adm.admit(ip(1)).unwrap();
-        let (_b1, _) = adm.admit(ip(2)).unwrap();
-        let (_a3, shed) = adm.admit(ip(1)).unwrap();
+        let (a1, _) = adm.admit(ip(1), false).unwrap();
+        let (a2, _) = adm.admit(ip(1), false).unwrap();
+        let (_b1, _) = adm.admit(ip(2), false).unwrap();
+        let (_a3, shed) = adm.admit(ip(1), false).unwrap();
         assert_eq!(
             shed,
             Some(Shed {
@@ -273,35 +314,35 @@ mod tests {
     #[test]
     fn an_address_whose_connections_all_talk_is_refused_a_further_one() {
         let adm = Admission::new(100, 2);
-        let (a1, _) = adm.admit(ip(1)).unwrap();
-        let (a2, _) = adm.admit(ip(1)).unwrap();
+        let (a1, _) = adm.admit(ip(1), false).unwrap();
+        let (a2, _) = adm.admit(ip(1), false).unwrap();
         a1.heard();
         a2.heard();
         assert_eq!(
-            adm.admit(ip(1)).err(),
+            adm.admit(ip(1), false).err(),
             Some(Refused::TooManyFromAddress { limit: 2 })
         );
         // Other addresses are unaffected; a place freed is a place again.
-        adm.admit(ip(2)).unwrap();
+        adm.admit(ip(2), false).unwrap();
         drop(a1);
-        adm.admit(ip(1)).unwrap();
+        adm.admit(ip(1), false).unwrap();
     }
 
     #[test]
     fn at_the_overall_cap_silent_ones_go_first_then_the_oldest_talking_one() {
         let adm = Admission::new(3, 10);
-        let (t1, _) = adm.admit(ip(1)).unwrap();
+        let (t1, _) = adm.admit(ip(1), false).unwrap();
         t1.heard();
-        let (s2, _) = adm.admit(ip(2)).unwrap();
-        let (t3, _) = adm.admit(ip(3)).unwrap();
+        let (s2, _) = adm.admit(ip(2), false).unwrap();
+        let (t3, _) = adm.admit(ip(3), false).unwrap();
         t3.heard();
         // Full: the silent one goes, although it is younger than t1.
-        let (n4, shed) = adm.admit(ip(4)).unwrap();
+        let (n4, shed) = adm.admit(ip(4), false).unwrap();
         assert_eq!(shed.map(|s| (s.ip, s.silent)), Some((ip(2), true)));
         assert!(s2.shed().is_cancelled());
         n4.heard();
         // Nobody silent left: the oldest talking one goes.
-        let (_n5, shed) = adm.admit(ip(5)).unwrap();
+        let (_n5, shed) = adm.admit(ip(5), false).unwrap();
         assert_eq!(shed.map(|s| (s.ip, s.silent)), Some((ip(1), false)));
         assert!(t1.shed().is_cancelled() && !t3.shed().is_cancelled());
         assert_eq!(adm.len(), 3);
@@ -310,12 +351,61 @@ mod tests {
     #[test]
     fn out_of_descriptors_sheds_only_silent_ones() {
         let adm = Admission::new(10, 10);
-        let (t, _) = adm.admit(ip(1)).unwrap();
+        let (t, _) = adm.admit(ip(1), false).unwrap();
         t.heard();
         assert_eq!(adm.shed_oldest_silent(), None);
-        let (s, _) = adm.admit(ip(2)).unwrap();
+        let (s, _) = adm.admit(ip(2), false).unwrap();
         assert_eq!(adm.shed_oldest_silent().map(|s| s.ip), Some(ip(2)));
         assert!(s.shed().is_cancelled() && !t.shed().is_cancelled());
+    }
+
+    #[test]
+    fn a_connection_that_spoke_before_it_was_accepted_is_shed_only_after_the_silent_ones() {
+        let adm = Admission::new(2, 10);
+        let (t1, _) = adm.admit(ip(1), true).unwrap();
+        let (s2, _) = adm.admit(ip(2), false).unwrap();
+        let (_n3, shed) = adm.admit(ip(3), false).unwrap();
+        assert_eq!(shed.map(|s| (s.ip, s.silent)), Some((ip(2), true)));
+        assert!(s2.shed().is_cancelled() && !t1.shed().is_cancelled());
+    }
+
+    #[test]
+    fn a_connection_shed_as_silent_that_has_spoken_takes_a_silent_ones_place() {
+        let adm = Admission::new(2, 10);
+        let (s1, _) = adm.admit(ip(1), false).unwrap();
+        let (s2, _) = adm.admit(ip(2), false).unwrap();
+        // s1 spoke, but its task had not seen it yet when the newcomer came.
+        let (n3, shed) = adm.admit(ip(3), false).unwrap();
+        assert_eq!(shed.map(|s| s.ip), Some(ip(1)));
+        assert!(s1.shed().is_cancelled());
+        let (r1, shed) = adm.readmit(ip(1)).expect("a silent one to shed");
+        assert_eq!(shed.map(|s| (s.ip, s.silent)), Some((ip(2), true)));
+        assert!(s2.shed().is_cancelled() && !n3.shed().is_cancelled());
+        assert_eq!((adm.len(), adm.readmitted()), (2, 1));
+        // It is talking now: the next newcomer sheds the silent n3, not it.
+        let (_n4, shed) = adm.admit(ip(4), false).unwrap();
+        assert_eq!(shed.map(|s| s.ip), Some(ip(3)));
+        assert!(!r1.shed().is_cancelled());
+        drop((s1, s2));
+        assert_eq!(adm.len(), 2);
+    }
+
+    #[test]
+    fn a_readmission_never_takes_a_talking_connections_place() {
+        // Overall cap, nobody silent.
+        let adm = Admission::new(1, 10);
+        let (t1, _) = adm.admit(ip(1), true).unwrap();
+        assert!(adm.readmit(ip(2)).is_none());
+        assert!(!t1.shed().is_cancelled());
+        // Per-address cap: only a silent one from that address may go.
+        let adm = Admission::new(10, 1);
+        let (t1, _) = adm.admit(ip(1), true).unwrap();
+        let (s2, _) = adm.admit(ip(2), false).unwrap();
+        assert!(adm.readmit(ip(1)).is_none());
+        assert!(!t1.shed().is_cancelled() && !s2.shed().is_cancelled());
+        // Room left: no one is shed.
+        let (_r3, shed) = adm.readmit(ip(3)).unwrap();
+        assert_eq!((shed, adm.len()), (None, 3));
     }
 
     #[tokio::test(start_paused = true)]

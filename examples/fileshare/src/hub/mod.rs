@@ -32,8 +32,11 @@
 //! on its own uses the in-process directory (the rules above, nothing more); a hub of a fleet
 //! (`share hub --etcd`) claims each name in etcd, so a name another hub holds is "already
 //! taken" too, and `list` shows the whole fleet from the directory's watched copy. A peer
-//! published here is served only while the directory can prove this hub holds its name (see
-//! `crate::directory::Etcd`); otherwise calls to it fail as unavailable until it can.
+//! published here is served to the other hubs only while the directory can prove this hub
+//! holds its name (see `crate::directory::Etcd`); otherwise their routed calls fail as
+//! unavailable until it can. Readers connected to this hub keep reading it meanwhile (both
+//! ends are here); when the directory learns that another hub took the name, the local
+//! holder's session is closed.
 //!
 //! When a session ends its task removes the peer, and calls in flight to it fail with "peer
 //! gone". [`HubState::shutdown`] stops the accept loop and closes every session gracefully (a
@@ -226,6 +229,13 @@ impl Default for HubOptions {
     }
 }
 
+/// Whether bytes from the client are waiting on `tcp` now (one non-blocking peek, whatever the
+/// runtime has been told about the socket so far).
+fn has_spoken(tcp: &tokio::net::TcpStream) -> bool {
+    let mut byte = [std::mem::MaybeUninit::<u8>::uninit(); 1];
+    matches!(socket2::SockRef::from(tcp).peek(&mut byte), Ok(n) if n > 0)
+}
+
 /// A task aborted when this is dropped.
 struct AbortOnDrop(tokio::task::JoinHandle<()>);
 
@@ -342,7 +352,8 @@ impl HubState {
                         let _ = tcp.set_nodelay(true);
                         let id = self.next_conn.fetch_add(1, Ordering::Relaxed);
                         let span = tracing::info_span!("conn", id, %addr);
-                        let admit = match self.admission.admit(addr.ip()) {
+                        let talking = has_spoken(&tcp);
+                        let admit = match self.admission.admit(addr.ip(), talking) {
                             Ok((pending, shed)) => {
                                 if let Some(shed) = shed {
                                     self.log_shed(shed);
@@ -404,13 +415,34 @@ impl HubState {
         deadline: Instant,
     ) {
         let label = addr.to_string();
-        let shed = admit.shed();
+        let mut admit = admit;
         let mut first = [0u8; 1];
-        let peeked = tokio::select! {
-            peeked = tokio::time::timeout_at(deadline, tcp.peek(&mut first)) => peeked,
-            () = self.stop.cancelled() => return,
-            () = shed.cancelled() => return debug!("shed while silent"),
+        let mut readmitted = false;
+        // Bounded: a second round only after a readmission, which happens at most once.
+        let peeked = loop {
+            let shed = admit.shed();
+            tokio::select! {
+                peeked = tokio::time::timeout_at(deadline, tcp.peek(&mut first)) => break peeked,
+                () = self.stop.cancelled() => return,
+                () = shed.cancelled() => {
+                    // Shed as silent, but this task may not have run since its first bytes
+                    // came: a connection that has spoken takes a silent one's place instead.
+                    if readmitted || !has_spoken(&tcp) {
+                        return debug!("shed while silent");
+                    }
+                    let Some((pending, also_shed)) = self.admission.readmit(addr.ip()) else {
+                        return debug!("shed just after it spoke: no silent connection to shed");
+                    };
+                    debug!("shed as silent just after it spoke: took a silent one's place");
+                    if let Some(also_shed) = also_shed {
+                        self.log_shed(also_shed);
+                    }
+                    admit = Admit::Pending(Some(pending));
+                    readmitted = true;
+                }
+            }
         };
+        let shed = admit.shed();
         match peeked {
             Ok(Ok(1)) => {}
             Ok(Ok(_)) => return debug!("closed before sending anything"),
@@ -610,15 +642,14 @@ impl HubState {
         self.directory.names()
     }
 
-    /// The handle of peer `name`, if it is published here and the directory can prove this
-    /// hub holds the name.
+    /// The handle of peer `name` for a reader connected to this hub, if it is published here.
+    /// Served whether or not the directory can prove the claim right now: both ends are
+    /// connected to this hub, so a read between them needs no one else (an etcd outage does
+    /// not stop it). Once the directory learns another hub took the name, the local holder's
+    /// session is closed and the name leaves the table.
     fn peer(&self, name: &str) -> Result<PeerHandle, Status> {
         match self.peers.get(name) {
-            Some(peer) if self.directory.holds(name) => Ok(peer),
-            Some(_) => Err(Status::unavailable(format!(
-                "this hub cannot prove it still holds {name:?}: the fleet's directory is \
-                 unreachable; try again once it is back"
-            ))),
+            Some(peer) => Ok(peer),
             None => match self.directory.lookup(name) {
                 // Not "unavailable": clients read that code as the peer having gone.
                 Some(holder) if !holder.here => Err(Status::failed_precondition(format!(
@@ -630,6 +661,22 @@ impl HubState {
                     "unknown peer {name:?} (list shows the connected peers)"
                 ))),
             },
+        }
+    }
+
+    /// The handle of peer `name` for a call routed here by another hub: only while the
+    /// directory can prove this hub holds the name (its lease is known to be alive). A hub
+    /// cut off from etcd past its lease's TTL may have lost the name to another hub, so it
+    /// serves no other hub for it until it has renewed or re-claimed it.
+    fn peer_for_fleet(&self, name: &str) -> Result<PeerHandle, Status> {
+        let peer = self.peer(name)?;
+        if self.directory.holds(name) {
+            Ok(peer)
+        } else {
+            Err(Status::unavailable(format!(
+                "the hub holding {name:?} cannot prove it still holds the name: the fleet's \
+                 directory is unreachable from there; try again once it is back"
+            )))
         }
     }
 }

@@ -3,12 +3,18 @@
 //!
 //! **The listener.** A hub of a fleet listens on a second address, its *fleet listener*,
 //! which only the other hubs dial. A session there starts with the hub-to-hub hello on
-//! [`FLEET_HELLO`] (the client hello's bytes, with the fleet's shared token, which is
-//! required); only once it succeeds does the hub listen on [`RELAY_CHANNEL`], where it serves
-//! `Relay` as an rpc server. A client that dials the fleet listener speaks the client hello
-//! on [`auth::CHANNEL`] and is told, in its hello's answer, that this is a hub-to-hub listener;
-//! the client-facing listener never listens on [`FLEET_HELLO`], so a hub that dials a client
-//! address by mistake is told so by the mux (no such channel). At most
+//! [`FLEET_HELLO`] (the client hello's bytes, with the fleet's shared token when the fleet has
+//! one); only once it succeeds does the hub listen on [`RELAY_CHANNEL`], where it serves
+//! `Relay` as an rpc server. Hubs authenticate each other with the shared token, with mutual
+//! TLS, or both ([`FleetOptions`]): with [`FleetTls`] the fleet listener speaks only TLS and
+//! requires a certificate signed by the fleet's CA, and a dialing hub presents its own and
+//! checks the other hub's against that CA (and the host of the address it dials). A
+//! plaintext connection to such a listener is answered, in its hello, that the hub-to-hub
+//! listener requires mutual TLS (or, for a client, that it serves hubs only). A client that
+//! dials the fleet listener speaks the client hello on [`auth::CHANNEL`] and is told, in its
+//! hello's answer, that this is a hub-to-hub listener; the client-facing listener never
+//! listens on [`FLEET_HELLO`], so a hub that dials a client address by mistake is told so by
+//! the mux (no such channel). At most
 //! [`MAX_FLEET_SESSIONS`] hub-to-hub sessions are served at once; the hello must be done
 //! within [`HubOptions::hello_timeout`](super::HubOptions::hello_timeout) of accept.
 //!
@@ -17,7 +23,9 @@
 //! checks apply there, so an exporter is protected the same way whoever reads. The reader is
 //! named `alice@hub-a` and holds at most `max_reads_per_reader` places per exporter, like a
 //! local reader. Only peers published on the serving hub are served (a relayed call is never
-//! relayed again, so no call loops between hubs).
+//! relayed again, so no call loops between hubs), and only while the fleet's directory can
+//! prove that hub holds their names: past its lease's TTL without reaching etcd, another hub
+//! may hold them, so routed calls fail as unavailable until it has proven its claims again.
 //!
 //! **Routing.** A hub that gets `Hub.ls`/`stat`/`read` of a peer it does not hold asks the
 //! fleet's [`Route`] which hub holds it and calls that hub over its [link](Links): one mux
@@ -56,6 +64,7 @@ use crate::directory::Directory;
 use crate::proto::{
     hub_gone, Chunk, Entry, Listing, PeerRead, Relay, RelayClient, RelayPath, RelayRead,
 };
+use crate::tls;
 
 /// Mux channel of the hub-to-hub hello.
 pub(crate) const FLEET_HELLO: &str = "fileshare.fleet-hello";
@@ -118,15 +127,56 @@ pub(crate) struct RemoteHub {
     pub(crate) addr: String,
 }
 
-/// A hub's part in a fleet: who it is, the secret hubs share, and where other hubs' peers are.
+/// A hub's part in a fleet: who it is, how hubs authenticate each other, and where other
+/// hubs' peers are. At least one of `token` and `tls` is set (`share hub` refuses to start a
+/// fleet hub with neither).
 #[derive(Clone)]
 pub(crate) struct FleetOptions {
     /// This hub's id: readers routed from here are named `NAME@ID` at the other hub.
     pub(crate) hub_id: String,
     /// The secret every hub of the fleet presents to the others (and requires of them).
-    pub(crate) token: Token,
+    pub(crate) token: Option<Token>,
+    /// Mutual TLS between the hubs.
+    pub(crate) tls: Option<FleetTls>,
     /// Where other hubs' peers are.
     pub(crate) route: Arc<dyn Route>,
+}
+
+/// Mutual TLS between the hubs of a fleet: every hub's certificate is signed by the fleet's
+/// CA (`share hub --fleet-ca`).
+#[derive(Clone)]
+pub(crate) struct FleetTls {
+    /// Serves the fleet listener with this hub's certificate, requiring a client certificate
+    /// signed by the fleet's CA.
+    pub(crate) acceptor: tokio_rustls::TlsAcceptor,
+    /// Dials the other hubs: presents this hub's certificate and trusts only the fleet's CA.
+    pub(crate) connector: tokio_rustls::TlsConnector,
+}
+
+impl FleetTls {
+    /// Mutual TLS with this hub's certificate chain `cert` and key `key`, and the fleet's CA
+    /// certificates `fleet_ca`.
+    pub(crate) fn from_pem(
+        cert: &std::path::Path,
+        key: &std::path::Path,
+        fleet_ca: &std::path::Path,
+    ) -> Result<FleetTls, tls::TlsError> {
+        let server = tls::server_config(cert, key, Some(fleet_ca))?;
+        let client = tls::client_config(fleet_ca, Some((cert, key)))?;
+        Ok(FleetTls {
+            acceptor: tokio_rustls::TlsAcceptor::from(server),
+            connector: tokio_rustls::TlsConnector::from(client),
+        })
+    }
+}
+
+/// How a hub presents itself to another hub's fleet listener.
+#[derive(Clone, Copy)]
+pub(crate) struct Credentials<'a> {
+    /// The fleet's shared secret, if it has one.
+    pub(crate) token: Option<&'a Token>,
+    /// The mutual TLS connector, if the fleet uses TLS.
+    pub(crate) tls: Option<&'a tokio_rustls::TlsConnector>,
 }
 
 /// Why a link to another hub could not be made.
@@ -163,6 +213,60 @@ pub(crate) enum LinkError {
         /// What the mux said.
         cause: mux::Error,
     },
+    /// Mutual TLS with the other hub failed.
+    #[error("mutual TLS with {addr} failed: {why}")]
+    Tls {
+        /// The hub's fleet address.
+        addr: String,
+        /// Who did not trust whom, in plain words.
+        why: String,
+        /// Whether a certificate was refused (a configuration to fix), rather than the link
+        /// breaking during the handshake.
+        refused: bool,
+    },
+}
+
+/// A failed TLS exchange with the fleet listener at `addr`, in plain words, and whether a
+/// certificate was refused (as opposed to the link breaking).
+fn explain_fleet_tls(addr: &str, e: &std::io::Error) -> (String, bool) {
+    use rustls::AlertDescription as A;
+    use std::io::ErrorKind::{ConnectionReset, UnexpectedEof};
+    match tls::rustls_error(e) {
+        Some(rustls::Error::InvalidCertificate(why)) => (
+            format!(
+                "this hub does not trust the certificate of the hub at {addr} ({why:?}): it \
+                 must be signed by the fleet's CA (--fleet-ca) and name the host {}",
+                tls::host_of(addr)
+            ),
+            true,
+        ),
+        Some(rustls::Error::AlertReceived(
+            A::CertificateRequired
+            | A::BadCertificate
+            | A::UnknownCA
+            | A::CertificateUnknown
+            | A::UnsupportedCertificate
+            | A::CertificateExpired
+            | A::CertificateRevoked
+            | A::AccessDenied
+            | A::DecryptError,
+        )) => (
+            format!(
+                "the hub at {addr} does not trust this hub's certificate: every hub's \
+                 --tls-cert must be signed by the CA the others were given with --fleet-ca"
+            ),
+            true,
+        ),
+        Some(other) => (format!("the TLS exchange failed: {other}"), true),
+        None if matches!(e.kind(), UnexpectedEof | ConnectionReset) => (
+            format!(
+                "the hub at {addr} hung up during the TLS handshake; its fleet listener may \
+                 be plaintext (every hub of a fleet needs --fleet-ca, or none does)"
+            ),
+            false,
+        ),
+        None => (format!("the TLS handshake failed: {e}"), false),
+    }
 }
 
 /// A hub's links to the other hubs: one per hub-to-hub address, each dialed on first use.
@@ -211,14 +315,23 @@ impl Links {
     }
 }
 
-/// Dials the fleet listener at `addr`: TCP, a client mux session, the hub-to-hub hello with
-/// `token`, and the relay channel, all within [`LINK_DIAL_TIMEOUT`]. Returns the session, the
-/// service's client, and the hello's round trip.
+/// Dials the fleet listener at `addr`: TCP, the TLS handshake if the fleet uses TLS, a client
+/// mux session, the hub-to-hub hello with the fleet's token (if any), and the relay channel,
+/// all within [`LINK_DIAL_TIMEOUT`]. Returns the session, the service's client, and the
+/// hello's round trip.
 pub(crate) async fn dial_hub(
     addr: &str,
-    token: &Token,
+    credentials: Credentials<'_>,
     config: mux::Config,
 ) -> Result<(Session, RelayClient, Duration), LinkError> {
+    let tls_failed = |e: &std::io::Error| {
+        let (why, refused) = explain_fleet_tls(addr, e);
+        LinkError::Tls {
+            addr: addr.to_owned(),
+            why,
+            refused,
+        }
+    };
     let dial = async {
         let tcp = TcpStream::connect(addr)
             .await
@@ -227,22 +340,49 @@ pub(crate) async fn dial_hub(
                 cause,
             })?;
         let _ = tcp.set_nodelay(true);
-        let session = Session::client(tcp, config);
+        let session = match credentials.tls {
+            None => Session::client(tcp, config),
+            Some(connector) => {
+                let name = tls::server_name(addr, None).map_err(|e| LinkError::Tls {
+                    addr: addr.to_owned(),
+                    why: e.to_string(),
+                    refused: true,
+                })?;
+                let stream = connector
+                    .connect(name, tcp)
+                    .await
+                    .map_err(|e| tls_failed(&e))?;
+                Session::client(stream, config)
+            }
+        };
+        let refused_by_tls = || refused_by_tls(&session, credentials.tls.is_some(), addr);
         let not_fleet = |cause| LinkError::NotFleet {
             addr: addr.to_owned(),
             cause,
         };
-        let mut hello = session.dial(FLEET_HELLO).await.map_err(not_fleet)?;
+        let mut hello = match session.dial(FLEET_HELLO).await {
+            Ok(hello) => hello,
+            Err(e) => return Err(refused_by_tls().await.unwrap_or_else(|| not_fleet(e))),
+        };
         let start = Instant::now();
-        auth::client_hello(&mut hello, Some(token.secret()))
-            .await
-            .map_err(|cause| LinkError::Refused {
+        let token = credentials.token.map(Token::secret);
+        if let Err(cause) = auth::client_hello(&mut hello, token).await {
+            if matches!(cause, AuthError::Io(_)) {
+                if let Some(e) = refused_by_tls().await {
+                    return Err(e);
+                }
+            }
+            return Err(LinkError::Refused {
                 addr: addr.to_owned(),
                 cause,
-            })?;
+            });
+        }
         let rtt = start.elapsed();
         drop(hello);
-        let ch = session.dial(RELAY_CHANNEL).await.map_err(not_fleet)?;
+        let ch = match session.dial(RELAY_CHANNEL).await {
+            Ok(ch) => ch,
+            Err(e) => return Err(refused_by_tls().await.unwrap_or_else(|| not_fleet(e))),
+        };
         let client = RelayClient::new(rpc::Client::with_config(
             ch,
             rpc::Config::default().max_message_size(MAX_MESSAGE),
@@ -256,17 +396,42 @@ pub(crate) async fn dial_hub(
         })?
 }
 
+/// Under TLS 1.3 a refused client certificate shows only after the handshake, as the
+/// session's end: when a TLS `session` to `addr` ended that way, who refused whom (rather than
+/// how the hello failed). Waits at most a second for the session to end.
+async fn refused_by_tls(session: &Session, tls: bool, addr: &str) -> Option<LinkError> {
+    if !tls {
+        return None;
+    }
+    let ended = tokio::time::timeout(Duration::from_secs(1), session.closed()).await;
+    match ended {
+        Ok(mux::CloseReason::Io(e)) if tls::rustls_error(&e).is_some() => {
+            let (why, refused) = explain_fleet_tls(addr, &e);
+            Some(LinkError::Tls {
+                addr: addr.to_owned(),
+                why,
+                refused,
+            })
+        }
+        _ => None,
+    }
+}
+
 /// What a reader is told when the link to the hub holding `name` could not be made.
 fn link_failed(name: &str, remote: &RemoteHub, e: &LinkError) -> Status {
     match e {
-        LinkError::Refused { .. } | LinkError::NotFleet { .. } => {
+        LinkError::Refused { .. }
+        | LinkError::NotFleet { .. }
+        | LinkError::Tls { refused: true, .. } => {
             warn!(hub = %remote.id, "hub-to-hub link refused: {e}");
             Status::internal(format!(
                 "the hub holding {name:?} ({}) cannot be reached from this hub: {e}",
                 remote.id
             ))
         }
-        LinkError::Connect { .. } | LinkError::Timeout { .. } => {
+        LinkError::Connect { .. }
+        | LinkError::Timeout { .. }
+        | LinkError::Tls { refused: false, .. } => {
             debug!(hub = %remote.id, "hub-to-hub link failed: {e}");
             hub_gone(name, format!("hub {}: {e}", remote.id))
         }
@@ -339,7 +504,11 @@ impl HubState {
             }
             debug!(hub = %remote.id, "the link to the hub has ended: dialing it again");
         }
-        let (session, client, rtt) = dial_hub(&remote.addr, &fleet.token, self.opts.mux.clone())
+        let credentials = Credentials {
+            token: fleet.token.as_ref(),
+            tls: fleet.tls.as_ref().map(|t| &t.connector),
+        };
+        let (session, client, rtt) = dial_hub(&remote.addr, credentials, self.opts.mux.clone())
             .await
             .map_err(|e| link_failed(name, remote, &e))?;
         let window = window_for(&self.opts, rtt).min(MAX_RELAY_WINDOW);
@@ -508,6 +677,96 @@ impl HubState {
         while sessions.join_next().await.is_some() {}
     }
 
+    /// The mutual TLS handshake of a connection to a fleet listener that requires it, and
+    /// its mux session; `None` if the handshake failed, the hub stopped, or the connection
+    /// is plaintext (it is then told, in its hello, that mutual TLS is required, or, for a
+    /// client, that this listener serves hubs only). Bounded by `deadline`.
+    async fn accept_fleet_tls(
+        &self,
+        tcp: TcpStream,
+        acceptor: &tokio_rustls::TlsAcceptor,
+        deadline: Instant,
+    ) -> Option<Session> {
+        let mut first = [0u8; 1];
+        let peeked = tokio::select! {
+            peeked = tokio::time::timeout_at(deadline, tcp.peek(&mut first)) => peeked,
+            () = self.stop.cancelled() => return None,
+        };
+        if !matches!(peeked, Ok(Ok(1))) {
+            return None;
+        }
+        if first[0] != super::TLS_HANDSHAKE_RECORD {
+            if let Some(more) = self.early_log.allow() {
+                warn!(
+                    more_since_last_line = more,
+                    "hub-to-hub session refused: plaintext, and this fleet listener requires \
+                     mutual TLS"
+                );
+            }
+            let session = Session::server(tcp, self.opts.mux.clone().max_channels(2));
+            let refuse = async {
+                let mut fleet_hello = session.listen(FLEET_HELLO)?;
+                let mut client_hello = session.listen(auth::CHANNEL)?;
+                let (mut ch, refusal) = tokio::select! {
+                    ch = fleet_hello.accept() => (ch?, auth::Refusal::FleetTlsRequired),
+                    ch = client_hello.accept() => (ch?, auth::Refusal::HubToHubOnly),
+                };
+                auth::server_refuse(&mut ch, refusal).await?;
+                let _ = tokio::io::AsyncWriteExt::shutdown(&mut ch).await;
+                anyhow::Ok(())
+            };
+            let limit = deadline.min(Instant::now() + super::REFUSAL_TIME);
+            tokio::select! {
+                done = tokio::time::timeout_at(limit, refuse) => {
+                    if let Ok(Err(e)) = done {
+                        debug!("could not tell a plaintext peer it is refused: {e:#}");
+                    }
+                }
+                () = self.stop.cancelled() => {}
+            }
+            session.close().await;
+            return None;
+        }
+        let limit = deadline.min(Instant::now() + tls::HANDSHAKE_TIMEOUT);
+        let done = tokio::select! {
+            done = tokio::time::timeout_at(limit, acceptor.accept(tcp)) => done,
+            () = self.stop.cancelled() => return None,
+        };
+        match done {
+            Ok(Ok(stream)) => Some(Session::server(stream, self.opts.mux.clone())),
+            Ok(Err(e)) => {
+                if let Some(more) = self.early_log.allow() {
+                    let why = match tls::rustls_error(&e) {
+                        Some(rustls::Error::NoCertificatesPresented) => {
+                            "the peer presented no certificate (a client, or a hub without \
+                             --fleet-ca)"
+                                .to_owned()
+                        }
+                        Some(rustls::Error::InvalidCertificate(why)) => format!(
+                            "the peer's certificate is not signed by the fleet's CA ({why:?})"
+                        ),
+                        _ => e.to_string(),
+                    };
+                    warn!(
+                        more_since_last_line = more,
+                        "hub-to-hub session refused: {why}"
+                    );
+                }
+                None
+            }
+            Err(_) => {
+                if let Some(more) = self.early_log.allow() {
+                    warn!(
+                        more_since_last_line = more,
+                        "hub-to-hub session refused: no TLS handshake within {limit:?}",
+                        limit = tls::HANDSHAKE_TIMEOUT
+                    );
+                }
+                None
+            }
+        }
+    }
+
     /// Serves one hub-to-hub session: the hello (or a client's refusal), then `Relay` until
     /// the session ends or the hub stops.
     async fn fleet_session(
@@ -520,7 +779,13 @@ impl HubState {
             return;
         };
         let deadline = Instant::now() + self.opts.hello_timeout;
-        let session = Session::server(tcp, self.opts.mux.clone());
+        let session = match &fleet.tls {
+            None => Session::server(tcp, self.opts.mux.clone()),
+            Some(t) => match self.accept_fleet_tls(tcp, &t.acceptor, deadline).await {
+                Some(session) => session,
+                None => return,
+            },
+        };
         let hello = async {
             let mut fleet_hello = session.listen(FLEET_HELLO)?;
             let mut client_hello = session.listen(auth::CHANNEL)?;
@@ -529,7 +794,7 @@ impl HubState {
                     let mut ch = ch?;
                     drop((fleet_hello, client_hello));
                     let mut relay = None;
-                    let verdict = auth::server_hello(&mut ch, Some(&fleet.token), || {
+                    let verdict = auth::server_hello(&mut ch, fleet.token.as_ref(), || {
                         relay = Some(session.listen(RELAY_CHANNEL).map_err(|e| e.to_string())?);
                         Ok(())
                     })
@@ -638,7 +903,7 @@ impl Relay for RelayService {
     async fn ls(&self, _ctx: Context, req: RelayPath) -> Result<Listing, Status> {
         let RelayPath { reader, peer, path } = req;
         let mine = self.place(&reader, &peer)?;
-        let handle = self.hub.peer(&peer)?;
+        let handle = self.hub.peer_for_fleet(&peer)?;
         let conn = self.conn_of(&reader);
         let call = |export: crate::proto::ExportClient| async move { export.ls(path).await };
         (self.hub)
@@ -649,7 +914,7 @@ impl Relay for RelayService {
     async fn stat(&self, _ctx: Context, req: RelayPath) -> Result<Entry, Status> {
         let RelayPath { reader, peer, path } = req;
         let mine = self.place(&reader, &peer)?;
-        let handle = self.hub.peer(&peer)?;
+        let handle = self.hub.peer_for_fleet(&peer)?;
         let conn = self.conn_of(&reader);
         let call = |export: crate::proto::ExportClient| async move { export.stat(path).await };
         (self.hub)
@@ -666,7 +931,7 @@ impl Relay for RelayService {
         } = req;
         check_offset(offset)?;
         let mine = self.place(&reader, &peer)?;
-        let handle = self.hub.peer(&peer)?;
+        let handle = self.hub.peer_for_fleet(&peer)?;
         let conn = self.conn_of(&reader);
         let req = PeerRead { peer, path, offset };
         (self.hub)

@@ -10,7 +10,9 @@ use std::time::Duration;
 use netchan_rpc::Code;
 use tokio::net::TcpListener;
 
-use super::relay::{dial_hub, DirectoryRoute, FleetOptions, LinkError, RemoteHub, Route};
+use super::relay::{
+    dial_hub, Credentials, DirectoryRoute, FleetOptions, FleetTls, LinkError, RemoteHub, Route,
+};
 use super::tests::read_all;
 use super::{HubOptions, HubState};
 use crate::auth::{self, AuthError, Token};
@@ -67,12 +69,12 @@ impl Drop for TestHub {
     }
 }
 
-/// A hub of the fleet `table` with id `id` and fleet token `token`, on fresh loopback ports
+/// A hub of the fleet `table` with id `id` and authentication `auth`, on fresh loopback ports
 /// (or on `addrs`, to restart a hub where it was).
 async fn start_hub(
     id: &str,
     table: &Table,
-    token: &str,
+    auth: impl Into<Auth>,
     addrs: Option<(SocketAddr, SocketAddr)>,
 ) -> TestHub {
     let (a, f) = addrs.map_or(
@@ -87,23 +89,50 @@ async fn start_hub(
         table: table.clone(),
         me: id.to_owned(),
     });
-    start_hub_on(id, token, route, None, listeners)
+    start_hub_on(id, auth, route, None, listeners)
+}
+
+/// How a test hub authenticates the other hubs: a shared token, mutual TLS, or both.
+#[derive(Clone, Default)]
+struct Auth {
+    token: Option<Token>,
+    tls: Option<FleetTls>,
+}
+
+impl From<&str> for Auth {
+    fn from(token: &str) -> Auth {
+        Auth {
+            token: Some(Token::new(token).unwrap()),
+            tls: None,
+        }
+    }
+}
+
+impl Auth {
+    fn credentials(&self) -> Credentials<'_> {
+        Credentials {
+            token: self.token.as_ref(),
+            tls: self.tls.as_ref().map(|t| &t.connector),
+        }
+    }
 }
 
 /// A hub with id `id`, fleet token `token`, `route` and `directory` (default: in process),
 /// serving clients and other hubs on `listeners`.
 fn start_hub_on(
     id: &str,
-    token: &str,
+    auth: impl Into<Auth>,
     route: Arc<dyn Route>,
     directory: Option<Arc<dyn Directory>>,
     (listener, fleet): (TcpListener, TcpListener),
 ) -> TestHub {
     let (addr, fleet_addr) = (listener.local_addr().unwrap(), fleet.local_addr().unwrap());
+    let auth = auth.into();
     let opts = HubOptions {
         fleet: Some(FleetOptions {
             hub_id: id.to_owned(),
-            token: Token::new(token).unwrap(),
+            token: auth.token,
+            tls: auth.tls,
             route,
         }),
         directory,
@@ -307,7 +336,7 @@ async fn a_client_dialing_the_fleet_listener_is_told_it_is_for_hubs_only() {
     // And a hub dialing a client address is told it is no fleet listener.
     let Err(err) = dial_hub(
         &hub.addr.to_string(),
-        &Token::new("fleet secret").unwrap(),
+        Auth::from("fleet secret").credentials(),
         netchan_mux::Config::default(),
     )
     .await
@@ -326,7 +355,7 @@ async fn a_hub_with_the_wrong_fleet_token_is_refused() {
     );
     let Err(err) = dial_hub(
         &hub_b.fleet_addr.to_string(),
-        &Token::new("not the secret").unwrap(),
+        Auth::from("not the secret").credentials(),
         netchan_mux::Config::default(),
     )
     .await
@@ -432,9 +461,19 @@ async fn etcd_directory(
     id: &str,
     fleet_addr: SocketAddr,
 ) -> Arc<dyn Directory> {
+    etcd_directory_with_ttl(endpoints, id, fleet_addr, Duration::from_secs(5)).await
+}
+
+/// [`etcd_directory`] with a lease of `ttl`.
+async fn etcd_directory_with_ttl(
+    endpoints: Vec<String>,
+    id: &str,
+    fleet_addr: SocketAddr,
+    ttl: Duration,
+) -> Arc<dyn Directory> {
     let mut config = EtcdConfig::new(endpoints, HubId::new(id).unwrap());
     config.hub_addr = fleet_addr.to_string();
-    config.lease_ttl = Duration::from_secs(5);
+    config.lease_ttl = ttl;
     config.keepalive_every = Duration::from_millis(500);
     config.call_timeout = Duration::from_millis(1500);
     let dir = Etcd::start(config).await.expect("start the directory");
@@ -568,4 +607,240 @@ async fn routed_get_of_256_mib_through_two_hubs_is_exact() {
         mib_s(local_time),
         mib_s(raw_time)
     );
+}
+
+/// A CA and certificates it signs for 127.0.0.1, as PEM files: `CA.pem`, and `NAME.pem` and
+/// `NAME.key` for each of `names`.
+fn write_pki(dir: &Path, ca: &str, names: &[&str]) {
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let ca_cert = ca_params.self_signed(&ca_key).unwrap();
+    let issuer = rcgen::Issuer::new(ca_params, ca_key);
+    std::fs::write(dir.join(format!("{ca}.pem")), ca_cert.pem()).unwrap();
+    for name in names {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = rcgen::CertificateParams::new(vec!["127.0.0.1".to_owned()])
+            .unwrap()
+            .signed_by(&key, &issuer)
+            .unwrap();
+        std::fs::write(dir.join(format!("{name}.pem")), cert.pem()).unwrap();
+        std::fs::write(dir.join(format!("{name}.key")), key.serialize_pem()).unwrap();
+    }
+}
+
+/// Mutual TLS for the hub with certificate `NAME.pem` that trusts `CA.pem`, both in `dir`,
+/// and the fleet token `token` if any.
+fn mtls(dir: &Path, name: &str, ca: &str, token: Option<&str>) -> Auth {
+    let p = |f: String| dir.join(f);
+    let tls = FleetTls::from_pem(
+        &p(format!("{name}.pem")),
+        &p(format!("{name}.key")),
+        &p(format!("{ca}.pem")),
+    )
+    .unwrap();
+    Auth {
+        token: token.map(|t| Token::new(t).unwrap()),
+        tls: Some(tls),
+    }
+}
+
+#[tokio::test]
+async fn routed_reads_work_over_mutual_tls_between_hubs() {
+    let pki = tempfile::tempdir().unwrap();
+    write_pki(pki.path(), "fleet-ca", &["hub-a", "hub-b"]);
+    let table = Table::default();
+    let (hub_a, hub_b) = (
+        start_hub(
+            "hub-a",
+            &table,
+            mtls(pki.path(), "hub-a", "fleet-ca", None),
+            None,
+        )
+        .await,
+        start_hub(
+            "hub-b",
+            &table,
+            mtls(pki.path(), "hub-b", "fleet-ca", None),
+            None,
+        )
+        .await,
+    );
+    let (rb, ra) = (root_with(3 << 20, 0), root_with(0, 0));
+    let _bob = join(&hub_b, &table, "bob", rb.path()).await;
+    let alice = join(&hub_a, &table, "alice", ra.path()).await;
+    let want = std::fs::read(rb.path().join("data.bin")).unwrap();
+    let got = read_all(&alice, "bob", "data.bin").await.unwrap();
+    assert_eq!(sha256(&got), sha256(&want));
+    let (code, _) = status_of(alice.stat("bob", "nope").await);
+    assert_eq!(code, Code::NotFound);
+    assert_eq!(hub_a.state.live_links(), 1);
+}
+
+#[tokio::test]
+async fn a_hub_whose_certificate_the_fleet_ca_did_not_sign_is_refused() {
+    let pki = tempfile::tempdir().unwrap();
+    write_pki(pki.path(), "fleet-ca", &["hub-a", "hub-b"]);
+    write_pki(pki.path(), "other-ca", &["rogue"]);
+    let table = Table::default();
+    let secret = Some("fleet secret");
+    let hub_b = start_hub(
+        "hub-b",
+        &table,
+        mtls(pki.path(), "hub-b", "fleet-ca", secret),
+        None,
+    )
+    .await;
+    // The right token and the fleet's CA trusted, but a certificate another CA signed.
+    let rogue = mtls(pki.path(), "rogue", "fleet-ca", secret);
+    let Err(err) = dial_hub(
+        &hub_b.fleet_addr.to_string(),
+        rogue.credentials(),
+        netchan_mux::Config::default(),
+    )
+    .await
+    else {
+        panic!("the dial should be refused");
+    };
+    let LinkError::Tls { why, refused, .. } = &err else {
+        panic!("expected a TLS refusal, got {err:?}");
+    };
+    assert!(*refused, "{err}");
+    assert!(
+        why.contains("does not trust this hub's certificate"),
+        "{err}"
+    );
+    // A client of such a hub reading a peer of hub b gets that answer, as an error to fix.
+    let hub_r = start_hub("hub-r", &table, rogue, None).await;
+    let (rb, rm) = (root_with(0, 0), root_with(0, 0));
+    let _bob = join(&hub_b, &table, "bob", rb.path()).await;
+    let mallory = join(&hub_r, &table, "mallory", rm.path()).await;
+    let (code, msg) = status_of(mallory.stat("bob", "hello.txt").await);
+    assert_eq!(code, Code::Internal, "{msg}");
+    assert!(
+        msg.contains("does not trust this hub's certificate"),
+        "{msg}"
+    );
+    // A hub that trusts another CA refuses hub b's certificate itself.
+    let wary = mtls(pki.path(), "hub-a", "other-ca", secret);
+    let Err(err) = dial_hub(
+        &hub_b.fleet_addr.to_string(),
+        wary.credentials(),
+        netchan_mux::Config::default(),
+    )
+    .await
+    else {
+        panic!("the dial should be refused");
+    };
+    assert!(
+        err.to_string()
+            .contains("this hub does not trust the certificate of the hub at"),
+        "{err}"
+    );
+}
+
+#[tokio::test]
+async fn plaintext_peers_dialing_a_mutual_tls_fleet_listener_are_refused() {
+    let pki = tempfile::tempdir().unwrap();
+    write_pki(pki.path(), "fleet-ca", &["hub-b"]);
+    let table = Table::default();
+    let hub_b = start_hub(
+        "hub-b",
+        &table,
+        mtls(pki.path(), "hub-b", "fleet-ca", Some("fleet secret")),
+        None,
+    )
+    .await;
+    let root = root_with(0, 0);
+    // A plaintext client is told the address serves hubs only.
+    let err = Peer::start(
+        client_opts(hub_b.fleet_addr, "mallory", root.path()),
+        quiet(),
+    )
+    .await
+    .err()
+    .expect("refused");
+    assert!(err.to_string().contains("hub-to-hub listener"), "{err}");
+    // A hub without mutual TLS (but with the token) is told the listener requires it.
+    let Err(err) = dial_hub(
+        &hub_b.fleet_addr.to_string(),
+        Auth::from("fleet secret").credentials(),
+        netchan_mux::Config::default(),
+    )
+    .await
+    else {
+        panic!("the dial should be refused");
+    };
+    assert!(
+        matches!(&err, LinkError::Refused { cause: AuthError::Refused { reason }, .. }
+            if reason.contains("requires mutual TLS")),
+        "{err:?}"
+    );
+    // A TLS client that trusts the fleet's CA but has no certificate is refused by TLS.
+    let ca = pki.path().join("fleet-ca.pem");
+    let mut opts = client_opts(hub_b.fleet_addr, "mallory", root.path());
+    opts.tls = Some((crate::tls::client_config(&ca, None).unwrap(), None));
+    let err = Peer::start(opts, quiet()).await.err().expect("refused");
+    assert!(err.to_string().contains("certificate"), "{err}");
+}
+
+/// Waits (bounded, checking every 50 ms: the lease's proof runs out with time, not with an
+/// event) until `dir`'s claim on `name` is proven or not, as `want` says.
+async fn until_holds(dir: &Arc<dyn Directory>, name: &str, want: bool) {
+    tokio::time::timeout(WAIT, async {
+        // Bounded by the timeout.
+        while dir.holds(name) != want {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("holds({name}) is not {want} within {WAIT:?}"));
+}
+
+#[tokio::test]
+async fn past_its_lease_ttl_without_etcd_a_hub_serves_its_own_readers_but_no_other_hub() {
+    let Some(mut cluster) = netchan_testkit::etcd::Cluster::start_or_skip(1).await else {
+        return;
+    };
+    let ttl = Duration::from_secs(2);
+    let (la, lb) = (listeners().await, listeners().await);
+    let (fa, fb) = (la.1.local_addr().unwrap(), lb.1.local_addr().unwrap());
+    let dir_a = etcd_directory_with_ttl(cluster.endpoints(), "hub-a", fa, ttl).await;
+    let dir_b = etcd_directory_with_ttl(cluster.endpoints(), "hub-b", fb, ttl).await;
+    let route_a = Arc::new(DirectoryRoute(dir_a.clone()));
+    let route_b = Arc::new(DirectoryRoute(dir_b.clone()));
+    let hub_a = start_hub_on("hub-a", "fleet secret", route_a, Some(dir_a.clone()), la);
+    let hub_b = start_hub_on("hub-b", "fleet secret", route_b, Some(dir_b.clone()), lb);
+    let (rb, ra, rc) = (root_with(0, 0), root_with(0, 0), root_with(0, 0));
+    let mut events_a = dir_a.subscribe();
+    let table = Table::default();
+    let _bob = join(&hub_b, &table, "bob", rb.path()).await;
+    let carol = join(&hub_b, &table, "carol", rc.path()).await;
+    let alice = join(&hub_a, &table, "alice", ra.path()).await;
+    until_event(
+        &mut events_a,
+        |e| matches!(e, Event::Joined { name, .. } if name == "bob"),
+    )
+    .await;
+    assert!(alice.stat("bob", "hello.txt").await.is_ok());
+
+    cluster.kill(0).await;
+    until_holds(&dir_b, "bob", false).await;
+    // carol and bob are both on hub b: carol reads on.
+    let got = read_all(&carol, "bob", "hello.txt").await.unwrap();
+    assert_eq!(got, b"hello world\n");
+    // alice's read, routed from hub a, is refused: hub b cannot prove it still holds bob.
+    let (code, msg) = status_of(alice.stat("bob", "hello.txt").await);
+    assert_eq!(code, Code::Unavailable, "{msg}");
+    assert!(
+        msg.contains("cannot prove it still holds the name"),
+        "{msg}"
+    );
+
+    // Once etcd is back (it kept the lease), hub b proves its claim again and serves alice.
+    cluster.restart(0).await;
+    until_holds(&dir_b, "bob", true).await;
+    assert!(alice.stat("bob", "hello.txt").await.is_ok());
+    dir_a.close().await;
+    dir_b.close().await;
 }

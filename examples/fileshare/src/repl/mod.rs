@@ -138,6 +138,13 @@ async fn explain(
         _ => None,
     });
     if let (Some(detail), Some(name)) = (peer_gone, target) {
+        if detail.starts_with("peer gone: the hub holding") {
+            return anyhow::anyhow!(
+                "the hub holding {name} is gone, which cut the command short; run it again \
+                 once {name} is back (list shows who is connected){}",
+                crate::client::detail_if(verbose, &detail)
+            );
+        }
         return anyhow::anyhow!(
             "{name} went away during the command; run it again once {name} is back (list \
              shows who is connected){}",
