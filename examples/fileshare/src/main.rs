@@ -368,7 +368,7 @@ async fn join_retrying(
 ) -> anyhow::Result<Option<client::Peer>> {
     use rand::SeedableRng as _;
     let mut rng = rand::rngs::StdRng::from_entropy();
-    let mut attempt: u32 = 0;
+    let mut retry = client::Retry::default();
     // Bounded by the user: every failure waits its backoff, and a signal ends it.
     loop {
         let started = tokio::select! {
@@ -380,15 +380,14 @@ async fn join_retrying(
             Err(e) if e.is_transient() => e,
             Err(e) => anyhow::bail!(one_sentence(&e, opts.verbose)),
         };
-        let wait = client::backoff(attempt, &mut rng);
-        if attempt % 10 == 0 {
+        if retry.failures() % 10 == 0 {
             eprintln!(
                 "share: {}; trying again in the background (every {}s at most)",
                 one_sentence(&e, opts.verbose),
                 client::BACKOFF_MAX.as_secs()
             );
         }
-        attempt = attempt.saturating_add(1);
+        let wait = retry.after(&e, &mut rng);
         tokio::select! {
             () = tokio::time::sleep(wait) => {}
             () = signals.recv() => return Ok(None),

@@ -59,6 +59,17 @@ const BACKOFF_BASE: Duration = Duration::from_millis(200);
 /// Longest delay between reconnect attempts.
 pub(crate) const BACKOFF_MAX: Duration = Duration::from_secs(10);
 
+/// Delay between attempts while the hub says our name is still held (jittered like
+/// [`backoff`]): a hub that died keeps its names until its lease ends (10 s by default), and
+/// the name is ours again the moment it does, so the client asks often rather than backing
+/// off past that moment.
+const NAME_HELD_RETRY: Duration = Duration::from_secs(1);
+
+/// How many attempts in a row wait only [`NAME_HELD_RETRY`] while the name is held: a
+/// minute's worth, past any usual lease, after which a name another client really holds is
+/// asked for with the ordinary backoff.
+const NAME_HELD_FAST_TRIES: u32 = 60;
+
 /// How a client reaches the hub and what it exports.
 #[derive(Debug, Clone)]
 pub(crate) struct ClientOptions {
@@ -147,6 +158,13 @@ impl From<AuthError> for ConnectError {
 }
 
 impl ConnectError {
+    /// Whether the hub refused our name because it is held: by our own session that has not
+    /// ended yet, by a hub of the fleet that died and whose lease has not run out, or by
+    /// another client.
+    pub(crate) fn name_held(&self) -> bool {
+        matches!(self, ConnectError::Publish { status, .. } if status.code() == Code::AlreadyExists)
+    }
+
     /// Whether trying again later may succeed without the user changing anything: the hub
     /// is not up yet, is full, or still holds our name for a session that is ending. A wrong
     /// token, version, certificate or name is not.
@@ -501,6 +519,33 @@ pub(crate) fn backoff(attempt: u32, rng: &mut impl Rng) -> Duration {
     capped.mul_f64(rng.gen_range(0.5..=1.0))
 }
 
+/// The waits between the attempts of one reconnection: [`backoff`], except while the hub
+/// says the name is still held ([`NAME_HELD_RETRY`]).
+#[derive(Debug, Default)]
+pub(crate) struct Retry {
+    attempt: u32,
+    held: u32,
+}
+
+impl Retry {
+    /// How many attempts have failed so far.
+    pub(crate) fn failures(&self) -> u32 {
+        self.attempt
+    }
+
+    /// Counts the failure `e` and returns the wait before the next attempt.
+    pub(crate) fn after(&mut self, e: &ConnectError, rng: &mut impl Rng) -> Duration {
+        let wait = if e.name_held() && self.held < NAME_HELD_FAST_TRIES {
+            self.held += 1;
+            NAME_HELD_RETRY.mul_f64(rng.gen_range(0.5..=1.0))
+        } else {
+            backoff(self.attempt, rng)
+        };
+        self.attempt = self.attempt.saturating_add(1);
+        wait
+    }
+}
+
 impl Peer {
     /// Connects once (errors are returned, for the caller to report and exit), then keeps the
     /// link up in the background, reporting through `notify`.
@@ -645,21 +690,22 @@ async fn supervise(opts: ClientOptions, tx: watch::Sender<Option<Arc<Link>>>, no
             notify(lost_message(&link.addr, &reason, opts.verbose));
             drop(link);
         }
-        let mut attempt: u32 = 0;
+        let mut retry = Retry::default();
+        let mut wait = backoff(0, &mut rng);
         let link = loop {
-            tokio::time::sleep(backoff(attempt, &mut rng)).await;
+            tokio::time::sleep(wait).await;
             match connect_from(&opts, first).await {
                 Ok(link) => break link,
                 Err(e) => {
                     // Say it on the first failure and then every 10th, not on every attempt.
-                    if attempt % 10 == 0 {
+                    if retry.failures() % 10 == 0 {
                         notify(format!(
                             "cannot reach {} yet; still trying (is it running?){}",
                             hubs_phrase(&opts.hubs),
                             detail_if(opts.verbose, &rpc::chain(&e))
                         ));
                     }
-                    attempt = attempt.saturating_add(1);
+                    wait = retry.after(&e, &mut rng);
                 }
             }
         };
@@ -747,6 +793,30 @@ mod tests {
         }
         assert!(backoff(0, &mut rng) <= BACKOFF_BASE);
         assert!(backoff(100, &mut rng) <= BACKOFF_MAX);
+    }
+
+    #[test]
+    fn a_held_name_is_asked_for_every_second_for_a_minute_then_with_the_backoff() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(3);
+        let held = ConnectError::Publish {
+            name: "bob".into(),
+            status: Status::new(Code::AlreadyExists, "the name bob is taken"),
+        };
+        let mut retry = Retry::default();
+        for _ in 0..NAME_HELD_FAST_TRIES {
+            let d = retry.after(&held, &mut rng);
+            assert!(d >= NAME_HELD_RETRY / 2 && d <= NAME_HELD_RETRY, "{d:?}");
+        }
+        assert_eq!(retry.failures(), NAME_HELD_FAST_TRIES);
+        // Past the minute, the ordinary (capped) backoff.
+        assert!(retry.after(&held, &mut rng) >= BACKOFF_MAX / 2);
+        // Other failures always back off.
+        let full = ConnectError::Refused {
+            reason: "the hub is full".into(),
+        };
+        let mut retry = Retry::default();
+        let waits: Vec<_> = (0..8).map(|_| retry.after(&full, &mut rng)).collect();
+        assert!(waits[7] >= BACKOFF_MAX / 2, "{waits:?}");
     }
 
     #[test]
