@@ -1,6 +1,7 @@
 //! Forwarding calls to an exporter: its call slots (shared fairly among readers), the window
-//! of a forwarded read sized from the exporter's round trip, and the pump that moves a read's
-//! chunks from the exporter to the reader (see the [parent module](super) for the bounds).
+//! of a forwarded read sized from the exporter's round trip, and the stream the reader's call
+//! pulls a read's chunks through from the exporter, with its watchdog (see the
+//! [parent module](super) for the bounds).
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -9,11 +10,11 @@ use std::time::Duration;
 
 use futures::{Stream, StreamExt};
 use netchan_mux::{self as mux, Session};
-use netchan_rpc::{self as rpc, Code, Context, Status};
-use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
+use netchan_rpc::{self as rpc, Code, Context, ItemStream, Status};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, info, warn};
+use tracing::{debug, info, warn, Instrument};
 
 use super::conn::ReaderSlot;
 use super::registry::ConnId;
@@ -301,29 +302,32 @@ fn check_chunk(name: &str, chunk: &Chunk, expected: u64) -> Result<(), Status> {
     Ok(())
 }
 
-/// What a forwarded read's pump needs besides its streams.
+/// A forwarded read: what the reader's stream of it needs besides the exporter's stream.
+/// [`Pump::into_stream`] turns it into that stream, which the reader's call polls for each
+/// chunk it has credit for, so a chunk goes from the exporter's stream to the reader's call
+/// with no task in between; a watchdog task (woken only by its timer and by preemption) ends
+/// the read when the reader holds it up too long.
 pub(super) struct Pump {
     pub(super) hub: Arc<HubState>,
     pub(super) name: String,
     pub(super) peer: PeerHandle,
     /// Where the next chunk must start.
     pub(super) offset: u64,
-    /// Why the pump gave up on the reader, for the reader's stream to report.
-    pub(super) why: Arc<Mutex<Option<Status>>>,
-    /// The reader's call, to end it when the pump gives up.
+    /// The reader's call, to end it when the hub gives up the read.
     pub(super) ctx: Context,
-    /// The slots and the window reserved from the exporter's budget, freed when the pump
+    /// The slots and the window reserved from the exporter's budget, freed when the read
     /// ends.
     pub(super) _slots: (
         OwnedSemaphorePermit,
         ReaderSlot,
         Option<OwnedSemaphorePermit>,
     ),
-    /// This read in its exporter's active list (taken out when the pump ends).
+    /// This read in its exporter's active list (taken out when the read ends).
     pub(super) id: u64,
     /// When the reader last took a chunk (shared with the active list).
     pub(super) took: Arc<AtomicU64>,
-    /// Set while a chunk waits for the reader (shared with the active list).
+    /// Set while a chunk the reader took is not yet sent on, or the reader grants no credit
+    /// for the next (shared with the active list).
     pub(super) blocked: Arc<AtomicBool>,
     /// Cancelled when the slot goes to another reader.
     pub(super) stop: CancellationToken,
@@ -335,86 +339,136 @@ impl Drop for Pump {
     }
 }
 
+/// The state of a forwarded read's stream: the read, the exporter's stream, whether the last
+/// item went out, and the guard that ends the watchdog with the stream.
+struct Forwarding<S> {
+    pump: Pump,
+    up: S,
+    ended: bool,
+    _watchdog: tokio_util::sync::DropGuard,
+}
+
 impl Pump {
-    /// Ends the read for the reader with `why`: at once, even when the reader grants no
-    /// credit (the call is aborted with it), and else once the hand-over is empty.
-    fn give_up(&self, why: Status) {
-        debug!(peer = %self.name, "forwarded read given up: {why}");
-        self.ctx.abort(why.clone());
-        *self
-            .why
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(why);
+    /// The reader's stream of this read: the exporter's chunks, checked (size, offset) and
+    /// passed on as they arrived, until the read is done or fails. Spawns the read's watchdog,
+    /// which ends the reader's call when the slot goes to another reader or the reader takes
+    /// nothing for [`HubOptions::reader_stall`], and ends itself with the stream.
+    pub(super) fn into_stream<S>(self, up: S) -> ItemStream<Chunk>
+    where
+        S: Stream<Item = Result<Chunk, Status>> + Unpin + Send + 'static,
+    {
+        let done = CancellationToken::new();
+        tokio::spawn(
+            watchdog(
+                self.hub.clone(),
+                self.name.clone(),
+                self.ctx.clone(),
+                self.took.clone(),
+                self.blocked.clone(),
+                self.stop.clone(),
+                done.clone(),
+            )
+            .in_current_span(),
+        );
+        let state = Forwarding {
+            pump: self,
+            up,
+            ended: false,
+            _watchdog: done.drop_guard(),
+        };
+        Box::pin(futures::stream::unfold(state, |mut st| async move {
+            if st.ended {
+                return None;
+            }
+            // Asked for another chunk: the reader took the last one and has credit.
+            st.pump.blocked.store(false, Ordering::Relaxed);
+            let item = st.pump.next_item(&mut st.up).await;
+            st.ended = match &item {
+                Ok(chunk) => chunk.eof,
+                Err(_) => true,
+            };
+            let hub = &st.pump.hub;
+            st.pump
+                .took
+                .fetch_max(hub.epoch.elapsed().as_millis() as u64, Ordering::Relaxed);
+            st.pump.blocked.store(!st.ended, Ordering::Relaxed);
+            Some((item, st))
+        }))
     }
 
-    /// Moves chunks from the exporter to the reader's hand-over until the read is done, the
-    /// reader is gone, or one side stays stuck past its bound (see the module docs).
-    pub(super) async fn run<S>(mut self, mut up: S, tx: mpsc::Sender<Result<Chunk, Status>>)
+    /// The next item of the read for the reader: the exporter's next chunk once checked, or
+    /// why the read ends.
+    async fn next_item<S>(&mut self, up: &mut S) -> Result<Chunk, Status>
     where
         S: Stream<Item = Result<Chunk, Status>> + Unpin,
     {
-        let (name, hub) = (self.name.clone(), self.hub.clone());
-        // Bounded: every iteration forwards one item or ends the pump; a read is finite
-        // (eof, error) or ends with its reader.
-        loop {
-            let next = tokio::select! {
-                next = hub.next_from(&self.peer, &mut up) => next,
-                () = tx.closed() => return debug!(peer = %name, "reader gone: read cancelled"),
-                () = self.stop.cancelled() => return self.give_up(Status::resource_exhausted(format!(
-                    "peer {name:?} is busy and you took nothing of this read for {IDLE_BEFORE_PREEMPT:?} \
-                     or more: the hub gave its slot to another reader"
-                ))),
-            };
-            let item = match next {
-                None => Err(Status::deadline_exceeded(format!(
-                    "peer {name:?} sent nothing for {:?}",
-                    hub.opts.peer_timeout
-                ))),
-                Some(None) => Err(peer_gone(&name, "the transfer was cut short")),
-                Some(Some(Err(s))) if oversized_frame(&s) => Err(Status::internal(format!(
-                    "peer {name:?} broke the protocol: it sent a message over the \
-                     {MAX_CHUNK_FRAME}-byte limit of a chunk"
-                ))),
-                Some(Some(Err(s))) => Err(from_peer(&name, s)),
-                Some(Some(Ok(chunk))) => {
-                    hub.heard(&self.peer);
-                    check_chunk(&name, &chunk, self.offset).map(|()| chunk)
-                }
-            };
-            let last = match &item {
-                Ok(chunk) => {
-                    self.offset = self.offset.saturating_add(chunk.data.len() as u64);
-                    chunk.eof
-                }
-                Err(s) => {
-                    debug!(peer = %name, "forwarded read failed: {s}");
-                    true
-                }
-            };
-            let stall = hub.opts.reader_stall;
-            self.blocked.store(true, Ordering::Relaxed);
-            let sent = tokio::select! {
-                sent = tokio::time::timeout(stall, tx.send(item)) => sent,
-                () = self.stop.cancelled() => return self.give_up(Status::resource_exhausted(format!(
-                    "peer {name:?} is busy and you took nothing of this read for {IDLE_BEFORE_PREEMPT:?} \
-                     or more: the hub gave its slot to another reader"
-                ))),
-            };
-            self.blocked.store(false, Ordering::Relaxed);
-            match sent {
-                Ok(Ok(())) if !last => {
-                    let now = hub.epoch.elapsed().as_millis() as u64;
-                    self.took.fetch_max(now, Ordering::Relaxed);
-                }
-                Ok(_) => return,
-                Err(_) => {
-                    warn!(peer = %name, ?stall, "the reader took nothing: giving up its read");
-                    return self.give_up(Status::deadline_exceeded(format!(
-                        "you took nothing of this read for {stall:?}; the hub gave it up to free \
-                         peer {name:?} for others"
-                    )));
-                }
+        let (name, hub) = (&self.name, &self.hub);
+        let item = match hub.next_from(&self.peer, up).await {
+            None => Err(Status::deadline_exceeded(format!(
+                "peer {name:?} sent nothing for {:?}",
+                hub.opts.peer_timeout
+            ))),
+            Some(None) => Err(peer_gone(name, "the transfer was cut short")),
+            Some(Some(Err(s))) if oversized_frame(&s) => Err(Status::internal(format!(
+                "peer {name:?} broke the protocol: it sent a message over the \
+                 {MAX_CHUNK_FRAME}-byte limit of a chunk"
+            ))),
+            Some(Some(Err(s))) => Err(from_peer(name, s)),
+            Some(Some(Ok(chunk))) => {
+                hub.heard(&self.peer);
+                check_chunk(name, &chunk, self.offset).map(|()| chunk)
             }
+        };
+        match &item {
+            Ok(chunk) => self.offset = self.offset.saturating_add(chunk.data.len() as u64),
+            Err(s) => debug!(peer = %name, "forwarded read failed: {s}"),
         }
+        item
+    }
+}
+
+/// Watches one forwarded read until `done` (its stream ended): ends the reader's call `ctx`
+/// when `stop` gives the slot to another reader, or when the reader has held a chunk up
+/// (`blocked`) for `reader_stall` since it last took one (`took`), credit or not.
+async fn watchdog(
+    hub: Arc<HubState>,
+    name: String,
+    ctx: Context,
+    took: Arc<AtomicU64>,
+    blocked: Arc<AtomicBool>,
+    stop: CancellationToken,
+    done: CancellationToken,
+) {
+    let stall = hub.opts.reader_stall;
+    let give_up = |why: Status| {
+        debug!(peer = %name, "forwarded read given up: {why}");
+        ctx.abort(why);
+    };
+    let mut check = Instant::now() + stall;
+    // Bounded: each round sleeps until a later check (at least the stall after the last
+    // take), or ends the watch.
+    loop {
+        tokio::select! {
+            () = done.cancelled() => return,
+            () = stop.cancelled() => return give_up(Status::resource_exhausted(format!(
+                "peer {name:?} is busy and you took nothing of this read for {IDLE_BEFORE_PREEMPT:?} \
+                 or more: the hub gave its slot to another reader"
+            ))),
+            () = tokio::time::sleep_until(check) => {}
+        }
+        let now = Instant::now();
+        if !blocked.load(Ordering::Relaxed) {
+            check = now + stall;
+            continue;
+        }
+        let since = hub.epoch + Duration::from_millis(took.load(Ordering::Relaxed));
+        if now.saturating_duration_since(since) >= stall {
+            warn!(peer = %name, ?stall, "the reader took nothing: giving up its read");
+            return give_up(Status::deadline_exceeded(format!(
+                "you took nothing of this read for {stall:?}; the hub gave it up to free \
+                 peer {name:?} for others"
+            )));
+        }
+        check = (since + stall).max(now + Duration::from_millis(1));
     }
 }

@@ -45,8 +45,9 @@
 //!
 //! Forwarded calls to one exporter hold one of [`HubOptions::max_reads_per_peer`] slots (a call
 //! waits up to [`HubOptions::busy_wait`] for one, then fails "busy"), and one reader holds at
-//! most [`HubOptions::max_reads_per_reader`] of them per exporter. A forwarded read is pumped
-//! by its own task from the exporter into a one-item hand-over to the reader's stream:
+//! most [`HubOptions::max_reads_per_reader`] of them per exporter. A forwarded read is the
+//! reader's call pulling chunks from the exporter's stream as its credit allows, with no task
+//! in between (a watchdog task per read, woken by its timer, ends a read the reader holds up):
 //! - `ls`/`stat` go over the exporter's own peer link (the one it calls the hub on); reads use
 //!   a channel the hub opens on first use, so an idle client costs no more than its session
 //!   and peer link;
@@ -57,15 +58,15 @@
 //!   [`HubOptions::forward_window`]. Beyond that floor a read reserves its window from the
 //!   exporter's [`HubOptions::forward_budget`] and gets what is left of it when others hold
 //!   the rest. So the hub holds at most `forward_budget + max_reads_per_peer ×
-//!   (forward_window + 2) × 256 KiB` of one exporter's reads (the `+ 2`: the hand-over and
-//!   the chunk in the pump's hands): 32 + 8 × 10 × 0.25 = 52 MiB with the defaults, whatever
-//!   the readers do, and 2.5 MiB per read on a LAN. Chunks are forwarded as they arrived
+//!   (forward_window + 1) × 256 KiB` of one exporter's reads (the `+ 1`: the chunk the
+//!   reader's call is sending on): 32 + 8 × 9 × 0.25 = 50 MiB with the defaults, whatever the
+//!   readers do, and 2.25 MiB per read on a LAN. Chunks are forwarded as they arrived
 //!   (their bytes shared with the received frame, never copied at the hub);
 //! - "peer sent nothing" fires only when the *exporter* has been silent for
 //!   [`HubOptions::peer_timeout`] on every read (a chunk of another read proves it is alive,
 //!   so a read queued behind others on a slow link is not failed);
 //! - a reader that takes nothing for [`HubOptions::reader_stall`] (grants no credit, or does
-//!   not read its socket) loses the read: the pump ends, the exporter's call is cancelled and
+//!   not read its socket) loses the read: its call ends, the exporter's call is cancelled and
 //!   the slot is free, and the reader is told "you took nothing" at once, credit or not;
 //! - a chunk larger than [`CHUNK_SIZE`] or not at the expected offset is a protocol error, and
 //!   the reads channel refuses any frame over [`MAX_CHUNK_FRAME`] before buffering it (the
@@ -81,7 +82,7 @@
 //! - [`registry`]: the name table itself (pure bookkeeping, valid names);
 //! - [`admission`]: pending connections, per-address caps, shedding;
 //! - [`conn`]: one connection's life (hello, rpc peer link, publish deadline, departure);
-//! - [`forward`]: forwarding to an exporter (slots, windows, the pump of a read);
+//! - [`forward`]: forwarding to an exporter (slots, windows, a read's stream and watchdog);
 //! - [`service`]: the [`Hub`](crate::proto::Hub) service one connection sees, and where a
 //!   named peer is (here, or on another hub of the fleet);
 //! - [`relay`]: hub-to-hub routing: the fleet listener, the `Relay` service, and the links

@@ -5,9 +5,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use netchan_rpc::{CallOptions, Context, ItemStream, Status};
-use tokio::sync::{mpsc, Semaphore};
+use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn, Instrument};
+use tracing::{info, warn};
 
 use super::conn::{ConnState, Published, ReaderSlot};
 use super::forward::{active_reads, from_peer, ActiveRead, PeerHandle, Pump};
@@ -77,8 +77,8 @@ impl HubState {
 
     /// Forwards `Hub.read` of `req` from `reader` (on connection `conn`, holding `mine`) to
     /// the exporter `peer` published here: one of its slots, a window sized from its round
-    /// trip, and a pump that streams the chunks back through a one-item hand-over. `ctx` is
-    /// the reader's call, ended when the pump gives up.
+    /// trip, and the stream of its chunks the reader's call pulls ([`Pump::into_stream`]).
+    /// `ctx` is the reader's call, ended when the hub gives the read up.
     pub(super) async fn forward_read(
         self: &Arc<Self>,
         reader: String,
@@ -107,11 +107,8 @@ impl HubState {
             .await
             .map_err(|s| from_peer(&name, s))?;
         hub.heard(&peer);
-        // The pump pulls from the exporter while the reader takes; the one-item hand-over and
-        // the exporter's window bound what the hub holds. The reader's stream reports why the
-        // pump gave up, if it did, once the hand-over is empty.
-        let (tx, rx) = mpsc::channel(1);
-        let why = Arc::new(Mutex::new(None));
+        // The reader's call pulls each chunk from the exporter's stream as its credit allows:
+        // the exporter's window bounds what the hub holds.
         let id = hub.next_read.fetch_add(1, Ordering::Relaxed);
         let took = Arc::new(AtomicU64::new(hub.epoch.elapsed().as_millis() as u64));
         let stop = CancellationToken::new();
@@ -128,7 +125,6 @@ impl HubState {
             name,
             peer,
             offset: req.offset,
-            why: why.clone(),
             ctx,
             _slots: (slot, mine, reserved),
             id,
@@ -136,21 +132,7 @@ impl HubState {
             blocked,
             stop,
         };
-        tokio::spawn(pump.run(upstream, tx).in_current_span());
-        let forwarded = futures::stream::unfold(Some((rx, why)), |state| async move {
-            let (mut rx, why) = state?;
-            match rx.recv().await {
-                Some(item) => Some((item, Some((rx, why)))),
-                None => {
-                    let why = why
-                        .lock()
-                        .unwrap_or_else(std::sync::PoisonError::into_inner)
-                        .take();
-                    why.map(|s| (Err(s), None))
-                }
-            }
-        });
-        Ok(Box::pin(forwarded))
+        Ok(pump.into_stream(upstream))
     }
 }
 

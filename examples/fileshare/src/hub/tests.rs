@@ -907,8 +907,8 @@ async fn a_stalled_reader_makes_the_hub_pull_at_most_its_forward_window_ahead() 
     tokio::time::sleep(Duration::from_secs(5)).await;
     let n = pulled.load(std::sync::atomic::Ordering::SeqCst);
     // Alice's own window (16 chunks, the rpc default) sits in flight to or at alice; the hub
-    // holds at most its forward window and its two hand-over places beyond that (plus one
-    // being handed over per hop).
+    // holds at most its forward window and the chunk its reader's call sends on beyond that
+    // (plus one being handed over per hop).
     let reader_window = rpc::Config::default().stream_window as usize;
     assert!(n > reader_window, "the transfer got going: {n}");
     assert!(
