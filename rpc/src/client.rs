@@ -11,7 +11,6 @@ mod streams;
 
 use std::{
     borrow::Cow,
-    collections::HashMap,
     sync::{
         atomic::{AtomicU64, Ordering},
         Arc, Mutex,
@@ -29,7 +28,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 pub(crate) use in_flight::Shared;
-use in_flight::{read_loop, CallGuard, Handle, Pending, State, UnaryReply};
+use in_flight::{read_loop, CallGuard, Handle, IdMap, Pending, State, UnaryReply};
 pub use streams::{PendingResponse, RequestSink, ResponseStream};
 
 use crate::{
@@ -263,8 +262,8 @@ impl Client {
         let shared = Arc::new(Shared {
             outbox: Outbox::new(&config),
             state: Mutex::new(State {
-                pending: HashMap::new(),
-                trailers: HashMap::new(),
+                pending: IdMap::default(),
+                trailers: IdMap::default(),
                 closed: None,
             }),
             next_id: AtomicU64::new(1),

@@ -4,6 +4,7 @@
 
 use std::{
     collections::HashMap,
+    hash::{BuildHasher, Hasher},
     sync::{atomic::AtomicU64, Arc, Mutex, MutexGuard},
 };
 
@@ -54,11 +55,52 @@ pub(crate) type UnaryReply = (Bytes, Metadata, Vec<Fd>);
 /// Most request credit the server may grant outstanding; more is clamped.
 const MAX_SEND_CREDIT: usize = 1 << 20;
 
+/// Hashes call ids with one multiplication instead of SipHash: a client's
+/// ids are its own (sequential, from `next_id`), so no peer can choose keys
+/// that collide, and every call inserts and removes at least one entry.
+#[derive(Clone, Copy, Debug, Default)]
+pub(super) struct IdHash;
+
+/// The hasher [`IdHash`] builds.
+#[derive(Debug, Default)]
+pub(super) struct IdHasher(u64);
+
+/// 2^64 / the golden ratio: multiplying by it spreads sequential ids over
+/// the high bits, which the map's control bytes use, as well as the low.
+const FIBONACCI: u64 = 0x9E37_79B9_7F4A_7C15;
+
+impl BuildHasher for IdHash {
+    type Hasher = IdHasher;
+
+    fn build_hasher(&self) -> IdHasher {
+        IdHasher(0)
+    }
+}
+
+impl Hasher for IdHasher {
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0.rotate_left(8) ^ u64::from(b)).wrapping_mul(FIBONACCI);
+        }
+    }
+
+    fn write_u64(&mut self, n: u64) {
+        self.0 = (self.0 ^ n).wrapping_mul(FIBONACCI);
+    }
+
+    fn finish(&self) -> u64 {
+        self.0
+    }
+}
+
+/// A map keyed by this client's call ids.
+pub(super) type IdMap<V> = HashMap<u64, V, IdHash>;
+
 pub(super) struct State {
-    pub(super) pending: HashMap<u64, Pending>,
+    pub(super) pending: IdMap<Pending>,
     /// Trailers of pending unary calls whose response has not arrived
     /// yet; at most one entry per pending call.
-    pub(super) trailers: HashMap<u64, Metadata>,
+    pub(super) trailers: IdMap<Metadata>,
     /// Set once, when the conn fails: every later call gets it.
     pub(super) closed: Option<Status>,
 }
@@ -384,4 +426,29 @@ where
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sequential_ids_hash_to_distinct_buckets_and_high_bits() {
+        let hash = |id: u64| IdHash.hash_one(id);
+        // Sequential ids differ in the low bits (the bucket) and in the top
+        // seven (the control byte) of nearly every pair.
+        let mut buckets = std::collections::HashSet::new();
+        let mut tops = std::collections::HashSet::new();
+        for id in 1..=64u64 {
+            buckets.insert(hash(id) & 63);
+            tops.insert(hash(id) >> 57);
+        }
+        assert!(buckets.len() >= 48, "{} distinct buckets", buckets.len());
+        assert!(tops.len() >= 40, "{} distinct top bits", tops.len());
+        let mut map = IdMap::default();
+        for id in 0..1000u64 {
+            map.insert(id, id * 2);
+        }
+        assert!((0..1000u64).all(|id| map.remove(&id) == Some(id * 2)));
+    }
 }
