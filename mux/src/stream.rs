@@ -304,10 +304,11 @@ mod wakes {
         }
     }
 
-    /// A lone writer whose link is full waits for it, as a writer on a full socket does,
-    /// instead of having its next buffer copied into the output queue; the driver, woken
-    /// when the socket drains, finishes the frame in flight and wakes the writer, whose next
-    /// write goes straight from its buffer again. Every byte arrives in order.
+    /// On a multi-thread runtime a lone writer whose link is full waits for it, as a writer
+    /// on a full socket does, instead of having its next buffer copied into the output
+    /// queue; the driver, woken when the socket drains, finishes the frame in flight and
+    /// wakes the writer, whose next write goes straight from its buffer again. Every byte
+    /// arrives in order.
     #[tokio::test]
     async fn a_lone_writer_on_a_full_link_waits_instead_of_copying() {
         netchan_testkit::within(10, "a lone writer on a full link", async {
@@ -324,6 +325,8 @@ mod wakes {
                 write,
                 false,
             ));
+            // The test plays the driver by hand on this thread, as on a multi-thread runtime.
+            shared.link.set_multi_thread(true);
             let (driver, driver_wakes) = counting_waker();
             let mut driver_cx = Context::from_waker(&driver);
             // The peer opens stream 1 with one byte; the driver takes it and sends our ACK.

@@ -239,9 +239,9 @@ impl Link {
     /// A write on stream `id` made straight from the caller's buffer: header and body leave
     /// in one vectored write, without copying the body, when nobody else is writing and
     /// nothing is queued ahead. Whatever is queued ahead is written first (with the driver's
-    /// waker); if the link cannot take all of it now and `may_wait`, the writer waits for the
-    /// link to be free, as a writer on a full socket does, rather than have its bytes copied
-    /// into the queue: it is registered while the write side is held, so whoever leaves the
+    /// waker); if the link cannot take all of it now and `may_wait` (on a multi-thread
+    /// runtime), the writer waits for the link to be free, as a writer on a full socket does,
+    /// rather than have its bytes copied into the queue: it is registered while the write side is held, so whoever leaves the
     /// link idle next (the driver, once the socket drains) wakes it. `None` when none of that
     /// is possible right now (the caller then queues the write instead).
     pub(crate) fn try_write_direct(
@@ -260,8 +260,12 @@ impl Link {
             match out.poll_send(&mut cx, |q| core.lock().take_output(WRITE_BATCH, q)) {
                 Ok((_, true)) => {}
                 Ok((_, false)) => {
-                    // The socket is full (the driver is woken once it drains).
-                    if !(may_wait && core.lock().can_write_now(id)) {
+                    // The socket is full (the driver is woken once it drains). On a
+                    // current-thread runtime the writer copies instead: there the wait costs
+                    // a pass of the whole runtime per drain, more than the copy (the
+                    // in-process bench's one channel ran 10-15% slower waiting).
+                    let multi_thread = self.multi_thread.load(Ordering::Relaxed);
+                    if !(may_wait && multi_thread && core.lock().can_write_now(id)) {
                         return None;
                     }
                     self.add_waiter(waker);
