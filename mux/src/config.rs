@@ -32,7 +32,8 @@ pub(crate) const OUT_LIMIT: usize = 1024 * 1024;
 /// being refused). With the defaults that is `(64 + 64 + 8) × 256 KiB + 16 MiB` = **50 MiB**
 /// per session in the worst case (every window filled and never read, which only a hostile
 /// peer does). On top of that the link itself holds at most one inbound frame being read
-/// (≤ `max_stream_window` + 64 KiB) and at most 1 MiB of queued output plus one frame
+/// (≤ `max_stream_window` + 64 KiB), one spare read buffer (≤ 256 KiB, only while bytes keep
+/// arriving) and at most 1 MiB of queued output plus one frame
 /// (`split_send_size`), or plus 64 KiB kept for channels that have nothing queued. A channel
 /// whose reader keeps up holds far less: windows are granted back as data is consumed, so
 /// memory is only used by bytes in flight. A hub serving thousands of peers should lower `max_channels` and

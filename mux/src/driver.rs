@@ -22,7 +22,7 @@ use netchan_mux_proto::{Due, GoAwayCode, Violation};
 
 use crate::{
     error::CloseReason,
-    io::{Read, ReadTurn},
+    io::{now, Read, ReadTurn},
     shared::{Shared, StreamHandle},
     stream::RawStream,
 };
@@ -466,9 +466,4 @@ fn is_gone(e: &io::Error) -> bool {
 /// A sleep until `at`, an instant of the core's clock.
 fn sleep(at: std::time::Instant) -> Sleep {
     tokio::time::sleep_until(Instant::from_std(at))
-}
-
-/// Now on the core's clock, read from tokio's (so paused-time tests drive the core's timers).
-fn now() -> std::time::Instant {
-    Instant::now().into_std()
 }

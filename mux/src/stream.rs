@@ -5,9 +5,9 @@
 //! reads them from the link straight into the caller's buffer (read-through, no copy).
 //!
 //! A write sends at most one frame: straight from the caller's buffer (header and body in one
-//! vectored write) when the link is free; otherwise a large write waits for a contended link,
-//! and anything else is copied into the session's output queue for the driver or the next
-//! writer.
+//! vectored write) when the link is free; otherwise a large write waits for a contended or
+//! full link, and anything else is copied into the session's output queue for the driver or
+//! the next writer.
 
 use netchan_mux_proto::StreamError;
 
@@ -23,10 +23,10 @@ use std::{
 };
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-/// Writes of at least this many bytes wait for a contended link (see `Link::wait_for_link`)
-/// instead of being copied into the output queue; smaller ones are copied (cheaper than the
-/// wait, and queued small frames are what keeps a small message from waiting behind bulk
-/// data).
+/// Writes of at least this many bytes wait for a contended or full link (see
+/// `Link::wait_for_link`, `Link::try_write_direct`) instead of being copied into the output
+/// queue; smaller ones are copied (cheaper than the wait, and queued small frames are what
+/// keeps a small message from waiting behind bulk data).
 const LINK_WAIT_MIN: usize = 16 * 1024;
 
 /// One yamux stream of a session, owned by one user (a handshake, then a `Conn`).
@@ -109,13 +109,9 @@ impl AsyncRead for RawStream {
         let mut core = shared.core();
         let max = buf.remaining();
         let queued = core.out_bytes();
-        let result = core.read(
-            this.handle.id,
-            max,
-            cx.waker(),
-            std::time::Instant::now,
-            |s| buf.put_slice(s),
-        );
+        let result = core.read(this.handle.id, max, cx.waker(), crate::io::now, |s| {
+            buf.put_slice(s)
+        });
         // A read may have queued a window update for the driver to send.
         let wake = core.out_bytes() != queued;
         drop(core);
@@ -140,11 +136,13 @@ impl AsyncWrite for RawStream {
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
         let shared = &this.handle.shared;
-        if let Some(result) =
-            shared
-                .link
-                .try_write_direct(&shared.core, this.handle.id, buf, cx.waker())
-        {
+        if let Some(result) = shared.link.try_write_direct(
+            &shared.core,
+            this.handle.id,
+            buf,
+            buf.len() >= LINK_WAIT_MIN,
+            cx.waker(),
+        ) {
             return result.map_err(|e| this.error(e));
         }
         // A large write waits for a contended link rather than be copied into the queue.
@@ -191,7 +189,7 @@ mod wakes {
         io::transport,
         shared::{Mode, Shared},
     };
-    use netchan_mux_proto::{FrameType, Header, SYN};
+    use netchan_mux_proto::{FrameType, Header, HEADER_LEN, SYN};
     use netchan_testkit::counting_waker;
     use tokio::io::AsyncWriteExt;
 
@@ -304,6 +302,109 @@ mod wakes {
                 "the driver is woken to read on"
             );
         }
+    }
+
+    /// On a multi-thread runtime a lone writer whose link is full waits for it, as a writer
+    /// on a full socket does, instead of having its next buffer copied into the output
+    /// queue; the driver, woken when the socket drains, finishes the frame in flight and
+    /// wakes the writer, whose next write goes straight from its buffer again. Every byte
+    /// arrives in order.
+    #[tokio::test]
+    async fn a_lone_writer_on_a_full_link_waits_instead_of_copying() {
+        netchan_testkit::within(10, "a lone writer on a full link", async {
+            use tokio::io::AsyncReadExt;
+            const PIPE: usize = 16 * 1024;
+            const WRITE: usize = 64 * 1024;
+            let (mut peer, ours) = tokio::io::duplex(PIPE);
+            let (read, write) = transport::split(ours);
+            // Not started: the test plays the driver.
+            let shared = Arc::new(Shared::new(
+                Config::default(),
+                Mode::Server,
+                read,
+                write,
+                false,
+            ));
+            // The test plays the driver by hand on this thread, as on a multi-thread runtime.
+            shared.link.set_multi_thread(true);
+            let (driver, driver_wakes) = counting_waker();
+            let mut driver_cx = Context::from_waker(&driver);
+            // The peer opens stream 1 with one byte; the driver takes it and sends our ACK.
+            let header = Header::new(FrameType::Data, SYN, 1, 1).encode();
+            peer.write_all(&header).await.unwrap();
+            peer.write_all(&[0]).await.unwrap();
+            assert_eq!(driver_turn(&shared, &mut driver_cx), [1]);
+            assert_eq!(
+                shared
+                    .link
+                    .poll_write(&shared.core, &mut driver_cx)
+                    .unwrap(),
+                (true, true)
+            );
+            let mut stream = RawStream::new(StreamHandle {
+                id: 1,
+                shared: shared.clone(),
+            });
+            let (writer, writer_wakes) = counting_waker();
+            let mut writer_cx = Context::from_waker(&writer);
+            let first = vec![1u8; WRITE];
+            let second = vec![2u8; WRITE];
+            let mut write = |stream: &mut RawStream, buf: &[u8]| {
+                Pin::new(stream).poll_write(&mut writer_cx, buf)
+            };
+
+            // The first write goes out directly; the link takes part of it.
+            assert!(matches!(write(&mut stream, &first), Poll::Ready(Ok(WRITE))));
+            // The second finds the link full: it waits, and nothing of it is copied.
+            assert!(write(&mut stream, &second).is_pending());
+            assert_eq!(shared.core().out_bytes(), 0, "nothing queued in the core");
+            assert_eq!(writer_wakes.count(), 0);
+
+            // The peer reads; the driver, woken as the link drains, finishes the first frame,
+            // and the link, idle again, wakes the writer.
+            let mut got = Vec::new();
+            let mut buf = vec![0u8; PIPE];
+            for _ in 0..64 {
+                if writer_wakes.count() > 0 {
+                    break;
+                }
+                let n = peer.read(&mut buf).await.unwrap();
+                got.extend_from_slice(&buf[..n]);
+                assert!(driver_wakes.count() > 0, "the drained link woke the driver");
+                shared.link.register_driver(&driver);
+                shared
+                    .link
+                    .poll_write(&shared.core, &mut driver_cx)
+                    .unwrap();
+            }
+            assert_eq!(writer_wakes.count(), 1, "woken once the link is free");
+            assert!(matches!(
+                write(&mut stream, &second),
+                Poll::Ready(Ok(WRITE))
+            ));
+
+            // On the wire: ACK, then both frames whole and in order.
+            while got.len() < 3 * HEADER_LEN + 2 * WRITE {
+                let n = peer.read(&mut buf).await.unwrap();
+                got.extend_from_slice(&buf[..n]);
+                shared.link.register_driver(&driver);
+                shared
+                    .link
+                    .poll_write(&shared.core, &mut driver_cx)
+                    .unwrap();
+            }
+            assert_eq!(got.len(), 3 * HEADER_LEN + 2 * WRITE);
+            let frames = &got[HEADER_LEN..];
+            let first_header = Header::new(FrameType::Data, 0, 1, WRITE as u32).encode();
+            assert_eq!(frames[..HEADER_LEN], first_header);
+            assert!(frames[HEADER_LEN..HEADER_LEN + WRITE]
+                .iter()
+                .all(|b| *b == 1));
+            let rest = &frames[HEADER_LEN + WRITE..];
+            assert_eq!(rest[..HEADER_LEN], first_header);
+            assert!(rest[HEADER_LEN..].iter().all(|b| *b == 2));
+        })
+        .await;
     }
 }
 

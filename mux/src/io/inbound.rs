@@ -133,6 +133,14 @@ pub(crate) struct Inbound {
     last_large: Option<u32>,
     /// Read buffer space offered per read (between [`READ_SMALL`] and [`READ_CHUNK`]).
     offer: usize,
+    /// The read buffer before `buf`, kept while bytes keep arriving: once the streams have
+    /// consumed the pieces sliced from it, a read that needs new room takes its memory
+    /// (already paged in) instead of a fresh allocation, whose pages the kernel would fault
+    /// in and zero during the read. Dropped when a read finds the link empty, so an idle
+    /// session holds no spare.
+    spare: Option<BytesMut>,
+    /// `buf` has memory of its own (it is not a new, empty `BytesMut`).
+    buf_allocated: bool,
 }
 
 impl Inbound {
@@ -148,6 +156,8 @@ impl Inbound {
             large: false,
             last_large: None,
             offer: READ_SMALL,
+            spare: None,
+            buf_allocated: false,
         }
     }
 
@@ -157,9 +167,30 @@ impl Inbound {
         if self.buf.is_empty() && self.buf.capacity() > 2 * self.offer.max(max) {
             // Back to a small buffer (the large one is freed once its slices are consumed).
             self.buf = BytesMut::new();
+            self.buf_allocated = false;
+            self.spare = None;
+        }
+        if self.buf.is_empty() && !self.buf.try_reclaim(max) {
+            // New room is needed: the spare's, if no stream holds a piece of it any more;
+            // the buffer given up becomes the spare (unless the old spare is still in use:
+            // its pieces are older, so it is the one likely to come free first).
+            match &mut self.spare {
+                Some(spare) => {
+                    let free = spare.try_reclaim(max);
+                    if free {
+                        std::mem::swap(&mut self.buf, spare);
+                    }
+                }
+                None if self.buf_allocated => self.spare = Some(std::mem::take(&mut self.buf)),
+                None => {}
+            }
         }
         self.buf.reserve(max);
+        self.buf_allocated = true;
         let read = self.io.poll_read(cx, &mut self.buf, max, &mut self.fds);
+        if read.is_pending() && self.buf.is_empty() {
+            self.spare = None;
+        }
         if let Poll::Ready(Ok(n)) = read {
             if n > 0 {
                 self.last_read = tokio::time::Instant::now();

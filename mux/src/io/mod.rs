@@ -27,9 +27,10 @@
 //!   fast path) does so itself when the write side is free and nothing is queued ahead. It
 //!   writes with the driver's waker (the io waker), so a full socket wakes the driver, which
 //!   finishes the write; the handle never waits on the socket.
-//! - **A writer of a large buffer** on a contended link waits for the link to be free
-//!   ([`Link::wait_for_link`]) instead of copying its bytes into the queue; whoever leaves
-//!   the write side idle wakes the waiters.
+//! - **A writer of a large buffer** on a contended link, or on a socket that is full, waits
+//!   for the link to be free ([`Link::wait_for_link`], [`Link::try_write_direct`]) instead
+//!   of copying its bytes into the queue; whoever leaves the write side idle wakes the
+//!   waiters.
 //! - **A reader** may take the read side only when the link's next bytes are the body of a
 //!   data frame for its own stream ([`Link::try_read_through`], the other fast path): it reads
 //!   them straight into its buffer, with the driver's waker. The driver leaves such a body on
@@ -64,6 +65,12 @@ use std::{
 };
 use tokio::{io::ReadBuf, time::Instant};
 use transport::{LinkRead, LinkWrite};
+
+/// The session's clock, read by the core's timers and its flow control alike: tokio's clock
+/// (which tests may pause), as the `std` instant the core takes.
+pub(crate) fn now() -> std::time::Instant {
+    Instant::now().into_std()
+}
 
 /// The bounds the driver's reads keep (from the session's config).
 #[derive(Debug, Clone, Copy)]
@@ -202,7 +209,7 @@ impl Link {
 
     /// Called by a handle that just queued output: writes it now if nobody else is writing
     /// (with the driver's waker, so a full link wakes the driver), else leaves it to the
-    /// driver.
+    /// driver. Leaving the link idle wakes the writers waiting for it.
     pub(crate) fn send_now(&self, core: &Core) {
         let (Some(waker), Some(mut hold)) = (self.io_waker(), self.outbound.try_hold(&self.driver))
         else {
@@ -215,29 +222,62 @@ impl Link {
             return;
         };
         let mut cx = Context::from_waker(&waker);
-        if let Err(e) = out.poll_send(&mut cx, |q| core.lock().take_output(WRITE_BATCH, q)) {
-            out.fail(e);
-            drop(hold);
-            self.driver.wake();
+        match out.poll_send(&mut cx, |q| core.lock().take_output(WRITE_BATCH, q)) {
+            Ok((_, true)) => {
+                drop(hold);
+                self.link_free();
+            }
+            Ok((_, false)) => {}
+            Err(e) => {
+                out.fail(e);
+                drop(hold);
+                self.driver.wake();
+            }
         }
     }
 
     /// A write on stream `id` made straight from the caller's buffer: header and body leave
     /// in one vectored write, without copying the body, when nobody else is writing and
-    /// nothing is queued ahead. `None` when that is not possible right now (the caller then
-    /// queues the write instead).
+    /// nothing is queued ahead. Whatever is queued ahead is written first (with the driver's
+    /// waker); if the link cannot take all of it now and `may_wait` (on a multi-thread
+    /// runtime), the writer waits for the link to be free, as a writer on a full socket does,
+    /// rather than have its bytes copied into the queue: it is registered while the write side is held, so whoever leaves the
+    /// link idle next (the driver, once the socket drains) wakes it. `None` when none of that
+    /// is possible right now (the caller then queues the write instead).
     pub(crate) fn try_write_direct(
         &self,
         core: &Core,
         id: u32,
         buf: &[u8],
+        may_wait: bool,
         waker: &Waker,
     ) -> Option<Poll<Result<usize, StreamError>>> {
         let io_waker = self.io_waker()?;
         let mut hold = self.outbound.try_hold(&self.driver)?;
         let out = hold.get()?;
+        let mut cx = Context::from_waker(&io_waker);
         if !out.is_idle() {
-            return None;
+            match out.poll_send(&mut cx, |q| core.lock().take_output(WRITE_BATCH, q)) {
+                Ok((_, true)) => {}
+                Ok((_, false)) => {
+                    // The socket is full (the driver is woken once it drains). On a
+                    // current-thread runtime the writer copies instead: there the wait costs
+                    // a pass of the whole runtime per drain, more than the copy (the
+                    // in-process bench's one channel ran 10-15% slower waiting).
+                    let multi_thread = self.multi_thread.load(Ordering::Relaxed);
+                    if !(may_wait && multi_thread && core.lock().can_write_now(id)) {
+                        return None;
+                    }
+                    self.add_waiter(waker);
+                    return Some(Poll::Pending);
+                }
+                Err(e) => {
+                    out.fail(e);
+                    drop(hold);
+                    self.driver.wake();
+                    return None;
+                }
+            }
         }
         let header = match core.lock().write_direct(id, buf.len(), waker)? {
             Poll::Ready(Ok(Some(header))) => header,
@@ -246,7 +286,6 @@ impl Link {
             Poll::Pending => return Some(Poll::Pending),
         };
         let n = header.length as usize;
-        let mut cx = Context::from_waker(&io_waker);
         let sent = out
             .write_frame(&mut cx, header.encode(), &buf[..n])
             .and_then(|()| {
@@ -274,8 +313,8 @@ impl Link {
     /// way, which reports why.
     ///
     /// Only when the link is contended: another task is writing, other streams' frames are
-    /// queued, or other writers already wait. A lone writer that found the socket full copies
-    /// instead: that keeps the link fed without a task hop.
+    /// queued, or other writers already wait. (A lone writer that finds the socket full waits
+    /// in [`Link::try_write_direct`].)
     pub(crate) fn wait_for_link(&self, core: &Core, id: u32, waker: &Waker) -> bool {
         let contended = self.outbound.is_taken(&self.driver) || self.waiting.load(Ordering::SeqCst);
         {
@@ -284,16 +323,19 @@ impl Link {
                 return false;
             }
         }
-        {
-            let mut waiters = self.waiters.lock().unwrap_or_else(|e| e.into_inner());
-            if !waiters.iter().any(|w| w.will_wake(waker)) {
-                waiters.push(waker.clone());
-            }
-            self.waiting.store(true, Ordering::SeqCst);
-        }
+        self.add_waiter(waker);
         // The driver wakes the waiters once the link is idle, whoever holds it now.
         self.driver.wake();
         true
+    }
+
+    /// Registers a writer waiting for the link (see [`Link::wait_for_link`]).
+    fn add_waiter(&self, waker: &Waker) {
+        let mut waiters = self.waiters.lock().unwrap_or_else(|e| e.into_inner());
+        if !waiters.iter().any(|w| w.will_wake(waker)) {
+            waiters.push(waker.clone());
+        }
+        self.waiting.store(true, Ordering::SeqCst);
     }
 
     /// The link is idle: wakes the writers waiting for it.
@@ -332,12 +374,12 @@ impl Link {
         if !core.lock().wait_readable(id, waker) {
             return None;
         }
-        let now = std::time::Instant::now();
+        let at = now();
         // The link reads into the caller's room as it is: uninitialised room is not zeroed
         // first (except on a link that carries fds, whose `recvmsg` needs it initialised).
         let mut cx = Context::from_waker(&io_waker);
         let through = inbound.read_through(id, &mut cx, buf, |piece| {
-            core.lock().on_read_through(piece, now)
+            core.lock().on_read_through(piece, at)
         });
         drop(hold);
         match through {
@@ -421,7 +463,7 @@ impl Link {
             Poll::Ready(Ok(0)) => Read::Eof,
             Poll::Ready(Ok(_)) => {
                 turn.last_read = inbound.last_read;
-                match inbound.parse(&mut core.lock(), std::time::Instant::now()) {
+                match inbound.parse(&mut core.lock(), now()) {
                     // Fds sent without a frame to claim them must not pile up either.
                     Ok(_) if inbound.fds.len() > self.limits.max_fds => {
                         Read::Violation(Violation::TooManyFds {
@@ -485,7 +527,7 @@ impl Link {
         let inbound = guard.as_mut().expect("the link is installed");
         assert!(inbound.poll_fill(cx).is_ready(), "the link has bytes");
         inbound
-            .parse(&mut core.lock(), std::time::Instant::now())
+            .parse(&mut core.lock(), now())
             .expect("well-formed frames")
     }
 
