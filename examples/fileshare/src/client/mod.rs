@@ -227,7 +227,12 @@ pub(crate) async fn connect_from(opts: &ClientOptions, first: usize) -> Result<L
             Ok(link) => return Ok(link),
             Err(e) if e.is_transient() => {
                 debug!(hub = %hub, error = %rpc::chain(&e), "cannot join this hub; trying the next");
-                failed = Some(e);
+                // A hub that answered that our name is still held says more than one that
+                // could not be reached (a dead hub of the fleet, say): the caller then asks
+                // again soon, for the name comes free when the dead hub's lease ends.
+                if !failed.as_ref().is_some_and(ConnectError::name_held) {
+                    failed = Some(e);
+                }
             }
             Err(e) => return Err(e),
         }

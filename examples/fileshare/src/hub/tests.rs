@@ -641,6 +641,29 @@ async fn a_client_given_only_dead_hubs_names_them_all_in_its_error() {
 }
 
 #[tokio::test]
+async fn a_held_name_on_one_hub_outranks_another_hub_being_unreachable() {
+    let hub = start_hub(HubOptions::default()).await;
+    let root = root_with(0);
+    let bob = within(
+        WAIT_S,
+        "the first bob joins",
+        Peer::start(client_opts(&hub, "bob", root.path()), quiet()),
+    )
+    .await
+    .unwrap();
+    // A second bob tries the live hub (which holds the name) and then a dead one: what it is
+    // told, and how soon it asks again, comes from the hub that answered.
+    let mut opts = client_opts(&hub, "bob", root.path());
+    opts.hubs = vec![hub.addr.to_string(), dead_addr().await];
+    let err = within(WAIT_S, "the second bob fails", Peer::start(opts, quiet()))
+        .await
+        .err()
+        .expect("the name is held");
+    assert!(err.name_held(), "{err:?}");
+    bob.close().await;
+}
+
+#[tokio::test]
 async fn a_client_that_loses_its_hub_reconnects_to_the_next_one() {
     let (first, second) = (
         start_hub(HubOptions::default()).await,
