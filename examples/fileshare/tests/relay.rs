@@ -3,9 +3,12 @@
 //! etcd is not installed, except under `CI=true`, where it fails instead.
 
 mod common;
+#[path = "common/pki.rs"]
+mod pki;
 
 use common::*;
 use netchan_testkit::etcd::Cluster;
+use pki::write_pki;
 
 /// A hub of the fleet on `etcd` with id `id`, serving the other hubs on an ephemeral port.
 fn routing_hub(etcd: &Cluster, id: &str) -> Hub {
@@ -55,33 +58,13 @@ async fn a_client_of_one_hub_reads_lists_and_gets_a_peer_of_another_exactly() {
     a.log.wait_for("read reader=alice@hub-b peer=bob", WAIT);
 }
 
-/// Writes a CA (`ca.pem`) and, for each of `names`, a certificate it signs for 127.0.0.1
-/// (`NAME.pem`, `NAME.key`) into `dir`.
-fn write_pki(dir: &std::path::Path, names: &[&str]) {
-    let ca_key = rcgen::KeyPair::generate().unwrap();
-    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-    let ca = ca_params.self_signed(&ca_key).unwrap();
-    let issuer = rcgen::Issuer::new(ca_params, ca_key);
-    std::fs::write(dir.join("ca.pem"), ca.pem()).unwrap();
-    for name in names {
-        let key = rcgen::KeyPair::generate().unwrap();
-        let cert = rcgen::CertificateParams::new(vec!["127.0.0.1".to_owned()])
-            .unwrap()
-            .signed_by(&key, &issuer)
-            .unwrap();
-        std::fs::write(dir.join(format!("{name}.pem")), cert.pem()).unwrap();
-        std::fs::write(dir.join(format!("{name}.key")), key.serialize_pem()).unwrap();
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hubs_with_a_fleet_ca_route_reads_over_mutual_tls() {
     let Some(etcd) = Cluster::start_or_skip(1).await else {
         return;
     };
     let pki = tempdir();
-    write_pki(pki.path(), &["hub-a", "hub-b"]);
+    write_pki(pki.path(), "ca", &["hub-a", "hub-b"]);
     let p = |f: &str| s(&pki.path().join(f)).to_owned();
     let endpoints = etcd.endpoints().join(",");
     let tls_hub = |id: &str| {

@@ -14,12 +14,15 @@ use super::relay::{
     dial_hub, Credentials, DirectoryRoute, FleetOptions, FleetTls, LinkError, RemoteHub, Route,
 };
 use super::tests::read_all;
+#[path = "../../tests/common/pki.rs"]
+mod pki;
 use super::{HubOptions, HubState};
 use crate::auth::{self, AuthError, Token};
 use crate::client::{self, CallError, ClientOptions, Peer};
 use crate::directory::{Directory, Etcd, EtcdConfig, Event, HubId};
 use crate::export::Root;
 use crate::proto::{is_peer_gone, new_hasher};
+use pki::write_pki;
 
 /// Generous bound for anything that should happen promptly.
 const WAIT: Duration = Duration::from_secs(20);
@@ -607,26 +610,6 @@ async fn routed_get_of_256_mib_through_two_hubs_is_exact() {
         mib_s(local_time),
         mib_s(raw_time)
     );
-}
-
-/// A CA and certificates it signs for 127.0.0.1, as PEM files: `CA.pem`, and `NAME.pem` and
-/// `NAME.key` for each of `names`.
-fn write_pki(dir: &Path, ca: &str, names: &[&str]) {
-    let ca_key = rcgen::KeyPair::generate().unwrap();
-    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-    let ca_cert = ca_params.self_signed(&ca_key).unwrap();
-    let issuer = rcgen::Issuer::new(ca_params, ca_key);
-    std::fs::write(dir.join(format!("{ca}.pem")), ca_cert.pem()).unwrap();
-    for name in names {
-        let key = rcgen::KeyPair::generate().unwrap();
-        let cert = rcgen::CertificateParams::new(vec!["127.0.0.1".to_owned()])
-            .unwrap()
-            .signed_by(&key, &issuer)
-            .unwrap();
-        std::fs::write(dir.join(format!("{name}.pem")), cert.pem()).unwrap();
-        std::fs::write(dir.join(format!("{name}.key")), key.serialize_pem()).unwrap();
-    }
 }
 
 /// Mutual TLS for the hub with certificate `NAME.pem` that trusts `CA.pem`, both in `dir`,
