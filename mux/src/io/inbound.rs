@@ -9,8 +9,9 @@
 //!   copied out instead (those under 4 KiB by the core, into the stream's own buffers), so
 //!   that a small piece a reader leaves unread never keeps a whole chunk alive.
 //! - **Read-through**: when every byte read so far is parsed and the link's next bytes are
-//!   the body of a large data frame for stream `id` that did not follow a large frame of
-//!   another stream (one bulk stream, not several interleaved), the reader of `id` may take
+//!   the body of a large data frame for stream `id` whose large frame came last (one bulk
+//!   stream, not several interleaved; small frames between its bodies, such as an rpc
+//!   message's envelope, keep it so), the reader of `id` may take
 //!   them with a read of its own (bounded by the body's end) while it holds this state's
 //!   lock; the core then counts them as received and read at once
 //!   ([`Connection::on_read_through`]).
@@ -61,6 +62,17 @@ const PIECE_MIN: usize = 16 * 1024;
 /// Body bytes left worth reading straight into a reader's buffer, and the least room a
 /// reader's buffer must have for it: below this the copy costs less than the extra read.
 pub(crate) const READ_THROUGH_MIN: usize = 16 * 1024;
+/// While large bodies of one stream arrive, how many bytes a read takes beyond the next frame
+/// header: a small frame between two large bodies (an rpc message's envelope, a window
+/// update) then comes in the same read as the header before it, and at most this much of a
+/// large body is read into our buffer (and copied out) before its reader reads the rest
+/// through.
+const HEADER_AHEAD: usize = 256;
+/// Frames other than large data frames (small data frames, window updates, pings) that may
+/// come in a row without ending the one-bulk-stream mode (`large`): a bulk sender's messages
+/// put a small frame or two between their bodies; more than this in a row is small-message
+/// traffic, which reads are not cut short for.
+const SMALL_RUN_MAX: u32 = 4;
 
 /// A data or window-update frame whose body has not all been handed on yet.
 #[derive(Clone, Copy)]
@@ -123,14 +135,18 @@ pub(crate) struct Inbound {
     pub(crate) failed: Option<Failed>,
     /// The body the driver left on the link for its reader: (stream, bytes left) when it did.
     deferred: Option<(u32, usize)>,
-    /// The last frame was a large data frame, and the data frame before it was not a large
-    /// frame of another stream (one bulk stream, not several interleaved): reads stop at the
-    /// end of the next frame header, so that if that frame is another large body for a
-    /// waiting reader, none of it lands in our buffer to be copied out again (see
+    /// One bulk stream is sending: the last large data frame was of the same stream as the
+    /// large one before it (not several interleaved), and at most [`SMALL_RUN_MAX`] other
+    /// frames came since (see [`Inbound::note_frame`]). Reads stop shortly after the end of
+    /// the next frame header, so that if that frame is another large body for a waiting
+    /// reader, next to none of it lands in our buffer to be copied out again (see
     /// [`Inbound::read_limit`]).
     large: bool,
-    /// The stream of the last data frame, if that frame was large.
+    /// The stream of the last large data frame, unless more than [`SMALL_RUN_MAX`] other
+    /// frames came since.
     last_large: Option<u32>,
+    /// Frames other than large data frames since the last large data frame.
+    small_run: u32,
     /// Read buffer space offered per read (between [`READ_SMALL`] and [`READ_CHUNK`]).
     offer: usize,
     /// The read buffer before `buf`, kept while bytes keep arriving: once the streams have
@@ -155,6 +171,7 @@ impl Inbound {
             deferred: None,
             large: false,
             last_large: None,
+            small_run: 0,
             offer: READ_SMALL,
             spare: None,
             buf_allocated: false,
@@ -208,10 +225,11 @@ impl Inbound {
     }
 
     /// How much the next read may take. Normally the current offer; while large data frames
-    /// of one stream arrive (see `large`), only up to the end of the next frame header, so
-    /// that every large body starts at a read of its own, which its reader may make
-    /// (read-through). A large body then costs two reads (header, body) instead of parts of
-    /// one or two chunks plus a copy.
+    /// of one stream arrive (see `large`), only up to [`HEADER_AHEAD`] bytes past the end of
+    /// the next frame header, so that every large body starts at (or within a few bytes of)
+    /// a read of its own, which its reader may make (read-through). A large body then costs
+    /// a read for its header (and the small frames before it) and the reader's reads of its
+    /// body, instead of parts of one or two chunks plus a copy.
     fn read_limit(&self) -> usize {
         if !self.large {
             return self.offer;
@@ -220,9 +238,28 @@ impl Inbound {
         // the pending body): read its rest and the header after it.
         let needed = match self.body {
             Some(body) => body.remaining.saturating_sub(self.buf.len()) + HEADER_LEN,
-            None => HEADER_LEN - self.buf.len().min(HEADER_LEN - 1),
+            None => HEADER_LEN.saturating_sub(self.buf.len()),
         };
-        needed.min(READ_CHUNK)
+        (needed + HEADER_AHEAD).min(READ_CHUNK)
+    }
+
+    /// Notes a frame of type `ty` with a body of `len` bytes on `stream`, for the
+    /// one-bulk-stream mode: a large data frame of the stream whose large frame came last
+    /// (or of the first stream to send one) starts or keeps the mode, a large frame of another
+    /// stream ends it (bulk streams interleave), and more than [`SMALL_RUN_MAX`] other frames
+    /// in a row end it.
+    fn note_frame(&mut self, ty: FrameType, stream: u32, len: usize) {
+        if ty == FrameType::Data && len >= READ_THROUGH_MIN {
+            self.large = self.last_large.is_none_or(|id| id == stream);
+            self.last_large = Some(stream);
+            self.small_run = 0;
+            return;
+        }
+        self.small_run = self.small_run.saturating_add(1);
+        if self.small_run > SMALL_RUN_MAX {
+            self.large = false;
+            self.last_large = None;
+        }
     }
 
     /// Whether the driver should leave the link alone for this turn: the next bytes on it are
@@ -285,12 +322,7 @@ impl Inbound {
                         core.on_fds(header.stream, fds, self.fds.len())?;
                         continue;
                     }
-                    self.large = false;
-                    if header.ty == FrameType::Data {
-                        let big = len >= READ_THROUGH_MIN;
-                        self.large = big && self.last_large.is_none_or(|id| id == header.stream);
-                        self.last_large = big.then_some(header.stream);
-                    }
+                    self.note_frame(header.ty, header.stream, len);
                     Body {
                         header,
                         remaining: len,
@@ -300,12 +332,14 @@ impl Inbound {
             };
             let take = body.remaining.min(self.buf.len());
             if take < body.remaining && take < PIECE_MIN {
-                // Wait for more, unless the rest may go straight to a waiting reader: then
-                // hand on what is here, so that nothing read stands before the rest.
+                // Wait for more, unless the rest may go straight to its reader: then hand on
+                // what is here, so that nothing read stands before the rest. A piece the
+                // read took past a header ([`HEADER_AHEAD`]) is always handed on: its reader,
+                // woken by it, may then read the rest through whenever it comes.
                 let through = self.large
                     && body.header.ty == FrameType::Data
                     && body.remaining - take >= READ_THROUGH_MIN
-                    && core.read_through_wanted(body.header.stream);
+                    && (take <= HEADER_AHEAD || core.read_through_wanted(body.header.stream));
                 if take == 0 || !through {
                     self.body = Some(body);
                     break;
