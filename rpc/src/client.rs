@@ -275,6 +275,7 @@ impl Client {
         shared.outbox.announce_limit();
         let fd_link = FdLink::of(&conn);
         let reader_fds = fd_link.clone();
+        let exact = crate::transport::writes_only_what_it_delivers(&conn);
         let (rd, wr) = tokio::io::split(conn);
         let span = tracing::debug_span!("rpc_client");
 
@@ -300,7 +301,7 @@ impl Client {
             async move {
                 let res = tokio::select! {
                     _ = s.token.cancelled() => return,
-                    res = read_loop(&s, rd, reader_fds) => res,
+                    res = read_loop(&s, rd, exact, reader_fds) => res,
                 };
                 let status = match res {
                     Ok(()) => Status::conn_lost("rpc conn closed by the server"),

@@ -10,5 +10,7 @@
 mod read;
 mod write;
 
-pub(crate) use read::{read_preamble, FrameReader, Oversize, BIG_FRAME};
+pub(crate) use read::{
+    read_preamble, writes_only_what_it_delivers, FrameReader, Oversize, BIG_FRAME,
+};
 pub(crate) use write::{Batch, FrameWriter, Outbox, WhenFull, WithFds};

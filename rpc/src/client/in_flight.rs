@@ -398,12 +398,19 @@ impl Drop for CallGuard<'_> {
     }
 }
 
-pub(super) async fn read_loop<R>(shared: &Shared, rd: R, fds: FdLink) -> Result<(), Error>
+/// Reads and dispatches the server's frames; `exact`: the conn writes only
+/// the bytes it delivers (see `FrameReader::writes_only_delivered`).
+pub(super) async fn read_loop<R>(
+    shared: &Shared,
+    rd: R,
+    exact: bool,
+    fds: FdLink,
+) -> Result<(), Error>
 where
     R: AsyncRead + Unpin,
 {
     let mut inbox = FdInbox::new(fds);
-    let mut reader = FrameReader::new(rd, &shared.config);
+    let mut reader = FrameReader::new(rd, &shared.config).writes_only_delivered(exact);
     let after = shared.config.handshake_timeout;
     tokio::time::timeout(after, read_preamble(reader.io_mut()))
         .await

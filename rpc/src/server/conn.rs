@@ -60,6 +60,7 @@ impl Server {
         let peer = &origin;
         let span = tracing::debug_span!("rpc_serve", peer = peer.label.as_deref().unwrap_or(""));
         let config = &self.inner.config;
+        let exact = crate::transport::writes_only_what_it_delivers(&conn);
         let (rd, wr) = tokio::io::split(conn);
         let mut inbox = FdInbox::new(fd_link.clone());
         let conn = Arc::new(ConnState::new(config));
@@ -79,7 +80,7 @@ impl Server {
             }
             .instrument(span.clone()),
         );
-        let mut reader = FrameReader::new(rd, config);
+        let mut reader = FrameReader::new(rd, config).writes_only_delivered(exact);
         let res = async {
             let after = config.handshake_timeout;
             tokio::time::timeout(after, read_preamble(reader.io_mut()))

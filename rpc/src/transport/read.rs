@@ -58,6 +58,12 @@ pub(crate) async fn read_preamble<R: AsyncRead + Unpin>(io: &mut R) -> Result<()
 /// is offered (tokio-util's `Compat` does) therefore commits and clears
 /// only about as much as it delivers. A frame must also complete within
 /// the frame deadline once it has begun.
+///
+/// A conn known to write only the bytes it delivers (a mux channel, see
+/// [`writes_only_what_it_delivers`]) is offered a large frame's whole rest
+/// (up to [`READ_MAX`]) at once, into a buffer that holds the frame (up to
+/// [`READ_MAX`] at first): a mux channel can then read the frame's bytes
+/// straight from its link into that buffer, with no copy on the way.
 pub(crate) struct FrameReader<R> {
     io: R,
     buf: BytesMut,
@@ -79,6 +85,19 @@ pub(crate) struct FrameReader<R> {
     /// peer learned ours, and is answered alone ([`Incoming::TooLarge`]);
     /// any larger one ends the conn.
     peer_max: usize,
+    /// The conn may write the whole span it is offered (zero-fill it, as
+    /// tokio-util's `Compat` does), so spans follow what arrived.
+    zero_fills: bool,
+}
+
+/// Whether `conn` writes only the bytes a read delivers into the room it is
+/// offered (never zero-fills the rest): true for a mux
+/// [`Conn`](netchan_mux::Conn), whose reads copy what its stream holds or
+/// read the link straight into that room. Any other conn is assumed to
+/// zero-fill, and its reader offers spans that follow what arrived.
+pub(crate) fn writes_only_what_it_delivers<T: 'static>(conn: &T) -> bool {
+    let any: &dyn std::any::Any = conn;
+    any.is::<netchan_mux::Conn>()
 }
 
 /// What [`FrameReader::next_frame`] read.
@@ -196,7 +215,16 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
             span: READ_MIN,
             skip: 0,
             peer_max: 0,
+            zero_fills: true,
         }
+    }
+
+    /// Records that the conn writes only the bytes it delivers (see
+    /// [`writes_only_what_it_delivers`]): a large frame's reads are then
+    /// offered its whole rest.
+    pub(crate) fn writes_only_delivered(mut self, yes: bool) -> FrameReader<R> {
+        self.zero_fills = !yes;
+        self
     }
 
     /// Sets the peer's announced `max_message_size` (see
@@ -264,7 +292,12 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
                 }
                 // Read at most the rest of this frame into its buffer,
                 // growing it only as far as this read can fill.
-                let want = (len - big.len()).min(self.span.min(READ_MAX));
+                let offer = if self.zero_fills {
+                    self.span.min(READ_MAX)
+                } else {
+                    READ_MAX
+                };
+                let want = (len - big.len()).min(offer);
                 if big.capacity() - big.len() < want {
                     big.reserve(want.max(big.len().min(len - big.len())));
                 }
@@ -357,11 +390,14 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
 
     /// An empty buffer for a `len`-byte frame: a pooled one whose previous
     /// frame is no longer referenced and that holds `len` bytes, or a new
-    /// one of [`BIG_START`] bytes (grown as the frame arrives).
+    /// one of [`BIG_START`] bytes (grown as the frame arrives), or of up to
+    /// [`READ_MAX`] bytes on a conn that writes only what it delivers (its
+    /// first read may fill that much).
     fn big_buffer(&mut self, len: usize) -> BytesMut {
+        let start = if self.zero_fills { BIG_START } else { READ_MAX };
         match self.big.iter_mut().position(|b| b.try_reclaim(len)) {
             Some(i) => self.big.swap_remove(i),
-            None => BytesMut::with_capacity(len.min(BIG_START.max(self.buf.len()))),
+            None => BytesMut::with_capacity(len.min(start.max(self.buf.len()))),
         }
     }
 }
@@ -655,6 +691,54 @@ mod tests {
         // The span grows back as reads fill it, up to the maximum.
         assert!(spans.contains(&READ_MAX) || spans.iter().max() > Some(&65_536));
         assert_eq!(next_span(usize::MAX), READ_MAX);
+    }
+
+    /// A conn that writes only what it delivers (a mux channel) is offered a
+    /// large frame's whole rest at once, into a buffer that holds it, even
+    /// after a read that delivered a few bytes: so a mux channel can read
+    /// the frame straight from its link into that buffer.
+    #[tokio::test]
+    async fn a_conn_that_writes_only_what_it_delivers_is_offered_a_large_frames_rest() {
+        const LEN: usize = 300_000;
+        let mut first = (LEN as u32).to_be_bytes().to_vec();
+        first.extend_from_slice(&[7; 10]);
+        let chunks = vec![first, vec![7u8; LEN - 10], frame_bytes(b"after")];
+        let mut r = FrameReader::with_limits(
+            ZeroFilling::new(chunks).then_eof(),
+            1 << 20,
+            Duration::from_secs(30),
+        )
+        .writes_only_delivered(true);
+        let frame = r.next_frame().await.unwrap().unwrap().body();
+        assert!(frame.len() == LEN && frame.iter().all(|&b| b == 7));
+        assert_eq!(r.io.delivered[..2], [14, LEN - 10]);
+        assert_eq!(
+            r.io.spans[1],
+            LEN - 10,
+            "the frame's whole rest offered at once"
+        );
+        assert_eq!(&r.next_frame().await.unwrap().unwrap().body()[..], b"after");
+        assert!(r.next_frame().await.unwrap().is_none());
+
+        // Any other conn is offered a span that follows what arrived.
+        let mut first = (LEN as u32).to_be_bytes().to_vec();
+        first.extend_from_slice(&[7; 10]);
+        let chunks = vec![first, vec![7u8; LEN - 10]];
+        let mut r = FrameReader::with_limits(
+            ZeroFilling::new(chunks).then_eof(),
+            1 << 20,
+            Duration::from_secs(30),
+        );
+        let frame = r.next_frame().await.unwrap().unwrap().body();
+        assert_eq!(frame.len(), LEN);
+        assert_eq!(r.io.spans[1], READ_MIN);
+    }
+
+    #[tokio::test]
+    async fn only_a_mux_conn_counts_as_writing_only_what_it_delivers() {
+        let (a, _b) = tokio::io::duplex(64);
+        assert!(!writes_only_what_it_delivers(&a));
+        assert!(!writes_only_what_it_delivers(&&[0u8][..]));
     }
 
     #[tokio::test(start_paused = true)]
