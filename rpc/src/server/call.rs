@@ -313,6 +313,7 @@ mod tests {
             None,
             Default::default(),
             token,
+            Arc::new(OnceLock::new()),
         );
         let running = tokio::spawn(call.run(handler, ctx, Input::Payload(payload), None));
 

@@ -341,10 +341,16 @@ impl Server {
             }
         };
         let span = tracing::debug_span!("rpc_call", id, method = %method);
-        let ctx = Context::new(method, metadata, deadline, peer.clone(), token.clone())
-            .with_request_fds(fds)
-            .with_end(Arc::clone(&end))
-            .with_abort(Arc::clone(&abort));
+        let ctx = Context::new(
+            method,
+            metadata,
+            deadline,
+            peer.clone(),
+            token.clone(),
+            Arc::clone(&end),
+        )
+        .with_request_fds(fds)
+        .with_abort(Arc::clone(&abort));
         let call = Call {
             conn: Arc::clone(conn),
             id,
