@@ -95,12 +95,15 @@ struct Inner {
 }
 
 impl Context {
+    /// A call's context; `end` is where the call's end reason is kept (shared with the
+    /// server, which sets it).
     pub(crate) fn new(
         method: String,
         metadata: Metadata,
         deadline: Option<Instant>,
         origin: Origin,
         cancel: CancellationToken,
+        end: Arc<OnceLock<EndReason>>,
     ) -> Context {
         Context {
             inner: Arc::new(Inner {
@@ -109,21 +112,13 @@ impl Context {
                 deadline,
                 origin,
                 cancel,
-                end: Arc::new(OnceLock::new()),
+                end,
                 trailers: Mutex::new(Metadata::new()),
                 request_fds: Mutex::new(Vec::new()),
                 reply_fds: Mutex::new(None),
                 abort: None,
             }),
         }
-    }
-
-    /// Shares the call's end reason with the server, which sets it.
-    pub(crate) fn with_end(mut self, end: Arc<OnceLock<EndReason>>) -> Context {
-        if let Some(inner) = Arc::get_mut(&mut self.inner) {
-            inner.end = end;
-        }
-        self
     }
 
     /// Hands the request's descriptors to the context (the server, before the handler runs).
@@ -155,6 +150,7 @@ impl Context {
             None,
             Origin::default(),
             CancellationToken::new(),
+            Arc::new(OnceLock::new()),
         )
     }
 

@@ -193,6 +193,11 @@ impl FdInbox {
             Header::Request { id, .. } | Header::Response { id, .. } => Some(id),
             _ => None,
         };
+        // Most conns never carry descriptors: no lookup (and no hashing of the
+        // id) then.
+        if self.per_call.is_empty() {
+            return Ok(Some((frame, Vec::new())));
+        }
         let fds = id
             .and_then(|id| self.per_call.remove(&id))
             .unwrap_or_default();

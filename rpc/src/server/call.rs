@@ -75,8 +75,8 @@ impl Call {
         input: Input,
         credits: Option<Arc<Semaphore>>,
     ) {
-        let method = ctx.method().to_owned();
-        // Kept to send the trailers the handler sets.
+        // Kept to send the trailers the handler sets (and to name the method
+        // in a failed response).
         let trailers = ctx.clone();
         // The request payload moves into the handler, which drops it once
         // decoded: a long call does not keep the received frame (often a
@@ -89,7 +89,7 @@ impl Call {
                 };
                 self.send_trailers(&trailers).await;
                 let fds = trailers.take_reply_fds();
-                self.respond(&method, outcome, fds).await;
+                self.respond(trailers.method(), outcome, fds).await;
                 return;
             }
             other => other,
@@ -313,6 +313,7 @@ mod tests {
             None,
             Default::default(),
             token,
+            Arc::new(OnceLock::new()),
         );
         let running = tokio::spawn(call.run(handler, ctx, Input::Payload(payload), None));
 

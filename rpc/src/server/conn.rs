@@ -342,10 +342,16 @@ impl Server {
             }
         };
         let span = tracing::debug_span!("rpc_call", id, method = %method);
-        let ctx = Context::new(method, metadata, deadline, peer.clone(), token.clone())
-            .with_request_fds(fds)
-            .with_end(Arc::clone(&end))
-            .with_abort(Arc::clone(&abort));
+        let ctx = Context::new(
+            method,
+            metadata,
+            deadline,
+            peer.clone(),
+            token.clone(),
+            Arc::clone(&end),
+        )
+        .with_request_fds(fds)
+        .with_abort(Arc::clone(&abort));
         let call = Call {
             conn: Arc::clone(conn),
             id,
@@ -354,27 +360,31 @@ impl Server {
             abort,
             end,
         };
-        let run = call.run(handler, ctx, input, credits).instrument(span);
+        // Boxed before it is spawned too: the task then holds a pointer, and
+        // tokio moves (and, when it completes, overwrites) that instead of
+        // the whole call's future.
+        let run = Box::pin(call.run(handler, ctx, input, credits).instrument(span));
         if streaming || waits.spawned(name) {
             tokio::spawn(run);
             return Ok(());
         }
-        // A unary handler that answers at once (most do) runs to its reply
-        // right here, without a task of its own: no spawn, no wake-up of a
-        // worker, and its reply joins the batch this frame arrived in. One
-        // that waits is moved into its own task (what its first poll
-        // registered may wake this reader once, spuriously). Either that or
-        // `INLINE_STRIKES` first polls that kept the reader busy past
-        // `INLINE_BUDGET` send the method's later calls on this conn straight
-        // to tasks, so a handler that computes at length delays the conn's
-        // other calls a few times, and one preemption of the reader (a busy
-        // machine) does not take the inline path away for good.
-        let mut run = Box::pin(run);
+        // A unary handler runs its first poll right here, without a task of
+        // its own: one that answers at once (most do) costs no spawn and no
+        // wake-up of a worker, and its reply joins the batch this frame
+        // arrived in; one that waits has already sent what it sends before
+        // its first wait (a call back to the caller, say) before it is moved
+        // into its own task (which polls it again; what the first poll
+        // registered may wake this reader once, spuriously), so the spawn is
+        // not on the way of that message. `INLINE_STRIKES` first polls that
+        // kept the reader busy past `INLINE_BUDGET` send the method's later
+        // calls on this conn straight to tasks, so a handler that computes at
+        // length delays the conn's other calls a few times, and one
+        // preemption of the reader (a busy machine) does not take the inline
+        // path away for good.
+        let mut run = run;
         let started = std::time::Instant::now();
         let pending = futures::poll!(run.as_mut()).is_pending();
-        if pending {
-            waits.waited(name);
-        } else if started.elapsed() > INLINE_BUDGET {
+        if started.elapsed() > INLINE_BUDGET {
             waits.over_budget(name);
         }
         if pending {
@@ -393,22 +403,18 @@ const INLINE_BUDGET: std::time::Duration = std::time::Duration::from_micros(200)
 const INLINE_STRIKES: u8 = 3;
 
 /// Per unary method, how its handler fared when polled in the reader on
-/// this conn: once it waited (did not answer on its first poll), or once it
-/// computed past [`INLINE_BUDGET`] [`INLINE_STRIKES`] times, its calls get a
-/// task at once, since a handler polled in the reader and then moved into a
-/// task costs more than one spawned straight away, and a long one would hold
-/// up the calls behind it. At most one entry per registered method.
+/// this conn: once its first poll computed past [`INLINE_BUDGET`]
+/// [`INLINE_STRIKES`] times, its calls get a task at once, so that a long
+/// handler does not hold up the calls behind it. At most one entry per
+/// registered method; empty while every handler keeps within the budget (the
+/// common case costs no lookup).
 #[derive(Default)]
 struct Waits<'s>(HashMap<&'s str, u8>);
 
 impl<'s> Waits<'s> {
     /// Whether `method`'s calls go straight to tasks.
     fn spawned(&self, method: &str) -> bool {
-        self.0.get(method).is_some_and(|&n| n >= INLINE_STRIKES)
-    }
-
-    fn waited(&mut self, method: &'s str) {
-        self.0.insert(method, INLINE_STRIKES);
+        !self.0.is_empty() && self.0.get(method).is_some_and(|&n| n >= INLINE_STRIKES)
     }
 
     fn over_budget(&mut self, method: &'s str) {
