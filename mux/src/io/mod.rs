@@ -10,7 +10,7 @@
 //! - `inbound.rs` — the read side: bytes in, frames to the core, and the read-through;
 //! - `outbound.rs` — the write side: vectored writes of the frames the core queued;
 //! - `side.rs` — turn-taking on one side between the driver and the handles;
-//! - `turns.rs` — the writers waiting for the link, woken one at a time;
+//! - `turns.rs` — the writers waiting for the link, woken one at a time (multi-thread);
 //! - this file — [`Link`], which owns both sides, the driver's wakers and the writers
 //!   waiting for the link, and the contract below.
 //!
@@ -31,7 +31,8 @@
 //! - **A writer of a large buffer** on a contended link, or on a socket that is full, waits
 //!   for the link to be free ([`Link::wait_for_link`], [`Link::try_write_direct`]) instead
 //!   of copying its bytes into the queue; whoever leaves the write side idle gives the turn
-//!   to the first of them (see `turns.rs`), and a turn nobody comes back for passes on.
+//!   to the first of them (see `turns.rs`; on a current-thread runtime it wakes them all),
+//!   and a turn nobody comes back for passes on.
 //! - **A reader** may take the read side only when the link's next bytes are the body of a
 //!   data frame for its own stream ([`Link::try_read_through`], the other fast path): it reads
 //!   them straight into its buffer, with the driver's waker. The driver leaves such a body on
@@ -267,12 +268,14 @@ impl Link {
 
     /// A write on stream `id` made straight from the caller's buffer: header and body leave
     /// in one vectored write, without copying the body, when nobody else is writing and
-    /// nothing is queued ahead. Whatever is queued ahead is written first (with the driver's
-    /// waker); if the link cannot take all of it now and `may_wait` (on a multi-thread
+    /// nothing is queued in the core. Whatever the write side holds is written first, with
+    /// the driver's waker; if the link cannot take all of it now and `may_wait` (on a multi-thread
     /// runtime), the writer waits for the link to be free, as a writer on a full socket does,
-    /// rather than have its bytes copied into the queue: it is registered while the write side is held, so whoever leaves the
-    /// link idle next (the driver, once the socket drains) wakes it. `None` when none of that
-    /// is possible right now (the caller then queues the write instead).
+    /// rather than have its bytes copied into the queue: it is registered while the write
+    /// side is held, so whoever leaves the link idle next (the driver, once the socket
+    /// drains) gives it its turn. A turn this stream was given is used up by the call, and
+    /// a call that leaves the link idle gives the next one. `None` when none of that is
+    /// possible right now (the caller then queues the write instead).
     pub(crate) fn try_write_direct(
         &self,
         core: &Core,
@@ -319,43 +322,34 @@ impl Link {
         may_wait: bool,
         waker: &Waker,
     ) -> Option<Poll<Result<usize, StreamError>>> {
-        let mut flush_first = !out.is_idle();
-        let mut retried = false;
-        let header = loop {
-            if flush_first {
-                match out.poll_send(cx, |q| core.lock().take_output(WRITE_BATCH, q)) {
-                    Ok((_, true)) => {}
-                    Ok((_, false)) => {
-                        // The socket is full (the driver is woken once it drains). On a
-                        // current-thread runtime the writer copies instead: there the wait
-                        // costs a pass of the whole runtime per drain, more than the copy (the
-                        // in-process bench's one channel ran 10-15% slower waiting).
-                        let multi_thread = self.multi_thread.load(Ordering::Relaxed);
-                        if !(may_wait && multi_thread && core.lock().can_write_now(id)) {
-                            return None;
-                        }
-                        self.add_waiter(id, waker);
-                        return Some(Poll::Pending);
-                    }
-                    Err(e) => {
-                        out.fail(e);
+        if !out.is_idle() {
+            match out.poll_send(cx, |q| core.lock().take_output(WRITE_BATCH, q)) {
+                Ok((_, true)) => {}
+                Ok((_, false)) => {
+                    // The socket is full (the driver is woken once it drains). On a
+                    // current-thread runtime the writer copies instead: there the wait costs
+                    // a pass of the whole runtime per drain, more than the copy (the
+                    // in-process bench's one channel ran 10-15% slower waiting).
+                    let multi_thread = self.multi_thread.load(Ordering::Relaxed);
+                    if !(may_wait && multi_thread && core.lock().can_write_now(id)) {
                         return None;
                     }
+                    self.add_waiter(id, waker);
+                    return Some(Poll::Pending);
+                }
+                Err(e) => {
+                    out.fail(e);
+                    return None;
                 }
             }
-            match core.lock().write_direct(id, buf.len(), waker) {
-                Some(Poll::Ready(Ok(Some(header)))) => break header,
-                Some(Poll::Ready(Ok(None))) => return Some(Poll::Ready(Ok(0))),
-                Some(Poll::Ready(Err(e))) => return Some(Poll::Ready(Err(e))),
-                Some(Poll::Pending) => return Some(Poll::Pending),
-                // Frames the core queued go first: written now, then this one (one retry;
-                // whatever is queued meanwhile makes the caller queue its write too).
-                None if retried => return None,
-                None => {
-                    retried = true;
-                    flush_first = true;
-                }
-            }
+        }
+        // `None` while the core has frames queued: they keep their order (the caller queues
+        // its write behind them).
+        let header = match core.lock().write_direct(id, buf.len(), waker)? {
+            Poll::Ready(Ok(Some(header))) => header,
+            Poll::Ready(Ok(None)) => return Some(Poll::Ready(Ok(0))),
+            Poll::Ready(Err(e)) => return Some(Poll::Ready(Err(e))),
+            Poll::Pending => return Some(Poll::Pending),
         };
         let n = header.length as usize;
         let sent = out
@@ -391,9 +385,11 @@ impl Link {
         self.add_waiter(id, waker);
         // Whoever holds the write side gives the turn on when it leaves the link idle (it
         // sees this waiter: the fence pairs with the one in `link_free`). If nobody holds it
-        // now, it was let go since we looked: the driver's next write gives the turn.
+        // now, it was let go since we looked: the driver's next write gives the turn. (On a
+        // current-thread runtime waking the driver costs no system call: it is always woken,
+        // as every waiter is there, see `give_turn`.)
         fence(Ordering::SeqCst);
-        if !self.outbound.is_taken(&self.driver) {
+        if !self.multi_thread.load(Ordering::Relaxed) || !self.outbound.is_taken(&self.driver) {
             self.driver.wake();
         }
         true
@@ -434,6 +430,20 @@ impl Link {
         // write side is seen here, or it sees the side let go.
         fence(Ordering::SeqCst);
         if !self.waiting.load(Ordering::SeqCst) {
+            return;
+        }
+        if !self.multi_thread.load(Ordering::Relaxed) {
+            // On a current-thread runtime waking every waiter costs no more than queueing
+            // their tasks, and they run in one pass of the runtime (the in-process bench's
+            // eight channels ran no faster one at a time), so all go, and nobody holds a turn.
+            let waiters = {
+                let mut waiters = self.waiters();
+                self.waiting.store(false, Ordering::SeqCst);
+                waiters.turns.drain()
+            };
+            for w in waiters {
+                w.wake();
+            }
             return;
         }
         let (waker, wake_driver) = {
