@@ -233,6 +233,7 @@ impl StreamHandle {
 impl Drop for StreamHandle {
     fn drop(&mut self) {
         self.shared.core().drop_handle(self.id);
+        self.shared.link.forget_writer(self.id);
         self.shared.link.wake_driver();
     }
 }

@@ -191,6 +191,7 @@ mod wakes {
     };
     use netchan_mux_proto::{FrameType, Header, HEADER_LEN, SYN};
     use netchan_testkit::counting_waker;
+    use std::task::Waker;
     use tokio::io::AsyncWriteExt;
 
     /// One turn of the driver's reading, by hand: reads what the link has (into the read
@@ -485,6 +486,112 @@ mod wakes {
             let rest = &frames[HEADER_LEN + WRITE..];
             assert_eq!(rest[..HEADER_LEN], first_header);
             assert!(rest[HEADER_LEN..].iter().all(|b| *b == 2));
+        })
+        .await;
+    }
+
+    /// Writers waiting for a full link are woken one at a time, first come first served,
+    /// not all at once; a writer given the turn that does not come back for it (its write
+    /// was dropped) holds the others up for no longer than the grace, and one whose stream
+    /// goes passes the turn on at once.
+    #[tokio::test(start_paused = true)]
+    async fn waiting_writers_take_turns_and_a_turn_left_unused_passes_on() {
+        netchan_testkit::within(10, "writers taking turns", async {
+            use tokio::io::AsyncReadExt;
+            const PIPE: usize = 16 * 1024;
+            const WRITE: usize = 64 * 1024;
+            let (mut peer, ours) = tokio::io::duplex(PIPE);
+            let (read, write) = transport::split(ours);
+            // Not started: the test plays the driver, as on a multi-thread runtime.
+            let shared = Arc::new(Shared::new(
+                Config::default(),
+                Mode::Server,
+                read,
+                write,
+                false,
+            ));
+            shared.link.set_multi_thread(true);
+            let (driver, driver_wakes) = counting_waker();
+            let mut driver_cx = Context::from_waker(&driver);
+            // The peer opens streams 1, 3 and 5; the driver takes them and sends the ACKs.
+            for id in [1, 3, 5] {
+                let header = Header::new(FrameType::Data, SYN, id, 1).encode();
+                peer.write_all(&header).await.unwrap();
+                peer.write_all(&[0]).await.unwrap();
+            }
+            let mut opened = Vec::new();
+            while opened.len() < 3 {
+                opened.extend(driver_turn(&shared, &mut driver_cx));
+            }
+            assert_eq!(opened, [1, 3, 5]);
+            let drive = |cx: &mut Context<'_>| {
+                shared.link.register_driver(&driver);
+                shared.link.poll_write(&shared.core, cx).unwrap()
+            };
+            assert_eq!(drive(&mut driver_cx), (true, true));
+            let mut got = 0;
+            let mut buf = vec![0u8; PIPE];
+            // Reads what the link holds until our side has written everything.
+            let mut drain = async |peer: &mut tokio::io::DuplexStream, cx: &mut Context<'_>| loop {
+                if drive(cx).1 {
+                    return;
+                }
+                got += peer.read(&mut buf).await.unwrap();
+            };
+            drain(&mut peer, &mut driver_cx).await;
+
+            let new_writer = |id| {
+                let (waker, wakes) = counting_waker();
+                let stream = RawStream::new(StreamHandle {
+                    id,
+                    shared: shared.clone(),
+                });
+                (stream, waker, wakes)
+            };
+            let (mut a, a_waker, a_wakes) = new_writer(1);
+            let (mut b, b_waker, b_wakes) = new_writer(3);
+            let (c, c_waker, c_wakes) = new_writer(5);
+            let mut c = Some(c);
+            let block = vec![7u8; WRITE];
+            let write = |stream: &mut RawStream, waker: &Waker| {
+                Pin::new(stream).poll_write(&mut Context::from_waker(waker), &block)
+            };
+
+            // A fills the link; then A, B and C all wait for it, in that order.
+            assert!(matches!(write(&mut a, &a_waker), Poll::Ready(Ok(WRITE))));
+            assert!(write(&mut a, &a_waker).is_pending());
+            assert!(write(&mut b, &b_waker).is_pending());
+            assert!(write(c.as_mut().unwrap(), &c_waker).is_pending());
+            let wakes = || (a_wakes.count(), b_wakes.count(), c_wakes.count());
+            assert_eq!(wakes(), (0, 0, 0));
+
+            // The link drains: A alone is woken.
+            drain(&mut peer, &mut driver_cx).await;
+            assert_eq!(wakes(), (1, 0, 0), "one writer at a time");
+            // A's write was dropped: after the grace the driver's timer passes the turn on.
+            let before = driver_wakes.count();
+            tokio::time::sleep(2 * crate::io::TURN_GRACE).await;
+            assert!(driver_wakes.count() > before, "the driver's timer fired");
+            drive(&mut driver_cx);
+            assert_eq!(wakes(), (1, 1, 0), "the unused turn passed on to B");
+
+            // B writes and fills the link, and waits again, behind C.
+            assert!(matches!(write(&mut b, &b_waker), Poll::Ready(Ok(WRITE))));
+            assert!(write(&mut b, &b_waker).is_pending());
+            drain(&mut peer, &mut driver_cx).await;
+            assert_eq!(wakes(), (1, 1, 1), "C's turn");
+            // C's stream goes before it writes: the turn passes on at once.
+            drop(c.take());
+            drive(&mut driver_cx);
+            assert_eq!(wakes(), (1, 2, 1), "B's turn again, without waiting");
+            assert!(matches!(write(&mut b, &b_waker), Poll::Ready(Ok(WRITE))));
+            drain(&mut peer, &mut driver_cx).await;
+            // Three ACKs, three data frames whole, and the FIN of C's stream.
+            let all = 4 * HEADER_LEN + 3 * (HEADER_LEN + WRITE);
+            while got < all {
+                got += peer.read(&mut buf).await.unwrap();
+            }
+            assert_eq!(got, all);
         })
         .await;
     }

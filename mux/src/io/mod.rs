@@ -10,6 +10,7 @@
 //! - `inbound.rs` — the read side: bytes in, frames to the core, and the read-through;
 //! - `outbound.rs` — the write side: vectored writes of the frames the core queued;
 //! - `side.rs` — turn-taking on one side between the driver and the handles;
+//! - `turns.rs` — the writers waiting for the link, woken one at a time (multi-thread);
 //! - this file — [`Link`], which owns both sides, the driver's wakers and the writers
 //!   waiting for the link, and the contract below.
 //!
@@ -29,8 +30,9 @@
 //!   finishes the write; the handle never waits on the socket.
 //! - **A writer of a large buffer** on a contended link, or on a socket that is full, waits
 //!   for the link to be free ([`Link::wait_for_link`], [`Link::try_write_direct`]) instead
-//!   of copying its bytes into the queue; whoever leaves the write side idle wakes the
-//!   waiters.
+//!   of copying its bytes into the queue; whoever leaves the write side idle gives the turn
+//!   to the first of them (see `turns.rs`; on a current-thread runtime it wakes them all),
+//!   and a turn nobody comes back for passes on.
 //! - **A reader** may take the read side only when the link's next bytes are the body of a
 //!   data frame for its own stream ([`Link::try_read_through`], the other fast path): it reads
 //!   them straight into its buffer, with the driver's waker. The driver leaves such a body on
@@ -46,6 +48,7 @@ mod inbound;
 mod outbound;
 mod side;
 pub(crate) mod transport;
+mod turns;
 
 pub(crate) use core_lock::{Core, CoreGuard};
 use futures::task::AtomicWaker;
@@ -58,13 +61,19 @@ use std::{
     io,
     pin::Pin,
     sync::{
-        atomic::{AtomicBool, AtomicU64, Ordering},
+        atomic::{fence, AtomicBool, AtomicU64, Ordering},
         Mutex, MutexGuard,
     },
     task::{Context, Poll, Waker},
 };
-use tokio::{io::ReadBuf, time::Instant};
+use tokio::{
+    io::ReadBuf,
+    time::{Instant, Sleep},
+};
 use transport::{LinkRead, LinkWrite};
+use turns::Turns;
+#[cfg(test)]
+pub(crate) use turns::TURN_GRACE;
 
 /// The session's clock, read by the core's timers and its flow control alike: tokio's clock
 /// (which tests may pause), as the `std` instant the core takes.
@@ -116,6 +125,15 @@ pub(crate) enum Read {
     Violation(Violation),
 }
 
+/// The writers waiting for the link, and whether the driver's timer watches the turn.
+#[derive(Default)]
+struct Waiters {
+    turns: Turns,
+    /// The driver's timer is armed for a turn (it re-arms it for the turn held when it fires):
+    /// whoever gives a turn while it is not must wake the driver to arm it.
+    timer_armed: bool,
+}
+
 /// The link of one session: its two sides, the driver's wakers and the writers waiting for
 /// it (see the module docs for who touches what when).
 pub(crate) struct Link {
@@ -128,10 +146,14 @@ pub(crate) struct Link {
     /// The read side, installed when the session is built.
     inbound: LinkSide<Inbound>,
     /// Writers of large buffers waiting for the link to be free, so that their bytes go out
-    /// straight from their buffers instead of being copied into the output queue; woken
-    /// whenever the link is left idle (see [`Link::wait_for_link`]). At most one per stream.
-    waiters: Mutex<Vec<Waker>>,
+    /// straight from their buffers instead of being copied into the output queue; one is
+    /// given the turn whenever the link is left idle (see [`Link::wait_for_link`]). At most
+    /// one per stream.
+    waiters: Mutex<Waiters>,
+    /// Whether `waiters` has anyone waiting or holding the turn (read without its lock).
     waiting: AtomicBool,
+    /// The driver's timer for the turn held now (see [`Link::poll_turn`]).
+    turn_timer: Mutex<Option<Pin<Box<Sleep>>>>,
     /// Set while the driver yields to the readers (see [`Link::poll_read`]).
     yielding: AtomicBool,
     /// The driver runs on a multi-thread runtime (see [`Link::wake_after_body`]).
@@ -152,8 +174,9 @@ impl Link {
             io_waker: Mutex::new(None),
             outbound: LinkSide::new(),
             inbound: LinkSide::new(),
-            waiters: Mutex::new(Vec::new()),
+            waiters: Mutex::new(Waiters::default()),
             waiting: AtomicBool::new(false),
+            turn_timer: Mutex::new(None),
             yielding: AtomicBool::new(false),
             multi_thread: AtomicBool::new(false),
             read_through: AtomicU64::new(0),
@@ -202,7 +225,14 @@ impl Link {
     pub(crate) fn release(&self) {
         *self.outbound.lock() = None;
         *self.inbound.lock() = None;
-        self.link_free();
+        let waiters = {
+            let mut waiters = self.waiters();
+            self.waiting.store(false, Ordering::SeqCst);
+            waiters.turns.drain()
+        };
+        for w in waiters {
+            w.wake();
+        }
     }
 
     // The handles' side.
@@ -238,12 +268,14 @@ impl Link {
 
     /// A write on stream `id` made straight from the caller's buffer: header and body leave
     /// in one vectored write, without copying the body, when nobody else is writing and
-    /// nothing is queued ahead. Whatever is queued ahead is written first (with the driver's
-    /// waker); if the link cannot take all of it now and `may_wait` (on a multi-thread
+    /// nothing is queued in the core. Whatever the write side holds is written first, with
+    /// the driver's waker; if the link cannot take all of it now and `may_wait` (on a multi-thread
     /// runtime), the writer waits for the link to be free, as a writer on a full socket does,
-    /// rather than have its bytes copied into the queue: it is registered while the write side is held, so whoever leaves the
-    /// link idle next (the driver, once the socket drains) wakes it. `None` when none of that
-    /// is possible right now (the caller then queues the write instead).
+    /// rather than have its bytes copied into the queue: it is registered while the write
+    /// side is held, so whoever leaves the link idle next (the driver, once the socket
+    /// drains) gives it its turn. A turn this stream was given is used up by the call, and
+    /// a call that leaves the link idle gives the next one. `None` when none of that is
+    /// possible right now (the caller then queues the write instead).
     pub(crate) fn try_write_direct(
         &self,
         core: &Core,
@@ -252,12 +284,46 @@ impl Link {
         may_wait: bool,
         waker: &Waker,
     ) -> Option<Poll<Result<usize, StreamError>>> {
+        // Back to write: a turn this stream was given is used now, whatever happens next.
+        if self.waiting.load(Ordering::SeqCst) {
+            let mut waiters = self.waiters();
+            waiters.turns.take(id);
+            self.waiting
+                .store(waiters.turns.is_busy(), Ordering::SeqCst);
+        }
         let io_waker = self.io_waker()?;
         let mut hold = self.outbound.try_hold(&self.driver)?;
         let out = hold.get()?;
         let mut cx = Context::from_waker(&io_waker);
+        let written = self.write_direct_held(out, &mut cx, core, id, buf, may_wait, waker);
+        let idle = out.is_idle();
+        let failed = out.has_failed();
+        drop(hold);
+        if failed {
+            // The link failed: the driver ends the session with the error kept.
+            self.driver.wake();
+        } else if idle {
+            self.link_free();
+        }
+        written
+    }
+
+    /// [`Link::try_write_direct`] with the write side held. An error of the link is kept in
+    /// `out` for the driver: `None` if it came before this write's frame, the frame's length
+    /// if after (the frame was written or queued, the session ends either way).
+    #[allow(clippy::too_many_arguments)]
+    fn write_direct_held(
+        &self,
+        out: &mut Outbound,
+        cx: &mut Context<'_>,
+        core: &Core,
+        id: u32,
+        buf: &[u8],
+        may_wait: bool,
+        waker: &Waker,
+    ) -> Option<Poll<Result<usize, StreamError>>> {
         if !out.is_idle() {
-            match out.poll_send(&mut cx, |q| core.lock().take_output(WRITE_BATCH, q)) {
+            match out.poll_send(cx, |q| core.lock().take_output(WRITE_BATCH, q)) {
                 Ok((_, true)) => {}
                 Ok((_, false)) => {
                     // The socket is full (the driver is woken once it drains). On a
@@ -268,17 +334,17 @@ impl Link {
                     if !(may_wait && multi_thread && core.lock().can_write_now(id)) {
                         return None;
                     }
-                    self.add_waiter(waker);
+                    self.add_waiter(id, waker);
                     return Some(Poll::Pending);
                 }
                 Err(e) => {
                     out.fail(e);
-                    drop(hold);
-                    self.driver.wake();
                     return None;
                 }
             }
         }
+        // `None` while the core has frames queued: they keep their order (the caller queues
+        // its write behind them).
         let header = match core.lock().write_direct(id, buf.len(), waker)? {
             Poll::Ready(Ok(Some(header))) => header,
             Poll::Ready(Ok(None)) => return Some(Poll::Ready(Ok(0))),
@@ -287,21 +353,14 @@ impl Link {
         };
         let n = header.length as usize;
         let sent = out
-            .write_frame(&mut cx, header.encode(), &buf[..n])
+            .write_frame(cx, header.encode(), &buf[..n])
             .and_then(|()| {
                 // Frames queued meanwhile, and the flush.
-                out.poll_send(&mut cx, |q| core.lock().take_output(WRITE_BATCH, q))
+                out.poll_send(cx, |q| core.lock().take_output(WRITE_BATCH, q))
                     .map(|_| ())
             });
-        let idle = out.is_idle();
         if let Err(e) = sent {
-            // The link failed: the driver ends the session with this error.
             out.fail(e);
-            drop(hold);
-            self.driver.wake();
-        } else if idle {
-            drop(hold);
-            self.link_free();
         }
         Some(Poll::Ready(Ok(n)))
     }
@@ -323,30 +382,117 @@ impl Link {
                 return false;
             }
         }
-        self.add_waiter(waker);
-        // The driver wakes the waiters once the link is idle, whoever holds it now.
-        self.driver.wake();
+        self.add_waiter(id, waker);
+        // Whoever holds the write side gives the turn on when it leaves the link idle (it
+        // sees this waiter: the fence pairs with the one in `link_free`). If nobody holds it
+        // now, it was let go since we looked: the driver's next write gives the turn. (On a
+        // current-thread runtime waking the driver costs no system call: it is always woken,
+        // as every waiter is there, see `give_turn`.)
+        fence(Ordering::SeqCst);
+        if !self.multi_thread.load(Ordering::Relaxed) || !self.outbound.is_taken(&self.driver) {
+            self.driver.wake();
+        }
         true
     }
 
-    /// Registers a writer waiting for the link (see [`Link::wait_for_link`]).
-    fn add_waiter(&self, waker: &Waker) {
-        let mut waiters = self.waiters.lock().unwrap_or_else(|e| e.into_inner());
-        if !waiters.iter().any(|w| w.will_wake(waker)) {
-            waiters.push(waker.clone());
+    /// Stream `id` is gone: its writer no longer waits for the link, and a turn it was given
+    /// passes on (the caller wakes the driver, whose next write gives it).
+    pub(crate) fn forget_writer(&self, id: u32) {
+        if self.waiting.load(Ordering::SeqCst) {
+            let mut waiters = self.waiters();
+            waiters.turns.forget(id);
+            self.waiting
+                .store(waiters.turns.is_busy(), Ordering::SeqCst);
         }
+    }
+
+    fn waiters(&self) -> MutexGuard<'_, Waiters> {
+        self.waiters.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Registers stream `id`'s writer as waiting for the link (see [`Link::wait_for_link`]).
+    fn add_waiter(&self, id: u32, waker: &Waker) {
+        let mut waiters = self.waiters();
+        waiters.turns.wait(id, waker);
         self.waiting.store(true, Ordering::SeqCst);
     }
 
-    /// The link is idle: wakes the writers waiting for it.
+    /// The link is idle: gives the turn to the first writer waiting for it, unless another
+    /// holds it (see `turns.rs`).
     fn link_free(&self) {
-        if self.waiting.swap(false, Ordering::SeqCst) {
-            let waiters =
-                std::mem::take(&mut *self.waiters.lock().unwrap_or_else(|e| e.into_inner()));
+        self.give_turn(false);
+    }
+
+    /// [`Link::link_free`]; `by_driver` when the driver calls it (it then arms its timer for
+    /// the turn itself, instead of being woken to).
+    fn give_turn(&self, by_driver: bool) {
+        // Pairs with the fence in `wait_for_link`: a writer that registered while we held the
+        // write side is seen here, or it sees the side let go.
+        fence(Ordering::SeqCst);
+        if !self.waiting.load(Ordering::SeqCst) {
+            return;
+        }
+        if !self.multi_thread.load(Ordering::Relaxed) {
+            // On a current-thread runtime waking every waiter costs no more than queueing
+            // their tasks, and they run in one pass of the runtime (the in-process bench's
+            // eight channels ran no faster one at a time), so all go, and nobody holds a turn.
+            let waiters = {
+                let mut waiters = self.waiters();
+                self.waiting.store(false, Ordering::SeqCst);
+                waiters.turns.drain()
+            };
             for w in waiters {
                 w.wake();
             }
+            return;
         }
+        let (waker, wake_driver) = {
+            let mut waiters = self.waiters();
+            let waker = waiters.turns.grant(Instant::now());
+            self.waiting
+                .store(waiters.turns.is_busy(), Ordering::SeqCst);
+            let unwatched = waiters.turns.expires().is_some() && !waiters.timer_armed;
+            (waker, unwatched && !by_driver)
+        };
+        if let Some(waker) = waker {
+            waker.wake();
+        }
+        if wake_driver {
+            self.driver.wake();
+        }
+    }
+
+    /// The driver's watch over the turn: a turn held past its grace (its writer's write was
+    /// dropped, say) passes on to the next waiter, within twice the grace; the driver's timer
+    /// is armed while somebody waits behind a turn.
+    fn poll_turn(&self, cx: &mut Context<'_>) {
+        // Bounded: each pass either gives the turn to a new waiter, whose grace lies ahead,
+        // or finds nobody holding it.
+        for _ in 0..4 {
+            let expires = {
+                let mut waiters = self.waiters();
+                let expires = waiters.turns.expires();
+                waiters.timer_armed = expires.is_some();
+                expires
+            };
+            let Some(at) = expires else {
+                return;
+            };
+            let mut timer = self.turn_timer.lock().unwrap_or_else(|e| e.into_inner());
+            let sleep = timer.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(at)));
+            // A sleep still pending for an earlier turn is left as it is (no timer update per
+            // turn): when it fires, it is armed for the turn held then.
+            if sleep.is_elapsed() {
+                sleep.as_mut().reset(at);
+            }
+            if sleep.as_mut().poll(cx).is_pending() {
+                return;
+            }
+            drop(timer);
+            self.give_turn(true);
+        }
+        // Still due after that many passes (a clock jump): look again on the next turn.
+        cx.waker().wake_by_ref();
     }
 
     /// A read on stream `id` made straight from the link into the caller's buffer, when the
@@ -507,8 +653,9 @@ impl Link {
         let sent = out.poll_send(cx, |q| core.lock().take_output(WRITE_BATCH, q));
         drop(guard);
         if matches!(sent, Ok((_, true))) {
-            self.link_free();
+            self.give_turn(true);
         }
+        self.poll_turn(cx);
         sent
     }
 

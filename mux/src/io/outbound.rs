@@ -96,6 +96,11 @@ impl Outbound {
         Ok(())
     }
 
+    /// Whether a write error met outside the driver waits for the driver.
+    pub(crate) fn has_failed(&self) -> bool {
+        self.failed.is_some()
+    }
+
     /// Records a write error met outside the driver.
     pub(crate) fn fail(&mut self, e: io::Error) {
         self.failed.get_or_insert(e);
