@@ -44,9 +44,9 @@ struct ReadState {
 }
 
 impl ReadState {
-    /// The next chunk. Reads and checks that the file is still the version it was when opened
-    /// at the end; hashes on the blocking pool, and when nothing needs hashing reads on this
-    /// thread what the page cache holds and the rest on the blocking pool.
+    /// The next chunk. Reads on this thread what the page cache holds and the rest on the
+    /// blocking pool, checks at the end that the file is still the version it was when
+    /// opened, and unless the digest is known hashes the chunk here, in slices.
     async fn step(&mut self) -> Result<Chunk, ExportError> {
         let offset = self.offset;
         let v = self.file.version();
@@ -60,15 +60,33 @@ impl ReadState {
         let buf = vec![0u8; len];
         let (buf, got, digest) = match self.known {
             Some(digest) => {
-                let (buf, got) = self.read_known(buf, offset, len, eof).await?;
+                let (buf, got) = self.fill(buf, offset, len, eof).await?;
                 (buf, got, eof.then_some(digest))
             }
             None => {
-                let (start, hasher) = (self.start, self.hasher.take());
-                let (buf, got, hasher, digest) = self
-                    .file
-                    .blocking(move |f| read_hashing(f, buf, offset, start, len, want, eof, hasher))
-                    .await?;
+                let mut hasher = match self.hasher.take() {
+                    Some(h) => h,
+                    None => {
+                        // A resumed read hashes the prefix first (long: blocking pool).
+                        let start = self.start;
+                        self.file
+                            .blocking(move |f| {
+                                let mut h = new_hasher();
+                                if start > 0 {
+                                    hash_prefix(f, start.min(f.size()), &mut h)?;
+                                }
+                                Ok(h)
+                            })
+                            .await?
+                    }
+                };
+                let (buf, got) = self.fill(buf, offset, len, eof).await?;
+                hash_in_slices(&mut hasher, &buf[..got.min(want)]).await;
+                let digest = (eof && got == want).then(|| {
+                    let mut d: Digest = [0; DIGEST_LEN];
+                    d.copy_from_slice(hasher.clone().finish().as_ref());
+                    d
+                });
                 self.hasher = Some(hasher);
                 if let Some(d) = digest {
                     let kept =
@@ -102,10 +120,10 @@ impl ReadState {
         })
     }
 
-    /// Reads `len` bytes at `offset` into `buf` when nothing needs hashing: on this thread
-    /// what the page cache holds, the rest on the blocking pool (with, on the last chunk, the
-    /// check that the file did not change).
-    async fn read_known(
+    /// Reads `len` bytes at `offset` into `buf`: on this thread what the page cache holds,
+    /// the rest on the blocking pool (with, on the last chunk, the check that the file did not
+    /// change).
+    async fn fill(
         &self,
         mut buf: Vec<u8>,
         offset: u64,
@@ -131,46 +149,21 @@ impl ReadState {
     }
 }
 
-/// One chunk of a read that hashes (blocking): `len` bytes at `offset` into `buf`, fed into
-/// `hasher` after the prefix `[0, start)` on a resumed read's first chunk; on the last chunk
-/// (`eof`), the check that the file did not change and the digest. Returns the buffer, the
-/// bytes read, the hasher and, at the end, the digest.
-#[allow(clippy::too_many_arguments)] // one blocking call's inputs
-fn read_hashing(
-    f: &OpenFile,
-    mut buf: Vec<u8>,
-    offset: u64,
-    start: u64,
-    len: usize,
-    want: usize,
-    eof: bool,
-    hasher: Option<ring::digest::Context>,
-) -> Result<(Vec<u8>, usize, ring::digest::Context, Option<Digest>), ExportError> {
-    let mut hasher = match hasher {
-        Some(h) => h,
-        None => {
-            let mut h = new_hasher();
-            if start > 0 {
-                hash_prefix(f, start.min(f.size()), &mut h)?;
-            }
-            h
+/// Most bytes hashed in one poll: about 50 µs of SHA-256, so that hashing on an async worker
+/// never holds it long.
+const HASH_SLICE: usize = 64 * 1024;
+
+/// Feeds `data` into `hasher` on this thread, yielding to the runtime between slices of
+/// [`HASH_SLICE`] bytes.
+async fn hash_in_slices(hasher: &mut ring::digest::Context, data: &[u8]) {
+    let mut slices = data.chunks(HASH_SLICE).peekable();
+    // Bounded by the data's length.
+    while let Some(slice) = slices.next() {
+        hasher.update(slice);
+        if slices.peek().is_some() {
+            tokio::task::yield_now().await;
         }
-    };
-    let got = f.read_into(offset, &mut buf[..len])?;
-    if got != want {
-        // The caller reports it.
-        return Ok((buf, got, hasher, None));
     }
-    hasher.update(&buf[..want]);
-    let digest = if eof {
-        f.check_unchanged()?;
-        let mut d: Digest = [0; DIGEST_LEN];
-        d.copy_from_slice(hasher.clone().finish().as_ref());
-        Some(d)
-    } else {
-        None
-    };
-    Ok((buf, got, hasher, digest))
 }
 
 /// Feeds `[0, len)` of `f` into `hasher`, chunk by chunk.
