@@ -4,18 +4,22 @@
 //!
 //! A real `share hub` and real `share --serve` exporters; the reader of the first two parts is
 //! in-process (the hand-written client of tests/common/raw.rs) and checks every byte.
-//! 1. Loopback: a get of `--mib` MiB through the hub against a raw TCP copy of the same bytes.
+//! 1. Loopback: a get of `--mib` MiB through the hub against a raw TCP copy of the same bytes,
+//!    and the CPU time (user + system, from /proc) per GiB of the hub and of the exporter.
 //! 2. The exporter 50 ms away at 1 Gbit/s (`Link::wan` of `netchan_testkit::proxy`, the
 //!    bandwidth-delay product in flight per direction), a get of `--wan-mib` MiB against a
 //!    raw TCP copy through an identical proxy.
 //! 3. `--concurrent` readers (one connection each) getting `--concurrent-mib` MiB at once
-//!    from the loopback exporter: the hub process's CPU time (user + system, from /proc) per
-//!    GiB forwarded and its largest resident set size during the run.
+//!    from the loopback exporter: the hub's and the exporter's CPU time per GiB forwarded and
+//!    the hub's largest resident set size during the run.
 //! 4. The real `share` client in scripted mode (commands on stdin): `get -f near big.bin
 //!    FILE` (into a file) against `get near big.bin -` (to stdout, into /dev/null), whole
-//!    process wall time.
+//!    process wall time, and the client's CPU time per GiB.
 //!
-//! Prints the median of `--runs` runs of each, and the ratio raw time / hub time.
+//! Prints the median of `--runs` runs of each, and the ratio raw time / hub time. The
+//! exporter's CPU is also printed run by run: it hashes a file on its first read and keeps the
+//! digest for later reads of the same version (if the file was not changed in the two seconds
+//! before that read), so the first run shows the cost with hashing and the others without.
 
 #[path = "../src/auth.rs"]
 #[allow(dead_code, unused_imports, unreachable_pub, missing_docs)]
@@ -146,8 +150,9 @@ fn median_f(mut v: Vec<f64>) -> f64 {
 }
 
 /// Runs `share` as a client of `hub` in scripted mode with `script` on stdin, its stdout into
-/// /dev/null; returns the wall time of the whole process. Panics unless it exits 0.
-fn scripted(hub: SocketAddr, root: &Path, name: &str, script: &str) -> Duration {
+/// /dev/null; returns the wall time of the whole process and its CPU time. Panics unless it
+/// exits 0.
+fn scripted(hub: SocketAddr, root: &Path, name: &str, script: &str) -> (Duration, Duration) {
     let start = Instant::now();
     let mut child = share()
         .args(["--name", name, "--root"])
@@ -164,13 +169,42 @@ fn scripted(hub: SocketAddr, root: &Path, name: &str, script: &str) -> Duration 
         .expect("stdin")
         .write_all(script.as_bytes())
         .expect("write the script");
+    // The CPU time is read from /proc once the process has exited but before it is reaped
+    // (a zombie keeps its times). Bounded by the client's own time limits.
+    let pid = child.id();
+    let mut cpu = Duration::ZERO;
+    loop {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        let state = stat
+            .rsplit_once(')')
+            .and_then(|(_, r)| r.split_whitespace().next());
+        if matches!(state, Some("Z" | "X") | None) {
+            cpu = cpu.max(cpu_time(pid));
+            break;
+        }
+        cpu = cpu_time(pid);
+        std::thread::sleep(Duration::from_millis(5));
+    }
     let out = child.wait_with_output().expect("scripted client");
     assert!(
         out.status.success(),
         "scripted client failed: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    start.elapsed()
+    (start.elapsed(), cpu)
+}
+
+/// CPU seconds per GiB of `bytes`.
+fn per_gib(cpu: Duration, bytes: usize) -> f64 {
+    cpu.as_secs_f64() / (bytes as f64 / f64::from(1u32 << 30))
+}
+
+/// Values with two decimals, separated by spaces.
+fn list(v: &[f64]) -> String {
+    v.iter()
+        .map(|x| format!("{x:.2}"))
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 fn main() {
@@ -223,8 +257,8 @@ fn main() {
                     .expect("start an exporter"),
             )
         };
-        let _near = exporter("near", hub_addr);
-        let _far = exporter("far", proxy.addr());
+        let near = exporter("near", hub_addr);
+        let far = exporter("far", proxy.addr());
         let (_session, hub) = raw::join(hub_addr, raw::source(1), "reader".into()).await;
         let t0 = Instant::now();
         // Bounded by 60 s.
@@ -236,16 +270,28 @@ fn main() {
             assert!(t0.elapsed() < Duration::from_secs(60), "exporters missing");
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        for (label, peer, path, size, link) in [
-            ("loopback", "near", "big.bin", mib, None),
-            ("50 ms RTT, 1 Gbit/s", "far", "wan.bin", wan_mib, Some(far_link)),
+        for (label, peer, path, size, link, exporter_pid) in [
+            ("loopback", "near", "big.bin", mib, None, near.0.id()),
+            (
+                "50 ms RTT, 1 Gbit/s",
+                "far",
+                "wan.bin",
+                wan_mib,
+                Some(far_link),
+                far.0.id(),
+            ),
         ] {
             let bytes = &data[..size << 20];
             let mut hub_times = Vec::new();
             let mut raw_times = Vec::new();
             let mut ratios = Vec::new();
+            let mut hub_cpu = Vec::new();
+            let mut exporter_cpu = Vec::new();
             for _ in 0..runs {
+                let (hub0, exp0) = (cpu_time(hub_pid), cpu_time(exporter_pid));
                 let h = get(&hub, peer, path, bytes).await;
+                hub_cpu.push(per_gib(cpu_time(hub_pid) - hub0, bytes.len()));
+                exporter_cpu.push(per_gib(cpu_time(exporter_pid) - exp0, bytes.len()));
                 let r = raw_copy(bytes, link).await;
                 ratios.push(r.as_secs_f64() / h.as_secs_f64());
                 hub_times.push(h);
@@ -262,6 +308,12 @@ fn main() {
                 rate(r),
                 median_f(ratios)
             );
+            println!(
+                "{label}: CPU per GiB: hub {:.2} core-s; exporter {:.2} core-s (runs in order: {})",
+                median_f(hub_cpu),
+                median_f(exporter_cpu.clone()),
+                list(&exporter_cpu)
+            );
         }
         let mut readers = Vec::new();
         for i in 0..concurrent {
@@ -269,6 +321,7 @@ fn main() {
         }
         let bytes = &data[..concurrent_mib << 20];
         let mut cpu = Vec::new();
+        let mut exporter_cpu = Vec::new();
         let mut peak = Vec::new();
         let mut took = Vec::new();
         for _ in 0..runs {
@@ -286,6 +339,7 @@ fn main() {
                 })
             };
             let before = cpu_time(hub_pid);
+            let exporter_before = cpu_time(near.0.id());
             let start = Instant::now();
             futures::future::join_all(
                 readers
@@ -295,29 +349,41 @@ fn main() {
             .await;
             took.push(start.elapsed());
             let spent = cpu_time(hub_pid) - before;
+            let exporter_spent = cpu_time(near.0.id()) - exporter_before;
             done.store(true, Ordering::Relaxed);
             peak.push(sampler.join().expect("rss sampler"));
             let gib = (concurrent * concurrent_mib) as f64 / 1024.0;
             cpu.push(spent.as_secs_f64() / gib);
+            exporter_cpu.push(exporter_spent.as_secs_f64() / gib);
         }
         println!(
             "{concurrent} concurrent gets of {concurrent_mib} MiB: {:.3} s; hub CPU {:.3} core-s per \
-             GiB forwarded; hub RSS at most {:.1} MiB (median of {runs})",
+             GiB forwarded; hub RSS at most {:.1} MiB (median of {runs}); exporter CPU {:.2} \
+             core-s per GiB (runs in order: {})",
             median(took).as_secs_f64(),
             median_f(cpu),
-            median_f(peak.into_iter().map(|b| b as f64).collect()) / f64::from(1 << 20)
+            median_f(peak.into_iter().map(|b| b as f64).collect()) / f64::from(1 << 20),
+            median_f(exporter_cpu.clone()),
+            list(&exporter_cpu)
         );
         // The real client, scripted: into a file against to stdout (blocking this thread only;
         // the proxy runs on the runtime's workers).
         let target = downloads.join("big.bin");
         let mut to_file = Vec::new();
         let mut to_stdout = Vec::new();
+        let mut file_cpu = Vec::new();
+        let mut stdout_cpu = Vec::new();
+        let size = mib << 20;
         for run in 0..runs {
             let name = format!("stdout{run}");
-            to_stdout.push(scripted(hub_addr, &downloads, &name, "get near big.bin -\n"));
+            let (t, c) = scripted(hub_addr, &downloads, &name, "get near big.bin -\n");
+            to_stdout.push(t);
+            stdout_cpu.push(per_gib(c, size));
             let script = format!("get -f near big.bin {}\n", target.display());
             let name = format!("file{run}");
-            to_file.push(scripted(hub_addr, &downloads, &name, &script));
+            let (t, c) = scripted(hub_addr, &downloads, &name, &script);
+            to_file.push(t);
+            file_cpu.push(per_gib(c, size));
             assert_eq!(
                 std::fs::metadata(&target).expect("the copy").len(),
                 (mib << 20) as u64
@@ -345,6 +411,12 @@ fn main() {
             o.as_secs_f64(),
             f.as_secs_f64() / o.as_secs_f64(),
             median(plain_write).as_secs_f64()
+        );
+        println!(
+            "share scripted, {mib} MiB: the client's CPU per GiB: get into a file {:.2} core-s; \
+             get - {:.2} core-s (median of {runs})",
+            median_f(file_cpu),
+            median_f(stdout_cpu)
         );
     });
     drop(hub_proc);

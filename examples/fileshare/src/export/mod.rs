@@ -15,7 +15,10 @@
 //! can never become the controlling terminal.
 //!
 //! Files are read in chunks of at most [`CHUNK_SIZE`] bytes with positioned reads on the open
-//! descriptor; a file is never held in memory as a whole.
+//! descriptor; a file is never held in memory as a whole. A chunk the page cache holds is read
+//! without waiting for the disk ([`OpenFile::read_cached`]), on the calling thread; the rest on
+//! the blocking pool. The SHA-256 of a file read whole is kept for its next reads
+//! ([`digests`]).
 //!
 //! Hidden files and directories (a name starting with `.`) are neither listed nor served unless
 //! the sharer opted in ([`Root::open`]'s `show_hidden`): a path with a hidden component is
@@ -26,12 +29,15 @@
 use std::io;
 use std::path::{Component, Path, PathBuf};
 use std::sync::Arc;
+use std::time::SystemTime;
 
 use cap_std::ambient_authority;
 use cap_std::fs::{Dir, FileType, FileTypeExt, OpenOptions, OpenOptionsExt};
 
 use crate::proto::{Entry, Kind, Listing};
+use digests::{Digests, FileId};
 
+pub(crate) mod digests;
 mod service;
 
 pub(crate) use service::export_server;
@@ -294,6 +300,8 @@ pub(crate) struct Root {
     access_log: Option<AccessLog>,
     /// Whether files with more than one hard link are served (default: no).
     allow_hard_links: bool,
+    /// Digests of files read whole, for their next reads.
+    digests: Arc<Digests>,
 }
 
 /// Where the exporter reports each access to its files (`alice read notes.txt`), so the
@@ -320,7 +328,21 @@ impl Root {
             show_hidden: false,
             access_log: None,
             allow_hard_links: false,
+            digests: Arc::new(Digests::new(digests::SETTLE)),
         })
+    }
+
+    /// Keeps the digests of files changed at least `settle` before their read (tests only:
+    /// files written by a test are younger than [`digests::SETTLE`]).
+    #[cfg(test)]
+    pub(crate) fn digest_settle(mut self, settle: std::time::Duration) -> Root {
+        self.digests = Arc::new(Digests::new(settle));
+        self
+    }
+
+    /// The digests of files read whole.
+    pub(crate) fn digests(&self) -> &Digests {
+        &self.digests
     }
 
     /// Serves hidden files and directories too (if `yes`).
@@ -474,11 +496,23 @@ impl Root {
             });
         }
         let file = file.into_std();
+        // Before the stat: a change after this instant is stamped no earlier (see `digests`).
+        let opened_at = SystemTime::now();
         let meta = file.metadata().map_err(|e| ExportError::from_io(path, e))?;
+        let id = {
+            use std::os::unix::fs::MetadataExt;
+            FileId {
+                dev: meta.dev(),
+                ino: meta.ino(),
+            }
+        };
         Ok(OpenFile {
             file: Arc::new(file),
             version: Version::of(&meta),
             path: path.to_owned(),
+            id,
+            opened_at,
+            nowait: Arc::new(std::sync::atomic::AtomicBool::new(true)),
         })
     }
 
@@ -523,7 +557,7 @@ pub(crate) struct Version {
     /// Modification time: seconds since the epoch and nanoseconds.
     pub(crate) mtime: (i64, u32),
     /// Change time (also moves on `touch -m` back to an old mtime).
-    ctime: (i64, u32),
+    pub(crate) ctime: (i64, u32),
     /// Permission bits (`st_mode & 0o7777`).
     pub(crate) mode: u32,
 }
@@ -562,6 +596,23 @@ pub(crate) struct OpenFile {
     file: Arc<std::fs::File>,
     version: Version,
     path: String,
+    /// Device and inode.
+    id: FileId,
+    /// Just before the version was taken.
+    opened_at: SystemTime,
+    /// Whether reads without waiting (`RWF_NOWAIT`) are still worth trying on this file
+    /// (cleared when the file system does not support them).
+    nowait: Arc<std::sync::atomic::AtomicBool>,
+}
+
+/// How far [`OpenFile::read_cached`] got.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Filled {
+    /// Bytes read into the start of the buffer.
+    pub(crate) len: usize,
+    /// Whether the read is over: the buffer is full or the end of the file was reached. If
+    /// not, the rest is not in the page cache (or the file system cannot tell).
+    pub(crate) done: bool,
 }
 
 impl OpenFile {
@@ -597,19 +648,43 @@ impl OpenFile {
         &self.path
     }
 
-    /// Reads up to `max` bytes at `offset` (fewer only at end of file; empty at or past it).
-    pub(crate) fn read_at(&self, offset: u64, max: usize) -> Result<Vec<u8>, ExportError> {
-        use std::os::unix::fs::FileExt;
+    /// Which file this is (device and inode).
+    pub(crate) fn id(&self) -> FileId {
+        self.id
+    }
+
+    /// When the file was opened, just before its version was taken.
+    pub(crate) fn opened_at(&self) -> SystemTime {
+        self.opened_at
+    }
+
+    fn check_offset(&self, offset: u64) -> Result<(), ExportError> {
         if offset > crate::proto::MAX_OFFSET {
             return Err(ExportError::BadOffset {
                 path: self.path.clone(),
                 offset,
             });
         }
+        Ok(())
+    }
+
+    /// Reads up to `max` bytes at `offset` (fewer only at end of file; empty at or past it).
+    #[cfg(test)]
+    pub(crate) fn read_at(&self, offset: u64, max: usize) -> Result<Vec<u8>, ExportError> {
         let mut buf = vec![0u8; max];
+        let filled = self.read_into(offset, &mut buf)?;
+        buf.truncate(filled);
+        Ok(buf)
+    }
+
+    /// Fills `buf` with the bytes at `offset`; returns how many (fewer than `buf.len()` only
+    /// at end of file). Blocking.
+    pub(crate) fn read_into(&self, offset: u64, buf: &mut [u8]) -> Result<usize, ExportError> {
+        use std::os::unix::fs::FileExt;
+        self.check_offset(offset)?;
         let mut filled = 0;
         // Bounded: each iteration either fills more of `buf` or ends the loop.
-        while filled < max {
+        while filled < buf.len() {
             match self
                 .file
                 .read_at(&mut buf[filled..], offset.saturating_add(filled as u64))
@@ -620,8 +695,42 @@ impl OpenFile {
                 Err(e) => return Err(ExportError::from_io(&self.path, e)),
             }
         }
-        buf.truncate(filled);
-        Ok(buf)
+        Ok(filled)
+    }
+
+    /// Reads into `buf` what the page cache holds of the bytes at `offset`, without waiting
+    /// for the disk (`preadv2` with `RWF_NOWAIT`), so it may run on an async worker. Stops at
+    /// the first byte that would need the disk (whose read the kernel then starts) and tells
+    /// whether the read is over; on a file system without such reads, reads nothing.
+    pub(crate) fn read_cached(&self, offset: u64, buf: &mut [u8]) -> Result<Filled, ExportError> {
+        use rustix::io::{Errno, IoSliceMut, ReadWriteFlags};
+        use std::sync::atomic::Ordering;
+        self.check_offset(offset)?;
+        let mut len = 0;
+        if !self.nowait.load(Ordering::Relaxed) {
+            return Ok(Filled { len, done: false });
+        }
+        // Bounded: each iteration either fills more of `buf` or ends the loop.
+        while len < buf.len() {
+            let at = offset.saturating_add(len as u64);
+            match rustix::io::preadv2(
+                &*self.file,
+                &mut [IoSliceMut::new(&mut buf[len..])],
+                at,
+                ReadWriteFlags::NOWAIT,
+            ) {
+                Ok(0) => return Ok(Filled { len, done: true }),
+                Ok(n) => len += n,
+                Err(Errno::INTR) => continue,
+                Err(Errno::AGAIN) => return Ok(Filled { len, done: false }),
+                Err(Errno::OPNOTSUPP | Errno::NOSYS) => {
+                    self.nowait.store(false, Ordering::Relaxed);
+                    return Ok(Filled { len, done: false });
+                }
+                Err(e) => return Err(ExportError::from_io(&self.path, e.into())),
+            }
+        }
+        Ok(Filled { len, done: true })
     }
 
     /// [`OpenFile::read_at`] on the blocking pool. Cancel-safe.
