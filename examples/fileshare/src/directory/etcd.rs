@@ -345,8 +345,22 @@ impl Directory for Etcd {
         })
     }
 
+    /// The watched copy's names, and this hub's own claims at once: a name this hub has just
+    /// claimed is listed here before its watch event comes back.
     fn names(&self) -> Vec<String> {
-        self.shared.lock().copy.names()
+        let state = self.shared.lock();
+        let now = Instant::now();
+        let mut names = state.copy.names();
+        names.extend(
+            state
+                .held
+                .keys()
+                .filter(|name| holds(&state, name, now))
+                .cloned(),
+        );
+        names.sort_unstable();
+        names.dedup();
+        names
     }
 
     fn hubs(&self) -> Vec<HubInfo> {

@@ -177,7 +177,8 @@ pub(crate) trait Directory: Send + Sync + 'static {
     /// returned only while [`Directory::holds`] is true for it.
     fn lookup(&self, name: &str) -> Option<Holder>;
 
-    /// Every published name in the fleet, sorted, from the local watched copy.
+    /// Every published name in the fleet, sorted, from the local watched copy; a name this
+    /// hub has claimed is in it as soon as its publish returns.
     fn names(&self) -> Vec<String>;
 
     /// The hubs of the fleet (this one included once it is registered), sorted by id.

@@ -149,6 +149,8 @@ async fn publish_release_lookup_and_watch_between_two_hubs() {
 
     a.publish("bob").await.unwrap();
     assert!(a.holds("bob"));
+    // Listed by its own hub as soon as the publish returns, before the watch brings it back.
+    assert_eq!(a.names(), ["bob"]);
     assert_eq!(
         a.lookup("bob"),
         Some(Holder {
