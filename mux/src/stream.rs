@@ -194,6 +194,15 @@ mod wakes {
     use std::task::Waker;
     use tokio::io::AsyncWriteExt;
 
+    /// A server session over a duplex pipe of `pipe` bytes whose driver is not started: the
+    /// test plays the driver by hand. Returns the peer's end and the session's core.
+    fn hand_driven(pipe: usize) -> (tokio::io::DuplexStream, Arc<Shared>) {
+        let (peer, ours) = tokio::io::duplex(pipe);
+        let (read, write) = transport::split(ours);
+        let shared = Shared::new(Config::default(), Mode::Server, read, write, false);
+        (peer, Arc::new(shared))
+    }
+
     /// One turn of the driver's reading, by hand: reads what the link has (into the read
     /// buffer) and parses it. Returns the streams the peer opened.
     fn driver_turn(shared: &Shared, cx: &mut Context<'_>) -> Vec<u32> {
@@ -220,17 +229,9 @@ mod wakes {
     /// left to come back by itself.
     #[tokio::test]
     async fn a_read_through_that_ends_a_body_wakes_the_driver() {
-        let (mut peer, ours) = tokio::io::duplex(1 << 20);
-        let (read, write) = transport::split(ours);
         // Not started: the test plays the driver (on a current-thread runtime). Our window
         // updates go out to the peer (unread here) without waking the driver.
-        let shared = Arc::new(Shared::new(
-            Config::default(),
-            Mode::Server,
-            read,
-            write,
-            false,
-        ));
+        let (mut peer, shared) = hand_driven(1 << 20);
         let (driver, driver_wakes) = counting_waker();
         shared.link.register_driver(&driver);
         // Stream 1, opened by the peer: three large bodies (within the first window).
@@ -321,16 +322,8 @@ mod wakes {
     /// read through: the bulk stream's bytes are not copied out of the read buffer.
     #[tokio::test]
     async fn small_frames_between_large_bodies_keep_the_bodies_read_through() {
-        let (mut peer, ours) = tokio::io::duplex(1 << 20);
-        let (read, write) = transport::split(ours);
         // Not started: the test plays the driver.
-        let shared = Arc::new(Shared::new(
-            Config::default(),
-            Mode::Server,
-            read,
-            write,
-            false,
-        ));
+        let (mut peer, shared) = hand_driven(1 << 20);
         let (driver, _) = counting_waker();
         shared.link.register_driver(&driver);
         const LARGE: usize = 48 * 1024;
@@ -398,16 +391,8 @@ mod wakes {
             use tokio::io::AsyncReadExt;
             const PIPE: usize = 16 * 1024;
             const WRITE: usize = 64 * 1024;
-            let (mut peer, ours) = tokio::io::duplex(PIPE);
-            let (read, write) = transport::split(ours);
             // Not started: the test plays the driver.
-            let shared = Arc::new(Shared::new(
-                Config::default(),
-                Mode::Server,
-                read,
-                write,
-                false,
-            ));
+            let (mut peer, shared) = hand_driven(PIPE);
             // The test plays the driver by hand on this thread, as on a multi-thread runtime.
             shared.link.set_multi_thread(true);
             let (driver, driver_wakes) = counting_waker();
@@ -500,16 +485,8 @@ mod wakes {
             use tokio::io::AsyncReadExt;
             const PIPE: usize = 16 * 1024;
             const WRITE: usize = 64 * 1024;
-            let (mut peer, ours) = tokio::io::duplex(PIPE);
-            let (read, write) = transport::split(ours);
             // Not started: the test plays the driver, as on a multi-thread runtime.
-            let shared = Arc::new(Shared::new(
-                Config::default(),
-                Mode::Server,
-                read,
-                write,
-                false,
-            ));
+            let (mut peer, shared) = hand_driven(PIPE);
             shared.link.set_multi_thread(true);
             let (driver, driver_wakes) = counting_waker();
             let mut driver_cx = Context::from_waker(&driver);

@@ -225,6 +225,11 @@ impl Link {
     pub(crate) fn release(&self) {
         *self.outbound.lock() = None;
         *self.inbound.lock() = None;
+        self.wake_every_waiter();
+    }
+
+    /// Wakes every writer waiting for the link at once; nobody holds a turn after it.
+    fn wake_every_waiter(&self) {
         let waiters = {
             let mut waiters = self.waiters();
             self.waiting.store(false, Ordering::SeqCst);
@@ -436,14 +441,7 @@ impl Link {
             // On a current-thread runtime waking every waiter costs no more than queueing
             // their tasks, and they run in one pass of the runtime (the in-process bench's
             // eight channels ran no faster one at a time), so all go, and nobody holds a turn.
-            let waiters = {
-                let mut waiters = self.waiters();
-                self.waiting.store(false, Ordering::SeqCst);
-                waiters.turns.drain()
-            };
-            for w in waiters {
-                w.wake();
-            }
+            self.wake_every_waiter();
             return;
         }
         let (waker, wake_driver) = {
