@@ -11,6 +11,6 @@ mod read;
 mod write;
 
 pub(crate) use read::{
-    read_preamble, writes_only_what_it_delivers, FrameReader, Oversize, BIG_FRAME,
+    read_preamble, writes_only_what_it_delivers, FrameReader, Incoming, Oversize, BIG_FRAME,
 };
 pub(crate) use write::{Batch, FrameWriter, Outbox, WhenFull, WithFds};

@@ -5,9 +5,11 @@
 use std::{
     any::Any,
     borrow::Cow,
-    future::Future,
+    future::{poll_fn, Future},
     panic::AssertUnwindSafe,
+    pin::pin,
     sync::{Arc, OnceLock},
+    task::Poll,
 };
 
 use futures::{FutureExt, StreamExt};
@@ -65,6 +67,15 @@ fn panic_status(panic: Box<dyn Any + Send>) -> Status {
         .or_else(|| panic.downcast_ref::<String>().cloned())
         .unwrap_or_else(|| "non-string panic payload".into());
     Status::internal(format!("handler panicked: {what}"))
+}
+
+/// A handler's outcome, its panic made a status.
+fn finished<T>(res: Result<Result<T, Status>, Box<dyn Any + Send>>) -> Result<T, Status> {
+    res.unwrap_or_else(|p| {
+        let status = panic_status(p);
+        tracing::warn!(%status, "rpc handler panicked");
+        Err(status)
+    })
 }
 
 impl Call {
@@ -155,10 +166,35 @@ impl Call {
     /// outcome) or the call is cancelled (`None`: nobody wants an answer,
     /// unless the conn ended the call itself: then its status). Either way
     /// `work`, and with it the handler, is dropped on return.
+    ///
+    /// The first poll of `work` comes before the cancellation and the
+    /// deadline are waited for (once it is seen that neither has happened
+    /// yet): a handler that answers at once (most do) then costs no
+    /// registration with the call's token and no timer. Later polls look at
+    /// the cancellation and the deadline first, as a handler that waits is
+    /// dropped as soon as either comes.
     async fn race<T>(
         &self,
         work: impl Future<Output = Result<Result<T, Status>, Box<dyn Any + Send>>>,
     ) -> Option<Result<T, Status>> {
+        let mut work = pin!(work);
+        let live = |now: Option<Instant>| match (self.deadline, now) {
+            (Some(d), Some(now)) => d > now,
+            _ => true,
+        };
+        // Whether `work` was just polled (in this same poll of the task, so
+        // with the waker the select below would give it).
+        let mut polled = false;
+        if !self.token.is_cancelled() && live(self.deadline.map(|_| Instant::now())) {
+            if let Poll::Ready(res) = futures::poll!(work.as_mut()) {
+                return Some(finished(res));
+            }
+            polled = true;
+        }
+        let work = poll_fn(|cx| match std::mem::take(&mut polled) {
+            true => Poll::Pending,
+            false => work.as_mut().poll(cx),
+        });
         let expired = async {
             match self.deadline {
                 Some(d) => tokio::time::sleep_until(d).await,
@@ -178,11 +214,7 @@ impl Call {
                 self.token.cancel();
                 Some(Err(Status::deadline_exceeded("deadline passed while the handler ran")))
             }
-            res = work => Some(res.unwrap_or_else(|p| {
-                let status = panic_status(p);
-                tracing::warn!(%status, "rpc handler panicked");
-                Err(status)
-            })),
+            res = work => Some(finished(res)),
         }
     }
 

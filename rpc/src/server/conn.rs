@@ -3,7 +3,10 @@
 
 use std::{
     collections::HashMap,
+    future::{poll_fn, Future},
+    pin::{pin, Pin},
     sync::{Arc, OnceLock},
+    task::{Context as TaskContext, Poll},
 };
 
 use bytes::Bytes;
@@ -88,18 +91,45 @@ impl Server {
                 .map_err(|_| Error::HandshakeTimeout { after })??;
             let mut batch = Batch::new(&conn.outbox);
             let mut waits = Waits::default();
+            // Made once: a fresh one per frame would register with (and
+            // leave) the drain token's waiters on every frame.
+            let mut drained = pin!(async {
+                drain.cancelled().await;
+                conn.until_idle().await
+            });
+            let mut in_a_row = 0;
             loop {
-                let next = batch.next(reader.next_frame());
-                let body = tokio::select! {
-                    frame = next => match frame? {
+                // A frame that is there is taken before the writer's end and
+                // the drain are looked at (each look takes locks), except
+                // every `FAIR_EVERY` frames in a row, so a peer that never
+                // pauses cannot hide them.
+                let others_first = in_a_row >= FAIR_EVERY;
+                let event = {
+                    let mut next = pin!(batch.next(reader.next_frame()));
+                    poll_fn(|cx| {
+                        if others_first {
+                            if let Some(event) = poll_others(&mut writer, drained.as_mut(), cx) {
+                                return Poll::Ready(event);
+                            }
+                        }
+                        if let Poll::Ready(frame) = next.as_mut().poll(cx) {
+                            return Poll::Ready(Event::Frame(frame));
+                        }
+                        match others_first {
+                            true => Poll::Pending,
+                            false => poll_others(&mut writer, drained.as_mut(), cx)
+                                .map_or(Poll::Pending, Poll::Ready),
+                        }
+                    })
+                    .await
+                };
+                let body = match event {
+                    Event::Frame(frame) => match frame? {
                         Some(body) => body,
                         None => return Ok(()),
                     },
-                    res = &mut writer => return match res {
-                        Ok(res) => res,
-                        Err(e) => Err(Error::Io(std::io::Error::other(e))),
-                    },
-                    _ = async { drain.cancelled().await; conn.until_idle().await } => {
+                    Event::Writer(res) => return res,
+                    Event::Drained => {
                         // Shutting down and idle: flush what the last calls
                         // queued, then end. (The caller bounds this wait.)
                         tracing::debug!("rpc conn drained for shutdown");
@@ -110,6 +140,7 @@ impl Server {
                         };
                     }
                 };
+                in_a_row = if others_first { 0 } else { in_a_row + 1 };
                 let (frame, oversize) = body.decode()?;
                 if let Header::Credit { id: CONN_ID, n } = frame.header {
                     // The client's limit: answer with ours (once).
@@ -421,6 +452,34 @@ impl<'s> Waits<'s> {
         let strikes = self.0.entry(method).or_insert(0);
         *strikes = strikes.saturating_add(1);
     }
+}
+
+/// Frames the conn's reader takes in a row, when they are there, before it
+/// looks at the writer's end and the drain first once.
+const FAIR_EVERY: u32 = 32;
+
+/// What woke the conn's reader.
+enum Event {
+    /// The next frame (or the end of the conn, or a read error).
+    Frame(Result<Option<crate::transport::Incoming>, Error>),
+    /// The writer ended, with its result.
+    Writer(Result<(), Error>),
+    /// Shutting down, and no call is in flight.
+    Drained,
+}
+
+/// Polls the writer's end and the drain (in that order).
+fn poll_others(
+    writer: &mut tokio::task::JoinHandle<Result<(), Error>>,
+    drained: Pin<&mut impl Future<Output = ()>>,
+    cx: &mut TaskContext<'_>,
+) -> Option<Event> {
+    if let Poll::Ready(res) = Pin::new(writer).poll(cx) {
+        return Some(Event::Writer(
+            res.unwrap_or_else(|e| Err(Error::Io(std::io::Error::other(e)))),
+        ));
+    }
+    drained.poll(cx).is_ready().then_some(Event::Drained)
 }
 
 /// A call as requested by the client.

@@ -4,7 +4,7 @@
 use std::{
     collections::HashMap,
     sync::{
-        atomic::{AtomicUsize, Ordering},
+        atomic::{AtomicBool, AtomicUsize, Ordering},
         Arc, Mutex, MutexGuard, OnceLock,
     },
 };
@@ -65,9 +65,13 @@ pub(super) struct ConnState {
     pub(super) inbound_bytes: Arc<AtomicUsize>,
     /// Parent of every call's token; cancelled when serving ends.
     pub(super) token: CancellationToken,
-    /// Notified whenever the last in-flight call ends (graceful shutdown
-    /// waits for it).
+    /// Notified whenever the last in-flight call ends while
+    /// `idle_wanted` (graceful shutdown waits for it).
     pub(super) idle: Notify,
+    /// Set once someone waits in [`ConnState::until_idle`]: until then the
+    /// end of the last call notifies nobody (`notify_waiters` takes a lock,
+    /// and sequential calls end the last call every time).
+    idle_wanted: AtomicBool,
 }
 
 impl ConnState {
@@ -78,6 +82,7 @@ impl ConnState {
             inbound_bytes: Arc::new(AtomicUsize::new(0)),
             token: CancellationToken::new(),
             idle: Notify::new(),
+            idle_wanted: AtomicBool::new(false),
         }
     }
 
@@ -86,8 +91,11 @@ impl ConnState {
         loop {
             let idle = self.idle.notified();
             tokio::pin!(idle);
-            // Registered before the check, so an end in between is not lost.
+            // Registered before the check, so an end in between is not lost;
+            // wanted before the check (which takes the calls' lock), so a
+            // `remove` that empties the map after it notifies.
             idle.as_mut().enable();
+            self.idle_wanted.store(true, Ordering::SeqCst);
             if self.lock_calls().map.is_empty() {
                 return;
             }
@@ -200,7 +208,7 @@ impl ConnState {
         if let Some(entry) = calls.map.remove(&id) {
             calls.bytes -= entry.bytes;
         }
-        if calls.map.is_empty() {
+        if calls.map.is_empty() && self.idle_wanted.load(Ordering::SeqCst) {
             self.idle.notify_waiters();
         }
     }
