@@ -82,28 +82,31 @@ struct Inner {
     origin: Origin,
     cancel: CancellationToken,
     /// Why the call ended; set just before `cancel` fires (by whoever ends
-    /// the call), or on first read after it fired unset (the conn ended).
-    end: Arc<OnceLock<EndReason>>,
+    /// the call), or on first read after it fired unset.
+    end: OnceLock<EndReason>,
     /// Response metadata set by the handler; sent before the answer.
     trailers: Mutex<Metadata>,
     /// Descriptors the request carried, until the handler takes them.
     request_fds: Mutex<Vec<Fd>>,
     /// Descriptors for the response, set by the handler.
     reply_fds: Mutex<Option<FdBatch>>,
-    /// Where [`Context::abort`] leaves its status for the server (none when detached).
-    abort: Option<Arc<std::sync::OnceLock<Status>>>,
+    /// The status the call ends with when it was ended by [`Context::abort`] or by a
+    /// limit of its conn, set before `cancel` fires: what the server answers with.
+    abort: OnceLock<Status>,
+    /// Whether [`Context::abort`] may end the call (not for a detached context).
+    abortable: bool,
 }
 
 impl Context {
-    /// A call's context; `end` is where the call's end reason is kept (shared with the
-    /// server, which sets it).
+    /// A call's context. It also keeps what the server needs to end the call (its token,
+    /// why it ended, the status it was aborted with), so a call allocates one `Arc` for
+    /// all of that.
     pub(crate) fn new(
         method: String,
         metadata: Metadata,
         deadline: Option<Instant>,
         origin: Origin,
         cancel: CancellationToken,
-        end: Arc<OnceLock<EndReason>>,
     ) -> Context {
         Context {
             inner: Arc::new(Inner {
@@ -112,11 +115,12 @@ impl Context {
                 deadline,
                 origin,
                 cancel,
-                end,
+                end: OnceLock::new(),
                 trailers: Mutex::new(Metadata::new()),
                 request_fds: Mutex::new(Vec::new()),
                 reply_fds: Mutex::new(None),
-                abort: None,
+                abort: OnceLock::new(),
+                abortable: false,
             }),
         }
     }
@@ -127,13 +131,35 @@ impl Context {
         self
     }
 
-    /// Lets [`Context::abort`] end the call through `abort` (the server, before the handler
-    /// runs; the context is not shared yet).
-    pub(crate) fn with_abort(mut self, abort: Arc<std::sync::OnceLock<Status>>) -> Context {
+    /// Lets [`Context::abort`] end the call (the server, before the handler runs; the
+    /// context is not shared yet).
+    pub(crate) fn abortable(mut self) -> Context {
         if let Some(inner) = Arc::get_mut(&mut self.inner) {
-            inner.abort = Some(abort);
+            inner.abortable = true;
         }
         self
+    }
+
+    /// The call's cancellation token (the server ends the call through it).
+    pub(crate) fn token(&self) -> &CancellationToken {
+        &self.inner.cancel
+    }
+
+    /// Ends the call for `reason` (unless it already ended for another), with `status`
+    /// as its answer if given (unless one was given before): both are recorded before
+    /// the token fires, so whoever wakes on it sees them.
+    pub(crate) fn end_call(&self, reason: EndReason, status: Option<Status>) {
+        let _ = self.inner.end.set(reason);
+        if let Some(status) = status {
+            let _ = self.inner.abort.set(status);
+        }
+        self.inner.cancel.cancel();
+    }
+
+    /// The status the call was aborted with (by the handler's work or by its conn), if it
+    /// was.
+    pub(crate) fn aborted(&self) -> Option<&Status> {
+        self.inner.abort.get()
     }
 
     /// The descriptors the handler set for its response.
@@ -150,7 +176,6 @@ impl Context {
             None,
             Origin::default(),
             CancellationToken::new(),
-            Arc::new(OnceLock::new()),
         )
     }
 
@@ -278,12 +303,10 @@ impl Context {
     /// handler spawned (with a clone of the context) that finds the call must end.
     /// [`Context::end_reason`] then says [`EndReason::Aborted`].
     pub fn abort(&self, status: Status) {
-        if let Some(abort) = &self.inner.abort {
-            if !self.inner.cancel.is_cancelled() {
-                let _ = abort.set(status);
-                let _ = self.inner.end.set(EndReason::Aborted);
-                self.inner.cancel.cancel();
-            }
+        if self.inner.abortable && !self.inner.cancel.is_cancelled() {
+            let _ = self.inner.abort.set(status);
+            let _ = self.inner.end.set(EndReason::Aborted);
+            self.inner.cancel.cancel();
         }
     }
 
@@ -301,8 +324,8 @@ impl Context {
         if let Some(reason) = self.inner.end.get() {
             return Some(*reason);
         }
-        // Ended with no reason recorded: only the conn's end cancels a call
-        // without recording one.
+        // Ended with no reason recorded (the server records one whenever it
+        // ends a call): count it as the conn's end.
         self.inner
             .cancel
             .is_cancelled()

@@ -8,13 +8,12 @@ use std::{
     future::{poll_fn, Future},
     panic::AssertUnwindSafe,
     pin::pin,
-    sync::{Arc, OnceLock},
+    sync::Arc,
     task::Poll,
 };
 
 use futures::{FutureExt, StreamExt};
 use tokio::{sync::Semaphore, time::Instant};
-use tokio_util::sync::CancellationToken;
 
 use super::{
     handler::{Input, Method, Payload},
@@ -35,27 +34,16 @@ use crate::{
 pub(super) struct Call {
     pub(super) conn: Arc<ConnState>,
     pub(super) id: u64,
-    pub(super) deadline: Option<Instant>,
-    pub(super) token: CancellationToken,
-    /// Why the conn ended this call, if it did (see [`CallEntry::abort`]).
-    pub(super) abort: Arc<OnceLock<Status>>,
-    /// Why the call ended (shared with its `Context`), set before `token`
-    /// is cancelled.
-    pub(super) end: Arc<OnceLock<EndReason>>,
+    /// The call's context (a clone of the handler's): its deadline, token,
+    /// why it ended and the status it was aborted with, and the trailers.
+    pub(super) ctx: Context,
 }
 
 impl Drop for Call {
     fn drop(&mut self) {
         // The call is over: work spawned with its context stops too. An
-        // earlier reason (cancel, deadline, limit) stays; a token cancelled
-        // with none recorded was cancelled by its conn's end.
-        let reason = if self.token.is_cancelled() {
-            EndReason::ConnClosed
-        } else {
-            EndReason::Completed
-        };
-        let _ = self.end.set(reason);
-        self.token.cancel();
+        // earlier reason (cancel, deadline, limit, the conn's end) stays.
+        self.ctx.end_call(EndReason::Completed, None);
         self.conn.remove(self.id);
     }
 }
@@ -88,7 +76,7 @@ impl Call {
     ) {
         // Kept to send the trailers the handler sets (and to name the method
         // in a failed response).
-        let trailers = ctx.clone();
+        let trailers = &self.ctx;
         // The request payload moves into the handler, which drops it once
         // decoded: a long call does not keep the received frame (often a
         // slice of the conn's shared read buffer) alive.
@@ -98,7 +86,7 @@ impl Call {
                 let Some(outcome) = self.race(work).await else {
                     return;
                 };
-                self.send_trailers(&trailers).await;
+                self.send_trailers(trailers).await;
                 let fds = trailers.take_reply_fds();
                 self.respond(trailers.method(), outcome, fds).await;
                 return;
@@ -158,7 +146,7 @@ impl Call {
         let Some(outcome) = self.race(work).await else {
             return;
         };
-        self.send_trailers(&trailers).await;
+        self.send_trailers(trailers).await;
         let _ = self.conn.send_status(id, true, outcome.err()).await;
     }
 
@@ -178,14 +166,16 @@ impl Call {
         work: impl Future<Output = Result<Result<T, Status>, Box<dyn Any + Send>>>,
     ) -> Option<Result<T, Status>> {
         let mut work = pin!(work);
-        let live = |now: Option<Instant>| match (self.deadline, now) {
+        let deadline = self.ctx.deadline();
+        let token = self.ctx.token();
+        let live = |now: Option<Instant>| match (deadline, now) {
             (Some(d), Some(now)) => d > now,
             _ => true,
         };
         // Whether `work` was just polled (in this same poll of the task, so
         // with the waker the select below would give it).
         let mut polled = false;
-        if !self.token.is_cancelled() && live(self.deadline.map(|_| Instant::now())) {
+        if !token.is_cancelled() && live(deadline.map(|_| Instant::now())) {
             if let Poll::Ready(res) = futures::poll!(work.as_mut()) {
                 return Some(finished(res));
             }
@@ -196,22 +186,21 @@ impl Call {
             false => work.as_mut().poll(cx),
         });
         let expired = async {
-            match self.deadline {
+            match deadline {
                 Some(d) => tokio::time::sleep_until(d).await,
                 None => std::future::pending().await,
             }
         };
         tokio::select! {
             biased;
-            _ = self.token.cancelled() => {
+            _ = token.cancelled() => {
                 tracing::trace!("rpc handler dropped: call cancelled");
                 // Set before the token is cancelled, so it is seen here.
-                self.abort.get().cloned().map(Err)
+                self.ctx.aborted().cloned().map(Err)
             }
             _ = expired => {
                 tracing::trace!("rpc handler dropped: deadline passed");
-                let _ = self.end.set(EndReason::DeadlineExceeded);
-                self.token.cancel();
+                self.ctx.end_call(EndReason::DeadlineExceeded, None);
                 Some(Err(Status::deadline_exceeded("deadline passed while the handler ran")))
             }
             res = work => Some(finished(res)),
@@ -297,6 +286,7 @@ mod tests {
 
     use super::*;
     use crate::config::Config;
+    use tokio_util::sync::CancellationToken;
 
     /// Regression: `Call::run` kept a clone of a unary request's payload for
     /// the whole call, so a parked handler pinned the received frame (often a
@@ -330,23 +320,19 @@ mod tests {
             }
             std::future::pending::<Result<(), Status>>()
         });
-        let token = CancellationToken::new();
-        let call = Call {
-            conn,
-            id: 1,
-            deadline: None,
-            token: token.clone(),
-            abort: Arc::new(OnceLock::new()),
-            end: Arc::new(OnceLock::new()),
-        };
         let ctx = Context::new(
             "T.park".into(),
             Default::default(),
             None,
             Default::default(),
-            token,
-            Arc::new(OnceLock::new()),
-        );
+            CancellationToken::new(),
+        )
+        .abortable();
+        let call = Call {
+            conn,
+            id: 1,
+            ctx: ctx.clone(),
+        };
         let running = tokio::spawn(call.run(handler, ctx, Input::Payload(payload), None));
 
         let bound = std::time::Duration::from_secs(5);

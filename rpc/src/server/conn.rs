@@ -5,7 +5,7 @@ use std::{
     collections::HashMap,
     future::{poll_fn, Future},
     pin::{pin, Pin},
-    sync::{Arc, OnceLock},
+    sync::Arc,
     task::{Context as TaskContext, Poll},
 };
 
@@ -234,8 +234,7 @@ impl Server {
             Header::Cancel { id } => {
                 conn.with_call(id, |entry| {
                     tracing::trace!(id, "rpc call cancelled by the client");
-                    let _ = entry.end.set(EndReason::Cancelled);
-                    entry.token.cancel();
+                    entry.ctx.end_call(EndReason::Cancelled, None);
                 });
                 Ok(())
             }
@@ -306,7 +305,9 @@ impl Server {
             return conn.reply_error(id, streaming, s).await;
         }
         let deadline = timeout_ns.map(|t| deadline_from_wire(t, Instant::now()));
-        let token = conn.token.child_token();
+        // Not a child of the conn's token: the conn's end cancels each call
+        // (`ConnState::end_calls`).
+        let token = CancellationToken::new();
         let credits = streaming.then(|| {
             Arc::new(Semaphore::new(
                 (credit as usize).min(MAX_OUTSTANDING_CREDIT),
@@ -321,12 +322,12 @@ impl Server {
                 (Some(tx), Some(rx))
             }
         };
-        let abort = Arc::new(OnceLock::new());
-        let end = Arc::new(OnceLock::new());
+        let span = tracing::debug_span!("rpc_call", id, method = %method);
+        let ctx = Context::new(method, metadata, deadline, peer.clone(), token)
+            .with_request_fds(fds)
+            .abortable();
         let entry = CallEntry {
-            token: token.clone(),
-            abort: Arc::clone(&abort),
-            end: Arc::clone(&end),
+            ctx: ctx.clone(),
             credits: credits.clone(),
             inbound: inbound_tx,
             bytes: payload.as_ref().map_or(0, Bytes::len),
@@ -372,24 +373,10 @@ impl Server {
                 Input::Stream(Inbound { rx, grant, window })
             }
         };
-        let span = tracing::debug_span!("rpc_call", id, method = %method);
-        let ctx = Context::new(
-            method,
-            metadata,
-            deadline,
-            peer.clone(),
-            token.clone(),
-            Arc::clone(&end),
-        )
-        .with_request_fds(fds)
-        .with_abort(Arc::clone(&abort));
         let call = Call {
             conn: Arc::clone(conn),
             id,
-            deadline,
-            token,
-            abort,
-            end,
+            ctx: ctx.clone(),
         };
         // Boxed before it is spawned too: the task then holds a pointer, and
         // tokio moves (and, when it completes, overwrites) that instead of
@@ -498,6 +485,7 @@ struct EndGuard(Arc<ConnState>);
 
 impl Drop for EndGuard {
     fn drop(&mut self) {
+        self.0.end_calls();
         self.0.token.cancel();
         self.0.outbox.close();
     }

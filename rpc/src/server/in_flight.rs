@@ -5,7 +5,7 @@ use std::{
     collections::HashMap,
     sync::{
         atomic::{AtomicBool, AtomicUsize, Ordering},
-        Arc, Mutex, MutexGuard, OnceLock,
+        Arc, Mutex, MutexGuard,
     },
 };
 
@@ -16,7 +16,7 @@ use tokio_util::sync::CancellationToken;
 use crate::{
     codec,
     config::Config,
-    context::EndReason,
+    context::{Context, EndReason},
     error::Error,
     status::Status,
     stream::{Held, StreamEvent},
@@ -25,12 +25,10 @@ use crate::{
 };
 
 pub(super) struct CallEntry {
-    pub(super) token: CancellationToken,
-    /// Set, before `token` is cancelled, when the conn ends the call itself
-    /// (request bytes over budget): the status the call task answers with.
-    pub(super) abort: Arc<OnceLock<Status>>,
-    /// Why the call ended, set before `token` is cancelled.
-    pub(super) end: Arc<OnceLock<EndReason>>,
+    /// The call's context: its token, why it ended, and the status the call
+    /// task answers with when the conn ends the call itself (request bytes
+    /// over budget), set before the token is cancelled.
+    pub(super) ctx: Context,
     /// Response credit of a streaming call.
     pub(super) credits: Option<Arc<Semaphore>>,
     /// Request items of a bidi call (bounded by the credit we
@@ -140,7 +138,7 @@ impl ConnState {
                 reason: format!("request stream frame for call {id}, which takes no stream"),
             });
         };
-        if entry.abort.get().is_some() {
+        if entry.ctx.aborted().is_some() {
             // Ended by us; its handler is being dropped.
             return Ok(());
         }
@@ -152,9 +150,7 @@ impl ConnState {
                      bytes (limit {limit})"
                 ));
                 tracing::debug!(id, %status, "rpc call ended: request bytes over budget");
-                let _ = entry.end.set(EndReason::Refused);
-                let _ = entry.abort.set(status);
-                entry.token.cancel();
+                entry.ctx.end_call(EndReason::Refused, Some(status));
                 return Ok(());
             }
             if payload.len() <= BIG_FRAME {
@@ -200,6 +196,21 @@ impl ConnState {
         calls.bytes += entry.bytes;
         calls.map.insert(id, entry);
         Ok(Admission::Admitted)
+    }
+
+    /// Ends every call in flight: the conn is gone. (A call's token is not a
+    /// child of the conn's: a child takes the parent's lock when it is made
+    /// and again when it is dropped, on every call.)
+    pub(super) fn end_calls(&self) {
+        let running: Vec<Context> = self
+            .lock_calls()
+            .map
+            .values()
+            .map(|entry| entry.ctx.clone())
+            .collect();
+        for ctx in running {
+            ctx.end_call(EndReason::ConnClosed, None);
+        }
     }
 
     /// Forgets call `id` (it is over), releasing its request bytes.
@@ -257,9 +268,7 @@ impl ConnState {
                     "a {len}-byte request item is over the server's max_message_size of {max} bytes"
                 ));
                 tracing::debug!(id, %status, "rpc call ended: request item too large");
-                let _ = entry.end.set(EndReason::Refused);
-                let _ = entry.abort.set(status);
-                entry.token.cancel();
+                entry.ctx.end_call(EndReason::Refused, Some(status));
                 Ok(())
             }
             _ => Err(Error::FrameTooLarge {
@@ -327,9 +336,7 @@ mod tests {
         let conn = ConnState::new(&Config::default());
         let (tx, mut rx) = mpsc::channel(4);
         let entry = CallEntry {
-            token: CancellationToken::new(),
-            abort: Arc::new(OnceLock::new()),
-            end: Arc::new(OnceLock::new()),
+            ctx: Context::detached("T.bidi"),
             credits: None,
             inbound: Some(tx),
             bytes: 0,
