@@ -67,6 +67,12 @@ pub(crate) async fn read_preamble<R: AsyncRead + Unpin>(io: &mut R) -> Result<()
 pub(crate) struct FrameReader<R> {
     io: R,
     buf: BytesMut,
+    /// The previous shared read buffer, kept once frames read into it
+    /// outlived it (a response its caller had not taken yet when the
+    /// reader went on): when they are dropped, the next read goes into it
+    /// instead of a new buffer. So sequential calls alternate between two
+    /// buffers instead of allocating (and freeing) 64 KiB per call.
+    spare: Option<BytesMut>,
     max: usize,
     big: Vec<BytesMut>,
     /// A large frame being read: its buffer and its length.
@@ -205,6 +211,7 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
         FrameReader {
             io,
             buf: BytesMut::with_capacity(READ_CHUNK),
+            spare: None,
             max,
             big: Vec::new(),
             partial: None,
@@ -357,6 +364,8 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
                     let need = LEN_PREFIX + len - self.buf.len();
                     self.buf.reserve(need.max(READ_CHUNK));
                 }
+            } else if self.buf.is_empty() {
+                self.make_room();
             } else {
                 self.buf.reserve(READ_CHUNK);
             }
@@ -386,6 +395,24 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
             }
             self.span = next_span(n);
         }
+    }
+
+    /// Gives the empty shared read buffer room for [`READ_CHUNK`] bytes:
+    /// its own, if no frame read into it is still held; else the spare's,
+    /// if none of its frames is; else a new buffer's (the old one becomes
+    /// the spare, replacing one that frames still hold).
+    fn make_room(&mut self) {
+        if self.buf.try_reclaim(READ_CHUNK) {
+            return;
+        }
+        if let Some(spare) = &mut self.spare {
+            if spare.try_reclaim(READ_CHUNK) {
+                std::mem::swap(&mut self.buf, spare);
+                return;
+            }
+        }
+        let held = std::mem::replace(&mut self.buf, BytesMut::with_capacity(READ_CHUNK));
+        self.spare = Some(held);
     }
 
     /// An empty buffer for a `len`-byte frame: a pooled one whose previous
