@@ -196,8 +196,8 @@ impl WeakClient {
     /// The client, if any handle to it is still alive.
     pub(crate) fn upgrade(&self) -> Option<Client> {
         self.0.upgrade().map(|handle| Client {
+            interceptors: Arc::clone(&handle.no_interceptors),
             handle,
-            interceptors: Arc::from([]),
         })
     }
 }
@@ -312,9 +312,13 @@ impl Client {
             .instrument(span),
         );
 
+        let none: Arc<[Interceptor]> = Arc::from([]);
         Client {
-            interceptors: Arc::from([]),
-            handle: Arc::new(Handle { shared }),
+            interceptors: Arc::clone(&none),
+            handle: Arc::new(Handle {
+                shared,
+                no_interceptors: none,
+            }),
         }
     }
 

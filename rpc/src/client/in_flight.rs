@@ -20,7 +20,7 @@ use crate::{
     config::Config,
     error::Error,
     fds::{Fd, FdInbox, FdLink},
-    metadata::Metadata,
+    metadata::{Interceptor, Metadata},
     status::Status,
     stream::StreamEvent,
     transport::{read_preamble, Batch, FrameReader, Outbox, Oversize},
@@ -30,6 +30,10 @@ use crate::{
 /// Closes the outbox when the last `Client` clone goes away.
 pub(crate) struct Handle {
     pub(crate) shared: Arc<Shared>,
+    /// An empty interceptor list, shared by the clients made from a weak
+    /// handle (an empty `Arc<[_]>` is still an allocation, and a handler
+    /// calling its caller back makes one such client per call).
+    pub(crate) no_interceptors: Arc<[Interceptor]>,
 }
 
 impl Drop for Handle {
