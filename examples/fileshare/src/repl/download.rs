@@ -421,6 +421,23 @@ fn append(file: &mut std::fs::File, data: &[u8]) -> std::io::Result<()> {
     }
 }
 
+/// Reserves the disk blocks of the `len` bytes still to come after `offset`, keeping the
+/// file's length (so a partial file's length is still exactly what was received). ext4 then
+/// writes each chunk into blocks already allocated instead of reserving them page by page
+/// (delayed allocation's per-page bookkeeping): measured, the client's `write` time per GiB
+/// fell from 0.21–0.29 to 0.10–0.17 core-s.
+/// Only a hint: a file system that cannot preallocate (or a full disk, which the writes then
+/// report) is written as before.
+fn preallocate(file: &std::fs::File, offset: u64, len: u64) {
+    use rustix::fs::{fallocate, FallocateFlags};
+    if len == 0 {
+        return;
+    }
+    if let Err(e) = fallocate(file, FallocateFlags::KEEP_SIZE, offset, len) {
+        tracing::debug!(offset, len, error = %e, "could not preallocate the download");
+    }
+}
+
 /// Hashes an existing partial file (blocking pool): its length and SHA-256 context.
 async fn hash_partial(part: &Path) -> std::io::Result<(u64, ring::digest::Context)> {
     let part = part.to_path_buf();
@@ -531,6 +548,10 @@ async fn get_one(
                 None => stream.next().await,
             };
             let Some(chunk) = next? else { break };
+            if meta.is_none() {
+                // The first chunk announces the file's size as the exporter opened it.
+                preallocate(&file, total, chunk.size.saturating_sub(total));
+            }
             total += chunk.data.len() as u64;
             meta = Some((chunk.mode, chunk.mtime, chunk.mtime_nanos));
             append(&mut file, &chunk.data)
@@ -708,6 +729,27 @@ mod tests {
         assert_eq!(start.elapsed(), Duration::from_secs(10));
         // Once data flows again the bar names the file alone.
         assert_eq!(bar_message("big.iso", "bob", false), "big.iso");
+    }
+
+    /// A partial download's length is what was received, also with the rest of the file's
+    /// blocks reserved ahead (resume and "kept for resume" read that length).
+    #[test]
+    fn preallocating_a_download_keeps_its_length_to_the_bytes_received() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("part");
+        let mut file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .unwrap();
+        append(&mut file, b"hello").unwrap();
+        preallocate(&file, 5, 1 << 20);
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), 5);
+        append(&mut file, b" world").unwrap();
+        drop(file);
+        assert_eq!(std::fs::read(&path).unwrap(), b"hello world");
+        // Nothing to reserve is no call at all.
+        preallocate(&std::fs::File::open(&path).unwrap(), 11, 0);
     }
 
     #[test]
