@@ -216,12 +216,18 @@ pub(super) async fn get(
              run share with its output redirected)"
         ),
         Local::Stdout => {
+            // What the REPL printed before stays before the file's bytes.
+            std::io::Write::flush(&mut std::io::stdout())?;
+            let mut direct = direct_stdout();
             let mut out = tokio::io::stdout();
             // Bounded by the plan.
             for item in &plan.files {
                 let mut s = peer.read(p, &item.remote).await?;
                 while let Some(chunk) = s.next().await? {
-                    out.write_all(&chunk.data).await?;
+                    match direct.as_mut() {
+                        Some(file) => append(file, &chunk.data)?,
+                        None => out.write_all(&chunk.data).await?,
+                    }
                 }
             }
             out.flush().await?;
@@ -351,6 +357,20 @@ pub(super) async fn get(
     out.write_all(text.as_bytes()).await?;
     out.flush().await?;
     Ok(())
+}
+
+/// stdout for `get -`, written like a download's file (one `write` per chunk straight from
+/// the received buffer, see [`append`]) when it is a file or a device such as `/dev/null`,
+/// where a write never waits for a reader. `None` for a pipe or a socket, whose reader may
+/// stall: those go through tokio's stdout, so that Ctrl-C can still cancel the `get`. Saves
+/// tokio's copy of every chunk and its hand-off to a blocking thread (and std's line buffer
+/// splitting each chunk in two writes at its last newline).
+fn direct_stdout() -> Option<std::fs::File> {
+    use std::os::fd::AsFd as _;
+    use std::os::unix::fs::FileTypeExt as _;
+    let file = std::fs::File::from(std::io::stdout().as_fd().try_clone_to_owned().ok()?);
+    let kind = file.metadata().ok()?.file_type();
+    (kind.is_file() || kind.is_char_device()).then_some(file)
 }
 
 /// Whether the local path as typed can only mean a directory (`dir/`, `.`, `..`).
