@@ -337,6 +337,52 @@ fn recursive_globbed_and_multiple_gets_keep_mode_and_mtime() {
     assert_eq!(meta.modified().unwrap(), old);
 }
 
+/// `get -` with stdout redirected into a file writes the chunks straight into it: byte-exact,
+/// and after what the script printed before it and before what it prints after.
+#[test]
+fn get_to_stdout_redirected_into_a_file_is_byte_exact_and_in_order_with_other_output() {
+    let hub = start_hub(&[]);
+    let (rb, ra, out_dir) = (demo_root(), tempdir(), tempdir());
+    let data_path = rb.path().join("data.bin");
+    write_pattern(&data_path, (3 << 20) + 5, 7);
+    let _bob = start_server(&hub.addr, "bob", rb.path(), &[]);
+    let out_path = out_dir.path().join("out");
+    let mut cmd = share();
+    cmd.args(["--name", "alice", "--root"])
+        .arg(ra.path())
+        .arg(&hub.addr)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::fs::File::create(&out_path).unwrap())
+        .stderr(std::process::Stdio::piped());
+    let mut alice = Proc {
+        child: cmd.spawn().unwrap(),
+        name: "alice".into(),
+    };
+    let mut stdin = stdin_of(&mut alice);
+    stdin
+        .write_all(b"whoami\nget bob data.bin -\nwhoami\n")
+        .unwrap();
+    drop(stdin);
+    let stderr = reader(alice.child.stderr.take().unwrap())
+        .recv_timeout(WAIT)
+        .expect("alice finishes");
+    assert!(
+        alice.reap().success(),
+        "{}",
+        String::from_utf8_lossy(&stderr)
+    );
+    let data = std::fs::read(&data_path).unwrap();
+    let out = std::fs::read(&out_path).unwrap();
+    // whoami's lines, the file, whoami's lines again.
+    let around = out.len() - data.len();
+    assert!(around > 0 && around % 2 == 0, "{} bytes around", around);
+    let (before, rest) = out.split_at(around / 2);
+    let (middle, after) = rest.split_at(data.len());
+    assert!(middle == &data[..], "the file's bytes differ");
+    assert_eq!(before, after);
+    assert!(String::from_utf8_lossy(before).contains("alice"));
+}
+
 #[test]
 fn get_to_stdout_is_byte_exact_and_ls_l_whoami_and_info_describe() {
     let hub = start_hub(&[]);

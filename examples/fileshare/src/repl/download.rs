@@ -216,12 +216,18 @@ pub(super) async fn get(
              run share with its output redirected)"
         ),
         Local::Stdout => {
+            // What the REPL printed before stays before the file's bytes.
+            std::io::Write::flush(&mut std::io::stdout())?;
+            let mut direct = direct_stdout();
             let mut out = tokio::io::stdout();
             // Bounded by the plan.
             for item in &plan.files {
                 let mut s = peer.read(p, &item.remote).await?;
                 while let Some(chunk) = s.next().await? {
-                    out.write_all(&chunk.data).await?;
+                    match direct.as_mut() {
+                        Some(file) => append(file, &chunk.data)?,
+                        None => out.write_all(&chunk.data).await?,
+                    }
                 }
             }
             out.flush().await?;
@@ -353,6 +359,20 @@ pub(super) async fn get(
     Ok(())
 }
 
+/// stdout for `get -`, written like a download's file (one `write` per chunk straight from
+/// the received buffer, see [`append`]) when it is a file or a device such as `/dev/null`,
+/// where a write never waits for a reader. `None` for a pipe or a socket, whose reader may
+/// stall: those go through tokio's stdout, so that Ctrl-C can still cancel the `get`. Saves
+/// tokio's copy of every chunk and its hand-off to a blocking thread (and std's line buffer
+/// splitting each chunk in two writes at its last newline).
+fn direct_stdout() -> Option<std::fs::File> {
+    use std::os::fd::AsFd as _;
+    use std::os::unix::fs::FileTypeExt as _;
+    let file = std::fs::File::from(std::io::stdout().as_fd().try_clone_to_owned().ok()?);
+    let kind = file.metadata().ok()?.file_type();
+    (kind.is_file() || kind.is_char_device()).then_some(file)
+}
+
 /// Whether the local path as typed can only mean a directory (`dir/`, `.`, `..`).
 fn names_a_directory(l: &Path) -> bool {
     let text = l.as_os_str().as_encoded_bytes();
@@ -418,6 +438,23 @@ fn append(file: &mut std::fs::File, data: &[u8]) -> std::io::Result<()> {
             tokio::task::block_in_place(|| file.write_all(data))
         }
         _ => file.write_all(data),
+    }
+}
+
+/// Reserves the disk blocks of the `len` bytes still to come after `offset`, keeping the
+/// file's length (so a partial file's length is still exactly what was received). ext4 then
+/// writes each chunk into blocks already allocated instead of reserving them page by page
+/// (delayed allocation's per-page bookkeeping): measured, the client's `write` time per GiB
+/// fell from 0.21–0.29 to 0.10–0.17 core-s.
+/// Only a hint: a file system that cannot preallocate (or a full disk, which the writes then
+/// report) is written as before.
+fn preallocate(file: &std::fs::File, offset: u64, len: u64) {
+    use rustix::fs::{fallocate, FallocateFlags};
+    if len == 0 {
+        return;
+    }
+    if let Err(e) = fallocate(file, FallocateFlags::KEEP_SIZE, offset, len) {
+        tracing::debug!(offset, len, error = %e, "could not preallocate the download");
     }
 }
 
@@ -531,6 +568,10 @@ async fn get_one(
                 None => stream.next().await,
             };
             let Some(chunk) = next? else { break };
+            if meta.is_none() {
+                // The first chunk announces the file's size as the exporter opened it.
+                preallocate(&file, total, chunk.size.saturating_sub(total));
+            }
             total += chunk.data.len() as u64;
             meta = Some((chunk.mode, chunk.mtime, chunk.mtime_nanos));
             append(&mut file, &chunk.data)
@@ -708,6 +749,27 @@ mod tests {
         assert_eq!(start.elapsed(), Duration::from_secs(10));
         // Once data flows again the bar names the file alone.
         assert_eq!(bar_message("big.iso", "bob", false), "big.iso");
+    }
+
+    /// A partial download's length is what was received, also with the rest of the file's
+    /// blocks reserved ahead (resume and "kept for resume" read that length).
+    #[test]
+    fn preallocating_a_download_keeps_its_length_to_the_bytes_received() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("part");
+        let mut file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .unwrap();
+        append(&mut file, b"hello").unwrap();
+        preallocate(&file, 5, 1 << 20);
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), 5);
+        append(&mut file, b" world").unwrap();
+        drop(file);
+        assert_eq!(std::fs::read(&path).unwrap(), b"hello world");
+        // Nothing to reserve is no call at all.
+        preallocate(&std::fs::File::open(&path).unwrap(), 11, 0);
     }
 
     #[test]
