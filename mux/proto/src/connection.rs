@@ -154,6 +154,10 @@ pub struct Connection {
     /// The peer announced that it takes file descriptors.
     peer_fds: bool,
     ended: bool,
+    /// A tail buffer of tiny frames some stream read to its end, for the next stream that
+    /// needs one (see `RecvBuffer::read`): one per session, so small messages cost no
+    /// allocation while no idle stream holds one.
+    spare_tail: Option<BytesMut>,
 }
 
 impl Connection {
@@ -182,6 +186,7 @@ impl Connection {
             ping_answers_queued: 0,
             peer_fds: false,
             ended: false,
+            spare_tail: None,
         };
         if c.limits.fds {
             // First thing on the wire, so the peer knows before any stream exists.
@@ -636,7 +641,7 @@ impl Connection {
                     s.credit += h.length;
                 } else if let Some(body) = body {
                     s.fds.on_data(body.len());
-                    s.recv.push(body);
+                    s.recv.push(body, &mut self.spare_tail);
                     s.wake_reader(id, &mut self.ready);
                 } else {
                     s.fds.on_data(h.length as usize);
@@ -677,7 +682,7 @@ impl Connection {
         }
         let max = s.fds.limit(max);
         if s.recv.len() > 0 && max > 0 {
-            let n = s.recv.read(max, sink);
+            let n = s.recv.read(max, &mut self.spare_tail, sink);
             s.fds.consumed(n);
             self.consumed(id, n, now());
             return Poll::Ready(Ok(n));
