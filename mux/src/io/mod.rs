@@ -360,9 +360,11 @@ impl Link {
         let sent = out
             .write_frame(cx, header.encode(), &buf[..n])
             .and_then(|()| {
-                // Frames queued meanwhile, and the flush.
-                out.poll_send(cx, |q| core.lock().take_output(WRITE_BATCH, q))
-                    .map(|_| ())
+                // What the link did not take, and the flush. Frames other tasks queued
+                // meanwhile are left to the driver, which whoever queued them woke on
+                // finding the write side taken (`send_now`): not looking for them here
+                // saves a lock of the core per write.
+                out.poll_send(cx, |_| {}).map(|_| ())
             });
         if let Err(e) = sent {
             out.fail(e);
