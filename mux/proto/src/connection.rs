@@ -538,7 +538,7 @@ impl Connection {
         if let Some(s) = self.streams.get_mut(&id) {
             if !s.reset {
                 s.fds.consumed(n);
-                self.consumed(id, n, now);
+                self.consumed(id, n, || now);
             }
         }
         Ok(())
@@ -684,7 +684,7 @@ impl Connection {
         if s.recv.len() > 0 && max > 0 {
             let n = s.recv.read(max, &mut self.spare_tail, sink);
             s.fds.consumed(n);
-            self.consumed(id, n, now());
+            self.consumed(id, n, now);
             return Poll::Ready(Ok(n));
         }
         if s.remote_fin || max == 0 {
@@ -697,13 +697,20 @@ impl Connection {
         Poll::Pending
     }
 
-    /// The reader of stream `id` consumed `n` more bytes at `now`.
-    fn consumed(&mut self, id: u32, n: usize, now: Instant) {
-        if let Some(s) = self.streams.get_mut(&id) {
-            s.credit += n as u32;
-            s.consumed += n as u64;
-            s.epoch.get_or_insert(now);
+    /// The reader of stream `id` consumed `n` more bytes at `now`, which is asked only when
+    /// the stream's first read or a window update needs it (not on most small reads).
+    fn consumed(&mut self, id: u32, n: usize, now: impl FnOnce() -> Instant) {
+        let Some(s) = self.streams.get_mut(&id) else {
+            return;
+        };
+        s.credit += n as u32;
+        s.consumed += n as u64;
+        // What `maybe_grant` would find before it looks at the time.
+        if s.epoch.is_some() && (s.remote_fin || s.reset || !flow::grant_due(s)) {
+            return;
         }
+        let now = now();
+        s.epoch.get_or_insert(now);
         self.maybe_grant(id, now);
     }
 

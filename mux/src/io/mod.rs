@@ -609,7 +609,9 @@ impl Link {
             Poll::Ready(Ok(0)) => Read::Eof,
             Poll::Ready(Ok(_)) => {
                 turn.last_read = inbound.last_read;
-                match inbound.parse(&mut core.lock(), now()) {
+                // The frames arrived when the read took them: its clock reading serves.
+                let at = inbound.last_read.into_std();
+                match inbound.parse(&mut core.lock(), at) {
                     // Fds sent without a frame to claim them must not pile up either.
                     Ok(_) if inbound.fds.len() > self.limits.max_fds => {
                         Read::Violation(Violation::TooManyFds {
