@@ -125,13 +125,10 @@ pub(crate) enum Read {
     Violation(Violation),
 }
 
-/// The writers waiting for the link, and whether the driver's timer watches the turn.
+/// The writers waiting for the link.
 #[derive(Default)]
 struct Waiters {
     turns: Turns,
-    /// The driver's timer is armed for a turn (it re-arms it for the turn held when it fires):
-    /// whoever gives a turn while it is not must wake the driver to arm it.
-    timer_armed: bool,
 }
 
 /// The link of one session: its two sides, the driver's wakers and the writers waiting for
@@ -152,6 +149,10 @@ pub(crate) struct Link {
     waiters: Mutex<Waiters>,
     /// Whether `waiters` has anyone waiting or holding the turn (read without its lock).
     waiting: AtomicBool,
+    /// The driver's timer is armed for a turn (it re-arms it for the turn held when it fires):
+    /// whoever gives a turn while it is not must wake the driver to arm it. Written under
+    /// the `waiters` lock, read without it by the driver's turns.
+    turn_watched: AtomicBool,
     /// The driver's timer for the turn held now (see [`Link::poll_turn`]).
     turn_timer: Mutex<Option<Pin<Box<Sleep>>>>,
     /// Set while the driver yields to the readers (see [`Link::poll_read`]).
@@ -176,6 +177,7 @@ impl Link {
             inbound: LinkSide::new(),
             waiters: Mutex::new(Waiters::default()),
             waiting: AtomicBool::new(false),
+            turn_watched: AtomicBool::new(false),
             turn_timer: Mutex::new(None),
             yielding: AtomicBool::new(false),
             multi_thread: AtomicBool::new(false),
@@ -451,7 +453,8 @@ impl Link {
             let waker = waiters.turns.grant(Instant::now());
             self.waiting
                 .store(waiters.turns.is_busy(), Ordering::SeqCst);
-            let unwatched = waiters.turns.expires().is_some() && !waiters.timer_armed;
+            let unwatched =
+                waiters.turns.expires().is_some() && !self.turn_watched.load(Ordering::SeqCst);
             (waker, unwatched && !by_driver)
         };
         if let Some(waker) = waker {
@@ -466,13 +469,19 @@ impl Link {
     /// dropped, say) passes on to the next waiter, within twice the grace; the driver's timer
     /// is armed while somebody waits behind a turn.
     fn poll_turn(&self, cx: &mut Context<'_>) {
+        // Nobody waits and the timer watches no turn (most turns): nothing to do, and no
+        // lock taken. A writer that starts waiting right after this look is seen on the
+        // driver's next turn, which whoever gives it the turn wakes the driver for.
+        if !self.waiting.load(Ordering::SeqCst) && !self.turn_watched.load(Ordering::SeqCst) {
+            return;
+        }
         // Bounded: each pass either gives the turn to a new waiter, whose grace lies ahead,
         // or finds nobody holding it.
         for _ in 0..4 {
             let expires = {
-                let mut waiters = self.waiters();
+                let waiters = self.waiters();
                 let expires = waiters.turns.expires();
-                waiters.timer_armed = expires.is_some();
+                self.turn_watched.store(expires.is_some(), Ordering::SeqCst);
                 expires
             };
             let Some(at) = expires else {
@@ -652,7 +661,12 @@ impl Link {
         let Some(out) = guard.as_mut() else {
             return Ok((false, true));
         };
-        let sent = out.poll_send(cx, |q| core.lock().take_output(WRITE_BATCH, q));
+        // Most turns find nothing queued: the hint spares them the core's lock.
+        let sent = out.poll_send(cx, |q| {
+            if core.may_have_output() {
+                core.lock().take_output(WRITE_BATCH, q);
+            }
+        });
         drop(guard);
         if matches!(sent, Ok((_, true))) {
             self.give_turn(true);
