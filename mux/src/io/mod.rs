@@ -597,22 +597,20 @@ impl Link {
             Some(Failed::Io(e)) => return Read::Failed(e),
             None => {}
         }
-        {
-            let mut core = core.lock();
-            if core.out_bytes() >= self.limits.out_limit {
-                return Read::Nothing;
+        // The core is locked for these checks only when they may need it (output queued, a
+        // body a reader may take): small-message turns take no lock before the read.
+        if core.may_have_output() && core.lock().out_bytes() >= self.limits.out_limit {
+            return Read::Nothing;
+        }
+        if inbound.defer_to_reader(|id| core.lock().read_through_wanted(id)) {
+            // Back after the tasks already woken (the reader among them) have run.
+            drop(guard);
+            let mut yielding = Box::pin(tokio::task::yield_now());
+            if yielding.as_mut().poll(cx).is_pending() {
+                self.yielding.store(true, Ordering::SeqCst);
+                turn.yielding = Some(yielding);
             }
-            if inbound.defer_to_reader(&mut core) {
-                // Back after the tasks already woken (the reader among them) have run.
-                drop(core);
-                drop(guard);
-                let mut yielding = Box::pin(tokio::task::yield_now());
-                if yielding.as_mut().poll(cx).is_pending() {
-                    self.yielding.store(true, Ordering::SeqCst);
-                    turn.yielding = Some(yielding);
-                }
-                return Read::Nothing;
-            }
+            return Read::Nothing;
         }
         match inbound.poll_fill(cx) {
             Poll::Ready(Ok(0)) => Read::Eof,
