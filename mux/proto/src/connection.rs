@@ -154,6 +154,10 @@ pub struct Connection {
     /// The peer announced that it takes file descriptors.
     peer_fds: bool,
     ended: bool,
+    /// A tail buffer of tiny frames some stream read to its end, for the next stream that
+    /// needs one (see `RecvBuffer::read`): one per session, so small messages cost no
+    /// allocation while no idle stream holds one.
+    spare_tail: Option<BytesMut>,
 }
 
 impl Connection {
@@ -182,6 +186,7 @@ impl Connection {
             ping_answers_queued: 0,
             peer_fds: false,
             ended: false,
+            spare_tail: None,
         };
         if c.limits.fds {
             // First thing on the wire, so the peer knows before any stream exists.
@@ -533,7 +538,7 @@ impl Connection {
         if let Some(s) = self.streams.get_mut(&id) {
             if !s.reset {
                 s.fds.consumed(n);
-                self.consumed(id, n, now);
+                self.consumed(id, n, || now);
             }
         }
         Ok(())
@@ -636,7 +641,7 @@ impl Connection {
                     s.credit += h.length;
                 } else if let Some(body) = body {
                     s.fds.on_data(body.len());
-                    s.recv.push(body);
+                    s.recv.push(body, &mut self.spare_tail);
                     s.wake_reader(id, &mut self.ready);
                 } else {
                     s.fds.on_data(h.length as usize);
@@ -677,9 +682,9 @@ impl Connection {
         }
         let max = s.fds.limit(max);
         if s.recv.len() > 0 && max > 0 {
-            let n = s.recv.read(max, sink);
+            let n = s.recv.read(max, &mut self.spare_tail, sink);
             s.fds.consumed(n);
-            self.consumed(id, n, now());
+            self.consumed(id, n, now);
             return Poll::Ready(Ok(n));
         }
         if s.remote_fin || max == 0 {
@@ -692,13 +697,20 @@ impl Connection {
         Poll::Pending
     }
 
-    /// The reader of stream `id` consumed `n` more bytes at `now`.
-    fn consumed(&mut self, id: u32, n: usize, now: Instant) {
-        if let Some(s) = self.streams.get_mut(&id) {
-            s.credit += n as u32;
-            s.consumed += n as u64;
-            s.epoch.get_or_insert(now);
+    /// The reader of stream `id` consumed `n` more bytes at `now`, which is asked only when
+    /// the stream's first read or a window update needs it (not on most small reads).
+    fn consumed(&mut self, id: u32, n: usize, now: impl FnOnce() -> Instant) {
+        let Some(s) = self.streams.get_mut(&id) else {
+            return;
+        };
+        s.credit += n as u32;
+        s.consumed += n as u64;
+        // What `maybe_grant` would find before it looks at the time.
+        if s.epoch.is_some() && (s.remote_fin || s.reset || !flow::grant_due(s)) {
+            return;
         }
+        let now = now();
+        s.epoch.get_or_insert(now);
         self.maybe_grant(id, now);
     }
 

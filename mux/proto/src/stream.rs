@@ -27,7 +27,9 @@ impl RecvBuffer {
         self.len
     }
 
-    pub(crate) fn push(&mut self, body: BytesMut) {
+    /// Appends a frame's body. A tiny body goes into the tail buffer, a new one taken from
+    /// `spare` when it can hold it (see [`RecvBuffer::read`]) rather than allocated.
+    pub(crate) fn push(&mut self, body: BytesMut, spare: &mut Option<BytesMut>) {
         let n = body.len();
         if n == 0 {
             return;
@@ -40,7 +42,8 @@ impl RecvBuffer {
                     return;
                 }
             }
-            let mut tail = BytesMut::with_capacity(TAIL_CAPACITY.max(n));
+            let reused = spare.take().filter(|kept| kept.capacity() >= n);
+            let mut tail = reused.unwrap_or_else(|| BytesMut::with_capacity(TAIL_CAPACITY.max(n)));
             tail.extend_from_slice(&body);
             self.chunks.push_back(tail);
             self.tail_owned = true;
@@ -50,8 +53,15 @@ impl RecvBuffer {
         }
     }
 
-    /// Hands up to `max` bytes to `sink`, in order; returns how many.
-    pub(crate) fn read(&mut self, max: usize, mut sink: impl FnMut(&[u8])) -> usize {
+    /// Hands up to `max` bytes to `sink`, in order; returns how many. A tail buffer read to
+    /// its end as the last chunk is kept in `spare` for the next tiny body (one allocation
+    /// and free less per small message).
+    pub(crate) fn read(
+        &mut self,
+        max: usize,
+        spare: &mut Option<BytesMut>,
+        mut sink: impl FnMut(&[u8]),
+    ) -> usize {
         let mut done = 0;
         while done < max {
             let Some(front) = self.chunks.front_mut() else {
@@ -62,8 +72,14 @@ impl RecvBuffer {
             front.advance(n);
             done += n;
             if front.is_empty() {
-                self.chunks.pop_front();
+                let emptied = self.chunks.pop_front();
                 if self.chunks.is_empty() {
+                    if let (true, Some(mut emptied)) = (self.tail_owned, emptied) {
+                        // Empty, and nobody else holds any of it: all of it is room again.
+                        if emptied.try_reclaim(TAIL_CAPACITY) {
+                            *spare = Some(emptied);
+                        }
+                    }
                     self.tail_owned = false;
                 }
             }
@@ -246,20 +262,43 @@ mod tests {
     #[test]
     fn tiny_frames_share_one_tail_buffer_and_read_back_in_order() {
         let mut buf = RecvBuffer::default();
+        let mut spare = None;
         for i in 0..100u8 {
-            buf.push(BytesMut::from(&[i][..]));
+            buf.push(BytesMut::from(&[i][..]), &mut spare);
         }
         assert_eq!(buf.chunks.len(), 1);
         let mut big = BytesMut::new();
         big.extend_from_slice(&vec![7u8; 8192]);
-        buf.push(big);
-        buf.push(BytesMut::from(&b"end"[..]));
+        buf.push(big, &mut spare);
+        buf.push(BytesMut::from(&b"end"[..]), &mut spare);
         assert_eq!(buf.len(), 100 + 8192 + 3);
         let mut out = Vec::new();
-        let n = buf.read(usize::MAX, |s| out.extend_from_slice(s));
+        let n = buf.read(usize::MAX, &mut spare, |s| out.extend_from_slice(s));
         assert_eq!(n, 8295);
         assert_eq!(&out[..100], (0..100u8).collect::<Vec<_>>().as_slice());
         assert_eq!(&out[8292..], b"end");
         assert_eq!(buf.len(), 0);
+    }
+
+    #[test]
+    fn a_tail_read_to_its_end_is_reused_for_the_next_tiny_body() {
+        let mut buf = RecvBuffer::default();
+        let mut spare = None;
+        buf.push(BytesMut::from(&b"ping"[..]), &mut spare);
+        let first = buf.chunks[0].as_ptr();
+        let mut out = Vec::new();
+        assert_eq!(buf.read(2, &mut spare, |s| out.extend_from_slice(s)), 2);
+        assert!(spare.is_none(), "kept only once read to its end");
+        assert_eq!(buf.read(64, &mut spare, |s| out.extend_from_slice(s)), 2);
+        assert!(spare.is_some());
+        buf.push(BytesMut::from(&b"pong"[..]), &mut spare);
+        assert!(spare.is_none());
+        assert_eq!(
+            buf.chunks[0].as_ptr(),
+            first,
+            "the same memory, from its start"
+        );
+        assert_eq!(buf.read(64, &mut spare, |s| out.extend_from_slice(s)), 4);
+        assert_eq!(out, b"pingpong");
     }
 }

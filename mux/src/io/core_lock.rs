@@ -9,14 +9,22 @@ use netchan_mux_proto::{Connection, Header, IdMap, Ready, StreamError};
 use std::{
     collections::hash_map::Entry,
     ops::{Deref, DerefMut},
-    sync::{Mutex, MutexGuard},
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Mutex, MutexGuard,
+    },
     task::{Poll, Waker},
     time::Instant,
 };
 
 /// The yamux state of one session behind its lock, shared by the I/O room and the handles.
 /// Locked for one short, non-blocking call at a time, never across `.await`.
-pub(crate) struct Core(Mutex<Locked>);
+pub(crate) struct Core {
+    locked: Mutex<Locked>,
+    /// Whether the core had output queued when its lock was last let go (see
+    /// [`Core::may_have_output`]).
+    queued: AtomicBool,
+}
 
 struct Locked {
     conn: Connection,
@@ -46,39 +54,58 @@ fn keep(map: &mut IdMap<Waker>, id: u32, waker: &Waker) {
 
 impl Core {
     pub(crate) fn new(conn: Connection) -> Core {
-        Core(Mutex::new(Locked {
-            conn,
-            wakers: Wakers::default(),
-        }))
+        Core {
+            locked: Mutex::new(Locked {
+                conn,
+                wakers: Wakers::default(),
+            }),
+            queued: AtomicBool::new(false),
+        }
     }
 
     pub(crate) fn lock(&self) -> CoreGuard<'_> {
-        CoreGuard(self.0.lock().unwrap_or_else(|e| e.into_inner()))
+        CoreGuard {
+            guard: self.locked.lock().unwrap_or_else(|e| e.into_inner()),
+            queued: &self.queued,
+        }
+    }
+
+    /// Whether the core may have output queued, read without its lock: `false` once the
+    /// output queue was found empty when the lock was last let go. Lets the driver's write,
+    /// on every turn, skip locking the core when nothing is queued. Output queued by another
+    /// task that this misses is that task's to send: it writes it itself or wakes the driver
+    /// (`Link::send_now`, `Link::wake_driver`), whose next turn sees it.
+    pub(crate) fn may_have_output(&self) -> bool {
+        self.queued.load(Ordering::Acquire)
     }
 }
 
 /// The locked core: the [`Connection`] (through `Deref`), and its stream operations that
 /// wait taking the waiting task's waker. Wakes the tasks whose operation the core reported
 /// ready when dropped.
-pub(crate) struct CoreGuard<'a>(MutexGuard<'a, Locked>);
+pub(crate) struct CoreGuard<'a> {
+    guard: MutexGuard<'a, Locked>,
+    queued: &'a AtomicBool,
+}
 
 impl Deref for CoreGuard<'_> {
     type Target = Connection;
 
     fn deref(&self) -> &Connection {
-        &self.0.conn
+        &self.guard.conn
     }
 }
 
 impl DerefMut for CoreGuard<'_> {
     fn deref_mut(&mut self) -> &mut Connection {
-        &mut self.0.conn
+        &mut self.guard.conn
     }
 }
 
 impl Drop for CoreGuard<'_> {
     fn drop(&mut self) {
-        let Locked { conn, wakers } = &mut *self.0;
+        let Locked { conn, wakers } = &mut *self.guard;
+        self.queued.store(conn.out_bytes() > 0, Ordering::Release);
         if !conn.has_ready() {
             return;
         }
@@ -104,7 +131,7 @@ impl CoreGuard<'_> {
         now: impl FnOnce() -> Instant,
         sink: impl FnMut(&[u8]),
     ) -> Poll<Result<usize, StreamError>> {
-        let Locked { conn, wakers } = &mut *self.0;
+        let Locked { conn, wakers } = &mut *self.guard;
         let read = conn.read(id, max, now, sink);
         if read.is_pending() {
             keep(&mut wakers.readers, id, waker);
@@ -114,7 +141,7 @@ impl CoreGuard<'_> {
 
     /// [`Connection::wait_readable`], keeping `waker` if the read would wait.
     pub(crate) fn wait_readable(&mut self, id: u32, waker: &Waker) -> bool {
-        let Locked { conn, wakers } = &mut *self.0;
+        let Locked { conn, wakers } = &mut *self.guard;
         let wait = conn.wait_readable(id);
         if wait {
             keep(&mut wakers.readers, id, waker);
@@ -129,7 +156,7 @@ impl CoreGuard<'_> {
         buf: &[u8],
         waker: &Waker,
     ) -> Poll<Result<usize, StreamError>> {
-        let Locked { conn, wakers } = &mut *self.0;
+        let Locked { conn, wakers } = &mut *self.guard;
         let write = conn.write(id, buf);
         if write.is_pending() {
             keep(&mut wakers.writers, id, waker);
@@ -144,7 +171,7 @@ impl CoreGuard<'_> {
         len: usize,
         waker: &Waker,
     ) -> Option<Poll<Result<Option<Header>, StreamError>>> {
-        let Locked { conn, wakers } = &mut *self.0;
+        let Locked { conn, wakers } = &mut *self.guard;
         let write = conn.write_direct(id, len);
         if write.as_ref().is_some_and(Poll::is_pending) {
             keep(&mut wakers.writers, id, waker);
@@ -155,17 +182,17 @@ impl CoreGuard<'_> {
     /// [`Connection::reset`], forgetting the stream's wakers.
     pub(crate) fn reset(&mut self, id: u32) {
         self.forget(id);
-        self.0.conn.reset(id);
+        self.guard.conn.reset(id);
     }
 
     /// [`Connection::drop_handle`], forgetting the stream's wakers.
     pub(crate) fn drop_handle(&mut self, id: u32) {
         self.forget(id);
-        self.0.conn.drop_handle(id);
+        self.guard.conn.drop_handle(id);
     }
 
     fn forget(&mut self, id: u32) {
-        let wakers = &mut self.0.wakers;
+        let wakers = &mut self.guard.wakers;
         wakers.readers.remove(&id);
         wakers.writers.remove(&id);
     }
@@ -175,7 +202,7 @@ impl CoreGuard<'_> {
 impl Core {
     /// How many wakers are kept (readers, writers).
     fn kept(&self) -> (usize, usize) {
-        let locked = self.0.lock().unwrap();
+        let locked = self.locked.lock().unwrap();
         (locked.wakers.readers.len(), locked.wakers.writers.len())
     }
 }
@@ -224,6 +251,20 @@ mod tests {
         core.lock().reset(id);
         assert_eq!(core.kept(), (0, 0));
         assert_eq!(wakes.count(), 0);
+    }
+
+    #[test]
+    fn the_output_hint_says_whether_output_was_queued_when_the_lock_was_let_go() {
+        let core = Core::new(Connection::new(Side::Client, Config::default().limits()));
+        assert!(!core.may_have_output());
+        let id = core.lock().open().unwrap();
+        let (waker, _) = counting_waker();
+        let wrote = core.lock().write(id, b"hi", &waker);
+        assert!(wrote.is_ready());
+        assert!(core.may_have_output());
+        core.lock()
+            .take_output(usize::MAX, &mut std::collections::VecDeque::new());
+        assert!(!core.may_have_output());
     }
 
     #[test]

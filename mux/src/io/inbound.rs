@@ -265,14 +265,15 @@ impl Inbound {
     /// Whether the driver should leave the link alone for this turn: the next bytes on it are
     /// the body of a data frame whose reader is about to run and can take them straight into
     /// its own buffer. Only once per piece of body: if the reader did not come, the driver
-    /// reads on.
-    pub(crate) fn defer_to_reader(&mut self, core: &mut Connection) -> bool {
+    /// reads on. `wanted` asks the core ([`Connection::read_through_wanted`]), only when
+    /// such a body is next.
+    pub(crate) fn defer_to_reader(&mut self, wanted: impl FnOnce(u32) -> bool) -> bool {
         let Some(body) = self.read_through_body() else {
             self.deferred = None;
             return false;
         };
         let key = (body.header.stream, body.remaining);
-        if self.deferred == Some(key) || !core.read_through_wanted(body.header.stream) {
+        if self.deferred == Some(key) || !wanted(body.header.stream) {
             return false;
         }
         self.deferred = Some(key);

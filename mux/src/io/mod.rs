@@ -125,13 +125,10 @@ pub(crate) enum Read {
     Violation(Violation),
 }
 
-/// The writers waiting for the link, and whether the driver's timer watches the turn.
+/// The writers waiting for the link.
 #[derive(Default)]
 struct Waiters {
     turns: Turns,
-    /// The driver's timer is armed for a turn (it re-arms it for the turn held when it fires):
-    /// whoever gives a turn while it is not must wake the driver to arm it.
-    timer_armed: bool,
 }
 
 /// The link of one session: its two sides, the driver's wakers and the writers waiting for
@@ -152,6 +149,10 @@ pub(crate) struct Link {
     waiters: Mutex<Waiters>,
     /// Whether `waiters` has anyone waiting or holding the turn (read without its lock).
     waiting: AtomicBool,
+    /// The driver's timer is armed for a turn (it re-arms it for the turn held when it fires):
+    /// whoever gives a turn while it is not must wake the driver to arm it. Written under
+    /// the `waiters` lock, read without it by the driver's turns.
+    turn_watched: AtomicBool,
     /// The driver's timer for the turn held now (see [`Link::poll_turn`]).
     turn_timer: Mutex<Option<Pin<Box<Sleep>>>>,
     /// Set while the driver yields to the readers (see [`Link::poll_read`]).
@@ -176,6 +177,7 @@ impl Link {
             inbound: LinkSide::new(),
             waiters: Mutex::new(Waiters::default()),
             waiting: AtomicBool::new(false),
+            turn_watched: AtomicBool::new(false),
             turn_timer: Mutex::new(None),
             yielding: AtomicBool::new(false),
             multi_thread: AtomicBool::new(false),
@@ -360,9 +362,11 @@ impl Link {
         let sent = out
             .write_frame(cx, header.encode(), &buf[..n])
             .and_then(|()| {
-                // Frames queued meanwhile, and the flush.
-                out.poll_send(cx, |q| core.lock().take_output(WRITE_BATCH, q))
-                    .map(|_| ())
+                // What the link did not take, and the flush. Frames other tasks queued
+                // meanwhile are left to the driver, which whoever queued them woke on
+                // finding the write side taken (`send_now`): not looking for them here
+                // saves a lock of the core per write.
+                out.poll_send(cx, |_| {}).map(|_| ())
             });
         if let Err(e) = sent {
             out.fail(e);
@@ -449,7 +453,8 @@ impl Link {
             let waker = waiters.turns.grant(Instant::now());
             self.waiting
                 .store(waiters.turns.is_busy(), Ordering::SeqCst);
-            let unwatched = waiters.turns.expires().is_some() && !waiters.timer_armed;
+            let unwatched =
+                waiters.turns.expires().is_some() && !self.turn_watched.load(Ordering::SeqCst);
             (waker, unwatched && !by_driver)
         };
         if let Some(waker) = waker {
@@ -464,13 +469,19 @@ impl Link {
     /// dropped, say) passes on to the next waiter, within twice the grace; the driver's timer
     /// is armed while somebody waits behind a turn.
     fn poll_turn(&self, cx: &mut Context<'_>) {
+        // Nobody waits and the timer watches no turn (most turns): nothing to do, and no
+        // lock taken. A writer that starts waiting right after this look is seen on the
+        // driver's next turn, which whoever gives it the turn wakes the driver for.
+        if !self.waiting.load(Ordering::SeqCst) && !self.turn_watched.load(Ordering::SeqCst) {
+            return;
+        }
         // Bounded: each pass either gives the turn to a new waiter, whose grace lies ahead,
         // or finds nobody holding it.
         for _ in 0..4 {
             let expires = {
-                let mut waiters = self.waiters();
+                let waiters = self.waiters();
                 let expires = waiters.turns.expires();
-                waiters.timer_armed = expires.is_some();
+                self.turn_watched.store(expires.is_some(), Ordering::SeqCst);
                 expires
             };
             let Some(at) = expires else {
@@ -586,28 +597,28 @@ impl Link {
             Some(Failed::Io(e)) => return Read::Failed(e),
             None => {}
         }
-        {
-            let mut core = core.lock();
-            if core.out_bytes() >= self.limits.out_limit {
-                return Read::Nothing;
+        // The core is locked for these checks only when they may need it (output queued, a
+        // body a reader may take): small-message turns take no lock before the read.
+        if core.may_have_output() && core.lock().out_bytes() >= self.limits.out_limit {
+            return Read::Nothing;
+        }
+        if inbound.defer_to_reader(|id| core.lock().read_through_wanted(id)) {
+            // Back after the tasks already woken (the reader among them) have run.
+            drop(guard);
+            let mut yielding = Box::pin(tokio::task::yield_now());
+            if yielding.as_mut().poll(cx).is_pending() {
+                self.yielding.store(true, Ordering::SeqCst);
+                turn.yielding = Some(yielding);
             }
-            if inbound.defer_to_reader(&mut core) {
-                // Back after the tasks already woken (the reader among them) have run.
-                drop(core);
-                drop(guard);
-                let mut yielding = Box::pin(tokio::task::yield_now());
-                if yielding.as_mut().poll(cx).is_pending() {
-                    self.yielding.store(true, Ordering::SeqCst);
-                    turn.yielding = Some(yielding);
-                }
-                return Read::Nothing;
-            }
+            return Read::Nothing;
         }
         match inbound.poll_fill(cx) {
             Poll::Ready(Ok(0)) => Read::Eof,
             Poll::Ready(Ok(_)) => {
                 turn.last_read = inbound.last_read;
-                match inbound.parse(&mut core.lock(), now()) {
+                // The frames arrived when the read took them: its clock reading serves.
+                let at = inbound.last_read.into_std();
+                match inbound.parse(&mut core.lock(), at) {
                     // Fds sent without a frame to claim them must not pile up either.
                     Ok(_) if inbound.fds.len() > self.limits.max_fds => {
                         Read::Violation(Violation::TooManyFds {
@@ -648,7 +659,12 @@ impl Link {
         let Some(out) = guard.as_mut() else {
             return Ok((false, true));
         };
-        let sent = out.poll_send(cx, |q| core.lock().take_output(WRITE_BATCH, q));
+        // Most turns find nothing queued: the hint spares them the core's lock.
+        let sent = out.poll_send(cx, |q| {
+            if core.may_have_output() {
+                core.lock().take_output(WRITE_BATCH, q);
+            }
+        });
         drop(guard);
         if matches!(sent, Ok((_, true))) {
             self.give_turn(true);
