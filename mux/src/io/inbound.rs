@@ -16,8 +16,12 @@
 //!   lock; the core then counts them as received and read at once
 //!   ([`Connection::on_read_through`]).
 //!   The driver helps by leaving such a body on the link for one turn when its reader is
-//!   about to run, and a read-through that ends a body wakes the driver to read the frames
-//!   after it. When large frames of several streams interleave, the driver reads whole
+//!   about to run. A read-through that ends a body takes what follows it too (the next
+//!   header and [`HEADER_AHEAD`] bytes; in the same `readv` on a socket when the reader's
+//!   room is initialised, else in a second read) and parses it, so the stream's next body
+//!   is ready to be read through with no driver read and no hop; it still wakes the driver
+//!   unless the link was drained (the reader may not come back, and the frames behind the
+//!   body must not wait for it). When large frames of several streams interleave, the driver reads whole
 //!   chunks instead: a header-sized read and a hand-over to another task per frame cost
 //!   more than the readers' copies (half the reads, a third fewer wake-ups per GiB on eight
 //!   channels).

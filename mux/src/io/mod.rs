@@ -36,8 +36,9 @@
 //! - **A reader** may take the read side only when the link's next bytes are the body of a
 //!   data frame for its own stream ([`Link::try_read_through`], the other fast path): it reads
 //!   them straight into its buffer, with the driver's waker. The driver leaves such a body on
-//!   the link for one turn when its reader is about to run (it yields to it), and a reader
-//!   that ends a body wakes the driver to read the frames after it.
+//!   the link for one turn when its reader is about to run (it yields to it). A reader that
+//!   ends a body reads and parses the next frame header with it (see `inbound.rs`), and wakes
+//!   the driver to read the frames after it unless the link was drained.
 //! - **The end** ([`Link::release`]) drops both halves: from then on nobody touches the
 //!   socket.
 //!
