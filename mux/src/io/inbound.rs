@@ -16,8 +16,12 @@
 //!   lock; the core then counts them as received and read at once
 //!   ([`Connection::on_read_through`]).
 //!   The driver helps by leaving such a body on the link for one turn when its reader is
-//!   about to run, and a read-through that ends a body wakes the driver to read the frames
-//!   after it. When large frames of several streams interleave, the driver reads whole
+//!   about to run. A read-through that ends a body takes what follows it too (the next
+//!   header and [`HEADER_AHEAD`] bytes; in the same `readv` on a socket when the reader's
+//!   room is initialised, else in a second read) and parses it, so the stream's next body
+//!   is ready to be read through with no driver read and no hop; it still wakes the driver
+//!   unless the link was drained (the reader may not come back, and the frames behind the
+//!   body must not wait for it). When large frames of several streams interleave, the driver reads whole
 //!   chunks instead: a header-sized read and a hand-over to another task per frame cost
 //!   more than the readers' copies (half the reads, a third fewer wake-ups per GiB on eight
 //!   channels).
@@ -25,7 +29,10 @@
 //! Whoever reads holds the lock of this state (then the core's, never the other way round),
 //! so bytes are parsed in link order whichever task reads them.
 
-use super::transport::LinkRead;
+use super::{
+    transport::{LinkRead, ReadAhead},
+    Core,
+};
 use bytes::{Buf, BytesMut};
 use netchan_mux_proto::{
     Connection, Fd, FrameType, Header, Violation, ACK, FIN, HEADER_LEN, RST, SYN,
@@ -67,7 +74,7 @@ pub(crate) const READ_THROUGH_MIN: usize = 16 * 1024;
 /// update) then comes in the same read as the header before it, and at most this much of a
 /// large body is read into our buffer (and copied out) before its reader reads the rest
 /// through.
-const HEADER_AHEAD: usize = 256;
+pub(crate) const HEADER_AHEAD: usize = 256;
 /// Frames other than large data frames (small data frames, window updates, pings) that may
 /// come in a row without ending the one-bulk-stream mode (`large`): a bulk sender's messages
 /// put a small frame or two between their bodies; more than this in a row is small-message
@@ -157,6 +164,9 @@ pub(crate) struct Inbound {
     spare: Option<BytesMut>,
     /// `buf` has memory of its own (it is not a new, empty `BytesMut`).
     buf_allocated: bool,
+    /// Streams the peer opened, parsed and not yet handed to the driver (a reader's read
+    /// that took the frames after a body may parse them). At most the session's stream limit.
+    pub(crate) accepted: Vec<u32>,
 }
 
 impl Inbound {
@@ -175,12 +185,36 @@ impl Inbound {
             offer: READ_SMALL,
             spare: None,
             buf_allocated: false,
+            accepted: Vec::new(),
         }
     }
 
     /// Reads what the link has into the read buffer. `Ok(0)` is the end of the link.
     pub(crate) fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
         let max = self.read_limit();
+        self.make_room(max);
+        let read = self.io.poll_read(cx, &mut self.buf, max, &mut self.fds);
+        if read.is_pending() && self.buf.is_empty() {
+            self.spare = None;
+        }
+        if let Poll::Ready(Ok(n)) = read {
+            if n > 0 {
+                self.last_read = tokio::time::Instant::now();
+            }
+            // Reads cut short at a header (read-through) say nothing about the link's pace.
+            if max == self.offer {
+                if n == max {
+                    self.offer = (self.offer * 2).min(READ_CHUNK);
+                } else if n < self.offer / 4 {
+                    self.offer = (self.offer / 2).max(READ_SMALL);
+                }
+            }
+        }
+        read
+    }
+
+    /// Makes room in the read buffer for a read of `max` bytes.
+    fn make_room(&mut self, max: usize) {
         if self.buf.is_empty() && self.buf.capacity() > 2 * self.offer.max(max) {
             // Back to a small buffer (the large one is freed once its slices are consumed).
             self.buf = BytesMut::new();
@@ -204,24 +238,6 @@ impl Inbound {
         }
         self.buf.reserve(max);
         self.buf_allocated = true;
-        let read = self.io.poll_read(cx, &mut self.buf, max, &mut self.fds);
-        if read.is_pending() && self.buf.is_empty() {
-            self.spare = None;
-        }
-        if let Poll::Ready(Ok(n)) = read {
-            if n > 0 {
-                self.last_read = tokio::time::Instant::now();
-            }
-            // Reads cut short at a header (read-through) say nothing about the link's pace.
-            if max == self.offer {
-                if n == max {
-                    self.offer = (self.offer * 2).min(READ_CHUNK);
-                } else if n < self.offer / 4 {
-                    self.offer = (self.offer / 2).max(READ_SMALL);
-                }
-            }
-        }
-        read
     }
 
     /// How much the next read may take. Normally the current offer; while large data frames
@@ -291,12 +307,8 @@ impl Inbound {
     }
 
     /// Hands every complete frame in the read buffer (and the pieces of large data frames
-    /// that have arrived) to the core; returns the streams the peer opened.
-    pub(crate) fn parse(
-        &mut self,
-        core: &mut Connection,
-        now: Instant,
-    ) -> Result<Vec<u32>, Violation> {
+    /// that have arrived) to the core; the streams the peer opened go to `accepted`.
+    pub(crate) fn parse(&mut self, core: &mut Connection, now: Instant) -> Result<(), Violation> {
         loop {
             let body = match self.body {
                 Some(body) => body,
@@ -357,11 +369,10 @@ impl Inbound {
             self.body = body.after(take);
             core.on_frame(piece, bytes, now)?;
         }
-        let mut accepted = Vec::new();
         while let Some(id) = core.next_accepted() {
-            accepted.push(id);
+            self.accepted.push(id);
         }
-        Ok(accepted)
+        Ok(())
     }
 
     /// Whether the reader of stream `id` may read the link's next bytes through.
@@ -373,16 +384,25 @@ impl Inbound {
     /// The read-through: if the link's next bytes are the body of a data frame on stream
     /// `id`, reads up to the end of that body (and at most what `dst` has room for) straight
     /// into `dst`, with `cx` (the driver's: a link with nothing to read wakes the driver,
-    /// which reads on). `dst`'s room may be uninitialised.
+    /// which reads on), and has the core count them as received and read. `dst`'s room may
+    /// be uninitialised.
     ///
-    /// `accept` is called with the piece's header before the bytes count as read; if it fails
-    /// (a violation), the bytes do not count and the driver ends the session.
+    /// A read that takes the body to its end takes what follows it on the link too, at most
+    /// `ahead` bytes (the next frame header, and the small frames or the start of the body
+    /// after it), in the same system call where the link can, else in a second read, and
+    /// parses them: the reader, not the driver, reads the header of the frame after a body,
+    /// so a bulk stream's next body is ready to be read through with nobody woken.
+    ///
+    /// A violation (of the piece read, or of the frames after it) or a failed read is kept
+    /// for the driver (`failed`), which ends the session.
     pub(crate) fn read_through(
         &mut self,
         id: u32,
         cx: &mut Context<'_>,
         dst: &mut ReadBuf<'_>,
-        accept: impl FnOnce(Header) -> Result<(), Violation>,
+        ahead: usize,
+        core: &Core,
+        now: Instant,
     ) -> Through {
         let Some(body) = self.read_through_body() else {
             return Through::NotHere;
@@ -391,10 +411,30 @@ impl Inbound {
             return Through::NotHere;
         }
         let max = body.remaining.min(dst.remaining());
-        let n = match self.io.poll_read_into(cx, dst, max, &mut self.fds) {
+        let ahead = if max == body.remaining { ahead } else { 0 };
+        if ahead > 0 {
+            self.make_room(ahead);
+        }
+        let both = match ahead {
+            0 => None,
+            _ => self
+                .io
+                .poll_read_into_and_ahead(cx, dst, max, &mut self.buf, ahead),
+        };
+        let one_by_one = both.is_none() && ahead > 0;
+        let read = both.unwrap_or_else(|| {
+            self.io
+                .poll_read_into(cx, dst, max, &mut self.fds)
+                .map_ok(|n| ReadAhead {
+                    into: n,
+                    ahead: 0,
+                    drained: false,
+                })
+        });
+        let mut read = match read {
             // The end of the link: the driver reads it again and ends the session.
-            Poll::Ready(Ok(0)) => return Through::Driver,
-            Poll::Ready(Ok(n)) => n,
+            Poll::Ready(Ok(r)) if r.into == 0 => return Through::Driver,
+            Poll::Ready(Ok(r)) => r,
             Poll::Ready(Err(e)) => {
                 self.failed = Some(Failed::Io(e));
                 return Through::Driver;
@@ -402,17 +442,41 @@ impl Inbound {
             Poll::Pending => return Through::Pending,
         };
         self.last_read = tokio::time::Instant::now();
-        let piece = body.piece(n);
-        self.body = body.after(n);
-        match accept(piece) {
-            Ok(()) => Through::Read {
-                n,
-                ended_body: self.body.is_none(),
-            },
-            Err(v) => {
-                self.failed = Some(Failed::Violation(v));
-                Through::Driver
+        let ended_body = read.into == body.remaining;
+        // The end of the link, or a failure, met by the read of what follows: for the driver.
+        let mut for_driver = false;
+        if one_by_one && ended_body {
+            match self.io.poll_read(cx, &mut self.buf, ahead, &mut self.fds) {
+                Poll::Ready(Ok(0)) => for_driver = true,
+                Poll::Ready(Ok(n)) => read.ahead = n,
+                Poll::Ready(Err(e)) => {
+                    self.failed = Some(Failed::Io(e));
+                    for_driver = true;
+                }
+                Poll::Pending => read.drained = true,
             }
+        }
+        let piece = body.piece(read.into);
+        self.body = body.after(read.into);
+        let mut core = core.lock();
+        if let Err(v) = core.on_read_through(piece, now) {
+            self.failed = Some(Failed::Violation(v));
+            return Through::Driver;
+        }
+        if read.ahead > 0 {
+            if let Err(v) = self.parse(&mut core, now) {
+                self.failed = Some(Failed::Violation(v));
+            }
+        }
+        drop(core);
+        Through::Read {
+            n: read.into,
+            ended_body,
+            drained: read.drained,
+            for_driver: for_driver
+                || self.failed.is_some()
+                || !self.accepted.is_empty()
+                || !self.fds.is_empty(),
         }
     }
 }
@@ -421,9 +485,17 @@ impl Inbound {
 pub(crate) enum Through {
     /// The link's next bytes are not a body this reader may take.
     NotHere,
-    /// `n` bytes were read into the reader's buffer and counted as read; `ended_body` if
-    /// they were the last of their frame's body (the link's next bytes start a frame).
-    Read { n: usize, ended_body: bool },
+    /// `n` bytes were read into the reader's buffer and counted as read.
+    Read {
+        n: usize,
+        /// They were the last of their frame's body.
+        ended_body: bool,
+        /// The read found the link drained: the driver is woken by its next bytes.
+        drained: bool,
+        /// The read parsed what the driver must act on (streams the peer opened, fds), or
+        /// met the end of the link, a failure or a violation.
+        for_driver: bool,
+    },
     /// The link has nothing yet; the driver is woken when it has.
     Pending,
     /// The link ended or failed, or the peer violated the protocol: the driver must run to

@@ -36,8 +36,9 @@
 //! - **A reader** may take the read side only when the link's next bytes are the body of a
 //!   data frame for its own stream ([`Link::try_read_through`], the other fast path): it reads
 //!   them straight into its buffer, with the driver's waker. The driver leaves such a body on
-//!   the link for one turn when its reader is about to run (it yields to it), and a reader
-//!   that ends a body wakes the driver to read the frames after it.
+//!   the link for one turn when its reader is about to run (it yields to it). A reader that
+//!   ends a body reads and parses the next frame header with it (see `inbound.rs`), and wakes
+//!   the driver to read the frames after it unless the link was drained.
 //! - **The end** ([`Link::release`]) drops both halves: from then on nobody touches the
 //!   socket.
 //!
@@ -52,7 +53,8 @@ mod turns;
 
 pub(crate) use core_lock::{Core, CoreGuard};
 use futures::task::AtomicWaker;
-use inbound::{Failed, Inbound, Through, READ_THROUGH_MIN};
+use inbound::{Failed, Inbound, Through, HEADER_AHEAD, READ_THROUGH_MIN};
+use netchan_mux_proto::HEADER_LEN;
 use netchan_mux_proto::{StreamError, Violation};
 use outbound::{Outbound, WRITE_BATCH};
 use side::LinkSide;
@@ -526,21 +528,39 @@ impl Link {
         }
         // Under the read side's lock nothing more is parsed, so if the stream has nothing
         // buffered now, the link's next bytes are the first it has not read.
-        if !core.lock().wait_readable(id, waker) {
-            return None;
-        }
-        let at = now();
+        let ahead = {
+            let mut core = core.lock();
+            if !core.wait_readable(id, waker) {
+                return None;
+            }
+            // What follows the body is read with it unless the peer is not reading what we
+            // send (see `ReadLimits::out_limit`): then only the driver reads on.
+            if core.out_bytes() < self.limits.out_limit {
+                HEADER_LEN + HEADER_AHEAD
+            } else {
+                0
+            }
+        };
         // The link reads into the caller's room as it is: uninitialised room is not zeroed
         // first (except on a link that carries fds, whose `recvmsg` needs it initialised).
         let mut cx = Context::from_waker(&io_waker);
-        let through = inbound.read_through(id, &mut cx, buf, |piece| {
-            core.lock().on_read_through(piece, at)
-        });
+        let through = inbound.read_through(id, &mut cx, buf, ahead, core, now());
         drop(hold);
         match through {
-            Through::Read { n, ended_body } => {
+            Through::Read {
+                n,
+                ended_body,
+                drained,
+                for_driver,
+            } => {
                 self.read_through.fetch_add(n as u64, Ordering::Relaxed);
-                if ended_body && self.wake_after_body() {
+                // After a body, the frames behind it may be on the link with nobody woken
+                // for them (unless the read found the link drained: its next bytes wake the
+                // driver). Even when the read took the header after the body and found its
+                // reader's next body, the driver is woken: this reader may not come back for
+                // it, and what stands behind it on the link must not wait for it. (A wake
+                // while the driver is already woken costs next to nothing.)
+                if for_driver || (ended_body && !drained && self.wake_after_body()) {
                     self.driver.wake();
                 }
                 // The read may have earned the peer a window update.
@@ -597,6 +617,10 @@ impl Link {
             Some(Failed::Io(e)) => return Read::Failed(e),
             None => {}
         }
+        // Streams a reader's read parsed (see `Inbound::read_through`).
+        if !inbound.accepted.is_empty() {
+            return Read::Frames(std::mem::take(&mut inbound.accepted));
+        }
         // The core is locked for these checks only when they may need it (output queued, a
         // body a reader may take): small-message turns take no lock before the read.
         if core.may_have_output() && core.lock().out_bytes() >= self.limits.out_limit {
@@ -625,7 +649,7 @@ impl Link {
                             limit: self.limits.max_fds,
                         })
                     }
-                    Ok(accepted) => Read::Frames(accepted),
+                    Ok(()) => Read::Frames(std::mem::take(&mut inbound.accepted)),
                     Err(v) => Read::Violation(v),
                 }
             }
@@ -689,7 +713,8 @@ impl Link {
         assert!(inbound.poll_fill(cx).is_ready(), "the link has bytes");
         inbound
             .parse(&mut core.lock(), now())
-            .expect("well-formed frames")
+            .expect("well-formed frames");
+        std::mem::take(&mut inbound.accepted)
     }
 
     /// Sets whether the driver is yielding to its readers, for tests that play the driver.

@@ -8,6 +8,8 @@
 //! they are there. Sent descriptors go with the first byte of the write that takes them.
 
 #[cfg(unix)]
+mod socket;
+#[cfg(unix)]
 pub(crate) mod unix;
 
 use bytes::{BufMut, BytesMut};
@@ -46,6 +48,34 @@ pub(crate) trait LinkRead: Send {
         max: usize,
         fds: &mut VecDeque<Fd>,
     ) -> Poll<io::Result<usize>>;
+
+    /// [`LinkRead::poll_read_into`] for `max` bytes (at least one) and, in the same system
+    /// call, at most `ahead` bytes that follow them on the link into the spare capacity of
+    /// `buf` (the caller reserved that much): `None` if this link cannot read into both in one
+    /// call, or cannot without zeroing `dst`'s room first (the caller then reads them one
+    /// after the other).
+    fn poll_read_into_and_ahead(
+        &mut self,
+        _cx: &mut Context<'_>,
+        _dst: &mut ReadBuf<'_>,
+        _max: usize,
+        _buf: &mut BytesMut,
+        _ahead: usize,
+    ) -> Option<Poll<io::Result<ReadAhead>>> {
+        None
+    }
+}
+
+/// What a [`LinkRead::poll_read_into_and_ahead`] read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct ReadAhead {
+    /// Bytes read into the reader's buffer.
+    pub(crate) into: usize,
+    /// Bytes read after them into the link's own buffer.
+    pub(crate) ahead: usize,
+    /// The link had no more: the read was short, and the waker passed in is registered for
+    /// the link's next bytes.
+    pub(crate) drained: bool,
 }
 
 /// The write side of a link.
@@ -94,14 +124,19 @@ where
         .downcast_mut::<Option<tokio::net::TcpStream>>()
         .and_then(Option::take)
     {
-        return halves(tcp.into_split());
+        let (read, write) = tcp.into_split();
+        #[cfg(unix)]
+        return (Box::new(socket::Socket(read)), Box::new(Plain(write)));
+        #[cfg(not(unix))]
+        return halves((read, write));
     }
     #[cfg(unix)]
     if let Some(unix) = slot
         .downcast_mut::<Option<tokio::net::UnixStream>>()
         .and_then(Option::take)
     {
-        return halves(unix.into_split());
+        let (read, write) = unix.into_split();
+        return (Box::new(socket::Socket(read)), Box::new(Plain(write)));
     }
     match io {
         Some(io) => halves(tokio::io::split(io)),
