@@ -31,8 +31,9 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 ///   `ConnectionReset`, never a clean EOF;
 /// - it can be split with [`tokio::io::split`] and read and written from two tasks.
 ///
-/// A write sends at most one frame: straight from the caller's buffer when the link is free,
-/// otherwise copied into the session's output queue; either way it returns at once and
+/// A write sends at most one frame (the slices of a vectored write, up to 15 of them, together
+/// in that one frame): straight from the caller's buffer when the link is free, otherwise
+/// copied into the session's output queue; either way it returns at once and
 /// `flush` has nothing left to do. Writes wait while the channel's send window is used up
 /// (the peer's reader is behind) or the session's output queue is full (the link is).
 ///
@@ -236,6 +237,18 @@ impl AsyncWrite for Conn {
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
         Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {

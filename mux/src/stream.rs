@@ -5,9 +5,9 @@
 //! reads them from the link straight into the caller's buffer (read-through, no copy).
 //!
 //! A write sends at most one frame: straight from the caller's buffer (header and body in one
-//! vectored write) when the link is free; otherwise a large write waits for a contended or
-//! full link, and anything else is copied into the session's output queue for the driver or
-//! the next writer.
+//! vectored write; the slices of a vectored write together in that one frame) when the link
+//! is free; otherwise a large write waits for a contended or full link, and anything else is
+//! copied into the session's output queue for the driver or the next writer.
 
 use netchan_mux_proto::StreamError;
 
@@ -128,32 +128,37 @@ impl AsyncRead for RawStream {
     }
 }
 
-impl AsyncWrite for RawStream {
-    fn poll_write(
-        self: Pin<&mut Self>,
+impl RawStream {
+    /// Writes up to one frame of the concatenation of `bufs` (see the module docs).
+    fn write_slices(
+        &mut self,
         cx: &mut Context<'_>,
-        buf: &[u8],
+        bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        let this = self.get_mut();
-        let shared = &this.handle.shared;
+        let shared = &self.handle.shared;
+        // What one frame of a direct write can carry; the queued write copies the same.
+        let bufs = &bufs[..bufs.len().min(crate::io::MAX_DIRECT_SLICES)];
+        let len: usize = bufs.iter().map(|b| b.len()).sum();
         if let Some(result) = shared.link.try_write_direct(
             &shared.core,
-            this.handle.id,
-            buf,
-            buf.len() >= LINK_WAIT_MIN,
+            self.handle.id,
+            bufs,
+            len >= LINK_WAIT_MIN,
             cx.waker(),
         ) {
-            return result.map_err(|e| this.error(e));
+            return result.map_err(|e| self.error(e));
         }
         // A large write waits for a contended link rather than be copied into the queue.
-        if buf.len() >= LINK_WAIT_MIN
+        if len >= LINK_WAIT_MIN
             && shared
                 .link
-                .wait_for_link(&shared.core, this.handle.id, cx.waker())
+                .wait_for_link(&shared.core, self.handle.id, cx.waker())
         {
             return Poll::Pending;
         }
-        let result = shared.core().write(this.handle.id, buf, cx.waker());
+        let result = shared
+            .core()
+            .write_vectored(self.handle.id, bufs, cx.waker());
         match result {
             Poll::Ready(Ok(n)) => {
                 if n > 0 {
@@ -161,9 +166,33 @@ impl AsyncWrite for RawStream {
                 }
                 Poll::Ready(Ok(n))
             }
-            Poll::Ready(Err(e)) => Poll::Ready(Err(this.error(e))),
+            Poll::Ready(Err(e)) => Poll::Ready(Err(self.error(e))),
             Poll::Pending => Poll::Pending,
         }
+    }
+}
+
+impl AsyncWrite for RawStream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        self.get_mut().write_slices(cx, &[io::IoSlice::new(buf)])
+    }
+
+    /// One frame of the slices together (header and slices in one vectored write when the
+    /// link is free), so a message written as several slices leaves as one frame.
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        self.get_mut().write_slices(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        true
     }
 
     fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -486,6 +515,77 @@ mod wakes {
             let rest = &frames[HEADER_LEN + WRITE..];
             assert_eq!(rest[..HEADER_LEN], first_header);
             assert!(rest[HEADER_LEN..].iter().all(|b| *b == 2));
+        })
+        .await;
+    }
+
+    /// A vectored write leaves as one frame holding its slices in order: straight from the
+    /// caller's slices when the link is free (what the socket did not take copied, from the
+    /// middle of a slice on), and copied into one queued frame when the link is busy.
+    #[tokio::test]
+    async fn a_vectored_write_leaves_as_one_frame() {
+        netchan_testkit::within(10, "vectored writes", async {
+            use tokio::io::AsyncReadExt;
+            const PIPE: usize = 16 * 1024;
+            // Not started: the test plays the driver (current-thread: a full link copies).
+            let (mut peer, shared) = hand_driven(PIPE);
+            let (driver, _) = counting_waker();
+            let mut driver_cx = Context::from_waker(&driver);
+            let header = Header::new(FrameType::Data, SYN, 1, 1).encode();
+            peer.write_all(&header).await.unwrap();
+            peer.write_all(&[0]).await.unwrap();
+            assert_eq!(driver_turn(&shared, &mut driver_cx), [1]);
+            // Our ACK goes out: the link is free for a direct write.
+            assert_eq!(
+                shared
+                    .link
+                    .poll_write(&shared.core, &mut driver_cx)
+                    .unwrap(),
+                (true, true)
+            );
+            let mut stream = RawStream::new(StreamHandle {
+                id: 1,
+                shared: shared.clone(),
+            });
+            let (writer, _) = counting_waker();
+            let mut writer_cx = Context::from_waker(&writer);
+            let message = |n: u8| [vec![n; 30], vec![n + 1; 40 * 1024], vec![n + 2; 5]];
+            let (first, second) = (message(1), message(11));
+            let len: usize = first.iter().map(Vec::len).sum();
+            for parts in [&first, &second] {
+                let slices: Vec<_> = parts.iter().map(|p| io::IoSlice::new(p)).collect();
+                let written = Pin::new(&mut stream).poll_write_vectored(&mut writer_cx, &slices);
+                assert!(matches!(written, Poll::Ready(Ok(n)) if n == len));
+            }
+            // The first went straight to the link, which took part of it: the rest of it and
+            // the whole second one are queued.
+            assert!(shared.core().out_bytes() > 0, "the second one is queued");
+            let mut got = Vec::new();
+            let mut buf = vec![0u8; PIPE];
+            let want = HEADER_LEN + 2 * (HEADER_LEN + len);
+            while got.len() < want {
+                shared.link.register_driver(&driver);
+                shared
+                    .link
+                    .poll_write(&shared.core, &mut driver_cx)
+                    .unwrap();
+                let n = peer.read(&mut buf).await.unwrap();
+                got.extend_from_slice(&buf[..n]);
+            }
+            assert_eq!(got.len(), want);
+            // Our ACK of stream 1 (a window update), then the two frames.
+            let frames = &got[HEADER_LEN..];
+            let frame_header = Header::new(FrameType::Data, 0, 1, len as u32).encode();
+            let mut at = 0;
+            for parts in [&first, &second] {
+                assert_eq!(frames[at..at + HEADER_LEN], frame_header, "one frame");
+                at += HEADER_LEN;
+                assert!(
+                    frames[at..at + len] == parts.concat()[..],
+                    "the slices in order"
+                );
+                at += len;
+            }
         })
         .await;
     }

@@ -761,6 +761,34 @@ impl Connection {
         }
     }
 
+    /// [`Connection::write`] of the concatenation of `bufs`: up to one frame of them, copied
+    /// into one body; returns how much was taken.
+    pub fn write_vectored(
+        &mut self,
+        id: u32,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<Result<usize, StreamError>> {
+        let len = bufs.iter().map(|b| b.len()).sum();
+        match self.reserve(id, len) {
+            Poll::Ready(Ok(Some(header))) => {
+                let n = header.length as usize;
+                let mut body = BytesMut::with_capacity(n);
+                for b in bufs {
+                    let take = b.len().min(n - body.len());
+                    body.extend_from_slice(&b[..take]);
+                    if body.len() == n {
+                        break;
+                    }
+                }
+                self.queue(header, body.freeze());
+                Poll::Ready(Ok(n))
+            }
+            Poll::Ready(Ok(None)) => Poll::Ready(Ok(0)),
+            Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
     /// Whether frames of streams other than `id` wait in the output queue.
     #[inline]
     pub fn others_queued(&self, id: u32) -> bool {

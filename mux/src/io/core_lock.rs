@@ -8,6 +8,7 @@
 use netchan_mux_proto::{Connection, Header, IdMap, Ready, StreamError};
 use std::{
     collections::hash_map::Entry,
+    io::IoSlice,
     ops::{Deref, DerefMut},
     sync::{
         atomic::{AtomicBool, Ordering},
@@ -149,15 +150,15 @@ impl CoreGuard<'_> {
         wait
     }
 
-    /// [`Connection::write`], keeping `waker` if it is pending.
-    pub(crate) fn write(
+    /// [`Connection::write_vectored`], keeping `waker` if it is pending.
+    pub(crate) fn write_vectored(
         &mut self,
         id: u32,
-        buf: &[u8],
+        bufs: &[IoSlice<'_>],
         waker: &Waker,
     ) -> Poll<Result<usize, StreamError>> {
         let Locked { conn, wakers } = &mut *self.guard;
-        let write = conn.write(id, buf);
+        let write = conn.write_vectored(id, bufs);
         if write.is_pending() {
             keep(&mut wakers.writers, id, waker);
         }

@@ -56,11 +56,12 @@ use futures::task::AtomicWaker;
 use inbound::{Failed, Inbound, Through, HEADER_AHEAD, READ_THROUGH_MIN};
 use netchan_mux_proto::HEADER_LEN;
 use netchan_mux_proto::{StreamError, Violation};
+pub(crate) use outbound::MAX_DIRECT_SLICES;
 use outbound::{Outbound, WRITE_BATCH};
 use side::LinkSide;
 use std::{
     future::Future,
-    io,
+    io::{self, IoSlice},
     pin::Pin,
     sync::{
         atomic::{fence, AtomicBool, AtomicU64, Ordering},
@@ -275,8 +276,9 @@ impl Link {
         }
     }
 
-    /// A write on stream `id` made straight from the caller's buffer: header and body leave
-    /// in one vectored write, without copying the body, when nobody else is writing and
+    /// A write on stream `id` made straight from the caller's buffers (one frame of the
+    /// first [`MAX_DIRECT_SLICES`] of `bufs`): header and body leave in one vectored write,
+    /// without copying the body, when nobody else is writing and
     /// nothing is queued in the core. Whatever the write side holds is written first, with
     /// the driver's waker; if the link cannot take all of it now and `may_wait` (on a multi-thread
     /// runtime), the writer waits for the link to be free, as a writer on a full socket does,
@@ -289,7 +291,7 @@ impl Link {
         &self,
         core: &Core,
         id: u32,
-        buf: &[u8],
+        bufs: &[IoSlice<'_>],
         may_wait: bool,
         waker: &Waker,
     ) -> Option<Poll<Result<usize, StreamError>>> {
@@ -304,7 +306,7 @@ impl Link {
         let mut hold = self.outbound.try_hold(&self.driver)?;
         let out = hold.get()?;
         let mut cx = Context::from_waker(&io_waker);
-        let written = self.write_direct_held(out, &mut cx, core, id, buf, may_wait, waker);
+        let written = self.write_direct_held(out, &mut cx, core, id, bufs, may_wait, waker);
         let idle = out.is_idle();
         let failed = out.has_failed();
         drop(hold);
@@ -327,7 +329,7 @@ impl Link {
         cx: &mut Context<'_>,
         core: &Core,
         id: u32,
-        buf: &[u8],
+        bufs: &[IoSlice<'_>],
         may_wait: bool,
         waker: &Waker,
     ) -> Option<Poll<Result<usize, StreamError>>> {
@@ -354,7 +356,9 @@ impl Link {
         }
         // `None` while the core has frames queued: they keep their order (the caller queues
         // its write behind them).
-        let header = match core.lock().write_direct(id, buf.len(), waker)? {
+        let bufs = &bufs[..bufs.len().min(MAX_DIRECT_SLICES)];
+        let len = bufs.iter().map(|b| b.len()).sum();
+        let header = match core.lock().write_direct(id, len, waker)? {
             Poll::Ready(Ok(Some(header))) => header,
             Poll::Ready(Ok(None)) => return Some(Poll::Ready(Ok(0))),
             Poll::Ready(Err(e)) => return Some(Poll::Ready(Err(e))),
@@ -362,7 +366,7 @@ impl Link {
         };
         let n = header.length as usize;
         let sent = out
-            .write_frame(cx, header.encode(), &buf[..n])
+            .write_frame(cx, header.encode(), bufs, n)
             .and_then(|()| {
                 // What the link did not take, and the flush. Frames other tasks queued
                 // meanwhile are left to the driver, which whoever queued them woke on

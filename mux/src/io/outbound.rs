@@ -25,6 +25,10 @@ pub(crate) const WRITE_BATCH: usize = 64 * 1024;
 /// Slices per vectored write (two per frame).
 const MAX_SLICES: usize = 64;
 
+/// Slices of the caller's a direct write takes into its one frame (the header is one more):
+/// a vectored write of more slices sends what these hold.
+pub(crate) const MAX_DIRECT_SLICES: usize = 15;
+
 /// The byte stream's write half, and the frames taken from the core but not yet fully
 /// written (`offset` bytes of the front one are).
 ///
@@ -55,18 +59,33 @@ impl Outbound {
         self.queue.is_empty() && self.failed.is_none()
     }
 
-    /// Writes one frame straight from the caller's buffer (header and body in one vectored
-    /// write) while nothing else is queued; whatever the link did not take is copied into the
-    /// queue, to be written next. Returns an error only if the write failed.
+    /// Writes one frame straight from the caller's buffers (header and the first `n` bytes of
+    /// `bufs` in one vectored write) while nothing else is queued; whatever the link did not
+    /// take is copied into the queue, to be written next. `bufs` hold at least `n` bytes in
+    /// at most [`MAX_DIRECT_SLICES`] slices. Returns an error only if the write failed.
     pub(crate) fn write_frame(
         &mut self,
         cx: &mut Context<'_>,
         header: [u8; netchan_mux_proto::HEADER_LEN],
-        body: &[u8],
+        bufs: &[IoSlice<'_>],
+        n: usize,
     ) -> io::Result<()> {
         debug_assert!(self.is_idle());
-        let slices = [IoSlice::new(&header), IoSlice::new(body)];
-        let written = match self.io.poll_write(cx, &slices, &mut Vec::new()) {
+        let mut slices = [IoSlice::new(&[]); MAX_DIRECT_SLICES + 1];
+        slices[0] = IoSlice::new(&header);
+        let mut count = 1;
+        let mut left = n;
+        for b in bufs.iter().take(MAX_DIRECT_SLICES) {
+            if left == 0 {
+                break;
+            }
+            let take = b.len().min(left);
+            slices[count] = IoSlice::new(&b[..take]);
+            count += 1;
+            left -= take;
+        }
+        debug_assert_eq!(left, 0, "the slices hold the frame's body");
+        let written = match self.io.poll_write(cx, &slices[..count], &mut Vec::new()) {
             Poll::Ready(Ok(n)) => n,
             Poll::Ready(Err(e)) => return Err(e),
             Poll::Pending => 0,
@@ -74,24 +93,26 @@ impl Outbound {
         if written > 0 {
             self.needs_flush = true;
         }
-        let total = header.len() + body.len();
+        let total = header.len() + n;
         if written < total {
-            // The rest is the next thing on the wire.
-            let rest = if written < header.len() {
-                Frame {
-                    header,
-                    body: bytes::Bytes::copy_from_slice(body),
-                    fds: Vec::new(),
+            // The rest is the next thing on the wire: the header's rest (if any) and the
+            // body's, copied.
+            let skip = written.saturating_sub(header.len());
+            let mut body = bytes::BytesMut::with_capacity(n - skip);
+            let mut at = 0;
+            for slice in &slices[1..count] {
+                let end = at + slice.len();
+                if end > skip {
+                    body.extend_from_slice(&slice[skip.saturating_sub(at)..]);
                 }
-            } else {
-                Frame {
-                    header,
-                    body: bytes::Bytes::copy_from_slice(&body[written - header.len()..]),
-                    fds: Vec::new(),
-                }
-            };
+                at = end;
+            }
             self.offset = written.min(header.len());
-            self.queue.push_back(rest);
+            self.queue.push_back(Frame {
+                header,
+                body: body.freeze(),
+                fds: Vec::new(),
+            });
         }
         Ok(())
     }
