@@ -260,7 +260,9 @@ mod tests {
         assert!(!core.may_have_output());
         let id = core.lock().open().unwrap();
         let (waker, _) = counting_waker();
-        let wrote = core.lock().write(id, b"hi", &waker);
+        let wrote = core
+            .lock()
+            .write_vectored(id, &[IoSlice::new(b"hi")], &waker);
         assert!(wrote.is_ready());
         assert!(core.may_have_output());
         core.lock()
