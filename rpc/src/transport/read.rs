@@ -46,9 +46,15 @@ pub(crate) async fn read_preamble<R: AsyncRead + Unpin>(io: &mut R) -> Result<()
 ///
 /// Small frames are read, many per syscall, into one buffer and handed out
 /// as shared slices of it. A large frame is read into a buffer of its own,
-/// taken from a small pool: a pooled buffer is reused as soon as every view
-/// of its previous frame has been dropped, so a steady stream of large
-/// messages allocates (and page-faults in) nothing new.
+/// taken from a pool: a pooled buffer is reused as soon as every view of its
+/// previous frame has been dropped, so a steady stream of large messages
+/// allocates (and page-faults in) nothing new, even while its consumer holds
+/// a window of them (a file read's chunks): the pool keeps up to
+/// [`BIG_POOL`] buffers of at most [`BIG_POOL_BYTES`] in all. An idle conn
+/// gives that memory back: once a wait between frames has lasted
+/// [`BIG_IDLE`] with more than [`BIG_KEEP`] buffers pooled, it keeps only
+/// [`BIG_KEEP`] free ones (the timer is armed only while the pool is above
+/// that).
 ///
 /// Memory follows the bytes that arrived, not the length a peer announces:
 /// a new large-frame buffer starts small and doubles as the frame's bytes
@@ -74,7 +80,16 @@ pub(crate) struct FrameReader<R> {
     /// buffers instead of allocating (and freeing) 64 KiB per call.
     spare: Option<BytesMut>,
     max: usize,
-    big: Vec<BytesMut>,
+    /// Large-frame buffers kept for reuse (at most [`BIG_POOL`]), each with
+    /// the size of its allocation.
+    big: Vec<(BytesMut, usize)>,
+    /// The sum of the allocation sizes in `big` (at most
+    /// [`BIG_POOL_BYTES`]).
+    pooled: usize,
+    /// When the current wait between frames began, while more than
+    /// [`BIG_KEEP`] buffers are pooled: kept across a cancelled
+    /// [`FrameReader::next_frame`], cleared when bytes arrive.
+    idle_since: Option<Instant>,
     /// A large frame being read: its buffer and its length.
     partial: Option<(BytesMut, usize)>,
     /// How long a begun frame may take to complete.
@@ -184,8 +199,18 @@ const READ_CHUNK: usize = 64 << 10;
 /// Frames longer than this get a buffer of their own; shorter ones are
 /// slices of a shared read buffer (and keep all of it alive while held).
 pub(crate) const BIG_FRAME: usize = 64 << 10;
-/// Large-frame buffers kept for reuse.
-const BIG_POOL: usize = 2;
+/// Most large-frame buffers kept for reuse per conn: enough for a consumer
+/// that holds a window of frames (a file read keeps up to 16 chunks of
+/// 256 KiB in flight) while more arrive.
+const BIG_POOL: usize = 32;
+/// Most bytes of large-frame buffers kept for reuse per conn (a buffer that
+/// would take the pool over this is dropped instead).
+const BIG_POOL_BYTES: usize = 8 << 20;
+/// Large-frame buffers an idle conn keeps.
+const BIG_KEEP: usize = 2;
+/// How long a wait between frames lasts before an idle conn trims its pool
+/// to [`BIG_KEEP`] buffers.
+const BIG_IDLE: Duration = Duration::from_secs(1);
 /// Smallest span of spare capacity offered to one read.
 const READ_MIN: usize = 4 << 10;
 /// Largest span of spare capacity offered to one read.
@@ -214,6 +239,8 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
             spare: None,
             max,
             big: Vec::new(),
+            pooled: 0,
+            idle_since: None,
             partial: None,
             frame_timeout: frame_timeout.min(MAX_TIMEOUT),
             started: None,
@@ -288,10 +315,14 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
             if let Some((big, len)) = &mut self.partial {
                 let len = *len;
                 if big.len() >= len {
+                    // The buffer starts at its allocation's start (see
+                    // `big_buffer`), so this is the allocation's size.
+                    let size = big.capacity();
                     let frame = big.split_to(len).freeze();
                     if let Some((big, _)) = self.partial.take() {
-                        if self.big.len() < BIG_POOL {
-                            self.big.push(big);
+                        if self.big.len() < BIG_POOL && self.pooled + size <= BIG_POOL_BYTES {
+                            self.big.push((big, size));
+                            self.pooled += size;
                         }
                     }
                     self.started = None;
@@ -378,15 +409,32 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
             };
             let want = self.span.min(READ_CHUNK);
             let received = self.buf.len();
-            let n = read_span(
+            let read = read_span(
                 &mut self.io,
                 &mut self.buf,
                 want,
                 deadline,
                 self.frame_timeout,
                 received,
-            )
-            .await?;
+            );
+            let n = if deadline.is_none() && self.big.len() > BIG_KEEP {
+                // An idle conn gives back what its pool holds beyond
+                // `BIG_KEEP` buffers.
+                let since = *self.idle_since.get_or_insert_with(Instant::now);
+                match since.checked_add(BIG_IDLE) {
+                    Some(trim_at) => match tokio::time::timeout_at(trim_at, read).await {
+                        Ok(n) => n?,
+                        Err(_) => {
+                            self.trim_pool();
+                            continue;
+                        }
+                    },
+                    None => read.await?,
+                }
+            } else {
+                read.await?
+            };
+            self.idle_since = None;
             if n == 0 {
                 if self.buf.is_empty() {
                     return Ok(None);
@@ -415,17 +463,40 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
         self.spare = Some(held);
     }
 
-    /// An empty buffer for a `len`-byte frame: a pooled one whose previous
-    /// frame is no longer referenced and that holds `len` bytes, or a new
-    /// one of [`BIG_START`] bytes (grown as the frame arrives), or of up to
+    /// An empty buffer for a `len`-byte frame, starting at its allocation's
+    /// start: a pooled one whose previous frame is no longer referenced and
+    /// that holds `len` bytes (reclaimed whole), or a new one of
+    /// [`BIG_START`] bytes (grown as the frame arrives), or of up to
     /// [`READ_MAX`] bytes on a conn that writes only what it delivers (its
     /// first read may fill that much).
     fn big_buffer(&mut self, len: usize) -> BytesMut {
         let start = if self.zero_fills { BIG_START } else { READ_MAX };
-        match self.big.iter_mut().position(|b| b.try_reclaim(len)) {
-            Some(i) => self.big.swap_remove(i),
+        match self
+            .big
+            .iter_mut()
+            .position(|(b, size)| *size >= len && b.try_reclaim(*size))
+        {
+            Some(i) => {
+                let (big, size) = self.big.swap_remove(i);
+                self.pooled -= size;
+                big
+            }
             None => BytesMut::with_capacity(len.min(start.max(self.buf.len()))),
         }
+    }
+
+    /// Keeps at most [`BIG_KEEP`] pooled buffers, free ones (no view of
+    /// their last frame left); the others' memory goes back once their
+    /// frames are dropped.
+    fn trim_pool(&mut self) {
+        let mut kept = 0;
+        self.big.retain_mut(|(b, size)| {
+            let keep = kept < BIG_KEEP && b.try_reclaim(*size);
+            kept += usize::from(keep);
+            keep
+        });
+        self.pooled = self.big.iter().map(|(_, size)| size).sum();
+        self.idle_since = None;
     }
 }
 
@@ -846,6 +917,84 @@ mod tests {
         assert!(third.iter().all(|&b| b == 3));
         assert_ne!(third.as_ptr(), second.as_ptr());
         assert_eq!(&r.next_frame().await.unwrap().unwrap().body()[..], &[9]);
+        assert!(r.next_frame().await.unwrap().is_none());
+    }
+
+    /// A consumer that holds a window of large frames (a file read's
+    /// chunks) and then drops them gets the next window in the same
+    /// buffers, and the pool stays within its byte bound.
+    #[tokio::test]
+    async fn a_window_of_held_large_frames_is_read_into_pooled_buffers_once_dropped() {
+        const WINDOW: usize = 16;
+        let mut wire = Vec::new();
+        for i in 0..3 * WINDOW {
+            wire.extend_from_slice(&frame_bytes(&vec![i as u8; 200_000]));
+        }
+        for _ in 0..12 {
+            wire.extend_from_slice(&frame_bytes(&vec![7; 1 << 20]));
+        }
+        let mut r = FrameReader::with_limits(&wire[..], 2 << 20, Duration::from_secs(30));
+        let mut first = Vec::new();
+        for i in 0..WINDOW {
+            let frame = r.next_frame().await.unwrap().unwrap().body();
+            assert!(frame.len() == 200_000 && frame.iter().all(|&b| b == i as u8));
+            first.push(frame);
+        }
+        let ptrs: Vec<*const u8> = first.iter().map(|f| f.as_ptr()).collect();
+        drop(first);
+        for window in 1..3 {
+            let mut held = Vec::new();
+            for i in 0..WINDOW {
+                let frame = r.next_frame().await.unwrap().unwrap().body();
+                assert!(frame.iter().all(|&b| b == (window * WINDOW + i) as u8));
+                assert!(ptrs.contains(&frame.as_ptr()), "frame {i}: a new buffer");
+                held.push(frame);
+            }
+        }
+        // Frames of 1 MiB, all held: the pool keeps only what fits its bound.
+        let mut held = Vec::new();
+        for _ in 0..12 {
+            held.push(r.next_frame().await.unwrap().unwrap().body());
+        }
+        assert!(r.big.len() <= BIG_POOL);
+        assert!(r.pooled <= BIG_POOL_BYTES, "{} bytes pooled", r.pooled);
+        assert_eq!(r.pooled, r.big.iter().map(|(_, size)| size).sum::<usize>());
+        assert!(r.next_frame().await.unwrap().is_none());
+    }
+
+    /// An idle conn keeps at most `BIG_KEEP` large-frame buffers once a wait
+    /// between frames has lasted `BIG_IDLE`, even when that wait is
+    /// cancelled and resumed; a conn that keeps receiving keeps its pool.
+    #[tokio::test(start_paused = true)]
+    async fn an_idle_conn_trims_its_large_frame_pool_after_a_second() {
+        let (mut tx, rx) = tokio::io::duplex(4 << 20);
+        let mut r = FrameReader::with_limits(rx, 1 << 20, Duration::from_secs(30));
+        for i in 0..6u8 {
+            tx.write_all(&frame_bytes(&vec![i; 200_000])).await.unwrap();
+        }
+        let mut held = Vec::new();
+        for _ in 0..6 {
+            held.push(r.next_frame().await.unwrap().unwrap().body());
+        }
+        drop(held);
+        assert_eq!(r.big.len(), 6);
+        let start = Instant::now();
+        let wait = tokio::time::timeout(Duration::from_millis(900), r.next_frame());
+        assert!(wait.await.is_err(), "no frame was sent");
+        assert_eq!(r.big.len(), 6, "not trimmed before {BIG_IDLE:?}");
+        let wait = tokio::time::timeout(Duration::from_secs(5), r.next_frame());
+        assert!(wait.await.is_err(), "no frame was sent");
+        assert_eq!(r.big.len(), BIG_KEEP);
+        assert_eq!(r.pooled, r.big.iter().map(|(_, size)| size).sum::<usize>());
+        assert!(start.elapsed() >= BIG_IDLE);
+        // The kept buffers are free and take the next frames.
+        let kept: Vec<*const u8> = r.big.iter().map(|(b, _)| b.as_ptr()).collect();
+        tx.write_all(&frame_bytes(&[9; 200_000])).await.unwrap();
+        let frame = r.next_frame().await.unwrap().unwrap().body();
+        assert!(frame.iter().all(|&b| b == 9));
+        assert!(kept.contains(&frame.as_ptr()), "a kept buffer takes it");
+        assert_eq!(r.big.len(), BIG_KEEP);
+        drop((frame, tx));
         assert!(r.next_frame().await.unwrap().is_none());
     }
 
