@@ -8,7 +8,7 @@
 //! go out together in the next one (few syscalls under load). The two
 //! buffers are swapped back and forth and keep their capacity, so the
 //! steady state allocates nothing. A sender that finds the writer idle and
-//! the queue holding no descriptors writes it to the conn itself, once,
+//! the queue holding only small frames writes them to the conn itself, once,
 //! without waiting (see [`Outbox::write_now`]): a lone call costs no wake-up
 //! of the writer task, and what the conn does not take at once is left to it. The writer gives up on a peer that
 //! accepts no bytes for the write-stall bound; replies that find the write
@@ -102,8 +102,6 @@ struct OutState {
     /// The empty buffer a sender's direct write puts in place of `buf`
     /// (keeps its capacity across writes).
     spare: Vec<u8>,
-    /// The same for `segments`.
-    spare_segments: Vec<Segment>,
 }
 
 struct Segment {
@@ -137,40 +135,6 @@ impl OutState {
         for mark in &mut self.fd_marks {
             mark.at += rest.len();
         }
-    }
-
-    /// Puts what a write of `buf` with `segments` spliced in (see
-    /// [`write_gathered`]) left unwritten after its first `written` bytes
-    /// back in front of what was queued since; the segments' rest stays
-    /// by reference.
-    fn unshift_gathered(&mut self, buf: &[u8], segments: &[Segment], written: usize) {
-        if segments.is_empty() {
-            return self.unshift(&buf[written..]);
-        }
-        let mut rest = Vec::new();
-        let mut rest_segments = Vec::new();
-        let mut skip = written;
-        let mut pos = 0;
-        for seg in segments {
-            let part = &buf[pos..seg.at];
-            let done = skip.min(part.len());
-            rest.extend_from_slice(&part[done..]);
-            skip -= done;
-            let done = skip.min(seg.bytes.len());
-            skip -= done;
-            if done < seg.bytes.len() {
-                rest_segments.push(Segment {
-                    at: rest.len(),
-                    bytes: seg.bytes.slice(done..),
-                });
-            }
-            pos = seg.at;
-        }
-        let done = skip.min(buf.len() - pos);
-        rest.extend_from_slice(&buf[pos + done..]);
-        self.unshift(&rest);
-        self.segment_bytes += rest_segments.iter().map(|s| s.bytes.len()).sum::<usize>();
-        self.segments.splice(0..0, rest_segments);
     }
 
     /// Appends the frames of `other` (encoded elsewhere).
@@ -604,19 +568,19 @@ impl Outbox {
     }
 
     /// Writes the queue to the conn from the calling task, without waiting:
-    /// only while the writer task is idle and the queue holds no
-    /// descriptors (blocks queued by reference go in gathered writes, as
-    /// the writer's do). Returns whether it did. What the conn does not take
-    /// at once goes back to the front of the queue for the writer task (a
-    /// block's rest still by reference), as does the flush a conn left
-    /// pending; a write error is left for the writer task to end the conn
-    /// with. The conn may keep `cx`'s waker for its write readiness (one
-    /// spurious wake-up of the caller at most).
+    /// only while the writer task is idle and the queue holds nothing but
+    /// copied frames (no block queued by reference, no descriptors). Returns
+    /// whether it did. What the conn does not take at once goes back to the
+    /// front of the queue for the writer task, as does the flush a conn
+    /// left pending; a write error is left for the writer task to end the
+    /// conn with. The conn may keep `cx`'s waker for its write readiness
+    /// (one spurious wake-up of the caller at most).
     fn write_now(&self, cx: &mut Context<'_>) -> bool {
-        let (mut io, mut data, mut segments) = {
+        let (mut io, mut data) = {
             let mut st = self.lock();
             if st.writing
                 || st.buf.is_empty()
+                || !st.segments.is_empty()
                 || !st.fd_marks.is_empty()
                 || st.failed.is_some()
                 || st.unflushed
@@ -627,36 +591,14 @@ impl Outbox {
                 return false;
             };
             st.writing = true;
-            st.segment_bytes = 0;
             let spare = std::mem::take(&mut st.spare);
-            let spare_segments = std::mem::take(&mut st.spare_segments);
-            (
-                io,
-                std::mem::replace(&mut st.buf, spare),
-                std::mem::replace(&mut st.segments, spare_segments),
-            )
+            (io, std::mem::replace(&mut st.buf, spare))
         };
         self.room.notify_waiters();
-        let total = data.len() + segments.iter().map(|s| s.bytes.len()).sum::<usize>();
         let mut written = 0;
         let mut failed = None;
-        let mut slices = Vec::new();
-        while written < total {
-            let res = if segments.is_empty() {
-                Pin::new(&mut io).poll_write(cx, &data[written..])
-            } else {
-                slices.clear();
-                gather_slices(&data, &segments, &mut slices);
-                let mut rest = &mut slices[..];
-                IoSlice::advance_slices(&mut rest, written);
-                // A large leading slice alone, as `write_gathered` does.
-                if rest[0].len() >= ZERO_COPY_MIN || rest.len() == 1 {
-                    Pin::new(&mut io).poll_write(cx, &rest[0])
-                } else {
-                    Pin::new(&mut io).poll_write_vectored(cx, rest)
-                }
-            };
-            match res {
+        while written < data.len() {
+            match Pin::new(&mut io).poll_write(cx, &data[written..]) {
                 Poll::Ready(Ok(0)) => {
                     failed = Some(io::Error::from(io::ErrorKind::WriteZero));
                     break;
@@ -669,9 +611,8 @@ impl Outbox {
                 Poll::Pending => break,
             }
         }
-        drop(slices);
         let mut unflushed = false;
-        if written == total && failed.is_none() {
+        if written == data.len() && failed.is_none() {
             match Pin::new(&mut io).poll_flush(cx) {
                 Poll::Ready(Ok(())) => {}
                 Poll::Ready(Err(e)) => failed = Some(e),
@@ -686,18 +627,13 @@ impl Outbox {
             }
             if failed.is_some() {
                 st.failed = failed;
-            } else if written < total {
-                st.unshift_gathered(&data, &segments, written);
+            } else if written < data.len() {
+                st.unshift(&data[written..]);
             }
             st.unflushed |= unflushed;
             data.clear();
             if data.capacity() <= self.high_water && st.spare.capacity() == 0 {
                 st.spare = data;
-            }
-            // The blocks are let go here: their buffers are reclaimed once sent.
-            segments.clear();
-            if st.spare_segments.capacity() == 0 {
-                st.spare_segments = segments;
             }
             (st.queued() > 0 && !self.held.load(Ordering::SeqCst))
                 || st.closed
@@ -959,22 +895,6 @@ where
     write_gathered(io, &buf[from..], &rebased, stall).await
 }
 
-/// The slices of `buf` with each segment spliced in at its offset, into
-/// `slices` (no empty ones).
-fn gather_slices<'a>(buf: &'a [u8], segments: &'a [Segment], slices: &mut Vec<IoSlice<'a>>) {
-    let mut pos = 0;
-    for seg in segments {
-        if seg.at > pos {
-            slices.push(IoSlice::new(&buf[pos..seg.at]));
-        }
-        slices.push(IoSlice::new(&seg.bytes));
-        pos = seg.at;
-    }
-    if buf.len() > pos {
-        slices.push(IoSlice::new(&buf[pos..]));
-    }
-}
-
 /// Writes `buf` with each segment spliced in at its offset, using
 /// vectored writes. Fails with `WriteStalled` when one write accepts
 /// nothing for `stall`: a peer that reads at all, however slowly, keeps
@@ -1007,7 +927,17 @@ where
         return Ok(());
     }
     let mut slices = Vec::with_capacity(2 * segments.len() + 1);
-    gather_slices(buf, segments, &mut slices);
+    let mut pos = 0;
+    for seg in segments {
+        if seg.at > pos {
+            slices.push(IoSlice::new(&buf[pos..seg.at]));
+        }
+        slices.push(IoSlice::new(&seg.bytes));
+        pos = seg.at;
+    }
+    if buf.len() > pos {
+        slices.push(IoSlice::new(&buf[pos..]));
+    }
     let mut pending: usize = slices.iter().map(|s| s.len()).sum();
     let mut slices = &mut slices[..];
     while !slices.is_empty() {
@@ -1245,23 +1175,7 @@ mod tests {
             cx: &mut std::task::Context<'_>,
             bufs: &[IoSlice<'_>],
         ) -> std::task::Poll<io::Result<usize>> {
-            let mut sh = self.0.lock().unwrap();
-            if sh.fail {
-                return std::task::Poll::Ready(Err(io::ErrorKind::ConnectionReset.into()));
-            }
-            if sh.budget == 0 {
-                sh.stalled = Some(cx.waker().clone());
-                return std::task::Poll::Pending;
-            }
-            // At most the budget, as a plain write takes.
-            let per_call = sh.rec.per_call;
-            sh.rec.per_call = per_call.min(sh.budget);
-            let res = std::pin::Pin::new(&mut sh.rec).poll_write_vectored(cx, bufs);
-            sh.rec.per_call = per_call;
-            if let std::task::Poll::Ready(Ok(n)) = res {
-                sh.budget = sh.budget.saturating_sub(n);
-            }
-            res
+            std::pin::Pin::new(&mut self.0.lock().unwrap().rec).poll_write_vectored(cx, bufs)
         }
 
         fn is_write_vectored(&self) -> bool {
@@ -1419,53 +1333,6 @@ mod tests {
             tokio::task::yield_now().await;
         }
         assert_eq!(numbers(&conn.data()).await, [0, 1, 2, 3]);
-        assert!(outbox.lock().queued() == 0 && !outbox.lock().writing);
-    }
-
-    /// A sender that finds the writer idle writes a frame with a block
-    /// queued by reference itself; what a stalled conn leaves of it (from
-    /// the middle of the block) goes out first via the writer, the block's
-    /// rest still by reference, and every byte arrives in order.
-    #[tokio::test]
-    async fn what_a_stalled_conn_leaves_of_a_direct_gathered_write_goes_out_first_via_the_writer() {
-        let blob = crate::ByteBuf::from((0..100_000u32).map(|i| i as u8).collect::<Vec<u8>>());
-        let outbox = std::sync::Arc::new(Outbox::new(&Config::default()));
-        let conn = idle_writer(&outbox).await;
-        conn.stall_after(40_000);
-        outbox
-            .push(|w| codec::encode(w, &(7u32, &blob, 9u8), "m"))
-            .await
-            .unwrap();
-        assert_eq!(
-            conn.data().len(),
-            PREAMBLE.len() + 40_000,
-            "written by the sender"
-        );
-        assert!(
-            outbox.lock().segment_bytes > 0,
-            "the block's rest is queued by reference"
-        );
-        outbox.push(|w| codec::encode(w, &1u32, "n")).await.unwrap();
-        conn.resume();
-        for _ in 0..100 {
-            let sent = {
-                let st = outbox.lock();
-                st.queued() == 0 && !st.writing
-            };
-            if sent {
-                break;
-            }
-            tokio::task::yield_now().await;
-        }
-        let data = conn.data();
-        let mut r =
-            FrameReader::with_limits(&data[PREAMBLE.len()..], 1 << 20, Duration::from_secs(30));
-        let body = r.next_frame().await.unwrap().unwrap().body();
-        let (a, b, c): (u32, crate::ByteBuf, u8) = codec::decode(&body, "m").unwrap();
-        assert_eq!((a, c), (7, 9));
-        assert!(b[..] == blob[..], "the block differs");
-        let body = r.next_frame().await.unwrap().unwrap().body();
-        assert_eq!(codec::decode::<u32>(&body, "n").unwrap(), 1);
         assert!(outbox.lock().queued() == 0 && !outbox.lock().writing);
     }
 
