@@ -232,6 +232,27 @@ mod wakes {
         (peer, Arc::new(shared))
     }
 
+    /// The peer opens stream 1 with one byte; a driver turn (played with `driver_cx`) takes it
+    /// and sends our ACK, which leaves the link free for a direct write. Our end of stream 1.
+    async fn opened_by_peer(
+        peer: &mut tokio::io::DuplexStream,
+        shared: &Arc<Shared>,
+        driver_cx: &mut Context<'_>,
+    ) -> RawStream {
+        let header = Header::new(FrameType::Data, SYN, 1, 1).encode();
+        peer.write_all(&header).await.unwrap();
+        peer.write_all(&[0]).await.unwrap();
+        assert_eq!(driver_turn(shared, driver_cx), [1]);
+        assert_eq!(
+            shared.link.poll_write(&shared.core, driver_cx).unwrap(),
+            (true, true)
+        );
+        RawStream::new(StreamHandle {
+            id: 1,
+            shared: shared.clone(),
+        })
+    }
+
     /// One turn of the driver's reading, by hand: reads what the link has (into the read
     /// buffer) and parses it. Returns the streams the peer opened.
     fn driver_turn(shared: &Shared, cx: &mut Context<'_>) -> Vec<u32> {
@@ -441,22 +462,7 @@ mod wakes {
             shared.link.set_multi_thread(true);
             let (driver, driver_wakes) = counting_waker();
             let mut driver_cx = Context::from_waker(&driver);
-            // The peer opens stream 1 with one byte; the driver takes it and sends our ACK.
-            let header = Header::new(FrameType::Data, SYN, 1, 1).encode();
-            peer.write_all(&header).await.unwrap();
-            peer.write_all(&[0]).await.unwrap();
-            assert_eq!(driver_turn(&shared, &mut driver_cx), [1]);
-            assert_eq!(
-                shared
-                    .link
-                    .poll_write(&shared.core, &mut driver_cx)
-                    .unwrap(),
-                (true, true)
-            );
-            let mut stream = RawStream::new(StreamHandle {
-                id: 1,
-                shared: shared.clone(),
-            });
+            let mut stream = opened_by_peer(&mut peer, &shared, &mut driver_cx).await;
             let (writer, writer_wakes) = counting_waker();
             let mut writer_cx = Context::from_waker(&writer);
             let first = vec![1u8; WRITE];
@@ -531,22 +537,7 @@ mod wakes {
             let (mut peer, shared) = hand_driven(PIPE);
             let (driver, _) = counting_waker();
             let mut driver_cx = Context::from_waker(&driver);
-            let header = Header::new(FrameType::Data, SYN, 1, 1).encode();
-            peer.write_all(&header).await.unwrap();
-            peer.write_all(&[0]).await.unwrap();
-            assert_eq!(driver_turn(&shared, &mut driver_cx), [1]);
-            // Our ACK goes out: the link is free for a direct write.
-            assert_eq!(
-                shared
-                    .link
-                    .poll_write(&shared.core, &mut driver_cx)
-                    .unwrap(),
-                (true, true)
-            );
-            let mut stream = RawStream::new(StreamHandle {
-                id: 1,
-                shared: shared.clone(),
-            });
+            let mut stream = opened_by_peer(&mut peer, &shared, &mut driver_cx).await;
             let (writer, _) = counting_waker();
             let mut writer_cx = Context::from_waker(&writer);
             let message = |n: u8| [vec![n; 30], vec![n + 1; 40 * 1024], vec![n + 2; 5]];
