@@ -126,7 +126,10 @@ where
     {
         let (read, write) = tcp.into_split();
         #[cfg(unix)]
-        return (Box::new(socket::Socket(read)), Box::new(Plain(write)));
+        return (
+            Box::new(socket::Socket(Plain(read))),
+            Box::new(Plain(write)),
+        );
         #[cfg(not(unix))]
         return halves((read, write));
     }
@@ -136,7 +139,10 @@ where
         .and_then(Option::take)
     {
         let (read, write) = unix.into_split();
-        return (Box::new(socket::Socket(read)), Box::new(Plain(write)));
+        return (
+            Box::new(socket::Socket(Plain(read))),
+            Box::new(Plain(write)),
+        );
     }
     match io {
         Some(io) => halves(tokio::io::split(io)),

@@ -2,14 +2,13 @@
 //! frame's body into a reader's buffer and the frame header after it into the link's own
 //! buffer in one `readv`, through rustix's safe wrapper (no `unsafe` here).
 
-use super::{LinkRead, ReadAhead};
+use super::{LinkRead, Plain, ReadAhead};
 use bytes::BytesMut;
 use netchan_mux_proto::Fd;
 use std::{
     collections::VecDeque,
     io::{self, IoSliceMut},
     os::fd::{AsFd, BorrowedFd},
-    pin::Pin,
     task::{ready, Context, Poll},
 };
 use tokio::io::{AsyncRead, Interest, ReadBuf};
@@ -47,8 +46,9 @@ impl SocketHalf for tokio::net::unix::OwnedReadHalf {
     }
 }
 
-/// A stream socket's read half, as a link's read side.
-pub(crate) struct Socket<R>(pub(crate) R);
+/// A stream socket's read half, as a link's read side: reads as [`Plain`] does, and can read a
+/// body's rest and the header after it in one `readv`.
+pub(crate) struct Socket<R>(pub(crate) Plain<R>);
 
 impl<R: SocketHalf> LinkRead for Socket<R> {
     fn poll_read(
@@ -56,13 +56,9 @@ impl<R: SocketHalf> LinkRead for Socket<R> {
         cx: &mut Context<'_>,
         buf: &mut BytesMut,
         max: usize,
-        _fds: &mut VecDeque<Fd>,
+        fds: &mut VecDeque<Fd>,
     ) -> Poll<io::Result<usize>> {
-        tokio_util::io::poll_read_buf(
-            Pin::new(&mut self.0),
-            cx,
-            &mut bytes::BufMut::limit(buf, max),
-        )
+        self.0.poll_read(cx, buf, max, fds)
     }
 
     fn poll_read_into(
@@ -70,14 +66,9 @@ impl<R: SocketHalf> LinkRead for Socket<R> {
         cx: &mut Context<'_>,
         dst: &mut ReadBuf<'_>,
         max: usize,
-        _fds: &mut VecDeque<Fd>,
+        fds: &mut VecDeque<Fd>,
     ) -> Poll<io::Result<usize>> {
-        // Uninitialised room is read into as it is (see `Plain`).
-        tokio_util::io::poll_read_buf(
-            Pin::new(&mut self.0),
-            cx,
-            &mut bytes::BufMut::limit(dst, max),
-        )
+        self.0.poll_read_into(cx, dst, max, fds)
     }
 
     fn poll_read_into_and_ahead(
@@ -99,7 +90,7 @@ impl<R: SocketHalf> LinkRead for Socket<R> {
         let read = {
             let into = dst.initialize_unfilled_to(max);
             let mut bufs = [IoSliceMut::new(into), IoSliceMut::new(&mut buf[start..])];
-            poll_readv(&self.0, cx, &mut bufs)
+            poll_readv(&self.0 .0, cx, &mut bufs)
         };
         let read = read.map_ok(|(n, drained)| {
             let into = n.min(max);
@@ -199,7 +190,7 @@ mod tests {
         within(10, "read into two buffers", async {
             let (ours, mut theirs) = tcp_pair().await;
             let (read, _write) = ours.into_split();
-            let mut socket = Socket(read);
+            let mut socket = Socket(Plain(read));
             let mut room = [0u8; 300];
             let mut buf = BytesMut::with_capacity(64);
 
