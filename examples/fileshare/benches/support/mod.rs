@@ -15,10 +15,13 @@ impl Drop for Proc {
     }
 }
 
-/// The `share` binary of this build, with no token from the environment, no colour and
-/// warnings only in its log.
+/// The `share` binary of this build (or the one `SHARE_BENCH_BIN` names, to compare two
+/// builds with one bench binary), with no token from the environment, no colour and warnings
+/// only in its log.
 pub(crate) fn share() -> Command {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_share"));
+    let bin =
+        std::env::var_os("SHARE_BENCH_BIN").unwrap_or_else(|| env!("CARGO_BIN_EXE_share").into());
+    let mut cmd = Command::new(bin);
     cmd.env_remove("SHARE_TOKEN")
         .env("NO_COLOR", "1")
         .env("RUST_LOG", "warn");
