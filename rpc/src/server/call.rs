@@ -13,10 +13,11 @@ use std::{
 };
 
 use futures::{FutureExt, StreamExt};
+use serde::Serialize;
 use tokio::{sync::Semaphore, time::Instant};
 
 use super::{
-    handler::{Input, Method, Payload},
+    handler::{Input, Method},
     in_flight::ConnState,
 };
 use crate::{
@@ -31,7 +32,7 @@ use crate::{
 };
 
 /// One running call.
-pub(super) struct Call {
+pub(crate) struct Call {
     pub(super) conn: Arc<ConnState>,
     pub(super) id: u64,
     /// The call's context (a clone of the handler's): its deadline, token,
@@ -67,6 +68,22 @@ fn finished<T>(res: Result<Result<T, Status>, Box<dyn Any + Send>>) -> Result<T,
 }
 
 impl Call {
+    /// Runs a unary call: `work` (the request's decoding and the handler) raced against
+    /// the call's end, then the answer.
+    pub(super) async fn run_unary<T: Serialize>(
+        self,
+        work: impl Future<Output = Result<T, Status>>,
+    ) {
+        let work = AssertUnwindSafe(work).catch_unwind();
+        let Some(outcome) = self.race(work).await else {
+            return;
+        };
+        self.send_trailers(&self.ctx).await;
+        let fds = self.ctx.take_reply_fds();
+        self.respond(self.ctx.method(), outcome, fds).await;
+    }
+
+    /// Runs a streaming call.
     pub(super) async fn run(
         self,
         handler: Method,
@@ -74,29 +91,13 @@ impl Call {
         input: Input,
         credits: Option<Arc<Semaphore>>,
     ) {
-        // Kept to send the trailers the handler sets (and to name the method
-        // in a failed response).
+        // Kept to send the trailers the handler sets.
         let trailers = &self.ctx;
-        // The request payload moves into the handler, which drops it once
-        // decoded: a long call does not keep the received frame (often a
-        // slice of the conn's shared read buffer) alive.
-        let (handler, input) = match (handler, input) {
-            (Method::Unary(h), Input::Payload(payload)) => {
-                let work = AssertUnwindSafe(async move { h(ctx, payload).await }).catch_unwind();
-                let Some(outcome) = self.race(work).await else {
-                    return;
-                };
-                self.send_trailers(trailers).await;
-                let fds = trailers.take_reply_fds();
-                self.respond(trailers.method(), outcome, fds).await;
-                return;
-            }
-            other => other,
-        };
         let credits = credits.unwrap_or_else(|| Arc::new(Semaphore::new(0)));
         let id = self.id;
         let conn = Arc::clone(&self.conn);
         let work = AssertUnwindSafe(async move {
+            // The request payload moves into the handler, which drops it once decoded.
             let mut items = match (handler, input) {
                 (Method::Stream(h), Input::Payload(payload)) => h(ctx, payload).await?,
                 (Method::Bidi(h), Input::Stream(inbound)) => h(ctx, inbound).await?,
@@ -230,10 +231,10 @@ impl Call {
 
     /// Sends a unary call's answer; `fds` go with a successful response only (on failure
     /// they are closed here).
-    async fn respond(
+    async fn respond<T: Serialize>(
         &self,
         method: &str,
-        outcome: Result<Payload, Status>,
+        outcome: Result<T, Status>,
         fds: Option<crate::fds::FdBatch>,
     ) {
         let id = self.id;
@@ -243,9 +244,9 @@ impl Call {
                 let pushed = self
                     .conn
                     .outbox
-                    .push_reply_with(WhenFull::Refuse, fds, |w| {
+                    .push_reply_with(WhenFull::Refuse, fds, move |w| {
                         codec::encode(w, &Header::Response { id, status: None }, "envelope")?;
-                        payload(w)
+                        codec::encode(w, &payload, "response")
                     })
                     .await;
                 match pushed {
@@ -333,7 +334,10 @@ mod tests {
             id: 1,
             ctx: ctx.clone(),
         };
-        let running = tokio::spawn(call.run(handler, ctx, Input::Payload(payload), None));
+        let Method::Unary(start) = handler else {
+            unreachable!("a unary method");
+        };
+        let running = tokio::spawn(start(call, ctx, payload, tracing::Span::none()));
 
         let bound = std::time::Duration::from_secs(5);
         assert_eq!(tokio::time::timeout(bound, decoded).await.unwrap(), Ok(5));

@@ -20,7 +20,7 @@ use tracing::Instrument;
 
 use super::{
     call::Call,
-    handler::{Inbound, Input, Kind},
+    handler::{Inbound, Input, Kind, Method},
     in_flight::{Admission, CallEntry, ConnState},
     Server,
 };
@@ -289,7 +289,7 @@ impl Server {
                 ));
                 return conn.reply_error(id, streaming, s).await;
             }
-            Some((name, m)) => (name.as_str(), m.clone()),
+            Some((name, m)) => (name.as_str(), m),
         };
         for interceptor in &self.inner.interceptors {
             if let Err(s) = interceptor(&method, &mut metadata) {
@@ -380,8 +380,15 @@ impl Server {
         };
         // Boxed before it is spawned too: the task then holds a pointer, and
         // tokio moves (and, when it completes, overwrites) that instead of
-        // the whole call's future.
-        let run = Box::pin(call.run(handler, ctx, input, credits).instrument(span));
+        // the whole call's future. A unary call's future is one allocation
+        // with its handler's (see `Method::unary`).
+        let run = match (handler, input) {
+            (Method::Unary(start), Input::Payload(payload)) => start(call, ctx, payload, span),
+            (handler, input) => Box::pin(
+                call.run(handler.clone(), ctx, input, credits)
+                    .instrument(span),
+            ),
+        };
         if streaming || waits.spawned(name) {
             tokio::spawn(run);
             return Ok(());

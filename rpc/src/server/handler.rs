@@ -1,14 +1,18 @@
 //! Handler erasure: a typed handler (any [`Handler`]) becomes a [`Method`],
-//! a boxed function from bytes to encoded-on-demand payloads, so the
-//! registry and the per-conn loop know nothing of the handler's types.
+//! a boxed function from bytes to encoded-on-demand payloads (for a unary
+//! method: to the whole call's future), so the registry and the per-conn loop
+//! know nothing of the handler's types.
 
-use std::{future::Future, sync::Arc};
+use std::{future::Future, pin::Pin, sync::Arc};
 
 use bytes::Bytes;
 use futures::{future::BoxFuture, stream::BoxStream, FutureExt, Stream, StreamExt};
 use serde::{de::DeserializeOwned, Serialize};
 use tokio::sync::mpsc;
 
+use tracing::Instrument;
+
+use super::call::Call;
 use crate::{
     codec::{self, CodecError},
     context::Context,
@@ -42,7 +46,11 @@ where
 
 /// An encoded-on-demand payload: the typed value, captured, writing itself.
 pub(crate) type Payload = Box<dyn FnOnce(&mut FrameWriter<'_>) -> Result<(), CodecError> + Send>;
-type UnaryFn = dyn Fn(Context, Bytes) -> BoxFuture<'static, Result<Payload, Status>> + Send + Sync;
+/// A unary call's whole future: its handler raced against the call's end, then the answer.
+pub(super) type CallFuture = Pin<Box<dyn Future<Output = ()> + Send>>;
+/// Starts a unary call: the call's future, in one allocation with the handler's future and
+/// the typed response (no box for either), instrumented with the span.
+type UnaryFn = dyn Fn(Call, Context, Bytes, tracing::Span) -> CallFuture + Send + Sync;
 /// What a streaming handler resolves to: its encoded-on-demand items.
 type ItemsFuture = BoxFuture<'static, Result<BoxStream<'static, Result<Payload, Status>>, Status>>;
 type StreamFn = dyn Fn(Context, Bytes) -> ItemsFuture + Send + Sync;
@@ -127,17 +135,22 @@ impl Method {
         Req: DeserializeOwned + Send + 'static,
         Resp: Serialize + Send + 'static,
     {
-        Method::Unary(Arc::new(move |ctx: Context, payload: Bytes| {
-            let fut = decode_request::<Req>(&payload, ctx.method()).map(|req| handler(ctx, req));
-            async move {
-                let resp = fut?.await?;
-                Ok(
-                    Box::new(move |w: &mut FrameWriter<'_>| codec::encode(w, &resp, "response"))
-                        as Payload,
-                )
-            }
-            .boxed()
-        }))
+        let handler = Arc::new(handler);
+        Method::Unary(Arc::new(
+            move |call: Call, ctx: Context, payload: Bytes, span: tracing::Span| {
+                let handler = Arc::clone(&handler);
+                // Decoded in the call's first poll (in its task, if it has one), where a
+                // panic of the handler is caught.
+                let work = async move {
+                    let req = decode_request::<Req>(&payload, ctx.method());
+                    // The handler gets the decoded request: a long call does not keep the
+                    // received frame (often a slice of the conn's shared read buffer).
+                    drop(payload);
+                    handler(ctx, req?).await
+                };
+                Box::pin(call.run_unary(work).instrument(span)) as CallFuture
+            },
+        ))
     }
 
     pub(crate) fn stream<Req, Item, S>(handler: impl Handler<Req, S>) -> Method
