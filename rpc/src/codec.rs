@@ -70,13 +70,13 @@ where
         })
 }
 
-/// Decodes one value from the front of `bytes`, returning it and the number
-/// of bytes it used.
-pub(crate) fn decode_prefix<T: DeserializeOwned>(
-    bytes: &[u8],
+/// Decodes one value from the front of `bytes` (it may borrow from them),
+/// returning it and the number of bytes it used.
+pub(crate) fn decode_prefix<'de, T: serde::Deserialize<'de>>(
+    bytes: &'de [u8],
     what: &'static str,
 ) -> Result<(T, usize), CodecError> {
-    bincode::serde::decode_from_slice(bytes, config()).map_err(|e| CodecError::Decode {
+    bincode::serde::borrow_decode_from_slice(bytes, config()).map_err(|e| CodecError::Decode {
         what,
         error: Box::new(e),
     })

@@ -76,7 +76,8 @@ pub struct Context {
 
 #[derive(Debug)]
 struct Inner {
-    method: String,
+    /// Shared with the server's registry.
+    method: Arc<str>,
     metadata: Metadata,
     deadline: Option<Instant>,
     origin: Origin,
@@ -102,7 +103,7 @@ impl Context {
     /// why it ended, the status it was aborted with), so a call allocates one `Arc` for
     /// all of that.
     pub(crate) fn new(
-        method: String,
+        method: Arc<str>,
         metadata: Metadata,
         deadline: Option<Instant>,
         origin: Origin,
@@ -171,7 +172,7 @@ impl Context {
     /// metadata, no deadline, no peer, never cancelled.
     pub fn detached(method: impl Into<String>) -> Context {
         Context::new(
-            method.into(),
+            Arc::from(method.into()),
             Metadata::new(),
             None,
             Origin::default(),

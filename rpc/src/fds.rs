@@ -184,7 +184,10 @@ impl FdInbox {
 
     /// Takes in one decoded frame: an `Fds` frame is absorbed (`None`); any other comes back
     /// with the descriptors announced for it (empty for most).
-    pub(crate) fn route(&mut self, frame: Frame) -> Result<Option<(Frame, Vec<Fd>)>, Error> {
+    pub(crate) fn route<'a>(
+        &mut self,
+        frame: Frame<'a>,
+    ) -> Result<Option<(Frame<'a>, Vec<Fd>)>, Error> {
         let id = match frame.header {
             Header::Fds { id, count } => {
                 self.on_frame(id, count)?;

@@ -47,7 +47,8 @@ pub struct Server {
 
 #[derive(Clone, Default)]
 struct Registry {
-    methods: HashMap<String, Method>,
+    /// Each name shared with the contexts of its calls.
+    methods: HashMap<Arc<str>, Method>,
     config: Config,
     /// Run in order before every call's handler.
     interceptors: Vec<Interceptor>,
@@ -55,7 +56,7 @@ struct Registry {
 
 impl fmt::Debug for Server {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let mut methods: Vec<&str> = self.inner.methods.keys().map(String::as_str).collect();
+        let mut methods: Vec<&str> = self.inner.methods.keys().map(|m| &**m).collect();
         methods.sort_unstable();
         f.debug_struct("Server")
             .field("methods", &methods)
@@ -118,7 +119,11 @@ impl Server {
         // Registering on a clone forks the method table: conns already
         // being served keep the table they started with.
         let reg = Arc::make_mut(&mut self.inner);
-        if reg.methods.insert(name.clone(), method).is_some() {
+        if reg
+            .methods
+            .insert(Arc::from(name.as_str()), method)
+            .is_some()
+        {
             tracing::debug!(method = %name, "rpc method re-registered; the new handler wins");
         }
         self

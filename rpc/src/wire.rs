@@ -51,7 +51,8 @@ pub(crate) enum Header<'a> {
     Request {
         /// Caller-chosen id, unique among the caller's calls in flight.
         id: u64,
-        /// `"Service.Method"`.
+        /// `"Service.Method"` (borrowed from the frame when decoded).
+        #[serde(borrow)]
         method: Cow<'a, str>,
         /// Time left until the deadline, nanoseconds; `None` = no deadline,
         /// `Some(0)` = already expired.
@@ -103,7 +104,8 @@ pub(crate) enum Header<'a> {
     Open {
         /// Caller-chosen id, unique among the caller's calls in flight.
         id: u64,
-        /// `"Service.Method"`.
+        /// `"Service.Method"` (borrowed from the frame when decoded).
+        #[serde(borrow)]
         method: Cow<'a, str>,
         /// As in `Request`.
         timeout_ns: Option<u64>,
@@ -141,27 +143,29 @@ pub(crate) enum Header<'a> {
     },
 }
 
-/// A decoded frame: its header and the (possibly empty) payload.
+/// A decoded frame: its header (whose method name borrows from the frame's
+/// body, so a call's name costs no allocation) and the (possibly empty)
+/// payload.
 #[derive(Debug)]
-pub(crate) struct Frame {
-    pub(crate) header: Header<'static>,
+pub(crate) struct Frame<'a> {
+    pub(crate) header: Header<'a>,
     pub(crate) payload: Bytes,
 }
 
-impl Frame {
+impl Frame<'_> {
     /// Decodes a frame body (without the length prefix).
-    pub(crate) fn decode(body: Bytes) -> Result<Frame, CodecError> {
-        let (header, used) = codec::decode_prefix::<Header<'static>>(&body, "frame header")?;
+    pub(crate) fn decode(body: &Bytes) -> Result<Frame<'_>, CodecError> {
+        let (header, used) = codec::decode_prefix::<Header<'_>>(body, "frame header")?;
         let payload = body.slice(used..);
         Ok(Frame { header, payload })
     }
 }
 
-impl Header<'static> {
+impl Header<'_> {
     /// Decodes the header at the start of `head`, the first bytes of a body
     /// whose payload may be cut short.
-    pub(crate) fn decode_head(head: &[u8]) -> Result<Header<'static>, CodecError> {
-        codec::decode_prefix::<Header<'static>>(head, "frame header").map(|(header, _)| header)
+    pub(crate) fn decode_head(head: &[u8]) -> Result<Header<'_>, CodecError> {
+        codec::decode_prefix::<Header<'_>>(head, "frame header").map(|(header, _)| header)
     }
 }
 
@@ -251,10 +255,31 @@ mod tests {
     }
 
     #[test]
+    fn a_decoded_requests_method_name_borrows_from_the_frame() {
+        let mut body = encode_header(&Header::Request {
+            id: 1,
+            method: Cow::Borrowed("Svc.m"),
+            timeout_ns: None,
+            stream_credit: None,
+            metadata: Cow::Owned(Metadata::new()),
+        });
+        body.extend_from_slice(b"req");
+        let body = Bytes::from(body);
+        let frame = Frame::decode(&body).unwrap();
+        let Header::Request { method, .. } = frame.header else {
+            panic!("not a request: {:?}", frame.header);
+        };
+        assert!(matches!(method, Cow::Borrowed("Svc.m")), "{method:?}");
+        assert!(body.as_ptr_range().contains(&method.as_ptr()));
+        assert_eq!(&frame.payload[..], b"req");
+    }
+
+    #[test]
     fn frames_split_header_and_payload() {
         let mut body = encode_header(&Header::StreamItem { id: 3 });
         body.extend_from_slice(b"payload");
-        let frame = Frame::decode(Bytes::from(body)).unwrap();
+        let body = Bytes::from(body);
+        let frame = Frame::decode(&body).unwrap();
         assert_eq!(frame.header, Header::StreamItem { id: 3 });
         assert_eq!(&frame.payload[..], b"payload");
     }
@@ -327,7 +352,7 @@ mod props {
 
         #[test]
         fn arbitrary_bytes_never_panic_the_frame_decoder(bytes in proptest::collection::vec(any::<u8>(), 0..256)) {
-            let _ = Frame::decode(Bytes::from(bytes));
+            let _ = Frame::decode(&Bytes::from(bytes));
         }
 
         #[test]
@@ -335,7 +360,8 @@ mod props {
             let mut body = Vec::new();
             codec::encode(&mut body, &h, "header").unwrap();
             body.extend_from_slice(&payload);
-            let frame = Frame::decode(Bytes::from(body)).unwrap();
+            let body = Bytes::from(body);
+            let frame = Frame::decode(&body).unwrap();
             prop_assert_eq!(frame.header, h);
             prop_assert_eq!(&frame.payload[..], &payload[..]);
         }
@@ -350,7 +376,7 @@ mod props {
             }
             let keep = cut.index(body.len() + 1);
             body.truncate(keep);
-            let _ = Frame::decode(Bytes::from(body));
+            let _ = Frame::decode(&Bytes::from(body));
         }
     }
 }

@@ -221,7 +221,7 @@ impl Shared {
     /// Fails the call whose response or stream item was over our
     /// `max_message_size` (its payload was dropped unread); the conn carries
     /// on. A stream is cancelled at the server.
-    pub(super) fn refuse(&self, header: Header<'static>, oversize: Oversize) -> Result<(), Error> {
+    pub(super) fn refuse(&self, header: Header<'_>, oversize: Oversize) -> Result<(), Error> {
         let Oversize { len, max } = oversize;
         let status = |what: &str| {
             Status::resource_exhausted(format!(
@@ -263,7 +263,7 @@ impl Shared {
     }
 
     /// Routes one frame from the server to its call.
-    pub(super) fn dispatch(&self, frame: Frame, fds: Vec<Fd>) -> Result<(), Error> {
+    pub(super) fn dispatch(&self, frame: Frame<'_>, fds: Vec<Fd>) -> Result<(), Error> {
         let Frame { header, payload } = frame;
         let mut st = self.lock();
         match header {

@@ -176,7 +176,7 @@ impl Server {
     async fn dispatch<'s>(
         &'s self,
         conn: &Arc<ConnState>,
-        frame: Frame,
+        frame: Frame<'_>,
         peer: &Origin,
         drain: &CancellationToken,
         fds: Vec<Fd>,
@@ -197,7 +197,7 @@ impl Server {
                 };
                 let open = Open {
                     id,
-                    method: method.into_owned(),
+                    method,
                     timeout_ns,
                     metadata: metadata.into_owned(),
                     credit,
@@ -215,7 +215,7 @@ impl Server {
             } => {
                 let open = Open {
                     id,
-                    method: method.into_owned(),
+                    method,
                     timeout_ns,
                     metadata: metadata.into_owned(),
                     credit,
@@ -262,7 +262,7 @@ impl Server {
         conn: &Arc<ConnState>,
         peer: &Origin,
         drain: &CancellationToken,
-        open: Open,
+        open: Open<'_>,
         payload: Option<Bytes>,
         fds: Vec<Fd>,
         waits: &mut Waits<'s>,
@@ -276,7 +276,7 @@ impl Server {
             want,
         } = open;
         let streaming = want != Kind::Unary;
-        let (name, handler) = match self.inner.methods.get_key_value(&method) {
+        let (name, handler) = match self.inner.methods.get_key_value(&*method) {
             None => {
                 let s = Status::unimplemented(format!("unknown method {method:?}"));
                 return conn.reply_error(id, streaming, s).await;
@@ -289,7 +289,7 @@ impl Server {
                 ));
                 return conn.reply_error(id, streaming, s).await;
             }
-            Some((name, m)) => (name.as_str(), m),
+            Some((name, m)) => (name, m),
         };
         for interceptor in &self.inner.interceptors {
             if let Err(s) = interceptor(&method, &mut metadata) {
@@ -323,7 +323,8 @@ impl Server {
             }
         };
         let span = tracing::debug_span!("rpc_call", id, method = %method);
-        let ctx = Context::new(method, metadata, deadline, peer.clone(), token)
+        // The registered name, shared: the caller's (in the frame) is not kept.
+        let ctx = Context::new(Arc::clone(name), metadata, deadline, peer.clone(), token)
             .with_request_fds(fds)
             .abortable();
         let entry = CallEntry {
@@ -477,9 +478,10 @@ fn poll_others(
 }
 
 /// A call as requested by the client.
-struct Open {
+struct Open<'f> {
     id: u64,
-    method: String,
+    /// Borrowed from the request's frame.
+    method: std::borrow::Cow<'f, str>,
     timeout_ns: Option<u64>,
     metadata: crate::metadata::Metadata,
     /// Initial response credit (streaming kinds).

@@ -228,11 +228,7 @@ impl ConnState {
     /// over our `max_message_size` (its payload was dropped unread): the
     /// caller gets `ResourceExhausted` naming the limit, and the conn
     /// carries on.
-    pub(super) async fn refuse(
-        &self,
-        header: Header<'static>,
-        oversize: Oversize,
-    ) -> Result<(), Error> {
+    pub(super) async fn refuse(&self, header: Header<'_>, oversize: Oversize) -> Result<(), Error> {
         let Oversize { len, max } = oversize;
         match header {
             Header::Request {

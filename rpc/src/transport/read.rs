@@ -156,10 +156,10 @@ impl Incoming {
     /// `Response` or `StreamItem`) can be answered alone, so any other kind
     /// fails with `FrameTooLarge`, as does a header not within the frame's
     /// first bytes.
-    pub(crate) fn decode(self) -> Result<(Frame, Option<Oversize>), Error> {
+    pub(crate) fn decode(&self) -> Result<(Frame<'_>, Option<Oversize>), Error> {
         match self {
             Incoming::Frame(body) => Ok((Frame::decode(body).map_err(Error::Malformed)?, None)),
-            Incoming::TooLarge { head, len, max } => match Header::decode_head(&head) {
+            Incoming::TooLarge { head, len, max } => match Header::decode_head(head) {
                 Ok(
                     header @ (Header::Request { .. }
                     | Header::Response { .. }
@@ -169,11 +169,14 @@ impl Incoming {
                         header,
                         payload: Bytes::new(),
                     },
-                    Some(Oversize { len, max }),
+                    Some(Oversize {
+                        len: *len,
+                        max: *max,
+                    }),
                 )),
                 _ => Err(Error::FrameTooLarge {
-                    len: len as u64,
-                    max,
+                    len: *len as u64,
+                    max: *max,
                 }),
             },
         }
@@ -724,7 +727,7 @@ mod tests {
                 for _ in 0..=wire.len() / LEN_PREFIX {
                     match r.next_frame().await {
                         Ok(Some(Incoming::Frame(body))) => {
-                            let _ = crate::wire::Frame::decode(body);
+                            let _ = crate::wire::Frame::decode(&body);
                         }
                         Ok(Some(Incoming::TooLarge { head, .. })) => {
                             assert!(head.len() <= TOO_LARGE_HEAD);
