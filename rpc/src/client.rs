@@ -21,14 +21,14 @@ use std::{
 use serde::{de::DeserializeOwned, Serialize};
 use tokio::{
     io::{AsyncRead, AsyncWrite},
-    sync::{mpsc, oneshot, Semaphore},
+    sync::{mpsc, Semaphore},
     time::Instant,
 };
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 pub(crate) use in_flight::Shared;
-use in_flight::{read_loop, CallGuard, Handle, IdMap, Pending, State, UnaryReply};
+use in_flight::{read_loop, CallGuard, Handle, IdMap, Pending, Slot, State, UnaryReply};
 pub use streams::{PendingResponse, RequestSink, ResponseStream};
 
 use crate::{
@@ -427,7 +427,6 @@ impl Client {
     where
         Req: Serialize + ?Sized,
     {
-        let (tx, rx) = oneshot::channel();
         let mut guard = self
             .start(
                 method,
@@ -438,14 +437,13 @@ impl Client {
                     fds,
                 },
                 None,
-                Pending::Unary(tx),
+                Pending::Unary(Slot::Waiting(None)),
             )
             .await?;
-        // The reader removed the entry before answering; a dropped sender
-        // (never expected: shutdown answers everyone) counts as conn loss.
-        let res = rx
-            .await
-            .unwrap_or_else(|_| Err(Status::conn_lost("rpc conn closed")));
+        // The reader (or the conn's end) answers in the call's entry; taking the
+        // answer removes it.
+        let shared = self.shared();
+        let res = std::future::poll_fn(|cx| shared.poll_answer(guard.id, cx)).await;
         guard.done = true;
         res
     }

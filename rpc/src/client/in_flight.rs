@@ -6,12 +6,13 @@ use std::{
     collections::HashMap,
     hash::{BuildHasher, Hasher},
     sync::{atomic::AtomicU64, Arc, Mutex, MutexGuard},
+    task::{Context, Poll, Waker},
 };
 
 use bytes::Bytes;
 use tokio::{
     io::AsyncRead,
-    sync::{mpsc, oneshot, Semaphore},
+    sync::{mpsc, Semaphore},
 };
 use tokio_util::sync::CancellationToken;
 
@@ -43,9 +44,9 @@ impl Drop for Handle {
 }
 
 pub(crate) enum Pending {
-    /// A unary call: its response, the handler's trailers and the descriptors that came
-    /// with the response.
-    Unary(oneshot::Sender<Result<UnaryReply, Status>>),
+    /// A unary call: its answer (the response, the handler's trailers and the descriptors
+    /// that came with the response), kept here until its caller takes it.
+    Unary(Slot),
     /// A streaming call: its response items, and for a bidi call
     /// the credit the server granted for request items (closed when the
     /// call ends, so a waiting sender learns of it).
@@ -55,6 +56,31 @@ pub(crate) enum Pending {
 /// What a unary call receives: the response payload, the trailers, and the file
 /// descriptors that came with it.
 pub(crate) type UnaryReply = (Bytes, Metadata, Vec<Fd>);
+
+/// Where a unary call's answer waits for its caller, in the call's in-flight entry (no
+/// allocation and no channel per call). The caller removes the entry when it takes the
+/// answer; a caller that is gone removes it through its [`CallGuard`].
+pub(crate) enum Slot {
+    /// No answer yet: the caller's waker, once it has polled.
+    Waiting(Option<Waker>),
+    /// The answer.
+    Done(Result<UnaryReply, Status>),
+}
+
+impl Slot {
+    /// Stores `answer` (unless one is there) and returns the waker to wake, which the
+    /// caller wakes once the state's lock is let go.
+    fn answer(&mut self, answer: Result<UnaryReply, Status>) -> Option<Waker> {
+        match self {
+            Slot::Waiting(waker) => {
+                let waker = waker.take();
+                *self = Slot::Done(answer);
+                waker
+            }
+            Slot::Done(_) => None,
+        }
+    }
+}
 
 /// Most request credit the server may grant outstanding; more is clamped.
 const MAX_SEND_CREDIT: usize = 1 << 20;
@@ -136,6 +162,34 @@ impl Shared {
         Ok(())
     }
 
+    /// The answer to unary call `id` if it has come (its entry is then gone), or
+    /// `Pending` with `cx`'s waker kept to be woken when it comes.
+    pub(super) fn poll_answer(
+        &self,
+        id: u64,
+        cx: &mut Context<'_>,
+    ) -> Poll<Result<UnaryReply, Status>> {
+        let mut st = self.lock();
+        let Some(Pending::Unary(slot)) = st.pending.get_mut(&id) else {
+            // Never expected: the entry stays until the caller takes its answer (the
+            // conn's end answers it too).
+            return Poll::Ready(Err(Status::conn_lost("rpc conn closed")));
+        };
+        match slot {
+            Slot::Waiting(waker) => {
+                match waker {
+                    Some(w) if w.will_wake(cx.waker()) => {}
+                    _ => *waker = Some(cx.waker().clone()),
+                }
+                Poll::Pending
+            }
+            Slot::Done(_) => match st.pending.remove(&id) {
+                Some(Pending::Unary(Slot::Done(answer))) => Poll::Ready(answer),
+                _ => unreachable!("the entry was just seen answered"),
+            },
+        }
+    }
+
     /// Forgets call `id`; if it was still pending and its request went out,
     /// tells the server to stop working on it.
     pub(crate) fn abandon(&self, id: u64, request_sent: bool) {
@@ -144,10 +198,16 @@ impl Shared {
             st.trailers.remove(&id);
             st.pending.remove(&id)
         };
-        if let Some(Pending::Stream(_, Some(credits))) = &removed {
-            credits.close();
-        }
-        if removed.is_some() && request_sent {
+        let answered = match &removed {
+            Some(Pending::Stream(_, Some(credits))) => {
+                credits.close();
+                false
+            }
+            // Over at the server: nothing to cancel (its descriptors close here).
+            Some(Pending::Unary(Slot::Done(_))) => true,
+            _ => false,
+        };
+        if removed.is_some() && !answered && request_sent {
             let _ = self
                 .outbox
                 .push_now(|w| codec::encode(w, &Header::Cancel { id }, "cancel"));
@@ -189,29 +249,39 @@ impl Shared {
         self.lock().closed.clone()
     }
 
-    /// Fails every pending call with `status` and ends the conn.
+    /// Fails every pending call with `status` and ends the conn. Unary calls keep their
+    /// entries, answered, until their callers take the answer.
     pub(super) fn shutdown(&self, status: Status) {
-        let pending = {
+        let mut wakers = Vec::new();
+        let streams = {
             let mut st = self.lock();
             if st.closed.is_some() {
                 return;
             }
             st.closed = Some(status.clone());
             st.trailers.clear();
-            std::mem::take(&mut st.pending)
-        };
-        tracing::debug!(%status, calls = pending.len(), "rpc client conn ended");
-        for (_, p) in pending {
-            match p {
-                Pending::Unary(tx) => {
-                    let _ = tx.send(Err(status.clone()));
-                }
-                Pending::Stream(tx, credits) => {
-                    let _ = tx.try_send(StreamEvent::End(Some(status.clone())));
-                    if let Some(credits) = credits {
-                        credits.close();
+            let mut streams = Vec::new();
+            for (id, p) in std::mem::take(&mut st.pending) {
+                match p {
+                    Pending::Unary(mut slot) => {
+                        wakers.extend(slot.answer(Err(status.clone())));
+                        st.pending.insert(id, Pending::Unary(slot));
                     }
+                    Pending::Stream(tx, credits) => streams.push((tx, credits)),
                 }
+            }
+            streams
+        };
+        tracing::debug!(
+            %status,
+            calls = wakers.len() + streams.len(),
+            "rpc client conn ended"
+        );
+        wakers.into_iter().for_each(Waker::wake);
+        for (tx, credits) in streams {
+            let _ = tx.try_send(StreamEvent::End(Some(status.clone())));
+            if let Some(credits) = credits {
+                credits.close();
             }
         }
         self.outbox.close();
@@ -265,17 +335,23 @@ impl Shared {
     /// Routes one frame from the server to its call.
     pub(super) fn dispatch(&self, frame: Frame<'_>, fds: Vec<Fd>) -> Result<(), Error> {
         let Frame { header, payload } = frame;
-        let mut st = self.lock();
+        let mut guard = self.lock();
+        let st = &mut *guard;
+        // The caller to wake once the lock is let go.
+        let mut wake = None;
         match header {
-            Header::Response { id, status } => match st.pending.remove(&id) {
-                Some(Pending::Unary(tx)) => {
+            Header::Response { id, status } => match st.pending.get_mut(&id) {
+                Some(Pending::Unary(slot)) => {
                     let trailers = st.trailers.remove(&id).unwrap_or_default();
-                    let _ = tx.send(match status {
+                    wake = slot.answer(match status {
                         None => Ok((payload, trailers, fds)),
                         Some(s) => Err(s),
                     });
                 }
-                Some(Pending::Stream(tx, credits)) => {
+                Some(Pending::Stream(..)) => {
+                    let Some(Pending::Stream(tx, credits)) = st.pending.remove(&id) else {
+                        unreachable!("the entry was just seen");
+                    };
                     let s = status.unwrap_or_else(|| {
                         Status::internal("server answered a streaming call with a unary response")
                     });
@@ -304,17 +380,20 @@ impl Shared {
                 }
                 None => {}
             },
-            Header::StreamEnd { id, status } => match st.pending.remove(&id) {
-                Some(Pending::Stream(tx, credits)) => {
+            Header::StreamEnd { id, status } => match st.pending.get_mut(&id) {
+                Some(Pending::Stream(..)) => {
+                    let Some(Pending::Stream(tx, credits)) = st.pending.remove(&id) else {
+                        unreachable!("the entry was just seen");
+                    };
                     // The channel has one slot beyond the credit window for this.
                     let _ = tx.try_send(StreamEvent::End(status));
                     if let Some(credits) = credits {
                         credits.close();
                     }
                 }
-                Some(Pending::Unary(tx)) => {
+                Some(Pending::Unary(slot)) => {
                     st.trailers.remove(&id);
-                    let _ = tx.send(Err(status.unwrap_or_else(|| {
+                    wake = slot.answer(Err(status.unwrap_or_else(|| {
                         Status::internal("server answered a unary call with a stream end")
                     })));
                 }
@@ -372,6 +451,10 @@ impl Shared {
                     reason: "client conn received a request-side frame".into(),
                 })
             }
+        }
+        drop(guard);
+        if let Some(waker) = wake {
+            waker.wake();
         }
         Ok(())
     }
@@ -441,7 +524,134 @@ where
 
 #[cfg(test)]
 mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use futures::task::{waker, ArcWake};
+
     use super::*;
+
+    fn shared() -> Shared {
+        let config = Config::default();
+        Shared {
+            outbox: Outbox::new(&config),
+            state: Mutex::new(State {
+                pending: IdMap::default(),
+                trailers: IdMap::default(),
+                closed: None,
+            }),
+            next_id: AtomicU64::new(1),
+            token: CancellationToken::new(),
+            config,
+            fds: FdLink::default(),
+        }
+    }
+
+    /// Counts its wake-ups.
+    #[derive(Default)]
+    struct Wakes(AtomicUsize);
+
+    impl ArcWake for Wakes {
+        fn wake_by_ref(me: &Arc<Self>) {
+            me.0.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    fn response(id: u64, status: Option<Status>, payload: &'static [u8]) -> Frame<'static> {
+        Frame {
+            header: Header::Response { id, status },
+            payload: Bytes::from_static(payload),
+        }
+    }
+
+    #[test]
+    fn a_waiting_caller_is_woken_by_its_answer_which_it_takes_with_the_entry() {
+        let shared = shared();
+        shared
+            .register(1, Pending::Unary(Slot::Waiting(None)))
+            .unwrap();
+        let wakes = Arc::new(Wakes::default());
+        let waker = waker(Arc::clone(&wakes));
+        let mut cx = Context::from_waker(&waker);
+        assert!(shared.poll_answer(1, &mut cx).is_pending());
+        shared
+            .dispatch(response(1, None, b"answer"), Vec::new())
+            .unwrap();
+        assert_eq!(wakes.0.load(Ordering::SeqCst), 1);
+        let Poll::Ready(Ok((payload, _, _))) = shared.poll_answer(1, &mut cx) else {
+            panic!("no answer");
+        };
+        assert_eq!(&payload[..], b"answer");
+        assert!(
+            shared.lock().pending.is_empty(),
+            "the entry left with its answer"
+        );
+    }
+
+    #[test]
+    fn an_answer_whose_caller_is_gone_is_dropped_with_its_entry_and_cancels_nothing() {
+        let shared = shared();
+        shared
+            .register(1, Pending::Unary(Slot::Waiting(None)))
+            .unwrap();
+        // Answered before its caller ever polled (no waker: nothing to wake).
+        shared
+            .dispatch(response(1, None, b"answer"), Vec::new())
+            .unwrap();
+        let queued = shared.outbox.queued_bytes();
+        // The caller's future is dropped: its guard abandons the call.
+        shared.abandon(1, true);
+        assert!(
+            shared.lock().pending.is_empty(),
+            "the answered entry leaked"
+        );
+        assert_eq!(
+            shared.outbox.queued_bytes(),
+            queued,
+            "a cancel was queued for a call the server had answered"
+        );
+        // An unanswered call abandoned is cancelled at the server.
+        shared
+            .register(2, Pending::Unary(Slot::Waiting(None)))
+            .unwrap();
+        shared.abandon(2, true);
+        assert!(shared.lock().pending.is_empty());
+        assert!(
+            shared.outbox.queued_bytes() > queued,
+            "no cancel was queued"
+        );
+        // A late answer for it is moot.
+        shared
+            .dispatch(response(2, None, b"late"), Vec::new())
+            .unwrap();
+        assert!(shared.lock().pending.is_empty());
+    }
+
+    #[test]
+    fn the_conns_end_answers_waiting_callers_and_refuses_new_calls() {
+        let shared = shared();
+        shared
+            .register(1, Pending::Unary(Slot::Waiting(None)))
+            .unwrap();
+        shared
+            .register(2, Pending::Unary(Slot::Waiting(None)))
+            .unwrap();
+        let wakes = Arc::new(Wakes::default());
+        let waker = waker(Arc::clone(&wakes));
+        let mut cx = Context::from_waker(&waker);
+        assert!(shared.poll_answer(1, &mut cx).is_pending());
+        shared.shutdown(Status::conn_lost("gone"));
+        assert_eq!(wakes.0.load(Ordering::SeqCst), 1);
+        let Poll::Ready(Err(status)) = shared.poll_answer(1, &mut cx) else {
+            panic!("no answer");
+        };
+        assert!(status.is_conn_lost(), "{status}");
+        // Call 2's caller is gone: its guard removes the answered entry.
+        shared.abandon(2, true);
+        assert!(shared.lock().pending.is_empty());
+        assert!(shared
+            .register(3, Pending::Unary(Slot::Waiting(None)))
+            .is_err_and(|s| s.is_conn_lost()));
+    }
 
     #[test]
     fn sequential_ids_hash_to_distinct_buckets_and_high_bits() {

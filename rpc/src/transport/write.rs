@@ -336,6 +336,12 @@ where
 }
 
 impl Outbox {
+    /// Bytes queued for the writer.
+    #[cfg(test)]
+    pub(crate) fn queued_bytes(&self) -> usize {
+        self.lock().queued()
+    }
+
     pub(crate) fn new(config: &Config) -> Outbox {
         Outbox {
             state: Mutex::new(OutState::default()),
