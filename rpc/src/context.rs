@@ -1,13 +1,12 @@
 //! [`Context`]: what a handler knows about the call it serves.
 
 use std::{
+    pin::pin,
     sync::{Arc, Mutex, OnceLock},
     time::Duration,
 };
 
-use tokio::time::Instant;
-
-use tokio_util::sync::CancellationToken;
+use tokio::{sync::Notify, time::Instant};
 
 use crate::{
     client::CallOptions,
@@ -81,10 +80,12 @@ struct Inner {
     metadata: Metadata,
     deadline: Option<Instant>,
     origin: Origin,
-    cancel: CancellationToken,
-    /// Why the call ended; set just before `cancel` fires (by whoever ends
-    /// the call), or on first read after it fired unset.
+    /// Why the call ended, set once by whoever ends it: the call is over
+    /// once it is set (after `abort`, if there is a status).
     end: OnceLock<EndReason>,
+    /// Woken when `end` is set (a flag and a `Notify` in the context's one
+    /// allocation: a call needs no token of its own).
+    ended: Notify,
     /// Response metadata set by the handler; sent before the answer.
     trailers: Mutex<Metadata>,
     /// Descriptors the request carried, until the handler takes them.
@@ -92,22 +93,21 @@ struct Inner {
     /// Descriptors for the response, set by the handler.
     reply_fds: Mutex<Option<FdBatch>>,
     /// The status the call ends with when it was ended by [`Context::abort`] or by a
-    /// limit of its conn, set before `cancel` fires: what the server answers with.
+    /// limit of its conn, set before `end`: what the server answers with.
     abort: OnceLock<Status>,
     /// Whether [`Context::abort`] may end the call (not for a detached context).
     abortable: bool,
 }
 
 impl Context {
-    /// A call's context. It also keeps what the server needs to end the call (its token,
-    /// why it ended, the status it was aborted with), so a call allocates one `Arc` for
-    /// all of that.
+    /// A call's context. It also keeps what the server needs to end the call (why it
+    /// ended, its waiters, the status it was aborted with), so a call allocates one `Arc`
+    /// for all of that.
     pub(crate) fn new(
         method: Arc<str>,
         metadata: Metadata,
         deadline: Option<Instant>,
         origin: Origin,
-        cancel: CancellationToken,
     ) -> Context {
         Context {
             inner: Arc::new(Inner {
@@ -115,8 +115,8 @@ impl Context {
                 metadata,
                 deadline,
                 origin,
-                cancel,
                 end: OnceLock::new(),
+                ended: Notify::new(),
                 trailers: Mutex::new(Metadata::new()),
                 request_fds: Mutex::new(Vec::new()),
                 reply_fds: Mutex::new(None),
@@ -141,20 +141,16 @@ impl Context {
         self
     }
 
-    /// The call's cancellation token (the server ends the call through it).
-    pub(crate) fn token(&self) -> &CancellationToken {
-        &self.inner.cancel
-    }
-
     /// Ends the call for `reason` (unless it already ended for another), with `status`
-    /// as its answer if given (unless one was given before): both are recorded before
-    /// the token fires, so whoever wakes on it sees them.
+    /// as its answer if given (unless one was given before): the status is recorded
+    /// before the reason, so whoever sees the call ended sees it.
     pub(crate) fn end_call(&self, reason: EndReason, status: Option<Status>) {
-        let _ = self.inner.end.set(reason);
         if let Some(status) = status {
             let _ = self.inner.abort.set(status);
         }
-        self.inner.cancel.cancel();
+        if self.inner.end.set(reason).is_ok() {
+            self.inner.ended.notify_waiters();
+        }
     }
 
     /// The status the call was aborted with (by the handler's work or by its conn), if it
@@ -176,7 +172,6 @@ impl Context {
             Metadata::new(),
             None,
             Origin::default(),
-            CancellationToken::new(),
         )
     }
 
@@ -293,7 +288,7 @@ impl Context {
     /// tells which). The handler future itself is dropped when the call
     /// ends early; this is for work it spawned with a clone of the context.
     pub fn is_cancelled(&self) -> bool {
-        self.inner.cancel.is_cancelled()
+        self.inner.end.get().is_some()
     }
 
     /// Ends the call now with `status`, which the caller receives at once: also while a
@@ -304,10 +299,8 @@ impl Context {
     /// handler spawned (with a clone of the context) that finds the call must end.
     /// [`Context::end_reason`] then says [`EndReason::Aborted`].
     pub fn abort(&self, status: Status) {
-        if self.inner.abortable && !self.inner.cancel.is_cancelled() {
-            let _ = self.inner.abort.set(status);
-            let _ = self.inner.end.set(EndReason::Aborted);
-            self.inner.cancel.cancel();
+        if self.inner.abortable && !self.is_cancelled() {
+            self.end_call(EndReason::Aborted, Some(status));
         }
     }
 
@@ -316,24 +309,85 @@ impl Context {
     /// so spawned work can tell a caller that gave up
     /// ([`EndReason::Cancelled`]) from a call that completed. Cancel-safe.
     pub async fn cancelled(&self) {
-        self.inner.cancel.cancelled().await
+        let ended = self.inner.ended.notified();
+        let mut ended = pin!(ended);
+        // Registered before the look, so an end in between wakes it.
+        ended.as_mut().enable();
+        if !self.is_cancelled() {
+            ended.await;
+        }
     }
 
     /// Why the call ended, or `None` while it runs. Once `Some`, it never
     /// changes.
     pub fn end_reason(&self) -> Option<EndReason> {
-        if let Some(reason) = self.inner.end.get() {
-            return Some(*reason);
-        }
-        // Ended with no reason recorded (the server records one whenever it
-        // ends a call): count it as the conn's end.
-        self.inner
-            .cancel
-            .is_cancelled()
-            .then(|| *self.inner.end.get_or_init(|| EndReason::ConnClosed))
+        self.inner.end.get().copied()
     }
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    fn call_ctx() -> Context {
+        Context::new(Arc::from("T.m"), Metadata::new(), None, Origin::default()).abortable()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_waiter_wakes_when_the_call_ends_and_sees_why() {
+        let ctx = call_ctx();
+        let waiter = tokio::spawn({
+            let ctx = ctx.clone();
+            async move {
+                ctx.cancelled().await;
+                ctx.end_reason()
+            }
+        });
+        tokio::task::yield_now().await;
+        assert!(!ctx.is_cancelled());
+        assert_eq!(ctx.end_reason(), None);
+        ctx.end_call(EndReason::Cancelled, None);
+        let seen = tokio::time::timeout(Duration::from_secs(5), waiter)
+            .await
+            .expect("the waiter woke")
+            .unwrap();
+        assert_eq!(seen, Some(EndReason::Cancelled));
+        // The first reason stays; a later end wakes nobody and changes nothing.
+        ctx.end_call(EndReason::Completed, None);
+        assert_eq!(ctx.end_reason(), Some(EndReason::Cancelled));
+        tokio::time::timeout(Duration::from_secs(5), ctx.cancelled())
+            .await
+            .expect("an ended call's cancelled() resolves at once");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_abort_records_its_status_before_the_call_is_seen_ended() {
+        let ctx = call_ctx();
+        let waiter = tokio::spawn({
+            let ctx = ctx.clone();
+            async move {
+                ctx.cancelled().await;
+                ctx.aborted().cloned()
+            }
+        });
+        tokio::task::yield_now().await;
+        ctx.abort(Status::internal("stop"));
+        let status = tokio::time::timeout(Duration::from_secs(5), waiter)
+            .await
+            .expect("the waiter woke")
+            .unwrap()
+            .expect("the status was there when the end was seen");
+        assert_eq!(status.message(), "stop");
+        assert_eq!(ctx.end_reason(), Some(EndReason::Aborted));
+        // A detached context cannot be aborted.
+        let detached = Context::detached("T.m");
+        detached.abort(Status::internal("no"));
+        assert!(!detached.is_cancelled());
+    }
 }

@@ -35,7 +35,7 @@ use crate::{
 pub(crate) struct Call {
     pub(super) conn: Arc<ConnState>,
     pub(super) id: u64,
-    /// The call's context (a clone of the handler's): its deadline, token,
+    /// The call's context (a clone of the handler's): its deadline, its end,
     /// why it ended and the status it was aborted with, and the trailers.
     pub(super) ctx: Context,
 }
@@ -159,7 +159,7 @@ impl Call {
     /// The first poll of `work` comes before the cancellation and the
     /// deadline are waited for (once it is seen that neither has happened
     /// yet): a handler that answers at once (most do) then costs no
-    /// registration with the call's token and no timer. Later polls look at
+    /// registration with the call's end and no timer. Later polls look at
     /// the cancellation and the deadline first, as a handler that waits is
     /// dropped as soon as either comes.
     async fn race<T>(
@@ -168,7 +168,6 @@ impl Call {
     ) -> Option<Result<T, Status>> {
         let mut work = pin!(work);
         let deadline = self.ctx.deadline();
-        let token = self.ctx.token();
         let live = |now: Option<Instant>| match (deadline, now) {
             (Some(d), Some(now)) => d > now,
             _ => true,
@@ -176,7 +175,7 @@ impl Call {
         // Whether `work` was just polled (in this same poll of the task, so
         // with the waker the select below would give it).
         let mut polled = false;
-        if !token.is_cancelled() && live(deadline.map(|_| Instant::now())) {
+        if !self.ctx.is_cancelled() && live(deadline.map(|_| Instant::now())) {
             if let Poll::Ready(res) = futures::poll!(work.as_mut()) {
                 return Some(finished(res));
             }
@@ -194,9 +193,9 @@ impl Call {
         };
         tokio::select! {
             biased;
-            _ = token.cancelled() => {
+            _ = self.ctx.cancelled() => {
                 tracing::trace!("rpc handler dropped: call cancelled");
-                // Set before the token is cancelled, so it is seen here.
+                // Set before the end, so it is seen here.
                 self.ctx.aborted().cloned().map(Err)
             }
             _ = expired => {
@@ -287,7 +286,6 @@ mod tests {
 
     use super::*;
     use crate::config::Config;
-    use tokio_util::sync::CancellationToken;
 
     /// Regression: `Call::run` kept a clone of a unary request's payload for
     /// the whole call, so a parked handler pinned the received frame (often a
@@ -326,7 +324,6 @@ mod tests {
             Default::default(),
             None,
             Default::default(),
-            CancellationToken::new(),
         )
         .abortable();
         let call = Call {

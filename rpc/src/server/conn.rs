@@ -305,9 +305,7 @@ impl Server {
             return conn.reply_error(id, streaming, s).await;
         }
         let deadline = timeout_ns.map(|t| deadline_from_wire(t, Instant::now()));
-        // Not a child of the conn's token: the conn's end cancels each call
-        // (`ConnState::end_calls`).
-        let token = CancellationToken::new();
+        // The conn's end ends each call (`ConnState::end_calls`).
         let credits = streaming.then(|| {
             Arc::new(Semaphore::new(
                 (credit as usize).min(MAX_OUTSTANDING_CREDIT),
@@ -324,7 +322,7 @@ impl Server {
         };
         let span = tracing::debug_span!("rpc_call", id, method = %method);
         // The registered name, shared: the caller's (in the frame) is not kept.
-        let ctx = Context::new(Arc::clone(name), metadata, deadline, peer.clone(), token)
+        let ctx = Context::new(Arc::clone(name), metadata, deadline, peer.clone())
             .with_request_fds(fds)
             .abortable();
         let entry = CallEntry {

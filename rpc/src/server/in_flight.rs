@@ -25,9 +25,9 @@ use crate::{
 };
 
 pub(super) struct CallEntry {
-    /// The call's context: its token, why it ended, and the status the call
+    /// The call's context: why it ended (and its waiters), and the status the call
     /// task answers with when the conn ends the call itself (request bytes
-    /// over budget), set before the token is cancelled.
+    /// over budget), set before the call is ended.
     pub(super) ctx: Context,
     /// Response credit of a streaming call.
     pub(super) credits: Option<Arc<Semaphore>>,
@@ -61,7 +61,7 @@ pub(super) struct ConnState {
     /// Bytes of request items queued for bidi handlers and not yet
     /// consumed (see [`Held`]); part of the `max_in_flight_bytes` budget.
     pub(super) inbound_bytes: Arc<AtomicUsize>,
-    /// Parent of every call's token; cancelled when serving ends.
+    /// Cancelled when serving ends (stops the writer; `end_calls` ends the calls).
     pub(super) token: CancellationToken,
     /// Notified whenever the last in-flight call ends while
     /// `idle_wanted` (graceful shutdown waits for it).
@@ -198,9 +198,7 @@ impl ConnState {
         Ok(Admission::Admitted)
     }
 
-    /// Ends every call in flight: the conn is gone. (A call's token is not a
-    /// child of the conn's: a child takes the parent's lock when it is made
-    /// and again when it is dropped, on every call.)
+    /// Ends every call in flight: the conn is gone.
     pub(super) fn end_calls(&self) {
         let running: Vec<Context> = self
             .lock_calls()
