@@ -70,6 +70,10 @@ where
         })
 }
 
+/// Blocks at least this large are offered to the outbox to be queued by
+/// reference instead of copied (see [`with_offered`]).
+pub(crate) const ZERO_COPY_MIN: usize = 32 << 10;
+
 /// Decodes one value from the front of `bytes` (it may borrow from them),
 /// returning it and the number of bytes it used.
 pub(crate) fn decode_prefix<'de, T: serde::Deserialize<'de>>(
@@ -112,8 +116,13 @@ thread_local! {
 }
 
 /// Runs `serialize` (which writes `bytes` as one block) with `bytes`
-/// offered for zero-copy queueing; see [`take_offered`].
+/// offered for zero-copy queueing; see [`take_offered`]. A block under
+/// [`ZERO_COPY_MIN`] is copied anyway, so it is not offered (no thread-local
+/// round trip for a small message).
 pub(crate) fn with_offered<R>(bytes: &Bytes, serialize: impl FnOnce() -> R) -> R {
+    if bytes.len() < ZERO_COPY_MIN {
+        return serialize();
+    }
     struct Clear;
     impl Drop for Clear {
         fn drop(&mut self) {

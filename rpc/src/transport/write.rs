@@ -33,7 +33,7 @@ use tokio::{
 };
 
 use crate::{
-    codec::{self, CodecError},
+    codec::{self, CodecError, ZERO_COPY_MIN},
     config::Config,
     config::{MAX_MESSAGE_SIZE_CAP, MIN_MESSAGE_SIZE},
     error::Error,
@@ -187,9 +187,6 @@ pub(crate) struct Limit {
     max: usize,
     by_peer: bool,
 }
-
-/// Blocks at least this large are queued by reference instead of copied.
-const ZERO_COPY_MIN: usize = 32 << 10;
 
 /// The encoder's view of the outbox: an `io::Write` that refuses to grow
 /// one message past the maximum message size, so an oversize message is
