@@ -514,7 +514,7 @@ impl Client {
                             stream_credit,
                             metadata: Cow::Borrowed(metadata),
                         };
-                        codec::encode(w, &header, "request envelope")?;
+                        codec::encode_header(w, &header, "request envelope")?;
                         codec::encode(w, req, "request")
                     }
                     None => {
@@ -525,7 +525,7 @@ impl Client {
                             credit: stream_credit.unwrap_or(1),
                             metadata: Cow::Borrowed(metadata),
                         };
-                        codec::encode(w, &header, "open envelope")
+                        codec::encode_header(w, &header, "open envelope")
                     }
                 }
             })

@@ -15,6 +15,8 @@ use std::{cell::RefCell, io};
 use bytes::Bytes;
 use serde::{de::DeserializeOwned, Serialize};
 
+use crate::wire::Header;
+
 /// Upper bound on the bytes one decode may claim (read plus allocate). It is
 /// four times [`MAX_MESSAGE_SIZE_CAP`](crate::config::MAX_MESSAGE_SIZE_CAP)
 /// because bincode claims `len * size_of::<T>()` up front for a `Vec<T>`,
@@ -73,6 +75,34 @@ where
 /// Blocks at least this large are offered to the outbox to be queued by
 /// reference instead of copied (see [`with_offered`]).
 pub(crate) const ZERO_COPY_MIN: usize = 32 << 10;
+
+/// Most bytes of an envelope header encoded on the stack (see
+/// [`encode_header`]); a larger one (long metadata) is encoded in place.
+const HEADER_ON_STACK: usize = 128;
+
+/// Appends the encoding of a frame's envelope `header` in one write: encoded
+/// on the stack first, so the writer's per-write bookkeeping runs once rather
+/// than for each of its fields.
+pub(crate) fn encode_header<W: io::Write>(
+    out: &mut W,
+    header: &Header<'_>,
+    what: &'static str,
+) -> Result<(), CodecError> {
+    let mut buf = [0u8; HEADER_ON_STACK];
+    match bincode::serde::encode_into_slice(header, &mut buf, config()) {
+        Ok(n) => out
+            .write_all(&buf[..n])
+            .map_err(|inner| CodecError::Encode {
+                what,
+                error: Box::new(bincode::error::EncodeError::Io { inner, index: 0 }),
+            }),
+        Err(bincode::error::EncodeError::UnexpectedEnd) => encode(out, header, what),
+        Err(e) => Err(CodecError::Encode {
+            what,
+            error: Box::new(e),
+        }),
+    }
+}
 
 /// Decodes one value from the front of `bytes` (it may borrow from them),
 /// returning it and the number of bytes it used.

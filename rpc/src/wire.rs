@@ -275,6 +275,24 @@ mod tests {
     }
 
     #[test]
+    fn a_header_too_long_for_the_stack_encodes_as_a_short_one_does() {
+        for len in [0, 10, 200, 5000] {
+            let mut metadata = Metadata::new();
+            metadata.insert("k", "v".repeat(len));
+            let header = Header::Request {
+                id: 7,
+                method: Cow::Borrowed("Svc.m"),
+                timeout_ns: Some(5),
+                stream_credit: None,
+                metadata: Cow::Owned(metadata),
+            };
+            let mut on_stack = Vec::new();
+            codec::encode_header(&mut on_stack, &header, "header").unwrap();
+            assert_eq!(on_stack, encode_header(&header), "metadata of {len} bytes");
+        }
+    }
+
+    #[test]
     fn frames_split_header_and_payload() {
         let mut body = encode_header(&Header::StreamItem { id: 3 });
         body.extend_from_slice(b"payload");
@@ -353,6 +371,15 @@ mod props {
         #[test]
         fn arbitrary_bytes_never_panic_the_frame_decoder(bytes in proptest::collection::vec(any::<u8>(), 0..256)) {
             let _ = Frame::decode(&Bytes::from(bytes));
+        }
+
+        #[test]
+        fn headers_encode_alike_on_the_stack_and_in_place(h in arb_header()) {
+            let mut on_stack = Vec::new();
+            codec::encode_header(&mut on_stack, &h, "header").unwrap();
+            let mut in_place = Vec::new();
+            codec::encode(&mut in_place, &h, "header").unwrap();
+            prop_assert_eq!(on_stack, in_place);
         }
 
         #[test]

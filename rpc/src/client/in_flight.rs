@@ -210,7 +210,7 @@ impl Shared {
         if removed.is_some() && !answered && request_sent {
             let _ = self
                 .outbox
-                .push_now(|w| codec::encode(w, &Header::Cancel { id }, "cancel"));
+                .push_now(|w| codec::encode_header(w, &Header::Cancel { id }, "cancel"));
         }
     }
 
@@ -234,14 +234,14 @@ impl Shared {
         }
         let _ = self
             .outbox
-            .push_now(|w| codec::encode(w, &Header::Cancel { id }, "cancel"));
+            .push_now(|w| codec::encode_header(w, &Header::Cancel { id }, "cancel"));
     }
 
     /// Grants `n` more items to stream `id`.
     pub(crate) fn credit(&self, id: u64, n: u32) {
         let _ = self
             .outbox
-            .push_now(|w| codec::encode(w, &Header::Credit { id, n }, "credit"));
+            .push_now(|w| codec::encode_header(w, &Header::Credit { id, n }, "credit"));
     }
 
     /// Why the conn is gone, if it is.

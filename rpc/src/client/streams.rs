@@ -433,7 +433,7 @@ impl<T> RequestSink<T> {
         if !self.credits.is_closed() {
             let id = self.id;
             let _ = self.client.shared().outbox.push_now(|w| {
-                codec::encode(w, &Header::StreamEnd { id, status: None }, "envelope")
+                codec::encode_header(w, &Header::StreamEnd { id, status: None }, "envelope")
             });
         }
     }
@@ -495,7 +495,7 @@ impl<T: Serialize> RequestSink<T> {
             .shared()
             .outbox
             .push(move |w| {
-                codec::encode(w, &Header::StreamItem { id }, "envelope")?;
+                codec::encode_header(w, &Header::StreamItem { id }, "envelope")?;
                 codec::encode(w, item.borrow(), "request item")
             })
             .await;

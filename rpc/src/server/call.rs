@@ -107,7 +107,7 @@ impl Call {
             // resolves on this, before any item (docs/protocol.md, Part 2).
             match conn
                 .outbox
-                .push(|w| codec::encode(w, &Header::Accept { id }, "envelope"))
+                .push(|w| codec::encode_header(w, &Header::Accept { id }, "envelope"))
                 .await
             {
                 Ok(()) => {}
@@ -127,7 +127,7 @@ impl Call {
                 let pushed = conn
                     .outbox
                     .push_reply(WhenFull::Wait, |w| {
-                        codec::encode(w, &Header::StreamItem { id }, "envelope")?;
+                        codec::encode_header(w, &Header::StreamItem { id }, "envelope")?;
                         payload(w)
                     })
                     .await;
@@ -221,7 +221,7 @@ impl Call {
         if let Err(e) = self
             .conn
             .outbox
-            .push(|w| codec::encode(w, &header, "trailers"))
+            .push(|w| codec::encode_header(w, &header, "trailers"))
             .await
         {
             tracing::debug!(id, error = %chain(&e), "rpc trailers not sent");
@@ -244,7 +244,11 @@ impl Call {
                     .conn
                     .outbox
                     .push_reply_with(WhenFull::Refuse, fds, move |w| {
-                        codec::encode(w, &Header::Response { id, status: None }, "envelope")?;
+                        codec::encode_header(
+                            w,
+                            &Header::Response { id, status: None },
+                            "envelope",
+                        )?;
                         codec::encode(w, &payload, "response")
                     })
                     .await;

@@ -358,12 +358,12 @@ impl Server {
                 let grant: GrantCredit = Arc::new(move |n| {
                     let _ = c
                         .outbox
-                        .push_now(|w| codec::encode(w, &Header::Credit { id, n }, "credit"));
+                        .push_now(|w| codec::encode_header(w, &Header::Credit { id, n }, "credit"));
                 });
                 // The initial request credit.
                 match conn
                     .outbox
-                    .push(|w| codec::encode(w, &Header::Credit { id, n: window }, "credit"))
+                    .push(|w| codec::encode_header(w, &Header::Credit { id, n: window }, "credit"))
                     .await
                 {
                     Ok(()) | Err(Error::Closed) => {}

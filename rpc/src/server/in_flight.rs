@@ -298,7 +298,7 @@ impl ConnState {
             } else {
                 Header::Response { id, status }
             };
-            move |w: &mut FrameWriter<'_>| codec::encode(w, &header, "envelope")
+            move |w: &mut FrameWriter<'_>| codec::encode_header(w, &header, "envelope")
         };
         let res = match self.outbox.push(encode(status)).await {
             Err(Error::MessageTooLarge { max, .. }) => {

@@ -285,7 +285,7 @@ where
     rb.state.fd_marks.push(FdMark { at, fds });
     encode_frame(
         rb.state,
-        |w| codec::encode(w, &Header::Fds { id, count }, "fds envelope"),
+        |w| codec::encode_header(w, &Header::Fds { id, count }, "fds envelope"),
         limit,
     )?;
     encode_frame(rb.state, encode, limit)?;
@@ -359,8 +359,8 @@ impl Outbox {
     pub(crate) fn announce_limit(&self) {
         // Fits in u32: the limit is capped at 64 MiB.
         let (id, n) = (CONN_ID, self.max_message as u32);
-        let _ =
-            self.push_now(|w| codec::encode(w, &Header::Credit { id, n }, "limit announcement"));
+        let _ = self
+            .push_now(|w| codec::encode_header(w, &Header::Credit { id, n }, "limit announcement"));
     }
 
     /// Takes the peer's announced `max_message_size` (clamped as a `Config`
