@@ -22,7 +22,7 @@ use super::{
     call::Call,
     handler::{Inbound, Input, Kind, Method},
     in_flight::{Admission, CallEntry, ConnState},
-    Server,
+    NameHash, Server,
 };
 use crate::{
     codec,
@@ -433,7 +433,7 @@ const INLINE_STRIKES: u8 = 3;
 /// registered method; empty while every handler keeps within the budget (the
 /// common case costs no lookup).
 #[derive(Default)]
-struct Waits<'s>(HashMap<&'s str, u8>);
+struct Waits<'s>(HashMap<&'s str, u8, NameHash>);
 
 impl<'s> Waits<'s> {
     /// Whether `method`'s calls go straight to tasks.

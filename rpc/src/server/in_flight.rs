@@ -2,7 +2,7 @@
 //! request bytes they hold, and the frames routed to them.
 
 use std::{
-    collections::HashMap,
+    collections::{hash_map::Entry, HashMap},
     sync::{
         atomic::{AtomicBool, AtomicUsize, Ordering},
         Arc, Mutex, MutexGuard,
@@ -188,13 +188,20 @@ impl ConnState {
         if !calls.map.is_empty() && held.saturating_add(entry.bytes) > config.max_in_flight_bytes {
             return Ok(Admission::TooManyBytes { held });
         }
-        if calls.map.contains_key(&id) {
-            return Err(Error::Protocol {
-                reason: format!("call id {id} reused while in flight"),
-            });
+        let bytes = entry.bytes;
+        // One lookup (the ids are the peer's: SipHash, so it cannot choose them
+        // to collide).
+        match calls.map.entry(id) {
+            Entry::Occupied(_) => {
+                return Err(Error::Protocol {
+                    reason: format!("call id {id} reused while in flight"),
+                })
+            }
+            Entry::Vacant(slot) => {
+                slot.insert(entry);
+            }
         }
-        calls.bytes += entry.bytes;
-        calls.map.insert(id, entry);
+        calls.bytes += bytes;
         Ok(Admission::Admitted)
     }
 
