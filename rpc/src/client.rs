@@ -11,10 +11,7 @@ mod streams;
 
 use std::{
     borrow::Cow,
-    sync::{
-        atomic::{AtomicU64, Ordering},
-        Arc, Mutex,
-    },
+    sync::{atomic::Ordering, Arc},
     time::Duration,
 };
 
@@ -28,7 +25,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 pub(crate) use in_flight::Shared;
-use in_flight::{read_loop, CallGuard, Handle, IdMap, Pending, Slot, State, UnaryReply};
+use in_flight::{read_loop, CallGuard, Handle, Pending, Slot, UnaryReply};
 pub use streams::{PendingResponse, RequestSink, ResponseStream};
 
 use crate::{
@@ -40,7 +37,7 @@ use crate::{
     metadata::Interceptor,
     metadata::Metadata,
     status::Status,
-    transport::{Outbox, WithFds},
+    transport::WithFds,
     wire::{timeout_to_wire, Header},
 };
 
@@ -259,18 +256,8 @@ impl Client {
     where
         T: AsyncRead + AsyncWrite + Send + Unpin + 'static,
     {
-        let shared = Arc::new(Shared {
-            outbox: Outbox::new(&config),
-            state: Mutex::new(State {
-                pending: IdMap::default(),
-                trailers: IdMap::default(),
-                closed: None,
-            }),
-            next_id: AtomicU64::new(1),
-            token: CancellationToken::new(),
-            config,
-            fds: FdLink::of(&conn),
-        });
+        let fds = FdLink::of(&conn);
+        let shared = Arc::new(Shared::new(config, fds));
         // First after the preamble, ahead of any request.
         shared.outbox.announce_limit();
         let fd_link = FdLink::of(&conn);

@@ -148,6 +148,23 @@ pub(crate) struct Shared {
 }
 
 impl Shared {
+    /// The state of a new conn with `config`, passing descriptors through `fds`: no call
+    /// pending, ids from 1.
+    pub(super) fn new(config: Config, fds: FdLink) -> Shared {
+        Shared {
+            outbox: Outbox::new(&config),
+            state: Mutex::new(State {
+                pending: IdMap::default(),
+                trailers: IdMap::default(),
+                closed: None,
+            }),
+            next_id: AtomicU64::new(1),
+            token: CancellationToken::new(),
+            config,
+            fds,
+        }
+    }
+
     pub(super) fn lock(&self) -> MutexGuard<'_, State> {
         // Nothing panics while holding this lock; tolerate poison anyway.
         self.state.lock().unwrap_or_else(|e| e.into_inner())
@@ -531,19 +548,7 @@ mod tests {
     use super::*;
 
     fn shared() -> Shared {
-        let config = Config::default();
-        Shared {
-            outbox: Outbox::new(&config),
-            state: Mutex::new(State {
-                pending: IdMap::default(),
-                trailers: IdMap::default(),
-                closed: None,
-            }),
-            next_id: AtomicU64::new(1),
-            token: CancellationToken::new(),
-            config,
-            fds: FdLink::default(),
-        }
+        Shared::new(Config::default(), FdLink::default())
     }
 
     /// Counts its wake-ups.
