@@ -234,6 +234,7 @@ impl Drop for StreamHandle {
     fn drop(&mut self) {
         self.shared.core().drop_handle(self.id);
         self.shared.link.forget_writer(self.id);
+        self.shared.link.forget_reader(self.id);
         self.shared.link.wake_driver();
     }
 }

@@ -99,15 +99,18 @@ impl AsyncRead for RawStream {
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
         let shared = &this.handle.shared;
+        let max = buf.remaining();
         if let Some(result) =
             shared
                 .link
                 .try_read_through(&shared.core, this.handle.id, buf, cx.waker())
         {
+            shared
+                .link
+                .after_read(this.handle.id, result.is_pending(), max);
             return result.map_err(|e| this.error(e));
         }
         let mut core = shared.core();
-        let max = buf.remaining();
         let queued = core.out_bytes();
         let result = core.read(this.handle.id, max, cx.waker(), crate::io::now, |s| {
             buf.put_slice(s)
@@ -120,6 +123,9 @@ impl AsyncRead for RawStream {
             // writer is waiting for.
             shared.link.send_now(&shared.core);
         }
+        shared
+            .link
+            .after_read(this.handle.id, result.is_pending(), max);
         match result {
             Poll::Ready(Ok(_)) => Poll::Ready(Ok(())),
             Poll::Ready(Err(e)) => Poll::Ready(Err(this.error(e))),
@@ -259,6 +265,136 @@ mod wakes {
         // As the driver does on every turn (a wake takes the registration).
         shared.link.register_driver(cx.waker());
         shared.link.fill_and_parse(&shared.core, cx)
+    }
+
+    /// How a driver on a multi-thread runtime (played by hand) and the reader it leaves a
+    /// body to end up (see [`deferred_body`]).
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    enum Then {
+        /// The reader reads with room too small for a read-through.
+        SmallRoom,
+        /// Nobody comes for the body.
+        NobodyComes,
+        /// The reader reads with room for the body.
+        ReaderReads,
+    }
+
+    /// The peer opens stream 1 and sends a 64 KiB data frame whose header and first KiB the
+    /// driver reads; the rest is on the link when the driver, playing a multi-thread
+    /// runtime's, leaves it to the reader instead of yielding to it. Then `then` happens;
+    /// every byte reaches the reader in order, by the driver or straight from the link.
+    async fn deferred_body(then: Then) {
+        use crate::io::{Read, ReadTurn};
+        const BODY: usize = 64 * 1024;
+        const START: usize = 1024;
+        let (mut peer, shared) = hand_driven(1 << 20);
+        shared.link.set_multi_thread(true);
+        let (driver, driver_wakes) = counting_waker();
+        let mut driver_cx = Context::from_waker(&driver);
+        let mut stream = opened_by_peer(&mut peer, &shared, &mut driver_cx).await;
+        let (reader, _) = counting_waker();
+        let mut reader_cx = Context::from_waker(&reader);
+        let mut room = vec![0u8; BODY];
+        let mut read = |stream: &mut RawStream, max: usize| {
+            let mut buf = ReadBuf::new(&mut room[..max]);
+            match Pin::new(stream).poll_read(&mut reader_cx, &mut buf) {
+                Poll::Ready(Ok(())) => Some(buf.filled().to_vec()),
+                Poll::Ready(Err(e)) => panic!("{e}"),
+                Poll::Pending => None,
+            }
+        };
+        assert_eq!(
+            read(&mut stream, BODY),
+            Some(vec![0]),
+            "the byte that opened it"
+        );
+        assert_eq!(read(&mut stream, BODY), None, "the reader waits");
+
+        let body: Vec<u8> = (0..BODY).map(|i| (i % 251) as u8).collect();
+        let header = Header::new(FrameType::Data, 0, 1, BODY as u32).encode();
+        peer.write_all(&header).await.unwrap();
+        peer.write_all(&body[..START]).await.unwrap();
+        let mut turn = ReadTurn::new();
+        let drive = |cx: &mut Context<'_>, turn: &mut ReadTurn| {
+            shared.link.register_driver(&driver);
+            shared.link.poll_read(&shared.core, cx, turn)
+        };
+        assert!(matches!(drive(&mut driver_cx, &mut turn), Read::Frames(_)));
+        assert_eq!(shared.core().buffered(), START);
+        peer.write_all(&body[START..]).await.unwrap();
+        // The rest of the body is next on the link: left to the reader, which may take it
+        // straight into its own buffer. Polled again, the driver still leaves it there.
+        let wakes = driver_wakes.count();
+        for _ in 0..2 {
+            assert!(matches!(drive(&mut driver_cx, &mut turn), Read::Nothing));
+        }
+        assert_eq!(
+            shared.core().buffered(),
+            START,
+            "the driver read none of it"
+        );
+        assert_eq!(driver_wakes.count(), wakes);
+
+        let mut got = Vec::new();
+        match then {
+            Then::SmallRoom => {
+                // The reader takes what is buffered, in room it cannot read a body through:
+                // the driver is woken to read the body itself.
+                got.extend(read(&mut stream, START).expect("bytes buffered"));
+                assert_eq!(driver_wakes.count(), wakes + 1, "the reader declines");
+            }
+            Then::NobodyComes => {
+                // Bounded: the grace is a millisecond of paused time.
+                for _ in 0..10 {
+                    if driver_wakes.count() > wakes {
+                        break;
+                    }
+                    tokio::time::advance(std::time::Duration::from_millis(1)).await;
+                    tokio::task::yield_now().await;
+                }
+                assert_eq!(driver_wakes.count(), wakes + 1, "the grace ran out");
+            }
+            Then::ReaderReads => {
+                // The bytes buffered first (no decline: the reader comes back)...
+                got.extend(read(&mut stream, BODY).expect("bytes buffered"));
+                assert_eq!(driver_wakes.count(), wakes, "nothing for the driver yet");
+                // ...then the rest straight from the link.
+                got.extend(read(&mut stream, BODY).expect("read through"));
+                assert_eq!(shared.link.read_through_bytes(), (BODY - START) as u64);
+                assert_eq!(got, body);
+                return;
+            }
+        }
+        assert!(matches!(drive(&mut driver_cx, &mut turn), Read::Frames(_)));
+        // Bounded: every read takes bytes the driver buffered.
+        for _ in 0..BODY {
+            match read(&mut stream, BODY) {
+                Some(bytes) => got.extend(bytes),
+                None => break,
+            }
+        }
+        assert!(got == body, "every byte in order");
+        assert_eq!(shared.link.read_through_bytes(), 0);
+    }
+
+    /// On a multi-thread runtime the driver does not yield to the reader it leaves a body
+    /// to (a yield there unparks the other worker, a context switch or two per frame): a
+    /// reader that cannot take the body through wakes it to read the body itself.
+    #[tokio::test]
+    async fn a_reader_that_cannot_read_a_body_through_gives_it_back_to_the_driver() {
+        deferred_body(Then::SmallRoom).await;
+    }
+
+    /// ...and a reader that does not come holds the link for no longer than the grace.
+    #[tokio::test(start_paused = true)]
+    async fn a_body_left_to_a_reader_that_does_not_come_is_read_after_the_grace() {
+        deferred_body(Then::NobodyComes).await;
+    }
+
+    /// ...and a reader that comes reads the body straight into its own buffer.
+    #[tokio::test]
+    async fn a_body_left_to_its_reader_is_read_straight_into_its_buffer() {
+        deferred_body(Then::ReaderReads).await;
     }
 
     /// On a multi-thread runtime a yielding driver may come back only after its worker ran

@@ -531,8 +531,16 @@ impl Connection {
     /// A piece of a data frame that the I/O layer read straight from the link into the reader's
     /// own buffer (see [`Connection::read_through_wanted`]): it counts as received and read at
     /// once, with the same checks and flags as any data frame, and nothing is buffered.
+    ///
+    /// The reader is the caller, about to return what it read: it no longer waits, so neither
+    /// this piece nor a frame parsed after it under the same lock reports it ready. (Woken
+    /// while it runs, its task would be rescheduled behind the others, and on a multi-thread
+    /// runtime another worker would be unparked to steal it.)
     pub fn on_read_through(&mut self, h: Header, now: Instant) -> Result<(), Violation> {
         let (id, n) = (h.stream, h.length as usize);
+        if let Some(s) = self.streams.get_mut(&id) {
+            s.read_waiting = false;
+        }
         self.on_stream_frame(h, None)?;
         self.note_arrival(h, now, false);
         if let Some(s) = self.streams.get_mut(&id) {
@@ -542,6 +550,12 @@ impl Connection {
             }
         }
         Ok(())
+    }
+
+    /// Whether another stream than `id` is interactive at `now` (it received small data
+    /// frames lately, so `id`'s window is capped beside it, see `Limits::window_beside_interactive`).
+    pub fn beside_interactive(&self, id: u32, now: Instant) -> bool {
+        self.flow.cap_beside_interactive(id, now).is_some()
     }
 
     /// Whether stream `id` has a reader who would take the rest of a data frame's body

@@ -280,20 +280,24 @@ impl Inbound {
 
     /// Whether the driver should leave the link alone for this turn: the next bytes on it are
     /// the body of a data frame whose reader is about to run and can take them straight into
-    /// its own buffer. Only once per piece of body: if the reader did not come, the driver
-    /// reads on. `wanted` asks the core ([`Connection::read_through_wanted`]), only when
-    /// such a body is next.
-    pub(crate) fn defer_to_reader(&mut self, wanted: impl FnOnce(u32) -> bool) -> bool {
+    /// its own buffer. Deferred once per piece of body ([`Defer::New`]); the same piece still
+    /// next on a later turn is [`Defer::Again`] (the reader has not come for it yet), and the
+    /// driver decides whether to wait longer. `wanted` asks the core
+    /// ([`Connection::read_through_wanted`]), only when such a body is next.
+    pub(crate) fn defer_to_reader(&mut self, wanted: impl FnOnce(u32) -> bool) -> Defer {
         let Some(body) = self.read_through_body() else {
             self.deferred = None;
-            return false;
+            return Defer::No;
         };
         let key = (body.header.stream, body.remaining);
-        if self.deferred == Some(key) || !wanted(body.header.stream) {
-            return false;
+        if self.deferred == Some(key) {
+            return Defer::Again(key.0);
+        }
+        if !wanted(body.header.stream) {
+            return Defer::No;
         }
         self.deferred = Some(key);
-        true
+        Defer::New(key.0)
     }
 
     /// The frame whose body the link's next bytes are, if a reader may read them through.
@@ -479,6 +483,18 @@ impl Inbound {
                 || !self.fds.is_empty(),
         }
     }
+}
+
+/// Whether the driver leaves the link's next bytes to a reader (see
+/// [`Inbound::defer_to_reader`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Defer {
+    /// No: the driver reads on.
+    No,
+    /// Yes, for the first time for this piece of body: the reader of this stream was woken.
+    New(u32),
+    /// The piece of body left to the reader of this stream is still next on the link.
+    Again(u32),
 }
 
 /// How a read-through went.

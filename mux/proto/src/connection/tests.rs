@@ -1159,6 +1159,30 @@ fn a_body_read_through_counts_as_received_and_read_and_its_fin_ends_the_stream()
     assert!(!c.read_through_wanted(1));
 }
 
+/// The reader reading a body through is the caller, running: neither its piece nor a frame
+/// of its stream parsed after it reports it ready (a task woken while it runs is
+/// rescheduled, and on a multi-thread runtime another worker unparked for it). A reader
+/// that waits again is reported as before.
+#[test]
+fn a_read_through_does_not_report_its_own_reader_ready() {
+    let mut c = tuned(Side::Server, limits());
+    feed(&mut c, hdr(FrameType::WindowUpdate, SYN, 1, 0), b"").unwrap();
+    sent(&mut c);
+    ready(&mut c);
+    assert!(c.wait_readable(1));
+    let h = hdr(FrameType::Data, 0, 1, 32 * 1024);
+    c.on_header(&h).unwrap();
+    c.on_read_through(h, Instant::now()).unwrap();
+    // The header read with the body's end, and the start of the next frame's body.
+    feed(&mut c, hdr(FrameType::Data, 0, 1, 8), b"abcdefgh").unwrap();
+    assert_eq!(ready(&mut c), [], "the reader runs: nobody to wake");
+    // Its next read takes the buffered bytes; then it waits, and new data reports it.
+    assert_eq!(read_all(&mut c, 1), Poll::Ready(Ok(b"abcdefgh".to_vec())));
+    assert!(c.wait_readable(1));
+    feed(&mut c, hdr(FrameType::Data, 0, 1, 1), b"i").unwrap();
+    assert_eq!(ready(&mut c), [Ready::Read(1)]);
+}
+
 #[test]
 fn read_through_is_granted_back_like_any_read_and_never_overdraws_the_window() {
     let mut c = tuned(Side::Server, limits());
