@@ -643,7 +643,8 @@ impl Link {
     // The driver's side.
 
     /// The driver's read: reads what the link has and feeds every complete frame to the
-    /// core. Yields to a reader about to read a body through (once per piece of body).
+    /// core. Leaves a body to the reader about to read it through (once per piece of body):
+    /// waits for that reader on a multi-thread runtime, yields to it otherwise.
     pub(crate) fn poll_read(&self, core: &Core, cx: &mut Context<'_>, turn: &mut ReadTurn) -> Read {
         if let Some(yielding) = &mut turn.yielding {
             if yielding.as_mut().poll(cx).is_pending() {
@@ -727,7 +728,8 @@ impl Link {
                 return Read::Nothing;
             }
             Defer::No | Defer::Again(_) => {
-                if wait {
+                // Written only when set: readers load it on every read.
+                if wait && self.deferred_to.load(Ordering::Relaxed) != 0 {
                     self.deferred_to.store(0, Ordering::Release);
                 }
             }
