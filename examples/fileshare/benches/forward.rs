@@ -6,6 +6,9 @@
 //! in-process (the hand-written client of tests/common/raw.rs) and checks every byte.
 //! 1. Loopback: a get of `--mib` MiB through the hub against a raw TCP copy of the same bytes,
 //!    and the CPU time (user + system, from /proc) per GiB of the hub and of the exporter.
+//!    For reference, the same file through a plain TCP relay with blocking threads and no
+//!    framing (the floor of a store-and-forward design on this machine): once with the
+//!    copies a get makes, once zero-copy (`sendfile` at the source, `splice` at the relay).
 //! 2. The exporter 50 ms away at 1 Gbit/s (`Link::wan` of `netchan_testkit::proxy`, the
 //!    bandwidth-delay product in flight per direction), a get of `--wan-mib` MiB against a
 //!    raw TCP copy through an identical proxy.
@@ -137,6 +140,114 @@ async fn raw_copy(data: &'static [u8], link: Option<Link>) -> Duration {
     send.await.expect("sender");
     assert_eq!(got, data.len());
     start.elapsed()
+}
+
+/// How the plain relay of [`relay_copy`] moves the bytes.
+#[derive(Clone, Copy, Debug)]
+enum Relay {
+    /// The source reads the file with positioned reads and writes them; the relay reads and
+    /// writes: the copies a forwarded get makes, with no framing and no runtime.
+    Copy,
+    /// The source `sendfile`s the file and the relay `splice`s socket to socket through a
+    /// pipe: no copy through user memory at either, the floor of a zero-copy design.
+    Splice,
+}
+
+/// The same bytes as a get, through a plain TCP relay: a source thread sends the file `path`
+/// to a relay thread, which passes it on to a reader on this runtime that checks every byte
+/// against `data` as [`get`] does. Blocking sockets and 256 KiB pieces: the kernel's share of
+/// a forwarded get, measured in the same run. Returns the time from the first byte sent to
+/// the last one checked.
+async fn relay_copy(path: &Path, data: &'static [u8], how: Relay) -> Duration {
+    const PIECE: usize = 256 << 10;
+    let sink = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind the reader");
+    let sink_addr = sink.local_addr().expect("reader address");
+    let relay = std::net::TcpListener::bind("127.0.0.1:0").expect("bind the relay");
+    let relay_addr = relay.local_addr().expect("relay address");
+    let file = std::fs::File::open(path).expect("open the file");
+    let start = Instant::now();
+    let relay = std::thread::spawn(move || {
+        let (mut from, _) = relay.accept().expect("the source");
+        let mut to = std::net::TcpStream::connect(sink_addr).expect("the reader");
+        match how {
+            Relay::Copy => {
+                use std::io::Read as _;
+                let mut buf = vec![0u8; PIECE];
+                // Bounded by the stream: ends when the source shuts down.
+                loop {
+                    let n = from.read(&mut buf).expect("relay in");
+                    if n == 0 {
+                        break;
+                    }
+                    to.write_all(&buf[..n]).expect("relay out");
+                }
+            }
+            Relay::Splice => {
+                use rustix::pipe::{fcntl_setpipe_size, pipe, splice, SpliceFlags};
+                let (pr, pw) = pipe().expect("pipe");
+                let _ = fcntl_setpipe_size(&pw, PIECE);
+                // Bounded by the stream: ends when the source shuts down.
+                loop {
+                    let n = splice(&from, None, &pw, None, PIECE, SpliceFlags::MOVE)
+                        .expect("splice in");
+                    if n == 0 {
+                        break;
+                    }
+                    let mut left = n;
+                    // Bounded by `n`: each call moves some bytes or fails.
+                    while left > 0 {
+                        left -= splice(&pr, None, &to, None, left, SpliceFlags::MOVE)
+                            .expect("splice out");
+                    }
+                }
+            }
+        }
+        to.shutdown(std::net::Shutdown::Write).expect("shutdown");
+    });
+    let source = std::thread::spawn(move || {
+        use std::os::unix::fs::FileExt as _;
+        let mut to = std::net::TcpStream::connect(relay_addr).expect("the relay");
+        let len = file.metadata().expect("size").len();
+        let mut at = 0u64;
+        let mut buf = vec![0u8; PIECE];
+        // Bounded by the file's length: each round sends at least one byte or fails.
+        while at < len {
+            let n = match how {
+                Relay::Copy => {
+                    let n = file.read_at(&mut buf, at).expect("read");
+                    to.write_all(&buf[..n]).expect("send");
+                    n
+                }
+                Relay::Splice => {
+                    let mut off = at;
+                    let want = (len - at).min(PIECE as u64) as usize;
+                    rustix::fs::sendfile(&to, &file, Some(&mut off), want).expect("sendfile")
+                }
+            };
+            assert!(n > 0, "the file shrank");
+            at += n as u64;
+        }
+        to.shutdown(std::net::Shutdown::Write).expect("shutdown");
+    });
+    let (mut reader, _) = sink.accept().await.expect("the relay");
+    let mut buf = vec![0u8; PIECE];
+    let mut pos = 0usize;
+    // Bounded by the data's length (the relay shuts down after it).
+    loop {
+        let n = reader.read(&mut buf).await.expect("receive");
+        if n == 0 {
+            break;
+        }
+        assert!(buf[..n] == data[pos..pos + n], "bytes differ");
+        pos += n;
+    }
+    let took = start.elapsed();
+    source.join().expect("source");
+    relay.join().expect("relay");
+    assert_eq!(pos, data.len(), "the whole file");
+    took
 }
 
 fn median(mut v: Vec<Duration>) -> Duration {
@@ -298,6 +409,9 @@ fn main() {
             let mut exporter_cpu = Vec::new();
             let mut reader_cpu = Vec::new();
             let me = std::process::id();
+            // Per plain relay (copy, splice): its time over the hub's, raw TCP's over its.
+            let mut relay_ratios = [Vec::new(), Vec::new()];
+            let mut relay_raw = [Vec::new(), Vec::new()];
             for _ in 0..runs {
                 let (hub0, exp0, me0) = (cpu_time(hub_pid), cpu_time(exporter_pid), cpu_time(me));
                 let h = get(&hub, peer, path, bytes).await;
@@ -308,6 +422,13 @@ fn main() {
                 ratios.push(r.as_secs_f64() / h.as_secs_f64());
                 hub_times.push(h);
                 raw_times.push(r);
+                if link.is_none() {
+                    for (i, how) in [Relay::Copy, Relay::Splice].into_iter().enumerate() {
+                        let t = relay_copy(&root.join(path), bytes, how).await;
+                        relay_ratios[i].push(t.as_secs_f64() / h.as_secs_f64());
+                        relay_raw[i].push(r.as_secs_f64() / t.as_secs_f64());
+                    }
+                }
             }
             let (h, r) = (median(hub_times), median(raw_times));
             let rate = |d: Duration| size as f64 / d.as_secs_f64();
@@ -328,6 +449,16 @@ fn main() {
                 list(&exporter_cpu),
                 median_f(reader_cpu)
             );
+            if link.is_none() {
+                let [copy, splice] = relay_ratios.map(median_f);
+                let [copy_raw, splice_raw] = relay_raw.map(median_f);
+                println!(
+                    "{label}: the same file through a plain TCP relay (no framing, blocking \
+                     threads): with copies {copy_raw:.2}x raw TCP, the hub {copy:.2}x of it; \
+                     zero-copy (sendfile, splice) {splice_raw:.2}x raw TCP, the hub {splice:.2}x \
+                     of it (medians of {runs} per-run ratios)"
+                );
+            }
         }
         if loopback_only {
             return;
