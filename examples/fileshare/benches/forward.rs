@@ -89,7 +89,13 @@ async fn get(hub: &HubClient, peer: &str, path: &str, data: &[u8]) -> Duration {
         path: path.into(),
         offset: 0,
     };
-    let mut stream = hub.read(req).await.expect("read");
+    // The window `share` gives a read on a LAN.
+    let window = proto::chunks(4 << 20);
+    let mut stream = hub
+        .with_options(netchan_rpc::CallOptions::default().stream_window(window))
+        .read(req)
+        .await
+        .expect("read");
     let mut pos = 0usize;
     // Bounded by the file's size: the last chunk says eof.
     while let Some(item) = stream.next().await {

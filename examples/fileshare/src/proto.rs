@@ -32,6 +32,17 @@ pub(crate) const READER_KEY: &str = "fileshare-reader";
 /// probe one byte): a read from there is refused as out of range.
 pub(crate) const MAX_OFFSET: u64 = i64::MAX as u64 - 1;
 
+/// The chunks of [`CHUNK_SIZE`] that hold `bytes` (at least one): windows are sized in bytes,
+/// so that they keep their memory whatever the chunk size.
+pub(crate) const fn chunks(bytes: usize) -> u32 {
+    let n = bytes / CHUNK_SIZE;
+    if n == 0 {
+        1
+    } else {
+        n as u32
+    }
+}
+
 /// The stream window, in chunks, that carries `rate` bytes per second over a hop whose round
 /// trip is `rtt`: twice the bandwidth-delay product (credit comes back in half-window batches,
 /// so only half a window is sure to be in flight), at least `floor` (and at least 1). Both

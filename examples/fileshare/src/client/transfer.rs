@@ -8,7 +8,7 @@ use futures::StreamExt as _;
 use netchan_rpc::ResponseStream;
 
 use super::CallError;
-use crate::proto::{new_hasher, window_for_rtt, Chunk, DIGEST_LEN};
+use crate::proto::{chunks, new_hasher, window_for_rtt, Chunk, DIGEST_LEN};
 
 /// Longest wait for the next chunk of a file (above the hub's own per-chunk bound).
 const CHUNK_TIMEOUT: Duration = Duration::from_secs(60);
@@ -17,13 +17,12 @@ const CHUNK_TIMEOUT: Duration = Duration::from_secs(60);
 /// window carries it over the round trip (1 Gbit/s, as the hub's default forward rate).
 const READ_RATE: u64 = 125_000_000;
 
-/// Smallest window of a read's hop from the hub: rpc's default stream window (16 chunks,
-/// 4 MiB), enough for a LAN.
-const READ_WINDOW_MIN: u32 = 16;
+/// Smallest window of a read's hop from the hub: 4 MiB of chunks, enough for a LAN.
+const READ_WINDOW_MIN: u32 = chunks(4 << 20);
 
 /// Largest window of a read's hop from the hub, whatever the round trip: what one read may
-/// hold at the reader is bounded by 128 chunks (32 MiB).
-const READ_WINDOW_MAX: u32 = 128;
+/// hold at the reader is bounded by 32 MiB of chunks.
+const READ_WINDOW_MAX: u32 = chunks(32 << 20);
 
 /// The stream window of a read from the hub over a link whose round trip is `rtt`: sized like
 /// the hub's window to the exporter ([`window_for_rtt`] at [`READ_RATE`]), between
@@ -253,13 +252,15 @@ mod tests {
     #[test]
     fn the_readers_window_follows_its_round_trip_within_bounds() {
         let window = |ms| read_window(Duration::from_millis(ms));
-        // A LAN: rpc's default of 16 chunks.
-        assert_eq!(window(0), 16);
-        assert_eq!(window(5), 16);
-        // 50 ms at 1 Gbit/s is 6.25 MB in flight: 24 chunks, twice that for half-window credit.
-        assert_eq!(window(50), 48);
-        // Beyond 128 chunks (32 MiB) a long round trip gets no more.
-        assert_eq!(window(200), 128);
-        assert_eq!(window(60_000), 128);
+        // A LAN: 4 MiB of chunks.
+        assert_eq!(window(0), chunks(4 << 20));
+        assert_eq!(window(5), chunks(4 << 20));
+        // 50 ms at 1 Gbit/s is 6.25 MB in flight: twice the chunks that hold it, for
+        // half-window credit.
+        let bdp = 6_250_000_u64.div_ceil(CHUNK_SIZE as u64) as u32;
+        assert_eq!(window(50), 2 * bdp);
+        // Beyond 32 MiB of chunks a long round trip gets no more.
+        assert_eq!(window(200), chunks(32 << 20));
+        assert_eq!(window(60_000), chunks(32 << 20));
     }
 }

@@ -58,9 +58,9 @@
 //!   [`HubOptions::forward_window`]. Beyond that floor a read reserves its window from the
 //!   exporter's [`HubOptions::forward_budget`] and gets what is left of it when others hold
 //!   the rest. So the hub holds at most `forward_budget + max_reads_per_peer ×
-//!   (forward_window + 1) × 256 KiB` of one exporter's reads (the `+ 1`: the chunk the
-//!   reader's call is sending on): 32 + 8 × 9 × 0.25 = 50 MiB with the defaults, whatever the
-//!   readers do, and 2.25 MiB per read on a LAN. Chunks are forwarded as they arrived
+//!   (forward_window + 1) × CHUNK_SIZE` of one exporter's reads (the `+ 1`: the chunk the
+//!   reader's call is sending on): 32 + 8 × 3 × 1 = 56 MiB with the defaults, whatever the
+//!   readers do, and 3 MiB per read on a LAN. Chunks are forwarded as they arrived
 //!   (their bytes shared with the received frame, never copied at the hub);
 //! - "peer sent nothing" fires only when the *exporter* has been silent for
 //!   [`HubOptions::peer_timeout`] on every read (a chunk of another read proves it is alive,
@@ -184,7 +184,7 @@ pub(crate) struct HubOptions {
     /// it cannot hold a connection slot). Default: 10 s.
     pub(crate) publish_timeout: Duration,
     /// Smallest stream window (chunks the exporter may send ahead) of a read the hub
-    /// forwards, granted whatever the budget. Default: 8 (2 MiB).
+    /// forwards, granted whatever the budget. Default: 2 MiB of chunks.
     pub(crate) forward_window: u32,
     /// Rate one forwarded read should reach on a long link, in bytes per second: the window
     /// is sized to carry it over the exporter's round trip (twice the bandwidth-delay
@@ -221,7 +221,7 @@ impl Default for HubOptions {
             max_pending_per_addr: 8,
             hello_timeout: Duration::from_secs(10),
             publish_timeout: Duration::from_secs(10),
-            forward_window: 8,
+            forward_window: crate::proto::chunks(2 << 20),
             forward_rate: 125_000_000,
             forward_budget: 32 << 20,
             mux: mux::Config::default(),

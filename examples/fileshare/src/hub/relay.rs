@@ -35,7 +35,7 @@
 //! read's chunks are passed on as they arrive, never stored: the rpc stream window of the
 //! hub-to-hub call (sized from the link's round trip like a local read's, at most
 //! [`MAX_RELAY_WINDOW`] chunks) bounds what the calling hub holds per read, `(window + 1) ×
-//! 256 KiB`, and the holding hub keeps its own bound on its hop. A routed call whose link ends
+//! CHUNK_SIZE`, and the holding hub keeps its own bound on its hop. A routed call whose link ends
 //! fails with "peer gone: the hub holding bob is gone" (`Unavailable`, like any peer gone),
 //! so the client's resume retries it.
 
@@ -82,7 +82,7 @@ pub(crate) const MAX_FLEET_SESSIONS: usize = 256;
 const MAX_LINKS: usize = 256;
 
 /// Largest stream window of a routed read, in chunks (16 MiB), whatever the link's round trip.
-pub(crate) const MAX_RELAY_WINDOW: u32 = 64;
+pub(crate) const MAX_RELAY_WINDOW: u32 = crate::proto::chunks(16 << 20);
 
 /// Longest `reader` a `Relay` call may name: a peer name, `@`, a hub id.
 const MAX_READER_LEN: usize = 2 * super::registry::MAX_NAME_LEN + 1;

@@ -1362,7 +1362,7 @@ impl crate::proto::Export for RuleBreakingExport {
         let (offset, len) = match req.path.as_str() {
             "big" => (0, crate::export::CHUNK_SIZE + 1),
             "skip" => (7, 10),
-            _ => (0, 1 << 20),
+            _ => (0, 4 * crate::export::CHUNK_SIZE),
         };
         let chunk = crate::proto::Chunk {
             size: len as u64,
@@ -1383,8 +1383,9 @@ async fn an_exporter_that_breaks_the_chunk_rules_fails_only_its_own_reads() {
     let tcp = tokio::net::TcpStream::connect(hub.addr).await.unwrap();
     let (_eve, _eve_hub, _eve_export) = publish_over(tcp, "eve", RuleBreakingExport).await;
     let alice = join(&hub, "alice", ra.path()).await;
+    let too_big = format!("a chunk of {} bytes", crate::export::CHUNK_SIZE + 1);
     for (path, want) in [
-        ("big", "a chunk of 262145 bytes"),
+        ("big", too_big.as_str()),
         ("skip", "at offset 7 where 0 was due"),
     ] {
         match within(WAIT_S, path, read_all(&alice, "eve", path)).await {
@@ -1411,7 +1412,7 @@ async fn an_exporter_that_breaks_the_chunk_rules_fails_only_its_own_reads() {
         other => panic!("huge: unexpected {other:?}"),
     }
     match within(WAIT_S, "big again", read_all(&alice, "eve", "big")).await {
-        Err(CallError::Status(s)) => assert!(s.message().contains("a chunk of 262145"), "{s}"),
+        Err(CallError::Status(s)) => assert!(s.message().contains(&too_big), "{s}"),
         other => panic!("big again: unexpected {other:?}"),
     }
     // Eve's ls/stat channel is separate and still works.
@@ -1902,12 +1903,14 @@ async fn tls_failures_are_said_in_plain_words() {
 fn the_read_window_follows_the_round_trip() {
     let opts = HubOptions::default();
     let window = |ms| super::forward::window_for(&opts, Duration::from_millis(ms));
-    // A LAN: the floor of 8 chunks.
-    assert_eq!(window(0), 8);
-    assert_eq!(window(1), 8);
-    // 50 ms at 1 Gbit/s is 6.25 MB in flight: 24 chunks, twice that for half-window credit.
-    assert_eq!(window(50), 48);
-    assert_eq!(window(200), 2 * 96);
+    // Twice the chunks that hold what is in flight (credit comes back in half-window batches).
+    let twice_bdp = |bytes: u64| 2 * bytes.div_ceil(crate::export::CHUNK_SIZE as u64) as u32;
+    // A LAN: the floor of 2 MiB.
+    assert_eq!(window(0), crate::proto::chunks(2 << 20));
+    assert_eq!(window(1), crate::proto::chunks(2 << 20));
+    // 50 ms at 1 Gbit/s is 6.25 MB in flight.
+    assert_eq!(window(50), twice_bdp(6_250_000));
+    assert_eq!(window(200), twice_bdp(25_000_000));
 }
 
 #[tokio::test]
@@ -1923,17 +1926,18 @@ async fn reads_share_the_exporters_window_budget_and_give_it_back() {
     };
     let (_bob, _bob_hub, _bob_export) = publish_over(io, "bob", export).await;
     let bob = hub.peer("bob").unwrap();
-    // A long link wants 8 + 60 chunks: the first read gets it, the second what is left
-    // (8 + 40), the third only the floor.
-    let (first, a) = hub.reserve_window(&bob, 68);
-    assert_eq!(first, 68);
-    let (second, b) = hub.reserve_window(&bob, 68);
-    assert_eq!(second, 48);
-    let (third, c) = hub.reserve_window(&bob, 68);
-    assert_eq!((third, c.is_none()), (8, true));
+    // A long link wants the floor + 60 chunks: the first read gets it, the second what is
+    // left (the floor + 40), the third only the floor.
+    let floor = HubOptions::default().forward_window;
+    let (first, a) = hub.reserve_window(&bob, floor + 60);
+    assert_eq!(first, floor + 60);
+    let (second, b) = hub.reserve_window(&bob, floor + 60);
+    assert_eq!(second, floor + 40);
+    let (third, c) = hub.reserve_window(&bob, floor + 60);
+    assert_eq!((third, c.is_none()), (floor, true));
     // A read that wants no more than the floor takes nothing from the budget.
     drop(a);
-    assert_eq!(hub.reserve_window(&bob, 8).0, 8);
+    assert_eq!(hub.reserve_window(&bob, floor).0, floor);
     assert_eq!(bob.window_budget.available_permits(), 60);
     drop(b);
     assert_eq!(bob.window_budget.available_permits(), 100);
@@ -1971,9 +1975,10 @@ async fn a_reader_whose_socket_is_not_read_loses_its_read_and_frees_the_slot() {
 
 #[tokio::test]
 async fn concurrent_reads_over_a_slow_exporter_link_all_finish_without_false_silence() {
-    // 16 Mbit/s, 50 ms: 4 reads of 4 MiB share about 8 s of link time. Each read has up to
-    // 14 chunks (3.5 MiB, 1.75 s of link) in flight, so a read can queue behind the others'
-    // windows for over 5 s: longer than the 4 s silence bound, while chunks keep passing.
+    // 16 Mbit/s, 50 ms: 4 reads of 4 MiB share about 8 s of link time. Each read may have its
+    // whole file (2 s of link) in flight, as its window over 50 ms is 12 MiB, so a read can
+    // queue behind the others' for over 5 s: longer than the 4 s silence bound, while chunks
+    // keep passing.
     let hub = start_hub(HubOptions {
         peer_timeout: Duration::from_secs(4),
         ..HubOptions::default()
@@ -2018,7 +2023,7 @@ async fn concurrent_reads_over_a_slow_exporter_link_all_finish_without_false_sil
         ends.push(end);
     }
     // Served evenly: every read had its first chunk before any read was complete (a file is
-    // 16 chunks, more than one window).
+    // 4 chunks, each half a second of link).
     assert!(
         firsts.iter().max() < ends.iter().min(),
         "a read waited for its first chunk until another had finished"
@@ -2211,7 +2216,7 @@ async fn a_reader_far_from_the_hub_sizes_its_window_from_the_round_trip() {
         .unwrap();
     let window = far.read_window().expect("connected");
     let at_least = crate::client::read_window(Duration::from_millis(50));
-    assert!(at_least > 16, "{at_least}");
+    assert!(at_least > crate::proto::chunks(4 << 20), "{at_least}");
     assert!(window >= at_least, "{window} < {at_least}");
-    assert!(window <= 128, "{window}");
+    assert!(window <= crate::proto::chunks(32 << 20), "{window}");
 }
