@@ -90,9 +90,8 @@ async fn get(hub: &HubClient, peer: &str, path: &str, data: &[u8]) -> Duration {
         offset: 0,
     };
     // The window `share` gives a read on a LAN.
-    let window = proto::chunks(4 << 20);
     let mut stream = hub
-        .with_options(netchan_rpc::CallOptions::default().stream_window(window))
+        .with_options(netchan_rpc::CallOptions::default().stream_window(proto::READ_WINDOW_MIN))
         .read(req)
         .await
         .expect("read");
@@ -237,18 +236,24 @@ async fn relay_copy(path: &Path, data: &'static [u8], how: Relay) -> Duration {
         }
         to.shutdown(std::net::Shutdown::Write).expect("shutdown");
     });
-    let (mut reader, _) = sink.accept().await.expect("the relay");
-    let mut buf = vec![0u8; PIECE];
-    let mut pos = 0usize;
-    // Bounded by the data's length (the relay shuts down after it).
-    loop {
-        let n = reader.read(&mut buf).await.expect("receive");
-        if n == 0 {
-            break;
+    // Bounded in time: a thread that failed leaves the reader waiting.
+    let pos = tokio::time::timeout(Duration::from_secs(120), async {
+        let (mut reader, _) = sink.accept().await.expect("the relay");
+        let mut buf = vec![0u8; PIECE];
+        let mut pos = 0usize;
+        // Bounded by the data's length (the relay shuts down after it).
+        loop {
+            let n = reader.read(&mut buf).await.expect("receive");
+            if n == 0 {
+                break;
+            }
+            assert!(buf[..n] == data[pos..pos + n], "bytes differ");
+            pos += n;
         }
-        assert!(buf[..n] == data[pos..pos + n], "bytes differ");
-        pos += n;
-    }
+        pos
+    })
+    .await
+    .expect("the relay's copy ended within 120 s");
     let took = start.elapsed();
     source.join().expect("source");
     relay.join().expect("relay");

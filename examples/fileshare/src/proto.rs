@@ -43,6 +43,10 @@ pub(crate) const fn chunks(bytes: usize) -> u32 {
     }
 }
 
+/// Smallest window of a read's hop from the hub to the reader: 4 MiB of chunks, enough for a
+/// LAN (more on a long link: `client::read_window`).
+pub(crate) const READ_WINDOW_MIN: u32 = chunks(4 << 20);
+
 /// The stream window, in chunks, that carries `rate` bytes per second over a hop whose round
 /// trip is `rtt`: twice the bandwidth-delay product (credit comes back in half-window batches,
 /// so only half a window is sure to be in flight), at least `floor` (and at least 1). Both

@@ -8,7 +8,7 @@ use futures::StreamExt as _;
 use netchan_rpc::ResponseStream;
 
 use super::CallError;
-use crate::proto::{chunks, new_hasher, window_for_rtt, Chunk, DIGEST_LEN};
+use crate::proto::{chunks, new_hasher, window_for_rtt, Chunk, DIGEST_LEN, READ_WINDOW_MIN};
 
 /// Longest wait for the next chunk of a file (above the hub's own per-chunk bound).
 const CHUNK_TIMEOUT: Duration = Duration::from_secs(60);
@@ -16,9 +16,6 @@ const CHUNK_TIMEOUT: Duration = Duration::from_secs(60);
 /// Rate one read should reach over a long link to the hub, in bytes per second: the reader's
 /// window carries it over the round trip (1 Gbit/s, as the hub's default forward rate).
 const READ_RATE: u64 = 125_000_000;
-
-/// Smallest window of a read's hop from the hub: 4 MiB of chunks, enough for a LAN.
-const READ_WINDOW_MIN: u32 = chunks(4 << 20);
 
 /// Largest window of a read's hop from the hub, whatever the round trip: what one read may
 /// hold at the reader is bounded by 32 MiB of chunks.
