@@ -2216,7 +2216,7 @@ async fn a_reader_far_from_the_hub_sizes_its_window_from_the_round_trip() {
         .unwrap();
     let window = far.read_window().expect("connected");
     let at_least = crate::client::read_window(Duration::from_millis(50));
-    assert!(at_least > crate::proto::chunks(4 << 20), "{at_least}");
+    assert!(at_least > crate::proto::READ_WINDOW_MIN, "{at_least}");
     assert!(window >= at_least, "{window} < {at_least}");
     assert!(window <= crate::proto::chunks(32 << 20), "{window}");
 }
